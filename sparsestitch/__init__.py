@@ -1,0 +1,23 @@
+"""sparsestitch: fine-tuned models as tiny sparse deltas, stitched back together streaming.
+
+Public API::
+
+    compress(base, finetuned, out, density=0.01)   # localize + pack, one delta per fine-tune
+    restore(base, delta, out)                      # the fine-tuned model, bit-exact where stored
+    stitch(base, deltas, out, rule="localize-stitch")
+    info(delta) / verify(delta, base=None)
+"""
+
+from ._version import __version__
+from .compress import DeltaSummary, compress
+from .errors import (BaseMismatchError, ChecksumError, CheckpointError, DeltaFormatError,
+                     OutputError, ResourceLimitError, SparsestitchError, TensorMismatchError)
+from .inspect import DeltaInfo, info, verify
+from .restore import restore
+from .stitch import stitch
+
+__all__ = [
+    "__version__", "compress", "restore", "stitch", "info", "verify", "DeltaSummary", "DeltaInfo",
+    "SparsestitchError", "DeltaFormatError", "ChecksumError", "ResourceLimitError",
+    "CheckpointError", "TensorMismatchError", "BaseMismatchError", "OutputError",
+]

@@ -1,0 +1,120 @@
+"""Atomic outputs: write under a temporary name beside the target, then rename.
+
+A reader of the target path sees either nothing (or the previous file, with
+``overwrite``) or the complete new output -- never a half-written one, even
+if the process is killed.  Temporary names carry the writer's pid, so a later
+run removes leftovers of writers that no longer exist instead of letting them
+pile up.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import shutil
+from pathlib import Path
+
+from .errors import OutputError
+
+_TMP_TAG = ".sstmp-"
+
+
+def temporary_sibling(target: Path) -> Path:
+    """A fresh temporary path in ``target``'s folder, after sweeping stale ones."""
+    sweep_stale(target)
+    return target.with_name(f".{target.name}{_TMP_TAG}{os.getpid()}-{secrets.token_hex(4)}")
+
+
+def sweep_stale(target: Path) -> None:
+    """Remove temporaries for ``target`` left by processes that are gone."""
+    prefix = f".{target.name}{_TMP_TAG}"
+    folder = target.parent if str(target.parent) else Path(".")
+    if not folder.is_dir():
+        return
+    for leftover in folder.iterdir():
+        if not leftover.name.startswith(prefix):
+            continue
+        pid_text = leftover.name[len(prefix):].split("-", 1)[0]
+        if pid_text.isdigit() and not _alive(int(pid_text)):
+            _remove(leftover)
+
+
+def check_target(target: Path, overwrite: bool) -> None:
+    """Refuse an existing output unless ``overwrite``; refuse a missing parent folder."""
+    if target.exists() and not overwrite:
+        raise OutputError("output already exists; pass overwrite=True (--overwrite) to replace it",
+                          path=target)
+    parent = target.parent if str(target.parent) else Path(".")
+    if not parent.is_dir():
+        raise OutputError("the output's parent folder does not exist or is not a folder", path=target)
+
+
+def publish(temporary: Path, target: Path, overwrite: bool) -> None:
+    """Move a finished temporary file or folder to ``target`` atomically."""
+    if target.exists() and not overwrite:
+        raise OutputError("output appeared while writing (another process?); "
+                          "the new output was discarded", path=target)
+    if temporary.is_dir() and target.exists():
+        # A folder cannot be renamed over a non-empty one: move the old aside first.
+        old = temporary_sibling(target)
+        os.replace(target, old)
+        os.replace(temporary, target)
+        _remove(old)
+    else:
+        os.replace(temporary, target)
+    _fsync_folder(target.parent if str(target.parent) else Path("."))
+
+
+@contextlib.contextmanager
+def atomic_path(target: str | os.PathLike, *, overwrite: bool = False, folder: bool = False):
+    """Yield a temporary path to write; on success rename it to ``target``.
+
+    On any exception the temporary is removed and ``target`` is untouched.
+    """
+    target = Path(target)
+    check_target(target, overwrite)
+    temporary = temporary_sibling(target)
+    if folder:
+        temporary.mkdir()
+    try:
+        yield temporary
+        publish(temporary, target, overwrite)
+    except BaseException as exc:
+        _remove(temporary)
+        if isinstance(exc, OSError) and not isinstance(exc, (FileNotFoundError, PermissionError)):
+            raise OutputError(f"writing failed ({exc.strerror or exc}); nothing was written",
+                              path=target) from exc
+        raise
+
+
+def fsync_file(handle) -> None:
+    handle.flush()
+    os.fsync(handle.fileno())
+
+
+def _fsync_folder(folder: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()

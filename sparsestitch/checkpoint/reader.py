@@ -1,0 +1,198 @@
+"""Read safetensors checkpoints -- a single file or a Hugging Face folder -- one tensor at a time.
+
+Tensors come back as numpy arrays of raw bits (see :mod:`sparsestitch.dtypes`),
+read with positioned reads into fresh buffers: nothing is memory-mapped, so
+the process holds only the tensors it is working on and resident memory
+stays bounded whatever the model size.  Pickle checkpoints are refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..dtypes import dtype as lookup_dtype
+from ..errors import CheckpointError
+from ..safetensors_file import TensorEntry, read_header
+
+INDEX_NAME = "model.safetensors.index.json"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+# Files of a model folder that hold weights: never copied into an output folder.
+WEIGHT_SUFFIXES = PICKLE_SUFFIXES + (".safetensors", ".h5", ".msgpack", ".gguf", ".onnx")
+WEIGHT_INDEX_SUFFIX = ".index.json"
+
+_CONVERT_HINT = ("sparsestitch never unpickles files (they can run code). Convert it once, in a "
+                 "trusted environment: python -c \"import torch; from safetensors.torch import "
+                 "save_file; save_file(torch.load('IN.bin', weights_only=True), 'OUT.safetensors')\""
+                 " or, for a transformers model, model.save_pretrained(folder, safe_serialization=True)")
+
+
+@dataclass(frozen=True)
+class Located:
+    """A tensor's entry plus the file that holds it."""
+
+    file: Path
+    entry: TensorEntry
+
+
+class Checkpoint:
+    """A safetensors checkpoint opened for streaming reads.
+
+    >>> import tempfile, safetensors.numpy, numpy
+    >>> folder = tempfile.mkdtemp()
+    >>> safetensors.numpy.save_file({"w": numpy.ones(3, numpy.float32)}, folder + "/m.safetensors")
+    >>> with Checkpoint(folder + "/m.safetensors") as ckpt:
+    ...     ckpt.names, ckpt.read("w").view(numpy.float32).tolist()
+    (['w'], [1.0, 1.0, 1.0])
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self._index_map: dict[str, str] | None = None
+        if not self.path.exists():
+            raise CheckpointError("no such file or folder", path=self.path)
+        if self.path.is_dir():
+            self.is_folder = True
+            shard_files = self._folder_shards()
+        else:
+            self.is_folder = False
+            _refuse_pickle(self.path)
+            shard_files = [self.path]
+        self._handles: dict[Path, object] = {}
+        self.metadata: dict[str, dict[str, str]] = {}
+        self.layout: list[tuple[str, list[str]]] = []
+        self._where: dict[str, Located] = {}
+        try:
+            for file in shard_files:
+                self._add_shard(file)
+        except BaseException:
+            self.close()
+            raise
+        if self.is_folder and self._index_map is not None:
+            self._check_index()
+        self.names = sorted(self._where)
+
+    def __enter__(self) -> "Checkpoint":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for handle in self._handles.values():
+            handle.close()
+        self._handles.clear()
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._where
+
+    def entry(self, name: str) -> TensorEntry:
+        return self.locate(name).entry
+
+    def locate(self, name: str) -> Located:
+        try:
+            return self._where[name]
+        except KeyError:
+            raise CheckpointError("tensor not found in checkpoint", path=self.path, tensor=name) from None
+
+    def read(self, name: str) -> np.ndarray:
+        """The tensor's bits, shaped (a fresh array the caller owns)."""
+        entry = self.entry(name)
+        return self.read_rows(name, 0, entry.shape[0] if entry.shape else 1).reshape(entry.shape)
+
+    def read_rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Bits of rows ``start:stop`` (along the first dimension) as a flat array."""
+        located = self.locate(name)
+        entry = located.entry
+        bits = lookup_dtype(entry.dtype).bits
+        row_items = entry.numel // entry.shape[0] if entry.shape and entry.shape[0] else entry.numel
+        count = (stop - start) * row_items
+        out = np.empty(count, dtype=bits)
+        view = memoryview(out.view(np.uint8))
+        offset = entry.start + start * row_items * bits.itemsize
+        handle = self._handles[located.file]
+        got = 0
+        while got < len(view):
+            n = os.preadv(handle.fileno(), [view[got:]], offset + got)
+            if n <= 0:
+                raise CheckpointError("file ended early (truncated while reading?)",
+                                      path=located.file, tensor=name)
+            got += n
+        return out
+
+    @property
+    def extra_files(self) -> list[Path]:
+        """Non-weight files of a model folder (config, tokenizer, ...), to copy beside outputs."""
+        if not self.is_folder:
+            return []
+        return sorted(p for p in self.path.iterdir()
+                      if p.is_file() and not p.name.startswith(".")
+                      and not p.name.endswith(WEIGHT_SUFFIXES)
+                      and not p.name.endswith(WEIGHT_INDEX_SUFFIX))
+
+    def _folder_shards(self) -> list[Path]:
+        index = self.path / INDEX_NAME
+        if index.is_file():
+            try:
+                parsed = json.loads(index.read_text(encoding="utf-8"))
+                weight_map = parsed["weight_map"]
+                if not isinstance(weight_map, dict) or not all(
+                        isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+                    raise ValueError("weight_map must map tensor names to file names")
+            except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+                raise CheckpointError(f"invalid index ({exc})", path=index) from None
+            files = sorted(set(weight_map.values()))
+            for name in files:
+                if Path(name).name != name:
+                    raise CheckpointError(f"index names a shard outside the folder: {name!r}",
+                                          path=index)
+            self._index_map = weight_map
+            return [self.path / name for name in files]
+        shards = sorted(self.path.glob("*.safetensors"))
+        if len(shards) == 1:
+            return shards
+        if not shards:
+            pickles = [p.name for p in self.path.iterdir() if p.name.endswith(PICKLE_SUFFIXES)]
+            if pickles:
+                raise CheckpointError(f"folder holds only pickle weights ({', '.join(pickles)}). "
+                                      + _CONVERT_HINT, path=self.path)
+            raise CheckpointError("folder holds no .safetensors file", path=self.path)
+        raise CheckpointError(f"folder holds {len(shards)} .safetensors files but no {INDEX_NAME}",
+                              path=self.path)
+
+    def _add_shard(self, file: Path) -> None:
+        try:
+            handle = open(file, "rb")
+        except OSError as exc:
+            raise CheckpointError(f"cannot open ({exc.strerror or exc})", path=file) from None
+        self._handles[file] = handle
+        header = read_header(handle, file, os.fstat(handle.fileno()).st_size)
+        self.metadata[file.name] = header.metadata
+        names = []
+        for name, entry in header.entries.items():
+            if name in self._where:
+                raise CheckpointError(f"tensor also stored in {self._where[name].file.name}",
+                                      path=file, tensor=name)
+            self._where[name] = Located(file, entry)
+            names.append(name)
+        self.layout.append((file.name, sorted(names)))
+
+    def _check_index(self) -> None:
+        for name, file_name in self._index_map.items():
+            located = self._where.get(name)
+            if located is None or located.file.name != file_name:
+                raise CheckpointError(f"index places the tensor in {file_name} but it is not there",
+                                      path=self.path / INDEX_NAME, tensor=name)
+        extra = set(self._where) - set(self._index_map)
+        if extra:
+            raise CheckpointError(f"shards hold tensors the index does not list: {sorted(extra)[:5]}",
+                                  path=self.path / INDEX_NAME)
+
+
+def _refuse_pickle(path: Path) -> None:
+    if path.name.endswith(PICKLE_SUFFIXES):
+        raise CheckpointError("pickle checkpoints are not read. " + _CONVERT_HINT, path=path)

@@ -1,0 +1,101 @@
+"""Position and value codecs, and the one registry that names them.
+
+See :mod:`sparsestitch.codecs.base` for the contract.  The packer encodes a
+record with every applicable codec of each kind and keeps the smallest
+(earlier registry entries win ties), so adding a codec is one class plus one
+entry here; files name codecs by ``codec_id``, which must never change.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..dtypes import DType
+from ..errors import DeltaFormatError
+from .bitmap import Bitmap
+from .csr import CSR
+from .full import AllPositions
+from .gaps import Gaps
+from .raw import RawValues
+from .rice_gaps import RiceGaps
+from .tau import TauValues
+from .xor import XorValues
+
+POSITION_CODECS = (AllPositions(), RiceGaps(), CSR(), Bitmap(), Gaps())
+VALUE_CODECS = (TauValues(), XorValues(), RawValues())
+
+_POSITIONS_BY_ID = {codec.codec_id: codec for codec in POSITION_CODECS}
+_VALUES_BY_ID = {codec.codec_id: codec for codec in VALUE_CODECS}
+
+
+def position_codec(codec_id: str):
+    """The position codec named ``codec_id`` in a file."""
+    try:
+        return _POSITIONS_BY_ID[codec_id]
+    except (KeyError, TypeError):
+        raise DeltaFormatError(f"unknown position codec {codec_id!r}") from None
+
+
+def value_codec(codec_id: str):
+    """The value codec named ``codec_id`` in a file."""
+    try:
+        return _VALUES_BY_ID[codec_id]
+    except (KeyError, TypeError):
+        raise DeltaFormatError(f"unknown value codec {codec_id!r}") from None
+
+
+def encode_positions(positions: np.ndarray, shape: tuple[int, ...]) -> tuple[bytes, dict]:
+    """Encode sorted flat ``positions`` with the smallest applicable codec.
+
+    Returns the payload and its config, which includes ``codec``.
+
+    >>> payload, config = encode_positions(np.array([3, 70, 900]), (1000,))
+    >>> config["codec"]
+    'rice'
+    """
+    best = None
+    count = int(positions.size)
+    for codec in POSITION_CODECS:
+        if not codec.applies(shape, count) or not _worth_trying(codec.codec_id, positions, shape):
+            continue
+        payload, config = codec.encode(positions, shape)
+        if best is None or len(payload) < len(best[0]):
+            best = (payload, {"codec": codec.codec_id, **config})
+        if codec.codec_id == "all":
+            break  # nothing beats zero bytes
+    return best
+
+
+def _worth_trying(codec_id: str, positions: np.ndarray, shape: tuple[int, ...]) -> bool:
+    """Skip list codecs that cannot beat a bitmap (saves most of the time at high density)."""
+    numel = int(np.prod(shape, dtype=np.int64)) if shape else 1
+    bitmap_bits = numel
+    if codec_id == "gaps":
+        return positions.size * 8 < bitmap_bits
+    if codec_id in ("rice", "csr"):
+        return positions.size * 2 < bitmap_bits
+    return True
+
+
+#: Above this many values, the value codec is chosen on an evenly strided sample.
+VALUE_SAMPLE_SIZE = 1 << 18
+
+
+def encode_values(kept: np.ndarray, base: np.ndarray | None, dt: DType) -> tuple[bytes, dict]:
+    """Encode the fine-tuned bits ``kept`` (given ``base`` bits, or None) with the smallest codec.
+
+    Large records pick their codec on a strided sample and encode once.
+    """
+    candidates = [codec for codec in VALUE_CODECS
+                  if codec.applies(dt) and not (codec.needs_base and base is None)]
+    if kept.size > VALUE_SAMPLE_SIZE and len(candidates) > 1:
+        step = kept.size // VALUE_SAMPLE_SIZE
+        sample_base = None if base is None else base[::step]
+        candidates = [min(candidates,
+                          key=lambda c: len(c.encode(kept[::step], sample_base, dt)[0]))]
+    best = None
+    for codec in candidates:
+        payload, config = codec.encode(kept, base, dt)
+        if best is None or len(payload) < len(best[0]):
+            best = (payload, {"codec": codec.codec_id, **config})
+    return best

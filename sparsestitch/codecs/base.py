@@ -1,0 +1,130 @@
+"""The codec contract, written once.
+
+A delta record stores, for one tensor, *which* flat positions are kept and
+*what* the fine-tuned bits are there.  Two kinds of codec do that:
+
+* a **position codec** maps a sorted, duplicate-free ``int64`` array of flat
+  positions (plus the tensor shape) to bytes and back;
+* a **value codec** maps the fine-tuned bits at those positions (an unsigned
+  integer array of the element width), given the base bits at the same
+  positions, to bytes and back -- always bit-exactly.
+
+Every codec is a small frozen class with a ``codec_id`` (the name written in
+the file) and an explicit config: ``encode`` returns ``(payload, config)``
+where ``config`` is a JSON-ready dict of exactly the fields ``decode`` needs.
+Decoders treat the config and payload as untrusted: every size is checked
+against what the record legitimately describes *before* anything is
+allocated, and violations raise :class:`~sparsestitch.errors.DeltaFormatError`.
+
+Streams inside a payload go through :func:`pack_stream`, which keeps zstd only
+where it makes the stream smaller and records the raw size, so decompression
+is bounded by construction.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import zstandard
+
+from ..errors import DeltaFormatError, ResourceLimitError
+
+#: zstd level for streams up to ZSTD_SMALL_LIMIT raw bytes, and for larger ones.
+ZSTD_LEVEL_SMALL = 12
+ZSTD_LEVEL_LARGE = 3
+ZSTD_SMALL_LIMIT = 16 << 20
+
+
+def pack_stream(raw: bytes | memoryview | np.ndarray) -> tuple[bytes, dict]:
+    """Compress ``raw`` with zstd when that helps; return ``(stream, config)``.
+
+    >>> stream, cfg = pack_stream(bytes(1000))
+    >>> cfg["zstd"], cfg["raw_nbytes"], len(stream) < 1000
+    (True, 1000, True)
+    """
+    if isinstance(raw, np.ndarray):
+        raw = np.ascontiguousarray(raw).reshape(-1).view(np.uint8)
+    raw = memoryview(raw).cast("B")
+    n = raw.nbytes
+    if n == 0:
+        return b"", {"zstd": False, "raw_nbytes": 0}
+    level = ZSTD_LEVEL_SMALL if n <= ZSTD_SMALL_LIMIT else ZSTD_LEVEL_LARGE
+    packed = zstandard.ZstdCompressor(level=level, write_content_size=True).compress(raw)
+    if len(packed) < n:
+        return packed, {"zstd": True, "raw_nbytes": n}
+    return bytes(raw), {"zstd": False, "raw_nbytes": n}
+
+
+def unpack_stream(stream: bytes | memoryview, config: dict, expected_nbytes: int) -> bytes:
+    """Inverse of :func:`pack_stream`; refuses any size other than ``expected_nbytes``."""
+    raw_nbytes = config_int(config, "raw_nbytes", 0, expected_nbytes)
+    if raw_nbytes != expected_nbytes:
+        raise DeltaFormatError(f"stream declares {raw_nbytes} bytes, the record needs {expected_nbytes}")
+    if not config.get("zstd"):
+        if len(stream) != expected_nbytes:
+            raise DeltaFormatError(f"raw stream has {len(stream)} bytes, expected {expected_nbytes}")
+        return bytes(stream)
+    try:
+        declared = zstandard.frame_content_size(stream)
+    except zstandard.ZstdError as exc:
+        raise DeltaFormatError(f"not a zstd frame ({exc})") from None
+    if declared != expected_nbytes:
+        raise ResourceLimitError(
+            f"zstd frame declares {declared} bytes, the record needs {expected_nbytes}")
+    try:
+        out = zstandard.ZstdDecompressor().decompress(stream, max_output_size=expected_nbytes)
+    except zstandard.ZstdError as exc:
+        raise DeltaFormatError(f"zstd stream is corrupt ({exc})") from None
+    if len(out) != expected_nbytes:
+        raise DeltaFormatError(f"zstd stream gave {len(out)} bytes, expected {expected_nbytes}")
+    return out
+
+
+def config_int(config: dict, key: str, lo: int, hi: int) -> int:
+    """Read an integer field of an untrusted config and check ``lo <= value <= hi``."""
+    value = config.get(key)
+    if type(value) is not int:  # bool is an int subclass; refuse it too
+        raise DeltaFormatError(f"codec config field {key!r} must be an integer, got {value!r}")
+    if not lo <= value <= hi:
+        raise ResourceLimitError(f"codec config field {key!r}={value} is outside [{lo}, {hi}]")
+    return value
+
+
+def split_streams(payload: bytes | memoryview, sizes: list[int]) -> list[memoryview]:
+    """Cut ``payload`` into consecutive streams of the given sizes (which must cover it)."""
+    if sum(sizes) != len(payload):
+        raise DeltaFormatError(f"streams of {sizes} bytes do not cover a {len(payload)}-byte payload")
+    view, out, at = memoryview(payload), [], 0
+    for size in sizes:
+        out.append(view[at:at + size])
+        at += size
+    return out
+
+
+def to_planes(values: np.ndarray) -> np.ndarray:
+    """Byte-plane shuffle: all lowest bytes, then all next bytes, ... (helps zstd)."""
+    values = np.ascontiguousarray(values)
+    width = values.dtype.itemsize
+    return np.ascontiguousarray(values.view(np.uint8).reshape(-1, width).T)
+
+
+def from_planes(raw: bytes, dtype: np.dtype, count: int) -> np.ndarray:
+    """Inverse of :func:`to_planes`."""
+    dtype = np.dtype(dtype)
+    planes = np.frombuffer(raw, dtype=np.uint8).reshape(dtype.itemsize, count)
+    return np.ascontiguousarray(planes.T).view(dtype).reshape(count)
+
+
+def gap_encode(positions: np.ndarray) -> np.ndarray:
+    """Sorted positions -> gaps (first position, then distance - 1), as uint64."""
+    gaps = np.diff(positions.astype(np.int64), prepend=-1) - 1
+    return gaps.astype(np.uint64)
+
+
+def gap_decode(gaps: np.ndarray, limit: int) -> np.ndarray:
+    """Inverse of :func:`gap_encode`, checking every position is below ``limit``."""
+    if gaps.size and int(gaps.max()) >= limit:
+        raise DeltaFormatError(f"a position gap of {int(gaps.max())} exceeds the tensor size {limit}")
+    positions = np.cumsum(gaps.astype(np.int64) + 1) - 1
+    if positions.size and positions[-1] >= limit:
+        raise DeltaFormatError(f"position {int(positions[-1])} is outside a tensor of {limit} elements")
+    return positions

@@ -1,0 +1,74 @@
+"""``tau``: the task vector tau = fine-tuned - base, in the wide float type, plus exceptions.
+
+Kept positions are the largest |tau|, so their tau values share few exponents
+and, for 16-bit models, use few of float32's mantissa bits: byte planes of
+tau compress far better than the fine-tuned values themselves.
+
+Decoding computes ``round(wide(base) + tau)`` in the model dtype.  That equals
+the fine-tuned bits almost everywhere but not always (double rounding, sign
+flips with large relative change, NaN payloads, -0.0), so the encoder checks
+every position and stores the ones that differ as *exceptions*: their index
+within the kept list (gap coded, uint32 byte planes) and their exact bits.
+The result is bit-exact by construction.
+
+Payload: tau stream | exception-index stream | exception-bits stream.
+Config: ``tau``, ``exc_index``, ``exc_bits`` (stream configs), the three
+stream sizes in bytes (``*_nbytes``) and ``exceptions`` (their count).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..dtypes import DType, from_wide, to_wide
+from ..errors import DeltaFormatError
+from .base import (config_int, from_planes, gap_decode, gap_encode, pack_stream, split_streams,
+                   to_planes, unpack_stream)
+
+
+@dataclass(frozen=True)
+class TauValues:
+    codec_id: str = "tau"
+    needs_base: bool = True
+
+    def applies(self, dt: DType) -> bool:
+        return dt.is_float
+
+    def encode(self, kept: np.ndarray, base: np.ndarray, dt: DType) -> tuple[bytes, dict]:
+        base_wide = to_wide(base, dt)
+        with np.errstate(all="ignore"):
+            tau = to_wide(kept, dt) - base_wide
+            rebuilt = from_wide(base_wide + tau, dt)
+        exceptions = np.flatnonzero(rebuilt != kept)
+        tau_stream, tau_config = pack_stream(to_planes(tau.view(dt.wide.str.replace("f", "u"))))
+        index_stream, index_config = pack_stream(to_planes(gap_encode(exceptions).astype("<u4")))
+        bits_stream, bits_config = pack_stream(to_planes(kept[exceptions]))
+        config = {"exceptions": int(exceptions.size),
+                  "tau": tau_config, "tau_nbytes": len(tau_stream),
+                  "exc_index": index_config, "exc_index_nbytes": len(index_stream),
+                  "exc_bits": bits_config, "exc_bits_nbytes": len(bits_stream)}
+        return tau_stream + index_stream + bits_stream, config
+
+    def decode(self, payload: bytes, config: dict, base: np.ndarray, dt: DType,
+               count: int) -> np.ndarray:
+        if not dt.is_float:
+            raise DeltaFormatError(f"tau values need a float dtype, got {dt.name}")
+        n_exc = config_int(config, "exceptions", 0, count)
+        sizes = [config_int(config, key, 0, len(payload))
+                 for key in ("tau_nbytes", "exc_index_nbytes", "exc_bits_nbytes")]
+        tau_stream, index_stream, bits_stream = split_streams(payload, sizes)
+        for key in ("tau", "exc_index", "exc_bits"):
+            if not isinstance(config.get(key), dict):
+                raise DeltaFormatError(f"tau config lacks its {key!r} stream config")
+        wide_bits = np.dtype(dt.wide.str.replace("f", "u"))
+        tau = from_planes(unpack_stream(tau_stream, config["tau"], count * wide_bits.itemsize),
+                          wide_bits, count).view(dt.wide)
+        with np.errstate(all="ignore"):
+            values = from_wide(to_wide(base, dt) + tau, dt)
+        index_raw = unpack_stream(index_stream, config["exc_index"], n_exc * 4)
+        index = gap_decode(from_planes(index_raw, np.dtype("<u4"), n_exc), max(count, 1))
+        bits_raw = unpack_stream(bits_stream, config["exc_bits"], n_exc * dt.itemsize)
+        values[index] = from_planes(bits_raw, dt.bits, n_exc)
+        return values

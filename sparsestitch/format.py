@@ -1,0 +1,354 @@
+"""Read and write sparsestitch delta files (spec: docs/format.md).
+
+A delta file is a valid safetensors file: each stored tensor's record is one
+``U8`` byte blob named after the tensor, and ``__metadata__`` carries the
+delta header as JSON (key ``sparsestitch.header``) with its xxh3-64 checksum
+(key ``sparsestitch.header_xxh3``).  Any safetensors tool can list it; only
+sparsestitch knows the encodings.  This module uses numpy, struct and json --
+no torch -- and decodes one record at a time, so any tensor can be read
+without reading the rest of the file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import xxhash
+
+from . import codecs
+from .atomic import atomic_path, fsync_file
+from .dtypes import DType, dtype as lookup_dtype
+from .errors import ChecksumError, DeltaFormatError, ResourceLimitError, SparsestitchError
+from .safetensors_file import encode_header, read_header
+
+FORMAT_NAME = "sparsestitch.delta"
+FORMAT_VERSION = 1
+HEADER_KEY = "sparsestitch.header"
+HEADER_HASH_KEY = "sparsestitch.header_xxh3"
+KINDS = ("sparse", "base", "added")
+MAX_RECORDS = 1 << 20
+MAX_NUMEL = 1 << 44
+_HEX16 = re.compile(r"[0-9a-f]{16}\Z")
+
+
+def digest(data) -> str:
+    """xxh3-64 of a bytes-like object or array, as 16 hex digits (the file's checksum)."""
+    if isinstance(data, np.ndarray):
+        data = np.ascontiguousarray(data).reshape(-1).view(np.uint8)
+    return xxhash.xxh3_64_hexdigest(memoryview(data).cast("B"))
+
+
+@dataclass(frozen=True)
+class Record:
+    """One tensor of a delta: what it is, how it is stored, and where."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    kind: str                 # "sparse": kept positions + values; "base": unchanged; "added": not in base
+    base_xxh3: str | None     # checksum of the base tensor's bytes (None for "added")
+    count: int = 0            # kept positions
+    positions: dict | None = None
+    values: dict | None = None
+    positions_nbytes: int = 0
+    values_nbytes: int = 0
+    payload_xxh3: str | None = None
+
+    @property
+    def numel(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) if self.shape else 1
+
+    @property
+    def nbytes(self) -> int:
+        return self.positions_nbytes + self.values_nbytes
+
+    @property
+    def dt(self) -> DType:
+        return lookup_dtype(self.dtype)
+
+    def to_json(self) -> dict:
+        out = {"name": self.name, "dtype": self.dtype, "shape": list(self.shape),
+               "kind": self.kind, "base_xxh3": self.base_xxh3}
+        if self.kind != "base":
+            out.update(count=self.count, positions=self.positions, values=self.values,
+                       positions_nbytes=self.positions_nbytes, values_nbytes=self.values_nbytes,
+                       payload_xxh3=self.payload_xxh3)
+        return out
+
+
+def encode_record(name: str, dt: DType, shape: tuple[int, ...], positions: np.ndarray,
+                  kept: np.ndarray, base_kept: np.ndarray | None, base_xxh3: str | None
+                  ) -> tuple[Record, bytes]:
+    """Encode one tensor's kept positions and fine-tuned bits into a record and its payload.
+
+    ``base_kept`` (base bits at the kept positions) is None for a tensor the base lacks.
+    """
+    pos_payload, pos_config = codecs.encode_positions(positions, shape)
+    val_payload, val_config = codecs.encode_values(kept, base_kept, dt)
+    payload = pos_payload + val_payload
+    record = Record(name, dt.name, tuple(shape), "sparse" if base_kept is not None else "added",
+                    base_xxh3, int(positions.size), pos_config, val_config, len(pos_payload),
+                    len(val_payload), digest(payload))
+    return record, payload
+
+
+class DeltaWriter:
+    """Write a delta file record by record; the file appears only on :meth:`close`.
+
+    Payloads are spooled to a temporary file beside the target, since the
+    header (which comes first) is known only at the end.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, overwrite: bool = False):
+        self.path = Path(path)
+        self._overwrite = overwrite
+        self._atomic = atomic_path(self.path, overwrite=overwrite)
+        self._final = self._atomic.__enter__()
+        self._spool_path = self._final.with_name(self._final.name + ".spool")
+        self._spool = open(self._spool_path, "w+b")
+        self._records: list[Record] = []
+        self._names: set[str] = set()
+
+    def add(self, record: Record, payload: bytes = b"") -> None:
+        if record.name in self._names:
+            raise ValueError(f"tensor {record.name!r} added twice")
+        if len(payload) != record.nbytes:
+            raise ValueError(f"payload of {len(payload)} bytes for a record of {record.nbytes}")
+        self._names.add(record.name)
+        self._records.append(record)
+        self._spool.write(payload)
+
+    def close(self, meta: dict) -> int:
+        """Write header + payloads, fsync, rename into place; return the file size."""
+        try:
+            header = dict(meta, format=FORMAT_NAME, format_version=FORMAT_VERSION,
+                          tensors=[r.to_json() for r in self._records])
+            header_text = json.dumps(header, separators=(",", ":"), sort_keys=True)
+            metadata = {HEADER_KEY: header_text, HEADER_HASH_KEY: digest(header_text.encode())}
+            stored = [(r.name, "U8", (r.nbytes,), r.nbytes) for r in self._records if r.kind != "base"]
+            with open(self._final, "wb") as out:
+                out.write(encode_header(stored, metadata))
+                self._spool.seek(0)
+                while chunk := self._spool.read(16 << 20):
+                    out.write(chunk)
+                fsync_file(out)
+                size = out.tell()
+            self._spool.close()
+            os.unlink(self._spool_path)
+            self._atomic.__exit__(None, None, None)
+            return size
+        except BaseException as exc:
+            self.abort(exc)
+            raise
+
+    def abort(self, exc: BaseException | None = None) -> None:
+        """Discard everything written so far; the target path is untouched."""
+        if not self._spool.closed:
+            self._spool.close()
+        if self._spool_path.exists():
+            os.unlink(self._spool_path)
+        try:
+            self._atomic.__exit__(type(exc) if exc else RuntimeError, exc or RuntimeError("aborted"), None)
+        except BaseException:
+            pass
+
+
+class DeltaReader:
+    """Random access to the records of a delta file.
+
+    Opening validates the container and header; each record's payload is
+    checked against its checksum when read.  Use as a context manager.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        try:
+            self._file = open(self.path, "rb")
+        except OSError as exc:
+            raise DeltaFormatError(f"cannot open delta ({exc.strerror or exc})", path=self.path) from None
+        try:
+            self.file_size = os.fstat(self._file.fileno()).st_size
+            container = read_header(self._file, self.path, self.file_size, error=DeltaFormatError)
+            self.header = self._parse_header(container.metadata)
+            self.records = self._parse_records(self.header.get("tensors"), container)
+        except BaseException:
+            self._file.close()
+            raise
+        self._by_name = {r.name: r for r in self.records}
+
+    def __enter__(self) -> "DeltaReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._file.close()
+
+    def record(self, name: str) -> Record | None:
+        return self._by_name.get(name)
+
+    def payload(self, record: Record) -> bytes:
+        """The checked payload bytes of a stored record."""
+        self._file.seek(self._offsets[record.name])
+        data = self._file.read(record.nbytes)
+        if len(data) != record.nbytes:
+            raise DeltaFormatError("payload is truncated", path=self.path, tensor=record.name)
+        if digest(data) != record.payload_xxh3:
+            raise ChecksumError("payload checksum mismatch: the file is damaged; "
+                                "re-download or re-create it", path=self.path, tensor=record.name)
+        return data
+
+    def positions(self, record: Record, payload: bytes | None = None) -> np.ndarray:
+        """Decoded, validated flat kept positions of a stored record (sorted int64)."""
+        payload = self.payload(record) if payload is None else payload
+        with self._context(record):
+            codec = codecs.position_codec(record.positions.get("codec"))
+            positions = codec.decode(payload[:record.positions_nbytes], record.positions,
+                                     record.shape, record.count)
+            if positions.size != record.count:
+                raise DeltaFormatError(f"decoded {positions.size} positions, record says {record.count}")
+            if positions.size and (positions[0] < 0 or positions[-1] >= record.numel
+                                   or (positions.size > 1 and not np.all(np.diff(positions) > 0))):
+                raise DeltaFormatError("positions are out of range, unsorted or repeated")
+        return positions
+
+    def values(self, record: Record, base_kept: np.ndarray | None, payload: bytes | None = None
+               ) -> np.ndarray:
+        """Fine-tuned bits at the kept positions, given the base bits there (None for "added")."""
+        payload = self.payload(record) if payload is None else payload
+        with self._context(record):
+            codec = codecs.value_codec(record.values.get("codec"))
+            if codec.needs_base and base_kept is None:
+                raise DeltaFormatError(f"value codec {codec.codec_id!r} needs base values")
+            return codec.decode(payload[record.positions_nbytes:], record.values, base_kept,
+                                record.dt, record.count)
+
+    def decode(self, record: Record, base_bits: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        """``(positions, fine-tuned bits there)`` for a stored record.
+
+        ``base_bits`` is the whole base tensor's bits (any shape), or None for "added" records.
+        """
+        payload = self.payload(record)
+        positions = self.positions(record, payload)
+        base_kept = None if base_bits is None else np.asarray(base_bits).reshape(-1)[positions]
+        return positions, self.values(record, base_kept, payload)
+
+    def _context(self, record: Record):
+        return _ErrorContext(self.path, record.name)
+
+    def _parse_header(self, metadata: dict[str, str]) -> dict:
+        text = metadata.get(HEADER_KEY)
+        if text is None:
+            raise DeltaFormatError("not a sparsestitch delta (no sparsestitch header in "
+                                   "__metadata__); is this a model checkpoint?", path=self.path)
+        if digest(text.encode("utf-8")) != metadata.get(HEADER_HASH_KEY):
+            raise ChecksumError("header checksum mismatch: the file is damaged", path=self.path)
+        try:
+            header = json.loads(text)
+        except ValueError as exc:
+            raise DeltaFormatError(f"header is not valid JSON ({exc})", path=self.path) from None
+        if not isinstance(header, dict) or header.get("format") != FORMAT_NAME:
+            raise DeltaFormatError("not a sparsestitch delta header", path=self.path)
+        version = header.get("format_version")
+        if version != FORMAT_VERSION:
+            raise DeltaFormatError(f"format version {version!r} is not supported by this version "
+                                   f"(reads version {FORMAT_VERSION}); upgrade sparsestitch",
+                                   path=self.path)
+        return header
+
+    def _parse_records(self, tensors, container) -> list[Record]:
+        if not isinstance(tensors, list) or len(tensors) > MAX_RECORDS:
+            raise DeltaFormatError("header 'tensors' must be a list of records", path=self.path)
+        records, stored, self._offsets = [], 0, {}
+        for item in tensors:
+            record = _record_from_json(item, self.path)
+            entry = container.entries.get(record.name)
+            if record.kind == "base":
+                if entry is not None:
+                    raise DeltaFormatError("unchanged tensor has a payload", path=self.path,
+                                           tensor=record.name)
+            else:
+                if entry is None or entry.dtype != "U8" or entry.nbytes != record.nbytes:
+                    raise DeltaFormatError("record payload is missing or has the wrong size",
+                                           path=self.path, tensor=record.name)
+                self._offsets[record.name] = entry.start
+                stored += 1
+            records.append(record)
+        if len({r.name for r in records}) != len(records):
+            raise DeltaFormatError("a tensor is listed twice", path=self.path)
+        if stored != len(container.entries):
+            raise DeltaFormatError("the file holds payloads no record describes", path=self.path)
+        return records
+
+
+class _ErrorContext:
+    """Re-raise codec errors with the file and tensor they concern."""
+
+    def __init__(self, path, tensor):
+        self.path, self.tensor = path, tensor
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, exc, tb):
+        if exc is None:
+            return False
+        if isinstance(exc, SparsestitchError) and exc.path is None:
+            raise type(exc)(str(exc), path=self.path, tensor=self.tensor) from None
+        if isinstance(exc, (ValueError, IndexError, TypeError, OverflowError, MemoryError)):
+            raise DeltaFormatError(f"record cannot be decoded ({type(exc).__name__}: {exc})",
+                                   path=self.path, tensor=self.tensor) from None
+        return False
+
+
+def _record_from_json(item, path) -> Record:
+    if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+        raise DeltaFormatError("a record is not an object with a name", path=path)
+    name = item["name"]
+
+    def bad(message):
+        return DeltaFormatError(message, path=path, tensor=name)
+
+    kind, dtype_name, shape = item.get("kind"), item.get("dtype"), item.get("shape")
+    if kind not in KINDS:
+        raise bad(f"unknown record kind {kind!r}")
+    try:
+        lookup_dtype(dtype_name)
+    except (ValueError, TypeError):
+        raise bad(f"unsupported dtype {dtype_name!r}") from None
+    if (not isinstance(shape, list) or len(shape) > 64
+            or not all(type(d) is int and d >= 0 for d in shape)):
+        raise bad(f"invalid shape {shape!r}")
+    numel = 1
+    for d in shape:
+        numel *= d
+    if numel > MAX_NUMEL:
+        raise ResourceLimitError(f"shape {shape} exceeds the {MAX_NUMEL}-element limit",
+                                 path=path, tensor=name)
+    base_xxh3 = item.get("base_xxh3")
+    if kind == "added" and base_xxh3 is not None:
+        raise bad("an added tensor cannot have a base checksum")
+    if kind != "added" and not (isinstance(base_xxh3, str) and _HEX16.match(base_xxh3)):
+        raise bad(f"invalid base checksum {base_xxh3!r}")
+    if kind == "base":
+        return Record(name, dtype_name, tuple(shape), kind, base_xxh3)
+    count, pos_nbytes, val_nbytes = (item.get(k) for k in ("count", "positions_nbytes", "values_nbytes"))
+    for key, value, hi in (("count", count, numel), ("positions_nbytes", pos_nbytes, MAX_NUMEL),
+                           ("values_nbytes", val_nbytes, MAX_NUMEL)):
+        if type(value) is not int or not 0 <= value <= hi:
+            raise bad(f"invalid {key} {value!r}")
+    positions, values, payload_xxh3 = item.get("positions"), item.get("values"), item.get("payload_xxh3")
+    if not isinstance(positions, dict) or not isinstance(values, dict):
+        raise bad("record lacks its positions/values configs")
+    if not (isinstance(payload_xxh3, str) and _HEX16.match(payload_xxh3)):
+        raise bad(f"invalid payload checksum {payload_xxh3!r}")
+    if kind == "added" and count != numel:
+        raise bad("an added tensor must store every element")
+    return Record(name, dtype_name, tuple(shape), kind, base_xxh3, count, positions, values,
+                  pos_nbytes, val_nbytes, payload_xxh3)

@@ -1,0 +1,140 @@
+"""Dataless localization: exact top-k of |tau| by streaming radix selection.
+
+Ranking uses a *key* per element: the bits of |tau| as float32 (tau computed
+in the wide type, see :mod:`sparsestitch.dtypes`), read as uint32.  For
+non-negative floats the bit order is the value order, and NaN sorts above
+infinity, so changed-to-NaN elements rank first.  Exactly ``k`` elements are
+kept: every key above the threshold ``T``, then elements equal to ``T`` in
+*global order* (tensors by name, then flat index) until ``k`` is reached.
+
+:class:`TopK` finds ``T`` without holding the model: pass 1 counts keys by
+their high 16 bits (a 64 Ki-bin histogram), which fixes the bin holding the
+k-th largest key; pass 2 counts the low 16 bits of keys in that bin only; the
+selection pass then keeps keys above ``T`` and hands out the tie quota in
+call order.  Memory is two histograms, whatever the model size.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..dtypes import DType, to_wide
+
+_BINS = 1 << 16
+
+
+def magnitude_keys(finetuned_bits: np.ndarray, base_bits: np.ndarray, dt: DType) -> np.ndarray:
+    """uint32 ranking keys of |fine-tuned - base|.
+
+    >>> from sparsestitch.dtypes import dtype
+    >>> f32 = dtype("F32")
+    >>> a = np.array([1.0, 2.0, 3.0], np.float32).view(np.uint32)
+    >>> b = np.array([1.5, 2.0, 1.0], np.float32).view(np.uint32)
+    >>> magnitude_keys(a, b, f32).view(np.float32).tolist()
+    [0.5, 0.0, 2.0]
+    """
+    with np.errstate(all="ignore"):
+        tau = np.abs(to_wide(finetuned_bits, dt) - to_wide(base_bits, dt))
+    if tau.dtype != np.float32:
+        tau = tau.astype(np.float32)
+    return tau.view(np.uint32)
+
+
+def count_to_keep(density: float, numel: int) -> int:
+    """``k = floor(density * numel + 1/2)``, the number of elements a density keeps.
+
+    >>> count_to_keep(0.01, 1050)
+    11
+    """
+    if not 0.0 <= density <= 1.0:
+        raise ValueError(f"density must be within [0, 1], got {density}")
+    return min(numel, int(np.floor(density * numel + 0.5)))
+
+
+class TopK:
+    """Exact streaming top-k over chunks of keys (see module docstring).
+
+    Feed every chunk to :meth:`count_high`, then (if :attr:`needs_low_pass`)
+    every chunk to :meth:`count_low`, then every chunk, in global order, to
+    :meth:`select`.
+
+    >>> keys = np.array([5, 1, 5, 9, 5], np.uint32)
+    >>> topk = TopK(3)
+    >>> topk.count_high(keys); topk.count_low(keys)
+    >>> topk.select(keys).tolist()
+    [0, 2, 3]
+    """
+
+    def __init__(self, k: int):
+        self.k = k
+        self._high = np.zeros(_BINS, dtype=np.int64)
+        self._low = None
+        self._bin = None
+        self.threshold = None
+        self._ties_left = 0
+
+    def count_high(self, keys: np.ndarray) -> None:
+        self._high += np.bincount(keys >> 16, minlength=_BINS)
+
+    @property
+    def needs_low_pass(self) -> bool:
+        return 0 < self.k < int(self._high.sum())
+
+    def count_low(self, keys: np.ndarray) -> None:
+        if self._bin is None:
+            self._bin, _ = _kth_bin(self._high, self.k)
+            self._low = np.zeros(_BINS, dtype=np.int64)
+        if not self.needs_low_pass:
+            return
+        in_bin = keys[(keys >> 16) == self._bin]
+        if in_bin.size:
+            self._low += np.bincount(in_bin & 0xFFFF, minlength=_BINS)
+
+    def select(self, keys: np.ndarray) -> np.ndarray:
+        """Flat indices (into this chunk) of the kept elements, in order."""
+        if self.threshold is None:
+            self._finish()
+        if self.k == 0:
+            return np.empty(0, dtype=np.int64)
+        if self.threshold < 0:  # keep everything
+            return np.arange(keys.size, dtype=np.int64)
+        above = keys > self.threshold
+        if self._ties_left:
+            ties = np.flatnonzero(keys == self.threshold)[:self._ties_left]
+            self._ties_left -= ties.size
+            above[ties] = True
+        return np.flatnonzero(above)
+
+    def _finish(self) -> None:
+        total = int(self._high.sum())
+        if self.k >= total:
+            self.threshold, self._ties_left = -1, 0
+            return
+        if self.k == 0:
+            self.threshold, self._ties_left = 1 << 32, 0
+            return
+        if self._bin is None:
+            raise RuntimeError("count_low must see every chunk before select")
+        high_bin, above_bin = _kth_bin(self._high, self.k)
+        low_bin, above_in_bin = _kth_bin(self._low, self.k - above_bin)
+        self.threshold = (high_bin << 16) | low_bin
+        self._ties_left = self.k - above_bin - above_in_bin
+
+
+def _kth_bin(hist: np.ndarray, k: int) -> tuple[int, int]:
+    """The bin holding the k-th largest element, and how many elements lie above it."""
+    from_top = np.cumsum(hist[::-1])
+    position = int(np.searchsorted(from_top, k))  # first index with cumulative >= k
+    bin_index = hist.size - 1 - position
+    above = int(from_top[position - 1]) if position else 0
+    return bin_index, above
+
+
+def topk_positions(keys: np.ndarray, k: int) -> np.ndarray:
+    """Exact top-k of one array of keys, ties by index (the in-memory reference).
+
+    >>> topk_positions(np.array([5, 1, 5, 9, 5], np.uint32), 3).tolist()
+    [0, 2, 3]
+    """
+    order = np.lexsort((np.arange(keys.size), -keys.astype(np.int64)))
+    return np.sort(order[:k])

@@ -1,0 +1,190 @@
+"""The streaming engine: base tensors in, deltas decoded, a combiner applied, tensors out.
+
+For each base tensor, in output layout order: read it (in row blocks if it
+is larger than the block budget), check its checksum against every delta's
+record (a delta for another base fails before anything is published), decode
+each delta's record, let the *combiner* turn them into ``(positions, bits)``,
+and write the base with those positions replaced.  Positions no delta stores
+keep the base's bits exactly.  Only one tensor's decoded records and one
+block of base and output are held at a time; a tensor larger than a block is
+read twice (gather, then write).
+
+Restore and stitch differ only in their combiner.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import xxhash
+
+from ..checkpoint import Checkpoint, CheckpointWriter, OutputTensor, Shard
+from ..dtypes import DType, dtype as lookup_dtype
+from ..errors import BaseMismatchError, TensorMismatchError
+from ..format import DeltaReader, Record
+from ..progress import bar
+
+DEFAULT_BLOCK_BYTES = 256 << 20
+
+
+@dataclass(frozen=True)
+class Stored:
+    """One delta's record of one tensor, decoded."""
+
+    positions: np.ndarray       # sorted int64 flat positions
+    finetuned: np.ndarray       # fine-tuned bits there
+    base: np.ndarray            # base bits there
+
+
+#: combiner(name, dtype, numel, stored per delta (None where a delta leaves the tensor alone))
+#: -> (sorted positions, new bits there)
+Combiner = Callable[[str, DType, int, Sequence["Stored | None"]], tuple[np.ndarray, np.ndarray]]
+
+
+def run(base: str | os.PathLike, deltas: Sequence[str | os.PathLike], out: str | os.PathLike,
+        combiner: Combiner, *, overwrite: bool = False, progress: bool = False,
+        block_bytes: int = DEFAULT_BLOCK_BYTES, added: str = "single") -> Path:
+    """Stream ``base`` + ``deltas`` through ``combiner`` into ``out``; return ``out``.
+
+    ``added`` says what to do with tensors that deltas add (the base lacks them):
+    ``"single"`` copies them (an error if two deltas add the same name with different
+    bits), ``"drop"`` leaves them out.
+    """
+    out = Path(out)
+    with Checkpoint(base) as base_ckpt:
+        readers = []
+        try:
+            for path in deltas:
+                readers.append(DeltaReader(path))
+            for reader in readers:
+                _check_delta_fits(base_ckpt, reader)
+            added_records = _added_records(readers) if added == "single" else {}
+            shards = _output_shards(base_ckpt, added_records)
+            writer = CheckpointWriter(out, shards, folder=base_ckpt.is_folder,
+                                      extra_files=base_ckpt.extra_files, overwrite=overwrite)
+            total = sum(base_ckpt.entry(n).nbytes for n in base_ckpt.names)
+            try:
+                with bar(total, "stitch", progress) as progress_bar:
+                    for shard in shards:
+                        for tensor in shard.tensors:
+                            if tensor.name in added_records:
+                                reader, record = added_records[tensor.name]
+                                writer.write(tensor.name, reader.decode(record, None)[1])
+                                continue
+                            _merge_tensor(base_ckpt, readers, tensor.name, combiner, writer,
+                                          block_bytes)
+                            progress_bar.update(tensor.nbytes)
+                writer.close()
+            except BaseException as exc:
+                writer.abort(exc)
+                raise
+        finally:
+            for reader in readers:
+                reader.close()
+    return out
+
+
+def _merge_tensor(base: Checkpoint, readers: list[DeltaReader], name: str, combiner: Combiner,
+                  writer: CheckpointWriter, block_bytes: int) -> None:
+    entry = base.entry(name)
+    dt = lookup_dtype(entry.dtype)
+    records = [reader.record(name) for reader in readers]
+    stored_records = [(i, r) for i, r in enumerate(records) if r.kind == "sparse"]
+    rows = entry.shape[0] if entry.shape else 1
+    row_items = entry.numel // rows if rows else 0
+    step = max(1, block_bytes // max(1, row_items * dt.itemsize))
+    blocks = [(s, min(rows, s + step)) for s in range(0, rows, step)] or [(0, 0)]
+
+    payloads = {i: readers[i].payload(r) for i, r in stored_records}
+    positions = {i: readers[i].positions(r, payloads[i]) for i, r in stored_records}
+    gathered = {i: [] for i in positions}
+    digest = xxhash.xxh3_64()
+    kept_block = None
+    for start, stop in blocks:
+        block = base.read_rows(name, start, stop) if rows else np.empty(0, dt.bits)
+        digest.update(memoryview(block.view(np.uint8)))
+        lo, hi = start * row_items, stop * row_items
+        for i, pos in positions.items():
+            a, b = np.searchsorted(pos, [lo, hi])
+            gathered[i].append(block[pos[a:b] - lo])
+        kept_block = block if len(blocks) == 1 else None
+    base_hash = digest.hexdigest()
+    for reader, record in zip(readers, records):
+        if record.base_xxh3 != base_hash:
+            raise BaseMismatchError("the base tensor's checksum differs from the one the delta was "
+                                    "made from: this delta belongs to another base (or the base "
+                                    "was modified)", path=reader.path, tensor=name)
+    stored: list[Stored | None] = [None] * len(readers)
+    for i, record in stored_records:
+        base_kept = np.concatenate(gathered[i]) if gathered[i] else np.empty(0, dt.bits)
+        values = readers[i].values(record, base_kept, payloads[i])
+        stored[i] = Stored(positions[i], values, base_kept)
+    del payloads, gathered
+    new_positions, new_bits = combiner(name, dt, entry.numel, stored)
+    for start, stop in blocks:
+        block = kept_block if kept_block is not None else base.read_rows(name, start, stop)
+        lo, hi = start * row_items, stop * row_items
+        a, b = np.searchsorted(new_positions, [lo, hi])
+        if b > a:  # blocks are fresh buffers, ours to modify
+            block[new_positions[a:b] - lo] = new_bits[a:b]
+        writer.write(name, block)
+
+
+def _check_delta_fits(base: Checkpoint, reader: DeltaReader) -> None:
+    """Names, dtypes and shapes agree; checked before any output is written."""
+    names = {r.name for r in reader.records if r.kind != "added"}
+    missing = [n for n in base.names if n not in names]
+    if missing:
+        raise BaseMismatchError(f"the delta has no record for base tensor {missing[0]!r} "
+                                f"({len(missing)} missing): it was made for another base",
+                                path=reader.path, tensor=missing[0])
+    for record in reader.records:
+        if record.kind == "added":
+            if record.name in base:
+                raise BaseMismatchError("the delta adds a tensor the base already has",
+                                        path=reader.path, tensor=record.name)
+            continue
+        if record.name not in base:
+            raise BaseMismatchError("the delta has a tensor the base lacks: it was made for "
+                                    "another base", path=reader.path, tensor=record.name)
+        entry = base.entry(record.name)
+        if (entry.dtype, entry.shape) != (record.dtype, record.shape):
+            raise BaseMismatchError(f"base has {entry.dtype}{list(entry.shape)}, delta expects "
+                                    f"{record.dtype}{list(record.shape)}", path=reader.path,
+                                    tensor=record.name)
+
+
+def _added_records(readers: list[DeltaReader]) -> dict[str, tuple[DeltaReader, Record]]:
+    found: dict[str, tuple[DeltaReader, Record]] = {}
+    for reader in readers:
+        for record in reader.records:
+            if record.kind != "added":
+                continue
+            if record.name in found:
+                first, first_record = found[record.name]
+                if first_record.payload_xxh3 != record.payload_xxh3:
+                    raise TensorMismatchError(
+                        f"two deltas add different tensors under this name ({first.path.name} "
+                        f"and {reader.path.name}); stitch them without it or rename one",
+                        path=reader.path, tensor=record.name)
+                continue
+            found[record.name] = (reader, record)
+    return found
+
+
+def _output_shards(base: Checkpoint, added: dict[str, tuple[DeltaReader, Record]]) -> list[Shard]:
+    shards = []
+    for file_name, names in base.layout:
+        tensors = [OutputTensor(n, base.entry(n).dtype, base.entry(n).shape) for n in names]
+        metadata = dict(base.metadata.get(file_name) or {"format": "pt"})
+        shards.append(Shard(file_name, tensors, metadata))
+    if added:
+        last = shards[-1]
+        extra = [OutputTensor(name, record.dtype, record.shape)
+                 for name, (_, record) in sorted(added.items())]
+        shards[-1] = Shard(last.file_name, last.tensors + extra, last.metadata)
+    return shards
