@@ -13,7 +13,9 @@ masks need fewer.
 
 from __future__ import annotations
 
+import json
 import os
+import tempfile
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -27,11 +29,15 @@ from .checkpoint import Checkpoint
 from .dtypes import dtype as lookup_dtype
 from .errors import CheckpointError, TensorMismatchError
 from .format import HEADER_KEY, DeltaWriter, Record, digest, encode_record
-from .localize.topk import TopK, count_to_keep, magnitude_keys
+from .localize.topk import (TopK, bracket_bins, count_to_keep, magnitude_keys,
+                            resolve_candidates)
 from .patterns import as_patterns, matches, selected
 from .progress import bar
 
 CHUNK_ELEMENTS = 1 << 23
+# The bracketed global top-k samples every SAMPLE_EVERY-th block of about SAMPLE_BLOCK elements.
+SAMPLE_BLOCK = 4096
+SAMPLE_EVERY = 16
 SCOPES = ("global", "per-tensor")
 
 
@@ -151,37 +157,54 @@ class _Job:
         return self.selectors[(tune_index, None if self.scope == "global" else name)]
 
     def run(self, out_paths, overwrite) -> list[tuple[int, int, int]]:
-        if self.selectors:
-            self._histogram_pass("localize 1/3", TopK.count_high)
-            if any(s.needs_low_pass for s in self.selectors.values()):
-                self._histogram_pass("localize 2/3", TopK.count_low)
         writers = [DeltaWriter(p, overwrite=overwrite) for p in out_paths]
+        self.records = [[] for _ in self.tunes]
+        self.kept = [0] * len(self.tunes)
         try:
-            kept = [0] * len(self.tunes)
-            stored = [0] * len(self.tunes)
-            records = [[] for _ in self.tunes]
-            total = sum(self.base.entry(n).nbytes for n in self.base.names)
-            with bar(total, "encode", self.progress) as progress:
-                for name in self.base.names:
-                    for i, (record, payload) in enumerate(self._encode_tensor(name)):
-                        writers[i].add(record, payload)
-                        records[i].append(record)
-                        kept[i] += record.count if name in self.localized else 0
-                        stored[i] += record.kind != "base"
-                    progress.update(self.base.entry(name).nbytes)
+            if not self._run_bracketed(writers):
+                self._run_exact(writers)
             for i, tune in enumerate(self.tunes):
                 for name in tune.names:
                     if name not in self.base:
-                        record, payload = self._encode_added(tune, name)
-                        writers[i].add(record, payload)
-                        records[i].append(record)
-                        stored[i] += 1
-            sizes = [w.close(self._meta(i, records[i], kept[i])) for i, w in enumerate(writers)]
+                        self._add(writers, i, *self._encode_added(tune, name))
+            sizes = [w.close(self._meta(i, self.records[i], self.kept[i]))
+                     for i, w in enumerate(writers)]
         except BaseException as exc:
             for w in writers:
                 w.abort(exc)
             raise
-        return list(zip(sizes, kept, stored))
+        return [(size, self.kept[i], sum(r.kind != "base" for r in self.records[i]))
+                for i, size in enumerate(sizes)]
+
+    def _add(self, writers, i: int, record: Record, payload: bytes) -> None:
+        writers[i].add(record, payload)
+        self.records[i].append(record)
+        self.kept[i] += record.count if record.name in self.localized else 0
+
+    # -- exact path: histogram passes (TopK), then one selecting and encoding pass --
+
+    def _run_exact(self, writers) -> None:
+        if self.selectors:
+            self._histogram_pass("localize 1/3", TopK.count_high)
+            if any(s.needs_low_pass for s in self.selectors.values()):
+                self._histogram_pass("localize 2/3", TopK.count_low)
+        with bar(self._total_bytes(), "encode", self.progress) as progress:
+            for name in self.base.names:
+                base_xxh3, kept = self._scan(name, self._choose_exact)
+                for i, (positions, finetuned, base) in enumerate(kept):
+                    self._add(writers, i, *self._encode(name, base_xxh3, positions, finetuned, base))
+                progress.update(self.base.entry(name).nbytes)
+
+    def _choose_exact(self, i, name, tune_block, base_block, offset, dt, masks):
+        if not dt.is_float or matches(name, self.dense):
+            return np.flatnonzero(tune_block != base_block), None
+        if self.mask_sets is not None:
+            mask = masks[i]
+            return (np.flatnonzero(mask[offset:offset + base_block.size]) if mask is not None
+                    else np.empty(0, np.int64)), None
+        if name in self.localized:
+            return self._selector(i, name).select(magnitude_keys(tune_block, base_block, dt)), None
+        return np.empty(0, np.int64), None  # an excluded float tensor stays at the base
 
     def _histogram_pass(self, description: str, count) -> None:
         total = sum(self.base.entry(n).nbytes for n in self.localized)
@@ -195,14 +218,125 @@ class _Job:
                         count(self._selector(i, name), keys)
                     progress.update(base_block.nbytes)
 
-    def _encode_tensor(self, name: str) -> list[tuple[Record, bytes]]:
+    # -- bracketed path (global top-k): sample, one full pass to a spool, resolve, encode --
+
+    def _run_bracketed(self, writers) -> bool:
+        """Global top-k reading the model about once; False if it cannot be used or missed."""
+        if self.mask_sets is not None or self.scope != "global":
+            return False
+        k = count_to_keep(self.density, self.candidates)
+        if k == 0 or k == self.candidates:
+            return False
+        brackets = self._sample_brackets(k)
+        spools = [tempfile.TemporaryFile(dir=w.path.parent or None) for w in writers]
+        try:
+            index = [dict() for _ in self.tunes]  # name -> (offset, definite, candidates)
+            candidate_keys = [[] for _ in self.tunes]
+            definite = [0] * len(self.tunes)
+            hashes = {}
+
+            def choose(i, name, tune_block, base_block, offset, dt, masks):
+                if name not in self.localized:
+                    return self._choose_exact(i, name, tune_block, base_block, offset, dt, masks)
+                keys = magnitude_keys(tune_block, base_block, dt)
+                low_key, high_key = brackets[i]
+                inside = np.flatnonzero(keys >= low_key)
+                above = keys[inside] > high_key
+                return inside[above], (inside[~above], keys[inside[~above]])
+
+            with bar(self._total_bytes(), "localize", self.progress) as progress:
+                for name in self.base.names:
+                    hashes[name], kept = self._scan(name, choose)
+                    for i, (positions, finetuned, base, *candidates) in enumerate(kept):
+                        spool = spools[i]
+                        index[i][name] = (spool.tell(), positions.size,
+                                          candidates[0].size if candidates else 0)
+                        arrays = [positions, finetuned, base]
+                        if candidates:
+                            arrays += candidates[:3]
+                            candidate_keys[i].append(candidates[3])
+                        for array in arrays:
+                            spool.write(np.ascontiguousarray(array).tobytes())
+                        if name in self.localized:
+                            definite[i] += positions.size
+                    progress.update(self.base.entry(name).nbytes)
+            chosen = []
+            for i in range(len(self.tunes)):
+                keys = _concat(candidate_keys[i], np.uint32)
+                pick = resolve_candidates(keys, k - definite[i])
+                if pick is None:
+                    return False  # the sample misled; the exact path recomputes everything
+                chosen.append(pick)
+            with bar(self._total_bytes(), "encode", self.progress) as progress:
+                taken = [0] * len(self.tunes)
+                for name in self.base.names:
+                    dt = lookup_dtype(self.base.entry(name).dtype)
+                    for i, spool in enumerate(spools):
+                        offset, n_definite, n_candidates = index[i][name]
+                        spool.seek(offset)
+                        arrays = [np.fromfile(spool, d, n) for d, n in
+                                  ((np.int64, n_definite), (dt.bits, n_definite), (dt.bits, n_definite),
+                                   (np.int64, n_candidates), (dt.bits, n_candidates),
+                                   (dt.bits, n_candidates))]
+                        pick = chosen[i][taken[i]:taken[i] + n_candidates]
+                        taken[i] += n_candidates
+                        positions = np.concatenate([arrays[0], arrays[3][pick]])
+                        order = np.argsort(positions, kind="stable")
+                        finetuned = np.concatenate([arrays[1], arrays[4][pick]])[order]
+                        base = np.concatenate([arrays[2], arrays[5][pick]])[order]
+                        self._add(writers, i, *self._encode(name, hashes[name], positions[order],
+                                                            finetuned, base))
+                    progress.update(self.base.entry(name).nbytes)
+            return True
+        finally:
+            for spool in spools:
+                spool.close()
+
+    def _sample_brackets(self, k: int) -> list[tuple[int, int]]:
+        """Per fine-tune ``(low_key, high_key)`` bracketing the k-th largest key, from a sample
+        of every SAMPLE_EVERY-th block of about SAMPLE_BLOCK elements of every localized tensor."""
+        weighted = [np.zeros(1 << 16) for _ in self.tunes]
+        sampled = 0
+        for name in self.localized:
+            entry = self.base.entry(name)
+            dt = lookup_dtype(entry.dtype)
+            rows = entry.shape[0] if entry.shape else 1
+            step = max(1, SAMPLE_BLOCK // max(1, _row_items(entry.shape)))
+            starts = range(0, rows, step * SAMPLE_EVERY)
+            sampled_rows = sum(min(step, rows - s) for s in starts)
+            weight = rows / sampled_rows if sampled_rows else 0.0
+            high_bits = [[] for _ in self.tunes]
+            for start in starts:
+                stop = min(rows, start + step)
+                base_block = self.base.read_rows(name, start, stop)
+                sampled += base_block.size
+                for i, tune in enumerate(self.tunes):
+                    keys = magnitude_keys(tune.read_rows(name, start, stop), base_block, dt)
+                    high_bits[i].append(keys >> 16)
+            for i, bits in enumerate(high_bits):
+                if bits:
+                    weighted[i] += weight * np.bincount(np.concatenate(bits), minlength=1 << 16)
+        expected_above = k * sampled / max(self.candidates, 1)
+        out = []
+        for hist in weighted:
+            low_bin, high_bin = bracket_bins(hist, k, expected_above)
+            out.append((low_bin << 16, (high_bin << 16) | 0xFFFF))
+        return out
+
+    # -- shared --
+
+    def _scan(self, name: str, choose):
+        """Read one tensor block by block; ``choose`` picks kept (and candidate) positions.
+
+        Returns the base tensor's checksum and, per fine-tune, ``(positions, fine-tuned bits,
+        base bits)`` plus, where ``choose`` returned candidates, ``(positions, fine-tuned bits,
+        base bits, keys)`` of those.
+        """
         entry = self.base.entry(name)
         dt = lookup_dtype(entry.dtype)
         masks = [self._mask_for(i, name) for i in range(len(self.tunes))]
         base_hash = xxhash.xxh3_64()
-        kept_positions = [[] for _ in self.tunes]
-        kept_bits = [[] for _ in self.tunes]
-        base_bits = [[] for _ in self.tunes]
+        parts = [[[], [], [], [], [], [], []] for _ in self.tunes]
         row_items = _row_items(entry.shape)
         for start, stop in self._blocks(name):
             base_block = self.base.read_rows(name, start, stop)
@@ -210,28 +344,36 @@ class _Job:
             offset = start * row_items
             for i, tune in enumerate(self.tunes):
                 tune_block = tune.read_rows(name, start, stop)
-                if self.mask_sets is not None:
-                    chosen = (np.flatnonzero(masks[i][offset:offset + base_block.size])
-                              if masks[i] is not None else np.empty(0, np.int64))
-                elif name in self.localized:
-                    keys = magnitude_keys(tune_block, base_block, dt)
-                    chosen = self._selector(i, name).select(keys)
-                else:
-                    chosen = np.flatnonzero(tune_block != base_block)
-                kept_positions[i].append(chosen + offset)
-                kept_bits[i].append(tune_block[chosen])
-                base_bits[i].append(base_block[chosen])
-        base_xxh3 = base_hash.hexdigest()
+                kept, candidates = choose(i, name, tune_block, base_block, offset, dt, masks)
+                lists = parts[i]
+                lists[0].append(kept + offset)
+                lists[1].append(tune_block[kept])
+                lists[2].append(base_block[kept])
+                if candidates is not None:
+                    where, keys = candidates
+                    lists[3].append(where + offset)
+                    lists[4].append(tune_block[where])
+                    lists[5].append(base_block[where])
+                    lists[6].append(keys)
         out = []
-        for i in range(len(self.tunes)):
-            positions = _concat(kept_positions[i], np.int64)
-            if positions.size == 0:
-                out.append((Record(name, entry.dtype, entry.shape, "base", base_xxh3), b""))
-                continue
-            out.append(encode_record(name, dt, entry.shape, positions,
-                                     _concat(kept_bits[i], dt.bits), _concat(base_bits[i], dt.bits),
-                                     base_xxh3))
-        return out
+        for lists in parts:
+            kept = (_concat(lists[0], np.int64), _concat(lists[1], dt.bits),
+                    _concat(lists[2], dt.bits))
+            if lists[6]:  # choose returned candidates (the bracketed path)
+                kept += (_concat(lists[3], np.int64), _concat(lists[4], dt.bits),
+                         _concat(lists[5], dt.bits), _concat(lists[6], np.uint32))
+            out.append(kept)
+        return base_hash.hexdigest(), out
+
+    def _encode(self, name, base_xxh3, positions, finetuned, base) -> tuple[Record, bytes]:
+        entry = self.base.entry(name)
+        if positions.size == 0:
+            return Record(name, entry.dtype, entry.shape, "base", base_xxh3), b""
+        return encode_record(name, lookup_dtype(entry.dtype), entry.shape, positions, finetuned,
+                             base, base_xxh3)
+
+    def _total_bytes(self) -> int:
+        return sum(self.base.entry(n).nbytes for n in self.base.names)
 
     def _encode_added(self, tune: Checkpoint, name: str) -> tuple[Record, bytes]:
         entry = tune.entry(name)
@@ -269,7 +411,7 @@ class _Job:
             "density": None if self.mask_sets is not None else self.density,
             "kept": kept,
             "candidates": self.candidates,
-            "base_identity": digest(repr(identity).encode()),
+            "base_identity": digest(json.dumps(identity, separators=(",", ":")).encode()),
             "sources": {"base": self.base.path.name, "finetuned": self.tunes[tune_index].path.name},
             "localized_tensors": len(self.localized) if self.mask_sets is None else None,
             "dense_patterns": list(self.dense),

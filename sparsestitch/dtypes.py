@@ -71,7 +71,9 @@ def to_wide(bits: np.ndarray, dt: DType) -> np.ndarray:
     array([1.], dtype=float32)
     """
     if dt.name == "BF16":
-        return (bits.astype(np.uint32) << 16).view(np.float32)
+        wide = bits.astype(np.uint32)
+        wide <<= 16
+        return wide.view(np.float32)
     if dt.name == "F16":
         return bits.view(np.float16).astype(np.float32)
     if dt.name == "F32":

@@ -74,6 +74,8 @@ def _worth_trying(codec_id: str, positions: np.ndarray, shape: tuple[int, ...]) 
         return positions.size * 8 < bitmap_bits
     if codec_id in ("rice", "csr"):
         return positions.size * 2 < bitmap_bits
+    if codec_id == "bitmap":  # below ~3% density a list is always smaller
+        return positions.size * 32 >= bitmap_bits
     return True
 
 

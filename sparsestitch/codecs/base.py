@@ -29,7 +29,7 @@ import zstandard
 from ..errors import DeltaFormatError, ResourceLimitError
 
 #: zstd level for streams up to ZSTD_SMALL_LIMIT raw bytes, and for larger ones.
-ZSTD_LEVEL_SMALL = 12
+ZSTD_LEVEL_SMALL = 6
 ZSTD_LEVEL_LARGE = 3
 ZSTD_SMALL_LIMIT = 16 << 20
 

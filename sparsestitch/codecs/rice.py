@@ -27,7 +27,7 @@ def best_k(values: np.ndarray) -> int:
     if values.size == 0:
         return 0
     mean = float(values.mean())
-    guess = max(0, int(np.log2(mean + 1.0)))
+    guess = min(MAX_K, max(0, int(np.log2(mean + 1.0))))  # gaps may exceed 2**MAX_K
     candidates = range(max(0, guess - 2), min(MAX_K, guess + 2) + 1)
     return min(candidates, key=lambda k: encoded_bits(values, k))
 

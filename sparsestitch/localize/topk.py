@@ -34,9 +34,10 @@ def magnitude_keys(finetuned_bits: np.ndarray, base_bits: np.ndarray, dt: DType)
     [0.5, 0.0, 2.0]
     """
     with np.errstate(all="ignore"):
-        tau = np.abs(to_wide(finetuned_bits, dt) - to_wide(base_bits, dt))
-    if tau.dtype != np.float32:
-        tau = tau.astype(np.float32)
+        tau = np.subtract(to_wide(finetuned_bits, dt), to_wide(base_bits, dt))
+        np.abs(tau, out=tau)
+        if tau.dtype != np.float32:  # |tau| beyond float32's range becomes inf, silently
+            tau = tau.astype(np.float32)
     return tau.view(np.uint32)
 
 
@@ -138,3 +139,57 @@ def topk_positions(keys: np.ndarray, k: int) -> np.ndarray:
     """
     order = np.lexsort((np.arange(keys.size), -keys.astype(np.int64)))
     return np.sort(order[:k])
+
+
+# --- One-pass global top-k: a bracket from a sample, then exact resolution of candidates ---
+#
+# Reading the model three times (two histogram passes, then selection) dominates compress
+# time.  Instead, a cheap sampled pass estimates the k-th largest key and brackets it;
+# a single full pass then sorts every element into "definitely kept" (above the bracket),
+# "candidate" (inside it) or dropped; finally the exact threshold is found among the
+# candidates alone.  The result is identical to :class:`TopK` -- the bracket only decides
+# which elements need a second look.  If the sample misled (the k-th key lies outside the
+# bracket), :func:`resolve_candidates` says so and the caller falls back to :class:`TopK`.
+
+
+def bracket_bins(weighted_high: np.ndarray, k: int, sampled_above: float, margin: float = 0.12
+                 ) -> tuple[int, int]:
+    """High-16-bit bins ``(low_bin, high_bin)`` that should contain the k-th largest key:
+    keys in higher bins are kept, keys in ``low_bin..high_bin`` are candidates.
+
+    ``weighted_high`` is a histogram of sampled keys by high 16 bits, each sample weighted
+    by the inverse of its sampling rate, so it estimates the full histogram.  The bracket
+    spans estimated ranks ``k (1 - d)`` to ``k (1 + d)``, ``d = margin + 4 / sqrt(n)`` where
+    ``n`` is the number of sampled keys expected above the threshold.
+
+    >>> hist = np.zeros(1 << 16); hist[[10, 20, 30]] = [100, 100, 100]
+    >>> bracket_bins(hist, 150, sampled_above=150)  # keys in bins 10..30 need a second look
+    (10, 30)
+    """
+    spread = margin + 4.0 / np.sqrt(max(sampled_above, 1.0))
+    from_top = np.cumsum(weighted_high[::-1])
+    last = weighted_high.size - 1
+    high_bin = last - int(np.searchsorted(from_top, k * (1.0 - spread)))
+    low_bin = last - int(np.searchsorted(from_top, k * (1.0 + spread)))
+    return max(low_bin, 0), max(min(high_bin, last), 0)
+
+
+def resolve_candidates(candidate_keys: np.ndarray, needed: int) -> np.ndarray | None:
+    """Which candidates (in global order) complete the top-k; None if the bracket missed.
+
+    ``needed`` is ``k`` minus the elements kept above the bracket.  Ties at the threshold
+    go to the earliest candidates, matching :class:`TopK`.
+
+    >>> resolve_candidates(np.array([5, 7, 5, 6], np.uint32), 2).tolist()
+    [False, True, False, True]
+    """
+    if needed < 0 or needed > candidate_keys.size:
+        return None
+    chosen = np.zeros(candidate_keys.size, dtype=bool)
+    if needed == 0:
+        return chosen
+    threshold = np.partition(candidate_keys, candidate_keys.size - needed)[candidate_keys.size - needed]
+    chosen = candidate_keys > threshold
+    ties = np.flatnonzero(candidate_keys == threshold)[:needed - int(chosen.sum())]
+    chosen[ties] = True
+    return chosen
