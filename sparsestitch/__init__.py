@@ -5,6 +5,8 @@ Public API::
     compress(base, finetuned, out, density=0.01)   # localize + pack, one delta per fine-tune
     restore(base, delta, out)                      # the fine-tuned model, bit-exact where stored
     stitch(base, deltas, out, rule="localize-stitch")
+    stitch_add(base, deltas, new_delta, merged)    # add one delta to a stitched model
+    apply(model, deltas) -> Patch                  # hot-swap into a live model; .revert()
     info(delta) / verify(delta, base=None)
 """
 
@@ -12,12 +14,14 @@ from ._version import __version__
 from .compress import DeltaSummary, compress
 from .errors import (BaseMismatchError, ChecksumError, CheckpointError, DeltaFormatError,
                      OutputError, ResourceLimitError, SparsestitchError, TensorMismatchError)
+from .hotswap import Patch, apply
 from .inspect import DeltaInfo, info, verify
 from .restore import restore
-from .stitch import stitch
+from .stitch import stitch, stitch_add
 
 __all__ = [
     "__version__", "compress", "restore", "stitch", "info", "verify", "DeltaSummary", "DeltaInfo",
+    "stitch_add", "apply", "Patch",
     "SparsestitchError", "DeltaFormatError", "ChecksumError", "ResourceLimitError",
     "CheckpointError", "TensorMismatchError", "BaseMismatchError", "OutputError",
 ]

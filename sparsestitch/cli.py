@@ -130,7 +130,10 @@ def stitch(base, deltas, out, rule, weights, scale, trim, drop, seed, max_memory
 @click.option("--all", "show_all", is_flag=True, help="List every tensor, not just stored ones.")
 @_fail_cleanly
 def info(delta, show_all):
-    """Show a delta's header and per-tensor density, encoding, bytes and bits per kept value."""
+    """Show a delta's header and per-tensor density, encoding, bytes and bits per kept value.
+
+    Example: sparsestitch info math.delta --all
+    """
     from .inspect import info as run
     result = run(delta)
     header = result.header
@@ -156,7 +159,10 @@ def info(delta, show_all):
 @click.option("--base", type=click.Path(), help="Also check the delta belongs to this base.")
 @_fail_cleanly
 def verify(delta, base):
-    """Check every checksum and record of DELTA (and, with --base, its base's identity)."""
+    """Check every checksum and record of DELTA (and, with --base, its base's identity).
+
+    Example: sparsestitch verify math.delta --base base/
+    """
     from .inspect import verify as run
     result = run(delta, base)
     click.echo(f"ok: {result.path} ({len(result.tensors)} tensors, {result.kept:,} kept values"
@@ -170,7 +176,10 @@ def verify(delta, base):
               help="Size of the example base checkpoint.")
 @_fail_cleanly
 def demo(workdir, size_mb):
-    """Build a small example zoo (a base + 3 fine-tunes), compress, restore, stitch; print a table."""
+    """Build a small example zoo (a base + 3 fine-tunes), compress, restore, stitch; print a table.
+
+    Example: sparsestitch demo --size-mb 8 --workdir /tmp/zoo
+    """
     from .demo import run_demo
     run_demo(workdir, size_mb=size_mb, echo=click.echo)
 

@@ -100,7 +100,8 @@ def from_wide(values: np.ndarray, dt: DType) -> np.ndarray:
             rounded[nan] = ((u[nan] >> 16) | 0x0040).astype(np.uint16)
         return rounded
     if dt.name == "F16":
-        return np.asarray(values, dtype=np.float32).astype(np.float16).view(np.uint16)
+        with np.errstate(over="ignore"):  # overflow to inf is the defined rounding
+            return np.asarray(values, dtype=np.float32).astype(np.float16).view(np.uint16)
     if dt.name == "F32":
         return np.asarray(values, dtype=np.float32).view(np.uint32)
     if dt.name == "F64":

@@ -24,7 +24,7 @@ from . import codecs
 from .atomic import atomic_path, fsync_file
 from .dtypes import DType, dtype as lookup_dtype
 from .errors import ChecksumError, DeltaFormatError, ResourceLimitError, SparsestitchError
-from .safetensors_file import encode_header, read_header
+from .safetensors_file import _no_duplicate_keys, encode_header, read_header
 
 FORMAT_NAME = "sparsestitch.delta"
 FORMAT_VERSION = 1
@@ -250,13 +250,13 @@ class DeltaReader:
         if digest(text.encode("utf-8")) != metadata.get(HEADER_HASH_KEY):
             raise ChecksumError("header checksum mismatch: the file is damaged", path=self.path)
         try:
-            header = json.loads(text)
-        except ValueError as exc:
+            header = json.loads(text, object_pairs_hook=_no_duplicate_keys)
+        except (ValueError, RecursionError) as exc:
             raise DeltaFormatError(f"header is not valid JSON ({exc})", path=self.path) from None
         if not isinstance(header, dict) or header.get("format") != FORMAT_NAME:
             raise DeltaFormatError("not a sparsestitch delta header", path=self.path)
         version = header.get("format_version")
-        if version != FORMAT_VERSION:
+        if type(version) is not int or version != FORMAT_VERSION:
             raise DeltaFormatError(f"format version {version!r} is not supported by this version "
                                    f"(reads version {FORMAT_VERSION}); upgrade sparsestitch",
                                    path=self.path)
@@ -323,7 +323,7 @@ def _record_from_json(item, path) -> Record:
     except (ValueError, TypeError):
         raise bad(f"unsupported dtype {dtype_name!r}") from None
     if (not isinstance(shape, list) or len(shape) > 64
-            or not all(type(d) is int and d >= 0 for d in shape)):
+            or not all(type(d) is int and 0 <= d <= MAX_NUMEL for d in shape)):
         raise bad(f"invalid shape {shape!r}")
     numel = 1
     for d in shape:
@@ -350,5 +350,10 @@ def _record_from_json(item, path) -> Record:
         raise bad(f"invalid payload checksum {payload_xxh3!r}")
     if kind == "added" and count != numel:
         raise bad("an added tensor must store every element")
+    # Every value codec stores at least one byte per value in raw or zstd streams: refuse counts
+    # the payload cannot hold before any decoder allocates for them.
+    if count > codecs.base.ZSTD_MAX_EXPANSION * val_nbytes:
+        raise ResourceLimitError(f"count {count} is more values than {val_nbytes} payload bytes "
+                                 "can hold", path=path, tensor=name)
     return Record(name, dtype_name, tuple(shape), kind, base_xxh3, count, positions, values,
                   pos_nbytes, val_nbytes, payload_xxh3)

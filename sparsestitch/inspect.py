@@ -7,11 +7,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import xxhash
 
 from .checkpoint import Checkpoint
 from .errors import BaseMismatchError
-from .format import DeltaReader, Record
+from .format import DeltaReader, Record, digest
 from .stitch.engine import _check_delta_fits
 
 
@@ -83,15 +82,18 @@ def verify(delta: str | os.PathLike, base: str | os.PathLike | None = None) -> D
                 base_bits = None
                 if ckpt is not None and record.kind != "added":
                     base_bits = ckpt.read(record.name)
-                    if xxhash.xxh3_64_hexdigest(memoryview(base_bits.view(np.uint8)).cast("B")) \
-                            != record.base_xxh3:
+                    if digest(base_bits) != record.base_xxh3:
                         raise BaseMismatchError("base tensor differs from the delta's base",
                                                 path=reader.path, tensor=record.name)
                 if record.kind == "base":
                     continue
                 if base_bits is None and record.kind != "added":
-                    # Without the base, decode against zeros: checks structure and sizes.
-                    base_bits = np.zeros(record.numel, record.dt.bits)
+                    # Without the base, decode against zeros at the kept positions: checks
+                    # structure and sizes, allocating for the payload, not the declared shape.
+                    payload = reader.payload(record)
+                    kept = reader.positions(record, payload)
+                    reader.values(record, np.zeros(kept.size, record.dt.bits), payload)
+                    continue
                 reader.decode(record, base_bits)
         finally:
             if ckpt is not None:

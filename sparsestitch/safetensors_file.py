@@ -64,7 +64,7 @@ def read_header(handle, path: str | os.PathLike, file_size: int,
     raw = handle.read(size)
     try:
         parsed = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicate_keys)
-    except (UnicodeDecodeError, ValueError) as exc:
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise error(f"header is not valid JSON ({exc}); the file is corrupt or not safetensors",
                     path=path) from None
     if not isinstance(parsed, dict):
@@ -137,4 +137,8 @@ def _no_duplicate_keys(pairs):
     keys = [k for k, _ in pairs]
     if len(keys) != len(set(keys)):
         raise ValueError("duplicate key in JSON object")
+    for key, value in pairs:  # a lone surrogate (\ud800) parses but can never be written back
+        key.encode("utf-8")
+        if isinstance(value, str):
+            value.encode("utf-8")
     return dict(pairs)

@@ -70,6 +70,9 @@ class CheckpointWriter:
 
     def write(self, name: str, bits: np.ndarray) -> None:
         """Write (part of) tensor ``name``'s bytes; parts must come in order."""
+        if np.asarray(bits).size == 0:
+            return  # nothing to write; zero-byte tensors are passed over in layout order
+        self._skip_empty()
         shard, tensor = self._queue[self._at] if self._at < len(self._queue) else (None, None)
         if tensor is None or tensor.name != name:
             raise ValueError(f"expected tensor {tensor.name if tensor else None!r}, got {name!r}")

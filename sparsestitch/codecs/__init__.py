@@ -1,8 +1,8 @@
 """Position and value codecs, and the one registry that names them.
 
 See :mod:`sparsestitch.codecs.base` for the contract.  The packer encodes a
-record with every applicable codec of each kind and keeps the smallest
-(earlier registry entries win ties), so adding a codec is one class plus one
+record with every applicable codec of each kind that can win and keeps the
+smallest (earlier registry entries win ties), so adding a codec is one class plus one
 entry here; files name codecs by ``codec_id``, which must never change.
 """
 
@@ -45,7 +45,11 @@ def value_codec(codec_id: str):
 
 
 def encode_positions(positions: np.ndarray, shape: tuple[int, ...]) -> tuple[bytes, dict]:
-    """Encode sorted flat ``positions`` with the smallest applicable codec.
+    """Encode sorted flat ``positions`` with the smallest of the codecs worth trying.
+
+    Codecs that cannot win for this density are skipped to save time: list codecs
+    when a bitmap is certainly smaller, the bitmap below 1/32 density (where it can
+    only win for strongly clustered positions, at some cost in size).
 
     Returns the payload and its config, which includes ``codec``.
 

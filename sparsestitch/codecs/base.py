@@ -32,6 +32,9 @@ from ..errors import DeltaFormatError, ResourceLimitError
 ZSTD_LEVEL_SMALL = 6
 ZSTD_LEVEL_LARGE = 3
 ZSTD_SMALL_LIMIT = 16 << 20
+#: No zstd frame decompresses to more than this many bytes per stored byte (a block holds at
+#: most 128 KiB and takes at least 4 bytes), so larger declared sizes are refused unallocated.
+ZSTD_MAX_EXPANSION = 1 << 15
 
 
 def pack_stream(raw: bytes | memoryview | np.ndarray) -> tuple[bytes, dict]:
@@ -59,7 +62,9 @@ def unpack_stream(stream: bytes | memoryview, config: dict, expected_nbytes: int
     raw_nbytes = config_int(config, "raw_nbytes", 0, expected_nbytes)
     if raw_nbytes != expected_nbytes:
         raise DeltaFormatError(f"stream declares {raw_nbytes} bytes, the record needs {expected_nbytes}")
-    if not config.get("zstd"):
+    if type(config.get("zstd")) is not bool:
+        raise DeltaFormatError(f"stream config field 'zstd' must be true or false, got {config.get('zstd')!r}")
+    if not config["zstd"]:
         if len(stream) != expected_nbytes:
             raise DeltaFormatError(f"raw stream has {len(stream)} bytes, expected {expected_nbytes}")
         return bytes(stream)
@@ -70,8 +75,11 @@ def unpack_stream(stream: bytes | memoryview, config: dict, expected_nbytes: int
     if declared != expected_nbytes:
         raise ResourceLimitError(
             f"zstd frame declares {declared} bytes, the record needs {expected_nbytes}")
+    if expected_nbytes > ZSTD_MAX_EXPANSION * len(stream):
+        raise ResourceLimitError(f"a {len(stream)}-byte zstd frame cannot hold {expected_nbytes} bytes")
     try:
-        out = zstandard.ZstdDecompressor().decompress(stream, max_output_size=expected_nbytes)
+        out = zstandard.ZstdDecompressor().decompress(stream, max_output_size=expected_nbytes,
+                                                      allow_extra_data=False)
     except zstandard.ZstdError as exc:
         raise DeltaFormatError(f"zstd stream is corrupt ({exc})") from None
     if len(out) != expected_nbytes:

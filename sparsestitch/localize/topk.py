@@ -3,7 +3,8 @@
 Ranking uses a *key* per element: the bits of |tau| as float32 (tau computed
 in the wide type, see :mod:`sparsestitch.dtypes`), read as uint32.  For
 non-negative floats the bit order is the value order, and NaN sorts above
-infinity, so changed-to-NaN elements rank first.  Exactly ``k`` elements are
+infinity, so changed-to-NaN elements rank first (elements whose bits did not
+change get key 0, even when tau = inf - inf is NaN).  Exactly ``k`` elements are
 kept: every key above the threshold ``T``, then elements equal to ``T`` in
 *global order* (tensors by name, then flat index) until ``k`` is reached.
 
@@ -21,6 +22,7 @@ import numpy as np
 from ..dtypes import DType, to_wide
 
 _BINS = 1 << 16
+_INF_KEY = 0x7F800000
 
 
 def magnitude_keys(finetuned_bits: np.ndarray, base_bits: np.ndarray, dt: DType) -> np.ndarray:
@@ -32,13 +34,21 @@ def magnitude_keys(finetuned_bits: np.ndarray, base_bits: np.ndarray, dt: DType)
     >>> b = np.array([1.5, 2.0, 1.0], np.float32).view(np.uint32)
     >>> magnitude_keys(a, b, f32).view(np.float32).tolist()
     [0.5, 0.0, 2.0]
+    >>> inf = np.array([np.inf], np.float32).view(np.uint32)
+    >>> magnitude_keys(inf, inf, f32).tolist()  # unchanged: never outranks a real change
+    [0]
     """
     with np.errstate(all="ignore"):
         tau = np.subtract(to_wide(finetuned_bits, dt), to_wide(base_bits, dt))
         np.abs(tau, out=tau)
         if tau.dtype != np.float32:  # |tau| beyond float32's range becomes inf, silently
             tau = tau.astype(np.float32)
-    return tau.view(np.uint32)
+    keys = tau.view(np.uint32)
+    # An unchanged inf or NaN gives tau = NaN, which would outrank every real change.
+    nan = np.flatnonzero(keys > _INF_KEY)
+    if nan.size:
+        keys[nan[finetuned_bits.reshape(-1)[nan] == base_bits.reshape(-1)[nan]]] = 0
+    return keys
 
 
 def count_to_keep(density: float, numel: int) -> int:

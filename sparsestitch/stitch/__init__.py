@@ -1,63 +1,21 @@
-"""Stitching: merge rules (pure functions) and the streaming engine that applies them."""
+"""Stitching: merge rules (pure functions), the combiner that applies them to decoded
+records, the streaming engine, and continual composition (:func:`stitch_add`)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
-
-from ..dtypes import from_wide, to_wide
+from ..format import DeltaReader
 from . import engine
+from .combine import RECIPE_KEY, RuleCombiner, rule_combiner
+from .compose import COMPOSABLE_RULES, stitch_add
 from .rules import RULES, TaskVector
 
-__all__ = ["RULES", "TaskVector", "stitch", "rule_combiner"]
-
-
-def _parse_memory(value: int | str | None) -> int:
-    if value is None:
-        return engine.DEFAULT_BLOCK_BYTES * 4
-    if isinstance(value, int):
-        return value
-    text = value.strip().upper().replace(" ", "")
-    units = {"KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30, "KB": 1000, "MB": 10**6,
-             "GB": 10**9, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "B": 1}
-    for unit, factor in units.items():
-        if text.endswith(unit):
-            return int(float(text[:-len(unit)]) * factor)
-    return int(text)
-
-
-def rule_combiner(rule: str, weights: Sequence[float] | None, count: int, **options):
-    """A combiner (see :mod:`.engine`) applying merge rule ``rule`` in the wide float type."""
-    try:
-        function, option_names = RULES[rule]
-    except KeyError:
-        raise ValueError(f"unknown rule {rule!r}; choose from {', '.join(RULES)}") from None
-    unknown = set(options) - set(option_names)
-    if unknown:
-        raise ValueError(f"rule {rule!r} takes options {option_names}, not {sorted(unknown)}")
-    weights = [1.0] * count if weights is None else [float(w) for w in weights]
-    if len(weights) != count:
-        raise ValueError(f"{count} deltas but {len(weights)} weights")
-
-    def combine(name, dt, numel, stored):
-        present = [(s, w) for s, w in zip(stored, weights) if s is not None]
-        if not present:
-            return np.empty(0, np.int64), np.empty(0, dt.bits)
-        with np.errstate(all="ignore"):
-            vectors = [TaskVector(s.positions, to_wide(s.finetuned, dt) - to_wide(s.base, dt))
-                       for s, _ in present]
-            positions, update = function(vectors, [w for _, w in present], name, numel, **options)
-            # Base bits at the changed positions, from whichever delta stored each one.
-            stored_positions, first = np.unique(np.concatenate([s.positions for s, _ in present]),
-                                                return_index=True)
-            base_bits = np.concatenate([s.base for s, _ in present])[first]
-            base_wide = to_wide(base_bits[np.searchsorted(stored_positions, positions)], dt)
-            return positions, from_wide(base_wide + update, dt)
-
-    return combine
+__all__ = ["RULES", "TaskVector", "stitch", "stitch_add", "rule_combiner", "RuleCombiner",
+           "RECIPE_KEY", "COMPOSABLE_RULES"]
 
 
 def stitch(base: str | os.PathLike, deltas: Sequence[str | os.PathLike], out: str | os.PathLike, *,
@@ -69,15 +27,21 @@ def stitch(base: str | os.PathLike, deltas: Sequence[str | os.PathLike], out: st
     Rules: ``"localize-stitch"`` (overlaps averaged; the paper's rule),
     ``"task-arithmetic"`` (``scale``), ``"ties"`` (``density``, ``scale``) and
     ``"dare"`` (``drop``, ``seed``, ``scale``); ``weights`` scale each delta's task
-    vector first.  Arithmetic is in float32 (float64 for float64 models), rounded once.
-    ``max_memory`` bounds the base/output blocks held at once (tensors larger than
-    the budget are processed in row blocks).
+    vector first.  Arithmetic is in float32 (float64 for float64 models), rounded once
+    to the model's dtype; positions no delta stores keep the base's bits.  Non-float
+    tensors take the stored values (deltas that store different ones are refused).
+    ``max_memory`` bounds the base/output blocks held at once (tensors larger than a
+    quarter of it are processed in row blocks, with bit-identical results).  The
+    output's metadata records the rule, options, weights and deltas, for
+    :func:`stitch_add`.
 
     >>> stitch("base.safetensors", ["math.delta", "code.delta"], "merged.safetensors")  # doctest: +SKIP
     """
     if device not in ("cpu", "auto"):
         raise ValueError(f"device {device!r} is not available in this build: use 'cpu' or 'auto'")
+    deltas = list(deltas)
     combine = rule_combiner(rule, weights, len(deltas), **rule_options)
-    block_bytes = max(1 << 16, _parse_memory(max_memory) // 4)
+    with contextlib.ExitStack() as stack:
+        recipe = combine.recipe([stack.enter_context(DeltaReader(p)) for p in deltas])
     return engine.run(base, deltas, out, combine, overwrite=overwrite, progress=progress,
-                      block_bytes=block_bytes)
+                      block_bytes=engine.block_bytes(max_memory), metadata={RECIPE_KEY: recipe})

@@ -9,7 +9,9 @@ keep the base's bits exactly.  Only one tensor's decoded records and one
 block of base and output are held at a time; a tensor larger than a block is
 read twice (gather, then write).
 
-Restore and stitch differ only in their combiner.
+Restore and stitch differ only in their combiner; continual composition
+(:mod:`.compose`) reuses :func:`gather` and :func:`write_patched` with the
+merged model as the source of the bytes it does not recompute.
 """
 
 from __future__ import annotations
@@ -31,6 +33,35 @@ from ..progress import bar
 DEFAULT_BLOCK_BYTES = 256 << 20
 
 
+def parse_memory(value: int | str | None, default: int = DEFAULT_BLOCK_BYTES * 4) -> int:
+    """Bytes in ``512MiB``, ``2GB``, ``4096`` (or ``default`` for None).
+
+    >>> parse_memory("4KiB", 0), parse_memory("1.5 MB", 0), parse_memory(None, 7)
+    (4096, 1500000, 7)
+    """
+    if value is None:
+        return default
+    if isinstance(value, int):
+        return value
+    text = value.strip().upper().replace(" ", "")
+    units = {"KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30, "KB": 1000, "MB": 10**6,
+             "GB": 10**9, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "B": 1}
+    for unit, factor in units.items():
+        if text.endswith(unit):
+            return int(float(text[:-len(unit)]) * factor)
+    return int(text)
+
+
+def block_bytes(max_memory: int | str | None) -> int:
+    """Bytes per base/output row block for a ``max_memory`` budget: a quarter of it
+    (at least one row is always read).
+
+    >>> block_bytes("4KiB")
+    1024
+    """
+    return max(1, parse_memory(max_memory) // 4)
+
+
 @dataclass(frozen=True)
 class Stored:
     """One delta's record of one tensor, decoded."""
@@ -47,12 +78,14 @@ Combiner = Callable[[str, DType, int, Sequence["Stored | None"]], tuple[np.ndarr
 
 def run(base: str | os.PathLike, deltas: Sequence[str | os.PathLike], out: str | os.PathLike,
         combiner: Combiner, *, overwrite: bool = False, progress: bool = False,
-        block_bytes: int = DEFAULT_BLOCK_BYTES, added: str = "single") -> Path:
+        block_bytes: int = DEFAULT_BLOCK_BYTES, added: str = "single",
+        metadata: dict[str, str] | None = None) -> Path:
     """Stream ``base`` + ``deltas`` through ``combiner`` into ``out``; return ``out``.
 
     ``added`` says what to do with tensors that deltas add (the base lacks them):
     ``"single"`` copies them (an error if two deltas add the same name with different
-    bits), ``"drop"`` leaves them out.
+    bits), ``"drop"`` leaves them out.  ``metadata`` is added to every output shard's
+    safetensors metadata.
     """
     out = Path(out)
     with Checkpoint(base) as base_ckpt:
@@ -63,7 +96,7 @@ def run(base: str | os.PathLike, deltas: Sequence[str | os.PathLike], out: str |
             for reader in readers:
                 _check_delta_fits(base_ckpt, reader)
             added_records = _added_records(readers) if added == "single" else {}
-            shards = _output_shards(base_ckpt, added_records)
+            shards = _output_shards(base_ckpt, added_records, metadata)
             writer = CheckpointWriter(out, shards, folder=base_ckpt.is_folder,
                                       extra_files=base_ckpt.extra_files, overwrite=overwrite)
             total = sum(base_ckpt.entry(n).nbytes for n in base_ckpt.names)
@@ -88,33 +121,51 @@ def run(base: str | os.PathLike, deltas: Sequence[str | os.PathLike], out: str |
     return out
 
 
-def _merge_tensor(base: Checkpoint, readers: list[DeltaReader], name: str, combiner: Combiner,
-                  writer: CheckpointWriter, block_bytes: int) -> None:
+@dataclass(frozen=True)
+class RowBlocks:
+    """A tensor cut into blocks of whole rows (along the first dimension)."""
+
+    bounds: list[tuple[int, int]]   # (first row, row after the last)
+    row_items: int                  # elements per row
+
+    @classmethod
+    def of(cls, shape: tuple[int, ...], itemsize: int, block_bytes: int) -> "RowBlocks":
+        rows = shape[0] if shape else 1
+        numel = int(np.prod(shape, dtype=np.int64)) if shape else 1
+        row_items = numel // rows if rows else 0
+        step = max(1, block_bytes // max(1, row_items * itemsize))
+        return cls([(s, min(rows, s + step)) for s in range(0, rows, step)] or [(0, 0)],
+                   row_items)
+
+
+def gather(base: Checkpoint, readers: Sequence[DeltaReader], name: str, blocks: RowBlocks
+           ) -> tuple[list[Stored | None], np.ndarray | None]:
+    """Read base tensor ``name`` block by block, check every delta's base checksum of it,
+    and decode each delta's record.
+
+    Returns the decoded records (None where a delta does not store the tensor) and the
+    base tensor's flat bits when it fit in one block (else None: read it again).
+    """
     entry = base.entry(name)
     dt = lookup_dtype(entry.dtype)
     records = [reader.record(name) for reader in readers]
-    stored_records = [(i, r) for i, r in enumerate(records) if r.kind == "sparse"]
-    rows = entry.shape[0] if entry.shape else 1
-    row_items = entry.numel // rows if rows else 0
-    step = max(1, block_bytes // max(1, row_items * dt.itemsize))
-    blocks = [(s, min(rows, s + step)) for s in range(0, rows, step)] or [(0, 0)]
-
+    stored_records = [(i, r) for i, r in enumerate(records) if r is not None and r.kind == "sparse"]
     payloads = {i: readers[i].payload(r) for i, r in stored_records}
     positions = {i: readers[i].positions(r, payloads[i]) for i, r in stored_records}
     gathered = {i: [] for i in positions}
     digest = xxhash.xxh3_64()
-    kept_block = None
-    for start, stop in blocks:
-        block = base.read_rows(name, start, stop) if rows else np.empty(0, dt.bits)
+    whole = None
+    for start, stop in blocks.bounds:
+        block = base.read_rows(name, start, stop) if stop > start else np.empty(0, dt.bits)
         digest.update(memoryview(block.view(np.uint8)))
-        lo, hi = start * row_items, stop * row_items
+        lo, hi = start * blocks.row_items, stop * blocks.row_items
         for i, pos in positions.items():
             a, b = np.searchsorted(pos, [lo, hi])
             gathered[i].append(block[pos[a:b] - lo])
-        kept_block = block if len(blocks) == 1 else None
+        whole = block if len(blocks.bounds) == 1 else None
     base_hash = digest.hexdigest()
     for reader, record in zip(readers, records):
-        if record.base_xxh3 != base_hash:
+        if record is not None and record.base_xxh3 != base_hash:
             raise BaseMismatchError("the base tensor's checksum differs from the one the delta was "
                                     "made from: this delta belongs to another base (or the base "
                                     "was modified)", path=reader.path, tensor=name)
@@ -123,15 +174,34 @@ def _merge_tensor(base: Checkpoint, readers: list[DeltaReader], name: str, combi
         base_kept = np.concatenate(gathered[i]) if gathered[i] else np.empty(0, dt.bits)
         values = readers[i].values(record, base_kept, payloads[i])
         stored[i] = Stored(positions[i], values, base_kept)
-    del payloads, gathered
-    new_positions, new_bits = combiner(name, dt, entry.numel, stored)
-    for start, stop in blocks:
-        block = kept_block if kept_block is not None else base.read_rows(name, start, stop)
-        lo, hi = start * row_items, stop * row_items
-        a, b = np.searchsorted(new_positions, [lo, hi])
-        if b > a:  # blocks are fresh buffers, ours to modify
-            block[new_positions[a:b] - lo] = new_bits[a:b]
+    return stored, whole
+
+
+def write_patched(writer: CheckpointWriter, name: str, blocks: RowBlocks,
+                  read_block: Callable[[int, int], np.ndarray], positions: np.ndarray,
+                  bits: np.ndarray) -> None:
+    """Write tensor ``name`` block by block: ``read_block(start, stop)`` (a fresh flat
+    array, ours to modify) with the sorted flat ``positions`` set to ``bits``."""
+    for start, stop in blocks.bounds:
+        block = read_block(start, stop)
+        lo, hi = start * blocks.row_items, stop * blocks.row_items
+        a, b = np.searchsorted(positions, [lo, hi])
+        if b > a:
+            block[positions[a:b] - lo] = bits[a:b]
         writer.write(name, block)
+
+
+def _merge_tensor(base: Checkpoint, readers: list[DeltaReader], name: str, combiner: Combiner,
+                  writer: CheckpointWriter, block_bytes: int) -> None:
+    entry = base.entry(name)
+    dt = lookup_dtype(entry.dtype)
+    blocks = RowBlocks.of(entry.shape, dt.itemsize, block_bytes)
+    stored, whole = gather(base, readers, name, blocks)
+    new_positions, new_bits = combiner(name, dt, entry.numel, stored)
+    del stored
+    read_block = (lambda start, stop: whole) if whole is not None else \
+        (lambda start, stop: base.read_rows(name, start, stop))
+    write_patched(writer, name, blocks, read_block, new_positions, new_bits)
 
 
 def _check_delta_fits(base: Checkpoint, reader: DeltaReader) -> None:
@@ -176,11 +246,12 @@ def _added_records(readers: list[DeltaReader]) -> dict[str, tuple[DeltaReader, R
     return found
 
 
-def _output_shards(base: Checkpoint, added: dict[str, tuple[DeltaReader, Record]]) -> list[Shard]:
+def _output_shards(base: Checkpoint, added: dict[str, tuple[DeltaReader, Record]],
+                   extra_metadata: dict[str, str] | None = None) -> list[Shard]:
     shards = []
     for file_name, names in base.layout:
         tensors = [OutputTensor(n, base.entry(n).dtype, base.entry(n).shape) for n in names]
-        metadata = dict(base.metadata.get(file_name) or {"format": "pt"})
+        metadata = dict(base.metadata.get(file_name) or {"format": "pt"}, **(extra_metadata or {}))
         shards.append(Shard(file_name, tensors, metadata))
     if added:
         last = shards[-1]

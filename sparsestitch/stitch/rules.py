@@ -1,13 +1,21 @@
 """Merge rules: pure functions from one tensor's task vectors to an update.
 
 Every rule is called as ``rule(vectors, weights, name, numel, **options)`` and
-receives the deltas' stored task vectors for one tensor as
-:class:`TaskVector` (sorted flat ``positions`` and ``tau`` = wide(fine-tuned)
-- wide(base) there, in the wide float type) plus per-delta ``weights``, and
-returns ``(positions, update)``: the sorted positions the merge changes and
-the amount added to the base there, in the wide type.  Positions it does not
-return keep the base's bits exactly; the engine computes
-``round(wide(base) + update)`` once per position.
+receives one :class:`TaskVector` per delta for one tensor (sorted flat
+``positions`` and ``tau`` = wide(fine-tuned) - wide(base) there, in the wide
+float type; empty for a delta that leaves the tensor alone, so ``vectors[i]``
+is always delta ``i``) plus per-delta ``weights``, and returns
+``(positions, update)``: the sorted positions the merge changes and the amount
+added to the base there, in the wide type.  Positions it does not return keep
+the base's bits exactly; the engine computes ``round(wide(base) + update)``
+once per position.
+
+The order of the float operations is part of each rule's contract (results
+depend on it, and the stitcher, hot-swap and continual composition must agree
+bit for bit): weights multiply ``tau`` first, sums run over the deltas in list
+order, and a mean divides the finished sum.  Localize-and-Stitch and task
+arithmetic are elementwise: the update at a position depends only on the
+deltas' entries there.
 
 Adding a rule is one function plus one entry in :data:`RULES`.
 """
@@ -43,8 +51,8 @@ def localize_stitch(vectors: Sequence[TaskVector], weights: Sequence[float], nam
                     numel: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Localize-and-Stitch: where deltas overlap, average their (weighted) task vectors.
 
-    ``update = sum_i m_i w_i tau_i / sum_i m_i`` over the deltas ``i`` whose mask
-    ``m_i`` covers the position.
+    ``update = (sum_i m_i w_i tau_i) / (sum_i m_i)`` over the deltas ``i`` whose mask
+    ``m_i`` covers the position (the paper's ``sum_i (m_i / sum_j m_j) * tau_i``).
 
     >>> a = TaskVector(np.array([0, 1]), np.array([2.0, 4.0], np.float32))
     >>> b = TaskVector(np.array([1, 2]), np.array([6.0, 8.0], np.float32))
@@ -63,7 +71,7 @@ def localize_stitch(vectors: Sequence[TaskVector], weights: Sequence[float], nam
 
 def task_arithmetic(vectors: Sequence[TaskVector], weights: Sequence[float], name: str = "",
                     numel: int | None = None, scale: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
-    """Task arithmetic: ``update = scale * sum_i w_i tau_i``.
+    """Task arithmetic: ``update = scale * (sum_i w_i tau_i)``.
 
     >>> a = TaskVector(np.array([0, 1]), np.array([2.0, 4.0], np.float32))
     >>> task_arithmetic([a, a], [1.0, 1.0], scale=0.5)[1].tolist()
@@ -80,22 +88,26 @@ def task_arithmetic(vectors: Sequence[TaskVector], weights: Sequence[float], nam
 def ties(vectors: Sequence[TaskVector], weights: Sequence[float], name: str = "",
          numel: int | None = None, density: float = 0.2, scale: float = 1.0
          ) -> tuple[np.ndarray, np.ndarray]:
-    """TIES-merging: trim each (weighted) task vector to its ``density * numel`` largest
-    magnitudes in this tensor, elect a sign per position from the sum of the trimmed
-    vectors, then average the entries that agree with it (disjoint mean), times ``scale``.
+    """TIES-merging: trim each weighted task vector ``w_i tau_i`` to its
+    ``round(density * numel)`` largest magnitudes in this tensor (equal magnitudes:
+    lower position first), elect a sign per position from the sum of the trimmed
+    vectors, then average the nonzero entries that agree with it (disjoint mean):
+    ``update = scale * (agreeing sum / agreeing count)``.  Positions where nothing
+    agrees keep the base.
 
     >>> a = TaskVector(np.array([0, 1]), np.array([2.0, -4.0], np.float32))
     >>> b = TaskVector(np.array([0, 1]), np.array([-1.0, -2.0], np.float32))
     >>> ties([a, b], [1.0, 1.0], numel=2, density=1.0)[1].tolist()
     [2.0, -3.0]
     """
+    if not 0.0 <= density <= 1.0:
+        raise ValueError(f"density must be within [0, 1], got {density}")
     wide = _wide(vectors)
     trimmed = []
     for vector, weight in zip(vectors, weights):
         limit = vector.tau.size if numel is None else int(np.floor(density * numel + 0.5))
         tau = wide.type(weight) * vector.tau
         if limit < tau.size:
-            # Largest magnitudes first, ties by position: deterministic.
             order = np.lexsort((vector.positions, -np.abs(tau)))[:limit]
             keep = np.sort(order)
             trimmed.append(TaskVector(vector.positions[keep], tau[keep]))
@@ -113,14 +125,20 @@ def ties(vectors: Sequence[TaskVector], weights: Sequence[float], name: str = ""
         agreeing_total[index[agree]] += vector.tau[agree]
         agreeing[index[agree]] += 1
     touched = agreeing > 0
-    return union[touched], wide.type(scale) * agreeing_total[touched] / agreeing[touched]
+    return union[touched], wide.type(scale) * (agreeing_total[touched] / agreeing[touched])
 
 
 def dare(vectors: Sequence[TaskVector], weights: Sequence[float], name: str = "",
-         numel: int | None = None, drop: float = 0.9, seed: int = 0, scale: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
-    """DARE: drop each stored entry with probability ``drop``, rescale survivors by
-    ``1 / (1 - drop)``, then task arithmetic with ``scale``.  Draws are seeded by
-    ``(seed, delta index, tensor name)``, so results do not depend on processing order.
+         numel: int | None = None, drop: float = 0.9, seed: int = 0, scale: float = 1.0
+         ) -> tuple[np.ndarray, np.ndarray]:
+    """DARE: drop each stored entry with probability ``drop``, divide the survivors'
+    ``tau`` by ``1 - drop``, then task arithmetic with ``scale``.
+
+    The draws are part of the contract: delta ``i``'s ``j``-th stored entry of tensor
+    ``name`` (in position order) survives when the ``j``-th value of
+    ``numpy.random.default_rng([seed, i, zlib.crc32(name.encode())]).random(count)``
+    is ``>= drop``.  A result therefore depends only on the seed, the delta's place in
+    the list and its record -- not on row blocks, devices or the other deltas.
 
     >>> a = TaskVector(np.arange(4), np.ones(4, np.float32))
     >>> dare([a], [1.0], "w", drop=0.0)[1].tolist()

@@ -1,0 +1,115 @@
+"""From one tensor's decoded delta records to its new bits, with a merge rule.
+
+A *combiner* (see :mod:`.engine`) turns the deltas' :class:`~.engine.Stored`
+records of one tensor into ``(positions, bits)``.  :class:`RuleCombiner` is
+the one every merge uses -- the file stitcher, hot-swap and continual
+composition -- so the three agree bit for bit: float tensors go through a rule
+of :data:`~.rules.RULES` in the wide float type and are rounded once;
+non-float tensors are never merged arithmetically (a stored position takes the
+fine-tuned bits, and deltas storing the same position must agree).
+
+A stitched output records how it was made (rule, options, weights and each
+delta's identity) under :data:`RECIPE_KEY` in its safetensors metadata, so a
+later :func:`~.compose.stitch_add` can check it continues the same merge.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..dtypes import DType, from_wide, to_wide
+from ..errors import TensorMismatchError
+from ..format import DeltaReader, digest
+from .engine import Stored
+from .rules import RULES, TaskVector
+
+RECIPE_KEY = "sparsestitch.stitch"
+
+
+@dataclass(frozen=True)
+class RuleCombiner:
+    """A combiner applying merge rule ``rule`` with per-delta ``weights`` and ``options``."""
+
+    rule: str
+    weights: tuple[float, ...]
+    options: dict
+
+    def __call__(self, name: str, dt: DType, numel: int, stored: Sequence[Stored | None],
+                 onto: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """``(positions, new bits)`` for one tensor.
+
+        ``onto`` holds the bits the update is added to at the sorted union of the
+        stored positions (default: the base bits there); hot-swap passes the live
+        values when patches are stacked.
+        """
+        present = [s for s in stored if s is not None]
+        if not present:
+            return np.empty(0, np.int64), np.empty(0, dt.bits)
+        union, first = np.unique(np.concatenate([s.positions for s in present]),
+                                 return_index=True)
+        if not dt.is_float:
+            return union, _agreed_bits(name, present, union, first)
+        start = np.concatenate([s.base for s in present])[first] if onto is None else onto
+        empty = TaskVector(np.empty(0, np.int64), np.empty(0, dt.wide))
+        function = RULES[self.rule][0]
+        with np.errstate(all="ignore"):
+            vectors = [empty if s is None else
+                       TaskVector(s.positions, to_wide(s.finetuned, dt) - to_wide(s.base, dt))
+                       for s in stored]
+            positions, update = function(vectors, self.weights, name, numel, **self.options)
+            start_wide = to_wide(start[np.searchsorted(union, positions)], dt)
+            return positions, from_wide(start_wide + update, dt)
+
+    def recipe(self, readers: Sequence[DeltaReader]) -> str:
+        """The metadata value describing a merge of ``readers`` with this combiner."""
+        return json.dumps({"rule": self.rule, "options": self.options,
+                           "weights": list(self.weights),
+                           "deltas": [delta_identity(r) for r in readers]},
+                          sort_keys=True, separators=(",", ":"))
+
+
+def rule_combiner(rule: str, weights: Sequence[float] | None, count: int,
+                  **options) -> RuleCombiner:
+    """The combiner for ``count`` deltas merged with ``rule``; checks rule, options, weights.
+
+    >>> rule_combiner("task-arithmetic", None, 2, scale=0.5).options
+    {'scale': 0.5}
+    """
+    try:
+        function, option_names = RULES[rule]
+    except KeyError:
+        raise ValueError(f"unknown rule {rule!r}; choose from {', '.join(RULES)}") from None
+    unknown = set(options) - set(option_names)
+    if unknown:
+        raise ValueError(f"rule {rule!r} takes options {option_names}, not {sorted(unknown)}")
+    weights = [1.0] * count if weights is None else [float(w) for w in weights]
+    if len(weights) != count:
+        raise ValueError(f"{count} deltas but {len(weights)} weights")
+    defaults = inspect.signature(function).parameters
+    # Spelled out with defaults, so recipes of equal merges are equal.
+    resolved = {n: options.get(n, defaults[n].default) for n in option_names}
+    resolved = {n: int(v) if n == "seed" else float(v) for n, v in resolved.items()}
+    return RuleCombiner(rule, tuple(weights), resolved)
+
+
+def delta_identity(reader: DeltaReader) -> str:
+    """xxh3-64 of a delta's header: it names every record's payload checksum."""
+    text = json.dumps(reader.header, sort_keys=True, separators=(",", ":"))
+    return digest(text.encode("utf-8"))
+
+
+def _agreed_bits(name: str, present: Sequence[Stored], union: np.ndarray,
+                 first: np.ndarray) -> np.ndarray:
+    bits = np.concatenate([s.finetuned for s in present])[first]
+    for stored in present:
+        if not np.array_equal(bits[np.searchsorted(union, stored.positions)], stored.finetuned):
+            raise TensorMismatchError(
+                "deltas store different values for this non-float tensor, which cannot be "
+                "averaged: merge without one of them (or exclude the tensor when compressing)",
+                tensor=name)
+    return bits

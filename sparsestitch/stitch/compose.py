@@ -1,0 +1,162 @@
+"""Continual composition: add one delta to an already stitched model.
+
+``stitch_add(base, deltas, new_delta, merged)`` writes what
+``stitch(base, [*deltas, new_delta])`` would write, bit for bit, while
+rewriting only what the new delta changes:
+
+* tensors the new delta does not store are byte-copied from ``merged``, in row
+  blocks, without decoding any delta;
+* in the tensors it stores, only the positions it covers are recomputed from
+  the base and every delta's entries there; all other bytes come from ``merged``.
+
+That is sound only for elementwise rules whose result at a position depends
+on nothing but the deltas' entries there -- Localize-and-Stitch and task
+arithmetic.  TIES trims by rank within a whole tensor and DARE's draws depend
+on a delta's whole record, so those are refused.  The merged model must carry
+the recipe :func:`~sparsestitch.stitch.stitch` records (rule, options, weights,
+deltas) and it must match the arguments; the result records the extended
+recipe, so additions can be chained.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import replace
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+
+from ..checkpoint import Checkpoint, CheckpointWriter
+from ..dtypes import dtype as lookup_dtype
+from ..errors import BaseMismatchError, TensorMismatchError
+from ..format import DeltaReader
+from ..progress import bar
+from . import engine
+from .combine import RECIPE_KEY, RuleCombiner, rule_combiner
+from .engine import RowBlocks, Stored
+
+COMPOSABLE_RULES = ("localize-stitch", "task-arithmetic")
+
+
+def stitch_add(base: str | os.PathLike, deltas: Sequence[str | os.PathLike],
+               new_delta: str | os.PathLike, merged: str | os.PathLike,
+               out: str | os.PathLike | None = None, *, rule: str = "localize-stitch",
+               weights: Sequence[float] | None = None, max_memory: int | str | None = None,
+               overwrite: bool = False, progress: bool = False, **rule_options) -> Path:
+    """Add ``new_delta`` to ``merged`` (= ``stitch(base, deltas, ...)``); return the output.
+
+    ``rule``, ``weights`` (one per delta of ``[*deltas, new_delta]``) and options are
+    those of the full merge, as for :func:`~sparsestitch.stitch.stitch`.  The output
+    goes to ``out``, or with ``out=None`` replaces ``merged`` (written beside it, then
+    renamed over it: a failed run leaves ``merged`` as it was).
+
+    >>> stitch_add("base/", ["math.delta"], "code.delta", "merged/")  # doctest: +SKIP
+    """
+    if rule not in COMPOSABLE_RULES:
+        raise ValueError(f"rule {rule!r} cannot add one delta at a time (its result at a position "
+                         f"depends on whole tensors); use {' or '.join(COMPOSABLE_RULES)}, or "
+                         f"stitch all deltas from scratch with sparsestitch.stitch")
+    paths = [*deltas, new_delta]
+    combine = rule_combiner(rule, weights, len(paths), **rule_options)
+    previous = replace(combine, weights=combine.weights[:-1])
+    out = Path(merged if out is None else out)
+    overwrite = overwrite or out.resolve() == Path(merged).resolve()
+    block_bytes = engine.block_bytes(max_memory)
+    with contextlib.ExitStack() as stack:
+        base_ckpt = stack.enter_context(Checkpoint(base))
+        readers = [stack.enter_context(DeltaReader(p)) for p in paths]
+        merged_ckpt = stack.enter_context(Checkpoint(merged))
+        for reader in readers:
+            engine._check_delta_fits(base_ckpt, reader)
+        old_added = engine._added_records(readers[:-1])
+        _check_merged(merged_ckpt, engine._output_shards(base_ckpt, old_added),
+                      previous.recipe(readers[:-1]))
+        added = engine._added_records(readers)
+        shards = engine._output_shards(base_ckpt, added, {RECIPE_KEY: combine.recipe(readers)})
+        writer = CheckpointWriter(out, shards, folder=base_ckpt.is_folder,
+                                  extra_files=base_ckpt.extra_files, overwrite=overwrite)
+        try:
+            total = sum(t.nbytes for shard in shards for t in shard.tensors)
+            with bar(total, "stitch-add", progress) as progress_bar:
+                for tensor in (t for shard in shards for t in shard.tensors):
+                    _write_tensor(tensor.name, base_ckpt, merged_ckpt, readers, old_added, added,
+                                  combine, writer, block_bytes)
+                    progress_bar.update(tensor.nbytes)
+            merged_ckpt.close()  # before ``merged`` may be renamed away
+            writer.close()
+        except BaseException as exc:
+            writer.abort(exc)
+            raise
+    return out
+
+
+def _write_tensor(name: str, base: Checkpoint, merged: Checkpoint, readers: list[DeltaReader],
+                  old_added: dict, added: dict, combine: RuleCombiner, writer: CheckpointWriter,
+                  block_bytes: int) -> None:
+    new = readers[-1]
+    if name in added and name not in old_added:
+        reader, record = added[name]
+        writer.write(name, reader.decode(record, None)[1])
+        return
+    entry = merged.entry(name)
+    dt = lookup_dtype(entry.dtype)
+    blocks = RowBlocks.of(entry.shape, dt.itemsize, block_bytes)
+    copy = partial(merged.read_rows, name)
+    record = new.record(name)
+    if name in added or record.kind != "sparse":
+        if name not in added:
+            _check_same_base(name, readers)
+        engine.write_patched(writer, name, blocks, copy, np.empty(0, np.int64),
+                             np.empty(0, dt.bits))
+        return
+    stored, _ = engine.gather(base, readers, name, blocks)
+    covered = stored[-1].positions
+    there = [None if s is None else _restrict(s, covered) for s in stored]
+    positions, bits = combine(name, dt, entry.numel, there)
+    engine.write_patched(writer, name, blocks, copy, positions, bits)
+
+
+def _restrict(stored: Stored, positions: np.ndarray) -> Stored:
+    """The entries of ``stored`` at (a subset of) the sorted ``positions``."""
+    keep = np.isin(stored.positions, positions, assume_unique=True)
+    return Stored(stored.positions[keep], stored.finetuned[keep], stored.base[keep])
+
+
+def _check_same_base(name: str, readers: list[DeltaReader]) -> None:
+    """All deltas were made from the same base tensor (checked without reading it)."""
+    first = readers[0].record(name).base_xxh3
+    for reader in readers[1:]:
+        if reader.record(name).base_xxh3 != first:
+            raise BaseMismatchError(f"the deltas were made from different bases (this one differs "
+                                    f"from {readers[0].path.name})", path=reader.path, tensor=name)
+
+
+def _check_merged(merged: Checkpoint, expected_shards, recipe: str) -> None:
+    """``merged`` has the layout and the recipe of stitching the given deltas."""
+    found = [sorted(names) for _, names in merged.layout]
+    wanted = [sorted(t.name for t in shard.tensors) for shard in expected_shards]
+    if found != wanted:
+        raise TensorMismatchError("the merged model's tensors are not those of stitching the "
+                                  "given base and deltas; pass the deltas it was stitched from",
+                                  path=merged.path)
+    for shard in expected_shards:
+        for tensor in shard.tensors:
+            entry = merged.entry(tensor.name)
+            if (entry.dtype, entry.shape) != (tensor.dtype, tensor.shape):
+                raise TensorMismatchError(f"merged has {entry.dtype}{list(entry.shape)}, the base "
+                                          f"{tensor.dtype}{list(tensor.shape)}", path=merged.path,
+                                          tensor=tensor.name)
+    stitched_with = next((meta.get(RECIPE_KEY) for meta in merged.metadata.values()), None)
+    if stitched_with is None:
+        raise TensorMismatchError("the merged model records no stitch recipe (it was not written "
+                                  "by sparsestitch.stitch); stitch all deltas from scratch",
+                                  path=merged.path)
+    if json.loads(stitched_with) != json.loads(recipe):
+        raise TensorMismatchError("the merged model was stitched with other deltas, order, "
+                                  "weights, rule or options than given; pass the same ones as "
+                                  "when it was made (or stitch all deltas from scratch)",
+                                  path=merged.path)
