@@ -1,0 +1,269 @@
+"""Property tests for every position codec, every value codec, the Rice helper and the registry."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from sparsestitch import codecs
+from sparsestitch.codecs import POSITION_CODECS, VALUE_CODECS, rice
+from sparsestitch.codecs.base import (from_planes, gap_decode, gap_encode, pack_stream, to_planes,
+                                      unpack_stream)
+from sparsestitch.dtypes import dtype, from_wide
+from sparsestitch.errors import DeltaFormatError
+
+from .codec_checks import (ALL_DTYPES, FLOAT_DTYPES, check_position_roundtrip,
+                           check_value_roundtrip, numel, position_sets, random_value_pair, shapes,
+                           special_bits, value_pairs)
+
+POSITIONS_BY_ID = {codec.codec_id: codec for codec in POSITION_CODECS}
+VALUES_BY_ID = {codec.codec_id: codec for codec in VALUE_CODECS}
+
+
+def test_registry_ids_are_the_file_format():
+    # Files name codecs by id: renaming or reordering (ties go to earlier entries) changes files.
+    assert tuple(POSITIONS_BY_ID) == ("all", "rice", "csr", "bitmap", "gaps")
+    assert tuple(VALUES_BY_ID) == ("tau", "xor", "raw")
+    for codec in POSITION_CODECS + VALUE_CODECS:
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            codec.codec_id = "other"
+    for lookup in (codecs.position_codec, codecs.value_codec):
+        with pytest.raises(DeltaFormatError):
+            lookup("nope")
+        with pytest.raises(DeltaFormatError):
+            lookup(["unhashable"])
+
+
+# -- position codecs ------------------------------------------------------------------------------
+
+def expected_applies(codec_id: str, shape: tuple[int, ...], count: int) -> bool:
+    if codec_id == "all":
+        return count == numel(shape)
+    if codec_id == "csr":
+        return len(shape) >= 2
+    return True
+
+
+@settings(max_examples=150, deadline=None)
+@given(position_sets())
+def test_every_position_codec_roundtrips(case):
+    positions, shape = case
+    for codec in POSITION_CODECS:
+        applies = codec.applies(shape, int(positions.size))
+        assert applies == expected_applies(codec.codec_id, shape, int(positions.size)), codec
+        if applies:
+            check_position_roundtrip(codec, positions, shape)
+
+
+@settings(max_examples=60, deadline=None)
+@given(position_sets())
+def test_decoders_refuse_what_their_codec_does_not_apply_to(case):
+    positions, shape = case
+    count = int(positions.size)
+    if not POSITIONS_BY_ID["all"].applies(shape, count):
+        with pytest.raises(DeltaFormatError):
+            POSITIONS_BY_ID["all"].decode(b"", {}, shape, count)
+    if not POSITIONS_BY_ID["csr"].applies(shape, count):
+        with pytest.raises(DeltaFormatError):
+            POSITIONS_BY_ID["csr"].decode(b"", {}, shape, count)
+
+
+@settings(max_examples=100, deadline=None)
+@given(position_sets())
+def test_encode_positions_picks_the_smallest_codec_it_tries(case):
+    positions, shape = case
+    count = int(positions.size)
+    # For speed, encode_positions skips codecs its size rule says cannot win (list codecs at
+    # high density, the bitmap at low density); of the rest it keeps the smallest, ties going
+    # to the earliest registry entry.
+    tried = {codec.codec_id: len(codec.encode(positions, shape)[0]) for codec in POSITION_CODECS
+             if codec.applies(shape, count) and codecs._worth_trying(codec.codec_id, positions, shape)}
+    payload, config = codecs.encode_positions(positions, shape)
+    smallest = min(tried.values())
+    assert config["codec"] == next(i for i, size in tried.items() if size == smallest), tried
+    assert len(payload) == smallest
+    decoded = codecs.position_codec(config["codec"]).decode(payload, config, shape, count)
+    np.testing.assert_array_equal(decoded, positions)
+
+
+@settings(max_examples=60, deadline=None)
+@given(shapes(), st.one_of(st.sampled_from((0.01, 0.03, 0.2, 0.5, 0.6, 0.97)), st.floats(0, 1)),
+       st.integers(0, 2**32 - 1))
+def test_skipped_codecs_never_win_by_more_than_a_byte_on_random_positions(shape, density, seed):
+    # encode_positions skips some codecs for speed.  On random positions that costs at most a
+    # byte: below ~3% density the skipped bitmap is far larger than a list, and above it a
+    # skipped list codec beats the bitmap by at most its last partial byte (rice with k=0 is
+    # the bitmap cut at the last kept position, and zstd cannot shrink random bits).
+    # Clustered positions can make a skipped codec win by more: the price of the size rule.
+    positions = np.flatnonzero(np.random.default_rng(seed).random(numel(shape)) < density)
+    count = int(positions.size)
+    sizes = [len(codec.encode(positions, shape)[0]) for codec in POSITION_CODECS
+             if codec.applies(shape, count)]
+    assert len(codecs.encode_positions(positions, shape)[0]) <= min(sizes) + 1
+
+
+@pytest.mark.parametrize("shape, positions", [
+    ((1 << 40,), [0, 7, (1 << 32) + 5, (1 << 36) + 1, (1 << 40) - 1]),   # gaps >= 2**32
+    ((1 << 40,), [1 << 38]),                                              # one huge first gap
+    ((1 << 20, 1 << 20), [3, (1 << 20) + 1, (1 << 40) - 1]),
+])
+def test_list_codecs_handle_positions_beyond_32_bits(shape, positions):
+    positions = np.array(positions, dtype=np.int64)
+    for codec_id in ("rice", "gaps", "csr"):
+        codec = POSITIONS_BY_ID[codec_id]
+        if codec.applies(shape, positions.size):
+            check_position_roundtrip(codec, positions, shape)
+
+
+def test_rice_positions_cost_about_log2_inverse_density_bits():
+    # the module's promise: ~log2(1/p) + 1.5 bits per position for random positions
+    rng = np.random.default_rng(5)
+    positions = np.flatnonzero(rng.random(200_000) < 0.01)
+    payload = check_position_roundtrip(POSITIONS_BY_ID["rice"], positions, (200_000,))
+    assert 8 * len(payload) / positions.size < np.log2(100) + 2.0
+
+
+# -- the Rice helper ------------------------------------------------------------------------------
+
+@st.composite
+def rice_inputs(draw):
+    k = draw(st.integers(0, rice.MAX_K))
+    # bounded quotients keep the unary stream small; values still reach 2**41
+    quotient = st.integers(0, 600)
+    values = draw(st.lists(st.tuples(quotient, st.integers(0, (1 << k) - 1)), max_size=60))
+    return np.array([(q << k) | r for q, r in values], dtype=np.uint64), k
+
+
+@settings(max_examples=100, deadline=None)
+@given(rice_inputs())
+def test_rice_roundtrip_and_sizes(case):
+    values, k = case
+    unary, remainders, unary_bits = rice.encode(values, k)
+    assert unary_bits + values.size * k == rice.encoded_bits(values, k)
+    assert len(unary) == (unary_bits + 7) // 8
+    assert len(remainders) == (values.size * k + 7) // 8
+    decoded = rice.decode(unary, remainders, int(values.size), k, unary_bits)
+    assert decoded.dtype == np.uint64
+    np.testing.assert_array_equal(decoded, values)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.one_of(st.integers(0, 40), st.integers(0, 1 << 44)), max_size=50))
+def test_rice_best_k_is_optimal(values):
+    values = np.array(values, dtype=np.uint64)
+    k = rice.best_k(values)
+    assert 0 <= k <= rice.MAX_K
+    assert rice.encoded_bits(values, k) == min(rice.encoded_bits(values, j)
+                                               for j in range(rice.MAX_K + 1))
+
+
+def test_rice_roundtrip_across_chunks():
+    values = np.random.default_rng(1).geometric(0.1, (1 << 20) + 13).astype(np.uint64)
+    k = rice.best_k(values)
+    assert k > 0  # the remainder stream, which is chunked, is exercised
+    unary, remainders, unary_bits = rice.encode(values, k)
+    np.testing.assert_array_equal(rice.decode(unary, remainders, values.size, k, unary_bits), values)
+
+
+# -- stream helpers of codecs.base ----------------------------------------------------------------
+
+@settings(max_examples=60, deadline=None)
+@given(st.binary(max_size=300), st.integers(0, 4))
+def test_pack_stream_roundtrip_keeps_zstd_only_when_smaller(data, repeat):
+    raw = data * (1 + 50 * repeat)
+    stream, config = pack_stream(raw)
+    assert config["raw_nbytes"] == len(raw)
+    assert len(stream) <= len(raw)
+    assert config["zstd"] == (stream != raw)
+    assert unpack_stream(stream, config, len(raw)) == raw
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.sampled_from(ALL_DTYPES), st.data())
+def test_planes_and_gaps_roundtrip(dt, data):
+    values = np.array(data.draw(st.lists(st.integers(0, (1 << 8 * dt.itemsize) - 1), max_size=20)),
+                      dtype=dt.bits)
+    planes = to_planes(values)
+    assert planes.shape == (dt.itemsize, values.size)
+    np.testing.assert_array_equal(from_planes(planes.tobytes(), dt.bits, values.size), values)
+    positions = np.unique(values.astype(np.int64) % 1000)
+    np.testing.assert_array_equal(gap_decode(gap_encode(positions), 1000), positions)
+
+
+# -- value codecs ---------------------------------------------------------------------------------
+
+def test_value_codecs_apply_to_the_right_dtypes():
+    for dt in ALL_DTYPES:
+        assert VALUES_BY_ID["tau"].applies(dt) == dt.is_float
+        assert VALUES_BY_ID["xor"].applies(dt) and VALUES_BY_ID["raw"].applies(dt)
+    assert VALUES_BY_ID["tau"].needs_base and VALUES_BY_ID["xor"].needs_base
+    assert not VALUES_BY_ID["raw"].needs_base
+    with pytest.raises(DeltaFormatError):
+        VALUES_BY_ID["tau"].decode(b"", {}, np.zeros(0, np.uint32), dtype("I32"), 0)
+
+
+@pytest.mark.parametrize("dt", ALL_DTYPES, ids=lambda dt: dt.name)
+@settings(max_examples=30, deadline=None)
+@given(data=st.data())
+def test_every_value_codec_roundtrips_every_bit_pattern(dt, data):
+    kept, base = data.draw(value_pairs(dt))
+    for codec in VALUE_CODECS:
+        if codec.applies(dt):
+            check_value_roundtrip(codec, kept, base, dt)
+
+
+@pytest.mark.parametrize("dt", ALL_DTYPES, ids=lambda dt: dt.name)
+def test_every_value_codec_roundtrips_a_large_record(dt):
+    kept, base = random_value_pair(dt, 20_000, seed=len(dt.name))
+    for codec in VALUE_CODECS:
+        if codec.applies(dt):
+            check_value_roundtrip(codec, kept, base, dt)
+
+
+@pytest.mark.parametrize("dt", FLOAT_DTYPES, ids=lambda dt: dt.name)
+def test_tau_stores_special_values_as_exceptions(dt):
+    specials = np.array(special_bits(dt), dtype=dt.bits)
+    one = np.repeat(from_wide(np.ones(1, dt.wide), dt), specials.size)
+    kept = np.concatenate([specials, one])
+    base = np.concatenate([one, specials])
+    check_value_roundtrip(VALUES_BY_ID["tau"], kept, base, dt)
+    _, config = VALUES_BY_ID["tau"].encode(kept, base, dt)
+    assert 0 < config["exceptions"] < kept.size
+
+
+@pytest.mark.parametrize("dt", FLOAT_DTYPES, ids=lambda dt: dt.name)
+def test_tau_needs_no_exceptions_for_exact_changes(dt):
+    base = np.array([1.0, -2.0, 0.5, 3.0], dtype=np.float32)
+    kept = np.array([1.5, -1.0, 0.25, -3.0], dtype=np.float32)
+    kept_bits, base_bits = from_wide(kept.astype(dt.wide), dt), from_wide(base.astype(dt.wide), dt)
+    check_value_roundtrip(VALUES_BY_ID["tau"], kept_bits, base_bits, dt)
+    assert VALUES_BY_ID["tau"].encode(kept_bits, base_bits, dt)[1]["exceptions"] == 0
+
+
+@pytest.mark.parametrize("dt", ALL_DTYPES, ids=lambda dt: dt.name)
+@settings(max_examples=10, deadline=None)
+@given(data=st.data())
+def test_encode_values_picks_the_smallest_codec(dt, data):
+    kept, base = data.draw(value_pairs(dt))
+    for given_base in (base, None):
+        candidates = [c for c in VALUE_CODECS
+                      if c.applies(dt) and not (c.needs_base and given_base is None)]
+        sizes = {c.codec_id: len(c.encode(kept, given_base, dt)[0]) for c in candidates}
+        payload, config = codecs.encode_values(kept, given_base, dt)
+        smallest = min(sizes.values())
+        assert len(payload) == smallest
+        assert config["codec"] == next(i for i, size in sizes.items() if size == smallest)
+        decoded = codecs.value_codec(config["codec"]).decode(payload, config, given_base, dt,
+                                                             kept.size)
+        np.testing.assert_array_equal(decoded, kept)
+
+
+def test_encode_values_on_a_sampled_large_record_is_exact():
+    dt = dtype("BF16")
+    kept, base = random_value_pair(dt, codecs.VALUE_SAMPLE_SIZE * 2 + 7, seed=3)
+    payload, config = codecs.encode_values(kept, base, dt)
+    decoded = codecs.value_codec(config["codec"]).decode(payload, config, base, dt, kept.size)
+    np.testing.assert_array_equal(decoded, kept)

@@ -1,0 +1,200 @@
+"""The streaming top-k of sparsestitch.localize.topk against in-memory references."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from sparsestitch.dtypes import dtype
+from sparsestitch.localize.topk import (TopK, bracket_bins, count_to_keep, magnitude_keys,
+                                        resolve_candidates, topk_positions)
+
+# Few distinct keys, so ties are common; they share high halves (the low-pass bin) and
+# span the whole uint32 range (bin 0 and bin 0xFFFF).
+KEY_POOL = [0, 1, 2, 0xFFFF, 0x10000, 0x10001, 0x1FFFF, 0x3F800000, 0x3F800001, 0x3F810000,
+            0x7F800000, 0x7FC00000, 0xFFFF0000, 0xFFFFFFFE, 0xFFFFFFFF]
+
+
+def sorted_reference(keys: np.ndarray, k: int) -> list[int]:
+    """Top k by (-key, index), by plain sorting: the oracle for topk_positions."""
+    order = sorted(range(keys.size), key=lambda i: (-int(keys[i]), i))
+    return sorted(order[:k])
+
+
+def streaming_topk(chunks: list[np.ndarray], k: int) -> np.ndarray:
+    """Run TopK over ``chunks`` exactly as compress does; return global indices."""
+    topk = TopK(k)
+    for chunk in chunks:
+        topk.count_high(chunk)
+    if topk.needs_low_pass:
+        for chunk in chunks:
+            topk.count_low(chunk)
+    kept, offset = [], 0
+    for chunk in chunks:
+        kept.append(topk.select(chunk) + offset)
+        offset += chunk.size
+    return np.concatenate(kept) if kept else np.empty(0, np.int64)
+
+
+@st.composite
+def chunked_keys(draw):
+    """Keys with many ties, a k from 0 to n, and chunk boundaries anywhere (empty chunks too)."""
+    n = draw(st.integers(0, 200))
+    pool = draw(st.lists(st.sampled_from(KEY_POOL), min_size=1, max_size=6, unique=True))
+    keys = np.array(draw(st.lists(st.sampled_from(pool), min_size=n, max_size=n)), np.uint32)
+    k = draw(st.integers(0, n))
+    cuts = sorted(draw(st.lists(st.integers(0, n), max_size=8)))
+    chunks = np.split(keys, cuts)
+    return keys, k, chunks
+
+
+@settings(max_examples=150, deadline=None)
+@given(chunked_keys())
+def test_streaming_equals_reference_over_any_chunking(case):
+    keys, k, chunks = case
+    got = streaming_topk(chunks, k)
+    want = topk_positions(keys, k)
+    assert got.tolist() == want.tolist()
+    assert got.size == k
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.integers(0, 2**32 - 1), max_size=60), st.data())
+def test_reference_matches_plain_sort(values, data):
+    keys = np.array(values, np.uint32)
+    k = data.draw(st.integers(0, keys.size))
+    assert topk_positions(keys, k).tolist() == sorted_reference(keys, k)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 3000), st.integers(0, 2**31), st.data())
+def test_random_keys_many_chunks(n, seed, data):
+    rng = np.random.default_rng(seed)
+    # Draw from a narrow range so keys collide in the high bins and tie exactly.
+    keys = rng.integers(0x3F800000, 0x3F800000 + data.draw(st.integers(1, 1 << 18)),
+                        size=n, dtype=np.uint32)
+    k = data.draw(st.integers(0, n))
+    chunk = data.draw(st.integers(1, n))
+    got = streaming_topk([keys[i:i + chunk] for i in range(0, n, chunk)], k)
+    assert got.size == k
+    assert np.array_equal(got, topk_positions(keys, k))
+
+
+@settings(max_examples=100, deadline=None)
+@given(chunked_keys(), st.data())
+def test_resolve_candidates_completes_the_topk(case, data):
+    """Keys above a split are kept outright; resolving the rest gives the exact top-k."""
+    keys, k, _ = case
+    high = data.draw(st.sampled_from(KEY_POOL))
+    definite = np.flatnonzero(keys > high)
+    candidates = np.flatnonzero(keys <= high)
+    pick = resolve_candidates(keys[candidates], k - definite.size)
+    if definite.size > k or k - definite.size > candidates.size:
+        assert pick is None
+        return
+    assert pick.dtype == np.bool_ and pick.size == candidates.size
+    got = np.sort(np.concatenate([definite, candidates[pick]]))
+    assert got.tolist() == topk_positions(keys, k).tolist()
+
+
+@settings(max_examples=60, deadline=None)
+@given(chunked_keys(), st.floats(0.0, 1e6))
+def test_bracket_of_an_exact_histogram_holds_the_kth_key(case, sampled_above):
+    keys, k, _ = case
+    if k == 0:
+        return
+    hist = np.bincount(keys >> 16, minlength=1 << 16).astype(np.float64)
+    low_bin, high_bin = bracket_bins(hist, k, sampled_above)
+    kth = int(np.sort(keys)[::-1][k - 1]) >> 16
+    assert 0 <= low_bin <= kth <= high_bin <= 0xFFFF
+
+
+def test_ties_go_to_the_earliest_positions_across_chunks():
+    keys = np.array([7, 3, 7, 7, 3, 7, 9], np.uint32)
+    got = streaming_topk([keys[:1], keys[1:3], keys[3:3], keys[3:]], 4)
+    assert got.tolist() == [0, 2, 3, 6]
+
+
+@pytest.mark.parametrize("k", [0, 5])
+def test_no_low_pass_needed_at_the_extremes(k):
+    keys = np.array([4, 4, 1, 0, 9], np.uint32)
+    topk = TopK(k)
+    topk.count_high(keys)
+    assert not topk.needs_low_pass
+    assert topk.select(keys).tolist() == list(range(k))
+
+
+def test_select_before_low_pass_is_an_error():
+    topk = TopK(2)
+    keys = np.array([1, 2, 3], np.uint32)
+    topk.count_high(keys)
+    assert topk.needs_low_pass
+    with pytest.raises(RuntimeError, match="count_low"):
+        topk.select(keys)
+
+
+@pytest.mark.parametrize("density, numel, k", [
+    (0.01, 1050, 11),      # 10.5 rounds up
+    (0.01, 1049, 10),      # 10.49 rounds down
+    (0.5, 3, 2),           # 1.5 rounds up
+    (0.25, 2, 1),          # 0.5 rounds up
+    (0.1, 4, 0),           # 0.4 rounds down
+    (0.0, 10**12, 0),
+    (1.0, 10**12, 10**12),
+    (1.0, 0, 0),
+    (0.7, 0, 0),
+])
+def test_count_to_keep_rounds_half_up(density, numel, k):
+    assert count_to_keep(density, numel) == k
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.floats(0.0, 1.0), st.integers(0, 10**9))
+def test_count_to_keep_is_the_nearest_count(density, numel):
+    k = count_to_keep(density, numel)
+    assert 0 <= k <= numel
+    assert abs(k - density * numel) <= 0.5 + 1e-6 * numel
+
+
+@pytest.mark.parametrize("density", [-0.01, 1.0001, float("nan"), float("inf")])
+def test_count_to_keep_refuses_densities_outside_0_1(density):
+    with pytest.raises(ValueError, match="density"):
+        count_to_keep(density, 100)
+
+
+def test_magnitude_keys_order_like_abs_tau_with_nan_first():
+    f32 = dtype("F32")
+    base = np.array([0.0, 1.0, 1.0, -2.0, 0.0, 0.0, 5.0], np.float32)
+    tune = np.array([-0.0, 1.5, 0.0, 2.0, np.inf, np.nan, 5.0], np.float32)
+    keys = magnitude_keys(tune.view(np.uint32), base.view(np.uint32), f32)
+    assert keys[0] == 0 and keys[6] == 0                   # -0.0 vs 0.0 and unchanged: no change
+    assert keys[1] < keys[2] < keys[3] < keys[4] < keys[5]  # 0.5 < 1 < 4 < inf < nan
+    assert topk_positions(keys, 2).tolist() == [4, 5]
+
+
+def rounded(values: np.ndarray, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """``values`` rounded to dtype ``name``: its bits, and their exact float64 values."""
+    if name == "BF16":
+        bits = (values.astype(np.float32).view(np.uint32) >> 16).astype(np.uint16)
+        return bits, (bits.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
+    narrow = values.astype(np.float16 if name == "F16" else np.float64)
+    return narrow.view(dtype(name).bits), narrow.astype(np.float64)
+
+
+@pytest.mark.parametrize("name", ["F16", "BF16", "F64"])
+def test_magnitude_keys_are_float32_abs_tau(name):
+    rng = np.random.default_rng(3)
+    base = rng.standard_normal(50)
+    base_bits, base_values = rounded(base, name)
+    tune_bits, tune_values = rounded(base + rng.laplace(0, 0.1, 50), name)
+    want = np.abs(tune_values - base_values).astype(np.float32)
+    got = magnitude_keys(tune_bits, base_bits, dtype(name)).view(np.float32)
+    assert np.array_equal(got, want)
+
+
+def test_magnitude_keys_beyond_float32_range_are_inf():
+    base = np.array([0.0, -1e300, 1.0], np.float64)
+    tune = np.array([1e300, 1e300, 1.0], np.float64)
+    keys = magnitude_keys(tune.view(np.uint64), base.view(np.uint64), dtype("F64"))
+    assert keys.view(np.float32).tolist() == [np.inf, np.inf, 0.0]
