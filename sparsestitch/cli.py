@@ -11,6 +11,13 @@ from . import __version__
 from .errors import SparsestitchError
 
 
+def _shown(value) -> str:
+    """A field of an untrusted file, safe to print: integers grouped, odd text escaped."""
+    if type(value) is int:
+        return f"{value:,}"
+    return value if isinstance(value, str) and value.isprintable() else repr(value)
+
+
 def _fail_cleanly(function):
     """Turn library errors into one clear line on stderr and exit code 2."""
     def wrapper(*args, **kwargs):
@@ -138,19 +145,20 @@ def info(delta, show_all):
     result = run(delta)
     header = result.header
     click.echo(f"{result.path}: {result.file_size:,} bytes, format v{header['format_version']}, "
-               f"made by sparsestitch {header.get('library_version')}")
-    click.echo(f"method {header.get('method')}, density {header.get('density')}, "
-               f"kept {result.kept:,} of {header.get('candidates'):,}, "
+               f"made by sparsestitch {_shown(header.get('library_version'))}")
+    click.echo(f"method {_shown(header.get('method'))}, density {_shown(header.get('density'))}, "
+               f"kept {result.kept:,} of {_shown(header.get('candidates'))}, "
                f"{result.bits_per_kept:.2f} bits/kept, "
                f"{result.dense_bytes / max(result.file_size, 1):.1f}x smaller than dense")
-    click.echo(f"sources: {header.get('sources')}")
+    click.echo(f"sources: {_shown(header.get('sources'))}")
     click.echo(f"{'tensor':<48} {'kind':<7} {'density':>9} {'positions':>9} {'values':>6} "
                f"{'bytes':>12} {'bits/kept':>9}")
     for t in result.tensors:
         if t.kind == "base" and not show_all:
             continue
-        click.echo(f"{t.name[:48]:<48} {t.kind:<7} {100 * t.density:>8.3f}% "
-                   f"{t.positions_codec or '-':>9} {t.values_codec or '-':>6} {t.nbytes:>12,} "
+        click.echo(f"{_shown(t.name)[:48]:<48} {t.kind:<7} {100 * t.density:>8.3f}% "
+                   f"{_shown(t.positions_codec or '-'):>9} {_shown(t.values_codec or '-'):>6} "
+                   f"{t.nbytes:>12,} "
                    f"{t.bits_per_kept:>9.2f}")
 
 

@@ -323,12 +323,12 @@ def _record_from_json(item, path) -> Record:
     except (ValueError, TypeError):
         raise bad(f"unsupported dtype {dtype_name!r}") from None
     if (not isinstance(shape, list) or len(shape) > 64
-            or not all(type(d) is int and 0 <= d <= MAX_NUMEL for d in shape)):
+            or not all(type(d) is int and d >= 0 for d in shape)):
         raise bad(f"invalid shape {shape!r}")
     numel = 1
     for d in shape:
         numel *= d
-    if numel > MAX_NUMEL:
+    if numel > MAX_NUMEL or max(shape, default=0) > MAX_NUMEL:  # ([0, 2**64] must not reach numpy)
         raise ResourceLimitError(f"shape {shape} exceeds the {MAX_NUMEL}-element limit",
                                  path=path, tensor=name)
     base_xxh3 = item.get("base_xxh3")

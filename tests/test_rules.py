@@ -1,0 +1,274 @@
+"""Merge rules against a dense, obviously-correct reference.
+
+The reference works on whole tensors: every delta's task vector is zero outside
+its mask, arithmetic is in float32 (float64 for F64) in the rules' documented
+order, the result is rounded once by torch, and positions no delta touches keep
+the base's bits.  Other test modules import :func:`reference_merge` and
+:func:`random_bits` from here.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from sparsestitch.dtypes import dtype as lookup_dtype
+from sparsestitch.errors import TensorMismatchError
+from sparsestitch.stitch import RULES, rule_combiner
+from sparsestitch.stitch.engine import Stored
+
+FLOAT_DTYPES = ("BF16", "F16", "F32", "F64")
+TORCH_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32,
+                "F64": torch.float64, "I64": torch.int64, "I32": torch.int32, "U8": torch.uint8,
+                "BOOL": torch.bool}
+_SIGNED = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+#: Options for each rule in the tests (TIES/DARE with non-default values too).
+RULE_OPTIONS = {
+    "localize-stitch": [{}],
+    "task-arithmetic": [{}, {"scale": 0.3}],
+    "ties": [{}, {"density": 0.5, "scale": 1.5}, {"density": 1.0}],
+    "dare": [{"drop": 0.5, "seed": 3}, {"drop": 0.0}, {"drop": 0.9, "seed": 11, "scale": 2.0}],
+}
+
+
+def to_torch(bits: np.ndarray, dtype_name: str) -> torch.Tensor:
+    """A torch tensor with exactly these bits."""
+    signed = bits.view(f"i{bits.itemsize}") if bits.itemsize > 1 else bits
+    return torch.from_numpy(np.ascontiguousarray(signed).copy()).view(TORCH_DTYPES[dtype_name])
+
+
+def to_bits(tensor: torch.Tensor, dtype_name: str) -> np.ndarray:
+    dt = lookup_dtype(dtype_name)
+    return tensor.contiguous().view(_SIGNED[dt.itemsize]).numpy().view(dt.bits).copy()
+
+
+def widen(bits: np.ndarray, dtype_name: str) -> np.ndarray:
+    wide = torch.float64 if dtype_name == "F64" else torch.float32
+    return to_torch(bits, dtype_name).to(wide).numpy()
+
+
+def narrow(values: np.ndarray, dtype_name: str) -> np.ndarray:
+    """Round once, by torch (round-to-nearest-even)."""
+    return to_bits(torch.from_numpy(values).to(TORCH_DTYPES[dtype_name]), dtype_name)
+
+
+def random_bits(rng: np.random.Generator, dtype_name: str, size: int, near=None) -> np.ndarray:
+    """Random finite values of ``dtype_name``: normal, quantized (equal magnitudes, exact
+    ties) and special (0, -0, tiny); ``near`` (bits) gives values close to those."""
+    if dtype_name == "BOOL":
+        return rng.integers(0, 2, size).astype(np.uint8)
+    if not lookup_dtype(dtype_name).is_float:
+        return rng.integers(-50, 50, size).astype(lookup_dtype(dtype_name).bits)
+    kind = rng.integers(0, 3, size)
+    values = np.where(kind == 0, rng.standard_normal(size),
+                      np.where(kind == 1, rng.choice([-1.0, -0.5, 0.25, 0.5, 1.0, 2.0], size),
+                               rng.choice([0.0, -0.0, 1e-30, -3e-8, 1e-3], size)))
+    if near is not None:
+        values = widen(near, dtype_name).astype(np.float64) + 0.1 * values
+    return narrow(values.astype(np.float64 if dtype_name == "F64" else np.float32), dtype_name)
+
+
+def random_masks(rng: np.random.Generator, count: int, size: int) -> list[np.ndarray]:
+    """Masks of mixed density, some overlapping, some empty or full."""
+    densities = rng.choice([0.0, 0.05, 0.3, 0.7, 1.0], count)
+    return [rng.random(size) < d for d in densities]
+
+
+def reference_merge(rule: str, dtype_name: str, base: np.ndarray, masks: list[np.ndarray],
+                    finetuned: list[np.ndarray], weights=None, name: str = "", **options
+                    ) -> np.ndarray:
+    """The merged bits of one flat tensor, computed densely."""
+    if not lookup_dtype(dtype_name).is_float:
+        out = base.copy()
+        for mask, tune in zip(masks, finetuned):
+            out[mask] = tune[mask]
+        return out
+    weights = [1.0] * len(masks) if weights is None else weights
+    base_wide = widen(base, dtype_name)
+    wide = base_wide.dtype.type
+    with np.errstate(all="ignore"):
+        taus = [widen(tune, dtype_name) - base_wide for tune in finetuned]
+    total = np.zeros_like(base_wide)
+    covering = np.zeros_like(base_wide)
+    if rule == "localize-stitch":
+        for mask, tau, weight in zip(masks, taus, weights):
+            total = np.where(mask, total + wide(weight) * tau, total)
+            covering += mask
+        touched, update = covering > 0, total / np.maximum(covering, 1)
+    elif rule == "task-arithmetic":
+        for mask, tau, weight in zip(masks, taus, weights):
+            total = np.where(mask, total + wide(weight) * tau, total)
+        touched = np.any(masks, axis=0) if masks else np.zeros(base.size, bool)
+        update = wide(options.get("scale", 1.0)) * total
+    elif rule == "ties":
+        keep = int(np.floor(options.get("density", 0.2) * base.size + 0.5))
+        trimmed = []
+        for mask, tau, weight in zip(masks, taus, weights):
+            weighted = np.where(mask, wide(weight) * tau, 0)
+            order = np.argsort(-np.abs(weighted), kind="stable")[:keep]
+            trimmed.append(np.where(np.isin(np.arange(base.size), order), weighted, 0))
+        summed = np.zeros_like(base_wide)
+        for vector in trimmed:
+            summed = summed + vector
+        elected = np.sign(summed)
+        for vector in trimmed:
+            agree = (np.sign(vector) == elected) & (vector != 0)
+            total = np.where(agree, total + vector, total)
+            covering += agree
+        touched = covering > 0
+        update = wide(options.get("scale", 1.0)) * (total / np.maximum(covering, 1))
+    elif rule == "dare":
+        drop, seed = options.get("drop", 0.9), options.get("seed", 0)
+        touched = np.zeros(base.size, bool)
+        for i, (mask, tau, weight) in enumerate(zip(masks, taus, weights)):
+            rng = np.random.default_rng([seed, i, zlib.crc32(name.encode())])
+            survives = np.zeros(base.size, bool)
+            survives[np.flatnonzero(mask)] = rng.random(int(mask.sum())) >= drop
+            total = np.where(survives, total + wide(weight) * (tau / wide(1 - drop)), total)
+            touched |= survives
+        update = wide(options.get("scale", 1.0)) * total
+    else:
+        raise AssertionError(rule)
+    with np.errstate(all="ignore"):
+        merged = narrow(base_wide + update, dtype_name)
+    return np.where(touched, merged, base)
+
+
+def sparse_merge(rule, dtype_name, base, masks, finetuned, weights=None, name="", **options):
+    """The same merge through the library's combiner, from per-delta stored entries."""
+    dt = lookup_dtype(dtype_name)
+    stored = []
+    for mask, tune in zip(masks, finetuned):
+        positions = np.flatnonzero(mask)
+        stored.append(Stored(positions, tune[positions], base[positions]) if positions.size
+                      else None)
+    combine = rule_combiner(rule, weights, len(masks), **options)
+    positions, bits = combine(name, dt, base.size, stored)
+    out = base.copy()
+    out[positions] = bits
+    return out
+
+
+@st.composite
+def merge_cases(draw, dtypes=FLOAT_DTYPES):
+    rule = draw(st.sampled_from(sorted(RULES)))
+    options = draw(st.sampled_from(RULE_OPTIONS[rule]))
+    dtype_name = draw(st.sampled_from(dtypes))
+    count = draw(st.integers(0, 6))
+    size = draw(st.integers(1, 60))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    weights = draw(st.none() | st.just([float(w) for w in rng.choice([1.0, 0.5, -1.0, 2.0], count)]))
+    base = random_bits(rng, dtype_name, size)
+    finetuned = [random_bits(rng, dtype_name, size, near=base) for _ in range(count)]
+    return rule, dtype_name, base, random_masks(rng, count, size), finetuned, weights, options
+
+
+@settings(max_examples=150, deadline=None)
+@given(merge_cases())
+def test_every_rule_matches_the_dense_reference(case):
+    rule, dtype_name, base, masks, finetuned, weights, options = case
+    want = reference_merge(rule, dtype_name, base, masks, finetuned, weights, "layer.w", **options)
+    got = sparse_merge(rule, dtype_name, base, masks, finetuned, weights, "layer.w", **options)
+    assert np.array_equal(got, want)
+
+
+@settings(max_examples=30, deadline=None)
+@given(merge_cases(dtypes=("I64", "I32", "U8", "BOOL")))
+def test_non_float_tensors_take_the_stored_bits(case):
+    _, dtype_name, base, masks, _, weights, options = case
+    rng = np.random.default_rng(0)
+    agreed = random_bits(rng, dtype_name, base.size)
+    want = reference_merge("ties", dtype_name, base, masks, [agreed] * len(masks))
+    for rule in RULES:
+        got = sparse_merge(rule, dtype_name, base, masks, [agreed] * len(masks), weights)
+        assert np.array_equal(got, want)
+
+
+def test_non_float_deltas_that_disagree_are_refused():
+    base = np.arange(4, dtype=np.uint64)
+    a = Stored(np.array([1]), np.array([7], np.uint64), base[[1]])
+    b = Stored(np.array([1, 2]), np.array([8, 9], np.uint64), base[[1, 2]])
+    with pytest.raises(TensorMismatchError, match="cannot be averaged"):
+        rule_combiner("localize-stitch", None, 2)("pos", lookup_dtype("I64"), 4, [a, b])
+
+
+def test_untouched_positions_keep_base_bits_and_touched_round_once():
+    base = np.array([0x8000, 0x3F80, 0x4000], np.uint16)      # bf16 -0.0, 1.0, 2.0
+    tune = np.array([0x8000, 0x3F81, 0x4000], np.uint16)      # 1.0 + one ulp
+    got = sparse_merge("localize-stitch", "BF16", base, [np.array([False, True, False])], [tune])
+    assert got.tolist() == [0x8000, 0x3F81, 0x4000]
+    # one ulp and no change average to half an ulp: exact in float32, rounded once, to even
+    same = base.copy()
+    got = sparse_merge("localize-stitch", "BF16", base, [np.ones(3, bool)] * 2, [tune, same])
+    assert got[1] == 0x3F80
+
+
+def test_localize_stitch_weights_scale_before_averaging():
+    base = np.zeros(2, np.float32).view(np.uint32)
+    a = np.array([2.0, 2.0], np.float32).view(np.uint32)
+    b = np.array([4.0, 4.0], np.float32).view(np.uint32)
+    masks = [np.array([True, True]), np.array([False, True])]
+    got = sparse_merge("localize-stitch", "F32", base, masks, [a, b], [0.5, 2.0]).view(np.float32)
+    assert got.tolist() == [1.0, (1.0 + 8.0) / 2]
+
+
+def test_ties_trims_per_tensor_by_magnitude_with_position_tie_break():
+    base = np.zeros(6, np.float32).view(np.uint32)
+    tune = np.array([1.0, -3.0, 2.0, -2.0, 0.5, 3.0], np.float32).view(np.uint32)
+    got = sparse_merge("ties", "F32", base, [np.ones(6, bool)], [tune], density=0.5)
+    # keep round(0.5 * 6) = 3: |-3| at 1, |3| at 5, then |2| at 2 beats |-2| at 3
+    assert got.view(np.float32).tolist() == [0.0, -3.0, 2.0, 0.0, 0.0, 3.0]
+
+
+@pytest.mark.parametrize("rule, options, message", [
+    ("ties", {"density": 1.5}, "density"), ("ties", {"density": -0.1}, "density"),
+    ("dare", {"drop": 1.0}, "drop"), ("nope", {}, "unknown rule"),
+    ("localize-stitch", {"scale": 2.0}, "takes options"),
+])
+def test_bad_rules_and_options_are_refused(rule, options, message):
+    base = np.zeros(3, np.float32).view(np.uint32)
+    with pytest.raises(ValueError, match=message):
+        sparse_merge(rule, "F32", base, [np.ones(3, bool)], [base + 1], **options)
+
+
+def test_weights_must_match_deltas():
+    with pytest.raises(ValueError, match="2 deltas but 1 weights"):
+        rule_combiner("localize-stitch", [1.0], 2)
+
+
+def _dare_survivors(seed: int, drop: float, size: int, name: str = "w", others: int = 0
+                    ) -> np.ndarray:
+    """DARE of a delta storing 1.0 at every position, after ``others`` that store nothing."""
+    base = np.zeros(size, np.float32).view(np.uint32)
+    tune = np.ones(size, np.float32).view(np.uint32)
+    masks = [np.zeros(size, bool)] * others + [np.ones(size, bool)]
+    got = sparse_merge("dare", "F32", base, masks, [tune] * (others + 1), name=name,
+                       drop=drop, seed=seed)
+    return got.view(np.float32)
+
+
+def test_dare_is_seeded_rescaled_and_drops_at_the_rate_asked():
+    size, drop = 20000, 0.75
+    first = _dare_survivors(5, drop, size)
+    assert np.array_equal(first, _dare_survivors(5, drop, size))            # deterministic
+    assert not np.array_equal(first, _dare_survivors(6, drop, size))        # seeded
+    assert not np.array_equal(first, _dare_survivors(5, drop, size, name="v"))  # per tensor
+    assert set(np.unique(first).tolist()) == {0.0, 1.0 / (1 - drop)}        # rescaled survivors
+    kept = np.count_nonzero(first) / size
+    assert abs(kept - (1 - drop)) < 5 * np.sqrt(drop * (1 - drop) / size)   # binomial, 5 sigma
+
+
+def test_dare_draws_depend_on_the_delta_index_not_on_other_deltas():
+    alone = _dare_survivors(1, 0.5, 500, others=1)
+    # delta 1's draws are its own whether or not delta 0 stores the tensor
+    base = np.zeros(500, np.float32).view(np.uint32)
+    one = np.ones(500, np.float32).view(np.uint32)
+    both = sparse_merge("dare", "F32", base, [np.ones(500, bool)] * 2, [base, one], drop=0.5,
+                        seed=1, name="w").view(np.float32)
+    assert np.array_equal(alone, both)
+    assert not np.array_equal(alone, _dare_survivors(1, 0.5, 500))
