@@ -84,7 +84,7 @@ def _worth_trying(codec_id: str, positions: np.ndarray, shape: tuple[int, ...]) 
 
 
 #: Above this many values, the value codec is chosen on an evenly strided sample.
-VALUE_SAMPLE_SIZE = 1 << 18
+VALUE_SAMPLE_SIZE = 1 << 14
 
 
 def encode_values(kept: np.ndarray, base: np.ndarray | None, dt: DType) -> tuple[bytes, dict]:

@@ -31,7 +31,7 @@ from ..errors import DeltaFormatError, ResourceLimitError
 #: zstd level for streams up to ZSTD_SMALL_LIMIT raw bytes, and for larger ones.
 ZSTD_LEVEL_SMALL = 6
 ZSTD_LEVEL_LARGE = 3
-ZSTD_SMALL_LIMIT = 16 << 20
+ZSTD_SMALL_LIMIT = 1 << 20
 #: No zstd frame decompresses to more than this many bytes per stored byte (a block holds at
 #: most 128 KiB and takes at least 4 bytes), so larger declared sizes are refused unallocated.
 ZSTD_MAX_EXPANSION = 1 << 15

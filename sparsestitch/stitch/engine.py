@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import xxhash
 
+from ..atomic import check_not_an_input
 from ..checkpoint import Checkpoint, CheckpointWriter, OutputTensor, Shard
 from ..dtypes import DType, dtype as lookup_dtype
 from ..errors import BaseMismatchError, TensorMismatchError
@@ -88,6 +89,7 @@ def run(base: str | os.PathLike, deltas: Sequence[str | os.PathLike], out: str |
     safetensors metadata.
     """
     out = Path(out)
+    check_not_an_input(out, [base, *deltas])
     with Checkpoint(base) as base_ckpt:
         readers = []
         try:
@@ -161,7 +163,8 @@ def gather(base: Checkpoint, readers: Sequence[DeltaReader], name: str, blocks: 
         lo, hi = start * blocks.row_items, stop * blocks.row_items
         for i, pos in positions.items():
             a, b = np.searchsorted(pos, [lo, hi])
-            gathered[i].append(block[pos[a:b] - lo])
+            # Every position of the block stored (dense records): a copy, not a gather.
+            gathered[i].append(block.copy() if b - a == hi - lo else block[pos[a:b] - lo])
         whole = block if len(blocks.bounds) == 1 else None
     base_hash = digest.hexdigest()
     for reader, record in zip(readers, records):
@@ -186,7 +189,9 @@ def write_patched(writer: CheckpointWriter, name: str, blocks: RowBlocks,
         block = read_block(start, stop)
         lo, hi = start * blocks.row_items, stop * blocks.row_items
         a, b = np.searchsorted(positions, [lo, hi])
-        if b > a:
+        if b - a == hi - lo:
+            block = bits[a:b]  # every position replaced
+        elif b > a:
             block[positions[a:b] - lo] = bits[a:b]
         writer.write(name, block)
 
