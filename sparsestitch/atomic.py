@@ -10,6 +10,8 @@ pile up.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import os
 import secrets
 import shutil
@@ -50,17 +52,33 @@ def check_target(target: Path, overwrite: bool) -> None:
         raise OutputError("the output's parent folder does not exist or is not a folder", path=target)
 
 
+def check_not_an_input(target: str | os.PathLike, inputs) -> None:
+    """Refuse an output that is an input or a folder holding one: overwriting it would destroy
+    the input (even with ``overwrite``, which is meant for earlier outputs)."""
+    resolved = Path(target).resolve()
+    for source in inputs:
+        if resolved == Path(source).resolve() or resolved in Path(source).resolve().parents:
+            raise OutputError(f"the output would replace the input {os.fspath(source)!r}; "
+                              "choose another output path", path=target)
+
+
 def publish(temporary: Path, target: Path, overwrite: bool) -> None:
     """Move a finished temporary file or folder to ``target`` atomically."""
     if target.exists() and not overwrite:
         raise OutputError("output appeared while writing (another process?); "
                           "the new output was discarded", path=target)
     if temporary.is_dir() and target.exists():
-        # A folder cannot be renamed over a non-empty one: move the old aside first.
-        old = temporary_sibling(target)
-        os.replace(target, old)
-        os.replace(temporary, target)
-        _remove(old)
+        if _exchange(temporary, target):  # the old output now sits at the temporary name
+            _remove(temporary)
+        else:
+            # A folder cannot be renamed over a non-empty one: move the old aside first
+            # (a kill between the two renames leaves neither at ``target``).
+            old = temporary_sibling(target)
+            os.replace(target, old)
+            os.replace(temporary, target)
+            _remove(old)
+    elif not overwrite and not temporary.is_dir():
+        _link_new(temporary, target)
     else:
         os.replace(temporary, target)
     _fsync_folder(target.parent if str(target.parent) else Path("."))
@@ -75,17 +93,50 @@ def atomic_path(target: str | os.PathLike, *, overwrite: bool = False, folder: b
     target = Path(target)
     check_target(target, overwrite)
     temporary = temporary_sibling(target)
-    if folder:
-        temporary.mkdir()
     try:
+        if folder:
+            temporary.mkdir()
         yield temporary
         publish(temporary, target, overwrite)
     except BaseException as exc:
         _remove(temporary)
-        if isinstance(exc, OSError) and not isinstance(exc, (FileNotFoundError, PermissionError)):
-            raise OutputError(f"writing failed ({exc.strerror or exc}); nothing was written",
-                              path=target) from exc
+        if isinstance(exc, OSError) and not isinstance(exc, FileNotFoundError):
+            raise output_error(exc, target) from exc
         raise
+
+
+def output_error(exc: OSError, target: str | os.PathLike) -> OutputError:
+    """The error to raise when writing ``target`` failed with ``exc`` (disk full, file too large)."""
+    return OutputError(f"writing failed ({exc.strerror or exc}); nothing was written", path=target)
+
+
+def _link_new(temporary: Path, target: Path) -> None:
+    """Publish a file only while ``target`` does not exist: a hard link, unlike a rename, fails
+    if another process published meanwhile, so two racing writers cannot both succeed."""
+    try:
+        os.link(temporary, target)
+    except FileExistsError:
+        raise OutputError("output appeared while writing (another process?); "
+                          "the new output was discarded", path=target) from None
+    except OSError:  # a filesystem without hard links
+        os.replace(temporary, target)
+        return
+    os.unlink(temporary)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one step (Linux ``renameat2(RENAME_EXCHANGE)``); False where unsupported."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(code, os.strerror(code), os.fspath(b))
 
 
 def fsync_file(handle) -> None:

@@ -112,7 +112,8 @@ def restore(base, delta, out, overwrite, quiet):
 @click.option("--drop", type=float, help="DARE: drop probability.")
 @click.option("--seed", type=int, help="DARE: random seed.")
 @click.option("--max-memory", help="Bound on base/output blocks held at once, e.g. 512MiB.")
-@click.option("--device", type=click.Choice(["cpu", "auto"]), default="cpu", show_default=True)
+@click.option("--device", default="cpu", show_default=True,
+              help="cpu, cuda[:N], or auto (CUDA when present): where the merge arithmetic runs.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @_fail_cleanly

@@ -25,6 +25,7 @@ import numpy as np
 import xxhash
 
 from ._version import __version__
+from .atomic import check_not_an_input, output_error
 from .checkpoint import Checkpoint
 from .dtypes import dtype as lookup_dtype
 from .errors import CheckpointError, TensorMismatchError
@@ -100,6 +101,8 @@ def compress(base: str | os.PathLike, finetuned: str | os.PathLike | Sequence[st
     out_paths = _as_path_list(out)
     if len(out_paths) != len(finetuned_paths):
         raise ValueError(f"{len(finetuned_paths)} fine-tuned checkpoints but {len(out_paths)} outputs")
+    for path in out_paths:
+        check_not_an_input(path, [base, *finetuned_paths])
     if scope not in SCOPES:
         raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
     mask_sets = _as_mask_list(masks, len(finetuned_paths))
@@ -137,6 +140,9 @@ class _Job:
                           and selected(n, include, exclude) and not matches(n, dense)]
         self.candidates = sum(base.entry(n).numel for n in self.localized)
         self.selectors = self._make_selectors()
+        # Keeping every localized element (density 1.0, global) needs no ranking passes.
+        self._keep_all = (mask_sets is None and scope == "global"
+                          and count_to_keep(density, self.candidates) == self.candidates)
         for masks in mask_sets or ():
             unknown = sorted(set(masks) - set(base.names))
             if unknown:
@@ -184,7 +190,7 @@ class _Job:
     # -- exact path: histogram passes (TopK), then one selecting and encoding pass --
 
     def _run_exact(self, writers) -> None:
-        if self.selectors:
+        if self.selectors and not self._keep_all:
             self._histogram_pass("localize 1/3", TopK.count_high)
             if any(s.needs_low_pass for s in self.selectors.values()):
                 self._histogram_pass("localize 2/3", TopK.count_low)
@@ -203,6 +209,8 @@ class _Job:
             return (np.flatnonzero(mask[offset:offset + base_block.size]) if mask is not None
                     else np.empty(0, np.int64)), None
         if name in self.localized:
+            if self._keep_all:  # density 1.0: no ranking needed
+                return np.arange(base_block.size, dtype=np.int64), None
             return self._selector(i, name).select(magnitude_keys(tune_block, base_block, dt)), None
         return np.empty(0, np.int64), None  # an excluded float tensor stays at the base
 
@@ -255,8 +263,11 @@ class _Job:
                         if candidates:
                             arrays += candidates[:3]
                             candidate_keys[i].append(candidates[3])
-                        for array in arrays:
-                            spool.write(np.ascontiguousarray(array).tobytes())
+                        try:
+                            for array in arrays:
+                                spool.write(np.ascontiguousarray(array).tobytes())
+                        except OSError as exc:
+                            raise output_error(exc, writers[i].path) from exc
                         if name in self.localized:
                             definite[i] += positions.size
                     progress.update(self.base.entry(name).nbytes)
@@ -460,4 +471,6 @@ def _row_items(shape: tuple[int, ...]) -> int:
 
 
 def _concat(parts: list[np.ndarray], dtype) -> np.ndarray:
+    if len(parts) == 1:
+        return parts[0]
     return np.concatenate(parts) if parts else np.empty(0, dtype=dtype)

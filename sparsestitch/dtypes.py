@@ -86,8 +86,8 @@ def to_wide(bits: np.ndarray, dt: DType) -> np.ndarray:
 def from_wide(values: np.ndarray, dt: DType) -> np.ndarray:
     """Round wide floats to ``dt`` (round-to-nearest-even) and return the bits.
 
-    A bfloat16 NaN keeps the sign and top payload bits of the float32 NaN, with
-    the quiet bit set (a fixed rule, so CPU and GPU paths agree bit for bit).
+    A bfloat16 or float16 NaN keeps the sign and top payload bits of the float32
+    NaN, with the quiet bit set (a fixed rule, so CPU and GPU paths agree bit for bit).
 
     >>> hex(int(from_wide(np.array([1.0], dtype=np.float32), dtype("BF16"))[0]))
     '0x3f80'
@@ -100,8 +100,14 @@ def from_wide(values: np.ndarray, dt: DType) -> np.ndarray:
             rounded[nan] = ((u[nan] >> 16) | 0x0040).astype(np.uint16)
         return rounded
     if dt.name == "F16":
+        values = np.asarray(values, dtype=np.float32)
         with np.errstate(over="ignore"):  # overflow to inf is the defined rounding
-            return np.asarray(values, dtype=np.float32).astype(np.float16).view(np.uint16)
+            rounded = values.astype(np.float16).view(np.uint16)
+        nan = np.isnan(values)
+        if nan.any():  # fixed here: numpy's own NaN conversion varies with the CPU
+            u = values[nan].view(np.uint32)
+            rounded[nan] = (((u >> 16) & 0x8000) | 0x7E00 | ((u >> 13) & 0x03FF)).astype(np.uint16)
+        return rounded
     if dt.name == "F32":
         return np.asarray(values, dtype=np.float32).view(np.uint32)
     if dt.name == "F64":

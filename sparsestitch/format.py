@@ -11,6 +11,7 @@ without reading the rest of the file.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -21,10 +22,10 @@ import numpy as np
 import xxhash
 
 from . import codecs
-from .atomic import atomic_path, fsync_file
+from .atomic import atomic_path, fsync_file, output_error
 from .dtypes import DType, dtype as lookup_dtype
 from .errors import ChecksumError, DeltaFormatError, ResourceLimitError, SparsestitchError
-from .safetensors_file import _no_duplicate_keys, encode_header, read_header
+from .safetensors_file import encode_header, read_header, strict_json
 
 FORMAT_NAME = "sparsestitch.delta"
 FORMAT_VERSION = 1
@@ -110,7 +111,11 @@ class DeltaWriter:
         self._atomic = atomic_path(self.path, overwrite=overwrite)
         self._final = self._atomic.__enter__()
         self._spool_path = self._final.with_name(self._final.name + ".spool")
-        self._spool = open(self._spool_path, "w+b")
+        try:
+            self._spool = open(self._spool_path, "w+b")
+        except OSError as exc:
+            self._atomic.__exit__(type(exc), exc, None)
+            raise output_error(exc, self.path) from exc
         self._records: list[Record] = []
         self._names: set[str] = set()
 
@@ -121,7 +126,10 @@ class DeltaWriter:
             raise ValueError(f"payload of {len(payload)} bytes for a record of {record.nbytes}")
         self._names.add(record.name)
         self._records.append(record)
-        self._spool.write(payload)
+        try:
+            self._spool.write(payload)
+        except OSError as exc:
+            raise output_error(exc, self.path) from exc
 
     def close(self, meta: dict) -> int:
         """Write header + payloads, fsync, rename into place; return the file size."""
@@ -144,13 +152,15 @@ class DeltaWriter:
             return size
         except BaseException as exc:
             self.abort(exc)
+            if isinstance(exc, OSError):
+                raise output_error(exc, self.path) from exc
             raise
 
     def abort(self, exc: BaseException | None = None) -> None:
         """Discard everything written so far; the target path is untouched."""
-        if not self._spool.closed:
+        with contextlib.suppress(OSError):  # closing flushes, which fails again on a full disk
             self._spool.close()
-        if self._spool_path.exists():
+        with contextlib.suppress(OSError):
             os.unlink(self._spool_path)
         try:
             self._atomic.__exit__(type(exc) if exc else RuntimeError, exc or RuntimeError("aborted"), None)
@@ -250,7 +260,7 @@ class DeltaReader:
         if digest(text.encode("utf-8")) != metadata.get(HEADER_HASH_KEY):
             raise ChecksumError("header checksum mismatch: the file is damaged", path=self.path)
         try:
-            header = json.loads(text, object_pairs_hook=_no_duplicate_keys)
+            header = strict_json(text)
         except (ValueError, RecursionError) as exc:
             raise DeltaFormatError(f"header is not valid JSON ({exc})", path=self.path) from None
         if not isinstance(header, dict) or header.get("format") != FORMAT_NAME:

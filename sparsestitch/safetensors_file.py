@@ -63,7 +63,7 @@ def read_header(handle, path: str | os.PathLike, file_size: int,
                     "length field (truncated?)", path=path)
     raw = handle.read(size)
     try:
-        parsed = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicate_keys)
+        parsed = strict_json(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise error(f"header is not valid JSON ({exc}); the file is corrupt or not safetensors",
                     path=path) from None
@@ -131,6 +131,16 @@ def _entry(name: str, info, data_start: int, path, error) -> TensorEntry:
         raise error(f"shape {shape} of {dtype_name} needs {numel * dt.itemsize} bytes, "
                     f"data_offsets give {nbytes}", path=path, tensor=name)
     return TensorEntry(name, dtype_name, tuple(shape), data_start + offsets[0], nbytes)
+
+
+def strict_json(text: str):
+    """``json.loads`` refusing what JSON (RFC 8259) does not allow or cannot round-trip:
+    duplicate keys, NaN and Infinity, lone surrogates.  Raises ValueError."""
+    return json.loads(text, object_pairs_hook=_no_duplicate_keys, parse_constant=_not_json)
+
+
+def _not_json(token: str):
+    raise ValueError(f"{token} is not a JSON value")
 
 
 def _no_duplicate_keys(pairs):

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..atomic import atomic_path, fsync_file
+from ..atomic import atomic_path, fsync_file, output_error
 from ..dtypes import dtype as lookup_dtype
 from ..safetensors_file import encode_header
 from .reader import INDEX_NAME
@@ -76,13 +76,16 @@ class CheckpointWriter:
         shard, tensor = self._queue[self._at] if self._at < len(self._queue) else (None, None)
         if tensor is None or tensor.name != name:
             raise ValueError(f"expected tensor {tensor.name if tensor else None!r}, got {name!r}")
-        if self._shard is not shard:
-            self._open(shard)
         data = memoryview(np.ascontiguousarray(bits).reshape(-1).view(np.uint8))
         if self._written + data.nbytes > tensor.nbytes:
             raise ValueError(f"tensor {name!r}: {self._written + data.nbytes} bytes written, "
                              f"{tensor.nbytes} expected")
-        self._handle.write(data)
+        try:
+            if self._shard is not shard:
+                self._open(shard)
+            self._handle.write(data)
+        except OSError as exc:
+            raise output_error(exc, self.target) from exc
         self._written += data.nbytes
         if self._written == tensor.nbytes:
             self._at, self._written = self._at + 1, 0
@@ -101,13 +104,16 @@ class CheckpointWriter:
                     shutil.copyfile(extra, self._root / extra.name)
         except BaseException as exc:
             self.abort(exc)
+            if isinstance(exc, OSError):
+                raise output_error(exc, self.target) from exc
             raise
         self._stack.close()
 
     def abort(self, exc: BaseException | None = None) -> None:
         """Discard the partial output; the target path is untouched."""
         if self._handle is not None:
-            self._handle.close()
+            with contextlib.suppress(OSError):  # closing flushes, which fails again on a full disk
+                self._handle.close()
             self._handle = None
         exc = exc or RuntimeError("aborted")
         with contextlib.suppress(BaseException):

@@ -12,6 +12,7 @@ from ..format import DeltaReader
 from . import engine
 from .combine import RECIPE_KEY, RuleCombiner, rule_combiner
 from .compose import COMPOSABLE_RULES, stitch_add
+from .device import DeviceCombiner, resolve_device
 from .rules import RULES, TaskVector
 
 __all__ = ["RULES", "TaskVector", "stitch", "stitch_add", "rule_combiner", "RuleCombiner",
@@ -33,15 +34,18 @@ def stitch(base: str | os.PathLike, deltas: Sequence[str | os.PathLike], out: st
     ``max_memory`` bounds the base/output blocks held at once (tensors larger than a
     quarter of it are processed in row blocks, with bit-identical results).  The
     output's metadata records the rule, options, weights and deltas, for
-    :func:`stitch_add`.
+    :func:`stitch_add`.  ``device`` (``"cpu"``, ``"cuda"``, ``"auto"``) says where the
+    merge arithmetic of the elementwise rules runs (see :mod:`.device`); every device
+    gives bit-identical output.
 
     >>> stitch("base.safetensors", ["math.delta", "code.delta"], "merged.safetensors")  # doctest: +SKIP
     """
-    if device not in ("cpu", "auto"):
-        raise ValueError(f"device {device!r} is not available in this build: use 'cpu' or 'auto'")
     deltas = list(deltas)
     combine = rule_combiner(rule, weights, len(deltas), **rule_options)
     with contextlib.ExitStack() as stack:
         recipe = combine.recipe([stack.enter_context(DeltaReader(p)) for p in deltas])
+    torch_device = resolve_device(device)
+    if torch_device is not None:
+        combine = DeviceCombiner(combine, torch_device)
     return engine.run(base, deltas, out, combine, overwrite=overwrite, progress=progress,
                       block_bytes=engine.block_bytes(max_memory), metadata={RECIPE_KEY: recipe})

@@ -5,7 +5,8 @@ records of one tensor into ``(positions, bits)``.  :class:`RuleCombiner` is
 the one every merge uses -- the file stitcher, hot-swap and continual
 composition -- so the three agree bit for bit: float tensors go through a rule
 of :data:`~.rules.RULES` in the wide float type and are rounded once;
-non-float tensors are never merged arithmetically (a stored position takes the
+a NaN result becomes the dtype's canonical quiet NaN (:data:`CANONICAL_NAN`),
+so every device agrees; non-float tensors are never merged arithmetically (a stored position takes the
 fine-tuned bits, and deltas storing the same position must agree).
 
 A stitched output records how it was made (rule, options, weights and each
@@ -29,6 +30,9 @@ from .engine import Stored
 from .rules import RULES, TaskVector
 
 RECIPE_KEY = "sparsestitch.stitch"
+
+#: The bits a merged float element gets when the merge arithmetic yields NaN.
+CANONICAL_NAN = {"BF16": 0x7FC0, "F16": 0x7E00, "F32": 0x7FC00000, "F64": 0x7FF8000000000000}
 
 
 @dataclass(frozen=True)
@@ -63,7 +67,11 @@ class RuleCombiner:
                        for s in stored]
             positions, update = function(vectors, self.weights, name, numel, **self.options)
             start_wide = to_wide(start[np.searchsorted(union, positions)], dt)
-            return positions, from_wide(start_wide + update, dt)
+            merged = start_wide + update
+            bits = from_wide(merged, dt)
+            # NaN payloads from arithmetic differ between numpy, torch and GPUs: canonical NaN.
+            bits[np.isnan(merged)] = CANONICAL_NAN[dt.name]
+            return positions, bits
 
     def recipe(self, readers: Sequence[DeltaReader]) -> str:
         """The metadata value describing a merge of ``readers`` with this combiner."""

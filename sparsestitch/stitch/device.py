@@ -1,0 +1,140 @@
+"""The merge arithmetic on a torch device (CUDA when there is one).
+
+:class:`DeviceCombiner` wraps a :class:`~.combine.RuleCombiner` and runs the
+elementwise rules -- Localize-and-Stitch and task arithmetic -- with torch on
+the given device: decoded positions and values are copied there (from pinned
+host memory on CUDA), the union of positions is found with ``torch.unique``,
+each delta is accumulated with one ``index_add_`` (its positions are unique,
+so no two writes of one call meet and the sum is deterministic), and the
+result is rounded to the model dtype with the same integer rule as
+:func:`sparsestitch.dtypes.from_wide`.  The operations and their order are
+those of :mod:`.rules`, so results are bit-identical to the CPU combiner
+(tests check it with torch on the CPU).  TIES, DARE and non-float tensors use
+the CPU combiner.
+
+What stays on the host: reading, checksums and decoding of the records (the
+codecs are numpy).  Positions are not decoded on the device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from ..dtypes import DType
+from .combine import CANONICAL_NAN, RuleCombiner
+from .engine import Stored
+
+ELEMENTWISE_RULES = ("localize-stitch", "task-arithmetic")
+
+_TORCH_BITS = {1: "uint8", 2: "int16", 4: "int32", 8: "int64"}
+
+
+def resolve_device(device: str):
+    """``"cpu"`` -> None (the numpy path); ``"cuda"``/``"cuda:N"`` -> that torch device;
+    ``"auto"`` -> CUDA when torch sees one, else None.  Importing torch only when needed."""
+    if device == "cpu":
+        return None
+    import torch
+
+    if device == "auto":
+        return torch.device("cuda") if torch.cuda.is_available() else None
+    parsed = torch.device(device)
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but torch sees no CUDA device; "
+                         "use --device cpu or auto")
+    return parsed
+
+
+class DeviceCombiner:
+    """Run ``combiner`` on torch ``device`` where the rule is elementwise (see module doc)."""
+
+    def __init__(self, combiner: RuleCombiner, device):
+        import torch
+
+        self.combiner, self.device = combiner, torch.device(device)
+        self._pin = self.device.type == "cuda"
+
+    def __call__(self, name: str, dt: DType, numel: int, stored: Sequence[Stored | None],
+                 onto: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        present = [(s, w) for s, w in zip(stored, self.combiner.weights) if s is not None]
+        if (self.combiner.rule not in ELEMENTWISE_RULES or not dt.is_float or not present
+                or onto is not None):
+            return self.combiner(name, dt, numel, stored, onto)
+        import torch
+
+        positions = [self._to_device(s.positions) for s, _ in present]
+        union, first = _unique_first(torch.cat(positions))
+        wide = torch.float64 if dt.wide == np.float64 else torch.float32
+        total = torch.zeros(union.numel(), dtype=wide, device=self.device)
+        covering = torch.zeros_like(total)
+        base_bits = torch.cat([self._to_device(s.base) for s, _ in present])[first]
+        for (record, weight), where in zip(present, positions):
+            index = torch.searchsorted(union, where)
+            tau = _to_wide(self._to_device(record.finetuned), dt) - _to_wide(
+                self._to_device(record.base), dt)
+            total.index_add_(0, index, torch.tensor(weight, dtype=wide, device=self.device) * tau)
+            covering.index_add_(0, index, torch.ones_like(tau))
+        if self.combiner.rule == "localize-stitch":
+            update = total / torch.clamp(covering, min=1)
+        else:
+            update = torch.tensor(self.combiner.options["scale"], dtype=wide,
+                                  device=self.device) * total
+        merged = _to_wide(base_bits, dt) + update
+        bits = _from_wide(merged, dt).cpu().numpy().view(dt.bits)
+        bits[torch.isnan(merged).cpu().numpy()] = CANONICAL_NAN[dt.name]
+        return union.cpu().numpy(), bits
+
+    def _to_device(self, array: np.ndarray):
+        import torch
+
+        array = np.ascontiguousarray(array)
+        if array.dtype.kind == "u":  # torch lacks most unsigned types: move the bits as signed
+            array = array.view(f"<i{array.dtype.itemsize}") if array.dtype.itemsize > 1 else array
+        host = torch.from_numpy(array)
+        if self._pin:
+            host = host.pin_memory()
+        return host.to(self.device, non_blocking=self._pin)
+
+
+def _unique_first(values):
+    """Sorted unique values and, for each, the index of its first occurrence."""
+    import torch
+
+    union, inverse = torch.unique(values, sorted=True, return_inverse=True)
+    order = torch.arange(values.numel(), device=values.device)
+    first = torch.full((union.numel(),), values.numel(), dtype=torch.int64, device=values.device)
+    first.scatter_reduce_(0, inverse, order, reduce="amin")
+    return union, first
+
+
+def _to_wide(bits, dt: DType):
+    import torch
+
+    if dt.name == "BF16":
+        return (bits.to(torch.int32) << 16).view(torch.float32)
+    if dt.name == "F16":
+        return bits.view(torch.float16).to(torch.float32)
+    if dt.name == "F32":
+        return bits.view(torch.float32)
+    return bits.view(torch.float64)
+
+
+def _from_wide(values, dt: DType):
+    """Torch twin of :func:`sparsestitch.dtypes.from_wide` (returns signed bit containers)."""
+    import torch
+
+    if dt.name == "BF16":
+        u = values.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+        rounded = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
+        rounded = torch.where(torch.isnan(values), (u >> 16) | 0x0040, rounded)
+        return (rounded & 0xFFFF).to(torch.int32).to(torch.int16)
+    if dt.name == "F16":
+        u = values.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+        nan_bits = ((u >> 16) & 0x8000) | 0x7E00 | ((u >> 13) & 0x03FF)
+        rounded = values.to(torch.float16).view(torch.int16).to(torch.int64)
+        return torch.where(torch.isnan(values), nan_bits, rounded).to(torch.int32).to(torch.int16)
+    if dt.name == "F32":
+        return values.view(torch.int32)
+    return values.view(torch.int64)
