@@ -30,4 +30,5 @@ def restore(base: str | os.PathLike, delta: str | os.PathLike, out: str | os.Pat
     >>> restore("base.safetensors", "math.delta", "math.safetensors")  # doctest: +SKIP
     """
     return engine.run(base, [delta], out, _exact, overwrite=overwrite, progress=progress,
+                      description="restore",
                       block_bytes=block_bytes)

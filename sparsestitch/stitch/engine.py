@@ -80,7 +80,7 @@ Combiner = Callable[[str, DType, int, Sequence["Stored | None"]], tuple[np.ndarr
 def run(base: str | os.PathLike, deltas: Sequence[str | os.PathLike], out: str | os.PathLike,
         combiner: Combiner, *, overwrite: bool = False, progress: bool = False,
         block_bytes: int = DEFAULT_BLOCK_BYTES, added: str = "single",
-        metadata: dict[str, str] | None = None) -> Path:
+        metadata: dict[str, str] | None = None, description: str = "stitch") -> Path:
     """Stream ``base`` + ``deltas`` through ``combiner`` into ``out``; return ``out``.
 
     ``added`` says what to do with tensors that deltas add (the base lacks them):
@@ -103,7 +103,7 @@ def run(base: str | os.PathLike, deltas: Sequence[str | os.PathLike], out: str |
                                       extra_files=base_ckpt.extra_files, overwrite=overwrite)
             total = sum(base_ckpt.entry(n).nbytes for n in base_ckpt.names)
             try:
-                with bar(total, "stitch", progress) as progress_bar:
+                with bar(total, description, progress) as progress_bar:
                     for shard in shards:
                         for tensor in shard.tensors:
                             if tensor.name in added_records:
