@@ -35,6 +35,7 @@ from .errors import BaseMismatchError, SparsestitchError, TensorMismatchError
 from .format import DeltaReader, Record
 from .stitch.combine import RuleCombiner, rule_combiner
 from .stitch.engine import Stored
+from .stitch.rules import sorted_union
 
 #: Bytes of a tensor copied to the host and hashed at a time when checking the base.
 HASH_CHUNK_BYTES = 64 << 20
@@ -134,7 +135,7 @@ class Patch:
             return
         payloads = {i: readers[i].payload(r) for i, r in sparse}
         positions = {i: readers[i].positions(r, payloads[i]) for i, r in sparse}
-        union = np.unique(np.concatenate(list(positions.values())))
+        union = sorted_union(list(positions.values())).positions
         union_device = torch.from_numpy(union).to(live.device)
         current = live.gather(union_device)
         below = _active(live.key)

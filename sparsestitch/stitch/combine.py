@@ -27,9 +27,13 @@ from ..dtypes import DType, from_wide, to_wide
 from ..errors import TensorMismatchError
 from ..format import DeltaReader, digest
 from .engine import Stored
-from .rules import RULES, TaskVector
+from .rules import RULES, TaskVector, sorted_union
 
 RECIPE_KEY = "sparsestitch.stitch"
+
+#: Rules whose update at a position depends only on the deltas' entries there; they
+#: change exactly the union of the stored positions.
+ELEMENTWISE_RULES = ("localize-stitch", "task-arithmetic")
 
 #: The bits a merged float element gets when the merge arithmetic yields NaN.
 CANONICAL_NAN = {"BF16": 0x7FC0, "F16": 0x7E00, "F32": 0x7FC00000, "F64": 0x7FF8000000000000}
@@ -54,19 +58,23 @@ class RuleCombiner:
         present = [s for s in stored if s is not None]
         if not present:
             return np.empty(0, np.int64), np.empty(0, dt.bits)
-        union, first = np.unique(np.concatenate([s.positions for s in present]),
-                                 return_index=True)
+        nothing = np.empty(0, np.int64)
+        union = sorted_union([nothing if s is None else s.positions for s in stored])
         if not dt.is_float:
-            return union, _agreed_bits(name, present, union, first)
-        start = np.concatenate([s.base for s in present])[first] if onto is None else onto
-        empty = TaskVector(np.empty(0, np.int64), np.empty(0, dt.wide))
+            return union.positions, _agreed_bits(name, present, union.positions, union.first)
+        start = np.concatenate([s.base for s in present])[union.first] if onto is None else onto
+        empty = TaskVector(nothing, np.empty(0, dt.wide))
         function = RULES[self.rule][0]
+        elementwise = {"union": union} if self.rule in ELEMENTWISE_RULES else {}
         with np.errstate(all="ignore"):
             vectors = [empty if s is None else
                        TaskVector(s.positions, to_wide(s.finetuned, dt) - to_wide(s.base, dt))
                        for s in stored]
-            positions, update = function(vectors, self.weights, name, numel, **self.options)
-            start_wide = to_wide(start[np.searchsorted(union, positions)], dt)
+            positions, update = function(vectors, self.weights, name, numel, **self.options,
+                                         **elementwise)
+            if not elementwise:  # the rule changed a subset of the union
+                start = start[np.searchsorted(union.positions, positions)]
+            start_wide = to_wide(start, dt)
             merged = start_wide + update
             bits = from_wide(merged, dt)
             # NaN payloads from arithmetic differ between numpy, torch and GPUs: canonical NaN.

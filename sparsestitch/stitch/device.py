@@ -23,10 +23,8 @@ from collections.abc import Sequence
 import numpy as np
 
 from ..dtypes import DType
-from .combine import CANONICAL_NAN, RuleCombiner
+from .combine import CANONICAL_NAN, ELEMENTWISE_RULES, RuleCombiner
 from .engine import Stored
-
-ELEMENTWISE_RULES = ("localize-stitch", "task-arithmetic")
 
 _TORCH_BITS = {1: "uint8", 2: "int16", 4: "int32", 8: "int64"}
 
