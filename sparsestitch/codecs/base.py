@@ -119,7 +119,11 @@ def from_planes(raw: bytes, dtype: np.dtype, count: int) -> np.ndarray:
     """Inverse of :func:`to_planes`."""
     dtype = np.dtype(dtype)
     planes = np.frombuffer(raw, dtype=np.uint8).reshape(dtype.itemsize, count)
-    return np.ascontiguousarray(planes.T).view(dtype).reshape(count)
+    out = np.empty(count, dtype=dtype)
+    columns = out.view(np.uint8).reshape(count, dtype.itemsize)
+    for i in range(dtype.itemsize):  # one strided write per plane beats a transposed copy
+        columns[:, i] = planes[i]
+    return out
 
 
 def gap_encode(positions: np.ndarray) -> np.ndarray:
