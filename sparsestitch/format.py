@@ -177,6 +177,8 @@ class DeltaReader:
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
+        if self.path.exists() and not self.path.is_file():  # opening a pipe would wait forever
+            raise DeltaFormatError("not a regular file (a folder, pipe or device?)", path=self.path)
         try:
             self._file = open(self.path, "rb")
         except OSError as exc:

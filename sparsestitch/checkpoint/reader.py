@@ -165,6 +165,8 @@ class Checkpoint:
                               path=self.path)
 
     def _add_shard(self, file: Path) -> None:
+        if file.exists() and not file.is_file():  # opening a pipe would wait forever
+            raise CheckpointError("not a regular file (a folder, pipe or device?)", path=file)
         try:
             handle = open(file, "rb")
         except OSError as exc:
