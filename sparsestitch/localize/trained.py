@@ -20,6 +20,7 @@ top-k lives in the core and is not used here.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Mapping
 
 import torch
@@ -84,10 +85,10 @@ def dataless_masks(base: Mapping[str, Tensor], finetuned: Mapping[str, Tensor], 
                    ) -> dict[str, Tensor]:
     """Keep the global top-k of ``|finetuned − base|`` (the dataless localization).
 
-    ``|τ|`` is computed in float32 and exactly ``k = round(density * N)`` positions
-    are kept, ``N`` being the number of positions in the included tensors.  A
-    tensor is included when it is floating point, present in both mappings and
-    accepted by ``include``.
+    ``|τ|`` is computed in float32 and exactly ``k = floor(density * N + 1/2)``
+    positions are kept (the rounding of :mod:`sparsestitch.localize.topk`), ``N``
+    being the number of positions in the included tensors.  A tensor is included
+    when it is floating point, present in both mappings and accepted by ``include``.
 
     Parameters
     ----------
@@ -158,7 +159,7 @@ def learn_masks(model: nn.Module, base: Mapping[str, Tensor], finetuned: Mapping
     init_logit : float
         ``s0``: initial score, ``+s0`` inside the dataless mask and ``−s0`` outside.
     exact_density : bool
-        End with exactly ``round(density * N)`` positions, the global top-k of
+        End with exactly ``floor(density * N + 1/2)`` positions, the global top-k of
         ``S`` (ties by sorted tensor name, then flat index) instead of ``S > 0``.
     device : torch.device or str
         Where scores, deltas and the forward pass live.
@@ -170,9 +171,10 @@ def learn_masks(model: nn.Module, base: Mapping[str, Tensor], finetuned: Mapping
 
     Notes
     -----
-    Memory: for every included position, float32 ``S``, ``τ`` and Adam's two
-    moments plus the base value (in its own dtype) are held on ``device``, about
-    20 bytes per position on top of the model's activations.
+    Memory: for every included position, float32 ``S``, its gradient, Adam's two
+    moments and ``τ``, plus the base value in its own dtype, are held on ``device``:
+    about 24 bytes per position for a float32 base.  Each step adds transient copies
+    (the masked parameters, ``σ(S)`` saved for backward) and the model's activations.
 
     Deviations from the authors' released code, which takes plain gradient steps
     summed over an epoch with a very large learning rate and applies the L1 step
@@ -259,10 +261,10 @@ def _task_vector(base, finetuned, name, device):
 
 
 def _kept_count(density, task_vector):
-    """``round(density * N)`` after checking that density is a fraction."""
+    """``floor(density * N + 1/2)`` (the core's rounding) after checking the density."""
     if not 0.0 <= density <= 1.0:
         raise ValueError(f"density={density} must lie in [0, 1]; 0.01 keeps 1% of positions")
-    return round(density * sum(tau.numel() for tau in task_vector.values()))
+    return math.floor(density * sum(tau.numel() for tau in task_vector.values()) + 0.5)
 
 
 def _check_model_has(own_values, names, base):
