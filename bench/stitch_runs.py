@@ -1,0 +1,94 @@
+"""What bench/stitch.py times, one function per measured run (each called in a fresh process
+by ``common.measure``).  Imports stay at module level, so ``measure`` keeps them out of the
+timed call; torch is not imported here (the torch floor is in stitch_floor_torch.py).
+
+Every function writes a complete output at ``out`` and returns a JSON-ready dict.
+"""
+
+from __future__ import annotations
+
+import cProfile
+import json
+import os
+import shutil
+import struct
+import time
+from pathlib import Path
+
+import numpy as np
+
+import sparsestitch
+
+
+def peak_rss() -> int:
+    """This process's own peak resident set size in bytes (``VmHWM``).
+
+    Not ``ru_maxrss``: Linux carries the parent's RSS at fork across ``execve`` into the
+    child's ``ru_maxrss``, so a child of a large parent reads as at least that large.
+    """
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def _base_shards(base: str) -> list[Path]:
+    return sorted(Path(base).glob("*.safetensors"))
+
+
+def floor_stream(base: str, out: str, fsync: bool) -> dict:
+    """I/O floor: copy every shard tensor by tensor (positioned read into a fresh buffer,
+    then write), as a streaming merger must at least do."""
+    cpu = time.process_time()
+    Path(out).mkdir()
+    tensors = 0
+    for shard in _base_shards(base):
+        with open(shard, "rb") as src, open(Path(out) / shard.name, "wb") as dst:
+            (size,) = struct.unpack("<Q", src.read(8))
+            header_bytes = src.read(size)
+            dst.write(struct.pack("<Q", size) + header_bytes)
+            header = json.loads(header_bytes)
+            header.pop("__metadata__", None)
+            data_start = 8 + size
+            for begin, end in sorted(tuple(e["data_offsets"]) for e in header.values()):
+                buffer = np.empty(end - begin, np.uint8)
+                view = memoryview(buffer)
+                got = 0
+                while got < len(view):
+                    got += os.preadv(src.fileno(), [view[got:]], data_start + begin + got)
+                dst.write(view)
+                tensors += 1
+            if fsync:
+                dst.flush()
+                os.fsync(dst.fileno())
+    return {"tensors": tensors, "peak_rss": peak_rss(), "cpu_seconds": time.process_time() - cpu}
+
+
+def stitch_run(base: str, deltas: list[str], out: str, rule: str, max_memory: str,
+               device: str = "cpu") -> dict:
+    """``sparsestitch.stitch``; ``cpu_seconds`` (all threads, user + system) is a cross-check
+    of the wall time that the other load on a shared machine inflates far less."""
+    cpu = time.process_time()
+    sparsestitch.stitch(base, deltas, out, rule=rule, max_memory=max_memory, device=device)
+    return {"deltas": len(deltas), "peak_rss": peak_rss(),
+            "cpu_seconds": time.process_time() - cpu}
+
+
+def profile_stitch(base: str, deltas: list[str], out: str, rule: str, max_memory: str,
+                   stats_path: str) -> dict:
+    """``stitch_run`` under cProfile; the stats go to ``stats_path``."""
+    profiler = cProfile.Profile()
+    profiler.enable()
+    sparsestitch.stitch(base, deltas, out, rule=rule, max_memory=max_memory)
+    profiler.disable()
+    profiler.dump_stats(stats_path)
+    return {"stats": stats_path, "peak_rss": peak_rss()}
+
+
+def remove(path: str | Path) -> None:
+    path = Path(path)
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
