@@ -135,14 +135,15 @@ class Patch:
             return
         payloads = {i: readers[i].payload(r) for i, r in sparse}
         positions = {i: readers[i].positions(r, payloads[i]) for i, r in sparse}
-        union = sorted_union(list(positions.values())).positions
+        merged = sorted_union([positions[i] for i, _ in sparse])
+        union = merged.positions
         union_device = torch.from_numpy(union).to(live.device)
         current = live.gather(union_device)
         below = _active(live.key)
         base = _undo_patches(np.array(current), union, live.key, below)
         stored: list[Stored | None] = [None] * len(readers)
-        for i, record in sparse:
-            base_kept = base[np.searchsorted(union, positions[i])]
+        for (i, record), where in zip(sparse, merged.where):
+            base_kept = base[where]
             stored[i] = Stored(positions[i], readers[i].values(record, base_kept, payloads[i]),
                                base_kept)
         new_positions, new_bits = combine(live.name, live.dt, live.numel, stored,
