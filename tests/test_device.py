@@ -69,17 +69,21 @@ def test_resolve_device():
             resolve_device("cuda")
 
 
+def _three_deltas(folder, density: float) -> list:
+    """A base.safetensors in ``folder`` and three deltas of fine-tunes of it."""
+    base = small_model()
+    save_checkpoint(folder / "base.safetensors", base)
+    tunes = [save_checkpoint(folder / f"ft{i}.safetensors", finetune_of(base, seed=i))
+             for i in (1, 2, 3)]
+    deltas = [folder / f"ft{i}.delta" for i in (1, 2, 3)]
+    sparsestitch.compress(folder / "base.safetensors", tunes, deltas, density=density)
+    return deltas
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("rule", ["localize-stitch", "task-arithmetic"])
 def test_cuda_stitch_equals_cpu_stitch(tmp_path, rule):
-    base = small_model()
-    save_checkpoint(tmp_path / "base.safetensors", base)
-    deltas = []
-    for i in (1, 2, 3):
-        save_checkpoint(tmp_path / f"ft{i}.safetensors", finetune_of(base, seed=i))
-        deltas.append(tmp_path / f"ft{i}.delta")
-    sparsestitch.compress(tmp_path / "base.safetensors",
-                          [tmp_path / f"ft{i}.safetensors" for i in (1, 2, 3)], deltas, density=0.3)
+    deltas = _three_deltas(tmp_path, density=0.3)
     cpu = sparsestitch.stitch(tmp_path / "base.safetensors", deltas, tmp_path / "cpu.safetensors",
                               rule=rule, device="cpu")
     gpu = sparsestitch.stitch(tmp_path / "base.safetensors", deltas, tmp_path / "gpu.safetensors",
@@ -95,14 +99,7 @@ def test_engine_with_torch_combiner_writes_the_same_model(tmp_path):
 
     from sparsestitch.stitch import engine
 
-    base = small_model()
-    save_checkpoint(tmp_path / "base.safetensors", base)
-    deltas = []
-    for i in (1, 2, 3):
-        save_checkpoint(tmp_path / f"ft{i}.safetensors", finetune_of(base, seed=i))
-        deltas.append(tmp_path / f"ft{i}.delta")
-    sparsestitch.compress(tmp_path / "base.safetensors",
-                          [tmp_path / f"ft{i}.safetensors" for i in (1, 2, 3)], deltas, density=0.4)
+    deltas = _three_deltas(tmp_path, density=0.4)
     want = sparsestitch.stitch(tmp_path / "base.safetensors", deltas, tmp_path / "numpy.safetensors")
     got = engine.run(tmp_path / "base.safetensors", deltas, tmp_path / "torch.safetensors",
                      DeviceCombiner(rule_combiner("localize-stitch", None, 3), "cpu"))
