@@ -7,6 +7,7 @@ Public API::
     stitch(base, deltas, out, rule="localize-stitch")
     stitch_add(base, deltas, new_delta, merged)    # add one delta to a stitched model
     apply(model, deltas) -> Patch                  # hot-swap into a live model; .revert()
+    prepare(model, deltas).apply(model) -> Patch   # the same, decoded once: fast switching
     info(delta) / verify(delta, base=None)
 """
 
@@ -16,12 +17,13 @@ from .errors import (BaseMismatchError, ChecksumError, CheckpointError, DeltaFor
                      OutputError, ResourceLimitError, SparsestitchError, TensorMismatchError)
 from .hotswap import Patch, apply
 from .inspect import DeltaInfo, info, verify
+from .prepared import PreparedPatch, prepare
 from .restore import restore
 from .stitch import stitch, stitch_add
 
 __all__ = [
     "__version__", "compress", "restore", "stitch", "info", "verify", "DeltaSummary", "DeltaInfo",
-    "stitch_add", "apply", "Patch",
+    "stitch_add", "apply", "Patch", "prepare", "PreparedPatch",
     "SparsestitchError", "DeltaFormatError", "ChecksumError", "ResourceLimitError",
     "CheckpointError", "TensorMismatchError", "BaseMismatchError", "OutputError",
 ]

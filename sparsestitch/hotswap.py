@@ -35,7 +35,7 @@ from .errors import BaseMismatchError, SparsestitchError, TensorMismatchError
 from .format import DeltaReader, Record
 from .stitch.combine import RuleCombiner, rule_combiner
 from .stitch.engine import Stored
-from .stitch.rules import sorted_union
+from .stitch.union import union_of
 
 #: Bytes of a tensor copied to the host and hashed at a time when checking the base.
 HASH_CHUNK_BYTES = 64 << 20
@@ -135,19 +135,21 @@ class Patch:
             return
         payloads = {i: readers[i].payload(r) for i, r in sparse}
         positions = {i: readers[i].positions(r, payloads[i]) for i, r in sparse}
-        merged = sorted_union([positions[i] for i, _ in sparse])
+        nothing = np.empty(0, np.int64)
+        # One union for both the live gather and the merge rule (it is the costly part).
+        merged = union_of([positions.get(i, nothing) for i in range(len(readers))])
         union = merged.positions
         union_device = torch.from_numpy(union).to(live.device)
         current = live.gather(union_device)
         below = _active(live.key)
         base = _undo_patches(np.array(current), union, live.key, below)
         stored: list[Stored | None] = [None] * len(readers)
-        for (i, record), where in zip(sparse, merged.where):
-            base_kept = base[where]
+        for i, record in sparse:
+            base_kept = base[merged.where[i]]
             stored[i] = Stored(positions[i], readers[i].values(record, base_kept, payloads[i]),
                                base_kept)
         new_positions, new_bits = combine(live.name, live.dt, live.numel, stored,
-                                          onto=current if below else None)
+                                          onto=current if below else None, union=merged)
         if new_positions.size == union.size:
             where = union_device
         else:

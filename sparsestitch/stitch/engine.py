@@ -17,7 +17,9 @@ merged model as the source of the bytes it does not recompute.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from contextlib import closing
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -104,15 +106,20 @@ def run(base: str | os.PathLike, deltas: Sequence[str | os.PathLike], out: str |
             total = sum(base_ckpt.entry(n).nbytes for n in base_ckpt.names)
             try:
                 with bar(total, description, progress) as progress_bar:
-                    for shard in shards:
-                        for tensor in shard.tensors:
-                            if tensor.name in added_records:
-                                reader, record = added_records[tensor.name]
-                                writer.write(tensor.name, reader.decode(record, None)[1])
-                                continue
-                            _merge_tensor(base_ckpt, readers, tensor.name, combiner, writer,
-                                          block_bytes)
-                            progress_bar.update(tensor.nbytes)
+                    order = [tensor.name for shard in shards for tensor in shard.tensors]
+                    tensors = _pipelined(
+                        order,
+                        lambda name: _prepare(base_ckpt, readers, added_records, name, combiner,
+                                              block_bytes),
+                        lambda name: _estimate(base_ckpt, readers, added_records, name,
+                                               block_bytes),
+                        budget=3 * block_bytes)
+                    with closing(tensors):  # on an error, stop the reader before aborting
+                        for name, finish in tensors:
+                            finish(writer)
+                            del finish  # free it before the next tensor is prepared
+                            if name not in added_records:
+                                progress_bar.update(base_ckpt.entry(name).nbytes)
                 writer.close()
             except BaseException as exc:
                 writer.abort(exc)
@@ -196,17 +203,85 @@ def write_patched(writer: CheckpointWriter, name: str, blocks: RowBlocks,
         writer.write(name, block)
 
 
-def _merge_tensor(base: Checkpoint, readers: list[DeltaReader], name: str, combiner: Combiner,
-                  writer: CheckpointWriter, block_bytes: int) -> None:
+#: Bytes per stored position an in-flight tensor may hold (positions, fine-tuned and
+#: base bits, the wide task vector, decoding temporaries); used to plan the prefetch.
+DECODED_BYTES_PER_POSITION = 32
+
+Finish = Callable[[CheckpointWriter], None]
+
+
+def _pipelined(names: Sequence[str], prepare: Callable[[str], Finish],
+               estimate: Callable[[str], int], *, budget: int) -> Iterator[tuple[str, Finish]]:
+    """Yield ``(name, prepare(name))`` in order, preparing the next tensor in a worker thread
+    while the caller finishes the current one, whenever both fit in ``budget`` bytes.
+
+    Preparing (reads, checksums, decoding) and finishing (merge, write) are mostly numpy,
+    zstd and system calls, which release the GIL, so the two overlap on two cores.  Only
+    the worker reads inputs and only the caller writes, so neither needs locking.
+    """
+    if not names:
+        return
+    with ThreadPoolExecutor(1, thread_name_prefix="sparsestitch-read") as pool:
+        future = pool.submit(prepare, names[0])
+        try:
+            for k, name in enumerate(names):
+                finish = future.result()
+                following = names[k + 1] if k + 1 < len(names) else None
+                future = None
+                if following is not None and estimate(name) + estimate(following) <= budget:
+                    future = pool.submit(prepare, following)
+                    yield name, finish
+                else:
+                    yield name, finish
+                    del finish
+                    if following is not None:
+                        future = pool.submit(prepare, following)
+        finally:
+            if future is not None:
+                future.cancel()
+
+
+def _estimate(base: Checkpoint, readers: Sequence[DeltaReader],
+              added: dict[str, tuple[DeltaReader, Record]], name: str, block_bytes: int) -> int:
+    """Bytes tensor ``name`` holds between being prepared and being finished."""
+    if name in added:
+        _, record = added[name]
+        return record.numel * lookup_dtype(record.dtype).itemsize
+    entry = base.entry(name)
+    stored = sum(r.record(name).count for r in readers
+                 if r.record(name) is not None and r.record(name).kind == "sparse")
+    return min(entry.nbytes, block_bytes) + DECODED_BYTES_PER_POSITION * stored
+
+
+def _prepare(base: Checkpoint, readers: Sequence[DeltaReader],
+             added: dict[str, tuple[DeltaReader, Record]], name: str, combiner: Combiner,
+             block_bytes: int) -> Finish:
+    """Read and decode everything tensor ``name`` needs; return what writes it."""
+    if name in added:
+        reader, record = added[name]
+        bits = reader.decode(record, None)[1]
+        return lambda writer: writer.write(name, bits)
     entry = base.entry(name)
     dt = lookup_dtype(entry.dtype)
     blocks = RowBlocks.of(entry.shape, dt.itemsize, block_bytes)
     stored, whole = gather(base, readers, name, blocks)
-    new_positions, new_bits = combiner(name, dt, entry.numel, stored)
-    del stored
     read_block = (lambda start, stop: whole) if whole is not None else \
         (lambda start, stop: base.read_rows(name, start, stop))
-    write_patched(writer, name, blocks, read_block, new_positions, new_bits)
+    merges_blocks = getattr(combiner, "merges_blocks", None)
+    if merges_blocks is not None and merges_blocks(dt):
+        merge = combiner.block_merge(dt, stored)
+
+        def finish_blocks(writer: CheckpointWriter) -> None:
+            for start, stop in blocks.bounds:
+                block = read_block(start, stop)
+                merge(block, start * blocks.row_items)
+                writer.write(name, block)
+        return finish_blocks
+
+    def finish(writer: CheckpointWriter) -> None:
+        new_positions, new_bits = combiner(name, dt, entry.numel, stored)
+        write_patched(writer, name, blocks, read_block, new_positions, new_bits)
+    return finish
 
 
 def _check_delta_fits(base: Checkpoint, reader: DeltaReader) -> None:

@@ -31,41 +31,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .union import Union, sorted_union, union_of  # noqa: F401  (re-exported)
+
 
 @dataclass(frozen=True)
 class TaskVector:
     positions: np.ndarray   # sorted, unique int64 flat positions
     tau: np.ndarray         # wide float values at those positions
-
-
-@dataclass(frozen=True)
-class Union:
-    """The sorted union of several sorted position arrays."""
-
-    positions: np.ndarray        # sorted unique int64
-    first: np.ndarray            # where each union position first occurs in the concatenation
-    where: list[np.ndarray]      # per input array, the index of each of its positions in the union
-
-
-def sorted_union(arrays: Sequence[np.ndarray]) -> Union:
-    """Union of sorted position arrays, found with one stable sort (it merges the sorted
-    runs; numpy's ``np.unique`` takes a far slower hashing path for large int64 arrays).
-
-    >>> u = sorted_union([np.array([1, 4]), np.array([0, 4, 9])])
-    >>> u.positions.tolist(), u.first.tolist(), [w.tolist() for w in u.where]
-    ([0, 1, 4, 9], [2, 0, 1, 4], [[1, 2], [0, 2, 3]])
-    """
-    if not arrays:
-        return Union(np.empty(0, np.int64), np.empty(0, np.int64), [])
-    merged = np.concatenate(arrays)
-    order = np.argsort(merged, kind="stable")
-    ordered = merged[order]
-    first_of_run = np.ones(ordered.size, dtype=bool)
-    np.not_equal(ordered[1:], ordered[:-1], out=first_of_run[1:])
-    slot = np.empty(merged.size, dtype=np.int64)
-    slot[order] = np.cumsum(first_of_run) - 1
-    where = np.split(slot, np.cumsum([a.size for a in arrays])[:-1])
-    return Union(ordered[first_of_run], order[first_of_run], where)
 
 
 def _union(vectors: Sequence[TaskVector], union: Union | None = None
@@ -74,7 +46,7 @@ def _union(vectors: Sequence[TaskVector], union: Union | None = None
     given, must be the union of exactly these vectors' positions)."""
     if not vectors:
         return np.empty(0, np.int64), []
-    union = union or sorted_union([v.positions for v in vectors])
+    union = union or union_of([v.positions for v in vectors])
     return union.positions, union.where
 
 

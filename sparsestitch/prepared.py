@@ -1,0 +1,145 @@
+"""Prepared hot-swap: decode a skill once, then switch it on and off in milliseconds.
+
+:func:`~sparsestitch.hotswap.apply` reads, checks and decodes the delta files and
+runs the merge rule every time.  A server that switches a resident model between
+skills does that work once per skill with :func:`prepare`: it applies the deltas
+once, records for every tensor the positions changed, the bits there before
+(*expected*) and after (*new*), and reverts.  :meth:`PreparedPatch.apply` then only
+moves those arrays to the tensors' device (from pinned host memory, or from device
+memory with ``resident=True``), gathers the live values, checks them against
+*expected*, and scatters *new*: no file access, no decoding, no merge arithmetic,
+and one device synchronisation for the whole model.
+
+Exactness: the merge result at a position depends only on the deltas and the
+model's value there, for every rule.  So if the live values at the prepared
+positions still equal *expected*, the prepared *new* bits are exactly what a fresh
+``apply`` would write; if any differs (the model changed, or a patch applied since
+overlaps), :meth:`~PreparedPatch.apply` raises before modifying anything.  A tensor
+that was replaced or moved since :func:`prepare` (``model.to(...)``, reloading) is
+refused too, rather than patching storage the model no longer uses.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from .errors import BaseMismatchError, SparsestitchError
+from .hotswap import Patch, _Entry, _Live, _named_tensors
+from .hotswap import apply as apply_from_files
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    live: _Live
+    positions: object   # torch int32 (or int64 for huge tensors) flat positions
+    expected: object    # torch bits there before the patch
+    new: object         # torch bits there after it
+
+
+class PreparedPatch:
+    """Deltas decoded and merged for one model, ready to :meth:`apply` and revert fast."""
+
+    def __init__(self, entries: list[_Prepared]):
+        self._entries = entries
+
+    @property
+    def names(self) -> list[str]:
+        """The tensors the patch changes."""
+        return [entry.live.name for entry in self._entries]
+
+    @property
+    def count(self) -> int:
+        """Positions the patch changes, over all tensors."""
+        return sum(int(entry.positions.numel()) for entry in self._entries)
+
+    @property
+    def nbytes(self) -> int:
+        """Memory the prepared arrays hold (host or device)."""
+        return sum(t.numel() * t.element_size() for e in self._entries
+                   for t in (e.positions, e.expected, e.new))
+
+    def apply(self, model) -> Patch:
+        """Switch the skill on in ``model`` (the one given to :func:`prepare`); returns the
+        :class:`~sparsestitch.hotswap.Patch` whose ``revert()`` switches it off."""
+        import torch
+
+        tensors = _named_tensors(model)
+        staged = []
+        for entry in self._entries:
+            live = entry.live
+            tensor = tensors.get(live.name)
+            if tensor is None or _Live(live.name, tensor, live.dt).key != live.key:
+                raise SparsestitchError("the model's tensor is not the one this patch was "
+                                        "prepared for (replaced or moved since): prepare again",
+                                        tensor=live.name)
+            positions = entry.positions.to(live.device, non_blocking=True)
+            expected = entry.expected.to(live.device, non_blocking=True)
+            new = entry.new.to(live.device, non_blocking=True)
+            current = live._flat()[live._index(positions)]
+            staged.append((live, positions, expected, new, current))
+        if staged:
+            # One synchronisation for the whole model, and nothing written unless all agree.
+            differs = torch.stack([(current != expected).any()
+                                   for _, _, expected, _, current in staged])
+            if bool(differs.any()):
+                live = staged[int(differs.nonzero()[0, 0])][0]
+                raise BaseMismatchError("the model's values at this patch's positions changed "
+                                        "since it was prepared (another patch applied over it, "
+                                        "or the weights were modified): revert that, or prepare "
+                                        "again", tensor=live.name)
+        patch = Patch()
+        try:
+            for live, positions, expected, new, _ in staged:
+                live.scatter(positions, new)
+                patch._entries[live.key] = _Entry(live, positions, expected)
+        except BaseException:
+            patch._undo()
+            raise
+        patch._register()
+        return patch
+
+
+def prepare(model, deltas: str | os.PathLike | Sequence[str | os.PathLike], *,
+            rule: str = "localize-stitch", weights: Sequence[float] | None = None,
+            verify_base: bool = True, added: str = "error", resident: bool = False,
+            **rule_options) -> PreparedPatch:
+    """Decode and merge ``deltas`` for ``model`` once; :meth:`PreparedPatch.apply` is then fast.
+
+    Arguments are those of :func:`~sparsestitch.hotswap.apply` (the same checks run,
+    once, and the result is bit-identical).  The model is left as it was.  The prepared
+    arrays live in pinned host memory for CUDA tensors (fast, asynchronous copies), in
+    ordinary memory for CPU tensors, or on the tensors' device with ``resident=True``
+    (no copy at apply time, at the cost of device memory: see ``nbytes``).
+
+    >>> skill = prepare(model, "math.delta")    # doctest: +SKIP
+    >>> with skill.apply(model):                 # doctest: +SKIP
+    ...     answer = model(question)
+    """
+    import torch
+
+    patch = apply_from_files(model, deltas, rule=rule, weights=weights, verify_base=verify_base,
+                             added=added, **rule_options)
+    try:
+        entries = []
+        for entry in patch._entries.values():
+            live = entry.live
+            positions = entry.positions
+            if live.numel < 2**31:  # half the bytes to move at apply time
+                positions = positions.to(torch.int32)
+            new = live._flat()[live._index(entry.positions)]
+            arrays = [positions, entry.originals, new]
+            if not resident:
+                arrays = [_host(a) for a in arrays]
+            entries.append(_Prepared(live, *arrays))
+    finally:
+        patch.revert()
+    return PreparedPatch(entries)
+
+
+def _host(tensor):
+    """A host copy of ``tensor``, pinned when it comes from a CUDA device."""
+    if tensor.device.type == "cuda":
+        return tensor.to("cpu").pin_memory()
+    return tensor.clone()
