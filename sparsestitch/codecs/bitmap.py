@@ -29,7 +29,8 @@ class Bitmap:
     def decode(self, payload: bytes, config: dict, shape: tuple[int, ...], count: int) -> np.ndarray:
         numel = _numel(shape)
         raw = unpack_stream(payload, config, (numel + 7) // 8)
-        bits = np.unpackbits(np.frombuffer(raw, dtype=np.uint8), bitorder="little")
+        # As bool: nonzero() of a bool array is ~3x faster than of uint8 (0/1 only here).
+        bits = np.unpackbits(np.frombuffer(raw, dtype=np.uint8), bitorder="little").view(bool)
         if bits[numel:].any():
             raise DeltaFormatError("bitmap has bits set past the end of the tensor")
         positions = np.flatnonzero(bits[:numel])

@@ -116,7 +116,7 @@ class BlockMerge:
     """
 
     #: Elements per accumulation window (a wide sum and a wide count each).
-    WINDOW = 1 << 16
+    WINDOW = 1 << 18
 
     def __init__(self, combiner: RuleCombiner, dt: DType, stored: Sequence[Stored | None]):
         self.dt, self.rule = dt, combiner.rule
