@@ -465,6 +465,26 @@ PEER_COLUMNS = [("what", "run", "{}"), ("input_gb", "input GB", "{:.2f}"),
 
 # -------------------------------------------------------------------------------- GPU
 
+HOT_SWAP_COLUMNS = [("way", "way", "{}"), ("apply_ms_best", "apply ms (best)", "{:.1f}"),
+                    ("apply_ms_median", "apply ms (median)", "{:.1f}"),
+                    ("revert_ms_best", "revert ms (best)", "{:.1f}"),
+                    ("prepare_s", "prepare s", "{}"), ("x_prepared", "× prepared apply", "{:.1f}")]
+
+
+def hot_swap_cpu_section(model: dict, repeat: int) -> dict:
+    """``apply`` from the delta file (with and without the base check) against
+    ``prepare`` + ``PreparedPatch.apply``, one delta on a model resident in host memory.
+    Runs in this process (the model must stay resident between calls)."""
+    import stitch_gpu
+    result = stitch_gpu.hot_swap(model["base"], model["deltas"][0], "cpu", repeat=repeat)
+    rows = [{"way": way, **timings} for way, timings in result["timings"].items()]
+    reference = result["timings"].get("prepared resident=False", {}).get("apply_ms_best")
+    for row in rows:
+        row["prepare_s"] = f"{row['prepare_s']:.2f}" if "prepare_s" in row else "-"
+        row["x_prepared"] = row["apply_ms_best"] / reference if reference else float("nan")
+    return {**result, "rows": rows}
+
+
 def gpu_section(args) -> dict:
     try:
         import torch
@@ -535,6 +555,9 @@ def main(argv=None) -> int:
                         help="model size of the cProfile run at the largest N (default: the "
                              "smallest of --size-gb)")
     parser.add_argument("--skip-cpu", action="store_true", help="only the peer and GPU sections")
+    parser.add_argument("--skip-hot-swap", action="store_true")
+    parser.add_argument("--hot-swap-size-gb", type=float, default=None,
+                        help="model size of the CPU hot-swap run (default: the smallest)")
     parser.add_argument("--gpu-size-gb", type=float, default=14.0)
     parser.add_argument("--gpu-deltas", type=int, default=8)
     parser.add_argument("--jobs", type=int, default=2, help="processes generating inputs")
@@ -609,6 +632,14 @@ def main(argv=None) -> int:
             report["peer"].append(peer)
             write_json(args.json, report)
             print(table(peer["rows"], PEER_COLUMNS) if "rows" in peer else peer["skipped"])
+    if not args.skip_hot_swap:
+        size = args.hot_swap_size_gb or min(sizes)
+        if size not in models:
+            models[size] = prepare_model(size, 1, args.density, args.jobs)
+        print(f"\nhot swap on CPU: one delta on the resident {size:g} GB model ...", flush=True)
+        report["hot_swap_cpu"] = hot_swap_cpu_section(models[size], args.repeat + 1)
+        print(table(report["hot_swap_cpu"]["rows"], HOT_SWAP_COLUMNS))
+        write_json(args.json, report)
     print()
     report["gpu"] = gpu_section(args)
     print(report["gpu"].get("skipped") or json.dumps(report["gpu"], indent=1, default=str))

@@ -99,12 +99,45 @@ def hot_swap(base: str, delta: str, device: str, repeat: int = 5) -> dict:
             "apply_ms_best": 1e3 * min(apply_s), "apply_ms_median": 1e3 * statistics.median(apply_s),
             "revert_ms_best": 1e3 * min(revert_s),
             "revert_ms_median": 1e3 * statistics.median(revert_s)}
+    rows.update(_prepared_rows(sparsestitch, model, delta, sync, repeat))
     unchanged = _fingerprint(model) == fingerprint
     del model
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
     return {"device": device, "params": params, "delta": delta, "repeat": repeat,
             "word_sums_unchanged_after_revert": unchanged, "timings": rows, "goal_apply_ms": 12.0}
+
+
+def _prepared_rows(sparsestitch, model: dict, delta: str, sync, repeat: int) -> dict:
+    """``sparsestitch.prepare`` once, then ``PreparedPatch.apply`` + ``revert`` timed, with the
+    prepared arrays in (pinned) host memory and resident on the device."""
+    if not hasattr(sparsestitch, "prepare"):
+        return {}
+    rows = {}
+    for resident in (False, True):
+        started = time.perf_counter()
+        skill = sparsestitch.prepare(model, delta, resident=resident)
+        sync()
+        prepare_s = time.perf_counter() - started
+        apply_s, revert_s = [], []
+        for _ in range(repeat + 1):  # the first round warms the allocator up; not counted
+            sync()
+            started = time.perf_counter()
+            patch = skill.apply(model)
+            sync()
+            applied = time.perf_counter()
+            patch.revert()
+            sync()
+            apply_s.append(applied - started)
+            revert_s.append(time.perf_counter() - applied)
+        apply_s, revert_s = apply_s[1:], revert_s[1:]
+        rows[f"prepared resident={resident}"] = {
+            "prepare_s": prepare_s, "positions": skill.count, "prepared_mib": skill.nbytes / 2**20,
+            "apply_ms_best": 1e3 * min(apply_s), "apply_ms_median": 1e3 * statistics.median(apply_s),
+            "revert_ms_best": 1e3 * min(revert_s),
+            "revert_ms_median": 1e3 * statistics.median(revert_s)}
+        del skill
+    return rows
 
 
 def _fingerprint(model: dict) -> list[int]:

