@@ -107,3 +107,39 @@ def test_engine_with_torch_combiner_writes_the_same_model(tmp_path):
     assert want_tensors.keys() == got_tensors.keys()
     for name, tensor in want_tensors.items():
         assert np.array_equal(bits(tensor), bits(got_tensors[name])), name
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), dt_name=st.sampled_from(["BF16", "F16", "F32", "F64"]),
+       count=st.integers(0, 5), numel=st.integers(1, 300),
+       rule=st.sampled_from(["localize-stitch", "task-arithmetic"]),
+       weights=st.lists(st.floats(-2, 2, width=32), min_size=5, max_size=5),
+       cut=st.integers(0, 300), window=st.integers(1, 64))
+def test_block_merges_on_torch_and_numpy_match_the_combiner(seed, dt_name, count, numel, rule,
+                                                             weights, cut, window):
+    """Both block merges, on a tensor cut into two blocks and small windows, write exactly
+    what the union-based combiner computes."""
+    from sparsestitch.stitch.combine import BlockMerge
+    from sparsestitch.stitch.device import DeviceBlockMerge
+
+    dt, stored = _records(seed, dt_name, count, numel)
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, 1 << (8 * dt.itemsize), numel, dtype=np.uint64).astype(dt.bits)
+    for s in stored:                      # the records' base bits come from this tensor
+        if s is not None:
+            s.base[:] = base[s.positions]
+    options = {"scale": 0.7} if rule == "task-arithmetic" else {}
+    combiner = rule_combiner(rule, weights[:count], count, **options)
+    positions, bits = combiner("w", dt, numel, stored)
+    want = base.copy()
+    want[positions] = bits
+    cut = min(cut, numel)
+    for merge in (combiner.block_merge(dt, stored),
+                  DeviceCombiner(combiner, "cpu").block_merge(dt, stored)):
+        merge.WINDOW = window
+        got = base.copy()
+        merge(got[:cut], 0)
+        merge(got[cut:], cut)
+        assert np.array_equal(got, want), type(merge).__name__
+    assert isinstance(DeviceCombiner(combiner, "cpu").block_merge(dt, stored), DeviceBlockMerge)
+    assert isinstance(combiner.block_merge(dt, stored), BlockMerge)
