@@ -221,8 +221,17 @@ class _Live:
         """Bits at flat ``positions`` (a device tensor), as a host numpy array of ``dt.bits``."""
         return self._flat()[self._index(positions)].cpu().numpy().view(self.dt.bits)
 
+    def take(self, positions):
+        """Bits at flat int64 ``positions`` (a device tensor), staying on the device."""
+        if self.bits.is_contiguous():  # index_select: ~1.6x faster than indexing on the CPU
+            return self.bits.reshape(-1).index_select(0, positions)
+        return self.bits[self._index(positions)]
+
     def scatter(self, positions, values) -> None:
-        self._flat()[self._index(positions)] = values
+        if self.bits.is_contiguous():  # index_copy_ (needs int64) beats indexing on the CPU
+            self.bits.reshape(-1).index_copy_(0, positions.long(), values)
+        else:
+            self._flat()[self._index(positions)] = values
 
     def chunks(self):
         """``(first flat position, host numpy bits)`` over the tensor in row-major order."""

@@ -33,7 +33,7 @@ from .hotswap import apply as apply_from_files
 @dataclass(frozen=True)
 class _Prepared:
     live: _Live
-    positions: object   # torch int32 (or int64 for huge tensors) flat positions
+    positions: object   # torch flat positions (int32 in host memory for CUDA tensors)
     expected: object    # torch bits there before the patch
     new: object         # torch bits there after it
 
@@ -74,10 +74,10 @@ class PreparedPatch:
                 raise SparsestitchError("the model's tensor is not the one this patch was "
                                         "prepared for (replaced or moved since): prepare again",
                                         tensor=live.name)
-            positions = entry.positions.to(live.device, non_blocking=True)
+            positions = entry.positions.to(live.device, non_blocking=True).long()
             expected = entry.expected.to(live.device, non_blocking=True)
             new = entry.new.to(live.device, non_blocking=True)
-            current = live._flat()[live._index(positions)]
+            current = live.take(positions)
             staged.append((live, positions, expected, new, current))
         if staged:
             # One synchronisation for the whole model, and nothing written unless all agree.
@@ -126,9 +126,9 @@ def prepare(model, deltas: str | os.PathLike | Sequence[str | os.PathLike], *,
         for entry in patch._entries.values():
             live = entry.live
             positions = entry.positions
-            if live.numel < 2**31:  # half the bytes to move at apply time
-                positions = positions.to(torch.int32)
-            new = live._flat()[live._index(entry.positions)]
+            if live.device.type == "cuda" and not resident and live.numel < 2**31:
+                positions = positions.to(torch.int32)  # half the bytes to move at apply time
+            new = live.take(entry.positions)
             arrays = [positions, entry.originals, new]
             if not resident:
                 arrays = [_host(a) for a in arrays]

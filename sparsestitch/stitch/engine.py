@@ -5,9 +5,17 @@ is larger than the block budget), check its checksum against every delta's
 record (a delta for another base fails before anything is published), decode
 each delta's record, let the *combiner* turn them into ``(positions, bits)``,
 and write the base with those positions replaced.  Positions no delta stores
-keep the base's bits exactly.  Only one tensor's decoded records and one
-block of base and output are held at a time; a tensor larger than a block is
-read twice (gather, then write).
+keep the base's bits exactly.  At most two tensors' decoded records and
+base blocks are held at a time; a tensor larger than a block is read twice
+(gather, then write).
+
+Float tensors under the elementwise rules skip the union of positions
+altogether: the combiner's block merge (``merges_blocks``/``block_merge``)
+scatter-adds every delta into dense per-window sums while each output block
+is written.  A reader thread prepares (reads, checks, decodes) the next tensor
+while the current one is merged and written, when both fit in three quarters
+of the memory budget (estimated from the records' stored counts); otherwise
+the two steps alternate.
 
 Restore and stitch differ only in their combiner; continual composition
 (:mod:`.compose`) reuses :func:`gather` and :func:`write_patched` with the
