@@ -82,23 +82,9 @@ def hot_swap(base: str, delta: str, device: str, repeat: int = 5) -> dict:
     params = sum(t.numel() for t in model.values())
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     fingerprint = _fingerprint(model)
-    rows = {}
-    for verify in (False, True):
-        apply_s, revert_s = [], []
-        for _ in range(repeat):
-            sync()
-            started = time.perf_counter()
-            patch = sparsestitch.apply(model, delta, verify_base=verify)
-            sync()
-            applied = time.perf_counter()
-            patch.revert()
-            sync()
-            apply_s.append(applied - started)
-            revert_s.append(time.perf_counter() - applied)
-        rows[f"verify_base={verify}"] = {
-            "apply_ms_best": 1e3 * min(apply_s), "apply_ms_median": 1e3 * statistics.median(apply_s),
-            "revert_ms_best": 1e3 * min(revert_s),
-            "revert_ms_median": 1e3 * statistics.median(revert_s)}
+    rows = {f"verify_base={verify}": _time_apply_revert(
+                lambda: sparsestitch.apply(model, delta, verify_base=verify), sync, repeat)
+            for verify in (False, True)}
     rows.update(_prepared_rows(sparsestitch, model, delta, sync, repeat))
     unchanged = _fingerprint(model) == fingerprint
     del model
@@ -119,25 +105,31 @@ def _prepared_rows(sparsestitch, model: dict, delta: str, sync, repeat: int) -> 
         skill = sparsestitch.prepare(model, delta, resident=resident)
         sync()
         prepare_s = time.perf_counter() - started
-        apply_s, revert_s = [], []
-        for _ in range(repeat + 1):  # the first round warms the allocator up; not counted
-            sync()
-            started = time.perf_counter()
-            patch = skill.apply(model)
-            sync()
-            applied = time.perf_counter()
-            patch.revert()
-            sync()
-            apply_s.append(applied - started)
-            revert_s.append(time.perf_counter() - applied)
-        apply_s, revert_s = apply_s[1:], revert_s[1:]
         rows[f"prepared resident={resident}"] = {
             "prepare_s": prepare_s, "positions": skill.count, "prepared_mib": skill.nbytes / 2**20,
-            "apply_ms_best": 1e3 * min(apply_s), "apply_ms_median": 1e3 * statistics.median(apply_s),
-            "revert_ms_best": 1e3 * min(revert_s),
-            "revert_ms_median": 1e3 * statistics.median(revert_s)}
+            # one extra round warms the allocator up and is not counted
+            **_time_apply_revert(lambda: skill.apply(model), sync, repeat, warmup=1)}
         del skill
     return rows
+
+
+def _time_apply_revert(apply, sync, repeat: int, warmup: int = 0) -> dict:
+    """Best and median ms of ``patch = apply()`` and of ``patch.revert()``, each synchronised."""
+    apply_s, revert_s = [], []
+    for _ in range(warmup + repeat):
+        sync()
+        started = time.perf_counter()
+        patch = apply()
+        sync()
+        applied = time.perf_counter()
+        patch.revert()
+        sync()
+        apply_s.append(applied - started)
+        revert_s.append(time.perf_counter() - applied)
+    apply_s, revert_s = apply_s[warmup:], revert_s[warmup:]
+    return {"apply_ms_best": 1e3 * min(apply_s), "apply_ms_median": 1e3 * statistics.median(apply_s),
+            "revert_ms_best": 1e3 * min(revert_s),
+            "revert_ms_median": 1e3 * statistics.median(revert_s)}
 
 
 def _fingerprint(model: dict) -> list[int]:
