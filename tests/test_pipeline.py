@@ -28,6 +28,14 @@ def run(names, sizes, budget, fail_at=None):
     return out, overlaps
 
 
+def test_reading_ahead_goes_as_far_as_the_budget_allows():
+    names = list("abcdef")
+    out, overlaps = run(names, dict.fromkeys(names, 10), budget=30)
+    assert out == names
+    for k, name in enumerate(names):   # never more than three tensors held at once
+        assert set(overlaps[name]) <= set(names[:k + 3])
+
+
 def test_order_is_kept_and_read_ahead_happens_only_within_the_budget():
     names = ["a", "b", "c", "d"]
     sizes = {"a": 10, "b": 10, "c": 95, "d": 10}
@@ -47,7 +55,7 @@ def test_an_error_while_preparing_reaches_the_caller_and_nothing_after_it_is_pre
 def test_stopping_early_stops_the_reader():
     prepared = []
     tensors = _pipelined(["a", "b", "c", "d"], lambda n: prepared.append(n) or n,
-                         lambda n: 1, budget=100)
+                         lambda n: 1, budget=2)   # at most two tensors held
     assert next(tensors)[0] == "a"
     tensors.close()
     assert prepared in (["a"], ["a", "b"])

@@ -27,7 +27,8 @@ from __future__ import annotations
 import os
 from contextlib import closing
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -220,32 +221,40 @@ Finish = Callable[[CheckpointWriter], None]
 
 def _pipelined(names: Sequence[str], prepare: Callable[[str], Finish],
                estimate: Callable[[str], int], *, budget: int) -> Iterator[tuple[str, Finish]]:
-    """Yield ``(name, prepare(name))`` in order, preparing the next tensor in a worker thread
-    while the caller finishes the current one, whenever both fit in ``budget`` bytes.
+    """Yield ``(name, prepare(name))`` in order, with a worker thread preparing the following
+    tensors while the caller finishes the current one, as many ahead as fit in ``budget``
+    bytes together with it (by ``estimate``); a tensor alone is always allowed.
 
     Preparing (reads, checksums, decoding) and finishing (merge, write) are mostly numpy,
-    zstd and system calls, which release the GIL, so the two overlap on two cores.  Only
-    the worker reads inputs and only the caller writes, so neither needs locking.
+    zstd and system calls, which release the GIL, so the two overlap on two cores; reading
+    ahead more than one tensor evens out tensors of very different sizes.  Only the worker
+    reads inputs and only the caller writes, so neither needs locking.
     """
-    if not names:
-        return
+    queue: deque[tuple[str, int, Future]] = deque()
+    held, following = 0, 0
+
+    def read_ahead() -> None:
+        nonlocal held, following
+        while following < len(names):
+            size = estimate(names[following])
+            if held and held + size > budget:
+                return
+            queue.append((names[following], size, pool.submit(prepare, names[following])))
+            held += size
+            following += 1
+
     with ThreadPoolExecutor(1, thread_name_prefix="sparsestitch-read") as pool:
-        future = pool.submit(prepare, names[0])
         try:
-            for k, name in enumerate(names):
+            while queue or following < len(names):
+                read_ahead()
+                name, size, future = queue.popleft()
                 finish = future.result()
-                following = names[k + 1] if k + 1 < len(names) else None
-                future = None
-                if following is not None and estimate(name) + estimate(following) <= budget:
-                    future = pool.submit(prepare, following)
-                    yield name, finish
-                else:
-                    yield name, finish
-                    del finish
-                    if following is not None:
-                        future = pool.submit(prepare, following)
+                read_ahead()
+                yield name, finish
+                del finish
+                held -= size
         finally:
-            if future is not None:
+            for _, _, future in queue:
                 future.cancel()
 
 
