@@ -226,7 +226,7 @@ class DeltaReader:
             if positions.size != record.count:
                 raise DeltaFormatError(f"decoded {positions.size} positions, record says {record.count}")
             if positions.size and (positions[0] < 0 or positions[-1] >= record.numel
-                                   or (positions.size > 1 and not np.all(np.diff(positions) > 0))):
+                                   or not np.all(positions[1:] > positions[:-1])):
                 raise DeltaFormatError("positions are out of range, unsorted or repeated")
         return positions
 

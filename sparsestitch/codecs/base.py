@@ -136,7 +136,10 @@ def gap_decode(gaps: np.ndarray, limit: int) -> np.ndarray:
     """Inverse of :func:`gap_encode`, checking every position is below ``limit``."""
     if gaps.size and int(gaps.max()) >= limit:
         raise DeltaFormatError(f"a position gap of {int(gaps.max())} exceeds the tensor size {limit}")
-    positions = np.cumsum(gaps.astype(np.int64) + 1) - 1
+    positions = gaps.astype(np.int64)  # in place from here: one array, four passes
+    positions += 1
+    np.cumsum(positions, out=positions)
+    positions -= 1
     if positions.size and positions[-1] >= limit:
         raise DeltaFormatError(f"position {int(positions[-1])} is outside a tensor of {limit} elements")
     return positions
