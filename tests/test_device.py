@@ -134,6 +134,7 @@ def test_block_merges_on_torch_and_numpy_match_the_combiner(seed, dt_name, count
     want = base.copy()
     want[positions] = bits
     cut = min(cut, numel)
+    before = [None if s is None else (s.finetuned.copy(), s.base.copy()) for s in stored]
     for merge in (combiner.block_merge(dt, stored),
                   DeviceCombiner(combiner, "cpu").block_merge(dt, stored)):
         merge.WINDOW = window
@@ -141,5 +142,7 @@ def test_block_merges_on_torch_and_numpy_match_the_combiner(seed, dt_name, count
         merge(got[:cut], 0)
         merge(got[cut:], cut)
         assert np.array_equal(got, want), type(merge).__name__
+    for s, kept in zip(stored, before):   # the records are read, never modified
+        assert s is None or (np.array_equal(s.finetuned, kept[0]) and np.array_equal(s.base, kept[1]))
     assert isinstance(DeviceCombiner(combiner, "cpu").block_merge(dt, stored), DeviceBlockMerge)
     assert isinstance(combiner.block_merge(dt, stored), BlockMerge)

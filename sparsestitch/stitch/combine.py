@@ -122,9 +122,8 @@ class BlockMerge:
         self.dt, self.rule = dt, combiner.rule
         wide = dt.wide.type
         self.scale = wide(combiner.options.get("scale", 1.0))
-        with np.errstate(all="ignore"):
-            self.vectors = [(s.positions, wide(w) * (to_wide(s.finetuned, dt) - to_wide(s.base, dt)))
-                            for s, w in zip(stored, combiner.weights) if s is not None]
+        self.vectors = [(s.positions, _weighted_tau(s, w, dt))
+                        for s, w in zip(stored, combiner.weights) if s is not None]
         self.total = np.empty(self.WINDOW, dt.wide)
         self.covering = np.empty(self.WINDOW, dt.wide)
         self.touched = np.empty(self.WINDOW, bool)
@@ -181,6 +180,16 @@ class BlockMerge:
             bits = from_wide(merged, dt)
             bits[np.isnan(merged)] = CANONICAL_NAN[dt.name]
             target[union] = bits
+
+
+def _weighted_tau(stored: Stored, weight: float, dt: DType) -> np.ndarray:
+    """``wide(weight) * (wide(fine-tuned) - wide(base))``, as the rules compute it."""
+    with np.errstate(all="ignore"):
+        # A fresh array: to_wide returns views of the records' bits for F32 and F64.
+        tau = np.subtract(to_wide(stored.finetuned, dt), to_wide(stored.base, dt))
+        if weight != 1.0:  # x * 1.0 == x for every x (NaN payloads are made canonical anyway)
+            tau *= dt.wide.type(weight)
+    return tau
 
 
 def rule_combiner(rule: str, weights: Sequence[float] | None, count: int,

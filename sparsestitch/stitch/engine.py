@@ -180,7 +180,8 @@ def gather(base: Checkpoint, readers: Sequence[DeltaReader], name: str, blocks: 
         for i, pos in positions.items():
             a, b = np.searchsorted(pos, [lo, hi])
             # Every position of the block stored (dense records): a copy, not a gather.
-            gathered[i].append(block.copy() if b - a == hi - lo else block[pos[a:b] - lo])
+            gathered[i].append(block.copy() if b - a == hi - lo else
+                               block.take(pos[a:b] if lo == 0 else pos[a:b] - lo))
         whole = block if len(blocks.bounds) == 1 else None
     base_hash = digest.hexdigest()
     for reader, record in zip(readers, records):
