@@ -63,11 +63,21 @@ def check_not_an_input(target: str | os.PathLike, inputs) -> None:
 
 
 def publish(temporary: Path, target: Path, overwrite: bool) -> None:
-    """Move a finished temporary file or folder to ``target`` atomically."""
-    if target.exists() and not overwrite:
-        raise OutputError("output appeared while writing (another process?); "
-                          "the new output was discarded", path=target)
-    if temporary.is_dir() and target.exists():
+    """Move a finished temporary file or folder to ``target`` atomically.
+
+    Without ``overwrite`` the move itself refuses an existing target (a hard link for a
+    file, ``renameat2(RENAME_NOREPLACE)`` for a folder), so of two writers racing for one
+    output exactly one succeeds and the other is told; the first look is only for a
+    clearer message.
+    """
+    if not overwrite:
+        if target.exists():
+            raise _appeared(target)
+        if temporary.is_dir():
+            _rename_new(temporary, target)
+        else:
+            _link_new(temporary, target)
+    elif temporary.is_dir() and target.exists():
         if _exchange(temporary, target):  # the old output now sits at the temporary name
             _remove(temporary)
         else:
@@ -77,11 +87,14 @@ def publish(temporary: Path, target: Path, overwrite: bool) -> None:
             os.replace(target, old)
             os.replace(temporary, target)
             _remove(old)
-    elif not overwrite and not temporary.is_dir():
-        _link_new(temporary, target)
     else:
         os.replace(temporary, target)
     _fsync_folder(target.parent if str(target.parent) else Path("."))
+
+
+def _appeared(target: Path) -> OutputError:
+    return OutputError("output appeared while writing (another process?); "
+                       "the new output was discarded", path=target)
 
 
 @contextlib.contextmanager
@@ -116,22 +129,44 @@ def _link_new(temporary: Path, target: Path) -> None:
     try:
         os.link(temporary, target)
     except FileExistsError:
-        raise OutputError("output appeared while writing (another process?); "
-                          "the new output was discarded", path=target) from None
+        raise _appeared(target) from None
     except OSError:  # a filesystem without hard links
         os.replace(temporary, target)
         return
     os.unlink(temporary)
 
 
+def _rename_new(temporary: Path, target: Path) -> None:
+    """Publish a folder only while ``target`` does not exist: ``RENAME_NOREPLACE`` where the
+    kernel and filesystem have it, else a plain rename (which cannot replace a non-empty
+    folder, and every published output is non-empty)."""
+    try:
+        if _renameat2(temporary, target, RENAME_NOREPLACE):
+            return
+        os.rename(temporary, target)
+    except OSError as exc:
+        if exc.errno in (errno.EEXIST, errno.ENOTEMPTY):
+            raise _appeared(target) from None
+        raise
+
+
 def _exchange(a: Path, b: Path) -> bool:
     """Swap two paths in one step (Linux ``renameat2(RENAME_EXCHANGE)``); False where unsupported."""
+    return _renameat2(a, b, RENAME_EXCHANGE)
+
+
+RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2
+
+
+def _renameat2(a: Path, b: Path, flags: int) -> bool:
+    """Linux ``renameat2(a, b, flags)``: True when done, False where unsupported; raises
+    OSError for any other failure."""
     try:
         renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
     except (OSError, AttributeError):
         return False
-    at_fdcwd, rename_exchange = -100, 2
-    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+    at_fdcwd = -100
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), flags) == 0:
         return True
     code = ctypes.get_errno()
     if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
