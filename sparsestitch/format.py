@@ -168,6 +168,19 @@ class DeltaWriter:
             pass
 
 
+def _pread(fd: int, nbytes: int, offset: int) -> bytes:
+    """``nbytes`` at ``offset`` (fewer at end of file), without moving a shared file position:
+    several threads read one delta at once."""
+    parts, got = [], 0
+    while got < nbytes:
+        part = os.pread(fd, nbytes - got, offset + got)
+        if not part:
+            break
+        parts.append(part)
+        got += len(part)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
 class DeltaReader:
     """Random access to the records of a delta file.
 
@@ -207,8 +220,7 @@ class DeltaReader:
 
     def payload(self, record: Record) -> bytes:
         """The checked payload bytes of a stored record."""
-        self._file.seek(self._offsets[record.name])
-        data = self._file.read(record.nbytes)
+        data = _pread(self._file.fileno(), record.nbytes, self._offsets[record.name])
         if len(data) != record.nbytes:
             raise DeltaFormatError("payload is truncated", path=self.path, tensor=record.name)
         if digest(data) != record.payload_xxh3:

@@ -12,10 +12,11 @@ base blocks are held at a time; a tensor larger than a block is read twice
 Float tensors under the elementwise rules skip the union of positions
 altogether: the combiner's block merge (``merges_blocks``/``block_merge``)
 scatter-adds every delta into dense per-window sums while each output block
-is written.  A reader thread prepares (reads, checks, decodes) the next tensor
-while the current one is merged and written, when both fit in three quarters
-of the memory budget (estimated from the records' stored counts); otherwise
-the two steps alternate.
+is written.  Reader threads prepare the following tensors (read, check,
+decode, and merge those that fit in one block) while the caller writes the
+current one, as many ahead as fit in three quarters of the memory budget
+(estimated from the records' stored counts); a tensor too large for that is
+prepared alone.
 
 Restore and stitch differ only in their combiner; continual composition
 (:mod:`.compose`) reuses :func:`gather` and :func:`write_patched` with the
@@ -122,7 +123,7 @@ def run(base: str | os.PathLike, deltas: Sequence[str | os.PathLike], out: str |
                                               block_bytes),
                         lambda name: _estimate(base_ckpt, readers, added_records, name,
                                                block_bytes),
-                        budget=3 * block_bytes)
+                        budget=3 * block_bytes, workers=READ_WORKERS)
                     with closing(tensors):  # on an error, stop the reader before aborting
                         for name, finish in tensors:
                             finish(writer)
@@ -219,17 +220,21 @@ DECODED_BYTES_PER_POSITION = 32
 
 Finish = Callable[[CheckpointWriter], None]
 
+#: Threads preparing tensors (the caller writes): numpy, zstd and pread release the GIL.
+READ_WORKERS = max(1, min(4, os.cpu_count() or 1))
+
 
 def _pipelined(names: Sequence[str], prepare: Callable[[str], Finish],
-               estimate: Callable[[str], int], *, budget: int) -> Iterator[tuple[str, Finish]]:
-    """Yield ``(name, prepare(name))`` in order, with a worker thread preparing the following
-    tensors while the caller finishes the current one, as many ahead as fit in ``budget``
-    bytes together with it (by ``estimate``); a tensor alone is always allowed.
+               estimate: Callable[[str], int], *, budget: int,
+               workers: int = 1) -> Iterator[tuple[str, Finish]]:
+    """Yield ``(name, prepare(name))`` in order, with ``workers`` threads preparing the
+    following tensors while the caller finishes the current one, as many ahead as fit in
+    ``budget`` bytes together with it (by ``estimate``); a tensor alone is always allowed.
 
-    Preparing (reads, checksums, decoding) and finishing (merge, write) are mostly numpy,
-    zstd and system calls, which release the GIL, so the two overlap on two cores; reading
-    ahead more than one tensor evens out tensors of very different sizes.  Only the worker
-    reads inputs and only the caller writes, so neither needs locking.
+    Preparing (reads, checksums, decoding, and the merge of one-block tensors) and finishing
+    (writing) are mostly numpy, zstd and system calls, which release the GIL, so they run on
+    several cores at once; reading ahead more than one tensor evens out tensors of very
+    different sizes.  Workers only read inputs (positional reads) and only the caller writes.
     """
     queue: deque[tuple[str, int, Future]] = deque()
     held, following = 0, 0
@@ -244,7 +249,7 @@ def _pipelined(names: Sequence[str], prepare: Callable[[str], Finish],
             held += size
             following += 1
 
-    with ThreadPoolExecutor(1, thread_name_prefix="sparsestitch-read") as pool:
+    with ThreadPoolExecutor(workers, thread_name_prefix="sparsestitch-read") as pool:
         try:
             while queue or following < len(names):
                 read_ahead()
@@ -283,9 +288,18 @@ def _prepare(base: Checkpoint, readers: Sequence[DeltaReader],
     dt = lookup_dtype(entry.dtype)
     blocks = RowBlocks.of(entry.shape, dt.itemsize, block_bytes)
     stored, whole = gather(base, readers, name, blocks)
-    read_block = (lambda start, stop: whole) if whole is not None else \
-        (lambda start, stop: base.read_rows(name, start, stop))
     merges_blocks = getattr(combiner, "merges_blocks", None)
+    if whole is not None:  # one block (the common case): merge here, in the reader thread
+        if merges_blocks is not None and merges_blocks(dt):
+            combiner.block_merge(dt, stored)(whole, 0)
+        else:
+            new_positions, new_bits = combiner(name, dt, entry.numel, stored)
+            if new_positions.size == whole.size:
+                whole = new_bits  # every position replaced
+            else:
+                whole[new_positions] = new_bits
+        return lambda writer: writer.write(name, whole)
+    read_block = lambda start, stop: base.read_rows(name, start, stop)  # noqa: E731
     if merges_blocks is not None and merges_blocks(dt):
         merge = combiner.block_merge(dt, stored)
 
