@@ -34,7 +34,7 @@ def stitch(base: str | os.PathLike, deltas: Sequence[str | os.PathLike], out: st
     ``max_memory`` bounds the base/output blocks held at once (tensors larger than a
     quarter of it are processed in row blocks, with bit-identical results); on top of
     that the tensor being merged holds about 16-32 bytes per position its deltas store
-    (the next tensor is read ahead only when both fit in the budget).  The
+    (tensors are read ahead only within half the budget).  The
     output's metadata records the rule, options, weights and deltas, for
     :func:`stitch_add`.  ``device`` (``"cpu"``, ``"cuda"``, ``"auto"``) says where the
     merge arithmetic of the elementwise rules runs (see :mod:`.device`); every device

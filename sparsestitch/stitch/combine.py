@@ -129,11 +129,6 @@ class BlockMerge:
         self.touched = np.empty(self.WINDOW, bool)
         self.ones = np.ones(self.WINDOW, dt.wide)
 
-    @property
-    def nbytes(self) -> int:
-        """Memory held for the tensor's merge (task vectors and their positions)."""
-        return sum(p.nbytes + t.nbytes for p, t in self.vectors) + 2 * self.total.nbytes
-
     def __call__(self, block: np.ndarray, first: int) -> None:
         """Merge into ``block``: the flat base bits of elements ``first, first + 1, ...``."""
         edges = np.arange(first, first + block.size + self.WINDOW, self.WINDOW)

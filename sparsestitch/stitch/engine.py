@@ -14,9 +14,9 @@ altogether: the combiner's block merge (``merges_blocks``/``block_merge``)
 scatter-adds every delta into dense per-window sums while each output block
 is written.  Reader threads prepare the following tensors (read, check,
 decode, and merge those that fit in one block) while the caller writes the
-current one, as many ahead as fit in three quarters of the memory budget
-(estimated from the records' stored counts); a tensor too large for that is
-prepared alone.
+current one, as many ahead as fit in half the memory budget (estimated from
+the records' stored counts) and at most two per reader; a tensor too large
+for that is prepared alone.
 
 Restore and stitch differ only in their combiner; continual composition
 (:mod:`.compose`) reuses :func:`gather` and :func:`write_patched` with the
@@ -123,7 +123,7 @@ def run(base: str | os.PathLike, deltas: Sequence[str | os.PathLike], out: str |
                                               block_bytes),
                         lambda name: _estimate(base_ckpt, readers, added_records, name,
                                                block_bytes),
-                        budget=3 * block_bytes, workers=READ_WORKERS)
+                        budget=2 * block_bytes, workers=READ_WORKERS)
                     with closing(tensors):  # on an error, stop the reader before aborting
                         for name, finish in tensors:
                             finish(writer)
@@ -229,7 +229,8 @@ def _pipelined(names: Sequence[str], prepare: Callable[[str], Finish],
                workers: int = 1) -> Iterator[tuple[str, Finish]]:
     """Yield ``(name, prepare(name))`` in order, with ``workers`` threads preparing the
     following tensors while the caller finishes the current one, as many ahead as fit in
-    ``budget`` bytes together with it (by ``estimate``); a tensor alone is always allowed.
+    ``budget`` bytes together with it (by ``estimate``), at most ``2 * workers`` queued; a
+    tensor alone is always allowed.
 
     Preparing (reads, checksums, decoding, and the merge of one-block tensors) and finishing
     (writing) are mostly numpy, zstd and system calls, which release the GIL, so they run on
@@ -243,8 +244,8 @@ def _pipelined(names: Sequence[str], prepare: Callable[[str], Finish],
         nonlocal held, following
         while following < len(names):
             size = estimate(names[following])
-            if held and held + size > budget:
-                return
+            if held and (held + size > budget or len(queue) >= 2 * workers):
+                return  # deeper queues only hold memory: the writer is the bottleneck then
             queue.append((names[following], size, pool.submit(prepare, names[following])))
             held += size
             following += 1
