@@ -60,3 +60,10 @@ def test_stopping_early_stops_the_reader():
     tensors.close()
     assert prepared in (["a"], ["a", "b"])
     assert list(_pipelined([], None, None, budget=1)) == []
+
+
+def test_no_workers_prepares_in_the_callers_thread():
+    threads = []
+    out = [name for name, _ in _pipelined(["a", "b"], lambda n: threads.append(
+        threading.current_thread()) or n, lambda n: 1, budget=1, workers=0)]
+    assert out == ["a", "b"] and threads == [threading.main_thread()] * 2

@@ -221,6 +221,7 @@ DECODED_BYTES_PER_POSITION = 32
 Finish = Callable[[CheckpointWriter], None]
 
 #: Threads preparing tensors (the caller writes): numpy, zstd and pread release the GIL.
+#: 0 prepares in the caller's thread (for profiling).
 READ_WORKERS = max(1, min(4, os.cpu_count() or 1))
 
 
@@ -237,6 +238,10 @@ def _pipelined(names: Sequence[str], prepare: Callable[[str], Finish],
     several cores at once; reading ahead more than one tensor evens out tensors of very
     different sizes.  Workers only read inputs (positional reads) and only the caller writes.
     """
+    if workers == 0:  # everything in the caller's thread (profilers see only that one)
+        for name in names:
+            yield name, prepare(name)
+        return
     queue: deque[tuple[str, int, Future]] = deque()
     held, following = 0, 0
 
