@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import tempfile
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -21,7 +22,7 @@ import sparsestitch
 from sparsestitch.dtypes import dtype as lookup_dtype
 from sparsestitch.errors import BaseMismatchError, TensorMismatchError
 from sparsestitch.format import DeltaReader, DeltaWriter, Record, digest, encode_record
-from sparsestitch.stitch import RECIPE_KEY, RULES
+from sparsestitch.stitch import RECIPE_KEY, RULES, engine
 
 from .conftest import finetune_of, save_checkpoint, small_model
 from .test_rules import (FLOAT_DTYPES, RULE_OPTIONS, random_bits, random_masks, reference_merge,
@@ -146,8 +147,14 @@ def test_stitch_matches_the_dense_reference_and_row_blocks_change_nothing(case):
         assert_same_bits(load_bits(out), reference_model(rule, model, masks, tunes, weights,
                                                          **options))
         whole = file_bytes(out)
-        blocked = _stitch_case(Path(tmp) / "blocked", case, max_memory=64)  # 16-byte blocks: one row each
+        # 16-byte blocks (one row each) and a 32-byte budget for decoded records: every record
+        # is decoded again for each block (the memory-bounded path)
+        blocked = _stitch_case(Path(tmp) / "blocked", case, max_memory=64)
         assert file_bytes(blocked) == whole
+        # the same blocks with whole records decoded once (the path for records that fit)
+        with mock.patch.object(engine, "DECODED_BYTES_PER_POSITION", 0):
+            rows = _stitch_case(Path(tmp) / "rows", case, max_memory=64)
+        assert file_bytes(rows) == whole
 
 
 @settings(max_examples=6, deadline=None)
@@ -257,8 +264,9 @@ def _leftovers(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if ".sstmp-" in p.name)
 
 
+@pytest.mark.parametrize("max_memory", [None, 64])   # 64 B: records decoded block by block
 @pytest.mark.parametrize("change", ["values", "shape", "name"])
-def test_a_delta_for_another_base_fails_before_anything_is_written(tmp_path, change):
+def test_a_delta_for_another_base_fails_before_anything_is_written(tmp_path, change, max_memory):
     rng = np.random.default_rng(4)
     model = {n: (d, shape, random_bits(rng, d, int(np.prod(shape))))
              for n, d, shape in [("a.w", "BF16", (5, 6)), ("b.w", "F32", (33, 8)),
@@ -277,7 +285,8 @@ def test_a_delta_for_another_base_fails_before_anything_is_written(tmp_path, cha
     bad = write_delta(tmp_path / "bad.delta", other, masks[0], tunes[0])
     base = write_model(tmp_path / "base.safetensors", model)
     with pytest.raises(BaseMismatchError):
-        sparsestitch.stitch(base, [good, bad], tmp_path / "out.safetensors")
+        sparsestitch.stitch(base, [good, bad], tmp_path / "out.safetensors",
+                            max_memory=max_memory)
     assert not (tmp_path / "out.safetensors").exists() and not _leftovers(tmp_path)
 
 

@@ -184,18 +184,22 @@ def gather(base: Checkpoint, readers: Sequence[DeltaReader], name: str, blocks: 
             gathered[i].append(block.copy() if b - a == hi - lo else
                                block.take(pos[a:b] if lo == 0 else pos[a:b] - lo))
         whole = block if len(blocks.bounds) == 1 else None
-    base_hash = digest.hexdigest()
-    for reader, record in zip(readers, records):
-        if record is not None and record.base_xxh3 != base_hash:
-            raise BaseMismatchError("the base tensor's checksum differs from the one the delta was "
-                                    "made from: this delta belongs to another base (or the base "
-                                    "was modified)", path=reader.path, tensor=name)
+    _check_base(readers, records, name, digest.hexdigest())
     stored: list[Stored | None] = [None] * len(readers)
     for i, record in stored_records:
         base_kept = np.concatenate(gathered[i]) if gathered[i] else np.empty(0, dt.bits)
         values = readers[i].values(record, base_kept, payloads[i])
         stored[i] = Stored(positions[i], values, base_kept)
     return stored, whole
+
+
+def _check_base(readers: Sequence[DeltaReader], records: Sequence[Record | None], name: str,
+                base_hash: str) -> None:
+    for reader, record in zip(readers, records):
+        if record is not None and record.base_xxh3 != base_hash:
+            raise BaseMismatchError("the base tensor's checksum differs from the one the delta was "
+                                    "made from: this delta belongs to another base (or the base "
+                                    "was modified)", path=reader.path, tensor=name)
 
 
 def write_patched(writer: CheckpointWriter, name: str, blocks: RowBlocks,
@@ -277,9 +281,21 @@ def _estimate(base: Checkpoint, readers: Sequence[DeltaReader],
         _, record = added[name]
         return record.numel * lookup_dtype(record.dtype).itemsize
     entry = base.entry(name)
-    stored = sum(r.record(name).count for r in readers
-                 if r.record(name) is not None and r.record(name).kind == "sparse")
-    return min(entry.nbytes, block_bytes) + DECODED_BYTES_PER_POSITION * stored
+    return min(min(entry.nbytes, block_bytes) + DECODED_BYTES_PER_POSITION * _stored(readers, name),
+               2 * block_bytes)
+
+
+def _stored(readers: Sequence[DeltaReader], name: str) -> int:
+    """Positions the deltas store for tensor ``name``, summed."""
+    return sum(r.record(name).count for r in readers
+               if r.record(name) is not None and r.record(name).kind == "sparse")
+
+
+def _too_big_to_decode_whole(entry, readers: Sequence[DeltaReader], name: str,
+                             block_bytes: int) -> bool:
+    """Whether decoding every record of the tensor at once would pass half the budget."""
+    return (min(entry.nbytes, block_bytes) + DECODED_BYTES_PER_POSITION * _stored(readers, name)
+            > 2 * block_bytes)
 
 
 def _prepare(base: Checkpoint, readers: Sequence[DeltaReader],
@@ -292,9 +308,12 @@ def _prepare(base: Checkpoint, readers: Sequence[DeltaReader],
         return lambda writer: writer.write(name, bits)
     entry = base.entry(name)
     dt = lookup_dtype(entry.dtype)
+    merges_blocks = getattr(combiner, "merges_blocks", None)
+    if (merges_blocks is not None and merges_blocks(dt)
+            and _too_big_to_decode_whole(entry, readers, name, block_bytes)):
+        return _streamed(base, readers, name, combiner, block_bytes)
     blocks = RowBlocks.of(entry.shape, dt.itemsize, block_bytes)
     stored, whole = gather(base, readers, name, blocks)
-    merges_blocks = getattr(combiner, "merges_blocks", None)
     if whole is not None:  # one block (the common case): merge here, in the reader thread
         if merges_blocks is not None and merges_blocks(dt):
             combiner.block_merge(dt, stored)(whole, 0)
@@ -319,6 +338,54 @@ def _prepare(base: Checkpoint, readers: Sequence[DeltaReader],
     def finish(writer: CheckpointWriter) -> None:
         new_positions, new_bits = combiner(name, dt, entry.numel, stored)
         write_patched(writer, name, blocks, read_block, new_positions, new_bits)
+    return finish
+
+
+def _streamed(base: Checkpoint, readers: Sequence[DeltaReader], name: str, combiner: Combiner,
+              block_bytes: int) -> Finish:
+    """What writes a tensor whose decoded records would not fit in the budget at once.
+
+    The tensor is cut into as many row blocks as it takes for each block's share of the
+    records to fit; for every block, each record is decoded again (whole: the codecs have
+    no random access) and only its part inside the block is kept, so the memory held is
+    one block, its share of the records, and one decoded record.  Decoding is repeated
+    once per block: slower, never over the budget.  Values are decoded with the base bits
+    of this block only (zeros elsewhere); every value codec is elementwise, so the part
+    inside the block is exact.  The base checksum is checked after the last block; a
+    mismatch raises before anything is published (the output is still temporary).
+    """
+    entry = base.entry(name)
+    dt = lookup_dtype(entry.dtype)
+    records = [reader.record(name) for reader in readers]
+    sparse = [(i, r) for i, r in enumerate(records) if r is not None and r.kind == "sparse"]
+    parts = -(-DECODED_BYTES_PER_POSITION * _stored(readers, name) // block_bytes)
+    rows = entry.shape[0] if entry.shape else 1
+    widest = RowBlocks.of(entry.shape, dt.itemsize, block_bytes)
+    step = max(1, min(widest.bounds[0][1] - widest.bounds[0][0], -(-rows // parts)))
+    blocks = RowBlocks([(s, min(rows, s + step)) for s in range(0, rows, step)] or [(0, 0)],
+                       widest.row_items)
+
+    def finish(writer: CheckpointWriter) -> None:
+        digest = xxhash.xxh3_64()
+        for start, stop in blocks.bounds:
+            block = base.read_rows(name, start, stop) if stop > start else np.empty(0, dt.bits)
+            digest.update(memoryview(block.view(np.uint8)))
+            lo, hi = start * blocks.row_items, stop * blocks.row_items
+            stored: list[Stored | None] = [None] * len(readers)
+            for i, record in sparse:
+                payload = readers[i].payload(record)
+                positions = readers[i].positions(record, payload)
+                a, b = (int(x) for x in np.searchsorted(positions, [lo, hi]))
+                base_kept = np.zeros(positions.size, dt.bits)
+                base_kept[a:b] = block.take(positions[a:b] - lo)
+                values = readers[i].values(record, base_kept, payload)
+                stored[i] = Stored(positions[a:b].copy(), values[a:b].copy(),
+                                   base_kept[a:b].copy())
+                del payload, positions, base_kept, values
+            combiner.block_merge(dt, stored)(block, lo)
+            del stored
+            writer.write(name, block)
+        _check_base(readers, records, name, digest.hexdigest())
     return finish
 
 
