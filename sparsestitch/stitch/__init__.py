@@ -31,10 +31,13 @@ def stitch(base: str | os.PathLike, deltas: Sequence[str | os.PathLike], out: st
     vector first.  Arithmetic is in float32 (float64 for float64 models), rounded once
     to the model's dtype; positions no delta stores keep the base's bits.  Non-float
     tensors take the stored values (deltas that store different ones are refused).
-    ``max_memory`` bounds the base/output blocks held at once (tensors larger than a
-    quarter of it are processed in row blocks, with bit-identical results); on top of
-    that the tensor being merged holds about 16-32 bytes per position its deltas store
-    (tensors are read ahead only within half the budget).  The
+    ``max_memory`` (default 1 GiB) bounds what is held at once: base/output row blocks
+    of a quarter of it, and read-ahead within half of it, counting about 32 bytes per
+    stored position being decoded; a tensor whose records would not fit is merged in
+    smaller row blocks, decoding each record once per block (slower, same bits).  On
+    top of it come the interpreter and libraries (about 40 MiB) and one record decoded
+    whole at a time (about 40 bytes per position it stores).  Below 512 MiB everything
+    runs in one thread, to keep the allocator's per-thread slack out.  The
     output's metadata records the rule, options, weights and deltas, for
     :func:`stitch_add`.  ``device`` (``"cpu"``, ``"cuda"``, ``"auto"``) says where the
     merge arithmetic of the elementwise rules runs (see :mod:`.device`); every device
