@@ -111,7 +111,8 @@ def restore(base, delta, out, overwrite, quiet):
 @click.option("--trim", type=float, help="TIES: fraction of each tensor kept by magnitude.")
 @click.option("--drop", type=float, help="DARE: drop probability.")
 @click.option("--seed", type=int, help="DARE: random seed.")
-@click.option("--max-memory", help="Bound on base/output blocks held at once, e.g. 512MiB.")
+@click.option("--max-memory", help="Bound on the data held at once (row blocks, read-ahead, "
+              "decoded records), e.g. 512MiB; default 1GiB. Below 512MiB one thread.")
 @click.option("--device", default="cpu", show_default=True,
               help="cpu, cuda[:N], or auto (CUDA when present): where the merge arithmetic runs.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output.")
