@@ -59,19 +59,25 @@ def _setup(tmp: Path, model: dict, count: int, seed: int = 0):
 @given(seed=st.integers(0, 2**32 - 1), count=st.integers(0, 4), rule=st.sampled_from(
     sorted(RULE_OPTIONS)), pick=st.integers(0, 2))
 def test_apply_equals_stitch_then_load_and_revert_restores_every_bit(seed, count, rule, pick):
+    with tempfile.TemporaryDirectory() as tmp:
+        model, deltas, merge, stitched = random_merge_case(Path(tmp), seed, count, rule, pick)
+        tensors = live(model)
+        patch = sparsestitch.apply(tensors, deltas, **merge)
+        assert_bits(tensors, model, stitched)
+        patch.revert()
+        assert_bits(tensors, model, base_bits(model))
+
+
+def random_merge_case(tmp: Path, seed: int, count: int, rule: str, pick: int):
+    """A random model, ``count`` deltas, the merge's arguments and its stitched bits."""
     rng = np.random.default_rng(seed)
     model = random_model(rng, FLOAT_DTYPES + ("I64",), 3)
     options = RULE_OPTIONS[rule][pick % len(RULE_OPTIONS[rule])]
-    weights = [float(w) for w in rng.choice([1.0, 0.5, -1.0], count)]
-    with tempfile.TemporaryDirectory() as tmp:
-        base, deltas, _, _ = _setup(Path(tmp), model, count, seed)
-        stitched = sparsestitch.stitch(base, deltas, Path(tmp) / "out.safetensors", rule=rule,
-                                       weights=weights, **options)
-        tensors = live(model)
-        patch = sparsestitch.apply(tensors, deltas, rule=rule, weights=weights, **options)
-        assert_bits(tensors, model, load_bits(stitched))
-        patch.revert()
-        assert_bits(tensors, model, base_bits(model))
+    merge = {"rule": rule, "weights": [float(w) for w in rng.choice([1.0, 0.5, -1.0], count)],
+             **options}
+    base, deltas, _, _ = _setup(tmp, model, count, seed)
+    stitched = load_bits(sparsestitch.stitch(base, deltas, tmp / "out.safetensors", **merge))
+    return model, deltas, merge, stitched
 
 
 def _module_model(rng) -> dict:

@@ -15,7 +15,7 @@ import sparsestitch
 from sparsestitch.errors import BaseMismatchError, SparsestitchError
 
 from .test_hotswap import (Tiny, _disjoint_pair, _module_model, _setup, assert_bits, base_bits,
-                           bits_of, live)
+                           bits_of, live, random_merge_case)
 from .test_rules import FLOAT_DTYPES, RULE_OPTIONS
 from .test_stitch import load_bits, random_model
 
@@ -24,16 +24,10 @@ from .test_stitch import load_bits, random_model
 @given(seed=st.integers(0, 2**32 - 1), count=st.integers(0, 3), rule=st.sampled_from(
     sorted(RULE_OPTIONS)), pick=st.integers(0, 2))
 def test_prepared_apply_equals_apply_and_stitch_and_reverts_every_bit(seed, count, rule, pick):
-    rng = np.random.default_rng(seed)
-    model = random_model(rng, FLOAT_DTYPES + ("I64",), 3)
-    options = RULE_OPTIONS[rule][pick % len(RULE_OPTIONS[rule])]
-    weights = [float(w) for w in rng.choice([1.0, 0.5, -1.0], count)]
     with tempfile.TemporaryDirectory() as tmp:
-        base, deltas, _, _ = _setup(Path(tmp), model, count, seed)
-        stitched = load_bits(sparsestitch.stitch(base, deltas, Path(tmp) / "out.safetensors",
-                                                 rule=rule, weights=weights, **options))
+        model, deltas, merge, stitched = random_merge_case(Path(tmp), seed, count, rule, pick)
         tensors = live(model)
-        prepared = sparsestitch.prepare(tensors, deltas, rule=rule, weights=weights, **options)
+        prepared = sparsestitch.prepare(tensors, deltas, **merge)
         assert_bits(tensors, model, base_bits(model))       # prepare leaves the model alone
         for _ in range(2):                                    # switch on and off twice
             patch = prepared.apply(tensors)
