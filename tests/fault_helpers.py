@@ -223,7 +223,7 @@ def regions(data: bytes) -> list[tuple[str, int, int, str | None]]:
     for name, entry in container.items():
         begin, end = entry["data_offsets"]
         if end > begin:
-            out.append((f"payload", 8 + size + begin, 8 + size + end, name))
+            out.append(("payload", 8 + size + begin, 8 + size + end, name))
     return out
 
 
@@ -584,7 +584,6 @@ def decoder_cases(source: str, delta: Path) -> list[Case]:
     for name, record in records.items():
         positions, payload = decoded[name]
         numel, count = record.numel, record.count
-        codec = record.positions["codec"]
         shape = record.shape
         variants = {}
         if count and numel > count:

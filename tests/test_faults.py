@@ -7,7 +7,6 @@ inputs are never modified.
 
 from __future__ import annotations
 
-import errno
 import os
 import random
 import resource

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .union import Union, sorted_union, union_of  # noqa: F401  (re-exported)
+from .union import Union, union_of
 
 
 @dataclass(frozen=True)
