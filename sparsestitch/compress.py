@@ -33,9 +33,12 @@ from .format import HEADER_KEY, DeltaWriter, Record, digest, encode_record
 from .localize.topk import (TopK, bracket_bins, count_to_keep, magnitude_keys,
                             resolve_candidates)
 from .patterns import as_patterns, matches, selected
+from .pipeline import DEFAULT_WORKERS, in_order
 from .progress import bar
 
 CHUNK_ELEMENTS = 1 << 23
+#: Threads scanning and encoding tensors for the global top-k path (0: the caller's thread).
+WORKERS = min(2, DEFAULT_WORKERS)
 # The bracketed global top-k samples every SAMPLE_EVERY-th block of about SAMPLE_BLOCK elements.
 SAMPLE_BLOCK = 4096
 SAMPLE_EVERY = 16
@@ -135,6 +138,9 @@ class _Job:
         self.base, self.tunes = base, tunes
         self.density, self.scope, self.mask_sets = density, scope, mask_sets
         self.dense, self.chunk_elements, self.progress = dense, chunk_elements, progress
+        # Threads scanning and encoding tensors ahead of the writer; each holds one block
+        # of chunk_elements per checkpoint.
+        self.workers = WORKERS
         self.localized = [n for n in base.names
                           if lookup_dtype(base.entry(n).dtype).is_float
                           and selected(n, include, exclude) and not matches(n, dense)]
@@ -253,8 +259,10 @@ class _Job:
                 return inside[above], (inside[~above], keys[inside[~above]])
 
             with bar(self._total_bytes(), "localize", self.progress) as progress:
-                for name in self.base.names:
-                    hashes[name], kept = self._scan(name, choose)
+                scanned = in_order(self.base.names, lambda name: self._scan(name, choose),
+                                   lambda name: 1, budget=2 * self.workers,
+                                   workers=self.workers)
+                for name, (hashes[name], kept) in scanned:
                     for i, (positions, finetuned, base, *candidates) in enumerate(kept):
                         spool = spools[i]
                         index[i][name] = (spool.tell(), positions.size,
@@ -271,6 +279,11 @@ class _Job:
                         if name in self.localized:
                             definite[i] += positions.size
                     progress.update(self.base.entry(name).nbytes)
+            for i, spool in enumerate(spools):  # the encode pass reads them with pread
+                try:
+                    spool.flush()
+                except OSError as exc:
+                    raise output_error(exc, writers[i].path) from exc
             chosen = []
             for i in range(len(self.tunes)):
                 keys = _concat(candidate_keys[i], np.uint32)
@@ -278,25 +291,42 @@ class _Job:
                 if pick is None:
                     return False  # the sample misled; the exact path recomputes everything
                 chosen.append(pick)
-            with bar(self._total_bytes(), "encode", self.progress) as progress:
-                taken = [0] * len(self.tunes)
+            # Where each tensor's candidates start in the resolved picks, per fine-tune.
+            first_candidate = [{} for _ in self.tunes]
+            for i in range(len(self.tunes)):
+                taken = 0
                 for name in self.base.names:
-                    dt = lookup_dtype(self.base.entry(name).dtype)
-                    for i, spool in enumerate(spools):
-                        offset, n_definite, n_candidates = index[i][name]
-                        spool.seek(offset)
-                        arrays = [np.fromfile(spool, d, n) for d, n in
-                                  ((np.int64, n_definite), (dt.bits, n_definite), (dt.bits, n_definite),
-                                   (np.int64, n_candidates), (dt.bits, n_candidates),
-                                   (dt.bits, n_candidates))]
-                        pick = chosen[i][taken[i]:taken[i] + n_candidates]
-                        taken[i] += n_candidates
-                        positions = np.concatenate([arrays[0], arrays[3][pick]])
-                        order = np.argsort(positions, kind="stable")
-                        finetuned = np.concatenate([arrays[1], arrays[4][pick]])[order]
-                        base = np.concatenate([arrays[2], arrays[5][pick]])[order]
-                        self._add(writers, i, *self._encode(name, hashes[name], positions[order],
-                                                            finetuned, base))
+                    first_candidate[i][name] = taken
+                    taken += index[i][name][2]
+
+            def encode(name):
+                """Every fine-tune's record of ``name``, read back from the spools."""
+                dt = lookup_dtype(self.base.entry(name).dtype)
+                records = []
+                for i, spool in enumerate(spools):
+                    offset, n_definite, n_candidates = index[i][name]
+                    arrays, at = [], offset
+                    for dtype, n in ((np.int64, n_definite), (dt.bits, n_definite),
+                                     (dt.bits, n_definite), (np.int64, n_candidates),
+                                     (dt.bits, n_candidates), (dt.bits, n_candidates)):
+                        arrays.append(_read_array(spool, at, dtype, n))
+                        at += n * np.dtype(dtype).itemsize
+                    start = first_candidate[i][name]
+                    pick = chosen[i][start:start + n_candidates]
+                    positions = np.concatenate([arrays[0], arrays[3][pick]])
+                    order = np.argsort(positions, kind="stable")
+                    finetuned = np.concatenate([arrays[1], arrays[4][pick]])[order]
+                    base = np.concatenate([arrays[2], arrays[5][pick]])[order]
+                    records.append(self._encode(name, hashes[name], positions[order],
+                                                finetuned, base))
+                return records
+
+            with bar(self._total_bytes(), "encode", self.progress) as progress:
+                encoded = in_order(self.base.names, encode, lambda name: 1,
+                                   budget=2 * self.workers, workers=self.workers)
+                for name, records in encoded:
+                    for i, (record, payload) in enumerate(records):
+                        self._add(writers, i, record, payload)
                     progress.update(self.base.entry(name).nbytes)
             return True
         finally:
@@ -464,6 +494,19 @@ def _as_mask_list(masks, count: int):
     if len(masks) != count:
         raise ValueError(f"{count} fine-tuned checkpoints but {len(masks)} mask sets")
     return masks
+
+
+def _read_array(spool, offset: int, dtype, count: int) -> np.ndarray:
+    """``count`` values of ``dtype`` at ``offset`` of a spool file, without moving its file
+    position (several threads read one spool)."""
+    nbytes = count * np.dtype(dtype).itemsize
+    data = os.pread(spool.fileno(), nbytes, offset) if nbytes else b""
+    while len(data) < nbytes:  # pread may return less than asked for
+        more = os.pread(spool.fileno(), nbytes - len(data), offset + len(data))
+        if not more:
+            raise OSError(f"spool ended early ({len(data)} of {nbytes} bytes)")
+        data += more
+    return np.frombuffer(data, dtype=dtype).copy() if nbytes else np.empty(0, dtype)
 
 
 def _row_items(shape: tuple[int, ...]) -> int:

@@ -1,4 +1,5 @@
-"""The stitcher's read-ahead: order kept, memory budget respected, errors stop it cleanly."""
+"""Ordered read-ahead (stitcher and compressor): order kept, memory budget respected, errors
+stop it cleanly."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import threading
 
 import pytest
 
-from sparsestitch.stitch.engine import _pipelined
+from sparsestitch.pipeline import in_order as _pipelined
 
 
 def run(names, sizes, budget, fail_at=None):

@@ -27,9 +27,7 @@ from __future__ import annotations
 
 import os
 from contextlib import closing
-from collections.abc import Callable, Iterator, Sequence
-from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +39,7 @@ from ..checkpoint import Checkpoint, CheckpointWriter, OutputTensor, Shard
 from ..dtypes import DType, dtype as lookup_dtype
 from ..errors import BaseMismatchError, TensorMismatchError
 from ..format import DeltaReader, Record
+from ..pipeline import DEFAULT_WORKERS, in_order
 from ..progress import bar
 
 DEFAULT_BLOCK_BYTES = 256 << 20
@@ -117,7 +116,7 @@ def run(base: str | os.PathLike, deltas: Sequence[str | os.PathLike], out: str |
             try:
                 with bar(total, description, progress) as progress_bar:
                     order = [tensor.name for shard in shards for tensor in shard.tensors]
-                    tensors = _pipelined(
+                    tensors = in_order(
                         order,
                         lambda name: _prepare(base_ckpt, readers, added_records, name, combiner,
                                               block_bytes),
@@ -227,57 +226,12 @@ Finish = Callable[[CheckpointWriter], None]
 
 #: Threads preparing tensors (the caller writes): numpy, zstd and pread release the GIL.
 #: 0 prepares in the caller's thread (for profiling).
-READ_WORKERS = max(1, min(4, os.cpu_count() or 1))
+READ_WORKERS = DEFAULT_WORKERS
 #: Below this ``max_memory`` everything runs in one thread: concurrent decoding and the
 #: allocator's per-thread arenas cost about 50-130 MiB more peak RSS (measured, 2.27 GB
 #: model, 16 deltas: 185 MiB with one reader thread against 134 MiB with none at 128 MiB;
 #: 264 MiB with two at 256 MiB).
 MIN_THREADED_BUDGET = 512 << 20
-
-
-def _pipelined(names: Sequence[str], prepare: Callable[[str], Finish],
-               estimate: Callable[[str], int], *, budget: int,
-               workers: int = 1) -> Iterator[tuple[str, Finish]]:
-    """Yield ``(name, prepare(name))`` in order, with ``workers`` threads preparing the
-    following tensors while the caller finishes the current one, as many ahead as fit in
-    ``budget`` bytes together with it (by ``estimate``), at most ``2 * workers`` queued; a
-    tensor alone is always allowed.
-
-    Preparing (reads, checksums, decoding, and the merge of one-block tensors) and finishing
-    (writing) are mostly numpy, zstd and system calls, which release the GIL, so they run on
-    several cores at once; reading ahead more than one tensor evens out tensors of very
-    different sizes.  Workers only read inputs (positional reads) and only the caller writes.
-    """
-    if workers == 0:  # everything in the caller's thread (profilers see only that one)
-        for name in names:
-            yield name, prepare(name)
-        return
-    queue: deque[tuple[str, int, Future]] = deque()
-    held, following = 0, 0
-
-    def read_ahead() -> None:
-        nonlocal held, following
-        while following < len(names):
-            size = estimate(names[following])
-            if held and (held + size > budget or len(queue) >= 2 * workers):
-                return  # deeper queues only hold memory: the writer is the bottleneck then
-            queue.append((names[following], size, pool.submit(prepare, names[following])))
-            held += size
-            following += 1
-
-    with ThreadPoolExecutor(workers, thread_name_prefix="sparsestitch-read") as pool:
-        try:
-            while queue or following < len(names):
-                read_ahead()
-                name, size, future = queue.popleft()
-                finish = future.result()
-                read_ahead()
-                yield name, finish
-                del finish
-                held -= size
-        finally:
-            for _, _, future in queue:
-                future.cancel()
 
 
 def _estimate(base: Checkpoint, readers: Sequence[DeltaReader],

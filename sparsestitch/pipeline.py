@@ -1,0 +1,66 @@
+"""Ordered read-ahead: prepare the next items in worker threads while the caller uses
+the current one.
+
+The stitcher and the compressor read, check and decode tensor by tensor and must
+write in file order.  The work per tensor is mostly numpy, zstd, xxhash and
+positional reads, which release the GIL, so a couple of threads keep both cores
+busy; the caller alone writes, so outputs need no locking.  Memory is planned
+with a per-item estimate against a budget.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TypeVar
+
+T = TypeVar("T")
+
+#: Worker threads to use by default: numpy, zstd and pread release the GIL.
+DEFAULT_WORKERS = max(1, min(4, os.cpu_count() or 1))
+
+
+def in_order(names: Sequence[str], prepare: Callable[[str], T],
+             estimate: Callable[[str], int], *, budget: int,
+             workers: int = 1) -> Iterator[tuple[str, T]]:
+    """Yield ``(name, prepare(name))`` in the order of ``names``, with ``workers`` threads
+    preparing the following names while the caller uses the current result, as many ahead
+    as fit in ``budget`` (by ``estimate``, counting the one the caller holds) and at most
+    ``2 * workers`` queued; one alone is always allowed.  ``workers=0`` prepares in the
+    caller's thread (profilers see only that one).
+
+    Stops the workers when the caller stops early or an error reaches it; an error in
+    ``prepare`` reaches the caller when it gets to that name.
+    """
+    if workers == 0:  # everything in the caller's thread (profilers see only that one)
+        for name in names:
+            yield name, prepare(name)
+        return
+    queue: deque[tuple[str, int, Future]] = deque()
+    held, following = 0, 0
+
+    def read_ahead() -> None:
+        nonlocal held, following
+        while following < len(names):
+            size = estimate(names[following])
+            if held and (held + size > budget or len(queue) >= 2 * workers):
+                return  # deeper queues only hold memory: the caller is the bottleneck then
+            queue.append((names[following], size, pool.submit(prepare, names[following])))
+            held += size
+            following += 1
+
+    with ThreadPoolExecutor(workers, thread_name_prefix="sparsestitch") as pool:
+        try:
+            while queue or following < len(names):
+                read_ahead()
+                name, size, future = queue.popleft()
+                result = future.result()
+                read_ahead()
+                yield name, result
+                del result  # before the next is prepared, unless the caller keeps it
+                held -= size
+        finally:
+            for _, _, future in queue:
+                future.cancel()
