@@ -36,7 +36,10 @@ from .patterns import as_patterns, matches, selected
 from .pipeline import DEFAULT_WORKERS, in_order
 from .progress import bar
 
-CHUNK_ELEMENTS = 1 << 23
+#: Elements per block and checkpoint read at a time.  Small blocks keep the per-block
+#: passes in cache: compressing the 2.27 GB benchmark model took 3.9 s with 1 << 20 against
+#: 5.0 s with 1 << 23 (two threads).
+CHUNK_ELEMENTS = 1 << 20
 #: Threads scanning and encoding tensors for the global top-k path (0: the caller's thread).
 WORKERS = min(2, DEFAULT_WORKERS)
 # The bracketed global top-k samples every SAMPLE_EVERY-th block of about SAMPLE_BLOCK elements.
