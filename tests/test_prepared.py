@@ -16,7 +16,7 @@ from sparsestitch.errors import BaseMismatchError, SparsestitchError
 
 from .test_hotswap import (Tiny, _disjoint_pair, _module_model, _setup, assert_bits, base_bits,
                            bits_of, live, random_merge_case)
-from .test_rules import FLOAT_DTYPES, RULE_OPTIONS
+from .test_rules import FLOAT_DTYPES, RULE_OPTIONS, random_bits
 from .test_stitch import load_bits, random_model
 
 
@@ -112,6 +112,19 @@ def test_prepared_apply_on_cuda_equals_the_cpu_result(tmp_path, resident):
     for entry in skill._entries:
         for array in (entry.positions, entry.expected, entry.new):
             assert array.is_cuda == resident and (resident or array.is_pinned())
+    with skill.apply(tensors):
+        assert_bits(tensors, model, stitched)
+    assert_bits(tensors, model, base_bits(model))
+
+
+def test_a_non_contiguous_tensor_is_prepared_and_switched_through_its_strides(tmp_path):
+    rng = np.random.default_rng(14)
+    model = {"w": ("F32", (6, 4), random_bits(rng, "F32", 24))}
+    base, deltas, _, _ = _setup(tmp_path, model, 2, seed=14)
+    stitched = load_bits(sparsestitch.stitch(base, deltas, tmp_path / "out.safetensors"))
+    tensors = {"w": live(model)["w"].t().contiguous().t()}   # (6, 4) view, column-major
+    assert not tensors["w"].is_contiguous()
+    skill = sparsestitch.prepare(tensors, deltas)
     with skill.apply(tensors):
         assert_bits(tensors, model, stitched)
     assert_bits(tensors, model, base_bits(model))
