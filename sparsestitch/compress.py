@@ -42,8 +42,9 @@ from .progress import bar
 CHUNK_ELEMENTS = 1 << 20
 #: Threads scanning and encoding tensors for the global top-k path (0: the caller's thread).
 WORKERS = min(2, DEFAULT_WORKERS)
-# The bracketed global top-k samples every SAMPLE_EVERY-th block of about SAMPLE_BLOCK elements.
-SAMPLE_BLOCK = 4096
+# The bracketed global top-k samples every SAMPLE_EVERY-th block of about SAMPLE_BLOCK elements
+# (blocks of whole rows; larger blocks cost fewer reads for the same fraction sampled).
+SAMPLE_BLOCK = 1 << 16
 SAMPLE_EVERY = 16
 SCOPES = ("global", "per-tensor")
 
@@ -341,31 +342,41 @@ class _Job:
         of every SAMPLE_EVERY-th block of about SAMPLE_BLOCK elements of every localized tensor."""
         weighted = [np.zeros(1 << 16) for _ in self.tunes]
         sampled = 0
-        for name in self.localized:
-            entry = self.base.entry(name)
-            dt = lookup_dtype(entry.dtype)
-            rows = entry.shape[0] if entry.shape else 1
-            step = max(1, SAMPLE_BLOCK // max(1, _row_items(entry.shape)))
-            starts = range(0, rows, step * SAMPLE_EVERY)
-            sampled_rows = sum(min(step, rows - s) for s in starts)
-            weight = rows / sampled_rows if sampled_rows else 0.0
-            high_bits = [[] for _ in self.tunes]
-            for start in starts:
-                stop = min(rows, start + step)
-                base_block = self.base.read_rows(name, start, stop)
-                sampled += base_block.size
-                for i, tune in enumerate(self.tunes):
-                    keys = magnitude_keys(tune.read_rows(name, start, stop), base_block, dt)
-                    high_bits[i].append(keys >> 16)
-            for i, bits in enumerate(high_bits):
-                if bits:
-                    weighted[i] += weight * np.bincount(np.concatenate(bits), minlength=1 << 16)
+        for _, (histograms, count) in in_order(self.localized, self._sample_tensor,
+                                               lambda name: 1, budget=2 * self.workers,
+                                               workers=self.workers):
+            sampled += count
+            for total, histogram in zip(weighted, histograms):
+                total += histogram
         expected_above = k * sampled / max(self.candidates, 1)
         out = []
         for hist in weighted:
             low_bin, high_bin = bracket_bins(hist, k, expected_above)
             out.append((low_bin << 16, (high_bin << 16) | 0xFFFF))
         return out
+
+    def _sample_tensor(self, name: str) -> tuple[list[np.ndarray], int]:
+        """Per fine-tune, the weighted histogram of the top 16 key bits over this tensor's
+        sample blocks, and the number of elements sampled."""
+        entry = self.base.entry(name)
+        dt = lookup_dtype(entry.dtype)
+        rows = entry.shape[0] if entry.shape else 1
+        step = max(1, SAMPLE_BLOCK // max(1, _row_items(entry.shape)))
+        starts = range(0, rows, step * SAMPLE_EVERY)
+        sampled_rows = sum(min(step, rows - s) for s in starts)
+        weight = rows / sampled_rows if sampled_rows else 0.0
+        high_bits = [[] for _ in self.tunes]
+        sampled = 0
+        for start in starts:
+            stop = min(rows, start + step)
+            base_block = self.base.read_rows(name, start, stop)
+            sampled += base_block.size
+            for i, tune in enumerate(self.tunes):
+                keys = magnitude_keys(tune.read_rows(name, start, stop), base_block, dt)
+                high_bits[i].append(keys >> 16)
+        histograms = [weight * np.bincount(np.concatenate(bits), minlength=1 << 16) if bits
+                      else np.zeros(1 << 16) for bits in high_bits]
+        return histograms, sampled
 
     # -- shared --
 
