@@ -145,7 +145,7 @@ def _rename_new(temporary: Path, target: Path) -> None:
             return
         os.rename(temporary, target)
     except OSError as exc:
-        if exc.errno in (errno.EEXIST, errno.ENOTEMPTY):
+        if exc.errno in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR):
             raise _appeared(target) from None
         raise
 

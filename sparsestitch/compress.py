@@ -17,6 +17,7 @@ import json
 import os
 import tempfile
 import time
+from contextlib import closing
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -263,26 +264,26 @@ class _Job:
                 return inside[above], (inside[~above], keys[inside[~above]])
 
             with bar(self._total_bytes(), "localize", self.progress) as progress:
-                scanned = in_order(self.base.names, lambda name: self._scan(name, choose),
-                                   lambda name: 1, budget=2 * self.workers,
-                                   workers=self.workers)
-                for name, (hashes[name], kept) in scanned:
-                    for i, (positions, finetuned, base, *candidates) in enumerate(kept):
-                        spool = spools[i]
-                        index[i][name] = (spool.tell(), positions.size,
-                                          candidates[0].size if candidates else 0)
-                        arrays = [positions, finetuned, base]
-                        if candidates:
-                            arrays += candidates[:3]
-                            candidate_keys[i].append(candidates[3])
-                        try:
-                            for array in arrays:
-                                spool.write(np.ascontiguousarray(array).tobytes())
-                        except OSError as exc:
-                            raise output_error(exc, writers[i].path) from exc
-                        if name in self.localized:
-                            definite[i] += positions.size
-                    progress.update(self.base.entry(name).nbytes)
+                with closing(in_order(self.base.names, lambda name: self._scan(name, choose),
+                                      lambda name: 1, budget=2 * self.workers,
+                                      workers=self.workers)) as scanned:
+                    for name, (hashes[name], kept) in scanned:
+                        for i, (positions, finetuned, base, *candidates) in enumerate(kept):
+                            spool = spools[i]
+                            index[i][name] = (spool.tell(), positions.size,
+                                              candidates[0].size if candidates else 0)
+                            arrays = [positions, finetuned, base]
+                            if candidates:
+                                arrays += candidates[:3]
+                                candidate_keys[i].append(candidates[3])
+                            try:
+                                for array in arrays:
+                                    spool.write(np.ascontiguousarray(array).tobytes())
+                            except OSError as exc:
+                                raise output_error(exc, writers[i].path) from exc
+                            if name in self.localized:
+                                definite[i] += positions.size
+                        progress.update(self.base.entry(name).nbytes)
             for i, spool in enumerate(spools):  # the encode pass reads them with pread
                 try:
                     spool.flush()
@@ -313,7 +314,10 @@ class _Job:
                     for dtype, n in ((np.int64, n_definite), (dt.bits, n_definite),
                                      (dt.bits, n_definite), (np.int64, n_candidates),
                                      (dt.bits, n_candidates), (dt.bits, n_candidates)):
-                        arrays.append(_read_array(spool, at, dtype, n))
+                        try:
+                            arrays.append(_read_array(spool, at, dtype, n))
+                        except OSError as exc:  # the spool sits beside this output
+                            raise output_error(exc, writers[i].path) from exc
                         at += n * np.dtype(dtype).itemsize
                     start = first_candidate[i][name]
                     pick = chosen[i][start:start + n_candidates]
@@ -326,12 +330,12 @@ class _Job:
                 return records
 
             with bar(self._total_bytes(), "encode", self.progress) as progress:
-                encoded = in_order(self.base.names, encode, lambda name: 1,
-                                   budget=2 * self.workers, workers=self.workers)
-                for name, records in encoded:
-                    for i, (record, payload) in enumerate(records):
-                        self._add(writers, i, record, payload)
-                    progress.update(self.base.entry(name).nbytes)
+                with closing(in_order(self.base.names, encode, lambda name: 1,
+                                      budget=2 * self.workers, workers=self.workers)) as encoded:
+                    for name, records in encoded:
+                        for i, (record, payload) in enumerate(records):
+                            self._add(writers, i, record, payload)
+                        progress.update(self.base.entry(name).nbytes)
             return True
         finally:
             for spool in spools:
@@ -342,12 +346,12 @@ class _Job:
         of every SAMPLE_EVERY-th block of about SAMPLE_BLOCK elements of every localized tensor."""
         weighted = [np.zeros(1 << 16) for _ in self.tunes]
         sampled = 0
-        for _, (histograms, count) in in_order(self.localized, self._sample_tensor,
-                                               lambda name: 1, budget=2 * self.workers,
-                                               workers=self.workers):
-            sampled += count
-            for total, histogram in zip(weighted, histograms):
-                total += histogram
+        with closing(in_order(self.localized, self._sample_tensor, lambda name: 1,
+                              budget=2 * self.workers, workers=self.workers)) as samples:
+            for _, (histograms, count) in samples:
+                sampled += count
+                for total, histogram in zip(weighted, histograms):
+                    total += histogram
         expected_above = k * sampled / max(self.candidates, 1)
         out = []
         for hist in weighted:

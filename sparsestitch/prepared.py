@@ -10,22 +10,30 @@ memory with ``resident=True``), gathers the live values, checks them against
 *expected*, and scatters *new*: no file access, no decoding, no merge arithmetic,
 and one device synchronisation for the whole model.
 
-Exactness: the merge result at a position depends only on the deltas and the
-model's value there, for every rule.  So if the live values at the prepared
-positions still equal *expected*, the prepared *new* bits are exactly what a fresh
-``apply`` would write; if any differs (the model changed, or a patch applied since
-overlaps), :meth:`~PreparedPatch.apply` raises before modifying anything.  A tensor
+Exactness: for every rule the merge depends only on the deltas and the model's
+values at the positions the deltas store (TIES ranks all of a tensor's stored
+entries, so a stored position it trims away still matters).  So the prepared patch
+also keeps the bits at every stored position (*guard*) where the rule changes
+fewer; if the live values there and at the changed positions still equal what was
+prepared, the *new* bits are exactly what a fresh ``apply`` would write; if any
+differs (the model changed, or a patch applied since overlaps),
+:meth:`~PreparedPatch.apply` raises before modifying anything.  A tensor
 that was replaced or moved since :func:`prepare` (``model.to(...)``, reloading) is
 refused too, rather than patching storage the model no longer uses.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
+
 from .errors import BaseMismatchError, SparsestitchError
+from .format import DeltaReader
+from .stitch.union import union_of
 from .hotswap import Patch, _Entry, _Live, _named_tensors
 from .hotswap import apply as apply_from_files
 
@@ -36,6 +44,8 @@ class _Prepared:
     positions: object   # torch flat positions (int32 in host memory for CUDA tensors)
     expected: object    # torch bits there before the patch
     new: object         # torch bits there after it
+    guard: object = None            # stored positions the rule leaves unchanged (or None)
+    guard_expected: object = None   # the bits there
 
 
 class PreparedPatch:
@@ -58,7 +68,8 @@ class PreparedPatch:
     def nbytes(self) -> int:
         """Memory the prepared arrays hold (host or device)."""
         return sum(t.numel() * t.element_size() for e in self._entries
-                   for t in (e.positions, e.expected, e.new))
+                   for t in (e.positions, e.expected, e.new, e.guard, e.guard_expected)
+                   if t is not None)
 
     def apply(self, model) -> Patch:
         """Switch the skill on in ``model`` (the one given to :func:`prepare`); returns the
@@ -78,11 +89,15 @@ class PreparedPatch:
             expected = entry.expected.to(live.device, non_blocking=True)
             new = entry.new.to(live.device, non_blocking=True)
             current = live.take(positions)
-            staged.append((live, positions, expected, new, current))
+            differs = (current != expected).any()
+            if entry.guard is not None:
+                guard = entry.guard.to(live.device, non_blocking=True).long()
+                guard_expected = entry.guard_expected.to(live.device, non_blocking=True)
+                differs = differs | (live.take(guard) != guard_expected).any()
+            staged.append((live, positions, expected, new, differs))
         if staged:
             # One synchronisation for the whole model, and nothing written unless all agree.
-            differs = torch.stack([(current != expected).any()
-                                   for _, _, expected, _, current in staged])
+            differs = torch.stack([d for *_, d in staged])
             if bool(differs.any()):
                 live = staged[int(differs.nonzero()[0, 0])][0]
                 raise BaseMismatchError("the model's values at this patch's positions changed "
@@ -122,20 +137,37 @@ def prepare(model, deltas: str | os.PathLike | Sequence[str | os.PathLike], *,
     patch = apply_from_files(model, deltas, rule=rule, weights=weights, verify_base=verify_base,
                              added=added, **rule_options)
     try:
-        entries = []
-        for entry in patch._entries.values():
-            live = entry.live
-            positions = entry.positions
-            if live.device.type == "cuda" and not resident and live.numel < 2**31:
-                positions = positions.to(torch.int32)  # half the bytes to move at apply time
-            new = live.take(entry.positions)
-            arrays = [positions, entry.originals, new]
-            if not resident:
-                arrays = [_host(a) for a in arrays]
-            entries.append(_Prepared(live, *arrays))
+        changed = [(entry.live, entry.positions, entry.originals, entry.live.take(entry.positions))
+                   for entry in patch._entries.values()]
     finally:
         patch.revert()
+    paths = [deltas] if isinstance(deltas, (str, os.PathLike)) else list(deltas)
+    with contextlib.ExitStack() as stack:
+        readers = [stack.enter_context(DeltaReader(p)) for p in paths]
+        entries = []
+        for live, positions, expected, new in changed:
+            stored = _stored_positions(readers, live.name)
+            guard = guard_expected = None
+            if stored.size != positions.numel():  # the rule changes a subset: guard the rest
+                kept = np.isin(stored, positions.cpu().numpy(), assume_unique=True)
+                guard = torch.from_numpy(stored[~kept]).to(live.device)
+                guard_expected = live.take(guard)
+            arrays = [positions, expected, new, guard, guard_expected]
+            if live.device.type == "cuda" and not resident and live.numel < 2**31:
+                # half the bytes to move at apply time
+                arrays[0] = positions.to(torch.int32)
+                arrays[3] = None if guard is None else guard.to(torch.int32)
+            if not resident:
+                arrays = [None if a is None else _host(a) for a in arrays]
+            entries.append(_Prepared(live, *arrays))
     return PreparedPatch(entries)
+
+
+def _stored_positions(readers: Sequence[DeltaReader], name: str) -> np.ndarray:
+    """Sorted union of the flat positions the deltas store for tensor ``name``."""
+    arrays = [reader.positions(record) for reader in readers
+              if (record := reader.record(name)) is not None and record.kind == "sparse"]
+    return union_of(arrays).positions
 
 
 def _host(tensor):

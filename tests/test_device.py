@@ -146,3 +146,23 @@ def test_block_merges_on_torch_and_numpy_match_the_combiner(seed, dt_name, count
         assert s is None or (np.array_equal(s.finetuned, kept[0]) and np.array_equal(s.base, kept[1]))
     assert isinstance(DeviceCombiner(combiner, "cpu").block_merge(dt, stored), DeviceBlockMerge)
     assert isinstance(combiner.block_merge(dt, stored), BlockMerge)
+
+
+def test_the_engine_runs_device_merges_in_its_writing_thread_only(tmp_path):
+    """Reader threads decode; device work (and device memory) stays in the caller's thread."""
+    import threading
+    from unittest import mock
+
+    from sparsestitch.stitch import engine
+    from sparsestitch.stitch.device import DeviceBlockMerge
+
+    deltas = _three_deltas(tmp_path, density=0.4)
+    threads, real = [], DeviceBlockMerge.__call__
+
+    def spy(self, block, first):
+        threads.append(threading.current_thread())
+        return real(self, block, first)
+    with mock.patch.object(DeviceBlockMerge, "__call__", spy):
+        engine.run(tmp_path / "base.safetensors", deltas, tmp_path / "out.safetensors",
+                   DeviceCombiner(rule_combiner("localize-stitch", None, 3), "cpu"))
+    assert threads and set(threads) == {threading.main_thread()}

@@ -17,7 +17,7 @@ from sparsestitch.errors import BaseMismatchError, SparsestitchError
 from .test_hotswap import (Tiny, _disjoint_pair, _module_model, _setup, assert_bits, base_bits,
                            bits_of, live, random_merge_case)
 from .test_rules import FLOAT_DTYPES, RULE_OPTIONS, random_bits
-from .test_stitch import load_bits, random_model
+from .test_stitch import load_bits, random_model, write_delta, write_model
 
 
 @settings(max_examples=20, deadline=None)
@@ -128,3 +128,24 @@ def test_a_non_contiguous_tensor_is_prepared_and_switched_through_its_strides(tm
     with skill.apply(tensors):
         assert_bits(tensors, model, stitched)
     assert_bits(tensors, model, base_bits(model))
+
+
+def test_ties_guards_the_stored_positions_it_trims_away(tmp_path):
+    """TIES ranks every stored entry of a tensor, so a change at a stored position it left
+    unchanged alters the merge elsewhere: the prepared patch must refuse it."""
+    rng = np.random.default_rng(15)
+    model = {"w": ("F32", (8, 8), random_bits(rng, "F32", 64))}
+    base = write_model(tmp_path / "base.safetensors", model)
+    tune = random_bits(rng, "F32", 64, near=model["w"][2])
+    delta = write_delta(tmp_path / "d.delta", model, {"w": np.ones(64, bool)}, {"w": tune})
+    tensors = live(model)
+    skill = sparsestitch.prepare(tensors, delta, rule="ties", density=0.25)
+    (entry,) = skill._entries
+    assert entry.guard is not None and entry.guard.numel() + entry.positions.numel() == 64
+    trimmed = int(entry.guard[0])
+    tensors["w"].view(-1)[trimmed] = 1e30
+    before = bits_of(tensors, model)
+    with pytest.raises(BaseMismatchError, match="changed since it was prepared"):
+        skill.apply(tensors)
+    assert_bits(tensors, model, before)
+    assert base.exists()

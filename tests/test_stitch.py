@@ -321,3 +321,33 @@ def test_tensors_deltas_add_are_written_once(tmp_path):
     with pytest.raises(TensorMismatchError, match="add different tensors"):
         sparsestitch.stitch(base, [a, other], tmp_path / "bad.safetensors")
 
+
+
+def test_records_too_big_for_the_budget_are_cut_where_they_are_dense(tmp_path):
+    """All stored positions in the first 1% of rows: the memory-bounded path must cut those
+    rows finely (by counted positions), not the tensor evenly."""
+    from sparsestitch.stitch import combine
+
+    rng = np.random.default_rng(9)
+    rows, cols = 4000, 256
+    model = {"w": ("F32", (rows, cols), random_bits(rng, "F32", rows * cols))}
+    mask = np.zeros(rows * cols, bool)
+    mask[:40 * cols] = True
+    tune = random_bits(rng, "F32", rows * cols, near=model["w"][2])
+    base = write_model(tmp_path / "base.safetensors", model)
+    delta = write_delta(tmp_path / "d.delta", model, {"w": mask}, {"w": tune})
+    held, real = [], combine.BlockMerge.__init__
+
+    def spy(self, combiner, dt, stored):
+        held.append(sum(s.positions.size for s in stored if s is not None))
+        real(self, combiner, dt, stored)
+    max_memory = 64 << 10
+    (tmp_path / "cut").mkdir()
+    (tmp_path / "whole").mkdir()
+    with mock.patch.object(combine.BlockMerge, "__init__", spy):
+        out = sparsestitch.stitch(base, [delta, delta], tmp_path / "cut" / "out.safetensors",
+                                  max_memory=max_memory)
+    assert len(held) > 1
+    assert max(held) * engine.DECODED_BYTES_PER_POSITION <= max_memory // 4
+    want = sparsestitch.stitch(base, [delta, delta], tmp_path / "whole" / "out.safetensors")
+    assert file_bytes(out) == file_bytes(want)

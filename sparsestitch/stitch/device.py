@@ -50,6 +50,10 @@ def resolve_device(device: str):
 class DeviceCombiner:
     """Run ``combiner`` on torch ``device`` where the rule is elementwise (see module doc)."""
 
+    #: The engine calls it from its writing thread only: device work stays in one thread
+    #: and device memory is one block's worth at a time.
+    runs_in_readers = False
+
     def __init__(self, combiner: RuleCombiner, device):
         import torch
 

@@ -274,7 +274,8 @@ def _prepare(base: Checkpoint, readers: Sequence[DeltaReader],
         return _streamed(base, readers, name, combiner, block_bytes)
     blocks = RowBlocks.of(entry.shape, dt.itemsize, block_bytes)
     stored, whole = gather(base, readers, name, blocks)
-    if whole is not None:  # one block (the common case): merge here, in the reader thread
+    in_reader = getattr(combiner, "runs_in_readers", True)
+    if whole is not None and in_reader:  # one block (common): merge here, in the reader thread
         if merges_blocks is not None and merges_blocks(dt):
             combiner.block_merge(dt, stored)(whole, 0)
         else:
@@ -284,7 +285,8 @@ def _prepare(base: Checkpoint, readers: Sequence[DeltaReader],
             else:
                 whole[new_positions] = new_bits
         return lambda writer: writer.write(name, whole)
-    read_block = lambda start, stop: base.read_rows(name, start, stop)  # noqa: E731
+    read_block = ((lambda start, stop: whole) if whole is not None else
+                  (lambda start, stop: base.read_rows(name, start, stop)))
     if merges_blocks is not None and merges_blocks(dt):
         merge = combiner.block_merge(dt, stored)
 
@@ -305,11 +307,13 @@ def _streamed(base: Checkpoint, readers: Sequence[DeltaReader], name: str, combi
               block_bytes: int) -> Finish:
     """What writes a tensor whose decoded records would not fit in the budget at once.
 
-    The tensor is cut into as many row blocks as it takes for each block's share of the
-    records to fit; for every block, each record is decoded again (whole: the codecs have
-    no random access) and only its part inside the block is kept, so the memory held is
-    one block, its share of the records, and one decoded record.  Decoding is repeated
-    once per block: slower, never over the budget.  Values are decoded with the base bits
+    The tensor is cut into row blocks that each hold at most a block's worth of base bits
+    and of decoded records, from a first pass counting the stored positions per row (one
+    record decoded at a time), so skewed records are cut where they are dense.  For every
+    block each record is decoded again (whole: the codecs have no random access) and only
+    its part inside the block is kept, so the memory held is one block, its share of the
+    records, and one decoded record.  Decoding is repeated once per block: slower, never
+    over the budget.  Values are decoded with the base bits
     of this block only (zeros elsewhere); every value codec is elementwise, so the part
     inside the block is exact.  The base checksum is checked after the last block; a
     mismatch raises before anything is published (the output is still temporary).
@@ -318,11 +322,15 @@ def _streamed(base: Checkpoint, readers: Sequence[DeltaReader], name: str, combi
     dt = lookup_dtype(entry.dtype)
     records = [reader.record(name) for reader in readers]
     sparse = [(i, r) for i, r in enumerate(records) if r is not None and r.kind == "sparse"]
-    parts = -(-DECODED_BYTES_PER_POSITION * _stored(readers, name) // block_bytes)
     rows = entry.shape[0] if entry.shape else 1
     widest = RowBlocks.of(entry.shape, dt.itemsize, block_bytes)
-    step = max(1, min(widest.bounds[0][1] - widest.bounds[0][0], -(-rows // parts)))
-    blocks = RowBlocks([(s, min(rows, s + step)) for s in range(0, rows, step)] or [(0, 0)],
+    per_row = np.zeros(rows, np.int64)
+    for i, record in sparse:  # stored positions per row, one record decoded at a time
+        positions = readers[i].positions(record)
+        per_row += np.bincount(positions // max(1, widest.row_items), minlength=rows)[:rows]
+        del positions
+    blocks = RowBlocks(_cut_rows(per_row, widest.bounds[0][1] - widest.bounds[0][0],
+                                 max(1, block_bytes // DECODED_BYTES_PER_POSITION)),
                        widest.row_items)
 
     def finish(writer: CheckpointWriter) -> None:
@@ -347,6 +355,26 @@ def _streamed(base: Checkpoint, readers: Sequence[DeltaReader], name: str, combi
             writer.write(name, block)
         _check_base(readers, records, name, digest.hexdigest())
     return finish
+
+
+def _cut_rows(per_row: np.ndarray, max_rows: int, max_positions: int) -> list[tuple[int, int]]:
+    """Consecutive row ranges of at most ``max_rows`` rows and ``max_positions`` stored
+    positions each (a single row may exceed the latter: rows are not split).
+
+    >>> _cut_rows(np.array([5, 0, 0, 5, 1]), 10, 5)
+    [(0, 3), (3, 4), (4, 5)]
+    """
+    rows = per_row.size
+    if rows == 0:
+        return [(0, 0)]
+    cumulative = np.concatenate([[0], np.cumsum(per_row)])
+    bounds, start = [], 0
+    while start < rows:
+        fits = int(np.searchsorted(cumulative, cumulative[start] + max_positions, side="right")) - 1
+        stop = min(rows, start + max_rows, max(start + 1, fits))
+        bounds.append((start, stop))
+        start = stop
+    return bounds
 
 
 def _check_delta_fits(base: Checkpoint, reader: DeltaReader) -> None:
