@@ -75,7 +75,7 @@ class MaskProtocol:
 # Tokens kept per text: news leads need more than a tweet, a dialog line or a name.
 MAX_LENGTH = {"bbc": 32, "tweets": 64, "language": 48, "names": 16}
 # Scales tried on validation for task arithmetic, TIES and DARE.
-SCALES = (0.3, 0.5, 0.7, 1.0, 1.5)
+SCALES = (0.1, 0.15, 0.2, 0.25, 0.3, 0.5, 0.7, 1.0, 1.5)
 TIES_DENSITY = 0.2
 DARE_DROP = 0.9
 EVAL_BATCH = 64
