@@ -17,8 +17,8 @@ import json
 import os
 import tempfile
 import time
-from contextlib import closing
 from collections.abc import Iterable, Mapping, Sequence
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,7 +30,7 @@ from .atomic import check_not_an_input, output_error
 from .checkpoint import Checkpoint
 from .dtypes import dtype as lookup_dtype
 from .errors import CheckpointError, TensorMismatchError
-from .format import HEADER_KEY, DeltaWriter, Record, digest, encode_record
+from .format import HEADER_KEY, DeltaWriter, Record, digest, encode_record, pread_bytes
 from .localize.topk import (TopK, bracket_bins, count_to_keep, magnitude_keys,
                             resolve_candidates)
 from .patterns import as_patterns, matches, selected
@@ -264,9 +264,8 @@ class _Job:
                 return inside[above], (inside[~above], keys[inside[~above]])
 
             with bar(self._total_bytes(), "localize", self.progress) as progress:
-                with closing(in_order(self.base.names, lambda name: self._scan(name, choose),
-                                      lambda name: 1, budget=2 * self.workers,
-                                      workers=self.workers)) as scanned:
+                with self._ahead(self.base.names,
+                                 lambda name: self._scan(name, choose)) as scanned:
                     for name, (hashes[name], kept) in scanned:
                         for i, (positions, finetuned, base, *candidates) in enumerate(kept):
                             spool = spools[i]
@@ -330,8 +329,7 @@ class _Job:
                 return records
 
             with bar(self._total_bytes(), "encode", self.progress) as progress:
-                with closing(in_order(self.base.names, encode, lambda name: 1,
-                                      budget=2 * self.workers, workers=self.workers)) as encoded:
+                with self._ahead(self.base.names, encode) as encoded:
                     for name, records in encoded:
                         for i, (record, payload) in enumerate(records):
                             self._add(writers, i, record, payload)
@@ -346,8 +344,7 @@ class _Job:
         of every SAMPLE_EVERY-th block of about SAMPLE_BLOCK elements of every localized tensor."""
         weighted = [np.zeros(1 << 16) for _ in self.tunes]
         sampled = 0
-        with closing(in_order(self.localized, self._sample_tensor, lambda name: 1,
-                              budget=2 * self.workers, workers=self.workers)) as samples:
+        with self._ahead(self.localized, self._sample_tensor) as samples:
             for _, (histograms, count) in samples:
                 sampled += count
                 for total, histogram in zip(weighted, histograms):
@@ -358,6 +355,11 @@ class _Job:
             low_bin, high_bin = bracket_bins(hist, k, expected_above)
             out.append((low_bin << 16, (high_bin << 16) | 0xFFFF))
         return out
+
+    def _ahead(self, names, prepare):
+        """``prepare`` each of ``names`` in this job's threads, yielded in order (a context
+        manager: leaving it early stops the threads)."""
+        return closing(in_order(names, prepare, workers=self.workers))
 
     def _sample_tensor(self, name: str) -> tuple[list[np.ndarray], int]:
         """Per fine-tune, the weighted histogram of the top 16 key bits over this tensor's
@@ -518,13 +520,10 @@ def _read_array(spool, offset: int, dtype, count: int) -> np.ndarray:
     """``count`` values of ``dtype`` at ``offset`` of a spool file, without moving its file
     position (several threads read one spool)."""
     nbytes = count * np.dtype(dtype).itemsize
-    data = os.pread(spool.fileno(), nbytes, offset) if nbytes else b""
-    while len(data) < nbytes:  # pread may return less than asked for
-        more = os.pread(spool.fileno(), nbytes - len(data), offset + len(data))
-        if not more:
-            raise OSError(f"spool ended early ({len(data)} of {nbytes} bytes)")
-        data += more
-    return np.frombuffer(data, dtype=dtype).copy() if nbytes else np.empty(0, dtype)
+    data = pread_bytes(spool.fileno(), nbytes, offset)
+    if len(data) != nbytes:
+        raise OSError(f"spool ended early ({len(data)} of {nbytes} bytes)")
+    return np.frombuffer(data, dtype=dtype).copy()
 
 
 def _row_items(shape: tuple[int, ...]) -> int:

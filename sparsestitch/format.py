@@ -168,7 +168,7 @@ class DeltaWriter:
             pass
 
 
-def _pread(fd: int, nbytes: int, offset: int) -> bytes:
+def pread_bytes(fd: int, nbytes: int, offset: int) -> bytes:
     """``nbytes`` at ``offset`` (fewer at end of file), without moving a shared file position:
     several threads read one delta at once."""
     parts, got = [], 0
@@ -220,7 +220,7 @@ class DeltaReader:
 
     def payload(self, record: Record) -> bytes:
         """The checked payload bytes of a stored record."""
-        data = _pread(self._file.fileno(), record.nbytes, self._offsets[record.name])
+        data = pread_bytes(self._file.fileno(), record.nbytes, self._offsets[record.name])
         if len(data) != record.nbytes:
             raise DeltaFormatError("payload is truncated", path=self.path, tensor=record.name)
         if digest(data) != record.payload_xxh3:

@@ -23,13 +23,13 @@ DEFAULT_WORKERS = max(1, min(4, os.cpu_count() or 1))
 
 
 def in_order(names: Sequence[str], prepare: Callable[[str], T],
-             estimate: Callable[[str], int], *, budget: int,
+             estimate: Callable[[str], int] = lambda name: 0, *, budget: int = 0,
              workers: int = 1) -> Iterator[tuple[str, T]]:
     """Yield ``(name, prepare(name))`` in the order of ``names``, with ``workers`` threads
-    preparing the following names while the caller uses the current result, as many ahead
-    as fit in ``budget`` (by ``estimate``, counting the one the caller holds) and at most
-    ``2 * workers`` queued; one alone is always allowed.  ``workers=0`` prepares in the
-    caller's thread (profilers see only that one).
+    preparing the following names while the caller uses the current result, at most
+    ``2 * workers`` queued and, with an ``estimate``, only as many as fit in ``budget``
+    bytes (counting the one the caller holds); one alone is always allowed.
+    ``workers=0`` prepares in the caller's thread (profilers see only that one).
 
     Stops the workers when the caller stops early or an error reaches it; an error in
     ``prepare`` reaches the caller when it gets to that name.

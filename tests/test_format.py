@@ -117,13 +117,13 @@ def test_reading_one_tensor_reads_only_its_bytes(delta, monkeypatch):
     path, tensors, _ = delta
     entries, data_start = data_area(path)
     ranges = []
-    real_pread = delta_format._pread
+    real_pread = delta_format.pread_bytes
 
     def logged(fd, nbytes, offset):
         data = real_pread(fd, nbytes, offset)
         ranges.append((offset, offset + len(data)))
         return data
-    monkeypatch.setattr(delta_format, "_pread", logged)
+    monkeypatch.setattr(delta_format, "pread_bytes", logged)
     with DeltaReader(path) as reader:
         for name in ("a.sparse", "g.ints", "c.added"):
             ranges.clear()

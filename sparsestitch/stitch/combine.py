@@ -119,15 +119,17 @@ class BlockMerge:
     WINDOW = 1 << 18
 
     def __init__(self, combiner: RuleCombiner, dt: DType, stored: Sequence[Stored | None]):
-        self.dt, self.rule = dt, combiner.rule
+        self.dt = dt
         wide = dt.wide.type
         self.scale = wide(combiner.options.get("scale", 1.0))
         self.vectors = [(s.positions, _weighted_tau(s, w, dt))
                         for s, w in zip(stored, combiner.weights) if s is not None]
+        self.counting = combiner.rule == "localize-stitch"  # the mean needs a count
         self.total = np.empty(self.WINDOW, dt.wide)
-        self.covering = np.empty(self.WINDOW, dt.wide)
         self.touched = np.empty(self.WINDOW, bool)
-        self.ones = np.ones(self.WINDOW, dt.wide)
+        if self.counting:
+            self.covering = np.empty(self.WINDOW, dt.wide)
+            self.ones = np.ones(self.WINDOW, dt.wide)
 
     def __call__(self, block: np.ndarray, first: int) -> None:
         """Merge into ``block``: the flat base bits of elements ``first, first + 1, ...``."""
@@ -147,7 +149,7 @@ class BlockMerge:
                       live: list[tuple[np.ndarray, np.ndarray]]) -> None:
         dt = self.dt
         total, touched = self.total[:size], self.touched[:size]
-        counting = self.rule == "localize-stitch"
+        counting = self.counting
         total.fill(0)
         if counting:
             covering = self.covering[:size]

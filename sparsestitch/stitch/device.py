@@ -1,21 +1,19 @@
 """The merge arithmetic on a torch device (CUDA when there is one).
 
-:class:`DeviceCombiner` wraps a :class:`~.combine.RuleCombiner` and runs the
-elementwise rules -- Localize-and-Stitch and task arithmetic -- with torch on
-the given device: decoded positions and values are copied there (from pinned
-host memory on CUDA), the union of positions is found with ``torch.unique``,
-each delta is accumulated with one ``index_add_`` (its positions are unique,
-so no two writes of one call meet and the sum is deterministic), and the
-result is rounded to the model dtype with the same integer rule as
-:func:`sparsestitch.dtypes.from_wide`.  The operations and their order are
-those of :mod:`.rules`, so results are bit-identical to the CPU combiner
-(tests check it with torch on the CPU).  TIES, DARE and non-float tensors use
-the CPU combiner.
+:class:`DeviceCombiner` wraps a :class:`~.combine.RuleCombiner`; the engine
+asks it for block merges (:class:`DeviceBlockMerge`) of the elementwise rules --
+Localize-and-Stitch and task arithmetic -- on float tensors: each base block and
+the records' slices in it are copied to the device (from pinned host memory on
+CUDA), each delta is accumulated into dense sums over the block with one
+``index_add_`` (its positions are unique, so no two writes of one call meet and
+the sum is deterministic), and the result is rounded to the model dtype with the
+same integer rule as :func:`sparsestitch.dtypes.from_wide`.  The operations and
+their order are those of :mod:`.rules`, so results are bit-identical to the CPU
+combiner (tests check it with torch on the CPU).  TIES, DARE and non-float
+tensors use the CPU combiner.
 
-In the file stitcher the merge runs block by block (:class:`DeviceBlockMerge`):
-dense sums over each base block on the device, no union at all.  What stays on
-the host: reading, checksums and decoding of the records (the codecs are
-numpy).  Positions are not decoded on the device.
+What stays on the host: reading, checksums and decoding of the records (the
+codecs are numpy).  Positions are not decoded on the device.
 """
 
 from __future__ import annotations
@@ -25,7 +23,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from ..dtypes import DType
-from .combine import CANONICAL_NAN, ELEMENTWISE_RULES, RuleCombiner
+from .combine import CANONICAL_NAN, RuleCombiner
 from .engine import Stored
 
 _TORCH_BITS = {1: "uint8", 2: "int16", 4: "int32", 8: "int64"}
@@ -62,33 +60,8 @@ class DeviceCombiner:
 
     def __call__(self, name: str, dt: DType, numel: int, stored: Sequence[Stored | None],
                  onto: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-        present = [(s, w) for s, w in zip(stored, self.combiner.weights) if s is not None]
-        if (self.combiner.rule not in ELEMENTWISE_RULES or not dt.is_float or not present
-                or onto is not None):
-            return self.combiner(name, dt, numel, stored, onto)
-        import torch
-
-        positions = [self._to_device(s.positions) for s, _ in present]
-        union, first = _unique_first(torch.cat(positions))
-        wide = torch.float64 if dt.wide == np.float64 else torch.float32
-        total = torch.zeros(union.numel(), dtype=wide, device=self.device)
-        covering = torch.zeros_like(total)
-        base_bits = torch.cat([self._to_device(s.base) for s, _ in present])[first]
-        for (record, weight), where in zip(present, positions):
-            index = torch.searchsorted(union, where)
-            tau = _to_wide(self._to_device(record.finetuned), dt) - _to_wide(
-                self._to_device(record.base), dt)
-            total.index_add_(0, index, torch.tensor(weight, dtype=wide, device=self.device) * tau)
-            covering.index_add_(0, index, torch.ones_like(tau))
-        if self.combiner.rule == "localize-stitch":
-            update = total / torch.clamp(covering, min=1)
-        else:
-            update = torch.tensor(self.combiner.options["scale"], dtype=wide,
-                                  device=self.device) * total
-        merged = _to_wide(base_bits, dt) + update
-        bits = _from_wide(merged, dt).cpu().numpy().view(dt.bits)
-        bits[torch.isnan(merged).cpu().numpy()] = CANONICAL_NAN[dt.name]
-        return union.cpu().numpy(), bits
+        """Whatever the engine does not merge block by block: the CPU combiner's result."""
+        return self.combiner(name, dt, numel, stored, onto)
 
     def merges_blocks(self, dt: DType) -> bool:
         """Elementwise rules on float tensors merge block by block on the device."""
@@ -168,17 +141,6 @@ class DeviceBlockMerge:
 def _signed(bits: int, itemsize: int) -> int:
     """An unsigned bit pattern as the signed integer of the same width (torch's containers)."""
     return bits - (1 << (8 * itemsize)) if bits >= 1 << (8 * itemsize - 1) else bits
-
-
-def _unique_first(values):
-    """Sorted unique values and, for each, the index of its first occurrence."""
-    import torch
-
-    union, inverse = torch.unique(values, sorted=True, return_inverse=True)
-    order = torch.arange(values.numel(), device=values.device)
-    first = torch.full((union.numel(),), values.numel(), dtype=torch.int64, device=values.device)
-    first.scatter_reduce_(0, inverse, order, reduce="amin")
-    return union, first
 
 
 def _to_wide(bits, dt: DType):

@@ -5,8 +5,7 @@ is larger than the block budget), check its checksum against every delta's
 record (a delta for another base fails before anything is published), decode
 each delta's record, let the *combiner* turn them into ``(positions, bits)``,
 and write the base with those positions replaced.  Positions no delta stores
-keep the base's bits exactly.  At most two tensors' decoded records and
-base blocks are held at a time; a tensor larger than a block is read twice
+keep the base's bits exactly.  A tensor larger than a block is read twice
 (gather, then write).
 
 Float tensors under the elementwise rules skip the union of positions
@@ -26,8 +25,8 @@ merged model as the source of the bytes it does not recompute.
 from __future__ import annotations
 
 import os
-from contextlib import closing
 from collections.abc import Callable, Sequence
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -236,26 +235,21 @@ MIN_THREADED_BUDGET = 512 << 20
 
 def _estimate(base: Checkpoint, readers: Sequence[DeltaReader],
               added: dict[str, tuple[DeltaReader, Record]], name: str, block_bytes: int) -> int:
-    """Bytes tensor ``name`` holds between being prepared and being finished."""
+    """Bytes tensor ``name`` holds between being prepared and being finished (a tensor too
+    big to decode whole is merged within half the budget, see :func:`_streamed`)."""
     if name in added:
         _, record = added[name]
         return record.numel * lookup_dtype(record.dtype).itemsize
-    entry = base.entry(name)
-    return min(min(entry.nbytes, block_bytes) + DECODED_BYTES_PER_POSITION * _stored(readers, name),
-               2 * block_bytes)
+    return min(_decoded_bytes(base, readers, name, block_bytes), 2 * block_bytes)
 
 
-def _stored(readers: Sequence[DeltaReader], name: str) -> int:
-    """Positions the deltas store for tensor ``name``, summed."""
-    return sum(r.record(name).count for r in readers
-               if r.record(name) is not None and r.record(name).kind == "sparse")
-
-
-def _too_big_to_decode_whole(entry, readers: Sequence[DeltaReader], name: str,
-                             block_bytes: int) -> bool:
-    """Whether decoding every record of the tensor at once would pass half the budget."""
-    return (min(entry.nbytes, block_bytes) + DECODED_BYTES_PER_POSITION * _stored(readers, name)
-            > 2 * block_bytes)
+def _decoded_bytes(base: Checkpoint, readers: Sequence[DeltaReader], name: str,
+                   block_bytes: int) -> int:
+    """Bytes held while tensor ``name``'s records are decoded whole: its first block and
+    every stored position of every delta."""
+    stored = sum(record.count for reader in readers
+                 if (record := reader.record(name)) is not None and record.kind == "sparse")
+    return min(base.entry(name).nbytes, block_bytes) + DECODED_BYTES_PER_POSITION * stored
 
 
 def _prepare(base: Checkpoint, readers: Sequence[DeltaReader],
@@ -269,26 +263,21 @@ def _prepare(base: Checkpoint, readers: Sequence[DeltaReader],
     entry = base.entry(name)
     dt = lookup_dtype(entry.dtype)
     merges_blocks = getattr(combiner, "merges_blocks", None)
-    if (merges_blocks is not None and merges_blocks(dt)
-            and _too_big_to_decode_whole(entry, readers, name, block_bytes)):
+    block_wise = merges_blocks is not None and merges_blocks(dt)
+    if block_wise and _decoded_bytes(base, readers, name, block_bytes) > 2 * block_bytes:
         return _streamed(base, readers, name, combiner, block_bytes)
     blocks = RowBlocks.of(entry.shape, dt.itemsize, block_bytes)
     stored, whole = gather(base, readers, name, blocks)
-    in_reader = getattr(combiner, "runs_in_readers", True)
-    if whole is not None and in_reader:  # one block (common): merge here, in the reader thread
-        if merges_blocks is not None and merges_blocks(dt):
-            combiner.block_merge(dt, stored)(whole, 0)
-        else:
-            new_positions, new_bits = combiner(name, dt, entry.numel, stored)
-            if new_positions.size == whole.size:
-                whole = new_bits  # every position replaced
-            else:
-                whole[new_positions] = new_bits
-        return lambda writer: writer.write(name, whole)
     read_block = ((lambda start, stop: whole) if whole is not None else
                   (lambda start, stop: base.read_rows(name, start, stop)))
-    if merges_blocks is not None and merges_blocks(dt):
+    # One block (the common case): merge here, in the reader thread, unless the combiner
+    # must stay in the writing thread (device work).
+    merge_here = whole is not None and getattr(combiner, "runs_in_readers", True)
+    if block_wise:
         merge = combiner.block_merge(dt, stored)
+        if merge_here:
+            merge(whole, 0)
+            return lambda writer: writer.write(name, whole)
 
         def finish_blocks(writer: CheckpointWriter) -> None:
             for start, stop in blocks.bounds:
@@ -296,6 +285,10 @@ def _prepare(base: Checkpoint, readers: Sequence[DeltaReader],
                 merge(block, start * blocks.row_items)
                 writer.write(name, block)
         return finish_blocks
+    if merge_here:
+        new_positions, new_bits = combiner(name, dt, entry.numel, stored)
+        return lambda writer: write_patched(writer, name, blocks, read_block, new_positions,
+                                            new_bits)
 
     def finish(writer: CheckpointWriter) -> None:
         new_positions, new_bits = combiner(name, dt, entry.numel, stored)
@@ -313,9 +306,8 @@ def _streamed(base: Checkpoint, readers: Sequence[DeltaReader], name: str, combi
     block each record is decoded again (whole: the codecs have no random access) and only
     its part inside the block is kept, so the memory held is one block, its share of the
     records, and one decoded record.  Decoding is repeated once per block: slower, never
-    over the budget.  Values are decoded with the base bits
-    of this block only (zeros elsewhere); every value codec is elementwise, so the part
-    inside the block is exact.  The base checksum is checked after the last block; a
+    over the budget.  Values are decoded with the base bits of this block only (zeros
+    elsewhere); every value codec is elementwise, so the part inside the block is exact.  The base checksum is checked after the last block; a
     mismatch raises before anything is published (the output is still temporary).
     """
     entry = base.entry(name)
