@@ -201,3 +201,11 @@ def test_demo_runs_end_to_end(tmp_path):
     for folder in ("base", "task0", "task0-restored", "merged"):
         assert (workdir / folder / "model.safetensors.index.json").is_file(), folder
         assert (workdir / folder / "config.json").is_file(), folder
+
+
+@pytest.mark.parametrize("size", ["lots", "0", "-5MiB"])
+def test_a_bad_memory_size_is_one_clear_line_and_writes_nothing(zoo, deltas, tmp_path, size):
+    out = tmp_path / "merged.safetensors"
+    assert_one_line_error(run("stitch", zoo["base"], *deltas, "-o", out, "--max-memory", size),
+                          "memory size must be", "512MiB", repr(size))
+    assert not out.exists()

@@ -57,10 +57,19 @@ def parse_memory(value: int | str | None, default: int = DEFAULT_BLOCK_BYTES * 4
     text = value.strip().upper().replace(" ", "")
     units = {"KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30, "KB": 1000, "MB": 10**6,
              "GB": 10**9, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "B": 1}
-    for unit, factor in units.items():
+    number, factor = text, 1
+    for unit, unit_factor in units.items():
         if text.endswith(unit):
-            return int(float(text[:-len(unit)]) * factor)
-    return int(text)
+            number, factor = text[:-len(unit)], unit_factor
+            break
+    try:
+        size = int(float(number) * factor)
+    except ValueError:
+        size = -1
+    if size <= 0:
+        raise ValueError(f"memory size must be a positive number of bytes with an optional "
+                         f"unit, like 512MiB, 2GB or 4096; got {value!r}")
+    return size
 
 
 def block_bytes(max_memory: int | str | None) -> int:
