@@ -33,6 +33,7 @@ import numpy as np
 
 from .errors import BaseMismatchError, SparsestitchError
 from .format import DeltaReader
+from .stitch.combine import ELEMENTWISE_RULES
 from .stitch.union import union_of
 from .hotswap import Patch, _Entry, _Live, _named_tensors
 from .hotswap import apply as apply_from_files
@@ -143,12 +144,15 @@ def prepare(model, deltas: str | os.PathLike | Sequence[str | os.PathLike], *,
         patch.revert()
     paths = [deltas] if isinstance(deltas, (str, os.PathLike)) else list(deltas)
     with contextlib.ExitStack() as stack:
-        readers = [stack.enter_context(DeltaReader(p)) for p in paths]
+        # Elementwise rules change exactly the stored positions: nothing else to guard.
+        readers = ([] if rule in ELEMENTWISE_RULES else
+                   [stack.enter_context(DeltaReader(p)) for p in paths])
         entries = []
         for live, positions, expected, new in changed:
-            stored = _stored_positions(readers, live.name)
             guard = guard_expected = None
-            if stored.size != positions.numel():  # the rule changes a subset: guard the rest
+            stored = _stored_positions(readers, live.name) if readers else None
+            if stored is not None and stored.size != positions.numel():
+                # the rule changes a subset of the stored positions: guard the rest
                 kept = np.isin(stored, positions.cpu().numpy(), assume_unique=True)
                 guard = torch.from_numpy(stored[~kept]).to(live.device)
                 guard_expected = live.take(guard)
