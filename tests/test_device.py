@@ -5,6 +5,9 @@ The torch path runs here on the CPU; the CUDA test runs only where a GPU is pres
 
 from __future__ import annotations
 
+import os
+from unittest import mock
+
 import numpy as np
 import pytest
 import torch
@@ -117,8 +120,8 @@ def test_engine_with_torch_combiner_writes_the_same_model(tmp_path):
        cut=st.integers(0, 300), window=st.integers(1, 64))
 def test_block_merges_on_torch_and_numpy_match_the_combiner(seed, dt_name, count, numel, rule,
                                                              weights, cut, window):
-    """Both block merges, on a tensor cut into two blocks and small windows, write exactly
-    what the union-based combiner computes."""
+    """The block merges (C loop where built, numpy, torch), on a tensor cut into two blocks
+    and small windows, write exactly what the union-based combiner computes."""
     from sparsestitch.stitch.combine import BlockMerge
     from sparsestitch.stitch.device import DeviceBlockMerge
 
@@ -135,13 +138,16 @@ def test_block_merges_on_torch_and_numpy_match_the_combiner(seed, dt_name, count
     want[positions] = bits
     cut = min(cut, numel)
     before = [None if s is None else (s.finetuned.copy(), s.base.copy()) for s in stored]
-    for merge in (combiner.block_merge(dt, stored),
+    with mock.patch.dict(os.environ, {"SPARSESTITCH_NATIVE": "0"}):
+        numpy_merge = combiner.block_merge(dt, stored)
+    assert numpy_merge.kernels is None
+    for merge in (combiner.block_merge(dt, stored), numpy_merge,
                   DeviceCombiner(combiner, "cpu").block_merge(dt, stored)):
         merge.WINDOW = window
         got = base.copy()
         merge(got[:cut], 0)
         merge(got[cut:], cut)
-        assert np.array_equal(got, want), type(merge).__name__
+        assert np.array_equal(got, want), (type(merge).__name__, getattr(merge, "kernels", None))
     for s, kept in zip(stored, before):   # the records are read, never modified
         assert s is None or (np.array_equal(s.finetuned, kept[0]) and np.array_equal(s.base, kept[1]))
     assert isinstance(DeviceCombiner(combiner, "cpu").block_merge(dt, stored), DeviceBlockMerge)
@@ -151,7 +157,6 @@ def test_block_merges_on_torch_and_numpy_match_the_combiner(seed, dt_name, count
 def test_the_engine_runs_device_merges_in_its_writing_thread_only(tmp_path):
     """Reader threads decode; device work (and device memory) stays in the caller's thread."""
     import threading
-    from unittest import mock
 
     from sparsestitch.stitch import engine
     from sparsestitch.stitch.device import DeviceBlockMerge

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .. import native
 from ..dtypes import DType, from_wide, to_wide
 from ..errors import TensorMismatchError
 from ..format import DeltaReader, digest
@@ -115,24 +116,45 @@ class BlockMerge:
     mean divides the finished sum, one rounding), so the bits are identical.
     """
 
-    #: Elements per accumulation window (a wide sum and a wide count each).
+    #: Elements per accumulation window (a wide sum and a wide count each): numpy's, and
+    #: the C loop's (16 x 1% records on 2^25 elements: 5.7 ns per position, 6.0 at 2^18).
     WINDOW = 1 << 18
+    NATIVE_WINDOW = 1 << 16
 
     def __init__(self, combiner: RuleCombiner, dt: DType, stored: Sequence[Stored | None]):
         self.dt = dt
         wide = dt.wide.type
         self.scale = wide(combiner.options.get("scale", 1.0))
-        self.vectors = [(s.positions, _weighted_tau(s, w, dt))
-                        for s, w in zip(stored, combiner.weights) if s is not None]
         self.counting = combiner.rule == "localize-stitch"  # the mean needs a count
+        present = [(s, w) for s, w in zip(stored, combiner.weights) if s is not None]
+        # The C loop (native.py) does the same operations in one pass per record; the numpy
+        # code below is its fallback and its reference.
+        self.kernels = native.kernels() if dt.name in native.MERGE_KINDS else None
+        if self.kernels is not None:
+            self.WINDOW = self.NATIVE_WINDOW
         self.total = np.empty(self.WINDOW, dt.wide)
+        if self.kernels is not None:
+            self.records = [(np.ascontiguousarray(s.positions, np.int64),
+                             np.ascontiguousarray(s.finetuned), np.ascontiguousarray(s.base),
+                             float(w)) for s, w in present]
+            self.count = np.empty(self.WINDOW, np.uint32)
+            return
+        self.vectors = [(s.positions, _weighted_tau(s, w, dt)) for s, w in present]
         self.touched = np.empty(self.WINDOW, bool)
         if self.counting:
             self.covering = np.empty(self.WINDOW, dt.wide)
             self.ones = np.ones(self.WINDOW, dt.wide)
 
     def __call__(self, block: np.ndarray, first: int) -> None:
-        """Merge into ``block``: the flat base bits of elements ``first, first + 1, ...``."""
+        """Merge into ``block``: the flat base bits of elements ``first, first + 1, ...``
+        (C-contiguous: the C loop refuses anything else rather than merge into a copy)."""
+        if self.kernels is not None:
+            if block.size:
+                self.kernels.merge_block(
+                    native.MERGE_KINDS[self.dt.name], block, first, self.records,
+                    self.counting, float(self.scale), CANONICAL_NAN[self.dt.name],
+                    self.total[:self.WINDOW], self.count[:self.WINDOW])
+            return
         edges = np.arange(first, first + block.size + self.WINDOW, self.WINDOW)
         edges[-1] = min(edges[-1], first + block.size)
         if edges.size > 1 and edges[-2] == edges[-1]:

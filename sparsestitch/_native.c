@@ -1,0 +1,397 @@
+/* sparsestitch._native: the stitcher's per-position loops in C, bit-identical to numpy.
+ *
+ * Optional: setup.py builds it where a C compiler is present and sparsestitch/native.py
+ * falls back to the numpy code where it is not (or with SPARSESTITCH_NATIVE=0).  Every
+ * function here has a numpy twin that tests compare it with, bit for bit.
+ *
+ * Exactness rests on doing the same IEEE operations in the same order as numpy:
+ *  - built with -ffp-contract=off (no fused multiply-add) and without -ffast-math;
+ *  - float arithmetic in float (FLT_EVAL_METHOD 0 on x86-64 SSE and on aarch64);
+ *  - roundings written out bit by bit (bfloat16 and float16 round to nearest even).
+ *
+ * The loops run with the GIL released, so the stitcher's reader threads decode in parallel.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <string.h>
+
+/* ---- conversions between a dtype's bits and its wide compute type ---------------- */
+
+static inline float bf16_wide(uint16_t bits)
+{
+    uint32_t u = (uint32_t)bits << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline uint16_t bf16_round(float value)
+{
+    uint32_t u;
+    memcpy(&u, &value, 4);
+    return (uint16_t)((u + (0x7FFFu + ((u >> 16) & 1u))) >> 16);
+}
+
+static inline float f16_wide(uint16_t h)
+{
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
+    uint32_t exponent = (h >> 10) & 0x1Fu, mantissa = h & 0x3FFu, u;
+    if (exponent == 0x1F) {
+        u = sign | 0x7F800000u | (mantissa << 13);  /* inf, or a NaN (made canonical later) */
+    } else if (exponent != 0) {
+        u = sign | ((exponent + 112u) << 23) | (mantissa << 13);
+    } else if (mantissa == 0) {
+        u = sign;
+    } else {  /* subnormal: shift the leading one up to the implicit bit */
+        uint32_t shifts = 0;
+        while (!(mantissa & 0x400u)) {
+            mantissa <<= 1;
+            shifts++;
+        }
+        u = sign | ((113u - shifts) << 23) | ((mantissa & 0x3FFu) << 13);
+    }
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline uint16_t f16_round(float value)
+{
+    uint32_t u;
+    memcpy(&u, &value, 4);
+    uint16_t sign = (uint16_t)((u >> 16) & 0x8000u);
+    uint32_t a = u & 0x7FFFFFFFu;
+    if (a > 0x7F800000u)  /* NaN: the caller writes the canonical NaN */
+        return sign | 0x7E00u;
+    if (a >= 0x477FF000u)  /* 65520 and up (ties to even) round to infinity */
+        return sign | 0x7C00u;
+    if (a >= 0x38800000u) {  /* normal float16: drop 13 mantissa bits, nearest even */
+        a += 0xFFFu + ((a >> 13) & 1u);
+        return sign | (uint16_t)((a - 0x38000000u) >> 13);
+    }
+    uint32_t exponent = a >> 23;
+    if (exponent < 102)  /* below 2^-25: rounds to zero */
+        return sign;
+    /* subnormal float16: the value in units of 2^-24, nearest even */
+    uint32_t mantissa = (a & 0x7FFFFFu) | 0x800000u, shift = 126 - exponent;
+    uint32_t result = mantissa >> shift, rest = mantissa & ((1u << shift) - 1u);
+    uint32_t half = 1u << (shift - 1);
+    if (rest > half || (rest == half && (result & 1u)))
+        result++;
+    return sign | (uint16_t)result;
+}
+
+static inline float f32_wide(uint32_t bits)
+{
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+static inline uint32_t f32_round(float value)
+{
+    uint32_t u;
+    memcpy(&u, &value, 4);
+    return u;
+}
+
+static inline double f64_wide(uint64_t bits)
+{
+    double d;
+    memcpy(&d, &bits, 8);
+    return d;
+}
+
+static inline uint64_t f64_round(double value)
+{
+    uint64_t u;
+    memcpy(&u, &value, 8);
+    return u;
+}
+
+/* ---- the block merge ------------------------------------------------------------ */
+
+/* One delta's record of the tensor, as BlockMerge holds it. */
+typedef struct {
+    Py_buffer positions, finetuned, base;
+    double weight;
+    Py_ssize_t count, cursor;
+} Record;
+
+enum { KIND_BF16, KIND_F16, KIND_F32, KIND_F64 };
+static const int KIND_ITEMSIZE[] = {2, 2, 4, 8};
+
+/* Merge into block[0:size] (flat elements first, first + 1, ...), window by window: in
+ * each window, every record's weighted task vector is added into total[] in record order,
+ * with count[] counting the records at each element; then every counted element becomes
+ * round(wide(block) + total / count) (mean) or round(wide(block) + scale * total).  This is
+ * BlockMerge._merge_window in combine.py, operation for operation.  A bit per element marks
+ * the ones a window touches, so the finishing pass visits those only, in increasing order,
+ * and resets total[] and count[] where it was (they are zeroed once per call).  Marks beat a
+ * list of touched elements by 1.5x: the finishing pass then walks memory in order.
+ * Returns the index of a record whose positions are not increasing, or -1. */
+#define DEFINE_MERGE(NAME, BITS, WIDE, TO_WIDE, ROUND)                                       \
+    static Py_ssize_t NAME(BITS *restrict block, int64_t first, Py_ssize_t size,             \
+                           Record *records, Py_ssize_t n_records, int mean, WIDE scale,     \
+                           BITS canonical_nan, WIDE *restrict total,                        \
+                           uint32_t *restrict count, uint64_t *restrict marks,              \
+                           Py_ssize_t window)                                               \
+    {                                                                                       \
+        memset(total, 0, (size_t)window * sizeof(WIDE));                                    \
+        memset(count, 0, (size_t)window * sizeof(uint32_t));                                \
+        memset(marks, 0, (size_t)((window + 63) / 64) * 8);                                 \
+        for (Py_ssize_t at = 0; at < size; at += window) {                                  \
+            int64_t start = first + at;                                                     \
+            Py_ssize_t width = size - at < window ? size - at : window;                     \
+            int64_t stop = start + width;                                                   \
+            for (Py_ssize_t r = 0; r < n_records; r++) {                                    \
+                Record *rec = &records[r];                                                  \
+                const int64_t *restrict positions = rec->positions.buf;                     \
+                const BITS *restrict finetuned = rec->finetuned.buf;                        \
+                const BITS *restrict base = rec->base.buf;                                  \
+                int weighted = rec->weight != 1.0;                                          \
+                WIDE weight = (WIDE)rec->weight;                                            \
+                Py_ssize_t i = rec->cursor, n = rec->count;                                 \
+                int64_t previous = start - 1;                                               \
+                for (; i < n && positions[i] < stop; i++) {                                 \
+                    if (positions[i] <= previous)                                           \
+                        return r;                                                           \
+                    previous = positions[i];                                                \
+                    int64_t offset = positions[i] - start;                                  \
+                    WIDE tau = TO_WIDE(finetuned[i]) - TO_WIDE(base[i]);                    \
+                    if (weighted)                                                           \
+                        tau *= weight;                                                      \
+                    marks[offset >> 6] |= (uint64_t)1 << (offset & 63);                     \
+                    total[offset] += tau;                                                   \
+                    count[offset] += 1;                                                     \
+                }                                                                           \
+                rec->cursor = i;                                                            \
+            }                                                                               \
+            BITS *target = block + at;                                                      \
+            for (Py_ssize_t w = 0; w < (width + 63) / 64; w++) {                            \
+                uint64_t m = marks[w];                                                      \
+                if (!m) continue;                                                           \
+                marks[w] = 0;                                                               \
+                for (; m; m &= m - 1) {                                                     \
+                    Py_ssize_t j = w * 64 + __builtin_ctzll(m);                             \
+                    WIDE update = mean ? total[j] / (WIDE)count[j] : scale * total[j];      \
+                    WIDE merged = TO_WIDE(target[j]) + update;                              \
+                    target[j] = merged != merged ? canonical_nan : ROUND(merged);           \
+                    total[j] = 0;                                                           \
+                    count[j] = 0;                                                           \
+                }                                                                           \
+            }                                                                               \
+        }                                                                                   \
+        return -1;                                                                          \
+    }
+
+DEFINE_MERGE(merge_bf16, uint16_t, float, bf16_wide, bf16_round)
+DEFINE_MERGE(merge_f16, uint16_t, float, f16_wide, f16_round)
+DEFINE_MERGE(merge_f32, uint32_t, float, f32_wide, f32_round)
+DEFINE_MERGE(merge_f64, uint64_t, double, f64_wide, f64_round)
+
+static int get_buffer(PyObject *object, Py_buffer *view, int writable, Py_ssize_t itemsize,
+                      const char *what)
+{
+    if (PyObject_GetBuffer(object, view, writable ? PyBUF_CONTIG : PyBUF_CONTIG_RO) < 0)
+        return -1;
+    if (view->itemsize != itemsize) {
+        PyErr_Format(PyExc_TypeError, "%s has %zd-byte items, expected %zd", what,
+                     view->itemsize, itemsize);
+        PyBuffer_Release(view);
+        view->obj = NULL;
+        return -1;
+    }
+    return 0;
+}
+
+static Py_ssize_t lower_bound(const int64_t *positions, Py_ssize_t count, int64_t value)
+{
+    Py_ssize_t lo = 0, hi = count;
+    while (lo < hi) {
+        Py_ssize_t mid = lo + (hi - lo) / 2;
+        if (positions[mid] < value)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    return lo;
+}
+
+PyDoc_STRVAR(merge_block_doc,
+"merge_block(kind, block, first, records, mean, scale, canonical_nan, total, count)\n"
+"\n"
+"BlockMerge's merge of an elementwise rule into ``block`` (the flat bits of elements\n"
+"``first, first + 1, ...``), in place.  ``kind`` is 0..3 for BF16, F16, F32, F64;\n"
+"``records`` a sequence of ``(positions int64, fine-tuned bits, base bits, weight)``;\n"
+"``total`` (wide floats) and ``count`` (uint32) are scratch of the window's size; a\n"
+"ValueError leaves the block partly merged.");
+
+static PyObject *merge_block(PyObject *self, PyObject *args)
+{
+    int kind, mean;
+    long long first;
+    double scale;
+    unsigned long long canonical_nan;
+    PyObject *block_object, *records_object, *total_object, *count_object;
+    if (!PyArg_ParseTuple(args, "iOLOpdKOO", &kind, &block_object, &first, &records_object,
+                          &mean, &scale, &canonical_nan, &total_object, &count_object))
+        return NULL;
+    if (kind < KIND_BF16 || kind > KIND_F64)
+        return PyErr_Format(PyExc_ValueError, "unknown dtype kind %d", kind);
+    Py_ssize_t itemsize = KIND_ITEMSIZE[kind], wide_size = kind == KIND_F64 ? 8 : 4;
+    PyObject *sequence = PySequence_Fast(records_object, "records must be a sequence");
+    if (sequence == NULL)
+        return NULL;
+    Py_ssize_t n_records = PySequence_Fast_GET_SIZE(sequence);
+    Record *records = PyMem_Calloc(n_records ? n_records : 1, sizeof(Record));
+    Py_buffer block = {0}, total = {0}, count = {0};
+    PyObject *result = NULL;
+    Py_ssize_t held = 0;
+    uint64_t *marks = NULL;
+    if (records == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    if (get_buffer(block_object, &block, 1, itemsize, "block") < 0 ||
+        get_buffer(total_object, &total, 1, wide_size, "total") < 0 ||
+        get_buffer(count_object, &count, 1, 4, "count") < 0)
+        goto done;
+    Py_ssize_t window = count.len / 4;
+    if (window < 1 || total.len / wide_size < window) {
+        PyErr_SetString(PyExc_ValueError, "total and count must hold a window of 1 or more");
+        goto done;
+    }
+    for (; held < n_records; held++) {
+        Record *rec = &records[held];
+        PyObject *positions, *finetuned, *base;
+        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(sequence, held), "OOOd;a record is "
+                              "(positions, fine-tuned bits, base bits, weight)",
+                              &positions, &finetuned, &base, &rec->weight))
+            goto done;
+        if (get_buffer(positions, &rec->positions, 0, 8, "positions") < 0)
+            goto done;
+        if (get_buffer(finetuned, &rec->finetuned, 0, itemsize, "fine-tuned bits") < 0 ||
+            get_buffer(base, &rec->base, 0, itemsize, "base bits") < 0) {
+            held++;  /* release what this record got */
+            goto done;
+        }
+        rec->count = rec->positions.len / 8;
+        if (rec->finetuned.len / itemsize != rec->count || rec->base.len / itemsize != rec->count) {
+            held++;
+            PyErr_SetString(PyExc_ValueError, "a record's positions and bits differ in length");
+            goto done;
+        }
+        rec->cursor = lower_bound(rec->positions.buf, rec->count, first);
+    }
+    Py_ssize_t size = block.len / itemsize, bad = -1;
+    if (window > UINT32_MAX) {
+        PyErr_SetString(PyExc_ValueError, "the window must be under 2^32 elements");
+        goto done;
+    }
+    marks = PyMem_RawMalloc((size_t)((window + 63) / 64) * 8);
+    if (marks == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    switch (kind) {
+    case KIND_BF16:
+        bad = merge_bf16(block.buf, first, size, records, n_records, mean, (float)scale,
+                         (uint16_t)canonical_nan, total.buf, count.buf, marks, window);
+        break;
+    case KIND_F16:
+        bad = merge_f16(block.buf, first, size, records, n_records, mean, (float)scale,
+                        (uint16_t)canonical_nan, total.buf, count.buf, marks, window);
+        break;
+    case KIND_F32:
+        bad = merge_f32(block.buf, first, size, records, n_records, mean, (float)scale,
+                        (uint32_t)canonical_nan, total.buf, count.buf, marks, window);
+        break;
+    default:
+        bad = merge_f64(block.buf, first, size, records, n_records, mean, scale,
+                        (uint64_t)canonical_nan, total.buf, count.buf, marks, window);
+    }
+    Py_END_ALLOW_THREADS
+    if (bad >= 0) {
+        PyErr_Format(PyExc_ValueError, "record %zd's positions are not strictly increasing "
+                     "(the block is partly merged)", bad);
+        goto done;
+    }
+    result = Py_NewRef(Py_None);
+done:
+    for (Py_ssize_t r = 0; r < held; r++) {
+        if (records[r].positions.obj) PyBuffer_Release(&records[r].positions);
+        if (records[r].finetuned.obj) PyBuffer_Release(&records[r].finetuned);
+        if (records[r].base.obj) PyBuffer_Release(&records[r].base);
+    }
+    PyMem_Free(records);
+    PyMem_RawFree(marks);
+    if (block.obj) PyBuffer_Release(&block);
+    if (total.obj) PyBuffer_Release(&total);
+    if (count.obj) PyBuffer_Release(&count);
+    Py_DECREF(sequence);
+    return result;
+}
+
+/* ---- float16 conversions, exposed for the exhaustive tests ------------------------ */
+
+PyDoc_STRVAR(f16_convert_doc,
+"f16_convert(source, target, to_wide)\n"
+"\n"
+"Fill ``target`` with the float32 values of float16 bits ``source`` (``to_wide``), or\n"
+"the float16 bits of float32 values ``source`` (round to nearest even; NaN as 0x7E00 with\n"
+"its sign): the conversions merge_block uses, for tests against numpy.");
+
+static PyObject *f16_convert(PyObject *self, PyObject *args)
+{
+    PyObject *source_object, *target_object;
+    int to_wide;
+    if (!PyArg_ParseTuple(args, "OOp", &source_object, &target_object, &to_wide))
+        return NULL;
+    Py_buffer source = {0}, target = {0};
+    PyObject *result = NULL;
+    if (get_buffer(source_object, &source, 0, to_wide ? 2 : 4, "source") < 0 ||
+        get_buffer(target_object, &target, 1, to_wide ? 4 : 2, "target") < 0)
+        goto done;
+    Py_ssize_t n = source.len / source.itemsize;
+    if (target.len / target.itemsize != n) {
+        PyErr_SetString(PyExc_ValueError, "source and target differ in length");
+        goto done;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    if (to_wide) {
+        const uint16_t *in = source.buf;
+        float *out = target.buf;
+        for (Py_ssize_t i = 0; i < n; i++)
+            out[i] = f16_wide(in[i]);
+    } else {
+        const float *in = source.buf;
+        uint16_t *out = target.buf;
+        for (Py_ssize_t i = 0; i < n; i++)
+            out[i] = f16_round(in[i]);
+    }
+    Py_END_ALLOW_THREADS
+    result = Py_NewRef(Py_None);
+done:
+    if (source.obj) PyBuffer_Release(&source);
+    if (target.obj) PyBuffer_Release(&target);
+    return result;
+}
+
+static PyMethodDef methods[] = {
+    {"merge_block", merge_block, METH_VARARGS, merge_block_doc},
+    {"f16_convert", f16_convert, METH_VARARGS, f16_convert_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "sparsestitch._native",
+    "The stitcher's per-position loops in C (see sparsestitch/native.py).", -1, methods,
+};
+
+PyMODINIT_FUNC PyInit__native(void)
+{
+    return PyModule_Create(&module);
+}

@@ -1,0 +1,141 @@
+"""The optional C loops (sparsestitch/_native.c) against numpy, and the switch between them.
+
+The block merge itself is compared with the numpy and union-based merges by the hypothesis
+test in test_device.py; here are its conversions, its refusals, and whole stitches.
+CI sets SPARSESTITCH_REQUIRE_NATIVE=1, so a build that silently dropped the C loops fails
+there instead of skipping these tests.
+"""
+
+from __future__ import annotations
+
+import os
+from unittest import mock
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+import sparsestitch
+from sparsestitch import native
+from sparsestitch.dtypes import dtype
+from sparsestitch.stitch import rule_combiner
+from sparsestitch.stitch.engine import Stored
+
+from .conftest import finetune_of, save_checkpoint, small_model
+
+kernels = native.kernels()
+needs_kernels = pytest.mark.skipif(kernels is None, reason="sparsestitch._native is not built")
+
+
+def test_the_c_loops_are_built_where_ci_requires_them():
+    if os.environ.get("SPARSESTITCH_REQUIRE_NATIVE") == "1":
+        assert kernels is not None, "setup.py did not build sparsestitch._native"
+
+
+def test_the_environment_switches_the_c_loops_off():
+    with mock.patch.dict(os.environ, {"SPARSESTITCH_NATIVE": "0"}):
+        assert native.kernels() is None
+
+
+@needs_kernels
+def test_float16_to_float32_matches_numpy_for_every_pattern():
+    halves = np.arange(1 << 16, dtype=np.uint16)
+    got = np.empty(halves.size, np.float32)
+    kernels.f16_convert(halves, got, True)
+    want = halves.view(np.float16).astype(np.float32)
+    nan = np.isnan(want)
+    assert np.array_equal(got.view(np.uint32)[~nan], want.view(np.uint32)[~nan])
+    assert np.isnan(got[nan]).all()
+
+
+def _float16_edges() -> np.ndarray:
+    """float32 patterns around every float16 rounding boundary: each float16 value, the
+    halfway points between neighbours, one float32 ulp either side, and the overflow and
+    underflow thresholds."""
+    halves = np.arange(0x7C01, dtype=np.uint16)  # +0 .. +inf
+    exact = halves.view(np.float16).astype(np.float32).view(np.uint32).astype(np.int64)
+    middles = (exact[:-1] + exact[1:]) // 2
+    around = np.concatenate([exact, middles, 0x477FF000 + np.arange(-2, 3),
+                             0x33000000 + np.arange(-2, 3), 0x38800000 + np.arange(-2, 3)])
+    patterns = np.concatenate([around + step for step in (-1, 0, 1)])
+    patterns = np.unique(np.clip(patterns, 0, 0x7F800000)).astype(np.uint32)
+    return np.concatenate([patterns, patterns | np.uint32(0x80000000)])
+
+
+@needs_kernels
+@settings(max_examples=5, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1))
+def test_float32_to_float16_rounds_like_numpy(seed):
+    """Every boundary, plus a million random patterns (all 2^32 were checked once by hand)."""
+    random = np.random.default_rng(seed).integers(0, 1 << 32, 1 << 20, dtype=np.uint64)
+    patterns = np.concatenate([_float16_edges(), random.astype(np.uint32)])
+    values = patterns.view(np.float32)
+    got = np.empty(values.size, np.uint16)
+    kernels.f16_convert(values, got, False)
+    with np.errstate(over="ignore"):
+        want = values.astype(np.float16).view(np.uint16)
+    finite = ~np.isnan(values)
+    assert np.array_equal(got[finite], want[finite])
+    assert (got[~finite] & 0x7E00 == 0x7E00).all()  # a NaN stays a (quiet) NaN
+
+
+def _merge(kind, block, first, records, total=None, count=None):
+    total = np.empty(16, np.float32) if total is None else total
+    count = np.empty(16, np.uint32) if count is None else count
+    kernels.merge_block(kind, block, first, records, True, 1.0, 0x7FC0, total, count)
+
+
+@needs_kernels
+def test_merge_refuses_records_out_of_order_and_mismatched_buffers():
+    block = np.zeros(8, np.uint16)
+    bits = np.ones(3, np.uint16)
+    with pytest.raises(ValueError, match="record 0's positions are not strictly increasing"):
+        _merge(0, block, 0, [(np.array([1, 5, 5]), bits, bits, 1.0)])
+    with pytest.raises(ValueError, match="differ in length"):
+        _merge(0, block, 0, [(np.array([1, 2]), bits, bits, 1.0)])
+    with pytest.raises(TypeError, match="block has 4-byte items, expected 2"):
+        _merge(0, np.zeros(8, np.uint32), 0, [])
+    with pytest.raises(TypeError, match="positions has 4-byte items"):
+        _merge(0, block, 0, [(np.array([1, 2, 3], np.int32), bits, bits, 1.0)])
+    with pytest.raises(ValueError, match="a window of 1 or more"):
+        _merge(0, block, 0, [], count=np.empty(0, np.uint32))
+
+
+@needs_kernels
+def test_merge_never_writes_into_a_copy_of_a_strided_block():
+    """A non-contiguous block is refused; it is not merged into a temporary and lost."""
+    dt = dtype("BF16")
+    stored = Stored(np.array([0, 2]), np.array([0x3F80, 0x4000], np.uint16),
+                    np.zeros(2, np.uint16))
+    merge = rule_combiner("localize-stitch", None, 1).block_merge(dt, [stored])
+    block = np.zeros(8, np.uint16)
+    with pytest.raises(ValueError, match="not C-contiguous"):
+        merge(block[::2], 0)
+    assert not block.any()
+    merge(block, 0)
+    assert block.tolist() == [0x3F80, 0, 0x4000, 0, 0, 0, 0, 0]
+
+
+@needs_kernels
+@pytest.mark.parametrize("rule", ["localize-stitch", "task-arithmetic"])
+def test_stitched_files_are_identical_with_and_without_the_c_loops(tmp_path, rule):
+    base_model = small_model(seed=0)
+    save_checkpoint(tmp_path / "base.safetensors", base_model)
+    deltas = []
+    for task in range(3):
+        save_checkpoint(tmp_path / f"ft{task}.safetensors", finetune_of(base_model, seed=task + 1))
+        sparsestitch.compress(tmp_path / "base.safetensors", tmp_path / f"ft{task}.safetensors",
+                              tmp_path / f"d{task}.delta", density=0.3)
+        deltas.append(tmp_path / f"d{task}.delta")
+    options = {"scale": 0.6} if rule == "task-arithmetic" else {}
+    with mock.patch.object(kernels, "merge_block", wraps=kernels.merge_block) as spy:
+        with_c = sparsestitch.stitch(tmp_path / "base.safetensors", deltas,
+                                     tmp_path / "c.safetensors", rule=rule,
+                                     weights=[1.0, 0.5, 2.0], **options)
+    assert spy.call_count >= 3  # the C loop merged the float tensors
+    with mock.patch.dict(os.environ, {"SPARSESTITCH_NATIVE": "0"}):
+        without = sparsestitch.stitch(tmp_path / "base.safetensors", deltas,
+                                      tmp_path / "numpy.safetensors", rule=rule,
+                                      weights=[1.0, 0.5, 2.0], **options)
+    assert with_c.read_bytes() == without.read_bytes()
+    assert with_c.read_bytes() != (tmp_path / "base.safetensors").read_bytes()
