@@ -335,6 +335,195 @@ done:
     return result;
 }
 
+/* ---- decoding helpers (codecs/base.py, codecs/bitmap.py, format.py) ----------------- */
+
+PyDoc_STRVAR(from_planes_doc,
+"from_planes(raw, out, xor)\n"
+"\n"
+"Fill ``out`` (1-, 2-, 4- or 8-byte items) from its byte planes ``raw`` (all lowest\n"
+"bytes, then all next bytes, ...), XOR-ed with ``xor`` (same items) unless it is None.");
+
+#define DEFINE_FROM_PLANES(NAME, BITS)                                                       \
+    static void NAME(const uint8_t *restrict raw, BITS *restrict out,                       \
+                     const BITS *restrict xor, Py_ssize_t n)                                \
+    {                                                                                       \
+        for (Py_ssize_t i = 0; i < n; i++) {                                                \
+            BITS value = 0;                                                                 \
+            for (size_t plane = 0; plane < sizeof(BITS); plane++)                           \
+                value |= (BITS)raw[plane * (size_t)n + (size_t)i] << (8 * plane);           \
+            out[i] = xor ? value ^ xor[i] : value;                                          \
+        }                                                                                   \
+    }
+
+DEFINE_FROM_PLANES(from_planes_1, uint8_t)
+DEFINE_FROM_PLANES(from_planes_2, uint16_t)
+DEFINE_FROM_PLANES(from_planes_4, uint32_t)
+DEFINE_FROM_PLANES(from_planes_8, uint64_t)
+
+static PyObject *from_planes(PyObject *self, PyObject *args)
+{
+    PyObject *raw_object, *out_object, *xor_object;
+    if (!PyArg_ParseTuple(args, "OOO", &raw_object, &out_object, &xor_object))
+        return NULL;
+    Py_buffer raw = {0}, out = {0}, xor = {0};
+    PyObject *result = NULL;
+    if (PyObject_GetBuffer(raw_object, &raw, PyBUF_CONTIG_RO) < 0 ||
+        PyObject_GetBuffer(out_object, &out, PyBUF_CONTIG) < 0)
+        goto done;
+    Py_ssize_t width = out.itemsize, n = out.len / (width ? width : 1);
+    if (width != 1 && width != 2 && width != 4 && width != 8) {
+        PyErr_Format(PyExc_TypeError, "out has %zd-byte items, expected 1, 2, 4 or 8", width);
+        goto done;
+    }
+    if (raw.len != out.len) {
+        PyErr_Format(PyExc_ValueError, "%zd plane bytes for %zd output bytes", raw.len, out.len);
+        goto done;
+    }
+    if (xor_object != Py_None &&
+        get_buffer(xor_object, &xor, 0, width, "xor") < 0)
+        goto done;
+    if (xor.obj && xor.len != out.len) {
+        PyErr_SetString(PyExc_ValueError, "xor and out differ in length");
+        goto done;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    switch (width) {
+    case 1: from_planes_1(raw.buf, out.buf, xor.buf, n); break;
+    case 2: from_planes_2(raw.buf, out.buf, xor.buf, n); break;
+    case 4: from_planes_4(raw.buf, out.buf, xor.buf, n); break;
+    default: from_planes_8(raw.buf, out.buf, xor.buf, n);
+    }
+    Py_END_ALLOW_THREADS
+    result = Py_NewRef(Py_None);
+done:
+    if (raw.obj) PyBuffer_Release(&raw);
+    if (out.obj) PyBuffer_Release(&out);
+    if (xor.obj) PyBuffer_Release(&xor);
+    return result;
+}
+
+PyDoc_STRVAR(gap_decode_doc,
+"gap_decode(gaps, out, limit) -> bool\n"
+"\n"
+"Positions from gaps (first position, then distance - 1; uint32 or uint64 items) into\n"
+"int64 ``out``; False, with ``out`` partly written, if a position would reach ``limit``.");
+
+#define DEFINE_GAP_DECODE(NAME, GAP)                                                         \
+    static int NAME(const GAP *restrict gaps, int64_t *restrict out, Py_ssize_t n,          \
+                    uint64_t limit)                                                         \
+    {                                                                                       \
+        uint64_t next = 0; /* the smallest position the next one may take */               \
+        for (Py_ssize_t i = 0; i < n; i++) {                                                \
+            uint64_t gap = gaps[i];                                                         \
+            if (gap >= limit - next) /* also catches next == limit */                       \
+                return 0;                                                                   \
+            out[i] = (int64_t)(next + gap);                                                 \
+            next += gap + 1;                                                                \
+        }                                                                                   \
+        return 1;                                                                           \
+    }
+
+DEFINE_GAP_DECODE(gap_decode_4, uint32_t)
+DEFINE_GAP_DECODE(gap_decode_8, uint64_t)
+
+static PyObject *gap_decode(PyObject *self, PyObject *args)
+{
+    PyObject *gaps_object, *out_object;
+    unsigned long long limit;
+    if (!PyArg_ParseTuple(args, "OOK", &gaps_object, &out_object, &limit))
+        return NULL;
+    Py_buffer gaps = {0}, out = {0};
+    PyObject *result = NULL;
+    if (PyObject_GetBuffer(gaps_object, &gaps, PyBUF_CONTIG_RO) < 0 ||
+        get_buffer(out_object, &out, 1, 8, "out") < 0)
+        goto done;
+    if (gaps.itemsize != 4 && gaps.itemsize != 8) {
+        PyErr_Format(PyExc_TypeError, "gaps has %zd-byte items, expected 4 or 8", gaps.itemsize);
+        goto done;
+    }
+    Py_ssize_t n = gaps.len / gaps.itemsize;
+    if (out.len / 8 != n || limit > (unsigned long long)INT64_MAX) {
+        PyErr_SetString(PyExc_ValueError, "gaps and out differ in length, or limit is too big");
+        goto done;
+    }
+    int ok;
+    Py_BEGIN_ALLOW_THREADS
+    ok = gaps.itemsize == 4 ? gap_decode_4(gaps.buf, out.buf, n, limit)
+                            : gap_decode_8(gaps.buf, out.buf, n, limit);
+    Py_END_ALLOW_THREADS
+    result = Py_NewRef(ok ? Py_True : Py_False);
+done:
+    if (gaps.obj) PyBuffer_Release(&gaps);
+    if (out.obj) PyBuffer_Release(&out);
+    return result;
+}
+
+PyDoc_STRVAR(bitmap_positions_doc,
+"bitmap_positions(bits, out) -> int\n"
+"\n"
+"Write the indices of the set bits of ``bits`` (bytes, little-endian bit order) into\n"
+"int64 ``out``, in increasing order, as far as it holds them; return how many are set.");
+
+static PyObject *bitmap_positions(PyObject *self, PyObject *args)
+{
+    PyObject *bits_object, *out_object;
+    if (!PyArg_ParseTuple(args, "OO", &bits_object, &out_object))
+        return NULL;
+    Py_buffer bits = {0}, out = {0};
+    PyObject *result = NULL;
+    if (PyObject_GetBuffer(bits_object, &bits, PyBUF_CONTIG_RO) < 0 ||
+        get_buffer(out_object, &out, 1, 8, "out") < 0)
+        goto done;
+    Py_ssize_t found = 0, capacity = out.len / 8, n = bits.len;
+    Py_BEGIN_ALLOW_THREADS
+    const uint8_t *bytes = bits.buf;
+    int64_t *positions = out.buf;
+    Py_ssize_t at = 0;
+    for (; at + 8 <= n; at += 8) {
+        uint64_t word;
+        memcpy(&word, bytes + at, 8);  /* little-endian hosts only: see native.py */
+        for (; word; word &= word - 1, found++)
+            if (found < capacity)
+                positions[found] = 8 * (int64_t)at + __builtin_ctzll(word);
+    }
+    for (; at < n; at++)
+        for (unsigned bit = 0; bit < 8; bit++)
+            if (bytes[at] >> bit & 1) {
+                if (found < capacity)
+                    positions[found] = 8 * (int64_t)at + bit;
+                found++;
+            }
+    Py_END_ALLOW_THREADS
+    result = PyLong_FromSsize_t(found);
+done:
+    if (bits.obj) PyBuffer_Release(&bits);
+    if (out.obj) PyBuffer_Release(&out);
+    return result;
+}
+
+PyDoc_STRVAR(strictly_increasing_doc,
+"strictly_increasing(positions) -> bool\n"
+"\n"
+"Whether every int64 of ``positions`` is greater than the one before.");
+
+static PyObject *strictly_increasing(PyObject *self, PyObject *args)
+{
+    PyObject *positions_object;
+    if (!PyArg_ParseTuple(args, "O", &positions_object))
+        return NULL;
+    Py_buffer positions = {0};
+    if (get_buffer(positions_object, &positions, 0, 8, "positions") < 0)
+        return NULL;
+    const int64_t *p = positions.buf;
+    Py_ssize_t n = positions.len / 8, i = 1;
+    Py_BEGIN_ALLOW_THREADS
+    for (; i < n && p[i] > p[i - 1]; i++)
+        ;
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&positions);
+    return Py_NewRef(i >= n ? Py_True : Py_False);
+}
+
 /* ---- float16 conversions, exposed for the exhaustive tests ------------------------ */
 
 PyDoc_STRVAR(f16_convert_doc,
@@ -383,6 +572,10 @@ done:
 static PyMethodDef methods[] = {
     {"merge_block", merge_block, METH_VARARGS, merge_block_doc},
     {"f16_convert", f16_convert, METH_VARARGS, f16_convert_doc},
+    {"from_planes", from_planes, METH_VARARGS, from_planes_doc},
+    {"gap_decode", gap_decode, METH_VARARGS, gap_decode_doc},
+    {"bitmap_positions", bitmap_positions, METH_VARARGS, bitmap_positions_doc},
+    {"strictly_increasing", strictly_increasing, METH_VARARGS, strictly_increasing_doc},
     {NULL, NULL, 0, NULL},
 };
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import xxhash
 
-from . import codecs
+from . import codecs, native
 from .atomic import atomic_path, fsync_file, output_error
 from .dtypes import DType, dtype as lookup_dtype
 from .errors import ChecksumError, DeltaFormatError, ResourceLimitError, SparsestitchError
@@ -168,6 +168,13 @@ class DeltaWriter:
             pass
 
 
+def _strictly_increasing(positions: np.ndarray) -> bool:
+    kernels = native.kernels()
+    if kernels is not None:
+        return kernels.strictly_increasing(np.ascontiguousarray(positions, np.int64))
+    return bool(np.all(positions[1:] > positions[:-1]))
+
+
 def pread_bytes(fd: int, nbytes: int, offset: int) -> bytes:
     """``nbytes`` at ``offset`` (fewer at end of file), without moving a shared file position:
     several threads read one delta at once."""
@@ -238,7 +245,7 @@ class DeltaReader:
             if positions.size != record.count:
                 raise DeltaFormatError(f"decoded {positions.size} positions, record says {record.count}")
             if positions.size and (positions[0] < 0 or positions[-1] >= record.numel
-                                   or not np.all(positions[1:] > positions[:-1])):
+                                   or not _strictly_increasing(positions)):
                 raise DeltaFormatError("positions are out of range, unsorted or repeated")
         return positions
 

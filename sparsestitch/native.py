@@ -1,8 +1,9 @@
 """The optional C loops (``sparsestitch._native``), or None.
 
-``setup.py`` builds them where a C compiler is present; without one, or with the
+``setup.py`` builds them where a C compiler is present; without one, on a big-endian
+host (the loops read the format's little-endian integers natively), or with the
 environment variable ``SPARSESTITCH_NATIVE=0``, sparsestitch runs its numpy code,
-which gives the same bits (the tests compare the two).
+which gives the same bits and raises the same errors (the tests compare the two).
 
 >>> kernels() is None or hasattr(kernels(), "merge_block")
 True
@@ -11,6 +12,7 @@ True
 from __future__ import annotations
 
 import os
+import sys
 from types import ModuleType
 
 #: Dtype names the C merge handles, with the kind number it takes.
@@ -19,7 +21,7 @@ MERGE_KINDS = {"BF16": 0, "F16": 1, "F32": 2, "F64": 3}
 
 def kernels() -> ModuleType | None:
     """The compiled module, unless it is missing or switched off by ``SPARSESTITCH_NATIVE=0``."""
-    if os.environ.get("SPARSESTITCH_NATIVE", "1") == "0":
+    if _compiled is None or os.environ.get("SPARSESTITCH_NATIVE", "1") == "0":
         return None
     return _compiled
 
@@ -27,4 +29,6 @@ def kernels() -> ModuleType | None:
 try:
     from . import _native as _compiled
 except ImportError:  # built without a C compiler: the numpy code runs
+    _compiled = None
+if sys.byteorder != "little":
     _compiled = None

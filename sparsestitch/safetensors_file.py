@@ -12,6 +12,7 @@ files come from the internet.
 from __future__ import annotations
 
 import json
+import re
 import os
 import struct
 from dataclasses import dataclass
@@ -135,8 +136,30 @@ def _entry(name: str, info, data_start: int, path, error) -> TensorEntry:
 
 def strict_json(text: str):
     """``json.loads`` refusing what JSON (RFC 8259) does not allow or cannot round-trip:
-    duplicate keys, NaN and Infinity, lone surrogates.  Raises ValueError."""
-    return json.loads(text, object_pairs_hook=_no_duplicate_keys, parse_constant=_not_json)
+    duplicate keys, NaN and Infinity, lone surrogates.  Raises ValueError.
+
+    >>> strict_json('{"a": [1, "\\u00e9"]}')
+    {'a': [1, 'é']}
+    """
+    # A lone surrogate can only come from a \uD800-\uDFFF escape (or be in ``text`` itself):
+    # without either, each string need not be checked (a delta header has ~10^4 of them).
+    try:
+        text.encode("utf-8")
+        plain = _SURROGATE_ESCAPE.search(text) is None
+    except UnicodeEncodeError:
+        plain = False
+    return json.loads(text, object_pairs_hook=_unique_keys if plain else _no_duplicate_keys,
+                      parse_constant=_not_json)
+
+
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _unique_keys(pairs):
+    unique = dict(pairs)
+    if len(unique) != len(pairs):
+        raise ValueError("duplicate key in JSON object")
+    return unique
 
 
 def _not_json(token: str):

@@ -1,7 +1,8 @@
 """The optional C loops (sparsestitch/_native.c) against numpy, and the switch between them.
 
 The block merge itself is compared with the numpy and union-based merges by the hypothesis
-test in test_device.py; here are its conversions, its refusals, and whole stitches.
+test in test_device.py; here are its conversions, its refusals, whole stitches, and every
+codec decoded both ways (the same bits, or the same error, from damaged payloads too).
 CI sets SPARSESTITCH_REQUIRE_NATIVE=1, so a build that silently dropped the C loops fails
 there instead of skipping these tests.
 """
@@ -17,10 +18,14 @@ from hypothesis import given, settings, strategies as st
 
 import sparsestitch
 from sparsestitch import native
+from sparsestitch.codecs import POSITION_CODECS, VALUE_CODECS
+from sparsestitch.codecs.base import from_planes, gap_decode
 from sparsestitch.dtypes import dtype
+from sparsestitch.errors import DeltaFormatError
 from sparsestitch.stitch import rule_combiner
 from sparsestitch.stitch.engine import Stored
 
+from .codec_checks import ALL_DTYPES, position_sets, value_pairs
 from .conftest import finetune_of, save_checkpoint, small_model
 
 kernels = native.kernels()
@@ -139,3 +144,85 @@ def test_stitched_files_are_identical_with_and_without_the_c_loops(tmp_path, rul
                                       weights=[1.0, 0.5, 2.0], **options)
     assert with_c.read_bytes() == without.read_bytes()
     assert with_c.read_bytes() != (tmp_path / "base.safetensors").read_bytes()
+
+
+# -- decoding helpers: the C path and the numpy path give the same output or the same error --
+
+def _both(decode):
+    """``decode()`` with the C loops and with numpy: each result's bytes, or its error."""
+    outcomes = []
+    for switch in ("1", "0"):
+        with mock.patch.dict(os.environ, {"SPARSESTITCH_NATIVE": switch}):
+            try:
+                result = decode()
+                outcomes.append((result.dtype.str, result.tobytes()))
+            except DeltaFormatError as error:
+                outcomes.append((type(error).__name__, str(error)))
+    return outcomes
+
+
+@needs_kernels
+@settings(max_examples=150, deadline=None)
+@given(case=position_sets(), damage=st.lists(st.tuples(st.integers(0, 1 << 20),
+                                                       st.integers(1, 255)), max_size=3))
+def test_position_codecs_decode_alike_in_c_and_numpy_even_when_damaged(case, damage):
+    """Every position codec, on its own payload and on the payload with bytes flipped."""
+    positions, shape = case
+    for codec in POSITION_CODECS:
+        if not codec.applies(shape, int(positions.size)):
+            continue
+        payload, config = codec.encode(positions, shape)
+        damaged = bytearray(payload)
+        for at, flip in damage:
+            if damaged:
+                damaged[at % len(damaged)] ^= flip
+        for data in (payload, bytes(damaged)):
+            native_outcome, numpy_outcome = _both(
+                lambda: codec.decode(data, config, shape, int(positions.size)))
+            assert native_outcome == numpy_outcome, codec.codec_id
+        assert _both(lambda: codec.decode(payload, config, shape, int(positions.size)))[0] == (
+            "<i8", positions.astype(np.int64).tobytes())
+
+
+@needs_kernels
+@settings(max_examples=100, deadline=None)
+@given(dt=st.sampled_from(ALL_DTYPES), data=st.data())
+def test_value_codecs_decode_alike_in_c_and_numpy(dt, data):
+    kept, base = data.draw(value_pairs(dt))
+    for codec in VALUE_CODECS:
+        if not codec.applies(dt):
+            continue
+        payload, config = codec.encode(kept, base, dt)
+        native_outcome, numpy_outcome = _both(
+            lambda: codec.decode(payload, config, base, dt, kept.size))
+        assert native_outcome == numpy_outcome == (dt.bits.str, kept.tobytes())
+
+
+@needs_kernels
+@settings(max_examples=200, deadline=None)
+@given(gaps=st.lists(st.integers(0, (1 << 64) - 1) | st.integers(0, 5), max_size=20),
+       width=st.sampled_from([4, 8]), limit=st.integers(1, 1 << 62) | st.integers(1, 40))
+def test_gap_decode_alike_in_c_and_numpy(gaps, width, limit):
+    array = np.array([g % (1 << (8 * width)) for g in gaps], dtype=f"<u{width}")
+    native_outcome, numpy_outcome = _both(lambda: gap_decode(array, limit))
+    assert native_outcome == numpy_outcome
+
+
+@needs_kernels
+@settings(max_examples=200, deadline=None)
+@given(raw=st.binary(max_size=64), width=st.sampled_from([1, 2, 4, 8]), use_xor=st.booleans())
+def test_from_planes_alike_in_c_and_numpy(raw, width, use_xor):
+    count = len(raw) // width
+    raw = raw[:count * width]
+    xor = (np.frombuffer(bytes(reversed(raw)), f"<u{width}") if use_xor else None)
+    native_outcome, numpy_outcome = _both(lambda: from_planes(raw, np.dtype(f"<u{width}"),
+                                                               count, xor=xor))
+    assert native_outcome == numpy_outcome
+
+
+@needs_kernels
+@settings(max_examples=200, deadline=None)
+@given(values=st.lists(st.integers(-(1 << 63), (1 << 63) - 1) | st.integers(-3, 3), max_size=12))
+def test_strictly_increasing_alike_in_c_and_numpy(values):
+    array = np.array(values, dtype=np.int64)
+    assert kernels.strictly_increasing(array) == bool(np.all(array[1:] > array[:-1]))

@@ -26,6 +26,7 @@ from __future__ import annotations
 import numpy as np
 import zstandard
 
+from .. import native
 from ..errors import DeltaFormatError, ResourceLimitError
 
 #: zstd level for streams up to ZSTD_SMALL_LIMIT raw bytes, and for larger ones.
@@ -115,14 +116,21 @@ def to_planes(values: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(values.view(np.uint8).reshape(-1, width).T)
 
 
-def from_planes(raw: bytes, dtype: np.dtype, count: int) -> np.ndarray:
-    """Inverse of :func:`to_planes`."""
+def from_planes(raw: bytes, dtype: np.dtype, count: int, xor: np.ndarray | None = None
+                ) -> np.ndarray:
+    """Inverse of :func:`to_planes`; XOR-ed with ``xor`` (same dtype) when given."""
     dtype = np.dtype(dtype)
-    planes = np.frombuffer(raw, dtype=np.uint8).reshape(dtype.itemsize, count)
     out = np.empty(count, dtype=dtype)
+    kernels = native.kernels()
+    if kernels is not None:
+        kernels.from_planes(raw, out, xor)
+        return out
+    planes = np.frombuffer(raw, dtype=np.uint8).reshape(dtype.itemsize, count)
     columns = out.view(np.uint8).reshape(count, dtype.itemsize)
     for i in range(dtype.itemsize):  # one strided write per plane beats a transposed copy
         columns[:, i] = planes[i]
+    if xor is not None:
+        out ^= xor
     return out
 
 
@@ -134,6 +142,12 @@ def gap_encode(positions: np.ndarray) -> np.ndarray:
 
 def gap_decode(gaps: np.ndarray, limit: int) -> np.ndarray:
     """Inverse of :func:`gap_encode`, checking every position is below ``limit``."""
+    kernels = native.kernels()
+    if kernels is not None and gaps.dtype.itemsize in (4, 8) and gaps.dtype.kind == "u":
+        positions = np.empty(gaps.size, np.int64)
+        if kernels.gap_decode(np.ascontiguousarray(gaps), positions, limit):
+            return positions
+        # Out of range: the numpy code below says where, in the same words.
     if gaps.size and int(gaps.max()) >= limit:
         raise DeltaFormatError(f"a position gap of {int(gaps.max())} exceeds the tensor size {limit}")
     positions = gaps.astype(np.int64)  # in place from here: one array, four passes

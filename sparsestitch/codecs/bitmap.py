@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .. import native
 from ..errors import DeltaFormatError
 from .base import pack_stream, unpack_stream
 from .full import _numel
@@ -29,11 +30,19 @@ class Bitmap:
     def decode(self, payload: bytes, config: dict, shape: tuple[int, ...], count: int) -> np.ndarray:
         numel = _numel(shape)
         raw = unpack_stream(payload, config, (numel + 7) // 8)
-        # As bool: nonzero() of a bool array is ~3x faster than of uint8 (0/1 only here).
-        bits = np.unpackbits(np.frombuffer(raw, dtype=np.uint8), bitorder="little").view(bool)
-        if bits[numel:].any():
-            raise DeltaFormatError("bitmap has bits set past the end of the tensor")
-        positions = np.flatnonzero(bits[:numel])
-        if positions.size != count:
-            raise DeltaFormatError(f"bitmap marks {positions.size} positions, the record says {count}")
-        return positions.astype(np.int64)
+        kernels = native.kernels()
+        if kernels is not None:
+            if numel % 8 and raw[-1] >> (numel % 8):
+                raise DeltaFormatError("bitmap has bits set past the end of the tensor")
+            positions = np.empty(count, np.int64)
+            found = kernels.bitmap_positions(raw, positions)
+        else:
+            # As bool: nonzero() of a bool array is ~3x faster than of uint8 (0/1 only here).
+            bits = np.unpackbits(np.frombuffer(raw, dtype=np.uint8), bitorder="little").view(bool)
+            if bits[numel:].any():
+                raise DeltaFormatError("bitmap has bits set past the end of the tensor")
+            positions = np.flatnonzero(bits[:numel]).astype(np.int64)
+            found = positions.size
+        if found != count:
+            raise DeltaFormatError(f"bitmap marks {found} positions, the record says {count}")
+        return positions

@@ -29,4 +29,4 @@ class XorValues:
     def decode(self, payload: bytes, config: dict, base: np.ndarray, dt: DType,
                count: int) -> np.ndarray:
         raw = unpack_stream(payload, config, count * dt.itemsize)
-        return from_planes(raw, dt.bits, count) ^ base
+        return from_planes(raw, dt.bits, count, xor=base)
