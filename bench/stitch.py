@@ -278,11 +278,11 @@ def floor_configs(base: str, work: Path) -> list[Config]:
 
 
 def stitch_config(key: str, what: str, base: str, deltas: list[str], out: Path, rule: str,
-                  max_memory: str, device: str = "cpu", **row) -> Config:
-    """A ``sparsestitch.stitch`` run."""
+                  max_memory: str, device: str = "cpu", native: bool = True, **row) -> Config:
+    """A ``sparsestitch.stitch`` run (``native=False``: with ``SPARSESTITCH_NATIVE=0``)."""
     return Config(key, dict(row, what=what, kind="stitch", n=len(deltas), rule=rule),
                   [base, *deltas], out, "stitch_runs:stitch_run",
-                  (base, deltas, str(out), rule, max_memory, device))
+                  (base, deltas, str(out), rule, max_memory, device, native))
 
 
 def add_ratios(rows: list[dict]) -> dict:
@@ -316,6 +316,11 @@ def cpu_section(model: dict, ns: list[int], max_memory: str, repeat: int,
             configs.append(stitch_config(f"stitch N={n} {rule}", f"sparsestitch {rule}", base,
                                          model["deltas"][:n], out, rule, max_memory,
                                          device=device))
+    # The same code without its C loops, in the same rounds: what they are worth here.
+    configs.append(stitch_config(f"stitch N={max(ns)} numpy only", "sparsestitch localize-stitch, "
+                                 "numpy only (SPARSESTITCH_NATIVE=0)", base,
+                                 model["deltas"][:max(ns)], out, "localize-stitch", max_memory,
+                                 device=device, native=False))
     run_rounds(configs, repeat)
     rows = [c.summary() for c in configs]
     add_ratios(rows)

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 import sparsestitch
+from sparsestitch import native as native_loops
 
 
 def peak_rss() -> int:
@@ -66,13 +67,17 @@ def floor_stream(base: str, out: str, fsync: bool) -> dict:
 
 
 def stitch_run(base: str, deltas: list[str], out: str, rule: str, max_memory: str,
-               device: str = "cpu") -> dict:
+               device: str = "cpu", native: bool = True) -> dict:
     """``sparsestitch.stitch``; ``cpu_seconds`` (all threads, user + system) is a cross-check
-    of the wall time that the other load on a shared machine inflates far less."""
+    of the wall time that the other load on a shared machine inflates far less.
+    ``native=False`` runs it without the C loops (``SPARSESTITCH_NATIVE=0``)."""
+    if not native:
+        os.environ["SPARSESTITCH_NATIVE"] = "0"
     cpu = time.process_time()
     sparsestitch.stitch(base, deltas, out, rule=rule, max_memory=max_memory, device=device)
     return {"deltas": len(deltas), "peak_rss": peak_rss(),
-            "cpu_seconds": time.process_time() - cpu}
+            "cpu_seconds": time.process_time() - cpu,
+            "native": native_loops.kernels() is not None}
 
 
 def profile_stitch(base: str, deltas: list[str], out: str, rule: str, max_memory: str,
