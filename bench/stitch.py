@@ -280,7 +280,8 @@ def floor_configs(base: str, work: Path) -> list[Config]:
 def stitch_config(key: str, what: str, base: str, deltas: list[str], out: Path, rule: str,
                   max_memory: str, device: str = "cpu", native: bool = True, **row) -> Config:
     """A ``sparsestitch.stitch`` run (``native=False``: with ``SPARSESTITCH_NATIVE=0``)."""
-    return Config(key, dict(row, what=what, kind="stitch", n=len(deltas), rule=rule),
+    return Config(key, dict(row, what=what, kind="stitch", n=len(deltas), rule=rule,
+                            native=native),
                   [base, *deltas], out, "stitch_runs:stitch_run",
                   (base, deltas, str(out), rule, max_memory, device, native))
 
@@ -514,7 +515,7 @@ def goals(sections: list[dict], budget: int, top_n: int) -> list[dict]:
     for section in sections:
         size = section["model"]["size_gb"]
         for row in section["rows"]:
-            if row["kind"] == "stitch" and row["n"] == top_n:
+            if row["kind"] == "stitch" and row["n"] == top_n and row["native"]:
                 for floor, label in (("x_load_save", "load_file + save_file"),
                                      ("x_load_save_fsync", "load_file + save_file + fsync"),
                                      ("x_stream_fsync", "per-tensor read + write + fsync")):
