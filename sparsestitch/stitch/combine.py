@@ -94,6 +94,15 @@ class RuleCombiner:
         """The same merge as :meth:`__call__`, applied row block by row block in place."""
         return BlockMerge(self, dt, stored)
 
+    def bytes_per_position(self, dt: DType) -> int:
+        """Bytes a tensor's decoded records hold per stored position until it is merged
+        (the engine plans its read-ahead and row blocks with it): the int64 position and
+        the fine-tuned and base bits, plus, unless the C merge runs, the wide task vector
+        and the numpy merge's temporaries."""
+        if self.merges_blocks(dt) and dt.name in native.MERGE_KINDS and native.kernels():
+            return 8 + 2 * dt.itemsize + 4
+        return 32
+
     def recipe(self, readers: Sequence[DeltaReader]) -> str:
         """The metadata value describing a merge of ``readers`` with this combiner."""
         return json.dumps({"rule": self.rule, "options": self.options,

@@ -128,7 +128,7 @@ def run(base: str | os.PathLike, deltas: Sequence[str | os.PathLike], out: str |
                         order,
                         lambda name: _prepare(base_ckpt, readers, added_records, name, combiner,
                                               block_bytes),
-                        lambda name: _estimate(base_ckpt, readers, added_records, name,
+                        lambda name: _estimate(base_ckpt, readers, added_records, name, combiner,
                                                block_bytes),
                         budget=2 * block_bytes,
                         workers=READ_WORKERS if 4 * block_bytes >= MIN_THREADED_BUDGET else 0)
@@ -227,8 +227,14 @@ def write_patched(writer: CheckpointWriter, name: str, blocks: RowBlocks,
 
 
 #: Bytes per stored position an in-flight tensor may hold (positions, fine-tuned and
-#: base bits, the wide task vector, decoding temporaries); used to plan the prefetch.
+#: base bits, the wide task vector, decoding temporaries) for combiners that do not say
+#: (``bytes_per_position``); used to plan the prefetch and the row blocks.
 DECODED_BYTES_PER_POSITION = 32
+
+
+def _bytes_per_position(combiner: Combiner, dt: DType) -> int:
+    say = getattr(combiner, "bytes_per_position", None)
+    return DECODED_BYTES_PER_POSITION if say is None else say(dt)
 
 Finish = Callable[[CheckpointWriter], None]
 
@@ -243,22 +249,25 @@ MIN_THREADED_BUDGET = 512 << 20
 
 
 def _estimate(base: Checkpoint, readers: Sequence[DeltaReader],
-              added: dict[str, tuple[DeltaReader, Record]], name: str, block_bytes: int) -> int:
+              added: dict[str, tuple[DeltaReader, Record]], name: str, combiner: Combiner,
+              block_bytes: int) -> int:
     """Bytes tensor ``name`` holds between being prepared and being finished (a tensor too
     big to decode whole is merged within half the budget, see :func:`_streamed`)."""
     if name in added:
         _, record = added[name]
         return record.numel * lookup_dtype(record.dtype).itemsize
-    return min(_decoded_bytes(base, readers, name, block_bytes), 2 * block_bytes)
+    return min(_decoded_bytes(base, readers, name, combiner, block_bytes), 2 * block_bytes)
 
 
 def _decoded_bytes(base: Checkpoint, readers: Sequence[DeltaReader], name: str,
-                   block_bytes: int) -> int:
+                   combiner: Combiner, block_bytes: int) -> int:
     """Bytes held while tensor ``name``'s records are decoded whole: its first block and
     every stored position of every delta."""
     stored = sum(record.count for reader in readers
                  if (record := reader.record(name)) is not None and record.kind == "sparse")
-    return min(base.entry(name).nbytes, block_bytes) + DECODED_BYTES_PER_POSITION * stored
+    entry = base.entry(name)
+    per_position = _bytes_per_position(combiner, lookup_dtype(entry.dtype))
+    return min(entry.nbytes, block_bytes) + per_position * stored
 
 
 def _prepare(base: Checkpoint, readers: Sequence[DeltaReader],
@@ -273,7 +282,7 @@ def _prepare(base: Checkpoint, readers: Sequence[DeltaReader],
     dt = lookup_dtype(entry.dtype)
     merges_blocks = getattr(combiner, "merges_blocks", None)
     block_wise = merges_blocks is not None and merges_blocks(dt)
-    if block_wise and _decoded_bytes(base, readers, name, block_bytes) > 2 * block_bytes:
+    if block_wise and _decoded_bytes(base, readers, name, combiner, block_bytes) > 2 * block_bytes:
         return _streamed(base, readers, name, combiner, block_bytes)
     blocks = RowBlocks.of(entry.shape, dt.itemsize, block_bytes)
     stored, whole = gather(base, readers, name, blocks)
@@ -331,7 +340,7 @@ def _streamed(base: Checkpoint, readers: Sequence[DeltaReader], name: str, combi
         per_row += np.bincount(positions // max(1, widest.row_items), minlength=rows)[:rows]
         del positions
     blocks = RowBlocks(_cut_rows(per_row, widest.bounds[0][1] - widest.bounds[0][0],
-                                 max(1, block_bytes // DECODED_BYTES_PER_POSITION)),
+                                 max(1, block_bytes // _bytes_per_position(combiner, dt))),
                        widest.row_items)
 
     def finish(writer: CheckpointWriter) -> None:
