@@ -7,7 +7,7 @@ import time
 
 import click
 
-from . import __version__
+from . import __version__, native
 from .errors import SparsestitchError
 
 
@@ -35,7 +35,8 @@ def _fail_cleanly(function):
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.version_option(__version__, prog_name="sparsestitch")
+@click.version_option(__version__, prog_name="sparsestitch",
+                      message=f"%(prog)s %(version)s ({native.describe()})")
 def main():
     """Store fine-tuned models as tiny sparse deltas against their base; restore or stitch them.
 

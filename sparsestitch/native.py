@@ -26,6 +26,15 @@ def kernels() -> ModuleType | None:
     return _compiled
 
 
+def describe() -> str:
+    """Which code runs, in words (``sparsestitch --version`` prints it)."""
+    if _compiled is None:
+        return "C loops not built: numpy only, slower; reinstall with a C compiler"
+    if kernels() is None:
+        return "C loops switched off by SPARSESTITCH_NATIVE=0"
+    return "C loops on"
+
+
 try:
     from . import _native as _compiled
 except ImportError:  # built without a C compiler: the numpy code runs

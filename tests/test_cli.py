@@ -68,7 +68,11 @@ def test_installed_command_runs_as_a_subprocess():
 
 
 def test_version():
-    assert sparsestitch.__version__ in ok("--version").stdout
+    from sparsestitch import native
+
+    shown = ok("--version").stdout
+    assert sparsestitch.__version__ in shown
+    assert native.describe() in shown  # whether the C loops run
 
 
 def test_compress_matches_the_api(zoo, tmp_path, deltas):
