@@ -6,7 +6,7 @@ import dataclasses
 
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import example, given, settings, strategies as st
 
 from sparsestitch import codecs
 from sparsestitch.codecs import POSITION_CODECS, VALUE_CODECS, rice
@@ -92,17 +92,21 @@ def test_encode_positions_picks_the_smallest_codec_it_tries(case):
 @settings(max_examples=60, deadline=None)
 @given(shapes(), st.one_of(st.sampled_from((0.01, 0.03, 0.2, 0.5, 0.6, 0.97)), st.floats(0, 1)),
        st.integers(0, 2**32 - 1))
-def test_skipped_codecs_never_win_by_more_than_a_byte_on_random_positions(shape, density, seed):
+@example((8, 8, 9), 0.97, 636)
+def test_skipped_codecs_never_win_by_more_than_a_few_bytes_on_random_positions(shape, density,
+                                                                               seed):
     # encode_positions skips some codecs for speed.  On random positions that costs at most a
-    # byte: below ~3% density the skipped bitmap is far larger than a list, and above it a
-    # skipped list codec beats the bitmap by at most its last partial byte (rice with k=0 is
-    # the bitmap cut at the last kept position, and zstd cannot shrink random bits).
+    # few bytes: below ~3% density the skipped bitmap is far larger than a list, and above it
+    # a skipped list codec beats the bitmap by at most its last partial byte (rice with k=0
+    # is the bitmap cut at the last kept position) or, on tensors of a few hundred elements
+    # at ~97% density, a zstd frame of nearly all-zero gaps undercutting the bitmap's frame by
+    # up to 3 bytes (the example; on 10^5+ elements the bitmap wins by 30% and more).
     # Clustered positions can make a skipped codec win by more: the price of the size rule.
     positions = np.flatnonzero(np.random.default_rng(seed).random(numel(shape)) < density)
     count = int(positions.size)
     sizes = [len(codec.encode(positions, shape)[0]) for codec in POSITION_CODECS
              if codec.applies(shape, count)]
-    assert len(codecs.encode_positions(positions, shape)[0]) <= min(sizes) + 1
+    assert len(codecs.encode_positions(positions, shape)[0]) <= min(sizes) + 4
 
 
 @pytest.mark.parametrize("shape, positions", [
