@@ -82,33 +82,20 @@ static inline uint16_t f16_round(float value)
     return sign | (uint16_t)result;
 }
 
-static inline float f32_wide(uint32_t bits)
-{
-    float f;
-    memcpy(&f, &bits, 4);
-    return f;
-}
+/* float32 and float64 compute in their own type: their "wide" conversion and rounding are
+ * bit casts. */
+#define DEFINE_BIT_CAST(NAME, FROM, TO)                                                      \
+    static inline TO NAME(FROM value)                                                       \
+    {                                                                                       \
+        TO out;                                                                             \
+        memcpy(&out, &value, sizeof out);                                                   \
+        return out;                                                                         \
+    }
 
-static inline uint32_t f32_round(float value)
-{
-    uint32_t u;
-    memcpy(&u, &value, 4);
-    return u;
-}
-
-static inline double f64_wide(uint64_t bits)
-{
-    double d;
-    memcpy(&d, &bits, 8);
-    return d;
-}
-
-static inline uint64_t f64_round(double value)
-{
-    uint64_t u;
-    memcpy(&u, &value, 8);
-    return u;
-}
+DEFINE_BIT_CAST(f32_wide, uint32_t, float)
+DEFINE_BIT_CAST(f32_round, float, uint32_t)
+DEFINE_BIT_CAST(f64_wide, uint64_t, double)
+DEFINE_BIT_CAST(f64_round, double, uint64_t)
 
 /* ---- the block merge ------------------------------------------------------------ */
 

@@ -448,6 +448,9 @@ def header_cases(source: str, image: DeltaImage) -> list[Case]:
         add(f"{un}:base-xxh3-other", on(un)(lambda r: r.update(base_xxh3="0123456789abcdef")), tensor=un)
         add(f"{un}:shape-huge", on(un)(lambda r: r.update(shape=[1 << 44])), tensor=un)
         add(f"{un}:shape-over-limit", on(un)(lambda r: r.update(shape=[1 << 44, 2])), tensor=un)
+        # no element, but a dimension past the limit (found by the seed-2 campaign)
+        add(f"{un}:shape-empty-huge-dimension", on(un)(lambda r: r.update(shape=[0, 1 << 64])),
+            tensor=un)
     if added:
         ad = added[0]["name"]
         add(f"{ad}:kind-sparse", on(ad)(lambda r: r.update(kind="sparse")), tensor=ad)
@@ -1132,7 +1135,8 @@ def reference_listing(data: bytes) -> Listing:
         shape, kind = r.get("shape"), r.get("kind")
         if (kind not in ("base", "sparse", "added") or not _known_dtype(r.get("dtype"))
                 or not isinstance(shape, list) or len(shape) > 64
-                or not all(_is_int(d) and d >= 0 for d in shape) or _numel(shape) > 1 << 44):
+                or not all(_is_int(d) and 0 <= d <= 1 << 44 for d in shape)
+                or _numel(shape) > 1 << 44):
             raise Invalid("bad kind, dtype or shape", name)
         if (r.get("base_xxh3") is not None) if kind == "added" else not _hex16(r.get("base_xxh3")):
             raise Invalid("bad base_xxh3", name)
