@@ -12,8 +12,8 @@ files come from the internet.
 from __future__ import annotations
 
 import json
-import re
 import os
+import re
 import struct
 from dataclasses import dataclass
 

@@ -236,6 +236,7 @@ def _bytes_per_position(combiner: Combiner, dt: DType) -> int:
     say = getattr(combiner, "bytes_per_position", None)
     return DECODED_BYTES_PER_POSITION if say is None else say(dt)
 
+
 Finish = Callable[[CheckpointWriter], None]
 
 #: Threads preparing tensors (the caller writes): numpy, zstd and pread release the GIL.
