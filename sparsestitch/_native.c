@@ -511,6 +511,124 @@ static PyObject *strictly_increasing(PyObject *self, PyObject *args)
     return Py_NewRef(i >= n ? Py_True : Py_False);
 }
 
+/* ---- ranking keys for top-k (localize/topk.py, compress.py) ----------------------- */
+
+PyDoc_STRVAR(magnitude_keys_doc,
+"magnitude_keys(kind, finetuned, base, out)\n"
+"\n"
+"localize.topk.magnitude_keys into uint32 ``out``: the float32 bits of |wide(fine-tuned) -\n"
+"wide(base)| (a float64 difference rounded to float32), 0 where that is NaN but the bits\n"
+"are equal (an unchanged inf or NaN).  ``kind`` as for merge_block.");
+
+#define KEY_INF 0x7F800000u
+
+#define DEFINE_KEYS(NAME, BITS, TO_WIDE)                                                    \
+    static void NAME(const BITS *restrict finetuned, const BITS *restrict base,             \
+                     uint32_t *restrict keys, Py_ssize_t n)                                 \
+    {                                                                                       \
+        for (Py_ssize_t i = 0; i < n; i++) {                                                \
+            /* |round(x)| == round(|x|): rounding to float32 is symmetric in the sign */    \
+            float tau = (float)(TO_WIDE(finetuned[i]) - TO_WIDE(base[i]));                  \
+            uint32_t key;                                                                   \
+            memcpy(&key, &tau, 4);                                                          \
+            key &= 0x7FFFFFFFu; /* the absolute value, of a NaN too (as numpy's abs) */     \
+            keys[i] = key > KEY_INF && finetuned[i] == base[i] ? 0 : key;                   \
+        }                                                                                   \
+    }
+
+DEFINE_KEYS(keys_bf16, uint16_t, bf16_wide)
+DEFINE_KEYS(keys_f16, uint16_t, f16_wide)
+DEFINE_KEYS(keys_f32, uint32_t, f32_wide)
+DEFINE_KEYS(keys_f64, uint64_t, f64_wide)
+
+static PyObject *magnitude_keys(PyObject *self, PyObject *args)
+{
+    int kind;
+    PyObject *finetuned_object, *base_object, *out_object;
+    if (!PyArg_ParseTuple(args, "iOOO", &kind, &finetuned_object, &base_object, &out_object))
+        return NULL;
+    if (kind < KIND_BF16 || kind > KIND_F64)
+        return PyErr_Format(PyExc_ValueError, "unknown dtype kind %d", kind);
+    Py_ssize_t itemsize = KIND_ITEMSIZE[kind];
+    Py_buffer finetuned = {0}, base = {0}, out = {0};
+    PyObject *result = NULL;
+    if (get_buffer(finetuned_object, &finetuned, 0, itemsize, "fine-tuned bits") < 0 ||
+        get_buffer(base_object, &base, 0, itemsize, "base bits") < 0 ||
+        get_buffer(out_object, &out, 1, 4, "out") < 0)
+        goto done;
+    Py_ssize_t n = finetuned.len / itemsize;
+    if (base.len / itemsize != n || out.len / 4 != n) {
+        PyErr_SetString(PyExc_ValueError, "fine-tuned bits, base bits and out differ in length");
+        goto done;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    switch (kind) {
+    case KIND_BF16: keys_bf16(finetuned.buf, base.buf, out.buf, n); break;
+    case KIND_F16: keys_f16(finetuned.buf, base.buf, out.buf, n); break;
+    case KIND_F32: keys_f32(finetuned.buf, base.buf, out.buf, n); break;
+    default: keys_f64(finetuned.buf, base.buf, out.buf, n);
+    }
+    Py_END_ALLOW_THREADS
+    result = Py_NewRef(Py_None);
+done:
+    if (finetuned.obj) PyBuffer_Release(&finetuned);
+    if (base.obj) PyBuffer_Release(&base);
+    if (out.obj) PyBuffer_Release(&out);
+    return result;
+}
+
+PyDoc_STRVAR(select_bracket_doc,
+"select_bracket(keys, low, high, above, inside, inside_keys) -> (n_above, n_inside)\n"
+"\n"
+"Indices of the uint32 ``keys`` above ``high`` into int64 ``above``, and of those in\n"
+"[low, high] into int64 ``inside`` with their keys in uint32 ``inside_keys``, in order;\n"
+"each output must hold len(keys) (only the counted prefix is written).");
+
+static PyObject *select_bracket(PyObject *self, PyObject *args)
+{
+    PyObject *keys_object, *above_object, *inside_object, *inside_keys_object;
+    unsigned long low, high;
+    if (!PyArg_ParseTuple(args, "OkkOOO", &keys_object, &low, &high, &above_object,
+                          &inside_object, &inside_keys_object))
+        return NULL;
+    Py_buffer keys = {0}, above = {0}, inside = {0}, inside_keys = {0};
+    PyObject *result = NULL;
+    if (get_buffer(keys_object, &keys, 0, 4, "keys") < 0 ||
+        get_buffer(above_object, &above, 1, 8, "above") < 0 ||
+        get_buffer(inside_object, &inside, 1, 8, "inside") < 0 ||
+        get_buffer(inside_keys_object, &inside_keys, 1, 4, "inside_keys") < 0)
+        goto done;
+    Py_ssize_t n = keys.len / 4;
+    if (above.len / 8 < n || inside.len / 8 < n || inside_keys.len / 4 < n) {
+        PyErr_SetString(PyExc_ValueError, "every output must hold as many items as keys");
+        goto done;
+    }
+    Py_ssize_t n_above = 0, n_inside = 0;
+    Py_BEGIN_ALLOW_THREADS
+    const uint32_t *k = keys.buf;
+    int64_t *above_at = above.buf, *inside_at = inside.buf;
+    uint32_t *inside_key = inside_keys.buf;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        uint32_t key = k[i];
+        if (key < low)
+            continue;
+        if (key > high) {
+            above_at[n_above++] = i;
+        } else {
+            inside_at[n_inside] = i;
+            inside_key[n_inside++] = key;
+        }
+    }
+    Py_END_ALLOW_THREADS
+    result = Py_BuildValue("nn", n_above, n_inside);
+done:
+    if (keys.obj) PyBuffer_Release(&keys);
+    if (above.obj) PyBuffer_Release(&above);
+    if (inside.obj) PyBuffer_Release(&inside);
+    if (inside_keys.obj) PyBuffer_Release(&inside_keys);
+    return result;
+}
+
 /* ---- float16 conversions, exposed for the exhaustive tests ------------------------ */
 
 PyDoc_STRVAR(f16_convert_doc,
@@ -563,6 +681,8 @@ static PyMethodDef methods[] = {
     {"gap_decode", gap_decode, METH_VARARGS, gap_decode_doc},
     {"bitmap_positions", bitmap_positions, METH_VARARGS, bitmap_positions_doc},
     {"strictly_increasing", strictly_increasing, METH_VARARGS, strictly_increasing_doc},
+    {"magnitude_keys", magnitude_keys, METH_VARARGS, magnitude_keys_doc},
+    {"select_bracket", select_bracket, METH_VARARGS, select_bracket_doc},
     {NULL, NULL, 0, NULL},
 };
 

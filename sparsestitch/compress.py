@@ -32,7 +32,7 @@ from .dtypes import dtype as lookup_dtype
 from .errors import CheckpointError, TensorMismatchError
 from .format import HEADER_KEY, DeltaWriter, Record, digest, encode_record, pread_bytes
 from .localize.topk import (TopK, bracket_bins, count_to_keep, magnitude_keys,
-                            resolve_candidates)
+                            resolve_candidates, split_bracket)
 from .patterns import as_patterns, matches, selected
 from .pipeline import DEFAULT_WORKERS, in_order
 from .progress import bar
@@ -257,11 +257,9 @@ class _Job:
             def choose(i, name, tune_block, base_block, offset, dt, masks):
                 if name not in self.localized:
                     return self._choose_exact(i, name, tune_block, base_block, offset, dt, masks)
-                keys = magnitude_keys(tune_block, base_block, dt)
-                low_key, high_key = brackets[i]
-                inside = np.flatnonzero(keys >= low_key)
-                above = keys[inside] > high_key
-                return inside[above], (inside[~above], keys[inside[~above]])
+                above, inside, inside_keys = split_bracket(
+                    magnitude_keys(tune_block, base_block, dt), *brackets[i])
+                return above, (inside, inside_keys)
 
             with bar(self._total_bytes(), "localize", self.progress) as progress:
                 with self._ahead(self.base.names,

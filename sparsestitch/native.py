@@ -15,8 +15,8 @@ import os
 import sys
 from types import ModuleType
 
-#: Dtype names the C merge handles, with the kind number it takes.
-MERGE_KINDS = {"BF16": 0, "F16": 1, "F32": 2, "F64": 3}
+#: Float dtype names the C loops handle (merge, ranking keys), with the kind number they take.
+FLOAT_KINDS = {"BF16": 0, "F16": 1, "F32": 2, "F64": 3}
 
 
 def kernels() -> ModuleType | None:

@@ -22,6 +22,7 @@ from sparsestitch.codecs import POSITION_CODECS, VALUE_CODECS
 from sparsestitch.codecs.base import from_planes, gap_decode
 from sparsestitch.dtypes import dtype
 from sparsestitch.errors import DeltaFormatError
+from sparsestitch.localize.topk import magnitude_keys, split_bracket
 from sparsestitch.stitch import rule_combiner
 from sparsestitch.stitch.engine import Stored
 
@@ -226,3 +227,28 @@ def test_from_planes_alike_in_c_and_numpy(raw, width, use_xor):
 def test_strictly_increasing_alike_in_c_and_numpy(values):
     array = np.array(values, dtype=np.int64)
     assert kernels.strictly_increasing(array) == bool(np.all(array[1:] > array[:-1]))
+
+
+@needs_kernels
+@settings(max_examples=100, deadline=None)
+@given(dt=st.sampled_from([dtype(n) for n in native.FLOAT_KINDS]), data=st.data())
+def test_ranking_keys_alike_in_c_and_numpy(dt, data):
+    """Every bit pattern (NaN, inf, subnormals, equal bits), and the bracket split of them."""
+    kept, base = data.draw(value_pairs(dt, max_size=200))
+    native_outcome, numpy_outcome = _both(lambda: magnitude_keys(kept, base, dt))
+    assert native_outcome == numpy_outcome
+    keys = magnitude_keys(kept, base, dt)
+    low, high = sorted(data.draw(st.lists(st.sampled_from(keys.tolist() or [0])
+                                          | st.integers(0, (1 << 32) - 1), min_size=2,
+                                          max_size=2)))
+    for got, want in zip(*_both_tuples(lambda: split_bracket(keys, low, high))):
+        assert got == want
+
+
+def _both_tuples(compute):
+    """``compute()`` (a tuple of arrays) with the C loops and with numpy, as bytes."""
+    outcomes = []
+    for switch in ("1", "0"):
+        with mock.patch.dict(os.environ, {"SPARSESTITCH_NATIVE": switch}):
+            outcomes.append([(a.dtype.str, a.tobytes()) for a in compute()])
+    return outcomes

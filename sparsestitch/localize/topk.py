@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .. import native
 from ..dtypes import DType, to_wide
 
 _BINS = 1 << 16
@@ -38,6 +39,12 @@ def magnitude_keys(finetuned_bits: np.ndarray, base_bits: np.ndarray, dt: DType)
     >>> magnitude_keys(inf, inf, f32).tolist()  # unchanged: never outranks a real change
     [0]
     """
+    kernels = native.kernels()
+    if kernels is not None and dt.name in native.FLOAT_KINDS:  # the same keys, in one pass
+        keys = np.empty(np.shape(finetuned_bits), np.uint32)
+        kernels.magnitude_keys(native.FLOAT_KINDS[dt.name], np.ascontiguousarray(finetuned_bits),
+                               np.ascontiguousarray(base_bits), keys)
+        return keys
     with np.errstate(all="ignore"):
         tau = np.subtract(to_wide(finetuned_bits, dt), to_wide(base_bits, dt))
         np.abs(tau, out=tau)
@@ -49,6 +56,27 @@ def magnitude_keys(finetuned_bits: np.ndarray, base_bits: np.ndarray, dt: DType)
     if nan.size:
         keys[nan[finetuned_bits.reshape(-1)[nan] == base_bits.reshape(-1)[nan]]] = 0
     return keys
+
+
+def split_bracket(keys: np.ndarray, low_key: int, high_key: int
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(indices of keys above high_key, indices of keys in [low_key, high_key], those
+    keys)``, indices in increasing order, of a flat ``keys`` array.
+
+    >>> [a.tolist() for a in split_bracket(np.array([5, 1, 9, 3], np.uint32), 3, 5)]
+    [[2], [0, 3], [5, 3]]
+    """
+    kernels = native.kernels()
+    if kernels is not None:
+        above, inside = np.empty(keys.size, np.int64), np.empty(keys.size, np.int64)
+        inside_keys = np.empty(keys.size, np.uint32)
+        n_above, n_inside = kernels.select_bracket(np.ascontiguousarray(keys, np.uint32),
+                                                   low_key, high_key, above, inside, inside_keys)
+        # Copies: the outputs are sized for the worst case; only their first pages were used.
+        return above[:n_above].copy(), inside[:n_inside].copy(), inside_keys[:n_inside].copy()
+    inside = np.flatnonzero(keys >= low_key)
+    above = keys[inside] > high_key
+    return inside[above], inside[~above], keys[inside[~above]]
 
 
 def count_to_keep(density: float, numel: int) -> int:

@@ -99,7 +99,7 @@ class RuleCombiner:
         (the engine plans its read-ahead and row blocks with it): the int64 position and
         the fine-tuned and base bits, plus, unless the C merge runs, the wide task vector
         and the numpy merge's temporaries."""
-        if self.merges_blocks(dt) and dt.name in native.MERGE_KINDS and native.kernels():
+        if self.merges_blocks(dt) and dt.name in native.FLOAT_KINDS and native.kernels():
             return 8 + 2 * dt.itemsize + 4
         return 32
 
@@ -138,7 +138,7 @@ class BlockMerge:
         present = [(s, w) for s, w in zip(stored, combiner.weights) if s is not None]
         # The C loop (native.py) does the same operations in one pass per record; the numpy
         # code below is its fallback and its reference.
-        self.kernels = native.kernels() if dt.name in native.MERGE_KINDS else None
+        self.kernels = native.kernels() if dt.name in native.FLOAT_KINDS else None
         if self.kernels is not None:
             self.WINDOW = self.NATIVE_WINDOW
         self.total = np.empty(self.WINDOW, dt.wide)
@@ -160,7 +160,7 @@ class BlockMerge:
         if self.kernels is not None:
             if block.size:
                 self.kernels.merge_block(
-                    native.MERGE_KINDS[self.dt.name], block, first, self.records,
+                    native.FLOAT_KINDS[self.dt.name], block, first, self.records,
                     self.counting, float(self.scale), CANONICAL_NAN[self.dt.name],
                     self.total[:self.WINDOW], self.count[:self.WINDOW])
             return
