@@ -511,6 +511,187 @@ static PyObject *strictly_increasing(PyObject *self, PyObject *args)
     return Py_NewRef(i >= n ? Py_True : Py_False);
 }
 
+PyDoc_STRVAR(rice_decode_doc,
+"rice_decode(unary, remainders, k, unary_bits, out) -> (ones, last_set)\n"
+"\n"
+"codecs.rice.decode into uint64 ``out``: value i is (the zero bits before the i-th one bit\n"
+"of ``unary``) << k | (the i-th k-bit field of ``remainders``), bits little-endian.  Only\n"
+"the first ``unary_bits`` bits of ``unary`` count.  Returns how many one bits there are and\n"
+"whether the last counted bit is one; ``out`` is filled as far as it holds values (the\n"
+"caller checks the count; the byte lengths were checked by the caller too).");
+
+/* The k-bit field starting at bit ``at`` of ``bytes`` (``n`` of them), little-endian. */
+static inline uint64_t read_bits(const uint8_t *bytes, size_t n, uint64_t at, unsigned k)
+{
+    size_t first = (size_t)(at >> 3);
+    unsigned shift = (unsigned)(at & 7);
+    uint64_t word = 0;
+    if (first + 8 <= n) {
+        memcpy(&word, bytes + first, 8);  /* little-endian hosts only: see native.py */
+    } else {
+        for (size_t b = 0; first + b < n && b < 8; b++)
+            word |= (uint64_t)bytes[first + b] << (8 * b);
+    }
+    return (word >> shift) & (k == 64 ? ~(uint64_t)0 : (((uint64_t)1 << k) - 1));
+}
+
+static PyObject *rice_decode(PyObject *self, PyObject *args)
+{
+    PyObject *unary_object, *remainders_object, *out_object;
+    unsigned int k;
+    unsigned long long unary_bits;
+    if (!PyArg_ParseTuple(args, "OOIKO", &unary_object, &remainders_object, &k, &unary_bits,
+                          &out_object))
+        return NULL;
+    if (k > 32)
+        return PyErr_Format(PyExc_ValueError, "rice parameter %u is over 32", k);
+    Py_buffer unary = {0}, remainders = {0}, out = {0};
+    PyObject *result = NULL;
+    if (PyObject_GetBuffer(unary_object, &unary, PyBUF_CONTIG_RO) < 0 ||
+        PyObject_GetBuffer(remainders_object, &remainders, PyBUF_CONTIG_RO) < 0 ||
+        get_buffer(out_object, &out, 1, 8, "out") < 0)
+        goto done;
+    if (unary_bits > (unsigned long long)unary.len * 8) {
+        PyErr_SetString(PyExc_ValueError, "unary_bits exceeds the unary stream");
+        goto done;
+    }
+    Py_ssize_t capacity = out.len / 8;
+    if (k && (unsigned long long)capacity * k > (unsigned long long)remainders.len * 8) {
+        PyErr_SetString(PyExc_ValueError, "the remainder stream is too short for out");
+        goto done;
+    }
+    Py_ssize_t ones = 0;
+    int last_set = 0;
+    Py_BEGIN_ALLOW_THREADS
+    const uint8_t *bytes = unary.buf, *rest = remainders.buf;
+    uint64_t *values = out.buf;
+    uint64_t previous_end = (uint64_t)-1;  /* the bit before the first */
+    for (uint64_t word_at = 0; word_at < unary_bits; word_at += 64) {
+        uint64_t word = read_bits(bytes, (size_t)unary.len, word_at,
+                                  unary_bits - word_at >= 64 ? 64 : (unsigned)(unary_bits - word_at));
+        for (; word; word &= word - 1) {
+            uint64_t end = word_at + (uint64_t)__builtin_ctzll(word);
+            if (ones < capacity) {
+                uint64_t quotient = end - previous_end - 1;
+                uint64_t remainder = k ? read_bits(rest, (size_t)remainders.len,
+                                                   (uint64_t)ones * k, k) : 0;
+                values[ones] = (quotient << k) | remainder;
+            }
+            previous_end = end;
+            ones++;
+        }
+    }
+    last_set = unary_bits > 0 && previous_end == unary_bits - 1;
+    Py_END_ALLOW_THREADS
+    result = Py_BuildValue("nO", ones, last_set ? Py_True : Py_False);
+done:
+    if (unary.obj) PyBuffer_Release(&unary);
+    if (remainders.obj) PyBuffer_Release(&remainders);
+    if (out.obj) PyBuffer_Release(&out);
+    return result;
+}
+
+PyDoc_STRVAR(tau_decode_doc,
+"tau_decode(kind, planes, base, out)\n"
+"\n"
+"The ``tau`` value codec's first step into ``out``: round(wide(base) + tau) with tau read\n"
+"from the byte planes of its wide bits, rounded as dtypes.from_wide does (NaN included);\n"
+"``kind`` as for merge_block.  The caller applies the exceptions.");
+
+/* dtypes.from_wide, NaN rule included (the tau codec's encoder used it). */
+static inline uint16_t bf16_from_wide(float value)
+{
+    uint32_t u;
+    memcpy(&u, &value, 4);
+    return value != value ? (uint16_t)((u >> 16) | 0x0040u) : bf16_round(value);
+}
+
+static inline uint16_t f16_from_wide(float value)
+{
+    uint32_t u;
+    memcpy(&u, &value, 4);
+    if (value != value)
+        return (uint16_t)(((u >> 16) & 0x8000u) | 0x7E00u | ((u >> 13) & 0x03FFu));
+    return f16_round(value);
+}
+
+/* a + b with numpy's NaN: x86 and Arm return the first operand's NaN (quieted) when it is
+ * one, else the second's; the compiler may swap the operands of a commutative +, so the
+ * choice is spelled out.  (A NaN from two non-NaNs, inf - inf, is the hardware's.) */
+#define DEFINE_ADD_FIRST_NAN(NAME, WIDE, WIDE_BITS, QUIET_BIT)                               \
+    static inline WIDE NAME(WIDE a, WIDE b)                                                 \
+    {                                                                                       \
+        WIDE sum = a + b;                                                                   \
+        if (sum == sum || (a == a && b == b))                                               \
+            return sum;                                                                     \
+        WIDE_BITS bits;                                                                     \
+        if (a != a)                                                                         \
+            memcpy(&bits, &a, sizeof bits);                                                 \
+        else                                                                                \
+            memcpy(&bits, &b, sizeof bits);                                                 \
+        bits |= QUIET_BIT;                                                                  \
+        memcpy(&sum, &bits, sizeof sum);                                                    \
+        return sum;                                                                         \
+    }
+
+DEFINE_ADD_FIRST_NAN(add_f32, float, uint32_t, 0x00400000u)
+DEFINE_ADD_FIRST_NAN(add_f64, double, uint64_t, 0x0008000000000000ull)
+
+#define DEFINE_TAU_DECODE(NAME, BITS, WIDE, WIDE_BITS, TO_WIDE, FROM_WIDE, ADD)              \
+    static void NAME(const uint8_t *restrict planes, const BITS *restrict base,             \
+                     BITS *restrict out, Py_ssize_t n)                                      \
+    {                                                                                       \
+        for (Py_ssize_t i = 0; i < n; i++) {                                                \
+            WIDE_BITS tau_bits = 0;                                                         \
+            for (size_t plane = 0; plane < sizeof(WIDE_BITS); plane++)                      \
+                tau_bits |= (WIDE_BITS)planes[plane * (size_t)n + (size_t)i] << (8 * plane); \
+            WIDE tau;                                                                       \
+            memcpy(&tau, &tau_bits, sizeof tau);                                            \
+            out[i] = FROM_WIDE(ADD(TO_WIDE(base[i]), tau));                                 \
+        }                                                                                   \
+    }
+
+DEFINE_TAU_DECODE(tau_bf16, uint16_t, float, uint32_t, bf16_wide, bf16_from_wide, add_f32)
+DEFINE_TAU_DECODE(tau_f16, uint16_t, float, uint32_t, f16_wide, f16_from_wide, add_f32)
+DEFINE_TAU_DECODE(tau_f32, uint32_t, float, uint32_t, f32_wide, f32_round, add_f32)
+DEFINE_TAU_DECODE(tau_f64, uint64_t, double, uint64_t, f64_wide, f64_round, add_f64)
+
+static PyObject *tau_decode(PyObject *self, PyObject *args)
+{
+    int kind;
+    PyObject *planes_object, *base_object, *out_object;
+    if (!PyArg_ParseTuple(args, "iOOO", &kind, &planes_object, &base_object, &out_object))
+        return NULL;
+    if (kind < KIND_BF16 || kind > KIND_F64)
+        return PyErr_Format(PyExc_ValueError, "unknown dtype kind %d", kind);
+    Py_ssize_t itemsize = KIND_ITEMSIZE[kind], wide_size = kind == KIND_F64 ? 8 : 4;
+    Py_buffer planes = {0}, base = {0}, out = {0};
+    PyObject *result = NULL;
+    if (PyObject_GetBuffer(planes_object, &planes, PyBUF_CONTIG_RO) < 0 ||
+        get_buffer(base_object, &base, 0, itemsize, "base bits") < 0 ||
+        get_buffer(out_object, &out, 1, itemsize, "out") < 0)
+        goto done;
+    Py_ssize_t n = out.len / itemsize;
+    if (base.len / itemsize != n || planes.len != n * wide_size) {
+        PyErr_SetString(PyExc_ValueError, "planes, base bits and out differ in length");
+        goto done;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    switch (kind) {
+    case KIND_BF16: tau_bf16(planes.buf, base.buf, out.buf, n); break;
+    case KIND_F16: tau_f16(planes.buf, base.buf, out.buf, n); break;
+    case KIND_F32: tau_f32(planes.buf, base.buf, out.buf, n); break;
+    default: tau_f64(planes.buf, base.buf, out.buf, n);
+    }
+    Py_END_ALLOW_THREADS
+    result = Py_NewRef(Py_None);
+done:
+    if (planes.obj) PyBuffer_Release(&planes);
+    if (base.obj) PyBuffer_Release(&base);
+    if (out.obj) PyBuffer_Release(&out);
+    return result;
+}
+
 /* ---- ranking keys for top-k (localize/topk.py, compress.py) ----------------------- */
 
 PyDoc_STRVAR(magnitude_keys_doc,
@@ -682,6 +863,8 @@ static PyMethodDef methods[] = {
     {"bitmap_positions", bitmap_positions, METH_VARARGS, bitmap_positions_doc},
     {"strictly_increasing", strictly_increasing, METH_VARARGS, strictly_increasing_doc},
     {"magnitude_keys", magnitude_keys, METH_VARARGS, magnitude_keys_doc},
+    {"rice_decode", rice_decode, METH_VARARGS, rice_decode_doc},
+    {"tau_decode", tau_decode, METH_VARARGS, tau_decode_doc},
     {"select_bracket", select_bracket, METH_VARARGS, select_bracket_doc},
     {NULL, NULL, 0, NULL},
 };

@@ -18,8 +18,9 @@ from hypothesis import given, settings, strategies as st
 
 import sparsestitch
 from sparsestitch import native
-from sparsestitch.codecs import POSITION_CODECS, VALUE_CODECS
+from sparsestitch.codecs import POSITION_CODECS, VALUE_CODECS, rice
 from sparsestitch.codecs.base import from_planes, gap_decode
+from sparsestitch.codecs.tau import TauValues
 from sparsestitch.dtypes import dtype
 from sparsestitch.errors import DeltaFormatError
 from sparsestitch.localize.topk import magnitude_keys, split_bracket
@@ -252,3 +253,38 @@ def _both_tuples(compute):
         with mock.patch.dict(os.environ, {"SPARSESTITCH_NATIVE": switch}):
             outcomes.append([(a.dtype.str, a.tobytes()) for a in compute()])
     return outcomes
+
+
+@needs_kernels
+@settings(max_examples=300, deadline=None)
+@given(unary=st.binary(max_size=40), remainders=st.binary(max_size=80), k=st.integers(0, 32),
+       count=st.integers(0, 40), cut=st.integers(0, 7))
+def test_rice_decode_alike_in_c_and_numpy_on_arbitrary_streams(unary, remainders, k, count,
+                                                                 cut):
+    """Any bytes as the two streams (within the lengths the caller checks): the same values,
+    or the same complaint about the count of one bits."""
+    unary_bits = max(0, 8 * len(unary) - cut) if unary else 0
+    if len(unary) != (unary_bits + 7) // 8:
+        unary_bits = 8 * len(unary)
+    remainders = (remainders * 40)[:(count * k + 7) // 8]
+    if len(remainders) != (count * k + 7) // 8:
+        return  # too few bytes drawn for this count: the caller refuses that first
+    native_outcome, numpy_outcome = _both(lambda: rice.decode(unary, remainders, count, k,
+                                                              unary_bits))
+    assert native_outcome == numpy_outcome
+
+
+@pytest.mark.parametrize("length", [1, 2, 8, 9, 17])
+def test_a_nan_sum_is_always_an_exception(length):
+    """A NaN base meeting a NaN task vector: IEEE 754 leaves the sum's payload open (numpy
+    picks the base's in SIMD lanes and tau's in a loop's scalar tail, so it depends on the
+    position), so the writer stores the exact bits and every decoder restores them."""
+    dt = dtype("F64")
+    kept = np.zeros(length, np.uint64)
+    base = np.zeros(length, np.uint64)
+    kept[-1], base[-1] = 0xFFF8000000000000, 0x7FF8000000000000
+    payload, config = TauValues().encode(kept, base, dt)
+    assert config["exceptions"] == 1
+    for switch in ("1", "0"):
+        with mock.patch.dict(os.environ, {"SPARSESTITCH_NATIVE": switch}):
+            assert TauValues().decode(payload, config, base, dt, length).tolist() == kept.tolist()

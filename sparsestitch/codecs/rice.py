@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .. import native
 from ..errors import DeltaFormatError
 from .base import config_int
 
@@ -64,6 +65,13 @@ def decode(unary_bytes: bytes, remainder_bytes: bytes, count: int, k: int,
     if len(remainder_bytes) != (count * k + 7) // 8:
         raise DeltaFormatError(f"remainder stream has {len(remainder_bytes)} bytes, "
                                f"expected {(count * k + 7) // 8}")
+    kernels = native.kernels()
+    if kernels is not None:  # one pass over both streams, the same values and errors
+        values = np.empty(count, np.uint64)
+        ones, last_set = kernels.rice_decode(unary_bytes, remainder_bytes, k, unary_bits, values)
+        if ones != count or (count and not last_set):
+            raise DeltaFormatError(f"unary stream holds {ones} values, expected {count}")
+        return values
     unary = np.unpackbits(np.frombuffer(unary_bytes, dtype=np.uint8), count=unary_bits,
                           bitorder="little")
     ends = np.flatnonzero(unary)

@@ -7,9 +7,10 @@ tau compress far better than the fine-tuned values themselves.
 Decoding computes ``round(wide(base) + tau)`` in the model dtype.  That equals
 the fine-tuned bits almost everywhere but not always (double rounding, sign
 flips with large relative change, NaN payloads, -0.0), so the encoder checks
-every position and stores the ones that differ as *exceptions*: their index
+every position and stores the ones that differ, and every one whose sum is NaN
+(its payload is the implementation's choice), as *exceptions*: their index
 within the kept list (gap coded, uint32 byte planes) and their exact bits.
-The result is bit-exact by construction.
+The result is bit-exact by construction, on any IEEE 754 implementation.
 
 Payload: tau stream | exception-index stream | exception-bits stream.
 Config: ``tau``, ``exc_index``, ``exc_bits`` (stream configs), the three
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .. import native
 from ..dtypes import DType, from_wide, to_wide
 from ..errors import DeltaFormatError
 from .base import (config_int, from_planes, gap_decode, gap_encode, pack_stream, split_streams,
@@ -40,8 +42,11 @@ class TauValues:
         base_wide = to_wide(base, dt)
         with np.errstate(all="ignore"):
             tau = to_wide(kept, dt) - base_wide
-            rebuilt = from_wide(base_wide + tau, dt)
-        exceptions = np.flatnonzero(rebuilt != kept)
+            summed = base_wide + tau
+            rebuilt = from_wide(summed, dt)
+        # A NaN sum is always an exception: IEEE 754 leaves its payload to the implementation
+        # (numpy itself picks the base's NaN in SIMD lanes and tau's in a loop's scalar tail).
+        exceptions = np.flatnonzero((rebuilt != kept) | np.isnan(summed))
         tau_stream, tau_config = pack_stream(to_planes(tau.view(dt.wide.str.replace("f", "u"))))
         index_stream, index_config = pack_stream(to_planes(gap_encode(exceptions).astype("<u4")))
         bits_stream, bits_config = pack_stream(to_planes(kept[exceptions]))
@@ -63,10 +68,16 @@ class TauValues:
             if not isinstance(config.get(key), dict):
                 raise DeltaFormatError(f"tau config lacks its {key!r} stream config")
         wide_bits = np.dtype(dt.wide.str.replace("f", "u"))
-        tau = from_planes(unpack_stream(tau_stream, config["tau"], count * wide_bits.itemsize),
-                          wide_bits, count).view(dt.wide)
-        with np.errstate(all="ignore"):
-            values = from_wide(to_wide(base, dt) + tau, dt)
+        planes = unpack_stream(tau_stream, config["tau"], count * wide_bits.itemsize)
+        kernels = native.kernels()
+        if kernels is not None and dt.name in native.FLOAT_KINDS:  # the same bits, one pass
+            values = np.empty(count, dt.bits)
+            kernels.tau_decode(native.FLOAT_KINDS[dt.name], planes,
+                               np.ascontiguousarray(base), values)
+        else:
+            tau = from_planes(planes, wide_bits, count).view(dt.wide)
+            with np.errstate(all="ignore"):
+                values = from_wide(to_wide(base, dt) + tau, dt)
         index_raw = unpack_stream(index_stream, config["exc_index"], n_exc * 4)
         index = gap_decode(from_planes(index_raw, np.dtype("<u4"), n_exc), max(count, 1))
         bits_raw = unpack_stream(bits_stream, config["exc_bits"], n_exc * dt.itemsize)
