@@ -13,8 +13,15 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <float.h>
 #include <stdint.h>
 #include <string.h>
+
+#if !defined(FLT_EVAL_METHOD) || FLT_EVAL_METHOD != 0
+/* x87 arithmetic keeps extra precision and would round twice: setup.py's build fails here
+ * and sparsestitch runs its numpy code instead. */
+#error "the C loops need float arithmetic evaluated in its own type (FLT_EVAL_METHOD 0)"
+#endif
 
 /* ---- conversions between a dtype's bits and its wide compute type ---------------- */
 
@@ -592,11 +599,14 @@ done:
 }
 
 PyDoc_STRVAR(tau_decode_doc,
-"tau_decode(kind, planes, base, out)\n"
+"tau_decode(kind, planes, base, out) -> int\n"
 "\n"
 "The ``tau`` value codec's first step into ``out``: round(wide(base) + tau) with tau read\n"
 "from the byte planes of its wide bits, rounded as dtypes.from_wide does (NaN included);\n"
-"``kind`` as for merge_block.  The caller applies the exceptions.");
+"``kind`` as for merge_block.  The caller applies the exceptions.  Returns how many sums had\n"
+"two NaN operands: their payload is numpy's choice, which differs between its SIMD lanes\n"
+"and its loop tails, so the caller decodes such a record with numpy (files written before\n"
+"the writer listed every NaN sum as an exception rely on that choice).");
 
 /* dtypes.from_wide, NaN rule included (the tau codec's encoder used it). */
 static inline uint16_t bf16_from_wide(float value)
@@ -638,17 +648,20 @@ DEFINE_ADD_FIRST_NAN(add_f32, float, uint32_t, 0x00400000u)
 DEFINE_ADD_FIRST_NAN(add_f64, double, uint64_t, 0x0008000000000000ull)
 
 #define DEFINE_TAU_DECODE(NAME, BITS, WIDE, WIDE_BITS, TO_WIDE, FROM_WIDE, ADD)              \
-    static void NAME(const uint8_t *restrict planes, const BITS *restrict base,             \
-                     BITS *restrict out, Py_ssize_t n)                                      \
+    static Py_ssize_t NAME(const uint8_t *restrict planes, const BITS *restrict base,       \
+                           BITS *restrict out, Py_ssize_t n)                                \
     {                                                                                       \
+        Py_ssize_t both_nan = 0;                                                            \
         for (Py_ssize_t i = 0; i < n; i++) {                                                \
             WIDE_BITS tau_bits = 0;                                                         \
             for (size_t plane = 0; plane < sizeof(WIDE_BITS); plane++)                      \
                 tau_bits |= (WIDE_BITS)planes[plane * (size_t)n + (size_t)i] << (8 * plane); \
-            WIDE tau;                                                                       \
+            WIDE tau, wide_base = TO_WIDE(base[i]);                                         \
             memcpy(&tau, &tau_bits, sizeof tau);                                            \
-            out[i] = FROM_WIDE(ADD(TO_WIDE(base[i]), tau));                                 \
+            both_nan += tau != tau && wide_base != wide_base;                               \
+            out[i] = FROM_WIDE(ADD(wide_base, tau));                                        \
         }                                                                                   \
+        return both_nan;                                                                    \
     }
 
 DEFINE_TAU_DECODE(tau_bf16, uint16_t, float, uint32_t, bf16_wide, bf16_from_wide, add_f32)
@@ -676,15 +689,16 @@ static PyObject *tau_decode(PyObject *self, PyObject *args)
         PyErr_SetString(PyExc_ValueError, "planes, base bits and out differ in length");
         goto done;
     }
+    Py_ssize_t both_nan;
     Py_BEGIN_ALLOW_THREADS
     switch (kind) {
-    case KIND_BF16: tau_bf16(planes.buf, base.buf, out.buf, n); break;
-    case KIND_F16: tau_f16(planes.buf, base.buf, out.buf, n); break;
-    case KIND_F32: tau_f32(planes.buf, base.buf, out.buf, n); break;
-    default: tau_f64(planes.buf, base.buf, out.buf, n);
+    case KIND_BF16: both_nan = tau_bf16(planes.buf, base.buf, out.buf, n); break;
+    case KIND_F16: both_nan = tau_f16(planes.buf, base.buf, out.buf, n); break;
+    case KIND_F32: both_nan = tau_f32(planes.buf, base.buf, out.buf, n); break;
+    default: both_nan = tau_f64(planes.buf, base.buf, out.buf, n);
     }
     Py_END_ALLOW_THREADS
-    result = Py_NewRef(Py_None);
+    result = PyLong_FromSsize_t(both_nan);
 done:
     if (planes.obj) PyBuffer_Release(&planes);
     if (base.obj) PyBuffer_Release(&base);

@@ -288,3 +288,64 @@ def test_a_nan_sum_is_always_an_exception(length):
     for switch in ("1", "0"):
         with mock.patch.dict(os.environ, {"SPARSESTITCH_NATIVE": switch}):
             assert TauValues().decode(payload, config, base, dt, length).tolist() == kept.tolist()
+
+
+def _tau_payload_of_the_earlier_writer(kept, base, dt):
+    """The tau payload as the writer made it before every NaN sum became an exception:
+    exceptions only where numpy's own sum rounds to other bits (so decoding relies on numpy's
+    choice of NaN payload, which differs between its SIMD lanes and its loop tails)."""
+    from sparsestitch.codecs.base import gap_encode, pack_stream, to_planes
+    from sparsestitch.dtypes import from_wide, to_wide
+
+    base_wide = to_wide(base, dt)
+    with np.errstate(all="ignore"):
+        tau = to_wide(kept, dt) - base_wide
+        exceptions = np.flatnonzero(from_wide(base_wide + tau, dt) != kept)
+    streams = [pack_stream(to_planes(tau.view(dt.wide.str.replace("f", "u")))),
+               pack_stream(to_planes(gap_encode(exceptions).astype("<u4"))),
+               pack_stream(to_planes(kept[exceptions]))]
+    config = {"exceptions": int(exceptions.size)}
+    for key, (stream, stream_config) in zip(("tau", "exc_index", "exc_bits"), streams):
+        config[key], config[f"{key}_nbytes"] = stream_config, len(stream)
+    return b"".join(stream for stream, _ in streams), config
+
+
+@needs_kernels
+@pytest.mark.parametrize("dt_name", ["BF16", "F32", "F64"])
+def test_files_of_the_earlier_tau_writer_decode_as_numpy_decodes_them(dt_name):
+    """Where a NaN base meets a NaN task vector the C decoder defers to numpy (found by a
+    review: it took the base's NaN where numpy's loop tail takes tau's)."""
+    dt = dtype(dt_name)
+    nan_base, nan_kept = {"BF16": (0x7FC1, 0x7FE5), "F32": (0x7FC12345, 0x7FE54321),
+                          "F64": (0x7FF8000000000001, 0x7FFC000000000005)}[dt_name]
+    rng = np.random.default_rng(0)
+    base = rng.integers(0x3C00, 0x4000, 100).astype(dt.bits)
+    kept = base ^ rng.integers(0, 4, 100).astype(dt.bits)
+    for i in (5, 50, 90, 97, 98, 99):  # SIMD lanes and the loop's scalar tail
+        base[i], kept[i] = nan_base, nan_kept
+    payload, config = _tau_payload_of_the_earlier_writer(kept, base, dt)
+    native_outcome, numpy_outcome = _both(lambda: TauValues().decode(payload, config, base,
+                                                                     dt, kept.size))
+    assert native_outcome == numpy_outcome
+
+
+@needs_kernels
+def test_a_bitmap_claiming_too_many_positions_is_refused_before_they_are_allocated():
+    import tracemalloc
+
+    from sparsestitch.codecs.bitmap import Bitmap
+
+    numel = 1 << 24
+    payload, config = Bitmap().encode(np.array([3, 4_000_000], np.int64), (numel,))
+    tracemalloc.start()
+    try:
+        with pytest.raises(DeltaFormatError, match="bitmap marks 2 positions, the record says"):
+            Bitmap().decode(payload, config, (numel,), numel)  # 128 MiB of int64 if believed
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 << 20
+    native_outcome, numpy_outcome = _both(lambda: Bitmap().decode(payload, config, (numel,),
+                                                                  numel))
+    assert native_outcome == numpy_outcome == (
+        "DeltaFormatError", f"bitmap marks 2 positions, the record says {numel}")

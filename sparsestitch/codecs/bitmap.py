@@ -34,8 +34,11 @@ class Bitmap:
         if kernels is not None:
             if numel % 8 and raw[-1] >> (numel % 8):
                 raise DeltaFormatError("bitmap has bits set past the end of the tensor")
-            positions = np.empty(count, np.int64)
-            found = kernels.bitmap_positions(raw, positions)
+            # Count first: a hostile count must not size an allocation before it is checked.
+            found = kernels.bitmap_positions(raw, np.empty(0, np.int64))
+            if found == count:
+                positions = np.empty(count, np.int64)
+                kernels.bitmap_positions(raw, positions)
         else:
             # As bool: nonzero() of a bool array is ~3x faster than of uint8 (0/1 only here).
             bits = np.unpackbits(np.frombuffer(raw, dtype=np.uint8), bitorder="little").view(bool)

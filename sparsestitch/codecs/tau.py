@@ -70,11 +70,13 @@ class TauValues:
         wide_bits = np.dtype(dt.wide.str.replace("f", "u"))
         planes = unpack_stream(tau_stream, config["tau"], count * wide_bits.itemsize)
         kernels = native.kernels()
+        values = None
         if kernels is not None and dt.name in native.FLOAT_KINDS:  # the same bits, one pass
             values = np.empty(count, dt.bits)
-            kernels.tau_decode(native.FLOAT_KINDS[dt.name], planes,
-                               np.ascontiguousarray(base), values)
-        else:
+            if kernels.tau_decode(native.FLOAT_KINDS[dt.name], planes,
+                                  np.ascontiguousarray(base), values):
+                values = None  # a NaN met a NaN: numpy's own choice of payload, as written
+        if values is None:
             tau = from_planes(planes, wide_bits, count).view(dt.wide)
             with np.errstate(all="ignore"):
                 values = from_wide(to_wide(base, dt) + tau, dt)
