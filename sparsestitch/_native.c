@@ -706,6 +706,70 @@ done:
     return result;
 }
 
+PyDoc_STRVAR(rice_encode_doc,
+"rice_encode(values, k, unary, remainders)\n"
+"\n"
+"codecs.rice.encode of uint64 ``values`` into zeroed uint8 ``unary`` (sized for\n"
+"sum((v >> k) + 1) bits) and ``remainders`` (len(values) * k bits), bits little-endian.");
+
+static PyObject *rice_encode(PyObject *self, PyObject *args)
+{
+    PyObject *values_object, *unary_object, *remainders_object;
+    unsigned int k;
+    if (!PyArg_ParseTuple(args, "OIOO", &values_object, &k, &unary_object, &remainders_object))
+        return NULL;
+    if (k > 32)
+        return PyErr_Format(PyExc_ValueError, "rice parameter %u is over 32", k);
+    Py_buffer values = {0}, unary = {0}, remainders = {0};
+    PyObject *result = NULL;
+    if (get_buffer(values_object, &values, 0, 8, "values") < 0 ||
+        get_buffer(unary_object, &unary, 1, 1, "unary") < 0 ||
+        get_buffer(remainders_object, &remainders, 1, 1, "remainders") < 0)
+        goto done;
+    Py_ssize_t n = values.len / 8;
+    const uint64_t *v = values.buf;
+    uint64_t unary_bits = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        uint64_t quotient = (v[i] >> k) + 1;
+        if (unary_bits + quotient < unary_bits) {  /* cannot happen for real positions */
+            PyErr_SetString(PyExc_OverflowError, "the unary code would exceed 2^64 bits");
+            goto done;
+        }
+        unary_bits += quotient;
+    }
+    if ((uint64_t)unary.len < (unary_bits + 7) / 8 ||
+        (uint64_t)remainders.len < ((uint64_t)n * k + 7) / 8) {
+        PyErr_SetString(PyExc_ValueError, "unary or remainders is too short");
+        goto done;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    uint8_t *u = unary.buf, *r = remainders.buf;
+    uint64_t end = (uint64_t)-1, at = 0;
+    uint64_t mask = k ? (((uint64_t)1 << k) - 1) : 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        end += (v[i] >> k) + 1;
+        u[end >> 3] |= (uint8_t)(1u << (end & 7));
+        if (k) {
+            uint64_t bits = v[i] & mask;
+            for (unsigned written = 0; written < k;) {  /* at most 5 bytes of a 32-bit field */
+                unsigned shift = (unsigned)(at & 7), take = 8 - shift;
+                if (take > k - written)
+                    take = k - written;
+                r[at >> 3] |= (uint8_t)(((bits >> written) & ((1u << take) - 1)) << shift);
+                written += take;
+                at += take;
+            }
+        }
+    }
+    Py_END_ALLOW_THREADS
+    result = Py_NewRef(Py_None);
+done:
+    if (values.obj) PyBuffer_Release(&values);
+    if (unary.obj) PyBuffer_Release(&unary);
+    if (remainders.obj) PyBuffer_Release(&remainders);
+    return result;
+}
+
 /* ---- ranking keys for top-k (localize/topk.py, compress.py) ----------------------- */
 
 PyDoc_STRVAR(magnitude_keys_doc,
@@ -878,6 +942,7 @@ static PyMethodDef methods[] = {
     {"strictly_increasing", strictly_increasing, METH_VARARGS, strictly_increasing_doc},
     {"magnitude_keys", magnitude_keys, METH_VARARGS, magnitude_keys_doc},
     {"rice_decode", rice_decode, METH_VARARGS, rice_decode_doc},
+    {"rice_encode", rice_encode, METH_VARARGS, rice_encode_doc},
     {"tau_decode", tau_decode, METH_VARARGS, tau_decode_doc},
     {"select_bracket", select_bracket, METH_VARARGS, select_bracket_doc},
     {NULL, NULL, 0, NULL},

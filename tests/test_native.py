@@ -349,3 +349,18 @@ def test_a_bitmap_claiming_too_many_positions_is_refused_before_they_are_allocat
                                                                   numel))
     assert native_outcome == numpy_outcome == (
         "DeltaFormatError", f"bitmap marks 2 positions, the record says {numel}")
+
+
+@needs_kernels
+@settings(max_examples=200, deadline=None)
+@given(values=st.lists(st.integers(0, 1 << 44) | st.integers(0, 300), max_size=60),
+       k=st.integers(0, 32))
+def test_rice_encode_alike_in_c_and_numpy(values, k):
+    array = np.array(values, dtype=np.uint64)
+    if int((array >> np.uint64(k)).sum()) > 1 << 24:
+        return  # numpy's encoder spends a byte per unary bit: keep the reference cheap
+    outcomes = []
+    for switch in ("1", "0"):
+        with mock.patch.dict(os.environ, {"SPARSESTITCH_NATIVE": switch}):
+            outcomes.append(rice.encode(array, k))
+    assert outcomes[0] == outcomes[1]

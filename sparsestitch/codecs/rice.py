@@ -41,6 +41,13 @@ def encoded_bits(values: np.ndarray, k: int) -> int:
 def encode(values: np.ndarray, k: int) -> tuple[bytes, bytes, int]:
     """Return ``(unary_bytes, remainder_bytes, unary_bits)`` for uint64 ``values``."""
     values = values.astype(np.uint64, copy=False)
+    kernels = native.kernels()
+    if kernels is not None:  # the same bits, one pass, no bit-per-byte temporaries
+        unary_bits = encoded_bits(values, k) - values.size * k
+        unary, remainders = (np.zeros((unary_bits + 7) // 8, np.uint8),
+                             np.zeros((values.size * k + 7) // 8, np.uint8))
+        kernels.rice_encode(np.ascontiguousarray(values), k, unary, remainders)
+        return unary.tobytes(), remainders.tobytes(), unary_bits
     quotients = values >> np.uint64(k)
     ends = np.cumsum(quotients + np.uint64(1)).astype(np.int64) - 1
     unary_bits = int(ends[-1]) + 1 if values.size else 0
