@@ -200,6 +200,13 @@ static int get_buffer(PyObject *object, Py_buffer *view, int writable, Py_ssize_
     return 0;
 }
 
+/* Release a view taken by get_buffer or PyObject_GetBuffer, if one was taken. */
+static void release(Py_buffer *view)
+{
+    if (view->obj)
+        PyBuffer_Release(view);
+}
+
 static Py_ssize_t lower_bound(const int64_t *positions, Py_ssize_t count, int64_t value)
 {
     Py_ssize_t lo = 0, hi = count;
@@ -316,15 +323,15 @@ static PyObject *merge_block(PyObject *self, PyObject *args)
     result = Py_NewRef(Py_None);
 done:
     for (Py_ssize_t r = 0; r < held; r++) {
-        if (records[r].positions.obj) PyBuffer_Release(&records[r].positions);
-        if (records[r].finetuned.obj) PyBuffer_Release(&records[r].finetuned);
-        if (records[r].base.obj) PyBuffer_Release(&records[r].base);
+        release(&records[r].positions);
+        release(&records[r].finetuned);
+        release(&records[r].base);
     }
     PyMem_Free(records);
     PyMem_RawFree(marks);
-    if (block.obj) PyBuffer_Release(&block);
-    if (total.obj) PyBuffer_Release(&total);
-    if (count.obj) PyBuffer_Release(&count);
+    release(&block);
+    release(&total);
+    release(&count);
     Py_DECREF(sequence);
     return result;
 }
@@ -337,14 +344,22 @@ PyDoc_STRVAR(from_planes_doc,
 "Fill ``out`` (1-, 2-, 4- or 8-byte items) from its byte planes ``raw`` (all lowest\n"
 "bytes, then all next bytes, ...), XOR-ed with ``xor`` (same items) unless it is None.");
 
+/* Item i of n, of TYPE, from byte planes (little-endian: plane p holds the bytes 8p..). */
+#define FROM_PLANES(TYPE, PLANES, N, I, OUT)                                                 \
+    do {                                                                                    \
+        TYPE value_ = 0;                                                                    \
+        for (size_t plane_ = 0; plane_ < sizeof(TYPE); plane_++)                            \
+            value_ |= (TYPE)(PLANES)[plane_ * (size_t)(N) + (size_t)(I)] << (8 * plane_);   \
+        (OUT) = value_;                                                                     \
+    } while (0)
+
 #define DEFINE_FROM_PLANES(NAME, BITS)                                                       \
     static void NAME(const uint8_t *restrict raw, BITS *restrict out,                       \
                      const BITS *restrict xor, Py_ssize_t n)                                \
     {                                                                                       \
         for (Py_ssize_t i = 0; i < n; i++) {                                                \
-            BITS value = 0;                                                                 \
-            for (size_t plane = 0; plane < sizeof(BITS); plane++)                           \
-                value |= (BITS)raw[plane * (size_t)n + (size_t)i] << (8 * plane);           \
+            BITS value;                                                                     \
+            FROM_PLANES(BITS, raw, n, i, value);                                            \
             out[i] = xor ? value ^ xor[i] : value;                                          \
         }                                                                                   \
     }
@@ -390,9 +405,9 @@ static PyObject *from_planes(PyObject *self, PyObject *args)
     Py_END_ALLOW_THREADS
     result = Py_NewRef(Py_None);
 done:
-    if (raw.obj) PyBuffer_Release(&raw);
-    if (out.obj) PyBuffer_Release(&out);
-    if (xor.obj) PyBuffer_Release(&xor);
+    release(&raw);
+    release(&out);
+    release(&xor);
     return result;
 }
 
@@ -447,8 +462,8 @@ static PyObject *gap_decode(PyObject *self, PyObject *args)
     Py_END_ALLOW_THREADS
     result = Py_NewRef(ok ? Py_True : Py_False);
 done:
-    if (gaps.obj) PyBuffer_Release(&gaps);
-    if (out.obj) PyBuffer_Release(&out);
+    release(&gaps);
+    release(&out);
     return result;
 }
 
@@ -490,8 +505,8 @@ static PyObject *bitmap_positions(PyObject *self, PyObject *args)
     Py_END_ALLOW_THREADS
     result = PyLong_FromSsize_t(found);
 done:
-    if (bits.obj) PyBuffer_Release(&bits);
-    if (out.obj) PyBuffer_Release(&out);
+    release(&bits);
+    release(&out);
     return result;
 }
 
@@ -592,9 +607,9 @@ static PyObject *rice_decode(PyObject *self, PyObject *args)
     Py_END_ALLOW_THREADS
     result = Py_BuildValue("nO", ones, last_set ? Py_True : Py_False);
 done:
-    if (unary.obj) PyBuffer_Release(&unary);
-    if (remainders.obj) PyBuffer_Release(&remainders);
-    if (out.obj) PyBuffer_Release(&out);
+    release(&unary);
+    release(&remainders);
+    release(&out);
     return result;
 }
 
@@ -653,9 +668,8 @@ DEFINE_ADD_FIRST_NAN(add_f64, double, uint64_t, 0x0008000000000000ull)
     {                                                                                       \
         Py_ssize_t both_nan = 0;                                                            \
         for (Py_ssize_t i = 0; i < n; i++) {                                                \
-            WIDE_BITS tau_bits = 0;                                                         \
-            for (size_t plane = 0; plane < sizeof(WIDE_BITS); plane++)                      \
-                tau_bits |= (WIDE_BITS)planes[plane * (size_t)n + (size_t)i] << (8 * plane); \
+            WIDE_BITS tau_bits;                                                             \
+            FROM_PLANES(WIDE_BITS, planes, n, i, tau_bits);                                 \
             WIDE tau, wide_base = TO_WIDE(base[i]);                                         \
             memcpy(&tau, &tau_bits, sizeof tau);                                            \
             both_nan += tau != tau && wide_base != wide_base;                               \
@@ -700,9 +714,9 @@ static PyObject *tau_decode(PyObject *self, PyObject *args)
     Py_END_ALLOW_THREADS
     result = PyLong_FromSsize_t(both_nan);
 done:
-    if (planes.obj) PyBuffer_Release(&planes);
-    if (base.obj) PyBuffer_Release(&base);
-    if (out.obj) PyBuffer_Release(&out);
+    release(&planes);
+    release(&base);
+    release(&out);
     return result;
 }
 
@@ -764,9 +778,9 @@ static PyObject *rice_encode(PyObject *self, PyObject *args)
     Py_END_ALLOW_THREADS
     result = Py_NewRef(Py_None);
 done:
-    if (values.obj) PyBuffer_Release(&values);
-    if (unary.obj) PyBuffer_Release(&unary);
-    if (remainders.obj) PyBuffer_Release(&remainders);
+    release(&values);
+    release(&unary);
+    release(&remainders);
     return result;
 }
 
@@ -830,9 +844,9 @@ static PyObject *magnitude_keys(PyObject *self, PyObject *args)
     Py_END_ALLOW_THREADS
     result = Py_NewRef(Py_None);
 done:
-    if (finetuned.obj) PyBuffer_Release(&finetuned);
-    if (base.obj) PyBuffer_Release(&base);
-    if (out.obj) PyBuffer_Release(&out);
+    release(&finetuned);
+    release(&base);
+    release(&out);
     return result;
 }
 
@@ -881,10 +895,10 @@ static PyObject *select_bracket(PyObject *self, PyObject *args)
     Py_END_ALLOW_THREADS
     result = Py_BuildValue("nn", n_above, n_inside);
 done:
-    if (keys.obj) PyBuffer_Release(&keys);
-    if (above.obj) PyBuffer_Release(&above);
-    if (inside.obj) PyBuffer_Release(&inside);
-    if (inside_keys.obj) PyBuffer_Release(&inside_keys);
+    release(&keys);
+    release(&above);
+    release(&inside);
+    release(&inside_keys);
     return result;
 }
 
@@ -928,8 +942,8 @@ static PyObject *f16_convert(PyObject *self, PyObject *args)
     Py_END_ALLOW_THREADS
     result = Py_NewRef(Py_None);
 done:
-    if (source.obj) PyBuffer_Release(&source);
-    if (target.obj) PyBuffer_Release(&target);
+    release(&source);
+    release(&target);
     return result;
 }
 

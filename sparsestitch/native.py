@@ -26,6 +26,19 @@ def kernels() -> ModuleType | None:
     return _compiled
 
 
+def float_kernels(dtype_name: str) -> tuple[ModuleType, int] | tuple[None, None]:
+    """``(kernels(), the kind number its float loops take)`` for a float dtype they handle,
+    else ``(None, None)``.
+
+    >>> float_kernels("I32")
+    (None, None)
+    """
+    loops = kernels()
+    if loops is None or dtype_name not in FLOAT_KINDS:
+        return None, None
+    return loops, FLOAT_KINDS[dtype_name]
+
+
 def describe() -> str:
     """Which code runs, in words (``sparsestitch --version`` prints it)."""
     if _compiled is None:

@@ -36,9 +36,8 @@ class Bitmap:
                 raise DeltaFormatError("bitmap has bits set past the end of the tensor")
             # Count first: a hostile count must not size an allocation before it is checked.
             found = kernels.bitmap_positions(raw, np.empty(0, np.int64))
-            if found == count:
-                positions = np.empty(count, np.int64)
-                kernels.bitmap_positions(raw, positions)
+            positions = np.empty(count if found == count else 0, np.int64)
+            kernels.bitmap_positions(raw, positions)
         else:
             # As bool: nonzero() of a bool array is ~3x faster than of uint8 (0/1 only here).
             bits = np.unpackbits(np.frombuffer(raw, dtype=np.uint8), bitorder="little").view(bool)

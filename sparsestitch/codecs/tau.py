@@ -69,12 +69,11 @@ class TauValues:
                 raise DeltaFormatError(f"tau config lacks its {key!r} stream config")
         wide_bits = np.dtype(dt.wide.str.replace("f", "u"))
         planes = unpack_stream(tau_stream, config["tau"], count * wide_bits.itemsize)
-        kernels = native.kernels()
+        kernels, kind = native.float_kernels(dt.name)
         values = None
-        if kernels is not None and dt.name in native.FLOAT_KINDS:  # the same bits, one pass
+        if kernels is not None:  # the same bits, one pass
             values = np.empty(count, dt.bits)
-            if kernels.tau_decode(native.FLOAT_KINDS[dt.name], planes,
-                                  np.ascontiguousarray(base), values):
+            if kernels.tau_decode(kind, planes, np.ascontiguousarray(base), values):
                 values = None  # a NaN met a NaN: numpy's own choice of payload, as written
         if values is None:
             tau = from_planes(planes, wide_bits, count).view(dt.wide)

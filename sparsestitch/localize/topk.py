@@ -39,10 +39,10 @@ def magnitude_keys(finetuned_bits: np.ndarray, base_bits: np.ndarray, dt: DType)
     >>> magnitude_keys(inf, inf, f32).tolist()  # unchanged: never outranks a real change
     [0]
     """
-    kernels = native.kernels()
-    if kernels is not None and dt.name in native.FLOAT_KINDS:  # the same keys, in one pass
+    kernels, kind = native.float_kernels(dt.name)
+    if kernels is not None:  # the same keys, in one pass
         keys = np.empty(np.shape(finetuned_bits), np.uint32)
-        kernels.magnitude_keys(native.FLOAT_KINDS[dt.name], np.ascontiguousarray(finetuned_bits),
+        kernels.magnitude_keys(kind, np.ascontiguousarray(finetuned_bits),
                                np.ascontiguousarray(base_bits), keys)
         return keys
     with np.errstate(all="ignore"):

@@ -99,7 +99,7 @@ class RuleCombiner:
         (the engine plans its read-ahead and row blocks with it): the int64 position and
         the fine-tuned and base bits, plus, unless the C merge runs, the wide task vector
         and the numpy merge's temporaries."""
-        if self.merges_blocks(dt) and dt.name in native.FLOAT_KINDS and native.kernels():
+        if self.merges_blocks(dt) and native.float_kernels(dt.name)[0] is not None:
             return 8 + 2 * dt.itemsize + 4
         return 32
 
@@ -138,16 +138,16 @@ class BlockMerge:
         present = [(s, w) for s, w in zip(stored, combiner.weights) if s is not None]
         # The C loop (native.py) does the same operations in one pass per record; the numpy
         # code below is its fallback and its reference.
-        self.kernels = native.kernels() if dt.name in native.FLOAT_KINDS else None
+        self.kernels, self.kind = native.float_kernels(dt.name)
         if self.kernels is not None:
             self.WINDOW = self.NATIVE_WINDOW
-        self.total = np.empty(self.WINDOW, dt.wide)
-        if self.kernels is not None:
+            self.total = np.empty(self.WINDOW, dt.wide)
+            self.count = np.empty(self.WINDOW, np.uint32)
             self.records = [(np.ascontiguousarray(s.positions, np.int64),
                              np.ascontiguousarray(s.finetuned), np.ascontiguousarray(s.base),
                              float(w)) for s, w in present]
-            self.count = np.empty(self.WINDOW, np.uint32)
             return
+        self.total = np.empty(self.WINDOW, dt.wide)
         self.vectors = [(s.positions, _weighted_tau(s, w, dt)) for s, w in present]
         self.touched = np.empty(self.WINDOW, bool)
         if self.counting:
@@ -160,7 +160,7 @@ class BlockMerge:
         if self.kernels is not None:
             if block.size:
                 self.kernels.merge_block(
-                    native.FLOAT_KINDS[self.dt.name], block, first, self.records,
+                    self.kind, block, first, self.records,
                     self.counting, float(self.scale), CANONICAL_NAN[self.dt.name],
                     self.total[:self.WINDOW], self.count[:self.WINDOW])
             return
