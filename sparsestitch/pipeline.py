@@ -2,7 +2,7 @@
 the current one.
 
 The stitcher and the compressor read, check and decode tensor by tensor and must
-write in file order.  The work per tensor is mostly numpy, zstd, xxhash and
+write in file order.  The work per tensor is mostly numpy, the C loops, zstd, xxhash and
 positional reads, which release the GIL, so a couple of threads keep both cores
 busy; the caller alone writes, so outputs need no locking.  Memory is planned
 with a per-item estimate against a budget.
@@ -18,7 +18,7 @@ from typing import TypeVar
 
 T = TypeVar("T")
 
-#: Worker threads to use by default: numpy, zstd and pread release the GIL.
+#: Worker threads to use by default: numpy, zstd, pread and the C loops release the GIL.
 DEFAULT_WORKERS = max(1, min(4, os.cpu_count() or 1))
 
 

@@ -364,3 +364,34 @@ def test_rice_encode_alike_in_c_and_numpy(values, k):
         with mock.patch.dict(os.environ, {"SPARSESTITCH_NATIVE": switch}):
             outcomes.append(rice.encode(array, k))
     assert outcomes[0] == outcomes[1]
+
+
+@needs_kernels
+@pytest.mark.parametrize("call, error", [
+    (lambda k: k.from_planes(b"\0" * 3, np.empty(2, np.uint16), None), ValueError),
+    (lambda k: k.from_planes(b"\0" * 4, np.empty(2, np.uint16), np.empty(3, np.uint16)),
+     ValueError),
+    (lambda k: k.gap_decode(np.zeros(2, np.uint16), np.empty(2, np.int64), 9), TypeError),
+    (lambda k: k.gap_decode(np.zeros(2, np.uint32), np.empty(3, np.int64), 9), ValueError),
+    (lambda k: k.bitmap_positions(b"\1", np.empty(1, np.int32)), TypeError),
+    (lambda k: k.rice_decode(b"\1", b"", 33, 8, np.empty(1, np.uint64)), ValueError),
+    (lambda k: k.rice_decode(b"\1", b"", 0, 9, np.empty(1, np.uint64)), ValueError),
+    (lambda k: k.rice_decode(b"\1", b"", 4, 8, np.empty(1, np.uint64)), ValueError),
+    (lambda k: k.rice_encode(np.array([70], np.uint64), 0, np.zeros(1, np.uint8),
+                             np.zeros(0, np.uint8)), ValueError),
+    (lambda k: k.tau_decode(0, b"\0" * 4, np.zeros(2, np.uint16), np.empty(2, np.uint16)),
+     ValueError),
+    (lambda k: k.tau_decode(7, b"", np.zeros(0, np.uint16), np.empty(0, np.uint16)),
+     ValueError),
+    (lambda k: k.magnitude_keys(2, np.zeros(2, np.uint32), np.zeros(3, np.uint32),
+                                np.empty(2, np.uint32)), ValueError),
+    (lambda k: k.select_bracket(np.zeros(4, np.uint32), 1, 2, np.empty(3, np.int64),
+                                np.empty(4, np.int64), np.empty(4, np.uint32)), ValueError),
+    (lambda k: k.f16_convert(np.zeros(2, np.uint16), np.empty(3, np.float32), True), ValueError),
+    (lambda k: k.strictly_increasing(np.zeros(2, np.int32)), TypeError),
+])
+def test_every_c_entry_point_refuses_mismatched_buffers(call, error):
+    """Lengths and item sizes are checked before any loop runs (the library never passes
+    such buffers; a caller of the module that does gets an exception, not a crash)."""
+    with pytest.raises(error):
+        call(kernels)

@@ -239,7 +239,8 @@ def _bytes_per_position(combiner: Combiner, dt: DType) -> int:
 
 Finish = Callable[[CheckpointWriter], None]
 
-#: Threads preparing tensors (the caller writes): numpy, zstd and pread release the GIL.
+#: Threads preparing tensors (the caller writes): numpy, zstd, pread and the C loops release
+#: the GIL.
 #: 0 prepares in the caller's thread (for profiling).
 READ_WORKERS = DEFAULT_WORKERS
 #: Below this ``max_memory`` everything runs in one thread: concurrent decoding and the
