@@ -5,6 +5,15 @@ A reader of the target path sees either nothing (or the previous file, with
 if the process is killed.  Temporary names carry the writer's pid, so a later
 run removes leftovers of writers that no longer exist instead of letting them
 pile up.
+
+Replacing a folder takes one step where the kernel swaps two paths
+(``renameat2(RENAME_EXCHANGE)``) and two renames elsewhere: the old output is
+first moved aside under a name ending in ``.previous``, then the new one is
+renamed into place.  A kill between the two leaves the target path empty for a
+moment, with the old output intact beside it; :func:`recover` (run before
+every write of that path, and when a checkpoint path is opened and missing)
+moves it back.  So whatever the filesystem, a kill at any point leaves either
+the old or the new output, and no run deletes the only copy of either.
 """
 
 from __future__ import annotations
@@ -20,26 +29,62 @@ from pathlib import Path
 from .errors import OutputError
 
 _TMP_TAG = ".sstmp-"
+#: Suffix of an old output moved aside while a folder is replaced without an atomic swap.
+_PREVIOUS = ".previous"
 
 
-def temporary_sibling(target: Path) -> Path:
+def temporary_sibling(target: Path, suffix: str = "") -> Path:
     """A fresh temporary path in ``target``'s folder, after sweeping stale ones."""
     sweep_stale(target)
-    return target.with_name(f".{target.name}{_TMP_TAG}{os.getpid()}-{secrets.token_hex(4)}")
+    return target.with_name(f".{target.name}{_TMP_TAG}{os.getpid()}-{secrets.token_hex(4)}"
+                            f"{suffix}")
+
+
+def recover(target: str | os.PathLike) -> bool:
+    """Put back an old output that a killed writer had moved aside while replacing
+    ``target`` (see the module docstring); True if one was put back.
+
+    Only an aside of a process that is gone, and only while nothing is at ``target``.
+    """
+    target = Path(target)
+    if os.path.lexists(target):
+        return False
+    for leftover in _stale(target):
+        if leftover.name.endswith(_PREVIOUS):
+            try:
+                os.rename(leftover, target)
+            except OSError:
+                continue
+            _fsync_folder(target.parent if str(target.parent) else Path("."))
+            return True
+    return False
 
 
 def sweep_stale(target: Path) -> None:
-    """Remove temporaries for ``target`` left by processes that are gone."""
+    """Recover an interrupted replacement of ``target``, then remove temporaries for it left
+    by processes that are gone."""
+    recover(target)
+    for leftover in _stale(target):
+        # An old output moved aside is deleted only once ``target`` holds a complete output.
+        if leftover.name.endswith(_PREVIOUS) and not os.path.lexists(target):
+            continue
+        _remove(leftover)
+
+
+def _stale(target: Path) -> list[Path]:
+    """Temporaries and asides for ``target`` whose writer is gone, in name order."""
     prefix = f".{target.name}{_TMP_TAG}"
     folder = target.parent if str(target.parent) else Path(".")
     if not folder.is_dir():
-        return
+        return []
+    found = []
     for leftover in folder.iterdir():
         if not leftover.name.startswith(prefix):
             continue
         pid_text = leftover.name[len(prefix):].split("-", 1)[0]
         if pid_text.isdigit() and not _alive(int(pid_text)):
-            _remove(leftover)
+            found.append(leftover)
+    return sorted(found)
 
 
 def check_target(target: Path, overwrite: bool) -> None:
@@ -81,11 +126,14 @@ def publish(temporary: Path, target: Path, overwrite: bool) -> None:
         if _exchange(temporary, target):  # the old output now sits at the temporary name
             _remove(temporary)
         else:
-            # A folder cannot be renamed over a non-empty one: move the old aside first
-            # (a kill between the two renames leaves neither at ``target``).
-            old = temporary_sibling(target)
+            # A folder cannot be renamed over a non-empty one: move the old aside first.  A
+            # kill between the two renames leaves the old output at ``old``, which
+            # :func:`recover` puts back.
+            old = temporary_sibling(target, _PREVIOUS)
             os.replace(target, old)
+            _fsync_folder(target.parent if str(target.parent) else Path("."))
             os.replace(temporary, target)
+            _fsync_folder(target.parent if str(target.parent) else Path("."))
             _remove(old)
     else:
         os.replace(temporary, target)
@@ -104,6 +152,7 @@ def atomic_path(target: str | os.PathLike, *, overwrite: bool = False, folder: b
     On any exception the temporary is removed and ``target`` is untouched.
     """
     target = Path(target)
+    sweep_stale(target)  # first: an interrupted replacement's old output counts as existing
     check_target(target, overwrite)
     temporary = temporary_sibling(target)
     try:

@@ -181,8 +181,10 @@ def verify(delta, base):
 
 
 @main.command()
-@click.option("--workdir", default="examples/zoo", show_default=True, type=click.Path(),
-              help="Where the example zoo and its deltas are written.")
+@click.option("--workdir", type=click.Path(),
+              help="Where the example zoo and its deltas are written (default: "
+                   "sparsestitch-demo in the system's temporary folder). An existing folder "
+                   "must be empty or made by an earlier demo.")
 @click.option("--size-mb", default=100, show_default=True, type=int,
               help="Size of the example base checkpoint.")
 @_fail_cleanly

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import shutil
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
 from .checkpoint import Checkpoint
+from .errors import OutputError
 from .compress import compress
 from .format import DeltaReader
 from .restore import restore
@@ -16,17 +18,48 @@ from .stitch import stitch
 from .synthetic import write_zoo
 
 
+#: Written into every folder the demo makes: only such a folder is ever cleared by a rerun.
+MARKER = ".sparsestitch-demo"
+
+
+def default_workdir() -> Path:
+    """Where the demo writes by default: the system's temporary folder, not the current one
+    (the example zoo takes about 650 MB)."""
+    return Path(tempfile.gettempdir()) / "sparsestitch-demo"
+
+
+def prepare_workdir(workdir: Path) -> None:
+    """Make ``workdir`` empty for a run: create it, or clear one an earlier demo made.
+
+    A folder the demo did not make (no :data:`MARKER` in it) is refused unless it is empty:
+    it may hold the user's files.
+    """
+    if workdir.exists() or workdir.is_symlink():
+        if not workdir.is_dir() or workdir.is_symlink():
+            raise OutputError("the demo's work folder exists and is not a folder; choose another "
+                              "--workdir", path=workdir)
+        if any(workdir.iterdir()) and not (workdir / MARKER).is_file():
+            raise OutputError("this folder was not made by the demo and is not empty; the demo "
+                              "only clears folders it made. Choose another --workdir (or an "
+                              "empty folder)", path=workdir)
+        shutil.rmtree(workdir)
+    workdir.mkdir(parents=True)
+    (workdir / MARKER).write_text("made by `sparsestitch demo`; a rerun clears this folder\n")
+
+
 def _folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.iterdir() if p.suffix == ".safetensors")
 
 
-def run_demo(workdir: str | Path, *, size_mb: int = 100, tasks: int = 3, echo=print) -> dict:
+def run_demo(workdir: str | Path | None = None, *, size_mb: int = 100, tasks: int = 3,
+             echo=print) -> dict:
     """Build a base + ``tasks`` fine-tunes of about ``size_mb`` MB each, compress them at 1%,
-    restore one (checking it bit for bit at every stored position), stitch all; print a table."""
-    workdir = Path(workdir)
-    if workdir.exists():
-        shutil.rmtree(workdir)
-    workdir.mkdir(parents=True)
+    restore one (checking it bit for bit at every stored position), stitch all; print a table.
+
+    ``workdir`` (default :func:`default_workdir`) must be absent, empty, or a folder an
+    earlier demo made; see :func:`prepare_workdir`."""
+    workdir = default_workdir() if workdir is None else Path(workdir)
+    prepare_workdir(workdir)
     timings = {}
     started = time.perf_counter()
     base, tunes = write_zoo(workdir, size_mb << 20, tasks)

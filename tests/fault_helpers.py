@@ -1467,7 +1467,9 @@ def spawn_cli(args: list[str], phase: str | None = None, start_gate: int | None 
     ``phase`` makes the child SIGKILL itself at that point of writing its output:
     ``"first-fsync"`` (a data file fully written, not yet synced), ``"before-publish"`` (just
     before the rename into place), ``"after-publish"`` (just after it), ``"after-first-rename"``
-    (after the first rename, link or swap of publishing: mid-way through replacing a folder).
+    (after the first rename, link or swap of publishing: mid-way through replacing a folder);
+    ``"no-swap-after-rename-1"``, ``"no-swap-after-rename-2"`` and ``"no-swap-before-cleanup"``
+    replace a folder as on a filesystem without an atomic swap and kill at that step.
     ``start_gate`` is a pipe's read end: the child waits for one byte on it before starting.
     ``stderr`` names a file that gets the child's standard error (its ``error: ...`` line)
     instead of discarding it.  ``hold`` (a :class:`Hold`) stops the child at one point of
@@ -1546,6 +1548,13 @@ def _arm(phase: str) -> None:
         for module, name in ((os, "replace"), (os, "link"), (os, "rename"), (atomic, "_exchange")):
             if hasattr(module, name):
                 wrap(module, name, after=lambda n: True)
+    elif phase.startswith("no-swap-"):  # a filesystem without renameat2(RENAME_EXCHANGE)
+        atomic._exchange = lambda a, b: False
+        if phase == "no-swap-before-cleanup":
+            wrap(atomic, "_remove", before=lambda n: True)
+        else:
+            step = {"no-swap-after-rename-1": 1, "no-swap-after-rename-2": 2}[phase]
+            wrap(os, "replace", after=lambda n: n == step)
     else:
         raise ValueError(phase)
 

@@ -213,3 +213,35 @@ def test_a_bad_memory_size_is_one_clear_line_and_writes_nothing(zoo, deltas, tmp
     assert_one_line_error(run("stitch", zoo["base"], *deltas, "-o", out, "--max-memory", size),
                           "memory size must be", "512MiB", repr(size))
     assert not out.exists()
+
+
+def test_demo_never_clears_a_folder_it_did_not_make(tmp_path):
+    """A user's folder given as --workdir is refused and keeps every file; a folder an earlier
+    demo made is cleared and reused."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.txt").write_text("precious")
+    assert_one_line_error(run("demo", "--size-mb", "1", "--workdir", mine), str(mine),
+                          "not made by the demo")
+    assert sorted(p.name for p in mine.iterdir()) == ["thesis.txt"]
+    assert (mine / "thesis.txt").read_text() == "precious"
+    a_file = tmp_path / "file"
+    a_file.write_text("precious")
+    assert_one_line_error(run("demo", "--size-mb", "1", "--workdir", a_file), "not a folder")
+    assert a_file.read_text() == "precious"
+    reused = tmp_path / "reused"
+    ok("demo", "--size-mb", "1", "--workdir", reused)
+    (reused / "stale.delta").write_text("left by the first run")
+    ok("demo", "--size-mb", "1", "--workdir", reused)  # its own folder: cleared, run again
+    assert not (reused / "stale.delta").exists() and (reused / "merged").is_dir()
+
+
+def test_demo_writes_outside_the_current_folder_by_default(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "system-tmp"))
+    (tmp_path / "system-tmp").mkdir()
+    import tempfile
+    monkeypatch.setattr(tempfile, "tempdir", None)  # re-read TMPDIR
+    ok("demo", "--size-mb", "1")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["system-tmp"]
+    assert (tmp_path / "system-tmp" / "sparsestitch-demo" / "merged").is_dir()

@@ -437,6 +437,52 @@ def test_a_folder_that_appears_after_the_last_check_is_not_swapped_away(tmp_path
     assert sorted(p.name for p in tmp_path.iterdir()) == ["restored"]
 
 
+@pytest.mark.parametrize("phase", ["no-swap-after-rename-1", "no-swap-after-rename-2",
+                                   "no-swap-before-cleanup"])
+def test_kill_at_each_step_of_replacing_a_folder_without_an_atomic_swap(bench, phase):
+    """Without RENAME_EXCHANGE a folder is replaced in two renames; a kill at any step leaves
+    the old output (put back when the path is next used) or the new one, never neither, and
+    the next run cleans up without deleting either."""
+    from sparsestitch import atomic
+    from sparsestitch.checkpoint import Checkpoint
+
+    out = bench.output("restore")
+    old_args = bench.args("restore")
+    old_args[2] = str(bench.deltas[1])
+    assert wait_exit(spawn_cli(old_args)) == 0
+    old, new = tree_digest(out), bench.reference["restore"]
+    pid = spawn_cli(bench.args("restore", "--overwrite"), phase=phase)
+    assert wait_exit(pid) is None  # killed by the signal
+    if phase == "no-swap-after-rename-1":
+        assert tree_digest(out) is None  # the documented moment: the old output sits aside
+        with Checkpoint(out) as reopened:  # opening the path puts it back
+            assert reopened.names
+        assert tree_digest(out) == old
+    else:
+        assert tree_digest(out) == new
+    atomic.sweep_stale(out)  # what the next write of this path does first
+    assert tree_digest(out) in (old, new) and leftovers(bench.out_dir) == []
+    assert wait_exit(spawn_cli(bench.args("restore", "--overwrite"))) == 0
+    assert bench.check("restore") == "complete" and leftovers(bench.out_dir) == []
+    remove(out)
+    assert bench.inputs_untouched()
+
+
+def test_an_interrupted_replacement_is_recovered_by_the_next_run(bench):
+    """The next command writing the path (here without --overwrite) finds the old output put
+    back, so it refuses to replace it instead of writing over nothing."""
+    out = bench.output("restore")
+    old_args = bench.args("restore")
+    old_args[2] = str(bench.deltas[1])
+    assert wait_exit(spawn_cli(old_args)) == 0
+    old = tree_digest(out)
+    assert wait_exit(spawn_cli(bench.args("restore", "--overwrite"),
+                               phase="no-swap-after-rename-1")) is None
+    assert wait_exit(spawn_cli(bench.args("restore"))) == 2  # "output already exists"
+    assert tree_digest(out) == old and leftovers(bench.out_dir) == []
+    remove(out)
+
+
 def test_replacing_a_folder_without_an_atomic_swap_still_works(bench, monkeypatch):
     """Where renameat2 is missing the old folder is moved aside first (documented window)."""
     from sparsestitch import atomic

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..atomic import recover
 from ..dtypes import dtype as lookup_dtype
 from ..errors import CheckpointError
 from ..safetensors_file import TensorEntry, read_header
@@ -53,7 +54,7 @@ class Checkpoint:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self._index_map: dict[str, str] | None = None
-        if not self.path.exists():
+        if not self.path.exists() and not recover(self.path):  # a killed overwrite's old output
             raise CheckpointError("no such file or folder", path=self.path)
         if self.path.is_dir():
             self.is_folder = True
