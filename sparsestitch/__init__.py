@@ -15,9 +15,8 @@ from ._version import __version__
 from .compress import DeltaSummary, compress
 from .errors import (BaseMismatchError, ChecksumError, CheckpointError, DeltaFormatError,
                      OutputError, ResourceLimitError, SparsestitchError, TensorMismatchError)
-from .hotswap import Patch, apply
-from .inspect import DeltaInfo, info, verify
-from .prepared import PreparedPatch, prepare
+from .describe import DeltaInfo, info, verify
+from .live import Patch, PreparedPatch, apply, prepare
 from .restore import restore
 from .stitch import stitch, stitch_add
 

@@ -144,7 +144,7 @@ def info(delta, show_all):
 
     Example: sparsestitch info math.delta --all
     """
-    from .inspect import info as run
+    from .describe import info as run
     result = run(delta)
     header = result.header
     click.echo(f"{result.path}: {result.file_size:,} bytes, format v{header['format_version']}, "
@@ -174,7 +174,7 @@ def verify(delta, base):
 
     Example: sparsestitch verify math.delta --base base/
     """
-    from .inspect import verify as run
+    from .describe import verify as run
     result = run(delta, base)
     click.echo(f"ok: {result.path} ({len(result.tensors)} tensors, {result.kept:,} kept values"
                f"{', matches ' + str(base) if base else ''})")

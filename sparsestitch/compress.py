@@ -1,52 +1,51 @@
 """Compress fine-tuned checkpoints into sparse delta files against their base.
 
-Data flows one way: checkpoint reader -> localization (top-k keys or given
-masks) -> codecs -> delta writer.  Every pass walks tensors in name order and
-each tensor in row blocks of at most ``chunk_elements`` elements, reading each
-base block once for all fine-tunes, so memory stays near one block per input
-plus the kept values of the tensor being encoded.
+A small driver over the walk: base and fine-tune row blocks
+(:mod:`sparsestitch.walk`) -> a selector per fine-tune choosing what to keep
+(:mod:`sparsestitch.localize.selectors`) -> :func:`~sparsestitch.format.encode_record`
+-> one :class:`~sparsestitch.format.DeltaWriter` per fine-tune.  Every pass walks
+tensors in name order and each tensor in row blocks of at most ``chunk_elements``
+elements, reading each base block once for all fine-tunes, so memory stays near one
+block per input plus the kept values of the tensors being encoded.
 
-Global top-k needs three passes (two histogram passes, then selection and
-encoding, see :mod:`sparsestitch.localize.topk`); per-tensor top-k and given
-masks need fewer.
+How many passes depends on the selector: given masks and density 1.0 need one; exact
+top-k two counting passes first; the bracketed global top-k a 1/16 sample first, then
+one pass whose undecided candidates are parked in a spool until the threshold is known.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import closing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import xxhash
 
 from ._version import __version__
-from .atomic import check_not_an_input, output_error
+from .atomic import check_not_an_input
 from .checkpoint import Checkpoint
-from .dtypes import dtype as lookup_dtype
+from .dtypes import DType, dtype as lookup_dtype
 from .errors import CheckpointError, TensorMismatchError
-from .format import HEADER_KEY, DeltaWriter, Record, digest, encode_record, pread_bytes
-from .localize.topk import (TopK, bracket_bins, count_to_keep, magnitude_keys,
-                            resolve_candidates, split_bracket)
+from .format import HEADER_KEY, DeltaWriter, Record, digest, encode_record
+from .localize.selectors import (BracketedTopK, Choice, GivenMasks, GlobalTopK, KeepAll,
+                                 PerTensorTopK, Selector, TuneBlock, changed_positions)
+from .localize.topk import count_to_keep
 from .patterns import as_patterns, matches, selected
-from .pipeline import DEFAULT_WORKERS, in_order
 from .progress import bar
+from .readahead import DEFAULT_WORKERS, in_order
+from .spool import ArraySpool
+from .walk import BaseHash, RowBlocks, read_blocks
 
 #: Elements per block and checkpoint read at a time.  Small blocks keep the per-block
 #: passes in cache: compressing the 2.27 GB benchmark model took 3.9 s with 1 << 20 against
 #: 5.0 s with 1 << 23 (two threads).
 CHUNK_ELEMENTS = 1 << 20
-#: Threads scanning and encoding tensors for the global top-k path (0: the caller's thread).
+#: Threads scanning and encoding tensors ahead of the writer (0: the caller's thread).
 WORKERS = min(2, DEFAULT_WORKERS)
-# The bracketed global top-k samples every SAMPLE_EVERY-th block of about SAMPLE_BLOCK elements
-# (blocks of whole rows; larger blocks cost fewer reads for the same fraction sampled).
-SAMPLE_BLOCK = 1 << 16
-SAMPLE_EVERY = 16
 SCOPES = ("global", "per-tensor")
 
 
@@ -116,7 +115,6 @@ def compress(base: str | os.PathLike, finetuned: str | os.PathLike | Sequence[st
     mask_sets = _as_mask_list(masks, len(finetuned_paths))
     if masks is None:
         count_to_keep(density, 0)  # validates the range
-    include, exclude, dense = as_patterns(include), as_patterns(exclude), as_patterns(dense)
     with Checkpoint(base) as base_ckpt:
         _refuse_delta(base_ckpt)
         tunes = [Checkpoint(p) for p in finetuned_paths]
@@ -124,357 +122,350 @@ def compress(base: str | os.PathLike, finetuned: str | os.PathLike | Sequence[st
             for tune in tunes:
                 _refuse_delta(tune)
                 _check_compatible(base_ckpt, tune)
-            job = _Job(base_ckpt, tunes, density, scope, include, exclude, dense, mask_sets,
-                       chunk_elements, progress)
-            results = job.run(out_paths, overwrite)
+            plan = TensorPlan.of(base_ckpt, include, exclude, dense)
+            selectors = _make_selectors(plan, density, scope, mask_sets, len(tunes))
+            job = CompressJob(base_ckpt, tunes, plan, chunk_elements, progress)
+            results = job.run(selectors, out_paths, overwrite,
+                              fallback=lambda: _make_selectors(plan, density, scope, None,
+                                                               len(tunes), exact=True))
         finally:
             for tune in tunes:
                 tune.close()
     seconds = time.perf_counter() - started
-    return [DeltaSummary(path, size, kept, job.candidates, stored, seconds)
-            for path, (size, kept, stored) in zip(out_paths, results)]
+    return [DeltaSummary(path, r.nbytes, r.kept, plan.candidates, r.stored_tensors, seconds)
+            for path, r in zip(out_paths, results)]
 
 
-class _Job:
+@dataclass(frozen=True)
+class TensorPlan:
+    """What happens to each base tensor: localized (ranked by a selector), stored exactly
+    (non-float, or matching a ``dense`` pattern: every changed element), or left out."""
+
+    names: list[str]
+    shapes: dict[str, tuple[int, ...]]
+    localized: list[str]
+    dense: tuple[str, ...]
+    base_path: Path
+
+    @classmethod
+    def of(cls, base: Checkpoint, include, exclude, dense) -> "TensorPlan":
+        include, exclude, dense = as_patterns(include), as_patterns(exclude), as_patterns(dense)
+        localized = [n for n in base.names
+                     if lookup_dtype(base.entry(n).dtype).is_float
+                     and selected(n, include, exclude) and not matches(n, dense)]
+        return cls(list(base.names), {n: base.entry(n).shape for n in base.names}, localized,
+                   dense, base.path)
+
+    @property
+    def candidates(self) -> int:
+        """Elements of the localized tensors."""
+        return sum(int(np.prod(self.shapes[n], dtype=np.int64)) for n in self.localized)
+
+    def stored_exactly(self, name: str, dt: DType) -> bool:
+        return not dt.is_float or matches(name, self.dense)
+
+
+def _make_selectors(plan: TensorPlan, density: float, scope: str, mask_sets, count: int,
+                    exact: bool = False) -> list[Selector]:
+    """One selector per fine-tune for these options (``exact``: never the bracketed one)."""
+    if mask_sets is not None:
+        return [GivenMasks(masks, plan.shapes, plan.base_path) for masks in mask_sets]
+    candidates = plan.candidates
+    if scope == "per-tensor":
+        sizes = {n: int(np.prod(plan.shapes[n], dtype=np.int64)) for n in plan.localized}
+        return [PerTensorTopK(density, sizes) for _ in range(count)]
+    if count_to_keep(density, candidates) == candidates:
+        return [KeepAll(density) for _ in range(count)]
+    if not exact and BracketedTopK.applies(density, candidates):
+        return [BracketedTopK(density, candidates, plan.shapes) for _ in range(count)]
+    return [GlobalTopK(density, candidates) for _ in range(count)]
+
+
+@dataclass
+class Candidates:
+    """Entries a selector left undecided in one tensor: positions, bits, ranking keys."""
+
+    positions: np.ndarray
+    finetuned: np.ndarray
+    base: np.ndarray
+    keys: np.ndarray
+
+
+@dataclass
+class Selection:
+    """What one fine-tune keeps of one tensor: sorted positions (None: every element) and the
+    fine-tuned and base bits there, plus undecided candidates."""
+
+    positions: np.ndarray | None
+    finetuned: np.ndarray
+    base: np.ndarray
+    candidates: Candidates | None = None
+
+
+@dataclass
+class _SelectionParts:
+    """A :class:`Selection` gathered block by block."""
+
+    kept: list[Choice] = field(default_factory=list)
+    blocks: list[TuneBlock] = field(default_factory=list)
+
+    def add(self, block: TuneBlock, choice: Choice) -> None:
+        self.kept.append(choice)
+        self.blocks.append(block)
+
+    def finish(self, dt: DType) -> Selection:
+        if self.kept and all(c.kept is None for c in self.kept):  # every element
+            return Selection(None, _concat([b.finetuned for b in self.blocks], dt.bits),
+                             _concat([b.base for b in self.blocks], dt.bits))
+        positions, finetuned, base = [], [], []
+        for choice, block in zip(self.kept, self.blocks):
+            kept = np.arange(block.base.size) if choice.kept is None else choice.kept
+            positions.append(kept + block.offset)
+            finetuned.append(block.finetuned[kept])
+            base.append(block.base[kept])
+        selection = Selection(_concat(positions, np.int64), _concat(finetuned, dt.bits),
+                              _concat(base, dt.bits))
+        undecided = [(c, b) for c, b in zip(self.kept, self.blocks) if c.candidates is not None]
+        if undecided:
+            selection.candidates = Candidates(
+                _concat([c.candidates + b.offset for c, b in undecided], np.int64),
+                _concat([b.finetuned[c.candidates] for c, b in undecided], dt.bits),
+                _concat([b.base[c.candidates] for c, b in undecided], dt.bits),
+                _concat([c.candidate_keys for c, _ in undecided], np.uint32))
+        return selection
+
+
+@dataclass
+class _Written:
+    """What one writer received: its records, the kept count, the file size."""
+
+    records: list[Record] = field(default_factory=list)
+    kept: int = 0
+    nbytes: int = 0
+
+    @property
+    def stored_tensors(self) -> int:
+        return sum(r.kind != "base" for r in self.records)
+
+
+class CompressJob:
     """One compress run: the passes over the tensors and one writer per fine-tune."""
 
-    def __init__(self, base, tunes, density, scope, include, exclude, dense, mask_sets,
-                 chunk_elements, progress):
-        self.base, self.tunes = base, tunes
-        self.density, self.scope, self.mask_sets = density, scope, mask_sets
-        self.dense, self.chunk_elements, self.progress = dense, chunk_elements, progress
-        # Threads scanning and encoding tensors ahead of the writer; each holds one block
-        # of chunk_elements per checkpoint.
+    def __init__(self, base: Checkpoint, tunes: list[Checkpoint], plan: TensorPlan,
+                 chunk_elements: int, progress: bool):
+        self.base, self.tunes, self.plan = base, tunes, plan
+        self.chunk_elements, self.progress = chunk_elements, progress
         self.workers = WORKERS
-        self.localized = [n for n in base.names
-                          if lookup_dtype(base.entry(n).dtype).is_float
-                          and selected(n, include, exclude) and not matches(n, dense)]
-        self.candidates = sum(base.entry(n).numel for n in self.localized)
-        self.selectors = self._make_selectors()
-        # Keeping every localized element (density 1.0, global) needs no ranking passes.
-        self._keep_all = (mask_sets is None and scope == "global"
-                          and count_to_keep(density, self.candidates) == self.candidates)
-        for masks in mask_sets or ():
-            unknown = sorted(set(masks) - set(base.names))
-            if unknown:
-                raise TensorMismatchError(f"masks name {len(unknown)} tensor(s) the base lacks",
-                                          path=base.path, tensor=unknown[0])
 
-    def _make_selectors(self) -> dict:
-        """TopK selectors keyed by (fine-tune index, tensor name or None for global)."""
-        if self.mask_sets is not None:
-            return {}
-        if self.scope == "global":
-            k = count_to_keep(self.density, self.candidates)
-            return {(i, None): TopK(k) for i in range(len(self.tunes))}
-        return {(i, n): TopK(count_to_keep(self.density, self.base.entry(n).numel))
-                for i in range(len(self.tunes)) for n in self.localized}
-
-    def _selector(self, tune_index: int, name: str) -> TopK:
-        return self.selectors[(tune_index, None if self.scope == "global" else name)]
-
-    def run(self, out_paths, overwrite) -> list[tuple[int, int, int]]:
+    def run(self, selectors: list[Selector], out_paths: list[Path], overwrite: bool,
+            fallback: Callable[[], list[Selector]]) -> list[_Written]:
         writers = [DeltaWriter(p, overwrite=overwrite) for p in out_paths]
-        self.records = [[] for _ in self.tunes]
-        self.kept = [0] * len(self.tunes)
+        written = [_Written() for _ in self.tunes]
         try:
-            if not self._run_bracketed(writers):
-                self._run_exact(writers)
+            self._pre_passes(selectors)
+            if not self._main_pass(selectors, writers, written):
+                selectors = fallback()  # the bracket missed: redo the selection exactly
+                self._pre_passes(selectors)
+                self._main_pass(selectors, writers, written)
             for i, tune in enumerate(self.tunes):
                 for name in tune.names:
                     if name not in self.base:
-                        self._add(writers, i, *self._encode_added(tune, name))
-            sizes = [w.close(self._meta(i, self.records[i], self.kept[i]))
-                     for i, w in enumerate(writers)]
+                        self._add(writers, written, i, *self._encode_added(tune, name))
+            for i, writer in enumerate(writers):
+                written[i].nbytes = writer.close(self._meta(i, selectors[i], written[i]))
         except BaseException as exc:
-            for w in writers:
-                w.abort(exc)
+            for writer in writers:
+                writer.abort(exc)
             raise
-        return [(size, self.kept[i], sum(r.kind != "base" for r in self.records[i]))
-                for i, size in enumerate(sizes)]
+        return written
 
-    def _add(self, writers, i: int, record: Record, payload: bytes) -> None:
-        writers[i].add(record, payload)
-        self.records[i].append(record)
-        self.kept[i] += record.count if record.name in self.localized else 0
+    # -- passes --
 
-    # -- exact path: histogram passes (TopK), then one selecting and encoding pass --
+    def _pre_passes(self, selectors: list[Selector]) -> None:
+        for index, prepass in enumerate(selectors[0].pre_passes()):
+            if not any([s.pass_needed(index) for s in selectors]):
+                continue
 
-    def _run_exact(self, writers) -> None:
-        if self.selectors and not self._keep_all:
-            self._histogram_pass("localize 1/3", TopK.count_high)
-            if any(s.needs_low_pass for s in self.selectors.values()):
-                self._histogram_pass("localize 2/3", TopK.count_low)
-        with bar(self._total_bytes(), "encode", self.progress) as progress:
-            for name in self.base.names:
-                base_xxh3, kept = self._scan(name, self._choose_exact)
-                for i, (positions, finetuned, base) in enumerate(kept):
-                    self._add(writers, i, *self._encode(name, base_xxh3, positions, finetuned, base))
-                progress.update(self.base.entry(name).nbytes)
+            def scan(name: str) -> list[np.ndarray]:
+                totals = [None] * len(self.tunes)
+                for block in self._tune_blocks(name, rows=prepass.rows):
+                    measure = selectors[block.tune].measure(index, block)
+                    totals[block.tune] = measure if totals[block.tune] is None else \
+                        totals[block.tune] + measure
+                return totals
 
-    def _choose_exact(self, i, name, tune_block, base_block, offset, dt, masks):
-        if not dt.is_float or matches(name, self.dense):
-            return np.flatnonzero(tune_block != base_block), None
-        if self.mask_sets is not None:
-            mask = masks[i]
-            return (np.flatnonzero(mask[offset:offset + base_block.size]) if mask is not None
-                    else np.empty(0, np.int64)), None
-        if name in self.localized:
-            if self._keep_all:  # density 1.0: no ranking needed
-                return np.arange(base_block.size, dtype=np.int64), None
-            return self._selector(i, name).select(magnitude_keys(tune_block, base_block, dt)), None
-        return np.empty(0, np.int64), None  # an excluded float tensor stays at the base
-
-    def _histogram_pass(self, description: str, count) -> None:
-        total = sum(self.base.entry(n).nbytes for n in self.localized)
-        with bar(total, description, self.progress) as progress:
-            for name in self.localized:
-                dt = lookup_dtype(self.base.entry(name).dtype)
-                for start, stop in self._blocks(name):
-                    base_block = self.base.read_rows(name, start, stop)
-                    for i, tune in enumerate(self.tunes):
-                        keys = magnitude_keys(tune.read_rows(name, start, stop), base_block, dt)
-                        count(self._selector(i, name), keys)
-                    progress.update(base_block.nbytes)
-
-    # -- bracketed path (global top-k): sample, one full pass to a spool, resolve, encode --
-
-    def _run_bracketed(self, writers) -> bool:
-        """Global top-k reading the model about once; False if it cannot be used or missed."""
-        if self.mask_sets is not None or self.scope != "global":
-            return False
-        k = count_to_keep(self.density, self.candidates)
-        if k == 0 or k == self.candidates:
-            return False
-        brackets = self._sample_brackets(k)
-        spools = [tempfile.TemporaryFile(dir=w.path.parent or None) for w in writers]
-        try:
-            index = [dict() for _ in self.tunes]  # name -> (offset, definite, candidates)
-            candidate_keys = [[] for _ in self.tunes]
-            definite = [0] * len(self.tunes)
-            hashes = {}
-
-            def choose(i, name, tune_block, base_block, offset, dt, masks):
-                if name not in self.localized:
-                    return self._choose_exact(i, name, tune_block, base_block, offset, dt, masks)
-                above, inside, inside_keys = split_bracket(
-                    magnitude_keys(tune_block, base_block, dt), *brackets[i])
-                return above, (inside, inside_keys)
-
-            with bar(self._total_bytes(), "localize", self.progress) as progress:
-                with self._ahead(self.base.names,
-                                 lambda name: self._scan(name, choose)) as scanned:
-                    for name, (hashes[name], kept) in scanned:
-                        for i, (positions, finetuned, base, *candidates) in enumerate(kept):
-                            spool = spools[i]
-                            index[i][name] = (spool.tell(), positions.size,
-                                              candidates[0].size if candidates else 0)
-                            arrays = [positions, finetuned, base]
-                            if candidates:
-                                arrays += candidates[:3]
-                                candidate_keys[i].append(candidates[3])
-                            try:
-                                for array in arrays:
-                                    spool.write(np.ascontiguousarray(array).tobytes())
-                            except OSError as exc:
-                                raise output_error(exc, writers[i].path) from exc
-                            if name in self.localized:
-                                definite[i] += positions.size
+            total_bytes = sum(self.base.entry(n).nbytes for n in self.plan.localized)
+            with bar(total_bytes, prepass.description, self.progress) as progress:
+                with closing(in_order(self.plan.localized, scan, workers=self.workers)) as scanned:
+                    for name, totals in scanned:
+                        for selector, total in zip(selectors, totals):
+                            if total is not None:
+                                selector.absorb(index, name, total)
                         progress.update(self.base.entry(name).nbytes)
-            for i, spool in enumerate(spools):  # the encode pass reads them with pread
-                try:
-                    spool.flush()
-                except OSError as exc:
-                    raise output_error(exc, writers[i].path) from exc
+        for selector in selectors:
+            selector.start_main_pass()
+
+    def _main_pass(self, selectors: list[Selector], writers, written) -> bool:
+        """Select and encode every tensor; False if a selector's candidates could not be
+        resolved (nothing was written then)."""
+        ordered = any(s.ordered for s in selectors)
+        total_bytes = sum(self.base.entry(n).nbytes for n in self.base.names)
+        if not selectors[0].undecided:
+            def select_and_encode(name):
+                base_xxh3, selections = self._select(name, selectors)
+                return [self._encode(name, base_xxh3, s) for s in selections]
+
+            with bar(total_bytes, "encode", self.progress) as progress:
+                with closing(in_order(self.base.names, select_and_encode,
+                                      workers=0 if ordered else self.workers)) as encoded:
+                    for name, records in encoded:
+                        for i, (record, payload) in enumerate(records):
+                            self._add(writers, written, i, record, payload)
+                        progress.update(self.base.entry(name).nbytes)
+            return True
+        return self._resolved_pass(selectors, writers, written, total_bytes)
+
+    def _resolved_pass(self, selectors, writers, written, total_bytes) -> bool:
+        """The main pass of selectors that leave candidates: selections are spooled until
+        every candidate is known, then resolved and encoded."""
+        spools = [ArraySpool(w.path) for w in writers]
+        try:
+            hashes, candidate_keys, candidate_counts = {}, [[] for _ in spools], {}
+            kept = [0] * len(spools)
+            with bar(total_bytes, "localize", self.progress) as progress:
+                with closing(in_order(self.base.names, lambda n: self._select(n, selectors),
+                                      workers=self.workers)) as scanned:
+                    for name, (hashes[name], selections) in scanned:
+                        candidate_counts[name] = self._spool(name, selections, spools,
+                                                             candidate_keys, kept)
+                        progress.update(self.base.entry(name).nbytes)
+            for spool in spools:  # the encode pass reads them with pread
+                spool.flush()
             chosen = []
-            for i in range(len(self.tunes)):
-                keys = _concat(candidate_keys[i], np.uint32)
-                pick = resolve_candidates(keys, k - definite[i])
+            for i, selector in enumerate(selectors):
+                pick = selector.resolve(_concat(candidate_keys[i], np.uint32), kept[i])
                 if pick is None:
                     return False  # the sample misled; the exact path recomputes everything
                 chosen.append(pick)
-            # Where each tensor's candidates start in the resolved picks, per fine-tune.
-            first_candidate = [{} for _ in self.tunes]
-            for i in range(len(self.tunes)):
-                taken = 0
-                for name in self.base.names:
-                    first_candidate[i][name] = taken
-                    taken += index[i][name][2]
+            first = [dict(zip(self.base.names, np.cumsum([0] + [candidate_counts[n][i]
+                                                               for n in self.base.names])))
+                     for i in range(len(spools))]
 
             def encode(name):
-                """Every fine-tune's record of ``name``, read back from the spools."""
-                dt = lookup_dtype(self.base.entry(name).dtype)
                 records = []
                 for i, spool in enumerate(spools):
-                    offset, n_definite, n_candidates = index[i][name]
-                    arrays, at = [], offset
-                    for dtype, n in ((np.int64, n_definite), (dt.bits, n_definite),
-                                     (dt.bits, n_definite), (np.int64, n_candidates),
-                                     (dt.bits, n_candidates), (dt.bits, n_candidates)):
-                        try:
-                            arrays.append(_read_array(spool, at, dtype, n))
-                        except OSError as exc:  # the spool sits beside this output
-                            raise output_error(exc, writers[i].path) from exc
-                        at += n * np.dtype(dtype).itemsize
-                    start = first_candidate[i][name]
-                    pick = chosen[i][start:start + n_candidates]
-                    positions = np.concatenate([arrays[0], arrays[3][pick]])
-                    order = np.argsort(positions, kind="stable")
-                    finetuned = np.concatenate([arrays[1], arrays[4][pick]])[order]
-                    base = np.concatenate([arrays[2], arrays[5][pick]])[order]
-                    records.append(self._encode(name, hashes[name], positions[order],
-                                                finetuned, base))
+                    start = int(first[i][name])
+                    pick = chosen[i][start:start + candidate_counts[name][i]]
+                    selection = _with_candidates(*spool.get(name), pick)
+                    records.append(self._encode(name, hashes[name], selection))
                 return records
 
-            with bar(self._total_bytes(), "encode", self.progress) as progress:
-                with self._ahead(self.base.names, encode) as encoded:
+            with bar(total_bytes, "encode", self.progress) as progress:
+                with closing(in_order(self.base.names, encode, workers=self.workers)) as encoded:
                     for name, records in encoded:
                         for i, (record, payload) in enumerate(records):
-                            self._add(writers, i, record, payload)
+                            self._add(writers, written, i, record, payload)
                         progress.update(self.base.entry(name).nbytes)
             return True
         finally:
             for spool in spools:
                 spool.close()
 
-    def _sample_brackets(self, k: int) -> list[tuple[int, int]]:
-        """Per fine-tune ``(low_key, high_key)`` bracketing the k-th largest key, from a sample
-        of every SAMPLE_EVERY-th block of about SAMPLE_BLOCK elements of every localized tensor."""
-        weighted = [np.zeros(1 << 16) for _ in self.tunes]
-        sampled = 0
-        with self._ahead(self.localized, self._sample_tensor) as samples:
-            for _, (histograms, count) in samples:
-                sampled += count
-                for total, histogram in zip(weighted, histograms):
-                    total += histogram
-        expected_above = k * sampled / max(self.candidates, 1)
-        out = []
-        for hist in weighted:
-            low_bin, high_bin = bracket_bins(hist, k, expected_above)
-            out.append((low_bin << 16, (high_bin << 16) | 0xFFFF))
-        return out
+    def _spool(self, name, selections, spools, candidate_keys, kept) -> list[int]:
+        """Park one tensor's selections; returns the number of candidates per fine-tune."""
+        counts = []
+        for i, selection in enumerate(selections):
+            undecided = selection.candidates
+            arrays = [selection.positions, selection.finetuned, selection.base]
+            if undecided is not None:
+                arrays += [undecided.positions, undecided.finetuned, undecided.base]
+                candidate_keys[i].append(undecided.keys)
+            spools[i].put(name, arrays)
+            counts.append(0 if undecided is None else undecided.positions.size)
+            if name in self.plan.localized:
+                kept[i] += selection.positions.size
+        return counts
 
-    def _ahead(self, names, prepare):
-        """``prepare`` each of ``names`` in this job's threads, yielded in order (a context
-        manager: leaving it early stops the threads)."""
-        return closing(in_order(names, prepare, workers=self.workers))
+    # -- one tensor --
 
-    def _sample_tensor(self, name: str) -> tuple[list[np.ndarray], int]:
-        """Per fine-tune, the weighted histogram of the top 16 key bits over this tensor's
-        sample blocks, and the number of elements sampled."""
+    def _tune_blocks(self, name: str, rows=None, base_hash: BaseHash | None = None):
+        """Every fine-tune's :class:`TuneBlock` of tensor ``name``, block by block (the rows
+        ``rows(shape)`` selects, or all of them in the run's blocks); ``tune`` is set on
+        each to the fine-tune's index."""
         entry = self.base.entry(name)
         dt = lookup_dtype(entry.dtype)
-        rows = entry.shape[0] if entry.shape else 1
-        step = max(1, SAMPLE_BLOCK // max(1, _row_items(entry.shape)))
-        starts = range(0, rows, step * SAMPLE_EVERY)
-        sampled_rows = sum(min(step, rows - s) for s in starts)
-        weight = rows / sampled_rows if sampled_rows else 0.0
-        high_bits = [[] for _ in self.tunes]
-        sampled = 0
-        for start in starts:
-            stop = min(rows, start + step)
-            base_block = self.base.read_rows(name, start, stop)
-            sampled += base_block.size
+        blocks = RowBlocks.of_elements(entry.shape, self.chunk_elements)
+        if rows is not None:
+            blocks = RowBlocks(rows(entry.shape), blocks.row_items)
+        for start, stop, base_block in read_blocks(self.base, name, blocks, base_hash):
+            offset = blocks.elements(start, stop)[0]
             for i, tune in enumerate(self.tunes):
-                keys = magnitude_keys(tune.read_rows(name, start, stop), base_block, dt)
-                high_bits[i].append(keys >> 16)
-        histograms = [weight * np.bincount(np.concatenate(bits), minlength=1 << 16) if bits
-                      else np.zeros(1 << 16) for bits in high_bits]
-        return histograms, sampled
+                yield TuneBlock(name, dt, offset, base_block, tune.read_rows(name, start, stop), i)
 
-    # -- shared --
+    def _select(self, name: str, selectors: list[Selector]) -> tuple[str, list[Selection]]:
+        """Read one tensor block by block; each fine-tune's selector picks what to keep.
 
-    def _scan(self, name: str, choose):
-        """Read one tensor block by block; ``choose`` picks kept (and candidate) positions.
-
-        Returns the base tensor's checksum and, per fine-tune, ``(positions, fine-tuned bits,
-        base bits)`` plus, where ``choose`` returned candidates, ``(positions, fine-tuned bits,
-        base bits, keys)`` of those.
+        Returns the base tensor's checksum and each fine-tune's :class:`Selection`.
         """
-        entry = self.base.entry(name)
-        dt = lookup_dtype(entry.dtype)
-        masks = [self._mask_for(i, name) for i in range(len(self.tunes))]
-        base_hash = xxhash.xxh3_64()
-        parts = [[[], [], [], [], [], [], []] for _ in self.tunes]
-        row_items = _row_items(entry.shape)
-        for start, stop in self._blocks(name):
-            base_block = self.base.read_rows(name, start, stop)
-            base_hash.update(memoryview(base_block.view(np.uint8)))
-            offset = start * row_items
-            for i, tune in enumerate(self.tunes):
-                tune_block = tune.read_rows(name, start, stop)
-                kept, candidates = choose(i, name, tune_block, base_block, offset, dt, masks)
-                lists = parts[i]
-                lists[0].append(kept + offset)
-                lists[1].append(tune_block[kept])
-                lists[2].append(base_block[kept])
-                if candidates is not None:
-                    where, keys = candidates
-                    lists[3].append(where + offset)
-                    lists[4].append(tune_block[where])
-                    lists[5].append(base_block[where])
-                    lists[6].append(keys)
-        out = []
-        for lists in parts:
-            kept = (_concat(lists[0], np.int64), _concat(lists[1], dt.bits),
-                    _concat(lists[2], dt.bits))
-            if lists[6]:  # choose returned candidates (the bracketed path)
-                kept += (_concat(lists[3], np.int64), _concat(lists[4], dt.bits),
-                         _concat(lists[5], dt.bits), _concat(lists[6], np.uint32))
-            out.append(kept)
-        return base_hash.hexdigest(), out
+        dt = lookup_dtype(self.base.entry(name).dtype)
+        exact = self.plan.stored_exactly(name, dt)
+        localized = name in self.plan.localized
+        masks = isinstance(selectors[0], GivenMasks)
+        parts = [_SelectionParts() for _ in self.tunes]
+        base_hash = BaseHash(name)
+        for block in self._tune_blocks(name, base_hash=base_hash):
+            if exact:
+                choice = changed_positions(block)
+            elif localized or masks:
+                choice = selectors[block.tune].choose(block)
+            else:  # an excluded float tensor stays at the base
+                choice = Choice.nothing()
+            parts[block.tune].add(block, choice)
+        return base_hash.hexdigest(), [p.finish(dt) for p in parts]
 
-    def _encode(self, name, base_xxh3, positions, finetuned, base) -> tuple[Record, bytes]:
+    def _encode(self, name: str, base_xxh3: str, selection: Selection) -> tuple[Record, bytes]:
         entry = self.base.entry(name)
-        if positions.size == 0:
+        if selection.finetuned.size == 0:
             return Record(name, entry.dtype, entry.shape, "base", base_xxh3), b""
-        return encode_record(name, lookup_dtype(entry.dtype), entry.shape, positions, finetuned,
-                             base, base_xxh3)
-
-    def _total_bytes(self) -> int:
-        return sum(self.base.entry(n).nbytes for n in self.base.names)
+        return encode_record(name, lookup_dtype(entry.dtype), entry.shape, selection.positions,
+                             selection.finetuned, selection.base, base_xxh3)
 
     def _encode_added(self, tune: Checkpoint, name: str) -> tuple[Record, bytes]:
         entry = tune.entry(name)
         bits = tune.read(name).reshape(-1)
-        return encode_record(name, lookup_dtype(entry.dtype), entry.shape,
-                             np.arange(bits.size, dtype=np.int64), bits, None, None)
+        return encode_record(name, lookup_dtype(entry.dtype), entry.shape, None, bits, None, None)
 
-    def _mask_for(self, tune_index: int, name: str) -> np.ndarray | None:
-        if self.mask_sets is None:
-            return None
-        mask = self.mask_sets[tune_index].get(name)
-        if mask is None:
-            return None
-        mask = np.asarray(mask.detach().cpu() if hasattr(mask, "detach") else mask)
-        entry = self.base.entry(name)
-        if tuple(mask.shape) != entry.shape or mask.dtype != np.bool_:
-            raise TensorMismatchError(f"mask has shape {tuple(mask.shape)} and dtype {mask.dtype}; "
-                                      f"expected a bool array of shape {entry.shape}", tensor=name)
-        return mask.reshape(-1)
+    def _add(self, writers, written, i: int, record: Record, payload: bytes) -> None:
+        writers[i].add(record, payload)
+        written[i].records.append(record)
+        written[i].kept += record.count if record.name in self.plan.localized else 0
 
-    def _blocks(self, name: str):
-        shape = self.base.entry(name).shape
-        rows = shape[0] if shape else 1
-        step = max(1, self.chunk_elements // max(1, _row_items(shape)))
-        for start in range(0, rows, step):
-            yield start, min(rows, start + step)
-
-    def _meta(self, tune_index: int, records: list[Record], kept: int) -> dict:
-        identity = [[r.name, r.dtype, list(r.shape), r.base_xxh3] for r in records if r.kind != "added"]
-        method = ("mask" if self.mask_sets is not None
-                  else "topk-global" if self.scope == "global" else "topk-per-tensor")
+    def _meta(self, tune_index: int, selector: Selector, written: _Written) -> dict:
+        identity = [[r.name, r.dtype, list(r.shape), r.base_xxh3] for r in written.records
+                    if r.kind != "added"]
+        masks = isinstance(selector, GivenMasks)
         return {
             "library_version": __version__,
-            "method": method,
-            "density": None if self.mask_sets is not None else self.density,
-            "kept": kept,
-            "candidates": self.candidates,
+            "method": selector.method,
+            "density": None if masks else selector.density,
+            "kept": written.kept,
+            "candidates": self.plan.candidates,
             "base_identity": digest(json.dumps(identity, separators=(",", ":")).encode()),
             "sources": {"base": self.base.path.name, "finetuned": self.tunes[tune_index].path.name},
-            "localized_tensors": len(self.localized) if self.mask_sets is None else None,
-            "dense_patterns": list(self.dense),
+            "localized_tensors": None if masks else len(self.plan.localized),
+            "dense_patterns": list(self.plan.dense),
         }
+
+
+def _with_candidates(positions, finetuned, base, *candidates_and_pick) -> Selection:
+    """A spooled selection with its chosen candidates merged in, in position order."""
+    if len(candidates_and_pick) == 1:  # no candidates were spooled for this tensor
+        return Selection(positions, finetuned, base)
+    cand_positions, cand_finetuned, cand_base, pick = candidates_and_pick
+    all_positions = np.concatenate([positions, cand_positions[pick]])
+    order = np.argsort(all_positions, kind="stable")
+    return Selection(all_positions[order], np.concatenate([finetuned, cand_finetuned[pick]])[order],
+                     np.concatenate([base, cand_base[pick]])[order])
 
 
 def _check_compatible(base: Checkpoint, tune: Checkpoint) -> None:
@@ -512,20 +503,6 @@ def _as_mask_list(masks, count: int):
     if len(masks) != count:
         raise ValueError(f"{count} fine-tuned checkpoints but {len(masks)} mask sets")
     return masks
-
-
-def _read_array(spool, offset: int, dtype, count: int) -> np.ndarray:
-    """``count`` values of ``dtype`` at ``offset`` of a spool file, without moving its file
-    position (several threads read one spool)."""
-    nbytes = count * np.dtype(dtype).itemsize
-    data = pread_bytes(spool.fileno(), nbytes, offset)
-    if len(data) != nbytes:
-        raise OSError(f"spool ended early ({len(data)} of {nbytes} bytes)")
-    return np.frombuffer(data, dtype=dtype).copy()
-
-
-def _row_items(shape: tuple[int, ...]) -> int:
-    return int(np.prod(shape[1:], dtype=np.int64)) if len(shape) > 1 else 1
 
 
 def _concat(parts: list[np.ndarray], dtype) -> np.ndarray:

@@ -26,6 +26,7 @@ from .atomic import atomic_path, fsync_file, output_error
 from .dtypes import DType, dtype as lookup_dtype
 from .errors import ChecksumError, DeltaFormatError, ResourceLimitError, SparsestitchError
 from .safetensors_file import encode_header, read_header, strict_json
+from .sizes import numel
 
 FORMAT_NAME = "sparsestitch.delta"
 FORMAT_VERSION = 1
@@ -62,7 +63,7 @@ class Record:
 
     @property
     def numel(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) if self.shape else 1
+        return numel(self.shape)
 
     @property
     def nbytes(self) -> int:
@@ -82,18 +83,22 @@ class Record:
         return out
 
 
-def encode_record(name: str, dt: DType, shape: tuple[int, ...], positions: np.ndarray,
+def encode_record(name: str, dt: DType, shape: tuple[int, ...], positions: np.ndarray | None,
                   kept: np.ndarray, base_kept: np.ndarray | None, base_xxh3: str | None
                   ) -> tuple[Record, bytes]:
     """Encode one tensor's kept positions and fine-tuned bits into a record and its payload.
 
-    ``base_kept`` (base bits at the kept positions) is None for a tensor the base lacks.
+    ``positions`` None means every element (no position array needed); ``base_kept`` (base
+    bits at the kept positions) is None for a tensor the base lacks.
     """
-    pos_payload, pos_config = codecs.encode_positions(positions, shape)
+    if positions is None:
+        pos_payload, pos_config = b"", {"codec": "all"}
+    else:
+        pos_payload, pos_config = codecs.encode_positions(positions, shape)
     val_payload, val_config = codecs.encode_values(kept, base_kept, dt)
     payload = pos_payload + val_payload
     record = Record(name, dt.name, tuple(shape), "sparse" if base_kept is not None else "added",
-                    base_xxh3, int(positions.size), pos_config, val_config, len(pos_payload),
+                    base_xxh3, int(kept.size), pos_config, val_config, len(pos_payload),
                     len(val_payload), digest(payload))
     return record, payload
 
@@ -248,6 +253,15 @@ class DeltaReader:
                                    or not _strictly_increasing(positions)):
                 raise DeltaFormatError("positions are out of range, unsorted or repeated")
         return positions
+
+    def stores_all(self, record: Record) -> bool:
+        """Whether a stored record keeps every element (positions codec ``all``, checked as
+        decoding it would), so its positions need no array."""
+        if record.positions.get("codec") != "all":
+            return False
+        with self._context(record):
+            codecs.position_codec("all").check(record.positions_nbytes, record.shape, record.count)
+        return True
 
     def values(self, record: Record, base_kept: np.ndarray | None, payload: bytes | None = None
                ) -> np.ndarray:

@@ -3,18 +3,53 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 
+from .dtypes import DType
 from .stitch import engine
+from .walk import Stored
 
 
-def _exact(name, dt, numel, stored):
-    (record,) = stored
-    if record is None:
-        return np.empty(0, np.int64), np.empty(0, dt.bits)
-    return record.positions, record.finetuned
+class RestoreCombiner:
+    """The combiner of a restore: every stored position takes the fine-tuned bits.
+
+    Block-wise for every dtype, so a record too large for the memory budget is restored
+    row block by row block like any stitch.
+    """
+
+    runs_in_readers: ClassVar[bool] = True
+
+    def combine(self, name: str, dt: DType, numel: int, stored: Sequence[Stored | None]
+                ) -> tuple[np.ndarray, np.ndarray]:
+        (record,) = stored
+        if record is None:
+            return np.empty(0, np.int64), np.empty(0, dt.bits)
+        return record.position_array(), record.finetuned
+
+    def merges_blocks(self, dt: DType) -> bool:
+        return True
+
+    def block_merge(self, dt: DType, stored: Sequence[Stored | None]):
+        (record,) = stored
+
+        def put_back(block: np.ndarray, first: int) -> None:
+            if record is None:
+                return
+            part = record.within(first, first + block.size)
+            if part.dense:
+                block[part.first - first:part.first - first + part.count] = part.finetuned
+            elif part.count:
+                block[part.positions - first] = part.finetuned
+        return put_back
+
+    def bytes_per_position(self, dt: DType) -> int:
+        """The int64 position, the fine-tuned and base bits and the value decoders'
+        temporaries (a wide task vector for ``tau``), rounded up."""
+        return 32
 
 
 def restore(base: str | os.PathLike, delta: str | os.PathLike, out: str | os.PathLike, *,
@@ -29,6 +64,5 @@ def restore(base: str | os.PathLike, delta: str | os.PathLike, out: str | os.Pat
 
     >>> restore("base.safetensors", "math.delta", "math.safetensors")  # doctest: +SKIP
     """
-    return engine.run(base, [delta], out, _exact, overwrite=overwrite, progress=progress,
-                      description="restore",
-                      block_bytes=block_bytes)
+    return engine.run(base, [delta], out, RestoreCombiner(), overwrite=overwrite,
+                      progress=progress, description="restore", block_bytes=block_bytes)

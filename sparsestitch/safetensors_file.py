@@ -17,10 +17,10 @@ import re
 import struct
 from dataclasses import dataclass
 
-import numpy as np
 
 from .dtypes import dtype as lookup_dtype
 from .errors import CheckpointError, SparsestitchError
+from .sizes import numel
 
 #: Largest header accepted, as in the reference implementation.
 MAX_HEADER_BYTES = 100 << 20
@@ -38,7 +38,7 @@ class TensorEntry:
 
     @property
     def numel(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) if self.shape else 1
+        return numel(self.shape)
 
 
 @dataclass(frozen=True)

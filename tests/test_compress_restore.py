@@ -124,16 +124,16 @@ def model_pairs(draw, float_only: bool = False):
 
 
 DENSITIES = st.sampled_from([0.0, 0.05, 0.3, 1.0]) | st.floats(0.0, 1.0)
-COMPRESS_MODULE = importlib.import_module("sparsestitch.compress")
+SELECTORS_MODULE = importlib.import_module("sparsestitch.localize.selectors")
 
 
 def global_topk_path(path: str):
     """Steer compress's global top-k: "auto"; "exact" (as if the sampled bracket missed, so
     the histogram passes run); "wide" (a bracket of every key: all elements are candidates)."""
     if path == "exact":
-        return mock.patch.object(COMPRESS_MODULE, "resolve_candidates", return_value=None)
+        return mock.patch.object(SELECTORS_MODULE, "resolve_candidates", return_value=None)
     if path == "wide":
-        return mock.patch.object(COMPRESS_MODULE, "bracket_bins", return_value=(0, 0xFFFF))
+        return mock.patch.object(SELECTORS_MODULE, "bracket_bins", return_value=(0, 0xFFFF))
     return contextlib.nullcontext()
 
 

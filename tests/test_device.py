@@ -16,7 +16,7 @@ from hypothesis import given, settings, strategies as st
 from sparsestitch.dtypes import dtype
 from sparsestitch.stitch import rule_combiner
 from sparsestitch.stitch.device import DeviceCombiner, resolve_device
-from sparsestitch.stitch.engine import Stored
+from sparsestitch.walk import Stored
 
 import sparsestitch
 
@@ -49,8 +49,8 @@ def test_torch_path_matches_numpy_bit_for_bit(seed, dt_name, count, numel, rule,
     dt, stored = _records(seed, dt_name, count, numel)
     options = {"scale": 0.7} if rule == "task-arithmetic" else {}
     cpu = rule_combiner(rule, weights[:count], count, **options)
-    want = cpu("w", dt, numel, stored)
-    got = DeviceCombiner(cpu, "cpu")("w", dt, numel, stored)
+    want = cpu.combine("w", dt, numel, stored)
+    got = DeviceCombiner(cpu, "cpu").combine("w", dt, numel, stored)
     assert np.array_equal(want[0], got[0])
     assert got[1].dtype == dt.bits
     assert np.array_equal(want[1], got[1])
@@ -59,8 +59,8 @@ def test_torch_path_matches_numpy_bit_for_bit(seed, dt_name, count, numel, rule,
 def test_other_rules_fall_back_to_numpy():
     dt, stored = _records(3, "BF16", 3, 200)
     cpu = rule_combiner("ties", None, 3, density=0.5)
-    want = cpu("w", dt, 200, stored)
-    got = DeviceCombiner(cpu, "cpu")("w", dt, 200, stored)
+    want = cpu.combine("w", dt, 200, stored)
+    got = DeviceCombiner(cpu, "cpu").combine("w", dt, 200, stored)
     assert all(np.array_equal(a, b) for a, b in zip(want, got))
 
 
@@ -133,7 +133,7 @@ def test_block_merges_on_torch_and_numpy_match_the_combiner(seed, dt_name, count
             s.base[:] = base[s.positions]
     options = {"scale": 0.7} if rule == "task-arithmetic" else {}
     combiner = rule_combiner(rule, weights[:count], count, **options)
-    positions, bits = combiner("w", dt, numel, stored)
+    positions, bits = combiner.combine("w", dt, numel, stored)
     want = base.copy()
     want[positions] = bits
     cut = min(cut, numel)

@@ -25,7 +25,7 @@ from sparsestitch.dtypes import dtype
 from sparsestitch.errors import DeltaFormatError
 from sparsestitch.localize.topk import magnitude_keys, split_bracket
 from sparsestitch.stitch import rule_combiner
-from sparsestitch.stitch.engine import Stored
+from sparsestitch.walk import Stored
 
 from .codec_checks import ALL_DTYPES, position_sets, value_pairs
 from .conftest import finetune_of, save_checkpoint, small_model

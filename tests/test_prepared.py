@@ -14,7 +14,7 @@ from hypothesis import given, settings, strategies as st
 import sparsestitch
 from sparsestitch.errors import BaseMismatchError, SparsestitchError
 
-from .test_hotswap import (Tiny, _disjoint_pair, _module_model, _setup, assert_bits, base_bits,
+from .test_live import (Tiny, _disjoint_pair, _module_model, _setup, assert_bits, base_bits,
                            bits_of, live, random_merge_case)
 from .test_rules import FLOAT_DTYPES, RULE_OPTIONS, random_bits
 from .test_stitch import load_bits, random_model, write_delta, write_model

@@ -19,7 +19,7 @@ from hypothesis import given, settings, strategies as st
 from sparsestitch.dtypes import dtype as lookup_dtype
 from sparsestitch.errors import TensorMismatchError
 from sparsestitch.stitch import RULES, rule_combiner
-from sparsestitch.stitch.engine import Stored
+from sparsestitch.walk import Stored
 
 FLOAT_DTYPES = ("BF16", "F16", "F32", "F64")
 TORCH_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32,
@@ -148,7 +148,7 @@ def sparse_merge(rule, dtype_name, base, masks, finetuned, weights=None, name=""
         stored.append(Stored(positions, tune[positions], base[positions]) if positions.size
                       else None)
     combine = rule_combiner(rule, weights, len(masks), **options)
-    positions, bits = combine(name, dt, base.size, stored)
+    positions, bits = combine.combine(name, dt, base.size, stored)
     out = base.copy()
     out[positions] = bits
     return out
@@ -194,7 +194,7 @@ def test_non_float_deltas_that_disagree_are_refused():
     a = Stored(np.array([1]), np.array([7], np.uint64), base[[1]])
     b = Stored(np.array([1, 2]), np.array([8, 9], np.uint64), base[[1, 2]])
     with pytest.raises(TensorMismatchError, match="cannot be averaged"):
-        rule_combiner("localize-stitch", None, 2)("pos", lookup_dtype("I64"), 4, [a, b])
+        rule_combiner("localize-stitch", None, 2).combine("pos", lookup_dtype("I64"), 4, [a, b])
 
 
 def test_untouched_positions_keep_base_bits_and_touched_round_once():
@@ -228,7 +228,7 @@ def test_ties_trims_per_tensor_by_magnitude_with_position_tie_break():
 @pytest.mark.parametrize("rule, options, message", [
     ("ties", {"density": 1.5}, "density"), ("ties", {"density": -0.1}, "density"),
     ("dare", {"drop": 1.0}, "drop"), ("nope", {}, "unknown rule"),
-    ("localize-stitch", {"scale": 2.0}, "takes options"),
+    ("localize-stitch", {"scale": 2.0}, "takes no options, not scale"),
 ])
 def test_bad_rules_and_options_are_refused(rule, options, message):
     base = np.zeros(3, np.float32).view(np.uint32)

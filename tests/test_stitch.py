@@ -22,7 +22,7 @@ import sparsestitch
 from sparsestitch.dtypes import dtype as lookup_dtype
 from sparsestitch.errors import BaseMismatchError, TensorMismatchError
 from sparsestitch.format import DeltaReader, DeltaWriter, Record, digest, encode_record
-from sparsestitch.stitch import RECIPE_KEY, RULES, engine, rule_combiner
+from sparsestitch.stitch import RECIPE_KEY, RULES, RuleCombiner, engine, rule_combiner
 
 from .conftest import finetune_of, save_checkpoint, small_model
 from .test_rules import (FLOAT_DTYPES, RULE_OPTIONS, random_bits, random_masks, reference_merge,
@@ -152,7 +152,7 @@ def test_stitch_matches_the_dense_reference_and_row_blocks_change_nothing(case):
         blocked = _stitch_case(Path(tmp) / "blocked", case, max_memory=64)
         assert file_bytes(blocked) == whole
         # the same blocks with whole records decoded once (the path for records that fit)
-        with mock.patch.object(engine, "_bytes_per_position", lambda combiner, dt: 0):
+        with mock.patch.object(RuleCombiner, "bytes_per_position", lambda combiner, dt: 0):
             rows = _stitch_case(Path(tmp) / "rows", case, max_memory=64)
         assert file_bytes(rows) == whole
 

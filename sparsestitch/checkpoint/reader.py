@@ -19,6 +19,7 @@ from ..atomic import recover
 from ..dtypes import dtype as lookup_dtype
 from ..errors import CheckpointError
 from ..safetensors_file import TensorEntry, read_header
+from ..sizes import row_items
 
 INDEX_NAME = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
@@ -110,11 +111,10 @@ class Checkpoint:
         located = self.locate(name)
         entry = located.entry
         bits = lookup_dtype(entry.dtype).bits
-        row_items = entry.numel // entry.shape[0] if entry.shape and entry.shape[0] else entry.numel
-        count = (stop - start) * row_items
-        out = np.empty(count, dtype=bits)
+        per_row = row_items(entry.shape)
+        out = np.empty((stop - start) * per_row, dtype=bits)
         view = memoryview(out.view(np.uint8))
-        offset = entry.start + start * row_items * bits.itemsize
+        offset = entry.start + start * per_row * bits.itemsize
         handle = self._handles[located.file]
         got = 0
         while got < len(view):

@@ -21,6 +21,7 @@ import numpy as np
 from ..atomic import atomic_path, fsync_file, output_error
 from ..dtypes import dtype as lookup_dtype
 from ..safetensors_file import encode_header
+from ..sizes import numel
 from .reader import INDEX_NAME
 
 
@@ -32,8 +33,7 @@ class OutputTensor:
 
     @property
     def nbytes(self) -> int:
-        numel = int(np.prod(self.shape, dtype=np.int64)) if self.shape else 1
-        return numel * lookup_dtype(self.dtype).itemsize
+        return numel(self.shape) * lookup_dtype(self.dtype).itemsize
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..dtypes import DType
+from ..sizes import numel as count_elements
 from ..errors import DeltaFormatError
 from .bitmap import Bitmap
 from .csr import CSR
@@ -72,8 +73,7 @@ def encode_positions(positions: np.ndarray, shape: tuple[int, ...]) -> tuple[byt
 
 def _worth_trying(codec_id: str, positions: np.ndarray, shape: tuple[int, ...]) -> bool:
     """Skip list codecs that cannot beat a bitmap (saves most of the time at high density)."""
-    numel = int(np.prod(shape, dtype=np.int64)) if shape else 1
-    bitmap_bits = numel
+    bitmap_bits = count_elements(shape)
     if codec_id == "gaps":
         return positions.size * 8 < bitmap_bits
     if codec_id in ("rice", "csr"):

@@ -11,8 +11,8 @@ import numpy as np
 
 from .. import native
 from ..errors import DeltaFormatError
+from ..sizes import numel as count_elements
 from .base import pack_stream, unpack_stream
-from .full import _numel
 
 
 @dataclass(frozen=True)
@@ -23,12 +23,12 @@ class Bitmap:
         return True
 
     def encode(self, positions: np.ndarray, shape: tuple[int, ...]) -> tuple[bytes, dict]:
-        mask = np.zeros(_numel(shape), dtype=np.uint8)
+        mask = np.zeros(count_elements(shape), dtype=np.uint8)
         mask[positions] = 1
         return pack_stream(np.packbits(mask, bitorder="little"))
 
     def decode(self, payload: bytes, config: dict, shape: tuple[int, ...], count: int) -> np.ndarray:
-        numel = _numel(shape)
+        numel = count_elements(shape)
         raw = unpack_stream(payload, config, (numel + 7) // 8)
         kernels = native.kernels()
         if kernels is not None:

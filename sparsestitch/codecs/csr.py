@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import DeltaFormatError
+from ..sizes import row_items
 from . import rice
 from .base import config_int, from_planes, pack_stream, split_streams, to_planes, unpack_stream
 
@@ -24,10 +25,10 @@ class CSR:
     codec_id: str = "csr"
 
     def applies(self, shape: tuple[int, ...], count: int) -> bool:
-        return len(shape) >= 2 and shape[0] < 1 << 32 and _cols(shape) < 1 << 32
+        return len(shape) >= 2 and shape[0] < 1 << 32 and row_items(shape) < 1 << 32
 
     def encode(self, positions: np.ndarray, shape: tuple[int, ...]) -> tuple[bytes, dict]:
-        cols = _cols(shape)
+        cols = row_items(shape)
         row_of, col_of = np.divmod(positions.astype(np.int64), cols)
         counts = np.bincount(row_of, minlength=shape[0]).astype("<u4")
         rows_stream, rows_config = pack_stream(to_planes(counts))
@@ -45,7 +46,7 @@ class CSR:
     def decode(self, payload: bytes, config: dict, shape: tuple[int, ...], count: int) -> np.ndarray:
         if len(shape) < 2:  # any 2+-d shape reads, even rows wider than encode takes on
             raise DeltaFormatError(f"csr positions need a tensor of 2+ dimensions, got shape {shape}")
-        rows, cols = shape[0], _cols(shape)
+        rows, cols = shape[0], row_items(shape)
         rows_config = config.get("rows")
         if not isinstance(rows_config, dict):
             raise DeltaFormatError("csr config lacks its 'rows' stream config")
@@ -70,7 +71,4 @@ class CSR:
         row_of = np.repeat(np.arange(rows, dtype=np.int64), counts)
         return row_of * cols + col_of
 
-
-def _cols(shape: tuple[int, ...]) -> int:
-    return int(np.prod(shape[1:], dtype=np.int64))
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import DeltaFormatError
+from ..sizes import numel
 
 
 @dataclass(frozen=True)
@@ -14,17 +15,19 @@ class AllPositions:
     codec_id: str = "all"
 
     def applies(self, shape: tuple[int, ...], count: int) -> bool:
-        return count == _numel(shape)
+        return count == numel(shape)
 
     def encode(self, positions: np.ndarray, shape: tuple[int, ...]) -> tuple[bytes, dict]:
         return b"", {}
 
     def decode(self, payload: bytes, config: dict, shape: tuple[int, ...], count: int) -> np.ndarray:
-        if count != _numel(shape) or len(payload):
-            raise DeltaFormatError(f"'all' positions need count == numel ({count} vs {_numel(shape)})"
-                                   " and no payload")
+        self.check(len(payload), shape, count)
         return np.arange(count, dtype=np.int64)
 
+    def check(self, payload_nbytes: int, shape: tuple[int, ...], count: int) -> None:
+        """A valid ``all`` record: every element, no payload (callers that treat it as dense
+        check it here instead of decoding positions)."""
+        if count != numel(shape) or payload_nbytes:
+            raise DeltaFormatError(f"'all' positions need count == numel ({count} vs {numel(shape)})"
+                                   " and no payload")
 
-def _numel(shape: tuple[int, ...]) -> int:
-    return int(np.prod(shape, dtype=np.int64)) if shape else 1

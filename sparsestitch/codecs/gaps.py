@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import DeltaFormatError
+from ..sizes import numel
 from .base import config_int, from_planes, gap_decode, gap_encode, pack_stream, to_planes, unpack_stream
 
 
@@ -33,4 +34,4 @@ class Gaps:
             raise DeltaFormatError(f"gaps width must be 4 or 8, got {width}")
         raw = unpack_stream(payload, config, count * width)
         gaps = from_planes(raw, np.dtype(f"<u{width}"), count)
-        return gap_decode(gaps, int(np.prod(shape, dtype=np.int64)) if shape else 1)
+        return gap_decode(gaps, numel(shape))

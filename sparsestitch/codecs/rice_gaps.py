@@ -13,7 +13,7 @@ import numpy as np
 
 from . import rice
 from .base import config_int, gap_decode, gap_encode, split_streams
-from .full import _numel
+from ..sizes import numel as count_elements
 
 
 @dataclass(frozen=True)
@@ -30,7 +30,7 @@ class RiceGaps:
         return unary + remainders, {"k": k, "unary_bits": unary_bits}
 
     def decode(self, payload: bytes, config: dict, shape: tuple[int, ...], count: int) -> np.ndarray:
-        numel = _numel(shape)
+        numel = count_elements(shape)
         k = rice.config_k(config)
         # Each gap contributes its quotient plus one stop bit, and gaps sum to < numel.
         unary_bits = config_int(config, "unary_bits", count, count + numel)

@@ -95,7 +95,10 @@ class TopK:
 
     Feed every chunk to :meth:`count_high`, then (if :attr:`needs_low_pass`)
     every chunk to :meth:`count_low`, then every chunk, in global order, to
-    :meth:`select`.
+    :meth:`select`.  The counting passes can also run in worker threads: each computes
+    :func:`high_histogram` / :meth:`low_histogram` of its chunks (after
+    :meth:`prepare_low_pass`, for the second pass) and the caller adds them in with
+    :meth:`add_high` / :meth:`add_low`.
 
     >>> keys = np.array([5, 1, 5, 9, 5], np.uint32)
     >>> topk = TopK(3)
@@ -113,21 +116,34 @@ class TopK:
         self._ties_left = 0
 
     def count_high(self, keys: np.ndarray) -> None:
-        self._high += np.bincount(keys >> 16, minlength=_BINS)
+        self.add_high(high_histogram(keys))
+
+    def add_high(self, histogram: np.ndarray) -> None:
+        self._high += histogram
 
     @property
     def needs_low_pass(self) -> bool:
         return 0 < self.k < int(self._high.sum())
 
-    def count_low(self, keys: np.ndarray) -> None:
+    def prepare_low_pass(self) -> None:
+        """Fix the bin the second pass looks into (after every chunk was counted high)."""
         if self._bin is None:
             self._bin, _ = _kth_bin(self._high, self.k)
             self._low = np.zeros(_BINS, dtype=np.int64)
-        if not self.needs_low_pass:
-            return
+
+    def count_low(self, keys: np.ndarray) -> None:
+        self.prepare_low_pass()
+        if self.needs_low_pass:
+            self.add_low(self.low_histogram(keys))
+
+    def low_histogram(self, keys: np.ndarray) -> np.ndarray:
+        """Counts of the low 16 bits of the keys inside the threshold's bin (after
+        :meth:`prepare_low_pass`)."""
         in_bin = keys[(keys >> 16) == self._bin]
-        if in_bin.size:
-            self._low += np.bincount(in_bin & 0xFFFF, minlength=_BINS)
+        return np.bincount(in_bin & 0xFFFF, minlength=_BINS)
+
+    def add_low(self, histogram: np.ndarray) -> None:
+        self._low += histogram
 
     def select(self, keys: np.ndarray) -> np.ndarray:
         """Flat indices (into this chunk) of the kept elements, in order."""
@@ -158,6 +174,15 @@ class TopK:
         low_bin, above_in_bin = _kth_bin(self._low, self.k - above_bin)
         self.threshold = (high_bin << 16) | low_bin
         self._ties_left = self.k - above_bin - above_in_bin
+
+
+def high_histogram(keys: np.ndarray) -> np.ndarray:
+    """Counts of the high 16 bits of ``keys`` (the first counting pass; additive).
+
+    >>> int(high_histogram(np.array([0x10000, 0x1FFFF, 5], np.uint32))[1])
+    2
+    """
+    return np.bincount(keys >> 16, minlength=_BINS)
 
 
 def _kth_bin(hist: np.ndarray, k: int) -> tuple[int, int]:

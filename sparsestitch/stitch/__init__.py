@@ -1,5 +1,6 @@
-"""Stitching: merge rules (pure functions), the combiner that applies them to decoded
-records, the streaming engine, and continual composition (:func:`stitch_add`)."""
+"""Stitching: merge rules (one registry object each), the combiner that applies them to
+decoded records, the streaming engine, devices, and continual composition
+(:func:`stitch_add`)."""
 
 from __future__ import annotations
 
@@ -10,13 +11,13 @@ from pathlib import Path
 
 from ..format import DeltaReader
 from . import engine
-from .combine import RECIPE_KEY, RuleCombiner, rule_combiner
+from .combine import RECIPE_KEY, Combiner, RuleCombiner, rule_combiner
 from .compose import COMPOSABLE_RULES, stitch_add
 from .device import DeviceCombiner, resolve_device
-from .rules import RULES, TaskVector
+from .rules import RULES, MergeRule, TaskVector, get_rule
 
-__all__ = ["RULES", "TaskVector", "stitch", "stitch_add", "rule_combiner", "RuleCombiner",
-           "RECIPE_KEY", "COMPOSABLE_RULES"]
+__all__ = ["RULES", "MergeRule", "TaskVector", "get_rule", "stitch", "stitch_add",
+           "rule_combiner", "Combiner", "RuleCombiner", "RECIPE_KEY", "COMPOSABLE_RULES"]
 
 
 def stitch(base: str | os.PathLike, deltas: Sequence[str | os.PathLike], out: str | os.PathLike, *,

@@ -1,12 +1,15 @@
-"""From one tensor's decoded delta records to its new bits, with a merge rule.
+"""From one tensor's decoded delta records to its new bits: the combiner protocol, and the
+combiner of every merge.
 
-A *combiner* (see :mod:`.engine`) turns the deltas' :class:`~.engine.Stored`
-records of one tensor into ``(positions, bits)``.  :class:`RuleCombiner` is
-the one every merge uses -- the file stitcher, hot-swap and continual
-composition -- so the three agree bit for bit: float tensors go through a rule
-of :data:`~.rules.RULES` in the wide float type and are rounded once;
-a NaN result becomes the dtype's canonical quiet NaN (:data:`CANONICAL_NAN`),
-so every device agrees; non-float tensors are never merged arithmetically (a stored position takes the
+A *combiner* (:class:`Combiner`) turns the deltas' decoded records of one tensor
+(:class:`~sparsestitch.walk.Stored`) into new bits, either as ``(positions, bits)``
+(:meth:`Combiner.combine`) or, where it says so (:meth:`Combiner.merges_blocks`), by
+merging straight into row blocks of the base (:meth:`Combiner.block_merge`).
+:class:`RuleCombiner` is the one every merge uses -- the file stitcher, hot-swap and
+continual composition -- so the three agree bit for bit: float tensors go through a
+rule of :data:`~.rules.RULES` in the wide float type and are rounded once; a NaN
+result becomes the dtype's canonical quiet NaN (:data:`CANONICAL_NAN`), so every device
+agrees; non-float tensors are never merged arithmetically (a stored position takes the
 fine-tuned bits, and deltas storing the same position must agree).
 
 A stitched output records how it was made (rule, options, weights and each
@@ -16,10 +19,10 @@ later :func:`~.compose.stitch_add` can check it continues the same merge.
 
 from __future__ import annotations
 
-import inspect
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import ClassVar, Protocol
 
 import numpy as np
 
@@ -27,31 +30,54 @@ from .. import native
 from ..dtypes import DType, from_wide, to_wide
 from ..errors import TensorMismatchError
 from ..format import DeltaReader, digest
-from .engine import Stored
-from .rules import RULES, TaskVector
-from .union import Union, union_of
+from ..walk import Stored
+from .rules import MergeRule, TaskVector, get_rule
+from .union import PositionUnion, union_of
 
 RECIPE_KEY = "sparsestitch.stitch"
-
-#: Rules whose update at a position depends only on the deltas' entries there; they
-#: change exactly the union of the stored positions.
-ELEMENTWISE_RULES = ("localize-stitch", "task-arithmetic")
 
 #: The bits a merged float element gets when the merge arithmetic yields NaN.
 CANONICAL_NAN = {"BF16": 0x7FC0, "F16": 0x7E00, "F32": 0x7FC00000, "F64": 0x7FF8000000000000}
 
+#: A block merge: called with the flat base bits of elements ``first, first + 1, ...`` (a
+#: C-contiguous array it modifies in place) and ``first``.
+BlockMergeFunction = Callable[[np.ndarray, int], None]
+
+
+class Combiner(Protocol):
+    """What the engine needs from whatever turns decoded records into new bits."""
+
+    #: Whether the engine may run merges in its reader threads (False keeps device work in
+    #: the writing thread).
+    runs_in_readers: bool
+
+    def combine(self, name: str, dt: DType, numel: int, stored: Sequence[Stored | None]
+                ) -> tuple[np.ndarray, np.ndarray]:
+        """``(sorted flat positions, new bits there)`` for one tensor."""
+
+    def merges_blocks(self, dt: DType) -> bool:
+        """Whether :meth:`block_merge` applies to tensors of this dtype."""
+
+    def block_merge(self, dt: DType, stored: Sequence[Stored | None]) -> BlockMergeFunction:
+        """The same result as :meth:`combine`, merged into row blocks in place."""
+
+    def bytes_per_position(self, dt: DType) -> int:
+        """Bytes a tensor's decoded records hold per stored position until merged (the
+        engine plans read-ahead and row blocks with it)."""
+
 
 @dataclass(frozen=True)
 class RuleCombiner:
-    """A combiner applying merge rule ``rule`` with per-delta ``weights`` and ``options``."""
+    """The combiner applying merge ``rule`` with per-delta ``weights`` and ``options``."""
 
-    rule: str
+    rule: MergeRule
     weights: tuple[float, ...]
     options: dict
+    runs_in_readers: ClassVar[bool] = True
 
-    def __call__(self, name: str, dt: DType, numel: int, stored: Sequence[Stored | None],
-                 onto: np.ndarray | None = None, union: Union | None = None
-                 ) -> tuple[np.ndarray, np.ndarray]:
+    def combine(self, name: str, dt: DType, numel: int, stored: Sequence[Stored | None],
+                onto: np.ndarray | None = None, union: PositionUnion | None = None
+                ) -> tuple[np.ndarray, np.ndarray]:
         """``(positions, new bits)`` for one tensor.
 
         ``onto`` holds the bits the update is added to at the sorted union of the
@@ -64,19 +90,18 @@ class RuleCombiner:
             return np.empty(0, np.int64), np.empty(0, dt.bits)
         nothing = np.empty(0, np.int64)
         if union is None:
-            union = union_of([nothing if s is None else s.positions for s in stored])
+            union = union_of([nothing if s is None else s.position_array() for s in stored])
         if not dt.is_float:
             return union.positions, _agreed_bits(name, present, union.positions, union.first)
         start = np.concatenate([s.base for s in present])[union.first] if onto is None else onto
         empty = TaskVector(nothing, np.empty(0, dt.wide))
-        function = RULES[self.rule][0]
-        elementwise = {"union": union} if self.rule in ELEMENTWISE_RULES else {}
+        elementwise = {"union": union} if self.rule.elementwise else {}
         with np.errstate(all="ignore"):
             vectors = [empty if s is None else
-                       TaskVector(s.positions, to_wide(s.finetuned, dt) - to_wide(s.base, dt))
+                       TaskVector(s.position_array(), to_wide(s.finetuned, dt) - to_wide(s.base, dt))
                        for s in stored]
-            positions, update = function(vectors, self.weights, name, numel, **self.options,
-                                         **elementwise)
+            positions, update = self.rule.update(vectors, self.weights, name, numel,
+                                                 **self.options, **elementwise)
             if not elementwise:  # the rule changed a subset of the union
                 start = start[np.searchsorted(union.positions, positions)]
             start_wide = to_wide(start, dt)
@@ -88,24 +113,23 @@ class RuleCombiner:
 
     def merges_blocks(self, dt: DType) -> bool:
         """Whether :meth:`block_merge` applies: elementwise rules on float tensors."""
-        return dt.is_float and self.rule in ELEMENTWISE_RULES
+        return dt.is_float and self.rule.elementwise
 
     def block_merge(self, dt: DType, stored: Sequence[Stored | None]) -> "BlockMerge":
-        """The same merge as :meth:`__call__`, applied row block by row block in place."""
+        """The same merge as :meth:`combine`, applied row block by row block in place."""
         return BlockMerge(self, dt, stored)
 
     def bytes_per_position(self, dt: DType) -> int:
-        """Bytes a tensor's decoded records hold per stored position until it is merged
-        (the engine plans its read-ahead and row blocks with it): the int64 position and
-        the fine-tuned and base bits, plus, unless the C merge runs, the wide task vector
-        and the numpy merge's temporaries."""
+        """Bytes a tensor's decoded records hold per stored position until it is merged:
+        the int64 position and the fine-tuned and base bits, plus, unless the C merge runs,
+        the wide task vector and the numpy merge's temporaries."""
         if self.merges_blocks(dt) and native.float_kernels(dt.name)[0] is not None:
             return 8 + 2 * dt.itemsize + 4
         return 32
 
     def recipe(self, readers: Sequence[DeltaReader]) -> str:
         """The metadata value describing a merge of ``readers`` with this combiner."""
-        return json.dumps({"rule": self.rule, "options": self.options,
+        return json.dumps({"rule": self.rule.name, "options": self.options,
                            "weights": list(self.weights),
                            "deltas": [delta_identity(r) for r in readers]},
                           sort_keys=True, separators=(",", ":"))
@@ -115,14 +139,14 @@ class BlockMerge:
     """An elementwise rule merged straight into base blocks, by dense accumulation.
 
     The file stitcher's fast path.  Each delta's weighted task vector is
-    scatter-added into a window-sized wide buffer, with a count of the deltas
-    covering each element; the count's nonzero elements are the union.  No sort
-    and no tensor-sized union arrays: the working set is a few window-sized
-    buffers that stay in cache, and every access runs in increasing position
-    order.  The float operations per position, and their order, are those of
-    :func:`~.rules.localize_stitch` / :func:`~.rules.task_arithmetic` through
-    :class:`RuleCombiner` (weights multiply tau, sums run in delta order, the
-    mean divides the finished sum, one rounding), so the bits are identical.
+    scatter-added into a window-sized wide buffer (added as a slice for a dense
+    record), with a count of the deltas covering each element; the count's nonzero
+    elements are the union.  No sort and no tensor-sized union arrays: the working
+    set is a few window-sized buffers that stay in cache, and every access runs in
+    increasing position order.  The float operations per position, and their order,
+    are those of the rule's reference math through :class:`RuleCombiner` (weights
+    multiply tau, sums run in delta order, the mean divides the finished sum, one
+    rounding), so the bits are identical.
     """
 
     #: Elements per accumulation window (a wide sum and a wide count each): numpy's, and
@@ -132,9 +156,10 @@ class BlockMerge:
 
     def __init__(self, combiner: RuleCombiner, dt: DType, stored: Sequence[Stored | None]):
         self.dt = dt
+        form = combiner.rule.block_form(combiner.options)
         wide = dt.wide.type
-        self.scale = wide(combiner.options.get("scale", 1.0))
-        self.counting = combiner.rule == "localize-stitch"  # the mean needs a count
+        self.scale = wide(form.scale)
+        self.counting = form.mean  # the mean needs a count
         present = [(s, w) for s, w in zip(stored, combiner.weights) if s is not None]
         # The C loop (native.py) does the same operations in one pass per record; the numpy
         # code below is its fallback and its reference.
@@ -143,12 +168,12 @@ class BlockMerge:
             self.WINDOW = self.NATIVE_WINDOW
             self.total = np.empty(self.WINDOW, dt.wide)
             self.count = np.empty(self.WINDOW, np.uint32)
-            self.records = [(np.ascontiguousarray(s.positions, np.int64),
+            self.records = [(np.ascontiguousarray(s.position_array(), np.int64),
                              np.ascontiguousarray(s.finetuned), np.ascontiguousarray(s.base),
                              float(w)) for s, w in present]
             return
         self.total = np.empty(self.WINDOW, dt.wide)
-        self.vectors = [(s.positions, _weighted_tau(s, w, dt)) for s, w in present]
+        self.vectors = [(s.positions, s.first, _weighted_tau(s, w, dt)) for s, w in present]
         self.touched = np.empty(self.WINDOW, bool)
         if self.counting:
             self.covering = np.empty(self.WINDOW, dt.wide)
@@ -168,16 +193,24 @@ class BlockMerge:
         edges[-1] = min(edges[-1], first + block.size)
         if edges.size > 1 and edges[-2] == edges[-1]:
             edges = edges[:-1]
-        cuts = [np.searchsorted(positions, edges) for positions, _ in self.vectors]
+        cuts = [None if positions is None else np.searchsorted(positions, edges)
+                for positions, _, _ in self.vectors]
         for w in range(edges.size - 1):
             start, size = int(edges[w]), int(edges[w + 1] - edges[w])
-            live = [(positions[c[w]:c[w + 1]] - start, tau[c[w]:c[w + 1]])
-                    for (positions, tau), c in zip(self.vectors, cuts) if c[w + 1] > c[w]]
+            live = []
+            for (positions, dense_first, tau), c in zip(self.vectors, cuts):
+                if positions is None:  # a dense record: the slice overlapping this window
+                    a = min(max(start - dense_first, 0), tau.size)
+                    b = min(max(start + size - dense_first, a), tau.size)
+                    if b > a:
+                        live.append((slice(dense_first + a - start, dense_first + b - start),
+                                     tau[a:b]))
+                elif c[w + 1] > c[w]:
+                    live.append((positions[c[w]:c[w + 1]] - start, tau[c[w]:c[w + 1]]))
             if live:
                 self._merge_window(block, start - first, size, live)
 
-    def _merge_window(self, block: np.ndarray, offset: int, size: int,
-                      live: list[tuple[np.ndarray, np.ndarray]]) -> None:
+    def _merge_window(self, block: np.ndarray, offset: int, size: int, live: list) -> None:
         dt = self.dt
         total, touched = self.total[:size], self.touched[:size]
         counting = self.counting
@@ -192,6 +225,13 @@ class BlockMerge:
             # element here against 2.7 for ``a[i] += v``); positions within one delta are
             # unique, so each is one addition, in delta order, exactly as in the rules.
             for index, tau in live:
+                if isinstance(index, slice):
+                    total[index] += tau
+                    if counting:
+                        covering[index] += 1
+                    else:
+                        touched[index] = True
+                    continue
                 np.add.at(total, index, tau)
                 if counting:
                     np.add.at(covering, index, self.ones[:index.size])
@@ -227,21 +267,12 @@ def rule_combiner(rule: str, weights: Sequence[float] | None, count: int,
     >>> rule_combiner("task-arithmetic", None, 2, scale=0.5).options
     {'scale': 0.5}
     """
-    try:
-        function, option_names = RULES[rule]
-    except KeyError:
-        raise ValueError(f"unknown rule {rule!r}; choose from {', '.join(RULES)}") from None
-    unknown = set(options) - set(option_names)
-    if unknown:
-        raise ValueError(f"rule {rule!r} takes options {option_names}, not {sorted(unknown)}")
+    merge_rule = get_rule(rule)
+    resolved = merge_rule.check_options(options)
     weights = [1.0] * count if weights is None else [float(w) for w in weights]
     if len(weights) != count:
         raise ValueError(f"{count} deltas but {len(weights)} weights")
-    defaults = inspect.signature(function).parameters
-    # Spelled out with defaults, so recipes of equal merges are equal.
-    resolved = {n: options.get(n, defaults[n].default) for n in option_names}
-    resolved = {n: int(v) if n == "seed" else float(v) for n, v in resolved.items()}
-    return RuleCombiner(rule, tuple(weights), resolved)
+    return RuleCombiner(merge_rule, tuple(weights), resolved)
 
 
 def delta_identity(reader: DeltaReader) -> str:
@@ -254,7 +285,8 @@ def _agreed_bits(name: str, present: Sequence[Stored], union: np.ndarray,
                  first: np.ndarray) -> np.ndarray:
     bits = np.concatenate([s.finetuned for s in present])[first]
     for stored in present:
-        if not np.array_equal(bits[np.searchsorted(union, stored.positions)], stored.finetuned):
+        if not np.array_equal(bits[np.searchsorted(union, stored.position_array())],
+                              stored.finetuned):
             raise TensorMismatchError(
                 "deltas store different values for this non-float tensor, which cannot be "
                 "averaged: merge without one of them (or exclude the tensor when compressing)",

@@ -35,11 +35,14 @@ from ..dtypes import dtype as lookup_dtype
 from ..errors import BaseMismatchError, TensorMismatchError
 from ..format import DeltaReader
 from ..progress import bar
+from ..walk import (RowBlocks, Stored, added_records, check_delta_fits, decode_tensor,
+                    output_shards)
 from . import engine
 from .combine import RECIPE_KEY, RuleCombiner, rule_combiner
-from .engine import RowBlocks, Stored
+from .rules import RULES
 
-COMPOSABLE_RULES = ("localize-stitch", "task-arithmetic")
+#: Rules whose merge can be extended one delta at a time: the elementwise ones.
+COMPOSABLE_RULES = tuple(name for name, rule in RULES.items() if rule.elementwise)
 
 
 def stitch_add(base: str | os.PathLike, deltas: Sequence[str | os.PathLike],
@@ -71,12 +74,12 @@ def stitch_add(base: str | os.PathLike, deltas: Sequence[str | os.PathLike],
         readers = [stack.enter_context(DeltaReader(p)) for p in paths]
         merged_ckpt = stack.enter_context(Checkpoint(merged))
         for reader in readers:
-            engine._check_delta_fits(base_ckpt, reader)
-        old_added = engine._added_records(readers[:-1])
-        _check_merged(merged_ckpt, engine._output_shards(base_ckpt, old_added),
+            check_delta_fits(base_ckpt, reader)
+        old_added = added_records(readers[:-1])
+        _check_merged(merged_ckpt, output_shards(base_ckpt, old_added),
                       previous.recipe(readers[:-1]))
-        added = engine._added_records(readers)
-        shards = engine._output_shards(base_ckpt, added, {RECIPE_KEY: combine.recipe(readers)})
+        added = added_records(readers)
+        shards = output_shards(base_ckpt, added, {RECIPE_KEY: combine.recipe(readers)})
         writer = CheckpointWriter(out, shards, folder=base_ckpt.is_folder,
                                   extra_files=base_ckpt.extra_files, overwrite=overwrite)
         try:
@@ -113,17 +116,18 @@ def _write_tensor(name: str, base: Checkpoint, merged: Checkpoint, readers: list
         engine.write_patched(writer, name, blocks, copy, np.empty(0, np.int64),
                              np.empty(0, dt.bits))
         return
-    stored, _ = engine.gather(base, readers, name, blocks)
-    covered = stored[-1].positions
+    stored, _ = decode_tensor(base, readers, name, blocks)
+    covered = stored[-1].position_array()
     there = [None if s is None else _restrict(s, covered) for s in stored]
-    positions, bits = combine(name, dt, entry.numel, there)
+    positions, bits = combine.combine(name, dt, entry.numel, there)
     engine.write_patched(writer, name, blocks, copy, positions, bits)
 
 
 def _restrict(stored: Stored, positions: np.ndarray) -> Stored:
     """The entries of ``stored`` at (a subset of) the sorted ``positions``."""
-    keep = np.isin(stored.positions, positions, assume_unique=True)
-    return Stored(stored.positions[keep], stored.finetuned[keep], stored.base[keep])
+    own = stored.position_array()
+    keep = np.isin(own, positions, assume_unique=True)
+    return Stored(own[keep], stored.finetuned[keep], stored.base[keep])
 
 
 def _check_same_base(name: str, readers: list[DeltaReader]) -> None:

@@ -23,8 +23,8 @@ from collections.abc import Sequence
 import numpy as np
 
 from ..dtypes import DType
+from ..walk import Stored
 from .combine import CANONICAL_NAN, RuleCombiner
-from .engine import Stored
 
 _TORCH_BITS = {1: "uint8", 2: "int16", 4: "int32", 8: "int64"}
 
@@ -58,10 +58,10 @@ class DeviceCombiner:
         self.combiner, self.device = combiner, torch.device(device)
         self._pin = self.device.type == "cuda"
 
-    def __call__(self, name: str, dt: DType, numel: int, stored: Sequence[Stored | None],
-                 onto: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def combine(self, name: str, dt: DType, numel: int, stored: Sequence[Stored | None],
+                onto: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Whatever the engine does not merge block by block: the CPU combiner's result."""
-        return self.combiner(name, dt, numel, stored, onto)
+        return self.combiner.combine(name, dt, numel, stored, onto)
 
     def merges_blocks(self, dt: DType) -> bool:
         """Elementwise rules on float tensors merge block by block on the device."""
@@ -69,6 +69,11 @@ class DeviceCombiner:
 
     def block_merge(self, dt: DType, stored: Sequence[Stored | None]) -> "DeviceBlockMerge":
         return DeviceBlockMerge(self, dt, stored)
+
+    def bytes_per_position(self, dt: DType) -> int:
+        """Host bytes per stored position until the writing thread merges it: the records'
+        positions and bits, and the pinned copies made for the transfer."""
+        return 32
 
     def _to_device(self, array: np.ndarray):
         import torch
@@ -96,8 +101,8 @@ class DeviceBlockMerge:
 
     def __init__(self, owner: DeviceCombiner, dt: DType, stored: Sequence[Stored | None]):
         self.owner, self.dt = owner, dt
-        self.rule, self.options = owner.combiner.rule, owner.combiner.options
-        self.vectors = [(s.positions, s.finetuned, s.base, w)
+        self.form = owner.combiner.rule.block_form(owner.combiner.options)
+        self.vectors = [(s.position_array(), s.finetuned, s.base, w)
                         for s, w in zip(stored, owner.combiner.weights) if s is not None]
 
     def __call__(self, block: np.ndarray, first: int) -> None:
@@ -124,10 +129,10 @@ class DeviceBlockMerge:
             touched = True
         if not touched:
             return
-        if self.rule == "localize-stitch":
+        if self.form.mean:
             update = total / torch.clamp(covering, min=1)
         else:
-            update = torch.tensor(self.options["scale"], dtype=wide, device=device) * total
+            update = torch.tensor(self.form.scale, dtype=wide, device=device) * total
         current = send(block)
         merged = _to_wide(current, dt) + update
         bits = _from_wide(merged, dt)

@@ -1,37 +1,39 @@
-"""Merge rules: pure functions from one tensor's task vectors to an update.
+"""Merge rules: one object each, in one registry (:data:`RULES`).
 
-Every rule is called as ``rule(vectors, weights, name, numel, **options)`` and
-receives one :class:`TaskVector` per delta for one tensor (sorted flat
-``positions`` and ``tau`` = wide(fine-tuned) - wide(base) there, in the wide
-float type; empty for a delta that leaves the tensor alone, so ``vectors[i]``
-is always delta ``i``) plus per-delta ``weights``, and returns
-``(positions, update)``: the sorted positions the merge changes and the amount
-added to the base there, in the wide type.  Positions it does not return keep
-the base's bits exactly; the engine computes ``round(wide(base) + update)``
-once per position.
+A rule owns its *reference math*: :meth:`MergeRule.update` takes one
+:class:`TaskVector` per delta for one tensor (sorted flat ``positions`` and
+``tau`` = wide(fine-tuned) - wide(base) there, in the wide float type; empty for a
+delta that leaves the tensor alone, so ``vectors[i]`` is always delta ``i``), the
+per-delta ``weights`` and the rule's options, and returns ``(positions, update)``:
+the sorted positions the merge changes and the amount added to the base there, in
+the wide type.  Positions it does not return keep the base's bits exactly; the
+combiner computes ``round(wide(base) + update)`` once per position.
 
-The order of the float operations is part of each rule's contract (results
-depend on it, and the stitcher, hot-swap and continual composition must agree
-bit for bit): weights multiply ``tau`` first, sums run over the deltas in list
-order, and a mean divides the finished sum.  Localize-and-Stitch and task
-arithmetic are elementwise: the update at a position depends only on the
-deltas' entries there.
+A rule also declares what the engine may do faster: ``elementwise`` rules (the update
+at a position depends only on the deltas' entries there) change exactly the union of
+the stored positions, can be merged block by block with dense accumulation
+(:meth:`MergeRule.block_form`, run by the numpy, C and torch block kernels in
+:mod:`.combine` and :mod:`.device`) and extended one delta at a time
+(:func:`~.compose.stitch_add`).  The engine asks the rule, never its name.
 
-Elementwise rules also accept ``union`` (a :class:`Union` of exactly the
-vectors' positions) so a caller that already has it saves a sort.
+The order of the float operations is part of each rule's contract (results depend
+on it, and the stitcher, hot-swap and continual composition must agree bit for
+bit): weights multiply ``tau`` first, sums run over the deltas in list order, and a
+mean divides the finished sum.
 
-Adding a rule is one function plus one entry in :data:`RULES`.
+Adding a rule is one class here and one entry in :data:`RULES`.
 """
 
 from __future__ import annotations
 
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 
-from .union import Union, union_of
+from .union import PositionUnion, union_of
 
 
 @dataclass(frozen=True)
@@ -40,7 +42,49 @@ class TaskVector:
     tau: np.ndarray         # wide float values at those positions
 
 
-def _union(vectors: Sequence[TaskVector], union: Union | None = None
+@dataclass(frozen=True)
+class BlockForm:
+    """How an elementwise rule turns the weighted sum of task vectors at a position into its
+    update: divided by the number of deltas covering it (``mean``), times ``scale``."""
+
+    mean: bool
+    scale: float
+
+
+class MergeRule:
+    """The interface every rule implements (see the module docstring)."""
+
+    name: ClassVar[str]
+    #: Option names and their defaults.
+    defaults: ClassVar[dict[str, float]] = {}
+    #: The update at a position depends only on the deltas' entries there.
+    elementwise: ClassVar[bool] = False
+
+    def update(self, vectors: Sequence[TaskVector], weights: Sequence[float], name: str = "",
+               numel: int | None = None, union: PositionUnion | None = None, **options
+               ) -> tuple[np.ndarray, np.ndarray]:
+        """The reference math: ``(positions changed, update there)``."""
+        raise NotImplementedError
+
+    def block_form(self, options: dict) -> BlockForm:
+        """For elementwise rules: the form the block kernels compute."""
+        raise TypeError(f"rule {self.name!r} is not elementwise")
+
+    def check_options(self, options: dict) -> dict:
+        """``options`` with every default spelled out (so recipes of equal merges are equal),
+        each checked; raises ValueError naming the rule and the option."""
+        unknown = sorted(set(options) - set(self.defaults))
+        if unknown:
+            takes = ", ".join(self.defaults) or "no options"
+            raise ValueError(f"rule {self.name!r} takes {takes}, not {', '.join(unknown)}")
+        resolved = {}
+        for key, default in self.defaults.items():
+            value = options.get(key, default)
+            resolved[key] = int(value) if isinstance(default, int) else float(value)
+        return resolved
+
+
+def _union(vectors: Sequence[TaskVector], union: PositionUnion | None = None
            ) -> tuple[np.ndarray, list[np.ndarray]]:
     """Sorted union of all positions, and each vector's indices into it (``union``, when
     given, must be the union of exactly these vectors' positions)."""
@@ -54,9 +98,14 @@ def _wide(vectors: Sequence[TaskVector]) -> np.dtype:
     return vectors[0].tau.dtype if vectors else np.dtype(np.float32)
 
 
-def localize_stitch(vectors: Sequence[TaskVector], weights: Sequence[float], name: str = "",
-                    numel: int | None = None, union: Union | None = None
-                    ) -> tuple[np.ndarray, np.ndarray]:
+def _weighted_sum(vectors, weights, union, where, wide) -> np.ndarray:
+    total = np.zeros(union.size, wide)
+    for vector, index, weight in zip(vectors, where, weights):
+        total[index] += wide.type(weight) * vector.tau
+    return total
+
+
+class LocalizeStitch(MergeRule):
     """Localize-and-Stitch: where deltas overlap, average their (weighted) task vectors.
 
     ``update = (sum_i m_i w_i tau_i) / (sum_i m_i)`` over the deltas ``i`` whose mask
@@ -64,39 +113,48 @@ def localize_stitch(vectors: Sequence[TaskVector], weights: Sequence[float], nam
 
     >>> a = TaskVector(np.array([0, 1]), np.array([2.0, 4.0], np.float32))
     >>> b = TaskVector(np.array([1, 2]), np.array([6.0, 8.0], np.float32))
-    >>> localize_stitch([a, b], [1.0, 1.0])[1].tolist()
+    >>> LocalizeStitch().update([a, b], [1.0, 1.0])[1].tolist()
     [2.0, 5.0, 8.0]
     """
-    union, where = _union(vectors, union)
-    wide = _wide(vectors)
-    total = np.zeros(union.size, wide)
-    covering = np.zeros(union.size, wide)
-    for vector, index, weight in zip(vectors, where, weights):
-        total[index] += wide.type(weight) * vector.tau
-        covering[index] += 1
-    return union, total / np.maximum(covering, 1)
+
+    name = "localize-stitch"
+    elementwise = True
+
+    def update(self, vectors, weights, name="", numel=None, union=None, **options):
+        union, where = _union(vectors, union)
+        wide = _wide(vectors)
+        total = _weighted_sum(vectors, weights, union, where, wide)
+        covering = np.zeros(union.size, wide)
+        for index in where:
+            covering[index] += 1
+        return union, total / np.maximum(covering, 1)
+
+    def block_form(self, options: dict) -> BlockForm:
+        return BlockForm(mean=True, scale=1.0)
 
 
-def task_arithmetic(vectors: Sequence[TaskVector], weights: Sequence[float], name: str = "",
-                    numel: int | None = None, scale: float = 1.0, union: Union | None = None
-                    ) -> tuple[np.ndarray, np.ndarray]:
+class TaskArithmetic(MergeRule):
     """Task arithmetic: ``update = scale * (sum_i w_i tau_i)``.
 
     >>> a = TaskVector(np.array([0, 1]), np.array([2.0, 4.0], np.float32))
-    >>> task_arithmetic([a, a], [1.0, 1.0], scale=0.5)[1].tolist()
+    >>> TaskArithmetic().update([a, a], [1.0, 1.0], scale=0.5)[1].tolist()
     [2.0, 4.0]
     """
-    union, where = _union(vectors, union)
-    wide = _wide(vectors)
-    total = np.zeros(union.size, wide)
-    for vector, index, weight in zip(vectors, where, weights):
-        total[index] += wide.type(weight) * vector.tau
-    return union, wide.type(scale) * total
+
+    name = "task-arithmetic"
+    defaults = {"scale": 1.0}
+    elementwise = True
+
+    def update(self, vectors, weights, name="", numel=None, union=None, scale=1.0):
+        union, where = _union(vectors, union)
+        wide = _wide(vectors)
+        return union, wide.type(scale) * _weighted_sum(vectors, weights, union, where, wide)
+
+    def block_form(self, options: dict) -> BlockForm:
+        return BlockForm(mean=False, scale=float(options["scale"]))
 
 
-def ties(vectors: Sequence[TaskVector], weights: Sequence[float], name: str = "",
-         numel: int | None = None, density: float = 0.2, scale: float = 1.0
-         ) -> tuple[np.ndarray, np.ndarray]:
+class Ties(MergeRule):
     """TIES-merging: trim each weighted task vector ``w_i tau_i`` to its
     ``round(density * numel)`` largest magnitudes in this tensor (equal magnitudes:
     lower position first), elect a sign per position from the sum of the trimmed
@@ -106,40 +164,48 @@ def ties(vectors: Sequence[TaskVector], weights: Sequence[float], name: str = ""
 
     >>> a = TaskVector(np.array([0, 1]), np.array([2.0, -4.0], np.float32))
     >>> b = TaskVector(np.array([0, 1]), np.array([-1.0, -2.0], np.float32))
-    >>> ties([a, b], [1.0, 1.0], numel=2, density=1.0)[1].tolist()
+    >>> Ties().update([a, b], [1.0, 1.0], numel=2, density=1.0)[1].tolist()
     [2.0, -3.0]
     """
-    if not 0.0 <= density <= 1.0:
-        raise ValueError(f"density must be within [0, 1], got {density}")
-    wide = _wide(vectors)
-    trimmed = []
-    for vector, weight in zip(vectors, weights):
-        limit = vector.tau.size if numel is None else int(np.floor(density * numel + 0.5))
-        tau = wide.type(weight) * vector.tau
-        if limit < tau.size:
-            order = np.lexsort((vector.positions, -np.abs(tau)))[:limit]
-            keep = np.sort(order)
-            trimmed.append(TaskVector(vector.positions[keep], tau[keep]))
-        else:
-            trimmed.append(TaskVector(vector.positions, tau))
-    union, where = _union(trimmed)
-    summed = np.zeros(union.size, wide)
-    for vector, index in zip(trimmed, where):
-        summed[index] += vector.tau
-    elected = np.sign(summed)
-    agreeing_total = np.zeros(union.size, wide)
-    agreeing = np.zeros(union.size, wide)
-    for vector, index in zip(trimmed, where):
-        agree = (np.sign(vector.tau) == elected[index]) & (vector.tau != 0)
-        agreeing_total[index[agree]] += vector.tau[agree]
-        agreeing[index[agree]] += 1
-    touched = agreeing > 0
-    return union[touched], wide.type(scale) * (agreeing_total[touched] / agreeing[touched])
+
+    name = "ties"
+    defaults = {"density": 0.2, "scale": 1.0}
+
+    def check_options(self, options: dict) -> dict:
+        resolved = super().check_options(options)
+        if not 0.0 <= resolved["density"] <= 1.0:
+            raise ValueError(f"TIES density (the fraction of each tensor kept) must be within "
+                             f"[0, 1], got {resolved['density']}")
+        return resolved
+
+    def update(self, vectors, weights, name="", numel=None, union=None, density=0.2, scale=1.0):
+        wide = _wide(vectors)
+        trimmed = []
+        for vector, weight in zip(vectors, weights):
+            limit = vector.tau.size if numel is None else int(np.floor(density * numel + 0.5))
+            tau = wide.type(weight) * vector.tau
+            if limit < tau.size:
+                order = np.lexsort((vector.positions, -np.abs(tau)))[:limit]
+                keep = np.sort(order)
+                trimmed.append(TaskVector(vector.positions[keep], tau[keep]))
+            else:
+                trimmed.append(TaskVector(vector.positions, tau))
+        union, where = _union(trimmed)
+        summed = np.zeros(union.size, wide)
+        for vector, index in zip(trimmed, where):
+            summed[index] += vector.tau
+        elected = np.sign(summed)
+        agreeing_total = np.zeros(union.size, wide)
+        agreeing = np.zeros(union.size, wide)
+        for vector, index in zip(trimmed, where):
+            agree = (np.sign(vector.tau) == elected[index]) & (vector.tau != 0)
+            agreeing_total[index[agree]] += vector.tau[agree]
+            agreeing[index[agree]] += 1
+        touched = agreeing > 0
+        return union[touched], wide.type(scale) * (agreeing_total[touched] / agreeing[touched])
 
 
-def dare(vectors: Sequence[TaskVector], weights: Sequence[float], name: str = "",
-         numel: int | None = None, drop: float = 0.9, seed: int = 0, scale: float = 1.0
-         ) -> tuple[np.ndarray, np.ndarray]:
+class Dare(MergeRule):
     """DARE: drop each stored entry with probability ``drop``, divide the survivors'
     ``tau`` by ``1 - drop``, then task arithmetic with ``scale``.
 
@@ -150,27 +216,44 @@ def dare(vectors: Sequence[TaskVector], weights: Sequence[float], name: str = ""
     the list and its record -- not on row blocks, devices or the other deltas.
 
     >>> a = TaskVector(np.arange(4), np.ones(4, np.float32))
-    >>> dare([a], [1.0], "w", drop=0.0)[1].tolist()
+    >>> Dare().update([a], [1.0], "w", drop=0.0)[1].tolist()
     [1.0, 1.0, 1.0, 1.0]
     """
-    if not 0.0 <= drop < 1.0:
-        raise ValueError(f"drop must be within [0, 1), got {drop}")
-    wide = _wide(vectors)
-    survivors = []
-    for i, vector in enumerate(vectors):
-        rng = np.random.default_rng([seed, i, zlib.crc32(name.encode("utf-8"))])
-        keep = rng.random(vector.tau.size) >= drop
-        survivors.append(TaskVector(vector.positions[keep],
-                                    vector.tau[keep] / wide.type(1.0 - drop)))
-    return task_arithmetic(survivors, weights, name, numel, scale=scale)
+
+    name = "dare"
+    defaults = {"drop": 0.9, "seed": 0, "scale": 1.0}
+
+    def check_options(self, options: dict) -> dict:
+        resolved = super().check_options(options)
+        if not 0.0 <= resolved["drop"] < 1.0:
+            raise ValueError(f"DARE drop (the probability of dropping an entry) must be within "
+                             f"[0, 1), got {resolved['drop']}")
+        return resolved
+
+    def update(self, vectors, weights, name="", numel=None, union=None, drop=0.9, seed=0,
+               scale=1.0):
+        wide = _wide(vectors)
+        survivors = []
+        for i, vector in enumerate(vectors):
+            rng = np.random.default_rng([seed, i, zlib.crc32(name.encode("utf-8"))])
+            keep = rng.random(vector.tau.size) >= drop
+            survivors.append(TaskVector(vector.positions[keep],
+                                        vector.tau[keep] / wide.type(1.0 - drop)))
+        return TaskArithmetic().update(survivors, weights, name, numel, scale=scale)
 
 
-RuleFunction = Callable[..., tuple[np.ndarray, np.ndarray]]
+#: Every merge rule by name.
+RULES: dict[str, MergeRule] = {rule.name: rule for rule in
+                               (LocalizeStitch(), TaskArithmetic(), Ties(), Dare())}
 
-#: Rule name -> (function, names of its options).
-RULES: dict[str, tuple[RuleFunction, tuple[str, ...]]] = {
-    "localize-stitch": (localize_stitch, ()),
-    "task-arithmetic": (task_arithmetic, ("scale",)),
-    "ties": (ties, ("density", "scale")),
-    "dare": (dare, ("drop", "seed", "scale")),
-}
+
+def get_rule(name: str) -> MergeRule:
+    """The rule called ``name``; a ValueError lists the known ones.
+
+    >>> get_rule("ties").defaults
+    {'density': 0.2, 'scale': 1.0}
+    """
+    try:
+        return RULES[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown rule {name!r}; choose from {', '.join(RULES)}") from None

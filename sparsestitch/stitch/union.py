@@ -2,7 +2,7 @@
 
 Every elementwise merge starts here: the union is the set of positions the merge
 changes, and ``where[i]`` lets delta ``i``'s values be scatter-added into arrays
-over the union.  Two exact methods give the same :class:`Union`; :func:`union_of`
+over the union.  Two exact methods give the same :class:`PositionUnion`; :func:`union_of`
 picks the cheaper one from the counts alone:
 
 * **marks** (dense unions, the common case when many deltas overlap a tensor):
@@ -34,7 +34,7 @@ MARKS_WINDOW = 1 << 18
 
 
 @dataclass(frozen=True)
-class Union:
+class PositionUnion:
     """The sorted union of several sorted position arrays."""
 
     positions: np.ndarray        # sorted unique int64
@@ -42,7 +42,7 @@ class Union:
     where: list[np.ndarray]      # per input array, the index of each of its positions in the union
 
 
-def union_of(arrays: Sequence[np.ndarray]) -> Union:
+def union_of(arrays: Sequence[np.ndarray]) -> PositionUnion:
     """Union of sorted, duplicate-free position arrays (the method is picked by size).
 
     >>> u = union_of([np.array([1, 4]), np.array([0, 4, 9])])
@@ -61,7 +61,7 @@ def union_of(arrays: Sequence[np.ndarray]) -> Union:
     return sorted_union(arrays)
 
 
-def sorted_union(arrays: Sequence[np.ndarray]) -> Union:
+def sorted_union(arrays: Sequence[np.ndarray]) -> PositionUnion:
     """Union of sorted position arrays, found with one stable sort (it merges the sorted
     runs).
 
@@ -70,7 +70,7 @@ def sorted_union(arrays: Sequence[np.ndarray]) -> Union:
     ([0, 1, 4, 9], [2, 0, 1, 4], [[1, 2], [0, 2, 3]])
     """
     if not arrays:
-        return Union(np.empty(0, np.int64), np.empty(0, np.int64), [])
+        return PositionUnion(np.empty(0, np.int64), np.empty(0, np.int64), [])
     merged = np.concatenate(arrays).astype(np.int64, copy=False)
     order = np.argsort(merged, kind="stable")
     ordered = merged[order]
@@ -79,10 +79,10 @@ def sorted_union(arrays: Sequence[np.ndarray]) -> Union:
     slot = np.empty(merged.size, dtype=np.int64)
     slot[order] = np.cumsum(first_of_run) - 1
     where = np.split(slot, np.cumsum([a.size for a in arrays])[:-1])
-    return Union(ordered[first_of_run], order[first_of_run], where)
+    return PositionUnion(ordered[first_of_run], order[first_of_run], where)
 
 
-def marks_union(arrays: Sequence[np.ndarray], window: int = MARKS_WINDOW) -> Union:
+def marks_union(arrays: Sequence[np.ndarray], window: int = MARKS_WINDOW) -> PositionUnion:
     """Union of sorted, duplicate-free position arrays by marking them window by window
     (see the module docstring); the same result as :func:`sorted_union`.
 
@@ -117,16 +117,16 @@ def marks_union(arrays: Sequence[np.ndarray], window: int = MARKS_WINDOW) -> Uni
         union_pieces.append(members + start)
         found += members.size
     where = [np.concatenate(p) if p else np.empty(0, np.int64) for p in where_pieces]
-    return Union(np.concatenate(union_pieces), _first_from_where(where, found), where)
+    return PositionUnion(np.concatenate(union_pieces), _first_from_where(where, found), where)
 
 
-def _single(arrays: list[np.ndarray], nonempty: list[int]) -> Union:
+def _single(arrays: list[np.ndarray], nonempty: list[int]) -> PositionUnion:
     """The union when at most one array has positions: that array itself."""
     where = [np.arange(a.size, dtype=np.int64) for a in arrays]
     if not nonempty:
-        return Union(np.empty(0, np.int64), np.empty(0, np.int64), where)
+        return PositionUnion(np.empty(0, np.int64), np.empty(0, np.int64), where)
     positions = arrays[nonempty[0]]
-    return Union(positions, np.arange(positions.size, dtype=np.int64), where)
+    return PositionUnion(positions, np.arange(positions.size, dtype=np.int64), where)
 
 
 def _first_from_where(where: Sequence[np.ndarray], size: int) -> np.ndarray:

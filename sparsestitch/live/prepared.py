@@ -1,6 +1,6 @@
 """Prepared hot-swap: decode a skill once, then switch it on and off in milliseconds.
 
-:func:`~sparsestitch.hotswap.apply` reads, checks and decodes the delta files and
+:func:`~sparsestitch.live.apply` reads, checks and decodes the delta files and
 runs the merge rule every time.  A server that switches a resident model between
 skills does that work once per skill with :func:`prepare`: it applies the deltas
 once, records for every tensor the positions changed, the bits there before
@@ -31,17 +31,21 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import BaseMismatchError, SparsestitchError
-from .format import DeltaReader
-from .stitch.combine import ELEMENTWISE_RULES
-from .stitch.union import union_of
-from .hotswap import Patch, _Entry, _Live, _named_tensors
-from .hotswap import apply as apply_from_files
+from ..errors import BaseMismatchError, SparsestitchError
+from ..format import DeltaReader
+from ..stitch.rules import get_rule
+from ..stitch.union import union_of
+from ..walk import stored_positions
+from .patch import Patch
+from .patch import apply as apply_from_files
+from .tensors import LiveTensor, named_tensors
 
 
 @dataclass(frozen=True)
-class _Prepared:
-    live: _Live
+class PreparedTensor:
+    """One tensor of a prepared patch: where it changes, and the bits before and after."""
+
+    live: LiveTensor
     positions: object   # torch flat positions (int32 in host memory for CUDA tensors)
     expected: object    # torch bits there before the patch
     new: object         # torch bits there after it
@@ -52,7 +56,7 @@ class _Prepared:
 class PreparedPatch:
     """Deltas decoded and merged for one model, ready to :meth:`apply` and revert fast."""
 
-    def __init__(self, entries: list[_Prepared]):
+    def __init__(self, entries: list[PreparedTensor]):
         self._entries = entries
 
     @property
@@ -74,15 +78,15 @@ class PreparedPatch:
 
     def apply(self, model) -> Patch:
         """Switch the skill on in ``model`` (the one given to :func:`prepare`); returns the
-        :class:`~sparsestitch.hotswap.Patch` whose ``revert()`` switches it off."""
+        :class:`~sparsestitch.live.Patch` whose ``revert()`` switches it off."""
         import torch
 
-        tensors = _named_tensors(model)
+        tensors = named_tensors(model)
         staged = []
         for entry in self._entries:
             live = entry.live
             tensor = tensors.get(live.name)
-            if tensor is None or _Live(live.name, tensor, live.dt).key != live.key:
+            if tensor is None or LiveTensor(live.name, tensor, live.dt).key != live.key:
                 raise SparsestitchError("the model's tensor is not the one this patch was "
                                         "prepared for (replaced or moved since): prepare again",
                                         tensor=live.name)
@@ -105,16 +109,8 @@ class PreparedPatch:
                                         "since it was prepared (another patch applied over it, "
                                         "or the weights were modified): revert that, or prepare "
                                         "again", tensor=live.name)
-        patch = Patch()
-        try:
-            for live, positions, expected, new, _ in staged:
-                live.scatter(positions, new)
-                patch._entries[live.key] = _Entry(live, positions, expected)
-        except BaseException:
-            patch._undo()
-            raise
-        patch._register()
-        return patch
+        return Patch.scatter([(live, positions, expected, new)
+                              for live, positions, expected, new, _ in staged])
 
 
 def prepare(model, deltas: str | os.PathLike | Sequence[str | os.PathLike], *,
@@ -123,7 +119,7 @@ def prepare(model, deltas: str | os.PathLike | Sequence[str | os.PathLike], *,
             **rule_options) -> PreparedPatch:
     """Decode and merge ``deltas`` for ``model`` once; :meth:`PreparedPatch.apply` is then fast.
 
-    Arguments are those of :func:`~sparsestitch.hotswap.apply` (the same checks run,
+    Arguments are those of :func:`~sparsestitch.live.apply` (the same checks run,
     once, and the result is bit-identical).  The model is left as it was.  The prepared
     arrays live in pinned host memory for CUDA tensors (fast, asynchronous copies), in
     ordinary memory for CPU tensors, or on the tensors' device with ``resident=True``
@@ -139,13 +135,13 @@ def prepare(model, deltas: str | os.PathLike | Sequence[str | os.PathLike], *,
                              added=added, **rule_options)
     try:
         changed = [(entry.live, entry.positions, entry.originals, entry.live.take(entry.positions))
-                   for entry in patch._entries.values()]
+                   for entry in patch.entries]
     finally:
         patch.revert()
     paths = [deltas] if isinstance(deltas, (str, os.PathLike)) else list(deltas)
     with contextlib.ExitStack() as stack:
         # Elementwise rules change exactly the stored positions: nothing else to guard.
-        readers = ([] if rule in ELEMENTWISE_RULES else
+        readers = ([] if get_rule(rule).elementwise else
                    [stack.enter_context(DeltaReader(p)) for p in paths])
         entries = []
         for live, positions, expected, new in changed:
@@ -163,14 +159,19 @@ def prepare(model, deltas: str | os.PathLike | Sequence[str | os.PathLike], *,
                 arrays[3] = None if guard is None else guard.to(torch.int32)
             if not resident:
                 arrays = [None if a is None else _host(a) for a in arrays]
-            entries.append(_Prepared(live, *arrays))
+            entries.append(PreparedTensor(live, *arrays))
     return PreparedPatch(entries)
 
 
 def _stored_positions(readers: Sequence[DeltaReader], name: str) -> np.ndarray:
     """Sorted union of the flat positions the deltas store for tensor ``name``."""
-    arrays = [reader.positions(record) for reader in readers
-              if (record := reader.record(name)) is not None and record.kind == "sparse"]
+    arrays = []
+    for reader in readers:
+        record = reader.record(name)
+        if record is not None and record.kind == "sparse":
+            positions = stored_positions(reader, record)
+            arrays.append(np.arange(record.numel, dtype=np.int64) if positions is None
+                          else positions)
     return union_of(arrays).positions
 
 

@@ -1,4 +1,4 @@
-"""Inspect and verify delta files."""
+"""Describe and verify delta files: what each record stores, and whether it all checks out."""
 
 from __future__ import annotations
 
@@ -9,9 +9,12 @@ from pathlib import Path
 import numpy as np
 
 from .checkpoint import Checkpoint
-from .errors import BaseMismatchError
-from .format import DeltaReader, Record, digest
-from .stitch.engine import _check_delta_fits
+from .dtypes import dtype as lookup_dtype
+from .format import DeltaReader, Record
+from .walk import RowBlocks, check_delta_fits, decode_tensor
+
+#: Bytes of a base tensor read at a time by :func:`verify`.
+VERIFY_BLOCK_BYTES = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -49,8 +52,7 @@ class DeltaInfo:
     @property
     def dense_bytes(self) -> int:
         """Size of the full fine-tuned tensors this delta describes."""
-        from .dtypes import dtype
-        return sum(t.numel * dtype(t.dtype).itemsize for t in self.tensors)
+        return sum(t.numel * lookup_dtype(t.dtype).itemsize for t in self.tensors)
 
     @property
     def bits_per_kept(self) -> float:
@@ -74,30 +76,26 @@ def verify(delta: str | os.PathLike, base: str | os.PathLike | None = None) -> D
     Raises a :class:`~sparsestitch.errors.SparsestitchError` naming file and tensor.
     """
     with DeltaReader(delta) as reader:
-        ckpt = Checkpoint(base) if base is not None else None
-        try:
-            if ckpt is not None:
-                _check_delta_fits(ckpt, reader)
+        if base is None:
             for record in reader.records:
-                base_bits = None
-                if ckpt is not None and record.kind != "added":
-                    base_bits = ckpt.read(record.name)
-                    if digest(base_bits) != record.base_xxh3:
-                        raise BaseMismatchError("base tensor differs from the delta's base",
-                                                path=reader.path, tensor=record.name)
-                if record.kind == "base":
-                    continue
-                if base_bits is None and record.kind != "added":
+                if record.kind == "added":
+                    reader.decode(record, None)
+                elif record.kind == "sparse":
                     # Without the base, decode against zeros at the kept positions: checks
                     # structure and sizes, allocating for the payload, not the declared shape.
                     payload = reader.payload(record)
                     kept = reader.positions(record, payload)
                     reader.values(record, np.zeros(kept.size, record.dt.bits), payload)
-                    continue
-                reader.decode(record, base_bits)
-        finally:
-            if ckpt is not None:
-                ckpt.close()
+        else:
+            with Checkpoint(base) as ckpt:
+                check_delta_fits(ckpt, reader)
+                for record in reader.records:
+                    if record.kind == "added":
+                        reader.decode(record, None)
+                        continue
+                    # Hashes the base tensor block by block, checks it, decodes the record.
+                    blocks = RowBlocks.of(record.shape, record.dt.itemsize, VERIFY_BLOCK_BYTES)
+                    decode_tensor(ckpt, [reader], record.name, blocks)
         return DeltaInfo(reader.path, reader.file_size, reader.header,
                          [_tensor_info(r) for r in reader.records])
 

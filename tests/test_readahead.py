@@ -7,11 +7,11 @@ import threading
 
 import pytest
 
-from sparsestitch.pipeline import in_order as _pipelined
+from sparsestitch.readahead import in_order as in_order
 
 
 def run(names, sizes, budget, fail_at=None):
-    """Drive ``_pipelined``; record which tensors were being prepared while each was finished."""
+    """Drive ``in_order``; record which tensors were being prepared while each was finished."""
     prepared, overlaps, lock = [], {}, threading.Lock()
 
     def prepare(name):
@@ -22,7 +22,7 @@ def run(names, sizes, budget, fail_at=None):
         return name
 
     out = []
-    for name, finish in _pipelined(names, prepare, sizes.__getitem__, budget=budget):
+    for name, finish in in_order(names, prepare, sizes.__getitem__, budget=budget):
         assert finish == name
         out.append(name)
         overlaps[name] = list(prepared)
@@ -55,16 +55,16 @@ def test_an_error_while_preparing_reaches_the_caller_and_nothing_after_it_is_pre
 
 def test_stopping_early_stops_the_reader():
     prepared = []
-    tensors = _pipelined(["a", "b", "c", "d"], lambda n: prepared.append(n) or n,
+    tensors = in_order(["a", "b", "c", "d"], lambda n: prepared.append(n) or n,
                          lambda n: 1, budget=2)   # at most two tensors held
     assert next(tensors)[0] == "a"
     tensors.close()
     assert prepared in (["a"], ["a", "b"])
-    assert list(_pipelined([], None, None, budget=1)) == []
+    assert list(in_order([], None, None, budget=1)) == []
 
 
 def test_no_workers_prepares_in_the_callers_thread():
     threads = []
-    out = [name for name, _ in _pipelined(["a", "b"], lambda n: threads.append(
+    out = [name for name, _ in in_order(["a", "b"], lambda n: threads.append(
         threading.current_thread()) or n, lambda n: 1, budget=1, workers=0)]
     assert out == ["a", "b"] and threads == [threading.main_thread()] * 2

@@ -1,0 +1,255 @@
+"""Hot-swap: patch a live model's tensors in place with deltas, and revert them bit for bit.
+
+:func:`apply` merges deltas into a model's parameters and buffers (or a dict
+of tensors) where they live, CPU or CUDA, with the same combiner as
+:func:`~sparsestitch.stitch.stitch`: the model ends up bit-identical to
+stitching the same deltas to a file and loading it.  Only stored positions are
+touched, and the values there are saved first, so :meth:`Patch.revert` puts
+the model back exactly.  Positions are decoded on the CPU by the codecs (through
+:mod:`sparsestitch.walk`); gathering and writing values happen on the tensor's
+device, with the positions moved there once per tensor.
+
+Patches stack.  A patch applied over another one adds its update to the
+current values (``round(wide(current) + update)``, with ``update`` computed
+from the *base* values, which are known from the lower patch's saved values);
+where the lower patch did not touch a position that is exactly the stitched
+result.  Patches revert last-in, first-out: reverting one that a later, still
+active patch overlaps raises, and reverting twice does nothing.  A patch that
+is dropped without being reverted stays in the model for good.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import SparsestitchError
+from ..format import DeltaReader
+from ..stitch.combine import RuleCombiner, rule_combiner
+from ..stitch.union import union_of
+from ..walk import BaseHash, Stored, decode_at, stored_positions
+from .tensors import LiveTensor, match_records, named_tensors
+
+#: Live tensor identity -> the active patches over it, oldest first.
+_ACTIVE: dict[tuple, list[weakref.ref]] = {}
+
+#: What a live tensor that is not the deltas' base means, in the user's terms.
+_NOT_THE_BASE = ("the model's tensor differs from the base the delta was made from: this "
+                 "delta belongs to another model (or the model was changed)")
+
+
+def apply(model, deltas: str | os.PathLike | Sequence[str | os.PathLike], *,
+          rule: str = "localize-stitch", weights: Sequence[float] | None = None,
+          verify_base: bool = True, added: str = "error", **rule_options) -> "Patch":
+    """Merge ``deltas`` into ``model`` (a ``torch.nn.Module`` or a dict of tensors) in place.
+
+    Rules, weights and options are those of :func:`~sparsestitch.stitch.stitch`, with
+    bit-identical results.  Every tensor the deltas describe must be in the model under
+    the same name, shape and dtype (model tensors they do not describe are left alone).
+    With ``verify_base`` (the default) each of those tensors is also hashed and compared
+    with the base checksum the deltas recorded: one pass over their bytes on the CPU
+    (xxh3, several GB/s), plus a device-to-host copy for CUDA tensors -- skip it only for
+    a model known to be the deltas' base.  Any mismatch raises before a tensor is
+    modified.  Tensors a delta adds (the base lacks) cannot be created in a live model:
+    ``added="error"`` refuses such deltas, ``"skip"`` ignores those tensors.
+
+    Returns a :class:`Patch`; ``patch.revert()`` (or leaving a ``with`` block) restores
+    the original values bit for bit.
+
+    >>> with apply(model, "math.delta"):  # doctest: +SKIP
+    ...     answer = model(question)
+    """
+    paths = [deltas] if isinstance(deltas, (str, os.PathLike)) else list(deltas)
+    combine = rule_combiner(rule, weights, len(paths), **rule_options)
+    if added not in ("error", "skip"):
+        raise ValueError(f"added must be 'error' or 'skip', not {added!r}")
+    tensors = named_tensors(model)
+    with contextlib.ExitStack() as stack:
+        readers = [stack.enter_context(DeltaReader(p)) for p in paths]
+        targets = match_records(tensors, readers, added)
+        if verify_base:
+            for live in targets.values():
+                _verify(live, readers)
+        patch = Patch()
+        try:
+            for live in targets.values():
+                patch._patch(live, readers, combine)
+        except BaseException:
+            patch._undo()
+            raise
+    patch._register()
+    return patch
+
+
+@dataclass(frozen=True)
+class PatchEntry:
+    """What a patch changed in one live tensor."""
+
+    live: LiveTensor
+    positions: object     # torch int64 flat positions, on the tensor's device
+    originals: object     # torch bits there before the patch, on the tensor's device
+
+
+class Patch:
+    """Deltas applied to live tensors: what was changed, and the values it replaced."""
+
+    def __init__(self):
+        self._entries: dict[tuple, PatchEntry] = {}
+        self._reverted = False
+
+    @classmethod
+    def scatter(cls, changes: Sequence[tuple[LiveTensor, object, object, object]]) -> "Patch":
+        """Write ``(live, positions, bits before, new bits)`` for each tensor and return the
+        active patch that reverts them (everything written is undone if one write fails)."""
+        patch = cls()
+        try:
+            for live, positions, before, new in changes:
+                live.scatter(positions, new)
+                patch._entries[live.key] = PatchEntry(live, positions, before)
+        except BaseException:
+            patch._undo()
+            raise
+        patch._register()
+        return patch
+
+    @property
+    def active(self) -> bool:
+        """True until :meth:`revert`."""
+        return not self._reverted
+
+    @property
+    def names(self) -> list[str]:
+        """The tensors this patch changed."""
+        return [entry.live.name for entry in self._entries.values()]
+
+    @property
+    def entries(self) -> list[PatchEntry]:
+        """Per tensor changed: the positions and the bits there before the patch."""
+        return list(self._entries.values())
+
+    def revert(self) -> None:
+        """Put back the values this patch replaced, bit for bit; a second call does nothing.
+
+        Raises :class:`~sparsestitch.errors.SparsestitchError` (and changes nothing) while
+        a patch applied later over the same tensors is still active: revert that first.
+        """
+        if self._reverted:
+            return
+        for key, entry in self._entries.items():
+            if _active(key)[-1] is not self:
+                raise SparsestitchError("a patch applied later over this tensor is still active: "
+                                        "revert patches in reverse order of applying them",
+                                        tensor=entry.live.name)
+        self._undo()
+        self._unregister()
+
+    def __enter__(self) -> "Patch":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.revert()
+
+    def saved(self, key: tuple) -> tuple[np.ndarray, np.ndarray]:
+        """Host copies of the positions this patch changed in a tensor and the bits there
+        before."""
+        entry = self._entries[key]
+        return (entry.positions.cpu().numpy(),
+                entry.originals.cpu().numpy().view(entry.live.dt.bits))
+
+    def _patch(self, live: LiveTensor, readers: list[DeltaReader], combine: RuleCombiner) -> None:
+        import torch
+
+        records = [reader.record(live.name) for reader in readers]
+        sparse = [(i, r) for i, r in enumerate(records) if r is not None and r.kind == "sparse"]
+        if not sparse:
+            return
+        payloads = {i: readers[i].payload(r) for i, r in sparse}
+        positions = {i: stored_positions(readers[i], r, payloads[i]) for i, r in sparse}
+        nothing = np.empty(0, np.int64)
+        every = None
+        for i, found in positions.items():
+            if found is None:  # every element: one index array for all such records
+                every = np.arange(live.numel, dtype=np.int64) if every is None else every
+                positions[i] = every
+        # One union for both the live gather and the merge rule (it is the costly part).
+        merged = union_of([positions.get(i, nothing) for i in range(len(readers))])
+        union = merged.positions
+        union_device = torch.from_numpy(union).to(live.device)
+        current = live.gather(union_device)
+        below = _active(live.key)
+        base = _undo_patches(np.array(current), union, live.key, below)
+        stored: list[Stored | None] = [None] * len(readers)
+        for i, record in sparse:
+            stored[i] = decode_at(readers[i], record, positions[i], base[merged.where[i]],
+                                  payloads[i])
+        new_positions, new_bits = combine.combine(live.name, live.dt, live.numel, stored,
+                                                  onto=current if below else None, union=merged)
+        if new_positions.size == union.size:
+            where = union_device
+        else:
+            where = torch.from_numpy(new_positions).to(live.device)
+            current = current[np.searchsorted(union, new_positions)]
+        originals = torch.from_numpy(np.ascontiguousarray(current).view(live.signed)).to(live.device)
+        self._entries[live.key] = PatchEntry(live, where, originals)
+        live.scatter(where, torch.from_numpy(new_bits.view(live.signed)).to(live.device))
+
+    def _undo(self) -> None:
+        for entry in reversed(list(self._entries.values())):
+            entry.live.scatter(entry.positions, entry.originals)
+        self._reverted = True
+
+    def _register(self) -> None:
+        ref = weakref.ref(self, functools.partial(_forget, list(self._entries)))
+        self._ref = ref
+        for key in self._entries:
+            _ACTIVE.setdefault(key, []).append(ref)
+
+    def _unregister(self) -> None:
+        _forget(list(self._entries), self._ref)
+        self._entries = {}
+
+
+def _verify(live: LiveTensor, readers: list[DeltaReader]) -> None:
+    """The live tensor, with active patches undone, hashes to every delta's base checksum."""
+    below = _active(live.key)
+    base_hash = BaseHash(live.name)
+    for start, chunk in live.chunks():
+        if below:
+            chunk = np.array(chunk)
+            for patch in reversed(below):
+                saved_at, saved = patch.saved(live.key)
+                a, b = np.searchsorted(saved_at, [start, start + chunk.size])
+                chunk[saved_at[a:b] - start] = saved[a:b]
+        base_hash.update(chunk)
+    base_hash.check(((reader.path, reader.record(live.name)) for reader in readers),
+                    _NOT_THE_BASE)
+
+
+def _undo_patches(values: np.ndarray, positions: np.ndarray, key: tuple,
+                  patches: list[Patch]) -> np.ndarray:
+    """``values`` (live bits at sorted ``positions``) as they were before ``patches``."""
+    for patch in reversed(patches):
+        saved_at, saved = patch.saved(key)
+        index = np.minimum(np.searchsorted(saved_at, positions), max(saved_at.size - 1, 0))
+        hit = saved_at[index] == positions if saved_at.size else np.zeros(positions.size, bool)
+        values[hit] = saved[index[hit]]
+    return values
+
+
+def _active(key: tuple) -> list[Patch]:
+    return [patch for ref in _ACTIVE.get(key, ()) if (patch := ref()) is not None]
+
+
+def _forget(keys: list[tuple], ref: weakref.ref) -> None:
+    for key in keys:
+        refs = _ACTIVE.get(key, [])
+        if ref in refs:
+            refs.remove(ref)
+        if not refs:
+            _ACTIVE.pop(key, None)

@@ -1,0 +1,139 @@
+"""Live tensors -- a model's parameters and buffers, on whatever device they live -- seen as
+raw bits, and matched against the records of delta files."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from ..dtypes import DType, dtype as lookup_dtype
+from ..errors import BaseMismatchError, TensorMismatchError
+from ..format import DeltaReader
+
+#: Bytes of a tensor copied to the host and hashed at a time when checking the base.
+HASH_CHUNK_BYTES = 64 << 20
+
+#: torch dtype names (without ``torch.``) -> safetensors dtype names.
+TORCH_DTYPE_NAMES = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16",
+                     "float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2", "int64": "I64",
+                     "uint64": "U64", "int32": "I32", "uint32": "U32", "int16": "I16",
+                     "uint16": "U16", "int8": "I8", "uint8": "U8", "bool": "BOOL"}
+
+
+class LiveTensor:
+    """A live tensor seen as raw bits (a same-width integer view), on its own device.
+
+    ``key`` identifies its storage, so two names of one storage (tied weights) and a
+    tensor replaced since (``model.to(...)``) are told apart.
+    """
+
+    def __init__(self, name: str, tensor, dt: DType):
+        import torch
+
+        self.name, self.dt = name, dt
+        self.signed = np.dtype(f"i{dt.itemsize}") if dt.itemsize > 1 else np.dtype(np.uint8)
+        width = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[dt.itemsize]
+        self.bits = tensor.detach().view(width)
+        self.device = self.bits.device
+        self.shape = tuple(self.bits.shape)
+        self.numel = self.bits.numel()
+        self.key = (str(self.device), self.bits.untyped_storage().data_ptr(),
+                    self.bits.storage_offset(), self.shape, self.bits.stride(), dt.name)
+
+    def _index(self, positions):
+        """Index of flat row-major ``positions`` into ``self.bits``, whatever its strides."""
+        if self.bits.is_contiguous():
+            return positions
+        index = []
+        for size in reversed(self.shape):
+            index.append(positions % size)
+            positions = positions // size
+        return tuple(reversed(index))
+
+    def _flat(self):
+        return self.bits.reshape(-1) if self.bits.is_contiguous() else self.bits
+
+    def gather(self, positions) -> np.ndarray:
+        """Bits at flat ``positions`` (a device tensor), as a host numpy array of ``dt.bits``."""
+        return self._flat()[self._index(positions)].cpu().numpy().view(self.dt.bits)
+
+    def take(self, positions):
+        """Bits at flat int64 ``positions`` (a device tensor), staying on the device."""
+        if self.bits.is_contiguous():  # index_select: ~1.6x faster than indexing on the CPU
+            return self.bits.reshape(-1).index_select(0, positions)
+        return self.bits[self._index(positions)]
+
+    def scatter(self, positions, values) -> None:
+        if self.bits.is_contiguous():  # index_copy_ (needs int64) beats indexing on the CPU
+            self.bits.reshape(-1).index_copy_(0, positions.long(), values)
+        else:
+            self._flat()[self._index(positions)] = values
+
+    def chunks(self):
+        """``(first flat position, host numpy bits)`` over the tensor in row-major order."""
+        flat = self.bits.contiguous().reshape(-1)
+        step = max(1, HASH_CHUNK_BYTES // self.dt.itemsize)
+        for start in range(0, self.numel, step):
+            yield start, flat[start:start + step].cpu().numpy().view(self.dt.bits)
+
+
+def named_tensors(model) -> Mapping:
+    """A module's parameters and buffers by name (the tensors themselves), or a dict as is."""
+    import torch
+
+    if isinstance(model, torch.nn.Module):
+        return model.state_dict(keep_vars=True)
+    if isinstance(model, Mapping):
+        return model
+    raise TypeError(f"apply() patches a torch.nn.Module or a dict of tensors, not "
+                    f"{type(model).__name__}")
+
+
+def match_records(tensors: Mapping, readers: Sequence[DeltaReader], added: str
+                  ) -> dict[str, LiveTensor]:
+    """The live tensors the deltas describe, checked against their records (names, shapes,
+    dtypes); tensors sharing storage (tied weights) are patched once."""
+    targets: dict[str, LiveTensor] = {}
+    by_key: dict[tuple, str] = {}
+    for reader in readers:
+        for record in reader.records:
+            if record.kind == "added":
+                if record.name in tensors:
+                    raise BaseMismatchError("the delta adds a tensor the model already has",
+                                            path=reader.path, tensor=record.name)
+                if added == "error":
+                    raise TensorMismatchError("the delta adds a tensor the model lacks, and a live "
+                                              "model cannot grow one: pass added='skip' to ignore "
+                                              "it, or stitch to a file", path=reader.path,
+                                              tensor=record.name)
+                continue
+            if record.name in targets:
+                continue
+            tensor = tensors.get(record.name)
+            if tensor is None:
+                raise BaseMismatchError("the model has no tensor of this name: the delta was made "
+                                        "for another model", path=reader.path, tensor=record.name)
+            found = (TORCH_DTYPE_NAMES.get(str(tensor.dtype).removeprefix("torch.")),
+                     tuple(tensor.shape))
+            if found != (record.dtype, record.shape):
+                raise BaseMismatchError(f"the model has {found[0]}{list(found[1])}, the delta "
+                                        f"expects {record.dtype}{list(record.shape)}",
+                                        path=reader.path, tensor=record.name)
+            live = LiveTensor(record.name, tensor, lookup_dtype(record.dtype))
+            twin = by_key.get(live.key)
+            if twin is not None:
+                _check_tied(readers, twin, record.name)
+                continue
+            by_key[live.key] = record.name
+            targets[record.name] = live
+    return targets
+
+
+def _check_tied(readers: Sequence[DeltaReader], kept: str, tied: str) -> None:
+    for reader in readers:
+        a, b = reader.record(kept), reader.record(tied)
+        if a is None or b is None or (a.kind, a.payload_xxh3) != (b.kind, b.payload_xxh3):
+            raise TensorMismatchError(f"shares its storage with {kept!r} in the model (tied "
+                                      "weights) but the delta stores different values for them",
+                                      path=reader.path, tensor=tied)

@@ -1,0 +1,341 @@
+"""Selectors: which positions of a fine-tune a delta keeps.
+
+A compress run (:mod:`sparsestitch.compress`) walks every tensor of the base and the
+fine-tunes in row blocks and asks one :class:`Selector` per fine-tune what to keep of
+each block (:class:`TuneBlock`: the base's and the fine-tune's bits, with their ranking
+keys).  A selector may first need passes over the model (:meth:`Selector.pre_passes`:
+histograms, samples); those scan tensors in worker threads (:meth:`Selector.measure`,
+pure, returning arrays that add up over a tensor's blocks) and fold each tensor's sum in,
+in tensor order (:meth:`Selector.absorb`).  The main pass
+then calls :meth:`Selector.choose` on every block, in global order when the selector is
+``ordered``.  A choice may leave *candidates* undecided (their keys straddle the
+threshold); :meth:`Selector.resolve` picks among all of them at the end.
+
+Strategies, one class each:
+
+* :class:`GivenMasks` -- positions given by the caller (e.g. trained masks);
+* :class:`KeepAll` -- every element (density 1.0): no ranking, no position arrays;
+* :class:`PerTensorTopK` -- exact top-k of |tau| within each tensor;
+* :class:`GlobalTopK` -- exact top-k over all localized tensors, two histogram passes;
+* :class:`BracketedTopK` -- the same result, reading the model about once: a sample
+  brackets the threshold, the main pass keeps keys above it and holds those inside as
+  candidates, :meth:`~BracketedTopK.resolve` finishes exactly (or reports a miss, and
+  the caller falls back to :class:`GlobalTopK`).
+
+Tensors a selector does not rank -- non-float ones, ``--dense`` patterns -- keep every
+changed element (:func:`changed_positions`); excluded tensors keep nothing.  Adding a
+strategy is one class here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
+
+import numpy as np
+
+from ..dtypes import DType
+from ..errors import TensorMismatchError
+from ..sizes import row_items
+from .topk import (TopK, bracket_bins, count_to_keep, high_histogram, magnitude_keys,
+                   resolve_candidates, split_bracket)
+
+#: The bracketed top-k samples every SAMPLE_EVERY-th block of about SAMPLE_BLOCK elements
+#: of every localized tensor (blocks of whole rows; larger blocks cost fewer reads for the
+#: same fraction sampled).
+SAMPLE_BLOCK = 1 << 16
+SAMPLE_EVERY = 16
+
+
+@dataclass
+class TuneBlock:
+    """One fine-tune's row block of one tensor, beside the base's."""
+
+    name: str
+    dt: DType
+    offset: int               # flat index of the block's first element in the tensor
+    base: np.ndarray          # flat base bits
+    finetuned: np.ndarray     # flat fine-tuned bits
+    tune: int = 0             # which fine-tune of the run
+
+    @cached_property
+    def keys(self) -> np.ndarray:
+        """Ranking keys of |tau| (see :func:`~.topk.magnitude_keys`), computed once."""
+        return magnitude_keys(self.finetuned, self.base, self.dt)
+
+
+@dataclass(frozen=True)
+class Choice:
+    """What a selector keeps of one block: block-relative indices, increasing."""
+
+    kept: np.ndarray | None                  # kept for sure; None: every element
+    candidates: np.ndarray | None = None     # decided by :meth:`Selector.resolve`
+    candidate_keys: np.ndarray | None = None
+
+    @classmethod
+    def nothing(cls) -> "Choice":
+        return cls(np.empty(0, np.int64))
+
+
+@dataclass(frozen=True)
+class PrePass:
+    """A pass over the localized tensors before the main one: which rows of each tensor it
+    reads (None: all, in the run's blocks) and what the progress bar calls it."""
+
+    description: str
+    rows: object = None      # callable(shape) -> list of (start, stop) row ranges, or None
+
+
+class Selector:
+    """The interface every strategy implements (see the module docstring)."""
+
+    #: The header's ``method``.
+    method: str = ""
+    #: ``choose`` must see every block once, in global order (tensors by name, then rows),
+    #: from one thread.
+    ordered: bool = False
+    #: ``choose`` may leave candidates for :meth:`resolve`.
+    undecided: bool = False
+
+    @property
+    def density(self) -> float | None:
+        """The density asked for (the header's ``density``); None for given masks."""
+        return None
+
+    def pre_passes(self) -> Sequence[PrePass]:
+        return ()
+
+    def start_main_pass(self) -> None:
+        """Called once after the pre-passes, before :meth:`choose` (in the caller's thread)."""
+
+    def pass_needed(self, index: int) -> bool:
+        """Whether pre-pass ``index`` must run (checked just before it would)."""
+        return True
+
+    def measure(self, index: int, block: TuneBlock) -> np.ndarray:
+        """Pre-pass ``index`` over one block: a pure function (runs in worker threads)
+        returning an array; a tensor's measures are summed before :meth:`absorb`."""
+        raise NotImplementedError
+
+    def absorb(self, index: int, name: str, total: np.ndarray) -> None:
+        """Fold in the sum of one tensor's measures of pre-pass ``index`` (in tensor order,
+        in the caller's thread)."""
+        raise NotImplementedError
+
+    def choose(self, block: TuneBlock) -> Choice:
+        raise NotImplementedError
+
+    def resolve(self, candidate_keys: np.ndarray, kept: int) -> np.ndarray | None:
+        """Which candidates (all of them, in global order) are kept, as a bool array, given
+        the number ``kept`` for sure in localized tensors; None if the selection must be
+        redone exactly (the bracket missed)."""
+        raise TypeError(f"{type(self).__name__} leaves no candidates")
+
+
+def changed_positions(block: TuneBlock) -> Choice:
+    """Every element whose bits changed (non-float and exactly stored tensors)."""
+    return Choice(np.flatnonzero(block.finetuned != block.base))
+
+
+class GivenMasks(Selector):
+    """Positions given as ``{tensor name: bool array}``; tensors not in it keep nothing."""
+
+    method = "mask"
+
+    def __init__(self, masks: Mapping, shapes: Mapping[str, tuple[int, ...]], base_path=None):
+        unknown = sorted(set(masks) - set(shapes))
+        if unknown:
+            raise TensorMismatchError(f"masks name {len(unknown)} tensor(s) the base lacks",
+                                      path=base_path, tensor=unknown[0])
+        self._masks = masks
+        self._shapes = shapes
+
+    def _mask(self, name: str) -> np.ndarray | None:
+        mask = self._masks.get(name)
+        if mask is None:
+            return None
+        mask = np.asarray(mask.detach().cpu() if hasattr(mask, "detach") else mask)
+        if tuple(mask.shape) != self._shapes[name] or mask.dtype != np.bool_:
+            raise TensorMismatchError(f"mask has shape {tuple(mask.shape)} and dtype {mask.dtype}; "
+                                      f"expected a bool array of shape {self._shapes[name]}",
+                                      tensor=name)
+        return mask.reshape(-1)
+
+    def choose(self, block: TuneBlock) -> Choice:
+        mask = self._mask(block.name)
+        if mask is None:
+            return Choice.nothing()
+        return Choice(np.flatnonzero(mask[block.offset:block.offset + block.base.size]))
+
+
+class KeepAll(Selector):
+    """Every element of every localized tensor (a density that keeps them all): no ranking
+    passes, and no position arrays."""
+
+    method = "topk-global"
+
+    def __init__(self, density: float = 1.0):
+        self._density = density
+
+    @property
+    def density(self) -> float:
+        return self._density
+
+    def choose(self, block: TuneBlock) -> Choice:
+        return Choice(None)
+
+
+class _TopKSelector(Selector):
+    """Exact top-k with :class:`~.topk.TopK` counters: two histogram passes, then selection
+    with the tie quota handed out in global order."""
+
+    ordered = True
+
+    def __init__(self, density: float):
+        self._density = density
+
+    @property
+    def density(self) -> float:
+        return self._density
+
+    def _counter(self, name: str) -> TopK:
+        raise NotImplementedError
+
+    def _counters(self) -> list[TopK]:
+        raise NotImplementedError
+
+    def pre_passes(self) -> Sequence[PrePass]:
+        return (PrePass("localize 1/3"), PrePass("localize 2/3"))
+
+    def pass_needed(self, index: int) -> bool:
+        if index == 0:
+            return True
+        counters = self._counters()
+        for counter in counters:  # fixes each counter's bin before the threads read it
+            counter.prepare_low_pass()
+        return any(c.needs_low_pass for c in counters)
+
+    def measure(self, index: int, block: TuneBlock) -> np.ndarray:
+        if index == 0:
+            return high_histogram(block.keys)
+        return self._counter(block.name).low_histogram(block.keys)
+
+    def absorb(self, index: int, name: str, total: np.ndarray) -> None:
+        counter = self._counter(name)
+        if index == 0:
+            counter.add_high(total)
+        elif counter.needs_low_pass:
+            counter.add_low(total)
+
+    def choose(self, block: TuneBlock) -> Choice:
+        return Choice(self._counter(block.name).select(block.keys))
+
+
+class GlobalTopK(_TopKSelector):
+    """Exact global top-k of |tau| over all localized tensors (the paper's rule)."""
+
+    method = "topk-global"
+
+    def __init__(self, density: float, candidates: int):
+        super().__init__(density)
+        self._topk = TopK(count_to_keep(density, candidates))
+
+    def _counter(self, name: str) -> TopK:
+        return self._topk
+
+    def _counters(self) -> list[TopK]:
+        return [self._topk]
+
+
+class PerTensorTopK(_TopKSelector):
+    """Exact top-k of |tau| within each localized tensor, ``density`` of each."""
+
+    method = "topk-per-tensor"
+
+    def __init__(self, density: float, sizes: Mapping[str, int]):
+        super().__init__(density)
+        self._topk = {name: TopK(count_to_keep(density, size)) for name, size in sizes.items()}
+
+    def _counter(self, name: str) -> TopK:
+        return self._topk[name]
+
+    def _counters(self) -> list[TopK]:
+        return list(self._topk.values())
+
+
+@dataclass
+class _Sample:
+    """The bracketed top-k's sample: a weighted histogram of the high 16 key bits."""
+
+    histogram: np.ndarray = field(default_factory=lambda: np.zeros(1 << 16))
+    count: int = 0
+
+
+class BracketedTopK(Selector):
+    """Exact global top-k reading the model about once (see :mod:`~.topk`): the result is
+    identical to :class:`GlobalTopK` whenever :meth:`resolve` succeeds."""
+
+    method = "topk-global"
+    undecided = True
+
+    def __init__(self, density: float, candidates: int, shapes: Mapping[str, tuple[int, ...]]):
+        self._density = density
+        self._k = count_to_keep(density, candidates)
+        self._candidates = candidates
+        self._shapes = shapes
+        self._sample = _Sample()
+        self._bracket: tuple[int, int] | None = None
+
+    @property
+    def density(self) -> float:
+        return self._density
+
+    @staticmethod
+    def applies(density: float, candidates: int) -> bool:
+        """Worth it: something to rank and something to leave out."""
+        return 0 < count_to_keep(density, candidates) < candidates
+
+    def pre_passes(self) -> Sequence[PrePass]:
+        return (PrePass("sample", sample_rows),)
+
+    def measure(self, index: int, block: TuneBlock) -> np.ndarray:
+        return high_histogram(block.keys)
+
+    def absorb(self, index: int, name: str, total: np.ndarray) -> None:
+        shape = self._shapes[name]
+        rows = shape[0] if shape else 1
+        sampled_rows = sum(stop - start for start, stop in sample_rows(shape))
+        weight = rows / sampled_rows if sampled_rows else 0.0
+        self._sample.histogram += weight * total
+        self._sample.count += int(total.sum())
+
+    def _brackets(self) -> tuple[int, int]:
+        if self._bracket is None:
+            expected_above = self._k * self._sample.count / max(self._candidates, 1)
+            low_bin, high_bin = bracket_bins(self._sample.histogram, self._k, expected_above)
+            self._bracket = (low_bin << 16, (high_bin << 16) | 0xFFFF)
+        return self._bracket
+
+    def start_main_pass(self) -> None:
+        """Fix the bracket (from the finished sample) before threads call :meth:`choose`."""
+        self._brackets()
+
+    def choose(self, block: TuneBlock) -> Choice:
+        above, inside, inside_keys = split_bracket(block.keys, *self._brackets())
+        return Choice(above, inside, inside_keys)
+
+    def resolve(self, candidate_keys: np.ndarray, kept: int) -> np.ndarray | None:
+        return resolve_candidates(candidate_keys, self._k - kept)
+
+
+def sample_rows(shape: tuple[int, ...]) -> list[tuple[int, int]]:
+    """The row ranges the bracketed top-k samples of a tensor: every SAMPLE_EVERY-th block of
+    about SAMPLE_BLOCK elements.
+
+    >>> sample_rows((1000, 4096))[:2]
+    [(0, 16), (256, 272)]
+    """
+    rows = shape[0] if shape else 1
+    step = max(1, SAMPLE_BLOCK // max(1, row_items(shape)))
+    return [(start, min(rows, start + step)) for start in range(0, rows, step * SAMPLE_EVERY)]
