@@ -47,6 +47,8 @@ sys.path.insert(0, str(BENCH))
 from common import (best_of, describe_machine, interleaved, machine, table,  # noqa: E402
                     write_json)
 
+from sparsestitch.sizes import numel  # noqa: E402
+
 DENSITIES = (0.001, 0.01, 0.05, 1.0)
 
 
@@ -304,7 +306,7 @@ def _npz_size(positions: np.ndarray, values: np.ndarray, shape: tuple[int, ...])
     import scipy.sparse
 
     rows = shape[0] if len(shape) >= 2 else 1
-    cols = int(np.prod(shape, dtype=np.int64)) // rows if shape else 1
+    cols = numel(shape) // rows if shape else 1
     row_of, col_of = np.divmod(positions, cols)
     indptr = np.zeros(rows + 1, np.int64)
     np.cumsum(np.bincount(row_of, minlength=rows), out=indptr[1:])

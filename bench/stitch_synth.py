@@ -18,8 +18,9 @@ can differ from ``compress`` on the rounded fine-tune at the margin.
 Global top-k in one pass per task: a 1/256 sample of every tensor estimates
 the threshold ``T``; the pass keeps every element with ``|tau| >= 0.8 T`` as a
 candidate; if at least ``k`` candidates were kept the exact top-k lies among
-them (otherwise the bound is lowered and the pass repeated).  Ties are broken
-in global order (tensors by name, then flat index), as ``compress`` does.
+them (otherwise the bound is lowered and the pass repeated), and the library's
+:func:`~sparsestitch.localize.topk.resolve_candidates` finishes the selection with
+compress's tie order (:mod:`sparsestitch.tiebreak`).
 """
 
 from __future__ import annotations
@@ -35,11 +36,13 @@ from sparsestitch._version import __version__
 from sparsestitch.checkpoint import Checkpoint, CheckpointWriter, OutputTensor, Shard
 from sparsestitch.dtypes import dtype as lookup_dtype, from_wide, to_wide
 from sparsestitch.format import DeltaWriter, Record, digest, encode_record
-from sparsestitch.localize.topk import count_to_keep
+from sparsestitch.localize.topk import count_to_keep, resolve_candidates
+from sparsestitch.sizes import numel as count_elements
 from sparsestitch.synthetic import write_zoo
+from sparsestitch.tiebreak import ranked
 
 #: Bump when anything below changes what gets written: cached inputs are keyed by it.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2  # 2: compress's tie order at the threshold
 TASK_SEED = 7919
 STRENGTH = 0.02
 SAMPLE_EVERY = 256
@@ -111,7 +114,7 @@ def _scales(name: str, shape: tuple[int, ...], std: float, task: int):
 def magnitudes(name: str, shape: tuple[int, ...], std: float, task: int) -> np.ndarray:
     """``|tau|`` of one tensor for one task, flat float32 (deterministic)."""
     rng, rows, cols = _scales(name, shape, std, task)
-    numel = int(np.prod(shape)) if shape else 1
+    numel = count_elements(shape)
     mag = rng.standard_exponential(numel, dtype=np.float32)
     if cols is None:
         mag *= rows
@@ -140,7 +143,7 @@ def _estimate_threshold(names, shapes, stats, task: int, k: int) -> float:
     for name in names:
         shape = shapes[name]
         _, rows, cols = _scales(name, shape, stats[name]["std"], task)
-        numel = int(np.prod(shape))
+        numel = count_elements(shape)
         m = max(1, numel // SAMPLE_EVERY)
         e = sampler.standard_exponential(m, dtype=np.float32)
         if cols is None:
@@ -179,13 +182,10 @@ def write_delta(base: Path, out: Path, task: int, density: float) -> dict:
             if found >= k or bound <= 0:
                 break
             bound *= 0.5  # the estimate was off: widen and redo (exactness over speed)
-        all_mag = np.concatenate([kept_mag[n] for n in names])
-        if k < all_mag.size:
-            threshold = np.partition(all_mag, all_mag.size - k)[all_mag.size - k]
-            ties_left = k - int(np.count_nonzero(all_mag > threshold))
-        else:
-            threshold, ties_left = np.float32(-1.0), 0
-        del all_mag
+        # |tau| >= 0 as float32 bits orders like the value: the library's ranking keys.
+        pick = resolve_candidates(np.concatenate(
+            [ranked(kept_mag[n].view(np.uint32), n, kept_pos[n]) for n in names]), k)
+        starts = dict(zip(names, np.cumsum([0] + [kept_pos[n].size for n in names])))
         writer = DeltaWriter(out, overwrite=True)
         records, kept_total = [], 0
         try:
@@ -193,11 +193,7 @@ def write_delta(base: Path, out: Path, task: int, density: float) -> dict:
                 entry = ckpt.entry(name)
                 dt = lookup_dtype(entry.dtype)
                 mag, pos = kept_mag.pop(name), kept_pos.pop(name)
-                keep = mag > threshold
-                if ties_left:
-                    ties = np.flatnonzero(mag == threshold)[:ties_left]
-                    ties_left -= ties.size
-                    keep[ties] = True
+                keep = pick[starts[name]:starts[name] + pos.size]
                 pos, mag = pos[keep], mag[keep]
                 base_xxh3 = stats[name]["base_xxh3"]
                 if pos.size == 0:

@@ -37,6 +37,7 @@ from .localize.topk import count_to_keep
 from .patterns import as_patterns, matches, selected
 from .progress import bar
 from .readahead import DEFAULT_WORKERS, in_order
+from .sizes import numel
 from .spool import ArraySpool
 from .walk import BaseHash, RowBlocks, read_blocks
 
@@ -159,7 +160,7 @@ class TensorPlan:
     @property
     def candidates(self) -> int:
         """Elements of the localized tensors."""
-        return sum(int(np.prod(self.shapes[n], dtype=np.int64)) for n in self.localized)
+        return sum(numel(self.shapes[n]) for n in self.localized)
 
     def stored_exactly(self, name: str, dt: DType) -> bool:
         return not dt.is_float or matches(name, self.dense)
@@ -172,7 +173,7 @@ def _make_selectors(plan: TensorPlan, density: float, scope: str, mask_sets, cou
         return [GivenMasks(masks, plan.shapes, plan.base_path) for masks in mask_sets]
     candidates = plan.candidates
     if scope == "per-tensor":
-        sizes = {n: int(np.prod(plan.shapes[n], dtype=np.int64)) for n in plan.localized}
+        sizes = {n: numel(plan.shapes[n]) for n in plan.localized}
         return [PerTensorTopK(density, sizes) for _ in range(count)]
     if count_to_keep(density, candidates) == candidates:
         return [KeepAll(density) for _ in range(count)]
@@ -188,7 +189,7 @@ class Candidates:
     positions: np.ndarray
     finetuned: np.ndarray
     base: np.ndarray
-    keys: np.ndarray
+    keys: np.ndarray          # uint64 (:func:`~sparsestitch.tiebreak.ranked`)
 
 
 @dataclass
@@ -231,7 +232,7 @@ class _SelectionParts:
                 _concat([c.candidates + b.offset for c, b in undecided], np.int64),
                 _concat([b.finetuned[c.candidates] for c, b in undecided], dt.bits),
                 _concat([b.base[c.candidates] for c, b in undecided], dt.bits),
-                _concat([c.candidate_keys for c, _ in undecided], np.uint32))
+                _concat([c.candidate_keys for c, _ in undecided], np.uint64))
         return selection
 
 
@@ -285,25 +286,38 @@ class CompressJob:
         for index, prepass in enumerate(selectors[0].pre_passes()):
             if not any([s.pass_needed(index) for s in selectors]):
                 continue
-
-            def scan(name: str) -> list[np.ndarray]:
-                totals = [None] * len(self.tunes)
-                for block in self._tune_blocks(name, rows=prepass.rows):
-                    measure = selectors[block.tune].measure(index, block)
-                    totals[block.tune] = measure if totals[block.tune] is None else \
-                        totals[block.tune] + measure
-                return totals
-
-            total_bytes = sum(self.base.entry(n).nbytes for n in self.plan.localized)
-            with bar(total_bytes, prepass.description, self.progress) as progress:
-                with closing(in_order(self.plan.localized, scan, workers=self.workers)) as scanned:
-                    for name, totals in scanned:
-                        for selector, total in zip(selectors, totals):
-                            if total is not None:
-                                selector.absorb(index, name, total)
-                        progress.update(self.base.entry(name).nbytes)
+            wanted = set()
+            for selector in selectors:
+                wanted.update(selector.pass_tensors(index, self.plan.localized))
+            names = [n for n in self.plan.localized if n in wanted]
+            self._pre_pass(index, prepass, selectors, names)
+            for selector in selectors:
+                selector.end_pass(index)
         for selector in selectors:
             selector.start_main_pass()
+
+    def _pre_pass(self, index: int, prepass, selectors: list[Selector], names: list[str]) -> None:
+        """Pre-pass ``index`` over tensors ``names``: measured in worker threads, absorbed in
+        tensor order."""
+        def scan(name: str) -> list[np.ndarray | None]:
+            totals = [None] * len(self.tunes)
+            for block in self._tune_blocks(name, rows=prepass.rows):
+                selector = selectors[block.tune]
+                measure = selector.measure(index, block)
+                if measure is not None:
+                    total = totals[block.tune]
+                    totals[block.tune] = measure if total is None else \
+                        selector.merge(index, total, measure)
+            return totals
+
+        total_bytes = sum(self.base.entry(n).nbytes for n in names)
+        with bar(total_bytes, prepass.description, self.progress) as progress:
+            with closing(in_order(names, scan, workers=self.workers)) as scanned:
+                for name, totals in scanned:
+                    for selector, total in zip(selectors, totals):
+                        if total is not None:
+                            selector.absorb(index, name, total)
+                    progress.update(self.base.entry(name).nbytes)
 
     def _main_pass(self, selectors: list[Selector], writers, written) -> bool:
         """Select and encode every tensor; False if a selector's candidates could not be
@@ -343,7 +357,7 @@ class CompressJob:
                 spool.flush()
             chosen = []
             for i, selector in enumerate(selectors):
-                pick = selector.resolve(_concat(candidate_keys[i], np.uint32), kept[i])
+                pick = selector.resolve(_concat(candidate_keys[i], np.uint64), kept[i])
                 if pick is None:
                     return False  # the sample misled; the exact path recomputes everything
                 chosen.append(pick)

@@ -51,6 +51,12 @@ _TABLE = {
 
 SAFETENSORS_DTYPES = tuple(_TABLE)
 
+#: torch dtype names (``str(tensor.dtype)`` without ``torch.``) -> safetensors dtype names.
+TORCH_DTYPE_NAMES = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16",
+                     "float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2", "int64": "I64",
+                     "uint64": "U64", "int32": "I32", "uint32": "U32", "int16": "I16",
+                     "uint16": "U16", "int8": "I8", "uint8": "U8", "bool": "BOOL"}
+
 
 def dtype(name: str) -> DType:
     """Look up a safetensors dtype name.

@@ -18,6 +18,7 @@ import numpy as np
 
 from .checkpoint import CheckpointWriter, OutputTensor, Shard
 from .dtypes import dtype as lookup_dtype, from_wide
+from .sizes import numel
 
 
 def llama_shapes(hidden: int, layers: int, vocab: int, intermediate: int | None = None
@@ -51,7 +52,7 @@ def shapes_for_size(target_bytes: int, dtype_name: str = "BF16") -> list[tuple[s
     while True:
         layers = max(2, min(32, hidden // 64))
         shapes = llama_shapes(hidden, layers, vocab=8 * hidden)
-        size = sum(int(np.prod(s)) for _, s in shapes) * itemsize
+        size = sum(numel(s) for _, s in shapes) * itemsize
         if size >= target_bytes or hidden >= 8192:
             return shapes
         hidden += 128
@@ -122,7 +123,7 @@ def _shard(shapes, dtype_name: str, shard_bytes: int) -> list[Shard]:
     itemsize = lookup_dtype(dtype_name).itemsize
     groups, current, size = [], [], 0
     for name, shape in shapes:
-        nbytes = int(np.prod(shape)) * itemsize
+        nbytes = numel(shape) * itemsize
         if current and size + nbytes > shard_bytes:
             groups.append(current)
             current, size = [], 0

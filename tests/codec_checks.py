@@ -16,6 +16,7 @@ import numpy as np
 from hypothesis import strategies as st
 
 from sparsestitch.dtypes import SAFETENSORS_DTYPES, DType, dtype, from_wide
+from sparsestitch.sizes import numel
 
 FLOAT_DTYPES = tuple(dtype(n) for n in ("F32", "F16", "BF16", "F64"))
 ALL_DTYPES = tuple(dtype(n) for n in SAFETENSORS_DTYPES)
@@ -27,10 +28,6 @@ SPECIAL_SHAPES = ((), (0,), (1,), (0, 7), (5, 0), (2, 0, 3), (1, 1, 1), (1, 4099
 
 #: How kept positions are laid out; "explicit" lets hypothesis pick (and shrink) every one.
 LAYOUTS = ("none", "one", "all", "percent", "half", "runs", "rows", "explicit")
-
-
-def numel(shape: tuple[int, ...]) -> int:
-    return int(np.prod(shape, dtype=np.int64)) if shape else 1
 
 
 def shapes() -> st.SearchStrategy[tuple[int, ...]]:

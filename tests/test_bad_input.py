@@ -20,7 +20,8 @@ from sparsestitch.errors import (BaseMismatchError, CheckpointError, DeltaFormat
                                  SparsestitchError, TensorMismatchError)
 
 from .conftest import save_checkpoint
-from .fault_helpers import build_zoo, tree_digest, zoo_finetune, zoo_model
+from .support.processes import tree_digest
+from .support.zoo import build_zoo, zoo_finetune, zoo_model
 
 
 @pytest.fixture(scope="module")

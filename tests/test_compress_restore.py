@@ -20,6 +20,8 @@ from sparsestitch.checkpoint import INDEX_NAME, Checkpoint
 from sparsestitch.errors import TensorMismatchError
 from sparsestitch.format import DeltaReader
 from sparsestitch.localize.topk import count_to_keep
+from sparsestitch.sizes import numel as count_elements
+from sparsestitch.tiebreak import tie_order
 
 from .conftest import bits, finetune_of, save_checkpoint, small_model
 from .test_checkpoint import assert_same_tensors
@@ -79,7 +81,7 @@ def random_pair(rng: np.random.Generator, dtype_name: str, shape
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A base tensor and its fine-tune: unchanged elements, exact steps (ties), small noise,
     special bit patterns and random bits, in random places."""
-    numel = int(np.prod(shape, dtype=np.int64))
+    numel = count_elements(shape)
     torch_dtype = TORCH_DTYPES[dtype_name]
     if dtype_name not in SPECIAL_BITS:
         base = torch.from_numpy(rng.integers(0, 3, numel)).to(torch_dtype)
@@ -149,11 +151,14 @@ def magnitude(base: torch.Tensor, tune: torch.Tensor) -> np.ndarray:
 
 
 def reference_topk(base: dict, tune: dict, names: list[str], k: int) -> dict[str, np.ndarray]:
-    """Global top-k of |tau| over ``names``; ties by (tensor name order, flat index)."""
+    """Global top-k of |tau| over ``names``; equal keys by tie order (a hash of name and
+    position, larger first), then by (tensor name order, flat index)."""
     names = sorted(names)
     keys = [magnitude(base[n], tune[n]) for n in names]
     flat = np.concatenate(keys) if keys else np.empty(0, np.uint32)
-    order = np.lexsort((np.arange(flat.size), -flat.astype(np.int64)))
+    ties = [tie_order(n, np.arange(key.size)) for n, key in zip(names, keys)]
+    tie_flat = np.concatenate(ties) if ties else np.empty(0, np.uint32)
+    order = np.lexsort((np.arange(flat.size), -tie_flat.astype(np.int64), -flat.astype(np.int64)))
     chosen = np.zeros(flat.size, bool)
     chosen[order[:k]] = True
     out, at = {}, 0

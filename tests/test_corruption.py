@@ -2,10 +2,10 @@
 
 Every damaged file goes through ``info``, ``sparsestitch info``, ``verify`` (with and without the
 base), ``restore`` and ``stitch``; each outcome is judged against an independent reader written
-from docs/format.md (:mod:`tests.fault_helpers`).  A run must end in a
+from docs/format.md (:mod:`tests.support.reference`).  A run must end in a
 :class:`~sparsestitch.errors.SparsestitchError` naming the file (and the tensor the damage is in),
 or in exactly the result the reference reader gives -- never in another exception, a different
-result, or anything left at the output path.  ``python bench/fuzz_campaign.py`` runs the same
+result, or anything left at the output path.  ``python -m tests.support.campaign`` runs the same
 families exhaustively and at random for as long as it is given.
 """
 
@@ -21,10 +21,11 @@ import sparsestitch
 from sparsestitch.errors import BaseMismatchError, CheckpointError, ResourceLimitError
 
 from .conftest import save_checkpoint
-from .fault_helpers import (CODECS, Case, Context, DeltaImage, Tally, base_cases, bitflip_cases,
-                            build_zoo, container_cases, decoder_cases, header_cases, measure,
-                            pristine_results, random_header_case, resealed_payload_cases,
-                            run_base_case, run_case, truncation_cases, zoo_model)
+from .support.damage import Case, bitflip_cases, container_cases, decoder_cases, header_cases, random_header_case, resealed_payload_cases, truncation_cases
+from .support.images import DeltaImage
+from .support.memory import measure
+from .support.outcomes import Context, Tally, base_cases, pristine_results, run_base_case, run_case
+from .support.zoo import CODECS, build_zoo, zoo_model
 
 
 @pytest.fixture(scope="module")

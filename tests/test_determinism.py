@@ -14,7 +14,8 @@ import pytest
 
 import sparsestitch
 
-from .fault_helpers import build_zoo, clustered_masks, tree_digest, zoo_model
+from .support.processes import tree_digest
+from .support.zoo import build_zoo, clustered_masks, zoo_model
 
 RULES = {"localize-stitch": {}, "task-arithmetic": {"scale": 0.7},
          "ties": {"density": 0.5, "scale": 1.0}, "dare": {"drop": 0.3, "seed": 11, "scale": 1.0}}

@@ -22,8 +22,8 @@ import pytest
 import sparsestitch
 
 from .conftest import save_checkpoint
-from .fault_helpers import (Hold, leftovers, medium_finetune, medium_model, remove, spawn_cli,
-                            tree_digest, wait_all, wait_exit)
+from .support.processes import Hold, leftovers, remove, spawn_cli, tree_digest, wait_all, wait_exit
+from .support.zoo import medium_finetune, medium_model
 
 COMMANDS = ("compress", "restore", "stitch")
 

@@ -18,6 +18,7 @@ from sparsestitch.dtypes import SAFETENSORS_DTYPES, dtype
 from sparsestitch.format import (FORMAT_NAME, FORMAT_VERSION, HEADER_HASH_KEY, HEADER_KEY,
                                  DeltaReader, DeltaWriter, Record, encode_record)
 from sparsestitch.safetensors_file import encode_header, read_header
+from sparsestitch.sizes import numel as count_elements
 
 from .conftest import bits
 
@@ -233,7 +234,7 @@ def safetensors_layouts(draw):
     for name in names:
         dt = dtype(draw(st.sampled_from(SAFETENSORS_DTYPES)))
         shape = tuple(draw(st.lists(st.integers(0, 4), max_size=3)))
-        numel = int(np.prod(shape, dtype=np.int64)) if shape else 1
+        numel = count_elements(shape)
         entries.append((name, dt.name, shape, numel * dt.itemsize))
     metadata = draw(st.none() | st.dictionaries(st.text(max_size=5), st.text(max_size=10), max_size=3))
     return entries, metadata

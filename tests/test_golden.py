@@ -53,6 +53,7 @@ import sparsestitch
 from sparsestitch import codecs
 from sparsestitch.dtypes import dtype
 from sparsestitch.format import FORMAT_VERSION, DeltaReader
+from sparsestitch.sizes import numel
 
 from .conftest import bits
 
@@ -110,7 +111,7 @@ def build_inputs() -> dict[str, dict[str, tuple[str, np.ndarray]]]:
               "mlp.weight": ("F32", (24,)), "norm.weight": ("F16", (16,)), "scale": ("F64", ())}
     base = {}
     for salt, (name, (dt_name, shape)) in enumerate(sorted(shapes.items()), start=1):
-        count = int(np.prod(shape, dtype=np.int64))
+        count = numel(shape)
         base[name] = (dt_name, float_bits(dt_name, count, salt).reshape(shape))
     base["pos_ids"] = ("I64", np.arange(6, dtype=np.uint64))
 

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
+import sparsestitch
 from sparsestitch.errors import TensorMismatchError
+from sparsestitch.format import DeltaReader
 from sparsestitch.localize.trained import dataless_masks, global_top_k, learn_masks
+from sparsestitch.tiebreak import tie_order
+
+from .conftest import finetune_of, save_checkpoint, small_model
 
 # Positions of `used.weight` (4 x 8) that the target depends on, with their deltas;
 # smaller deltas are cheaper to drop, so a larger l1 drops them first.
@@ -147,11 +153,31 @@ def test_non_float_and_unshared_tensors_get_no_scores():
     assert masks["w"].tolist() == [False, True, False]
 
 
-def test_global_top_k_breaks_ties_by_sorted_name_then_flat_index():
+def test_global_top_k_breaks_ties_by_tie_order():
+    """Three scores of 1.0 compete for two places: the larger tie orders win (compress's rule),
+    not the first tensor's first positions."""
     scores = {"b": torch.tensor([1.0, 1.0]), "a": torch.tensor([[1.0, 0.0], [0.0, 5.0]])}
     masks = global_top_k(scores, 3)
-    assert masks["a"].tolist() == [[True, False], [False, True]]
-    assert masks["b"].tolist() == [True, False]
+    tied = sorted([("a", 0), ("b", 0), ("b", 1)],
+                  key=lambda t: -int(tie_order(t[0], np.array([t[1]]))[0]))[:2]
+    assert masks["a"].reshape(-1).tolist() == [("a", 0) in tied, False, False, True]
+    assert masks["b"].tolist() == [("b", 0) in tied, ("b", 1) in tied]
+
+
+def test_dataless_masks_are_the_positions_compress_keeps(tmp_path):
+    """One top-k: the in-memory dataless masks equal compress's global top-k, ties and all."""
+    base = small_model()
+    tune = finetune_of(base, seed=4)
+    tune["layer.0.norm.weight"] = base["layer.0.norm.weight"] + 0.5  # one big tie group
+    masks = dataless_masks(base, tune, density=0.05)
+    base_path = save_checkpoint(tmp_path / "base.safetensors", base)
+    tune_path = save_checkpoint(tmp_path / "tune.safetensors", tune)
+    sparsestitch.compress(base_path, tune_path, tmp_path / "t.delta", density=0.05)
+    with DeltaReader(tmp_path / "t.delta") as reader:
+        for name, mask in masks.items():
+            record = reader.record(name)
+            kept = reader.positions(record) if record.kind == "sparse" else np.empty(0)
+            assert np.flatnonzero(mask.reshape(-1).numpy()).tolist() == kept.tolist(), name
 
 
 @pytest.mark.parametrize("k", [0, 6])

@@ -19,6 +19,7 @@ from hypothesis import given, settings, strategies as st
 from sparsestitch.dtypes import dtype as lookup_dtype
 from sparsestitch.errors import TensorMismatchError
 from sparsestitch.stitch import RULES, rule_combiner
+from sparsestitch.tiebreak import tie_order
 from sparsestitch.walk import Stored
 
 FLOAT_DTYPES = ("BF16", "F16", "F32", "F64")
@@ -110,7 +111,8 @@ def reference_merge(rule: str, dtype_name: str, base: np.ndarray, masks: list[np
         trimmed = []
         for mask, tau, weight in zip(masks, taus, weights):
             weighted = np.where(mask, wide(weight) * tau, 0)
-            order = np.argsort(-np.abs(weighted), kind="stable")[:keep]
+            ties = tie_order(name, np.arange(base.size)).astype(np.int64)
+            order = np.lexsort((np.arange(base.size), -ties, -np.abs(weighted)))[:keep]
             trimmed.append(np.where(np.isin(np.arange(base.size), order), weighted, 0))
         summed = np.zeros_like(base_wide)
         for vector in trimmed:
@@ -217,12 +219,16 @@ def test_localize_stitch_weights_scale_before_averaging():
     assert got.tolist() == [1.0, (1.0 + 8.0) / 2]
 
 
-def test_ties_trims_per_tensor_by_magnitude_with_position_tie_break():
+def test_ties_trims_per_tensor_by_magnitude_then_tie_order():
     base = np.zeros(6, np.float32).view(np.uint32)
     tune = np.array([1.0, -3.0, 2.0, -2.0, 0.5, 3.0], np.float32).view(np.uint32)
-    got = sparse_merge("ties", "F32", base, [np.ones(6, bool)], [tune], density=0.5)
-    # keep round(0.5 * 6) = 3: |-3| at 1, |3| at 5, then |2| at 2 beats |-2| at 3
-    assert got.view(np.float32).tolist() == [0.0, -3.0, 2.0, 0.0, 0.0, 3.0]
+    got = sparse_merge("ties", "F32", base, [np.ones(6, bool)], [tune], name="w", density=0.5)
+    # keep round(0.5 * 6) = 3: |-3| at 1, |3| at 5, then of |2| at 2 and |-2| at 3 the one of
+    # larger tie order (a hash of name and position, not the lower position)
+    second = 2 if tie_order("w", np.array([2]))[0] > tie_order("w", np.array([3]))[0] else 3
+    want = [0.0, -3.0, 0.0, 0.0, 0.0, 3.0]
+    want[second] = [2.0, -2.0][second - 2]
+    assert got.view(np.float32).tolist() == want
 
 
 @pytest.mark.parametrize("rule, options, message", [

@@ -22,7 +22,8 @@ import sparsestitch
 from sparsestitch.dtypes import dtype as lookup_dtype
 from sparsestitch.errors import BaseMismatchError, TensorMismatchError
 from sparsestitch.format import DeltaReader, DeltaWriter, Record, digest, encode_record
-from sparsestitch.stitch import RECIPE_KEY, RULES, RuleCombiner, engine, rule_combiner
+from sparsestitch.sizes import numel
+from sparsestitch.stitch import RECIPE_KEY, RULES, RuleCombiner, rule_combiner
 
 from .conftest import finetune_of, save_checkpoint, small_model
 from .test_rules import (FLOAT_DTYPES, RULE_OPTIONS, random_bits, random_masks, reference_merge,
@@ -83,7 +84,7 @@ def random_model(rng, dtypes, names: int) -> dict:
     for i in range(names):
         dtype_name = rng.choice(dtypes)
         shape = SHAPES[rng.integers(len(SHAPES))]
-        size = int(np.prod(shape, dtype=np.int64))
+        size = numel(shape)
         model[f"layer.{i}.w"] = (str(dtype_name), shape, random_bits(rng, str(dtype_name), size))
     return model
 
@@ -268,7 +269,7 @@ def _leftovers(folder: Path) -> list[str]:
 @pytest.mark.parametrize("change", ["values", "shape", "name"])
 def test_a_delta_for_another_base_fails_before_anything_is_written(tmp_path, change, max_memory):
     rng = np.random.default_rng(4)
-    model = {n: (d, shape, random_bits(rng, d, int(np.prod(shape))))
+    model = {n: (d, shape, random_bits(rng, d, numel(shape)))
              for n, d, shape in [("a.w", "BF16", (5, 6)), ("b.w", "F32", (33, 8)),
                                  ("c.w", "BF16", (7,))]}
     other = dict(model)

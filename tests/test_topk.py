@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+from unittest import mock
+
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
 from sparsestitch.dtypes import dtype
+from sparsestitch.localize import topk as topk_module
 from sparsestitch.localize.topk import (TopK, bracket_bins, count_to_keep, magnitude_keys,
                                         resolve_candidates, topk_positions)
+from sparsestitch.tiebreak import ranked, tie_order
 
 # Few distinct keys, so ties are common; they share high halves (the low-pass bin) and
 # span the whole uint32 range (bin 0 and bin 0xFFFF).
@@ -16,25 +20,39 @@ KEY_POOL = [0, 1, 2, 0xFFFF, 0x10000, 0x10001, 0x1FFFF, 0x3F800000, 0x3F800001, 
             0x7F800000, 0x7FC00000, 0xFFFF0000, 0xFFFFFFFE, 0xFFFFFFFF]
 
 
-def sorted_reference(keys: np.ndarray, k: int) -> list[int]:
-    """Top k by (-key, index), by plain sorting: the oracle for topk_positions."""
-    order = sorted(range(keys.size), key=lambda i: (-int(keys[i]), i))
-    return sorted(order[:k])
+def sorted_reference(keys: np.ndarray, k: int, order: np.ndarray) -> list[int]:
+    """Top k by (-key, -tie order, index), by plain sorting: the oracle for topk_positions."""
+    ranking = sorted(range(keys.size), key=lambda i: (-int(keys[i]), -int(order[i]), i))
+    return sorted(ranking[:k])
 
 
-def streaming_topk(chunks: list[np.ndarray], k: int) -> np.ndarray:
-    """Run TopK over ``chunks`` exactly as compress does; return global indices."""
+def reference(keys: np.ndarray, k: int, name: str = "w") -> np.ndarray:
+    return topk_positions(keys, k, tie_order(name, np.arange(keys.size)))
+
+
+def streaming_topk(chunks: list[np.ndarray], k: int, name: str = "w", order_of=None) -> np.ndarray:
+    """Run TopK over ``chunks`` exactly as compress does; return global indices.  Tie orders
+    are ``tie_order(name, index)``, or ``order_of(index)`` (global indices) when given."""
     topk = TopK(k)
+    starts = np.cumsum([0] + [c.size for c in chunks])
+    order_of = order_of or (lambda index: tie_order(name, index))
+    orders = [lambda index, start=start: order_of(index + start) for start in starts]
     for chunk in chunks:
         topk.count_high(chunk)
     if topk.needs_low_pass:
         for chunk in chunks:
             topk.count_low(chunk)
-    kept, offset = [], 0
-    for chunk in chunks:
-        kept.append(topk.select(chunk) + offset)
-        offset += chunk.size
+    while topk.needs_tie_pass:
+        for chunk, order in zip(chunks, orders):
+            topk.count_ties(chunk, order)
+        topk.end_tie_pass()
+    kept = [topk.select(chunk, order) + start for chunk, order, start in zip(chunks, orders, starts)]
     return np.concatenate(kept) if kept else np.empty(0, np.int64)
+
+
+#: Tie orders at the threshold held in memory, or counted in two histogram passes.
+TIE_MODES = pytest.mark.parametrize("held_whole", [topk_module.TIES_HELD_WHOLE, 0],
+                                    ids=["held whole", "counted"])
 
 
 @st.composite
@@ -49,14 +67,28 @@ def chunked_keys(draw):
     return keys, k, chunks
 
 
+@TIE_MODES
 @settings(max_examples=150, deadline=None)
 @given(chunked_keys())
-def test_streaming_equals_reference_over_any_chunking(case):
+def test_streaming_equals_reference_over_any_chunking(held_whole, case):
+    with mock.patch.object(topk_module, "TIES_HELD_WHOLE", held_whole):
+        keys, k, chunks = case
+        got = streaming_topk(chunks, k)
+        want = reference(keys, k)
+        assert got.tolist() == want.tolist()
+        assert got.size == k
+
+
+@TIE_MODES
+@settings(max_examples=60, deadline=None)
+@given(chunked_keys(), st.integers(0, 2**32 - 1))
+def test_equal_tie_orders_go_to_the_earliest_position(held_whole, case, seed):
+    """Tie orders that collide (here from a pool of 3 values) fall back to global order."""
     keys, k, chunks = case
-    got = streaming_topk(chunks, k)
-    want = topk_positions(keys, k)
-    assert got.tolist() == want.tolist()
-    assert got.size == k
+    order = np.random.default_rng(seed).integers(0, 3, keys.size).astype(np.uint32)
+    with mock.patch.object(topk_module, "TIES_HELD_WHOLE", held_whole):
+        got = streaming_topk(chunks, k, order_of=lambda index: order[index])
+    assert got.tolist() == sorted_reference(keys, k, order)
 
 
 @settings(max_examples=100, deadline=None)
@@ -64,21 +96,25 @@ def test_streaming_equals_reference_over_any_chunking(case):
 def test_reference_matches_plain_sort(values, data):
     keys = np.array(values, np.uint32)
     k = data.draw(st.integers(0, keys.size))
-    assert topk_positions(keys, k).tolist() == sorted_reference(keys, k)
+    order = np.array(data.draw(st.lists(st.integers(0, 3), min_size=keys.size,
+                                        max_size=keys.size)), np.uint32)
+    assert topk_positions(keys, k, order).tolist() == sorted_reference(keys, k, order)
 
 
+@TIE_MODES
 @settings(max_examples=60, deadline=None)
 @given(st.integers(1, 3000), st.integers(0, 2**31), st.data())
-def test_random_keys_many_chunks(n, seed, data):
-    rng = np.random.default_rng(seed)
-    # Draw from a narrow range so keys collide in the high bins and tie exactly.
-    keys = rng.integers(0x3F800000, 0x3F800000 + data.draw(st.integers(1, 1 << 18)),
-                        size=n, dtype=np.uint32)
-    k = data.draw(st.integers(0, n))
-    chunk = data.draw(st.integers(1, n))
-    got = streaming_topk([keys[i:i + chunk] for i in range(0, n, chunk)], k)
-    assert got.size == k
-    assert np.array_equal(got, topk_positions(keys, k))
+def test_random_keys_many_chunks(held_whole, n, seed, data):
+    with mock.patch.object(topk_module, "TIES_HELD_WHOLE", held_whole):
+        rng = np.random.default_rng(seed)
+        # Draw from a narrow range so keys collide in the high bins and tie exactly.
+        keys = rng.integers(0x3F800000, 0x3F800000 + data.draw(st.integers(1, 1 << 18)),
+                            size=n, dtype=np.uint32)
+        k = data.draw(st.integers(0, n))
+        chunk = data.draw(st.integers(1, n))
+        got = streaming_topk([keys[i:i + chunk] for i in range(0, n, chunk)], k)
+        assert got.size == k
+        assert np.array_equal(got, reference(keys, k))
 
 
 @settings(max_examples=100, deadline=None)
@@ -89,13 +125,13 @@ def test_resolve_candidates_completes_the_topk(case, data):
     high = data.draw(st.sampled_from(KEY_POOL))
     definite = np.flatnonzero(keys > high)
     candidates = np.flatnonzero(keys <= high)
-    pick = resolve_candidates(keys[candidates], k - definite.size)
+    pick = resolve_candidates(ranked(keys[candidates], "w", candidates), k - definite.size)
     if definite.size > k or k - definite.size > candidates.size:
         assert pick is None
         return
     assert pick.dtype == np.bool_ and pick.size == candidates.size
     got = np.sort(np.concatenate([definite, candidates[pick]]))
-    assert got.tolist() == topk_positions(keys, k).tolist()
+    assert got.tolist() == reference(keys, k).tolist()
 
 
 @settings(max_examples=60, deadline=None)
@@ -110,10 +146,20 @@ def test_bracket_of_an_exact_histogram_holds_the_kth_key(case, sampled_above):
     assert 0 <= low_bin <= kth <= high_bin <= 0xFFFF
 
 
-def test_ties_go_to_the_earliest_positions_across_chunks():
-    keys = np.array([7, 3, 7, 7, 3, 7, 9], np.uint32)
-    got = streaming_topk([keys[:1], keys[1:3], keys[3:3], keys[3:]], 4)
-    assert got.tolist() == [0, 2, 3, 6]
+@TIE_MODES
+def test_ties_are_spread_over_the_tensor_not_taken_from_its_first_rows(held_whole):
+    """A tie group as large as a real bf16 one (every key equal): the kept 1% lies all over
+    the tensor, the same on every run and whatever the chunking."""
+    with mock.patch.object(topk_module, "TIES_HELD_WHOLE", held_whole):
+        keys = np.full(100_000, 0x3C000000, np.uint32)
+        got = streaming_topk([keys[i:i + 7_000] for i in range(0, keys.size, 7_000)], 1_000)
+        assert got.size == 1_000
+        halves = np.bincount(got // 50_000, minlength=2)
+        assert abs(int(halves[0]) - 500) < 100  # about half in each half (binomial sd 16)
+        deciles = np.bincount(got // 10_000, minlength=10)
+        assert deciles.min() > 50
+        assert np.array_equal(got, streaming_topk([keys], 1_000))
+        assert not np.array_equal(got, streaming_topk([keys], 1_000, name="another tensor"))
 
 
 @pytest.mark.parametrize("k", [0, 5])
@@ -121,7 +167,7 @@ def test_no_low_pass_needed_at_the_extremes(k):
     keys = np.array([4, 4, 1, 0, 9], np.uint32)
     topk = TopK(k)
     topk.count_high(keys)
-    assert not topk.needs_low_pass
+    assert not topk.needs_low_pass and not topk.needs_tie_pass
     assert topk.select(keys).tolist() == list(range(k))
 
 
@@ -171,6 +217,16 @@ def test_magnitude_keys_order_like_abs_tau_with_nan_first():
     assert keys[0] == 0 and keys[6] == 0                   # -0.0 vs 0.0 and unchanged: no change
     assert keys[1] < keys[2] < keys[3] < keys[4] < keys[5]  # 0.5 < 1 < 4 < inf < nan
     assert topk_positions(keys, 2).tolist() == [4, 5]
+
+
+def test_select_before_the_tie_pass_is_an_error():
+    keys = np.array([5, 5, 5], np.uint32)
+    topk = TopK(2)
+    topk.count_high(keys)
+    topk.count_low(keys)
+    assert topk.needs_tie_pass
+    with pytest.raises(RuntimeError, match="count_ties"):
+        topk.select(keys, lambda index: tie_order("w", index))
 
 
 def rounded(values: np.ndarray, name: str) -> tuple[np.ndarray, np.ndarray]:

@@ -7,19 +7,12 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from ..dtypes import DType, dtype as lookup_dtype
+from ..dtypes import TORCH_DTYPE_NAMES, DType, dtype as lookup_dtype
 from ..errors import BaseMismatchError, TensorMismatchError
 from ..format import DeltaReader
 
 #: Bytes of a tensor copied to the host and hashed at a time when checking the base.
 HASH_CHUNK_BYTES = 64 << 20
-
-#: torch dtype names (without ``torch.``) -> safetensors dtype names.
-TORCH_DTYPE_NAMES = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16",
-                     "float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2", "int64": "I64",
-                     "uint64": "U64", "int32": "I32", "uint32": "U32", "int16": "I16",
-                     "uint16": "U16", "int8": "I8", "uint8": "U8", "bool": "BOOL"}
-
 
 class LiveTensor:
     """A live tensor seen as raw bits (a same-width integer view), on its own device.

@@ -5,8 +5,8 @@ fine-tunes in row blocks and asks one :class:`Selector` per fine-tune what to ke
 each block (:class:`TuneBlock`: the base's and the fine-tune's bits, with their ranking
 keys).  A selector may first need passes over the model (:meth:`Selector.pre_passes`:
 histograms, samples); those scan tensors in worker threads (:meth:`Selector.measure`,
-pure, returning arrays that add up over a tensor's blocks) and fold each tensor's sum in,
-in tensor order (:meth:`Selector.absorb`).  The main pass
+pure, returning arrays that :meth:`Selector.merge` combines over a tensor's blocks) and
+fold each tensor's total in, in tensor order (:meth:`Selector.absorb`).  The main pass
 then calls :meth:`Selector.choose` on every block, in global order when the selector is
 ``ordered``.  A choice may leave *candidates* undecided (their keys straddle the
 threshold); :meth:`Selector.resolve` picks among all of them at the end.
@@ -38,6 +38,7 @@ import numpy as np
 from ..dtypes import DType
 from ..errors import TensorMismatchError
 from ..sizes import row_items
+from ..tiebreak import ranked, tie_order
 from .topk import (TopK, bracket_bins, count_to_keep, high_histogram, magnitude_keys,
                    resolve_candidates, split_bracket)
 
@@ -63,6 +64,11 @@ class TuneBlock:
     def keys(self) -> np.ndarray:
         """Ranking keys of |tau| (see :func:`~.topk.magnitude_keys`), computed once."""
         return magnitude_keys(self.finetuned, self.base, self.dt)
+
+    def tie_orders(self, index: np.ndarray) -> np.ndarray:
+        """Tie orders (:func:`~sparsestitch.tiebreak.tie_order`) of the elements at
+        block-relative ``index``."""
+        return tie_order(self.name, index + self.offset)
 
 
 @dataclass(frozen=True)
@@ -113,15 +119,26 @@ class Selector:
         """Whether pre-pass ``index`` must run (checked just before it would)."""
         return True
 
-    def measure(self, index: int, block: TuneBlock) -> np.ndarray:
+    def pass_tensors(self, index: int, names: Sequence[str]) -> Sequence[str]:
+        """Which of the localized tensors pre-pass ``index`` reads (default: all)."""
+        return names
+
+    def measure(self, index: int, block: TuneBlock) -> np.ndarray | None:
         """Pre-pass ``index`` over one block: a pure function (runs in worker threads)
-        returning an array; a tensor's measures are summed before :meth:`absorb`."""
+        returning an array, or None when this block tells the selector nothing."""
         raise NotImplementedError
 
+    def merge(self, index: int, total: np.ndarray, measure: np.ndarray) -> np.ndarray:
+        """Two measures of one tensor combined (default: added)."""
+        return total + measure
+
     def absorb(self, index: int, name: str, total: np.ndarray) -> None:
-        """Fold in the sum of one tensor's measures of pre-pass ``index`` (in tensor order,
+        """Fold in one tensor's combined measures of pre-pass ``index`` (in tensor order,
         in the caller's thread)."""
         raise NotImplementedError
+
+    def end_pass(self, index: int) -> None:
+        """Called after pre-pass ``index`` has absorbed every tensor."""
 
     def choose(self, block: TuneBlock) -> Choice:
         raise NotImplementedError
@@ -187,8 +204,9 @@ class KeepAll(Selector):
 
 
 class _TopKSelector(Selector):
-    """Exact top-k with :class:`~.topk.TopK` counters: two histogram passes, then selection
-    with the tie quota handed out in global order."""
+    """Exact top-k with :class:`~.topk.TopK` counters: two counting passes for the threshold
+    key and, where only part of the keys equal to it are kept, one or two for their tie
+    orders; then selection with the last of the quota handed out in global order."""
 
     ordered = True
 
@@ -206,30 +224,56 @@ class _TopKSelector(Selector):
         raise NotImplementedError
 
     def pre_passes(self) -> Sequence[PrePass]:
-        return (PrePass("localize 1/3"), PrePass("localize 2/3"))
+        return (PrePass("localize 1/3"), PrePass("localize 2/3"), PrePass("ties"),
+                PrePass("ties, second pass"))
 
     def pass_needed(self, index: int) -> bool:
         if index == 0:
             return True
         counters = self._counters()
-        for counter in counters:  # fixes each counter's bin before the threads read it
-            counter.prepare_low_pass()
-        return any(c.needs_low_pass for c in counters)
+        for counter in counters:  # fixes what each counter looks for before threads read it
+            counter.prepare_low_pass() if index == 1 else counter.prepare_tie_pass()
+        if index == 1:
+            return any(c.needs_low_pass for c in counters)
+        return any(c.needs_tie_pass for c in counters)
 
-    def measure(self, index: int, block: TuneBlock) -> np.ndarray:
+    def pass_tensors(self, index: int, names: Sequence[str]) -> Sequence[str]:
+        if index < 2:
+            return names
+        return [n for n in names if self._counter(n).needs_tie_pass]
+
+    def measure(self, index: int, block: TuneBlock) -> np.ndarray | None:
+        counter = self._counter(block.name)
         if index == 0:
             return high_histogram(block.keys)
-        return self._counter(block.name).low_histogram(block.keys)
+        if index == 1:
+            return counter.low_histogram(block.keys) if counter.needs_low_pass else None
+        if not counter.needs_tie_pass:
+            return None
+        return counter.tie_histogram(block.keys, block.tie_orders)
+
+    def merge(self, index: int, total: np.ndarray, measure: np.ndarray) -> np.ndarray:
+        if index >= 2 and total.dtype == np.uint32:  # tie orders held whole
+            return np.concatenate([total, measure])
+        return total + measure
 
     def absorb(self, index: int, name: str, total: np.ndarray) -> None:
         counter = self._counter(name)
         if index == 0:
             counter.add_high(total)
-        elif counter.needs_low_pass:
+        elif index == 1:
             counter.add_low(total)
+        else:
+            counter.add_ties(total, final=False)
+
+    def end_pass(self, index: int) -> None:
+        if index >= 2:
+            for counter in self._counters():
+                if counter.needs_tie_pass:
+                    counter.end_tie_pass()
 
     def choose(self, block: TuneBlock) -> Choice:
-        return Choice(self._counter(block.name).select(block.keys))
+        return Choice(self._counter(block.name).select(block.keys, block.tie_orders))
 
 
 class GlobalTopK(_TopKSelector):
@@ -323,7 +367,7 @@ class BracketedTopK(Selector):
 
     def choose(self, block: TuneBlock) -> Choice:
         above, inside, inside_keys = split_bracket(block.keys, *self._brackets())
-        return Choice(above, inside, inside_keys)
+        return Choice(above, inside, ranked(inside_keys, block.name, inside + block.offset))
 
     def resolve(self, candidate_keys: np.ndarray, kept: int) -> np.ndarray | None:
         return resolve_candidates(candidate_keys, self._k - kept)

@@ -5,17 +5,25 @@ in the wide type, see :mod:`sparsestitch.dtypes`), read as uint32.  For
 non-negative floats the bit order is the value order, and NaN sorts above
 infinity, so changed-to-NaN elements rank first (elements whose bits did not
 change get key 0, even when tau = inf - inf is NaN).  Exactly ``k`` elements are
-kept: every key above the threshold ``T``, then elements equal to ``T`` in
-*global order* (tensors by name, then flat index) until ``k`` is reached.
+kept: every key above the threshold ``T``; among keys equal to ``T``, those with the
+largest *tie order* (:func:`sparsestitch.tiebreak.tie_order`, a hash of tensor name
+and position, so ties are spread over a tensor instead of taken from its first rows);
+where tie orders are equal too, the earlier in global order (tensors by name, then
+flat index).
 
-:class:`TopK` finds ``T`` without holding the model: pass 1 counts keys by
+:class:`TopK` finds the cut without holding the model: pass 1 counts keys by
 their high 16 bits (a 64 Ki-bin histogram), which fixes the bin holding the
-k-th largest key; pass 2 counts the low 16 bits of keys in that bin only; the
-selection pass then keeps keys above ``T`` and hands out the tie quota in
-call order.  Memory is two histograms, whatever the model size.
+k-th largest key; pass 2 counts the low 16 bits of keys in that bin only, which
+fixes ``T``.  When only some of the keys equal to ``T`` are kept, pass 3 does the
+same for their tie orders (collected whole when there are few, else counted by their
+high and then low 16 bits in passes 3 and 4).  The selection pass keeps what ranks
+above the cut and hands the rest of the quota out in call order.  Memory is a few
+histograms, whatever the model size.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import numpy as np
 
@@ -90,21 +98,34 @@ def count_to_keep(density: float, numel: int) -> int:
     return min(numel, int(np.floor(density * numel + 0.5)))
 
 
+#: Tie orders (uint32) of a chunk's elements at the given chunk-relative indices.
+TieOrder = Callable[[np.ndarray], np.ndarray]
+
+#: Up to this many elements tied at the threshold, pass 3 collects their tie orders whole
+#: (4 bytes each) instead of counting them in two passes.
+TIES_HELD_WHOLE = 1 << 24
+
+
 class TopK:
     """Exact streaming top-k over chunks of keys (see module docstring).
 
-    Feed every chunk to :meth:`count_high`, then (if :attr:`needs_low_pass`)
-    every chunk to :meth:`count_low`, then every chunk, in global order, to
-    :meth:`select`.  The counting passes can also run in worker threads: each computes
-    :func:`high_histogram` / :meth:`low_histogram` of its chunks (after
-    :meth:`prepare_low_pass`, for the second pass) and the caller adds them in with
-    :meth:`add_high` / :meth:`add_low`.
+    Feed every chunk to :meth:`count_high`, then, if :attr:`needs_low_pass`, every chunk
+    to :meth:`count_low`, then, while :attr:`needs_tie_pass`, every chunk to
+    :meth:`count_ties` followed by :meth:`end_tie_pass`, then every chunk, in global order,
+    to :meth:`select`.  Each
+    counting pass can also run in worker threads: compute :func:`high_histogram`,
+    :meth:`low_histogram` or :meth:`tie_histogram` of each chunk (after
+    :meth:`prepare_low_pass` / :meth:`prepare_tie_pass`) and add them in with :meth:`add_high`,
+    :meth:`add_low` or :meth:`add_ties`.  Chunks come with a :data:`TieOrder` function.
 
     >>> keys = np.array([5, 1, 5, 9, 5], np.uint32)
+    >>> order = lambda index: np.array([3, 0, 1, 0, 2], np.uint32)[index]
     >>> topk = TopK(3)
     >>> topk.count_high(keys); topk.count_low(keys)
-    >>> topk.select(keys).tolist()
-    [0, 2, 3]
+    >>> while topk.needs_tie_pass:
+    ...     topk.count_ties(keys, order); topk.end_tie_pass()
+    >>> topk.select(keys, order).tolist()  # 9, then the two 5s of largest tie order
+    [0, 3, 4]
     """
 
     def __init__(self, k: int):
@@ -112,8 +133,17 @@ class TopK:
         self._high = np.zeros(_BINS, dtype=np.int64)
         self._low = None
         self._bin = None
-        self.threshold = None
-        self._ties_left = 0
+        self.threshold = None        # T: every key above it is kept
+        self._tied = 0               # keys equal to T
+        self._tie_need = 0           # of them, how many are kept
+        self._tie_stage = 0          # 0: not started, 1: high halves, 2: low halves, 3: done
+        self._tie_hist = None
+        self._tie_bin = None
+        self._tie_above = 0
+        self.tie_threshold = None    # H: keys equal to T with a larger tie order are kept
+        self._quota = 0              # then this many at (T, H), in call order
+
+    # -- pass 1 and 2: the threshold key --
 
     def count_high(self, keys: np.ndarray) -> None:
         self.add_high(high_histogram(keys))
@@ -145,35 +175,109 @@ class TopK:
     def add_low(self, histogram: np.ndarray) -> None:
         self._low += histogram
 
-    def select(self, keys: np.ndarray) -> np.ndarray:
+    # -- pass 3 (and 4): the cut among keys equal to T --
+
+    @property
+    def needs_tie_pass(self) -> bool:
+        """Whether a tie pass must run now: some, not all, keys equal to T are kept and the
+        cut among them is not known yet."""
+        self._find_threshold()
+        return self._tie_stage in (1, 2)
+
+    def prepare_tie_pass(self) -> None:
+        """Fix what the next tie pass looks for (call before computing its histograms)."""
+        self._find_threshold()
+
+    def tie_histogram(self, keys: np.ndarray, order: TieOrder) -> np.ndarray:
+        """This tie pass's measure of a chunk: the tie orders of its keys equal to T (when
+        they are few enough to hold), else counts of their high (pass 3) or low (pass 4)
+        16 bits."""
+        tied = np.flatnonzero(keys == self.threshold)
+        orders = order(tied) if tied.size else np.empty(0, np.uint32)
+        if self._tied <= TIES_HELD_WHOLE:
+            return orders
+        if self._tie_stage == 1:
+            return np.bincount(orders >> 16, minlength=_BINS)
+        return np.bincount(orders[(orders >> 16) == self._tie_bin] & 0xFFFF, minlength=_BINS)
+
+    def count_ties(self, keys: np.ndarray, order: TieOrder) -> None:
+        """One chunk of a tie pass (sequential use): run every chunk through it, then
+        :meth:`end_tie_pass`."""
+        self.add_ties(self.tie_histogram(keys, order), final=False)
+
+    def add_ties(self, measure: np.ndarray, final: bool = True) -> None:
+        """Add one tie measure; ``final`` (the default) when it is the sum over all chunks of
+        this pass, else call :meth:`end_tie_pass` after the last."""
+        if self._tied <= TIES_HELD_WHOLE:
+            self._tie_hist = measure if self._tie_hist is None else np.concatenate(
+                [self._tie_hist, measure])
+        else:
+            self._tie_hist = measure if self._tie_hist is None else self._tie_hist + measure
+        if final:
+            self.end_tie_pass()
+
+    def end_tie_pass(self) -> None:
+        """Finish a tie pass: fix the cut (or the bin pass 4 looks into)."""
+        found, self._tie_hist = self._tie_hist, None
+        if found is None:
+            found = np.empty(0, np.uint32) if self._tied <= TIES_HELD_WHOLE else \
+                np.zeros(_BINS, np.int64)
+        if self._tied <= TIES_HELD_WHOLE:  # every tie order at hand: the cut in memory
+            ordered = np.sort(found)[::-1]
+            self.tie_threshold = int(ordered[self._tie_need - 1])
+            self._quota = self._tie_need - int(np.count_nonzero(found > self.tie_threshold))
+            self._tie_stage = 3
+        elif self._tie_stage == 1:
+            self._tie_bin, self._tie_above = _kth_bin(found, self._tie_need)
+            self._tie_stage = 2
+        else:
+            low, above = _kth_bin(found, self._tie_need - self._tie_above)
+            self.tie_threshold = (self._tie_bin << 16) | low
+            self._quota = self._tie_need - self._tie_above - above
+            self._tie_stage = 3
+
+    # -- selection --
+
+    def select(self, keys: np.ndarray, order: TieOrder | None = None) -> np.ndarray:
         """Flat indices (into this chunk) of the kept elements, in order."""
-        if self.threshold is None:
-            self._finish()
+        self._find_threshold()
         if self.k == 0:
             return np.empty(0, dtype=np.int64)
         if self.threshold < 0:  # keep everything
             return np.arange(keys.size, dtype=np.int64)
+        if self._tie_stage in (1, 2):
+            raise RuntimeError("count_ties must see every chunk before select")
         above = keys > self.threshold
-        if self._ties_left:
-            ties = np.flatnonzero(keys == self.threshold)[:self._ties_left]
-            self._ties_left -= ties.size
-            above[ties] = True
+        if self._tie_need:
+            tied = np.flatnonzero(keys == self.threshold)
+            if self.tie_threshold is None:  # every key equal to T is kept
+                above[tied] = True
+            elif tied.size:
+                orders = order(tied)
+                above[tied[orders > self.tie_threshold]] = True
+                at_cut = tied[orders == self.tie_threshold][:self._quota]
+                self._quota -= at_cut.size
+                above[at_cut] = True
         return np.flatnonzero(above)
 
-    def _finish(self) -> None:
+    def _find_threshold(self) -> None:
+        if self.threshold is not None:
+            return
         total = int(self._high.sum())
         if self.k >= total:
-            self.threshold, self._ties_left = -1, 0
+            self.threshold = -1
             return
         if self.k == 0:
-            self.threshold, self._ties_left = 1 << 32, 0
+            self.threshold = 1 << 32
             return
         if self._bin is None:
             raise RuntimeError("count_low must see every chunk before select")
         high_bin, above_bin = _kth_bin(self._high, self.k)
         low_bin, above_in_bin = _kth_bin(self._low, self.k - above_bin)
         self.threshold = (high_bin << 16) | low_bin
-        self._ties_left = self.k - above_bin - above_in_bin
+        self._tied = int(self._low[low_bin])
+        self._tie_need = self.k - above_bin - above_in_bin
+        self._tie_stage = 1 if self._tie_need < self._tied else 3
 
 
 def high_histogram(keys: np.ndarray) -> np.ndarray:
@@ -194,14 +298,23 @@ def _kth_bin(hist: np.ndarray, k: int) -> tuple[int, int]:
     return bin_index, above
 
 
-def topk_positions(keys: np.ndarray, k: int) -> np.ndarray:
-    """Exact top-k of one array of keys, ties by index (the in-memory reference).
+def topk_positions(keys: np.ndarray, k: int, order: np.ndarray | None = None) -> np.ndarray:
+    """Exact top-k of one array of keys (any real or integer type): largest key first, then
+    largest tie ``order`` (uint32, one per key; default all equal), then lowest index -- the
+    in-memory reference, and the cut for keys already in memory.
 
     >>> topk_positions(np.array([5, 1, 5, 9, 5], np.uint32), 3).tolist()
     [0, 2, 3]
+    >>> topk_positions(np.array([5, 1, 5, 9, 5], np.uint32), 3, np.array([3, 0, 1, 0, 2])).tolist()
+    [0, 3, 4]
     """
-    order = np.lexsort((np.arange(keys.size), -keys.astype(np.int64)))
-    return np.sort(order[:k])
+    keys = np.asarray(keys)
+    negated = -keys.astype(np.float64 if keys.dtype.kind == "f" else np.int64)
+    columns = [np.arange(keys.size)]
+    if order is not None:
+        columns.append(-np.asarray(order, np.int64))
+    ranking = np.lexsort(columns + [negated])
+    return np.sort(ranking[:k])
 
 
 # --- One-pass global top-k: a bracket from a sample, then exact resolution of candidates ---
@@ -240,8 +353,9 @@ def bracket_bins(weighted_high: np.ndarray, k: int, sampled_above: float, margin
 def resolve_candidates(candidate_keys: np.ndarray, needed: int) -> np.ndarray | None:
     """Which candidates (in global order) complete the top-k; None if the bracket missed.
 
-    ``needed`` is ``k`` minus the elements kept above the bracket.  Ties at the threshold
-    go to the earliest candidates, matching :class:`TopK`.
+    ``needed`` is ``k`` minus the elements kept above the bracket.  Keys are uint64
+    (:func:`sparsestitch.tiebreak.ranked`: the key, then the tie order) or uint32; equal
+    keys go to the earliest candidates, matching :class:`TopK`.
 
     >>> resolve_candidates(np.array([5, 7, 5, 6], np.uint32), 2).tolist()
     [False, True, False, True]

@@ -20,14 +20,17 @@ top-k lives in the core and is not used here.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable, Mapping
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from sparsestitch.dtypes import TORCH_DTYPE_NAMES, dtype as lookup_dtype
 from sparsestitch.errors import TensorMismatchError
+from sparsestitch.localize.topk import count_to_keep, magnitude_keys, topk_positions
+from sparsestitch.tiebreak import tie_order
 
 __all__ = ["global_top_k", "dataless_masks", "learn_masks"]
 
@@ -35,9 +38,11 @@ __all__ = ["global_top_k", "dataless_masks", "learn_masks"]
 def global_top_k(scores: Mapping[str, Tensor], k: int) -> dict[str, Tensor]:
     """Mark the ``k`` largest scores across all tensors.
 
-    Ties are broken by tensor order (sorted by name), then by flat index: the
-    earlier position wins.  This makes the result independent of the mapping's
-    iteration order and of ``torch.topk``'s unspecified tie handling.
+    Equal scores are ordered by :func:`sparsestitch.tiebreak.tie_order` (a hash of the
+    tensor's name and the position: ties spread over a tensor, not taken from its first
+    rows), then by tensor order (sorted by name) and flat index -- the order compress's
+    top-k uses (:func:`sparsestitch.localize.topk.topk_positions`).  The result does not
+    depend on the mapping's iteration order.
 
     Parameters
     ----------
@@ -59,24 +64,26 @@ def global_top_k(scores: Mapping[str, Tensor], k: int) -> dict[str, Tensor]:
     ([True, False], [False, True])
     """
     names = sorted(scores)
-    flat = torch.cat([scores[name].detach().reshape(-1).to("cpu", torch.float32)
-                      for name in names]) if names else torch.zeros(0)
-    if not 0 <= k <= flat.numel():
-        raise ValueError(f"k={k} must lie between 0 and the {flat.numel()} scored positions; "
+    flat = [scores[name].detach().reshape(-1).to("cpu", torch.float32).numpy() for name in names]
+    return _top_k_masks(names, flat, [tuple(scores[n].shape) for n in names], k)
+
+
+def _top_k_masks(names: list[str], keys: list[np.ndarray], shapes: list[tuple[int, ...]],
+                 k: int) -> dict[str, Tensor]:
+    """Bool masks of the ``k`` largest of ``keys`` (one flat array per tensor, in ``names``
+    order), ties as in :func:`global_top_k`."""
+    total = sum(key.size for key in keys)
+    if not 0 <= k <= total:
+        raise ValueError(f"k={k} must lie between 0 and the {total} scored positions; "
                          "lower the density or include more tensors")
-    kept = torch.zeros(flat.numel(), dtype=torch.bool)
-    if k > 0:
-        # The k-th largest value is the threshold; positions equal to it are taken
-        # in flat order until k is reached.
-        threshold = torch.kthvalue(flat, flat.numel() - k + 1).values
-        kept = flat > threshold
-        at_threshold = torch.nonzero(flat == threshold).reshape(-1)
-        kept[at_threshold[: k - int(kept.sum())]] = True
+    orders = [tie_order(name, np.arange(key.size)) for name, key in zip(names, keys)]
+    flat = np.concatenate(keys) if keys else np.empty(0, np.float32)
+    kept = np.zeros(total, bool)
+    kept[topk_positions(flat, k, np.concatenate(orders) if orders else None)] = True
     masks, start = {}, 0
-    for name in names:
-        size = scores[name].numel()
-        masks[name] = kept[start:start + size].reshape(scores[name].shape)
-        start += size
+    for name, key, shape in zip(names, keys, shapes):
+        masks[name] = torch.from_numpy(kept[start:start + key.size].reshape(shape).copy())
+        start += key.size
     return masks
 
 
@@ -85,10 +92,12 @@ def dataless_masks(base: Mapping[str, Tensor], finetuned: Mapping[str, Tensor], 
                    ) -> dict[str, Tensor]:
     """Keep the global top-k of ``|finetuned − base|`` (the dataless localization).
 
-    ``|τ|`` is computed in float32 and exactly ``k = floor(density * N + 1/2)``
-    positions are kept (the rounding of :mod:`sparsestitch.localize.topk`), ``N``
-    being the number of positions in the included tensors.  A tensor is included
-    when it is floating point, present in both mappings and accepted by ``include``.
+    The same positions :func:`sparsestitch.compress` keeps with ``scope="global"`` for these
+    tensors: ``|τ|`` computed in the wide type as compress's ranking keys
+    (:func:`sparsestitch.localize.topk.magnitude_keys`), exactly ``k = floor(density * N +
+    1/2)`` positions kept, ``N`` being the number of positions in the included tensors, ties
+    as in :func:`global_top_k`.  A tensor is included when it is floating point, present in
+    both mappings and accepted by ``include``.
 
     Parameters
     ----------
@@ -112,9 +121,19 @@ def dataless_masks(base: Mapping[str, Tensor], finetuned: Mapping[str, Tensor], 
     [False, True, True, False]
     """
     names = _included_names(base, finetuned, include)
-    task_vector = {name: _task_vector(base, finetuned, name, "cpu") for name in names}
-    return global_top_k({name: tau.abs() for name, tau in task_vector.items()},
-                        _kept_count(density, task_vector))
+    keys = [_magnitude_keys(base[name], finetuned[name]) for name in names]
+    k = count_to_keep(density, sum(key.size for key in keys))
+    return _top_k_masks(names, keys, [tuple(base[n].shape) for n in names], k)
+
+
+def _magnitude_keys(base: Tensor, finetuned: Tensor) -> np.ndarray:
+    """Compress's ranking keys of one tensor pair (same dtype and shape)."""
+    dt = lookup_dtype(TORCH_DTYPE_NAMES[str(base.dtype).removeprefix("torch.")])
+    width = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[dt.itemsize]
+
+    def as_bits(tensor: Tensor) -> np.ndarray:
+        return tensor.detach().to("cpu").contiguous().view(width).reshape(-1).numpy().view(dt.bits)
+    return magnitude_keys(as_bits(finetuned.to(base.dtype)), as_bits(base), dt)
 
 
 def learn_masks(model: nn.Module, base: Mapping[str, Tensor], finetuned: Mapping[str, Tensor],
@@ -233,7 +252,7 @@ def learn_masks(model: nn.Module, base: Mapping[str, Tensor], finetuned: Mapping
             optimizer.step()
 
     if exact_density:
-        return global_top_k(scores, _kept_count(density, task_vector))
+        return global_top_k(scores, count_to_keep(density, position_count))
     return {name: (s.detach() > 0).cpu() for name, s in scores.items()}
 
 
@@ -258,13 +277,6 @@ def _task_vector(base, finetuned, name, device):
     """``finetuned − base`` in float32 on ``device``."""
     return (finetuned[name].detach().to(device, torch.float32)
             - base[name].detach().to(device, torch.float32))
-
-
-def _kept_count(density, task_vector):
-    """``floor(density * N + 1/2)`` (the core's rounding) after checking the density."""
-    if not 0.0 <= density <= 1.0:
-        raise ValueError(f"density={density} must lie in [0, 1]; 0.01 keeps 1% of positions")
-    return math.floor(density * sum(tau.numel() for tau in task_vector.values()) + 0.5)
 
 
 def _check_model_has(own_values, names, base):

@@ -33,6 +33,7 @@ from typing import ClassVar
 
 import numpy as np
 
+from ..tiebreak import tie_order
 from .union import PositionUnion, union_of
 
 
@@ -156,8 +157,9 @@ class TaskArithmetic(MergeRule):
 
 class Ties(MergeRule):
     """TIES-merging: trim each weighted task vector ``w_i tau_i`` to its
-    ``round(density * numel)`` largest magnitudes in this tensor (equal magnitudes:
-    lower position first), elect a sign per position from the sum of the trimmed
+    ``round(density * numel)`` largest magnitudes in this tensor (equal magnitudes: larger
+    :func:`~sparsestitch.tiebreak.tie_order` first, then lower position), elect a sign per
+    position from the sum of the trimmed
     vectors, then average the nonzero entries that agree with it (disjoint mean):
     ``update = scale * (agreeing sum / agreeing count)``.  Positions where nothing
     agrees keep the base.
@@ -185,7 +187,8 @@ class Ties(MergeRule):
             limit = vector.tau.size if numel is None else int(np.floor(density * numel + 0.5))
             tau = wide.type(weight) * vector.tau
             if limit < tau.size:
-                order = np.lexsort((vector.positions, -np.abs(tau)))[:limit]
+                ties = tie_order(name, vector.positions).astype(np.int64)
+                order = np.lexsort((vector.positions, -ties, -np.abs(tau)))[:limit]
                 keep = np.sort(order)
                 trimmed.append(TaskVector(vector.positions[keep], tau[keep]))
             else:

@@ -5,7 +5,7 @@ something at the output path?  Every case is a real delta made by ``sparsestitch
 (every float width, every codec), damaged one way or another, then put through ``info``,
 ``sparsestitch info``, ``verify`` (with and without the base), ``restore`` and ``stitch``; each
 outcome is judged against an independent reader written from docs/format.md
-(``tests/fault_helpers.py``).  Verdicts per case:
+(:mod:`tests.support.reference`).  Verdicts per case:
 
 * detected   -- every operation that must refuse it raised the library's own error naming the
                 file (and the tensor the damage is in); the others gave the reference result
@@ -24,7 +24,7 @@ zoo delta; phase 2 draws random cases (multi-bit and byte-run damage, resealed r
 fields, resealed payload garbage, base flips) until the time is up; phase 3 kills the command
 line (``kill -9``) at random moments and checks the output is absent or complete.
 
-    python bench/fuzz_campaign.py --minutes 5 --seed 0
+    python -m tests.support.campaign --minutes 5 --seed 0
 
 Prints a table and writes bench/results/reliability_campaign.json; exits 1 if any case is
 crashed, silent, unnamed, leftover or refused-valid.  The fast part runs in the test suite
@@ -34,7 +34,9 @@ crashed, silent, unnamed, leftover or refused-valid.  The fast part runs in the 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import platform
 import random
 import resource
 import shutil
@@ -45,13 +47,12 @@ import time
 from collections import Counter
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
+import sparsestitch
+from tests.support import damage, images, outcomes, processes
+from tests.support import zoo as zoo_builder
+from tests.support.models import save_checkpoint
 
-from common import machine, table, write_json  # noqa: E402
-
-from tests import fault_helpers as fh  # noqa: E402
-from tests.conftest import save_checkpoint  # noqa: E402
+ROOT = Path(__file__).resolve().parents[2]
 
 BAD = ("crashed", "silent", "unnamed", "leftover", "refused-valid")
 
@@ -59,43 +60,43 @@ BAD = ("crashed", "silent", "unnamed", "leftover", "refused-valid")
 def systematic(zoo, ctx, pristine, rng, flips_per_region: int):
     """Every case of every deterministic family, delta by delta; yields ``(case, run)``."""
     for label, path in zoo.deltas.items():
-        data, image = path.read_bytes(), fh.DeltaImage.read(path)
-        families = [fh.bitflip_cases(label, data, rng, flips_per_region),
-                    fh.truncation_cases(label, data), fh.container_cases(label, image),
-                    fh.header_cases(label, image), fh.decoder_cases(label, path)]
+        data, image = path.read_bytes(), images.DeltaImage.read(path)
+        families = [damage.bitflip_cases(label, data, rng, flips_per_region),
+                    damage.truncation_cases(label, data), damage.container_cases(label, image),
+                    damage.header_cases(label, image), damage.decoder_cases(label, path)]
         for cases in families:
             for case in cases:
-                yield case, lambda case=case, label=label: fh.run_case(case, ctx, pristine[label])
-    for case in fh.base_cases(zoo.base.read_bytes(), rng, flips_per_region):
-        yield case, lambda case=case: fh.run_base_case(case, zoo.deltas["mask"], ctx,
+                yield case, lambda case=case, label=label: outcomes.run_case(case, ctx, pristine[label])
+    for case in outcomes.base_cases(zoo.base.read_bytes(), rng, flips_per_region):
+        yield case, lambda case=case: outcomes.run_base_case(case, zoo.deltas["mask"], ctx,
                                                        pristine["mask"])
 
 
 def randomized(zoo, ctx, pristine, rng):
     """Random cases forever; yields ``(case, run)``."""
-    images = {label: fh.DeltaImage.read(path) for label, path in zoo.deltas.items()}
+    opened = {label: images.DeltaImage.read(path) for label, path in zoo.deltas.items()}
     base = zoo.base.read_bytes()
     while True:
         label = rng.choice(list(zoo.deltas))
         kind = rng.choice(["damage", "header", "payload", "base"])
         if kind == "damage":
-            case = fh.random_damage_case(label, zoo.deltas[label].read_bytes(), rng)
+            case = damage.random_damage_case(label, zoo.deltas[label].read_bytes(), rng)
         elif kind == "header":
-            case = fh.random_header_case(label, images[label], rng)
+            case = damage.random_header_case(label, opened[label], rng)
         elif kind == "payload":
-            case = fh.resealed_payload_cases(label, images[label], rng, 1)[0]
+            case = damage.resealed_payload_cases(label, opened[label], rng, 1)[0]
         else:
             bit = rng.randrange(8 * len(base))
-            case = fh.Case("base-bitflip", f"base:random:bit{bit}", fh.flip(base, bit),
+            case = damage.Case("base-bitflip", f"base:random:bit{bit}", damage.flip(base, bit),
                            tensor=_base_tensor_at(base, bit // 8))
-            yield case, lambda case=case: fh.run_base_case(case, zoo.deltas["mask"], ctx,
+            yield case, lambda case=case: outcomes.run_base_case(case, zoo.deltas["mask"], ctx,
                                                            pristine["mask"])
             continue
-        yield case, lambda case=case, label=label: fh.run_case(case, ctx, pristine[label])
+        yield case, lambda case=case, label=label: outcomes.run_case(case, ctx, pristine[label])
 
 
 def _base_tensor_at(data: bytes, offset: int) -> str | None:
-    for label, start, end, tensor in fh.base_regions(data):
+    for label, start, end, tensor in outcomes.base_regions(data):
         if label == "tensor" and start <= offset < end:
             return tensor
     return None
@@ -103,9 +104,9 @@ def _base_tensor_at(data: bytes, offset: int) -> str | None:
 
 def kill_trials(folder: Path, trials: int, rng: random.Random) -> Counter:
     """``kill -9`` compress, restore and stitch at random moments; count what the output was."""
-    model = fh.medium_model()
+    model = zoo_builder.medium_model()
     base = save_checkpoint(folder / "base", model, shards=3)
-    tunes = [save_checkpoint(folder / f"ft{i}", fh.medium_finetune(model, i), shards=3)
+    tunes = [save_checkpoint(folder / f"ft{i}", zoo_builder.medium_finetune(model, i), shards=3)
              for i in (1, 2)]
     deltas = [folder / "ft1.delta", folder / "ft2.delta"]
     import sparsestitch
@@ -118,35 +119,35 @@ def kill_trials(folder: Path, trials: int, rng: random.Random) -> Counter:
         "restore": (out / "r", ["restore", str(base), str(deltas[0])]),
         "stitch": (out / "s", ["stitch", str(base), *map(str, deltas)]),
     }
-    inputs = {p: fh.tree_digest(p) for p in [base, *tunes, *deltas]}
+    inputs = {p: processes.tree_digest(p) for p in [base, *tunes, *deltas]}
     counts = Counter()
     for command, (target, args) in commands.items():
         args = [*args, "-o", str(target), "--quiet"]
         started = time.perf_counter()
-        assert fh.wait_exit(fh.spawn_cli(args)) == 0, f"{command} failed"
+        assert processes.wait_exit(processes.spawn_cli(args)) == 0, f"{command} failed"
         seconds = time.perf_counter() - started
-        reference = fh.tree_digest(target)
-        fh.remove(target)
+        reference = processes.tree_digest(target)
+        processes.remove(target)
         for _ in range(trials):
-            pid = fh.spawn_cli(args)
+            pid = processes.spawn_cli(args)
             time.sleep(rng.uniform(0, 1.3 * seconds))
             os.kill(pid, signal.SIGKILL)
-            fh.wait_exit(pid)
-            digest = fh.tree_digest(target)
+            processes.wait_exit(pid)
+            digest = processes.tree_digest(target)
             state = "absent" if digest is None else "complete" if digest == reference else "BROKEN"
             counts[f"{command}:{state}"] += 1
-            owners = {name.split(".sstmp-")[1].split("-")[0] for name in fh.leftovers(out)
+            owners = {name.split(".sstmp-")[1].split("-")[0] for name in processes.leftovers(out)
                       if name.startswith(f".{target.name}")}
             counts["temporaries piled up"] += len(owners) > 1
-            fh.remove(target)
+            processes.remove(target)
         try:
-            rerun = fh.wait_exit(fh.spawn_cli(args)) == 0 and fh.tree_digest(target) == reference
+            rerun = processes.wait_exit(processes.spawn_cli(args)) == 0 and processes.tree_digest(target) == reference
         except TimeoutError:
             rerun = False
         counts[f"{command}:rerun failed"] += not rerun
-        counts["temporaries left after rerun"] += bool(fh.leftovers(out))
-        fh.remove(target)
-    counts["inputs modified"] = sum(fh.tree_digest(p) != d for p, d in inputs.items())
+        counts["temporaries left after rerun"] += bool(processes.leftovers(out))
+        processes.remove(target)
+    counts["inputs modified"] = sum(processes.tree_digest(p) != d for p, d in inputs.items())
     return counts
 
 
@@ -168,11 +169,11 @@ def main() -> int:
     folder = Path(tempfile.mkdtemp(prefix="sparsestitch-campaign-", dir=scratch_root))
     try:
         rng = random.Random(args.seed)
-        zoo = fh.build_zoo(folder / "zoo", seed=args.seed)
+        zoo = zoo_builder.build_zoo(folder / "zoo", seed=args.seed)
         (folder / "scratch").mkdir()
-        ctx = fh.Context(zoo.base, zoo.other, folder / "scratch")
-        pristine = {label: fh.pristine_results(path, ctx) for label, path in zoo.deltas.items()}
-        tally = fh.Tally()
+        ctx = outcomes.Context(zoo.base, zoo.other, folder / "scratch")
+        pristine = {label: outcomes.pristine_results(path, ctx) for label, path in zoo.deltas.items()}
+        tally = outcomes.Tally()
         for phase, cases in (("systematic", systematic(zoo, ctx, pristine, rng,
                                                        args.flips_per_region)),
                              ("random", randomized(zoo, ctx, pristine, rng))):
@@ -191,21 +192,28 @@ def main() -> int:
     verdicts = ("tried", "detected", "identical", "faithful") + BAD
     rows = [{"family": family, **counts} for family, counts in sorted(tally.by_family.items())]
     rows.append({"family": "all", **tally.cases})
-    print(table(rows, [("family", "family", "{}")] + [(v, v, "{}") for v in verdicts]))
+    width = max(len(row["family"]) for row in rows)
+    print("  ".join(["family".ljust(width)] + [v.rjust(9) for v in verdicts]))
+    for row in rows:
+        print("  ".join([row["family"].ljust(width)] + [str(row.get(v, 0)).rjust(9) for v in verdicts]))
     print("operation runs:", dict(tally.runs))
     print("kill -9 trials:", dict(kills))
     bad = sum(tally.cases[v] for v in BAD)
     broken = sum(v for k, v in kills.items() if "BROKEN" in k or "failed" in k
                  or "piled" in k or "left" in k or "modified" in k)
-    command = (f"python bench/fuzz_campaign.py --minutes {args.minutes:g} --seed {args.seed} "
+    command = (f"python -m tests.support.campaign --minutes {args.minutes:g} --seed {args.seed} "
                f"--flips-per-region {args.flips_per_region} --kills {args.kills}")
-    path = write_json(args.out, {
-        "command": command, "seconds": round(elapsed, 1), "machine": machine(),
-        "codecs": sorted(fh.CODECS), "cases": dict(tally.cases),
+    path = Path(args.out)
+    path.write_text(json.dumps({
+        "command": command, "seconds": round(elapsed, 1),
+        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                    "os": platform.platform(), "python": platform.python_version(),
+                    "sparsestitch": sparsestitch.__version__},
+        "codecs": sorted(zoo_builder.CODECS), "cases": dict(tally.cases),
         "by_family": {f: dict(c) for f, c in tally.by_family.items()},
         "operation_runs": dict(tally.runs), "kill_trials": dict(kills),
-        "failures": [{"case": label, "outcomes": outcomes} for label, outcomes in tally.failures[:50]],
-    })
+        "failures": [{"case": label, "outcomes": verdict} for label, verdict in tally.failures[:50]],
+    }, indent=2, sort_keys=True) + "\n")
     print(f"{tally.cases['tried']} cases in {elapsed:.0f} s: {tally.cases['detected']} detected, "
           f"{tally.cases['identical']} identical, {tally.cases['faithful']} faithful, {bad} bad; "
           f"kill trials broken: {broken}.  Wrote {path}")
