@@ -1,0 +1,70 @@
+"""Model-card contents (for :func:`sparsestitch.hub.write_model_card`) of restored and
+merged zoo members: what they are, how they were made, and how to make them again."""
+
+from __future__ import annotations
+
+import json
+
+from .._version import __version__
+
+
+def _base_model(manifest: dict) -> str:
+    """The base as the Hub's ``base_model:`` wants it: its Hub id, else the local spec."""
+    source = manifest["base"]["source"]
+    return source["repo_id"] if source["kind"] == "hub" else source["spec"]
+
+
+def _origin(source: dict) -> str:
+    if source["kind"] == "hub":
+        return f"`{source['repo_id']}` at commit `{source['commit']}`"
+    return f"`{source['spec']}`"
+
+
+def _member_line(entry: dict) -> str:
+    return (f"- `{entry['name']}`: from {_origin(entry['source'])}; kept "
+            f"{entry['kept']:,} of {entry['candidates']:,} parameters "
+            f"({100 * entry['density']:.3g}%), delta {entry['size']:,} bytes, "
+            f"sha256 `{entry['checksums']['sha256']}`")
+
+
+def restored_card(manifest: dict, entry: dict) -> dict:
+    """Keyword arguments of ``write_model_card`` for member ``entry`` restored."""
+    base = _base_model(manifest)
+    exact = entry["density"] >= 1.0
+    how = "\n".join([
+        f"# {entry['name']}", "",
+        f"Fine-tune of `{base}`, rebuilt by sparsestitch {__version__} "
+        "from a sparse delta stored in a model zoo:", "",
+        _member_line(entry), "",
+        ("The delta keeps every changed parameter, so this is the fine-tune bit for bit."
+         if exact else
+         "Stored parameters have the fine-tune's exact values; every other parameter keeps "
+         "the base's value, so this approximates the original fine-tune (Localize-and-Stitch, "
+         "He et al., TMLR 2024)."), "",
+        "Made with:", "", "```bash",
+        f"sparsestitch zoo get ZOO {entry['name']} -o OUT", "```", "",
+        f"Compress options: `{json.dumps(entry['options'], sort_keys=True)}`",
+    ])
+    return {"base": base, "how": how, "tags": ["restored"], "relation": "finetune"}
+
+
+def merged_card(manifest: dict, entries: list[dict], rule: str, weights, options: dict) -> dict:
+    """Keyword arguments of ``write_model_card`` for a merge of ``entries``."""
+    base = _base_model(manifest)
+    names = " ".join(e["name"] for e in entries)
+    # The command line spells TIES's density --trim (compress has its own --density).
+    flags = "".join(f" --{'trim' if k == 'density' else k.replace('_', '-')} {v}"
+                    for k, v in sorted(options.items()))
+    how = "\n".join([
+        f"# Merge of {', '.join(e['name'] for e in entries)}", "",
+        f"`{base}` with the sparse deltas of {len(entries)} fine-tune(s) stitched onto it by "
+        f"sparsestitch {__version__}, rule `{rule}`"
+        + (f", weights {list(weights)}" if weights else "")
+        + (f", options `{json.dumps(options, sort_keys=True)}`" if options else "") + ":", "",
+        *[_member_line(e) for e in entries], "",
+        "Made with:", "", "```bash",
+        f"sparsestitch zoo merge ZOO {names} -o OUT --rule {rule}"
+        + (f" --weights {','.join(str(w) for w in weights)}" if weights else "") + flags,
+        "```",
+    ])
+    return {"base": base, "how": how, "tags": ["merge", rule], "relation": "merge"}
