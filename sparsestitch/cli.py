@@ -197,5 +197,9 @@ def demo(workdir, size_mb):
     run_demo(workdir, size_mb=size_mb, echo=click.echo)
 
 
+from .cli_zoo import zoo  # noqa: E402  (the zoo group: thin like the commands above)
+
+main.add_command(zoo)
+
 if __name__ == "__main__":
     main()

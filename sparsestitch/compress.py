@@ -465,7 +465,8 @@ class CompressJob:
             "kept": written.kept,
             "candidates": self.plan.candidates,
             "base_identity": digest(json.dumps(identity, separators=(",", ":")).encode()),
-            "sources": {"base": self.base.path.name, "finetuned": self.tunes[tune_index].path.name},
+            "sources": {"base": self.base.display_name,
+                        "finetuned": self.tunes[tune_index].display_name},
             "localized_tensors": None if masks else len(self.plan.localized),
             "dense_patterns": list(self.plan.dense),
         }

@@ -133,18 +133,32 @@ def _display(repo_id: str, revision: str | None) -> str:
 def write_model_card(folder: str | os.PathLike, *, base: str, how: str,
                      tags: list[str] | tuple[str, ...] = (), relation: str | None = None,
                      library_name: str | None = None) -> Path:
-    """Write ``folder/README.md``: YAML front matter as the Hub expects, then ``how``.
+    """Write ``folder/README.md``: :func:`model_card` of these arguments.
 
-    ``base`` is the base model's Hub id (or local name) for ``base_model:``; ``relation``
-    becomes ``base_model_relation:`` (``finetune``, ``merge``, ...).  ``library_name``
-    defaults to ``transformers`` when the folder has a ``config.json`` (outputs mirror the
-    base's layout, so ``transformers`` loads them), else it is left out.  An existing
+    ``library_name`` defaults to ``transformers`` when the folder has a ``config.json``
+    (outputs mirror the base's layout, so ``transformers`` loads them).  An existing
     README.md (the base's card, copied with the other non-weight files) is replaced: it
     describes the base, not this model.
     """
     folder = Path(folder)
     if library_name is None and (folder / "config.json").is_file():
         library_name = "transformers"
+    card = folder / "README.md"
+    card.write_text(model_card(base=base, how=how, tags=tags, relation=relation,
+                               library_name=library_name), encoding="utf-8")
+    return card
+
+
+def model_card(*, base: str, how: str, tags: list[str] | tuple[str, ...] = (),
+               relation: str | None = None, library_name: str | None = None) -> str:
+    """A model card as the Hub expects: YAML front matter, then ``how`` (Markdown).
+
+    ``base`` is the base model's Hub id (or local name) for ``base_model:``; ``relation``
+    becomes ``base_model_relation:`` (``finetune``, ``merge``, ...).
+
+    >>> print(model_card(base="org/base", how="# Hi", relation="merge").splitlines()[:3])
+    ['---', 'base_model: "org/base"', 'base_model_relation: "merge"']
+    """
     lines = ["---", f"base_model: {_yaml(base)}"]
     if relation:
         lines.append(f"base_model_relation: {_yaml(relation)}")
@@ -153,9 +167,7 @@ def write_model_card(folder: str | os.PathLike, *, base: str, how: str,
     lines.append("tags:")
     lines += [f"- {_yaml(tag)}" for tag in dict.fromkeys(["sparsestitch", *tags])]
     lines += ["---", "", how.rstrip(), ""]
-    card = folder / "README.md"
-    card.write_text("\n".join(lines), encoding="utf-8")
-    return card
+    return "\n".join(lines)
 
 
 def _yaml(text: str) -> str:

@@ -9,6 +9,7 @@ from typing import ClassVar
 
 import numpy as np
 
+from .cards import restore_card
 from .dtypes import DType
 from .stitch import engine
 from .walk import Stored
@@ -60,9 +61,10 @@ def restore(base: str | os.PathLike, delta: str | os.PathLike, out: str | os.Pat
     Every stored position gets the fine-tuned bits exactly; every other position keeps
     the base's bits (so a ``density=1.0`` delta restores the fine-tune bit for bit).
     The output mirrors the base: a ``.safetensors`` file, or a folder with the same
-    shards, index and non-weight files.
+    shards, index and non-weight files, and a model card (README.md) saying how it was made.
 
     >>> restore("base.safetensors", "math.delta", "math.safetensors")  # doctest: +SKIP
     """
     return engine.run(base, [delta], out, RestoreCombiner(), overwrite=overwrite,
-                      progress=progress, description="restore", block_bytes=block_bytes)
+                      progress=progress, description="restore", block_bytes=block_bytes,
+                      card=restore_card(delta))

@@ -217,9 +217,13 @@ def test_restored_folder_gets_non_weight_files_only(tmp_path):
         "README.md", "config.json", "generation_config.json",
         "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors", INDEX_NAME,
         "tokenizer.json", "tokenizer_config.json"]
-    for name in ("README.md", "config.json", "generation_config.json", "tokenizer.json",
+    for name in ("config.json", "generation_config.json", "tokenizer.json",
                  "tokenizer_config.json"):
         assert (out / name).read_bytes() == (base_dir / name).read_bytes()
+    # The base's model card describes the base: the output gets its own, as the Hub expects.
+    card = (out / "README.md").read_text()
+    assert card.startswith("---\nbase_model: \"base\"\nbase_model_relation: \"finetune\"\n")
+    assert "library_name: \"transformers\"" in card and "sparsestitch restore base t.delta" in card
 
 
 @pytest.mark.parametrize("file_name", ["pytorch_model.bin", "model.pt", "weights.pth", "x.ckpt"])

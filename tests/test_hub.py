@@ -148,3 +148,29 @@ def test_model_card_front_matter_survives_odd_names(tmp_path):
                     "library_name": "transformers", "tags": ["sparsestitch", "merge", "x: y"]}
     assert body.strip() == "# Title\n\nBody."
     assert json.loads(json.dumps(meta))  # plain data, nothing YAML-specific
+
+
+def test_every_command_takes_hub_ids_where_it_takes_checkpoints(hub, tmp_path):
+    """compress, restore, stitch and verify read org/name[@rev] from the cache; the delta names
+    the base by its Hub id; the outputs are the same as from the snapshot folders."""
+    snapshots, _ = hub
+    from click.testing import CliRunner
+    from sparsestitch.cli import main
+
+    by_id, by_path = tmp_path / "by-id.delta", tmp_path / "by-path.delta"
+    sparsestitch.compress("org/base", "org/math@v1", by_id, density=0.1)
+    sparsestitch.compress(snapshots["org/base"], snapshots["org/math@v1"], by_path, density=0.1)
+    assert sparsestitch.info(by_id).header["sources"] == {"base": "org/base",
+                                                          "finetuned": "org/math@v1"}
+    with sparsestitch.format.DeltaReader(by_id) as a, sparsestitch.format.DeltaReader(by_path) as b:
+        assert [r.payload_xxh3 for r in a.records] == [r.payload_xxh3 for r in b.records]
+    sparsestitch.verify(by_id, base="org/base")
+    restored = sparsestitch.restore("org/base", by_id, tmp_path / "restored")
+    card = (restored / "README.md").read_text()
+    assert 'base_model: "org/base"' in card
+    result = CliRunner().invoke(main, ["stitch", "org/base", str(by_id), str(by_path), "-o",
+                                       str(tmp_path / "merged"), "--quiet"])
+    assert result.exit_code == 0, result.output
+    with pytest.raises(CheckpointError, match="huggingface-cli download org/nope"):
+        sparsestitch.restore("org/nope", by_id, tmp_path / "never")
+    assert not (tmp_path / "never").exists()

@@ -18,6 +18,7 @@ import numpy as np
 from ..atomic import recover
 from ..dtypes import dtype as lookup_dtype
 from ..errors import CheckpointError
+from ..hub import resolve_checkpoint
 from ..safetensors_file import TensorEntry, read_header
 from ..sizes import row_items
 
@@ -54,9 +55,12 @@ class Checkpoint:
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
+        #: The Hub id ``org/name[@rev]`` the checkpoint was named by, if it was.
+        self.hub_id: str | None = None
         self._index_map: dict[str, str] | None = None
         if not self.path.exists() and not recover(self.path):  # a killed overwrite's old output
-            raise CheckpointError("no such file or folder", path=self.path)
+            self.path = resolve_checkpoint(path)  # a Hub id in the local cache, or an error
+            self.hub_id = os.fspath(path)
         if self.path.is_dir():
             self.is_folder = True
             shard_files = self._folder_shards()
@@ -124,6 +128,11 @@ class Checkpoint:
                                       path=located.file, tensor=name)
             got += n
         return out
+
+    @property
+    def display_name(self) -> str:
+        """A short name for headers and model cards: the Hub id, or the file or folder name."""
+        return self.hub_id or self.path.name
 
     @property
     def extra_files(self) -> list[Path]:

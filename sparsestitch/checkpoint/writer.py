@@ -47,16 +47,19 @@ class CheckpointWriter:
     """Stream tensors into a new checkpoint at ``target``.
 
     ``folder=False`` writes the single shard as the file ``target``;
-    ``folder=True`` writes every shard, the index and ``extra_files`` into the
-    folder ``target``.  Tensors must be written in layout order.
+    ``folder=True`` writes every shard, the index, ``extra_files`` (copied) and
+    ``extra_texts`` (``{file name: text}``, e.g. a model card) into the folder ``target``.
+    Tensors must be written in layout order.
     """
 
     def __init__(self, target: str | Path, shards: list[Shard], *, folder: bool,
-                 extra_files: list[Path] = (), overwrite: bool = False):
+                 extra_files: list[Path] = (), overwrite: bool = False,
+                 extra_texts: dict[str, str] | None = None):
         if not folder and len(shards) != 1:
             raise ValueError("a single-file output needs exactly one shard")
         self.target = Path(target)
         self._shards, self._folder, self._extra = shards, folder, list(extra_files)
+        self._texts = dict(extra_texts or {})
         self._stack = contextlib.ExitStack()
         self._root = self._stack.enter_context(
             atomic_path(self.target, overwrite=overwrite, folder=folder))
@@ -102,6 +105,8 @@ class CheckpointWriter:
                 self._write_index()
                 for extra in self._extra:
                     shutil.copyfile(extra, self._root / extra.name)
+                for name, text in self._texts.items():  # after the copies: they win
+                    (self._root / name).write_text(text, encoding="utf-8")
         except BaseException as exc:
             self.abort(exc)
             if isinstance(exc, OSError):

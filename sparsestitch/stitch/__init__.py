@@ -9,6 +9,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+from ..cards import stitch_card
 from ..format import DeltaReader
 from . import engine
 from .combine import RECIPE_KEY, Combiner, RuleCombiner, rule_combiner
@@ -53,5 +54,7 @@ def stitch(base: str | os.PathLike, deltas: Sequence[str | os.PathLike], out: st
     torch_device = resolve_device(device)
     if torch_device is not None:
         combine = DeviceCombiner(combine, torch_device)
+    card = stitch_card(deltas, rule, combine.weights, {k: v for k, v in rule_options.items()})
     return engine.run(base, deltas, out, combine, overwrite=overwrite, progress=progress,
-                      block_bytes=engine.block_bytes(max_memory), metadata={RECIPE_KEY: recipe})
+                      block_bytes=engine.block_bytes(max_memory), metadata={RECIPE_KEY: recipe},
+                      card=card)

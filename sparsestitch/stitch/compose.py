@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..cards import stitch_card
 from ..checkpoint import Checkpoint, CheckpointWriter
 from ..dtypes import dtype as lookup_dtype
 from ..errors import BaseMismatchError, TensorMismatchError
@@ -80,8 +81,10 @@ def stitch_add(base: str | os.PathLike, deltas: Sequence[str | os.PathLike],
                       previous.recipe(readers[:-1]))
         added = added_records(readers)
         shards = output_shards(base_ckpt, added, {RECIPE_KEY: combine.recipe(readers)})
+        card = stitch_card(paths, rule, combine.weights, dict(rule_options))(base_ckpt)
         writer = CheckpointWriter(out, shards, folder=base_ckpt.is_folder,
-                                  extra_files=base_ckpt.extra_files, overwrite=overwrite)
+                                  extra_files=base_ckpt.extra_files, overwrite=overwrite,
+                                  extra_texts={"README.md": card} if base_ckpt.is_folder else None)
         try:
             total = sum(t.nbytes for shard in shards for t in shard.tensors)
             with bar(total, "stitch-add", progress) as progress_bar:

@@ -60,13 +60,15 @@ def block_bytes(max_memory: int | str | None) -> int:
 def run(base: str | os.PathLike, deltas: Sequence[str | os.PathLike], out: str | os.PathLike,
         combiner: Combiner, *, overwrite: bool = False, progress: bool = False,
         block_bytes: int = DEFAULT_BLOCK_BYTES, added: str = "single",
-        metadata: dict[str, str] | None = None, description: str = "stitch") -> Path:
+        metadata: dict[str, str] | None = None, description: str = "stitch",
+        card: Callable[[Checkpoint], str] | None = None) -> Path:
     """Stream ``base`` + ``deltas`` through ``combiner`` into ``out``; return ``out``.
 
     ``added`` says what to do with tensors that deltas add (the base lacks them):
     ``"single"`` copies them (an error if two deltas add the same name with different
     bits), ``"drop"`` leaves them out.  ``metadata`` is added to every output shard's
-    safetensors metadata.
+    safetensors metadata.  A folder output gets ``card(base)`` as its README.md (the model
+    card, replacing the base's).
     """
     out = Path(out)
     check_not_an_input(out, [base, *deltas])
@@ -79,8 +81,10 @@ def run(base: str | os.PathLike, deltas: Sequence[str | os.PathLike], out: str |
                 check_delta_fits(base_ckpt, reader)
             added_tensors = added_records(readers) if added == "single" else {}
             shards = output_shards(base_ckpt, added_tensors, metadata)
+            texts = {"README.md": card(base_ckpt)} if card and base_ckpt.is_folder else None
             writer = CheckpointWriter(out, shards, folder=base_ckpt.is_folder,
-                                      extra_files=base_ckpt.extra_files, overwrite=overwrite)
+                                      extra_files=base_ckpt.extra_files, overwrite=overwrite,
+                                      extra_texts=texts)
             plan = _Plan(base_ckpt, readers, added_tensors, combiner, block_bytes)
             total = sum(base_ckpt.entry(n).nbytes for n in base_ckpt.names)
             try:

@@ -62,7 +62,7 @@ def init(zoo: str | os.PathLike, base: str | os.PathLike, *,
     carry).  ``zoo`` must not exist or be an empty folder.
     """
     from ..compress import compress
-    from ..inspect import info
+    from ..describe import info
     zoo = Path(zoo)
     resolved = resolve(base, cache_dir=cache_dir)
     if zoo.exists() and (not zoo.is_dir() or any(zoo.iterdir())):
@@ -268,7 +268,7 @@ def verify(zoo: str | os.PathLike, names: Sequence[str] | None = None, *, agains
     """Check the manifest (strictly), then each member: the delta file's size, xxh3 and
     sha256, every record's checksums and decoding, and (``against_base``) that the base
     on disk is the one it was made from.  Does not stop at the first problem."""
-    from ..inspect import verify as verify_delta
+    from ..describe import verify as verify_delta
     zoo = Path(zoo)
     manifest = mf.read(zoo)
     base_path = _base_path(manifest, base, cache_dir) if against_base else None

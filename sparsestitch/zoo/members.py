@@ -126,7 +126,7 @@ def build_entry(name: str, source: dict, delta: Path, summary, options: dict) ->
     ``summary`` is compress's :class:`~sparsestitch.DeltaSummary`; the fidelity report and
     base identity come from the delta's header, as written by compress.
     """
-    from ..inspect import info
+    from ..describe import info
     check_name(name)
     described = info(delta)
     header = described.header

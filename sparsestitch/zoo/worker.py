@@ -127,7 +127,7 @@ def _make_room(zoo: Path, target: Path, identity: str) -> None:
     put there by hand is never lost."""
     if not target.exists():
         return
-    from ..inspect import info
+    from ..describe import info
     try:
         ours = info(target).header.get("base_identity") == identity
     except Exception:  # noqa: BLE001 - anything unreadable is not ours to replace
