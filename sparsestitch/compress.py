@@ -2,8 +2,9 @@
 
 A small driver over the walk: base and fine-tune row blocks
 (:mod:`sparsestitch.walk`) -> a selector per fine-tune choosing what to keep
-(:mod:`sparsestitch.localize.selectors`) -> :func:`~sparsestitch.format.encode_record`
--> one :class:`~sparsestitch.format.DeltaWriter` per fine-tune.  Every pass walks
+(:mod:`sparsestitch.localize.selectors`, run tensor by tensor by
+:mod:`sparsestitch.selection`) -> :func:`~sparsestitch.format.encode_record` -> one
+:class:`~sparsestitch.format.DeltaWriter` per fine-tune.  Every pass walks
 tensors in name order and each tensor in row blocks of at most ``chunk_elements``
 elements, reading each base block once for all fine-tunes, so memory stays near one
 block per input plus the kept values of the tensors being encoded.
@@ -23,23 +24,19 @@ from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 
 from ._version import __version__
 from .atomic import check_not_an_input
 from .checkpoint import Checkpoint
-from .dtypes import DType, dtype as lookup_dtype
 from .errors import CheckpointError, TensorMismatchError
-from .format import HEADER_KEY, DeltaWriter, Record, digest, encode_record
-from .localize.selectors import (BracketedTopK, Choice, GivenMasks, GlobalTopK, KeepAll,
-                                 PerTensorTopK, Selector, TuneBlock, changed_positions)
+from .format import HEADER_KEY, DeltaWriter, Record, digest
+from .localize.selectors import (BracketedTopK, GivenMasks, GlobalTopK, KeepAll,
+                                 PerTensorTopK, Selector)
 from .localize.topk import count_to_keep
-from .patterns import as_patterns, matches, selected
 from .progress import bar
 from .readahead import DEFAULT_WORKERS, in_order
+from .selection import SpooledSelection, TensorPlan, TensorScanner, run_pre_passes
 from .sizes import numel
-from .spool import ArraySpool
-from .walk import BaseHash, RowBlocks, read_blocks
 
 #: Elements per block and checkpoint read at a time.  Small blocks keep the per-block
 #: passes in cache: compressing the 2.27 GB benchmark model took 3.9 s with 1 << 20 against
@@ -137,35 +134,6 @@ def compress(base: str | os.PathLike, finetuned: str | os.PathLike | Sequence[st
             for path, r in zip(out_paths, results)]
 
 
-@dataclass(frozen=True)
-class TensorPlan:
-    """What happens to each base tensor: localized (ranked by a selector), stored exactly
-    (non-float, or matching a ``dense`` pattern: every changed element), or left out."""
-
-    names: list[str]
-    shapes: dict[str, tuple[int, ...]]
-    localized: list[str]
-    dense: tuple[str, ...]
-    base_path: Path
-
-    @classmethod
-    def of(cls, base: Checkpoint, include, exclude, dense) -> "TensorPlan":
-        include, exclude, dense = as_patterns(include), as_patterns(exclude), as_patterns(dense)
-        localized = [n for n in base.names
-                     if lookup_dtype(base.entry(n).dtype).is_float
-                     and selected(n, include, exclude) and not matches(n, dense)]
-        return cls(list(base.names), {n: base.entry(n).shape for n in base.names}, localized,
-                   dense, base.path)
-
-    @property
-    def candidates(self) -> int:
-        """Elements of the localized tensors."""
-        return sum(numel(self.shapes[n]) for n in self.localized)
-
-    def stored_exactly(self, name: str, dt: DType) -> bool:
-        return not dt.is_float or matches(name, self.dense)
-
-
 def _make_selectors(plan: TensorPlan, density: float, scope: str, mask_sets, count: int,
                     exact: bool = False) -> list[Selector]:
     """One selector per fine-tune for these options (``exact``: never the bracketed one)."""
@@ -180,60 +148,6 @@ def _make_selectors(plan: TensorPlan, density: float, scope: str, mask_sets, cou
     if not exact and BracketedTopK.applies(density, candidates):
         return [BracketedTopK(density, candidates, plan.shapes) for _ in range(count)]
     return [GlobalTopK(density, candidates) for _ in range(count)]
-
-
-@dataclass
-class Candidates:
-    """Entries a selector left undecided in one tensor: positions, bits, ranking keys."""
-
-    positions: np.ndarray
-    finetuned: np.ndarray
-    base: np.ndarray
-    keys: np.ndarray          # uint64 (:func:`~sparsestitch.tiebreak.ranked`)
-
-
-@dataclass
-class Selection:
-    """What one fine-tune keeps of one tensor: sorted positions (None: every element) and the
-    fine-tuned and base bits there, plus undecided candidates."""
-
-    positions: np.ndarray | None
-    finetuned: np.ndarray
-    base: np.ndarray
-    candidates: Candidates | None = None
-
-
-@dataclass
-class _SelectionParts:
-    """A :class:`Selection` gathered block by block."""
-
-    kept: list[Choice] = field(default_factory=list)
-    blocks: list[TuneBlock] = field(default_factory=list)
-
-    def add(self, block: TuneBlock, choice: Choice) -> None:
-        self.kept.append(choice)
-        self.blocks.append(block)
-
-    def finish(self, dt: DType) -> Selection:
-        if self.kept and all(c.kept is None for c in self.kept):  # every element
-            return Selection(None, _concat([b.finetuned for b in self.blocks], dt.bits),
-                             _concat([b.base for b in self.blocks], dt.bits))
-        positions, finetuned, base = [], [], []
-        for choice, block in zip(self.kept, self.blocks):
-            kept = np.arange(block.base.size) if choice.kept is None else choice.kept
-            positions.append(kept + block.offset)
-            finetuned.append(block.finetuned[kept])
-            base.append(block.base[kept])
-        selection = Selection(_concat(positions, np.int64), _concat(finetuned, dt.bits),
-                              _concat(base, dt.bits))
-        undecided = [(c, b) for c, b in zip(self.kept, self.blocks) if c.candidates is not None]
-        if undecided:
-            selection.candidates = Candidates(
-                _concat([c.candidates + b.offset for c, b in undecided], np.int64),
-                _concat([b.finetuned[c.candidates] for c, b in undecided], dt.bits),
-                _concat([b.base[c.candidates] for c, b in undecided], dt.bits),
-                _concat([c.candidate_keys for c, _ in undecided], np.uint64))
-        return selection
 
 
 @dataclass
@@ -254,8 +168,8 @@ class CompressJob:
 
     def __init__(self, base: Checkpoint, tunes: list[Checkpoint], plan: TensorPlan,
                  chunk_elements: int, progress: bool):
-        self.base, self.tunes, self.plan = base, tunes, plan
-        self.chunk_elements, self.progress = chunk_elements, progress
+        self.scanner = TensorScanner(base, tunes, plan, chunk_elements)
+        self.base, self.tunes, self.plan, self.progress = base, tunes, plan, progress
         self.workers = WORKERS
 
     def run(self, selectors: list[Selector], out_paths: list[Path], overwrite: bool,
@@ -263,15 +177,15 @@ class CompressJob:
         writers = [DeltaWriter(p, overwrite=overwrite) for p in out_paths]
         written = [_Written() for _ in self.tunes]
         try:
-            self._pre_passes(selectors)
+            run_pre_passes(self.scanner, selectors, self.workers, self.progress)
             if not self._main_pass(selectors, writers, written):
                 selectors = fallback()  # the bracket missed: redo the selection exactly
-                self._pre_passes(selectors)
+                run_pre_passes(self.scanner, selectors, self.workers, self.progress)
                 self._main_pass(selectors, writers, written)
             for i, tune in enumerate(self.tunes):
                 for name in tune.names:
                     if name not in self.base:
-                        self._add(writers, written, i, *self._encode_added(tune, name))
+                        self._add(writers, written, i, *self.scanner.encode_added(tune, name))
             for i, writer in enumerate(writers):
                 written[i].nbytes = writer.close(self._meta(i, selectors[i], written[i]))
         except BaseException as exc:
@@ -280,174 +194,34 @@ class CompressJob:
             raise
         return written
 
-    # -- passes --
-
-    def _pre_passes(self, selectors: list[Selector]) -> None:
-        for index, prepass in enumerate(selectors[0].pre_passes()):
-            if not any([s.pass_needed(index) for s in selectors]):
-                continue
-            wanted = set()
-            for selector in selectors:
-                wanted.update(selector.pass_tensors(index, self.plan.localized))
-            names = [n for n in self.plan.localized if n in wanted]
-            self._pre_pass(index, prepass, selectors, names)
-            for selector in selectors:
-                selector.end_pass(index)
-        for selector in selectors:
-            selector.start_main_pass()
-
-    def _pre_pass(self, index: int, prepass, selectors: list[Selector], names: list[str]) -> None:
-        """Pre-pass ``index`` over tensors ``names``: measured in worker threads, absorbed in
-        tensor order."""
-        def scan(name: str) -> list[np.ndarray | None]:
-            totals = [None] * len(self.tunes)
-            for block in self._tune_blocks(name, rows=prepass.rows):
-                selector = selectors[block.tune]
-                measure = selector.measure(index, block)
-                if measure is not None:
-                    total = totals[block.tune]
-                    totals[block.tune] = measure if total is None else \
-                        selector.merge(index, total, measure)
-            return totals
-
-        total_bytes = sum(self.base.entry(n).nbytes for n in names)
-        with bar(total_bytes, prepass.description, self.progress) as progress:
-            with closing(in_order(names, scan, workers=self.workers)) as scanned:
-                for name, totals in scanned:
-                    for selector, total in zip(selectors, totals):
-                        if total is not None:
-                            selector.absorb(index, name, total)
-                    progress.update(self.base.entry(name).nbytes)
-
     def _main_pass(self, selectors: list[Selector], writers, written) -> bool:
         """Select and encode every tensor; False if a selector's candidates could not be
         resolved (nothing was written then)."""
+        if selectors[0].undecided:
+            spooled = SpooledSelection(self.scanner, selectors, [w.path for w in writers],
+                                       self.workers, self.progress)
+            try:
+                if not spooled.collect():
+                    return False
+                self._write_all(spooled.encoded(), writers, written)
+            finally:
+                spooled.close()
+            return True
         ordered = any(s.ordered for s in selectors)
+        encoded = in_order(self.base.names,
+                           lambda name: self.scanner.select_and_encode(name, selectors),
+                           workers=0 if ordered else self.workers)
+        with closing(encoded):
+            self._write_all(encoded, writers, written)
+        return True
+
+    def _write_all(self, encoded, writers, written) -> None:
         total_bytes = sum(self.base.entry(n).nbytes for n in self.base.names)
-        if not selectors[0].undecided:
-            def select_and_encode(name):
-                base_xxh3, selections = self._select(name, selectors)
-                return [self._encode(name, base_xxh3, s) for s in selections]
-
-            with bar(total_bytes, "encode", self.progress) as progress:
-                with closing(in_order(self.base.names, select_and_encode,
-                                      workers=0 if ordered else self.workers)) as encoded:
-                    for name, records in encoded:
-                        for i, (record, payload) in enumerate(records):
-                            self._add(writers, written, i, record, payload)
-                        progress.update(self.base.entry(name).nbytes)
-            return True
-        return self._resolved_pass(selectors, writers, written, total_bytes)
-
-    def _resolved_pass(self, selectors, writers, written, total_bytes) -> bool:
-        """The main pass of selectors that leave candidates: selections are spooled until
-        every candidate is known, then resolved and encoded."""
-        spools = [ArraySpool(w.path) for w in writers]
-        try:
-            hashes, candidate_keys, candidate_counts = {}, [[] for _ in spools], {}
-            kept = [0] * len(spools)
-            with bar(total_bytes, "localize", self.progress) as progress:
-                with closing(in_order(self.base.names, lambda n: self._select(n, selectors),
-                                      workers=self.workers)) as scanned:
-                    for name, (hashes[name], selections) in scanned:
-                        candidate_counts[name] = self._spool(name, selections, spools,
-                                                             candidate_keys, kept)
-                        progress.update(self.base.entry(name).nbytes)
-            for spool in spools:  # the encode pass reads them with pread
-                spool.flush()
-            chosen = []
-            for i, selector in enumerate(selectors):
-                pick = selector.resolve(_concat(candidate_keys[i], np.uint64), kept[i])
-                if pick is None:
-                    return False  # the sample misled; the exact path recomputes everything
-                chosen.append(pick)
-            first = [dict(zip(self.base.names, np.cumsum([0] + [candidate_counts[n][i]
-                                                               for n in self.base.names])))
-                     for i in range(len(spools))]
-
-            def encode(name):
-                records = []
-                for i, spool in enumerate(spools):
-                    start = int(first[i][name])
-                    pick = chosen[i][start:start + candidate_counts[name][i]]
-                    selection = _with_candidates(*spool.get(name), pick)
-                    records.append(self._encode(name, hashes[name], selection))
-                return records
-
-            with bar(total_bytes, "encode", self.progress) as progress:
-                with closing(in_order(self.base.names, encode, workers=self.workers)) as encoded:
-                    for name, records in encoded:
-                        for i, (record, payload) in enumerate(records):
-                            self._add(writers, written, i, record, payload)
-                        progress.update(self.base.entry(name).nbytes)
-            return True
-        finally:
-            for spool in spools:
-                spool.close()
-
-    def _spool(self, name, selections, spools, candidate_keys, kept) -> list[int]:
-        """Park one tensor's selections; returns the number of candidates per fine-tune."""
-        counts = []
-        for i, selection in enumerate(selections):
-            undecided = selection.candidates
-            arrays = [selection.positions, selection.finetuned, selection.base]
-            if undecided is not None:
-                arrays += [undecided.positions, undecided.finetuned, undecided.base]
-                candidate_keys[i].append(undecided.keys)
-            spools[i].put(name, arrays)
-            counts.append(0 if undecided is None else undecided.positions.size)
-            if name in self.plan.localized:
-                kept[i] += selection.positions.size
-        return counts
-
-    # -- one tensor --
-
-    def _tune_blocks(self, name: str, rows=None, base_hash: BaseHash | None = None):
-        """Every fine-tune's :class:`TuneBlock` of tensor ``name``, block by block (the rows
-        ``rows(shape)`` selects, or all of them in the run's blocks); ``tune`` is set on
-        each to the fine-tune's index."""
-        entry = self.base.entry(name)
-        dt = lookup_dtype(entry.dtype)
-        blocks = RowBlocks.of_elements(entry.shape, self.chunk_elements)
-        if rows is not None:
-            blocks = RowBlocks(rows(entry.shape), blocks.row_items)
-        for start, stop, base_block in read_blocks(self.base, name, blocks, base_hash):
-            offset = blocks.elements(start, stop)[0]
-            for i, tune in enumerate(self.tunes):
-                yield TuneBlock(name, dt, offset, base_block, tune.read_rows(name, start, stop), i)
-
-    def _select(self, name: str, selectors: list[Selector]) -> tuple[str, list[Selection]]:
-        """Read one tensor block by block; each fine-tune's selector picks what to keep.
-
-        Returns the base tensor's checksum and each fine-tune's :class:`Selection`.
-        """
-        dt = lookup_dtype(self.base.entry(name).dtype)
-        exact = self.plan.stored_exactly(name, dt)
-        localized = name in self.plan.localized
-        masks = isinstance(selectors[0], GivenMasks)
-        parts = [_SelectionParts() for _ in self.tunes]
-        base_hash = BaseHash(name)
-        for block in self._tune_blocks(name, base_hash=base_hash):
-            if exact:
-                choice = changed_positions(block)
-            elif localized or masks:
-                choice = selectors[block.tune].choose(block)
-            else:  # an excluded float tensor stays at the base
-                choice = Choice.nothing()
-            parts[block.tune].add(block, choice)
-        return base_hash.hexdigest(), [p.finish(dt) for p in parts]
-
-    def _encode(self, name: str, base_xxh3: str, selection: Selection) -> tuple[Record, bytes]:
-        entry = self.base.entry(name)
-        if selection.finetuned.size == 0:
-            return Record(name, entry.dtype, entry.shape, "base", base_xxh3), b""
-        return encode_record(name, lookup_dtype(entry.dtype), entry.shape, selection.positions,
-                             selection.finetuned, selection.base, base_xxh3)
-
-    def _encode_added(self, tune: Checkpoint, name: str) -> tuple[Record, bytes]:
-        entry = tune.entry(name)
-        bits = tune.read(name).reshape(-1)
-        return encode_record(name, lookup_dtype(entry.dtype), entry.shape, None, bits, None, None)
+        with bar(total_bytes, "encode", self.progress) as progress:
+            for name, records in encoded:
+                for i, (record, payload) in enumerate(records):
+                    self._add(writers, written, i, record, payload)
+                progress.update(self.base.entry(name).nbytes)
 
     def _add(self, writers, written, i: int, record: Record, payload: bytes) -> None:
         writers[i].add(record, payload)
@@ -470,17 +244,6 @@ class CompressJob:
             "localized_tensors": None if masks else len(self.plan.localized),
             "dense_patterns": list(self.plan.dense),
         }
-
-
-def _with_candidates(positions, finetuned, base, *candidates_and_pick) -> Selection:
-    """A spooled selection with its chosen candidates merged in, in position order."""
-    if len(candidates_and_pick) == 1:  # no candidates were spooled for this tensor
-        return Selection(positions, finetuned, base)
-    cand_positions, cand_finetuned, cand_base, pick = candidates_and_pick
-    all_positions = np.concatenate([positions, cand_positions[pick]])
-    order = np.argsort(all_positions, kind="stable")
-    return Selection(all_positions[order], np.concatenate([finetuned, cand_finetuned[pick]])[order],
-                     np.concatenate([base, cand_base[pick]])[order])
 
 
 def _check_compatible(base: Checkpoint, tune: Checkpoint) -> None:
@@ -520,7 +283,3 @@ def _as_mask_list(masks, count: int):
     return masks
 
 
-def _concat(parts: list[np.ndarray], dtype) -> np.ndarray:
-    if len(parts) == 1:
-        return parts[0]
-    return np.concatenate(parts) if parts else np.empty(0, dtype=dtype)

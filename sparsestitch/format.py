@@ -211,8 +211,9 @@ class DeltaReader:
         try:
             self.file_size = os.fstat(self._file.fileno()).st_size
             container = read_header(self._file, self.path, self.file_size, error=DeltaFormatError)
-            self.header = self._parse_header(container.metadata)
-            self.records = self._parse_records(self.header.get("tensors"), container)
+            self.header = _parse_header(container.metadata, self.path)
+            self.records, self._offsets = _parse_records(self.header.get("tensors"), container,
+                                                         self.path)
         except BaseException:
             self._file.close()
             raise
@@ -287,49 +288,50 @@ class DeltaReader:
     def _context(self, record: Record):
         return _ErrorContext(self.path, record.name)
 
-    def _parse_header(self, metadata: dict[str, str]) -> dict:
-        text = metadata.get(HEADER_KEY)
-        if text is None:
-            raise DeltaFormatError("not a sparsestitch delta (no sparsestitch header in "
-                                   "__metadata__); is this a model checkpoint?", path=self.path)
-        if digest(text.encode("utf-8")) != metadata.get(HEADER_HASH_KEY):
-            raise ChecksumError("header checksum mismatch: the file is damaged", path=self.path)
-        try:
-            header = strict_json(text)
-        except (ValueError, RecursionError) as exc:
-            raise DeltaFormatError(f"header is not valid JSON ({exc})", path=self.path) from None
-        if not isinstance(header, dict) or header.get("format") != FORMAT_NAME:
-            raise DeltaFormatError("not a sparsestitch delta header", path=self.path)
-        version = header.get("format_version")
-        if type(version) is not int or version != FORMAT_VERSION:
-            raise DeltaFormatError(f"format version {version!r} is not supported by this version "
-                                   f"(reads version {FORMAT_VERSION}); upgrade sparsestitch",
-                                   path=self.path)
-        return header
 
-    def _parse_records(self, tensors, container) -> list[Record]:
-        if not isinstance(tensors, list) or len(tensors) > MAX_RECORDS:
-            raise DeltaFormatError("header 'tensors' must be a list of records", path=self.path)
-        records, stored, self._offsets = [], 0, {}
-        for item in tensors:
-            record = _record_from_json(item, self.path)
-            entry = container.entries.get(record.name)
-            if record.kind == "base":
-                if entry is not None:
-                    raise DeltaFormatError("unchanged tensor has a payload", path=self.path,
-                                           tensor=record.name)
-            else:
-                if entry is None or entry.dtype != "U8" or entry.nbytes != record.nbytes:
-                    raise DeltaFormatError("record payload is missing or has the wrong size",
-                                           path=self.path, tensor=record.name)
-                self._offsets[record.name] = entry.start
-                stored += 1
-            records.append(record)
-        if len({r.name for r in records}) != len(records):
-            raise DeltaFormatError("a tensor is listed twice", path=self.path)
-        if stored != len(container.entries):
-            raise DeltaFormatError("the file holds payloads no record describes", path=self.path)
-        return records
+def _parse_header(metadata: dict[str, str], path: Path) -> dict:
+    text = metadata.get(HEADER_KEY)
+    if text is None:
+        raise DeltaFormatError("not a sparsestitch delta (no sparsestitch header in "
+                               "__metadata__); is this a model checkpoint?", path=path)
+    if digest(text.encode("utf-8")) != metadata.get(HEADER_HASH_KEY):
+        raise ChecksumError("header checksum mismatch: the file is damaged", path=path)
+    try:
+        header = strict_json(text)
+    except (ValueError, RecursionError) as exc:
+        raise DeltaFormatError(f"header is not valid JSON ({exc})", path=path) from None
+    if not isinstance(header, dict) or header.get("format") != FORMAT_NAME:
+        raise DeltaFormatError("not a sparsestitch delta header", path=path)
+    version = header.get("format_version")
+    if type(version) is not int or version != FORMAT_VERSION:
+        raise DeltaFormatError(f"format version {version!r} is not supported by this version "
+                               f"(reads version {FORMAT_VERSION}); upgrade sparsestitch",
+                               path=path)
+    return header
+
+def _parse_records(tensors, container, path: Path) -> tuple[list[Record], dict[str, int]]:
+    if not isinstance(tensors, list) or len(tensors) > MAX_RECORDS:
+        raise DeltaFormatError("header 'tensors' must be a list of records", path=path)
+    records, stored, offsets = [], 0, {}
+    for item in tensors:
+        record = _record_from_json(item, path)
+        entry = container.entries.get(record.name)
+        if record.kind == "base":
+            if entry is not None:
+                raise DeltaFormatError("unchanged tensor has a payload", path=path,
+                                       tensor=record.name)
+        else:
+            if entry is None or entry.dtype != "U8" or entry.nbytes != record.nbytes:
+                raise DeltaFormatError("record payload is missing or has the wrong size",
+                                       path=path, tensor=record.name)
+            offsets[record.name] = entry.start
+            stored += 1
+        records.append(record)
+    if len({r.name for r in records}) != len(records):
+        raise DeltaFormatError("a tensor is listed twice", path=path)
+    if stored != len(container.entries):
+        raise DeltaFormatError("the file holds payloads no record describes", path=path)
+    return records, offsets
 
 
 class _ErrorContext:

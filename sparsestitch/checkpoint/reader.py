@@ -63,7 +63,7 @@ class Checkpoint:
             self.hub_id = os.fspath(path)
         if self.path.is_dir():
             self.is_folder = True
-            shard_files = self._folder_shards()
+            shard_files, self._index_map = _folder_shards(self.path)
         else:
             self.is_folder = False
             _refuse_pickle(self.path)
@@ -79,7 +79,7 @@ class Checkpoint:
             self.close()
             raise
         if self.is_folder and self._index_map is not None:
-            self._check_index()
+            _check_index(self.path, self._index_map, self._where)
         self.names = sorted(self._where)
 
     def __enter__(self) -> "Checkpoint":
@@ -144,36 +144,6 @@ class Checkpoint:
                       and not p.name.endswith(WEIGHT_SUFFIXES)
                       and not p.name.endswith(WEIGHT_INDEX_SUFFIX))
 
-    def _folder_shards(self) -> list[Path]:
-        index = self.path / INDEX_NAME
-        if index.is_file():
-            try:
-                parsed = json.loads(index.read_text(encoding="utf-8"))
-                weight_map = parsed["weight_map"]
-                if not isinstance(weight_map, dict) or not all(
-                        isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
-                    raise ValueError("weight_map must map tensor names to file names")
-            except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
-                raise CheckpointError(f"invalid index ({exc})", path=index) from None
-            files = sorted(set(weight_map.values()))
-            for name in files:
-                if Path(name).name != name:
-                    raise CheckpointError(f"index names a shard outside the folder: {name!r}",
-                                          path=index)
-            self._index_map = weight_map
-            return [self.path / name for name in files]
-        shards = sorted(self.path.glob("*.safetensors"))
-        if len(shards) == 1:
-            return shards
-        if not shards:
-            pickles = [p.name for p in self.path.iterdir() if p.name.endswith(PICKLE_SUFFIXES)]
-            if pickles:
-                raise CheckpointError(f"folder holds only pickle weights ({', '.join(pickles)}). "
-                                      + _CONVERT_HINT, path=self.path)
-            raise CheckpointError("folder holds no .safetensors file", path=self.path)
-        raise CheckpointError(f"folder holds {len(shards)} .safetensors files but no {INDEX_NAME}",
-                              path=self.path)
-
     def _add_shard(self, file: Path) -> None:
         if file.exists() and not file.is_file():  # opening a pipe would wait forever
             raise CheckpointError("not a regular file (a folder, pipe or device?)", path=file)
@@ -193,16 +163,49 @@ class Checkpoint:
             names.append(name)
         self.layout.append((file.name, sorted(names)))
 
-    def _check_index(self) -> None:
-        for name, file_name in self._index_map.items():
-            located = self._where.get(name)
-            if located is None or located.file.name != file_name:
-                raise CheckpointError(f"index places the tensor in {file_name} but it is not there",
-                                      path=self.path / INDEX_NAME, tensor=name)
-        extra = set(self._where) - set(self._index_map)
-        if extra:
-            raise CheckpointError(f"shards hold tensors the index does not list: {sorted(extra)[:5]}",
-                                  path=self.path / INDEX_NAME)
+
+def _folder_shards(folder: Path) -> tuple[list[Path], dict[str, str] | None]:
+    """The shard files of a model folder, and its index's weight map (None without one)."""
+    index = folder / INDEX_NAME
+    if index.is_file():
+        try:
+            parsed = json.loads(index.read_text(encoding="utf-8"))
+            weight_map = parsed["weight_map"]
+            if not isinstance(weight_map, dict) or not all(
+                    isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+                raise ValueError("weight_map must map tensor names to file names")
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+            raise CheckpointError(f"invalid index ({exc})", path=index) from None
+        files = sorted(set(weight_map.values()))
+        for name in files:
+            if Path(name).name != name:
+                raise CheckpointError(f"index names a shard outside the folder: {name!r}",
+                                      path=index)
+        return [folder / name for name in files], weight_map
+    shards = sorted(folder.glob("*.safetensors"))
+    if len(shards) == 1:
+        return shards, None
+    if not shards:
+        pickles = [p.name for p in folder.iterdir() if p.name.endswith(PICKLE_SUFFIXES)]
+        if pickles:
+            raise CheckpointError(f"folder holds only pickle weights ({', '.join(pickles)}). "
+                                  + _CONVERT_HINT, path=folder)
+        raise CheckpointError("folder holds no .safetensors file", path=folder)
+    raise CheckpointError(f"folder holds {len(shards)} .safetensors files but no {INDEX_NAME}",
+                          path=folder)
+
+
+def _check_index(folder: Path, index_map: dict[str, str], where: dict[str, Located]) -> None:
+    """Every tensor the index names is in the shard it names, and no other is."""
+    for name, file_name in index_map.items():
+        located = where.get(name)
+        if located is None or located.file.name != file_name:
+            raise CheckpointError(f"index places the tensor in {file_name} but it is not there",
+                                  path=folder / INDEX_NAME, tensor=name)
+    extra = set(where) - set(index_map)
+    if extra:
+        raise CheckpointError(f"shards hold tensors the index does not list: {sorted(extra)[:5]}",
+                              path=folder / INDEX_NAME)
 
 
 def _refuse_pickle(path: Path) -> None:

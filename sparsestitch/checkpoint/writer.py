@@ -102,7 +102,7 @@ class CheckpointWriter:
                 raise ValueError(f"tensor {self.pending.name!r} was never written")
             self._close_handle()
             if self._folder:
-                self._write_index()
+                _write_index(self._root, self._shards)
                 for extra in self._extra:
                     shutil.copyfile(extra, self._root / extra.name)
                 for name, text in self._texts.items():  # after the copies: they win
@@ -159,11 +159,13 @@ class CheckpointWriter:
             if not shard.tensors and not path.exists():
                 path.write_bytes(encode_header([], shard.metadata))
 
-    def _write_index(self) -> None:
-        weight_map = {t.name: shard.file_name for shard in self._shards for t in shard.tensors}
-        total = sum(t.nbytes for shard in self._shards for t in shard.tensors)
-        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-        with open(self._root / INDEX_NAME, "w", encoding="utf-8") as out:
-            json.dump(index, out, indent=2)
-            out.write("\n")
-            fsync_file(out)
+
+def _write_index(root: Path, shards: list[Shard]) -> None:
+    """``model.safetensors.index.json``: each tensor's shard, and the total size."""
+    weight_map = {t.name: shard.file_name for shard in shards for t in shard.tensors}
+    total = sum(t.nbytes for shard in shards for t in shard.tensors)
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    with open(root / INDEX_NAME, "w", encoding="utf-8") as out:
+        json.dump(index, out, indent=2)
+        out.write("\n")
+        fsync_file(out)

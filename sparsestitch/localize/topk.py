@@ -109,14 +109,10 @@ TIES_HELD_WHOLE = 1 << 24
 class TopK:
     """Exact streaming top-k over chunks of keys (see module docstring).
 
-    Feed every chunk to :meth:`count_high`, then, if :attr:`needs_low_pass`, every chunk
-    to :meth:`count_low`, then, while :attr:`needs_tie_pass`, every chunk to
-    :meth:`count_ties` followed by :meth:`end_tie_pass`, then every chunk, in global order,
-    to :meth:`select`.  Each
-    counting pass can also run in worker threads: compute :func:`high_histogram`,
-    :meth:`low_histogram` or :meth:`tie_histogram` of each chunk (after
-    :meth:`prepare_low_pass` / :meth:`prepare_tie_pass`) and add them in with :meth:`add_high`,
-    :meth:`add_low` or :meth:`add_ties`.  Chunks come with a :data:`TieOrder` function.
+    Feed every chunk to :meth:`count_high`, then, if :attr:`needs_low_pass`, to
+    :meth:`count_low`, then, while :attr:`needs_tie_pass`, to :meth:`count_ties` and
+    :meth:`end_tie_pass`, then, in global order, to :meth:`select`.  (Threads: compute the
+    ``*_histogram`` of each chunk after ``prepare_*_pass`` and ``add_*`` them.)
 
     >>> keys = np.array([5, 1, 5, 9, 5], np.uint32)
     >>> order = lambda index: np.array([3, 0, 1, 0, 2], np.uint32)[index]
@@ -134,14 +130,7 @@ class TopK:
         self._low = None
         self._bin = None
         self.threshold = None        # T: every key above it is kept
-        self._tied = 0               # keys equal to T
-        self._tie_need = 0           # of them, how many are kept
-        self._tie_stage = 0          # 0: not started, 1: high halves, 2: low halves, 3: done
-        self._tie_hist = None
-        self._tie_bin = None
-        self._tie_above = 0
-        self.tie_threshold = None    # H: keys equal to T with a larger tie order are kept
-        self._quota = 0              # then this many at (T, H), in call order
+        self._ties: TieCut | None = None   # which keys equal to T are kept
 
     # -- pass 1 and 2: the threshold key --
 
@@ -182,59 +171,29 @@ class TopK:
         """Whether a tie pass must run now: some, not all, keys equal to T are kept and the
         cut among them is not known yet."""
         self._find_threshold()
-        return self._tie_stage in (1, 2)
+        return self._ties is not None and not self._ties.done
 
     def prepare_tie_pass(self) -> None:
         """Fix what the next tie pass looks for (call before computing its histograms)."""
         self._find_threshold()
 
     def tie_histogram(self, keys: np.ndarray, order: TieOrder) -> np.ndarray:
-        """This tie pass's measure of a chunk: the tie orders of its keys equal to T (when
-        they are few enough to hold), else counts of their high (pass 3) or low (pass 4)
-        16 bits."""
+        """This tie pass's measure of a chunk (see :class:`TieCut`)."""
         tied = np.flatnonzero(keys == self.threshold)
-        orders = order(tied) if tied.size else np.empty(0, np.uint32)
-        if self._tied <= TIES_HELD_WHOLE:
-            return orders
-        if self._tie_stage == 1:
-            return np.bincount(orders >> 16, minlength=_BINS)
-        return np.bincount(orders[(orders >> 16) == self._tie_bin] & 0xFFFF, minlength=_BINS)
+        return self._ties.measure(order(tied) if tied.size else np.empty(0, np.uint32))
 
     def count_ties(self, keys: np.ndarray, order: TieOrder) -> None:
-        """One chunk of a tie pass (sequential use): run every chunk through it, then
-        :meth:`end_tie_pass`."""
+        """One chunk of a tie pass; :meth:`end_tie_pass` after the last."""
         self.add_ties(self.tie_histogram(keys, order), final=False)
 
     def add_ties(self, measure: np.ndarray, final: bool = True) -> None:
-        """Add one tie measure; ``final`` (the default) when it is the sum over all chunks of
-        this pass, else call :meth:`end_tie_pass` after the last."""
-        if self._tied <= TIES_HELD_WHOLE:
-            self._tie_hist = measure if self._tie_hist is None else np.concatenate(
-                [self._tie_hist, measure])
-        else:
-            self._tie_hist = measure if self._tie_hist is None else self._tie_hist + measure
+        """Add a tie measure; ``final``: it covers every chunk (the pass ends here)."""
+        self._ties.add(measure)
         if final:
             self.end_tie_pass()
 
     def end_tie_pass(self) -> None:
-        """Finish a tie pass: fix the cut (or the bin pass 4 looks into)."""
-        found, self._tie_hist = self._tie_hist, None
-        if found is None:
-            found = np.empty(0, np.uint32) if self._tied <= TIES_HELD_WHOLE else \
-                np.zeros(_BINS, np.int64)
-        if self._tied <= TIES_HELD_WHOLE:  # every tie order at hand: the cut in memory
-            ordered = np.sort(found)[::-1]
-            self.tie_threshold = int(ordered[self._tie_need - 1])
-            self._quota = self._tie_need - int(np.count_nonzero(found > self.tie_threshold))
-            self._tie_stage = 3
-        elif self._tie_stage == 1:
-            self._tie_bin, self._tie_above = _kth_bin(found, self._tie_need)
-            self._tie_stage = 2
-        else:
-            low, above = _kth_bin(found, self._tie_need - self._tie_above)
-            self.tie_threshold = (self._tie_bin << 16) | low
-            self._quota = self._tie_need - self._tie_above - above
-            self._tie_stage = 3
+        self._ties.end_pass()
 
     # -- selection --
 
@@ -245,19 +204,14 @@ class TopK:
             return np.empty(0, dtype=np.int64)
         if self.threshold < 0:  # keep everything
             return np.arange(keys.size, dtype=np.int64)
-        if self._tie_stage in (1, 2):
+        if self._ties is not None and not self._ties.done:
             raise RuntimeError("count_ties must see every chunk before select")
         above = keys > self.threshold
-        if self._tie_need:
-            tied = np.flatnonzero(keys == self.threshold)
-            if self.tie_threshold is None:  # every key equal to T is kept
-                above[tied] = True
-            elif tied.size:
-                orders = order(tied)
-                above[tied[orders > self.tie_threshold]] = True
-                at_cut = tied[orders == self.tie_threshold][:self._quota]
-                self._quota -= at_cut.size
-                above[at_cut] = True
+        tied = np.flatnonzero(keys == self.threshold)
+        if self._ties is None:  # every key equal to T is kept
+            above[tied] = True
+        elif tied.size:
+            above[tied[self._ties.select(order(tied))]] = True
         return np.flatnonzero(above)
 
     def _find_threshold(self) -> None:
@@ -275,9 +229,69 @@ class TopK:
         high_bin, above_bin = _kth_bin(self._high, self.k)
         low_bin, above_in_bin = _kth_bin(self._low, self.k - above_bin)
         self.threshold = (high_bin << 16) | low_bin
-        self._tied = int(self._low[low_bin])
-        self._tie_need = self.k - above_bin - above_in_bin
-        self._tie_stage = 1 if self._tie_need < self._tied else 3
+        tied, need = int(self._low[low_bin]), self.k - above_bin - above_in_bin
+        self._ties = TieCut(need, tied) if need < tied else None
+
+
+class TieCut:
+    """Which ``need`` of ``tied`` elements (keys equal to the threshold) are kept: those of
+    the largest tie orders.  Up to :data:`TIES_HELD_WHOLE` the tie orders are collected in
+    one pass and cut in memory; beyond, a pass counts their high 16 bits and another the low
+    16 bits in the bin found, like the key passes.  Elements whose tie order equals the cut
+    ``threshold`` are handed out in call order (``quota`` of them)."""
+
+    def __init__(self, need: int, tied: int):
+        self.need, self.held_whole = need, tied <= TIES_HELD_WHOLE
+        self.stage = 1                 # 1: first pass, 2: second (counting only), 3: done
+        self._found = None
+        self._bin = self._above = 0
+        self.threshold = None
+        self.quota = 0
+
+    @property
+    def done(self) -> bool:
+        return self.stage == 3
+
+    def measure(self, orders: np.ndarray) -> np.ndarray:
+        """This pass's measure of one chunk's tie orders (of its keys equal to T)."""
+        if self.held_whole:
+            return orders
+        if self.stage == 1:
+            return np.bincount(orders >> 16, minlength=_BINS)
+        return np.bincount(orders[(orders >> 16) == self._bin] & 0xFFFF, minlength=_BINS)
+
+    def add(self, measure: np.ndarray) -> None:
+        if self._found is None:
+            self._found = measure
+        elif self.held_whole:
+            self._found = np.concatenate([self._found, measure])
+        else:
+            self._found = self._found + measure
+
+    def end_pass(self) -> None:
+        found, self._found = self._found, None
+        if found is None:
+            found = np.empty(0, np.uint32) if self.held_whole else np.zeros(_BINS, np.int64)
+        if self.held_whole:  # every tie order at hand: the cut in memory
+            self.threshold = int(np.sort(found)[::-1][self.need - 1])
+            self.quota = self.need - int(np.count_nonzero(found > self.threshold))
+            self.stage = 3
+        elif self.stage == 1:
+            self._bin, self._above = _kth_bin(found, self.need)
+            self.stage = 2
+        else:
+            low, above = _kth_bin(found, self.need - self._above)
+            self.threshold = (self._bin << 16) | low
+            self.quota = self.need - self._above - above
+            self.stage = 3
+
+    def select(self, orders: np.ndarray) -> np.ndarray:
+        """Which of one chunk's tied elements (their tie orders, in call order) are kept."""
+        keep = orders > self.threshold
+        at_cut = np.flatnonzero(orders == self.threshold)[:self.quota]
+        self.quota -= at_cut.size
+        keep[at_cut] = True
+        return keep
 
 
 def high_histogram(keys: np.ndarray) -> np.ndarray:

@@ -1,0 +1,311 @@
+"""Selection: one tensor at a time, what each fine-tune's selector keeps, and the passes
+over the model that get the selectors there.
+
+:class:`TensorScanner` walks a tensor's row blocks for the base and every fine-tune
+(:mod:`sparsestitch.walk`), asks each fine-tune's selector (:mod:`.localize.selectors`)
+what to keep, and encodes the result (:func:`~sparsestitch.format.encode_record`);
+:func:`run_pre_passes` runs the selectors' counting and sampling passes; and
+:class:`SpooledSelection` handles selectors that leave candidates undecided until the whole
+model was seen (parking each tensor's selection in a spool, then resolving).  The driver
+(:mod:`sparsestitch.compress`) only orders these and hands records to the writers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import closing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .checkpoint import Checkpoint
+from .dtypes import DType, dtype as lookup_dtype
+from .format import Record, encode_record
+from .localize.selectors import (Choice, GivenMasks, PrePass, Selector, TuneBlock,
+                                 changed_positions)
+from .patterns import as_patterns, matches, selected
+from .progress import bar
+from .readahead import in_order
+from .sizes import numel
+from .spool import ArraySpool
+from .walk import BaseHash, RowBlocks, read_blocks
+
+#: One fine-tune's encoded record of one tensor, with its payload.
+Encoded = tuple[Record, bytes]
+
+
+@dataclass(frozen=True)
+class TensorPlan:
+    """What happens to each base tensor: localized (ranked by a selector), stored exactly
+    (non-float, or matching a ``dense`` pattern: every changed element), or left out."""
+
+    names: list[str]
+    shapes: dict[str, tuple[int, ...]]
+    localized: list[str]
+    dense: tuple[str, ...]
+    base_path: Path
+
+    @classmethod
+    def of(cls, base: Checkpoint, include, exclude, dense) -> "TensorPlan":
+        include, exclude, dense = as_patterns(include), as_patterns(exclude), as_patterns(dense)
+        localized = [n for n in base.names
+                     if lookup_dtype(base.entry(n).dtype).is_float
+                     and selected(n, include, exclude) and not matches(n, dense)]
+        return cls(list(base.names), {n: base.entry(n).shape for n in base.names}, localized,
+                   dense, base.path)
+
+    @property
+    def candidates(self) -> int:
+        """Elements of the localized tensors."""
+        return sum(numel(self.shapes[n]) for n in self.localized)
+
+    def stored_exactly(self, name: str, dt: DType) -> bool:
+        return not dt.is_float or matches(name, self.dense)
+
+
+@dataclass
+class Candidates:
+    """Entries a selector left undecided in one tensor: positions, bits, ranking keys."""
+
+    positions: np.ndarray
+    finetuned: np.ndarray
+    base: np.ndarray
+    keys: np.ndarray          # uint64 (:func:`~sparsestitch.tiebreak.ranked`)
+
+
+@dataclass
+class Selection:
+    """What one fine-tune keeps of one tensor: sorted positions (None: every element) and the
+    fine-tuned and base bits there, plus undecided candidates."""
+
+    positions: np.ndarray | None
+    finetuned: np.ndarray
+    base: np.ndarray
+    candidates: Candidates | None = None
+
+
+@dataclass
+class SelectionParts:
+    """A :class:`Selection` gathered block by block."""
+
+    kept: list[Choice] = field(default_factory=list)
+    blocks: list[TuneBlock] = field(default_factory=list)
+
+    def add(self, block: TuneBlock, choice: Choice) -> None:
+        self.kept.append(choice)
+        self.blocks.append(block)
+
+    def finish(self, dt: DType) -> Selection:
+        if self.kept and all(c.kept is None for c in self.kept):  # every element
+            return Selection(None, _concat([b.finetuned for b in self.blocks], dt.bits),
+                             _concat([b.base for b in self.blocks], dt.bits))
+        positions, finetuned, base = [], [], []
+        for choice, block in zip(self.kept, self.blocks):
+            kept = np.arange(block.base.size) if choice.kept is None else choice.kept
+            positions.append(kept + block.offset)
+            finetuned.append(block.finetuned[kept])
+            base.append(block.base[kept])
+        selection = Selection(_concat(positions, np.int64), _concat(finetuned, dt.bits),
+                              _concat(base, dt.bits))
+        undecided = [(c, b) for c, b in zip(self.kept, self.blocks) if c.candidates is not None]
+        if undecided:
+            selection.candidates = Candidates(
+                _concat([c.candidates + b.offset for c, b in undecided], np.int64),
+                _concat([b.finetuned[c.candidates] for c, b in undecided], dt.bits),
+                _concat([b.base[c.candidates] for c, b in undecided], dt.bits),
+                _concat([c.candidate_keys for c, _ in undecided], np.uint64))
+        return selection
+
+
+class TensorScanner:
+    """Reads tensors of the base and the fine-tunes block by block, selects and encodes."""
+
+    def __init__(self, base: Checkpoint, tunes: list[Checkpoint], plan: TensorPlan,
+                 chunk_elements: int):
+        self.base, self.tunes, self.plan = base, tunes, plan
+        self.chunk_elements = chunk_elements
+
+    def tune_blocks(self, name: str, rows=None, base_hash: BaseHash | None = None
+                    ) -> Iterator[TuneBlock]:
+        """Every fine-tune's :class:`TuneBlock` of tensor ``name``, block by block (the rows
+        ``rows(shape)`` selects, or all of them in the run's blocks)."""
+        entry = self.base.entry(name)
+        dt = lookup_dtype(entry.dtype)
+        blocks = RowBlocks.of_elements(entry.shape, self.chunk_elements)
+        if rows is not None:
+            blocks = RowBlocks(rows(entry.shape), blocks.row_items)
+        for start, stop, base_block in read_blocks(self.base, name, blocks, base_hash):
+            offset = blocks.elements(start, stop)[0]
+            for i, tune in enumerate(self.tunes):
+                yield TuneBlock(name, dt, offset, base_block, tune.read_rows(name, start, stop), i)
+
+    def select(self, name: str, selectors: Sequence[Selector]) -> tuple[str, list[Selection]]:
+        """Read one tensor block by block; each fine-tune's selector picks what to keep.
+
+        Returns the base tensor's checksum and each fine-tune's :class:`Selection`.
+        """
+        dt = lookup_dtype(self.base.entry(name).dtype)
+        exact = self.plan.stored_exactly(name, dt)
+        localized = name in self.plan.localized
+        masks = isinstance(selectors[0], GivenMasks)
+        parts = [SelectionParts() for _ in self.tunes]
+        base_hash = BaseHash(name)
+        for block in self.tune_blocks(name, base_hash=base_hash):
+            if exact:
+                choice = changed_positions(block)
+            elif localized or masks:
+                choice = selectors[block.tune].choose(block)
+            else:  # an excluded float tensor stays at the base
+                choice = Choice.nothing()
+            parts[block.tune].add(block, choice)
+        return base_hash.hexdigest(), [p.finish(dt) for p in parts]
+
+    def encode(self, name: str, base_xxh3: str, selection: Selection) -> Encoded:
+        entry = self.base.entry(name)
+        if selection.finetuned.size == 0:
+            return Record(name, entry.dtype, entry.shape, "base", base_xxh3), b""
+        return encode_record(name, lookup_dtype(entry.dtype), entry.shape, selection.positions,
+                             selection.finetuned, selection.base, base_xxh3)
+
+    def select_and_encode(self, name: str, selectors: Sequence[Selector]) -> list[Encoded]:
+        base_xxh3, selections = self.select(name, selectors)
+        return [self.encode(name, base_xxh3, s) for s in selections]
+
+    def encode_added(self, tune: Checkpoint, name: str) -> Encoded:
+        """A tensor the fine-tune has and the base lacks: stored whole."""
+        entry = tune.entry(name)
+        bits = tune.read(name).reshape(-1)
+        return encode_record(name, lookup_dtype(entry.dtype), entry.shape, None, bits, None, None)
+
+
+def run_pre_passes(scanner: TensorScanner, selectors: Sequence[Selector], workers: int,
+                   progress: bool) -> None:
+    """Every pre-pass the selectors need, each over the localized tensors it must read:
+    measured in worker threads, absorbed in tensor order."""
+    localized = scanner.plan.localized
+    for index, prepass in enumerate(selectors[0].pre_passes()):
+        if not any([s.pass_needed(index) for s in selectors]):
+            continue
+        wanted = set()
+        for selector in selectors:
+            wanted.update(selector.pass_tensors(index, localized))
+        _pre_pass(scanner, index, prepass, selectors, [n for n in localized if n in wanted],
+                  workers, progress)
+        for selector in selectors:
+            selector.end_pass(index)
+    for selector in selectors:
+        selector.start_main_pass()
+
+
+def _pre_pass(scanner: TensorScanner, index: int, prepass: PrePass, selectors, names, workers,
+              progress) -> None:
+    def scan(name: str) -> list[np.ndarray | None]:
+        totals = [None] * len(scanner.tunes)
+        for block in scanner.tune_blocks(name, rows=prepass.rows):
+            selector = selectors[block.tune]
+            measure = selector.measure(index, block)
+            if measure is not None:
+                total = totals[block.tune]
+                totals[block.tune] = measure if total is None else \
+                    selector.merge(index, total, measure)
+        return totals
+
+    total_bytes = sum(scanner.base.entry(n).nbytes for n in names)
+    with bar(total_bytes, prepass.description, progress) as progress_bar:
+        with closing(in_order(names, scan, workers=workers)) as scanned:
+            for name, totals in scanned:
+                for selector, total in zip(selectors, totals):
+                    if total is not None:
+                        selector.absorb(index, name, total)
+                progress_bar.update(scanner.base.entry(name).nbytes)
+
+
+class SpooledSelection:
+    """The main pass of selectors that leave candidates: every tensor's selection is parked
+    in a spool beside its output (:meth:`collect`) until all candidates are known, then
+    resolved and encoded (:meth:`encoded`)."""
+
+    def __init__(self, scanner: TensorScanner, selectors: Sequence[Selector],
+                 outputs: Sequence[Path], workers: int, progress: bool):
+        self.scanner, self.selectors = scanner, selectors
+        self.workers, self.progress = workers, progress
+        self.spools = [ArraySpool(path) for path in outputs]
+        self.names = scanner.base.names
+        self.hashes: dict[str, str] = {}
+        self.candidate_keys: list[list[np.ndarray]] = [[] for _ in outputs]
+        self.candidate_counts: dict[str, list[int]] = {}
+        self.kept = [0] * len(outputs)
+        self.chosen: list[np.ndarray] = []
+
+    def close(self) -> None:
+        for spool in self.spools:
+            spool.close()
+
+    def collect(self) -> bool:
+        """Select every tensor into the spools and resolve the candidates; False if a
+        selector could not (its sample misled it: redo the selection exactly)."""
+        total_bytes = sum(self.scanner.base.entry(n).nbytes for n in self.names)
+        with bar(total_bytes, "localize", self.progress) as progress:
+            select = lambda n: self.scanner.select(n, self.selectors)  # noqa: E731
+            with closing(in_order(self.names, select, workers=self.workers)) as scanned:
+                for name, (self.hashes[name], selections) in scanned:
+                    self._park(name, selections)
+                    progress.update(self.scanner.base.entry(name).nbytes)
+        for spool in self.spools:  # the encode pass reads them with pread
+            spool.flush()
+        for i, selector in enumerate(self.selectors):
+            pick = selector.resolve(_concat(self.candidate_keys[i], np.uint64), self.kept[i])
+            if pick is None:
+                return False
+            self.chosen.append(pick)
+        return True
+
+    def _park(self, name: str, selections: list[Selection]) -> None:
+        counts = []
+        for i, selection in enumerate(selections):
+            undecided = selection.candidates
+            arrays = [selection.positions, selection.finetuned, selection.base]
+            if undecided is not None:
+                arrays += [undecided.positions, undecided.finetuned, undecided.base]
+                self.candidate_keys[i].append(undecided.keys)
+            self.spools[i].put(name, arrays)
+            counts.append(0 if undecided is None else undecided.positions.size)
+            if name in self.scanner.plan.localized:
+                self.kept[i] += selection.positions.size
+        self.candidate_counts[name] = counts
+
+    def encoded(self) -> Iterator[tuple[str, list[Encoded]]]:
+        """``(name, every fine-tune's record)`` in tensor order, encoded in worker threads."""
+        first = [dict(zip(self.names, np.cumsum([0] + [self.candidate_counts[n][i]
+                                                       for n in self.names])))
+                 for i in range(len(self.spools))]
+
+        def encode(name: str) -> list[Encoded]:
+            records = []
+            for i, spool in enumerate(self.spools):
+                start = int(first[i][name])
+                pick = self.chosen[i][start:start + self.candidate_counts[name][i]]
+                selection = _with_candidates(*spool.get(name), pick)
+                records.append(self.scanner.encode(name, self.hashes[name], selection))
+            return records
+
+        with closing(in_order(self.names, encode, workers=self.workers)) as encoded:
+            yield from encoded
+
+
+def _with_candidates(positions, finetuned, base, *candidates_and_pick) -> Selection:
+    """A spooled selection with its chosen candidates merged in, in position order."""
+    if len(candidates_and_pick) == 1:  # no candidates were spooled for this tensor
+        return Selection(positions, finetuned, base)
+    cand_positions, cand_finetuned, cand_base, pick = candidates_and_pick
+    all_positions = np.concatenate([positions, cand_positions[pick]])
+    order = np.argsort(all_positions, kind="stable")
+    return Selection(all_positions[order], np.concatenate([finetuned, cand_finetuned[pick]])[order],
+                     np.concatenate([base, cand_base[pick]])[order])
+
+
+def _concat(parts: list[np.ndarray], dtype) -> np.ndarray:
+    if len(parts) == 1:
+        return parts[0]
+    return np.concatenate(parts) if parts else np.empty(0, dtype=dtype)
