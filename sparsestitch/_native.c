@@ -106,11 +106,14 @@ DEFINE_BIT_CAST(f64_round, double, uint64_t)
 
 /* ---- the block merge ------------------------------------------------------------ */
 
-/* One delta's record of the tensor, as BlockMerge holds it. */
+/* One delta's record of the tensor, as BlockMerge holds it: sorted positions, or (dense)
+ * every element from `first` on, with positions.obj NULL. */
 typedef struct {
     Py_buffer positions, finetuned, base;
     double weight;
     Py_ssize_t count, cursor;
+    int dense;
+    int64_t first;
 } Record;
 
 enum { KIND_BF16, KIND_F16, KIND_F32, KIND_F64 };
@@ -119,17 +122,40 @@ static const int KIND_ITEMSIZE[] = {2, 2, 4, 8};
 /* Merge into block[0:size] (flat elements first, first + 1, ...), window by window: in
  * each window, every record's weighted task vector is added into total[] in record order,
  * with count[] counting the records at each element; then every counted element becomes
- * round(wide(block) + total / count) (mean) or round(wide(block) + scale * total).  This is
+ * round(wide(block) + total / count) (mean) or round(wide(block) + scale * total).  With
+ * `lone_exact` (the mean of Localize-and-Stitch), an element only one record covers, with
+ * weight 1, takes that record's fine-tuned bits exactly (lone[] holds the bits of each
+ * element's first record, unit[] a bit for "its weight is 1").  This is
  * BlockMerge._merge_window in combine.py, operation for operation.  A bit per element marks
  * the ones a window touches, so the finishing pass visits those only, in increasing order,
  * and resets total[] and count[] where it was (they are zeroed once per call).  Marks beat a
- * list of touched elements by 1.5x: the finishing pass then walks memory in order.
+ * list of touched elements by 1.5x: the finishing pass then walks memory in order.  A dense
+ * record is added over its whole overlap with the window, without positions.
  * Returns the index of a record whose positions are not increasing, or -1. */
+#define ACCUMULATE(WIDE, TO_WIDE, OFFSET, K)                                                             \
+    do {                                                                                    \
+        WIDE tau_ = TO_WIDE(finetuned[K]) - TO_WIDE(base[K]);                               \
+        if (weighted)                                                                       \
+            tau_ *= weight;                                                                 \
+        uint64_t bit_ = (uint64_t)1 << ((OFFSET) & 63);                                     \
+        marks[(OFFSET) >> 6] |= bit_;                                                       \
+        if (lone_exact && count[OFFSET] == 0) {                                             \
+            lone[OFFSET] = finetuned[K];                                                    \
+            if (weighted)                                                                   \
+                unit[(OFFSET) >> 6] &= ~bit_;                                               \
+            else                                                                            \
+                unit[(OFFSET) >> 6] |= bit_;                                                \
+        }                                                                                   \
+        total[OFFSET] += tau_;                                                              \
+        count[OFFSET] += 1;                                                                 \
+    } while (0)
+
 #define DEFINE_MERGE(NAME, BITS, WIDE, TO_WIDE, ROUND)                                       \
     static Py_ssize_t NAME(BITS *restrict block, int64_t first, Py_ssize_t size,             \
                            Record *records, Py_ssize_t n_records, int mean, WIDE scale,     \
-                           BITS canonical_nan, WIDE *restrict total,                        \
+                           int lone_exact, BITS canonical_nan, WIDE *restrict total,        \
                            uint32_t *restrict count, uint64_t *restrict marks,              \
+                           BITS *restrict lone, uint64_t *restrict unit,                    \
                            Py_ssize_t window)                                               \
     {                                                                                       \
         memset(total, 0, (size_t)window * sizeof(WIDE));                                    \
@@ -141,24 +167,30 @@ static const int KIND_ITEMSIZE[] = {2, 2, 4, 8};
             int64_t stop = start + width;                                                   \
             for (Py_ssize_t r = 0; r < n_records; r++) {                                    \
                 Record *rec = &records[r];                                                  \
-                const int64_t *restrict positions = rec->positions.buf;                     \
                 const BITS *restrict finetuned = rec->finetuned.buf;                        \
                 const BITS *restrict base = rec->base.buf;                                  \
                 int weighted = rec->weight != 1.0;                                          \
                 WIDE weight = (WIDE)rec->weight;                                            \
-                Py_ssize_t i = rec->cursor, n = rec->count;                                 \
+                Py_ssize_t n = rec->count;                                                  \
+                if (rec->dense) {                                                           \
+                    int64_t lo = start > rec->first ? start : rec->first;                   \
+                    int64_t hi = stop < rec->first + n ? stop : rec->first + n;             \
+                    for (int64_t p = lo; p < hi; p++) {                                     \
+                        int64_t offset = p - start;                                         \
+                        Py_ssize_t k = (Py_ssize_t)(p - rec->first);                        \
+                        ACCUMULATE(WIDE, TO_WIDE, offset, k);                                              \
+                    }                                                                       \
+                    continue;                                                               \
+                }                                                                           \
+                const int64_t *restrict positions = rec->positions.buf;                     \
+                Py_ssize_t i = rec->cursor;                                                 \
                 int64_t previous = start - 1;                                               \
                 for (; i < n && positions[i] < stop; i++) {                                 \
                     if (positions[i] <= previous)                                           \
                         return r;                                                           \
                     previous = positions[i];                                                \
                     int64_t offset = positions[i] - start;                                  \
-                    WIDE tau = TO_WIDE(finetuned[i]) - TO_WIDE(base[i]);                    \
-                    if (weighted)                                                           \
-                        tau *= weight;                                                      \
-                    marks[offset >> 6] |= (uint64_t)1 << (offset & 63);                     \
-                    total[offset] += tau;                                                   \
-                    count[offset] += 1;                                                     \
+                    ACCUMULATE(WIDE, TO_WIDE, offset, i);                                                  \
                 }                                                                           \
                 rec->cursor = i;                                                            \
             }                                                                               \
@@ -167,11 +199,17 @@ static const int KIND_ITEMSIZE[] = {2, 2, 4, 8};
                 uint64_t m = marks[w];                                                      \
                 if (!m) continue;                                                           \
                 marks[w] = 0;                                                               \
+                uint64_t u = lone_exact ? unit[w] : 0;                                      \
                 for (; m; m &= m - 1) {                                                     \
-                    Py_ssize_t j = w * 64 + __builtin_ctzll(m);                             \
-                    WIDE update = mean ? total[j] / (WIDE)count[j] : scale * total[j];      \
-                    WIDE merged = TO_WIDE(target[j]) + update;                              \
-                    target[j] = merged != merged ? canonical_nan : ROUND(merged);           \
+                    int b = __builtin_ctzll(m);                                             \
+                    Py_ssize_t j = w * 64 + b;                                              \
+                    if (count[j] == 1 && (u >> b & 1)) {                                    \
+                        target[j] = lone[j];                                                \
+                    } else {                                                                \
+                        WIDE update = mean ? total[j] / (WIDE)count[j] : scale * total[j];  \
+                        WIDE merged = TO_WIDE(target[j]) + update;                          \
+                        target[j] = merged != merged ? canonical_nan : ROUND(merged);       \
+                    }                                                                       \
                     total[j] = 0;                                                           \
                     count[j] = 0;                                                           \
                 }                                                                           \
@@ -221,23 +259,26 @@ static Py_ssize_t lower_bound(const int64_t *positions, Py_ssize_t count, int64_
 }
 
 PyDoc_STRVAR(merge_block_doc,
-"merge_block(kind, block, first, records, mean, scale, canonical_nan, total, count)\n"
+"merge_block(kind, block, first, records, mean, scale, lone_exact, canonical_nan, total, count)\n"
 "\n"
 "BlockMerge's merge of an elementwise rule into ``block`` (the flat bits of elements\n"
 "``first, first + 1, ...``), in place.  ``kind`` is 0..3 for BF16, F16, F32, F64;\n"
-"``records`` a sequence of ``(positions int64, fine-tuned bits, base bits, weight)``;\n"
-"``total`` (wide floats) and ``count`` (uint32) are scratch of the window's size; a\n"
-"ValueError leaves the block partly merged.");
+"``records`` a sequence of ``(positions int64, fine-tuned bits, base bits, weight)`` or,\n"
+"for a record of every element from ``start`` on, ``(None, fine-tuned bits, base bits,\n"
+"weight, start)``; ``lone_exact``: an element one record of weight 1 covers takes its\n"
+"fine-tuned bits; ``total`` (wide floats) and ``count`` (uint32) are scratch of the\n"
+"window's size; a ValueError leaves the block partly merged.");
 
 static PyObject *merge_block(PyObject *self, PyObject *args)
 {
-    int kind, mean;
+    int kind, mean, lone_exact;
     long long first;
     double scale;
     unsigned long long canonical_nan;
     PyObject *block_object, *records_object, *total_object, *count_object;
-    if (!PyArg_ParseTuple(args, "iOLOpdKOO", &kind, &block_object, &first, &records_object,
-                          &mean, &scale, &canonical_nan, &total_object, &count_object))
+    if (!PyArg_ParseTuple(args, "iOLOpdpKOO", &kind, &block_object, &first, &records_object,
+                          &mean, &scale, &lone_exact, &canonical_nan, &total_object,
+                          &count_object))
         return NULL;
     if (kind < KIND_BF16 || kind > KIND_F64)
         return PyErr_Format(PyExc_ValueError, "unknown dtype kind %d", kind);
@@ -250,7 +291,8 @@ static PyObject *merge_block(PyObject *self, PyObject *args)
     Py_buffer block = {0}, total = {0}, count = {0};
     PyObject *result = NULL;
     Py_ssize_t held = 0;
-    uint64_t *marks = NULL;
+    uint64_t *marks = NULL, *unit = NULL;
+    void *lone = NULL;
     if (records == NULL) {
         PyErr_NoMemory();
         goto done;
@@ -267,24 +309,32 @@ static PyObject *merge_block(PyObject *self, PyObject *args)
     for (; held < n_records; held++) {
         Record *rec = &records[held];
         PyObject *positions, *finetuned, *base;
-        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(sequence, held), "OOOd;a record is "
-                              "(positions, fine-tuned bits, base bits, weight)",
-                              &positions, &finetuned, &base, &rec->weight))
+        long long dense_first = 0;
+        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(sequence, held), "OOOd|L;a record is "
+                              "(positions, fine-tuned bits, base bits, weight[, start])",
+                              &positions, &finetuned, &base, &rec->weight, &dense_first))
             goto done;
-        if (get_buffer(positions, &rec->positions, 0, 8, "positions") < 0)
+        rec->dense = positions == Py_None;
+        rec->first = dense_first;
+        if (!rec->dense && get_buffer(positions, &rec->positions, 0, 8, "positions") < 0)
             goto done;
         if (get_buffer(finetuned, &rec->finetuned, 0, itemsize, "fine-tuned bits") < 0 ||
             get_buffer(base, &rec->base, 0, itemsize, "base bits") < 0) {
             held++;  /* release what this record got */
             goto done;
         }
-        rec->count = rec->positions.len / 8;
+        rec->count = rec->dense ? rec->finetuned.len / itemsize : rec->positions.len / 8;
         if (rec->finetuned.len / itemsize != rec->count || rec->base.len / itemsize != rec->count) {
             held++;
             PyErr_SetString(PyExc_ValueError, "a record's positions and bits differ in length");
             goto done;
         }
-        rec->cursor = lower_bound(rec->positions.buf, rec->count, first);
+        if (rec->dense && (dense_first < 0 || dense_first > INT64_MAX - rec->count)) {
+            held++;
+            PyErr_SetString(PyExc_ValueError, "a dense record's start is out of range");
+            goto done;
+        }
+        rec->cursor = rec->dense ? 0 : lower_bound(rec->positions.buf, rec->count, first);
     }
     Py_ssize_t size = block.len / itemsize, bad = -1;
     if (window > UINT32_MAX) {
@@ -292,27 +342,34 @@ static PyObject *merge_block(PyObject *self, PyObject *args)
         goto done;
     }
     marks = PyMem_RawMalloc((size_t)((window + 63) / 64) * 8);
-    if (marks == NULL) {
+    unit = PyMem_RawCalloc((size_t)((window + 63) / 64), 8);
+    lone = PyMem_RawMalloc((size_t)window * (size_t)itemsize);
+    if (marks == NULL || unit == NULL || lone == NULL) {
         PyErr_NoMemory();
         goto done;
     }
+    lone_exact = lone_exact && mean;
     Py_BEGIN_ALLOW_THREADS
     switch (kind) {
     case KIND_BF16:
         bad = merge_bf16(block.buf, first, size, records, n_records, mean, (float)scale,
-                         (uint16_t)canonical_nan, total.buf, count.buf, marks, window);
+                         lone_exact, (uint16_t)canonical_nan, total.buf, count.buf, marks,
+                         lone, unit, window);
         break;
     case KIND_F16:
         bad = merge_f16(block.buf, first, size, records, n_records, mean, (float)scale,
-                        (uint16_t)canonical_nan, total.buf, count.buf, marks, window);
+                        lone_exact, (uint16_t)canonical_nan, total.buf, count.buf, marks,
+                        lone, unit, window);
         break;
     case KIND_F32:
         bad = merge_f32(block.buf, first, size, records, n_records, mean, (float)scale,
-                        (uint32_t)canonical_nan, total.buf, count.buf, marks, window);
+                        lone_exact, (uint32_t)canonical_nan, total.buf, count.buf, marks,
+                        lone, unit, window);
         break;
     default:
         bad = merge_f64(block.buf, first, size, records, n_records, mean, scale,
-                        (uint64_t)canonical_nan, total.buf, count.buf, marks, window);
+                        lone_exact, (uint64_t)canonical_nan, total.buf, count.buf, marks,
+                        lone, unit, window);
     }
     Py_END_ALLOW_THREADS
     if (bad >= 0) {
@@ -329,6 +386,8 @@ done:
     }
     PyMem_Free(records);
     PyMem_RawFree(marks);
+    PyMem_RawFree(unit);
+    PyMem_RawFree(lone);
     release(&block);
     release(&total);
     release(&count);

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import closing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -87,34 +87,49 @@ class Selection:
 
 @dataclass
 class SelectionParts:
-    """A :class:`Selection` gathered block by block."""
+    """A :class:`Selection` gathered block by block: each block's kept entries are taken out
+    as it comes (the block itself is not held), except when every element is kept."""
 
-    kept: list[Choice] = field(default_factory=list)
-    blocks: list[TuneBlock] = field(default_factory=list)
+    def __init__(self):
+        self.every = True        # so far, every element of every block was kept
+        self.positions, self.finetuned, self.base = [], [], []
+        self.candidates: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
 
     def add(self, block: TuneBlock, choice: Choice) -> None:
-        self.kept.append(choice)
-        self.blocks.append(block)
+        if choice.kept is None and self.every:  # the whole block, as is
+            self.positions.append(None)
+            self.finetuned.append(block.finetuned)
+            self.base.append(block.base)
+            return
+        if self.every and self.positions:  # earlier whole blocks: now as explicit positions
+            self._explicit()
+        self.every = False
+        kept = np.arange(block.base.size) if choice.kept is None else choice.kept
+        self.positions.append((kept + block.offset, block.offset))
+        self.finetuned.append(block.finetuned[kept])
+        self.base.append(block.base[kept])
+        if choice.candidates is not None:
+            where = choice.candidates
+            self.candidates.append((where + block.offset, block.finetuned[where],
+                                    block.base[where], choice.candidate_keys))
+
+    def _explicit(self) -> None:
+        start, positions = 0, []
+        for bits in self.finetuned:
+            positions.append((np.arange(start, start + bits.size, dtype=np.int64), start))
+            start += bits.size
+        self.positions = positions
 
     def finish(self, dt: DType) -> Selection:
-        if self.kept and all(c.kept is None for c in self.kept):  # every element
-            return Selection(None, _concat([b.finetuned for b in self.blocks], dt.bits),
-                             _concat([b.base for b in self.blocks], dt.bits))
-        positions, finetuned, base = [], [], []
-        for choice, block in zip(self.kept, self.blocks):
-            kept = np.arange(block.base.size) if choice.kept is None else choice.kept
-            positions.append(kept + block.offset)
-            finetuned.append(block.finetuned[kept])
-            base.append(block.base[kept])
-        selection = Selection(_concat(positions, np.int64), _concat(finetuned, dt.bits),
-                              _concat(base, dt.bits))
-        undecided = [(c, b) for c, b in zip(self.kept, self.blocks) if c.candidates is not None]
-        if undecided:
+        if self.every and self.positions:  # every element
+            return Selection(None, _concat(self.finetuned, dt.bits), _concat(self.base, dt.bits))
+        selection = Selection(_concat([p for p, _ in self.positions], np.int64),
+                              _concat(self.finetuned, dt.bits), _concat(self.base, dt.bits))
+        if self.candidates:
+            parts = list(zip(*self.candidates))
             selection.candidates = Candidates(
-                _concat([c.candidates + b.offset for c, b in undecided], np.int64),
-                _concat([b.finetuned[c.candidates] for c, b in undecided], dt.bits),
-                _concat([b.base[c.candidates] for c, b in undecided], dt.bits),
-                _concat([c.candidate_keys for c, _ in undecided], np.uint64))
+                _concat(list(parts[0]), np.int64), _concat(list(parts[1]), dt.bits),
+                _concat(list(parts[2]), dt.bits), _concat(list(parts[3]), np.uint64))
         return selection
 
 

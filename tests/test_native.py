@@ -89,7 +89,7 @@ def test_float32_to_float16_rounds_like_numpy(seed):
 def _merge(kind, block, first, records, total=None, count=None):
     total = np.empty(16, np.float32) if total is None else total
     count = np.empty(16, np.uint32) if count is None else count
-    kernels.merge_block(kind, block, first, records, True, 1.0, 0x7FC0, total, count)
+    kernels.merge_block(kind, block, first, records, True, 1.0, False, 0x7FC0, total, count)
 
 
 @needs_kernels

@@ -96,11 +96,17 @@ def reference_merge(rule: str, dtype_name: str, base: np.ndarray, masks: list[np
         taus = [widen(tune, dtype_name) - base_wide for tune in finetuned]
     total = np.zeros_like(base_wide)
     covering = np.zeros_like(base_wide)
+    lone, lone_bits = np.zeros(base.size, bool), base.copy()
     if rule == "localize-stitch":
         for mask, tau, weight in zip(masks, taus, weights):
             total = np.where(mask, total + wide(weight) * tau, total)
             covering += mask
         touched, update = covering > 0, total / np.maximum(covering, 1)
+        # A position one delta of weight 1 covers alone takes that fine-tune's bits.
+        for mask, tune, weight in zip(masks, finetuned, weights):
+            if weight == 1.0:
+                alone = mask & (covering == 1)
+                lone_bits[alone], lone[alone] = tune[alone], True
     elif rule == "task-arithmetic":
         for mask, tau, weight in zip(masks, taus, weights):
             total = np.where(mask, total + wide(weight) * tau, total)
@@ -138,7 +144,7 @@ def reference_merge(rule: str, dtype_name: str, base: np.ndarray, masks: list[np
         raise AssertionError(rule)
     with np.errstate(all="ignore"):
         merged = narrow(base_wide + update, dtype_name)
-    return np.where(touched, merged, base)
+    return np.where(lone, lone_bits, np.where(touched, merged, base))
 
 
 def sparse_merge(rule, dtype_name, base, masks, finetuned, weights=None, name="", **options):

@@ -215,22 +215,23 @@ class TopK:
         return np.flatnonzero(above)
 
     def _find_threshold(self) -> None:
-        if self.threshold is not None:
-            return
-        total = int(self._high.sum())
-        if self.k >= total:
-            self.threshold = -1
-            return
-        if self.k == 0:
-            self.threshold = 1 << 32
-            return
-        if self._bin is None:
-            raise RuntimeError("count_low must see every chunk before select")
-        high_bin, above_bin = _kth_bin(self._high, self.k)
-        low_bin, above_in_bin = _kth_bin(self._low, self.k - above_bin)
-        self.threshold = (high_bin << 16) | low_bin
-        tied, need = int(self._low[low_bin]), self.k - above_bin - above_in_bin
-        self._ties = TieCut(need, tied) if need < tied else None
+        if self.threshold is None:
+            if 0 < self.k < int(self._high.sum()) and self._bin is None:
+                raise RuntimeError("count_low must see every chunk before select")
+            self.threshold, self._ties = _threshold(self._high, self._low, self.k)
+
+
+def _threshold(high: np.ndarray, low: np.ndarray | None, k: int) -> tuple[int, "TieCut | None"]:
+    """The threshold key T from the two passes' histograms (-1: keep all; 2^32: none), and
+    the cut among keys equal to T when only some of them are kept."""
+    if k >= int(high.sum()):
+        return -1, None
+    if k == 0:
+        return 1 << 32, None
+    high_bin, above_bin = _kth_bin(high, k)
+    low_bin, above_in_bin = _kth_bin(low, k - above_bin)
+    tied, need = int(low[low_bin]), k - above_bin - above_in_bin
+    return (high_bin << 16) | low_bin, TieCut(need, tied) if need < tied else None
 
 
 class TieCut:

@@ -109,7 +109,9 @@ class RuleCombiner:
             bits = from_wide(merged, dt)
             # NaN payloads from arithmetic differ between numpy, torch and GPUs: canonical NaN.
             bits[np.isnan(merged)] = CANONICAL_NAN[dt.name]
-            return positions, bits
+        if elementwise and onto is None and self.rule.block_form(self.options).lone_exact:
+            _put_lone_bits(bits, stored, self.weights, union)
+        return positions, bits
 
     def merges_blocks(self, dt: DType) -> bool:
         """Whether :meth:`block_merge` applies: elementwise rules on float tensors."""
@@ -149,64 +151,78 @@ class BlockMerge:
     rounding), so the bits are identical.
     """
 
-    #: Elements per accumulation window (a wide sum and a wide count each): numpy's, and
-    #: the C loop's (16 x 1% records on 2^25 elements: 5.7 ns per position, 6.0 at 2^18).
-    WINDOW = 1 << 18
-    NATIVE_WINDOW = 1 << 16
+    #: Elements per accumulation window of the C loop (a wide sum and a count each; 16 x 1%
+    #: records on 2^25 elements: 5.7 ns per position, 6.0 at 2^18).
+    WINDOW = 1 << 16
 
     def __init__(self, combiner: RuleCombiner, dt: DType, stored: Sequence[Stored | None]):
         self.dt = dt
-        form = combiner.rule.block_form(combiner.options)
-        wide = dt.wide.type
-        self.scale = wide(form.scale)
-        self.counting = form.mean  # the mean needs a count
+        self.form = combiner.rule.block_form(combiner.options)
         present = [(s, w) for s, w in zip(stored, combiner.weights) if s is not None]
         # The C loop (native.py) does the same operations in one pass per record; the numpy
-        # code below is its fallback and its reference.
+        # code (NumpyWindowMerge) is its fallback and its reference.
         self.kernels, self.kind = native.float_kernels(dt.name)
-        if self.kernels is not None:
-            self.WINDOW = self.NATIVE_WINDOW
-            self.total = np.empty(self.WINDOW, dt.wide)
-            self.count = np.empty(self.WINDOW, np.uint32)
-            self.records = [(np.ascontiguousarray(s.position_array(), np.int64),
-                             np.ascontiguousarray(s.finetuned), np.ascontiguousarray(s.base),
-                             float(w)) for s, w in present]
+        if self.kernels is None:
+            self.numpy = NumpyWindowMerge(dt, self.form, present)
             return
         self.total = np.empty(self.WINDOW, dt.wide)
-        self.vectors = [(s.positions, s.first, _weighted_tau(s, w, dt)) for s, w in present]
-        self.touched = np.empty(self.WINDOW, bool)
-        if self.counting:
-            self.covering = np.empty(self.WINDOW, dt.wide)
-            self.ones = np.ones(self.WINDOW, dt.wide)
+        self.count = np.empty(self.WINDOW, np.uint32)
+        self.records = [(None if s.dense else np.ascontiguousarray(s.positions, np.int64),
+                         np.ascontiguousarray(s.finetuned), np.ascontiguousarray(s.base),
+                         float(w), s.first) for s, w in present]
 
     def __call__(self, block: np.ndarray, first: int) -> None:
         """Merge into ``block``: the flat base bits of elements ``first, first + 1, ...``
         (C-contiguous: the C loop refuses anything else rather than merge into a copy)."""
-        if self.kernels is not None:
-            if block.size:
-                self.kernels.merge_block(
-                    self.kind, block, first, self.records,
-                    self.counting, float(self.scale), CANONICAL_NAN[self.dt.name],
-                    self.total[:self.WINDOW], self.count[:self.WINDOW])
-            return
+        if self.kernels is None:
+            self.numpy(block, first)
+        elif block.size:
+            self.kernels.merge_block(self.kind, block, first, self.records, self.form.mean,
+                                     float(self.form.scale), self.form.lone_exact,
+                                     CANONICAL_NAN[self.dt.name], self.total, self.count)
+
+
+class NumpyWindowMerge:
+    """:class:`BlockMerge` in numpy, window by window: the C loop's reference."""
+
+    #: Elements per accumulation window.
+    WINDOW = 1 << 18
+
+    def __init__(self, dt: DType, form, present: list[tuple[Stored, float]]):
+        self.dt = dt
+        self.scale = dt.wide.type(form.scale)
+        self.counting = form.mean  # the mean needs a count
+        self.lone_exact = form.lone_exact
+        self.total = np.empty(self.WINDOW, dt.wide)
+        self.vectors = [(s.positions, s.first, _weighted_tau(s, w, dt), s.finetuned, w == 1.0)
+                        for s, w in present]
+        self.touched = np.empty(self.WINDOW, bool)
+        if self.counting:
+            self.covering = np.empty(self.WINDOW, dt.wide)
+            self.ones = np.ones(self.WINDOW, dt.wide)
+            self.lone = np.empty(self.WINDOW, dt.bits)
+            self.unit = np.empty(self.WINDOW, bool)
+
+    def __call__(self, block: np.ndarray, first: int) -> None:
         edges = np.arange(first, first + block.size + self.WINDOW, self.WINDOW)
         edges[-1] = min(edges[-1], first + block.size)
         if edges.size > 1 and edges[-2] == edges[-1]:
             edges = edges[:-1]
         cuts = [None if positions is None else np.searchsorted(positions, edges)
-                for positions, _, _ in self.vectors]
+                for positions, *_ in self.vectors]
         for w in range(edges.size - 1):
             start, size = int(edges[w]), int(edges[w + 1] - edges[w])
             live = []
-            for (positions, dense_first, tau), c in zip(self.vectors, cuts):
+            for (positions, dense_first, tau, finetuned, unit), c in zip(self.vectors, cuts):
                 if positions is None:  # a dense record: the slice overlapping this window
                     a = min(max(start - dense_first, 0), tau.size)
                     b = min(max(start + size - dense_first, a), tau.size)
                     if b > a:
                         live.append((slice(dense_first + a - start, dense_first + b - start),
-                                     tau[a:b]))
+                                     tau[a:b], finetuned[a:b], unit))
                 elif c[w + 1] > c[w]:
-                    live.append((positions[c[w]:c[w + 1]] - start, tau[c[w]:c[w + 1]]))
+                    live.append((positions[c[w]:c[w + 1]] - start, tau[c[w]:c[w + 1]],
+                                 finetuned[c[w]:c[w + 1]], unit))
             if live:
                 self._merge_window(block, start - first, size, live)
 
@@ -220,11 +236,21 @@ class BlockMerge:
             covering.fill(0)
         else:
             touched.fill(False)
+        lone_exact = counting and self.lone_exact
         with np.errstate(all="ignore"):
             # ufunc.at with array operands is numpy's fastest scatter-add (about 1.7 ns per
             # element here against 2.7 for ``a[i] += v``); positions within one delta are
             # unique, so each is one addition, in delta order, exactly as in the rules.
-            for index, tau in live:
+            for index, tau, finetuned, unit in live:
+                if lone_exact:  # the bits of the first delta at each element, and its weight
+                    first_here = covering[index] == 0
+                    at = index if isinstance(index, slice) else index[first_here]
+                    if isinstance(index, slice):
+                        self.lone[at][first_here] = finetuned[first_here]
+                        self.unit[at][first_here] = unit
+                    else:
+                        self.lone[at] = finetuned[first_here]
+                        self.unit[at] = unit
                 if isinstance(index, slice):
                     total[index] += tau
                     if counting:
@@ -247,7 +273,23 @@ class BlockMerge:
             merged = to_wide(target[union], dt) + update
             bits = from_wide(merged, dt)
             bits[np.isnan(merged)] = CANONICAL_NAN[dt.name]
+            if lone_exact:
+                alone = (covering[union] == 1) & self.unit[union]
+                bits[alone] = self.lone[union[alone]]
             target[union] = bits
+
+
+def _put_lone_bits(bits: np.ndarray, stored: Sequence[Stored | None], weights: Sequence[float],
+                   union: PositionUnion) -> None:
+    """Where one delta of weight 1 alone covers a union position, its fine-tuned bits."""
+    covering = np.zeros(bits.size, np.int32)
+    for s, where in zip(stored, union.where):
+        if s is not None:
+            covering[where] += 1
+    for s, where, weight in zip(stored, union.where, weights):
+        if s is not None and weight == 1.0:
+            alone = covering[where] == 1
+            bits[where[alone]] = s.finetuned[alone]
 
 
 def _weighted_tau(stored: Stored, weight: float, dt: DType) -> np.ndarray:

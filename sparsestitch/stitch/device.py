@@ -26,7 +26,9 @@ from ..dtypes import DType
 from ..walk import Stored
 from .combine import CANONICAL_NAN, RuleCombiner
 
-_TORCH_BITS = {1: "uint8", 2: "int16", 4: "int32", 8: "int64"}
+def _torch_signed():
+    import torch
+    return {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 def resolve_device(device: str):
@@ -117,13 +119,22 @@ class DeviceBlockMerge:
         wide = torch.float64 if dt.wide == np.float64 else torch.float32
         total = torch.zeros(block.size, dtype=wide, device=device)
         covering = torch.zeros_like(total)
+        lone_exact = self.form.mean and self.form.lone_exact
+        if lone_exact:  # the bits of the first delta at each element, and whether its weight is 1
+            lone = torch.zeros(block.size, dtype=_torch_signed()[dt.itemsize], device=device)
+            unit = torch.zeros(block.size, dtype=torch.bool, device=device)
         touched = False
         for positions, finetuned, base, weight in self.vectors:
             a, b = np.searchsorted(positions, [first, first + block.size])
             if b == a:
                 continue
             index = send(positions[a:b] - first)
-            tau = _to_wide(send(finetuned[a:b]), dt) - _to_wide(send(base[a:b]), dt)
+            finetuned_bits = send(finetuned[a:b])
+            if lone_exact:
+                first_here = covering[index] == 0
+                lone[index[first_here]] = finetuned_bits[first_here]
+                unit[index[first_here]] = weight == 1.0
+            tau = _to_wide(finetuned_bits, dt) - _to_wide(send(base[a:b]), dt)
             total.index_add_(0, index, torch.tensor(weight, dtype=wide, device=device) * tau)
             covering.index_add_(0, index, torch.ones_like(tau))
             touched = True
@@ -139,6 +150,8 @@ class DeviceBlockMerge:
         canonical = torch.tensor(_signed(CANONICAL_NAN[dt.name], dt.itemsize), dtype=bits.dtype,
                                  device=device)
         bits = torch.where(torch.isnan(merged), canonical, bits)
+        if lone_exact:
+            bits = torch.where((covering == 1) & unit, lone, bits)
         result = torch.where(covering != 0, bits, current)
         block[:] = result.cpu().numpy().view(dt.bits)
 

@@ -46,10 +46,13 @@ class TaskVector:
 @dataclass(frozen=True)
 class BlockForm:
     """How an elementwise rule turns the weighted sum of task vectors at a position into its
-    update: divided by the number of deltas covering it (``mean``), times ``scale``."""
+    update: divided by the number of deltas covering it (``mean``), times ``scale``; with
+    ``lone_exact``, a position only one delta of weight 1 covers takes that delta's
+    fine-tuned bits (no arithmetic, so no rounding)."""
 
     mean: bool
     scale: float
+    lone_exact: bool = False
 
 
 class MergeRule:
@@ -110,7 +113,10 @@ class LocalizeStitch(MergeRule):
     """Localize-and-Stitch: where deltas overlap, average their (weighted) task vectors.
 
     ``update = (sum_i m_i w_i tau_i) / (sum_i m_i)`` over the deltas ``i`` whose mask
-    ``m_i`` covers the position (the paper's ``sum_i (m_i / sum_j m_j) * tau_i``).
+    ``m_i`` covers the position (the paper's ``sum_i (m_i / sum_j m_j) * tau_i``).  A
+    position one delta of weight 1 covers alone takes that fine-tune's bits exactly
+    (``base + (fine-tune - base)`` does not always round back; see ``lone_exact``), so
+    stitching one delta is restoring it, bit for bit.
 
     >>> a = TaskVector(np.array([0, 1]), np.array([2.0, 4.0], np.float32))
     >>> b = TaskVector(np.array([1, 2]), np.array([6.0, 8.0], np.float32))
@@ -131,7 +137,7 @@ class LocalizeStitch(MergeRule):
         return union, total / np.maximum(covering, 1)
 
     def block_form(self, options: dict) -> BlockForm:
-        return BlockForm(mean=True, scale=1.0)
+        return BlockForm(mean=True, scale=1.0, lone_exact=True)
 
 
 class TaskArithmetic(MergeRule):
