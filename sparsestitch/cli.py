@@ -1,38 +1,17 @@
-"""The ``sparsestitch`` command: parse, call the API, print."""
+"""The ``sparsestitch`` command: parse, call the API, print (tables for people, ``--json``)."""
 
 from __future__ import annotations
 
-import sys
 import time
+from collections import defaultdict
+from pathlib import Path
 
 import click
 
 from . import __version__, native
-from .errors import SparsestitchError
-
-
-def _shown(value) -> str:
-    """A field of an untrusted file, safe to print: integers grouped, odd text escaped."""
-    if type(value) is int:
-        return f"{value:,}"
-    return value if isinstance(value, str) and value.isprintable() else repr(value)
-
-
-def _fail_cleanly(function):
-    """Turn library errors into one clear line on stderr and exit code 2."""
-    def wrapper(*args, **kwargs):
-        try:
-            return function(*args, **kwargs)
-        except SparsestitchError as exc:
-            click.echo(f"error: {exc}", err=True)
-            sys.exit(2)
-        except (ValueError, OSError) as exc:
-            click.echo(f"error: {exc}", err=True)
-            sys.exit(2)
-    wrapper.__name__ = function.__name__
-    wrapper.__doc__ = function.__doc__
-    return wrapper
-
+from .cli_common import (echo_json, echo_table, fail_cleanly, json_option, natural_key,
+                         parse_weights, quiet_option, rule_flags, rule_options, show_progress,
+                         shown, threads_option)
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="sparsestitch",
@@ -57,26 +36,36 @@ def main():
 @click.option("-o", "--out", "outs", multiple=True, type=click.Path(),
               help="Output delta path, once per fine-tune (default: FINETUNED name + .delta).")
 @click.option("--density", default=0.01, show_default=True, type=float,
-              help="Fraction of the included float parameters to keep.")
+              help="Fraction of the included float parameters to keep, above 0 (1.0: lossless).")
 @click.option("--scope", type=click.Choice(["global", "per-tensor"]), default="global",
               show_default=True, help="Rank |tau| over the whole model or within each tensor.")
 @click.option("--include", multiple=True, help="Only localize tensors matching this pattern.")
 @click.option("--exclude", multiple=True, help="Leave tensors matching this pattern at the base.")
 @click.option("--dense", multiple=True, help="Store tensors matching this pattern exactly.")
 @click.option("--overwrite", is_flag=True, help="Replace existing outputs.")
-@click.option("--quiet", is_flag=True, help="No progress bar.")
-@_fail_cleanly
-def compress(base, finetuned, outs, density, scope, include, exclude, dense, overwrite, quiet):
+@threads_option
+@json_option
+@quiet_option
+@fail_cleanly
+def compress(base, finetuned, outs, density, scope, include, exclude, dense, overwrite, threads,
+             as_json, quiet):
     """Write one sparse delta per FINETUNED checkpoint of BASE.
 
     \b
-    BASE and FINETUNED are .safetensors files or Hugging Face folders.
+    BASE and FINETUNED are .safetensors files, Hugging Face folders or Hub ids (org/name[@rev],
+    from the local cache).
     Example: sparsestitch compress base.safetensors ft.safetensors -o ft.delta --density 0.01
     """
     from .compress import compress as run
     outs = list(outs) or [str(f).rstrip("/") + ".delta" for f in finetuned]
     summaries = run(base, list(finetuned), outs, density=density, scope=scope, include=include,
-                    exclude=exclude, dense=dense, overwrite=overwrite, progress=not quiet)
+                    exclude=exclude, dense=dense, overwrite=overwrite, threads=threads,
+                    progress=show_progress(quiet or as_json))
+    if as_json:
+        echo_json([{"path": str(s.path), "bytes": s.nbytes, "kept": s.kept,
+                    "candidates": s.candidates, "density": s.density,
+                    "stored_tensors": s.stored_tensors, "seconds": s.seconds} for s in summaries])
+        return
     for s in summaries:
         click.echo(f"{s.path}: {s.nbytes:,} bytes, kept {s.kept:,} of {s.candidates:,} "
                    f"({100 * s.density:.3f}%), {8 * s.nbytes / max(s.kept, 1):.2f} bits/kept, "
@@ -87,95 +76,195 @@ def compress(base, finetuned, outs, density, scope, include, exclude, dense, ove
 @click.argument("base", type=click.Path())
 @click.argument("delta", type=click.Path())
 @click.option("-o", "--out", required=True, type=click.Path(), help="Output file or folder.")
+@click.option("--max-memory", help="Bound on the data held at once, e.g. 512MiB; default 1GiB.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output.")
-@click.option("--quiet", is_flag=True, help="No progress bar.")
-@_fail_cleanly
-def restore(base, delta, out, overwrite, quiet):
+@threads_option
+@json_option
+@quiet_option
+@fail_cleanly
+def restore(base, delta, out, max_memory, overwrite, threads, as_json, quiet):
     """Rebuild the fine-tuned model from BASE and DELTA (bit-exact at stored positions).
 
     Example: sparsestitch restore base/ math.delta -o math-restored/
     """
     from .restore import restore as run
     started = time.perf_counter()
-    run(base, delta, out, overwrite=overwrite, progress=not quiet)
-    click.echo(f"wrote {out} in {time.perf_counter() - started:.1f} s")
+    run(base, delta, out, max_memory=max_memory, overwrite=overwrite, threads=threads,
+        progress=show_progress(quiet or as_json))
+    _report_output(out, time.perf_counter() - started, as_json)
 
 
 @main.command()
 @click.argument("base", type=click.Path())
-@click.argument("deltas", nargs=-1, type=click.Path())
+@click.argument("deltas", nargs=-1, required=True, type=click.Path())
 @click.option("-o", "--out", required=True, type=click.Path(), help="Output file or folder.")
-@click.option("--rule", type=click.Choice(["localize-stitch", "task-arithmetic", "ties", "dare"]),
-              default="localize-stitch", show_default=True)
+@rule_flags
 @click.option("--weights", help="Comma-separated per-delta weights, e.g. 1,0.5.")
-@click.option("--scale", type=float, help="Task arithmetic / TIES / DARE scale (lambda).")
-@click.option("--trim", type=float, help="TIES: fraction of each tensor kept by magnitude.")
-@click.option("--drop", type=float, help="DARE: drop probability.")
-@click.option("--seed", type=int, help="DARE: random seed.")
 @click.option("--max-memory", help="Bound on the data held at once (row blocks, read-ahead, "
               "decoded records), e.g. 512MiB; default 1GiB. Below 512MiB one thread.")
 @click.option("--device", default="cpu", show_default=True,
               help="cpu, cuda[:N], or auto (CUDA when present): where the merge arithmetic runs.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output.")
-@click.option("--quiet", is_flag=True, help="No progress bar.")
-@_fail_cleanly
-def stitch(base, deltas, out, rule, weights, scale, trim, drop, seed, max_memory, device,
-           overwrite, quiet):
+@threads_option
+@json_option
+@quiet_option
+@fail_cleanly
+def stitch(base, deltas, out, rule, scale, density, drop, seed, weights, max_memory, device,
+           overwrite, threads, as_json, quiet):
     """Merge DELTAS onto BASE, tensor by tensor, with a merge rule.
 
     Example: sparsestitch stitch base/ math.delta code.delta -o merged/ --max-memory 512MiB
     """
     from .stitch import stitch as run
-    options = {k: v for k, v in (("scale", scale), ("density", trim), ("drop", drop),
-                                 ("seed", seed)) if v is not None}
-    weight_list = [float(w) for w in weights.split(",")] if weights else None
+    options = rule_options(rule, {"--scale": scale, "--density": density, "--drop": drop,
+                                   "--seed": seed})
     started = time.perf_counter()
-    run(base, list(deltas), out, rule=rule, weights=weight_list, max_memory=max_memory,
-        device=device, overwrite=overwrite, progress=not quiet, **options)
-    click.echo(f"wrote {out} in {time.perf_counter() - started:.1f} s")
+    run(base, list(deltas), out, rule=rule, weights=parse_weights(weights), max_memory=max_memory,
+        device=device, overwrite=overwrite, threads=threads,
+        progress=show_progress(quiet or as_json), **options)
+    _report_output(out, time.perf_counter() - started, as_json)
+
+
+@main.command("stitch-add")
+@click.argument("base", type=click.Path())
+@click.argument("merged", type=click.Path())
+@click.argument("new_delta", type=click.Path())
+@click.option("--previous", "previous", multiple=True, type=click.Path(),
+              help="A delta MERGED was stitched from, once per delta, in the order used.")
+@click.option("-o", "--out", type=click.Path(), help="Output (default: replace MERGED).")
+@rule_flags
+@click.option("--weights", help="Comma-separated weights of the previous deltas and the new one.")
+@click.option("--max-memory", help="Bound on the data held at once, e.g. 512MiB; default 1GiB.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out.")
+@json_option
+@quiet_option
+@fail_cleanly
+def stitch_add(base, merged, new_delta, previous, out, rule, scale, density, drop, seed, weights,
+               max_memory, overwrite, as_json, quiet):
+    """Add NEW_DELTA to MERGED, a model stitched from BASE and the --previous deltas.
+
+    The result is what stitching all of them from scratch writes, recomputing only what the
+    new delta changes (localize-stitch and task-arithmetic merges).
+
+    Example: sparsestitch stitch-add base/ merged/ code.delta --previous math.delta
+    """
+    from .stitch import stitch_add as run
+    options = rule_options(rule, {"--scale": scale, "--density": density, "--drop": drop,
+                                   "--seed": seed})
+    started = time.perf_counter()
+    result = run(base, list(previous), new_delta, merged, out, rule=rule,
+                 weights=parse_weights(weights), max_memory=max_memory, overwrite=overwrite,
+                 progress=show_progress(quiet or as_json), **options)
+    _report_output(result, time.perf_counter() - started, as_json)
+
+
+def _report_output(out, seconds: float, as_json: bool) -> None:
+    if as_json:
+        path = Path(out)
+        size = path.stat().st_size if path.is_file() else sum(
+            p.stat().st_size for p in path.iterdir() if p.is_file())
+        echo_json({"output": str(out), "bytes": size, "seconds": seconds})
+    else:
+        click.echo(f"wrote {out} in {seconds:.1f} s")
 
 
 @main.command()
 @click.argument("delta", type=click.Path())
 @click.option("--all", "show_all", is_flag=True, help="List every tensor, not just stored ones.")
-@_fail_cleanly
-def info(delta, show_all):
-    """Show a delta's header and per-tensor density, encoding, bytes and bits per kept value.
+@click.option("--sort", type=click.Choice(["name", "bytes"]), default="name", show_default=True,
+              help="Order of the tensor table (names in natural order: layers.2 before 10).")
+@json_option
+@fail_cleanly
+def info(delta, show_all, sort, as_json):
+    """Show a delta's header, per-tensor density, encoding, bytes and bits per kept value, and
+    totals per layer and per kind of module.
 
-    Example: sparsestitch info math.delta --all
+    Example: sparsestitch info math.delta --all --sort bytes
     """
     from .describe import info as run
     result = run(delta)
+    if as_json:
+        echo_json(_info_json(result))
+        return
     header = result.header
     click.echo(f"{result.path}: {result.file_size:,} bytes, format v{header['format_version']}, "
-               f"made by sparsestitch {_shown(header.get('library_version'))}")
-    click.echo(f"method {_shown(header.get('method'))}, density {_shown(header.get('density'))}, "
-               f"kept {result.kept:,} of {_shown(header.get('candidates'))}, "
+               f"made by sparsestitch {shown(header.get('library_version'))}")
+    click.echo(f"method {shown(header.get('method'))}, density {shown(header.get('density'))}, "
+               f"kept {result.kept:,} of {shown(header.get('candidates'))}, "
                f"{result.bits_per_kept:.2f} bits/kept, "
                f"{result.dense_bytes / max(result.file_size, 1):.1f}x smaller than dense")
-    click.echo(f"sources: {_shown(header.get('sources'))}")
-    click.echo(f"{'tensor':<48} {'kind':<7} {'density':>9} {'positions':>9} {'values':>6} "
-               f"{'bytes':>12} {'bits/kept':>9}")
-    for t in result.tensors:
-        if t.kind == "base" and not show_all:
-            continue
-        click.echo(f"{_shown(t.name)[:48]:<48} {t.kind:<7} {100 * t.density:>8.3f}% "
-                   f"{_shown(t.positions_codec or '-'):>9} {_shown(t.values_codec or '-'):>6} "
-                   f"{t.nbytes:>12,} "
-                   f"{t.bits_per_kept:>9.2f}")
+    sources = header.get("sources") if isinstance(header.get("sources"), dict) else {}
+    click.echo(f"base {shown(sources.get('base'))}, fine-tune {shown(sources.get('finetuned'))}")
+    tensors = [t for t in result.tensors if show_all or t.kind != "base"]
+    tensors.sort(key=(lambda t: -t.nbytes) if sort == "bytes" else (lambda t: natural_key(t.name)))
+    echo_table([[shown(t.name), t.kind, f"{100 * t.density:.3f}%", shown(t.positions_codec or "-"),
+                 shown(t.values_codec or "-"), f"{t.nbytes:,}", f"{t.bits_per_kept:.2f}"]
+                for t in tensors],
+               ["tensor", "kind", "density", "positions", "values", "bytes", "bits/kept"],
+               right={2, 5, 6})
+    for title, key in (("layer", _layer), ("module", _module)):
+        groups = _totals(result.tensors, key)
+        if len(groups) > 1:
+            click.echo("")
+            echo_table([[shown(name), f"{count:,}", f"{100 * count / max(numel, 1):.3f}%",
+                         f"{nbytes:,}", f"{100 * nbytes / max(result.file_size, 1):.1f}%"]
+                        for name, (count, numel, nbytes) in sorted(
+                            groups.items(), key=lambda kv: natural_key(kv[0]))],
+                       [title, "kept", "density", "bytes", "of file"], right={1, 2, 3, 4})
+
+
+def _layer(name: str) -> str:
+    """``model.layers.3.mlp.up_proj.weight`` -> ``model.layers.3``; others -> ``(other)``."""
+    parts = name.split(".")
+    for i, part in enumerate(parts):
+        if part.isdigit():
+            return ".".join(parts[:i + 1])
+    return "(other)"
+
+
+def _module(name: str) -> str:
+    """``model.layers.3.mlp.up_proj.weight`` -> ``model.layers.*.mlp.up_proj.weight``."""
+    return ".".join("*" if part.isdigit() else part for part in name.split("."))
+
+
+def _totals(tensors, key) -> dict[str, tuple[int, int, int]]:
+    groups: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0])
+    for t in tensors:
+        group = groups[key(t.name)]
+        group[0] += t.count if t.kind != "base" else 0
+        group[1] += t.numel
+        group[2] += t.nbytes
+    return {name: tuple(values) for name, values in groups.items()}
+
+
+def _info_json(result) -> dict:
+    return {"path": str(result.path), "file_size": result.file_size, "header": {
+        k: v for k, v in result.header.items() if k != "tensors"},
+        "kept": result.kept, "bits_per_kept": result.bits_per_kept,
+        "dense_bytes": result.dense_bytes,
+        "tensors": [{"name": t.name, "dtype": t.dtype, "shape": list(t.shape), "kind": t.kind,
+                     "count": t.count, "numel": t.numel, "density": t.density,
+                     "positions": t.positions_codec, "values": t.values_codec,
+                     "bytes": t.nbytes, "bits_per_kept": t.bits_per_kept}
+                    for t in result.tensors]}
 
 
 @main.command()
 @click.argument("delta", type=click.Path())
 @click.option("--base", type=click.Path(), help="Also check the delta belongs to this base.")
-@_fail_cleanly
-def verify(delta, base):
+@json_option
+@fail_cleanly
+def verify(delta, base, as_json):
     """Check every checksum and record of DELTA (and, with --base, its base's identity).
 
     Example: sparsestitch verify math.delta --base base/
     """
     from .describe import verify as run
     result = run(delta, base)
+    if as_json:
+        echo_json({"ok": True, "path": str(result.path), "tensors": len(result.tensors),
+                   "kept": result.kept, "base": None if base is None else str(base)})
+        return
     click.echo(f"ok: {result.path} ({len(result.tensors)} tensors, {result.kept:,} kept values"
                f"{', matches ' + str(base) if base else ''})")
 
@@ -185,9 +274,9 @@ def verify(delta, base):
               help="Where the example zoo and its deltas are written (default: "
                    "sparsestitch-demo in the system's temporary folder). An existing folder "
                    "must be empty or made by an earlier demo.")
-@click.option("--size-mb", default=100, show_default=True, type=int,
+@click.option("--size-mb", default=100, show_default=True, type=click.IntRange(min=1),
               help="Size of the example base checkpoint.")
-@_fail_cleanly
+@fail_cleanly
 def demo(workdir, size_mb):
     """Build a small example zoo (a base + 3 fine-tunes), compress, restore, stitch; print a table.
 

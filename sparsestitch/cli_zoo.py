@@ -6,34 +6,13 @@ Registered on the main command with ``main.add_command(zoo)``.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import sys
 
 import click
 
-from .errors import SparsestitchError
-
-_RULES = ["localize-stitch", "task-arithmetic", "ties", "dare"]
-
-
-def _fail_cleanly(function):
-    """Library errors become one line on stderr and exit code 2 (as in the main command)."""
-    @functools.wraps(function)
-    def wrapper(*args, **kwargs):
-        try:
-            return function(*args, **kwargs)
-        except (SparsestitchError, ValueError, OSError, RuntimeError) as exc:
-            click.echo(f"error: {exc}", err=True)
-            sys.exit(2)
-    return wrapper
-
-
-def _shown(value) -> str:
-    """Text from a manifest (untrusted), safe to print on one line."""
-    text = value if isinstance(value, str) else json.dumps(value)
-    return text if text.isprintable() else repr(text)
-
+from .cli_common import (echo_table, fail_cleanly, parse_weights, rule_flags, rule_options,
+                         shown)
 
 def _size(nbytes: int) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
@@ -51,20 +30,7 @@ def _fidelity(report) -> str:
     items = [f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
              for k, v in report.items() if isinstance(v, (int, float, str))][:3]
     text = ", ".join(items) or json.dumps(report, sort_keys=True)
-    return _shown(text if len(text) <= 48 else text[:47] + "~")
-
-
-def _table(rows: list[list[str]], headers: list[str], right: set[int] = frozenset()) -> None:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
-              for i, h in enumerate(headers)]
-
-    def line(cells):
-        return "  ".join(c.rjust(w) if i in right else c.ljust(w)
-                         for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
-    click.echo(line(headers))
-    click.echo(line(["-" * w for w in widths]))
-    for row in rows:
-        click.echo(line(row))
+    return shown(text if len(text) <= 48 else text[:47] + "~")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -78,7 +44,7 @@ def zoo():
       sparsestitch zoo add my-zoo code=org/code-ft@v2 --ray
       sparsestitch zoo ls my-zoo
       sparsestitch zoo get my-zoo math -o math-restored/
-      sparsestitch zoo merge my-zoo math code -o merged/ --rule ties --trim 0.2
+      sparsestitch zoo merge my-zoo math code -o merged/ --rule ties --density 0.2
       sparsestitch zoo verify my-zoo
       sparsestitch zoo rm my-zoo code
 
@@ -90,12 +56,12 @@ def zoo():
 @zoo.command("init")
 @click.argument("zoo_dir", metavar="ZOO", type=click.Path())
 @click.option("--base", required=True, help="The base checkpoint: a path or Hub id org/name[@rev].")
-@_fail_cleanly
+@fail_cleanly
 def init_command(zoo_dir, base):
     """Create the zoo folder ZOO for BASE (reads the base once, to record its identity)."""
     from .zoo import init
     manifest = init(zoo_dir, base)
-    click.echo(f"created zoo {zoo_dir}: base {_shown(base)} "
+    click.echo(f"created zoo {zoo_dir}: base {shown(base)} "
                f"({_size(manifest['base']['bytes'])}, identity {manifest['base']['identity']})")
 
 
@@ -158,7 +124,7 @@ def _ray_target(value):
               "storage).")
 @click.option("--base", help="Where the zoo's base is now, if it moved.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
-@_fail_cleanly
+@fail_cleanly
 def add_command(zoo_dir, finetuned, density, scope, include, exclude, dense, extra, workers,
                 ray_address, retries, scratch, base, as_json):
     """Add fine-tunes FT... (paths, Hub ids, or NAME=CHECKPOINT) to ZOO as deltas.
@@ -180,8 +146,8 @@ def add_command(zoo_dir, finetuned, density, scope, include, exclude, dense, ext
         click.echo(json.dumps([dataclasses.asdict(r) for r in results], indent=1, sort_keys=True))
     else:
         rows = [[r.name, r.status, _size(r.entry["size"]) if r.entry else "-",
-                 f"{r.seconds:.1f}", _shown(r.error or "")] for r in results]
-        _table(rows, ["name", "status", "size", "s", "error"], right={2, 3})
+                 f"{r.seconds:.1f}", shown(r.error or "")] for r in results]
+        echo_table(rows, ["name", "status", "size", "s", "error"], right={2, 3})
     if any(r.status == "failed" for r in results):
         sys.exit(2)
 
@@ -189,7 +155,7 @@ def add_command(zoo_dir, finetuned, density, scope, include, exclude, dense, ext
 @zoo.command("ls")
 @click.argument("zoo_dir", metavar="ZOO", type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="Print the whole manifest as JSON.")
-@_fail_cleanly
+@fail_cleanly
 def ls_command(zoo_dir, as_json):
     """List ZOO's members: size, how many times smaller than the fine-tune, fidelity."""
     from .zoo.manifest import read
@@ -198,12 +164,12 @@ def ls_command(zoo_dir, as_json):
         click.echo(json.dumps(manifest, indent=1, sort_keys=True))
         return
     base = manifest["base"]
-    click.echo(f"base {_shown(base['source']['spec'])} ({_size(base['bytes'])}, identity "
+    click.echo(f"base {shown(base['source']['spec'])} ({_size(base['bytes'])}, identity "
                f"{base['identity']}), {len(manifest['members'])} member(s)")
-    rows = [[_shown(m["name"]), _size(m["size"]), f"{m['dense_bytes'] / max(m['size'], 1):.1f}x",
-             f"{100 * m['density']:.3g}%", _fidelity(m["fidelity"]), _shown(m["source"]["spec"])]
+    rows = [[shown(m["name"]), _size(m["size"]), f"{m['dense_bytes'] / max(m['size'], 1):.1f}x",
+             f"{100 * m['density']:.3g}%", _fidelity(m["fidelity"]), shown(m["source"]["spec"])]
             for m in manifest["members"]]
-    _table(rows, ["name", "size", "x smaller", "density", "fidelity", "source"], right={1, 2, 3})
+    echo_table(rows, ["name", "size", "x smaller", "density", "fidelity", "source"], right={1, 2, 3})
 
 
 @zoo.command("get")
@@ -212,7 +178,7 @@ def ls_command(zoo_dir, as_json):
 @click.option("-o", "--out", required=True, type=click.Path(), help="Output file or folder.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output.")
 @click.option("--base", help="Where the zoo's base is now, if it moved.")
-@_fail_cleanly
+@fail_cleanly
 def get_command(zoo_dir, name, out, overwrite, base):
     """Restore member NAME of ZOO to OUT (a folder gets a model card, README.md)."""
     from .zoo import get
@@ -223,23 +189,18 @@ def get_command(zoo_dir, name, out, overwrite, base):
 @click.argument("zoo_dir", metavar="ZOO", type=click.Path())
 @click.argument("names", metavar="NAME...", nargs=-1, required=True)
 @click.option("-o", "--out", required=True, type=click.Path(), help="Output file or folder.")
-@click.option("--rule", type=click.Choice(_RULES), default="localize-stitch", show_default=True)
+@rule_flags
 @click.option("--weights", help="Comma-separated per-member weights, e.g. 1,0.5.")
-@click.option("--scale", type=float, help="Task arithmetic / TIES / DARE scale (lambda).")
-@click.option("--trim", type=float, help="TIES: fraction of each tensor kept by magnitude.")
-@click.option("--drop", type=float, help="DARE: drop probability.")
-@click.option("--seed", type=int, help="DARE: random seed.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output.")
 @click.option("--base", help="Where the zoo's base is now, if it moved.")
-@_fail_cleanly
-def merge_command(zoo_dir, names, out, rule, weights, scale, trim, drop, seed, overwrite, base):
+@fail_cleanly
+def merge_command(zoo_dir, names, out, rule, scale, density, drop, seed, weights, overwrite, base):
     """Stitch members NAME... of ZOO onto its base into OUT (a folder gets a model card)."""
     from .zoo import merge
-    options = {k: v for k, v in (("scale", scale), ("density", trim), ("drop", drop),
-                                 ("seed", seed)) if v is not None}
-    weight_list = [float(w) for w in weights.split(",")] if weights else None
-    path = merge(zoo_dir, list(names), out, rule=rule, weights=weight_list, overwrite=overwrite,
-                 base=base, **options)
+    options = rule_options(rule, {"--scale": scale, "--density": density, "--drop": drop,
+                                  "--seed": seed})
+    path = merge(zoo_dir, list(names), out, rule=rule, weights=parse_weights(weights),
+                 overwrite=overwrite, base=base, **options)
     click.echo(f"wrote {path}")
 
 
@@ -249,7 +210,7 @@ def merge_command(zoo_dir, names, out, rule, weights, scale, trim, drop, seed, o
 @click.option("--no-base", is_flag=True, help="Skip checking deltas against the base (faster).")
 @click.option("--base", help="Where the zoo's base is now, if it moved.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-@_fail_cleanly
+@fail_cleanly
 def verify_command(zoo_dir, names, no_base, base, as_json):
     """Check ZOO's manifest and every member's delta (checksums, decoding, base identity)."""
     from .zoo import verify
@@ -259,12 +220,12 @@ def verify_command(zoo_dir, names, no_base, base, as_json):
     else:
         for name, problem in report.problems.items():
             click.echo(f"{'ok  ' if problem is None else 'FAIL'} {name}"
-                       + (f": {_shown(problem)}" if problem else ""))
+                       + (f": {shown(problem)}" if problem else ""))
         for name in report.unlisted:
-            click.echo(f"note: deltas/{_shown(name)} is not listed in the manifest (an "
+            click.echo(f"note: deltas/{shown(name)} is not listed in the manifest (an "
                        "interrupted add or rm; a later add of that name replaces it)")
         for name in report.leftovers:
-            click.echo(f"note: deltas/.incoming/{_shown(name)}: work folder of an add running "
+            click.echo(f"note: deltas/.incoming/{shown(name)}: work folder of an add running "
                        "now, or of one killed on another host")
         click.echo(f"{'ok' if report.ok else 'FAILED'}: {len(report.problems)} member(s) checked"
                    + ("" if report.checked_base else " (not against the base)"))
@@ -275,7 +236,7 @@ def verify_command(zoo_dir, names, no_base, base, as_json):
 @zoo.command("rm")
 @click.argument("zoo_dir", metavar="ZOO", type=click.Path())
 @click.argument("names", metavar="NAME...", nargs=-1, required=True)
-@_fail_cleanly
+@fail_cleanly
 def rm_command(zoo_dir, names):
     """Remove members NAME... from ZOO (their entries and delta files; all or none)."""
     from .zoo import rm

@@ -28,15 +28,16 @@ from pathlib import Path
 from ._version import __version__
 from .atomic import check_not_an_input
 from .checkpoint import Checkpoint
-from .errors import CheckpointError, TensorMismatchError
-from .format import HEADER_KEY, DeltaWriter, Record, digest
+from .errors import TensorMismatchError
+from .format import DeltaWriter, Record, digest
 from .localize.selectors import (BracketedTopK, GivenMasks, GlobalTopK, KeepAll,
                                  PerTensorTopK, Selector)
 from .localize.topk import count_to_keep
 from .progress import bar
-from .readahead import DEFAULT_WORKERS, in_order
+from .readahead import DEFAULT_WORKERS, in_order, workers_for
 from .selection import SpooledSelection, TensorPlan, TensorScanner, run_pre_passes
 from .sizes import numel
+from .walk import refuse_delta
 
 #: Elements per block and checkpoint read at a time.  Small blocks keep the per-block
 #: passes in cache: compressing the 2.27 GB benchmark model took 3.9 s with 1 << 20 against
@@ -68,7 +69,8 @@ def compress(base: str | os.PathLike, finetuned: str | os.PathLike | Sequence[st
              scope: str = "global", include: str | Iterable[str] | None = None,
              exclude: str | Iterable[str] | None = None, dense: str | Iterable[str] | None = None,
              masks: Mapping | Sequence[Mapping] | None = None, overwrite: bool = False,
-             progress: bool = False, chunk_elements: int = CHUNK_ELEMENTS) -> list[DeltaSummary]:
+             progress: bool = False, chunk_elements: int = CHUNK_ELEMENTS,
+             threads: int | None = None) -> list[DeltaSummary]:
     """Write one delta file per fine-tuned checkpoint.
 
     Parameters
@@ -92,6 +94,8 @@ def compress(base: str | os.PathLike, finetuned: str | os.PathLike | Sequence[st
         Instead of top-k, a mapping ``{tensor name: bool array}`` (or one per fine-tune)
         of positions to keep, e.g. from :func:`sparsestitch.localize.trained.learn_masks`;
         tensors not in it are left at the base value.
+    threads:
+        Threads reading and encoding (default: 2 of the usable cores; 1: the caller's alone).
 
     Non-float tensors are never localized: those that differ from the base are stored
     exactly.  Tensors the fine-tune has and the base lacks are stored whole ("added").
@@ -113,16 +117,20 @@ def compress(base: str | os.PathLike, finetuned: str | os.PathLike | Sequence[st
     mask_sets = _as_mask_list(masks, len(finetuned_paths))
     if masks is None:
         count_to_keep(density, 0)  # validates the range
+        if density == 0:
+            raise ValueError("density 0 keeps nothing of the fine-tune; keep a fraction above "
+                             "0 (the paper's 0.01 keeps 1%), or 1.0 for a lossless delta")
+    workers = workers_for(threads, WORKERS)
     with Checkpoint(base) as base_ckpt:
-        _refuse_delta(base_ckpt)
+        refuse_delta(base_ckpt)
         tunes = [Checkpoint(p) for p in finetuned_paths]
         try:
             for tune in tunes:
-                _refuse_delta(tune)
+                refuse_delta(tune, "fine-tune")
                 _check_compatible(base_ckpt, tune)
             plan = TensorPlan.of(base_ckpt, include, exclude, dense)
             selectors = _make_selectors(plan, density, scope, mask_sets, len(tunes))
-            job = CompressJob(base_ckpt, tunes, plan, chunk_elements, progress)
+            job = CompressJob(base_ckpt, tunes, plan, chunk_elements, progress, workers)
             results = job.run(selectors, out_paths, overwrite,
                               fallback=lambda: _make_selectors(plan, density, scope, None,
                                                                len(tunes), exact=True))
@@ -167,10 +175,10 @@ class CompressJob:
     """One compress run: the passes over the tensors and one writer per fine-tune."""
 
     def __init__(self, base: Checkpoint, tunes: list[Checkpoint], plan: TensorPlan,
-                 chunk_elements: int, progress: bool):
+                 chunk_elements: int, progress: bool, workers: int = WORKERS):
         self.scanner = TensorScanner(base, tunes, plan, chunk_elements)
         self.base, self.tunes, self.plan, self.progress = base, tunes, plan, progress
-        self.workers = WORKERS
+        self.workers = workers
 
     def run(self, selectors: list[Selector], out_paths: list[Path], overwrite: bool,
             fallback: Callable[[], list[Selector]]) -> list[_Written]:
@@ -259,11 +267,6 @@ def _check_compatible(base: Checkpoint, tune: Checkpoint) -> None:
                                       f"{t.dtype}{list(t.shape)}; convert the fine-tune to the base's "
                                       "dtype, or compare against the right base", path=tune.path,
                                       tensor=name)
-
-
-def _refuse_delta(ckpt: Checkpoint) -> None:
-    if any(HEADER_KEY in meta for meta in ckpt.metadata.values()):
-        raise CheckpointError("this is a sparsestitch delta, not a model checkpoint", path=ckpt.path)
 
 
 def _as_path_list(value) -> list[Path]:

@@ -11,7 +11,7 @@ import numpy as np
 from .checkpoint import Checkpoint
 from .dtypes import dtype as lookup_dtype
 from .format import DeltaReader, Record
-from .walk import RowBlocks, check_delta_fits, decode_tensor
+from .walk import RowBlocks, check_delta_fits, decode_tensor, refuse_delta
 
 #: Bytes of a base tensor read at a time by :func:`verify`.
 VERIFY_BLOCK_BYTES = 64 << 20
@@ -88,6 +88,7 @@ def verify(delta: str | os.PathLike, base: str | os.PathLike | None = None) -> D
                     reader.values(record, np.zeros(kept.size, record.dt.bits), payload)
         else:
             with Checkpoint(base) as ckpt:
+                refuse_delta(ckpt)
                 check_delta_fits(ckpt, reader)
                 for record in reader.records:
                     if record.kind == "added":

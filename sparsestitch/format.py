@@ -202,8 +202,12 @@ class DeltaReader:
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
+        if self.path.is_dir():
+            raise DeltaFormatError("this is a folder (a model checkpoint?), not a delta file; "
+                                   "deltas are single .delta files, and the base comes first: "
+                                   "sparsestitch restore BASE DELTA -o OUT", path=self.path)
         if self.path.exists() and not self.path.is_file():  # opening a pipe would wait forever
-            raise DeltaFormatError("not a regular file (a folder, pipe or device?)", path=self.path)
+            raise DeltaFormatError("not a regular file (a pipe or device?)", path=self.path)
         try:
             self._file = open(self.path, "rb")
         except OSError as exc:
@@ -293,7 +297,8 @@ def _parse_header(metadata: dict[str, str], path: Path) -> dict:
     text = metadata.get(HEADER_KEY)
     if text is None:
         raise DeltaFormatError("not a sparsestitch delta (no sparsestitch header in "
-                               "__metadata__); is this a model checkpoint?", path=path)
+                               "__metadata__); is this a model checkpoint? The base comes "
+                               "first: sparsestitch restore BASE DELTA -o OUT", path=path)
     if digest(text.encode("utf-8")) != metadata.get(HEADER_HASH_KEY):
         raise ChecksumError("header checksum mismatch: the file is damaged", path=path)
     try:

@@ -18,8 +18,30 @@ from typing import TypeVar
 
 T = TypeVar("T")
 
+def usable_cores() -> int:
+    """Cores this process may run on (its CPU affinity, which containers and ``taskset``
+    narrow), else the machine's count."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return max(1, os.cpu_count() or 1)
+
+
 #: Worker threads to use by default: numpy, zstd, pread and the C loops release the GIL.
-DEFAULT_WORKERS = max(1, min(4, os.cpu_count() or 1))
+DEFAULT_WORKERS = max(1, min(4, usable_cores()))
+
+
+def workers_for(threads: int | None, default: int) -> int:
+    """Worker threads for a user's ``threads`` (None: ``default``): one thread means the
+    caller's alone (no workers).
+
+    >>> workers_for(None, 2), workers_for(1, 2), workers_for(3, 2)
+    (2, 0, 3)
+    """
+    if threads is None:
+        return default
+    if type(threads) is not int or threads < 1:
+        raise ValueError(f"threads must be a whole number of 1 or more, got {threads!r}")
+    return 0 if threads == 1 else threads
 
 
 def in_order(names: Sequence[str], prepare: Callable[[str], T],

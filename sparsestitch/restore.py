@@ -55,16 +55,20 @@ class RestoreCombiner:
 
 def restore(base: str | os.PathLike, delta: str | os.PathLike, out: str | os.PathLike, *,
             overwrite: bool = False, progress: bool = False,
-            block_bytes: int = engine.DEFAULT_BLOCK_BYTES) -> Path:
+            block_bytes: int | None = None, max_memory: int | str | None = None,
+            threads: int | None = None) -> Path:
     """Write the fine-tuned model a delta describes: the base with the stored values put back.
 
     Every stored position gets the fine-tuned bits exactly; every other position keeps
     the base's bits (so a ``density=1.0`` delta restores the fine-tune bit for bit).
     The output mirrors the base: a ``.safetensors`` file, or a folder with the same
     shards, index and non-weight files, and a model card (README.md) saying how it was made.
+    ``max_memory`` and ``threads`` are those of :func:`~sparsestitch.stitch.stitch`
+    (``block_bytes``, the row block size, overrides the one ``max_memory`` implies).
 
     >>> restore("base.safetensors", "math.delta", "math.safetensors")  # doctest: +SKIP
     """
+    block_bytes = engine.block_bytes(max_memory) if block_bytes is None else block_bytes
     return engine.run(base, [delta], out, RestoreCombiner(), overwrite=overwrite,
                       progress=progress, description="restore", block_bytes=block_bytes,
-                      card=restore_card(delta))
+                      card=restore_card(delta), threads=threads)

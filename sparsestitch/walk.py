@@ -31,8 +31,8 @@ import xxhash
 
 from .checkpoint import Checkpoint, OutputTensor, Shard
 from .dtypes import dtype as lookup_dtype
-from .errors import BaseMismatchError, TensorMismatchError
-from .format import DeltaReader, Record
+from .errors import BaseMismatchError, CheckpointError, TensorMismatchError
+from .format import HEADER_KEY, DeltaReader, Record
 from .sizes import row_items
 
 
@@ -217,6 +217,16 @@ def decode_block(reader: DeltaReader, record: Record, block: np.ndarray, lo: int
     base_kept[a:b] = block.take(positions[a:b] - lo)
     values = reader.values(record, base_kept, payload)
     return Stored(positions[a:b].copy(), values[a:b].copy(), base_kept[a:b].copy())
+
+
+def refuse_delta(ckpt: Checkpoint, role: str = "base") -> None:
+    """A delta file given where a model checkpoint belongs (arguments swapped?) is refused
+    with the order the commands take."""
+    if any(HEADER_KEY in meta for meta in ckpt.metadata.values()):
+        raise CheckpointError(f"this is a sparsestitch delta file, not a model checkpoint; the "
+                              f"{role} must be a model (.safetensors file or folder), and "
+                              "the base comes first: sparsestitch restore BASE DELTA -o OUT",
+                              path=ckpt.path)
 
 
 def check_delta_fits(base: Checkpoint, reader: DeltaReader) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -12,8 +13,9 @@ from click.testing import CliRunner
 
 import sparsestitch
 from sparsestitch.cli import main
+from sparsestitch.cli_common import natural_key
 
-from .conftest import save_checkpoint, small_model
+from .conftest import finetune_of, save_checkpoint, small_model
 
 SUBCOMMANDS = ["compress", "restore", "stitch", "info", "verify", "demo"]
 
@@ -116,21 +118,70 @@ def test_stitch_matches_the_api(zoo, tmp_path, deltas, options, api_options):
     assert cli_out.read_bytes() == api_out.read_bytes()
 
 
+def _tensor_table(stdout: str) -> list[list[str]]:
+    """The rows of info's tensor table: between its dashed rule and the next blank line."""
+    table = stdout.split("bits/kept\n", 1)[1].split("\n", 1)[1]
+    return [line.split() for line in table.split("\n\n")[0].strip().splitlines()]
+
+
 def test_info_lists_stored_tensors(deltas):
     result = ok("info", deltas[0])
     described = sparsestitch.info(deltas[0])
     first = result.stdout.splitlines()[0]
     assert first.startswith(f"{deltas[0]}: {described.file_size:,} bytes, format v1")
     assert "method topk-global, density 0.05" in result.stdout
+    assert "base base.safetensors, fine-tune ft1.safetensors" in result.stdout
     stored = [t.name for t in described.tensors if t.kind != "base"]
     unchanged = [t.name for t in described.tensors if t.kind == "base"]
     assert stored and unchanged
-    table = result.stdout.split("bits/kept\n", 1)[1]
-    rows = [line.split()[0] for line in table.strip().splitlines()]
-    assert rows == stored
-    everything = ok("info", deltas[0], "--all").stdout.split("bits/kept\n", 1)[1]
-    assert [line.split()[0] for line in everything.strip().splitlines()] == [
-        t.name for t in described.tensors]
+    assert [row[0] for row in _tensor_table(result.stdout)] == sorted(stored, key=natural_key)
+    everything = _tensor_table(ok("info", deltas[0], "--all").stdout)
+    assert [row[0] for row in everything] == sorted((t.name for t in described.tensors),
+                                                    key=natural_key)
+    by_bytes = _tensor_table(ok("info", deltas[0], "--sort", "bytes").stdout)
+    sizes = [int(row[-2].replace(",", "")) for row in by_bytes]
+    assert sizes == sorted(sizes, reverse=True)
+
+
+def test_info_totals_per_layer_and_module_in_natural_order(tmp_path):
+    model = {f"model.layers.{i}.mlp.weight": torch.randn(16, 8) for i in (0, 1, 2, 10)}
+    model["model.embed.weight"] = torch.randn(32, 8)
+    tune = {k: v + 0.1 * torch.randn(v.shape) for k, v in model.items()}
+    base = save_checkpoint(tmp_path / "b.safetensors", model)
+    ft = save_checkpoint(tmp_path / "f.safetensors", tune)
+    ok("compress", base, ft, "-o", tmp_path / "d.delta", "--density", "0.5", "--quiet")
+    out = ok("info", tmp_path / "d.delta").stdout
+    rows = [row[0] for row in _tensor_table(out)]
+    assert rows == ["model.embed.weight"] + [f"model.layers.{i}.mlp.weight" for i in (0, 1, 2, 10)]
+    layers = out.split("\nlayer ", 1)[1]
+    assert layers.index("model.layers.2 ") < layers.index("model.layers.10 ")
+    assert "model.layers.*.mlp.weight" in out.split("\nmodule ", 1)[1]
+
+
+def test_json_output_for_programs(zoo, tmp_path, deltas):
+    described = json.loads(ok("info", deltas[0], "--json").stdout)
+    assert described["kept"] == sparsestitch.info(deltas[0]).kept
+    assert {t["name"] for t in described["tensors"]} == set(small_model())
+    checked = json.loads(ok("verify", deltas[0], "--base", zoo["base"], "--json").stdout)
+    assert checked["ok"] is True and checked["kept"] == described["kept"]
+    made = json.loads(ok("compress", zoo["base"], zoo["ft1"], "-o", tmp_path / "j.delta",
+                         "--density", "0.05", "--json").stdout)
+    assert made[0]["bytes"] == (tmp_path / "j.delta").stat().st_size
+    for command, inputs in (("restore", [zoo["base"], deltas[0]]),
+                            ("stitch", [zoo["base"], *deltas])):
+        out = tmp_path / f"{command}.safetensors"
+        summary = json.loads(ok(command, *inputs, "-o", out, "--json").stdout)
+        assert summary["output"] == str(out) and summary["bytes"] == out.stat().st_size
+
+
+def test_a_closed_pipe_ends_the_command_quietly(deltas):
+    """``sparsestitch info x.delta | head -1``: one line, no error, no traceback."""
+    command = shutil.which("sparsestitch")
+    args = [command] if command else [sys.executable, "-m", "sparsestitch.cli"]
+    done = subprocess.run(" ".join(f"'{a}'" for a in [*args, "info", str(deltas[0]), "--all"])
+                          + " | head -1", shell=True, capture_output=True, text=True, timeout=120)
+    assert done.stdout.count("\n") == 1 and done.stdout.startswith(str(deltas[0]))
+    assert done.stderr == ""
 
 
 def test_verify_with_and_without_base(zoo, deltas):
@@ -245,3 +296,93 @@ def test_demo_writes_outside_the_current_folder_by_default(tmp_path, monkeypatch
     ok("demo", "--size-mb", "1")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["system-tmp"]
     assert (tmp_path / "system-tmp" / "sparsestitch-demo" / "merged").is_dir()
+
+
+def test_rule_options_use_one_name_and_the_users_terms(zoo, tmp_path, deltas):
+    out = tmp_path / "m.safetensors"
+    assert_one_line_error(run("stitch", zoo["base"], *deltas, "-o", out, "--density", "0.2"),
+                          "--density applies to --rule ties, not --rule localize-stitch")
+    assert_one_line_error(run("stitch", zoo["base"], *deltas, "-o", out, "--rule", "ties",
+                              "--drop", "0.5"), "--drop applies to --rule dare, not --rule ties")
+    ok("stitch", zoo["base"], *deltas, "-o", out, "--rule", "ties", "--density", "0.2")
+    api = sparsestitch.stitch(zoo["base"], [str(d) for d in deltas], tmp_path / "api.safetensors",
+                              rule="ties", density=0.2)
+    assert out.read_bytes() == api.read_bytes()
+    assert "--trim" not in ok("stitch", "--help").stdout
+    assert "ties (--scale, --density)" in " ".join(ok("stitch", "--help").stdout.split())
+
+
+def test_nothing_to_do_is_refused(zoo, tmp_path):
+    result = run("stitch", zoo["base"], "-o", tmp_path / "m.safetensors")
+    assert result.exit_code == 2 and "DELTAS" in result.stderr
+    assert_one_line_error(run("compress", zoo["base"], zoo["ft1"], "-o", tmp_path / "x.delta",
+                              "--density", "0"), "density 0 keeps nothing")
+    assert not (tmp_path / "m.safetensors").exists() and not (tmp_path / "x.delta").exists()
+
+
+def test_swapped_arguments_say_what_was_given_and_what_is_expected(zoo, tmp_path, deltas):
+    folder_base = save_checkpoint(tmp_path / "base-folder", small_model())
+    out = tmp_path / "o.safetensors"
+    for args in ([deltas[0], deltas[0]], [deltas[0], zoo["base"]]):
+        assert_one_line_error(run("restore", *args, "-o", out), str(deltas[0]),
+                              "delta file, not a model checkpoint", "the base comes first")
+    assert_one_line_error(run("restore", zoo["base"], folder_base, "-o", out), str(folder_base),
+                          "a folder (a model checkpoint?), not a delta file",
+                          "the base comes first")
+    assert_one_line_error(run("restore", zoo["base"], zoo["ft1"], "-o", out), str(zoo["ft1"]),
+                          "not a sparsestitch delta", "The base comes first")
+    assert_one_line_error(run("verify", deltas[0], "--base", deltas[1]), str(deltas[1]),
+                          "delta file, not a model checkpoint")
+    assert not out.exists()
+
+
+def test_the_pickle_conversion_line_works_on_tied_weights(tmp_path):
+    """The one-liner the refusal prints converts a checkpoint whose tensors share memory."""
+    embed = torch.randn(8, 4)
+    torch.save({"embed.weight": embed, "lm_head.weight": embed}, tmp_path / "IN.bin")
+    line = assert_one_line_error(run("compress", tmp_path / "IN.bin", tmp_path / "IN.bin", "-o",
+                                     tmp_path / "x.delta"), "python -c")
+    code = line.split('python -c "', 1)[1].split('"', 1)[0]
+    subprocess.run([sys.executable, "-c", code], cwd=tmp_path, check=True, timeout=120)
+    converted = sparsestitch.checkpoint.Checkpoint(tmp_path / "OUT.safetensors")
+    assert converted.names == ["embed.weight", "lm_head.weight"]
+    converted.close()
+
+
+def test_a_single_file_folder_gets_no_index(tmp_path):
+    model = small_model()
+    base = save_checkpoint(tmp_path / "base", model)  # one model-00001-of-00001 file, no index
+    tune = save_checkpoint(tmp_path / "tune", finetune_of(model))
+    assert not (base / "model.safetensors.index.json").exists()
+    ok("compress", base, tune, "-o", tmp_path / "t.delta", "--quiet")
+    ok("restore", base, tmp_path / "t.delta", "-o", tmp_path / "restored", "--quiet")
+    assert sorted(p.name for p in (tmp_path / "restored").iterdir()) == sorted(
+        [p.name for p in base.iterdir()] + ["README.md"])
+
+
+def test_stitch_add_on_the_command_line(zoo, tmp_path, deltas):
+    scratch = tmp_path / "scratch.safetensors"
+    ok("stitch", zoo["base"], *deltas, "-o", scratch, "--quiet")
+    merged = tmp_path / "merged.safetensors"
+    ok("stitch", zoo["base"], deltas[0], "-o", merged, "--quiet")
+    ok("stitch-add", zoo["base"], merged, deltas[1], "--previous", deltas[0], "--quiet")
+    assert merged.read_bytes() == scratch.read_bytes()
+    ties = tmp_path / "ties.safetensors"
+    ok("stitch", zoo["base"], deltas[0], "-o", ties, "--rule", "ties", "--quiet")
+    assert_one_line_error(run("stitch-add", zoo["base"], ties, deltas[1], "--previous", deltas[0]),
+                          "stitched with the rule 'ties'",
+                          "only localize-stitch and task-arithmetic merges can be extended")
+
+
+def test_no_progress_bars_into_logs_and_threads_change_no_byte(zoo, tmp_path):
+    """stderr is not a terminal here (as in a log file): no bar, no carriage returns."""
+    outputs = []
+    for threads in ("1", "3"):
+        out = tmp_path / f"t{threads}.delta"
+        result = ok("compress", zoo["base"], zoo["ft1"], "-o", out, "--threads", threads)
+        assert result.stderr == ""
+        outputs.append(out.read_bytes())
+        restored = tmp_path / f"r{threads}.safetensors"
+        assert ok("restore", zoo["base"], out, "-o", restored, "--threads", threads).stderr == ""
+        outputs.append(restored.read_bytes())
+    assert outputs[0] == outputs[2] and outputs[1] == outputs[3]

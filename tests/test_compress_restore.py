@@ -125,7 +125,8 @@ def model_pairs(draw, float_only: bool = False):
     return base, tune
 
 
-DENSITIES = st.sampled_from([0.0, 0.05, 0.3, 1.0]) | st.floats(0.0, 1.0)
+# Densities so small that k rounds to 0 still keep nothing (5e-7 of a small model).
+DENSITIES = st.sampled_from([5e-7, 0.05, 0.3, 1.0]) | st.floats(0.0, 1.0, exclude_min=True)
 SELECTORS_MODULE = importlib.import_module("sparsestitch.localize.selectors")
 
 
@@ -492,3 +493,11 @@ def test_mask_for_unknown_tensor_is_refused(zoo, tmp_path):
         sparsestitch.compress(zoo["base"], zoo["ft1"], tmp_path / "x.delta",
                               masks={"no.such.weight": np.ones(3, bool)})
     assert caught.value.tensor == "no.such.weight"
+
+
+def test_density_zero_is_refused_before_anything_is_written(tmp_path):
+    base = save_checkpoint(tmp_path / "b.safetensors", small_model())
+    tune = save_checkpoint(tmp_path / "t.safetensors", finetune_of(small_model()))
+    with pytest.raises(ValueError, match="density 0 keeps nothing"):
+        sparsestitch.compress(base, tune, tmp_path / "t.delta", density=0.0)
+    assert not (tmp_path / "t.delta").exists()

@@ -127,7 +127,7 @@ def test_get_and_merge_match_restore_and_stitch(models, tmp_path):
                         tmp_path / "plain-merged", rule="ties", density=0.5)
     assert_same_tensors(merged, tmp_path / "plain-merged")
     card = (merged / "README.md").read_text()
-    assert 'base_model_relation: "merge"' in card and "--rule ties --trim 0.5" in card
+    assert 'base_model_relation: "merge"' in card and "--rule ties --density 0.5" in card
     with pytest.raises(OutputError):  # never over an existing output without overwrite
         get(zoo, "math", tmp_path / "math")
     with pytest.raises(UnknownMemberError, match="'nope'"):

@@ -29,9 +29,12 @@ WEIGHT_SUFFIXES = PICKLE_SUFFIXES + (".safetensors", ".h5", ".msgpack", ".gguf",
 WEIGHT_INDEX_SUFFIX = ".index.json"
 
 _CONVERT_HINT = ("sparsestitch never unpickles files (they can run code). Convert it once, in a "
-                 "trusted environment: python -c \"import torch; from safetensors.torch import "
-                 "save_file; save_file(torch.load('IN.bin', weights_only=True), 'OUT.safetensors')\""
-                 " or, for a transformers model, model.save_pretrained(folder, safe_serialization=True)")
+                 "trusted environment: for a transformers model, AutoModel.from_pretrained(folder)"
+                 ".save_pretrained(new_folder, safe_serialization=True); otherwise python -c "
+                 "\"import torch; from safetensors.torch import save_file; sd = torch.load("
+                 "'IN.bin', weights_only=True); save_file({k: v.contiguous().clone() for k, v in "
+                 "sd.items()}, 'OUT.safetensors')\" (clone() unties tied weights, which save_file "
+                 "refuses)")
 
 
 @dataclass(frozen=True)
@@ -130,6 +133,11 @@ class Checkpoint:
         return out
 
     @property
+    def has_index(self) -> bool:
+        """Whether the folder has a ``model.safetensors.index.json`` (an output mirrors it)."""
+        return self._index_map is not None
+
+    @property
     def display_name(self) -> str:
         """A short name for headers and model cards: the Hub id, or the file or folder name."""
         return self.hub_id or self.path.name
@@ -145,13 +153,7 @@ class Checkpoint:
                       and not p.name.endswith(WEIGHT_INDEX_SUFFIX))
 
     def _add_shard(self, file: Path) -> None:
-        if file.exists() and not file.is_file():  # opening a pipe would wait forever
-            raise CheckpointError("not a regular file (a folder, pipe or device?)", path=file)
-        try:
-            handle = open(file, "rb")
-        except OSError as exc:
-            raise CheckpointError(f"cannot open ({exc.strerror or exc})", path=file) from None
-        self._handles[file] = handle
+        self._handles[file] = handle = _open_shard(file)
         header = read_header(handle, file, os.fstat(handle.fileno()).st_size)
         self.metadata[file.name] = header.metadata
         names = []
@@ -206,6 +208,15 @@ def _check_index(folder: Path, index_map: dict[str, str], where: dict[str, Locat
     if extra:
         raise CheckpointError(f"shards hold tensors the index does not list: {sorted(extra)[:5]}",
                               path=folder / INDEX_NAME)
+
+
+def _open_shard(file: Path):
+    if file.exists() and not file.is_file():  # opening a pipe would wait forever
+        raise CheckpointError("not a regular file (a folder, pipe or device?)", path=file)
+    try:
+        return open(file, "rb")
+    except OSError as exc:
+        raise CheckpointError(f"cannot open ({exc.strerror or exc})", path=file) from None
 
 
 def _refuse_pickle(path: Path) -> None:

@@ -47,19 +47,22 @@ class CheckpointWriter:
     """Stream tensors into a new checkpoint at ``target``.
 
     ``folder=False`` writes the single shard as the file ``target``;
-    ``folder=True`` writes every shard, the index, ``extra_files`` (copied) and
-    ``extra_texts`` (``{file name: text}``, e.g. a model card) into the folder ``target``.
+    ``folder=True`` writes every shard, the index (``index``: default, only for several
+    shards), ``extra_files`` (copied) and ``extra_texts`` (``{file name: text}``, e.g. a
+    model card) into the folder ``target``.
     Tensors must be written in layout order.
     """
 
     def __init__(self, target: str | Path, shards: list[Shard], *, folder: bool,
                  extra_files: list[Path] = (), overwrite: bool = False,
-                 extra_texts: dict[str, str] | None = None):
+                 extra_texts: dict[str, str] | None = None, index: bool | None = None):
         if not folder and len(shards) != 1:
             raise ValueError("a single-file output needs exactly one shard")
         self.target = Path(target)
         self._shards, self._folder, self._extra = shards, folder, list(extra_files)
         self._texts = dict(extra_texts or {})
+        # A folder gets an index when asked, or by default when it has several shards.
+        self._index = len(shards) > 1 if index is None else index
         self._stack = contextlib.ExitStack()
         self._root = self._stack.enter_context(
             atomic_path(self.target, overwrite=overwrite, folder=folder))
@@ -102,7 +105,8 @@ class CheckpointWriter:
                 raise ValueError(f"tensor {self.pending.name!r} was never written")
             self._close_handle()
             if self._folder:
-                _write_index(self._root, self._shards)
+                if self._index:
+                    _write_index(self._root, self._shards)
                 for extra in self._extra:
                     shutil.copyfile(extra, self._root / extra.name)
                 for name, text in self._texts.items():  # after the copies: they win

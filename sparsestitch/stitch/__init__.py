@@ -24,7 +24,7 @@ __all__ = ["RULES", "MergeRule", "TaskVector", "get_rule", "stitch", "stitch_add
 def stitch(base: str | os.PathLike, deltas: Sequence[str | os.PathLike], out: str | os.PathLike, *,
            rule: str = "localize-stitch", weights: Sequence[float] | None = None,
            max_memory: int | str | None = None, device: str = "cpu", overwrite: bool = False,
-           progress: bool = False, **rule_options) -> Path:
+           progress: bool = False, threads: int | None = None, **rule_options) -> Path:
     """Merge any number of deltas onto their base, tensor by tensor, into ``out``.
 
     Rules: ``"localize-stitch"`` (overlaps averaged; the paper's rule),
@@ -43,7 +43,9 @@ def stitch(base: str | os.PathLike, deltas: Sequence[str | os.PathLike], out: st
     output's metadata records the rule, options, weights and deltas, for
     :func:`stitch_add`.  ``device`` (``"cpu"``, ``"cuda"``, ``"auto"``) says where the
     merge arithmetic of the elementwise rules runs (see :mod:`.device`); every device
-    gives bit-identical output.
+    gives bit-identical output.  ``threads`` read and decode ahead (default: up to 4 of the
+    usable cores; 1: everything in the caller's thread).  No deltas at all writes the base
+    with a recipe: the start of a chain of :func:`stitch_add` (the command line refuses it).
 
     >>> stitch("base.safetensors", ["math.delta", "code.delta"], "merged.safetensors")  # doctest: +SKIP
     """
@@ -57,4 +59,4 @@ def stitch(base: str | os.PathLike, deltas: Sequence[str | os.PathLike], out: st
     card = stitch_card(deltas, rule, combine.weights, {k: v for k, v in rule_options.items()})
     return engine.run(base, deltas, out, combine, overwrite=overwrite, progress=progress,
                       block_bytes=engine.block_bytes(max_memory), metadata={RECIPE_KEY: recipe},
-                      card=card)
+                      card=card, threads=threads)

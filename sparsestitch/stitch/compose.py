@@ -36,8 +36,8 @@ from ..dtypes import dtype as lookup_dtype
 from ..errors import BaseMismatchError, TensorMismatchError
 from ..format import DeltaReader
 from ..progress import bar
-from ..walk import (RowBlocks, Stored, added_records, check_delta_fits, decode_tensor,
-                    output_shards)
+from ..walk import (BaseHash, RowBlocks, Stored, added_records, check_delta_fits, decode_block,
+                    decode_tensor, output_shards, read_blocks, refuse_delta)
 from . import engine
 from .combine import RECIPE_KEY, RuleCombiner, rule_combiner
 from .rules import RULES
@@ -56,7 +56,9 @@ def stitch_add(base: str | os.PathLike, deltas: Sequence[str | os.PathLike],
     ``rule``, ``weights`` (one per delta of ``[*deltas, new_delta]``) and options are
     those of the full merge, as for :func:`~sparsestitch.stitch.stitch`.  The output
     goes to ``out``, or with ``out=None`` replaces ``merged`` (written beside it, then
-    renamed over it: a failed run leaves ``merged`` as it was).
+    renamed over it: a failed run leaves ``merged`` as it was).  ``max_memory`` bounds
+    what is held as for ``stitch``: a tensor whose records would not fit is recomputed row
+    block by row block, decoding every record once per block.
 
     >>> stitch_add("base/", ["math.delta"], "code.delta", "merged/")  # doctest: +SKIP
     """
@@ -72,8 +74,10 @@ def stitch_add(base: str | os.PathLike, deltas: Sequence[str | os.PathLike],
     block_bytes = engine.block_bytes(max_memory)
     with contextlib.ExitStack() as stack:
         base_ckpt = stack.enter_context(Checkpoint(base))
+        refuse_delta(base_ckpt)
         readers = [stack.enter_context(DeltaReader(p)) for p in paths]
         merged_ckpt = stack.enter_context(Checkpoint(merged))
+        refuse_delta(merged_ckpt, "merged model")
         for reader in readers:
             check_delta_fits(base_ckpt, reader)
         old_added = added_records(readers[:-1])
@@ -84,7 +88,8 @@ def stitch_add(base: str | os.PathLike, deltas: Sequence[str | os.PathLike],
         card = stitch_card(paths, rule, combine.weights, dict(rule_options))(base_ckpt)
         writer = CheckpointWriter(out, shards, folder=base_ckpt.is_folder,
                                   extra_files=base_ckpt.extra_files, overwrite=overwrite,
-                                  extra_texts={"README.md": card} if base_ckpt.is_folder else None)
+                                  extra_texts={"README.md": card} if base_ckpt.is_folder else None,
+                                  index=base_ckpt.has_index)
         try:
             total = sum(t.nbytes for shard in shards for t in shard.tensors)
             with bar(total, "stitch-add", progress) as progress_bar:
@@ -119,11 +124,43 @@ def _write_tensor(name: str, base: Checkpoint, merged: Checkpoint, readers: list
         engine.write_patched(writer, name, blocks, copy, np.empty(0, np.int64),
                              np.empty(0, dt.bits))
         return
-    stored, _ = decode_tensor(base, readers, name, blocks)
+    stored_count = sum(r.count for reader in readers
+                       if (r := reader.record(name)) is not None and r.kind == "sparse")
+    if entry.nbytes + combine.bytes_per_position(dt) * stored_count <= 2 * block_bytes:
+        stored, _ = decode_tensor(base, readers, name, blocks)
+        positions, bits = combine.combine(name, dt, entry.numel, _at_new(stored))
+        engine.write_patched(writer, name, blocks, copy, positions, bits)
+        return
+    _write_blockwise(name, base, merged, readers, combine, writer, blocks)
+
+
+def _write_blockwise(name: str, base: Checkpoint, merged: Checkpoint, readers: list[DeltaReader],
+                     combine: RuleCombiner, writer: CheckpointWriter, blocks: RowBlocks) -> None:
+    """A tensor whose records would not fit in the budget: row block by row block, each
+    record decoded inside the block only (:func:`~sparsestitch.walk.decode_block`)."""
+    dt = lookup_dtype(merged.entry(name).dtype)
+    records = [reader.record(name) for reader in readers]
+    base_hash = BaseHash(name)
+    for start, stop, base_block in read_blocks(base, name, blocks, base_hash):
+        lo, hi = blocks.elements(start, stop)
+        stored = [None if r is None or r.kind != "sparse" else decode_block(reader, r, base_block, lo)
+                  for reader, r in zip(readers, records)]
+        positions, bits = combine.combine(name, dt, hi - lo, _at_new(stored, lo))
+        out = merged.read_rows(name, start, stop)
+        out[positions] = bits
+        writer.write(name, out)
+    base_hash.check(zip([r.path for r in readers], records))
+
+
+def _at_new(stored: list[Stored | None], first: int = 0) -> list[Stored | None]:
+    """Every delta's entries at the positions the new (last) delta stores, shifted so that
+    position ``first`` is 0 (for one row block)."""
     covered = stored[-1].position_array()
     there = [None if s is None else _restrict(s, covered) for s in stored]
-    positions, bits = combine.combine(name, dt, entry.numel, there)
-    engine.write_patched(writer, name, blocks, copy, positions, bits)
+    if first:
+        there = [None if s is None else Stored(s.positions - first, s.finetuned, s.base)
+                 for s in there]
+    return there
 
 
 def _restrict(stored: Stored, positions: np.ndarray) -> Stored:
@@ -161,6 +198,12 @@ def _check_merged(merged: Checkpoint, expected_shards, recipe: str) -> None:
     if stitched_with is None:
         raise TensorMismatchError("the merged model records no stitch recipe (it was not written "
                                   "by sparsestitch.stitch); stitch all deltas from scratch",
+                                  path=merged.path)
+    made_with = json.loads(stitched_with).get("rule")
+    if made_with not in COMPOSABLE_RULES:
+        raise TensorMismatchError(f"the merged model was stitched with the rule {made_with!r}; "
+                                  f"only {' and '.join(COMPOSABLE_RULES)} merges can be extended "
+                                  "one delta at a time: stitch all deltas from scratch",
                                   path=merged.path)
     if json.loads(stitched_with) != json.loads(recipe):
         raise TensorMismatchError("the merged model was stitched with other deltas, order, "

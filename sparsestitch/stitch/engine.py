@@ -38,10 +38,10 @@ from ..checkpoint import Checkpoint, CheckpointWriter
 from ..dtypes import DType, dtype as lookup_dtype
 from ..format import DeltaReader, Record
 from ..progress import bar
-from ..readahead import DEFAULT_WORKERS, in_order
+from ..readahead import DEFAULT_WORKERS, in_order, workers_for
 from ..sizes import parse_memory
 from ..walk import (BaseHash, RowBlocks, Stored, added_records, check_delta_fits, decode_block,
-                    decode_tensor, output_shards, read_blocks, stored_positions)
+                    decode_tensor, output_shards, read_blocks, refuse_delta, stored_positions)
 from .combine import Combiner
 
 DEFAULT_BLOCK_BYTES = 256 << 20
@@ -61,18 +61,21 @@ def run(base: str | os.PathLike, deltas: Sequence[str | os.PathLike], out: str |
         combiner: Combiner, *, overwrite: bool = False, progress: bool = False,
         block_bytes: int = DEFAULT_BLOCK_BYTES, added: str = "single",
         metadata: dict[str, str] | None = None, description: str = "stitch",
-        card: Callable[[Checkpoint], str] | None = None) -> Path:
+        card: Callable[[Checkpoint], str] | None = None, threads: int | None = None) -> Path:
     """Stream ``base`` + ``deltas`` through ``combiner`` into ``out``; return ``out``.
 
     ``added`` says what to do with tensors that deltas add (the base lacks them):
     ``"single"`` copies them (an error if two deltas add the same name with different
     bits), ``"drop"`` leaves them out.  ``metadata`` is added to every output shard's
     safetensors metadata.  A folder output gets ``card(base)`` as its README.md (the model
-    card, replacing the base's).
+    card, replacing the base's).  ``threads`` (default: up to 4 of the usable cores) read and
+    decode ahead of the caller, who writes; 1 runs everything in the caller's thread.
     """
+    workers = workers_for(threads, READ_WORKERS)
     out = Path(out)
     check_not_an_input(out, [base, *deltas])
     with Checkpoint(base) as base_ckpt:
+        refuse_delta(base_ckpt)
         readers = []
         try:
             for path in deltas:
@@ -84,7 +87,7 @@ def run(base: str | os.PathLike, deltas: Sequence[str | os.PathLike], out: str |
             texts = {"README.md": card(base_ckpt)} if card and base_ckpt.is_folder else None
             writer = CheckpointWriter(out, shards, folder=base_ckpt.is_folder,
                                       extra_files=base_ckpt.extra_files, overwrite=overwrite,
-                                      extra_texts=texts)
+                                      extra_texts=texts, index=base_ckpt.has_index)
             plan = _Plan(base_ckpt, readers, added_tensors, combiner, block_bytes)
             total = sum(base_ckpt.entry(n).nbytes for n in base_ckpt.names)
             try:
@@ -92,7 +95,7 @@ def run(base: str | os.PathLike, deltas: Sequence[str | os.PathLike], out: str |
                     order = [tensor.name for shard in shards for tensor in shard.tensors]
                     threaded = 4 * block_bytes >= MIN_THREADED_BUDGET
                     tensors = in_order(order, plan.prepare, plan.estimate, budget=2 * block_bytes,
-                                       workers=READ_WORKERS if threaded else 0)
+                                       workers=workers if threaded else 0)
                     with closing(tensors):  # on an error, stop the reader before aborting
                         for name, finish in tensors:
                             finish(writer)

@@ -52,9 +52,7 @@ def merged_card(manifest: dict, entries: list[dict], rule: str, weights, options
     """Keyword arguments of ``write_model_card`` for a merge of ``entries``."""
     base = _base_model(manifest)
     names = " ".join(e["name"] for e in entries)
-    # The command line spells TIES's density --trim (compress has its own --density).
-    flags = "".join(f" --{'trim' if k == 'density' else k.replace('_', '-')} {v}"
-                    for k, v in sorted(options.items()))
+    flags = "".join(f" --{k.replace('_', '-')} {v}" for k, v in sorted(options.items()))
     how = "\n".join([
         f"# Merge of {', '.join(e['name'] for e in entries)}", "",
         f"`{base}` with the sparse deltas of {len(entries)} fine-tune(s) stitched onto it by "

@@ -1,0 +1,136 @@
+"""What every ``sparsestitch`` command shares: clean failures, tables, JSON, progress, threads."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import re
+import sys
+
+import click
+
+from .errors import SparsestitchError
+from .stitch.rules import RULES
+
+
+def fail_cleanly(function):
+    """Library errors become one line on stderr and exit code 2; a closed pipe
+    (``sparsestitch info x.delta | head -1``) ends the command quietly."""
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        try:
+            return function(*args, **kwargs)
+        except BrokenPipeError:
+            # Further writes to the closed pipe (flushing at exit) would raise again.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.exit(0)
+        except (SparsestitchError, ValueError, OSError, RuntimeError) as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(2)
+    return wrapper
+
+
+def shown(value) -> str:
+    """A field of an untrusted file, safe to print on one line: integers grouped, odd text
+    escaped, anything else as compact JSON."""
+    if type(value) is int:
+        return f"{value:,}"
+    if isinstance(value, str):
+        return value if value.isprintable() else repr(value)
+    text = json.dumps(value, sort_keys=True, ensure_ascii=True)
+    return text
+
+
+def echo_table(rows: list[list[str]], headers: list[str], right: set[int] = frozenset()) -> None:
+    """Rows of cells as a text table; columns in ``right`` are right-aligned."""
+    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)]
+
+    def line(cells):
+        return "  ".join(c.rjust(w) if i in right else c.ljust(w)
+                         for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+    click.echo(line(headers))
+    click.echo(line(["-" * w for w in widths]))
+    for row in rows:
+        click.echo(line(row))
+
+
+def echo_json(payload) -> None:
+    """``payload`` as indented JSON on stdout (for programs: ``--json``)."""
+    click.echo(json.dumps(payload, indent=2, sort_keys=True, default=str))
+
+
+def show_progress(quiet: bool) -> bool:
+    """Progress bars only for a person watching: not with ``--quiet`` or ``--json``, and not
+    when standard error is a file or pipe (bars would fill logs with carriage returns)."""
+    return not quiet and sys.stderr.isatty()
+
+
+def natural_key(name: str) -> list:
+    """Sort key putting ``layers.2`` before ``layers.10``.
+
+    >>> sorted(["l.10.w", "l.2.w", "l.1.w"], key=natural_key)
+    ['l.1.w', 'l.2.w', 'l.10.w']
+    """
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
+threads_option = click.option(
+    "--threads", type=click.IntRange(min=1), default=None,
+    help="Threads doing the work (default: the cores this process may use, up to 2 for "
+         "compress and 4 for the others; 1: one thread).")
+json_option = click.option("--json", "as_json", is_flag=True,
+                           help="Print a JSON summary instead of text (no progress bars).")
+quiet_option = click.option("--quiet", is_flag=True,
+                            help="No progress bar (there is none when stderr is not a terminal).")
+
+
+#: The stitch command's rule options: the flag, the rule option it sets, the rules taking it.
+RULE_FLAGS = {"--scale": ("scale", ("task-arithmetic", "ties", "dare")),
+              "--density": ("density", ("ties",)),
+              "--drop": ("drop", ("dare",)),
+              "--seed": ("seed", ("dare",))}
+
+
+def _rule_help() -> str:
+    lines = []
+    for name, rule in RULES.items():
+        flags = [flag for flag, (_, rules) in RULE_FLAGS.items() if name in rules]
+        lines.append(f"{name}" + (f" ({', '.join(flags)})" if flags else ""))
+    return "Merge rule: " + "; ".join(lines) + "."
+
+
+def rule_options(rule: str, given: dict) -> dict:
+    """The rule options from the flags given, refusing a flag the rule does not take (named
+    as the user typed it)."""
+    options = {}
+    for flag, value in given.items():
+        if value is None:
+            continue
+        option, rules = RULE_FLAGS[flag]
+        if rule not in rules:
+            raise ValueError(f"{flag} applies to --rule {' or '.join(rules)}, not --rule {rule}")
+        options[option] = value
+    return options
+
+
+def rule_flags(function):
+    for flag, help_text in (("--seed", "DARE: the random seed of the drops."),
+                            ("--drop", "DARE: the probability of dropping each stored entry."),
+                            ("--density", "TIES: the fraction of each tensor kept by magnitude."),
+                            ("--scale", "task-arithmetic, TIES, DARE: the factor (lambda) of "
+                                        "the merged update.")):
+        kind = int if flag == "--seed" else float
+        function = click.option(flag, type=kind, help=help_text)(function)
+    return click.option("--rule", type=click.Choice(list(RULES)), default="localize-stitch",
+                        show_default=True, help=_rule_help())(function)
+
+
+def parse_weights(text: str | None) -> list[float] | None:
+    if not text:
+        return None
+    try:
+        return [float(w) for w in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--weights takes numbers separated by commas, like 1,0.5; got {text!r}") \
+            from None
