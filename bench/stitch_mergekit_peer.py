@@ -1,10 +1,14 @@
-"""The peer run of bench/stitch.py: task arithmetic with mergekit (run in mergekit's venv).
+"""The peer run of bench/stitch.py and bench/mergekit_agreement.py: a mergekit merge (run in
+mergekit's venv).
 
-    python stitch_mergekit_peer.py BASE TUNE [TUNE ...] --out OUT
+    python stitch_mergekit_peer.py BASE TUNE [TUNE ...] --out OUT [--method ties --density D]
+                                   [--weights 1,0.5] [--lambda L]
 
-Merges ``base + sum_i (tune_i - base)`` (weight 1 each, no normalization, lambda 1),
+Task arithmetic merges ``base + lambda * sum_i w_i (tune_i - base)`` (no normalization),
 computing in float32 and writing bfloat16: the same merge as sparsestitch's
-``rule="task-arithmetic"`` (float32 arithmetic, rounded once to the model dtype).  Times
+``rule="task-arithmetic"`` (float32 arithmetic, rounded once to the model dtype); TIES is
+mergekit's ``ties`` with ``density`` per model (sparsestitch's ``rule="ties-mergekit"``).
+Times
 ``mergekit.merge.run_merge`` only (imports excluded) and prints one line
 ``@@result {"seconds": ..., "cpu_seconds": ..., "start_rss": ..., "peak_rss": ..., "config": ...}``
 (``cpu_seconds``: user + system time of all threads during ``run_merge``).
@@ -21,11 +25,15 @@ from mergekit.merge import run_merge
 from mergekit.options import MergeOptions
 
 
-def merge_config(base: str, tunes: list[str]) -> dict:
-    return {"merge_method": "task_arithmetic", "base_model": base,
-            "models": [{"model": t, "parameters": {"weight": 1.0}} for t in tunes],
-            "parameters": {"normalize": False, "lambda": 1.0},
-            "dtype": "float32", "out_dtype": "bfloat16"}
+def merge_config(base: str, tunes: list[str], method: str = "task_arithmetic",
+                 weights: list[float] | None = None, density: float = 1.0,
+                 scale: float = 1.0) -> dict:
+    weights = weights or [1.0] * len(tunes)
+    models = [{"model": t, "parameters": {"weight": w} | (
+        {"density": density} if method == "ties" else {})} for t, w in zip(tunes, weights)]
+    parameters = {"lambda": scale} | ({"normalize": False} if method == "task_arithmetic" else {})
+    return {"merge_method": method, "base_model": base, "models": models,
+            "parameters": parameters, "dtype": "float32", "out_dtype": "bfloat16"}
 
 
 def peak_rss() -> int:
@@ -39,8 +47,13 @@ def main() -> None:
     parser.add_argument("base")
     parser.add_argument("tunes", nargs="+")
     parser.add_argument("--out", required=True)
+    parser.add_argument("--method", default="task_arithmetic", choices=["task_arithmetic", "ties"])
+    parser.add_argument("--weights", default=None)
+    parser.add_argument("--density", type=float, default=1.0)
+    parser.add_argument("--lambda", dest="scale", type=float, default=1.0)
     args = parser.parse_args()
-    config = merge_config(args.base, args.tunes)
+    weights = [float(w) for w in args.weights.split(",")] if args.weights else None
+    config = merge_config(args.base, args.tunes, args.method, weights, args.density, args.scale)
     options = MergeOptions(device="cpu", copy_tokenizer=False, write_model_card=False,
                            quiet=True, safe_serialization=True)
     start_rss = peak_rss()

@@ -38,7 +38,7 @@ from sparsestitch.dtypes import dtype as lookup_dtype, from_wide, to_wide
 from sparsestitch.format import DeltaWriter, Record, digest, encode_record
 from sparsestitch.localize.topk import count_to_keep, resolve_candidates
 from sparsestitch.sizes import numel as count_elements
-from sparsestitch.synthetic import write_zoo
+from sparsestitch.synthetic import llama_config as synthetic_llama_config, write_zoo
 from sparsestitch.tiebreak import ranked
 
 #: Bump when anything below changes what gets written: cached inputs are keyed by it.
@@ -50,22 +50,11 @@ BOUND_FACTOR = 0.8
 
 
 def llama_config(base: Checkpoint) -> dict:
-    """A complete LlamaForCausalLM config for a base written by ``write_zoo``.
-
-    mergekit plans its merge from the architecture, so it needs the real layer count
-    and sizes (``write_zoo``'s own config.json carries only ``hidden_size``).
-    """
-    vocab, hidden = base.entry("model.embed_tokens.weight").shape
-    intermediate = base.entry("model.layers.0.mlp.up_proj.weight").shape[0]
-    layers = sum(1 for n in base.names if n.endswith(".input_layernorm.weight"))
-    heads = max(1, hidden // 64)
-    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama",
-            "hidden_size": hidden, "intermediate_size": intermediate,
-            "num_hidden_layers": layers, "num_attention_heads": heads,
-            "num_key_value_heads": heads, "vocab_size": vocab, "rms_norm_eps": 1e-5,
-            "max_position_embeddings": 2048, "tie_word_embeddings": False,
-            "hidden_act": "silu", "torch_dtype": "bfloat16",
-            "note": "synthetic sparsestitch benchmark model; weights are random"}
+    """A complete LlamaForCausalLM config for a base written by ``write_zoo`` (mergekit plans
+    its merge from the architecture, so it needs the real layer count and sizes)."""
+    config = synthetic_llama_config([(n, base.entry(n).shape) for n in base.names])
+    config["note"] = "synthetic sparsestitch benchmark model; weights are random"
+    return config
 
 
 def make_base(folder: Path, size_bytes: int) -> Path:

@@ -85,17 +85,19 @@ quiet_option = click.option("--quiet", is_flag=True,
                             help="No progress bar (there is none when stderr is not a terminal).")
 
 
-#: The stitch command's rule options: the flag, the rule option it sets, the rules taking it.
-RULE_FLAGS = {"--scale": ("scale", ("task-arithmetic", "ties", "dare")),
-              "--density": ("density", ("ties",)),
-              "--drop": ("drop", ("dare",)),
-              "--seed": ("seed", ("dare",))}
+#: The stitch commands' rule flags and the rule option each sets; the rules taking one are
+#: those whose defaults name its option.
+RULE_FLAGS = {"--scale": "scale", "--density": "density", "--drop": "drop", "--seed": "seed"}
+
+
+def rules_taking(option: str) -> list[str]:
+    return [name for name, rule in RULES.items() if option in rule.defaults]
 
 
 def _rule_help() -> str:
     lines = []
     for name, rule in RULES.items():
-        flags = [flag for flag, (_, rules) in RULE_FLAGS.items() if name in rules]
+        flags = [flag for flag, option in RULE_FLAGS.items() if option in rule.defaults]
         lines.append(f"{name}" + (f" ({', '.join(flags)})" if flags else ""))
     return "Merge rule: " + "; ".join(lines) + "."
 
@@ -107,7 +109,8 @@ def rule_options(rule: str, given: dict) -> dict:
     for flag, value in given.items():
         if value is None:
             continue
-        option, rules = RULE_FLAGS[flag]
+        option = RULE_FLAGS[flag]
+        rules = rules_taking(option)
         if rule not in rules:
             raise ValueError(f"{flag} applies to --rule {' or '.join(rules)}, not --rule {rule}")
         options[option] = value
@@ -115,11 +118,11 @@ def rule_options(rule: str, given: dict) -> dict:
 
 
 def rule_flags(function):
-    for flag, help_text in (("--seed", "DARE: the random seed of the drops."),
-                            ("--drop", "DARE: the probability of dropping each stored entry."),
-                            ("--density", "TIES: the fraction of each tensor kept by magnitude."),
-                            ("--scale", "task-arithmetic, TIES, DARE: the factor (lambda) of "
-                                        "the merged update.")):
+    for flag, help_text in (("--seed", "the random seed of the drops"),
+                            ("--drop", "the probability of dropping each stored entry"),
+                            ("--density", "the fraction of each tensor kept by magnitude"),
+                            ("--scale", "the factor (lambda) of the merged update")):
+        help_text = f"{', '.join(rules_taking(RULE_FLAGS[flag]))}: {help_text}."
         kind = int if flag == "--seed" else float
         function = click.option(flag, type=kind, help=help_text)(function)
     return click.option("--rule", type=click.Choice(list(RULES)), default="localize-stitch",

@@ -58,6 +58,26 @@ def shapes_for_size(target_bytes: int, dtype_name: str = "BF16") -> list[tuple[s
         hidden += 128
 
 
+def llama_config(shapes: list[tuple[str, tuple[int, ...]]], dtype_name: str = "BF16") -> dict:
+    """A complete ``LlamaForCausalLM`` config for a layout of :func:`llama_shapes` (mergekit
+    plans merges from it; ``transformers`` loads the model with it).
+
+    >>> llama_config(llama_shapes(64, 2, 100))["num_hidden_layers"]
+    2
+    """
+    sizes = dict(shapes)
+    vocab, hidden = sizes["model.embed_tokens.weight"]
+    heads = max(1, hidden // 64)
+    torch_dtypes = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64"}
+    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama",
+            "hidden_size": hidden, "intermediate_size": sizes["model.layers.0.mlp.up_proj.weight"][0],
+            "num_hidden_layers": sum(1 for n in sizes if n.endswith(".input_layernorm.weight")),
+            "num_attention_heads": heads, "num_key_value_heads": heads, "vocab_size": vocab,
+            "rms_norm_eps": 1e-5, "max_position_embeddings": 2048, "tie_word_embeddings": False,
+            "hidden_act": "silu", "torch_dtype": torch_dtypes.get(dtype_name, "bfloat16"),
+            "note": "synthetic sparsestitch example; weights are random"}
+
+
 def base_tensor(name: str, shape: tuple[int, ...], seed: int) -> np.ndarray:
     """Wide (float32) base weights for one tensor."""
     rng = np.random.default_rng([seed, _name_key(name)])
@@ -91,9 +111,7 @@ def write_zoo(folder: str | Path, size_bytes: int, tasks: int, *, seed: int = 0,
     dt = lookup_dtype(dtype_name)
     shard_bytes = shard_bytes or max(1, size_bytes // 2)
     shards = _shard(shapes, dtype_name, shard_bytes)
-    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama",
-              "hidden_size": shapes[0][1][1], "torch_dtype": "bfloat16",
-              "note": "synthetic sparsestitch example; weights are random"}
+    config = llama_config(shapes, dtype_name)
     names = ["base"] + [f"task{t}" for t in range(tasks)]
     outputs = [folder / n for n in names]
     writers = []

@@ -301,7 +301,7 @@ def test_demo_writes_outside_the_current_folder_by_default(tmp_path, monkeypatch
 def test_rule_options_use_one_name_and_the_users_terms(zoo, tmp_path, deltas):
     out = tmp_path / "m.safetensors"
     assert_one_line_error(run("stitch", zoo["base"], *deltas, "-o", out, "--density", "0.2"),
-                          "--density applies to --rule ties, not --rule localize-stitch")
+                          "--density applies to --rule ties or ties-mergekit, not --rule localize-stitch")
     assert_one_line_error(run("stitch", zoo["base"], *deltas, "-o", out, "--rule", "ties",
                               "--drop", "0.5"), "--drop applies to --rule dare, not --rule ties")
     ok("stitch", zoo["base"], *deltas, "-o", out, "--rule", "ties", "--density", "0.2")

@@ -33,6 +33,7 @@ RULE_OPTIONS = {
     "localize-stitch": [{}],
     "task-arithmetic": [{}, {"scale": 0.3}],
     "ties": [{}, {"density": 0.5, "scale": 1.5}, {"density": 1.0}],
+    "ties-mergekit": [{}, {"density": 0.5, "scale": 1.5}, {"density": 1.0}],
     "dare": [{"drop": 0.5, "seed": 3}, {"drop": 0.0}, {"drop": 0.9, "seed": 11, "scale": 2.0}],
 }
 
@@ -130,6 +131,26 @@ def reference_merge(rule: str, dtype_name: str, base: np.ndarray, masks: list[np
             covering += agree
         touched = covering > 0
         update = wide(options.get("scale", 1.0)) * (total / np.maximum(covering, 1))
+    elif rule == "ties-mergekit":  # mergekit's formulas, on whole tensors (untouched: base)
+        size, tdt = base.size, torch.float64 if dtype_name == "F64" else torch.float32
+        deltas = torch.stack([torch.from_numpy(np.where(mask, tau, 0).astype(base_wide.dtype))
+                              for mask, tau in zip(masks, taus)]) if masks else \
+            torch.zeros((0, size), dtype=tdt)
+        keep = int(options.get("density", 0.2) * size)
+        if options.get("density", 0.2) < 1:
+            for i in range(len(masks)):
+                trim = torch.zeros(size, dtype=tdt)
+                trim[torch.argsort(deltas[i].abs().float(), descending=True)[:keep]] = 1
+                deltas[i] = deltas[i] * trim
+        weight = torch.tensor(weights, dtype=tdt).unsqueeze(-1)
+        weighted = deltas * weight
+        agree = weighted.sign() == (weighted.sum(dim=0) >= 0).to(tdt) * 2 - 1
+        divisor = (weight * agree).sum(dim=0)
+        divisor[divisor == 0] = 1
+        mixed = (weighted * agree).sum(dim=0) / divisor
+        update = (mixed * options.get("scale", 1.0) if options.get("scale", 1.0) != 1 else
+                  mixed).numpy()
+        touched = np.any(masks, axis=0) if masks else np.zeros(base.size, bool)
     elif rule == "dare":
         drop, seed = options.get("drop", 0.9), options.get("seed", 0)
         touched = np.zeros(base.size, bool)

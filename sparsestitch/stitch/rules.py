@@ -214,6 +214,58 @@ class Ties(MergeRule):
         return union[touched], wide.type(scale) * (agreeing_total[touched] / agreeing[touched])
 
 
+class TiesMergekit(Ties):
+    """TIES with mergekit's conventions, to reproduce a mergekit merge (``merge_method: ties``
+    with ``dtype: float32``) bit for bit.  Where it differs from :class:`Ties`:
+
+    * each delta's *unweighted* task vector is trimmed to its ``int(density * numel)``
+      largest magnitudes (rounding down), ranked by ``torch.argsort(descending=True)`` over
+      the whole tensor, whose order among equal magnitudes is torch's (the same on the same
+      torch build);
+    * the elected sign is that of the sum of the weighted, trimmed vectors, with a zero sum
+      electing ``+`` (``Ties`` elects nothing there);
+    * the agreeing entries' weighted sum is divided by the sum of their *weights*, not their
+      count (``Ties``'s disjoint mean), then multiplied by ``scale`` (mergekit's ``lambda``).
+
+    It runs mergekit's own torch operations on dense copies of each tensor's task vectors,
+    one per delta (as mergekit holds them).  Positions no delta stores keep the base's bits;
+    mergekit writes ``base + 0`` there, which turns a -0.0 into +0.0 (store every position,
+    ``density=1.0``, to have those too).
+    """
+
+    name = "ties-mergekit"
+
+    def update(self, vectors, weights, name="", numel=None, union=None, density=0.2, scale=1.0):
+        import torch
+
+        union, _ = _union(vectors)
+        if not union.size:
+            return union, np.empty(0, _wide(vectors))
+        size = int(union[-1]) + 1 if numel is None else numel
+        wide = torch.float64 if _wide(vectors) == np.float64 else torch.float32
+        deltas = torch.zeros((len(vectors), size), dtype=wide)
+        for row, vector in zip(deltas, vectors):
+            row[torch.from_numpy(vector.positions)] = torch.from_numpy(vector.tau)
+        if density < 1:  # mergekit.sparsify.magnitude
+            keep = int(density * size)
+            for i in range(len(vectors)):
+                mask = torch.zeros(size, dtype=wide)
+                mask[torch.argsort(deltas[i].abs().float(), descending=True)[:keep]] = 1
+                deltas[i] = deltas[i] * mask
+        # mergekit.merge_methods.generalized_task_arithmetic: weights, sign consensus ("sum")
+        weight = torch.tensor(list(weights), dtype=wide).unsqueeze(-1)
+        weighted = deltas * weight
+        majority = (weighted.sum(dim=0) >= 0).to(wide) * 2 - 1
+        agree = weighted.sign() == majority
+        mixed = (weighted * agree).sum(dim=0)
+        divisor = (weight * agree).sum(dim=0)
+        divisor[divisor == 0] = 1
+        mixed /= divisor
+        if scale != 1:
+            mixed *= scale
+        return union, mixed[torch.from_numpy(union)].numpy()
+
+
 class Dare(MergeRule):
     """DARE: drop each stored entry with probability ``drop``, divide the survivors'
     ``tau`` by ``1 - drop``, then task arithmetic with ``scale``.
@@ -253,7 +305,8 @@ class Dare(MergeRule):
 
 #: Every merge rule by name.
 RULES: dict[str, MergeRule] = {rule.name: rule for rule in
-                               (LocalizeStitch(), TaskArithmetic(), Ties(), Dare())}
+                               (LocalizeStitch(), TaskArithmetic(), Ties(), TiesMergekit(),
+                                Dare())}
 
 
 def get_rule(name: str) -> MergeRule:
