@@ -37,8 +37,11 @@ def main():
               help="Output delta path, once per fine-tune (default: FINETUNED name + .delta).")
 @click.option("--density", default=0.01, show_default=True, type=float,
               help="Fraction of the included float parameters to keep, above 0 (1.0: lossless).")
-@click.option("--scope", type=click.Choice(["global", "per-tensor"]), default="global",
-              show_default=True, help="Rank |tau| over the whole model or within each tensor.")
+@click.option("--scope", type=click.Choice(["fidelity", "global", "per-tensor"]),
+              default="fidelity", show_default=True,
+              help="fidelity: rank |tau| by each tensor's own change (no tensor loses its update "
+                   "to another's larger |tau|); global: rank |tau| over the whole model (the "
+                   "paper's rule); per-tensor: the density of each tensor.")
 @click.option("--include", multiple=True, help="Only localize tensors matching this pattern.")
 @click.option("--exclude", multiple=True, help="Leave tensors matching this pattern at the base.")
 @click.option("--dense", multiple=True, help="Store tensors matching this pattern exactly.")
@@ -195,13 +198,17 @@ def info(delta, show_all, sort, as_json):
                f"{result.dense_bytes / max(result.file_size, 1):.1f}x smaller than dense")
     sources = header.get("sources") if isinstance(header.get("sources"), dict) else {}
     click.echo(f"base {shown(sources.get('base'))}, fine-tune {shown(sources.get('finetuned'))}")
+    fidelity = result.fidelity
+    if fidelity:
+        click.echo(_fidelity_line(fidelity))
     tensors = [t for t in result.tensors if show_all or t.kind != "base"]
     tensors.sort(key=(lambda t: -t.nbytes) if sort == "bytes" else (lambda t: natural_key(t.name)))
     echo_table([[shown(t.name), t.kind, f"{100 * t.density:.3f}%", shown(t.positions_codec or "-"),
-                 shown(t.values_codec or "-"), f"{t.nbytes:,}", f"{t.bits_per_kept:.2f}"]
+                 shown(t.values_codec or "-"), f"{t.nbytes:,}", f"{t.bits_per_kept:.2f}",
+                 "-" if t.relative_error is None else f"{t.relative_error:.4f}"]
                 for t in tensors],
-               ["tensor", "kind", "density", "positions", "values", "bytes", "bits/kept"],
-               right={2, 5, 6})
+               ["tensor", "kind", "density", "positions", "values", "bytes", "bits/kept",
+                "rel.error"], right={2, 5, 6, 7})
     for title, key in (("layer", _layer), ("module", _module)):
         groups = _totals(result.tensors, key)
         if len(groups) > 1:
@@ -211,6 +218,20 @@ def info(delta, show_all, sort, as_json):
                         for name, (count, numel, nbytes) in sorted(
                             groups.items(), key=lambda kv: natural_key(kv[0]))],
                        [title, "kept", "density", "bytes", "of file"], right={1, 2, 3, 4})
+
+
+def _fidelity_line(fidelity: dict) -> str:
+    """The header's fidelity summary in one line (fields of an untrusted file: checked)."""
+    def number(key, scale=1.0, fmt="{:.4f}"):
+        value = fidelity.get(key)
+        return fmt.format(value * scale) if type(value) in (int, float) else "?"
+    if fidelity.get("lossless") is True:
+        kind = "lossless"
+    else:
+        kind = (f"relative error {number('relative_error')} (worst tensor "
+                f"{number('worst_tensor_relative_error')} {shown(fidelity.get('worst_tensor'))}), "
+                f"energy kept {number('energy_kept', 100, '{:.2f}')}%")
+    return f"fidelity: {kind}, {number('bits_per_parameter', 1, '{:.3f}')} bits/parameter"
 
 
 def _layer(name: str) -> str:
@@ -245,7 +266,8 @@ def _info_json(result) -> dict:
         "tensors": [{"name": t.name, "dtype": t.dtype, "shape": list(t.shape), "kind": t.kind,
                      "count": t.count, "numel": t.numel, "density": t.density,
                      "positions": t.positions_codec, "values": t.values_codec,
-                     "bytes": t.nbytes, "bits_per_kept": t.bits_per_kept}
+                     "bytes": t.nbytes, "bits_per_kept": t.bits_per_kept,
+                     "fidelity": t.fidelity}
                     for t in result.tensors]}
 
 

@@ -106,7 +106,8 @@ def _ray_target(value):
 @click.argument("zoo_dir", metavar="ZOO", type=click.Path())
 @click.argument("finetuned", metavar="FT...", nargs=-1, required=True)
 @click.option("--density", type=float, help="Fraction of the parameters to keep (compress).")
-@click.option("--scope", type=click.Choice(["global", "per-tensor"]), help="compress --scope.")
+@click.option("--scope", type=click.Choice(["fidelity", "global", "per-tensor"]),
+              help="compress --scope.")
 @click.option("--include", multiple=True, help="Only localize tensors matching this pattern.")
 @click.option("--exclude", multiple=True, help="Leave tensors matching this pattern at the base.")
 @click.option("--dense", multiple=True, help="Store tensors matching this pattern exactly.")

@@ -17,6 +17,7 @@ one pass whose undecided candidates are parked in a spool until the threshold is
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -24,14 +25,16 @@ from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 
+from . import codecs
 from ._version import __version__
 from .atomic import check_not_an_input
 from .checkpoint import Checkpoint
 from .errors import TensorMismatchError
 from .format import DeltaWriter, Record, digest
-from .localize.selectors import (BracketedTopK, GivenMasks, GlobalTopK, KeepAll,
-                                 PerTensorTopK, Selector)
+from .localize.selectors import (BracketedTopK, FidelityExactTopK, FidelityTopK, GivenMasks,
+                                 GlobalTopK, KeepAll, PerTensorTopK, Selector)
 from .localize.topk import count_to_keep
 from .progress import bar
 from .readahead import DEFAULT_WORKERS, in_order, workers_for
@@ -45,7 +48,13 @@ from .walk import refuse_delta
 CHUNK_ELEMENTS = 1 << 20
 #: Threads scanning and encoding tensors ahead of the writer (0: the caller's thread).
 WORKERS = min(2, DEFAULT_WORKERS)
-SCOPES = ("global", "per-tensor")
+SCOPES = ("fidelity", "global", "per-tensor")
+
+#: A tensor holding more than this share of a delta's kept values is reported: the others
+#: likely lost most of their change (a real LLM's 1% delta put 99.6% into its embedding).
+CONCENTRATION_WARNING = 0.5
+
+log = logging.getLogger("sparsestitch")
 
 
 @dataclass(frozen=True)
@@ -58,6 +67,8 @@ class DeltaSummary:
     candidates: int       # elements of the included float tensors
     stored_tensors: int
     seconds: float
+    fidelity: dict = field(default_factory=dict)       # the header's fidelity summary
+    warnings: list[str] = field(default_factory=list)  # also logged (stderr by default)
 
     @property
     def density(self) -> float:
@@ -66,7 +77,7 @@ class DeltaSummary:
 
 def compress(base: str | os.PathLike, finetuned: str | os.PathLike | Sequence[str | os.PathLike],
              out: str | os.PathLike | Sequence[str | os.PathLike], *, density: float = 0.01,
-             scope: str = "global", include: str | Iterable[str] | None = None,
+             scope: str = "fidelity", include: str | Iterable[str] | None = None,
              exclude: str | Iterable[str] | None = None, dense: str | Iterable[str] | None = None,
              masks: Mapping | Sequence[Mapping] | None = None, overwrite: bool = False,
              progress: bool = False, chunk_elements: int = CHUNK_ELEMENTS,
@@ -83,7 +94,10 @@ def compress(base: str | os.PathLike, finetuned: str | os.PathLike | Sequence[st
     density:
         Fraction of the included float elements to keep (exactly ``k = round(density * N)``).
     scope:
-        ``"global"`` ranks |tau| over all included tensors together (the paper's rule);
+        ``"fidelity"`` (the default) ranks |tau| / ||tau_t|| over all included tensors: each
+        element's share of its own tensor's change, which for the budget minimizes the sum
+        over tensors of the relative squared error, so no tensor's update is lost to another
+        with larger |tau|; ``"global"`` ranks |tau| itself (the paper's rule);
         ``"per-tensor"`` keeps ``density`` of each tensor.
     include, exclude:
         Shell patterns over tensor names choosing which float tensors are localized;
@@ -138,8 +152,13 @@ def compress(base: str | os.PathLike, finetuned: str | os.PathLike | Sequence[st
             for tune in tunes:
                 tune.close()
     seconds = time.perf_counter() - started
-    return [DeltaSummary(path, r.nbytes, r.kept, plan.candidates, r.stored_tensors, seconds)
-            for path, r in zip(out_paths, results)]
+    summaries = [DeltaSummary(path, r.nbytes, r.kept, plan.candidates, r.stored_tensors,
+                              seconds, r.summary, r.warnings)
+                 for path, r in zip(out_paths, results)]
+    for summary in summaries:
+        for warning in summary.warnings:
+            log.warning("%s: %s", summary.path, warning)
+    return summaries
 
 
 def _make_selectors(plan: TensorPlan, density: float, scope: str, mask_sets, count: int,
@@ -153,9 +172,12 @@ def _make_selectors(plan: TensorPlan, density: float, scope: str, mask_sets, cou
         return [PerTensorTopK(density, sizes) for _ in range(count)]
     if count_to_keep(density, candidates) == candidates:
         return [KeepAll(density) for _ in range(count)]
+    fidelity = scope == "fidelity"
     if not exact and BracketedTopK.applies(density, candidates):
-        return [BracketedTopK(density, candidates, plan.shapes) for _ in range(count)]
-    return [GlobalTopK(density, candidates) for _ in range(count)]
+        bracketed = FidelityTopK if fidelity else BracketedTopK
+        return [bracketed(density, candidates, plan.shapes) for _ in range(count)]
+    return [(FidelityExactTopK if fidelity else GlobalTopK)(density, candidates)
+            for _ in range(count)]
 
 
 @dataclass
@@ -165,6 +187,8 @@ class _Written:
     records: list[Record] = field(default_factory=list)
     kept: int = 0
     nbytes: int = 0
+    summary: dict = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def stored_tensors(self) -> int:
@@ -195,6 +219,8 @@ class CompressJob:
                     if name not in self.base:
                         self._add(writers, written, i, *self.scanner.encode_added(tune, name))
             for i, writer in enumerate(writers):
+                written[i].summary = fidelity_summary(written[i].records, self.plan)
+                written[i].warnings = concentration_warnings(written[i].records, self.plan)
                 written[i].nbytes = writer.close(self._meta(i, selectors[i], written[i]))
         except BaseException as exc:
             for writer in writers:
@@ -251,7 +277,51 @@ class CompressJob:
                         "finetuned": self.tunes[tune_index].display_name},
             "localized_tensors": None if masks else len(self.plan.localized),
             "dense_patterns": list(self.plan.dense),
+            "fidelity": written.summary,
         }
+
+
+def fidelity_summary(records: Sequence[Record], plan: TensorPlan) -> dict:
+    """The header's fidelity report: over the localized tensors, the relative L2 error of the
+    whole task vector, the mean and worst per tensor, the share of the change kept, bits per
+    parameter, and whether the delta is lossless."""
+    localized = set(plan.localized)
+    reports = [(r.name, r.fidelity) for r in records if r.name in localized and r.fidelity]
+    energy = sum(f["tau_norm"] ** 2 for _, f in reports)
+    lost = sum((f["relative_error"] * f["tau_norm"]) ** 2 for _, f in reports)
+    exact = all(codecs.value_codec(r.values["codec"]).exact for r in records if r.kind != "base")
+    payload_bits = 8 * sum(r.nbytes for r in records)
+    summary = {"lossless": exact and lost == 0.0 and all(
+                   r.kind != "base" or r.name not in localized or (r.fidelity or {}).get(
+                       "relative_error", 0.0) == 0.0 for r in records),
+               "bits_per_parameter": payload_bits / plan.candidates if plan.candidates else 0.0,
+               "relative_error": float(np.sqrt(lost / energy)) if energy else 0.0,
+               "energy_kept": 1.0 - lost / energy if energy else 1.0}
+    if reports:
+        worst = max(reports, key=lambda item: item[1]["relative_error"])
+        summary.update(mean_tensor_relative_error=float(np.mean(
+                           [f["relative_error"] for _, f in reports])),
+                       worst_tensor_relative_error=worst[1]["relative_error"],
+                       worst_tensor=worst[0])
+    return {k: round(v, 9) if isinstance(v, float) else v for k, v in summary.items()}
+
+
+def concentration_warnings(records: Sequence[Record], plan: TensorPlan) -> list[str]:
+    """A warning when one tensor holds more than half of the kept values of the localized
+    tensors, and more than twice its share of their elements (the others then keep little of
+    their change)."""
+    localized = set(plan.localized)
+    counts = {r.name: r.count for r in records if r.name in localized and r.kind == "sparse"}
+    total = sum(counts.values())
+    if not total or len(plan.localized) < 2:
+        return []
+    name = max(counts, key=counts.get)
+    share = counts[name] / total
+    if share <= CONCENTRATION_WARNING or share <= 2 * numel(plan.shapes[name]) / plan.candidates:
+        return []
+    return [f"tensor {name!r} holds {100 * share:.1f}% of the kept values; the other tensors "
+            "keep little of their change (scope='fidelity' spreads the budget by each "
+            "tensor's own change)"]
 
 
 def _check_compatible(base: Checkpoint, tune: Checkpoint) -> None:

@@ -28,6 +28,7 @@ class TensorInfo:
     positions_codec: str | None
     values_codec: str | None
     nbytes: int
+    fidelity: dict | None = None   # the record's report (relative_error, energy_kept, ...)
 
     @property
     def density(self) -> float:
@@ -36,6 +37,11 @@ class TensorInfo:
     @property
     def bits_per_kept(self) -> float:
         return 8 * self.nbytes / self.count if self.count else 0.0
+
+    @property
+    def relative_error(self) -> float | None:
+        """||tau - tau kept|| / ||tau|| of this tensor, where the writer reported it."""
+        return None if not self.fidelity else self.fidelity.get("relative_error")
 
 
 @dataclass(frozen=True)
@@ -57,6 +63,12 @@ class DeltaInfo:
     @property
     def bits_per_kept(self) -> float:
         return 8 * self.file_size / self.kept if self.kept else 0.0
+
+    @property
+    def fidelity(self) -> dict:
+        """The header's fidelity summary (empty for deltas written before it existed)."""
+        value = self.header.get("fidelity")
+        return value if isinstance(value, dict) else {}
 
 
 def info(delta: str | os.PathLike) -> DeltaInfo:
@@ -104,4 +116,4 @@ def verify(delta: str | os.PathLike, base: str | os.PathLike | None = None) -> D
 def _tensor_info(record: Record) -> TensorInfo:
     return TensorInfo(record.name, record.dtype, record.shape, record.kind, record.count,
                       record.numel, (record.positions or {}).get("codec"),
-                      (record.values or {}).get("codec"), record.nbytes)
+                      (record.values or {}).get("codec"), record.nbytes, record.fidelity)

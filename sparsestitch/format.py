@@ -60,6 +60,7 @@ class Record:
     positions_nbytes: int = 0
     values_nbytes: int = 0
     payload_xxh3: str | None = None
+    fidelity: dict | None = None   # informative: how much of the tensor's change is kept
 
     @property
     def numel(self) -> int:
@@ -80,12 +81,14 @@ class Record:
             out.update(count=self.count, positions=self.positions, values=self.values,
                        positions_nbytes=self.positions_nbytes, values_nbytes=self.values_nbytes,
                        payload_xxh3=self.payload_xxh3)
+        if self.fidelity is not None:
+            out["fidelity"] = self.fidelity
         return out
 
 
 def encode_record(name: str, dt: DType, shape: tuple[int, ...], positions: np.ndarray | None,
-                  kept: np.ndarray, base_kept: np.ndarray | None, base_xxh3: str | None
-                  ) -> tuple[Record, bytes]:
+                  kept: np.ndarray, base_kept: np.ndarray | None, base_xxh3: str | None,
+                  fidelity: dict | None = None) -> tuple[Record, bytes]:
     """Encode one tensor's kept positions and fine-tuned bits into a record and its payload.
 
     ``positions`` None means every element (no position array needed); ``base_kept`` (base
@@ -99,7 +102,7 @@ def encode_record(name: str, dt: DType, shape: tuple[int, ...], positions: np.nd
     payload = pos_payload + val_payload
     record = Record(name, dt.name, tuple(shape), "sparse" if base_kept is not None else "added",
                     base_xxh3, int(kept.size), pos_config, val_config, len(pos_payload),
-                    len(val_payload), digest(payload))
+                    len(val_payload), digest(payload), fidelity)
     return record, payload
 
 
@@ -388,8 +391,9 @@ def _record_from_json(item, path) -> Record:
         raise bad("an added tensor cannot have a base checksum")
     if kind != "added" and not (isinstance(base_xxh3, str) and _HEX16.match(base_xxh3)):
         raise bad(f"invalid base checksum {base_xxh3!r}")
+    fidelity = _fidelity_from_json(item.get("fidelity"))
     if kind == "base":
-        return Record(name, dtype_name, tuple(shape), kind, base_xxh3)
+        return Record(name, dtype_name, tuple(shape), kind, base_xxh3, fidelity=fidelity)
     count, pos_nbytes, val_nbytes = (item.get(k) for k in ("count", "positions_nbytes", "values_nbytes"))
     for key, value, hi in (("count", count, numel), ("positions_nbytes", pos_nbytes, MAX_NUMEL),
                            ("values_nbytes", val_nbytes, MAX_NUMEL)):
@@ -408,4 +412,15 @@ def _record_from_json(item, path) -> Record:
         raise ResourceLimitError(f"count {count} is more values than {val_nbytes} payload bytes "
                                  "can hold", path=path, tensor=name)
     return Record(name, dtype_name, tuple(shape), kind, base_xxh3, count, positions, values,
-                  pos_nbytes, val_nbytes, payload_xxh3)
+                  pos_nbytes, val_nbytes, payload_xxh3, fidelity)
+
+
+def _fidelity_from_json(value) -> dict | None:
+    """A record's informative fidelity report, kept only if it is an object of finite numbers
+    (nothing decodes from it; a damaged one is dropped, not trusted)."""
+    if not isinstance(value, dict):
+        return None
+    if not all(isinstance(k, str) and type(v) in (int, float) and np.isfinite(v)
+               for k, v in value.items()):
+        return None
+    return value

@@ -83,9 +83,9 @@ class Selection:
     finetuned: np.ndarray
     base: np.ndarray
     candidates: Candidates | None = None
+    energy: float | None = None   # sum of tau squared over the whole tensor (None: not measured)
 
 
-@dataclass
 class SelectionParts:
     """A :class:`Selection` gathered block by block: each block's kept entries are taken out
     as it comes (the block itself is not held), except when every element is kept."""
@@ -141,10 +141,12 @@ class TensorScanner:
         self.base, self.tunes, self.plan = base, tunes, plan
         self.chunk_elements = chunk_elements
 
-    def tune_blocks(self, name: str, rows=None, base_hash: BaseHash | None = None
-                    ) -> Iterator[TuneBlock]:
+    def tune_blocks(self, name: str, rows=None, base_hash: BaseHash | None = None,
+                    scales: Sequence[float] | None = None) -> Iterator[TuneBlock]:
         """Every fine-tune's :class:`TuneBlock` of tensor ``name``, block by block (the rows
-        ``rows(shape)`` selects, or all of them in the run's blocks)."""
+        ``rows(shape)`` selects, or all of them in the run's blocks), each fine-tune's keys
+        scaled by ``scales`` (default 1)."""
+        scales = scales or [1.0] * len(self.tunes)
         entry = self.base.entry(name)
         dt = lookup_dtype(entry.dtype)
         blocks = RowBlocks.of_elements(entry.shape, self.chunk_elements)
@@ -153,7 +155,8 @@ class TensorScanner:
         for start, stop, base_block in read_blocks(self.base, name, blocks, base_hash):
             offset = blocks.elements(start, stop)[0]
             for i, tune in enumerate(self.tunes):
-                yield TuneBlock(name, dt, offset, base_block, tune.read_rows(name, start, stop), i)
+                yield TuneBlock(name, dt, offset, base_block, tune.read_rows(name, start, stop), i,
+                                scales[i])
 
     def select(self, name: str, selectors: Sequence[Selector]) -> tuple[str, list[Selection]]:
         """Read one tensor block by block; each fine-tune's selector picks what to keep.
@@ -165,8 +168,11 @@ class TensorScanner:
         localized = name in self.plan.localized
         masks = isinstance(selectors[0], GivenMasks)
         parts = [SelectionParts() for _ in self.tunes]
+        measured = [localized and not exact and s.measures_energy for s in selectors]
+        energy = [0.0] * len(self.tunes)
         base_hash = BaseHash(name)
-        for block in self.tune_blocks(name, base_hash=base_hash):
+        scales = [selector.key_scale(name) for selector in selectors]
+        for block in self.tune_blocks(name, base_hash=base_hash, scales=scales):
             if exact:
                 choice = changed_positions(block)
             elif localized or masks:
@@ -174,14 +180,23 @@ class TensorScanner:
             else:  # an excluded float tensor stays at the base
                 choice = Choice.nothing()
             parts[block.tune].add(block, choice)
-        return base_hash.hexdigest(), [p.finish(dt) for p in parts]
+            if measured[block.tune]:
+                energy[block.tune] += block.energy
+        selections = [p.finish(dt) for p in parts]
+        for selection, total, measure in zip(selections, energy, measured):
+            selection.energy = total if measure else None
+        return base_hash.hexdigest(), selections
 
     def encode(self, name: str, base_xxh3: str, selection: Selection) -> Encoded:
         entry = self.base.entry(name)
+        dt = lookup_dtype(entry.dtype)
+        report = None if selection.energy is None else fidelity_report(
+            selection.energy, kept_energy(selection, dt))
         if selection.finetuned.size == 0:
-            return Record(name, entry.dtype, entry.shape, "base", base_xxh3), b""
-        return encode_record(name, lookup_dtype(entry.dtype), entry.shape, selection.positions,
-                             selection.finetuned, selection.base, base_xxh3)
+            return Record(name, entry.dtype, entry.shape, "base", base_xxh3,
+                          fidelity=report), b""
+        return encode_record(name, dt, entry.shape, selection.positions, selection.finetuned,
+                             selection.base, base_xxh3, report)
 
     def select_and_encode(self, name: str, selectors: Sequence[Selector]) -> list[Encoded]:
         base_xxh3, selections = self.select(name, selectors)
@@ -192,6 +207,30 @@ class TensorScanner:
         entry = tune.entry(name)
         bits = tune.read(name).reshape(-1)
         return encode_record(name, lookup_dtype(entry.dtype), entry.shape, None, bits, None, None)
+
+
+def kept_energy(selection: Selection, dt: DType) -> float:
+    """Sum of tau squared at the kept positions (finite values)."""
+    if selection.finetuned.size == 0:
+        return 0.0
+    block = TuneBlock("", dt, 0, selection.base, selection.finetuned)
+    return block.energy
+
+
+def fidelity_report(energy: float, kept: float, error: float | None = None) -> dict:
+    """A record's report: the share of the tensor's change (sum of tau squared) at the kept
+    positions, and the relative L2 error ||tau - tau_kept|| / ||tau|| (``error``: the squared
+    error, when the kept values are not exact).
+
+    >>> fidelity_report(4.0, 3.0)
+    {'energy_kept': 0.75, 'relative_error': 0.5, 'tau_norm': 2.0}
+    """
+    if energy <= 0:
+        return {"energy_kept": 1.0, "relative_error": 0.0, "tau_norm": 0.0}
+    lost = max(0.0, energy - kept) + (error or 0.0)
+    return {"energy_kept": round(min(1.0, kept / energy), 9),
+            "relative_error": round(float(np.sqrt(lost / energy)), 9),
+            "tau_norm": float(f"{np.sqrt(energy):.7g}")}
 
 
 def run_pre_passes(scanner: TensorScanner, selectors: Sequence[Selector], workers: int,
@@ -217,7 +256,8 @@ def _pre_pass(scanner: TensorScanner, index: int, prepass: PrePass, selectors, n
               progress) -> None:
     def scan(name: str) -> list[np.ndarray | None]:
         totals = [None] * len(scanner.tunes)
-        for block in scanner.tune_blocks(name, rows=prepass.rows):
+        scales = [selector.key_scale(name) for selector in selectors]
+        for block in scanner.tune_blocks(name, rows=prepass.rows, scales=scales):
             selector = selectors[block.tune]
             measure = selector.measure(index, block)
             if measure is not None:
@@ -250,6 +290,7 @@ class SpooledSelection:
         self.hashes: dict[str, str] = {}
         self.candidate_keys: list[list[np.ndarray]] = [[] for _ in outputs]
         self.candidate_counts: dict[str, list[int]] = {}
+        self.energies: dict[str, list[float | None]] = {}
         self.kept = [0] * len(outputs)
         self.chosen: list[np.ndarray] = []
 
@@ -289,6 +330,7 @@ class SpooledSelection:
             if name in self.scanner.plan.localized:
                 self.kept[i] += selection.positions.size
         self.candidate_counts[name] = counts
+        self.energies[name] = [selection.energy for selection in selections]
 
     def encoded(self) -> Iterator[tuple[str, list[Encoded]]]:
         """``(name, every fine-tune's record)`` in tensor order, encoded in worker threads."""
@@ -302,6 +344,7 @@ class SpooledSelection:
                 start = int(first[i][name])
                 pick = self.chosen[i][start:start + self.candidate_counts[name][i]]
                 selection = _with_candidates(*spool.get(name), pick)
+                selection.energy = self.energies[name][i]
                 records.append(self.scanner.encode(name, self.hashes[name], selection))
             return records
 

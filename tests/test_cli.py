@@ -120,7 +120,7 @@ def test_stitch_matches_the_api(zoo, tmp_path, deltas, options, api_options):
 
 def _tensor_table(stdout: str) -> list[list[str]]:
     """The rows of info's tensor table: between its dashed rule and the next blank line."""
-    table = stdout.split("bits/kept\n", 1)[1].split("\n", 1)[1]
+    table = stdout.split("rel.error\n", 1)[1].split("\n", 1)[1]
     return [line.split() for line in table.split("\n\n")[0].strip().splitlines()]
 
 
@@ -129,7 +129,7 @@ def test_info_lists_stored_tensors(deltas):
     described = sparsestitch.info(deltas[0])
     first = result.stdout.splitlines()[0]
     assert first.startswith(f"{deltas[0]}: {described.file_size:,} bytes, format v1")
-    assert "method topk-global, density 0.05" in result.stdout
+    assert "method topk-fidelity, density 0.05" in result.stdout
     assert "base base.safetensors, fine-tune ft1.safetensors" in result.stdout
     stored = [t.name for t in described.tensors if t.kind != "base"]
     unchanged = [t.name for t in described.tensors if t.kind == "base"]
@@ -139,7 +139,7 @@ def test_info_lists_stored_tensors(deltas):
     assert [row[0] for row in everything] == sorted((t.name for t in described.tensors),
                                                     key=natural_key)
     by_bytes = _tensor_table(ok("info", deltas[0], "--sort", "bytes").stdout)
-    sizes = [int(row[-2].replace(",", "")) for row in by_bytes]
+    sizes = [int(row[-3].replace(",", "")) for row in by_bytes]
     assert sizes == sorted(sizes, reverse=True)
 
 

@@ -220,6 +220,7 @@ def test_global_topk_is_exact_and_restore_is_bit_exact(pair, density, chunk, add
         tune = dict(tune, extra=torch.tensor([float("nan"), -0.0, 1e-45]))
     with tempfile.TemporaryDirectory() as folder, global_topk_path(path):
         summary, stored, restored = roundtrip(Path(folder), base, tune, density=density,
+                                              scope="global",
                                               chunk_elements=chunk)
     floats = [n for n in base if base[n].is_floating_point()]
     candidates = sum(base[n].numel() for n in floats)
@@ -304,7 +305,7 @@ def test_include_exclude_and_dense_patterns(tmp_path):
     base, tune = small_pair()
     summary, stored, restored = roundtrip(
         tmp_path, base, tune, density=0.1, include=["layer.*", "embed.*"],
-        exclude="*norm*", dense=["embed.*"])
+        exclude="*norm*", dense=["embed.*"], scope="global")
     localized = ["layer.0.attn.weight", "layer.0.conv.weight", "layer.0.mlp.weight"]
     candidates = sum(base[n].numel() for n in localized)
     want = reference_topk(base, tune, localized, count_to_keep(0.1, candidates))

@@ -69,7 +69,10 @@ def test_info_totals_and_header(made):
     assert result.bits_per_kept == pytest.approx(8 * result.file_size / result.kept)
     assert result.dense_bytes == sum(t.numel() * t.element_size() for t in made["tune"].values())
     header = result.header
-    assert header["method"] == "topk-global" and header["density"] == 0.05
+    assert header["method"] == "topk-fidelity" and header["density"] == 0.05
+    fidelity = header["fidelity"]
+    assert not fidelity["lossless"] and 0 < fidelity["relative_error"] < 1
+    assert fidelity["energy_kept"] == pytest.approx(1 - fidelity["relative_error"] ** 2)
     assert header["kept"] == summary.kept and header["candidates"] == summary.candidates
     assert header["sources"] == {"base": "base.safetensors", "finetuned": "tune.safetensors"}
     assert header["format_version"] == 1

@@ -196,7 +196,9 @@ def test_compress_writes_every_header_field(zoo, tmp_path):
         header = json.loads(f.metadata()[HEADER_KEY])
     assert header["format"] == FORMAT_NAME and header["format_version"] == FORMAT_VERSION
     assert header["library_version"] == sparsestitch.__version__
-    assert header["method"] == "topk-global" and header["density"] == 0.1
+    assert header["method"] == "topk-fidelity" and header["density"] == 0.1
+    assert set(header["fidelity"]) >= {"lossless", "relative_error", "energy_kept",
+                                       "bits_per_parameter"}
     assert header["sources"] == {"base": "base.safetensors", "finetuned": "ft1.safetensors"}
     identity = [[t["name"], t["dtype"], t["shape"], t["base_xxh3"]] for t in header["tensors"]
                 if t["kind"] != "added"]

@@ -153,7 +153,8 @@ def run_mask(size: int, start: int, stop: int) -> np.ndarray:
 
 #: case -> (fine-tune, compress keyword arguments).  Together they use every codec.
 CASES = {
-    "topk": ("a", {"density": 0.05}),
+    "topk": ("a", {"density": 0.05, "scope": "global"}),
+    "fidelity": ("a", {"density": 0.05}),
     "per_tensor": ("a", {"density": 0.5, "scope": "per-tensor", "include": ["mlp.*", "scale"]}),
     "dense": ("b", {"density": 1.0, "include": ["attn.*", "mlp.*", "scale"]}),
     "mask": ("a", {"masks": {"attn.weight": block_mask((20, 18), [7, 10, 13, 16], 14),
@@ -222,8 +223,11 @@ def test_todays_writer_reproduces_the_golden_bytes(case, tmp_path):
 
 
 #: Files an earlier writer made, which today's reader must still decode: ``dense`` from
-#: before the tau codec listed every NaN sum as an exception (format.md section 4.3).
-EARLIER = {"before-nan-exceptions/dense": "dense"}
+#: before the tau codec listed every NaN sum as an exception (format.md section 4.3), and
+#: every case from before records carried fidelity reports (and ties went by position).
+EARLIER = {"before-nan-exceptions/dense": "dense",
+           **{f"before-fidelity-reports/{case}": case
+              for case in ("topk", "per_tensor", "dense", "mask")}}
 
 
 @pytest.mark.parametrize("native_loops", ["1", "0"])

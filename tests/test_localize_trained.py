@@ -172,7 +172,8 @@ def test_dataless_masks_are_the_positions_compress_keeps(tmp_path):
     masks = dataless_masks(base, tune, density=0.05)
     base_path = save_checkpoint(tmp_path / "base.safetensors", base)
     tune_path = save_checkpoint(tmp_path / "tune.safetensors", tune)
-    sparsestitch.compress(base_path, tune_path, tmp_path / "t.delta", density=0.05)
+    sparsestitch.compress(base_path, tune_path, tmp_path / "t.delta", density=0.05,
+                          scope="global")
     with DeltaReader(tmp_path / "t.delta") as reader:
         for name, mask in masks.items():
             record = reader.record(name)

@@ -105,7 +105,7 @@ def test_members_record_what_compress_wrote(models, tmp_path):
     assert entry["fidelity"] == header.get("fidelity")
     assert entry["base_identity"] == header["base_identity"]
     assert entry["library_version"] == sparsestitch.__version__
-    assert entry["options"]["density"] == 0.02 and entry["options"]["scope"] == "global"
+    assert entry["options"]["density"] == 0.02 and entry["options"]["scope"] == "fidelity"
     assert entry["source"] == {**entry["source"], "kind": "path",
                                "path": str(Path(models["ft1"]).resolve())}
     assert entry["dense_bytes"] == sparsestitch.info(plain).dense_bytes

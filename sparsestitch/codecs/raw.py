@@ -18,6 +18,7 @@ from .base import from_planes, pack_stream, to_planes, unpack_stream
 class RawValues:
     codec_id: str = "raw"
     needs_base: bool = False
+    exact: bool = True          # decodes to the fine-tuned bits exactly
 
     def applies(self, dt: DType) -> bool:
         return True

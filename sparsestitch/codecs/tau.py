@@ -34,6 +34,7 @@ from .base import (config_int, from_planes, gap_decode, gap_encode, pack_stream,
 class TauValues:
     codec_id: str = "tau"
     needs_base: bool = True
+    exact: bool = True          # decodes to the fine-tuned bits exactly
 
     def applies(self, dt: DType) -> bool:
         return dt.is_float

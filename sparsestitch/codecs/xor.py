@@ -19,6 +19,7 @@ from .base import from_planes, pack_stream, to_planes, unpack_stream
 class XorValues:
     codec_id: str = "xor"
     needs_base: bool = True
+    exact: bool = True          # decodes to the fine-tuned bits exactly
 
     def applies(self, dt: DType) -> bool:
         return True

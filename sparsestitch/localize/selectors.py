@@ -59,11 +59,28 @@ class TuneBlock:
     base: np.ndarray          # flat base bits
     finetuned: np.ndarray     # flat fine-tuned bits
     tune: int = 0             # which fine-tune of the run
+    key_scale: float = 1.0    # the selector's factor for this tensor's keys
+
+    @cached_property
+    def magnitudes(self) -> np.ndarray:
+        """Ranking keys of |tau| (see :func:`~.topk.magnitude_keys`), computed once."""
+        return magnitude_keys(self.finetuned, self.base, self.dt)
 
     @cached_property
     def keys(self) -> np.ndarray:
-        """Ranking keys of |tau| (see :func:`~.topk.magnitude_keys`), computed once."""
-        return magnitude_keys(self.finetuned, self.base, self.dt)
+        """The keys the selector ranks: :attr:`magnitudes` times ``key_scale`` (as float32)."""
+        if self.key_scale == 1.0:
+            return self.magnitudes
+        scaled = self.magnitudes.view(np.float32) * np.float32(self.key_scale)
+        return scaled.view(np.uint32)
+
+    @cached_property
+    def energy(self) -> float:
+        """Sum of tau squared over the block's finite changes (float64, from the float32 keys:
+        enough for a fidelity report)."""
+        magnitudes = self.magnitudes.view(np.float32).astype(np.float64)
+        finite = magnitudes[np.isfinite(magnitudes)]
+        return float(np.dot(finite, finite))
 
     def tie_orders(self, index: np.ndarray) -> np.ndarray:
         """Tie orders (:func:`~sparsestitch.tiebreak.tie_order`) of the elements at
@@ -103,6 +120,9 @@ class Selector:
     ordered: bool = False
     #: ``choose`` may leave candidates for :meth:`resolve`.
     undecided: bool = False
+    #: Measure each tensor's change (sum of tau squared) for the fidelity report (not worth
+    #: it where every element is kept: nothing is lost).
+    measures_energy: bool = True
 
     @property
     def density(self) -> float | None:
@@ -114,6 +134,10 @@ class Selector:
 
     def start_main_pass(self) -> None:
         """Called once after the pre-passes, before :meth:`choose` (in the caller's thread)."""
+
+    def key_scale(self, name: str) -> float:
+        """The factor this selector's keys of tensor ``name`` carry (1: plain |tau|)."""
+        return 1.0
 
     def pass_needed(self, index: int) -> bool:
         """Whether pre-pass ``index`` must run (checked just before it would)."""
@@ -191,6 +215,7 @@ class KeepAll(Selector):
     passes, and no position arrays."""
 
     method = "topk-global"
+    measures_energy = False
 
     def __init__(self, density: float = 1.0):
         self._density = density
@@ -383,3 +408,62 @@ def sample_rows(shape: tuple[int, ...]) -> list[tuple[int, int]]:
     rows = shape[0] if shape else 1
     step = max(1, SAMPLE_BLOCK // max(1, row_items(shape)))
     return [(start, min(rows, start + step)) for start in range(0, rows, step * SAMPLE_EVERY)]
+
+
+class _Normalized:
+    """Keys divided by their tensor's ||tau|| (after a first pass that measures it): a global
+    top-k of |tau| / ||tau_t|| keeps, for a count budget, what minimizes the sum over tensors
+    of the relative squared error ||tau_t - kept_t||^2 / ||tau_t||^2 -- each element's share of
+    its own tensor's change, so no tensor's update is lost because another tensor (an
+    embedding, a head) has larger |tau|.  A mixin before a top-k selector: its passes come
+    after the energy pass (indices shifted by one)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._scales: dict[str, float] = {}
+
+    def pre_passes(self) -> Sequence[PrePass]:
+        return (PrePass("energy"),) + tuple(super().pre_passes())
+
+    def pass_needed(self, index: int) -> bool:
+        return index == 0 or super().pass_needed(index - 1)
+
+    def pass_tensors(self, index: int, names: Sequence[str]) -> Sequence[str]:
+        return names if index == 0 else super().pass_tensors(index - 1, names)
+
+    def measure(self, index: int, block: TuneBlock) -> np.ndarray | None:
+        if index == 0:
+            return np.array([block.energy])
+        return super().measure(index - 1, block)
+
+    def merge(self, index: int, total: np.ndarray, measure: np.ndarray) -> np.ndarray:
+        return total + measure if index == 0 else super().merge(index - 1, total, measure)
+
+    def absorb(self, index: int, name: str, total: np.ndarray) -> None:
+        if index == 0:
+            norm = float(np.sqrt(total[0]))
+            # An unchanged tensor keeps factor 1 (its keys are 0); an infinite norm cannot be
+            # divided by, and its non-finite keys rank first anyway.
+            self._scales[name] = 1.0 / norm if 0.0 < norm < np.inf else 1.0
+        else:
+            super().absorb(index - 1, name, total)
+
+    def end_pass(self, index: int) -> None:
+        if index > 0:
+            super().end_pass(index - 1)
+
+    def key_scale(self, name: str) -> float:
+        return self._scales.get(name, 1.0)
+
+
+class FidelityTopK(_Normalized, BracketedTopK):
+    """The default: top-k of |tau| / ||tau_t|| over all localized tensors (see
+    :class:`_Normalized`), reading the model about once after the energy pass."""
+
+    method = "topk-fidelity"
+
+
+class FidelityExactTopK(_Normalized, GlobalTopK):
+    """:class:`FidelityTopK` by the exact counting passes (its fallback)."""
+
+    method = "topk-fidelity"
