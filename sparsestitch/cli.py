@@ -42,6 +42,13 @@ def main():
               help="fidelity: rank |tau| by each tensor's own change (no tensor loses its update "
                    "to another's larger |tau|); global: rank |tau| over the whole model (the "
                    "paper's rule); per-tensor: the density of each tensor.")
+@click.option("--bits", type=click.Choice(["1", "2", "3", "4", "8"]),
+              help="Store the kept changes in this many bits each (lossy; the error is reported). "
+                   "--density 1.0 --bits 1 --group 0 is a BitDelta-like delta.")
+@click.option("--group", default=128, show_default=True, type=int,
+              help="With --bits: kept values sharing one fitted scale (0: one per tensor).")
+@click.option("--lossless", is_flag=True,
+              help="Every changed element, exactly (the same as --density 1.0).")
 @click.option("--include", multiple=True, help="Only localize tensors matching this pattern.")
 @click.option("--exclude", multiple=True, help="Leave tensors matching this pattern at the base.")
 @click.option("--dense", multiple=True, help="Store tensors matching this pattern exactly.")
@@ -50,8 +57,8 @@ def main():
 @json_option
 @quiet_option
 @fail_cleanly
-def compress(base, finetuned, outs, density, scope, include, exclude, dense, overwrite, threads,
-             as_json, quiet):
+def compress(base, finetuned, outs, density, scope, bits, group, lossless, include, exclude, dense,
+             overwrite, threads, as_json, quiet):
     """Write one sparse delta per FINETUNED checkpoint of BASE.
 
     \b
@@ -61,18 +68,23 @@ def compress(base, finetuned, outs, density, scope, include, exclude, dense, ove
     """
     from .compress import compress as run
     outs = list(outs) or [str(f).rstrip("/") + ".delta" for f in finetuned]
-    summaries = run(base, list(finetuned), outs, density=density, scope=scope, include=include,
-                    exclude=exclude, dense=dense, overwrite=overwrite, threads=threads,
-                    progress=show_progress(quiet or as_json))
+    summaries = run(base, list(finetuned), outs, density=density, scope=scope,
+                    bits=None if bits is None else int(bits), group=group, lossless=lossless,
+                    include=include, exclude=exclude, dense=dense, overwrite=overwrite,
+                    threads=threads, progress=show_progress(quiet or as_json))
     if as_json:
         echo_json([{"path": str(s.path), "bytes": s.nbytes, "kept": s.kept,
                     "candidates": s.candidates, "density": s.density,
-                    "stored_tensors": s.stored_tensors, "seconds": s.seconds} for s in summaries])
+                    "stored_tensors": s.stored_tensors, "seconds": s.seconds,
+                    "fidelity": s.fidelity, "warnings": s.warnings} for s in summaries])
         return
     for s in summaries:
+        error = s.fidelity.get("relative_error")
         click.echo(f"{s.path}: {s.nbytes:,} bytes, kept {s.kept:,} of {s.candidates:,} "
                    f"({100 * s.density:.3f}%), {8 * s.nbytes / max(s.kept, 1):.2f} bits/kept, "
-                   f"{s.seconds:.1f} s")
+                   + ("lossless, " if s.fidelity.get("lossless") else
+                      f"relative error {error:.4f}, " if error is not None else "")
+                   + f"{s.seconds:.1f} s")
 
 
 @main.command()

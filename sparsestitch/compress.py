@@ -35,6 +35,7 @@ from .errors import TensorMismatchError
 from .format import DeltaWriter, Record, digest
 from .localize.selectors import (BracketedTopK, FidelityExactTopK, FidelityTopK, GivenMasks,
                                  GlobalTopK, KeepAll, PerTensorTopK, Selector)
+from .codecs.quant import BITS as QUANT_BITS
 from .localize.topk import count_to_keep
 from .progress import bar
 from .readahead import DEFAULT_WORKERS, in_order, workers_for
@@ -79,7 +80,8 @@ def compress(base: str | os.PathLike, finetuned: str | os.PathLike | Sequence[st
              out: str | os.PathLike | Sequence[str | os.PathLike], *, density: float = 0.01,
              scope: str = "fidelity", include: str | Iterable[str] | None = None,
              exclude: str | Iterable[str] | None = None, dense: str | Iterable[str] | None = None,
-             masks: Mapping | Sequence[Mapping] | None = None, overwrite: bool = False,
+             masks: Mapping | Sequence[Mapping] | None = None, bits: int | None = None,
+             group: int = 128, lossless: bool = False, overwrite: bool = False,
              progress: bool = False, chunk_elements: int = CHUNK_ELEMENTS,
              threads: int | None = None) -> list[DeltaSummary]:
     """Write one delta file per fine-tuned checkpoint.
@@ -108,6 +110,15 @@ def compress(base: str | os.PathLike, finetuned: str | os.PathLike | Sequence[st
         Instead of top-k, a mapping ``{tensor name: bool array}`` (or one per fine-tune)
         of positions to keep, e.g. from :func:`sparsestitch.localize.trained.learn_masks`;
         tensors not in it are left at the base value.
+    bits, group:
+        Store the localized tensors' task vectors in ``bits`` (1, 2, 3, 4 or 8) bits per
+        kept value, with least-squares scales per ``group`` consecutive kept values (0: one
+        per tensor) -- lossy, opt-in; every record reports its error.  ``density=1.0,
+        bits=1, group=0`` is a BitDelta-like delta (sign times one scale per matrix).
+    lossless:
+        Every changed element, exactly (the same as ``density=1.0``).  A density of 1.0
+        keeps exactly the elements whose bits changed, so it restores the fine-tune bit for
+        bit in as few bytes as the codecs allow.
     threads:
         Threads reading and encoding (default: 2 of the usable cores; 1: the caller's alone).
 
@@ -129,6 +140,12 @@ def compress(base: str | os.PathLike, finetuned: str | os.PathLike | Sequence[st
     if scope not in SCOPES:
         raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
     mask_sets = _as_mask_list(masks, len(finetuned_paths))
+    if lossless:
+        if bits is not None:
+            raise ValueError("lossless=True and bits are contradictory: quantized values are "
+                             "approximate; drop one of them")
+        density = 1.0
+    quantize = _quantize(bits, group)
     if masks is None:
         count_to_keep(density, 0)  # validates the range
         if density == 0:
@@ -144,7 +161,8 @@ def compress(base: str | os.PathLike, finetuned: str | os.PathLike | Sequence[st
                 _check_compatible(base_ckpt, tune)
             plan = TensorPlan.of(base_ckpt, include, exclude, dense)
             selectors = _make_selectors(plan, density, scope, mask_sets, len(tunes))
-            job = CompressJob(base_ckpt, tunes, plan, chunk_elements, progress, workers)
+            job = CompressJob(base_ckpt, tunes, plan, chunk_elements, progress, workers,
+                              quantize)
             results = job.run(selectors, out_paths, overwrite,
                               fallback=lambda: _make_selectors(plan, density, scope, None,
                                                                len(tunes), exact=True))
@@ -199,8 +217,9 @@ class CompressJob:
     """One compress run: the passes over the tensors and one writer per fine-tune."""
 
     def __init__(self, base: Checkpoint, tunes: list[Checkpoint], plan: TensorPlan,
-                 chunk_elements: int, progress: bool, workers: int = WORKERS):
-        self.scanner = TensorScanner(base, tunes, plan, chunk_elements)
+                 chunk_elements: int, progress: bool, workers: int = WORKERS,
+                 quantize: dict | None = None):
+        self.scanner = TensorScanner(base, tunes, plan, chunk_elements, quantize)
         self.base, self.tunes, self.plan, self.progress = base, tunes, plan, progress
         self.workers = workers
 
@@ -220,7 +239,8 @@ class CompressJob:
                         self._add(writers, written, i, *self.scanner.encode_added(tune, name))
             for i, writer in enumerate(writers):
                 written[i].summary = fidelity_summary(written[i].records, self.plan)
-                written[i].warnings = concentration_warnings(written[i].records, self.plan)
+                if selectors[i].measures_energy:  # (keeping every change loses nothing)
+                    written[i].warnings = concentration_warnings(written[i].records, self.plan)
                 written[i].nbytes = writer.close(self._meta(i, selectors[i], written[i]))
         except BaseException as exc:
             for writer in writers:
@@ -322,6 +342,19 @@ def concentration_warnings(records: Sequence[Record], plan: TensorPlan) -> list[
     return [f"tensor {name!r} holds {100 * share:.1f}% of the kept values; the other tensors "
             "keep little of their change (scope='fidelity' spreads the budget by each "
             "tensor's own change)"]
+
+
+def _quantize(bits: int | None, group: int) -> dict | None:
+    """The value codec options for ``bits``/``group``, checked (None: exact values)."""
+    if bits is None:
+        return None
+    if bits not in QUANT_BITS:
+        raise ValueError(f"bits must be one of {', '.join(map(str, QUANT_BITS))} (bits per kept "
+                         f"value), got {bits!r}")
+    if type(group) is not int or group < 0:
+        raise ValueError(f"group must be 0 (one scale per tensor) or a number of values per "
+                         f"scale, got {group!r}")
+    return {"bits": bits, "group": group}
 
 
 def _check_compatible(base: Checkpoint, tune: Checkpoint) -> None:

@@ -29,7 +29,12 @@ from .safetensors_file import encode_header, read_header, strict_json
 from .sizes import numel
 
 FORMAT_NAME = "sparsestitch.delta"
-FORMAT_VERSION = 1
+#: The newest format version this writer writes; a file uses the lowest version that holds
+#: it, so deltas without version-2 codecs stay readable by version-1 readers.
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+#: Value codecs that need format version 2.
+VERSION_2_CODECS = ("quant",)
 HEADER_KEY = "sparsestitch.header"
 HEADER_HASH_KEY = "sparsestitch.header_xxh3"
 KINDS = ("sparse", "base", "added")
@@ -88,7 +93,8 @@ class Record:
 
 def encode_record(name: str, dt: DType, shape: tuple[int, ...], positions: np.ndarray | None,
                   kept: np.ndarray, base_kept: np.ndarray | None, base_xxh3: str | None,
-                  fidelity: dict | None = None) -> tuple[Record, bytes]:
+                  fidelity: dict | None = None, quantize: dict | None = None
+                  ) -> tuple[Record, bytes]:
     """Encode one tensor's kept positions and fine-tuned bits into a record and its payload.
 
     ``positions`` None means every element (no position array needed); ``base_kept`` (base
@@ -98,7 +104,7 @@ def encode_record(name: str, dt: DType, shape: tuple[int, ...], positions: np.nd
         pos_payload, pos_config = b"", {"codec": "all"}
     else:
         pos_payload, pos_config = codecs.encode_positions(positions, shape)
-    val_payload, val_config = codecs.encode_values(kept, base_kept, dt)
+    val_payload, val_config = codecs.encode_values(kept, base_kept, dt, quantize)
     payload = pos_payload + val_payload
     record = Record(name, dt.name, tuple(shape), "sparse" if base_kept is not None else "added",
                     base_xxh3, int(kept.size), pos_config, val_config, len(pos_payload),
@@ -142,7 +148,9 @@ class DeltaWriter:
     def close(self, meta: dict) -> int:
         """Write header + payloads, fsync, rename into place; return the file size."""
         try:
-            header = dict(meta, format=FORMAT_NAME, format_version=FORMAT_VERSION,
+            version = 2 if any((r.values or {}).get("codec") in VERSION_2_CODECS
+                               for r in self._records) else 1
+            header = dict(meta, format=FORMAT_NAME, format_version=version,
                           tensors=[r.to_json() for r in self._records])
             header_text = json.dumps(header, separators=(",", ":"), sort_keys=True)
             metadata = {HEADER_KEY: header_text, HEADER_HASH_KEY: digest(header_text.encode())}
@@ -220,7 +228,7 @@ class DeltaReader:
             container = read_header(self._file, self.path, self.file_size, error=DeltaFormatError)
             self.header = _parse_header(container.metadata, self.path)
             self.records, self._offsets = _parse_records(self.header.get("tensors"), container,
-                                                         self.path)
+                                                         self.path, self.header["format_version"])
         except BaseException:
             self._file.close()
             raise
@@ -311,18 +319,23 @@ def _parse_header(metadata: dict[str, str], path: Path) -> dict:
     if not isinstance(header, dict) or header.get("format") != FORMAT_NAME:
         raise DeltaFormatError("not a sparsestitch delta header", path=path)
     version = header.get("format_version")
-    if type(version) is not int or version != FORMAT_VERSION:
+    if type(version) is not int or version not in READABLE_VERSIONS:
         raise DeltaFormatError(f"format version {version!r} is not supported by this version "
-                               f"(reads version {FORMAT_VERSION}); upgrade sparsestitch",
-                               path=path)
+                               f"(reads versions {', '.join(map(str, READABLE_VERSIONS))}); "
+                               "upgrade sparsestitch", path=path)
     return header
 
-def _parse_records(tensors, container, path: Path) -> tuple[list[Record], dict[str, int]]:
+def _parse_records(tensors, container, path: Path, version: int
+                   ) -> tuple[list[Record], dict[str, int]]:
     if not isinstance(tensors, list) or len(tensors) > MAX_RECORDS:
         raise DeltaFormatError("header 'tensors' must be a list of records", path=path)
     records, stored, offsets = [], 0, {}
     for item in tensors:
         record = _record_from_json(item, path)
+        if version < 2 and (record.values or {}).get("codec") in VERSION_2_CODECS:
+            raise DeltaFormatError(f"value codec {record.values['codec']!r} needs format "
+                                   f"version 2, the file says {version}", path=path,
+                                   tensor=record.name)
         entry = container.entries.get(record.name)
         if record.kind == "base":
             if entry is not None:
@@ -406,9 +419,10 @@ def _record_from_json(item, path) -> Record:
         raise bad(f"invalid payload checksum {payload_xxh3!r}")
     if kind == "added" and count != numel:
         raise bad("an added tensor must store every element")
-    # Every value codec stores at least one byte per value in raw or zstd streams: refuse counts
-    # the payload cannot hold before any decoder allocates for them.
-    if count > codecs.base.ZSTD_MAX_EXPANSION * val_nbytes:
+    # Every value codec stores at least one byte per value in raw or zstd streams (quant: one
+    # bit): refuse counts the payload cannot hold before any decoder allocates for them.
+    per_byte = 8 if values.get("codec") in VERSION_2_CODECS else 1
+    if count > codecs.base.ZSTD_MAX_EXPANSION * per_byte * val_nbytes:
         raise ResourceLimitError(f"count {count} is more values than {val_nbytes} payload bytes "
                                  "can hold", path=path, tensor=name)
     return Record(name, dtype_name, tuple(shape), kind, base_xxh3, count, positions, values,

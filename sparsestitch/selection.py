@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import closing
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -137,9 +137,10 @@ class TensorScanner:
     """Reads tensors of the base and the fine-tunes block by block, selects and encodes."""
 
     def __init__(self, base: Checkpoint, tunes: list[Checkpoint], plan: TensorPlan,
-                 chunk_elements: int):
+                 chunk_elements: int, quantize: dict | None = None):
         self.base, self.tunes, self.plan = base, tunes, plan
         self.chunk_elements = chunk_elements
+        self.quantize = quantize  # {"bits", "group"}: localized tensors' values in k bits
 
     def tune_blocks(self, name: str, rows=None, base_hash: BaseHash | None = None,
                     scales: Sequence[float] | None = None) -> Iterator[TuneBlock]:
@@ -190,13 +191,22 @@ class TensorScanner:
     def encode(self, name: str, base_xxh3: str, selection: Selection) -> Encoded:
         entry = self.base.entry(name)
         dt = lookup_dtype(entry.dtype)
-        report = None if selection.energy is None else fidelity_report(
-            selection.energy, kept_energy(selection, dt))
+        quantize = self.quantize if name in self.plan.localized and dt.is_float else None
         if selection.finetuned.size == 0:
+            report = None if selection.energy is None else fidelity_report(selection.energy, 0.0)
             return Record(name, entry.dtype, entry.shape, "base", base_xxh3,
                           fidelity=report), b""
-        return encode_record(name, dt, entry.shape, selection.positions, selection.finetuned,
-                             selection.base, base_xxh3, report)
+        record, payload = encode_record(name, dt, entry.shape, selection.positions,
+                                        selection.finetuned, selection.base, base_xxh3,
+                                        quantize=quantize)
+        energy = selection.energy
+        if quantize is not None and energy is None:  # every element kept: measure it here
+            energy = kept_energy(selection, dt)
+        if energy is not None:
+            error = record.values.get("error_sq") if quantize is not None else None
+            record = replace(record, fidelity=fidelity_report(
+                energy, kept_energy(selection, dt), error))
+        return record, payload
 
     def select_and_encode(self, name: str, selectors: Sequence[Selector]) -> list[Encoded]:
         base_xxh3, selections = self.select(name, selectors)

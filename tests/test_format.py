@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 import sparsestitch
 from sparsestitch.dtypes import SAFETENSORS_DTYPES, dtype
-from sparsestitch.format import (FORMAT_NAME, FORMAT_VERSION, HEADER_HASH_KEY, HEADER_KEY,
+from sparsestitch.format import (FORMAT_NAME, HEADER_HASH_KEY, HEADER_KEY,
                                  DeltaReader, DeltaWriter, Record, encode_record)
 from sparsestitch.safetensors_file import encode_header, read_header
 from sparsestitch.sizes import numel as count_elements
@@ -151,7 +151,7 @@ def test_delta_is_a_safetensors_file_listing_the_stored_records(delta):
     header = json.loads(metadata[HEADER_KEY])
     # sorted keys and no whitespace make files byte-reproducible (docs/format.md section 2)
     assert metadata[HEADER_KEY] == json.dumps(header, sort_keys=True, separators=(",", ":"))
-    assert header["format"] == FORMAT_NAME and header["format_version"] == FORMAT_VERSION == 1
+    assert header["format"] == FORMAT_NAME and header["format_version"] == 1
     assert {k: header[k] for k in META} == META
     assert [t["name"] for t in header["tensors"]] == [r.name for r in written]
     # payloads lie in record order from offset 0, and the JSON is padded with spaces to 8 bytes
@@ -194,7 +194,7 @@ def test_compress_writes_every_header_field(zoo, tmp_path):
     sparsestitch.compress(zoo["base"], zoo["ft1"], path, density=0.1)
     with safe_open(str(path), "np") as f:
         header = json.loads(f.metadata()[HEADER_KEY])
-    assert header["format"] == FORMAT_NAME and header["format_version"] == FORMAT_VERSION
+    assert header["format"] == FORMAT_NAME and header["format_version"] == 1  # no v2 codec
     assert header["library_version"] == sparsestitch.__version__
     assert header["method"] == "topk-fidelity" and header["density"] == 0.1
     assert set(header["fidelity"]) >= {"lossless", "relative_error", "energy_kept",

@@ -197,7 +197,9 @@ def test_value_codecs_decode_alike_in_c_and_numpy(dt, data):
         payload, config = codec.encode(kept, base, dt)
         native_outcome, numpy_outcome = _both(
             lambda: codec.decode(payload, config, base, dt, kept.size))
-        assert native_outcome == numpy_outcome == (dt.bits.str, kept.tobytes())
+        assert native_outcome == numpy_outcome
+        if codec.exact:
+            assert native_outcome == (dt.bits.str, kept.tobytes())
 
 
 @needs_kernels

@@ -17,15 +17,18 @@ from .bitmap import Bitmap
 from .csr import CSR
 from .full import AllPositions
 from .gaps import Gaps
+from .quant import QuantValues
 from .raw import RawValues
 from .rice_gaps import RiceGaps
 from .tau import TauValues
 from .xor import XorValues
 
 POSITION_CODECS = (AllPositions(), RiceGaps(), CSR(), Bitmap(), Gaps())
-VALUE_CODECS = (TauValues(), XorValues(), RawValues())
+#: Exact value codecs first (the packer tries these), then the lossy ones (chosen by name).
+VALUE_CODECS = (TauValues(), XorValues(), RawValues(), QuantValues())
 
 _POSITIONS_BY_ID = {codec.codec_id: codec for codec in POSITION_CODECS}
+_QUANT = QuantValues()
 _VALUES_BY_ID = {codec.codec_id: codec for codec in VALUE_CODECS}
 
 
@@ -87,13 +90,19 @@ def _worth_trying(codec_id: str, positions: np.ndarray, shape: tuple[int, ...]) 
 VALUE_SAMPLE_SIZE = 1 << 14
 
 
-def encode_values(kept: np.ndarray, base: np.ndarray | None, dt: DType) -> tuple[bytes, dict]:
-    """Encode the fine-tuned bits ``kept`` (given ``base`` bits, or None) with the smallest codec.
+def encode_values(kept: np.ndarray, base: np.ndarray | None, dt: DType,
+                  quantize: dict | None = None) -> tuple[bytes, dict]:
+    """Encode the fine-tuned bits ``kept`` (given ``base`` bits, or None) with the smallest
+    exact codec, or, with ``quantize`` (``{"bits": k, "group": g}``) on a float tensor with a
+    base, with the lossy ``quant`` codec.
 
     Large records pick their codec on a strided sample and encode once.
     """
-    candidates = [codec for codec in VALUE_CODECS
-                  if codec.applies(dt) and not (codec.needs_base and base is None)]
+    if quantize is not None and dt.is_float and base is not None:
+        payload, config = _QUANT.encode(kept, base, dt, **quantize)
+        return payload, {"codec": _QUANT.codec_id, **config}
+    candidates = [codec for codec in VALUE_CODECS if codec.exact
+                  and codec.applies(dt) and not (codec.needs_base and base is None)]
     if kept.size > VALUE_SAMPLE_SIZE and len(candidates) > 1:
         step = kept.size // VALUE_SAMPLE_SIZE
         sample_base = None if base is None else base[::step]

@@ -211,10 +211,10 @@ class GivenMasks(Selector):
 
 
 class KeepAll(Selector):
-    """Every element of every localized tensor (a density that keeps them all): no ranking
-    passes, and no position arrays."""
+    """Every changed element of every localized tensor (a density that keeps them all): no
+    ranking passes, and no position arrays where every element changed."""
 
-    method = "topk-global"
+    method = "changed"
     measures_energy = False
 
     def __init__(self, density: float = 1.0):
@@ -225,7 +225,8 @@ class KeepAll(Selector):
         return self._density
 
     def choose(self, block: TuneBlock) -> Choice:
-        return Choice(None)
+        changed = block.finetuned != block.base
+        return Choice(None) if changed.all() else Choice(np.flatnonzero(changed))
 
 
 class _TopKSelector(Selector):

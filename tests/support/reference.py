@@ -124,8 +124,8 @@ def reference_listing(data: bytes) -> Listing:
         raise Invalid("header missing or checksum mismatch")
     header = _strict_json(text.encode("utf-8"))
     if (not isinstance(header, dict) or header.get("format") != "sparsestitch.delta"
-            or not _is_int(header.get("format_version")) or header["format_version"] != 1):
-        raise Invalid("not a version 1 delta header")
+            or not _is_int(header.get("format_version")) or header["format_version"] not in (1, 2)):
+        raise Invalid("not a version 1 or 2 delta header")
     records = header.get("tensors")
     if not isinstance(records, list) or len(records) > 1 << 20:
         raise Invalid("bad tensors list")
@@ -156,8 +156,11 @@ def reference_listing(data: bytes) -> Listing:
                 or not is_hex16(r.get("payload_xxh3"))
                 or (kind == "added" and fields[0] != _numel(shape))):
             raise Invalid("bad record fields", name)
-        # Every value codec stores at least count bytes in raw or zstd streams.
-        if fields[0] > ZSTD_MAX_EXPANSION * fields[2]:
+        quant = r["values"].get("codec") == "quant"
+        if quant and header["format_version"] < 2:
+            raise Invalid("quant values in a version 1 file", name)
+        # Every value codec stores at least count bytes in raw or zstd streams (quant: bits).
+        if fields[0] > ZSTD_MAX_EXPANSION * (8 if quant else 1) * fields[2]:
             raise Invalid("more values than the payload can hold", name)
         if entry is None or entry["dtype"] != "U8" or entry["data_offsets"][1] - entry["data_offsets"][0] \
                 != fields[1] + fields[2]:
@@ -287,8 +290,12 @@ def _values(r: dict, part: bytes, base_kept: np.ndarray | None) -> np.ndarray:
     codec, width = config.get("codec"), dt.itemsize
     if codec == "raw":
         return np.array(_planes(_stream(part, config, count * width, name), width, count), dt.bits)
-    if codec not in ("xor", "tau"):
+    if codec not in ("xor", "tau", "quant"):
         raise Invalid(f"unknown value codec {codec!r}", name)
+    if codec == "quant":
+        if base_kept is None:
+            raise Invalid("quant needs the base", name)
+        return _quant_values(r, part, base_kept)
     if base_kept is None:
         raise Invalid(f"{codec} needs the base", name)
     if codec == "xor":
@@ -313,6 +320,66 @@ def _values(r: dict, part: bytes, base_kept: np.ndarray | None) -> np.ndarray:
         raise Invalid("exception index out of range", name)
     exact = _planes(_stream(part[b:], config.get("exc_bits"), n_exc * width, name), width, n_exc)
     values[index] = np.array(exact, dt.bits)
+    return values
+
+
+def _quant_values(r: dict, part: bytes, base_kept: np.ndarray) -> np.ndarray:
+    """format.md 4.3, quant: written from the text, one value at a time where it matters."""
+    from sparsestitch.dtypes import dtype as lookup
+    from sparsestitch.dtypes import from_wide, to_wide
+
+    name, count, config, dt = r["name"], r["count"], r["values"], lookup(r["dtype"])
+    if r["dtype"] not in _FLOATS:
+        raise Invalid("quant needs a float dtype", name)
+    k = config.get("bits")
+    if not _is_int(k) or k not in (1, 2, 3, 4, 8):
+        raise Invalid("bad bits", name)
+    group = _int_field(config, "group", 0, max(count, 1), name)
+    if config.get("scale_dtype") not in ("BF16", "F32", "F64"):
+        raise Invalid("bad scale_dtype", name)
+    scale_dt = lookup(config["scale_dtype"])
+    n_exc = _int_field(config, "exceptions", 0, count, name)
+    sizes = [_int_field(config, key, 0, len(part), name) for key in
+             ("codes_nbytes", "scales_nbytes", "exc_index_nbytes", "exc_bits_nbytes")]
+    if sum(sizes) != len(part):
+        raise Invalid("quant stream sizes", name)
+    cuts = np.cumsum([0] + sizes)
+    streams = [part[cuts[i]:cuts[i + 1]] for i in range(4)]
+    n = count - n_exc
+    groups = 0 if n == 0 else (1 if group == 0 else -(-n // group))
+    per_group = 1 if k == 1 else 2
+    codes = _stream(streams[0], config.get("codes"), (n * k + 7) // 8, name)
+    scale_bits = _planes(_stream(streams[1], config.get("scales"),
+                                 groups * per_group * scale_dt.itemsize, name),
+                         scale_dt.itemsize, groups * per_group)
+    index_raw = _stream(streams[2], config.get("exc_index"), n_exc * 4, name)
+    index = _from_gaps(_planes(index_raw, 4, n_exc))
+    if index and index[-1] >= count:
+        raise Invalid("exception index out of range", name)
+    width = dt.itemsize
+    exact = _planes(_stream(streams[3], config.get("exc_bits"), n_exc * width, name), width, n_exc)
+    bit_string = np.unpackbits(np.frombuffer(codes, np.uint8), bitorder="little")
+    if bit_string[n * k:].any():
+        raise Invalid("quant code bits past the last value", name)
+
+    def wide_scale(bits: int):
+        return to_wide(np.array([bits], scale_dt.bits), scale_dt).astype(dt.wide)[0]
+
+    values = np.empty(count, dt.bits)
+    exceptions = set(index)
+    regular = [i for i in range(count) if i not in exceptions]
+    with np.errstate(all="ignore"):
+        for i, at in enumerate(regular):
+            j = 0 if group == 0 else i // group
+            a = wide_scale(scale_bits[j])
+            b = wide_scale(scale_bits[groups + j]) if k > 1 else dt.wide.type(0)
+            level = sum(int(bit_string[i * k + 1 + t]) << t for t in range(k - 1))
+            m = a + b * dt.wide.type(level)
+            tau = -m if bit_string[i * k] else m
+            base_wide = to_wide(base_kept[at:at + 1], dt)[0]
+            values[at] = from_wide(np.array([base_wide + tau], dt.wide), dt)[0]
+    if index:
+        values[index] = np.array(exact, dt.bits)
     return values
 
 

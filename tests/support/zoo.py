@@ -13,7 +13,7 @@ from sparsestitch.format import DeltaReader
 
 from .models import save_checkpoint
 
-CODECS = {"rice", "csr", "bitmap", "gaps", "all", "tau", "xor", "raw"}
+CODECS = {"rice", "csr", "bitmap", "gaps", "all", "tau", "xor", "raw", "quant"}
 
 # ----------------------------------------------------------------------------------------------
 # The zoo: a small model, fine-tunes and deltas that exercise every codec
@@ -87,8 +87,9 @@ class Zoo:
 
 
 def build_zoo(folder: Path, seed: int = 0) -> Zoo:
-    """Write a base, two fine-tunes and deltas at densities 0.001 / 0.01 / 0.5 / 1.0 plus
-    clustered masks into ``folder``."""
+    """Write a base, two fine-tunes and deltas at densities 0.001 / 0.01 / 0.5 / 1.0, two
+    quantized ones (1 bit, one scale per tensor; 4 bits at 30%) and clustered masks into
+    ``folder``."""
     folder.mkdir(parents=True, exist_ok=True)
     base = zoo_model(seed)
     base_path = save_checkpoint(folder / "base.safetensors", base)
@@ -99,10 +100,14 @@ def build_zoo(folder: Path, seed: int = 0) -> Zoo:
     second["ids.i64"] = base["ids.i64"].clone()
     save_checkpoint(tunes[1], second)
     deltas = {}
-    for label, density, scope in (("d0.001", 0.001, "global"), ("d0.01", 0.01, "global"),
-                                  ("d0.5", 0.5, "per-tensor"), ("d1.0", 1.0, "global")):
+    for label, density, scope, quantize in (
+            ("d0.001", 0.001, "global", {}), ("d0.01", 0.01, "global", {}),
+            ("d0.5", 0.5, "per-tensor", {}), ("d1.0", 1.0, "global", {}),
+            ("q1", 1.0, "fidelity", {"bits": 1, "group": 0}),
+            ("q4", 0.3, "fidelity", {"bits": 4, "group": 16})):
         deltas[label] = folder / f"{label}.delta"
-        sparsestitch.compress(base_path, tunes[0], deltas[label], density=density, scope=scope)
+        sparsestitch.compress(base_path, tunes[0], deltas[label], density=density, scope=scope,
+                              **quantize)
     deltas["mask"] = folder / "mask.delta"
     sparsestitch.compress(base_path, tunes[0], deltas["mask"], masks=clustered_masks(base, seed))
     other = folder / "other.delta"

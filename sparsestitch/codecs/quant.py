@@ -1,0 +1,282 @@
+"""``quant``: the task vector at the kept positions in k bits each (lossy, opt-in).
+
+tau = wide(fine-tuned) - wide(base) is stored as a sign and a magnitude level:
+``tau_hat = sign * (a + b * level)`` with ``level`` in ``0 .. 2^(k-1) - 1`` and, per
+group of ``group`` consecutive kept values (0: the whole record), an offset ``a`` and a
+step ``b``.  For ``k = 1`` there is one level: ``tau_hat = sign * a`` (BitDelta's sign times
+a scale).  ``a`` and ``b`` are fitted by least squares (alternating with the assignment of
+levels, a fixed number of rounds from the group's range), then rounded to the scale dtype,
+and every level is assigned again with the stored scales, so encoder and decoder agree.
+Decoding computes ``round(wide(base) + tau_hat)`` in the model dtype.
+
+Elements whose base or fine-tuned value is not finite (NaN, inf) are *exceptions*, stored
+exactly as in ``tau``.  Everything else is approximate: the codec reports, in its config,
+the largest absolute error of tau at a kept position (``max_abs_error``) and the sum of
+squared errors (``error_sq``), both over the finite values, computed with the decoder's own
+arithmetic.  Deterministic: the same inputs give the same bytes.
+
+Payload: codes stream (k bits per non-exception value, little-endian bit strings: bit 0 is
+the sign, 1 = negative; bits 1..k-1 the level) | scales stream (per group ``a``, and ``b``
+when k > 1, in ``scale_dtype`` byte planes) | exception-index stream | exception-bits stream.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..dtypes import DType, dtype as lookup_dtype, from_wide, to_wide
+from ..errors import DeltaFormatError
+from .base import (config_int, from_planes, gap_decode, gap_encode, pack_stream, split_streams,
+                   to_planes, unpack_stream)
+
+BITS = (1, 2, 3, 4, 8)
+#: Rounds of least squares and re-assignment when fitting a group's scales.
+FIT_ROUNDS = 4
+#: Scales are stored as bfloat16 for up to this many bits (their rounding error, 2^-9 of a
+#: scale, stays far below a step), else as float32.
+BF16_SCALES_UP_TO = 3
+SCALE_DTYPES = ("BF16", "F32", "F64")
+
+
+def scale_dtype_for(dt: DType, bits: int) -> str:
+    """float64 models keep float64 scales (their changes can exceed float32's range)."""
+    if dt.name == "F64":
+        return "F64"
+    return "BF16" if bits <= BF16_SCALES_UP_TO else "F32"
+
+
+@dataclass(frozen=True)
+class _Fitted:
+    codes: np.ndarray        # packed sign and level bits of the regular values
+    scale_bits: np.ndarray   # the stored scales (offsets, then steps)
+    error: np.ndarray        # restored minus fine-tuned value, float64, per regular value
+    overflowed: np.ndarray   # regular values that decode to a non-finite number
+
+
+def _fit_and_assign(base_wide, tune_wide, regular, dt: DType, scale_dt: DType, bits: int,
+                    group: int, keep_overflow: bool = False) -> _Fitted:
+    """Fit the scales of the regular values, round them to the scale dtype, assign every
+    level with the stored scales (as the decoder will), and measure the error."""
+    with np.errstate(all="ignore"):
+        tau = tune_wide[regular] - base_wide[regular]
+        starts = _group_starts(tau.size, group)
+        offsets, steps = _fit(np.abs(tau.astype(np.float64)), starts, bits)
+        scale_bits = np.concatenate([_to_scale_bits(offsets, scale_dt),
+                                     _to_scale_bits(steps, scale_dt)]) if bits > 1 \
+            else _to_scale_bits(offsets, scale_dt)
+        a, b = _stored_scales(scale_bits[:starts.size],
+                              scale_bits[starts.size:] if bits > 1 else
+                              np.zeros(starts.size, scale_dt.bits), scale_dt, dt)
+        levels = _assign(np.abs(tau), a, b, starts, bits)
+        negative = np.signbit(tau)
+        magnitude = _magnitudes(levels, a, b, starts, dt.wide)
+        values = from_wide(base_wide[regular] + np.where(negative, -magnitude, magnitude), dt)
+        restored = to_wide(values, dt).astype(np.float64)
+        error = restored - tune_wide[regular].astype(np.float64)
+    overflowed = ~np.isfinite(restored) if not keep_overflow else np.zeros(tau.size, bool)
+    return _Fitted(_pack(negative, levels, bits), scale_bits, error, overflowed)
+
+
+def _to_scale_bits(values: np.ndarray, scale_dt: DType) -> np.ndarray:
+    """Scales rounded to the scale dtype (largest finite where they would overflow)."""
+    finite_max = {"BF16": 3.3895313892515355e38, "F32": np.finfo(np.float32).max,
+                  "F64": np.finfo(np.float64).max}[scale_dt.name]
+    clipped = np.minimum(np.nan_to_num(values, posinf=finite_max), finite_max)
+    if scale_dt.name == "F64":
+        return clipped.astype(np.float64).view(np.uint64)
+    if scale_dt.name == "F32":
+        return clipped.astype(np.float32).view(np.uint32)
+    return from_wide(clipped.astype(np.float32), scale_dt)
+
+
+def _finite_or_max(value: float) -> float:
+    """A reported number JSON can carry (the header refuses Infinity)."""
+    return value if np.isfinite(value) else float(np.finfo(np.float64).max)
+
+
+@dataclass(frozen=True)
+class QuantValues:
+    codec_id: str = "quant"
+    needs_base: bool = True
+    exact: bool = False
+    #: At most 8 values per payload byte before compression (1 bit each).
+    values_per_byte: int = 8
+
+    def applies(self, dt: DType) -> bool:
+        return dt.is_float
+
+    def encode(self, kept: np.ndarray, base: np.ndarray, dt: DType, *, bits: int = 4,
+               group: int = 128) -> tuple[bytes, dict]:
+        if bits not in BITS:
+            raise ValueError(f"bits must be one of {BITS}, got {bits}")
+        if group < 0:
+            raise ValueError(f"group must be 0 (the whole tensor) or a number of values, got {group}")
+        scale_dt = lookup_dtype(scale_dtype_for(dt, bits))
+        group = group if group < kept.size else 0  # one group of everything, as the spec writes it
+        with np.errstate(all="ignore"):
+            base_wide, tune_wide = to_wide(base, dt), to_wide(kept, dt)
+            exceptional = ~(np.isfinite(base_wide) & np.isfinite(tune_wide)
+                            & np.isfinite(tune_wide - base_wide))
+        # Values whose approximation overflows (only near the dtype's largest numbers) join
+        # the exceptions, and the scales are fitted again without them.
+        for _ in range(4):
+            fitted = _fit_and_assign(base_wide, tune_wide, ~exceptional, dt, scale_dt, bits, group)
+            overflowed = fitted.overflowed
+            if not overflowed.any():
+                break
+            exceptional[np.flatnonzero(~exceptional)[overflowed]] = True
+        else:
+            exceptional[np.flatnonzero(~exceptional)[overflowed]] = True
+            fitted = _fit_and_assign(base_wide, tune_wide, ~exceptional, dt, scale_dt, bits,
+                                     group, keep_overflow=True)
+        exceptions = np.flatnonzero(exceptional)
+        code_stream, code_config = pack_stream(fitted.codes)
+        scale_stream, scale_config = pack_stream(to_planes(fitted.scale_bits))
+        index_stream, index_config = pack_stream(to_planes(gap_encode(exceptions).astype("<u4")))
+        bits_stream, bits_config = pack_stream(to_planes(kept[exceptions]))
+        error = fitted.error[np.isfinite(fitted.error)]
+        with np.errstate(over="ignore"):
+            error_sq = _finite_or_max(float(np.dot(error, error)))
+        config = {"bits": bits, "group": group, "scale_dtype": scale_dt.name,
+                  "exceptions": int(exceptions.size),
+                  "codes": code_config, "codes_nbytes": len(code_stream),
+                  "scales": scale_config, "scales_nbytes": len(scale_stream),
+                  "exc_index": index_config, "exc_index_nbytes": len(index_stream),
+                  "exc_bits": bits_config, "exc_bits_nbytes": len(bits_stream),
+                  "max_abs_error": float(np.abs(error).max()) if error.size else 0.0,
+                  "error_sq": error_sq}
+        return code_stream + scale_stream + index_stream + bits_stream, config
+
+    def decode(self, payload: bytes, config: dict, base: np.ndarray, dt: DType,
+               count: int) -> np.ndarray:
+        if not dt.is_float:
+            raise DeltaFormatError(f"quant values need a float dtype, got {dt.name}")
+        bits = config.get("bits")
+        if type(bits) is not int or bits not in BITS:
+            raise DeltaFormatError(f"quant config field 'bits' must be one of {BITS}, got {bits!r}")
+        group = config_int(config, "group", 0, max(count, 1))
+        scale_name = config.get("scale_dtype")
+        if scale_name not in SCALE_DTYPES:
+            raise DeltaFormatError(f"quant scale_dtype must be one of {', '.join(SCALE_DTYPES)}, "
+                                   f"got {scale_name!r}")
+        scale_dt = lookup_dtype(scale_name)
+        n_exc = config_int(config, "exceptions", 0, count)
+        sizes = [config_int(config, key, 0, len(payload)) for key in
+                 ("codes_nbytes", "scales_nbytes", "exc_index_nbytes", "exc_bits_nbytes")]
+        streams = split_streams(payload, sizes)
+        for key in ("codes", "scales", "exc_index", "exc_bits"):
+            if not isinstance(config.get(key), dict):
+                raise DeltaFormatError(f"quant config lacks its {key!r} stream config")
+        regular_count = count - n_exc
+        starts = _group_starts(regular_count, group)
+        per_group = 2 if bits > 1 else 1
+        codes = np.frombuffer(unpack_stream(streams[0], config["codes"],
+                                            (regular_count * bits + 7) // 8), np.uint8)
+        scale_bits = from_planes(unpack_stream(streams[1], config["scales"],
+                                               starts.size * per_group * scale_dt.itemsize),
+                                 scale_dt.bits, starts.size * per_group)
+        offsets = scale_bits[:starts.size]
+        steps = scale_bits[starts.size:] if bits > 1 else np.zeros(starts.size, scale_dt.bits)
+        a, b = _stored_scales(offsets, steps, scale_dt, dt)
+        negative, levels = _unpack(codes, regular_count, bits)
+        index_raw = unpack_stream(streams[2], config["exc_index"], n_exc * 4)
+        index = gap_decode(from_planes(index_raw, np.dtype("<u4"), n_exc), max(count, 1))
+        exc_bits = from_planes(unpack_stream(streams[3], config["exc_bits"], n_exc * dt.itemsize),
+                               dt.bits, n_exc)
+        regular = np.ones(count, bool)
+        regular[index] = False
+        magnitude = _magnitudes(levels, a, b, starts, dt.wide)
+        values = np.empty(count, dt.bits)
+        with np.errstate(all="ignore"):
+            values[regular] = from_wide(to_wide(base[regular], dt)
+                                        + np.where(negative, -magnitude, magnitude), dt)
+        values[index] = exc_bits
+        return values
+
+
+def _group_starts(count: int, group: int) -> np.ndarray:
+    """Index of the first value of each group (one group of everything for ``group=0``)."""
+    if count == 0:
+        return np.empty(0, np.int64)
+    return np.arange(0, count, group if group else count, dtype=np.int64)
+
+
+def _fit(magnitude: np.ndarray, starts: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per group, the offset ``a`` and step ``b`` (float64, both >= 0) minimizing the squared
+    error of the magnitudes: from the group's range, rounds of level assignment and least
+    squares, all groups at once."""
+    top = (1 << (bits - 1)) - 1
+    if starts.size == 0:
+        return np.zeros(0), np.zeros(0)
+    sizes = np.diff(np.append(starts, magnitude.size)).astype(np.float64)
+
+    def group_sum(values):
+        return np.add.reduceat(values, starts)
+
+    if top == 0:  # sign times the mean magnitude: the least-squares scale
+        return group_sum(magnitude) / sizes, np.zeros(starts.size)
+    low = np.minimum.reduceat(magnitude, starts)
+    offset, step = low, (np.maximum.reduceat(magnitude, starts) - low) / top
+    mean_m = group_sum(magnitude) / sizes
+    for _ in range(FIT_ROUNDS):
+        level = _assign(magnitude, offset, step, starts, bits).astype(np.float64)
+        mean_l = group_sum(level) / sizes
+        spread = group_sum(level * level) / sizes - mean_l * mean_l
+        covariance = group_sum(level * magnitude) / sizes - mean_l * mean_m
+        fitted = np.divide(covariance, spread, out=step.copy(), where=spread > 1e-12)
+        step = np.maximum(fitted, 0.0)
+        offset = np.maximum(mean_m - step * mean_l, 0.0)
+    return offset, step
+
+
+def _stored_scales(offsets: np.ndarray, steps: np.ndarray, scale_dt: DType, dt: DType
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """The scales as stored (their bits), widened to the model's wide type."""
+    def wide(bits: np.ndarray) -> np.ndarray:
+        return to_wide(bits, scale_dt).astype(dt.wide)
+    return wide(offsets), wide(steps)
+
+
+def _assign(magnitude: np.ndarray, a: np.ndarray, b: np.ndarray, starts: np.ndarray,
+            bits: int) -> np.ndarray:
+    """The nearest level of every magnitude, with the stored scales of its group."""
+    top = (1 << (bits - 1)) - 1
+    if top == 0 or magnitude.size == 0:
+        return np.zeros(magnitude.size, np.uint8)
+    sizes = np.diff(np.append(starts, magnitude.size))
+    offset, step = np.repeat(a, sizes), np.repeat(b, sizes)
+    with np.errstate(all="ignore"):
+        level = np.where(step > 0, np.rint((magnitude - offset) / step), 0)
+    return np.clip(np.nan_to_num(level), 0, top).astype(np.uint8)
+
+
+def _magnitudes(levels: np.ndarray, a: np.ndarray, b: np.ndarray, starts: np.ndarray,
+                wide: np.dtype) -> np.ndarray:
+    """``a + b * level`` per value, in the wide type (the decoder's arithmetic)."""
+    if levels.size == 0:
+        return np.empty(0, wide)
+    sizes = np.diff(np.append(starts, levels.size))
+    with np.errstate(all="ignore"):
+        return np.repeat(a, sizes) + np.repeat(b, sizes) * levels.astype(wide)
+
+
+def _pack(negative: np.ndarray, levels: np.ndarray, bits: int) -> np.ndarray:
+    """k bits per value (sign, then the level's k - 1 bits), little-endian bit strings."""
+    columns = [negative.astype(np.uint8)]
+    columns += [((levels >> i) & 1).astype(np.uint8) for i in range(bits - 1)]
+    stacked = np.stack(columns, axis=1).reshape(-1) if levels.size else np.empty(0, np.uint8)
+    return np.packbits(stacked, bitorder="little")
+
+
+def _unpack(codes: np.ndarray, count: int, bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """Inverse of :func:`_pack`; refuses set bits past the last value."""
+    flat = np.unpackbits(codes, bitorder="little")
+    if flat[count * bits:].any():
+        raise DeltaFormatError("quant codes have bits set past the last value")
+    table = flat[:count * bits].reshape(count, bits)
+    levels = np.zeros(count, np.uint8)
+    for i in range(1, bits):
+        levels |= table[:, i] << (i - 1)
+    return table[:, 0].astype(bool), levels
