@@ -35,8 +35,9 @@ def main():
 @click.argument("finetuned", nargs=-1, required=True, type=click.Path())
 @click.option("-o", "--out", "outs", multiple=True, type=click.Path(),
               help="Output delta path, once per fine-tune (default: FINETUNED name + .delta).")
-@click.option("--density", default=0.01, show_default=True, type=float,
-              help="Fraction of the included float parameters to keep, above 0 (1.0: lossless).")
+@click.option("--density", type=float,
+              help="Fraction of the included float parameters to keep, above 0 (1.0: lossless); "
+                   "default 0.01 unless a target is given.")
 @click.option("--scope", type=click.Choice(["fidelity", "global", "per-tensor"]),
               default="fidelity", show_default=True,
               help="fidelity: rank |tau| by each tensor's own change (no tensor loses its update "
@@ -49,6 +50,12 @@ def main():
               help="With --bits: kept values sharing one fitted scale (0: one per tensor).")
 @click.option("--lossless", is_flag=True,
               help="Every changed element, exactly (the same as --density 1.0).")
+@click.option("--max-error", type=float,
+              help="Target instead of --density/--bits: each localized tensor's relative L2 "
+                   "error ||tau - tau_hat|| / ||tau|| at most this (checked per record).")
+@click.option("--max-size",
+              help="Target instead of --density/--bits: the best fidelity whose file fits this "
+                   "size, e.g. 20MB.")
 @click.option("--include", multiple=True, help="Only localize tensors matching this pattern.")
 @click.option("--exclude", multiple=True, help="Leave tensors matching this pattern at the base.")
 @click.option("--dense", multiple=True, help="Store tensors matching this pattern exactly.")
@@ -57,8 +64,8 @@ def main():
 @json_option
 @quiet_option
 @fail_cleanly
-def compress(base, finetuned, outs, density, scope, bits, group, lossless, include, exclude, dense,
-             overwrite, threads, as_json, quiet):
+def compress(base, finetuned, outs, density, scope, bits, group, lossless, max_error, max_size,
+             include, exclude, dense, overwrite, threads, as_json, quiet):
     """Write one sparse delta per FINETUNED checkpoint of BASE.
 
     \b
@@ -70,6 +77,7 @@ def compress(base, finetuned, outs, density, scope, bits, group, lossless, inclu
     outs = list(outs) or [str(f).rstrip("/") + ".delta" for f in finetuned]
     summaries = run(base, list(finetuned), outs, density=density, scope=scope,
                     bits=None if bits is None else int(bits), group=group, lossless=lossless,
+                    max_error=max_error, max_size=max_size,
                     include=include, exclude=exclude, dense=dense, overwrite=overwrite,
                     threads=threads, progress=show_progress(quiet or as_json))
     if as_json:

@@ -36,11 +36,13 @@ from .format import DeltaWriter, Record, digest
 from .localize.selectors import (BracketedTopK, FidelityExactTopK, FidelityTopK, GivenMasks,
                                  GlobalTopK, KeepAll, PerTensorTopK, Selector)
 from .codecs.quant import BITS as QUANT_BITS
+from .dtypes import dtype as lookup_dtype
 from .localize.topk import count_to_keep
 from .progress import bar
 from .readahead import DEFAULT_WORKERS, in_order, workers_for
 from .selection import SpooledSelection, TensorPlan, TensorScanner, run_pre_passes
-from .sizes import numel
+from .sizes import numel, parse_memory
+from .targets import SIZE_ATTEMPTS, ErrorPlanner, SizePlanner
 from .walk import refuse_delta
 
 #: Elements per block and checkpoint read at a time.  Small blocks keep the per-block
@@ -50,6 +52,8 @@ CHUNK_ELEMENTS = 1 << 20
 #: Threads scanning and encoding tensors ahead of the writer (0: the caller's thread).
 WORKERS = min(2, DEFAULT_WORKERS)
 SCOPES = ("fidelity", "global", "per-tensor")
+#: The density when neither a density nor a target is given.
+DEFAULT_DENSITY = 0.01
 
 #: A tensor holding more than this share of a delta's kept values is reported: the others
 #: likely lost most of their change (a real LLM's 1% delta put 99.6% into its embedding).
@@ -77,11 +81,12 @@ class DeltaSummary:
 
 
 def compress(base: str | os.PathLike, finetuned: str | os.PathLike | Sequence[str | os.PathLike],
-             out: str | os.PathLike | Sequence[str | os.PathLike], *, density: float = 0.01,
+             out: str | os.PathLike | Sequence[str | os.PathLike], *, density: float | None = None,
              scope: str = "fidelity", include: str | Iterable[str] | None = None,
              exclude: str | Iterable[str] | None = None, dense: str | Iterable[str] | None = None,
              masks: Mapping | Sequence[Mapping] | None = None, bits: int | None = None,
-             group: int = 128, lossless: bool = False, overwrite: bool = False,
+             group: int = 128, lossless: bool = False, max_error: float | None = None,
+             max_size: int | str | None = None, overwrite: bool = False,
              progress: bool = False, chunk_elements: int = CHUNK_ELEMENTS,
              threads: int | None = None) -> list[DeltaSummary]:
     """Write one delta file per fine-tuned checkpoint.
@@ -94,7 +99,9 @@ def compress(base: str | os.PathLike, finetuned: str | os.PathLike | Sequence[st
     out:
         One output path per fine-tune.
     density:
-        Fraction of the included float elements to keep (exactly ``k = round(density * N)``).
+        Fraction of the included float elements to keep (exactly ``k = round(density * N)``);
+        default ``DEFAULT_DENSITY`` when no target (``lossless``, ``max_error``, ``max_size``)
+        is given.
     scope:
         ``"fidelity"`` (the default) ranks |tau| / ||tau_t|| over all included tensors: each
         element's share of its own tensor's change, which for the budget minimizes the sum
@@ -119,6 +126,12 @@ def compress(base: str | os.PathLike, finetuned: str | os.PathLike | Sequence[st
         Every changed element, exactly (the same as ``density=1.0``).  A density of 1.0
         keeps exactly the elements whose bits changed, so it restores the fine-tune bit for
         bit in as few bytes as the codecs allow.
+    max_error, max_size:
+        Targets instead of ``density`` and ``bits``, which the compressor then picks per
+        tensor: every localized tensor's relative error ||tau - tau_hat|| / ||tau|| at most
+        ``max_error`` (never exceeded: each record's real error is checked), or the best
+        fidelity (least sum of relative squared errors) whose file fits ``max_size`` bytes
+        (``"50MB"`` style accepted).  ``group`` sets the quantized scales' group.
     threads:
         Threads reading and encoding (default: 2 of the usable cores; 1: the caller's alone).
 
@@ -140,17 +153,8 @@ def compress(base: str | os.PathLike, finetuned: str | os.PathLike | Sequence[st
     if scope not in SCOPES:
         raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
     mask_sets = _as_mask_list(masks, len(finetuned_paths))
-    if lossless:
-        if bits is not None:
-            raise ValueError("lossless=True and bits are contradictory: quantized values are "
-                             "approximate; drop one of them")
-        density = 1.0
-    quantize = _quantize(bits, group)
-    if masks is None:
-        count_to_keep(density, 0)  # validates the range
-        if density == 0:
-            raise ValueError("density 0 keeps nothing of the fine-tune; keep a fraction above "
-                             "0 (the paper's 0.01 keeps 1%), or 1.0 for a lossless delta")
+    density, quantize, planner = _choices(density, bits, group, lossless, max_error, max_size,
+                                          mask_sets)
     workers = workers_for(threads, WORKERS)
     with Checkpoint(base) as base_ckpt:
         refuse_delta(base_ckpt)
@@ -162,7 +166,7 @@ def compress(base: str | os.PathLike, finetuned: str | os.PathLike | Sequence[st
             plan = TensorPlan.of(base_ckpt, include, exclude, dense)
             selectors = _make_selectors(plan, density, scope, mask_sets, len(tunes))
             job = CompressJob(base_ckpt, tunes, plan, chunk_elements, progress, workers,
-                              quantize)
+                              quantize, planner)
             results = job.run(selectors, out_paths, overwrite,
                               fallback=lambda: _make_selectors(plan, density, scope, None,
                                                                len(tunes), exact=True))
@@ -218,35 +222,66 @@ class CompressJob:
 
     def __init__(self, base: Checkpoint, tunes: list[Checkpoint], plan: TensorPlan,
                  chunk_elements: int, progress: bool, workers: int = WORKERS,
-                 quantize: dict | None = None):
-        self.scanner = TensorScanner(base, tunes, plan, chunk_elements, quantize)
+                 quantize: dict | None = None, planner=None):
+        self.scanner = TensorScanner(base, tunes, plan, chunk_elements, quantize, planner)
         self.base, self.tunes, self.plan, self.progress = base, tunes, plan, progress
-        self.workers = workers
+        self.workers, self.planner = workers, planner
 
     def run(self, selectors: list[Selector], out_paths: list[Path], overwrite: bool,
             fallback: Callable[[], list[Selector]]) -> list[_Written]:
-        writers = [DeltaWriter(p, overwrite=overwrite) for p in out_paths]
-        written = [_Written() for _ in self.tunes]
-        try:
+        sized = isinstance(self.planner, SizePlanner)
+        if sized:
+            self._profile(selectors)
+            self.planner.start(len(self.base.names))
+        for attempt in range(SIZE_ATTEMPTS if sized else 1):
+            writers = [DeltaWriter(p, overwrite=overwrite) for p in out_paths]
+            written = [_Written() for _ in self.tunes]
+            try:
+                selectors = self._write_records(selectors, writers, written, fallback)
+                metas = [self._meta(i, selectors[i], written[i]) for i in range(len(writers))]
+                if sized and self.planner.refit([w.projected_size(m) for w, m in zip(writers, metas)],
+                                                [w.payload_size() for w in writers],
+                                                last=attempt + 1 == SIZE_ATTEMPTS):
+                    for writer in writers:
+                        writer.abort()
+                    continue
+                for i, (writer, meta) in enumerate(zip(writers, metas)):
+                    written[i].nbytes = writer.close(meta)
+                return written
+            except BaseException as exc:
+                for writer in writers:
+                    writer.abort(exc)
+                raise
+        raise AssertionError("unreachable")
+
+    def _write_records(self, selectors, writers, written, fallback) -> list[Selector]:
+        """Every record of every delta, handed to its writer; returns the selectors used."""
+        run_pre_passes(self.scanner, selectors, self.workers, self.progress)
+        if not self._main_pass(selectors, writers, written):
+            selectors = fallback()  # the bracket missed: redo the selection exactly
             run_pre_passes(self.scanner, selectors, self.workers, self.progress)
-            if not self._main_pass(selectors, writers, written):
-                selectors = fallback()  # the bracket missed: redo the selection exactly
-                run_pre_passes(self.scanner, selectors, self.workers, self.progress)
-                self._main_pass(selectors, writers, written)
-            for i, tune in enumerate(self.tunes):
-                for name in tune.names:
-                    if name not in self.base:
-                        self._add(writers, written, i, *self.scanner.encode_added(tune, name))
-            for i, writer in enumerate(writers):
-                written[i].summary = fidelity_summary(written[i].records, self.plan)
-                if selectors[i].measures_energy:  # (keeping every change loses nothing)
-                    written[i].warnings = concentration_warnings(written[i].records, self.plan)
-                written[i].nbytes = writer.close(self._meta(i, selectors[i], written[i]))
-        except BaseException as exc:
-            for writer in writers:
-                writer.abort(exc)
-            raise
-        return written
+            self._main_pass(selectors, writers, written)
+        for i, tune in enumerate(self.tunes):
+            for name in tune.names:
+                if name not in self.base:
+                    self._add(writers, written, i, *self.scanner.encode_added(tune, name))
+        for i in range(len(writers)):
+            written[i].summary = fidelity_summary(written[i].records, self.plan)
+            if selectors[i].measures_energy or self.planner is not None:
+                written[i].warnings = concentration_warnings(written[i].records, self.plan)
+        return selectors
+
+    def _profile(self, selectors: list[Selector]) -> None:
+        """Hand the size planner every localized tensor's profile (a pass over the model)."""
+        profiled = in_order(self.plan.localized,
+                            lambda name: self.scanner.select(name, selectors)[1],
+                            workers=self.workers)
+        with closing(profiled):
+            for name, selections in profiled:
+                entry = self.base.entry(name)
+                for i, selection in enumerate(selections):
+                    self.planner.add_profile(i, name, lookup_dtype(entry.dtype), entry.numel,
+                                             selection)
 
     def _main_pass(self, selectors: list[Selector], writers, written) -> bool:
         """Select and encode every tensor; False if a selector's candidates could not be
@@ -342,6 +377,35 @@ def concentration_warnings(records: Sequence[Record], plan: TensorPlan) -> list[
     return [f"tensor {name!r} holds {100 * share:.1f}% of the kept values; the other tensors "
             "keep little of their change (scope='fidelity' spreads the budget by each "
             "tensor's own change)"]
+
+
+def _choices(density, bits, group, lossless, max_error, max_size, mask_sets):
+    """``(density, quantize options, planner)`` for compress's arguments, checked."""
+    given = [name for name, value in (("density", density), ("bits", bits),
+                                      ("masks", mask_sets)) if value is not None]
+    targets = [name for name, value in (("lossless", lossless or None), ("max_error", max_error),
+                                        ("max_size", max_size)) if value is not None]
+    # density 1.0 with lossless says the same thing twice; anything else a target decides
+    redundant = lossless and density == 1.0 and bits is None and mask_sets is None
+    if len(targets) > 1 or (targets and given and not redundant):
+        raise ValueError(f"{' and '.join(targets + given)} are contradictory: a target decides "
+                         "what is kept and in how many bits; give one of them")
+    quantize = _quantize(bits, group)
+    planner = None
+    if lossless:
+        density = 1.0
+    elif max_error is not None:
+        density, planner = 1.0, ErrorPlanner(float(max_error), group)
+    elif max_size is not None:
+        density, planner = 1.0, SizePlanner(parse_memory(max_size), group)
+    elif density is None:
+        density = DEFAULT_DENSITY
+    if mask_sets is None:
+        count_to_keep(density, 0)  # validates the range
+        if density == 0:
+            raise ValueError("density 0 keeps nothing of the fine-tune; keep a fraction above "
+                             "0 (the paper's 0.01 keeps 1%), or 1.0 for a lossless delta")
+    return density, quantize, planner
 
 
 def _quantize(bits: int | None, group: int) -> dict | None:

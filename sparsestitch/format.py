@@ -145,18 +145,29 @@ class DeltaWriter:
         except OSError as exc:
             raise output_error(exc, self.path) from exc
 
+    def _container_header(self, meta: dict) -> bytes:
+        version = 2 if any((r.values or {}).get("codec") in VERSION_2_CODECS
+                           for r in self._records) else 1
+        header = dict(meta, format=FORMAT_NAME, format_version=version,
+                      tensors=[r.to_json() for r in self._records])
+        header_text = json.dumps(header, separators=(",", ":"), sort_keys=True)
+        metadata = {HEADER_KEY: header_text, HEADER_HASH_KEY: digest(header_text.encode())}
+        stored = [(r.name, "U8", (r.nbytes,), r.nbytes) for r in self._records if r.kind != "base"]
+        return encode_header(stored, metadata)
+
+    def payload_size(self) -> int:
+        """Bytes of the records' payloads added so far."""
+        return sum(r.nbytes for r in self._records)
+
+    def projected_size(self, meta: dict) -> int:
+        """The size :meth:`close` with ``meta`` would write (nothing is written)."""
+        return len(self._container_header(meta)) + self.payload_size()
+
     def close(self, meta: dict) -> int:
         """Write header + payloads, fsync, rename into place; return the file size."""
         try:
-            version = 2 if any((r.values or {}).get("codec") in VERSION_2_CODECS
-                               for r in self._records) else 1
-            header = dict(meta, format=FORMAT_NAME, format_version=version,
-                          tensors=[r.to_json() for r in self._records])
-            header_text = json.dumps(header, separators=(",", ":"), sort_keys=True)
-            metadata = {HEADER_KEY: header_text, HEADER_HASH_KEY: digest(header_text.encode())}
-            stored = [(r.name, "U8", (r.nbytes,), r.nbytes) for r in self._records if r.kind != "base"]
             with open(self._final, "wb") as out:
-                out.write(encode_header(stored, metadata))
+                out.write(self._container_header(meta))
                 self._spool.seek(0)
                 while chunk := self._spool.read(16 << 20):
                     out.write(chunk)

@@ -137,10 +137,13 @@ class TensorScanner:
     """Reads tensors of the base and the fine-tunes block by block, selects and encodes."""
 
     def __init__(self, base: Checkpoint, tunes: list[Checkpoint], plan: TensorPlan,
-                 chunk_elements: int, quantize: dict | None = None):
+                 chunk_elements: int, quantize: dict | None = None, planner=None):
         self.base, self.tunes, self.plan = base, tunes, plan
         self.chunk_elements = chunk_elements
         self.quantize = quantize  # {"bits", "group"}: localized tensors' values in k bits
+        # Decides each localized tensor's record from a selection of every change
+        # (:mod:`sparsestitch.targets`); None: encode the selection as it is.
+        self.planner = planner
 
     def tune_blocks(self, name: str, rows=None, base_hash: BaseHash | None = None,
                     scales: Sequence[float] | None = None) -> Iterator[TuneBlock]:
@@ -188,10 +191,21 @@ class TensorScanner:
             selection.energy = total if measure else None
         return base_hash.hexdigest(), selections
 
-    def encode(self, name: str, base_xxh3: str, selection: Selection) -> Encoded:
+    def encode(self, name: str, base_xxh3: str, selection: Selection, tune: int = 0) -> Encoded:
         entry = self.base.entry(name)
         dt = lookup_dtype(entry.dtype)
-        quantize = self.quantize if name in self.plan.localized and dt.is_float else None
+        localized = name in self.plan.localized and dt.is_float
+        if self.planner is not None and localized:
+            return self.planner.encode(
+                name, dt, entry.numel, selection,
+                lambda kept, quantize: self.encode_as(name, base_xxh3, kept, quantize), tune)
+        return self.encode_as(name, base_xxh3, selection, self.quantize if localized else None)
+
+    def encode_as(self, name: str, base_xxh3: str, selection: Selection,
+                  quantize: dict | None) -> Encoded:
+        """The record of ``selection``, values quantized with ``quantize`` (None: exact)."""
+        entry = self.base.entry(name)
+        dt = lookup_dtype(entry.dtype)
         if selection.finetuned.size == 0:
             report = None if selection.energy is None else fidelity_report(selection.energy, 0.0)
             return Record(name, entry.dtype, entry.shape, "base", base_xxh3,
@@ -210,7 +224,7 @@ class TensorScanner:
 
     def select_and_encode(self, name: str, selectors: Sequence[Selector]) -> list[Encoded]:
         base_xxh3, selections = self.select(name, selectors)
-        return [self.encode(name, base_xxh3, s) for s in selections]
+        return [self.encode(name, base_xxh3, s, tune) for tune, s in enumerate(selections)]
 
     def encode_added(self, tune: Checkpoint, name: str) -> Encoded:
         """A tensor the fine-tune has and the base lacks: stored whole."""
@@ -355,7 +369,7 @@ class SpooledSelection:
                 pick = self.chosen[i][start:start + self.candidate_counts[name][i]]
                 selection = _with_candidates(*spool.get(name), pick)
                 selection.energy = self.energies[name][i]
-                records.append(self.scanner.encode(name, self.hashes[name], selection))
+                records.append(self.scanner.encode(name, self.hashes[name], selection, i))
             return records
 
         with closing(in_order(self.names, encode, workers=self.workers)) as encoded:

@@ -1,0 +1,198 @@
+"""Targets instead of knobs: --max-error is never exceeded, --max-size is never overrun, and
+the allocation behind them is the rate-distortion one."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from hypothesis import given, settings, strategies as st
+from safetensors.torch import load_file
+
+import sparsestitch
+from sparsestitch.cli import main
+from sparsestitch.localize.budget import Option, Profile, allocate, cheapest_within
+
+from .conftest import save_checkpoint
+from .test_fidelity import skewed_pair
+
+
+def _pair(tmp_path, base, tune):
+    return (save_checkpoint(tmp_path / "base.safetensors", base),
+            save_checkpoint(tmp_path / "tune.safetensors", tune))
+
+
+def _measured_errors(base, tune, restored_path):
+    """Each float tensor's relative error ||tau - tau_hat|| / ||tau||, measured on the
+    restored file against the fine-tune (independently of what the delta reports)."""
+    restored = load_file(restored_path)
+    errors = {}
+    for name, tensor in base.items():
+        if not tensor.is_floating_point():
+            continue
+        tau = tune[name].double() - tensor.double()
+        tau_hat = restored[name].double() - tensor.double()
+        norm = float(tau.norm())
+        errors[name] = float((tau - tau_hat).norm()) / norm if norm else 0.0
+    return errors
+
+
+@pytest.fixture(scope="module")
+def skewed(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("skewed")
+    base, tune = skewed_pair(seed=4)
+    return base, tune, *_pair(tmp_path, base, tune)
+
+
+@pytest.mark.parametrize("max_error", [0.02, 0.1, 0.3, 0.6])
+def test_max_error_is_never_exceeded(tmp_path, skewed, max_error):
+    base, tune, base_path, tune_path = skewed
+    delta = tmp_path / "e.delta"
+    (summary,) = sparsestitch.compress(base_path, tune_path, delta, max_error=max_error)
+    restored = sparsestitch.restore(base_path, delta, tmp_path / "r.safetensors")
+    measured = _measured_errors(base, tune, restored)
+    reported = {t.name: t.fidelity["relative_error"] for t in sparsestitch.info(delta).tensors}
+    for name, error in measured.items():
+        assert error <= max_error * (1 + 1e-6) + 1e-9, (name, error)
+        # the report is what the restore gives (float32 rounding of the fine-tune aside)
+        assert abs(reported[name] - error) <= 1e-3 + 1e-3 * error, (name, reported[name], error)
+    # it spends what the target allows: an error close to it, not far under it
+    assert max(measured.values()) > max_error / 4
+    assert summary.fidelity["lossless"] is False
+
+
+def test_a_tighter_error_target_costs_more(tmp_path, skewed):
+    _, _, base_path, tune_path = skewed
+    sizes = []
+    for target in (0.5, 0.2, 0.05, 0.0):
+        (summary,) = sparsestitch.compress(base_path, tune_path, tmp_path / f"{target}.delta",
+                                           max_error=target)
+        sizes.append(summary.nbytes)
+    assert sizes == sorted(sizes) and sizes[0] < sizes[-1] / 3
+    lossless = sparsestitch.compress(base_path, tune_path, tmp_path / "l.delta", lossless=True)
+    assert sizes[-1] <= lossless[0].nbytes * 1.01  # max_error 0: exact values of every change
+
+
+@pytest.mark.parametrize("fraction", [0.08, 0.2, 0.5])
+def test_max_size_is_never_overrun_and_no_tensor_is_starved(tmp_path, skewed, fraction):
+    base, tune, base_path, tune_path = skewed
+    (lossless,) = sparsestitch.compress(base_path, tune_path, tmp_path / "l.delta", lossless=True)
+    budget = int(fraction * lossless.nbytes)
+    delta = tmp_path / "s.delta"
+    (summary,) = sparsestitch.compress(base_path, tune_path, delta, max_size=budget)
+    assert delta.stat().st_size == summary.nbytes <= budget
+    assert summary.nbytes > budget * 0.8  # the budget is used, not left idle
+    measured = _measured_errors(base, tune, sparsestitch.restore(base_path, delta,
+                                                                tmp_path / "r.safetensors"))
+    # the embedding's change is 100x larger, yet it takes no other tensor's share: every
+    # layer keeps part of its change (at the tightest budget the embedding, 4 times a layer's
+    # size, may be the one dropped: relative errors are weighed alike)
+    layers = {n: e for n, e in measured.items() if "layers" in n}
+    assert all(error < 0.9 for error in layers.values()), measured
+    if fraction >= 0.2:
+        assert all(error < 0.7 for error in measured.values()), measured
+
+
+def test_a_larger_size_buys_fidelity(tmp_path, skewed):
+    base, tune, base_path, tune_path = skewed
+    errors = []
+    for budget in ("15KB", "30KB", "60KB"):
+        delta = tmp_path / f"{budget}.delta"
+        sparsestitch.compress(base_path, tune_path, delta, max_size=budget)
+        measured = _measured_errors(base, tune, sparsestitch.restore(
+            base_path, delta, tmp_path / f"{budget}.safetensors"))
+        errors.append(sum(e * e for e in measured.values()))
+    assert errors[0] > errors[1] > errors[2]
+
+
+def test_targets_refuse_contradictions_and_impossible_sizes(tmp_path, skewed):
+    _, _, base_path, tune_path = skewed
+    out = tmp_path / "x.delta"
+    for options in ({"max_error": 0.1, "bits": 2}, {"max_error": 0.1, "density": 0.1},
+                    {"max_size": "1MB", "lossless": True}, {"max_size": "1MB", "max_error": 0.1}):
+        with pytest.raises(ValueError, match="contradictory"):
+            sparsestitch.compress(base_path, tune_path, out, **options)
+    with pytest.raises(ValueError, match="max_error"):
+        sparsestitch.compress(base_path, tune_path, out, max_error=-0.1)
+    with pytest.raises(ValueError, match="cannot hold the header"):
+        sparsestitch.compress(base_path, tune_path, out, max_size=3000)
+    assert not out.exists()
+    # lossless with density 1.0 says the same thing twice: accepted
+    sparsestitch.compress(base_path, tune_path, out, lossless=True, density=1.0)
+
+
+def test_targets_do_not_depend_on_threads_or_blocks(tmp_path, skewed):
+    _, _, base_path, tune_path = skewed
+    for options in ({"max_error": 0.25}, {"max_size": "90KB"}):
+        outputs = []
+        for threads, chunk in ((1, 1 << 20), (3, 999)):
+            out = tmp_path / f"t{threads}.delta"
+            sparsestitch.compress(base_path, tune_path, out, threads=threads,
+                                  chunk_elements=chunk, overwrite=True, **options)
+            outputs.append(out.read_bytes())
+        assert outputs[0] == outputs[1], options
+
+
+def test_targets_from_the_command_line(tmp_path, skewed):
+    _, _, base_path, tune_path = skewed
+    out = tmp_path / "c.delta"
+    result = CliRunner().invoke(main, ["compress", str(base_path), str(tune_path), "-o", str(out),
+                                       "--max-size", "60KB", "--json"])
+    assert result.exit_code == 0, result.output
+    assert 0 < out.stat().st_size <= 60_000
+    result = CliRunner().invoke(main, ["compress", str(base_path), str(tune_path), "-o",
+                                       str(out), "--max-error", "0.2", "--bits", "2",
+                                       "--overwrite"])
+    assert result.exit_code != 0 and "contradictory" in result.output
+
+
+# -- the allocation itself ---------------------------------------------------------------------
+
+
+def _profiles(draw_sizes):
+    profiles = []
+    for i, (energy, points) in enumerate(draw_sizes):
+        options = [Option(0.1 * (j + 1), None, j + 1, nbytes, error)
+                   for j, (nbytes, error) in enumerate(points)]
+        profiles.append(Profile(f"t{i}", energy, np.arange(len(points)), options))
+    return profiles
+
+
+option_sets = st.lists(
+    st.tuples(st.floats(0.1, 10.0),
+              st.lists(st.tuples(st.floats(1.0, 1000.0), st.floats(0.0, 1.0)),
+                       min_size=1, max_size=4)),
+    min_size=1, max_size=4)
+
+
+@settings(max_examples=150, deadline=None)
+@given(option_sets, st.floats(0.0, 3000.0))
+def test_allocation_is_optimal_for_what_it_spends(sets, budget):
+    """The Lagrangian choice fits the budget, and no other choice (brute force) spending no
+    more bytes has a smaller total error."""
+    profiles = _profiles(sets)
+    chosen = allocate(profiles, budget)
+    spent = sum(o.nbytes for o in chosen.values())
+    error = sum(o.error for o in chosen.values())
+    assert spent <= budget + 1e-9
+    for combo in itertools.product(*[[p.nothing(), *p.options] for p in profiles]):
+        if sum(o.nbytes for o in combo) <= spent + 1e-9:
+            assert sum(o.error for o in combo) >= error - 1e-9
+
+
+@settings(max_examples=100, deadline=None)
+@given(option_sets, st.floats(0.0, 1.0))
+def test_error_target_tries_fitting_options_cheapest_first_then_exact(sets, max_error):
+    (profile,) = _profiles(sets[:1])
+    tried = cheapest_within(profile, max_error)
+    if max_error >= 1.0:
+        return
+    fitting = [o for o in tried if o.error <= max_error ** 2 * 0.95]
+    assert [o.nbytes for o in fitting] == sorted(o.nbytes for o in fitting)
+    # exact values of every change, which always meet the target, are among them
+    everything = max(profile.options, key=lambda o: (o.kept, o.bits is None))
+    assert everything in tried
+    assert set(tried) - {everything} == set(fitting) - {everything}
