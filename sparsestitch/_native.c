@@ -779,6 +779,90 @@ done:
     return result;
 }
 
+PyDoc_STRVAR(ulp_decode_doc,
+"ulp_decode(kind, planes, base, out)\n"
+"\n"
+"The ``ulp`` value codec's decoder into ``out``: the zigzagged order-key distances are\n"
+"read from ``planes`` (byte planes, stored sorted by the base's exponent field, stably),\n"
+"put back in kept order with a counting sort and added to the base's order keys, as\n"
+"codecs/ulp.py does with numpy.  ``kind`` as for merge_block.");
+
+/* Counting sort by the exponent field: starts[e] = values with a smaller exponent, then each
+ * value's place in the stored order is its exponent's next slot (stable by construction). */
+#define DEFINE_ULP_DECODE(NAME, BITS, MANT, EBITS)                                           \
+    static void NAME(const uint8_t *restrict planes, const BITS *restrict base,             \
+                     BITS *restrict out, Py_ssize_t n, Py_ssize_t *restrict slots)          \
+    {                                                                                       \
+        const BITS top = (BITS)1 << (8 * sizeof(BITS) - 1);                                 \
+        const BITS emask = (BITS)((1u << (EBITS)) - 1u);                                    \
+        for (Py_ssize_t i = 0; i < n; i++)                                                  \
+            slots[(base[i] >> (MANT)) & emask]++;                                           \
+        Py_ssize_t at = 0;                                                                  \
+        for (Py_ssize_t e = 0; e < ((Py_ssize_t)1 << (EBITS)); e++) {                       \
+            Py_ssize_t count = slots[e];                                                    \
+            slots[e] = at;                                                                  \
+            at += count;                                                                    \
+        }                                                                                   \
+        for (Py_ssize_t i = 0; i < n; i++) {                                                \
+            BITS b = base[i], z;                                                            \
+            Py_ssize_t j = slots[(b >> (MANT)) & emask]++;                                  \
+            FROM_PLANES(BITS, planes, n, j, z);                                             \
+            BITS distance = (BITS)((z >> 1) ^ ((BITS)0 - (z & 1u)));                        \
+            BITS key = (BITS)(b ^ (((BITS)0 - (BITS)(b >> (8 * sizeof(BITS) - 1))) | top)); \
+            key = (BITS)(key + distance);                                                   \
+            out[i] = (BITS)(key ^ (((BITS)0 - (BITS)((key >> (8 * sizeof(BITS) - 1)) ^ 1u)) \
+                                   | top));                                                 \
+        }                                                                                   \
+    }
+
+DEFINE_ULP_DECODE(ulp_bf16, uint16_t, 7, 8)
+DEFINE_ULP_DECODE(ulp_f16, uint16_t, 10, 5)
+DEFINE_ULP_DECODE(ulp_f32, uint32_t, 23, 8)
+DEFINE_ULP_DECODE(ulp_f64, uint64_t, 52, 11)
+
+static PyObject *ulp_decode(PyObject *self, PyObject *args)
+{
+    int kind;
+    PyObject *planes_object, *base_object, *out_object;
+    if (!PyArg_ParseTuple(args, "iOOO", &kind, &planes_object, &base_object, &out_object))
+        return NULL;
+    if (kind < KIND_BF16 || kind > KIND_F64)
+        return PyErr_Format(PyExc_ValueError, "unknown dtype kind %d", kind);
+    Py_ssize_t itemsize = KIND_ITEMSIZE[kind];
+    Py_buffer planes = {0}, base = {0}, out = {0};
+    PyObject *result = NULL;
+    Py_ssize_t *slots = NULL;
+    if (PyObject_GetBuffer(planes_object, &planes, PyBUF_CONTIG_RO) < 0 ||
+        get_buffer(base_object, &base, 0, itemsize, "base bits") < 0 ||
+        get_buffer(out_object, &out, 1, itemsize, "out") < 0)
+        goto done;
+    Py_ssize_t n = out.len / itemsize;
+    if (base.len / itemsize != n || planes.len != n * itemsize) {
+        PyErr_SetString(PyExc_ValueError, "planes, base bits and out differ in length");
+        goto done;
+    }
+    slots = PyMem_Calloc((size_t)1 << 11, sizeof(Py_ssize_t));
+    if (slots == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    switch (kind) {
+    case KIND_BF16: ulp_bf16(planes.buf, base.buf, out.buf, n, slots); break;
+    case KIND_F16: ulp_f16(planes.buf, base.buf, out.buf, n, slots); break;
+    case KIND_F32: ulp_f32(planes.buf, base.buf, out.buf, n, slots); break;
+    default: ulp_f64(planes.buf, base.buf, out.buf, n, slots);
+    }
+    Py_END_ALLOW_THREADS
+    result = Py_NewRef(Py_None);
+done:
+    PyMem_Free(slots);
+    release(&planes);
+    release(&base);
+    release(&out);
+    return result;
+}
+
 PyDoc_STRVAR(rice_encode_doc,
 "rice_encode(values, k, unary, remainders)\n"
 "\n"
@@ -1017,6 +1101,7 @@ static PyMethodDef methods[] = {
     {"rice_decode", rice_decode, METH_VARARGS, rice_decode_doc},
     {"rice_encode", rice_encode, METH_VARARGS, rice_encode_doc},
     {"tau_decode", tau_decode, METH_VARARGS, tau_decode_doc},
+    {"ulp_decode", ulp_decode, METH_VARARGS, ulp_decode_doc},
     {"select_bracket", select_bracket, METH_VARARGS, select_bracket_doc},
     {NULL, NULL, 0, NULL},
 };

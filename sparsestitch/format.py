@@ -31,10 +31,12 @@ from .sizes import numel
 FORMAT_NAME = "sparsestitch.delta"
 #: The newest format version this writer writes; a file uses the lowest version that holds
 #: it, so deltas without version-2 codecs stay readable by version-1 readers.
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)
-#: Value codecs that need format version 2.
-VERSION_2_CODECS = ("quant",)
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
+#: Value codecs that need a format version above 1, and the version that added each.
+CODEC_VERSIONS = {"quant": 2, "ulp": 3}
+#: Value codecs whose streams hold bits, not bytes, per value (the count check below).
+BIT_CODECS = ("quant",)
 HEADER_KEY = "sparsestitch.header"
 HEADER_HASH_KEY = "sparsestitch.header_xxh3"
 KINDS = ("sparse", "base", "added")
@@ -146,8 +148,8 @@ class DeltaWriter:
             raise output_error(exc, self.path) from exc
 
     def _container_header(self, meta: dict) -> bytes:
-        version = 2 if any((r.values or {}).get("codec") in VERSION_2_CODECS
-                           for r in self._records) else 1
+        version = max([CODEC_VERSIONS.get((r.values or {}).get("codec"), 1)
+                       for r in self._records], default=1)
         header = dict(meta, format=FORMAT_NAME, format_version=version,
                       tensors=[r.to_json() for r in self._records])
         header_text = json.dumps(header, separators=(",", ":"), sort_keys=True)
@@ -343,9 +345,10 @@ def _parse_records(tensors, container, path: Path, version: int
     records, stored, offsets = [], 0, {}
     for item in tensors:
         record = _record_from_json(item, path)
-        if version < 2 and (record.values or {}).get("codec") in VERSION_2_CODECS:
+        needed = CODEC_VERSIONS.get((record.values or {}).get("codec"), 1)
+        if version < needed:
             raise DeltaFormatError(f"value codec {record.values['codec']!r} needs format "
-                                   f"version 2, the file says {version}", path=path,
+                                   f"version {needed}, the file says {version}", path=path,
                                    tensor=record.name)
         entry = container.entries.get(record.name)
         if record.kind == "base":
@@ -432,7 +435,7 @@ def _record_from_json(item, path) -> Record:
         raise bad("an added tensor must store every element")
     # Every value codec stores at least one byte per value in raw or zstd streams (quant: one
     # bit): refuse counts the payload cannot hold before any decoder allocates for them.
-    per_byte = 8 if values.get("codec") in VERSION_2_CODECS else 1
+    per_byte = 8 if values.get("codec") in BIT_CODECS else 1
     if count > codecs.base.ZSTD_MAX_EXPANSION * per_byte * val_nbytes:
         raise ResourceLimitError(f"count {count} is more values than {val_nbytes} payload bytes "
                                  "can hold", path=path, tensor=name)

@@ -23,12 +23,13 @@ block arithmetic and the handling of dense records live in one place:
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import xxhash
 
+from . import codecs
 from .checkpoint import Checkpoint, OutputTensor, Shard
 from .dtypes import dtype as lookup_dtype
 from .errors import BaseMismatchError, CheckpointError, TensorMismatchError
@@ -197,26 +198,44 @@ def decode_tensor(base: Checkpoint, readers: Sequence[DeltaReader], name: str, b
 
 
 def decode_block(reader: DeltaReader, record: Record, block: np.ndarray, lo: int,
-                 payload: bytes | None = None) -> Stored:
+                 payload: bytes | None = None,
+                 base_blocks: Callable[[], Iterable[tuple[int, np.ndarray]]] | None = None
+                 ) -> Stored:
     """The record's entries inside one base block (flat bits of elements ``lo, lo + 1, ...``).
 
-    The record is decoded whole (the codecs have no random access) with the base bits of
-    this block only, zeros elsewhere; every value codec is elementwise, so the part inside
-    the block is exact.  Holds one decoded record while it runs.
+    The record is decoded whole (the codecs have no random access).  An elementwise value
+    codec gets the base bits of this block only, zeros elsewhere: the part inside the block
+    is exact.  Any other (``ulp``) gets the base bits at every kept position, gathered from
+    ``base_blocks()`` -- ``(first element, flat bits)`` blocks covering the tensor, read again
+    for each block.  Holds one decoded record while it runs.
     """
     payload = reader.payload(record) if payload is None else payload
     hi = lo + block.size
     positions = stored_positions(reader, record, payload)
+    whole = not codecs.value_codec(record.values.get("codec")).elementwise
+    if whole and base_blocks is None:
+        raise ValueError(f"{record.values.get('codec')} values need base_blocks to decode a block")
     if positions is None:
         base_kept = np.zeros(record.numel, block.dtype)
-        base_kept[lo:hi] = block
+        for first, bits in (base_blocks() if whole else [(lo, block)]):
+            base_kept[first:first + bits.size] = bits
         values = reader.values(record, base_kept, payload)
         return Stored(None, values[lo:hi].copy(), block.copy(), lo)
-    a, b = (int(x) for x in np.searchsorted(positions, [lo, hi]))
     base_kept = np.zeros(positions.size, block.dtype)
-    base_kept[a:b] = block.take(positions[a:b] - lo)
+    for first, bits in (base_blocks() if whole else [(lo, block)]):
+        a, b = (int(x) for x in np.searchsorted(positions, [first, first + bits.size]))
+        base_kept[a:b] = bits.take(positions[a:b] - first)
+    a, b = (int(x) for x in np.searchsorted(positions, [lo, hi]))
     values = reader.values(record, base_kept, payload)
     return Stored(positions[a:b].copy(), values[a:b].copy(), base_kept[a:b].copy())
+
+
+def flat_blocks(ckpt: Checkpoint, name: str, blocks: RowBlocks
+                ) -> Callable[[], Iterator[tuple[int, np.ndarray]]]:
+    """What :func:`decode_block` reads the whole base tensor with, block by block: a
+    function giving ``(first element, flat bits)`` of each of ``blocks`` (not hashed)."""
+    return lambda: ((blocks.elements(start, stop)[0], bits)
+                    for start, stop, bits in read_blocks(ckpt, name, blocks))
 
 
 def refuse_delta(ckpt: Checkpoint, role: str = "base") -> None:

@@ -128,7 +128,8 @@ def test_info_lists_stored_tensors(deltas):
     result = ok("info", deltas[0])
     described = sparsestitch.info(deltas[0])
     first = result.stdout.splitlines()[0]
-    assert first.startswith(f"{deltas[0]}: {described.file_size:,} bytes, format v1")
+    version = described.header["format_version"]  # 3 where a record's values are ulp
+    assert first.startswith(f"{deltas[0]}: {described.file_size:,} bytes, format v{version}")
     assert "method topk-fidelity, density 0.05" in result.stdout
     assert "base base.safetensors, fine-tune ft1.safetensors" in result.stdout
     stored = [t.name for t in described.tensors if t.kind != "base"]

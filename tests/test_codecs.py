@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -28,7 +29,7 @@ EXACT_VALUE_CODECS = [codec for codec in VALUE_CODECS if codec.exact]
 def test_registry_ids_are_the_file_format():
     # Files name codecs by id: renaming or reordering (ties go to earlier entries) changes files.
     assert tuple(POSITIONS_BY_ID) == ("all", "rice", "csr", "bitmap", "gaps")
-    assert tuple(VALUES_BY_ID) == ("tau", "xor", "raw", "quant")
+    assert tuple(VALUES_BY_ID) == ("tau", "xor", "raw", "quant", "ulp")
     for codec in POSITION_CODECS + VALUE_CODECS:
         with pytest.raises(dataclasses.FrozenInstanceError):
             codec.codec_id = "other"
@@ -204,11 +205,63 @@ def test_planes_and_gaps_roundtrip(dt, data):
 def test_value_codecs_apply_to_the_right_dtypes():
     for dt in ALL_DTYPES:
         assert VALUES_BY_ID["tau"].applies(dt) == dt.is_float
+        assert VALUES_BY_ID["ulp"].applies(dt) == dt.is_float
         assert VALUES_BY_ID["xor"].applies(dt) and VALUES_BY_ID["raw"].applies(dt)
     assert VALUES_BY_ID["tau"].needs_base and VALUES_BY_ID["xor"].needs_base
-    assert not VALUES_BY_ID["raw"].needs_base
-    with pytest.raises(DeltaFormatError):
-        VALUES_BY_ID["tau"].decode(b"", {}, np.zeros(0, np.uint32), dtype("I32"), 0)
+    assert VALUES_BY_ID["ulp"].needs_base and not VALUES_BY_ID["raw"].needs_base
+    # Only ulp's stored order depends on other positions' base bits (walk.decode_block).
+    assert [c.codec_id for c in VALUE_CODECS if not c.elementwise] == ["ulp"]
+    for codec_id in ("tau", "ulp"):
+        with pytest.raises(DeltaFormatError):
+            VALUES_BY_ID[codec_id].decode(b"", {}, np.zeros(0, np.uint32), dtype("I32"), 0)
+
+
+@pytest.mark.parametrize("dt", FLOAT_DTYPES, ids=lambda dt: dt.name)
+@settings(max_examples=60, deadline=None)
+@given(data=st.data())
+def test_ulp_roundtrips_every_bit_pattern_with_and_without_the_c_loops(dt, data):
+    """NaN payloads, infinities, -0.0, subnormals, sign flips: every pair comes back exactly,
+    and the C decoder gives what numpy gives."""
+    kept, base = data.draw(value_pairs(dt, max_size=80))
+    specials = np.array(special_bits(dt), dtype=np.uint64).astype(dt.bits)
+    kept = np.concatenate([kept, specials, np.roll(specials, 1), specials])
+    base = np.concatenate([base, specials[::-1], specials, np.roll(specials, 3)])
+    payload = check_value_roundtrip(VALUES_BY_ID["ulp"], kept, base, dt)
+    _, config = VALUES_BY_ID["ulp"].encode(kept, base, dt)
+    with mock.patch.dict("os.environ", {"SPARSESTITCH_NATIVE": "0"}):
+        np.testing.assert_array_equal(
+            VALUES_BY_ID["ulp"].decode(payload, config, base, dt, kept.size), kept)
+
+
+@pytest.mark.parametrize("dt", FLOAT_DTYPES, ids=lambda dt: dt.name)
+def test_ulp_stores_distances_in_units_in_the_last_place_sorted_by_base_exponent(dt):
+    from sparsestitch.codecs import ulp
+
+    wide = np.array([1.0, -2.0, 0.5, 3.0, -0.0, 0.0, 1.5], dt.wide)
+    base = from_wide(wide, dt)
+    # One ulp up, one ulp towards zero for -2.0 (key + 1), -0.0 -> +0.0 is one step, +0 -> -0 is
+    # one step back; 1.5 stays.
+    kept = base.copy()
+    kept[0] += 1
+    kept[1] -= 1
+    kept[2] += 2
+    kept[3] -= 3
+    kept[4] = base[5]
+    kept[5] = base[4]
+    distances = ulp.order_key(kept) - ulp.order_key(base)
+    signed = distances.view(f"<i{dt.itemsize}")
+    assert signed.tolist() == [1, 1, 2, -3, 1, -1, 0]
+    assert ulp.zigzag(distances).tolist() == [2, 2, 4, 5, 2, 1, 0]
+    np.testing.assert_array_equal(ulp.unzigzag(ulp.zigzag(distances)), distances)
+    np.testing.assert_array_equal(ulp.from_order_key(ulp.order_key(kept)), kept)
+    # Stored order: by the base's exponent field, kept order within one exponent.
+    order = ulp.exponent_order(base, dt)
+    exponents = wide[order]
+    assert [float(x) for x in exponents] == [-0.0, 0.0, 0.5, 1.0, 1.5, -2.0, 3.0]
+    payload, config = VALUES_BY_ID["ulp"].encode(kept, base, dt)
+    raw = payload if not config["zstd"] else __import__("zstandard").ZstdDecompressor().decompress(payload)
+    stored = from_planes(raw, dt.bits, kept.size)
+    np.testing.assert_array_equal(stored, ulp.zigzag(distances)[order])
 
 
 @pytest.mark.parametrize("dt", ALL_DTYPES, ids=lambda dt: dt.name)

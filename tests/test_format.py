@@ -194,7 +194,9 @@ def test_compress_writes_every_header_field(zoo, tmp_path):
     sparsestitch.compress(zoo["base"], zoo["ft1"], path, density=0.1)
     with safe_open(str(path), "np") as f:
         header = json.loads(f.metadata()[HEADER_KEY])
-    assert header["format"] == FORMAT_NAME and header["format_version"] == 1  # no v2 codec
+    codecs_used = {t["values"]["codec"] for t in header["tensors"] if t["kind"] != "base"}
+    assert header["format"] == FORMAT_NAME  # the lowest version that holds the codecs used
+    assert header["format_version"] == (3 if "ulp" in codecs_used else 1)
     assert header["library_version"] == sparsestitch.__version__
     assert header["method"] == "topk-fidelity" and header["density"] == 0.1
     assert set(header["fidelity"]) >= {"lossless", "relative_error", "energy_kept",

@@ -161,6 +161,8 @@ CASES = {
     # were made, so any change to quant decoding fails here.
     "quant1": ("a", {"density": 1.0, "bits": 1, "group": 0}),
     "quant4": ("b", {"density": 0.6, "bits": 4, "group": 8}),
+    # Every changed element (format version 3 where the ulp codec wins).
+    "lossless": ("a", {"lossless": True}),
     "mask": ("a", {"masks": {"attn.weight": block_mask((20, 18), [7, 10, 13, 16], 14),
                              "bias.long": run_mask(256, 226, 256),
                              "mlp.weight": run_mask(24, 0, 24) ^ (np.arange(24) % 3 == 1)}}),
@@ -227,11 +229,13 @@ def test_todays_writer_reproduces_the_golden_bytes(case, tmp_path):
 
 
 #: Files an earlier writer made, which today's reader must still decode: ``dense`` from
-#: before the tau codec listed every NaN sum as an exception (format.md section 4.3), and
-#: every case from before records carried fidelity reports (and ties went by position).
+#: before the tau codec listed every NaN sum as an exception (format.md section 4.3), every
+#: case from before records carried fidelity reports (and ties went by position), and the
+#: version-1 files of the cases where the ulp codec (version 3) now wins.
 EARLIER = {"before-nan-exceptions/dense": "dense",
            **{f"before-fidelity-reports/{case}": case
-              for case in ("topk", "per_tensor", "dense", "mask")}}
+              for case in ("topk", "per_tensor", "dense", "mask")},
+           **{f"before-ulp/{case}": case for case in ("topk", "per_tensor", "mask")}}
 
 
 @pytest.mark.parametrize("native_loops", ["1", "0"])
@@ -248,7 +252,9 @@ def _check_golden_decodes(case: str, inputs_case: str) -> None:
     stored = set()
     with DeltaReader(GOLDEN / f"{case}.delta") as reader:
         assert reader.header["library_version"] == GOLDEN_VERSION
-        assert reader.header["format_version"] == (2 if "bits" in CASES[inputs_case][1] else 1)
+        codecs_used = {r.values["codec"] for r in reader.records if r.kind != "base"}
+        assert reader.header["format_version"] == (3 if "ulp" in codecs_used else
+                                                   2 if "quant" in codecs_used else 1)
         assert sorted(r.name for r in reader.records) == sorted(
             name.split("/", 1)[1] for name in inputs if name.startswith(f"{finetune}/"))
         for record in reader.records:

@@ -21,11 +21,13 @@ from .quant import QuantValues
 from .raw import RawValues
 from .rice_gaps import RiceGaps
 from .tau import TauValues
+from .ulp import UlpValues
 from .xor import XorValues
 
 POSITION_CODECS = (AllPositions(), RiceGaps(), CSR(), Bitmap(), Gaps())
-#: Exact value codecs first (the packer tries these), then the lossy ones (chosen by name).
-VALUE_CODECS = (TauValues(), XorValues(), RawValues(), QuantValues())
+#: The packer tries the exact ones (all but ``quant``, which is chosen by name) in this order;
+#: ties go to the earlier entry, so a newer codec wins only where it is strictly smaller.
+VALUE_CODECS = (TauValues(), XorValues(), RawValues(), QuantValues(), UlpValues())
 
 _POSITIONS_BY_ID = {codec.codec_id: codec for codec in POSITION_CODECS}
 _QUANT = QuantValues()

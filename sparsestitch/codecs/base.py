@@ -7,7 +7,12 @@ A delta record stores, for one tensor, *which* flat positions are kept and
   positions (plus the tensor shape) to bytes and back;
 * a **value codec** maps the fine-tuned bits at those positions (an unsigned
   integer array of the element width), given the base bits at the same
-  positions, to bytes and back -- always bit-exactly.
+  positions, to bytes and back -- bit-exactly where ``exact`` (all but the lossy
+  ``quant``).  ``needs_base`` says whether decoding reads the base bits;
+  ``elementwise`` whether value ``i`` depends on base value ``i`` alone (then a
+  record can be decoded with the right base bits inside one row block and
+  anything elsewhere, as streamed restores do; ``ulp``, whose stored order
+  comes from every kept base value, needs all of them).
 
 Every codec is a small frozen class with a ``codec_id`` (the name written in
 the file) and an explicit config: ``encode`` returns ``(payload, config)``

@@ -101,6 +101,7 @@ class QuantValues:
     codec_id: str = "quant"
     needs_base: bool = True
     exact: bool = False
+    elementwise: bool = True    # value i depends on base value i alone
     #: At most 8 values per payload byte before compression (1 bit each).
     values_per_byte: int = 8
 

@@ -19,6 +19,7 @@ class RawValues:
     codec_id: str = "raw"
     needs_base: bool = False
     exact: bool = True          # decodes to the fine-tuned bits exactly
+    elementwise: bool = True    # value i depends on base value i alone
 
     def applies(self, dt: DType) -> bool:
         return True

@@ -35,6 +35,7 @@ class TauValues:
     codec_id: str = "tau"
     needs_base: bool = True
     exact: bool = True          # decodes to the fine-tuned bits exactly
+    elementwise: bool = True    # value i depends on base value i alone
 
     def applies(self, dt: DType) -> bool:
         return dt.is_float

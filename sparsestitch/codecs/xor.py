@@ -20,6 +20,7 @@ class XorValues:
     codec_id: str = "xor"
     needs_base: bool = True
     exact: bool = True          # decodes to the fine-tuned bits exactly
+    elementwise: bool = True    # value i depends on base value i alone
 
     def applies(self, dt: DType) -> bool:
         return True

@@ -41,7 +41,8 @@ from ..progress import bar
 from ..readahead import DEFAULT_WORKERS, in_order, workers_for
 from ..sizes import parse_memory
 from ..walk import (BaseHash, RowBlocks, Stored, added_records, check_delta_fits, decode_block,
-                    decode_tensor, output_shards, read_blocks, refuse_delta, stored_positions)
+                    decode_tensor, flat_blocks, output_shards, read_blocks, refuse_delta,
+                    stored_positions)
 from .combine import Combiner
 
 DEFAULT_BLOCK_BYTES = 256 << 20
@@ -243,11 +244,13 @@ class _Plan:
 
         def finish(writer: CheckpointWriter) -> None:
             base_hash = BaseHash(name)
+            whole_base = flat_blocks(base, name, blocks)  # for records not decoded elementwise
             for start, stop, block in read_blocks(base, name, blocks, base_hash):
                 lo = blocks.elements(start, stop)[0]
                 stored: list[Stored | None] = [None] * len(readers)
                 for i, record in sparse:
-                    stored[i] = decode_block(readers[i], record, block, lo)
+                    stored[i] = decode_block(readers[i], record, block, lo,
+                                             base_blocks=whole_base)
                 self.combiner.block_merge(dt, stored)(block, lo)
                 del stored
                 writer.write(name, block)

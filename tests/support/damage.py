@@ -420,7 +420,7 @@ def decoder_cases(source: str, delta: Path) -> list[Case]:
                 add(f"{part_label}-{label}", name, **kwargs)
         # A zstd frame that declares the size the record needs but holds garbage, or a huge size.
         need = count * record.dt.itemsize
-        if record.values["codec"] in ("raw", "xor") and need:
+        if record.values["codec"] in ("raw", "xor", "ulp") and need:
             liar = _lying_frame(need)
             add("values-lying-frame", name, values_part=liar,
                 values_config={"codec": record.values["codec"], "zstd": True, "raw_nbytes": need})

@@ -124,8 +124,9 @@ def reference_listing(data: bytes) -> Listing:
         raise Invalid("header missing or checksum mismatch")
     header = _strict_json(text.encode("utf-8"))
     if (not isinstance(header, dict) or header.get("format") != "sparsestitch.delta"
-            or not _is_int(header.get("format_version")) or header["format_version"] not in (1, 2)):
-        raise Invalid("not a version 1 or 2 delta header")
+            or not _is_int(header.get("format_version"))
+            or header["format_version"] not in (1, 2, 3)):
+        raise Invalid("not a version 1, 2 or 3 delta header")
     records = header.get("tensors")
     if not isinstance(records, list) or len(records) > 1 << 20:
         raise Invalid("bad tensors list")
@@ -159,6 +160,8 @@ def reference_listing(data: bytes) -> Listing:
         quant = r["values"].get("codec") == "quant"
         if quant and header["format_version"] < 2:
             raise Invalid("quant values in a version 1 file", name)
+        if r["values"].get("codec") == "ulp" and header["format_version"] < 3:
+            raise Invalid("ulp values in a version 1 or 2 file", name)
         # Every value codec stores at least count bytes in raw or zstd streams (quant: bits).
         if fields[0] > ZSTD_MAX_EXPANSION * (8 if quant else 1) * fields[2]:
             raise Invalid("more values than the payload can hold", name)
@@ -290,8 +293,14 @@ def _values(r: dict, part: bytes, base_kept: np.ndarray | None) -> np.ndarray:
     codec, width = config.get("codec"), dt.itemsize
     if codec == "raw":
         return np.array(_planes(_stream(part, config, count * width, name), width, count), dt.bits)
-    if codec not in ("xor", "tau", "quant"):
+    if codec not in ("xor", "tau", "quant", "ulp"):
         raise Invalid(f"unknown value codec {codec!r}", name)
+    if codec == "ulp":
+        if r["dtype"] not in _FLOATS:
+            raise Invalid("ulp needs a float dtype", name)
+        if base_kept is None:
+            raise Invalid("ulp needs the base", name)
+        return _ulp_values(r, part, base_kept)
     if codec == "quant":
         if base_kept is None:
             raise Invalid("quant needs the base", name)
@@ -321,6 +330,24 @@ def _values(r: dict, part: bytes, base_kept: np.ndarray | None) -> np.ndarray:
     exact = _planes(_stream(part[b:], config.get("exc_bits"), n_exc * width, name), width, n_exc)
     values[index] = np.array(exact, dt.bits)
     return values
+
+
+def _ulp_values(r: dict, part: bytes, base_kept: np.ndarray) -> np.ndarray:
+    """format.md 4.3, ulp: written from the text, one value at a time, in Python integers."""
+    name, count, width = r["name"], r["count"], _ITEMSIZE[r["dtype"]]
+    mantissa = {"F64": 52, "F32": 23, "F16": 10, "BF16": 7}[r["dtype"]]
+    field = (1 << (8 * width - 1 - mantissa)) - 1
+    ones, top = (1 << (8 * width)) - 1, 1 << (8 * width - 1)
+    stored = _planes(_stream(part, r["values"], count * width, name), width, count)
+    bases = [int(b) for b in base_kept]
+    order = sorted(range(count), key=lambda i: ((bases[i] >> mantissa) & field, i))
+    out = [0] * count
+    for z, i in zip(stored, order):
+        distance = (z >> 1) ^ (ones if z & 1 else 0)
+        base = bases[i]
+        key = (base ^ (ones if base & top else top)) + distance & ones
+        out[i] = key ^ (top if key & top else ones)
+    return np.array(out, dtype=base_kept.dtype)
 
 
 def _quant_values(r: dict, part: bytes, base_kept: np.ndarray) -> np.ndarray:

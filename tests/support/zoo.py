@@ -13,7 +13,7 @@ from sparsestitch.format import DeltaReader
 
 from .models import save_checkpoint
 
-CODECS = {"rice", "csr", "bitmap", "gaps", "all", "tau", "xor", "raw", "quant"}
+CODECS = {"rice", "csr", "bitmap", "gaps", "all", "tau", "xor", "raw", "quant", "ulp"}
 
 # ----------------------------------------------------------------------------------------------
 # The zoo: a small model, fine-tunes and deltas that exercise every codec
