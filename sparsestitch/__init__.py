@@ -13,6 +13,7 @@ Public API::
 
 from ._version import __version__
 from .compress import DeltaSummary, compress
+from .merge import merge
 from .errors import (BaseMismatchError, ChecksumError, CheckpointError, DeltaFormatError,
                      OutputError, ResourceLimitError, SparsestitchError, TensorMismatchError)
 from .describe import DeltaInfo, info, verify
@@ -21,7 +22,7 @@ from .restore import restore
 from .stitch import stitch, stitch_add
 
 __all__ = [
-    "__version__", "compress", "restore", "stitch", "info", "verify", "DeltaSummary", "DeltaInfo",
+    "__version__", "compress", "merge", "restore", "stitch", "info", "verify", "DeltaSummary", "DeltaInfo",
     "stitch_add", "apply", "Patch", "prepare", "PreparedPatch",
     "SparsestitchError", "DeltaFormatError", "ChecksumError", "ResourceLimitError",
     "CheckpointError", "TensorMismatchError", "BaseMismatchError", "OutputError",

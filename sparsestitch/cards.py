@@ -60,3 +60,20 @@ def stitch_card(deltas: Sequence[str | os.PathLike], rule: str, weights: Sequenc
         return model_card(base=base.display_name, how=how, tags=["merge", rule],
                           relation="merge", library_name=_library(base))
     return card
+
+
+def merge_card(finetuned: Sequence[str], rule: str, weights: Sequence[float], options: dict
+               ) -> Callable[[Checkpoint], str]:
+    """The card of ``merge(base, finetuned, out, rule=rule, weights=weights, **options)``."""
+    def card(base: Checkpoint) -> str:
+        how = "\n".join([
+            f"# Merge of {len(finetuned)} fine-tune(s) of {base.display_name}", "",
+            f"Merged by sparsestitch {__version__} with the rule `{rule}`"
+            + (f", options `{json.dumps(options, sort_keys=True)}`" if options else "")
+            + f", weights {list(weights)}, from the fine-tunes:", "",
+            *[f"- `{n}`" for n in finetuned], "",
+            "How it was made is recorded in the safetensors metadata (`sparsestitch.merge`)."])
+        return model_card(base=base.display_name, how=how, tags=["merge", rule],
+                          relation="merge", library_name=_library(base))
+    return card
+

@@ -24,6 +24,7 @@ def main():
       sparsestitch compress base/ math-ft/ code-ft/ -o math.delta -o code.delta --density 0.01
       sparsestitch restore base/ math.delta -o math-restored/
       sparsestitch stitch base/ math.delta code.delta -o merged/
+      sparsestitch merge base/ math-ft/ code-ft/ -o merged/ --rule ties  # from full fine-tunes
       sparsestitch info math.delta
       sparsestitch verify math.delta --base base/
       sparsestitch demo
@@ -328,8 +329,10 @@ def demo(workdir, size_mb):
     run_demo(workdir, size_mb=size_mb, echo=click.echo)
 
 
-from .cli_zoo import zoo  # noqa: E402  (the zoo group: thin like the commands above)
+from .cli_merge import merge  # noqa: E402  (thin like the commands above)
+from .cli_zoo import zoo  # noqa: E402
 
+main.add_command(merge)
 main.add_command(zoo)
 
 if __name__ == "__main__":

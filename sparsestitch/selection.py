@@ -162,6 +162,23 @@ class TensorScanner:
                 yield TuneBlock(name, dt, offset, base_block, tune.read_rows(name, start, stop), i,
                                 scales[i])
 
+    def choices(self, name: str, selectors: Sequence[Selector],
+                base_hash: BaseHash | None = None) -> Iterator[tuple[TuneBlock, Choice]]:
+        """Every fine-tune's block of tensor ``name`` with what its selector keeps of it, block
+        by block (each base block once, for every fine-tune in order)."""
+        dt = lookup_dtype(self.base.entry(name).dtype)
+        exact = self.plan.stored_exactly(name, dt)
+        localized = name in self.plan.localized
+        masks = isinstance(selectors[0], GivenMasks)
+        scales = [selector.key_scale(name) for selector in selectors]
+        for block in self.tune_blocks(name, base_hash=base_hash, scales=scales):
+            if exact:
+                yield block, changed_positions(block)
+            elif localized or masks:
+                yield block, selectors[block.tune].choose(block)
+            else:  # an excluded float tensor stays at the base
+                yield block, Choice.nothing()
+
     def select(self, name: str, selectors: Sequence[Selector]) -> tuple[str, list[Selection]]:
         """Read one tensor block by block; each fine-tune's selector picks what to keep.
 
@@ -170,19 +187,11 @@ class TensorScanner:
         dt = lookup_dtype(self.base.entry(name).dtype)
         exact = self.plan.stored_exactly(name, dt)
         localized = name in self.plan.localized
-        masks = isinstance(selectors[0], GivenMasks)
         parts = [SelectionParts() for _ in self.tunes]
         measured = [localized and not exact and s.measures_energy for s in selectors]
         energy = [0.0] * len(self.tunes)
         base_hash = BaseHash(name)
-        scales = [selector.key_scale(name) for selector in selectors]
-        for block in self.tune_blocks(name, base_hash=base_hash, scales=scales):
-            if exact:
-                choice = changed_positions(block)
-            elif localized or masks:
-                choice = selectors[block.tune].choose(block)
-            else:  # an excluded float tensor stays at the base
-                choice = Choice.nothing()
+        for block, choice in self.choices(name, selectors, base_hash):
             parts[block.tune].add(block, choice)
             if measured[block.tune]:
                 energy[block.tune] += block.energy

@@ -186,7 +186,7 @@ def as_torch(dt_name: str, values: np.ndarray) -> torch.Tensor:
 @contextmanager
 def golden_version():
     """Write ``GOLDEN_VERSION`` as the header's ``library_version``."""
-    with mock.patch.object(importlib.import_module("sparsestitch.compress"), "__version__",
+    with mock.patch.object(importlib.import_module("sparsestitch.delta_outputs"), "__version__",
                            GOLDEN_VERSION):
         yield
 

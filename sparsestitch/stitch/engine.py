@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
+from typing import Protocol
 from contextlib import closing
 from pathlib import Path
 
@@ -46,6 +47,9 @@ from ..walk import (BaseHash, RowBlocks, Stored, added_records, check_delta_fits
 from .combine import Combiner
 
 DEFAULT_BLOCK_BYTES = 256 << 20
+
+#: What writes one prepared output tensor.
+Finish = Callable[[CheckpointWriter], None]
 
 
 def block_bytes(max_memory: int | str | None) -> int:
@@ -72,7 +76,6 @@ def run(base: str | os.PathLike, deltas: Sequence[str | os.PathLike], out: str |
     card, replacing the base's).  ``threads`` (default: up to 4 of the usable cores) read and
     decode ahead of the caller, who writes; 1 runs everything in the caller's thread.
     """
-    workers = workers_for(threads, READ_WORKERS)
     out = Path(out)
     check_not_an_input(out, [base, *deltas])
     with Checkpoint(base) as base_ckpt:
@@ -84,33 +87,60 @@ def run(base: str | os.PathLike, deltas: Sequence[str | os.PathLike], out: str |
             for reader in readers:
                 check_delta_fits(base_ckpt, reader)
             added_tensors = added_records(readers) if added == "single" else {}
-            shards = output_shards(base_ckpt, added_tensors, metadata)
-            texts = {"README.md": card(base_ckpt)} if card and base_ckpt.is_folder else None
-            writer = CheckpointWriter(out, shards, folder=base_ckpt.is_folder,
-                                      extra_files=base_ckpt.extra_files, overwrite=overwrite,
-                                      extra_texts=texts, index=base_ckpt.has_index)
             plan = _Plan(base_ckpt, readers, added_tensors, combiner, block_bytes)
-            total = sum(base_ckpt.entry(n).nbytes for n in base_ckpt.names)
-            try:
-                with bar(total, description, progress) as progress_bar:
-                    order = [tensor.name for shard in shards for tensor in shard.tensors]
-                    threaded = 4 * block_bytes >= MIN_THREADED_BUDGET
-                    tensors = in_order(order, plan.prepare, plan.estimate, budget=2 * block_bytes,
-                                       workers=workers if threaded else 0)
-                    with closing(tensors):  # on an error, stop the reader before aborting
-                        for name, finish in tensors:
-                            finish(writer)
-                            del finish  # free it before the next tensor is prepared
-                            if name not in added_tensors:
-                                progress_bar.update(base_ckpt.entry(name).nbytes)
-                writer.close()
-            except BaseException as exc:
-                writer.abort(exc)
-                raise
+            write_model(base_ckpt, out, plan, added_tensors, overwrite=overwrite,
+                        progress=progress, block_bytes=block_bytes, metadata=metadata,
+                        description=description, card=card,
+                        workers=workers_for(threads, READ_WORKERS))
         finally:
             for reader in readers:
                 reader.close()
     return out
+
+
+class TensorSource(Protocol):
+    """What :func:`write_model` needs to make each output tensor: ``prepare(name)`` (run in
+    reader threads, in any order) returns what writes it (called in order, in the caller's
+    thread); ``estimate(name)`` is the bytes held in between."""
+
+    def prepare(self, name: str) -> Finish: ...
+
+    def estimate(self, name: str) -> int: ...
+
+
+def write_model(base: Checkpoint, out: Path, source: TensorSource, added: dict, *,
+                overwrite: bool, progress: bool, block_bytes: int, workers: int,
+                metadata: dict[str, str] | None = None, description: str = "stitch",
+                card: Callable[[Checkpoint], str] | None = None,
+                before_publishing: Callable[[], None] | None = None) -> None:
+    """Write every tensor of the output -- the base's, in its layout, then ``added`` (name ->
+    ``(source, record or entry)`` with the tensor's dtype and shape) -- as ``source`` makes
+    them, reading ahead within the memory budget; publish the output atomically after
+    ``before_publishing()`` (nothing is published if anything raises)."""
+    shards = output_shards(base, added, metadata)
+    texts = {"README.md": card(base)} if card and base.is_folder else None
+    writer = CheckpointWriter(out, shards, folder=base.is_folder,
+                              extra_files=base.extra_files, overwrite=overwrite,
+                              extra_texts=texts, index=base.has_index)
+    total = sum(base.entry(n).nbytes for n in base.names)
+    try:
+        with bar(total, description, progress) as progress_bar:
+            order = [tensor.name for shard in shards for tensor in shard.tensors]
+            threaded = 4 * block_bytes >= MIN_THREADED_BUDGET
+            tensors = in_order(order, source.prepare, source.estimate, budget=2 * block_bytes,
+                               workers=workers if threaded else 0)
+            with closing(tensors):  # on an error, stop the reader before aborting
+                for name, finish in tensors:
+                    finish(writer)
+                    del finish  # free it before the next tensor is prepared
+                    if name not in added:
+                        progress_bar.update(base.entry(name).nbytes)
+        if before_publishing is not None:
+            before_publishing()
+        writer.close()
+    except BaseException as exc:
+        writer.abort(exc)
+        raise
 
 
 def write_patched(writer: CheckpointWriter, name: str, blocks: RowBlocks,
@@ -128,8 +158,6 @@ def write_patched(writer: CheckpointWriter, name: str, blocks: RowBlocks,
             block[positions[a:b] - lo] = bits[a:b]
         writer.write(name, block)
 
-
-Finish = Callable[[CheckpointWriter], None]
 
 #: Threads preparing tensors (the caller writes): numpy, zstd, pread and the C loops release
 #: the GIL.

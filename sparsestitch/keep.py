@@ -1,0 +1,123 @@
+"""What a delta keeps, from compress's arguments -- shared by compress and merge.
+
+:func:`choices` checks the options (a density, quantized values, or a target: lossless,
+``max_error``, ``max_size``) and returns what they decide; :func:`make_selectors` builds one
+selector per fine-tune (:mod:`.localize.selectors`); :func:`check_compatible` refuses a
+fine-tune that does not match its base.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from .checkpoint import Checkpoint
+from .codecs.quant import BITS as QUANT_BITS
+from .errors import TensorMismatchError
+from .localize.selectors import (BracketedTopK, FidelityExactTopK, FidelityTopK, GivenMasks,
+                                 GlobalTopK, KeepAll, PerTensorTopK, Selector)
+from .localize.topk import count_to_keep
+from .selection import TensorPlan
+from .sizes import numel, parse_memory
+from .targets import ErrorPlanner, SizePlanner
+
+SCOPES = ("fidelity", "global", "per-tensor")
+#: The density when neither a density nor a target is given.
+DEFAULT_DENSITY = 0.01
+
+
+def check_scope(scope: str) -> None:
+    if scope not in SCOPES:
+        raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
+
+
+def make_selectors(plan: TensorPlan, density: float, scope: str, mask_sets, count: int,
+                    exact: bool = False) -> list[Selector]:
+    """One selector per fine-tune for these options (``exact``: never the bracketed one)."""
+    if mask_sets is not None:
+        return [GivenMasks(masks, plan.shapes, plan.base_path) for masks in mask_sets]
+    candidates = plan.candidates
+    if scope == "per-tensor":
+        sizes = {n: numel(plan.shapes[n]) for n in plan.localized}
+        return [PerTensorTopK(density, sizes) for _ in range(count)]
+    if count_to_keep(density, candidates) == candidates:
+        return [KeepAll(density) for _ in range(count)]
+    fidelity = scope == "fidelity"
+    if not exact and BracketedTopK.applies(density, candidates):
+        bracketed = FidelityTopK if fidelity else BracketedTopK
+        return [bracketed(density, candidates, plan.shapes) for _ in range(count)]
+    return [(FidelityExactTopK if fidelity else GlobalTopK)(density, candidates)
+            for _ in range(count)]
+
+
+
+
+def choices(density, bits, group, lossless, max_error, max_size, mask_sets):
+    """``(density, quantize options, planner)`` for compress's arguments, checked."""
+    given = [name for name, value in (("density", density), ("bits", bits),
+                                      ("masks", mask_sets)) if value is not None]
+    targets = [name for name, value in (("lossless", lossless or None), ("max_error", max_error),
+                                        ("max_size", max_size)) if value is not None]
+    # density 1.0 with lossless says the same thing twice; anything else a target decides
+    redundant = lossless and density == 1.0 and bits is None and mask_sets is None
+    if len(targets) > 1 or (targets and given and not redundant):
+        raise ValueError(f"{' and '.join(targets + given)} are contradictory: a target decides "
+                         "what is kept and in how many bits; give one of them")
+    quantize = quantize_options(bits, group)
+    planner = None
+    if lossless:
+        density = 1.0
+    elif max_error is not None:
+        density, planner = 1.0, ErrorPlanner(float(max_error), group)
+    elif max_size is not None:
+        density, planner = 1.0, SizePlanner(parse_memory(max_size), group)
+    elif density is None:
+        density = DEFAULT_DENSITY
+    if mask_sets is None:
+        count_to_keep(density, 0)  # validates the range
+        if density == 0:
+            raise ValueError("density 0 keeps nothing of the fine-tune; keep a fraction above "
+                             "0 (the paper's 0.01 keeps 1%), or 1.0 for a lossless delta")
+    return density, quantize, planner
+
+
+def quantize_options(bits: int | None, group: int) -> dict | None:
+    """The value codec options for ``bits``/``group``, checked (None: exact values)."""
+    if bits is None:
+        return None
+    if bits not in QUANT_BITS:
+        raise ValueError(f"bits must be one of {', '.join(map(str, QUANT_BITS))} (bits per kept "
+                         f"value), got {bits!r}")
+    if type(group) is not int or group < 0:
+        raise ValueError(f"group must be 0 (one scale per tensor) or a number of values per "
+                         f"scale, got {group!r}")
+    return {"bits": bits, "group": group}
+
+
+
+
+def check_compatible(base: Checkpoint, tune: Checkpoint) -> None:
+    missing = [n for n in base.names if n not in tune]
+    if missing:
+        raise TensorMismatchError(f"the fine-tuned checkpoint lacks {len(missing)} base tensor(s), "
+                                  f"e.g. {missing[0]!r}; is it a fine-tune of this base?",
+                                  path=tune.path, tensor=missing[0])
+    for name in base.names:
+        b, t = base.entry(name), tune.entry(name)
+        if (b.dtype, b.shape) != (t.dtype, t.shape):
+            raise TensorMismatchError(f"base has {b.dtype}{list(b.shape)}, fine-tune has "
+                                      f"{t.dtype}{list(t.shape)}; convert the fine-tune to the base's "
+                                      "dtype, or compare against the right base", path=tune.path,
+                                      tensor=name)
+
+
+
+
+def as_mask_list(masks, count: int):
+    if masks is None:
+        return None
+    if isinstance(masks, Mapping):
+        masks = [masks]
+    masks = list(masks)
+    if len(masks) != count:
+        raise ValueError(f"{count} fine-tuned checkpoints but {len(masks)} mask sets")
+    return masks

@@ -1,0 +1,191 @@
+"""Merge config files, in the spirit of mergekit's YAML: models, weights, the rule and its
+parameters, what is kept of each fine-tune, checked completely before any tensor is read.
+
+::
+
+    base: models/base            # a .safetensors file, an HF folder or a Hub id (org/name[@rev])
+    models:
+      - model: runs/math
+        weight: 1.0              # optional, default 1
+      - model: runs/code
+        weight: 0.5
+    rule: ties                   # localize-stitch | task-arithmetic | ties | ties-mergekit | dare
+    parameters:                  # the rule's options: scale, density, drop, seed
+      density: 0.2
+    keep:                        # optional: what is kept of each fine-tune (compress's options)
+      lossless: true             # or density, scope, bits, group, max_error
+      exclude: ["*.embed_tokens.*"]   # and include, dense: patterns over tensor names
+    out: merged/                 # optional (the command line's -o wins)
+    max_memory: 1GiB             # optional
+
+Relative paths are relative to the config file's folder.  :func:`load` returns the checked
+:class:`MergeConfig`; :meth:`MergeConfig.check_inputs` opens every checkpoint's header (no
+tensor) and compares it with the base, so a wrong path, option or model fails in the first
+second, before any output exists.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .checkpoint import Checkpoint
+from .errors import SparsestitchError
+from .hub import parse_hub_id
+from .keep import SCOPES, check_compatible, choices
+from .stitch.combine import rule_combiner
+from .stitch.rules import RULES
+
+TOP_KEYS = {"base", "models", "rule", "parameters", "keep", "out", "max_memory"}
+MODEL_KEYS = {"model", "weight"}
+KEEP_KEYS = {"density", "scope", "bits", "group", "lossless", "max_error", "include", "exclude",
+             "dense"}
+
+
+class ConfigError(ValueError):
+    """A merge config that cannot be run, with where in the file the problem is."""
+
+    def __init__(self, path: Path, where: str, message: str):
+        super().__init__(f"{path}: {where}: {message}")
+
+
+@dataclass
+class MergeConfig:
+    """A checked merge config: arguments for :func:`sparsestitch.merge`."""
+
+    path: Path
+    base: str
+    finetuned: list[str]
+    weights: list[float]
+    rule: str = "localize-stitch"
+    parameters: dict = field(default_factory=dict)
+    keep: dict = field(default_factory=dict)
+    out: str | None = None
+    max_memory: str | int | None = None
+
+    def merge_arguments(self) -> dict:
+        """Keyword arguments of :func:`sparsestitch.merge` (``out`` aside)."""
+        keep = dict(self.keep)
+        if "density" in keep:
+            keep["keep"] = keep.pop("density")
+        return {"base": self.base, "finetuned": self.finetuned, "rule": self.rule,
+                "weights": self.weights, "max_memory": self.max_memory, **keep,
+                **self.parameters}
+
+    def check_inputs(self) -> None:
+        """Open every checkpoint's header and check each fine-tune against the base (no
+        tensor is read)."""
+        with contextlib.ExitStack() as stack:
+            try:
+                base = stack.enter_context(Checkpoint(self.base))
+            except (SparsestitchError, OSError) as exc:
+                raise ConfigError(self.path, "base", str(exc)) from None
+            for i, name in enumerate(self.finetuned):
+                try:
+                    check_compatible(base, stack.enter_context(Checkpoint(name)))
+                except (SparsestitchError, OSError, ValueError) as exc:
+                    raise ConfigError(self.path, f"models[{i}].model", str(exc)) from None
+
+
+def load(path: str | os.PathLike) -> MergeConfig:
+    """Read and check a merge config file (YAML or JSON) -- every key and value, not the
+    checkpoints' contents (see :meth:`MergeConfig.check_inputs`)."""
+    import yaml  # a dependency of the merge command only
+
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(path, "file", f"cannot read it ({exc})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(path, "file", f"not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(path, "file", "must be a mapping with base, models and rule")
+    _known(path, "top level", data, TOP_KEYS)
+    folder = path.parent
+    base = _source(path, "base", data.get("base"), folder)
+    models = data.get("models")
+    if not isinstance(models, list) or not models:
+        raise ConfigError(path, "models", "must be a list of {model: PATH, weight: NUMBER}")
+    finetuned, weights = [], []
+    for i, item in enumerate(models):
+        where = f"models[{i}]"
+        if isinstance(item, str):
+            item = {"model": item}
+        if not isinstance(item, dict):
+            raise ConfigError(path, where, "must be a mapping like {model: PATH, weight: 1.0}")
+        _known(path, where, item, MODEL_KEYS)
+        finetuned.append(_source(path, f"{where}.model", item.get("model"), folder))
+        weight = item.get("weight", 1.0)
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+            raise ConfigError(path, f"{where}.weight", f"must be a number, got {weight!r}")
+        weights.append(float(weight))
+    rule = data.get("rule", "localize-stitch")
+    if rule not in RULES:
+        raise ConfigError(path, "rule", f"must be one of {', '.join(RULES)}, got {rule!r}")
+    parameters = _mapping(path, "parameters", data.get("parameters"))
+    try:
+        rule_combiner(rule, weights, len(finetuned), **parameters)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(path, "parameters", str(exc)) from None
+    keep = _keep(path, _mapping(path, "keep", data.get("keep")), rule)
+    out = data.get("out")
+    if out is not None and not isinstance(out, str):
+        raise ConfigError(path, "out", f"must be a path, got {out!r}")
+    memory = data.get("max_memory")
+    if memory is not None and not isinstance(memory, (str, int)):
+        raise ConfigError(path, "max_memory", f"must be a size like 1GiB, got {memory!r}")
+    return MergeConfig(path, base, finetuned, weights, rule, parameters, keep,
+                       None if out is None else str(folder / out), memory)
+
+
+def _keep(path: Path, keep: dict, rule: str) -> dict:
+    _known(path, "keep", keep, KEEP_KEYS)
+    if keep.get("scope", "fidelity") not in SCOPES:
+        raise ConfigError(path, "keep.scope", f"must be one of {', '.join(SCOPES)}")
+    for key in ("include", "exclude", "dense"):
+        value = keep.get(key)
+        if value is not None and not (isinstance(value, str) or (
+                isinstance(value, list) and all(isinstance(v, str) for v in value))):
+            raise ConfigError(path, f"keep.{key}", "must be a pattern or a list of patterns")
+    try:
+        lossless = keep.get("lossless")
+        if rule != "localize-stitch" and not {"density", "bits", "lossless",
+                                              "max_error"} & keep.keys():
+            lossless = True  # as merge() decides
+        choices(keep.get("density"), keep.get("bits"), keep.get("group", 128), lossless,
+                keep.get("max_error"), None, None)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(path, "keep", str(exc)) from None
+    return keep
+
+
+def _known(path: Path, where: str, data: dict, allowed: set[str]) -> None:
+    unknown = sorted(set(data) - allowed)
+    if unknown:
+        raise ConfigError(path, where, f"unknown key {unknown[0]!r}; the keys are "
+                                       f"{', '.join(sorted(allowed))}")
+
+
+def _mapping(path: Path, where: str, value) -> dict:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(path, where, f"must be a mapping, got {value!r}")
+    return dict(value)
+
+
+def _source(path: Path, where: str, value, folder: Path) -> str:
+    """A checkpoint path (relative to the config's folder) or a Hub id; it must exist."""
+    if not isinstance(value, str) or not value:
+        raise ConfigError(path, where, "must name a checkpoint (a path or a Hub id)")
+    local = folder / value
+    if local.exists():
+        return str(local)
+    if parse_hub_id(value) is not None:
+        return value
+    raise ConfigError(path, where, f"no such file or folder: {local}")
