@@ -303,6 +303,27 @@ class DeltaReader:
             return codec.decode(payload[record.positions_nbytes:], record.values, base_kept,
                                 record.dt, record.count)
 
+    def values_part(self, record: Record, base_part: np.ndarray,
+                    counts: tuple[np.ndarray, np.ndarray], payload: bytes | None = None
+                    ) -> np.ndarray:
+        """Fine-tuned bits of a run of consecutive kept values, for a value codec that is not
+        elementwise (``ulp``): ``base_part`` the base bits of the run, ``counts`` from
+        :meth:`part_counts` (see :func:`sparsestitch.walk.part_counts`)."""
+        payload = self.payload(record) if payload is None else payload
+        with self._context(record):
+            codec = codecs.value_codec(record.values.get("codec"))
+            return codec.decode_part(payload[record.positions_nbytes:], record.values,
+                                     base_part, record.dt, record.count, *counts)
+
+    def part_counts(self, record: Record, base_part: np.ndarray, dt) -> np.ndarray:
+        """The context counts a run of kept values with these base bits contributes, for a
+        value codec that is not elementwise."""
+        with self._context(record):
+            codec = codecs.value_codec(record.values.get("codec"))
+            if dt.name != record.dt.name:
+                raise DeltaFormatError(f"base dtype {dt.name}, record {record.dt.name}")
+            return codec.part_counts(base_part, record.dt)
+
     def decode(self, record: Record, base_bits: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
         """``(positions, fine-tuned bits there)`` for a stored record.
 

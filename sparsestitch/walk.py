@@ -15,7 +15,8 @@ block arithmetic and the handling of dense records live in one place:
   ``all``: density 1.0 and exact records) has ``positions=None`` -- no position array is
   ever built for it, and merges can treat it as a dense array.
 * :func:`decode_tensor`, :func:`decode_block` and :func:`decode_at` decode records against
-  the base bits they need (the value codecs predict from the base).
+  the base bits they need (the value codecs predict from the base); :func:`part_counts`
+  gives ``decode_block`` what a codec that is not elementwise (``ulp``) needs besides.
 * :func:`check_delta_fits`, :func:`added_records` and :func:`output_shards` plan an output
   before any byte of it is written.
 """
@@ -23,7 +24,7 @@ block arithmetic and the handling of dense records live in one place:
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -199,43 +200,73 @@ def decode_tensor(base: Checkpoint, readers: Sequence[DeltaReader], name: str, b
 
 def decode_block(reader: DeltaReader, record: Record, block: np.ndarray, lo: int,
                  payload: bytes | None = None,
-                 base_blocks: Callable[[], Iterable[tuple[int, np.ndarray]]] | None = None
-                 ) -> Stored:
+                 counts: tuple[np.ndarray, np.ndarray] | None = None) -> Stored:
     """The record's entries inside one base block (flat bits of elements ``lo, lo + 1, ...``).
 
     The record is decoded whole (the codecs have no random access).  An elementwise value
     codec gets the base bits of this block only, zeros elsewhere: the part inside the block
-    is exact.  Any other (``ulp``) gets the base bits at every kept position, gathered from
-    ``base_blocks()`` -- ``(first element, flat bits)`` blocks covering the tensor, read again
-    for each block.  Holds one decoded record while it runs.
+    is exact.  Any other (``ulp``, whose stored order depends on every kept base value)
+    decodes the block's values from the block's base bits and ``counts``, the codec's
+    context counts of the kept values before the block and of all of them (from
+    :func:`part_counts`).  Holds one decoded record while it runs.
     """
     payload = reader.payload(record) if payload is None else payload
     hi = lo + block.size
     positions = stored_positions(reader, record, payload)
-    whole = not codecs.value_codec(record.values.get("codec")).elementwise
-    if whole and base_blocks is None:
-        raise ValueError(f"{record.values.get('codec')} values need base_blocks to decode a block")
+    codec = codecs.value_codec(record.values.get("codec"))
+    if not codec.elementwise:
+        if counts is None:
+            raise ValueError(f"{codec.codec_id} values need the part counts to decode a block")
+        if positions is None:
+            part, kept = block, None
+        else:
+            a, b = (int(x) for x in np.searchsorted(positions, [lo, hi]))
+            part, kept = block.take(positions[a:b] - lo), positions[a:b].copy()
+        values = reader.values_part(record, part, counts, payload)
+        return (Stored(None, values, block.copy(), lo) if kept is None else
+                Stored(kept, values, part))
     if positions is None:
         base_kept = np.zeros(record.numel, block.dtype)
-        for first, bits in (base_blocks() if whole else [(lo, block)]):
-            base_kept[first:first + bits.size] = bits
+        base_kept[lo:hi] = block
         values = reader.values(record, base_kept, payload)
         return Stored(None, values[lo:hi].copy(), block.copy(), lo)
-    base_kept = np.zeros(positions.size, block.dtype)
-    for first, bits in (base_blocks() if whole else [(lo, block)]):
-        a, b = (int(x) for x in np.searchsorted(positions, [first, first + bits.size]))
-        base_kept[a:b] = bits.take(positions[a:b] - first)
     a, b = (int(x) for x in np.searchsorted(positions, [lo, hi]))
+    base_kept = np.zeros(positions.size, block.dtype)
+    base_kept[a:b] = block.take(positions[a:b] - lo)
     values = reader.values(record, base_kept, payload)
     return Stored(positions[a:b].copy(), values[a:b].copy(), base_kept[a:b].copy())
 
 
-def flat_blocks(ckpt: Checkpoint, name: str, blocks: RowBlocks
-                ) -> Callable[[], Iterator[tuple[int, np.ndarray]]]:
-    """What :func:`decode_block` reads the whole base tensor with, block by block: a
-    function giving ``(first element, flat bits)`` of each of ``blocks`` (not hashed)."""
-    return lambda: ((blocks.elements(start, stop)[0], bits)
-                    for start, stop, bits in read_blocks(ckpt, name, blocks))
+def part_counts(ckpt: Checkpoint, name: str, blocks: RowBlocks, readers: Sequence[DeltaReader],
+                records: Sequence[Record | None]) -> dict[int, list[tuple[np.ndarray, np.ndarray]]]:
+    """What :func:`decode_block` needs, block by block, for the sparse records whose value
+    codec is not elementwise (``ulp``): ``{record index: [(counts before block j, counts of
+    all kept values) for each block j]}``, from one more read of the base tensor (not
+    hashed: the blocks' own pass checks the base; a base that differs between the two reads
+    fails that check or the codec's).  Empty, reading nothing, when every codec is
+    elementwise.  Holds one decoded position list at a time."""
+    todo = [(i, r) for i, r in enumerate(records) if r is not None and r.kind == "sparse"
+            and not codecs.value_codec(r.values.get("codec")).elementwise]
+    if not todo:
+        return {}
+    dt = lookup_dtype(ckpt.entry(name).dtype)
+    running: dict[int, list[np.ndarray]] = {i: [] for i, _ in todo}
+    for start, stop, block in read_blocks(ckpt, name, blocks):
+        lo, hi = blocks.elements(start, stop)
+        for i, record in todo:
+            positions = stored_positions(readers[i], record)
+            if positions is None:
+                part = block
+            else:
+                a, b = np.searchsorted(positions, [lo, hi])
+                part = block.take(positions[a:b] - lo)
+            del positions
+            running[i].append(readers[i].part_counts(record, part, dt))
+    out = {}
+    for i, per_block in running.items():
+        cumulative = np.cumsum([np.zeros_like(per_block[0]), *per_block], axis=0)
+        out[i] = [(cumulative[j], cumulative[-1]) for j in range(len(per_block))]
+    return out
 
 
 def refuse_delta(ckpt: Checkpoint, role: str = "base") -> None:

@@ -234,6 +234,33 @@ def test_ulp_roundtrips_every_bit_pattern_with_and_without_the_c_loops(dt, data)
 
 
 @pytest.mark.parametrize("dt", FLOAT_DTYPES, ids=lambda dt: dt.name)
+@settings(max_examples=60, deadline=None)
+@given(data=st.data())
+def test_ulp_decodes_any_run_of_kept_values_from_its_own_base_bits(dt, data):
+    """What row-block restores rely on: cut the kept list anywhere, each run decodes from its
+    own base bits and the exponent counts before it and in all to the plain decoding."""
+    from sparsestitch.codecs.ulp import exponent_counts
+
+    codec = VALUES_BY_ID["ulp"]
+    kept, base = data.draw(value_pairs(dt, max_size=120))
+    specials = np.array(special_bits(dt), dtype=np.uint64).astype(dt.bits)
+    kept = np.concatenate([kept, specials, np.roll(specials, 2)])
+    base = np.concatenate([base, np.roll(specials, 1), specials])
+    payload, config = codec.encode(kept, base, dt)
+    cuts = data.draw(st.lists(st.integers(0, kept.size), max_size=5))
+    bounds = [0, *sorted(cuts), kept.size]
+    total = exponent_counts(base, dt)
+    assert int(total.sum()) == kept.size
+    for a, b in zip(bounds, bounds[1:]):
+        part = codec.decode_part(payload, config, base[a:b], dt, kept.size,
+                                 exponent_counts(base[:a], dt), total)
+        np.testing.assert_array_equal(part, kept[a:b])
+    # counts that do not match the record (another base) are refused, not misread
+    with pytest.raises(DeltaFormatError):
+        codec.decode_part(payload, config, base, dt, kept.size, total * 0, total + 1)
+
+
+@pytest.mark.parametrize("dt", FLOAT_DTYPES, ids=lambda dt: dt.name)
 def test_ulp_stores_distances_in_units_in_the_last_place_sorted_by_base_exponent(dt):
     from sparsestitch.codecs import ulp
 

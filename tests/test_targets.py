@@ -76,11 +76,13 @@ def test_a_tighter_error_target_costs_more(tmp_path, skewed):
     assert sizes[-1] <= lossless[0].nbytes * 1.01  # max_error 0: exact values of every change
 
 
-@pytest.mark.parametrize("fraction", [0.08, 0.2, 0.5])
+@pytest.mark.parametrize("fraction", [0.0572, 0.143, 0.358])
 def test_max_size_is_never_overrun_and_no_tensor_is_starved(tmp_path, skewed, fraction):
     base, tune, base_path, tune_path = skewed
-    (lossless,) = sparsestitch.compress(base_path, tune_path, tmp_path / "l.delta", lossless=True)
-    budget = int(fraction * lossless.nbytes)
+    # budgets in shares of the fine-tune's dense bytes (not of the lossless delta, whose size
+    # moves with the exact value codecs; these are the budgets of 8, 20 and 50 % of the
+    # lossless delta before the ulp codec)
+    budget = int(fraction * sum(t.numel() * t.element_size() for t in tune.values()))
     delta = tmp_path / "s.delta"
     (summary,) = sparsestitch.compress(base_path, tune_path, delta, max_size=budget)
     assert delta.stat().st_size == summary.nbytes <= budget
@@ -92,7 +94,7 @@ def test_max_size_is_never_overrun_and_no_tensor_is_starved(tmp_path, skewed, fr
     # size, may be the one dropped: relative errors are weighed alike)
     layers = {n: e for n, e in measured.items() if "layers" in n}
     assert all(error < 0.9 for error in layers.values()), measured
-    if fraction >= 0.2:
+    if fraction >= 0.143:
         assert all(error < 0.7 for error in measured.values()), measured
 
 

@@ -125,13 +125,41 @@ def test_stitch_stitch_add_and_apply_give_the_fine_tune(made):
             assert np.array_equal(bits(live[name]), bits(tune[name])), name
 
 
-def test_decode_block_needs_the_whole_base_for_ulp_records(made):
+def test_decode_block_needs_the_part_counts_for_ulp_records(made):
     _, base, _, _, _, delta, _ = made
     with DeltaReader(delta) as reader:
         record = reader.record("embed.bf16")
         block = bits(base["embed.bf16"]).reshape(-1)[:64].copy()
-        with pytest.raises(ValueError, match="base_blocks"):
+        with pytest.raises(ValueError, match="part counts"):
             decode_block(reader, record, block, 0)
+
+
+@pytest.mark.parametrize("tool", ["restore", "stitch"])
+def test_row_block_restores_read_the_base_twice_not_once_per_block(made, tool, monkeypatch):
+    """A ulp record decodes a block from that block's base bits and two histograms of base
+    exponents (one more pass over the base), not from the whole base for every block."""
+    folder, base, tune, base_path, _, delta, _ = made
+    from sparsestitch.checkpoint import Checkpoint
+
+    rows_read: dict[str, int] = {}
+    original = Checkpoint.read_rows
+
+    def counting(self, name, start, stop):
+        rows_read[name] = rows_read.get(name, 0) + (stop - start)
+        return original(self, name, start, stop)
+
+    monkeypatch.setattr(Checkpoint, "read_rows", counting)
+    out = folder / f"{tool}-counted.safetensors"
+    if tool == "restore":  # 64-byte blocks: one row per block
+        sparsestitch.restore(base_path, delta, out, block_bytes=64, overwrite=True)
+    else:
+        sparsestitch.stitch(base_path, [delta], out, max_memory="1KiB", overwrite=True)
+    monkeypatch.setattr(Checkpoint, "read_rows", original)
+    restored = load_file(out)
+    for name in tune:
+        assert np.array_equal(bits(restored[name]), bits(tune[name])), name
+    for name in ("embed.bf16", "mlp.bf16", "attn.f16"):
+        assert 0 < rows_read.get(name, 0) <= 2 * base[name].shape[0], (name, rows_read)
 
 
 def test_older_versions_cannot_claim_ulp_values(made, tmp_path):

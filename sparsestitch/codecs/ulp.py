@@ -48,12 +48,27 @@ ZSTD_PARAMETERS = {
 ZSTD_PARAMETERS[8] = ZSTD_PARAMETERS[4]
 
 
+def exponent_bits(dt: DType) -> int:
+    """Width of the exponent field of float dtype ``dt``."""
+    return 8 * dt.itemsize - 1 - MANTISSA_BITS[dt.name]
+
+
+def exponent_field(base: np.ndarray, dt: DType) -> np.ndarray:
+    """The base's biased exponent fields (the codec's contexts), as uint16."""
+    mant = MANTISSA_BITS[dt.name]
+    field = (base >> base.dtype.type(mant)) & base.dtype.type((1 << exponent_bits(dt)) - 1)
+    return field.astype(np.uint16)
+
+
 def exponent_order(base: np.ndarray, dt: DType) -> np.ndarray:
     """The stored order of the kept values: indices sorted by the base's exponent field, stable."""
-    mant = MANTISSA_BITS[dt.name]
-    ebits = 8 * dt.itemsize - 1 - mant
-    field = (base >> base.dtype.type(mant)) & base.dtype.type((1 << ebits) - 1)
-    return np.argsort(field.astype(np.uint16), kind="stable")
+    return np.argsort(exponent_field(base, dt), kind="stable")
+
+
+def exponent_counts(base: np.ndarray, dt: DType) -> np.ndarray:
+    """How many of ``base`` have each exponent field (int64, ``2**exponent_bits`` entries):
+    what a part of a record contributes to the stored order of the parts after it."""
+    return np.bincount(exponent_field(base, dt), minlength=1 << exponent_bits(dt)).astype(np.int64)
 
 
 def order_key(bits: np.ndarray) -> np.ndarray:
@@ -123,3 +138,45 @@ class UlpValues:
         z[exponent_order(base, dt)] = from_planes(raw, dt.bits, count)
         with np.errstate(over="ignore"):
             return from_order_key(order_key(base) + unzigzag(z))
+
+    def part_counts(self, base_part: np.ndarray, dt: DType) -> np.ndarray:
+        """What a run of kept values contributes to the stored order (see decode_part)."""
+        if not dt.is_float:
+            raise DeltaFormatError(f"ulp values need a float dtype, got {dt.name}")
+        return exponent_counts(np.ascontiguousarray(base_part), dt)
+
+    def decode_part(self, payload: bytes, config: dict, base_part: np.ndarray, dt: DType,
+                    count: int, before: np.ndarray, total: np.ndarray) -> np.ndarray:
+        """The values of a run of consecutive kept values (kept indices ``a .. b - 1``),
+        given the base bits of that run only, ``before`` = :func:`exponent_counts` of the
+        base at kept indices ``0 .. a - 1`` and ``total`` = that of every kept value.
+
+        Value ``i`` of exponent ``e`` is stored at slot ``start(e) + (kept values before i
+        with exponent e)``, ``start(e)`` the number of kept values with a smaller exponent:
+        so a run decodes from its own base bits and two histograms, without the base bits
+        elsewhere (what row-block restores of large tensors use: the base read once for
+        the histograms and once for the blocks).  The stream is decoded whole.
+        """
+        if not dt.is_float:
+            raise DeltaFormatError(f"ulp values need a float dtype, got {dt.name}")
+        raw = unpack_stream(payload, config, count * dt.itemsize)
+        if int(total.sum()) != count or (before > total).any():
+            raise DeltaFormatError("ulp: the base's exponents do not match the record "
+                                   "(a different base?)")
+        field = exponent_field(np.ascontiguousarray(base_part), dt)
+        order = np.argsort(field, kind="stable")
+        ranked = field[order]
+        # rank of each value among the run's values of the same exponent, in kept order
+        rank = np.arange(field.size, dtype=np.int64) - np.searchsorted(ranked, ranked)
+        start = np.concatenate([[0], np.cumsum(total)[:-1]])
+        slots = np.empty(field.size, np.int64)
+        slots[order] = start[ranked] + before[ranked] + rank
+        if field.size and (slots[order] >= (start + total)[ranked]).any():
+            raise DeltaFormatError("ulp: the base's exponents do not match the record "
+                                   "(a different base?)")
+        planes = np.frombuffer(raw, np.uint8).reshape(dt.itemsize, count)
+        z = np.zeros(field.size, dt.bits)
+        for i in range(dt.itemsize):  # gather the run's bytes plane by plane
+            z |= planes[i].take(slots).astype(dt.bits) << dt.bits.type(8 * i)
+        with np.errstate(over="ignore"):
+            return from_order_key(order_key(base_part) + unzigzag(z))

@@ -37,7 +37,7 @@ from ..errors import BaseMismatchError, TensorMismatchError
 from ..format import DeltaReader
 from ..progress import bar
 from ..walk import (BaseHash, RowBlocks, Stored, added_records, check_delta_fits, decode_block,
-                    decode_tensor, flat_blocks, output_shards, read_blocks, refuse_delta)
+                    decode_tensor, output_shards, part_counts, read_blocks, refuse_delta)
 from . import engine
 from .combine import RECIPE_KEY, RuleCombiner, rule_combiner
 from .rules import RULES
@@ -141,12 +141,13 @@ def _write_blockwise(name: str, base: Checkpoint, merged: Checkpoint, readers: l
     dt = lookup_dtype(merged.entry(name).dtype)
     records = [reader.record(name) for reader in readers]
     base_hash = BaseHash(name)
-    whole_base = flat_blocks(base, name, blocks)  # for records not decoded elementwise
-    for start, stop, base_block in read_blocks(base, name, blocks, base_hash):
+    counts = part_counts(base, name, blocks, readers, records)  # ulp records only
+    for j, (start, stop, base_block) in enumerate(read_blocks(base, name, blocks, base_hash)):
         lo, hi = blocks.elements(start, stop)
         stored = [None if r is None or r.kind != "sparse"
-                  else decode_block(reader, r, base_block, lo, base_blocks=whole_base)
-                  for reader, r in zip(readers, records)]
+                  else decode_block(reader, r, base_block, lo,
+                                    counts=counts[i][j] if i in counts else None)
+                  for i, (reader, r) in enumerate(zip(readers, records))]
         positions, bits = combine.combine(name, dt, hi - lo, _at_new(stored, lo))
         out = merged.read_rows(name, start, stop)
         out[positions] = bits

@@ -42,7 +42,7 @@ from ..progress import bar
 from ..readahead import DEFAULT_WORKERS, in_order, workers_for
 from ..sizes import parse_memory
 from ..walk import (BaseHash, RowBlocks, Stored, added_records, check_delta_fits, decode_block,
-                    decode_tensor, flat_blocks, output_shards, read_blocks, refuse_delta,
+                    decode_tensor, output_shards, part_counts, read_blocks, refuse_delta,
                     stored_positions)
 from .combine import Combiner
 
@@ -247,7 +247,10 @@ class _Plan:
         For every block each record is decoded again (:func:`~sparsestitch.walk.decode_block`:
         the codecs have no random access) and only its part inside the block is kept, so
         the memory held is one block, its share of the records, and one decoded record.
-        Decoding is repeated once per block: slower, never over the budget.  The base
+        Decoding is repeated once per block: slower, never over the budget.  Records whose
+        value codec is not elementwise (``ulp``) need the base's exponent counts before each
+        block: one more pass over the base tensor (:func:`~sparsestitch.walk.part_counts`)
+        before the blocks, so the base is read twice, not once per block.  The base
         checksum is checked after the last block; a mismatch raises before anything is
         published (the output is still temporary).
         """
@@ -272,13 +275,13 @@ class _Plan:
 
         def finish(writer: CheckpointWriter) -> None:
             base_hash = BaseHash(name)
-            whole_base = flat_blocks(base, name, blocks)  # for records not decoded elementwise
-            for start, stop, block in read_blocks(base, name, blocks, base_hash):
+            counts = part_counts(base, name, blocks, readers, records)  # ulp records only
+            for j, (start, stop, block) in enumerate(read_blocks(base, name, blocks, base_hash)):
                 lo = blocks.elements(start, stop)[0]
                 stored: list[Stored | None] = [None] * len(readers)
                 for i, record in sparse:
                     stored[i] = decode_block(readers[i], record, block, lo,
-                                             base_blocks=whole_base)
+                                             counts=counts[i][j] if i in counts else None)
                 self.combiner.block_merge(dt, stored)(block, lo)
                 del stored
                 writer.write(name, block)
