@@ -780,39 +780,52 @@ done:
 }
 
 PyDoc_STRVAR(ulp_decode_doc,
-"ulp_decode(kind, planes, base, out)\n"
+"ulp_decode(kind, planes, base, out, first=None, limit=None)\n"
 "\n"
 "The ``ulp`` value codec's decoder into ``out``: the zigzagged order-key distances are\n"
 "read from ``planes`` (byte planes, stored sorted by the base's exponent field, stably),\n"
 "put back in kept order with a counting sort and added to the base's order keys, as\n"
-"codecs/ulp.py does with numpy.  ``kind`` as for merge_block.");
+"codecs/ulp.py does with numpy.  ``kind`` as for merge_block.  With ``first`` and\n"
+"``limit`` (int64, one entry per exponent field value) ``base`` and ``out`` are a run of\n"
+"the kept values: its first value of exponent e is at slot first[e] of the planes, and\n"
+"every slot of exponent e must lie below limit[e] (else ValueError: another base).");
 
-/* Counting sort by the exponent field: starts[e] = values with a smaller exponent, then each
- * value's place in the stored order is its exponent's next slot (stable by construction). */
+/* Counting sort by the exponent field: slots[e] = where the next value of exponent e is
+ * stored (from the run's own histogram, or given), stable by construction. */
 #define DEFINE_ULP_DECODE(NAME, BITS, MANT, EBITS)                                           \
-    static void NAME(const uint8_t *restrict planes, const BITS *restrict base,             \
-                     BITS *restrict out, Py_ssize_t n, Py_ssize_t *restrict slots)          \
+    static int NAME(const uint8_t *restrict planes, Py_ssize_t stride,                      \
+                    const BITS *restrict base, BITS *restrict out, Py_ssize_t n,            \
+                    Py_ssize_t *restrict slots, const int64_t *first, const int64_t *limit) \
     {                                                                                       \
         const BITS top = (BITS)1 << (8 * sizeof(BITS) - 1);                                 \
         const BITS emask = (BITS)((1u << (EBITS)) - 1u);                                    \
-        for (Py_ssize_t i = 0; i < n; i++)                                                  \
-            slots[(base[i] >> (MANT)) & emask]++;                                           \
-        Py_ssize_t at = 0;                                                                  \
-        for (Py_ssize_t e = 0; e < ((Py_ssize_t)1 << (EBITS)); e++) {                       \
-            Py_ssize_t count = slots[e];                                                    \
-            slots[e] = at;                                                                  \
-            at += count;                                                                    \
+        if (first == NULL) {                                                                \
+            for (Py_ssize_t i = 0; i < n; i++)                                              \
+                slots[(base[i] >> (MANT)) & emask]++;                                       \
+            Py_ssize_t at = 0;                                                              \
+            for (Py_ssize_t e = 0; e < ((Py_ssize_t)1 << (EBITS)); e++) {                   \
+                Py_ssize_t count = slots[e];                                                \
+                slots[e] = at;                                                              \
+                at += count;                                                                \
+            }                                                                               \
+        } else {                                                                            \
+            for (Py_ssize_t e = 0; e < ((Py_ssize_t)1 << (EBITS)); e++)                     \
+                slots[e] = (Py_ssize_t)first[e];                                            \
         }                                                                                   \
         for (Py_ssize_t i = 0; i < n; i++) {                                                \
             BITS b = base[i], z;                                                            \
-            Py_ssize_t j = slots[(b >> (MANT)) & emask]++;                                  \
-            FROM_PLANES(BITS, planes, n, j, z);                                             \
+            Py_ssize_t e = (Py_ssize_t)((b >> (MANT)) & emask);                             \
+            Py_ssize_t j = slots[e]++;                                                      \
+            if (limit != NULL && (j < 0 || j >= (Py_ssize_t)limit[e] || j >= stride))       \
+                return -1;                                                                  \
+            FROM_PLANES(BITS, planes, stride, j, z);                                        \
             BITS distance = (BITS)((z >> 1) ^ ((BITS)0 - (z & 1u)));                        \
             BITS key = (BITS)(b ^ (((BITS)0 - (BITS)(b >> (8 * sizeof(BITS) - 1))) | top)); \
             key = (BITS)(key + distance);                                                   \
             out[i] = (BITS)(key ^ (((BITS)0 - (BITS)((key >> (8 * sizeof(BITS) - 1)) ^ 1u)) \
                                    | top));                                                 \
         }                                                                                   \
+        return 0;                                                                           \
     }
 
 DEFINE_ULP_DECODE(ulp_bf16, uint16_t, 7, 8)
@@ -824,20 +837,39 @@ static PyObject *ulp_decode(PyObject *self, PyObject *args)
 {
     int kind;
     PyObject *planes_object, *base_object, *out_object;
-    if (!PyArg_ParseTuple(args, "iOOO", &kind, &planes_object, &base_object, &out_object))
+    PyObject *first_object = Py_None, *limit_object = Py_None;
+    if (!PyArg_ParseTuple(args, "iOOO|OO", &kind, &planes_object, &base_object, &out_object,
+                          &first_object, &limit_object))
         return NULL;
     if (kind < KIND_BF16 || kind > KIND_F64)
         return PyErr_Format(PyExc_ValueError, "unknown dtype kind %d", kind);
+    static const int EXPONENT_BITS[] = {8, 5, 8, 11};  /* by kind: BF16, F16, F32, F64 */
     Py_ssize_t itemsize = KIND_ITEMSIZE[kind];
-    Py_buffer planes = {0}, base = {0}, out = {0};
+    Py_ssize_t fields = (Py_ssize_t)1 << EXPONENT_BITS[kind - KIND_BF16];
+    Py_buffer planes = {0}, base = {0}, out = {0}, first = {0}, limit = {0};
     PyObject *result = NULL;
     Py_ssize_t *slots = NULL;
+    int failed = 0;
     if (PyObject_GetBuffer(planes_object, &planes, PyBUF_CONTIG_RO) < 0 ||
         get_buffer(base_object, &base, 0, itemsize, "base bits") < 0 ||
         get_buffer(out_object, &out, 1, itemsize, "out") < 0)
         goto done;
+    if ((first_object == Py_None) != (limit_object == Py_None)) {
+        PyErr_SetString(PyExc_ValueError, "first and limit go together");
+        goto done;
+    }
+    if (first_object != Py_None &&
+        (get_buffer(first_object, &first, 0, 8, "first") < 0 ||
+         get_buffer(limit_object, &limit, 0, 8, "limit") < 0))
+        goto done;
+    if (first_object != Py_None && (first.len != fields * 8 || limit.len != fields * 8)) {
+        PyErr_SetString(PyExc_ValueError, "first and limit need one entry per exponent");
+        goto done;
+    }
     Py_ssize_t n = out.len / itemsize;
-    if (base.len / itemsize != n || planes.len != n * itemsize) {
+    Py_ssize_t stride = planes.len / itemsize;
+    if (base.len / itemsize != n || planes.len != stride * itemsize ||
+        (first_object == Py_None && stride != n)) {
         PyErr_SetString(PyExc_ValueError, "planes, base bits and out differ in length");
         goto done;
     }
@@ -846,20 +878,28 @@ static PyObject *ulp_decode(PyObject *self, PyObject *args)
         PyErr_NoMemory();
         goto done;
     }
+    const int64_t *first_p = first_object == Py_None ? NULL : first.buf;
+    const int64_t *limit_p = first_object == Py_None ? NULL : limit.buf;
     Py_BEGIN_ALLOW_THREADS
     switch (kind) {
-    case KIND_BF16: ulp_bf16(planes.buf, base.buf, out.buf, n, slots); break;
-    case KIND_F16: ulp_f16(planes.buf, base.buf, out.buf, n, slots); break;
-    case KIND_F32: ulp_f32(planes.buf, base.buf, out.buf, n, slots); break;
-    default: ulp_f64(planes.buf, base.buf, out.buf, n, slots);
+    case KIND_BF16: failed = ulp_bf16(planes.buf, stride, base.buf, out.buf, n, slots, first_p, limit_p); break;
+    case KIND_F16: failed = ulp_f16(planes.buf, stride, base.buf, out.buf, n, slots, first_p, limit_p); break;
+    case KIND_F32: failed = ulp_f32(planes.buf, stride, base.buf, out.buf, n, slots, first_p, limit_p); break;
+    default: failed = ulp_f64(planes.buf, stride, base.buf, out.buf, n, slots, first_p, limit_p);
     }
     Py_END_ALLOW_THREADS
+    if (failed) {
+        PyErr_SetString(PyExc_ValueError, "ulp: a slot outside its exponent's range");
+        goto done;
+    }
     result = Py_NewRef(Py_None);
 done:
     PyMem_Free(slots);
     release(&planes);
     release(&base);
     release(&out);
+    release(&first);
+    release(&limit);
     return result;
 }
 

@@ -251,13 +251,20 @@ def test_ulp_decodes_any_run_of_kept_values_from_its_own_base_bits(dt, data):
     bounds = [0, *sorted(cuts), kept.size]
     total = exponent_counts(base, dt)
     assert int(total.sum()) == kept.size
-    for a, b in zip(bounds, bounds[1:]):
-        part = codec.decode_part(payload, config, base[a:b], dt, kept.size,
-                                 exponent_counts(base[:a], dt), total)
-        np.testing.assert_array_equal(part, kept[a:b])
-    # counts that do not match the record (another base) are refused, not misread
-    with pytest.raises(DeltaFormatError):
-        codec.decode_part(payload, config, base, dt, kept.size, total * 0, total + 1)
+    for native_loops in ("1", "0"):  # the C loop and numpy give the same bits
+        with mock.patch.dict("os.environ", {"SPARSESTITCH_NATIVE": native_loops}):
+            for a, b in zip(bounds, bounds[1:]):
+                part = codec.decode_part(payload, config, base[a:b], dt, kept.size,
+                                         exponent_counts(base[:a], dt), total)
+                np.testing.assert_array_equal(part, kept[a:b])
+            # counts that do not match the record (another base) are refused, not misread
+            with pytest.raises(DeltaFormatError):
+                codec.decode_part(payload, config, base, dt, kept.size, total * 0, total + 1)
+            shifted = np.roll(total, 1)  # the right total, in the wrong exponents
+            if not np.array_equal(shifted, total):
+                with pytest.raises(DeltaFormatError):
+                    codec.decode_part(payload, config, base, dt, kept.size, shifted * 0,
+                                      shifted)
 
 
 @pytest.mark.parametrize("dt", FLOAT_DTYPES, ids=lambda dt: dt.name)

@@ -163,12 +163,24 @@ class UlpValues:
         if int(total.sum()) != count or (before > total).any():
             raise DeltaFormatError("ulp: the base's exponents do not match the record "
                                    "(a different base?)")
-        field = exponent_field(np.ascontiguousarray(base_part), dt)
+        base_part = np.ascontiguousarray(base_part)
+        start = np.concatenate([[0], np.cumsum(total)[:-1]]).astype(np.int64)
+        kernels, kind = native.float_kernels(dt.name)
+        if kernels is not None:  # the same bits: one pass, slots counted from start + before
+            values = np.empty(base_part.size, dt.bits)
+            try:
+                kernels.ulp_decode(kind, raw, base_part, values,
+                                   np.ascontiguousarray(start + before, np.int64),
+                                   np.ascontiguousarray(start + total, np.int64))
+            except ValueError as exc:
+                raise DeltaFormatError("ulp: the base's exponents do not match the record "
+                                       "(a different base?)") from exc
+            return values
+        field = exponent_field(base_part, dt)
         order = np.argsort(field, kind="stable")
         ranked = field[order]
         # rank of each value among the run's values of the same exponent, in kept order
         rank = np.arange(field.size, dtype=np.int64) - np.searchsorted(ranked, ranked)
-        start = np.concatenate([[0], np.cumsum(total)[:-1]])
         slots = np.empty(field.size, np.int64)
         slots[order] = start[ranked] + before[ranked] + rank
         if field.size and (slots[order] >= (start + total)[ranked]).any():
