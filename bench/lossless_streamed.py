@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -76,14 +77,14 @@ def main(argv=None) -> None:
         base_dir, tune_dir = available[name]
         for label, tree in trees.items():
             delta = args.work / f"{name}-{label}.delta"
-            out = args.work / f"{name}-{label}-streamed.safetensors"
+            out = args.work / f"{name}-{label}-streamed"
             done = subprocess.run([sys.executable, "-c", CHILD, str(tree), str(base_dir),
                                    str(delta), str(out), str(model_file(tune_dir)),
                                    args.block_bytes], capture_output=True, text=True)
             if done.returncode:
                 raise SystemExit(done.stderr)
             result = json.loads(done.stdout.strip().splitlines()[-1])
-            out.unlink()
+            shutil.rmtree(out, ignore_errors=True)
             if not result["exact"]:
                 raise SystemExit(f"{name} ({label}): the row-block restore is not exact")
             rows.append({"pair": name, "tree": label, "block_bytes": args.block_bytes,
