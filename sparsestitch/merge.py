@@ -35,7 +35,7 @@ from .dtypes import DType, dtype as lookup_dtype
 from .errors import TensorMismatchError
 from .format import Record
 from .keep import as_mask_list, check_compatible, check_scope, choices, make_selectors
-from .localize.selectors import Choice, Selector, TuneBlock
+from .localize.selectors import Choice, KeepAll, Selector, TuneBlock
 from .readahead import workers_for
 from .selection import Selection, TensorPlan, TensorScanner, run_pre_passes
 from .stitch import engine
@@ -230,6 +230,19 @@ class FineTuneSource:
         ``emit(name, bits)`` in order."""
         dt = lookup_dtype(self.base.entry(name).dtype)
         count = len(self.tunes)
+        plan = self.scanner.plan
+        if all(isinstance(s, KeepAll) for s in self.selectors) and (
+                name in plan.localized or plan.stored_exactly(name, dt)):
+            # every changed element of every fine-tune: no positions at all
+            tunes: list[np.ndarray] = []
+            for block in self.scanner.tune_blocks(name):
+                tunes.append(block.finetuned)
+                if len(tunes) == count:
+                    merged = block.base.copy()
+                    self.combiner.merge_changed(dt, merged, block.offset, tunes)
+                    emit(name, merged)
+                    tunes = []
+            return
         stored: list[Stored | None] = []
         for block, choice in self.scanner.choices(name, self.selectors):
             stored.append(stored_of_choice(block, choice))

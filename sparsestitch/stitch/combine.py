@@ -121,6 +121,27 @@ class RuleCombiner:
         """The same merge as :meth:`combine`, applied row block by row block in place."""
         return BlockMerge(self, dt, stored)
 
+    def merge_changed(self, dt: DType, block: np.ndarray, first: int,
+                      finetuned: Sequence[np.ndarray]) -> None:
+        """:meth:`block_merge` for records that store exactly the elements of ``block`` (the
+        base bits of elements ``first, ...``, merged in place) whose bits differ, given every
+        record's fine-tuned bits over the whole block: full fine-tunes merged straight, with
+        no position arrays (the C loop; numpy builds the positions)."""
+        kernels, kind = native.float_kernels(dt.name)
+        if kernels is None or not self.merges_blocks(dt):
+            stored = []
+            for bits in finetuned:
+                changed = np.flatnonzero(bits != block)
+                stored.append(Stored(changed + first, bits[changed], block[changed])
+                              if changed.size else None)
+            self.block_merge(dt, stored)(block, first)
+            return
+        form = self.rule.block_form(self.options)
+        kernels.merge_changed(kind, block, [(np.ascontiguousarray(bits), w)
+                                            for bits, w in zip(finetuned, self.weights)],
+                              form.mean, float(form.scale), form.lone_exact,
+                              CANONICAL_NAN[dt.name])
+
     def bytes_per_position(self, dt: DType) -> int:
         """Bytes a tensor's decoded records hold per stored position until it is merged:
         the int64 position and the fine-tuned and base bits, plus, unless the C merge runs,
