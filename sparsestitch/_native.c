@@ -428,8 +428,28 @@ done:
         count[j] += changed & 1;                                                            \
     }
 
+/* The finishing pass, with blends too: an element no record changed keeps the base's bits,
+ * a lone one of weight 1 (with lone_exact) the fine-tune's, any other the rounded sum. */
+#define FINISH_CHANGED(WIDE, WBITS, TO_WIDE, ROUND, UPDATE)                                  \
+    for (Py_ssize_t j = 0; j < width; j++) {                                                \
+        WIDE merged = TO_WIDE(target[j]) + (UPDATE);                                        \
+        WBITS rounded = merged != merged ? (WBITS)canonical_nan : (WBITS)ROUND(merged);     \
+        WBITS untouched = (WBITS)0 - (WBITS)(count[j] == 0);                                \
+        WBITS lone_here = unit[j] & ((WBITS)0 - (WBITS)(lone_exact & (count[j] == 1)));     \
+        WBITS value = (rounded & ~lone_here) | (lone[j] & lone_here);                       \
+        target[j] = (BITS_T)((value & ~untouched) | ((WBITS)target[j] & untouched));        \
+    }
+
+/* AVX2 doubles the vector width where the machine has it (chosen when the module loads; the
+ * same IEEE operations, no contraction: -ffp-contract=off, so the bits do not change). */
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define VECTOR_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define VECTOR_CLONES
+#endif
+
 #define DEFINE_MERGE_CHANGED(NAME, BITS, WIDE, WBITS, TO_WIDE, ROUND)                        \
-    static void NAME(BITS *restrict block, Py_ssize_t size, const BITS **tunes,             \
+    VECTOR_CLONES static void NAME(BITS *restrict block, Py_ssize_t size, const BITS **tunes,             \
                      const double *weights, Py_ssize_t n_tunes, int mean, WIDE scale,        \
                      int lone_exact, BITS canonical_nan)                                     \
     {                                                                                       \
@@ -453,17 +473,10 @@ done:
                     ADD_CHANGED(WIDE, WBITS, TO_WIDE, 1)                                    \
                 }                                                                           \
             }                                                                               \
-            for (Py_ssize_t j = 0; j < width; j++) {                                        \
-                if (count[j] == 0)                                                          \
-                    continue;                                                               \
-                if (lone_exact && count[j] == 1 && unit[j]) {                               \
-                    target[j] = (BITS)lone[j];                                              \
-                } else {                                                                    \
-                    WIDE update = mean ? total[j] / (WIDE)count[j] : scale * total[j];      \
-                    WIDE merged = TO_WIDE(target[j]) + update;                              \
-                    target[j] = merged != merged ? canonical_nan : ROUND(merged);           \
-                }                                                                           \
-            }                                                                               \
+            if (mean)                                                                       \
+                FINISH_CHANGED(WIDE, WBITS, TO_WIDE, ROUND, total[j] / (WIDE)count[j])      \
+            else                                                                            \
+                FINISH_CHANGED(WIDE, WBITS, TO_WIDE, ROUND, scale * total[j])               \
         }                                                                                   \
     }
 

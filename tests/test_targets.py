@@ -7,7 +7,6 @@ import itertools
 
 import numpy as np
 import pytest
-import torch
 from click.testing import CliRunner
 from hypothesis import given, settings, strategies as st
 from safetensors.torch import load_file
