@@ -258,6 +258,15 @@ class FineTuneSource:
         scanner, combiner = self.scanner, self.combiner
         entry = self.base.entry(name)
         dt = lookup_dtype(entry.dtype)
+        blocks = RowBlocks.of(entry.shape, dt.itemsize, self.block_bytes)
+        if self._dense(name, dt):
+            update = combiner.combine_changed(dt, *self._whole_tensors(name, entry.numel, dt))
+
+            def finish_dense(writer: CheckpointWriter) -> None:
+                engine.write_patched(writer, name, blocks,
+                                     lambda start, stop: self.base.read_rows(name, start, stop),
+                                     *update)
+            return finish_dense
         base_xxh3, selections = scanner.select(name, self.selectors)
         exact = name not in scanner.plan.localized or (scanner.quantize is None
                                                        and scanner.planner is None)
@@ -267,7 +276,6 @@ class FineTuneSource:
         stored = [stored_of_selection(s) if exact else stored_of_record(*encoded[i], s, dt)
                   for i, s in enumerate(selections)]
         del selections
-        blocks = RowBlocks.of(entry.shape, dt.itemsize, self.block_bytes)
         if combiner.merges_blocks(dt):
             merge = combiner.block_merge(dt, stored)
             update = None
@@ -289,6 +297,26 @@ class FineTuneSource:
                 writer.write(name, block)
         return finish
 
+
+    def _dense(self, name: str, dt) -> bool:
+        """Whether tensor ``name`` is merged from whole task vectors, without positions: every
+        changed element of every fine-tune kept exactly, no deltas saved, and a rule with a
+        dense form (TIES in mergekit's convention: it makes the dense vectors anyway)."""
+        plan = self.scanner.plan
+        return (self.outputs is None and self.combiner.has_dense_form(dt)
+                and all(isinstance(s, KeepAll) for s in self.selectors)
+                and (name in plan.localized or plan.stored_exactly(name, dt)))
+
+    def _whole_tensors(self, name: str, numel: int, dt) -> tuple[np.ndarray, list[np.ndarray]]:
+        """The base's and every fine-tune's bits of the whole tensor ``name``."""
+        base = np.empty(numel, dt.bits)
+        tunes = [np.empty(numel, dt.bits) for _ in self.tunes]
+        for block in self.scanner.tune_blocks(name):
+            end = block.offset + block.finetuned.size
+            if block.tune == 0:
+                base[block.offset:end] = block.base
+            tunes[block.tune][block.offset:end] = block.finetuned
+        return base, tunes
 
 def stored_of_choice(block: TuneBlock, choice: Choice) -> Stored | None:
     """What a delta of this choice would decode to inside ``block`` (None: nothing kept)."""

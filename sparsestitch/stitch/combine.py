@@ -142,6 +142,35 @@ class RuleCombiner:
                               form.mean, float(form.scale), form.lone_exact,
                               CANONICAL_NAN[dt.name])
 
+    def has_dense_form(self, dt: DType) -> bool:
+        """Whether :meth:`combine_changed` applies: float tensors, a rule with a dense form."""
+        return dt.is_float and self.rule.has_dense_update
+
+    def combine_changed(self, dt: DType, base: np.ndarray, finetuned: Sequence[np.ndarray]
+                        ) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`combine` of records that store exactly the elements whose bits differ from
+        ``base`` (a whole tensor's bits), given every record's fine-tuned bits of the whole
+        tensor: the rule's dense form on whole task vectors (zero where a record stores
+        nothing, as its sparse form makes them), then the same rounding at the union."""
+        import torch
+
+        changed = np.zeros(base.size, bool)
+        wide = torch.float64 if np.dtype(dt.wide) == np.float64 else torch.float32
+        deltas = torch.zeros((len(finetuned), base.size), dtype=wide)
+        base_wide = to_wide(base, dt)
+        with np.errstate(all="ignore"):
+            for row, bits in zip(deltas, finetuned):
+                stored = bits != base
+                changed |= stored
+                tau = row.numpy()
+                np.subtract(to_wide(bits, dt), base_wide, out=tau, where=stored)
+            positions = np.flatnonzero(changed)
+            update = self.rule.dense_update(deltas, self.weights, **self.options)
+            merged = base_wide[positions] + update.numpy()[positions]
+            new_bits = from_wide(merged, dt)
+            new_bits[np.isnan(merged)] = CANONICAL_NAN[dt.name]
+        return positions, new_bits
+
     def bytes_per_position(self, dt: DType) -> int:
         """Bytes a tensor's decoded records hold per stored position until it is merged:
         the int64 position and the fine-tuned and base bits, plus, unless the C merge runs,

@@ -74,6 +74,16 @@ class MergeRule:
         """For elementwise rules: the form the block kernels compute."""
         raise TypeError(f"rule {self.name!r} is not elementwise")
 
+    #: Whether :meth:`dense_update` exists: the rule's result from whole task vectors (zero
+    #: where a delta stores nothing) equals :meth:`update`'s at every stored position.
+    has_dense_update: ClassVar[bool] = False
+
+    def dense_update(self, deltas, weights: Sequence[float], **options):
+        """The update at every element from ``deltas``, a torch tensor of one dense task
+        vector per delta (rows; zeros where it stores nothing): how merge handles full
+        fine-tunes without position lists.  Only where ``has_dense_update``."""
+        raise NotImplementedError
+
     def check_options(self, options: dict) -> dict:
         """``options`` with every default spelled out (so recipes of equal merges are equal),
         each checked; raises ValueError naming the rule and the option."""
@@ -246,9 +256,19 @@ class TiesMergekit(Ties):
         deltas = torch.zeros((len(vectors), size), dtype=wide)
         for row, vector in zip(deltas, vectors):
             row[torch.from_numpy(vector.positions)] = torch.from_numpy(vector.tau)
+        mixed = self.dense_update(deltas, weights, density=density, scale=scale)
+        return union, mixed[torch.from_numpy(union)].numpy()
+
+    has_dense_update = True
+
+    def dense_update(self, deltas, weights, density=0.2, scale=1.0):
+        """mergekit's operations on ``deltas`` (trimmed in place)."""
+        import torch
+
+        size, wide = deltas.shape[1], deltas.dtype
         if density < 1:  # mergekit.sparsify.magnitude
             keep = int(density * size)
-            for i in range(len(vectors)):
+            for i in range(deltas.shape[0]):
                 mask = torch.zeros(size, dtype=wide)
                 mask[torch.argsort(deltas[i].abs().float(), descending=True)[:keep]] = 1
                 deltas[i] = deltas[i] * mask
@@ -263,7 +283,7 @@ class TiesMergekit(Ties):
         mixed /= divisor
         if scale != 1:
             mixed *= scale
-        return union, mixed[torch.from_numpy(union)].numpy()
+        return mixed
 
 
 class Dare(MergeRule):
