@@ -112,8 +112,13 @@ def build_configs(base: str, tunes: list[str], deltas: list[str], delta_bytes: l
                    work / "st-ls", floor="merge"),
         run_config("compress lossless", "sparsestitch compress --lossless, 1 fine-tune",
                    "stitch_runs:compress_run", (base, tunes[0], str(work / "c.delta"),
-                                                {"lossless": True}), [base, tunes[0]],
-                   work / "c.delta", floor="compress"),
+                                                {"lossless": True, "max_memory": max_memory, "overwrite": True}),
+                   [base, tunes[0]], work / "c.delta", floor="compress"),
+        run_config("compress lossless all", f"sparsestitch compress --lossless, {n} fine-tunes "
+                   "in one run", "stitch_runs:compress_run",
+                   (base, tunes, [str(work / f"c{i}.delta") for i in range(n)],
+                    {"lossless": True, "max_memory": max_memory, "overwrite": True}),
+                   [base, *tunes], work / "c0.delta"),
         run_config("stitch full", f"sparsestitch stitch task-arithmetic, {n} full deltas",
                    "stitch_runs:stitch_run", (base, deltas, str(work / "st-full"),
                                               "task-arithmetic", max_memory),
@@ -178,6 +183,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--max-memory", default="1GiB")
     parser.add_argument("--jobs", type=int, default=2, help="processes preparing inputs")
     parser.add_argument("--no-mergekit", action="store_true")
+    parser.add_argument("--skip", default="", help="comma-separated runs to leave out, e.g. "
+                        "'mergekit ties,merge ties'")
     parser.add_argument("--quick", action="store_true", help="0.2 GB, 2 fine-tunes, 1 round")
     parser.add_argument("--json", default=str(BENCH / "results" / "merge_peer.json"))
     args = parser.parse_args(argv)
@@ -195,6 +202,8 @@ def main(argv=None) -> dict:
     with_mergekit = not args.no_mergekit and mergekit_python().is_file()
     configs = build_configs(base, tunes, deltas, delta_bytes, work, args.max_memory,
                             with_mergekit)
+    skipped = {key.strip() for key in args.skip.split(",") if key.strip()}
+    configs = [c for c in configs if c.key not in skipped]
     run_rounds(configs, args.repeat, keep_last=True)
     rows, agreement = summarize(configs, base)
     for config in configs:

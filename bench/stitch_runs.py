@@ -148,12 +148,12 @@ def merge_run(base: str, tunes: list[str], out: str, rule: str, options: dict,
     return {"peak_rss": peak_rss(), "cpu_seconds": time.process_time() - cpu}
 
 
-def compress_run(base: str, tune: str, out: str, options: dict) -> dict:
-    """``sparsestitch.compress`` of one fine-tune; the delta's size."""
+def compress_run(base: str, tune, out, options: dict) -> dict:
+    """``sparsestitch.compress`` of one fine-tune (or a list, in one run); the deltas' size."""
     cpu = time.process_time()
-    (summary,) = sparsestitch.compress(base, tune, out, **options)
+    summaries = sparsestitch.compress(base, tune, out, **options)
     return {"peak_rss": peak_rss(), "cpu_seconds": time.process_time() - cpu,
-            "bytes": summary.nbytes}
+            "bytes": sum(s.nbytes for s in summaries)}
 
 
 def profile_merge(base: str, tunes: list[str], out: str, rule: str, options: dict,

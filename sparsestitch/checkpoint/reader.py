@@ -21,6 +21,7 @@ from ..errors import CheckpointError
 from ..hub import resolve_checkpoint
 from ..safetensors_file import TensorEntry, read_header
 from ..sizes import row_items
+from .gguf_file import GgufTensors, is_gguf
 
 INDEX_NAME = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
@@ -64,9 +65,13 @@ class Checkpoint:
         if not self.path.exists() and not recover(self.path):  # a killed overwrite's old output
             self.path = resolve_checkpoint(path)  # a Hub id in the local cache, or an error
             self.hub_id = os.fspath(path)
+        self._gguf: GgufTensors | None = None
         if self.path.is_dir():
             self.is_folder = True
             shard_files, self._index_map = _folder_shards(self.path)
+        elif is_gguf(self.path):
+            self.is_folder = False
+            shard_files = []
         else:
             self.is_folder = False
             _refuse_pickle(self.path)
@@ -78,6 +83,8 @@ class Checkpoint:
         try:
             for file in shard_files:
                 self._add_shard(file)
+            if not shard_files:
+                self._add_gguf()
         except BaseException:
             self.close()
             raise
@@ -95,6 +102,8 @@ class Checkpoint:
         for handle in self._handles.values():
             handle.close()
         self._handles.clear()
+        if self._gguf is not None:
+            self._gguf.close()
 
     def __contains__(self, name: str) -> bool:
         return name in self._where
@@ -116,6 +125,8 @@ class Checkpoint:
     def read_rows(self, name: str, start: int, stop: int) -> np.ndarray:
         """Bits of rows ``start:stop`` (along the first dimension) as a flat array."""
         located = self.locate(name)
+        if self._gguf is not None:
+            return self._gguf.read_rows(name, start, stop)
         entry = located.entry
         bits = lookup_dtype(entry.dtype).bits
         per_row = row_items(entry.shape)
@@ -164,6 +175,15 @@ class Checkpoint:
             self._where[name] = Located(file, entry)
             names.append(name)
         self.layout.append((file.name, sorted(names)))
+
+
+    def _add_gguf(self) -> None:
+        """A GGUF file's tensors under transformers' names (see :mod:`.gguf_file`); an output
+        made from it is one safetensors file."""
+        self._gguf = GgufTensors(self.path)
+        self._where = {name: Located(self.path, entry) for name, entry in self._gguf.entries.items()}
+        self.metadata["model.safetensors"] = {"format": "pt"}
+        self.layout.append(("model.safetensors", sorted(self._where)))
 
 
 def _folder_shards(folder: Path) -> tuple[list[Path], dict[str, str] | None]:
