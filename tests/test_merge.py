@@ -214,9 +214,9 @@ def test_dense_ties_mergekit_equals_its_positional_form(dt, data, density):
                                  max_size=len(tunes)))
     combiner = rule_combiner("ties-mergekit", weights, len(tunes), density=density)
     stored = []
-    for bits in tunes:
-        changed = np.flatnonzero(bits != base)
-        stored.append(Stored(changed, bits[changed], base[changed]) if changed.size else None)
+    for tune in tunes:
+        changed = np.flatnonzero(tune != base)
+        stored.append(Stored(changed, tune[changed], base[changed]) if changed.size else None)
     expected = combiner.combine("w", dt, base.size, stored)
     positions, new_bits = combiner.combine_changed(dt, base, tunes)
     assert positions.tolist() == expected[0].tolist()
