@@ -83,8 +83,10 @@ class Checkpoint:
         try:
             for file in shard_files:
                 self._add_shard(file)
-            if not shard_files:
-                self._add_gguf()
+            if not shard_files:  # a GGUF file; an output made from it is one safetensors file
+                self._gguf = GgufTensors(self.path)
+                self._where = {n: Located(self.path, e) for n, e in self._gguf.entries.items()}
+                self.layout.append(("model.safetensors", sorted(self._where)))
         except BaseException:
             self.close()
             raise
@@ -127,21 +129,7 @@ class Checkpoint:
         located = self.locate(name)
         if self._gguf is not None:
             return self._gguf.read_rows(name, start, stop)
-        entry = located.entry
-        bits = lookup_dtype(entry.dtype).bits
-        per_row = row_items(entry.shape)
-        out = np.empty((stop - start) * per_row, dtype=bits)
-        view = memoryview(out.view(np.uint8))
-        offset = entry.start + start * per_row * bits.itemsize
-        handle = self._handles[located.file]
-        got = 0
-        while got < len(view):
-            n = os.preadv(handle.fileno(), [view[got:]], offset + got)
-            if n <= 0:
-                raise CheckpointError("file ended early (truncated while reading?)",
-                                      path=located.file, tensor=name)
-            got += n
-        return out
+        return _read_rows(self._handles[located.file], located, name, start, stop)
 
     @property
     def has_index(self) -> bool:
@@ -177,13 +165,24 @@ class Checkpoint:
         self.layout.append((file.name, sorted(names)))
 
 
-    def _add_gguf(self) -> None:
-        """A GGUF file's tensors under transformers' names (see :mod:`.gguf_file`); an output
-        made from it is one safetensors file."""
-        self._gguf = GgufTensors(self.path)
-        self._where = {name: Located(self.path, entry) for name, entry in self._gguf.entries.items()}
-        self.metadata["model.safetensors"] = {"format": "pt"}
-        self.layout.append(("model.safetensors", sorted(self._where)))
+
+
+def _read_rows(handle, located: Located, name: str, start: int, stop: int) -> np.ndarray:
+    """Rows ``start:stop`` of a safetensors tensor, read with ``preadv`` (thread-safe)."""
+    entry = located.entry
+    bits = lookup_dtype(entry.dtype).bits
+    per_row = row_items(entry.shape)
+    out = np.empty((stop - start) * per_row, dtype=bits)
+    view = memoryview(out.view(np.uint8))
+    offset = entry.start + start * per_row * bits.itemsize
+    got = 0
+    while got < len(view):
+        n = os.preadv(handle.fileno(), [view[got:]], offset + got)
+        if n <= 0:
+            raise CheckpointError("file ended early (truncated while reading?)",
+                                  path=located.file, tensor=name)
+        got += n
+    return out
 
 
 def _folder_shards(folder: Path) -> tuple[list[Path], dict[str, str] | None]:
