@@ -218,8 +218,15 @@ def test_cuda_stitch_equals_cpu_stitch(tmp_path, rule):
     assert cpu.read_bytes() == gpu.read_bytes()
 
 
-def test_engine_with_torch_combiner_writes_the_same_model(tmp_path):
-    """The whole streaming engine with the torch combiner (on the CPU) vs the numpy stitcher."""
+ENGINE_CASES = [("localize-stitch", {}), ("task-arithmetic", {"scale": 0.6}),
+                ("ties", {"density": 0.2}), ("ties-mergekit", {"density": 0.3}),
+                ("dare", {"drop": 0.5, "seed": 3})]
+
+
+@pytest.mark.parametrize("rule, options", ENGINE_CASES)
+def test_engine_with_torch_combiner_writes_the_same_model(tmp_path, rule, options):
+    """The whole streaming engine with the torch combiner (on the CPU device) vs the numpy
+    stitcher, for every rule (small row blocks: the streamed path too)."""
     from safetensors.torch import load_file
 
     from .conftest import bits
@@ -227,9 +234,13 @@ def test_engine_with_torch_combiner_writes_the_same_model(tmp_path):
     from sparsestitch.stitch import engine
 
     deltas = _three_deltas(tmp_path, density=0.4)
-    want = sparsestitch.stitch(tmp_path / "base.safetensors", deltas, tmp_path / "numpy.safetensors")
-    got = engine.run(tmp_path / "base.safetensors", deltas, tmp_path / "torch.safetensors",
-                     DeviceCombiner(rule_combiner("localize-stitch", None, 3), "cpu"))
+    weights = [1.0, 0.5, 1.0]
+    want = sparsestitch.stitch(tmp_path / "base.safetensors", deltas, tmp_path / "numpy.safetensors",
+                               rule=rule, weights=weights, **options)
+    combiner = DeviceCombiner(rule_combiner(rule, weights, 3, **options), "cpu")
+    with _numpy_combiner_forbidden():
+        got = engine.run(tmp_path / "base.safetensors", deltas, tmp_path / "torch.safetensors",
+                         combiner, block_bytes=4096)
     want_tensors, got_tensors = load_file(want), load_file(got)
     assert want_tensors.keys() == got_tensors.keys()
     for name, tensor in want_tensors.items():
@@ -295,3 +306,23 @@ def test_the_engine_runs_device_merges_in_its_writing_thread_only(tmp_path):
         engine.run(tmp_path / "base.safetensors", deltas, tmp_path / "out.safetensors",
                    DeviceCombiner(rule_combiner("localize-stitch", None, 3), "cpu"))
     assert threads and set(threads) == {threading.main_thread()}
+
+
+def test_staging_reuses_its_buffers():
+    """Copies go through a ring of reused host buffers (grown, never reallocated per array)."""
+    from sparsestitch.stitch.staging import Staging
+
+    staging = Staging("cpu", slots=2)
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        array = rng.integers(0, 2**16, 1000).astype(np.uint16)
+        on_device = staging.to_device(array)
+        assert on_device.dtype == torch.int16
+        back = np.empty_like(array)
+        staging.to_host(on_device, back)
+        assert np.array_equal(back, array)
+    assert staging.allocations == 2
+    kept = staging.to_device(np.arange(5, dtype=np.int64))
+    staging.to_device(np.arange(5, 10, dtype=np.int64))
+    staging.to_device(np.arange(10, 15, dtype=np.int64))  # the first buffer again
+    assert kept.tolist() == [0, 1, 2, 3, 4]  # a device tensor never aliases a staging buffer
