@@ -34,10 +34,25 @@ def as_torch(array: np.ndarray):
     """A torch view of a host numpy array, unsigned bits seen as the signed type of their width."""
     import torch
 
+    array = signed_view(array)
+    if not array.flags.writeable:  # torch refuses to share read-only memory (zstd output)
+        array = array.copy()
+    return torch.from_numpy(array)
+
+
+def signed_view(array: np.ndarray) -> np.ndarray:
+    """A contiguous view of ``array`` with unsigned bits seen as the signed type of their width."""
     array = np.ascontiguousarray(array)
     if array.dtype.kind == "u" and array.dtype.itemsize > 1:
-        array = array.view(f"<i{array.dtype.itemsize}")
-    return torch.from_numpy(array)
+        return array.view(f"<i{array.dtype.itemsize}")
+    return array
+
+
+def torch_type(numpy_type: np.dtype):
+    """The torch dtype torch gives a numpy array of ``numpy_type``."""
+    import torch
+
+    return torch.from_numpy(np.empty(0, numpy_type)).dtype
 
 
 def host_bits(tensor, dt: DType) -> np.ndarray:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .device_bits import as_torch
+from .device_bits import signed_view, torch_type
 
 
 class Staging:
@@ -60,14 +60,16 @@ class Staging:
         on CUDA the copy may still be running: the current stream waits for it."""
         import torch
 
-        host = as_torch(array)
-        nbytes = host.numel() * host.element_size()
-        out = torch.empty(host.shape, dtype=host.dtype, device=self.device)
+        host = signed_view(array)
+        nbytes = host.nbytes
+        kind = torch_type(host.dtype)
+        out = torch.empty(host.shape, dtype=kind, device=self.device)
         if nbytes == 0:
             return out
         slot, buffer = self._buffer(nbytes)
-        staged = buffer[:nbytes].view(host.dtype)
-        staged.copy_(host)
+        # Through numpy: the source may be read-only memory (torch will not wrap that).
+        buffer[:nbytes].numpy()[:] = host.reshape(-1).view(np.uint8)
+        staged = buffer[:nbytes].view(kind).reshape(host.shape)
         if not self.cuda:
             out.copy_(staged)
             return out
