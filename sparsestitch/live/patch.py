@@ -75,7 +75,7 @@ def apply(model, deltas: str | os.PathLike | Sequence[str | os.PathLike], *,
         targets = match_records(tensors, readers, added)
         if verify_base:
             for live in targets.values():
-                _verify(live, readers)
+                check_live_base(live, readers)
         patch = Patch()
         try:
             for live in targets.values():
@@ -142,7 +142,7 @@ class Patch:
         if self._reverted:
             return
         for key, entry in self._entries.items():
-            if _active(key)[-1] is not self:
+            if active_patches(key)[-1] is not self:
                 raise SparsestitchError("a patch applied later over this tensor is still active: "
                                         "revert patches in reverse order of applying them",
                                         tensor=entry.live.name)
@@ -182,7 +182,7 @@ class Patch:
         union = merged.positions
         union_device = torch.from_numpy(union).to(live.device)
         current = live.gather(union_device)
-        below = _active(live.key)
+        below = active_patches(live.key)
         base = _undo_patches(np.array(current), union, live.key, below)
         stored: list[Stored | None] = [None] * len(readers)
         for i, record in sparse:
@@ -215,9 +215,9 @@ class Patch:
         self._entries = {}
 
 
-def _verify(live: LiveTensor, readers: list[DeltaReader]) -> None:
+def check_live_base(live: LiveTensor, readers: list[DeltaReader]) -> None:
     """The live tensor, with active patches undone, hashes to every delta's base checksum."""
-    below = _active(live.key)
+    below = active_patches(live.key)
     base_hash = BaseHash(live.name)
     for start, chunk in live.chunks():
         if below:
@@ -242,7 +242,7 @@ def _undo_patches(values: np.ndarray, positions: np.ndarray, key: tuple,
     return values
 
 
-def _active(key: tuple) -> list[Patch]:
+def active_patches(key: tuple) -> list[Patch]:
     return [patch for ref in _ACTIVE.get(key, ()) if (patch := ref()) is not None]
 
 
