@@ -24,6 +24,10 @@ import sparsestitch
 
 from .conftest import save_checkpoint, small_model, finetune_of
 
+#: Torch devices the device tests run on: the CPU device always, CUDA where there is one.
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device"))]
+
 
 #: Bit patterns every float dtype must survive: NaNs (quiet, signalling, negative, with
 #: payloads), infinities, signed zeros, the smallest subnormal and the largest finite value.
@@ -116,14 +120,15 @@ def _numpy_combiner_forbidden():
         yield
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @settings(max_examples=400, deadline=None)
 @given(seed=st.integers(0, 2**32 - 1), dt_name=st.sampled_from(["BF16", "F16", "F32", "F64"]),
        count=st.integers(0, 5), numel=st.integers(1, 300),
        rule_and_options=st.sampled_from(sorted(RULE_OPTIONS)).flatmap(
            lambda rule: st.tuples(st.just(rule), RULE_OPTIONS[rule])),
        weights=WEIGHTS, stacked=st.booleans())
-def test_torch_on_the_cpu_device_matches_numpy_bit_for_bit(seed, dt_name, count, numel,
-                                                            rule_and_options, weights, stacked):
+def test_torch_combiner_matches_numpy_bit_for_bit(device, seed, dt_name, count, numel,
+                                                 rule_and_options, weights, stacked):
     """Every rule, every float dtype, random checkpoints and delta sets (NaN, inf, -0.0,
     subnormals, equal magnitudes at TIES's threshold, overlaps, weights, hot-swap's
     ``onto``): torch's combiner on the CPU device gives the numpy combiner's bits, running
@@ -137,16 +142,17 @@ def test_torch_on_the_cpu_device_matches_numpy_bit_for_bit(seed, dt_name, count,
                                          [np.empty(0, np.int64)]))
         onto = _bits_like(np.random.default_rng(seed + 1), dt, np.zeros(union.size, dt.bits))
     want = numpy_combiner.combine("layer.w", dt, numel, stored, onto)
-    device = DeviceCombiner(numpy_combiner, "cpu")
+    on_device = DeviceCombiner(numpy_combiner, device)
     with _numpy_combiner_forbidden():
-        got = device.combine("layer.w", dt, numel, stored, onto)
+        got = on_device.combine("layer.w", dt, numel, stored, onto)
     assert np.array_equal(want[0], got[0])
     assert got[1].dtype == dt.bits
     assert np.array_equal(want[1], got[1]), (want[1], got[1])
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dt_name", ["I32", "U8", "BOOL", "I64"])
-def test_non_float_tensors_on_the_device(dt_name):
+def test_non_float_tensors_on_the_device(dt_name, device):
     """Non-float tensors take the stored bits on the device too; disagreeing deltas are refused
     by both paths."""
     from sparsestitch.errors import TensorMismatchError
@@ -160,22 +166,23 @@ def test_non_float_tensors_on_the_device(dt_name):
     combiner = rule_combiner("ties", None, 2)
     want = combiner.combine("w", dt, 50, stored)
     with _numpy_combiner_forbidden():
-        got = DeviceCombiner(combiner, "cpu").combine("w", dt, 50, stored)
+        got = DeviceCombiner(combiner, device).combine("w", dt, 50, stored)
     assert all(np.array_equal(a, b) for a, b in zip(want, got))
     stored[1].finetuned[0] ^= 1
-    for run in (combiner, DeviceCombiner(combiner, "cpu")):
+    for run in (combiner, DeviceCombiner(combiner, device)):
         with pytest.raises(TensorMismatchError, match="non-float"):
             run.combine("w", dt, 50, stored)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @settings(max_examples=50, deadline=None)
 @given(name=st.text(max_size=12), positions=st.lists(st.integers(0, 2**40), max_size=50))
-def test_tie_order_in_torch_is_tiebreaks(name, positions):
+def test_tie_order_in_torch_is_tiebreaks(device, name, positions):
     from sparsestitch.stitch.device_rules import tie_order as torch_tie_order
     from sparsestitch.tiebreak import tie_order
 
     array = np.array(positions, np.int64)
-    got = torch_tie_order(name, torch.from_numpy(array)).numpy()
+    got = torch_tie_order(name, torch.from_numpy(array).to(device)).cpu().numpy()
     assert np.array_equal(got, tie_order(name, array).astype(np.int64))
 
 
@@ -208,7 +215,8 @@ def _three_deltas(folder, density: float) -> list:
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("rule", ["localize-stitch", "task-arithmetic"])
+@pytest.mark.parametrize("rule", ["localize-stitch", "task-arithmetic", "ties", "ties-mergekit",
+                                  "dare"])
 def test_cuda_stitch_equals_cpu_stitch(tmp_path, rule):
     deltas = _three_deltas(tmp_path, density=0.3)
     cpu = sparsestitch.stitch(tmp_path / "base.safetensors", deltas, tmp_path / "cpu.safetensors",
@@ -223,8 +231,9 @@ ENGINE_CASES = [("localize-stitch", {}), ("task-arithmetic", {"scale": 0.6}),
                 ("dare", {"drop": 0.5, "seed": 3})]
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("rule, options", ENGINE_CASES)
-def test_engine_with_torch_combiner_writes_the_same_model(tmp_path, rule, options):
+def test_engine_with_torch_combiner_writes_the_same_model(tmp_path, rule, options, device):
     """The whole streaming engine with the torch combiner (on the CPU device) vs the numpy
     stitcher, for every rule (small row blocks: the streamed path too)."""
     from safetensors.torch import load_file
@@ -237,7 +246,7 @@ def test_engine_with_torch_combiner_writes_the_same_model(tmp_path, rule, option
     weights = [1.0, 0.5, 1.0]
     want = sparsestitch.stitch(tmp_path / "base.safetensors", deltas, tmp_path / "numpy.safetensors",
                                rule=rule, weights=weights, **options)
-    combiner = DeviceCombiner(rule_combiner(rule, weights, 3, **options), "cpu")
+    combiner = DeviceCombiner(rule_combiner(rule, weights, 3, **options), device)
     with _numpy_combiner_forbidden():
         got = engine.run(tmp_path / "base.safetensors", deltas, tmp_path / "torch.safetensors",
                          combiner, block_bytes=4096)
@@ -308,11 +317,13 @@ def test_the_engine_runs_device_merges_in_its_writing_thread_only(tmp_path):
     assert threads and set(threads) == {threading.main_thread()}
 
 
-def test_staging_reuses_its_buffers():
-    """Copies go through a ring of reused host buffers (grown, never reallocated per array)."""
+@pytest.mark.parametrize("device", DEVICES)
+def test_staging_reuses_its_buffers(device):
+    """Copies go through a ring of reused host buffers (grown, never reallocated per array),
+    pinned on CUDA."""
     from sparsestitch.stitch.staging import Staging
 
-    staging = Staging("cpu", slots=2)
+    staging = Staging(device, slots=2)
     rng = np.random.default_rng(0)
     for _ in range(20):
         array = rng.integers(0, 2**16, 1000).astype(np.uint16)
@@ -322,7 +333,8 @@ def test_staging_reuses_its_buffers():
         staging.to_host(on_device, back)
         assert np.array_equal(back, array)
     assert staging.allocations == 2
+    assert all(b.is_pinned() == (device == "cuda") for b in staging._buffers)
     kept = staging.to_device(np.arange(5, dtype=np.int64))
     staging.to_device(np.arange(5, 10, dtype=np.int64))
     staging.to_device(np.arange(10, 15, dtype=np.int64))  # the first buffer again
-    assert kept.tolist() == [0, 1, 2, 3, 4]  # a device tensor never aliases a staging buffer
+    assert kept.cpu().tolist() == [0, 1, 2, 3, 4]  # never aliases a staging buffer

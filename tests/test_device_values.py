@@ -4,6 +4,7 @@ against the codecs' own numpy decoders: bit for bit."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
@@ -12,17 +13,18 @@ from sparsestitch.dtypes import dtype
 from sparsestitch.stitch.device_bits import as_torch
 from sparsestitch.stitch.device_values import decode_values
 
-from .test_device import _base_bits, _bits_like
+from .test_device import DEVICES, _base_bits, _bits_like
 
 CODECS = {"tau": TauValues(), "xor": XorValues(), "raw": RawValues()}
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @settings(max_examples=150, deadline=None)
 @given(seed=st.integers(0, 2**32 - 1),
        dt_name=st.sampled_from(["BF16", "F16", "F32", "F64", "I32", "U8", "BOOL", "I64"]),
        codec_id=st.sampled_from(sorted(CODECS)), count=st.integers(0, 400),
        wild=st.sampled_from([0.0, 0.1, 0.5]))
-def test_device_decoding_matches_the_codecs(seed, dt_name, codec_id, count, wild):
+def test_device_decoding_matches_the_codecs(device, seed, dt_name, codec_id, count, wild):
     """Random base and fine-tuned bits (NaN, inf, -0.0, subnormals; exceptions of ``tau``)."""
     dt = dtype(dt_name)
     codec = CODECS[codec_id]
@@ -34,9 +36,9 @@ def test_device_decoding_matches_the_codecs(seed, dt_name, codec_id, count, wild
     payload, config = codec.encode(kept, base, dt)
     want = codec.decode(payload, config, base, dt, count)
     assert np.array_equal(want, kept)
-    got = decode_values(codec_id, payload, config, as_torch(base), dt, count)
-    assert not got.on_host
-    assert np.array_equal(got.bits.numpy().view(dt.bits), want)
+    got = decode_values(codec_id, payload, config, as_torch(base).to(device), dt, count)
+    assert not got.on_host and got.bits.device.type == device
+    assert np.array_equal(got.bits.cpu().numpy().view(dt.bits), want)
 
 
 def test_quant_values_are_decoded_on_the_host_and_say_so():

@@ -18,7 +18,7 @@ import sparsestitch
 from sparsestitch.codecs import RawValues, TauValues, XorValues
 from sparsestitch.errors import BaseMismatchError, SparsestitchError
 
-from .test_device import _numpy_combiner_forbidden
+from .test_device import DEVICES, _numpy_combiner_forbidden
 from .test_live import (Tiny, _module_model, _setup, assert_bits, base_bits, live,
                         random_merge_case)
 from .test_rules import RULE_OPTIONS
@@ -35,22 +35,24 @@ def _torch_only():
         yield
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @settings(max_examples=30, deadline=None)
 @given(seed=st.integers(0, 2**32 - 1), count=st.integers(1, 4),
        rule=st.sampled_from(sorted(RULE_OPTIONS)), pick=st.integers(0, 2))
-def test_stitch_into_equals_stitch_to_a_file(seed, count, rule, pick):
+def test_stitch_into_equals_stitch_to_a_file(device, seed, count, rule, pick):
     with tempfile.TemporaryDirectory() as tmp:
         model, deltas, merge, stitched = random_merge_case(Path(tmp), seed, count, rule, pick)
-        tensors = live(model)
+        tensors = live(model, device)
         with _torch_only():
             changed = sparsestitch.stitch_into(tensors, deltas, **merge)
         assert_bits(tensors, model, stitched)
         assert set(changed) <= set(model)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("rule, options", [("localize-stitch", {}), ("ties", {"density": 0.1}),
                                            ("dare", {"drop": 0.3})])
-def test_stitch_into_a_loaded_checkpoint_with_compressed_deltas(tmp_path, rule, options):
+def test_stitch_into_a_loaded_checkpoint_with_compressed_deltas(tmp_path, rule, options, device):
     """Real compress output (the codecs it picks) into a checkpoint loaded with safetensors."""
     from safetensors.torch import load_file
 
@@ -60,11 +62,11 @@ def test_stitch_into_a_loaded_checkpoint_with_compressed_deltas(tmp_path, rule, 
     deltas = _three_deltas(tmp_path, density=0.3)
     want = sparsestitch.stitch(tmp_path / "base.safetensors", deltas,
                                tmp_path / "out.safetensors", rule=rule, **options)
-    tensors = load_file(tmp_path / "base.safetensors")
+    tensors = load_file(tmp_path / "base.safetensors", device=device)
     with _torch_only():
         sparsestitch.stitch_into(tensors, deltas, rule=rule, **options)
     for name, tensor in load_file(want).items():
-        assert np.array_equal(bits(tensor), bits(tensors[name])), name
+        assert np.array_equal(bits(tensor), bits(tensors[name].cpu())), name
 
 
 def test_an_nn_module_is_stitched_in_place(tmp_path):

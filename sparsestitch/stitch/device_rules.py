@@ -100,12 +100,21 @@ def _scalar(value: float, like):
 
 
 def union_of(positions: Sequence):
-    """Sorted union of sorted int64 position tensors and, per input, its indices into it."""
+    """Sorted union of sorted int64 position tensors, each input's indices into it, and where
+    each union position first occurs in the inputs' concatenation.  One stable sort of the
+    concatenation (as :func:`~.union.sorted_union`); ``torch.unique`` is several times
+    slower on the CPU device and sorts anyway on CUDA."""
     import torch
 
     merged = torch.cat(list(positions))
-    union, inverse = torch.unique(merged, sorted=True, return_inverse=True)
-    return union, list(torch.split(inverse, [int(p.numel()) for p in positions]))
+    order = torch.sort(merged, stable=True).indices
+    ordered = merged[order]
+    first_of_run = torch.ones(merged.numel(), dtype=torch.bool, device=merged.device)
+    first_of_run[1:] = ordered[1:] != ordered[:-1]
+    slot = torch.empty_like(order)
+    slot[order] = torch.cumsum(first_of_run, 0) - 1
+    where = list(torch.split(slot, [int(p.numel()) for p in positions]))
+    return ordered[first_of_run], where, order[first_of_run]
 
 
 def _weighted_sum(vectors, weights, union, where, wide_like):
@@ -158,7 +167,7 @@ def ties(vectors, weights, name, numel, union, where, wide_like, density=0.2, sc
             trimmed.append(DeviceVector(vector.positions[keep], tau[keep]))
         else:
             trimmed.append(DeviceVector(vector.positions, tau))
-    union, where = union_of([v.positions for v in trimmed])
+    union, where, _ = union_of([v.positions for v in trimmed])
     summed = torch_zeros(union.numel(), wide_like)
     for vector, index in zip(trimmed, where):
         summed.index_add_(0, index, vector.tau)
@@ -195,7 +204,7 @@ def dare(vectors, weights, name, numel, union, where, wide_like, drop=0.9, seed=
         keep = torch.from_numpy(rng.random(vector.tau.numel()) >= drop).to(wide_like.device)
         survivors.append(DeviceVector(vector.positions[keep],
                                       vector.tau[keep] / _scalar(1.0 - drop, wide_like)))
-    union, where = union_of([v.positions for v in survivors])
+    union, where, _ = union_of([v.positions for v in survivors])
     return task_arithmetic(survivors, weights, name, numel, union, where, wide_like, scale=scale)
 
 
@@ -222,11 +231,7 @@ def combine_on_device(combiner: RuleCombiner, name: str, dt: DType, numel: int,
     device = present[0].positions.device
     nothing = torch.empty(0, dtype=torch.int64, device=device)
     arrays = [nothing if s is None else s.positions for s in stored]
-    union, where = union_of(arrays)
-    # The index in the concatenation where each union position first occurs.
-    concatenated = sum(int(a.numel()) for a in arrays)
-    first = torch.full((union.numel(),), torch.iinfo(torch.int64).max, device=device)
-    first.scatter_reduce_(0, torch.cat(where), torch.arange(concatenated, device=device), "amin")
+    union, where, first = union_of(arrays)
     if not dt.is_float:
         return union, _agreed_bits(name, stored, where, first)
     start = torch.cat([s.base for s in present])[first] if onto is None else onto
@@ -261,7 +266,7 @@ def _put_lone_bits(bits, stored, weights, where) -> None:
     for s, index, weight in zip(stored, where, weights):
         if s is not None and weight == 1.0:
             alone = covering[index] == 1
-            bits[index[alone]] = s.finetuned[alone]
+            bits.index_copy_(0, index[alone], s.finetuned[alone])
 
 
 def _agreed_bits(name: str, stored, where, first):
