@@ -18,7 +18,8 @@ Sections, each timed and skipped (with the reason in the JSON) once ``--budget-s
 * **stitch into the resident model** (``sparsestitch.stitch_into``) of the 8 deltas, its
   time, and whether the model then equals the stitched file.
 
-Writes ``bench/results/gpu-<device>.json`` (the device's name in the file name and inside).
+Writes ``bench/results/gpu-<device>-<UTC time>.json`` (the device named in the file name and
+inside).
 """
 
 from __future__ import annotations
@@ -140,16 +141,17 @@ def hot_swap(base: Path, delta: Path, device: torch.device, repeat: int) -> dict
     before = ({n: t.clone() for n, t in model.items()}
               if free is None or free > 1.3 * model_bytes else None)
     rows = {}
-    for verify in (False, True):
+    # Checking the base hashes every byte of the model on the host: one round of it is enough.
+    for verify, rounds, warmup in ((False, repeat, 1), (True, 1, 0)):
         rows[f"apply verify_base={verify}"] = apply_and_revert(
-            lambda: sparsestitch.apply(model, delta, verify_base=verify), device, repeat)
+            lambda: sparsestitch.apply(model, delta, verify_base=verify), device, rounds, warmup)
     for resident in (False, True):
         started = time.perf_counter()
         skill = sparsestitch.prepare(model, delta, resident=resident)
         synchronize(device)
         rows[f"prepared resident={resident}"] = {
             "prepare_s": time.perf_counter() - started, "positions": skill.count,
-            **apply_and_revert(lambda: skill.apply(model), device, repeat)}
+            **apply_and_revert(lambda: skill.apply(model), device, repeat, warmup=1)}
     exact = None if before is None else all(torch.equal(model[n], t) for n, t in before.items())
     del before
     return {"params": sum(t.numel() for t in model.values()), "delta": str(delta),
@@ -158,10 +160,11 @@ def hot_swap(base: Path, delta: Path, device: torch.device, repeat: int) -> dict
             "not checked: no device memory for a copy of the model"}
 
 
-def apply_and_revert(apply, device: torch.device, repeat: int) -> dict:
-    """Best and median ms of ``patch = apply()`` and of ``patch.revert()``, synchronised."""
+def apply_and_revert(apply, device: torch.device, repeat: int, warmup: int) -> dict:
+    """Best and median ms of ``patch = apply()`` and of ``patch.revert()``, synchronised;
+    ``warmup`` rounds first (the allocator, the page cache) are not counted."""
     apply_ms, revert_ms = [], []
-    for i in range(1 + repeat):  # the first round warms the allocator and is not counted
+    for i in range(warmup + repeat):
         synchronize(device)
         started = time.perf_counter()
         patch = apply()
@@ -169,7 +172,7 @@ def apply_and_revert(apply, device: torch.device, repeat: int) -> dict:
         applied = time.perf_counter()
         patch.revert()
         synchronize(device)
-        if i:
+        if i >= warmup:
             apply_ms.append(1e3 * (applied - started))
             revert_ms.append(1e3 * (time.perf_counter() - applied))
     return {"apply_ms_best": min(apply_ms), "apply_ms_median": statistics.median(apply_ms),
@@ -233,13 +236,13 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--work", default="/tmp/sparsestitch-gpu-bench")
     parser.add_argument("--jobs", type=int, default=8, help="processes writing deltas")
-    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--max-memory", default="4GiB")
     parser.add_argument("--budget-s", type=float, default=240.0,
                         help="no section starts after this many seconds")
     parser.add_argument("--compare-cpu", action="store_true",
                         help="also stitch on the CPU and compare the outputs byte for byte")
-    parser.add_argument("--out", help="JSON path (default bench/results/gpu-<device>.json)")
+    parser.add_argument("--out", help="JSON path (default bench/results/gpu-<device>-<time>.json)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     work = Path(args.work)
@@ -271,7 +274,8 @@ def main(argv=None) -> int:
     result["goals"] = goals(result)
     result["total_seconds"] = clock.elapsed()
     slug = re.sub(r"[^a-z0-9]+", "-", result["device"].lower()).strip("-")
-    path = write_json(args.out or BENCH / "results" / f"gpu-{slug}.json", result)
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    path = write_json(args.out or BENCH / "results" / f"gpu-{slug}-{stamp}.json", result)
     for row in result["goals"]:
         print(f"  {row['goal']:<36} measured {row['measured']!s:<22} met {row['met']}")
     print(f"[{clock.elapsed():6.1f} s] wrote {path}")
