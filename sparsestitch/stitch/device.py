@@ -128,17 +128,19 @@ class DeviceBlockMerge:
 
         dt, device, send = self.dt, self.owner.device, self.owner.staging.to_device
         wide = wide_type(dt)
+        spans = [(vector, *np.searchsorted(vector[0], [first, first + block.size]))
+                 for vector in self.vectors]
+        spans = [(vector, a, b) for vector, a, b in spans if b > a]
+        if not spans:
+            return
+        current = send(block)  # first, so its copy runs while the records are staged
         total = torch.zeros(block.size, dtype=wide, device=device)
         covering = torch.zeros_like(total)
         lone_exact = self.form.mean and self.form.lone_exact
         if lone_exact:  # the bits of the first delta at each element, and whether its weight is 1
             lone = torch.zeros(block.size, dtype=signed_container(dt.itemsize), device=device)
             unit = torch.zeros(block.size, dtype=torch.bool, device=device)
-        touched = False
-        for positions, finetuned, base, weight in self.vectors:
-            a, b = np.searchsorted(positions, [first, first + block.size])
-            if b == a:
-                continue
+        for (positions, finetuned, base, weight), a, b in spans:
             index = send(positions[a:b] - first)
             finetuned_bits = send(finetuned[a:b])
             if lone_exact:
@@ -148,14 +150,10 @@ class DeviceBlockMerge:
             tau = to_wide(finetuned_bits, dt) - to_wide(send(base[a:b]), dt)
             total.index_add_(0, index, torch.tensor(weight, dtype=wide, device=device) * tau)
             covering.index_add_(0, index, torch.ones_like(tau))
-            touched = True
-        if not touched:
-            return
         if self.form.mean:
             update = total / torch.clamp(covering, min=1)
         else:
             update = torch.tensor(self.form.scale, dtype=wide, device=device) * total
-        current = send(block)
         merged = to_wide(current, dt) + update
         bits = from_wide(merged, dt)
         canonical = torch.tensor(signed_value(CANONICAL_NAN[dt.name], dt.itemsize), dtype=bits.dtype,

@@ -11,6 +11,10 @@ when an array does not fit and never shrunk, and copies each array through the n
 * on the CPU device the same code runs with ordinary memory (the copies complete at once),
   which is how the tests exercise it without a GPU.
 
+Two buffers (the default) are enough for the copy of one array to overlap the filling of the
+next; they hold up to twice the largest array moved (a row block of the base, or a record's
+positions), outside the stitcher's ``max_memory``.
+
 Results come back the same way (:meth:`Staging.to_host`): into a reused (pinned) buffer,
 then into the caller's array.  A caller that writes the result to disk needs the bits, so
 that copy ends with the one synchronisation the merge needs.
@@ -26,7 +30,7 @@ from .device_bits import signed_view, torch_type
 class Staging:
     """A ring of ``slots`` reused host buffers for copies to and from ``device``."""
 
-    def __init__(self, device, slots: int = 4):
+    def __init__(self, device, slots: int = 2):
         import torch
 
         self.device = torch.device(device)
@@ -73,6 +77,8 @@ class Staging:
         if not self.cuda:
             out.copy_(staged)
             return out
+        # ``out`` may reuse memory that work queued on the current stream still reads.
+        self._copy_stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self._copy_stream):
             out.copy_(staged, non_blocking=True)
             done = torch.cuda.Event()
