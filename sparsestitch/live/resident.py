@@ -7,7 +7,7 @@ checksum, decodes its positions and decompresses its value streams; the device g
 base bits at the stored positions, decodes the values against them
 (:mod:`sparsestitch.stitch.device_values`), merges by rule
 (:func:`~sparsestitch.stitch.device_rules.combine_on_device`: every rule) and scatters the
-result into the tensor.  The model ends bit-identical to stitching the same deltas to a
+result into the tensor (:func:`.device_merge.merge_on_device`, which ``apply`` uses too).  The model ends bit-identical to stitching the same deltas to a
 file and loading it (tests compare the two).
 
 Unlike :func:`~.patch.apply` nothing is kept for a revert, so device memory holds one
@@ -25,13 +25,11 @@ from collections.abc import Sequence
 
 from ..errors import SparsestitchError
 from ..format import DeltaReader
-from ..stitch.combine import RuleCombiner, rule_combiner
-from ..stitch.device_rules import DeviceStored, combine_on_device
-from ..stitch.device_values import decode_values
+from ..stitch.combine import rule_combiner
 from ..stitch.staging import Staging
-from ..walk import stored_positions
+from .device_merge import merge_on_device
 from .patch import active_patches, check_live_base
-from .tensors import LiveTensor, match_records, named_tensors
+from .tensors import match_records, named_tensors
 
 
 def stitch_into(model, deltas: str | os.PathLike | Sequence[str | os.PathLike], *,
@@ -66,33 +64,8 @@ def stitch_into(model, deltas: str | os.PathLike | Sequence[str | os.PathLike], 
         for live in targets.values():
             if live.device not in staging_by_device:
                 staging_by_device[live.device] = Staging(live.device)
-            if _stitch_tensor(live, readers, combiner, staging_by_device[live.device]):
+            merged = merge_on_device(live, readers, combiner, staging_by_device[live.device])
+            if merged is not None:
+                live.scatter(*merged)
                 changed.append(live.name)
     return changed
-
-
-def _stitch_tensor(live: LiveTensor, readers: Sequence[DeltaReader], combiner: RuleCombiner,
-                   staging: Staging) -> bool:
-    """Merge the deltas' records of one live tensor into it; False if none stores anything."""
-    import torch
-
-    stored: list[DeviceStored | None] = [None] * len(readers)
-    for i, reader in enumerate(readers):
-        record = reader.record(live.name)
-        if record is None or record.kind != "sparse":
-            continue
-        payload = reader.payload(record)
-        found = stored_positions(reader, record, payload)
-        positions = (torch.arange(live.numel, device=live.device) if found is None
-                     else staging.to_device(found))
-        base_kept = live.take(positions)
-        with reader.decoding(record):
-            values = decode_values(record.values.get("codec"),
-                                   memoryview(payload)[record.positions_nbytes:], record.values,
-                                   base_kept, live.dt, record.count, staging.to_device)
-        stored[i] = DeviceStored(positions, values.bits, base_kept)
-    if all(s is None for s in stored):
-        return False
-    positions, bits = combine_on_device(combiner, live.name, live.dt, live.numel, stored)
-    live.scatter(positions, bits)
-    return True
