@@ -45,7 +45,8 @@ started=$SECONDS
 
   echo "## device tests (${TESTS_S}s at most)"
   timeout "$TESTS_S" $PYTHON -m pytest -q -p no:cacheprovider -o addopts="" -rs \
-      tests/test_device.py tests/test_device_values.py tests/test_resident.py \
+      tests/test_device.py tests/test_device_values.py tests/test_device_positions.py \
+      tests/test_resident.py \
       tests/test_live.py::test_cuda_tensors_are_patched_on_the_device \
       tests/test_prepared.py -k "cuda or not test_prepared" 2>&1 | tail -n 25
   tests_rc=${PIPESTATUS[0]}

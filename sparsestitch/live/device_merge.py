@@ -1,8 +1,10 @@
 """One live tensor's deltas decoded and merged on the tensor's device.
 
 Shared by :func:`~.resident.stitch_into` and, for tensors on an accelerator,
-:func:`~.patch.apply`: the host reads each record's payload, checks it and decodes its
-positions (and decompresses its value streams); the device gathers the base bits at the
+:func:`~.patch.apply`: the host reads each record's payload, checks it and decompresses its
+streams; positions are decoded on the device for ``gaps`` and ``bitmap``
+(:mod:`sparsestitch.stitch.device_positions`), on the host for ``rice`` and ``csr``; the
+device gathers the base bits at the
 stored positions, decodes the values against them
 (:func:`~sparsestitch.stitch.device_values.decode_values`) and merges by rule
 (:func:`~sparsestitch.stitch.device_rules.combine_on_device`), so the base bits never leave
@@ -15,6 +17,7 @@ from collections.abc import Sequence
 
 from ..format import DeltaReader
 from ..stitch.combine import RuleCombiner
+from ..stitch.device_positions import decode_positions
 from ..stitch.device_rules import DeviceStored, combine_on_device
 from ..stitch.device_values import decode_values
 from ..stitch.staging import Staging
@@ -35,9 +38,15 @@ def merge_on_device(live: LiveTensor, readers: Sequence[DeltaReader], combiner: 
         if record is None or record.kind != "sparse":
             continue
         payload = reader.payload(record)
-        found = stored_positions(reader, record, payload)
-        positions = (torch.arange(live.numel, device=live.device) if found is None
-                     else staging.to_device(found))
+        with reader.decoding(record):
+            positions = decode_positions(record.positions.get("codec"),
+                                         memoryview(payload)[:record.positions_nbytes],
+                                         record.positions, record.shape, record.count,
+                                         staging.to_device)
+        if positions is None:  # a codec decoded on the host
+            found = stored_positions(reader, record, payload)
+            positions = (torch.arange(live.numel, device=live.device) if found is None
+                         else staging.to_device(found))
         base_kept = live.take(positions)
         with reader.decoding(record):
             values = decode_values(record.values.get("codec"),

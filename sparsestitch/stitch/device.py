@@ -17,9 +17,10 @@ to the CPU combiner (tests check it with torch on the CPU device, for every rule
 without a device form is refused when the combiner is made, never run on the CPU instead.
 
 Arrays cross between host and device through :class:`~.staging.Staging`'s reused buffers
-(pinned on CUDA, copies on a separate stream).  What stays on the host: reading, checksums
-and decoding of the records (positions and values: the codecs are numpy, zstd and Rice
-bit streams; see :mod:`sparsestitch.live.resident` for value decoding on the device).
+(pinned on CUDA, copies on a separate stream).  What stays on the host in the file
+stitcher: reading, checksums and decoding of the records, in the engine's reader threads
+(decoding on the device -- :mod:`.device_positions`, :mod:`.device_values` -- serves
+hot-swap and :func:`sparsestitch.stitch_into`, where the base is already on the device).
 """
 
 from __future__ import annotations
