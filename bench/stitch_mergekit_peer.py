@@ -51,11 +51,14 @@ def main() -> None:
     parser.add_argument("--weights", default=None)
     parser.add_argument("--density", type=float, default=1.0)
     parser.add_argument("--lambda", dest="scale", type=float, default=1.0)
+    parser.add_argument("--out-shard-size", default=None,
+                        help="mergekit's output shard size in bytes, e.g. 1e9 (default: mergekit's)")
     args = parser.parse_args()
     weights = [float(w) for w in args.weights.split(",")] if args.weights else None
     config = merge_config(args.base, args.tunes, args.method, weights, args.density, args.scale)
+    shard = {} if args.out_shard_size is None else {"out_shard_size": int(float(args.out_shard_size))}
     options = MergeOptions(device="cpu", copy_tokenizer=False, write_model_card=False,
-                           quiet=True, safe_serialization=True)
+                           quiet=True, safe_serialization=True, **shard)
     start_rss = peak_rss()
     cpu = time.process_time()
     started = time.perf_counter()

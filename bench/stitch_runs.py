@@ -103,3 +103,68 @@ def remove(path: str | Path) -> None:
         shutil.rmtree(path)
     elif path.exists():
         path.unlink()
+
+
+def floor_merge(base: str, inputs: list[str], out: str, fsync: bool = True) -> dict:
+    """I/O floor of a merge: read every input (a file, or a folder's shards) into one reused
+    buffer, then copy the base tensor by tensor into one model (fsync) -- what any
+    streaming merger must at least do."""
+    cpu = time.process_time()
+    buffer = np.empty(16 << 20, np.uint8)
+    for path in inputs:  # every input read once
+        path = Path(path)
+        for file in ([path] if path.is_file() else sorted(path.glob("*.safetensors"))):
+            with open(file, "rb", buffering=0) as src:
+                while src.readinto(memoryview(buffer)):
+                    pass
+    result = floor_stream(base, out, fsync)  # the base read and the model written
+    return dict(result, cpu_seconds=time.process_time() - cpu, peak_rss=peak_rss())
+
+
+def floor_compress(base: str, tune: str, delta_bytes: int, out: str) -> dict:
+    """I/O floor of compress: read base and fine-tune, write ``delta_bytes`` and fsync."""
+    cpu = time.process_time()
+    buffer = np.zeros(16 << 20, np.uint8)
+    for folder in (base, tune):
+        for shard in sorted(Path(folder).glob("*.safetensors")):
+            with open(shard, "rb", buffering=0) as src:
+                while src.readinto(memoryview(buffer)):
+                    pass
+    with open(out, "wb") as dst:
+        left = delta_bytes
+        while left > 0:
+            dst.write(memoryview(buffer)[:min(left, buffer.size)])
+            left -= buffer.size
+        dst.flush()
+        os.fsync(dst.fileno())
+    return {"peak_rss": peak_rss(), "cpu_seconds": time.process_time() - cpu}
+
+
+def merge_run(base: str, tunes: list[str], out: str, rule: str, options: dict,
+              max_memory: str | None) -> dict:
+    """``sparsestitch.merge`` of full fine-tunes."""
+    cpu = time.process_time()
+    sparsestitch.merge(base, tunes, out, rule=rule, max_memory=max_memory, **options)
+    return {"peak_rss": peak_rss(), "cpu_seconds": time.process_time() - cpu}
+
+
+def compress_run(base: str, tune, out, options: dict) -> dict:
+    """``sparsestitch.compress`` of one fine-tune (or a list, in one run); the deltas' size."""
+    cpu = time.process_time()
+    summaries = sparsestitch.compress(base, tune, out, **options)
+    return {"peak_rss": peak_rss(), "cpu_seconds": time.process_time() - cpu,
+            "bytes": sum(s.nbytes for s in summaries)}
+
+
+def profile_merge(base: str, tunes: list[str], out: str, rule: str, options: dict,
+                  stats_path: str) -> dict:
+    """``merge_run`` under cProfile, reader threads off (see :func:`profile_stitch`)."""
+    from sparsestitch.stitch import engine
+
+    engine.READ_WORKERS = 0
+    profiler = cProfile.Profile()
+    profiler.enable()
+    sparsestitch.merge(base, tunes, out, rule=rule, threads=1, **options)
+    profiler.disable()
+    profiler.dump_stats(stats_path)
+    return {"stats": stats_path, "peak_rss": peak_rss()}

@@ -8,6 +8,7 @@ Public API::
     stitch_add(base, deltas, new_delta, merged)    # add one delta to a stitched model
     apply(model, deltas) -> Patch                  # hot-swap into a live model; .revert()
     prepare(model, deltas).apply(model) -> Patch   # the same, decoded once: fast switching
+    stitch_into(model, deltas, rule=...)           # stitch into a model on its device, no file
     info(delta) / verify(delta, base=None)
 """
 
@@ -17,13 +18,13 @@ from .merge import merge
 from .errors import (BaseMismatchError, ChecksumError, CheckpointError, DeltaFormatError,
                      OutputError, ResourceLimitError, SparsestitchError, TensorMismatchError)
 from .describe import DeltaInfo, info, verify
-from .live import Patch, PreparedPatch, apply, prepare
+from .live import Patch, PreparedPatch, apply, prepare, stitch_into
 from .restore import restore
 from .stitch import stitch, stitch_add
 
 __all__ = [
     "__version__", "compress", "merge", "restore", "stitch", "info", "verify", "DeltaSummary", "DeltaInfo",
-    "stitch_add", "apply", "Patch", "prepare", "PreparedPatch",
+    "stitch_add", "apply", "Patch", "prepare", "PreparedPatch", "stitch_into",
     "SparsestitchError", "DeltaFormatError", "ChecksumError", "ResourceLimitError",
     "CheckpointError", "TensorMismatchError", "BaseMismatchError", "OutputError",
 ]

@@ -395,6 +395,178 @@ done:
     return result;
 }
 
+/* ---- merging aligned fine-tuned blocks (merge.py) ---------------------------------- */
+
+/* merge_block for records that each hold the fine-tuned bits of *every* element of the block,
+ * where an element counts as stored exactly when its bits differ from the base's (the
+ * changed-only selection of compress at density 1.0, read straight from full fine-tunes):
+ * element by element, each record's weighted task vector is added in record order into a
+ * running total, with the same operations (and their order) as merge_block's ACCUMULATE and
+ * finishing pass, so the bits are identical; no positions, windows or marks.  `tunes` is a
+ * sequence of (fine-tuned bits, weight). */
+/* Chunks of elements whose sums stay in registers and L1: each record is added over a chunk
+ * in one straight loop (blends instead of branches, so the compiler vectorizes it).  An
+ * element a record leaves unchanged adds +0.0 to its total, which changes nothing: the total
+ * starts at +0.0 and a round-to-nearest sum is never -0.0 unless both terms are. */
+#define MERGE_CHANGED_CHUNK 512
+
+#define ADD_CHANGED(WIDE, WBITS, TO_WIDE, WEIGHTED)                                           \
+    for (Py_ssize_t j = 0; j < width; j++) {                                                \
+        BITS_T f = tune[j], b = target[j];                                                  \
+        WBITS changed = (WBITS)0 - (WBITS)(f != b);                                         \
+        WIDE tau = TO_WIDE(f) - TO_WIDE(b);                                                 \
+        if (WEIGHTED)                                                                       \
+            tau *= weight;                                                                  \
+        WBITS tau_bits;                                                                     \
+        memcpy(&tau_bits, &tau, sizeof tau);                                                \
+        tau_bits &= changed;                                                                \
+        memcpy(&tau, &tau_bits, sizeof tau);                                                \
+        WBITS first_here = changed & ((WBITS)0 - (WBITS)(count[j] == 0));                   \
+        lone[j] = (lone[j] & ~first_here) | ((WBITS)f & first_here);                        \
+        unit[j] = (unit[j] & ~first_here) | (unit_mask & first_here);                       \
+        total[j] += tau;                                                                    \
+        count[j] += changed & 1;                                                            \
+    }
+
+/* The finishing pass, with blends too: an element no record changed keeps the base's bits,
+ * a lone one of weight 1 (with lone_exact) the fine-tune's, any other the rounded sum. */
+#define FINISH_CHANGED(WIDE, WBITS, TO_WIDE, ROUND, UPDATE)                                  \
+    for (Py_ssize_t j = 0; j < width; j++) {                                                \
+        WIDE merged = TO_WIDE(target[j]) + (UPDATE);                                        \
+        WBITS rounded = merged != merged ? (WBITS)canonical_nan : (WBITS)ROUND(merged);     \
+        WBITS untouched = (WBITS)0 - (WBITS)(count[j] == 0);                                \
+        WBITS lone_here = unit[j] & ((WBITS)0 - (WBITS)(lone_exact & (count[j] == 1)));     \
+        WBITS value = (rounded & ~lone_here) | (lone[j] & lone_here);                       \
+        target[j] = (BITS_T)((value & ~untouched) | ((WBITS)target[j] & untouched));        \
+    }
+
+/* AVX2 doubles the vector width where the machine has it (chosen when the module loads; the
+ * same IEEE operations, no contraction: -ffp-contract=off, so the bits do not change). */
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define VECTOR_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define VECTOR_CLONES
+#endif
+
+#define DEFINE_MERGE_CHANGED(NAME, BITS, WIDE, WBITS, TO_WIDE, ROUND)                        \
+    VECTOR_CLONES static void NAME(BITS *restrict block, Py_ssize_t size, const BITS **tunes,             \
+                     const double *weights, Py_ssize_t n_tunes, int mean, WIDE scale,        \
+                     int lone_exact, BITS canonical_nan)                                     \
+    {                                                                                       \
+        typedef BITS BITS_T;                                                                \
+        WIDE total[MERGE_CHANGED_CHUNK];                                                    \
+        WBITS count[MERGE_CHANGED_CHUNK], lone[MERGE_CHANGED_CHUNK], unit[MERGE_CHANGED_CHUNK]; \
+        for (Py_ssize_t at = 0; at < size; at += MERGE_CHANGED_CHUNK) {                     \
+            Py_ssize_t width = size - at < MERGE_CHANGED_CHUNK ? size - at : MERGE_CHANGED_CHUNK; \
+            BITS *restrict target = block + at;                                             \
+            memset(total, 0, sizeof total);                                                 \
+            memset(count, 0, sizeof count);                                                 \
+            memset(lone, 0, sizeof lone);                                                   \
+            memset(unit, 0, sizeof unit);                                                   \
+            for (Py_ssize_t r = 0; r < n_tunes; r++) {                                      \
+                const BITS *restrict tune = tunes[r] + at;                                  \
+                WIDE weight = (WIDE)weights[r];                                             \
+                WBITS unit_mask = weights[r] == 1.0 ? ~(WBITS)0 : 0;                        \
+                if (weights[r] == 1.0) {                                                    \
+                    ADD_CHANGED(WIDE, WBITS, TO_WIDE, 0)                                    \
+                } else {                                                                    \
+                    ADD_CHANGED(WIDE, WBITS, TO_WIDE, 1)                                    \
+                }                                                                           \
+            }                                                                               \
+            if (mean)                                                                       \
+                FINISH_CHANGED(WIDE, WBITS, TO_WIDE, ROUND, total[j] / (WIDE)count[j])      \
+            else                                                                            \
+                FINISH_CHANGED(WIDE, WBITS, TO_WIDE, ROUND, scale * total[j])               \
+        }                                                                                   \
+    }
+
+DEFINE_MERGE_CHANGED(merge_changed_bf16, uint16_t, float, uint32_t, bf16_wide, bf16_round)
+DEFINE_MERGE_CHANGED(merge_changed_f16, uint16_t, float, uint32_t, f16_wide, f16_round)
+DEFINE_MERGE_CHANGED(merge_changed_f32, uint32_t, float, uint32_t, f32_wide, f32_round)
+DEFINE_MERGE_CHANGED(merge_changed_f64, uint64_t, double, uint64_t, f64_wide, f64_round)
+
+PyDoc_STRVAR(merge_changed_doc,
+"merge_changed(kind, block, tunes, mean, scale, lone_exact, canonical_nan)\n"
+"\n"
+"merge_block for records of every element of ``block`` (the base bits, merged in place)\n"
+"that store exactly the elements whose bits differ from the base's: ``tunes`` is a\n"
+"sequence of ``(fine-tuned bits, weight)``, each as long as the block.  Same bits as\n"
+"merge_block given those elements as positions.");
+
+static PyObject *merge_changed(PyObject *self, PyObject *args)
+{
+    int kind, mean, lone_exact;
+    double scale;
+    unsigned long long canonical_nan;
+    PyObject *block_object, *tunes_object;
+    if (!PyArg_ParseTuple(args, "iOOpdpK", &kind, &block_object, &tunes_object, &mean, &scale,
+                          &lone_exact, &canonical_nan))
+        return NULL;
+    if (kind < KIND_BF16 || kind > KIND_F64)
+        return PyErr_Format(PyExc_ValueError, "unknown dtype kind %d", kind);
+    Py_ssize_t itemsize = KIND_ITEMSIZE[kind];
+    PyObject *sequence = PySequence_Fast(tunes_object, "tunes must be a sequence");
+    if (sequence == NULL)
+        return NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(sequence), held = 0;
+    Py_buffer block = {0};
+    Py_buffer *views = PyMem_Calloc(n ? n : 1, sizeof(Py_buffer));
+    const void **tunes = PyMem_Calloc(n ? n : 1, sizeof(void *));
+    double *weights = PyMem_Calloc(n ? n : 1, sizeof(double));
+    PyObject *result = NULL;
+    if (views == NULL || tunes == NULL || weights == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    if (get_buffer(block_object, &block, 1, itemsize, "block") < 0)
+        goto done;
+    for (; held < n; held++) {
+        PyObject *bits;
+        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(sequence, held),
+                              "Od;a tune is (fine-tuned bits, weight)", &bits, &weights[held]))
+            goto done;
+        if (get_buffer(bits, &views[held], 0, itemsize, "fine-tuned bits") < 0)
+            goto done;
+        if (views[held].len != block.len) {
+            held++;
+            PyErr_SetString(PyExc_ValueError, "fine-tuned bits and block differ in length");
+            goto done;
+        }
+        tunes[held] = views[held].buf;
+    }
+    Py_ssize_t size = block.len / itemsize;
+    lone_exact = lone_exact && mean;
+    Py_BEGIN_ALLOW_THREADS
+    switch (kind) {
+    case KIND_BF16:
+        merge_changed_bf16(block.buf, size, (const uint16_t **)tunes, weights, n, mean,
+                           (float)scale, lone_exact, (uint16_t)canonical_nan);
+        break;
+    case KIND_F16:
+        merge_changed_f16(block.buf, size, (const uint16_t **)tunes, weights, n, mean,
+                          (float)scale, lone_exact, (uint16_t)canonical_nan);
+        break;
+    case KIND_F32:
+        merge_changed_f32(block.buf, size, (const uint32_t **)tunes, weights, n, mean,
+                          (float)scale, lone_exact, (uint32_t)canonical_nan);
+        break;
+    default:
+        merge_changed_f64(block.buf, size, (const uint64_t **)tunes, weights, n, mean, scale,
+                          lone_exact, (uint64_t)canonical_nan);
+    }
+    Py_END_ALLOW_THREADS
+    result = Py_NewRef(Py_None);
+done:
+    for (Py_ssize_t r = 0; r < held; r++)
+        release(&views[r]);
+    PyMem_Free(views);
+    PyMem_Free(tunes);
+    PyMem_Free(weights);
+    release(&block);
+    Py_DECREF(sequence);
+    return result;
+}
+
 /* ---- decoding helpers (codecs/base.py, codecs/bitmap.py, format.py) ----------------- */
 
 PyDoc_STRVAR(from_planes_doc,
@@ -1132,6 +1304,7 @@ done:
 
 static PyMethodDef methods[] = {
     {"merge_block", merge_block, METH_VARARGS, merge_block_doc},
+    {"merge_changed", merge_changed, METH_VARARGS, merge_changed_doc},
     {"f16_convert", f16_convert, METH_VARARGS, f16_convert_doc},
     {"from_planes", from_planes, METH_VARARGS, from_planes_doc},
     {"gap_decode", gap_decode, METH_VARARGS, gap_decode_doc},

@@ -55,7 +55,7 @@ def recover(target: str | os.PathLike) -> bool:
                 os.rename(leftover, target)
             except OSError:
                 continue
-            _fsync_folder(target.parent if str(target.parent) else Path("."))
+            fsync_folder(target.parent if str(target.parent) else Path("."))
             return True
     return False
 
@@ -82,7 +82,7 @@ def _stale(target: Path) -> list[Path]:
         if not leftover.name.startswith(prefix):
             continue
         pid_text = leftover.name[len(prefix):].split("-", 1)[0]
-        if pid_text.isdigit() and not _alive(int(pid_text)):
+        if pid_text.isdigit() and not process_alive(int(pid_text)):
             found.append(leftover)
     return sorted(found)
 
@@ -131,13 +131,13 @@ def publish(temporary: Path, target: Path, overwrite: bool) -> None:
             # :func:`recover` puts back.
             old = temporary_sibling(target, _PREVIOUS)
             os.replace(target, old)
-            _fsync_folder(target.parent if str(target.parent) else Path("."))
+            fsync_folder(target.parent if str(target.parent) else Path("."))
             os.replace(temporary, target)
-            _fsync_folder(target.parent if str(target.parent) else Path("."))
+            fsync_folder(target.parent if str(target.parent) else Path("."))
             _remove(old)
     else:
         os.replace(temporary, target)
-    _fsync_folder(target.parent if str(target.parent) else Path("."))
+    fsync_folder(target.parent if str(target.parent) else Path("."))
 
 
 def _appeared(target: Path) -> OutputError:
@@ -228,7 +228,8 @@ def fsync_file(handle) -> None:
     os.fsync(handle.fileno())
 
 
-def _fsync_folder(folder: Path) -> None:
+def fsync_folder(folder: Path) -> None:
+    """Make a rename in ``folder`` durable (where the filesystem allows opening folders)."""
     with contextlib.suppress(OSError):
         fd = os.open(folder, os.O_RDONLY)
         try:
@@ -237,7 +238,8 @@ def _fsync_folder(folder: Path) -> None:
             os.close(fd)
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this machine (one we may not signal counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -61,12 +61,14 @@ def main():
 @click.option("--exclude", multiple=True, help="Leave tensors matching this pattern at the base.")
 @click.option("--dense", multiple=True, help="Store tensors matching this pattern exactly.")
 @click.option("--overwrite", is_flag=True, help="Replace existing outputs.")
+@click.option("--max-memory", help="Bound on the selections held at once, e.g. 512MiB "
+              "(large tensors then one fine-tune at a time); default: none.")
 @threads_option
 @json_option
 @quiet_option
 @fail_cleanly
 def compress(base, finetuned, outs, density, scope, bits, group, lossless, max_error, max_size,
-             include, exclude, dense, overwrite, threads, as_json, quiet):
+             include, exclude, dense, overwrite, max_memory, threads, as_json, quiet):
     """Write one sparse delta per FINETUNED checkpoint of BASE.
 
     \b
@@ -80,7 +82,8 @@ def compress(base, finetuned, outs, density, scope, bits, group, lossless, max_e
                     bits=None if bits is None else int(bits), group=group, lossless=lossless,
                     max_error=max_error, max_size=max_size,
                     include=include, exclude=exclude, dense=dense, overwrite=overwrite,
-                    threads=threads, progress=show_progress(quiet or as_json))
+                    threads=threads, max_memory=max_memory,
+                    progress=show_progress(quiet or as_json))
     if as_json:
         echo_json([{"path": str(s.path), "bytes": s.nbytes, "kept": s.kept,
                     "candidates": s.candidates, "density": s.density,

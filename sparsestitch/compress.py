@@ -34,6 +34,7 @@ from .localize.selectors import Selector
 from .progress import bar
 from .readahead import DEFAULT_WORKERS, in_order, workers_for
 from .selection import SpooledSelection, TensorPlan, TensorScanner, run_pre_passes
+from .sizes import parse_memory
 from .targets import SIZE_ATTEMPTS, SizePlanner
 from .walk import refuse_delta
 
@@ -73,7 +74,8 @@ def compress(base: str | os.PathLike, finetuned: str | os.PathLike | Sequence[st
              group: int = 128, lossless: bool = False, max_error: float | None = None,
              max_size: int | str | None = None, overwrite: bool = False,
              progress: bool = False, chunk_elements: int = CHUNK_ELEMENTS,
-             threads: int | None = None) -> list[DeltaSummary]:
+             threads: int | None = None, max_memory: int | str | None = None
+             ) -> list[DeltaSummary]:
     """Write one delta file per fine-tuned checkpoint.
 
     Parameters
@@ -119,6 +121,14 @@ def compress(base: str | os.PathLike, finetuned: str | os.PathLike | Sequence[st
         (``"50MB"`` style accepted).  ``group`` sets the quantized scales' group.
     threads:
         Threads reading and encoding (default: 2 of the usable cores; 1: the caller's alone).
+    max_memory:
+        Bound on the selections held at once (``"512MiB"`` style accepted; default: none):
+        tensors are selected and encoded ahead only while their worst case (every element
+        kept, by every fine-tune) fits, and a tensor whose fine-tunes together would not fit
+        in half of it is selected and encoded one fine-tune at a time (the base read again
+        for each).  The deltas are the same bytes whatever the bound.  What it cannot bound:
+        one fine-tune's selection of the largest tensor (16 bytes per kept float32 element
+        at worst, while encoded).
 
     Non-float tensors are never localized: those that differ from the base are stored
     exactly.  Tensors the fine-tune has and the base lacks are stored whole ("added").
@@ -150,7 +160,7 @@ def compress(base: str | os.PathLike, finetuned: str | os.PathLike | Sequence[st
             plan = TensorPlan.of(base_ckpt, include, exclude, dense)
             selectors = make_selectors(plan, density, scope, mask_sets, len(tunes))
             job = CompressJob(base_ckpt, tunes, plan, chunk_elements, progress, workers,
-                              quantize, planner)
+                              quantize, planner, parse_memory(max_memory, 0))
             results = job.run(selectors, out_paths, overwrite,
                               fallback=lambda: make_selectors(plan, density, scope, None,
                                                                len(tunes), exact=True))
@@ -172,10 +182,11 @@ class CompressJob:
 
     def __init__(self, base: Checkpoint, tunes: list[Checkpoint], plan: TensorPlan,
                  chunk_elements: int, progress: bool, workers: int = WORKERS,
-                 quantize: dict | None = None, planner=None):
+                 quantize: dict | None = None, planner=None, max_memory: int = 0):
         self.scanner = TensorScanner(base, tunes, plan, chunk_elements, quantize, planner)
         self.base, self.tunes, self.plan, self.progress = base, tunes, plan, progress
         self.workers, self.planner = workers, planner
+        self.max_memory = max_memory  # 0: no bound
 
     def run(self, selectors: list[Selector], out_paths: list[Path], overwrite: bool,
             fallback: Callable[[], list[Selector]]) -> list[Written]:
@@ -236,11 +247,30 @@ class CompressJob:
             return True
         ordered = any(s.ordered for s in selectors)
         encoded = in_order(self.base.names,
-                           lambda name: self.scanner.select_and_encode(name, selectors),
+                           lambda name: self.scanner.select_and_encode(
+                               name, selectors, one_at_a_time=self._one_at_a_time(name)),
+                           self._held_bytes, budget=self.max_memory,
                            workers=0 if ordered else self.workers)
         with closing(encoded):
             self._write_all(encoded, outputs)
         return True
+
+    def _selected_bytes(self, name: str) -> int:
+        """One fine-tune's selection of tensor ``name`` at worst: every element kept (an int64
+        position and the fine-tuned and base bits), plus its encoded payload."""
+        entry = self.base.entry(name)
+        return entry.numel * (8 + 3 * lookup_dtype(entry.dtype).itemsize)
+
+    def _one_at_a_time(self, name: str) -> bool:
+        """Whether tensor ``name``'s fine-tunes are selected one after another (see
+        ``max_memory`` in :func:`compress`)."""
+        return bool(self.max_memory) and len(self.tunes) > 1 and \
+            len(self.tunes) * self._selected_bytes(name) > self.max_memory // 2
+
+    def _held_bytes(self, name: str) -> int:
+        """What preparing tensor ``name`` holds at worst (for the read-ahead budget)."""
+        held = 1 if self._one_at_a_time(name) else len(self.tunes)
+        return held * self._selected_bytes(name) if self.max_memory else 0
 
     def _write_all(self, encoded, outputs: DeltaOutputs) -> None:
         total_bytes = sum(self.base.entry(n).nbytes for n in self.base.names)

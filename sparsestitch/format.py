@@ -272,7 +272,7 @@ class DeltaReader:
     def positions(self, record: Record, payload: bytes | None = None) -> np.ndarray:
         """Decoded, validated flat kept positions of a stored record (sorted int64)."""
         payload = self.payload(record) if payload is None else payload
-        with self._context(record):
+        with self.decoding(record):
             codec = codecs.position_codec(record.positions.get("codec"))
             positions = codec.decode(payload[:record.positions_nbytes], record.positions,
                                      record.shape, record.count)
@@ -288,7 +288,7 @@ class DeltaReader:
         decoding it would), so its positions need no array."""
         if record.positions.get("codec") != "all":
             return False
-        with self._context(record):
+        with self.decoding(record):
             codecs.position_codec("all").check(record.positions_nbytes, record.shape, record.count)
         return True
 
@@ -296,7 +296,7 @@ class DeltaReader:
                ) -> np.ndarray:
         """Fine-tuned bits at the kept positions, given the base bits there (None for "added")."""
         payload = self.payload(record) if payload is None else payload
-        with self._context(record):
+        with self.decoding(record):
             codec = codecs.value_codec(record.values.get("codec"))
             if codec.needs_base and base_kept is None:
                 raise DeltaFormatError(f"value codec {codec.codec_id!r} needs base values")
@@ -310,7 +310,7 @@ class DeltaReader:
         elementwise (``ulp``): ``base_part`` the base bits of the run, ``counts`` from
         :meth:`part_counts` (see :func:`sparsestitch.walk.part_counts`)."""
         payload = self.payload(record) if payload is None else payload
-        with self._context(record):
+        with self.decoding(record):
             codec = codecs.value_codec(record.values.get("codec"))
             return codec.decode_part(payload[record.positions_nbytes:], record.values,
                                      base_part, record.dt, record.count, *counts)
@@ -318,7 +318,7 @@ class DeltaReader:
     def part_counts(self, record: Record, base_part: np.ndarray, dt) -> np.ndarray:
         """The context counts a run of kept values with these base bits contributes, for a
         value codec that is not elementwise."""
-        with self._context(record):
+        with self.decoding(record):
             codec = codecs.value_codec(record.values.get("codec"))
             if dt.name != record.dt.name:
                 raise DeltaFormatError(f"base dtype {dt.name}, record {record.dt.name}")
@@ -334,7 +334,8 @@ class DeltaReader:
         base_kept = None if base_bits is None else np.asarray(base_bits).reshape(-1)[positions]
         return positions, self.values(record, base_kept, payload)
 
-    def _context(self, record: Record):
+    def decoding(self, record: Record):
+        """A context in which decoding errors are re-raised naming this file and the tensor."""
         return _ErrorContext(self.path, record.name)
 
 

@@ -35,7 +35,7 @@ from .dtypes import DType, dtype as lookup_dtype
 from .errors import TensorMismatchError
 from .format import Record
 from .keep import as_mask_list, check_compatible, check_scope, choices, make_selectors
-from .localize.selectors import Choice, Selector, TuneBlock
+from .localize.selectors import Choice, KeepAll, Selector, TuneBlock
 from .readahead import workers_for
 from .selection import Selection, TensorPlan, TensorScanner, run_pre_passes
 from .stitch import engine
@@ -188,14 +188,8 @@ class FineTuneSource:
         entry = (self.added[name][1] if name in self.added else self.base.entry(name))
         if name in self.added or self._blockwise(name):
             return entry.nbytes
-        return min(self._whole_bytes(name), 2 * self.block_bytes)
+        return min(whole_bytes(self.scanner, self.combiner, name), 2 * self.block_bytes)
 
-    def _whole_bytes(self, name: str) -> int:
-        """Bytes of every fine-tune's selection of the whole tensor, at worst."""
-        entry = self.base.entry(name)
-        dt = lookup_dtype(entry.dtype)
-        per_position = 8 + 2 * dt.itemsize + self.combiner.bytes_per_position(dt)
-        return entry.nbytes + len(self.tunes) * entry.numel * per_position
 
     def _blockwise(self, name: str) -> bool:
         """Whether tensor ``name`` is merged as its blocks are read (see module doc)."""
@@ -230,6 +224,9 @@ class FineTuneSource:
         ``emit(name, bits)`` in order."""
         dt = lookup_dtype(self.base.entry(name).dtype)
         count = len(self.tunes)
+        if keeps_every_change(self.scanner, self.selectors, name, dt):
+            merge_changed_blocks(self.scanner, self.combiner, name, dt, emit)
+            return
         stored: list[Stored | None] = []
         for block, choice in self.scanner.choices(name, self.selectors):
             stored.append(stored_of_choice(block, choice))
@@ -245,6 +242,15 @@ class FineTuneSource:
         scanner, combiner = self.scanner, self.combiner
         entry = self.base.entry(name)
         dt = lookup_dtype(entry.dtype)
+        blocks = RowBlocks.of(entry.shape, dt.itemsize, self.block_bytes)
+        if self._dense(name, dt):
+            update = combiner.combine_changed(dt, *whole_tensors(scanner, name, entry.numel, dt))
+
+            def finish_dense(writer: CheckpointWriter) -> None:
+                engine.write_patched(writer, name, blocks,
+                                     lambda start, stop: self.base.read_rows(name, start, stop),
+                                     *update)
+            return finish_dense
         base_xxh3, selections = scanner.select(name, self.selectors)
         exact = name not in scanner.plan.localized or (scanner.quantize is None
                                                        and scanner.planner is None)
@@ -254,7 +260,6 @@ class FineTuneSource:
         stored = [stored_of_selection(s) if exact else stored_of_record(*encoded[i], s, dt)
                   for i, s in enumerate(selections)]
         del selections
-        blocks = RowBlocks.of(entry.shape, dt.itemsize, self.block_bytes)
         if combiner.merges_blocks(dt):
             merge = combiner.block_merge(dt, stored)
             update = None
@@ -275,6 +280,12 @@ class FineTuneSource:
                 merge(block, blocks.elements(start, stop)[0])
                 writer.write(name, block)
         return finish
+
+    def _dense(self, name: str, dt) -> bool:
+        """Whether tensor ``name`` is merged from whole task vectors, without positions (no
+        deltas saved; a rule with a dense form, such as TIES in mergekit's convention)."""
+        return (self.outputs is None and self.combiner.has_dense_form(dt)
+                and keeps_every_change(self.scanner, self.selectors, name, dt))
 
 
 def stored_of_choice(block: TuneBlock, choice: Choice) -> Stored | None:
@@ -313,3 +324,46 @@ def stored_of_record(record: Record, payload: bytes, selection: Selection, dt: D
     values = codecs.value_codec(record.values["codec"]).decode(
         payload[record.positions_nbytes:], record.values, base_kept, dt, record.count)
     return Stored(positions, values, base_kept)
+
+
+def whole_tensors(scanner: TensorScanner, name: str, numel: int, dt
+                  ) -> tuple[np.ndarray, list[np.ndarray]]:
+    """The base's and every fine-tune's bits of the whole tensor ``name``."""
+    base = np.empty(numel, dt.bits)
+    tunes = [np.empty(numel, dt.bits) for _ in scanner.tunes]
+    for block in scanner.tune_blocks(name):
+        end = block.offset + block.finetuned.size
+        if block.tune == 0:
+            base[block.offset:end] = block.base
+        tunes[block.tune][block.offset:end] = block.finetuned
+    return base, tunes
+
+
+def whole_bytes(scanner: TensorScanner, combiner: Combiner, name: str) -> int:
+    """Bytes of every fine-tune's selection of the whole tensor ``name``, at worst."""
+    entry = scanner.base.entry(name)
+    dt = lookup_dtype(entry.dtype)
+    per_position = 8 + 2 * dt.itemsize + combiner.bytes_per_position(dt)
+    return entry.nbytes + len(scanner.tunes) * entry.numel * per_position
+
+
+def keeps_every_change(scanner: TensorScanner, selectors: Sequence[Selector], name: str,
+                       dt) -> bool:
+    """Whether every fine-tune keeps every changed element of tensor ``name``, exactly."""
+    plan = scanner.plan
+    return all(isinstance(s, KeepAll) for s in selectors) and (
+        name in plan.localized or plan.stored_exactly(name, dt))
+
+
+def merge_changed_blocks(scanner: TensorScanner, combiner: Combiner, name: str, dt,
+                         emit) -> None:
+    """Merge tensor ``name`` block by block from the fine-tunes' bits, every change kept:
+    no positions at all (:meth:`~.stitch.combine.RuleCombiner.merge_changed`)."""
+    tunes: list[np.ndarray] = []
+    for block in scanner.tune_blocks(name):
+        tunes.append(block.finetuned)
+        if len(tunes) == len(scanner.tunes):
+            merged = block.base.copy()
+            combiner.merge_changed(dt, merged, block.offset, tunes)
+            emit(name, merged)
+            tunes = []

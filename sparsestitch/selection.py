@@ -231,9 +231,21 @@ class TensorScanner:
                 energy, kept_energy(selection, dt), error))
         return record, payload
 
-    def select_and_encode(self, name: str, selectors: Sequence[Selector]) -> list[Encoded]:
-        base_xxh3, selections = self.select(name, selectors)
-        return [self.encode(name, base_xxh3, s, tune) for tune, s in enumerate(selections)]
+    def select_and_encode(self, name: str, selectors: Sequence[Selector],
+                          one_at_a_time: bool = False) -> list[Encoded]:
+        """Every fine-tune's record of tensor ``name``; ``one_at_a_time`` selects and encodes
+        the fine-tunes in turn, reading the base once for each (one selection held at once)."""
+        if not one_at_a_time:
+            base_xxh3, selections = self.select(name, selectors)
+            return [self.encode(name, base_xxh3, s, tune) for tune, s in enumerate(selections)]
+        encoded = []
+        for tune, selector in zip(self.tunes, selectors):
+            alone = TensorScanner(self.base, [tune], self.plan, self.chunk_elements,
+                                  self.quantize, self.planner)
+            base_xxh3, (selection,) = alone.select(name, [selector])
+            encoded.append(self.encode(name, base_xxh3, selection, len(encoded)))
+            del selection
+        return encoded
 
     def encode_added(self, tune: Checkpoint, name: str) -> Encoded:
         """A tensor the fine-tune has and the base lacks: stored whole."""

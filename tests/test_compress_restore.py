@@ -505,3 +505,31 @@ def test_density_zero_is_refused_before_anything_is_written(tmp_path):
     with pytest.raises(ValueError, match="density 0 keeps nothing"):
         sparsestitch.compress(base, tune, tmp_path / "t.delta", density=0.0)
     assert not (tmp_path / "t.delta").exists()
+
+
+def test_max_memory_bounds_what_compress_holds_and_changes_no_byte(tmp_path):
+    """Four full fine-tunes of an 8 MiB tensor: under a budget below their four selections,
+    compress selects and encodes them one at a time (at most half the peak of all at once,
+    measured with tracemalloc over every thread) and writes the same bytes."""
+    import tracemalloc
+
+    generator = torch.Generator().manual_seed(0)
+    base = {"big": torch.randn(2048, 1024, generator=generator), "small": torch.randn(8, 8)}
+    base_path = save_checkpoint(tmp_path / "base.safetensors", base)
+    tunes = [save_checkpoint(tmp_path / f"ft{i}.safetensors",
+                             {k: v + 0.01 * torch.randn(v.shape, generator=generator)
+                              for k, v in base.items()}) for i in range(4)]
+    peaks = {}
+    for budget in (None, "24MiB"):
+        tracemalloc.start()
+        try:
+            sparsestitch.compress(base_path, tunes, [tmp_path / f"{budget}-{i}.delta"
+                                                     for i in range(4)],
+                                  lossless=True, max_memory=budget)
+            peaks[budget] = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+    assert peaks["24MiB"] <= peaks[None] / 2, peaks
+    for i in range(4):
+        assert (tmp_path / f"None-{i}.delta").read_bytes() == \
+            (tmp_path / f"24MiB-{i}.delta").read_bytes()

@@ -8,12 +8,17 @@ import re
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings, strategies as st
 from safetensors import safe_open
 from safetensors.torch import load_file
 
 import sparsestitch
+from sparsestitch.dtypes import dtype
 from sparsestitch.errors import TensorMismatchError
+from sparsestitch.stitch import rule_combiner
+from sparsestitch.walk import Stored
 
+from .codec_checks import value_pairs
 from .conftest import bits, finetune_of, save_checkpoint, small_model
 
 
@@ -190,3 +195,29 @@ def test_config_and_recipe_flags_do_not_mix(tmp_path, trio):
     config.write_text(f"base: {trio['base']}\nmodels: [{trio['ft1']}]\n")
     result = _cli("merge", "--config", config, "--rule", "ties", "-o", tmp_path / "o.safetensors")
     assert result.exit_code != 0 and "--rule" in result.output
+
+
+@settings(max_examples=120, deadline=None)
+@given(dt=st.sampled_from([dtype(n) for n in ("BF16", "F16", "F32", "F64")]), data=st.data(),
+       density=st.sampled_from([1.0, 0.5, 0.2]))
+def test_dense_ties_mergekit_equals_its_positional_form(dt, data, density):
+    """combine_changed (whole fine-tunes, merge's path for TIES in mergekit's convention)
+    against combine of the changed elements as stored positions: every bit pattern
+    (NaN, infinities, -0.0), equal bits, weights."""
+    tunes, base = [], None
+    for _ in range(data.draw(st.integers(1, 3))):
+        kept, pair_base = data.draw(value_pairs(dt, max_size=50))
+        base = pair_base if base is None else base
+        size = min(base.size, kept.size)
+        base, tunes = base[:size], [t[:size] for t in tunes] + [kept[:size]]
+    weights = data.draw(st.lists(st.sampled_from([1.0, 0.5, -2.0]), min_size=len(tunes),
+                                 max_size=len(tunes)))
+    combiner = rule_combiner("ties-mergekit", weights, len(tunes), density=density)
+    stored = []
+    for tune in tunes:
+        changed = np.flatnonzero(tune != base)
+        stored.append(Stored(changed, tune[changed], base[changed]) if changed.size else None)
+    expected = combiner.combine("w", dt, base.size, stored)
+    positions, new_bits = combiner.combine_changed(dt, base, tunes)
+    assert positions.tolist() == expected[0].tolist()
+    assert new_bits.tobytes() == expected[1].tobytes()

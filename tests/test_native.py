@@ -397,3 +397,33 @@ def test_every_c_entry_point_refuses_mismatched_buffers(call, error):
     such buffers; a caller of the module that does gets an exception, not a crash)."""
     with pytest.raises(error):
         call(kernels)
+
+
+@needs_kernels
+@settings(max_examples=150, deadline=None)
+@given(dt=st.sampled_from([dtype(n) for n in native.FLOAT_KINDS]), data=st.data(),
+       rule=st.sampled_from(["localize-stitch", "task-arithmetic"]))
+def test_merge_of_full_fine_tunes_equals_the_positional_merge(dt, data, rule):
+    """merge_changed (fine-tunes' bits over the whole block; changed elements count as
+    stored) against the numpy reference merge of those elements as positions: every bit
+    pattern, equal bits, weights and scales."""
+    tunes, base = [], None
+    for _ in range(data.draw(st.integers(1, 4))):
+        kept, pair_base = data.draw(value_pairs(dt, max_size=60))
+        base = pair_base if base is None else base
+        size = min(base.size, kept.size)
+        base, tunes = base[:size], [t[:size] for t in tunes] + [kept[:size]]
+    # repeated past the C loop's 512-element chunks, ending inside one
+    repeat = data.draw(st.sampled_from([1, 40]))
+    base, tunes = np.tile(base, repeat), [np.tile(t, repeat) for t in tunes]
+    weights = data.draw(st.lists(st.sampled_from([1.0, 0.5, -2.0, 3.0]), min_size=len(tunes),
+                                 max_size=len(tunes)))
+    options = {} if rule == "localize-stitch" else {"scale": data.draw(st.sampled_from([1.0, 0.3]))}
+    combiner = rule_combiner(rule, weights, len(tunes), **options)
+    first = data.draw(st.integers(0, 1000))
+    fast = base.copy()
+    combiner.merge_changed(dt, fast, first, tunes)
+    reference = base.copy()
+    with mock.patch.dict(os.environ, {"SPARSESTITCH_NATIVE": "0"}):
+        combiner.merge_changed(dt, reference, first, tunes)
+    assert fast.tobytes() == reference.tobytes()

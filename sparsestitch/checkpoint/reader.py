@@ -21,6 +21,7 @@ from ..errors import CheckpointError
 from ..hub import resolve_checkpoint
 from ..safetensors_file import TensorEntry, read_header
 from ..sizes import row_items
+from .gguf_file import GgufTensors, is_gguf
 
 INDEX_NAME = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
@@ -64,9 +65,13 @@ class Checkpoint:
         if not self.path.exists() and not recover(self.path):  # a killed overwrite's old output
             self.path = resolve_checkpoint(path)  # a Hub id in the local cache, or an error
             self.hub_id = os.fspath(path)
+        self._gguf: GgufTensors | None = None
         if self.path.is_dir():
             self.is_folder = True
             shard_files, self._index_map = _folder_shards(self.path)
+        elif is_gguf(self.path):
+            self.is_folder = False
+            shard_files = []
         else:
             self.is_folder = False
             _refuse_pickle(self.path)
@@ -78,6 +83,10 @@ class Checkpoint:
         try:
             for file in shard_files:
                 self._add_shard(file)
+            if not shard_files:  # a GGUF file; an output made from it is one safetensors file
+                self._gguf = GgufTensors(self.path)
+                self._where = {n: Located(self.path, e) for n, e in self._gguf.entries.items()}
+                self.layout.append(("model.safetensors", sorted(self._where)))
         except BaseException:
             self.close()
             raise
@@ -95,6 +104,8 @@ class Checkpoint:
         for handle in self._handles.values():
             handle.close()
         self._handles.clear()
+        if self._gguf is not None:
+            self._gguf.close()
 
     def __contains__(self, name: str) -> bool:
         return name in self._where
@@ -116,21 +127,9 @@ class Checkpoint:
     def read_rows(self, name: str, start: int, stop: int) -> np.ndarray:
         """Bits of rows ``start:stop`` (along the first dimension) as a flat array."""
         located = self.locate(name)
-        entry = located.entry
-        bits = lookup_dtype(entry.dtype).bits
-        per_row = row_items(entry.shape)
-        out = np.empty((stop - start) * per_row, dtype=bits)
-        view = memoryview(out.view(np.uint8))
-        offset = entry.start + start * per_row * bits.itemsize
-        handle = self._handles[located.file]
-        got = 0
-        while got < len(view):
-            n = os.preadv(handle.fileno(), [view[got:]], offset + got)
-            if n <= 0:
-                raise CheckpointError("file ended early (truncated while reading?)",
-                                      path=located.file, tensor=name)
-            got += n
-        return out
+        if self._gguf is not None:
+            return self._gguf.read_rows(name, start, stop)
+        return _read_rows(self._handles[located.file], located, name, start, stop)
 
     @property
     def has_index(self) -> bool:
@@ -164,6 +163,26 @@ class Checkpoint:
             self._where[name] = Located(file, entry)
             names.append(name)
         self.layout.append((file.name, sorted(names)))
+
+
+
+
+def _read_rows(handle, located: Located, name: str, start: int, stop: int) -> np.ndarray:
+    """Rows ``start:stop`` of a safetensors tensor, read with ``preadv`` (thread-safe)."""
+    entry = located.entry
+    bits = lookup_dtype(entry.dtype).bits
+    per_row = row_items(entry.shape)
+    out = np.empty((stop - start) * per_row, dtype=bits)
+    view = memoryview(out.view(np.uint8))
+    offset = entry.start + start * per_row * bits.itemsize
+    got = 0
+    while got < len(view):
+        n = os.preadv(handle.fileno(), [view[got:]], offset + got)
+        if n <= 0:
+            raise CheckpointError("file ended early (truncated while reading?)",
+                                  path=located.file, tensor=name)
+        got += n
+    return out
 
 
 def _folder_shards(folder: Path) -> tuple[list[Path], dict[str, str] | None]:

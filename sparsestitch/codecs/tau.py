@@ -60,6 +60,26 @@ class TauValues:
 
     def decode(self, payload: bytes, config: dict, base: np.ndarray, dt: DType,
                count: int) -> np.ndarray:
+        planes, exc_index, exc_bits = self.streams(payload, config, dt, count)
+        wide_bits = np.dtype(dt.wide.str.replace("f", "u"))
+        kernels, kind = native.float_kernels(dt.name)
+        values = None
+        if kernels is not None:  # the same bits, one pass
+            values = np.empty(count, dt.bits)
+            if kernels.tau_decode(kind, planes, np.ascontiguousarray(base), values):
+                values = None  # a NaN met a NaN: numpy's own choice of payload, as written
+        if values is None:
+            tau = from_planes(planes, wide_bits, count).view(dt.wide)
+            with np.errstate(all="ignore"):
+                values = from_wide(to_wide(base, dt) + tau, dt)
+        values[exc_index] = exc_bits
+        return values
+
+    def streams(self, payload: bytes, config: dict, dt: DType, count: int
+                ) -> tuple[bytes, np.ndarray, np.ndarray]:
+        """The checked, decompressed parts of a payload: tau's byte planes (in the wide
+        type), and the exceptions' indices and bits (decoding without the base; the device
+        decoder adds the base on the device)."""
         if not dt.is_float:
             raise DeltaFormatError(f"tau values need a float dtype, got {dt.name}")
         n_exc = config_int(config, "exceptions", 0, count)
@@ -71,18 +91,7 @@ class TauValues:
                 raise DeltaFormatError(f"tau config lacks its {key!r} stream config")
         wide_bits = np.dtype(dt.wide.str.replace("f", "u"))
         planes = unpack_stream(tau_stream, config["tau"], count * wide_bits.itemsize)
-        kernels, kind = native.float_kernels(dt.name)
-        values = None
-        if kernels is not None:  # the same bits, one pass
-            values = np.empty(count, dt.bits)
-            if kernels.tau_decode(kind, planes, np.ascontiguousarray(base), values):
-                values = None  # a NaN met a NaN: numpy's own choice of payload, as written
-        if values is None:
-            tau = from_planes(planes, wide_bits, count).view(dt.wide)
-            with np.errstate(all="ignore"):
-                values = from_wide(to_wide(base, dt) + tau, dt)
         index_raw = unpack_stream(index_stream, config["exc_index"], n_exc * 4)
         index = gap_decode(from_planes(index_raw, np.dtype("<u4"), n_exc), max(count, 1))
         bits_raw = unpack_stream(bits_stream, config["exc_bits"], n_exc * dt.itemsize)
-        values[index] = from_planes(bits_raw, dt.bits, n_exc)
-        return values
+        return planes, index, from_planes(bits_raw, dt.bits, n_exc)

@@ -5,9 +5,11 @@ of tensors) where they live, CPU or CUDA, with the same combiner as
 :func:`~sparsestitch.stitch.stitch`: the model ends up bit-identical to
 stitching the same deltas to a file and loading it.  Only stored positions are
 touched, and the values there are saved first, so :meth:`Patch.revert` puts
-the model back exactly.  Positions are decoded on the CPU by the codecs (through
-:mod:`sparsestitch.walk`); gathering and writing values happen on the tensor's
-device, with the positions moved there once per tensor.
+the model back exactly.  On CUDA the values are decoded and merged on the device
+(:mod:`.device_merge`: positions and zstd streams decoded on the host, the base bits never
+leaving the device); CPU tensors, and tensors under an active patch, are decoded and merged
+on the host by the codecs and the numpy/C combiner, with gathering and writing on the
+tensor's device.
 
 Patches stack.  A patch applied over another one adds its update to the
 current values (``round(wide(current) + update)``, with ``update`` computed
@@ -32,9 +34,16 @@ import numpy as np
 from ..errors import SparsestitchError
 from ..format import DeltaReader
 from ..stitch.combine import RuleCombiner, rule_combiner
+from ..stitch.staging import Staging
 from ..stitch.union import union_of
 from ..walk import BaseHash, Stored, decode_at, stored_positions
+from .device_merge import merge_on_device
 from .tensors import LiveTensor, match_records, named_tensors
+
+#: Device types whose tensors are patched by decoding and merging on the device (the base bits
+#: stay there); on the CPU the numpy and C decoders and merge are faster.  Tensors under an
+#: active patch always take the host path, which knows how to see through it.
+DEVICE_MERGED = ("cuda",)
 
 #: Live tensor identity -> the active patches over it, oldest first.
 _ACTIVE: dict[tuple, list[weakref.ref]] = {}
@@ -75,11 +84,12 @@ def apply(model, deltas: str | os.PathLike | Sequence[str | os.PathLike], *,
         targets = match_records(tensors, readers, added)
         if verify_base:
             for live in targets.values():
-                _verify(live, readers)
+                check_live_base(live, readers)
         patch = Patch()
+        staging: dict[object, Staging] = {}
         try:
             for live in targets.values():
-                patch._patch(live, readers, combine)
+                patch._patch(live, readers, combine, staging)
         except BaseException:
             patch._undo()
             raise
@@ -142,7 +152,7 @@ class Patch:
         if self._reverted:
             return
         for key, entry in self._entries.items():
-            if _active(key)[-1] is not self:
+            if active_patches(key)[-1] is not self:
                 raise SparsestitchError("a patch applied later over this tensor is still active: "
                                         "revert patches in reverse order of applying them",
                                         tensor=entry.live.name)
@@ -162,42 +172,20 @@ class Patch:
         return (entry.positions.cpu().numpy(),
                 entry.originals.cpu().numpy().view(entry.live.dt.bits))
 
-    def _patch(self, live: LiveTensor, readers: list[DeltaReader], combine: RuleCombiner) -> None:
-        import torch
-
-        records = [reader.record(live.name) for reader in readers]
-        sparse = [(i, r) for i, r in enumerate(records) if r is not None and r.kind == "sparse"]
-        if not sparse:
-            return
-        payloads = {i: readers[i].payload(r) for i, r in sparse}
-        positions = {i: stored_positions(readers[i], r, payloads[i]) for i, r in sparse}
-        nothing = np.empty(0, np.int64)
-        every = None
-        for i, found in positions.items():
-            if found is None:  # every element: one index array for all such records
-                every = np.arange(live.numel, dtype=np.int64) if every is None else every
-                positions[i] = every
-        # One union for both the live gather and the merge rule (it is the costly part).
-        merged = union_of([positions.get(i, nothing) for i in range(len(readers))])
-        union = merged.positions
-        union_device = torch.from_numpy(union).to(live.device)
-        current = live.gather(union_device)
-        below = _active(live.key)
-        base = _undo_patches(np.array(current), union, live.key, below)
-        stored: list[Stored | None] = [None] * len(readers)
-        for i, record in sparse:
-            stored[i] = decode_at(readers[i], record, positions[i], base[merged.where[i]],
-                                  payloads[i])
-        new_positions, new_bits = combine.combine(live.name, live.dt, live.numel, stored,
-                                                  onto=current if below else None, union=merged)
-        if new_positions.size == union.size:
-            where = union_device
+    def _patch(self, live: LiveTensor, readers: list[DeltaReader], combine: RuleCombiner,
+               staging: dict) -> None:
+        below = active_patches(live.key)
+        if live.device.type in DEVICE_MERGED and not below:
+            if live.device not in staging:
+                staging[live.device] = Staging(live.device)
+            merged = merge_on_device(live, readers, combine, staging[live.device])
+            change = None if merged is None else (merged[0], live.take(merged[0]), merged[1])
         else:
-            where = torch.from_numpy(new_positions).to(live.device)
-            current = current[np.searchsorted(union, new_positions)]
-        originals = torch.from_numpy(np.ascontiguousarray(current).view(live.signed)).to(live.device)
-        self._entries[live.key] = PatchEntry(live, where, originals)
-        live.scatter(where, torch.from_numpy(new_bits.view(live.signed)).to(live.device))
+            change = _merged_on_host(live, readers, combine, below)
+        if change is not None:
+            positions, originals, new_bits = change
+            self._entries[live.key] = PatchEntry(live, positions, originals)
+            live.scatter(positions, new_bits)
 
     def _undo(self) -> None:
         for entry in reversed(list(self._entries.values())):
@@ -215,9 +203,48 @@ class Patch:
         self._entries = {}
 
 
-def _verify(live: LiveTensor, readers: list[DeltaReader]) -> None:
+def _merged_on_host(live: LiveTensor, readers: list[DeltaReader], combine: RuleCombiner,
+                    below: list["Patch"]):
+    """``(positions, bits there now, new bits)`` on the tensor's device, decoded and merged on
+    the host, seeing through the active patches ``below``; None if nothing is stored."""
+    import torch
+
+    records = [reader.record(live.name) for reader in readers]
+    sparse = [(i, r) for i, r in enumerate(records) if r is not None and r.kind == "sparse"]
+    if not sparse:
+        return None
+    payloads = {i: readers[i].payload(r) for i, r in sparse}
+    positions = {i: stored_positions(readers[i], r, payloads[i]) for i, r in sparse}
+    nothing = np.empty(0, np.int64)
+    every = None
+    for i, found in positions.items():
+        if found is None:  # every element: one index array for all such records
+            every = np.arange(live.numel, dtype=np.int64) if every is None else every
+            positions[i] = every
+    # One union for both the live gather and the merge rule (it is the costly part).
+    merged = union_of([positions.get(i, nothing) for i in range(len(readers))])
+    union = merged.positions
+    union_device = torch.from_numpy(union).to(live.device)
+    current = live.gather(union_device)
+    base = _undo_patches(np.array(current), union, live.key, below)
+    stored: list[Stored | None] = [None] * len(readers)
+    for i, record in sparse:
+        stored[i] = decode_at(readers[i], record, positions[i], base[merged.where[i]],
+                              payloads[i])
+    new_positions, new_bits = combine.combine(live.name, live.dt, live.numel, stored,
+                                              onto=current if below else None, union=merged)
+    if new_positions.size == union.size:
+        where = union_device
+    else:
+        where = torch.from_numpy(new_positions).to(live.device)
+        current = current[np.searchsorted(union, new_positions)]
+    originals = torch.from_numpy(np.ascontiguousarray(current).view(live.signed)).to(live.device)
+    return where, originals, torch.from_numpy(new_bits.view(live.signed)).to(live.device)
+
+
+def check_live_base(live: LiveTensor, readers: list[DeltaReader]) -> None:
     """The live tensor, with active patches undone, hashes to every delta's base checksum."""
-    below = _active(live.key)
+    below = active_patches(live.key)
     base_hash = BaseHash(live.name)
     for start, chunk in live.chunks():
         if below:
@@ -242,7 +269,7 @@ def _undo_patches(values: np.ndarray, positions: np.ndarray, key: tuple,
     return values
 
 
-def _active(key: tuple) -> list[Patch]:
+def active_patches(key: tuple) -> list[Patch]:
     return [patch for ref in _ACTIVE.get(key, ()) if (patch := ref()) is not None]
 
 

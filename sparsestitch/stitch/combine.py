@@ -121,6 +121,56 @@ class RuleCombiner:
         """The same merge as :meth:`combine`, applied row block by row block in place."""
         return BlockMerge(self, dt, stored)
 
+    def merge_changed(self, dt: DType, block: np.ndarray, first: int,
+                      finetuned: Sequence[np.ndarray]) -> None:
+        """:meth:`block_merge` for records that store exactly the elements of ``block`` (the
+        base bits of elements ``first, ...``, merged in place) whose bits differ, given every
+        record's fine-tuned bits over the whole block: full fine-tunes merged straight, with
+        no position arrays (the C loop; numpy builds the positions)."""
+        kernels, kind = native.float_kernels(dt.name)
+        if kernels is None or not self.merges_blocks(dt):
+            stored = []
+            for bits in finetuned:
+                changed = np.flatnonzero(bits != block)
+                stored.append(Stored(changed + first, bits[changed], block[changed])
+                              if changed.size else None)
+            self.block_merge(dt, stored)(block, first)
+            return
+        form = self.rule.block_form(self.options)
+        kernels.merge_changed(kind, block, [(np.ascontiguousarray(bits), w)
+                                            for bits, w in zip(finetuned, self.weights)],
+                              form.mean, float(form.scale), form.lone_exact,
+                              CANONICAL_NAN[dt.name])
+
+    def has_dense_form(self, dt: DType) -> bool:
+        """Whether :meth:`combine_changed` applies: float tensors, a rule with a dense form."""
+        return dt.is_float and self.rule.has_dense_update
+
+    def combine_changed(self, dt: DType, base: np.ndarray, finetuned: Sequence[np.ndarray]
+                        ) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`combine` of records that store exactly the elements whose bits differ from
+        ``base`` (a whole tensor's bits), given every record's fine-tuned bits of the whole
+        tensor: the rule's dense form on whole task vectors (zero where a record stores
+        nothing, as its sparse form makes them), then the same rounding at the union."""
+        import torch
+
+        changed = np.zeros(base.size, bool)
+        wide = torch.float64 if np.dtype(dt.wide) == np.float64 else torch.float32
+        deltas = torch.zeros((len(finetuned), base.size), dtype=wide)
+        base_wide = to_wide(base, dt)
+        with np.errstate(all="ignore"):
+            for row, bits in zip(deltas, finetuned):
+                stored = bits != base
+                changed |= stored
+                tau = row.numpy()
+                np.subtract(to_wide(bits, dt), base_wide, out=tau, where=stored)
+            positions = np.flatnonzero(changed)
+            update = self.rule.dense_update(deltas, self.weights, **self.options)
+            merged = base_wide[positions] + update.numpy()[positions]
+            new_bits = from_wide(merged, dt)
+            new_bits[np.isnan(merged)] = CANONICAL_NAN[dt.name]
+        return positions, new_bits
+
     def bytes_per_position(self, dt: DType) -> int:
         """Bytes a tensor's decoded records hold per stored position until it is merged:
         the int64 position and the fine-tuned and base bits, plus, unless the C merge runs,

@@ -74,6 +74,16 @@ class MergeRule:
         """For elementwise rules: the form the block kernels compute."""
         raise TypeError(f"rule {self.name!r} is not elementwise")
 
+    #: Whether :meth:`dense_update` exists: the rule's result from whole task vectors (zero
+    #: where a delta stores nothing) equals :meth:`update`'s at every stored position.
+    has_dense_update: ClassVar[bool] = False
+
+    def dense_update(self, deltas, weights: Sequence[float], **options):
+        """The update at every element from ``deltas``, a torch tensor of one dense task
+        vector per delta (rows; zeros where it stores nothing): how merge handles full
+        fine-tunes without position lists.  Only where ``has_dense_update``."""
+        raise NotImplementedError
+
     def check_options(self, options: dict) -> dict:
         """``options`` with every default spelled out (so recipes of equal merges are equal),
         each checked; raises ValueError naming the rule and the option."""
@@ -242,28 +252,57 @@ class TiesMergekit(Ties):
         if not union.size:
             return union, np.empty(0, _wide(vectors))
         size = int(union[-1]) + 1 if numel is None else numel
-        wide = torch.float64 if _wide(vectors) == np.float64 else torch.float32
-        deltas = torch.zeros((len(vectors), size), dtype=wide)
-        for row, vector in zip(deltas, vectors):
-            row[torch.from_numpy(vector.positions)] = torch.from_numpy(vector.tau)
-        if density < 1:  # mergekit.sparsify.magnitude
-            keep = int(density * size)
-            for i in range(len(vectors)):
-                mask = torch.zeros(size, dtype=wide)
-                mask[torch.argsort(deltas[i].abs().float(), descending=True)[:keep]] = 1
-                deltas[i] = deltas[i] * mask
-        # mergekit.merge_methods.generalized_task_arithmetic: weights, sign consensus ("sum")
-        weight = torch.tensor(list(weights), dtype=wide).unsqueeze(-1)
-        weighted = deltas * weight
-        majority = (weighted.sum(dim=0) >= 0).to(wide) * 2 - 1
-        agree = weighted.sign() == majority
-        mixed = (weighted * agree).sum(dim=0)
-        divisor = (weight * agree).sum(dim=0)
-        divisor[divisor == 0] = 1
-        mixed /= divisor
-        if scale != 1:
-            mixed *= scale
+        mixed = mergekit_ties([torch.from_numpy(v.positions) for v in vectors],
+                              [torch.from_numpy(v.tau) for v in vectors], weights, size,
+                              density, scale)
         return union, mixed[torch.from_numpy(union)].numpy()
+
+    has_dense_update = True
+
+    def dense_update(self, deltas, weights, density=0.2, scale=1.0):
+        """mergekit's operations on ``deltas`` (trimmed in place)."""
+        return mergekit_ties_dense(deltas, weights, density, scale)
+
+
+def mergekit_ties(positions: Sequence, taus: Sequence, weights: Sequence[float], size: int,
+                  density: float, scale: float):
+    """mergekit's TIES on torch tensors (each delta's int64 positions and wide task vector,
+    on any one device): the dense merged update over ``size`` elements.  The magnitude ranking
+    runs on the CPU, so the order among equal magnitudes is the same on every device."""
+    import torch
+
+    device, wide = taus[0].device, taus[0].dtype
+    deltas = torch.zeros((len(taus), size), dtype=wide, device=device)
+    for row, where, tau in zip(deltas, positions, taus):
+        row[where] = tau
+    return mergekit_ties_dense(deltas, weights, density, scale)
+
+
+def mergekit_ties_dense(deltas, weights: Sequence[float], density: float, scale: float):
+    """:func:`mergekit_ties` on dense task vectors (one row per delta, zero where a delta
+    stores nothing; trimmed in place)."""
+    import torch
+
+    device, wide, size = deltas.device, deltas.dtype, deltas.shape[1]
+    if density < 1:  # mergekit.sparsify.magnitude
+        keep = int(density * size)
+        for i in range(deltas.shape[0]):
+            mask = torch.zeros(size, dtype=wide, device=device)
+            ranked = torch.argsort(deltas[i].abs().float().cpu(), descending=True)[:keep]
+            mask[ranked.to(device)] = 1
+            deltas[i] = deltas[i] * mask
+    # mergekit.merge_methods.generalized_task_arithmetic: weights, sign consensus ("sum")
+    weight = torch.tensor(list(weights), dtype=wide, device=device).unsqueeze(-1)
+    weighted = deltas * weight
+    majority = (weighted.sum(dim=0) >= 0).to(wide) * 2 - 1
+    agree = weighted.sign() == majority
+    mixed = (weighted * agree).sum(dim=0)
+    divisor = (weight * agree).sum(dim=0)
+    divisor[divisor == 0] = 1
+    mixed /= divisor
+    if scale != 1:
+        mixed *= scale
+    return mixed
 
 
 class Dare(MergeRule):

@@ -31,6 +31,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from ..atomic import fsync_folder
 from ..errors import SparsestitchError
 
 MANIFEST_NAME = "zoo.json"
@@ -346,13 +347,3 @@ def update(zoo: str | os.PathLike, change: Callable[[dict], object]):
 
 def find(manifest: dict, name: str) -> dict | None:
     return next((m for m in manifest["members"] if m["name"] == name), None)
-
-
-def fsync_folder(folder: Path) -> None:
-    """Make a rename in ``folder`` durable (where the filesystem allows opening folders)."""
-    with contextlib.suppress(OSError):
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)

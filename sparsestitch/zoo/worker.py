@@ -18,6 +18,7 @@ import socket
 import time
 from pathlib import Path
 
+from ..atomic import process_alive
 from ..errors import BaseMismatchError, OutputError
 from . import manifest as mf
 from .members import build_entry, file_matches, options_conflict, same_origin
@@ -152,19 +153,12 @@ def sweep_incoming(incoming: Path) -> list[Path]:
     for folder in incoming.iterdir() if incoming.is_dir() else ():
         pid_part, _, folder_host = folder.name.partition("@")
         pid_text = pid_part.split("-", 1)[0]
-        if folder_host == host and pid_text.isdigit() and not _alive(int(pid_text)):
+        if folder_host == host and pid_text.isdigit() and not process_alive(int(pid_text)):
             shutil.rmtree(folder, ignore_errors=True)
             removed.append(folder)
     return removed
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
     return True
 
 

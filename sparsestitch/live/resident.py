@@ -1,0 +1,71 @@
+"""Stitch deltas straight into a model already on a device: no file, no revert, the base bits
+never leaving the device.
+
+:func:`stitch_into` is :func:`sparsestitch.stitch` with the model's own tensors as both the
+base and the output.  Per tensor, the host reads each record's payload, checks its
+checksum, decodes its positions and decompresses its value streams; the device gathers the
+base bits at the stored positions, decodes the values against them
+(:mod:`sparsestitch.stitch.device_values`), merges by rule
+(:func:`~sparsestitch.stitch.device_rules.combine_on_device`: every rule) and scatters the
+result into the tensor (:func:`.device_merge.merge_on_device`, which ``apply`` uses too).  The model ends bit-identical to stitching the same deltas to a
+file and loading it (tests compare the two).
+
+Unlike :func:`~.patch.apply` nothing is kept for a revert, so device memory holds one
+tensor's records at a time.  Every check that can fail on a sound file runs before any
+tensor is written (names, shapes, dtypes, base checksums, tensors under an active hot-swap
+patch); a record found damaged while decoding raises naming it, and the tensors stitched
+before it stay stitched (reload the model).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Sequence
+
+from ..errors import SparsestitchError
+from ..format import DeltaReader
+from ..stitch.combine import rule_combiner
+from ..stitch.staging import Staging
+from .device_merge import merge_on_device
+from .patch import active_patches, check_live_base
+from .tensors import match_records, named_tensors
+
+
+def stitch_into(model, deltas: str | os.PathLike | Sequence[str | os.PathLike], *,
+                rule: str = "localize-stitch", weights: Sequence[float] | None = None,
+                verify_base: bool = True, added: str = "error", **rule_options) -> list[str]:
+    """Merge ``deltas`` into ``model`` (a ``torch.nn.Module`` or a dict of tensors) in place,
+    on the device each tensor lives on; returns the names of the tensors changed.
+
+    Rules, weights, options, ``verify_base`` and ``added`` are those of
+    :func:`~sparsestitch.live.apply` and :func:`~sparsestitch.stitch.stitch`, with
+    bit-identical results.  For a model that must go back to its base, use ``apply``.
+
+    >>> stitch_into(model, ["math.delta", "code.delta"], rule="ties")  # doctest: +SKIP
+    """
+    paths = [deltas] if isinstance(deltas, (str, os.PathLike)) else list(deltas)
+    combiner = rule_combiner(rule, weights, len(paths), **rule_options)
+    if added not in ("error", "skip"):
+        raise ValueError(f"added must be 'error' or 'skip', not {added!r}")
+    tensors = named_tensors(model)
+    changed = []
+    with contextlib.ExitStack() as stack:
+        readers = [stack.enter_context(DeltaReader(p)) for p in paths]
+        targets = match_records(tensors, readers, added)
+        for live in targets.values():
+            if active_patches(live.key):
+                raise SparsestitchError("a hot-swap patch is active on this tensor: revert it "
+                                        "before stitching into the model", tensor=live.name)
+        if verify_base:
+            for live in targets.values():
+                check_live_base(live, readers)
+        staging_by_device: dict[object, Staging] = {}
+        for live in targets.values():
+            if live.device not in staging_by_device:
+                staging_by_device[live.device] = Staging(live.device)
+            merged = merge_on_device(live, readers, combiner, staging_by_device[live.device])
+            if merged is not None:
+                live.scatter(*merged)
+                changed.append(live.name)
+    return changed
