@@ -177,7 +177,7 @@ def batches(split, pad_id, batch_size, *, shuffle_seed=None):
     """
     ids, labels = split
     if shuffle_seed is None:
-        order = sorted(range(len(ids)), key=lambda i: (len(ids[i]), i))
+        order = evaluation_order(ids)
     else:
         generator = torch.Generator().manual_seed(shuffle_seed)
         order = torch.randperm(len(ids), generator=generator).tolist()
@@ -192,6 +192,11 @@ def batches(split, pad_id, batch_size, *, shuffle_seed=None):
             attention_mask[row, :len(ids[i])] = 1
         result.append((input_ids, attention_mask, labels[chosen]))
     return result
+
+
+def evaluation_order(ids):
+    """The order unshuffled ``batches`` take texts in: by length, then index."""
+    return sorted(range(len(ids)), key=lambda i: (len(ids[i]), i))
 
 
 def pooled(forward, input_ids, attention_mask, device):
@@ -310,25 +315,43 @@ class Evaluator:
     def __init__(self, encoder, heads, encoded, device):
         self.encoder, self.heads, self.encoded, self.device = encoder, heads, encoded, device
 
-    @torch.no_grad()
     def accuracy(self, checkpoint, task_names, split="test"):
+        return {name: correct.sum().item() / len(correct)
+                for name, correct in self.correct(checkpoint, task_names, split).items()}
+
+    @torch.no_grad()
+    def correct(self, checkpoint, task_names, split="test"):
+        """Per task, a bool tensor: whether each example of ``split`` (in split order) is
+        classified correctly; its mean is :meth:`accuracy`."""
         load_weights(self.encoder, checkpoint).to(self.device).eval()
         result = {}
         for name in task_names:
-            correct = total = 0
+            split_data = self.encoded[name][split]
+            parts = []
             for input_ids, attention_mask, labels in batches(
-                    self.encoded[name][split], self.encoded[name]["pad_id"], EVAL_BATCH):
+                    split_data, self.encoded[name]["pad_id"], EVAL_BATCH):
                 logits = self.heads[name](pooled(self.encoder, input_ids, attention_mask,
                                                  self.device))
-                correct += (logits.argmax(1).cpu() == labels).sum().item()
-                total += len(labels)
-            result[name] = correct / total
+                parts.append(logits.argmax(1).cpu() == labels)
+            correct = torch.empty(len(split_data[0]), dtype=torch.bool)
+            correct[evaluation_order(split_data[0])] = torch.cat(parts)
+            result[name] = correct
         return result
 
 
 def normalized_mean(accuracy, reference):
     """Mean over tasks of accuracy relative to the individually fine-tuned model's."""
     return sum(accuracy[name] / reference[name] for name in accuracy) / len(accuracy)
+
+
+def tune_scale(merge, individual_val):
+    """The scale of ``SCALES`` whose merge has the best normalized mean on validation.
+
+    ``merge(scale, split)`` returns the merge's accuracy per task on ``split``.  Ties go to
+    the smaller scale.  Returns ``(best scale, {scale: validation normalized mean})``.
+    """
+    on_val = {scale: normalized_mean(merge(scale, "val"), individual_val) for scale in SCALES}
+    return max(SCALES, key=lambda scale: (on_val[scale], -scale)), on_val
 
 
 # ------------------------------------------------------------------------ merges
@@ -390,9 +413,9 @@ def merge_rows(evaluator, tasks, base_path, finetuned_paths, encoded, mask_proto
 
     def tuned(method, rule, **options):
         """Pick ``scale`` on validation (normalized mean), then report test accuracy."""
-        on_val = {scale: normalized_mean(merged(full, rule, "val", scale=scale, **options),
-                                         individual_val) for scale in SCALES}
-        best = max(SCALES, key=lambda scale: (on_val[scale], -scale))
+        best, on_val = tune_scale(
+            lambda scale, split: merged(full, rule, split, scale=scale, **options),
+            individual_val)
         add_row(method, merged(full, rule, scale=best, **options), full.bytes_per_task,
                 individual, scale=best, validation_normalized_mean=on_val, **options)
 
@@ -423,15 +446,23 @@ def merge_rows(evaluator, tasks, base_path, finetuned_paths, encoded, mask_proto
 class Deltas:
     paths: list[Path]
     bytes_per_task: float
+    summaries: tuple = ()
 
 
-def compress_all(base_path, ft_paths, folder, names, *, density, masks=None):
-    """One delta file per fine-tune; ``masks`` (one dict per fine-tune) replace top-k."""
+def compress_all(base_path, ft_paths, folder, names, *, density, masks=None, scope="global",
+                 bits=None, group=128):
+    """One delta file per fine-tune; ``masks`` (one dict per fine-tune) replace top-k.
+
+    ``scope`` is passed on explicitly: ``"global"`` (the paper's top-k of |tau|, which the
+    rows of docs/results-merge-quality.md used) unless asked otherwise, whatever
+    ``compress``'s own default is.  ``bits`` and ``group`` quantize the kept values.
+    """
     folder.mkdir(parents=True, exist_ok=True)
     paths = [folder / f"{name}.delta" for name in names]
     summaries = sparsestitch.compress(base_path, ft_paths, paths, density=density, masks=masks,
-                                      overwrite=True)
-    return Deltas(paths, sum(summary.nbytes for summary in summaries) / len(summaries))
+                                      scope=scope, bits=bits, group=group, overwrite=True)
+    return Deltas(paths, sum(summary.nbytes for summary in summaries) / len(summaries),
+                  tuple(summaries))
 
 
 def learn_task_masks(evaluator, base_path, finetuned_path, task, encoded, protocol, device):
