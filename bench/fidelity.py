@@ -27,12 +27,15 @@ exact" today) are scored once.  Runs in phases, cheapest decision first: the def
 candidates, the main rows, merges, the other MiniLM seeds, then the grid; the report (JSON,
 plot, tables) is rewritten after each phase.
 
-Usage (the recorded run, about 4-5 hours on a busy 2-core machine)::
+Usage (the full plan, about 4-5 hours on a busy 2-core machine)::
 
     PYTHONPATH=.:bench /work/venv-bench/bin/python bench/fidelity.py \\
         --cache /work/cache/fidelity --seeds 0,1,2
-    ... --only smollm | --only minilm     one model family
-    ... --plan reduced --seeds 0           the main rows only (about an hour)
+    ... --only smollm | --only minilm     one model family (two can run side by side)
+    ... --plan reduced --seeds 0           the main rows only (about an hour; the recorded
+                                           run of docs/results-fidelity.md)
+    ... --rows "max_error 0.5,lossless"    --plan reduced: just these rows
+    ... --report-only                      the report of what the cache holds
     ... --quick                            a handful of points, report under <cache>/bench/
 
 Not part of the test suite (it needs the cached fine-tunes and hours of CPU).
@@ -480,12 +483,12 @@ class Phase:
 
 
 def plan(suite: Suite, models: tuple[str, ...], seeds: tuple[int, ...],
-         which: str) -> list[Phase]:
+         which: str, rows: tuple[str, ...] = REDUCED) -> list[Phase]:
     """The phases in order: what the default is chosen from first, the long grid last."""
     if which == "quick":
         return _quick_plan(suite, models)
     if which == "reduced":
-        return _reduced_plan(suite, models, seeds[0])
+        return _reduced_plan(suite, models, seeds[0], rows)
 
     def points(model, labels, seed=None):
         if model not in models:
@@ -512,19 +515,20 @@ def plan(suite: Suite, models: tuple[str, ...], seeds: tuple[int, ...],
     ]
 
 
-def _reduced_plan(suite: Suite, models, seed: int) -> list[Phase]:
-    """REDUCED on both SmolLM2 fine-tunes, then on MiniLM's first seed, then MiniLM merges.
+def _reduced_plan(suite: Suite, models, seed: int, rows: tuple[str, ...]) -> list[Phase]:
+    """``rows`` (REDUCED by default) on both SmolLM2 fine-tunes, then on MiniLM's first
+    seed, then MiniLM merges.
     Jobs go configuration by configuration so that a cut-short run still covers every
     fine-tune of the configurations it reached."""
     phases = []
     if "smollm" in models:
         tunes = suite.tunes("smollm")
         phases.append(Phase("SmolLM2 reduced rows",
-                            [("point", t, CONFIGS[label]) for label in REDUCED for t in tunes]))
+                            [("point", t, CONFIGS[label]) for label in rows for t in tunes]))
     if "minilm" in models:
         tunes = suite.tunes("minilm", seed)
         phases.append(Phase(f"MiniLM seed {seed} reduced rows",
-                            [("point", t, CONFIGS[label]) for label in REDUCED for t in tunes]))
+                            [("point", t, CONFIGS[label]) for label in rows for t in tunes]))
         phases.append(Phase(f"MiniLM seed {seed} merges",
                             [("merge", tunes, CONFIGS[label]) for label in REDUCED_MERGES]))
     return phases
@@ -670,6 +674,17 @@ def grid_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def grid_section(name: str, rows: list[dict]) -> str:
+    """The grid matrix, or (when most cells were not measured, as in the reduced plan) a
+    line saying how many were: a matrix of dashes says nothing."""
+    cells = {grid_label(d, b, g) for d in DENSITIES for b, g in BIT_COLUMNS}
+    measured = sum(r["label"] in cells for r in rows)
+    if 2 * measured < len(cells):
+        return (f"\nDensity x bits grid: {measured} of {len(cells)} cells measured; they are "
+                "the grid rows above.")
+    return f"\nGrid (scope fidelity; retained @ x smaller): {name}\n" + grid_table(rows)
+
+
 def best_table(rows_by_series: dict[str, list[dict]]) -> str:
     """For each size class, the configuration keeping the most quality at least that small."""
     names = list(rows_by_series)
@@ -695,7 +710,7 @@ def goals_table(rows_by_series: dict[str, list[dict]]) -> str:
             best = max((r for r in rows if r["x_smaller"] >= ratio),
                        key=lambda r: r["retained"], default=None)
             if best is None:
-                cells.append("-")
+                cells.append(f"missed: no point measured at >= {ratio}x")
                 continue
             verdict = "met" if best["retained"] >= need else "missed"
             cells.append(f"{verdict}: best {pct(best['retained'])} ({best['label']}, "
@@ -752,8 +767,7 @@ def format_report(report: dict, seeds: tuple[int, ...]) -> str:
              "\n## Best configuration per size class", best_table(by_series)]
     for name, rows in by_series.items():
         minilm = name.startswith("MiniLM")
-        parts += [f"\n## {name}", points_table(rows, minilm),
-                  f"\nGrid (scope fidelity; retained @ x smaller): {name}", grid_table(rows)]
+        parts += [f"\n## {name}", points_table(rows, minilm), grid_section(name, rows)]
     if len(seeds) > 1 and any(p["model"] == "minilm" for p in report["points"]):
         parts += ["\n## MiniLM over seeds (normalized accuracy, mean of 4 tasks)",
                   seeds_table(report["points"], seeds)]
@@ -904,6 +918,9 @@ def parse_args(argv):
                         "--plan quick: <cache>/bench/quick.json)")
     parser.add_argument("--plot", help="Pareto plot (default docs/img/fidelity-pareto.png; "
                         "--plan quick: <cache>/bench/quick.png)")
+    parser.add_argument("--rows", help="--plan reduced: these configurations (labels, comma "
+                        "separated, in this order) instead of REDUCED; a second run with other "
+                        "rows can share the cache")
     parser.add_argument("--keep-stale", action="store_true",
                         help="reuse points measured with another sparsestitch/ tree")
     parser.add_argument("--report-only", action="store_true",
@@ -915,6 +932,10 @@ def parse_args(argv):
     args = parser.parse_args(argv)
     args.models = (args.only,) if args.only else ("smollm", "minilm")
     args.seed_tuple = tuple(int(s) for s in args.seeds.split(","))
+    args.rows = tuple(args.rows.split(",")) if args.rows else REDUCED
+    unknown = [label for label in args.rows if label not in CONFIGS]
+    if unknown:
+        parser.error(f"unknown configurations {unknown}; known: {', '.join(CONFIGS)}")
     args.command = " ".join(["python", "bench/fidelity.py", *(argv if argv is not None
                                                                else sys.argv[1:])])
     return args
@@ -938,7 +959,7 @@ def main(argv=None):
     suite = Suite(cache_root, args.seed_tuple)
     bench = Bench(suite, PointCache(work / "points.json", state["library"], args.keep_stale),
                   work, threads=args.threads)
-    phases = plan(suite, args.models, args.seed_tuple, args.plan)
+    phases = plan(suite, args.models, args.seed_tuple, args.plan, args.rows)
     for phase in phases:
         if not args.report_only:
             run_phase(bench, phase)
