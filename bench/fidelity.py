@@ -162,7 +162,7 @@ MERGE_CONFIGS = ("default", "d0.01 exact", "global d0.01", "max_error 0.5", "d1 
 REDUCED = ("default", "global d0.01", "per-tensor d0.01", "d0.01 exact", "d0.05 exact",
            "d0.2 exact", "d1 b1", "d1 b2", "d0.3 b2", "d1 b1 g0", "d0.1 b1 g0",
            "max_error 0.5", "max_size 1/32", "lossless", "DARE p0.1")
-#: Merged in the reduced plan's last phase (MiniLM only: a SmolLM2 merge scores two
+#: Merged in the reduced plan's last phases (MiniLM first: a SmolLM2 merge scores two
 #: perplexities of a 538 MB model per row).
 REDUCED_MERGES = ("default", "global d0.01", "max_error 0.5", "d1 b2")
 
@@ -517,7 +517,7 @@ def plan(suite: Suite, models: tuple[str, ...], seeds: tuple[int, ...],
 
 def _reduced_plan(suite: Suite, models, seed: int, rows: tuple[str, ...]) -> list[Phase]:
     """``rows`` (REDUCED by default) on both SmolLM2 fine-tunes, then on MiniLM's first
-    seed, then MiniLM merges.
+    seed, then MiniLM merges, then SmolLM2 merges.
     Jobs go configuration by configuration so that a cut-short run still covers every
     fine-tune of the configurations it reached."""
     phases = []
@@ -530,6 +530,10 @@ def _reduced_plan(suite: Suite, models, seed: int, rows: tuple[str, ...]) -> lis
         phases.append(Phase(f"MiniLM seed {seed} reduced rows",
                             [("point", t, CONFIGS[label]) for label in rows for t in tunes]))
         phases.append(Phase(f"MiniLM seed {seed} merges",
+                            [("merge", tunes, CONFIGS[label]) for label in REDUCED_MERGES]))
+    if "smollm" in models:
+        tunes = suite.tunes("smollm")
+        phases.append(Phase("SmolLM2 merges",
                             [("merge", tunes, CONFIGS[label]) for label in REDUCED_MERGES]))
     return phases
 
