@@ -44,7 +44,6 @@ Not part of the test suite (it needs the cached fine-tunes and hours of CPU).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import os
@@ -64,8 +63,8 @@ import torch  # noqa: E402
 
 import sparsestitch  # noqa: E402
 from common import machine, write_json  # noqa: E402
-from fidelity_models import (MINILM_TASKS, SMOL_NAMES, minilm_accuracy,  # noqa: E402
-                             prepare_minilm, prepare_smollm)
+from fidelity_models import (MINILM_TASKS, SMOL_NAMES, digest_files,  # noqa: E402
+                             minilm_accuracy, prepare_minilm, prepare_smollm)
 
 # ====================================================================== configurations
 
@@ -231,7 +230,7 @@ class Suite:
                           "fine_tune": mini.fine_tune_accuracy[s][t]})
                     for s in self.seeds for t in MINILM_TASKS]
         return [replace(t, f32_bytes=_weight_bytes(t.folder),
-                        digest=_digest(sorted(t.folder.glob("*.safetensors")))) for t in made]
+                        digest=digest_files(sorted(t.folder.glob("*.safetensors")))) for t in made]
 
     def score(self, tune: Tune, folder: Path) -> dict:
         """The restored (or merged) model in ``folder`` scored on ``tune``'s task."""
@@ -257,16 +256,6 @@ def quality(tune: Tune, value: float) -> dict:
 
 def _weight_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.glob("*.safetensors"))
-
-
-def _digest(paths) -> str:
-    """SHA-256 over the bytes of ``paths``: what a cached point was measured on."""
-    sha = hashlib.sha256()
-    for path in paths:
-        with open(path, "rb") as file:
-            for block in iter(lambda: file.read(1 << 24), b""):
-                sha.update(block)
-    return sha.hexdigest()
 
 
 # ============================================================================= cache
@@ -342,7 +331,7 @@ class Bench:
             return cached
         started = time.perf_counter()
         delta, made = self._compress(tune, config)
-        delta_sha = [_digest([delta])]
+        delta_sha = [digest_files([delta])]
         same = self.cache.same_delta(f"point|{tune.key}|", [tune.digest], delta_sha)
         if same is not None:
             scores = {k: same[k] for k in ("perplexity", "accuracy", "retained",
@@ -399,7 +388,7 @@ class Bench:
         if cached is not None:
             return cached
         deltas = [self._kept_delta(t, config) for t in tunes]
-        delta_sha = [_digest([d]) for d in deltas]
+        delta_sha = [digest_files([d]) for d in deltas]
         same = self.cache.same_delta(f"merge|{group}|", digests, delta_sha)
         if same is not None:
             entry = {"scores": same["scores"], "quality_from": same["label"]}

