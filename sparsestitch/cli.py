@@ -38,7 +38,8 @@ def main():
               help="Output delta path, once per fine-tune (default: FINETUNED name + .delta).")
 @click.option("--density", type=float,
               help="Fraction of the included float parameters to keep, above 0 (1.0: lossless); "
-                   "default 0.01 unless a target is given.")
+                   "0.01 when only --bits is given; with no option at all the default is "
+                   "--max-error 0.5.")
 @click.option("--scope", type=click.Choice(["fidelity", "global", "per-tensor"]),
               default="fidelity", show_default=True,
               help="fidelity: rank |tau| by each tensor's own change (no tensor loses its update "
@@ -74,6 +75,8 @@ def compress(base, finetuned, outs, density, scope, bits, group, lossless, max_e
     \b
     BASE and FINETUNED are .safetensors files, Hugging Face folders or Hub ids (org/name[@rev],
     from the local cache).
+    Without options every localized tensor keeps its change within relative error 0.5
+    (--max-error 0.5); --density 0.01 --scope global is the paper's 1%.
     Example: sparsestitch compress base.safetensors ft.safetensors -o ft.delta --density 0.01
     """
     from .compress import compress as run

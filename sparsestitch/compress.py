@@ -86,9 +86,9 @@ def compress(base: str | os.PathLike, finetuned: str | os.PathLike | Sequence[st
     out:
         One output path per fine-tune.
     density:
-        Fraction of the included float elements to keep (exactly ``k = round(density * N)``);
-        default ``DEFAULT_DENSITY`` when no target (``lossless``, ``max_error``, ``max_size``)
-        is given.
+        Fraction of the included float elements to keep (exactly ``k = round(density * N)``).
+        With no option at all, the default is ``max_error=DEFAULT_MAX_ERROR`` (0.5); with
+        ``bits`` alone, ``DEFAULT_DENSITY`` (0.01).
     scope:
         ``"fidelity"`` (the default) ranks |tau| / ||tau_t|| over all included tensors: each
         element's share of its own tensor's change, which for the budget minimizes the sum
