@@ -131,6 +131,16 @@ class Stored:
     def count(self) -> int:
         return int(self.finetuned.size)
 
+    @classmethod
+    def of_changes(cls, base: np.ndarray, finetuned: np.ndarray, first: int = 0
+                   ) -> "Stored | None":
+        """The entries a record keeping exactly the changed elements holds in a block of
+        ``base`` bits starting at element ``first`` (None: nothing changed)."""
+        changed = np.flatnonzero(finetuned != base)
+        if not changed.size:
+            return None
+        return cls(changed + first, finetuned[changed], base[changed])
+
     def position_array(self) -> np.ndarray:
         """The positions as an array, built for a dense record (for code without a dense path)."""
         if self.positions is not None:

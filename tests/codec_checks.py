@@ -163,3 +163,17 @@ def random_value_pair(dt: DType, size: int, seed: int) -> tuple[np.ndarray, np.n
     wild = rng.choice(size, size // 50, replace=False)
     kept[wild] = rng.choice(np.array(special_bits(dt), dtype=np.uint64), wild.size).astype(dt.bits)
     return kept, base
+
+
+@st.composite
+def tunes_of_one_base(draw, dt: DType, most: int = 3, max_size: int = 50
+                      ) -> tuple[np.ndarray, list[np.ndarray]]:
+    """``(base bits, [fine-tuned bits, ...])``: 1 to ``most`` fine-tunes of one base, each
+    element of each related to the base as in :func:`value_pairs`."""
+    tunes, base = [], None
+    for _ in range(draw(st.integers(1, most))):
+        kept, pair_base = draw(value_pairs(dt, max_size=max_size))
+        base = pair_base if base is None else base
+        size = min(base.size, kept.size)
+        base, tunes = base[:size], [t[:size] for t in tunes] + [kept[:size]]
+    return base, tunes

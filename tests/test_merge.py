@@ -18,7 +18,7 @@ from sparsestitch.errors import TensorMismatchError
 from sparsestitch.stitch import rule_combiner
 from sparsestitch.walk import Stored
 
-from .codec_checks import value_pairs
+from .codec_checks import tunes_of_one_base
 from .conftest import bits, finetune_of, save_checkpoint, small_model
 
 
@@ -204,19 +204,11 @@ def test_dense_ties_mergekit_equals_its_positional_form(dt, data, density):
     """combine_changed (whole fine-tunes, merge's path for TIES in mergekit's convention)
     against combine of the changed elements as stored positions: every bit pattern
     (NaN, infinities, -0.0), equal bits, weights."""
-    tunes, base = [], None
-    for _ in range(data.draw(st.integers(1, 3))):
-        kept, pair_base = data.draw(value_pairs(dt, max_size=50))
-        base = pair_base if base is None else base
-        size = min(base.size, kept.size)
-        base, tunes = base[:size], [t[:size] for t in tunes] + [kept[:size]]
+    base, tunes = data.draw(tunes_of_one_base(dt, most=3, max_size=50))
     weights = data.draw(st.lists(st.sampled_from([1.0, 0.5, -2.0]), min_size=len(tunes),
                                  max_size=len(tunes)))
     combiner = rule_combiner("ties-mergekit", weights, len(tunes), density=density)
-    stored = []
-    for tune in tunes:
-        changed = np.flatnonzero(tune != base)
-        stored.append(Stored(changed, tune[changed], base[changed]) if changed.size else None)
+    stored = [Stored.of_changes(base, tune) for tune in tunes]
     expected = combiner.combine("w", dt, base.size, stored)
     positions, new_bits = combiner.combine_changed(dt, base, tunes)
     assert positions.tolist() == expected[0].tolist()

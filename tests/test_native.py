@@ -27,7 +27,7 @@ from sparsestitch.localize.topk import magnitude_keys, split_bracket
 from sparsestitch.stitch import rule_combiner
 from sparsestitch.walk import Stored
 
-from .codec_checks import ALL_DTYPES, position_sets, value_pairs
+from .codec_checks import ALL_DTYPES, position_sets, tunes_of_one_base, value_pairs
 from .conftest import finetune_of, save_checkpoint, small_model
 
 kernels = native.kernels()
@@ -407,12 +407,7 @@ def test_merge_of_full_fine_tunes_equals_the_positional_merge(dt, data, rule):
     """merge_changed (fine-tunes' bits over the whole block; changed elements count as
     stored) against the numpy reference merge of those elements as positions: every bit
     pattern, equal bits, weights and scales."""
-    tunes, base = [], None
-    for _ in range(data.draw(st.integers(1, 4))):
-        kept, pair_base = data.draw(value_pairs(dt, max_size=60))
-        base = pair_base if base is None else base
-        size = min(base.size, kept.size)
-        base, tunes = base[:size], [t[:size] for t in tunes] + [kept[:size]]
+    base, tunes = data.draw(tunes_of_one_base(dt, most=4, max_size=60))
     # repeated past the C loop's 512-element chunks, ending inside one
     repeat = data.draw(st.sampled_from([1, 40]))
     base, tunes = np.tile(base, repeat), [np.tile(t, repeat) for t in tunes]

@@ -69,9 +69,10 @@ class Checkpoint:
         if self.path.is_dir():
             self.is_folder = True
             shard_files, self._index_map = _folder_shards(self.path)
-        elif is_gguf(self.path):
+        elif is_gguf(self.path):  # read under transformers' names; outputs are safetensors
             self.is_folder = False
             shard_files = []
+            self._gguf = GgufTensors(self.path)
         else:
             self.is_folder = False
             _refuse_pickle(self.path)
@@ -83,8 +84,7 @@ class Checkpoint:
         try:
             for file in shard_files:
                 self._add_shard(file)
-            if not shard_files:  # a GGUF file; an output made from it is one safetensors file
-                self._gguf = GgufTensors(self.path)
+            if self._gguf is not None:
                 self._where = {n: Located(self.path, e) for n, e in self._gguf.entries.items()}
                 self.layout.append(("model.safetensors", sorted(self._where)))
         except BaseException:

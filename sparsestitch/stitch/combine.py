@@ -129,11 +129,7 @@ class RuleCombiner:
         no position arrays (the C loop; numpy builds the positions)."""
         kernels, kind = native.float_kernels(dt.name)
         if kernels is None or not self.merges_blocks(dt):
-            stored = []
-            for bits in finetuned:
-                changed = np.flatnonzero(bits != block)
-                stored.append(Stored(changed + first, bits[changed], block[changed])
-                              if changed.size else None)
+            stored = [Stored.of_changes(block, bits, first) for bits in finetuned]
             self.block_merge(dt, stored)(block, first)
             return
         form = self.rule.block_form(self.options)
