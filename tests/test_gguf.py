@@ -159,3 +159,19 @@ def test_asked_dtype_and_refusals(tmp_path, monkeypatch):
     truncated.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
     with pytest.raises(CheckpointError, match="not a readable GGUF file"):
         Checkpoint(truncated)
+
+
+def test_an_unmapped_tensor_and_a_bad_asked_dtype_are_refused(tmp_path, monkeypatch):
+    writer = gguf.GGUFWriter(str(tmp_path / "extra.gguf"), "llama")
+    writer.add_head_count(HEADS)
+    writer.add_tensor("blk.0.attn_q.bias", np.zeros(8, np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(CheckpointError, match="'blk.0.attn_q.bias' has no transformers name"):
+        Checkpoint(tmp_path / "extra.gguf")
+    path = write_gguf(tmp_path / "m.gguf", llama_tensors(3))
+    monkeypatch.setenv("SPARSESTITCH_GGUF_DTYPE", "int8")
+    with pytest.raises(ValueError, match="SPARSESTITCH_GGUF_DTYPE must be F32, F16 or BF16"):
+        Checkpoint(path)
