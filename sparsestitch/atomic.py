@@ -9,11 +9,19 @@ pile up.
 Replacing a folder takes one step where the kernel swaps two paths
 (``renameat2(RENAME_EXCHANGE)``) and two renames elsewhere: the old output is
 first moved aside under a name ending in ``.previous``, then the new one is
-renamed into place.  A kill between the two leaves the target path empty for a
-moment, with the old output intact beside it; :func:`recover` (run before
-every write of that path, and when a checkpoint path is opened and missing)
-moves it back.  So whatever the filesystem, a kill at any point leaves either
-the old or the new output, and no run deletes the only copy of either.
+renamed into place.  A kill between the two leaves the target path empty, with
+the old output intact beside it *and the complete new one still at its
+temporary name*; :func:`recover` (run only by a command that writes that path,
+never by one that only reads) moves the old one back.  An aside whose new
+output is gone was left by a kill after the second rename: the new output was
+published, and if the path is empty now the user removed it, so nothing is put
+back.  So whatever the filesystem, a kill at any point leaves either the old or
+the new output, and no run deletes the only copy of either.
+
+``overwrite`` replaces only what this tool could have written (each writer says what,
+through ``replaceable``): a folder output carries :data:`OUTPUT_MARKER`, the list of
+the files it was published with, and is replaced only while it holds nothing else; an
+empty folder counts as no output at all.
 """
 
 from __future__ import annotations
@@ -21,11 +29,14 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import json
 import os
 import secrets
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
+from ._version import __version__
 from .errors import OutputError
 
 _TMP_TAG = ".sstmp-"
@@ -44,37 +55,63 @@ def recover(target: str | os.PathLike) -> bool:
     """Put back an old output that a killed writer had moved aside while replacing
     ``target`` (see the module docstring); True if one was put back.
 
-    Only an aside of a process that is gone, and only while nothing is at ``target``.
+    Only an aside of a process that is gone, only while nothing is at ``target``, and only
+    while that process's new output still sits at its temporary name (the kill came between
+    the two renames).  Call it from commands that write ``target``, never from readers.
     """
     target = Path(target)
     if os.path.lexists(target):
         return False
-    for leftover in _stale(target):
-        if leftover.name.endswith(_PREVIOUS):
-            try:
-                os.rename(leftover, target)
-            except OSError:
-                continue
-            fsync_folder(target.parent if str(target.parent) else Path("."))
-            return True
+    for aside, companion in _interrupted(target):
+        try:
+            os.rename(aside, target)
+        except OSError:
+            continue
+        _remove(companion)
+        fsync_folder(_folder_of(target))
+        return True
     return False
+
+
+def interrupted_replacement(target: str | os.PathLike) -> Path | None:
+    """The old output a killed replacement of ``target`` left aside, which the next write of
+    ``target`` puts back (:func:`recover`); None if there is none."""
+    found = _interrupted(Path(target))
+    return found[0][0] if found and not os.path.lexists(target) else None
+
+
+def _interrupted(target: Path) -> list[tuple[Path, Path]]:
+    """``(aside, new output)`` pairs of replacements of ``target`` killed between their two
+    renames: by the same dead process, an old output moved aside and a temporary."""
+    stale = _stale(target)
+    temporaries = {_pid_of(target, p): p for p in stale if not p.name.endswith(_PREVIOUS)}
+    return [(p, temporaries[_pid_of(target, p)]) for p in stale
+            if p.name.endswith(_PREVIOUS) and _pid_of(target, p) in temporaries]
 
 
 def sweep_stale(target: Path) -> None:
     """Recover an interrupted replacement of ``target``, then remove temporaries for it left
-    by processes that are gone."""
+    by processes that are gone (a writer's path only: readers never change anything)."""
     recover(target)
+    keep = {aside for aside, _ in _interrupted(target)}  # could not be put back: keep both
+    keep |= {companion for _, companion in _interrupted(target)}
     for leftover in _stale(target):
-        # An old output moved aside is deleted only once ``target`` holds a complete output.
-        if leftover.name.endswith(_PREVIOUS) and not os.path.lexists(target):
-            continue
-        _remove(leftover)
+        if leftover not in keep:
+            _remove(leftover)
+
+
+def _pid_of(target: Path, leftover: Path) -> int:
+    return int(leftover.name[len(f".{target.name}{_TMP_TAG}"):].split("-", 1)[0])
+
+
+def _folder_of(target: Path) -> Path:
+    return target.parent if str(target.parent) else Path(".")
 
 
 def _stale(target: Path) -> list[Path]:
     """Temporaries and asides for ``target`` whose writer is gone, in name order."""
     prefix = f".{target.name}{_TMP_TAG}"
-    folder = target.parent if str(target.parent) else Path(".")
+    folder = _folder_of(target)
     if not folder.is_dir():
         return []
     found = []
@@ -87,24 +124,79 @@ def _stale(target: Path) -> list[Path]:
     return sorted(found)
 
 
-def check_target(target: Path, overwrite: bool) -> None:
-    """Refuse an existing output unless ``overwrite``; refuse a missing parent folder."""
-    if target.exists() and not overwrite:
-        raise OutputError("output already exists; pass overwrite=True (--overwrite) to replace it",
-                          path=target)
-    parent = target.parent if str(target.parent) else Path(".")
+#: What a writer may replace with ``overwrite``: None if ``path`` may go, else what it is.
+Replaceable = Callable[[Path], "str | None"]
+
+#: The file a published folder output carries: which files it was published with.
+OUTPUT_MARKER = ".sparsestitch-output.json"
+
+
+def write_output_marker(folder: Path, kind: str) -> None:
+    """Record, in ``folder``, that sparsestitch wrote it and which files it holds."""
+    files = sorted(p.name for p in folder.iterdir() if p.name != OUTPUT_MARKER)
+    with open(folder / OUTPUT_MARKER, "w", encoding="utf-8") as out:
+        json.dump({"written_by": f"sparsestitch {__version__}", "kind": kind, "files": files},
+                  out, indent=1)
+        out.write("\n")
+        fsync_file(out)
+
+
+def earlier_folder_output(kind: str) -> Replaceable:
+    """``replaceable`` for folder outputs of ``kind``: an empty folder, or one this tool
+    published (its marker) that holds nothing but the files it was published with."""
+    def problem(path: Path) -> str | None:
+        if path.is_symlink() or not path.is_dir():
+            return "not a folder" if not path.is_symlink() else "a symbolic link"
+        entries = sorted(p.name for p in path.iterdir())
+        if not entries:
+            return None
+        try:
+            marker = json.loads((path / OUTPUT_MARKER).read_text(encoding="utf-8"))
+            listed, written = set(marker["files"]), marker["kind"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return (f"a folder sparsestitch did not write (it has no {OUTPUT_MARKER}; "
+                    f"it holds {_some(entries)})")
+        if written != kind:
+            return f"a folder sparsestitch wrote as a {written!r} output, not a {kind!r} one"
+        foreign = [name for name in entries if name != OUTPUT_MARKER and name not in listed]
+        if foreign:
+            return f"an earlier output to which someone added {_some(foreign)}"
+        return None
+    return problem
+
+
+def _some(names: list[str]) -> str:
+    return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+
+
+def plain_file(path: Path) -> str | None:
+    """``replaceable`` for outputs of any file kind: a regular file (not a folder)."""
+    if path.is_dir():
+        return "a folder"
+    return None if path.is_file() else "not a regular file"
+
+
+def check_target(target: Path, overwrite: bool, replaceable: Replaceable = plain_file) -> None:
+    """Refuse an existing output unless ``overwrite`` and ``replaceable`` says it may go (an
+    empty folder counts as no output for a folder writer); refuse a missing parent folder."""
+    target = Path(target)
+    if os.path.lexists(target) and not (replaceable is not plain_file and _empty_folder(target)):
+        if not overwrite:
+            raise OutputError("output already exists; pass overwrite=True (--overwrite) to "
+                              "replace it", path=target)
+        problem = replaceable(target)
+        if problem is not None:
+            raise OutputError(f"output exists and is {problem}; --overwrite replaces only an "
+                              "earlier output of sparsestitch of the same kind, so it was left "
+                              "as it is: remove it yourself or choose another output",
+                              path=target)
+    parent = _folder_of(target)
     if not parent.is_dir():
         raise OutputError("the output's parent folder does not exist or is not a folder", path=target)
 
 
-def check_not_an_input(target: str | os.PathLike, inputs) -> None:
-    """Refuse an output that is an input or a folder holding one: overwriting it would destroy
-    the input (even with ``overwrite``, which is meant for earlier outputs)."""
-    resolved = Path(target).resolve()
-    for source in inputs:
-        if resolved == Path(source).resolve() or resolved in Path(source).resolve().parents:
-            raise OutputError(f"the output would replace the input {os.fspath(source)!r}; "
-                              "choose another output path", path=target)
+def _empty_folder(path: Path) -> bool:
+    return path.is_dir() and not path.is_symlink() and not any(path.iterdir())
 
 
 def publish(temporary: Path, target: Path, overwrite: bool) -> None:
@@ -115,6 +207,9 @@ def publish(temporary: Path, target: Path, overwrite: bool) -> None:
     output exactly one succeeds and the other is told; the first look is only for a
     clearer message.
     """
+    if temporary.is_dir() and _empty_folder(target):
+        with contextlib.suppress(OSError):  # an empty folder is no output: take its place
+            target.rmdir()
     if not overwrite:
         if target.exists():
             raise _appeared(target)
@@ -131,13 +226,13 @@ def publish(temporary: Path, target: Path, overwrite: bool) -> None:
             # :func:`recover` puts back.
             old = temporary_sibling(target, _PREVIOUS)
             os.replace(target, old)
-            fsync_folder(target.parent if str(target.parent) else Path("."))
+            fsync_folder(_folder_of(target))
             os.replace(temporary, target)
-            fsync_folder(target.parent if str(target.parent) else Path("."))
+            fsync_folder(_folder_of(target))
             _remove(old)
     else:
         os.replace(temporary, target)
-    fsync_folder(target.parent if str(target.parent) else Path("."))
+    fsync_folder(_folder_of(target))
 
 
 def _appeared(target: Path) -> OutputError:
@@ -146,19 +241,27 @@ def _appeared(target: Path) -> OutputError:
 
 
 @contextlib.contextmanager
-def atomic_path(target: str | os.PathLike, *, overwrite: bool = False, folder: bool = False):
+def atomic_path(target: str | os.PathLike, *, overwrite: bool = False, folder: bool = False,
+                replaceable: Replaceable | None = None, marker: str = "output"):
     """Yield a temporary path to write; on success rename it to ``target``.
 
-    On any exception the temporary is removed and ``target`` is untouched.
+    ``replaceable`` says what ``overwrite`` may replace (default: a plain file, or for a
+    folder an earlier folder output with the marker of kind ``marker``).  A folder output
+    gets that marker (:data:`OUTPUT_MARKER`) just before it is published.  On any exception
+    the temporary is removed and ``target`` is untouched.
     """
     target = Path(target)
+    if replaceable is None:
+        replaceable = earlier_folder_output(marker) if folder else plain_file
     sweep_stale(target)  # first: an interrupted replacement's old output counts as existing
-    check_target(target, overwrite)
+    check_target(target, overwrite, replaceable)
     temporary = temporary_sibling(target)
     try:
         if folder:
             temporary.mkdir()
         yield temporary
+        if folder:
+            write_output_marker(temporary, marker)
         publish(temporary, target, overwrite)
     except BaseException as exc:
         _remove(temporary)

@@ -25,9 +25,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 
-from .atomic import check_not_an_input
 from .checkpoint import Checkpoint
 from .dtypes import dtype as lookup_dtype
+from .guard import Inputs
 from .delta_outputs import DeltaOutputs, Written
 from .keep import as_mask_list, check_compatible, check_scope, choices, make_selectors
 from .localize.selectors import Selector
@@ -143,8 +143,11 @@ def compress(base: str | os.PathLike, finetuned: str | os.PathLike | Sequence[st
     out_paths = _as_path_list(out)
     if len(out_paths) != len(finetuned_paths):
         raise ValueError(f"{len(finetuned_paths)} fine-tuned checkpoints but {len(out_paths)} outputs")
+    inputs = Inputs()
+    base = inputs.add(base, "base")
+    finetuned_paths = inputs.add_all(finetuned_paths, "fine-tune")
     for path in out_paths:
-        check_not_an_input(path, [base, *finetuned_paths])
+        inputs.check_output(path, "output delta")
     check_scope(scope)
     mask_sets = as_mask_list(masks, len(finetuned_paths))
     density, quantize, planner = choices(density, bits, group, lossless, max_error, max_size,

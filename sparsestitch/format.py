@@ -25,7 +25,7 @@ from . import codecs, native
 from .atomic import atomic_path, fsync_file, output_error
 from .dtypes import DType, dtype as lookup_dtype
 from .errors import ChecksumError, DeltaFormatError, ResourceLimitError, SparsestitchError
-from .safetensors_file import encode_header, read_header, strict_json
+from .safetensors_file import DELTA_HEADER_KEY, encode_header, file_kind, read_header, strict_json
 from .sizes import numel
 
 FORMAT_NAME = "sparsestitch.delta"
@@ -37,7 +37,7 @@ READABLE_VERSIONS = (1, 2, 3)
 CODEC_VERSIONS = {"quant": 2, "ulp": 3}
 #: Value codecs whose streams hold bits, not bytes, per value (the count check below).
 BIT_CODECS = ("quant",)
-HEADER_KEY = "sparsestitch.header"
+HEADER_KEY = DELTA_HEADER_KEY
 HEADER_HASH_KEY = "sparsestitch.header_xxh3"
 KINDS = ("sparse", "base", "added")
 MAX_RECORDS = 1 << 20
@@ -114,6 +114,15 @@ def encode_record(name: str, dt: DType, shape: tuple[int, ...], positions: np.nd
     return record, payload
 
 
+def earlier_delta(path: Path) -> str | None:
+    """What ``overwrite`` may replace with a delta: a delta file (None), else what is there."""
+    if path.is_dir():
+        return "a folder"
+    kind = file_kind(path)
+    return None if kind == "delta" else ("a model checkpoint, not a delta" if kind == "model"
+                                         else "not a sparsestitch delta file")
+
+
 class DeltaWriter:
     """Write a delta file record by record; the file appears only on :meth:`close`.
 
@@ -124,7 +133,7 @@ class DeltaWriter:
     def __init__(self, path: str | os.PathLike, *, overwrite: bool = False):
         self.path = Path(path)
         self._overwrite = overwrite
-        self._atomic = atomic_path(self.path, overwrite=overwrite)
+        self._atomic = atomic_path(self.path, overwrite=overwrite, replaceable=earlier_delta)
         self._final = self._atomic.__enter__()
         self._spool_path = self._final.with_name(self._final.name + ".spool")
         try:

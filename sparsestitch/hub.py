@@ -24,8 +24,13 @@ from .errors import CheckpointError
 # without its finer points such as "--"); a revision after "@" is a branch, tag or commit.
 # Only ids with an org are recognised, so a missing local file "model" is reported as a
 # missing file and not as a missing Hub model.
+# A revision is a commit hash or a branch or tag name: parts of letters, digits, "_", "-" and
+# "." joined by single "/" (like "refs/pr/1"), never "." or ".." parts nor a leading "/", so
+# it cannot name a folder outside the cache.
+_REVISION = r"[A-Za-z0-9_][\w.-]{0,99}(?:/[A-Za-z0-9_][\w.-]{0,99}){0,7}"
 _HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95})"
-                     r"(?:@(?P<rev>[\w./-]{1,255}))?$")
+                     rf"(?:@(?P<rev>{_REVISION}))?$")
+_COMMIT = re.compile(r"^[0-9a-f]{40}$")
 
 
 @dataclass(frozen=True)
@@ -50,7 +55,7 @@ def parse_hub_id(spec: str) -> tuple[str, str | None] | None:
     >>> parse_hub_id("org/model@v1.0"), parse_hub_id("org/model"), parse_hub_id("./model")
     (('org/model', 'v1.0'), ('org/model', None), None)
     """
-    match = _HUB_ID.match(spec)
+    match = _HUB_ID.fullmatch(spec)
     if match is None or ".." in spec:
         return None
     return match["repo"], match["rev"]
@@ -73,6 +78,11 @@ def resolve(spec: str | os.PathLike, *, cache_dir: str | os.PathLike | None = No
         return Resolved(text, path)
     parsed = parse_hub_id(text)
     if parsed is None:
+        repo, at, _ = text.partition("@")
+        if at and parse_hub_id(repo) is not None:
+            raise CheckpointError("no such file or folder, and not a Hub id either: a revision "
+                                  "after @ is a branch or tag name (letters, digits, _ - . and "
+                                  "single /) or a commit hash, never a path", path=text)
         raise CheckpointError("no such file or folder (nor a Hugging Face Hub id org/name[@rev])",
                               path=text)
     repo_id, revision = parsed
@@ -110,7 +120,24 @@ def _snapshot(repo_id: str, revision: str | None, cache_dir) -> Path:
     except Exception as exc:  # noqa: BLE001 - every failure of an offline lookup means "not here"
         raise CheckpointError(f"{hint} [{type(exc).__name__}]",
                               path=_display(repo_id, revision)) from None
-    return Path(folder)
+    return _inside_cache(Path(folder), repo_id, revision)
+
+
+def _inside_cache(folder: Path, repo_id: str, revision: str | None) -> Path:
+    """``folder`` if it is a commit's snapshot of ``repo_id`` in the cache, else an error: a
+    ``refs/`` file holding ``../..`` or a planted link must not lead anywhere else."""
+    snapshots = Path(os.path.realpath(folder.parent))
+    repository = snapshots.parent
+    inside = (snapshots.name == "snapshots"
+              and repository.name == "models--" + repo_id.replace("/", "--")
+              and _COMMIT.match(folder.name) is not None
+              and Path(os.path.realpath(folder)).parent == snapshots)
+    if not inside:
+        raise CheckpointError("the local Hugging Face cache resolves this id outside its own "
+                              f"snapshots ({folder}); its refs/ or snapshots/ were altered. "
+                              "Fetch the model again, or name the folder directly",
+                              path=_display(repo_id, revision))
+    return folder
 
 
 def _cache_from_env() -> str | None:

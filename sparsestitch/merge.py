@@ -27,13 +27,13 @@ import numpy as np
 import xxhash
 
 from . import codecs
-from .atomic import check_not_an_input
 from .cards import merge_card
 from .checkpoint import Checkpoint, CheckpointWriter
 from .delta_outputs import DeltaOutputs
 from .dtypes import DType, dtype as lookup_dtype
 from .errors import TensorMismatchError
 from .format import Record
+from .guard import Inputs
 from .keep import as_mask_list, check_compatible, check_scope, choices, make_selectors
 from .localize.selectors import Choice, KeepAll, Selector, TuneBlock
 from .readahead import workers_for
@@ -57,7 +57,8 @@ def merge(base: str | os.PathLike, finetuned: Sequence[str | os.PathLike],
           dense: str | Iterable[str] | None = None, masks: Mapping | Sequence[Mapping] | None = None,
           max_memory: int | str | None = None, save_deltas: str | os.PathLike | None = None,
           overwrite: bool = False, progress: bool = False, threads: int | None = None,
-          chunk_elements: int = CHUNK_ELEMENTS, **rule_options) -> Path:
+          chunk_elements: int = CHUNK_ELEMENTS, protect: Sequence[str | os.PathLike] = (),
+          **rule_options) -> Path:
     """Merge full fine-tunes of ``base`` into ``out`` with a merge rule, in one pass.
 
     What is kept of each fine-tune takes compress's options -- ``keep`` is compress's
@@ -75,7 +76,8 @@ def merge(base: str | os.PathLike, finetuned: Sequence[str | os.PathLike],
     does).  ``save_deltas`` (a folder) also keeps the deltas made on the way, one per
     fine-tune named after it (``<name>.delta``): the records compress writes, in the output's
     tensor order.  The output's metadata (``sparsestitch.merge``) records the rule, options,
-    weights and sources; a folder output gets a model card.
+    weights and sources; a folder output gets a model card.  ``protect`` names more files the
+    caller read (a merge config): no output may be written over or inside them.
 
     >>> merge("base/", ["math/", "code/"], "merged/", rule="task-arithmetic")  # doctest: +SKIP
     """
@@ -91,10 +93,19 @@ def merge(base: str | os.PathLike, finetuned: Sequence[str | os.PathLike],
         lossless = True
     density, quantize, planner = choices(keep, bits, group, lossless, max_error, None, mask_sets)
     out = Path(out)
-    check_not_an_input(out, [base, *tune_paths])
-    delta_paths = saved_delta_paths(save_deltas, tune_paths)
+    inputs = Inputs()
+    base = inputs.add(base, "base")
+    tune_paths = inputs.add_all(tune_paths, "fine-tune")
+    for path in protect or ():
+        inputs.add_local(path, "merge config")
+    inputs.check_output(out)
+    delta_paths = saved_delta_paths(save_deltas, [t.spec for t in tune_paths])
+    if save_deltas is not None:
+        inputs.check_output(save_deltas, "--save-deltas folder", claim=False)
     for path in delta_paths:
-        check_not_an_input(path, [base, *tune_paths, out])
+        inputs.check_output(path, "saved delta")
+    if delta_paths:
+        Path(save_deltas).mkdir(parents=True, exist_ok=True)
     block_bytes = engine.block_bytes(max_memory)
     with Checkpoint(base) as base_ckpt, contextlib.ExitStack() as stack:
         refuse_delta(base_ckpt)
@@ -142,7 +153,6 @@ def saved_delta_paths(folder: str | os.PathLike | None, tunes: Sequence[Path]) -
     if len(set(names)) != len(names):
         raise ValueError(f"save_deltas names each delta after its fine-tune, and these share a "
                          f"name: {sorted(names)}; give the fine-tunes distinct names")
-    folder.mkdir(parents=True, exist_ok=True)
     return [folder / f"{name}.delta" for name in names]
 
 

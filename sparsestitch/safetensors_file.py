@@ -24,6 +24,9 @@ from .sizes import numel
 
 #: Largest header accepted, as in the reference implementation.
 MAX_HEADER_BYTES = 100 << 20
+#: The ``__metadata__`` key under which a sparsestitch delta keeps its header: a delta is a
+#: valid safetensors file, and this key is what tells it from a model checkpoint.
+DELTA_HEADER_KEY = "sparsestitch.header"
 
 
 @dataclass(frozen=True)
@@ -88,6 +91,20 @@ def read_header(handle, path: str | os.PathLike, file_size: int,
         raise error(f"tensors cover {expected} bytes but the file has {file_size} "
                     "(truncated or trailing data)", path=path)
     return Header({e.name: e for e in entries}, metadata, data_start)
+
+
+def file_kind(path: str | os.PathLike) -> str | None:
+    """``"delta"`` for a sparsestitch delta, ``"model"`` for another safetensors file, None for
+    anything else (a folder, a missing or unreadable file, not safetensors).
+
+    Reads only the header (bounded by :data:`MAX_HEADER_BYTES`).
+    """
+    try:
+        with open(path, "rb") as handle:
+            header = read_header(handle, path, os.fstat(handle.fileno()).st_size)
+    except (OSError, SparsestitchError):
+        return None
+    return "delta" if DELTA_HEADER_KEY in header.metadata else "model"
 
 
 def encode_header(entries: list[tuple[str, str, tuple[int, ...], int]],

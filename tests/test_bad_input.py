@@ -319,7 +319,7 @@ def test_an_output_that_is_an_input_is_refused_even_with_overwrite(zoo, tmp_path
         middle = [str(copies["ft" if command == "compress" else "delta"])]
         args = [command, str(copies["base"]), *middle, "-o", str(copies[victim]), "--overwrite"]
         error = refused(args, OutputError, copies[victim])
-        assert "would replace the input" in str(error)
+        assert "would destroy that input" in str(error)
     args = ["restore", str(copies["base"]), str(copies["delta"]), "-o", str(tmp_path), "--overwrite"]
     refused(args, OutputError, tmp_path)  # a folder holding the inputs
     assert {name: tree_digest(path) for name, path in copies.items()} == digests

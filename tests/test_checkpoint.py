@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import sparsestitch
+from sparsestitch.atomic import OUTPUT_MARKER
 from sparsestitch.checkpoint import INDEX_NAME, Checkpoint, CheckpointWriter, OutputTensor, Shard
 from sparsestitch.errors import CheckpointError
 
@@ -214,7 +215,7 @@ def test_restored_folder_gets_non_weight_files_only(tmp_path):
     sparsestitch.compress(base_dir, tune_dir, delta, density=0.1)
     out = sparsestitch.restore(base_dir, delta, tmp_path / "restored")
     assert sorted(p.name for p in out.iterdir()) == [
-        "README.md", "config.json", "generation_config.json",
+        OUTPUT_MARKER, "README.md", "config.json", "generation_config.json",
         "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors", INDEX_NAME,
         "tokenizer.json", "tokenizer_config.json"]
     for name in ("config.json", "generation_config.json", "tokenizer.json",

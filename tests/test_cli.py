@@ -6,12 +6,14 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 from click.testing import CliRunner
 
 import sparsestitch
+from sparsestitch.atomic import OUTPUT_MARKER
 from sparsestitch.cli import main
 from sparsestitch.cli_common import natural_key
 
@@ -231,6 +233,8 @@ def test_bad_option_values_exit_non_zero(zoo, tmp_path):
 
 @pytest.mark.parametrize("command", ["compress", "restore", "stitch"])
 def test_existing_output_is_refused_and_left_untouched(zoo, tmp_path, deltas, command):
+    """Without --overwrite nothing existing is replaced; with it, only an earlier output of
+    the same kind: a folder sparsestitch did not write and a file of another kind stay."""
     target = tmp_path / "existing"
     target.mkdir()
     (target / "keep.txt").write_text("precious")
@@ -240,11 +244,22 @@ def test_existing_output_is_refused_and_left_untouched(zoo, tmp_path, deltas, co
     target_file.write_bytes(b"precious")
     for out in (target, target_file):
         assert_one_line_error(run(command, *inputs, "-o", out, "--quiet"), str(out), "--overwrite")
+        assert_one_line_error(run(command, *inputs, "-o", out, "--quiet", "--overwrite"),
+                              str(out), "--overwrite replaces only")
     assert (target / "keep.txt").read_text() == "precious" and len(list(target.iterdir())) == 1
     assert target_file.read_bytes() == b"precious"
-    ok(command, *inputs, "-o", target_file, "--quiet", "--overwrite")
-    assert target_file.read_bytes() != b"precious"
+    earlier = tmp_path / ("earlier.delta" if command == "compress" else "earlier")
+    ok(command, *inputs, "-o", earlier, "--quiet")
+    before = tree_bytes(earlier)
+    ok(command, *inputs, "-o", earlier, "--quiet", "--overwrite")
+    assert tree_bytes(earlier) == before  # replaced by the same output
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+def tree_bytes(path: Path) -> dict:
+    if path.is_file():
+        return {"": path.read_bytes()}
+    return {p.name: p.read_bytes() for p in sorted(path.iterdir()) if p.name != OUTPUT_MARKER}
 
 
 def test_demo_runs_end_to_end(tmp_path):
@@ -358,7 +373,7 @@ def test_a_single_file_folder_gets_no_index(tmp_path):
     ok("compress", base, tune, "-o", tmp_path / "t.delta", "--quiet")
     ok("restore", base, tmp_path / "t.delta", "-o", tmp_path / "restored", "--quiet")
     assert sorted(p.name for p in (tmp_path / "restored").iterdir()) == sorted(
-        [p.name for p in base.iterdir()] + ["README.md"])
+        [p.name for p in base.iterdir()] + ["README.md", OUTPUT_MARKER])
 
 
 def test_stitch_add_on_the_command_line(zoo, tmp_path, deltas):

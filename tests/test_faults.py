@@ -455,8 +455,10 @@ def test_kill_at_each_step_of_replacing_a_folder_without_an_atomic_swap(bench, p
     assert wait_exit(pid) is None  # killed by the signal
     if phase == "no-swap-after-rename-1":
         assert tree_digest(out) is None  # the documented moment: the old output sits aside
-        with Checkpoint(out) as reopened:  # opening the path puts it back
-            assert reopened.names
+        with pytest.raises(sparsestitch.CheckpointError, match="next command that writes"):
+            Checkpoint(out)  # a reader says so and changes nothing
+        assert tree_digest(out) is None
+        atomic.sweep_stale(out)  # what the next write of this path does first: put it back
         assert tree_digest(out) == old
     else:
         assert tree_digest(out) == new
@@ -479,6 +481,26 @@ def test_an_interrupted_replacement_is_recovered_by_the_next_run(bench):
     assert wait_exit(spawn_cli(bench.args("restore", "--overwrite"),
                                phase="no-swap-after-rename-1")) is None
     assert wait_exit(spawn_cli(bench.args("restore"))) == 2  # "output already exists"
+    assert tree_digest(out) == old and leftovers(bench.out_dir) == []
+    remove(out)
+
+
+def test_an_output_the_user_deleted_is_never_brought_back(bench):
+    """A kill after a replacement's second rename leaves the old output aside though the new
+    one was published; if the user then deletes the output, neither a read-only command nor
+    the next write may resurrect the old one (issue 19, item 6)."""
+    out = bench.output("restore")
+    old_args = bench.args("restore")
+    old_args[2] = str(bench.deltas[1])
+    assert wait_exit(spawn_cli(old_args)) == 0
+    old = tree_digest(out)
+    assert wait_exit(spawn_cli(bench.args("restore", "--overwrite"),
+                               phase="no-swap-before-cleanup")) is None
+    assert tree_digest(out) == bench.reference["restore"]
+    remove(out)  # the user deletes the output
+    assert wait_exit(spawn_cli(["verify", str(bench.deltas[0]), "--base", str(out)])) == 2
+    assert tree_digest(out) is None  # nothing came back
+    assert wait_exit(spawn_cli(old_args)) == 0  # a write of the path: it writes, nothing else
     assert tree_digest(out) == old and leftovers(bench.out_dir) == []
     remove(out)
 

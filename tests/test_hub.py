@@ -7,9 +7,7 @@ environment points huggingface_hub at it and forbids network access.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -24,26 +22,9 @@ from sparsestitch.hub import parse_hub_id, resolve, resolve_checkpoint, write_mo
 from sparsestitch.zoo import add, get, init, ls
 
 from .conftest import bits, finetune_of, save_checkpoint, small_model
+from .support.hub_cache import cache_model
 
 pytest.importorskip("huggingface_hub")
-
-
-def cache_model(cache: Path, repo_id: str, source: Path, commit: str, refs=("main",)) -> Path:
-    """Put the files of the checkpoint folder ``source`` into ``cache`` as the Hub client
-    would have downloaded them at ``commit``; returns the snapshot folder."""
-    repo = cache / f"models--{repo_id.replace('/', '--')}"
-    snapshot = repo / "snapshots" / commit
-    (repo / "blobs").mkdir(parents=True, exist_ok=True)
-    (repo / "refs").mkdir(exist_ok=True)
-    snapshot.mkdir(parents=True)
-    for file in sorted(source.iterdir()):
-        data = file.read_bytes()
-        blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
-        blob.write_bytes(data)
-        os.symlink(os.path.relpath(blob, snapshot), snapshot / file.name)
-    for ref in refs:
-        (repo / "refs" / ref).write_text(commit)
-    return snapshot
 
 
 @pytest.fixture

@@ -20,6 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import sparsestitch
+from sparsestitch.atomic import OUTPUT_MARKER
 from sparsestitch.dtypes import dtype as lookup_dtype
 from sparsestitch.errors import BaseMismatchError, TensorMismatchError
 from sparsestitch.format import DeltaReader, DeltaWriter, Record, digest, encode_record
@@ -223,7 +224,8 @@ def test_compressed_deltas_through_the_public_api(tmp_path):
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert index["weight_map"] == json.loads(
         (base / "model.safetensors.index.json").read_text())["weight_map"]
-    assert {p.name for p in out.iterdir()} == {p.name for p in base.iterdir()} | {"README.md"}
+    assert {p.name for p in out.iterdir()} == {p.name for p in base.iterdir()} | {
+        "README.md", OUTPUT_MARKER}
     card = (out / "README.md").read_text()
     assert "base_model_relation: \"merge\"" in card and "ft0.delta ft1.delta ft2.delta" in card
     assert (out / "config.json").read_bytes() == (base / "config.json").read_bytes()

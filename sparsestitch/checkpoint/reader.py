@@ -15,10 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ..atomic import recover
+from ..atomic import interrupted_replacement
 from ..dtypes import dtype as lookup_dtype
 from ..errors import CheckpointError
-from ..hub import resolve_checkpoint
+from ..hub import Resolved, resolve
 from ..safetensors_file import TensorEntry, read_header
 from ..sizes import row_items
 from .gguf_file import GgufTensors, is_gguf
@@ -57,14 +57,14 @@ class Checkpoint:
     (['w'], [1.0, 1.0, 1.0])
     """
 
-    def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
+    def __init__(self, path: str | os.PathLike | Resolved):
+        if not isinstance(path, Resolved):
+            _refuse_interrupted(Path(path))
+            path = resolve(path)  # a local path, or a Hub id in the local cache, or an error
+        self.path = path.path
         #: The Hub id ``org/name[@rev]`` the checkpoint was named by, if it was.
-        self.hub_id: str | None = None
+        self.hub_id: str | None = path.spec if path.is_hub else None
         self._index_map: dict[str, str] | None = None
-        if not self.path.exists() and not recover(self.path):  # a killed overwrite's old output
-            self.path = resolve_checkpoint(path)  # a Hub id in the local cache, or an error
-            self.hub_id = os.fspath(path)
         self._gguf: GgufTensors | None = None
         if self.path.is_dir():
             self.is_folder = True
@@ -165,6 +165,16 @@ class Checkpoint:
         self.layout.append((file.name, sorted(names)))
 
 
+
+
+def _refuse_interrupted(path: Path) -> None:
+    """A missing path whose earlier version a killed replacement left aside: say so (a reader
+    never moves it back; the next command writing the path does)."""
+    aside = interrupted_replacement(path)
+    if aside is not None:
+        raise CheckpointError(f"not there: a replacement of it was interrupted and its previous "
+                              f"version waits at {aside.name}; the next command that writes "
+                              "this path puts it back", path=path)
 
 
 def _read_rows(handle, located: Located, name: str, start: int, stop: int) -> np.ndarray:

@@ -18,11 +18,26 @@ from pathlib import Path
 
 import numpy as np
 
-from ..atomic import atomic_path, fsync_file, output_error
+from ..atomic import atomic_path, earlier_folder_output, fsync_file, output_error
 from ..dtypes import dtype as lookup_dtype
-from ..safetensors_file import encode_header
+from ..safetensors_file import encode_header, file_kind
 from ..sizes import numel
 from .reader import INDEX_NAME
+
+
+#: The kind recorded in the marker of a model folder written here.
+MODEL_OUTPUT = "model"
+
+
+def earlier_model_output(path: Path) -> str | None:
+    """What ``overwrite`` may replace with a model: an earlier model folder output of
+    sparsestitch (see :func:`~sparsestitch.atomic.earlier_folder_output`) or a safetensors
+    model file (None), else what is there."""
+    if path.is_dir():
+        return earlier_folder_output(MODEL_OUTPUT)(path)
+    kind = file_kind(path)
+    return None if kind == "model" else ("a sparsestitch delta, not a model" if kind == "delta"
+                                         else "not a safetensors model file")
 
 
 @dataclass(frozen=True)
@@ -65,7 +80,8 @@ class CheckpointWriter:
         self._index = len(shards) > 1 if index is None else index
         self._stack = contextlib.ExitStack()
         self._root = self._stack.enter_context(
-            atomic_path(self.target, overwrite=overwrite, folder=folder))
+            atomic_path(self.target, overwrite=overwrite, folder=folder,
+                        replaceable=earlier_model_output, marker=MODEL_OUTPUT))
         self._queue = [(shard, tensor) for shard in shards for tensor in shard.tensors]
         self._at, self._written, self._handle, self._shard = 0, 0, None, None
 

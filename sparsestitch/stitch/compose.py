@@ -35,6 +35,7 @@ from ..checkpoint import Checkpoint, CheckpointWriter
 from ..dtypes import dtype as lookup_dtype
 from ..errors import BaseMismatchError, TensorMismatchError
 from ..format import DeltaReader
+from ..guard import Inputs
 from ..progress import bar
 from ..walk import (BaseHash, RowBlocks, Stored, added_records, check_delta_fits, decode_block,
                     decode_tensor, output_shards, part_counts, read_blocks, refuse_delta)
@@ -70,7 +71,15 @@ def stitch_add(base: str | os.PathLike, deltas: Sequence[str | os.PathLike],
     combine = rule_combiner(rule, weights, len(paths), **rule_options)
     previous = replace(combine, weights=combine.weights[:-1])
     out = Path(merged if out is None else out)
-    overwrite = overwrite or out.resolve() == Path(merged).resolve()
+    in_place = os.path.realpath(out) == os.path.realpath(merged)
+    overwrite = overwrite or in_place
+    inputs = Inputs()
+    base = inputs.add(base, "base")
+    for path in paths:
+        inputs.add_local(path, "delta")
+    if not in_place:  # replacing the merged model with its extension is what is asked for
+        merged = inputs.add(merged, "merged model")
+    inputs.check_output(out)
     block_bytes = engine.block_bytes(max_memory)
     with contextlib.ExitStack() as stack:
         base_ckpt = stack.enter_context(Checkpoint(base))

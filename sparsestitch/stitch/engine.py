@@ -34,10 +34,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ..atomic import check_not_an_input
 from ..checkpoint import Checkpoint, CheckpointWriter
 from ..dtypes import DType, dtype as lookup_dtype
 from ..format import DeltaReader, Record
+from ..guard import Inputs
 from ..progress import bar
 from ..readahead import DEFAULT_WORKERS, in_order, workers_for
 from ..sizes import parse_memory
@@ -77,7 +77,11 @@ def run(base: str | os.PathLike, deltas: Sequence[str | os.PathLike], out: str |
     decode ahead of the caller, who writes; 1 runs everything in the caller's thread.
     """
     out = Path(out)
-    check_not_an_input(out, [base, *deltas])
+    inputs = Inputs()
+    base = inputs.add(base, "base")
+    for path in deltas:
+        inputs.add_local(path, "delta")
+    inputs.check_output(out)
     with Checkpoint(base) as base_ckpt:
         refuse_delta(base_ckpt)
         readers = []

@@ -14,8 +14,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..atomic import check_not_an_input, check_target, publish, temporary_sibling
+from ..atomic import check_target, publish, temporary_sibling
+from ..checkpoint.writer import earlier_model_output
 from ..errors import CheckpointError, OutputError
+from ..guard import Inputs
 from ..hub import resolve, write_model_card
 from . import manifest as mf
 from .cards import merged_card, restored_card
@@ -69,7 +71,9 @@ def init(zoo: str | os.PathLike, base: str | os.PathLike, *,
         raise OutputError("already exists and is not an empty folder; a zoo needs its own "
                           "folder", path=zoo)
     check_target(zoo, overwrite=True)  # only its check that the parent folder exists
-    check_not_an_input(zoo, [resolved.path])
+    inputs = Inputs(cache_dir=cache_dir)
+    inputs.add(resolved, "base")
+    inputs.check_output(zoo, "zoo")
     with contextlib.ExitStack() as stack:
         staging = temporary_sibling(zoo)
         staging.mkdir()
@@ -118,10 +122,17 @@ def add(zoo: str | os.PathLike,
     manifest = mf.read(zoo)
     base_path = _base_path(manifest, base, cache_dir).absolute()
     given, effective = normalize_options(compress_options)
+    sources = _named_sources(finetuned, cache_dir)
+    inputs = Inputs(cache_dir=cache_dir)
+    inputs.add(base_path, "base")
+    for name, resolved in sources:
+        inputs.add(resolved, "fine-tune")
+    for name, _ in sources:
+        inputs.check_output(zoo / mf.delta_file(name), f"member {name!r}")
     tasks = [{"name": name, "source": describe_source(resolved), "base_path": str(base_path),
               "options": given, "effective": effective,
               "scratch": os.fspath(Path(scratch).absolute()) if scratch else None}
-             for name, resolved in _named_sources(finetuned, cache_dir)]
+             for name, resolved in sources]
     if ray:
         raw = jobs.run_ray(zoo, tasks, ray, retries)
     elif workers == 0:
@@ -200,7 +211,7 @@ def get(zoo: str | os.PathLike, name: str, out: str | os.PathLike, *, overwrite:
     manifest = mf.read(zoo)
     entry, delta = _member(zoo, manifest, name)
     base_path = _base_path(manifest, base, cache_dir)
-    return _build(out, overwrite, [base_path, zoo], lambda tmp: restore(base_path, delta, tmp),
+    return _build(out, overwrite, base_path, zoo, lambda tmp: restore(base_path, delta, tmp),
                   lambda folder: write_model_card(folder, **restored_card(manifest, entry)))
 
 
@@ -219,18 +230,21 @@ def merge(zoo: str | os.PathLike, names: Sequence[str], out: str | os.PathLike, 
     base_path = _base_path(manifest, base, cache_dir)
     deltas = [delta for _, delta in members]
     card = merged_card(manifest, [e for e, _ in members], rule, weights, rule_options)
-    return _build(out, overwrite, [base_path, zoo],
+    return _build(out, overwrite, base_path, zoo,
                   lambda tmp: stitch(base_path, deltas, tmp, rule=rule, weights=weights,
                                      **rule_options),
                   lambda folder: write_model_card(folder, **card))
 
 
-def _build(out, overwrite: bool, inputs, make, card) -> Path:
+def _build(out, overwrite: bool, base: Path, zoo: Path, make, card) -> Path:
     """Write an output with ``make(temporary)``, add the card to a folder, then publish it
     atomically: ``out`` appears complete, card included, or not at all."""
     out = Path(out)
-    check_target(out, overwrite)
-    check_not_an_input(out, inputs)
+    inputs = Inputs()
+    inputs.add(base, "base")
+    inputs.add_local(zoo, "zoo")
+    inputs.check_output(out)
+    check_target(out, overwrite, earlier_model_output)
     temporary = temporary_sibling(out)
     try:
         make(temporary)

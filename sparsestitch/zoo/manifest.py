@@ -98,8 +98,26 @@ def new_manifest(base: dict) -> dict:
 
 # ------------------------------------------------------------------------------ reading
 
+#: The zoo's own files and folders, which must stay inside it.
+_INTERNALS = (MANIFEST_NAME, LOCK_NAME, DELTAS_DIR, f"{DELTAS_DIR}/.incoming")
+
+
+def check_contained(zoo: str | os.PathLike) -> None:
+    """Refuse a zoo whose own files or folders are symbolic links leading out of it: adding
+    or removing members would then write or delete files elsewhere."""
+    root = Path(os.path.realpath(zoo))
+    for name in _INTERNALS:
+        inner = Path(zoo) / name
+        real = Path(os.path.realpath(inner))
+        if os.path.lexists(inner) and root not in real.parents:
+            raise ZooError(f"{name} is a symbolic link leading out of the zoo (to {real}); "
+                           "a zoo keeps its files inside its folder. Replace the link by "
+                           "the folder or file itself", path=zoo)
+
+
 def read(zoo: str | os.PathLike) -> dict:
-    """The validated manifest of the zoo folder ``zoo``."""
+    """The validated manifest of the zoo folder ``zoo`` (its internals checked first)."""
+    check_contained(zoo)
     path = Path(zoo) / MANIFEST_NAME
     try:
         with open(path, "rb") as handle:
@@ -277,8 +295,10 @@ def locked(zoo: str | os.PathLike, timeout: float = LOCK_TIMEOUT_S):
     never blocks the others.  Shared storage must support ``flock`` across machines
     (NFSv4, CephFS, GPFS, Lustre mounted with ``-o flock``); see docs/zoo.md.
     """
+    check_contained(zoo)
     path = Path(zoo) / LOCK_NAME
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    # O_NOFOLLOW: the lock file is truncated below, and a planted link must not lead there.
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
     try:
         deadline = time.monotonic() + timeout
         while True:

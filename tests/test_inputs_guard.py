@@ -1,0 +1,315 @@
+"""Inputs are never harmed (issue 19, items 1-7): every command's outputs are checked
+against all its resolved inputs before any work starts, and ``--overwrite`` replaces only
+an earlier output of the same kind.
+
+One workspace holds every kind of input (sharded folders, deltas, a stitched model, a zoo,
+a merge config, a Hub cache, a user's own folder); each case runs a command with
+``--overwrite`` at an output that would land on, inside or around an input -- spelled
+directly, through ``..``, through a symbolic link, through the Hub cache -- and checks the
+refusal *and* every input's bytes afterwards.  Each command also writes a fresh output once,
+so a refusal cannot come from a malformed command line.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+import sparsestitch
+from sparsestitch.cli import main
+from sparsestitch.zoo import add, init
+
+from .conftest import finetune_of, save_checkpoint, small_model
+from .support.hub_cache import cache_model
+
+BASE_COMMIT = "b" * 40
+
+
+def run(*args) -> object:
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def tree_state(root: Path, skip: set[str]) -> dict[str, str]:
+    """Every file's bytes (hashed) and every link's target under ``root``."""
+    state = {}
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if not (folder == str(root) and d in skip)]
+        for name in dirs + files:
+            path = Path(folder) / name
+            key = str(path.relative_to(root))
+            if path.is_symlink():
+                state[key] = "link:" + os.readlink(path)
+            elif path.is_file():
+                state[key] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return state
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory):
+    """The workspace: every kind of input, made once for the module."""
+    root = tmp_path_factory.mktemp("ws")
+    model = small_model()
+    save_checkpoint(root / "base", model, shards=2)
+    save_checkpoint(root / "ft1", finetune_of(model, seed=1), shards=2)
+    save_checkpoint(root / "ft2", finetune_of(model, seed=2), shards=2)
+    sparsestitch.compress(root / "base", [root / "ft1", root / "ft2"],
+                          [root / "ft1.delta", root / "ft2.delta"], density=0.05)
+    sparsestitch.stitch(root / "base", [root / "ft1.delta"], root / "merged")
+    init(root / "zoo", root / "base")
+    add(root / "zoo", {"a": root / "ft1"}, workers=0)
+    (root / "merge.yaml").write_text("base: base\nmodels: [ft1, ft2]\nrule: task-arithmetic\n")
+    (root / "projects" / "thesis").mkdir(parents=True)
+    (root / "projects" / "thesis" / "chapter1.tex").write_text("precious")
+    cache_model(root / "hf-cache", "org/base", root / "base", BASE_COMMIT)
+    os.symlink(root / "base", root / "base-link")
+    os.symlink(root / "ft1.delta", root / "delta-link.delta")
+    (root / "outs").mkdir()
+    return root
+
+
+@pytest.fixture
+def cache(ws, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(ws / "hf-cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return ws / "hf-cache" / "models--org--base"
+
+
+#: Each command with ``{OUT}`` where its output goes, and the inputs it reads.
+COMMANDS = {
+    "restore": (["restore", "base", "ft1.delta", "-o", "{OUT}"], ["base", "ft1.delta"]),
+    "compress": (["compress", "base", "ft1", "-o", "{OUT}", "--density", "0.05"],
+                 ["base", "ft1"]),
+    "stitch": (["stitch", "base", "ft1.delta", "ft2.delta", "-o", "{OUT}"],
+               ["base", "ft1.delta", "ft2.delta"]),
+    "stitch-add": (["stitch-add", "base", "merged", "ft2.delta", "--previous", "ft1.delta",
+                    "-o", "{OUT}"], ["base", "merged", "ft1.delta", "ft2.delta"]),
+    "merge": (["merge", "base", "ft1", "ft2", "-o", "{OUT}", "--rule", "task-arithmetic"],
+              ["base", "ft1", "ft2"]),
+    "merge-config": (["merge", "--config", "merge.yaml", "-o", "{OUT}"],
+                     ["merge.yaml", "base", "ft1", "ft2"]),
+    "merge-save-deltas": (["merge", "base", "ft1", "ft2", "-o", "outs/saving",
+                           "--rule", "task-arithmetic", "--save-deltas", "{OUT}"],
+                          ["base", "ft1", "ft2"]),
+    "zoo-get": (["zoo", "get", "zoo", "a", "-o", "{OUT}"], ["zoo", "base"]),
+    "zoo-merge": (["zoo", "merge", "zoo", "a", "-o", "{OUT}"], ["zoo", "base"]),
+}
+
+
+def targets_around(ws: Path, name: str) -> list[str]:
+    """Outputs that would land on, inside or around the input ``name``, spelled several ways."""
+    path = ws / name
+    found = [name, f"outs/../{name}", str(path)]
+    if path.is_dir():
+        children = sorted(p.name for p in path.iterdir())
+        found += [f"{name}/{children[0]}", f"{name}/{children[-1]}", f"{name}/new-file"]
+    if name == "base":
+        found += ["base-link/model-00001-of-00002.safetensors", "base-link"]
+    if name == "zoo":
+        found += ["zoo/zoo.json", "zoo/deltas/a.delta", "zoo/deltas"]
+    if name == "ft1.delta":
+        found += ["delta-link.delta"]
+    return found
+
+
+def run_in(ws: Path, command: str, out: str, *extra: str):
+    template, _ = COMMANDS[command]
+    args = [part.replace("{OUT}", out) for part in template] + list(extra)
+    cwd = os.getcwd()
+    os.chdir(ws)
+    try:
+        return run(*args, "--quiet") if command not in ("zoo-get", "zoo-merge") else run(*args)
+    finally:
+        os.chdir(cwd)
+
+
+def refused(result) -> str:
+    assert result.exit_code == 2, (result.output, result.exception)
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: ")
+    return line
+
+
+def case_targets(ws: Path, command: str) -> list[str]:
+    _, inputs = COMMANDS[command]
+    found = [t for name in inputs for t in targets_around(ws, name)]
+    if command == "stitch-add":  # -o MERGED itself is the documented in-place extension
+        found = [t for t in found if os.path.realpath(ws / t) != str(ws / "merged")]
+    return found
+
+
+@pytest.mark.parametrize("command", list(COMMANDS))
+def test_no_output_may_land_on_inside_or_around_an_input(ws, command):
+    """Every spelling of every input of every command, with --overwrite: refused, and no
+    byte of any input changes."""
+    skip = {"outs"}
+    before = tree_state(ws, skip)
+    targets = case_targets(ws, command)
+    assert len(targets) >= 8
+    for target in targets:
+        line = refused(run_in(ws, command, target, "--overwrite"))
+        assert "destroy that input" in line or "replaces only" in line, (target, line)
+        assert tree_state(ws, skip) == before, target
+    fresh = f"outs/{command}-fresh" + (".delta" if command == "compress" else "")
+    result = run_in(ws, command, fresh)
+    assert result.exit_code == 0, (result.output, result.exception)
+    assert tree_state(ws, skip) == before
+
+
+def test_a_folder_holding_inputs_is_never_replaced(ws):
+    """The workspace itself (it holds every input) and its parent, as outputs."""
+    before = tree_state(ws, {"outs"})
+    for command in COMMANDS:
+        for target in (".", "..", str(ws)):
+            line = refused(run_in(ws, command, target, "--overwrite"))
+            assert "holding" in line or "is the" in line or "replaces only" in line, line
+    assert tree_state(ws, {"outs"}) == before
+
+
+@pytest.mark.parametrize("command", ["restore", "stitch", "merge", "zoo-get", "compress"])
+def test_overwrite_replaces_only_an_earlier_output(ws, command):
+    """A user's own folder (with a subfolder) and a file of another kind survive --overwrite;
+    an earlier output of the command is replaced; so is an empty folder, without it."""
+    before = tree_state(ws, {"outs"})
+    line = refused(run_in(ws, command, "projects", "--overwrite"))
+    assert "replaces only" in line, line
+    own = ws / "outs" / f"own-{command}"
+    own.mkdir()
+    (own / "notes.txt").write_text("mine")
+    refused(run_in(ws, command, str(own), "--overwrite"))
+    assert (own / "notes.txt").read_text() == "mine"
+    assert tree_state(ws, {"outs"}) == before
+    suffix = ".delta" if command == "compress" else ""
+    earlier = f"outs/earlier-{command}{suffix}"
+    for _ in range(2):
+        assert run_in(ws, command, earlier, "--overwrite").exit_code == 0
+    if command != "compress":
+        # Someone puts a file of their own into the earlier output: no longer replaceable.
+        (ws / earlier / "notes.txt").write_text("mine")
+        line = refused(run_in(ws, command, earlier, "--overwrite"))
+        assert "notes.txt" in line
+        assert (ws / earlier / "notes.txt").read_text() == "mine"
+        empty = ws / "outs" / f"empty-{command}"
+        empty.mkdir()
+        assert run_in(ws, command, str(empty)).exit_code == 0
+        assert (empty / "config.json").is_file()
+
+
+def test_a_merge_configs_out_cannot_replace_a_users_folder(ws):
+    config = ws / "outs" / "escape.yaml"
+    config.write_text("base: ../base\nmodels: [../ft1, ../ft2]\nrule: task-arithmetic\n"
+                      "out: ../projects\n")
+    before = tree_state(ws, {"outs"})
+    line = refused(run("merge", "--config", config, "--overwrite", "--quiet"))
+    assert "sparsestitch did not write" in line
+    config.write_text("base: ../base\nmodels: [../ft1, ../ft2]\nrule: task-arithmetic\n"
+                      f"out: {ws / 'outs' / 'escape.yaml'}\n")
+    line = refused(run("merge", "--config", config, "--overwrite", "--quiet"))
+    assert "merge config" in line
+    assert tree_state(ws, {"outs"}) == before
+
+
+def test_a_hub_base_is_protected_after_resolution(ws, cache):
+    """``org/base`` resolves into the cache: its snapshot, the files in it (links to blobs),
+    the blobs themselves and the whole cached repository are inputs."""
+    before = tree_state(ws, {"outs"})
+    snapshot = cache / "snapshots" / BASE_COMMIT
+    blob = sorted((cache / "blobs").iterdir())[0]
+    targets = [snapshot, snapshot / "model-00001-of-00002.safetensors", blob, cache / "refs",
+               cache / "refs" / "main", cache, cache.parent]
+    for command in ("restore", "stitch", "compress", "merge"):
+        template, _ = COMMANDS[command]
+        for target in targets:
+            args = [str(target) if part == "{OUT}" else ("org/base" if part == "base" else part)
+                    for part in template]
+            cwd = os.getcwd()
+            os.chdir(ws)
+            try:
+                line = refused(run(*args, "--overwrite", "--quiet"))
+            finally:
+                os.chdir(cwd)
+            assert "org/base" in line or "replaces only" in line, (command, target, line)
+    assert tree_state(ws, {"outs"}) == before
+    os.chdir(ws)
+    try:
+        assert run("restore", "org/base", "ft1.delta", "-o", "outs/from-hub").exit_code == 0
+    finally:
+        os.chdir(Path(__file__).parent)
+
+
+@pytest.mark.parametrize("spec", ["org/base@/etc", "org/base@../../..", "org/base@a//b",
+                                  "org/base@refs/../../x"])
+def test_hub_revisions_cannot_name_paths(ws, cache, spec):
+    with pytest.raises(sparsestitch.CheckpointError, match="revision after @"):
+        sparsestitch.hub.resolve(spec)
+
+
+def test_a_refs_file_cannot_lead_out_of_the_cache(ws, cache, tmp_path):
+    """A ``refs/`` file holding ``../../..`` (or a snapshot link planted outside) must not
+    make a Hub id resolve to an arbitrary folder."""
+    ref = cache / "refs" / "evil"
+    ref.write_text("../../../../base")
+    try:
+        with pytest.raises(sparsestitch.CheckpointError):
+            sparsestitch.hub.resolve("org/base@evil")
+    finally:
+        ref.unlink()
+    outside = tmp_path / "elsewhere"
+    save_checkpoint(outside, small_model())
+    planted = cache / "snapshots" / ("c" * 40)
+    os.symlink(outside, planted)
+    (cache / "refs" / "planted").write_text("c" * 40)
+    try:
+        with pytest.raises(sparsestitch.CheckpointError, match="outside its own snapshots"):
+            sparsestitch.hub.resolve("org/base@planted")
+    finally:
+        planted.unlink()
+        (cache / "refs" / "planted").unlink()
+
+
+def test_stitch_add_checks_its_inputs(tmp_path):
+    """Item 2, as reported: single-file base and merged model; neither the base nor the delta
+    being added may be replaced by the output."""
+    model = small_model()
+    base = save_checkpoint(tmp_path / "base.safetensors", model)
+    tunes = [save_checkpoint(tmp_path / f"ft{i}.safetensors", finetune_of(model, seed=i))
+             for i in (1, 2)]
+    deltas = [tmp_path / "ft1.delta", tmp_path / "new.delta"]
+    sparsestitch.compress(base, tunes, deltas, density=0.05)
+    merged = sparsestitch.stitch(base, deltas[:1], tmp_path / "merged.safetensors")
+    before = tree_state(tmp_path, set())
+    for out in (base, deltas[1], deltas[0]):
+        line = refused(run("stitch-add", base, merged, deltas[1], "--previous", deltas[0],
+                           "-o", out, "--overwrite", "--quiet"))
+        assert "destroy that input" in line, line
+    assert tree_state(tmp_path, set()) == before
+    assert run("stitch-add", base, merged, deltas[1], "--previous", deltas[0],
+               "--quiet").exit_code == 0  # in place, as documented
+
+
+def test_a_zoo_whose_internals_link_out_is_refused(ws, tmp_path):
+    """Item 5: a zoo whose deltas/ is a link to a folder elsewhere: rm must not delete there,
+    add must not write there."""
+    zoo = tmp_path / "zoo"
+    init(zoo, ws / "base")
+    add(zoo, {"a": ws / "ft1"}, workers=0)
+    elsewhere = tmp_path / "elsewhere"
+    (zoo / "deltas").rename(elsewhere)
+    os.symlink(elsewhere, zoo / "deltas")
+    before = tree_state(elsewhere, set())
+    for args in (["zoo", "rm", zoo, "a"], ["zoo", "add", zoo, f"b={ws / 'ft2'}", "--workers", "0"],
+                 ["zoo", "ls", zoo], ["zoo", "get", zoo, "a", "-o", tmp_path / "out"]):
+        line = refused(run(*args))
+        assert "leading out of the zoo" in line, line
+    assert tree_state(elsewhere, set()) == before
+    lock = tmp_path / "lock-target"
+    lock.write_text("precious")
+    (zoo / "deltas").unlink()
+    elsewhere.rename(zoo / "deltas")
+    (zoo / ".zoo.lock").unlink(missing_ok=True)
+    os.symlink(lock, zoo / ".zoo.lock")
+    refused(run("zoo", "rm", zoo, "a"))
+    assert lock.read_text() == "precious"
