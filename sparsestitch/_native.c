@@ -844,6 +844,71 @@ done:
     return result;
 }
 
+PyDoc_STRVAR(rice_decode_at_doc,
+"rice_decode_at(unary, remainders, k, unary_bits, start_bit, start_index, out)\n"
+"    -> (found, next_bit)\n"
+"\n"
+"rice_decode from the middle of the streams, for decoding a record in chunks: the values\n"
+"after the one bit ending at ``start_bit - 1`` (0: from the start), whose remainders start\n"
+"at field ``start_index``, as many as ``out`` holds.  Returns how many were found (fewer\n"
+"than ``out`` holds only at the end of the ``unary_bits`` bits) and the bit after the last\n"
+"one decoded (``unary_bits`` when the stream ran out first).");
+
+static PyObject *rice_decode_at(PyObject *self, PyObject *args)
+{
+    PyObject *unary_object, *remainders_object, *out_object;
+    unsigned int k;
+    unsigned long long unary_bits, start_bit, start_index;
+    if (!PyArg_ParseTuple(args, "OOIKKKO", &unary_object, &remainders_object, &k, &unary_bits,
+                          &start_bit, &start_index, &out_object))
+        return NULL;
+    if (k > 32)
+        return PyErr_Format(PyExc_ValueError, "rice parameter %u is over 32", k);
+    Py_buffer unary = {0}, remainders = {0}, out = {0};
+    PyObject *result = NULL;
+    if (PyObject_GetBuffer(unary_object, &unary, PyBUF_CONTIG_RO) < 0 ||
+        PyObject_GetBuffer(remainders_object, &remainders, PyBUF_CONTIG_RO) < 0 ||
+        get_buffer(out_object, &out, 1, 8, "out") < 0)
+        goto done;
+    if (unary_bits > (unsigned long long)unary.len * 8 || start_bit > unary_bits) {
+        PyErr_SetString(PyExc_ValueError, "unary_bits or start_bit exceeds the unary stream");
+        goto done;
+    }
+    Py_ssize_t capacity = out.len / 8;
+    if (k && (start_index + (unsigned long long)capacity) * k
+             > (unsigned long long)remainders.len * 8) {
+        PyErr_SetString(PyExc_ValueError, "the remainder stream is too short for out");
+        goto done;
+    }
+    Py_ssize_t found = 0;
+    uint64_t next_bit = unary_bits;
+    Py_BEGIN_ALLOW_THREADS
+    const uint8_t *bytes = unary.buf, *rest = remainders.buf;
+    uint64_t *values = out.buf;
+    uint64_t previous_end = start_bit - 1;  /* wraps to all ones for start_bit 0, as above */
+    /* 56 bits at a time: read_bits takes 8 bytes, and start_bit need not be byte-aligned */
+    for (uint64_t word_at = start_bit; word_at < unary_bits && found < capacity; word_at += 56) {
+        uint64_t word = read_bits(bytes, (size_t)unary.len, word_at,
+                                  unary_bits - word_at >= 56 ? 56 : (unsigned)(unary_bits - word_at));
+        for (; word && found < capacity; word &= word - 1) {
+            uint64_t end = word_at + (uint64_t)__builtin_ctzll(word);
+            uint64_t remainder = k ? read_bits(rest, (size_t)remainders.len,
+                                               (start_index + (uint64_t)found) * k, k) : 0;
+            values[found++] = ((end - previous_end - 1) << k) | remainder;
+            previous_end = end;
+        }
+    }
+    if (found == capacity)
+        next_bit = capacity ? previous_end + 1 : start_bit;
+    Py_END_ALLOW_THREADS
+    result = Py_BuildValue("nK", found, (unsigned long long)next_bit);
+done:
+    release(&unary);
+    release(&remainders);
+    release(&out);
+    return result;
+}
+
 PyDoc_STRVAR(tau_decode_doc,
 "tau_decode(kind, planes, base, out) -> int\n"
 "\n"
@@ -1312,6 +1377,7 @@ static PyMethodDef methods[] = {
     {"strictly_increasing", strictly_increasing, METH_VARARGS, strictly_increasing_doc},
     {"magnitude_keys", magnitude_keys, METH_VARARGS, magnitude_keys_doc},
     {"rice_decode", rice_decode, METH_VARARGS, rice_decode_doc},
+    {"rice_decode_at", rice_decode_at, METH_VARARGS, rice_decode_at_doc},
     {"rice_encode", rice_encode, METH_VARARGS, rice_encode_doc},
     {"tau_decode", tau_decode, METH_VARARGS, tau_decode_doc},
     {"ulp_decode", ulp_decode, METH_VARARGS, ulp_decode_doc},

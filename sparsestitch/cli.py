@@ -301,15 +301,17 @@ def _info_json(result) -> dict:
 @main.command()
 @click.argument("delta", type=click.Path())
 @click.option("--base", type=click.Path(), help="Also check the delta belongs to this base.")
+@click.option("--max-memory", help="Bound on the data held at once, e.g. 512MiB; default 1GiB "
+              "(records are decoded in runs, whatever sizes the file declares).")
 @json_option
 @fail_cleanly
-def verify(delta, base, as_json):
+def verify(delta, base, max_memory, as_json):
     """Check every checksum and record of DELTA (and, with --base, its base's identity).
 
     Example: sparsestitch verify math.delta --base base/
     """
     from .describe import verify as run
-    result = run(delta, base)
+    result = run(delta, base, max_memory=max_memory)
     if as_json:
         echo_json({"ok": True, "path": str(result.path), "tensors": len(result.tensors),
                    "kept": result.kept, "base": None if base is None else str(base)})

@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 
+from .budget import MemoryBudget
 from .checkpoint import Checkpoint
 from .dtypes import dtype as lookup_dtype
 from .format import DeltaReader, Record
-from .walk import RowBlocks, check_delta_fits, decode_tensor, refuse_delta
-
-#: Bytes of a base tensor read at a time by :func:`verify`.
-VERIFY_BLOCK_BYTES = 64 << 20
+from .walk import (BaseHash, RecordRuns, RowBlocks, added_runs, check_delta_fits, read_blocks,
+                   refuse_delta)
 
 
 @dataclass(frozen=True)
@@ -82,35 +81,50 @@ def info(delta: str | os.PathLike) -> DeltaInfo:
         return DeltaInfo(reader.path, reader.file_size, reader.header, tensors)
 
 
-def verify(delta: str | os.PathLike, base: str | os.PathLike | None = None) -> DeltaInfo:
+def verify(delta: str | os.PathLike, base: str | os.PathLike | None = None, *,
+           max_memory: int | str | None = None) -> DeltaInfo:
     """Check a delta completely: header and payload checksums, every record decodes to
     valid positions and values; with ``base``, also that it belongs to that base.
     Raises a :class:`~sparsestitch.errors.SparsestitchError` naming file and tensor.
+
+    Records are decoded in runs within ``max_memory`` (default 1 GiB; see
+    :class:`~sparsestitch.budget.MemoryBudget`), whatever sizes the file declares: without
+    a base, against zeros at the kept positions.
     """
-    with DeltaReader(delta) as reader:
-        if base is None:
-            for record in reader.records:
-                if record.kind == "added":
-                    reader.decode(record, None)
-                elif record.kind == "sparse":
-                    # Without the base, decode against zeros at the kept positions: checks
-                    # structure and sizes, allocating for the payload, not the declared shape.
-                    payload = reader.payload(record)
-                    kept = reader.positions(record, payload)
-                    reader.values(record, np.zeros(kept.size, record.dt.bits), payload)
-        else:
-            with Checkpoint(base) as ckpt:
-                refuse_delta(ckpt)
-                check_delta_fits(ckpt, reader)
-                for record in reader.records:
-                    if record.kind == "added":
-                        reader.decode(record, None)
-                        continue
-                    # Hashes the base tensor block by block, checks it, decodes the record.
-                    blocks = RowBlocks.of(record.shape, record.dt.itemsize, VERIFY_BLOCK_BYTES)
-                    decode_tensor(ckpt, [reader], record.name, blocks)
+    budget = MemoryBudget.of(max_memory)
+    with DeltaReader(delta) as reader, contextlib.ExitStack() as stack:
+        ckpt = None
+        if base is not None:
+            ckpt = stack.enter_context(Checkpoint(base))
+            refuse_delta(ckpt)
+            check_delta_fits(ckpt, reader)
+        for record in reader.records:
+            if record.kind == "added":
+                for _ in added_runs(reader, record, budget):
+                    pass
+            elif record.kind == "sparse" or ckpt is not None:
+                _walk_record(reader, record, ckpt, budget)
         return DeltaInfo(reader.path, reader.file_size, reader.header,
                          [_tensor_info(r) for r in reader.records])
+
+
+def _walk_record(reader: DeltaReader, record: Record, ckpt: Checkpoint | None,
+                 budget: MemoryBudget) -> None:
+    """Decode a record in runs, row block by row block; with a base, hash the base tensor
+    as it is read and check it against the record."""
+    blocks = RowBlocks.of(record.shape, record.dt.itemsize, budget.block_bytes)
+    base_hash = BaseHash(record.name) if ckpt is not None else None
+    with RecordRuns(ckpt, record.name, blocks, [reader], [record], budget) as runs:
+        if ckpt is not None:
+            for start, stop, block in read_blocks(ckpt, record.name, blocks, base_hash):
+                runs.block(blocks.elements(start, stop)[0], block)
+        else:
+            for start, stop in blocks.bounds:
+                lo, hi = blocks.elements(start, stop)
+                runs.block(lo, None, hi)
+        runs.finish()
+    if base_hash is not None:
+        base_hash.check([(reader.path, record)])
 
 
 def _tensor_info(record: Record) -> TensorInfo:

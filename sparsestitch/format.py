@@ -25,6 +25,7 @@ from . import codecs, native
 from .atomic import atomic_path, fsync_file, output_error
 from .dtypes import DType, dtype as lookup_dtype
 from .errors import ChecksumError, DeltaFormatError, ResourceLimitError, SparsestitchError
+from .codecs.streams import IO_CHUNK, BytesPayload, FilePayload, Part, Payload
 from .safetensors_file import DELTA_HEADER_KEY, encode_header, file_kind, read_header, strict_json
 from .sizes import numel
 
@@ -206,6 +207,33 @@ class DeltaWriter:
             pass
 
 
+def _open_delta(path: Path):
+    if path.is_dir():
+        raise DeltaFormatError("this is a folder (a model checkpoint?), not a delta file; "
+                               "deltas are single .delta files, and the base comes first: "
+                               "sparsestitch restore BASE DELTA -o OUT", path=path)
+    if path.exists() and not path.is_file():  # opening a pipe would wait forever
+        raise DeltaFormatError("not a regular file (a pipe or device?)", path=path)
+    try:
+        return open(path, "rb")
+    except OSError as exc:
+        raise DeltaFormatError(f"cannot open delta ({exc.strerror or exc})", path=path) from None
+
+
+def _checked_in_file(fd: int, offset: int, record: Record, path: Path) -> FilePayload:
+    """A payload left in the file, after one streaming pass checking its checksum."""
+    checked = xxhash.xxh3_64()
+    for at in range(0, record.nbytes, IO_CHUNK):
+        part = pread_bytes(fd, min(IO_CHUNK, record.nbytes - at), offset + at)
+        if len(part) != min(IO_CHUNK, record.nbytes - at):
+            raise DeltaFormatError("payload is truncated", path=path, tensor=record.name)
+        checked.update(part)
+    if checked.hexdigest() != record.payload_xxh3:
+        raise ChecksumError("payload checksum mismatch: the file is damaged; "
+                            "re-download or re-create it", path=path, tensor=record.name)
+    return FilePayload(fd, offset, record.nbytes)
+
+
 def _strictly_increasing(positions: np.ndarray) -> bool:
     kernels = native.kernels()
     if kernels is not None:
@@ -235,16 +263,7 @@ class DeltaReader:
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
-        if self.path.is_dir():
-            raise DeltaFormatError("this is a folder (a model checkpoint?), not a delta file; "
-                                   "deltas are single .delta files, and the base comes first: "
-                                   "sparsestitch restore BASE DELTA -o OUT", path=self.path)
-        if self.path.exists() and not self.path.is_file():  # opening a pipe would wait forever
-            raise DeltaFormatError("not a regular file (a pipe or device?)", path=self.path)
-        try:
-            self._file = open(self.path, "rb")
-        except OSError as exc:
-            raise DeltaFormatError(f"cannot open delta ({exc.strerror or exc})", path=self.path) from None
+        self._file = _open_delta(self.path)
         try:
             self.file_size = os.fstat(self._file.fileno()).st_size
             container = read_header(self._file, self.path, self.file_size, error=DeltaFormatError)
@@ -292,6 +311,11 @@ class DeltaReader:
                 raise DeltaFormatError("positions are out of range, unsorted or repeated")
         return positions
 
+    def value_codec(self, record: Record):
+        """The record's value codec (an unknown one is an error naming file and tensor)."""
+        with self.decoding(record):
+            return codecs.value_codec(record.values.get("codec"))
+
     def stores_all(self, record: Record) -> bool:
         """Whether a stored record keeps every element (positions codec ``all``, checked as
         decoding it would), so its positions need no array."""
@@ -312,26 +336,30 @@ class DeltaReader:
             return codec.decode(payload[record.positions_nbytes:], record.values, base_kept,
                                 record.dt, record.count)
 
-    def values_part(self, record: Record, base_part: np.ndarray,
-                    counts: tuple[np.ndarray, np.ndarray], payload: bytes | None = None
-                    ) -> np.ndarray:
-        """Fine-tuned bits of a run of consecutive kept values, for a value codec that is not
-        elementwise (``ulp``): ``base_part`` the base bits of the run, ``counts`` from
-        :meth:`part_counts` (see :func:`sparsestitch.walk.part_counts`)."""
-        payload = self.payload(record) if payload is None else payload
-        with self.decoding(record):
-            codec = codecs.value_codec(record.values.get("codec"))
-            return codec.decode_part(payload[record.positions_nbytes:], record.values,
-                                     base_part, record.dt, record.count, *counts)
-
     def part_counts(self, record: Record, base_part: np.ndarray, dt) -> np.ndarray:
         """The context counts a run of kept values with these base bits contributes, for a
-        value codec that is not elementwise."""
+        value codec that is not elementwise (see :func:`sparsestitch.walk.kept_totals`)."""
         with self.decoding(record):
             codec = codecs.value_codec(record.values.get("codec"))
             if dt.name != record.dt.name:
                 raise DeltaFormatError(f"base dtype {dt.name}, record {record.dt.name}")
             return codec.part_counts(base_part, record.dt)
+
+    def payload_source(self, record: Record, memory_limit: int) -> "Payload":
+        """The checked payload: in memory up to ``memory_limit`` bytes, else in the file."""
+        if record.nbytes <= memory_limit:
+            return BytesPayload(self.payload(record))
+        return _checked_in_file(self._file.fileno(), self._offsets[record.name], record, self.path)
+
+    def cursor(self, record: Record, *, memory_limit: int, run: int = 1 << 16,
+               spool_dir: str | None = None, totals: np.ndarray | None = None,
+               positions_only: bool = False) -> "RecordCursor":
+        """A stored record decoded in order, ``run`` values at a time, holding at most about
+        ``memory_limit`` bytes of its payload and streams (see :class:`RecordCursor`);
+        ``positions_only`` opens no value decoder (for passes that count positions)."""
+        payload = self.payload_source(record, memory_limit)
+        return RecordCursor(self, record, payload, memory_limit, spool_dir, totals,
+                            positions_only, run)
 
     def decode(self, record: Record, base_bits: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
         """``(positions, fine-tuned bits there)`` for a stored record.
@@ -346,6 +374,124 @@ class DeltaReader:
     def decoding(self, record: Record):
         """A context in which decoding errors are re-raised naming this file and the tensor."""
         return _ErrorContext(self.path, record.name)
+
+
+class RecordCursor:
+    """One stored record decoded in order, a bounded run at a time.
+
+    Positions come from the position codec's cursor (none for a record of every element:
+    :attr:`dense`), checked as :meth:`DeltaReader.positions` checks a whole list (in range,
+    strictly increasing, as many as the record says); values come from the value codec's
+    cursor, given the base bits at the same positions.  Every error names the file and the
+    tensor.  Values whose codec is not elementwise (``ulp``) need ``totals``, the codec's
+    counts over the base at every kept position, up front.
+    """
+
+    def __init__(self, reader: DeltaReader, record: Record, payload: Payload, memory_limit: int,
+                 spool_dir: str | None, totals: np.ndarray | None, positions_only: bool = False,
+                 run: int = 1 << 16):
+        self.record, self._context, self._run = record, reader.decoding(record), max(1, run)
+        self._cursors = []
+        if not (positions_only or reader.value_codec(record).elementwise or totals is not None):
+            raise ValueError(f"{record.values.get('codec')} values need the base's counts to "
+                             "decode in runs")
+        with self._context:
+            self.dense = reader.stores_all(record)
+            positions = Part(payload, 0, record.positions_nbytes, memory_limit, spool_dir)
+            values = Part(payload, record.positions_nbytes, record.values_nbytes, memory_limit,
+                          spool_dir)
+            self._positions = None if self.dense else codecs.position_codec(
+                record.positions.get("codec")).cursor(positions, record.positions,
+                                                      record.shape, record.count)
+            if self._positions is not None:
+                self._cursors.append(self._positions)
+            codec = codecs.value_codec(record.values.get("codec"))
+            self.needs_base, self.elementwise = codec.needs_base, codec.elementwise
+            self._values = None
+            if not positions_only:
+                self._values = (codec.cursor(values, record.values, record.dt, record.count)
+                                if codec.elementwise else
+                                codec.cursor(values, record.values, record.dt, record.count,
+                                             totals))
+                self._cursors.append(self._values)
+        self._pending = np.empty(0, np.int64)
+        self._last, self._found, self._taken = -1, 0, 0
+
+    @property
+    def value_codec(self):
+        return codecs.value_codec(self.record.values.get("codec"))
+
+    def next_positions(self, limit: int) -> np.ndarray:
+        """The next (at most ``limit``) stored positions, checked; empty at the end."""
+        if self._pending.size:
+            out, self._pending = self._pending[:limit], self._pending[limit:]
+            return out
+        if self.dense:
+            n = min(limit, self.record.count - self._found)
+            self._found += n
+            return np.arange(self._found - n, self._found, dtype=np.int64)
+        with self._context:
+            found = self._positions.next(limit)
+            if found.size:
+                if (found[0] <= self._last or found[-1] >= self.record.numel
+                        or not _strictly_increasing(found) or found[0] < 0):
+                    raise DeltaFormatError("positions are out of range, unsorted or repeated")
+                self._last = int(found[-1])
+            self._found += found.size
+            if found.size == 0 and self._found != self.record.count:
+                raise DeltaFormatError(f"decoded {self._found} positions, record says "
+                                       f"{self.record.count}")
+        return found
+
+    def positions_below(self, stop: int, limit: int) -> np.ndarray:
+        """Every stored position below ``stop`` not returned yet (decoded ``limit`` at a time)."""
+        parts = []
+        while True:
+            run = self.next_positions(limit)
+            if not run.size:
+                break
+            cut = int(np.searchsorted(run, stop))
+            parts.append(run[:cut])
+            if cut < run.size:
+                self._pending = np.concatenate([run[cut:], self._pending])
+                break
+        return np.concatenate(parts) if parts else np.empty(0, np.int64)
+
+    def values(self, base: np.ndarray | None, count: int | None = None) -> np.ndarray:
+        """The fine-tuned bits of the next ``len(base)`` (or ``count``) stored entries, given
+        the base bits there (None for a record whose codec reads no base)."""
+        n = int(base.size) if base is not None else int(count)
+        values = np.empty(n, self.record.dt.bits)
+        with self._context:
+            if self.needs_base and base is None:
+                raise DeltaFormatError(f"value codec {self.value_codec.codec_id!r} needs base values")
+            for at in range(0, n, self._run):  # the decoders' temporaries: one run's worth
+                stop = min(n, at + self._run)
+                values[at:stop] = self._values.take(None if base is None else base[at:stop],
+                                                    stop - at)
+        self._taken += n
+        return values
+
+    def finish(self) -> None:
+        """Check that every position and value was read and nothing is left over."""
+        with self._context:
+            if not self.dense and self._found == self.record.count and not self._pending.size:
+                self.next_positions(1)  # the codec's own end-of-stream checks
+            found = self._taken if self.dense else self._found
+            if self._taken != self.record.count or found != self.record.count:
+                raise DeltaFormatError(f"decoded {self._found} positions and {self._taken} "
+                                       f"values, record says {self.record.count}")
+
+    def close(self) -> None:
+        for cursor in self._cursors:
+            cursor.close()
+        self._cursors = []
+
+    def __enter__(self) -> "RecordCursor":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def _parse_header(metadata: dict[str, str], path: Path) -> dict:

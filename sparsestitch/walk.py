@@ -14,9 +14,11 @@ block arithmetic and the handling of dense records live in one place:
   fine-tuned and base bits there.  A record that stores every element (positions codec
   ``all``: density 1.0 and exact records) has ``positions=None`` -- no position array is
   ever built for it, and merges can treat it as a dense array.
-* :func:`decode_tensor`, :func:`decode_block` and :func:`decode_at` decode records against
-  the base bits they need (the value codecs predict from the base); :func:`part_counts`
-  gives ``decode_block`` what a codec that is not elementwise (``ulp``) needs besides.
+* :func:`decode_tensor` and :func:`decode_at` decode records whole against the base bits
+  they need (the value codecs predict from the base); :class:`RecordRuns` decodes records
+  too large for the budget alongside a walk over the row blocks, a run at a time
+  (:func:`kept_totals` gives a codec that is not elementwise, ``ulp``, what it needs
+  besides), and :func:`added_runs` does the same for tensors a delta adds.
 * :func:`check_delta_fits`, :func:`added_records` and :func:`output_shards` plan an output
   before any byte of it is written.
 """
@@ -30,11 +32,11 @@ from dataclasses import dataclass
 import numpy as np
 import xxhash
 
-from . import codecs
+from .budget import MemoryBudget
 from .checkpoint import Checkpoint, OutputTensor, Shard
 from .dtypes import dtype as lookup_dtype
 from .errors import BaseMismatchError, CheckpointError, TensorMismatchError
-from .format import HEADER_KEY, DeltaReader, Record
+from .format import HEADER_KEY, DeltaReader, Record, RecordCursor
 from .sizes import row_items
 
 
@@ -208,75 +210,125 @@ def decode_tensor(base: Checkpoint, readers: Sequence[DeltaReader], name: str, b
     return stored, whole
 
 
-def decode_block(reader: DeltaReader, record: Record, block: np.ndarray, lo: int,
-                 payload: bytes | None = None,
-                 counts: tuple[np.ndarray, np.ndarray] | None = None) -> Stored:
-    """The record's entries inside one base block (flat bits of elements ``lo, lo + 1, ...``).
+class RecordRuns:
+    """The records several deltas hold of one tensor, decoded alongside a walk over its row
+    blocks in order: each through a :class:`~sparsestitch.format.RecordCursor`, so what is
+    held is one block's entries and a run of each record, whatever the records' sizes, and
+    each record is decoded once (not once per block).
 
-    The record is decoded whole (the codecs have no random access).  An elementwise value
-    codec gets the base bits of this block only, zeros elsewhere: the part inside the block
-    is exact.  Any other (``ulp``, whose stored order depends on every kept base value)
-    decodes the block's values from the block's base bits and ``counts``, the codec's
-    context counts of the kept values before the block and of all of them (from
-    :func:`part_counts`).  Holds one decoded record while it runs.
+    Records whose value codec is not elementwise (``ulp``) first need the base's exponent
+    counts at every kept position: :func:`kept_totals` reads the base tensor once more for
+    them (not hashed: the blocks' own pass checks the base).  Use as a context manager; call
+    :meth:`finish` after the last block (every entry read, nothing left over).
     """
-    payload = reader.payload(record) if payload is None else payload
-    hi = lo + block.size
-    positions = stored_positions(reader, record, payload)
-    codec = codecs.value_codec(record.values.get("codec"))
-    if not codec.elementwise:
-        if counts is None:
-            raise ValueError(f"{codec.codec_id} values need the part counts to decode a block")
-        if positions is None:
-            part, kept = block, None
-        else:
-            a, b = (int(x) for x in np.searchsorted(positions, [lo, hi]))
-            part, kept = block.take(positions[a:b] - lo), positions[a:b].copy()
-        values = reader.values_part(record, part, counts, payload)
-        return (Stored(None, values, block.copy(), lo) if kept is None else
-                Stored(kept, values, part))
-    if positions is None:
-        base_kept = np.zeros(record.numel, block.dtype)
-        base_kept[lo:hi] = block
-        values = reader.values(record, base_kept, payload)
-        return Stored(None, values[lo:hi].copy(), block.copy(), lo)
-    a, b = (int(x) for x in np.searchsorted(positions, [lo, hi]))
-    base_kept = np.zeros(positions.size, block.dtype)
-    base_kept[a:b] = block.take(positions[a:b] - lo)
-    values = reader.values(record, base_kept, payload)
-    return Stored(positions[a:b].copy(), values[a:b].copy(), base_kept[a:b].copy())
+
+    def __init__(self, ckpt: Checkpoint | None, name: str, blocks: RowBlocks,
+                 readers: Sequence[DeltaReader], records: Sequence[Record | None],
+                 budget: MemoryBudget):
+        self._run = budget.run_values
+        self._cursors: dict[int, RecordCursor] = {}
+        try:
+            for i, record in enumerate(records):
+                if record is None or record.kind != "sparse":
+                    continue
+                totals = None
+                if not readers[i].value_codec(record).elementwise:
+                    totals = kept_totals(ckpt, name, blocks, readers[i], record, budget)
+                self._cursors[i] = readers[i].cursor(record, memory_limit=budget.stream_bytes,
+                                                     run=budget.run_values, totals=totals)
+        except BaseException:
+            self.close()
+            raise
+        self._count = len(records)
+
+    def block(self, lo: int, block: np.ndarray | None, hi: int | None = None
+              ) -> list[Stored | None]:
+        """Every record's entries in the block of elements ``lo, lo + 1, ...`` with base bits
+        ``block`` (None: no base, zeros are decoded against -- for checking a delta alone,
+        with ``hi`` the block's end)."""
+        hi = lo + block.size if block is not None else hi
+        stored: list[Stored | None] = [None] * self._count
+        for i, cursor in self._cursors.items():
+            if cursor.dense:
+                part = block.copy() if block is not None else np.zeros(hi - lo, cursor.record.dt.bits)
+                values = cursor.values(part if cursor.needs_base else None, hi - lo)
+                stored[i] = Stored(None, values, part, lo)
+                continue
+            positions = cursor.positions_below(hi, self._run)
+            kept = (block.take(positions - lo) if block is not None
+                    else np.zeros(positions.size, cursor.record.dt.bits))
+            values = cursor.values(kept if cursor.needs_base else None, positions.size)
+            stored[i] = Stored(positions, values, kept)
+        return stored
+
+    def finish(self) -> None:
+        for cursor in self._cursors.values():
+            cursor.finish()
+
+    def close(self) -> None:
+        for cursor in self._cursors.values():
+            cursor.close()
+        self._cursors = {}
+
+    def __enter__(self) -> "RecordRuns":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
-def part_counts(ckpt: Checkpoint, name: str, blocks: RowBlocks, readers: Sequence[DeltaReader],
-                records: Sequence[Record | None]) -> dict[int, list[tuple[np.ndarray, np.ndarray]]]:
-    """What :func:`decode_block` needs, block by block, for the sparse records whose value
-    codec is not elementwise (``ulp``): ``{record index: [(counts before block j, counts of
-    all kept values) for each block j]}``, from one more read of the base tensor (not
-    hashed: the blocks' own pass checks the base; a base that differs between the two reads
-    fails that check or the codec's).  Empty, reading nothing, when every codec is
-    elementwise.  Holds one decoded position list at a time."""
-    todo = [(i, r) for i, r in enumerate(records) if r is not None and r.kind == "sparse"
-            and not codecs.value_codec(r.values.get("codec")).elementwise]
-    if not todo:
-        return {}
-    dt = lookup_dtype(ckpt.entry(name).dtype)
-    running: dict[int, list[np.ndarray]] = {i: [] for i, _ in todo}
-    for start, stop, block in read_blocks(ckpt, name, blocks):
-        lo, hi = blocks.elements(start, stop)
-        for i, record in todo:
-            positions = stored_positions(readers[i], record)
-            if positions is None:
-                part = block
-            else:
-                a, b = np.searchsorted(positions, [lo, hi])
-                part = block.take(positions[a:b] - lo)
-            del positions
-            running[i].append(readers[i].part_counts(record, part, dt))
-    out = {}
-    for i, per_block in running.items():
-        cumulative = np.cumsum([np.zeros_like(per_block[0]), *per_block], axis=0)
-        out[i] = [(cumulative[j], cumulative[-1]) for j in range(len(per_block))]
-    return out
+def kept_totals(ckpt: Checkpoint | None, name: str, blocks: RowBlocks, reader: DeltaReader,
+                record: Record, budget: MemoryBudget) -> np.ndarray:
+    """What a record whose value codec is not elementwise (``ulp``) needs before decoding in
+    runs: the codec's counts over the base at every kept position, from one pass over the
+    base (zeros without a base) and the record's positions, a run at a time."""
+    dt = record.dt
+    total = None
+    with reader.cursor(record, memory_limit=budget.stream_bytes, positions_only=True) as cursor:
+        def add(part: np.ndarray) -> None:
+            nonlocal total
+            counts = reader.part_counts(record, part, dt)
+            total = counts if total is None else total + counts
+        for start, stop in blocks.bounds:
+            lo, hi = blocks.elements(start, stop)
+            if ckpt is None:
+                size = (hi - lo) if cursor.dense else cursor.positions_below(hi, budget.run_values).size
+                add(np.zeros(size, dt.bits))
+                continue
+            block = ckpt.read_rows(name, start, stop) if stop > start else np.empty(0, dt.bits)
+            add(block if cursor.dense else block.take(
+                cursor.positions_below(hi, budget.run_values) - lo))
+    return total if total is not None else reader.part_counts(record, np.empty(0, dt.bits), dt)
+
+
+def stored_per_row(readers: Sequence[DeltaReader], records: Sequence[Record | None], rows: int,
+                   row_items: int, budget: MemoryBudget) -> np.ndarray:
+    """How many entries the records store in each row of a tensor (positions decoded a run
+    at a time, one record after the other)."""
+    per_row = np.zeros(rows, np.int64)
+    for reader, record in zip(readers, records):
+        if record is None or record.kind != "sparse":
+            continue
+        with reader.cursor(record, memory_limit=budget.stream_bytes,
+                           positions_only=True) as cursor:
+            if cursor.dense:
+                per_row += row_items
+                continue
+            while (positions := cursor.next_positions(budget.run_values)).size:
+                per_row += np.bincount(positions // max(1, row_items), minlength=rows)[:rows]
+    return per_row
+
+
+def added_runs(reader: DeltaReader, record: Record, budget: MemoryBudget):
+    """The bits of a tensor a delta adds (every element stored), a block at a time."""
+    step = max(1, budget.block_bytes // max(1, record.dt.itemsize))
+    with reader.cursor(record, memory_limit=budget.stream_bytes, run=budget.run_values) as cursor:
+        for lo in range(0, record.count, step):
+            n = min(step, record.count - lo)
+            if not cursor.dense:  # every element, checked as any position list is
+                cursor.next_positions(n)
+            yield cursor.values(None, n)
+        cursor.finish()
 
 
 def refuse_delta(ckpt: Checkpoint, role: str = "base") -> None:

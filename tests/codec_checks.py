@@ -11,9 +11,13 @@ all, random and clustered layouts, and every bit pattern of every dtype.
 from __future__ import annotations
 
 import json
+import tempfile
 
 import numpy as np
 from hypothesis import strategies as st
+
+from sparsestitch.codecs.streams import BytesPayload, FilePayload, Part
+from sparsestitch.codecs.ulp import exponent_counts
 
 from sparsestitch.dtypes import SAFETENSORS_DTYPES, DType, dtype, from_wide
 from sparsestitch.sizes import numel
@@ -85,7 +89,45 @@ def check_position_roundtrip(codec, positions: np.ndarray, shape: tuple[int, ...
     decoded = codec.decode(payload, check_config(config), shape, int(positions.size))
     assert decoded.dtype == np.int64
     np.testing.assert_array_equal(decoded, positions)
+    for run, part in cursor_parts(payload, int(positions.size)):
+        cursor = codec.cursor(part, config, shape, int(positions.size))
+        runs = []
+        while (found := cursor.next(run)).size:
+            assert found.size <= run + 7  # a bitmap window may end mid-byte
+            runs.append(found)
+        cursor.close()
+        np.testing.assert_array_equal(np.concatenate(runs) if runs else
+                                      np.empty(0, np.int64), positions)
     return payload
+
+
+def cursor_parts(payload: bytes, count: int):
+    """``(run length, Part)`` pairs that decode ``payload`` in runs: whole, and in runs of a
+    third with nothing in memory, from memory and from a file (mapped and spooled streams)."""
+    yield max(count, 1), Part(BytesPayload(payload), 0, len(payload), 1 << 30)
+    run = max(1, count // 3)
+    yield run, Part(BytesPayload(payload), 0, len(payload), 0)
+    handle = tempfile.TemporaryFile()
+    handle.write(b"head" + payload)
+    handle.flush()
+    try:
+        yield run, Part(FilePayload(handle.fileno(), 4, len(payload)), 0, len(payload), 0)
+    finally:
+        handle.close()
+
+
+def check_value_cursor(codec, payload: bytes, config: dict, base: np.ndarray | None, dt: DType,
+                       expected: np.ndarray) -> None:
+    """Decoding in runs (from memory, mapped or spooled) gives ``expected`` exactly."""
+    count = int(expected.size)
+    for run, part in cursor_parts(payload, count):
+        extra = () if codec.elementwise else (exponent_counts(base, dt),)
+        cursor = codec.cursor(part, config, dt, count, *extra)
+        values = [cursor.take(None if base is None else base[at:at + run], min(run, count - at))
+                  for at in range(0, count, run)]
+        cursor.close()
+        np.testing.assert_array_equal(np.concatenate(values) if values else
+                                      np.empty(0, dt.bits), expected)
 
 
 def check_value_roundtrip(codec, kept: np.ndarray, base: np.ndarray | None, dt: DType) -> bytes:
@@ -100,6 +142,7 @@ def check_value_roundtrip(codec, kept: np.ndarray, base: np.ndarray | None, dt: 
     decoded = codec.decode(payload, check_config(config), base, dt, int(kept.size))
     assert decoded.dtype == dt.bits
     np.testing.assert_array_equal(decoded, kept)
+    check_value_cursor(codec, payload, config, base, dt, kept)
     return payload
 
 

@@ -50,6 +50,18 @@ def expected_applies(codec_id: str, shape: tuple[int, ...], count: int) -> bool:
     return True
 
 
+@settings(max_examples=60, deadline=None)
+@given(position_sets())
+def test_position_cursors_without_the_c_loops(case):
+    """The numpy twins of the chunked decoders (Rice runs from the middle of a stream, bitmap
+    windows) give the same positions as decoding whole."""
+    positions, shape = case
+    with mock.patch.dict("os.environ", {"SPARSESTITCH_NATIVE": "0"}):
+        for codec in POSITION_CODECS:
+            if codec.applies(shape, int(positions.size)):
+                check_position_roundtrip(codec, positions, shape)
+
+
 @settings(max_examples=150, deadline=None)
 @given(position_sets())
 def test_every_position_codec_roundtrips(case):

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import random
 
+import numpy as np
 import pytest
 import torch
 
@@ -289,6 +290,97 @@ def test_memory_is_a_small_multiple_of_what_a_legitimate_file_describes(tmp_path
         assert result["status"] == "ok", result
         assert result["peak"] < 8 * described, result["peak"] / described
     assert (tmp_path / "restore.safetensors").stat().st_size > described
+
+
+def _add_record(image: DeltaImage, record: dict, payload: bytes) -> None:
+    image.header["tensors"].append(dict(record, positions_nbytes=0, values_nbytes=len(payload),
+                                        payload_xxh3="0" * 16))
+    image.entries[record["name"]] = {"dtype": "U8"}
+    image.payloads[record["name"]] = payload
+
+
+def test_a_tiny_delta_cannot_make_verify_or_restore_allocate_what_it_declares(tmp_path):
+    """Issue 19, item 9: kilobytes that declare gigabytes (a 1-bit quant record of every
+    element, an added tensor of zeros) are decoded in runs within --max-memory: peak resident
+    memory over the interpreter stays under the budget (+ 64 MiB of slack), whatever the file
+    declares."""
+    from sparsestitch.codecs.base import pack_stream
+    from sparsestitch.codecs.quant import QuantValues
+
+    base = {"w": torch.randn(64, 64)}
+    save_checkpoint(tmp_path / "base.safetensors", base)
+    good = tmp_path / "good.delta"
+    sparsestitch.compress(tmp_path / "base.safetensors", tmp_path / "base.safetensors", good,
+                          masks={})
+    n = 1 << 28
+    codes, codes_config = pack_stream(np.zeros(n // 8, np.uint8))
+    scales, scales_config = pack_stream(np.array([0x3F80], "<u2").view(np.uint8))  # bf16 1.0
+    empty, empty_config = pack_stream(b"")
+    quant = {"codec": "quant", "bits": 1, "group": 0, "scale_dtype": "BF16", "exceptions": 0,
+             "codes": codes_config, "codes_nbytes": len(codes), "scales": scales_config,
+             "scales_nbytes": len(scales), "exc_index": empty_config, "exc_index_nbytes": 0,
+             "exc_bits": empty_config, "exc_bits_nbytes": 0, "max_abs_error": 0.0,
+             "error_sq": 0.0}
+    assert QuantValues().codec_id == "quant"
+    crafted = DeltaImage.read(good)
+    crafted.header["format_version"] = 2
+    _add_record(crafted, {"name": "huge.quant", "dtype": "F32", "shape": [n], "kind": "sparse",
+                          "base_xxh3": "0" * 16, "count": n, "positions": {"codec": "all"},
+                          "values": quant}, codes + scales)
+    quant_delta = tmp_path / "quant.delta"
+    quant_delta.write_bytes(crafted.to_bytes())
+    zeros, zeros_config = pack_stream(np.zeros(n, np.uint8))
+    crafted = DeltaImage.read(good)
+    _add_record(crafted, {"name": "huge.added", "dtype": "U8", "shape": [n], "kind": "added",
+                          "base_xxh3": None, "count": n, "positions": {"codec": "all"},
+                          "values": {"codec": "raw", **zeros_config}}, zeros)
+    added_delta = tmp_path / "added.delta"
+    added_delta.write_bytes(crafted.to_bytes())
+    assert quant_delta.stat().st_size < 64 << 10 and added_delta.stat().st_size < 64 << 10
+    budget = 64 << 20
+    jobs = [{"op": "verify", "delta": quant_delta, "max_memory": budget},
+            {"op": "verify", "delta": added_delta, "max_memory": budget},
+            {"op": "verify", "delta": added_delta, "base": tmp_path / "base.safetensors",
+             "max_memory": budget},
+            {"op": "restore", "delta": added_delta, "base": tmp_path / "base.safetensors",
+             "out": tmp_path / "restored.safetensors", "max_memory": budget}]
+    measured = measure(jobs, address_space=4 << 30)
+    for job, result in zip(jobs, measured["results"]):
+        assert result["status"] == "ok", (job, result)
+        assert result["peak"] < budget, (job, result["peak"] >> 20)
+    assert measured["maxrss"] - measured["baseline"] < budget + (64 << 20), (
+        (measured["maxrss"] - measured["baseline"]) >> 20)
+    restored = tmp_path / "restored.safetensors"
+    assert restored.stat().st_size > n
+
+
+def test_a_stored_record_is_decoded_once_however_many_blocks(tmp_path, monkeypatch):
+    """Issue 19, item 10: a record too large for --max-memory is decoded once, in order,
+    alongside the row blocks -- each of its streams opened once -- not once per block."""
+    from sparsestitch.codecs import streams
+
+    base = {"w": torch.randn(2048, 1024)}
+    tune = {"w": base["w"] + 0.01 * torch.randn(2048, 1024)}
+    save_checkpoint(tmp_path / "base.safetensors", base)
+    save_checkpoint(tmp_path / "ft.safetensors", tune)
+    for options in ({"lossless": True}, {"density": 1.0, "bits": 2}):
+        delta = tmp_path / "ft.delta"
+        sparsestitch.compress(tmp_path / "base.safetensors", tmp_path / "ft.safetensors", delta,
+                              overwrite=True, **options)
+        whole = sparsestitch.restore(tmp_path / "base.safetensors", delta,
+                                     tmp_path / "whole.safetensors", overwrite=True)
+        opened = []
+        real = streams.open_stream
+        monkeypatch.setattr(streams, "open_stream",
+                            lambda *args, **kwargs: opened.append(1) or real(*args, **kwargs))
+        blocks = sparsestitch.restore(tmp_path / "base.safetensors", delta,
+                                      tmp_path / "blocks.safetensors", max_memory="1MiB",
+                                      overwrite=True)
+        monkeypatch.setattr(streams, "open_stream", real)
+        assert blocks.read_bytes() == whole.read_bytes()
+        # 8 MiB in blocks of 256 KiB: each value stream opened once, the positions stream
+        # twice (a first pass counts positions per row to cut the blocks), not 32 times
+        assert 1 <= len(opened) <= 6, (options, len(opened))
 
 
 def test_resource_limit_error_is_a_delta_format_error():

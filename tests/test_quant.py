@@ -14,7 +14,7 @@ from sparsestitch.dtypes import dtype as lookup_dtype, from_wide, to_wide
 from sparsestitch.errors import DeltaFormatError
 from sparsestitch.format import DeltaReader
 
-from .codec_checks import FLOAT_DTYPES, value_pairs
+from .codec_checks import FLOAT_DTYPES, check_value_cursor, value_pairs
 from .conftest import bits, finetune_of, save_checkpoint, small_model
 
 QUANT = QuantValues()
@@ -28,6 +28,7 @@ def test_quant_decodes_what_it_reports_and_keeps_special_values_exact(dt, data, 
     payload, config = QUANT.encode(kept, base, dt, bits=bits_k, group=group)
     decoded = QUANT.decode(payload, config, base, dt, kept.size)
     assert decoded.dtype == dt.bits and decoded.size == kept.size
+    check_value_cursor(QUANT, payload, config, base, dt, decoded)  # in runs: the same bits
     # the same inputs give the same bytes
     assert QUANT.encode(kept, base, dt, bits=bits_k, group=group) == (payload, config)
     with np.errstate(all="ignore"):

@@ -12,7 +12,6 @@ from safetensors.torch import load_file
 import sparsestitch
 from sparsestitch.errors import DeltaFormatError
 from sparsestitch.format import DeltaReader
-from sparsestitch.walk import decode_block
 
 from .conftest import bits, save_checkpoint
 from .support.reference import read_tensors, reference_decode
@@ -125,13 +124,12 @@ def test_stitch_stitch_add_and_apply_give_the_fine_tune(made):
             assert np.array_equal(bits(live[name]), bits(tune[name])), name
 
 
-def test_decode_block_needs_the_part_counts_for_ulp_records(made):
+def test_decoding_a_ulp_record_in_runs_needs_the_base_counts(made):
     _, base, _, _, _, delta, _ = made
     with DeltaReader(delta) as reader:
         record = reader.record("embed.bf16")
-        block = bits(base["embed.bf16"]).reshape(-1)[:64].copy()
-        with pytest.raises(ValueError, match="part counts"):
-            decode_block(reader, record, block, 0)
+        with pytest.raises(ValueError, match="base's counts"):
+            reader.cursor(record, memory_limit=1 << 20)
 
 
 @pytest.mark.parametrize("tool", ["restore", "stitch"])

@@ -162,3 +162,51 @@ def gap_decode(gaps: np.ndarray, limit: int) -> np.ndarray:
     if positions.size and positions[-1] >= limit:
         raise DeltaFormatError(f"position {int(positions[-1])} is outside a tensor of {limit} elements")
     return positions
+
+
+def continue_gaps(gaps: np.ndarray, last: int, limit: int) -> np.ndarray:
+    """:func:`gap_decode` of a run of gaps that follows position ``last`` (-1: the first run),
+    for chunked decoding: the same positions and the same checks as decoding them all."""
+    positions = gap_decode(gaps, limit)
+    if last >= 0 and positions.size:
+        positions += last + 1
+        if positions[-1] >= limit:
+            raise DeltaFormatError(f"position {int(positions[-1])} is outside a tensor of {limit} elements")
+    return positions
+
+
+class ExceptionCursor:
+    """The exceptions of a ``tau`` or ``quant`` record (gap-coded indices into the kept
+    values, and their exact bits), decoded a bounded run at a time, in order."""
+
+    def __init__(self, index_stream, bits_stream, n_exc: int, count: int, bits_dtype: np.dtype,
+                 chunk: int):
+        self._index, self._bits, self._n = index_stream, bits_stream, n_exc
+        self._limit, self._dtype, self._chunk = max(count, 1), np.dtype(bits_dtype), chunk
+        self._decoded, self._last = 0, -1
+        self._pending = np.empty(0, np.int64)
+        self._pending_bits = np.empty(0, self._dtype)
+
+    def upto(self, stop: int) -> tuple[np.ndarray, np.ndarray]:
+        """The exceptions not taken yet whose index is below ``stop``: ``(indices, bits)``."""
+        while self._decoded < self._n and (not self._pending.size or self._pending[-1] < stop):
+            n = min(self._chunk, self._n - self._decoded)
+            gaps = from_planes(self._index.planes(4, self._n, self._decoded, self._decoded + n),
+                               np.dtype("<u4"), n)
+            found = continue_gaps(gaps, self._last, self._limit)
+            bits = from_planes(self._bits.planes(self._dtype.itemsize, self._n, self._decoded,
+                                                 self._decoded + n), self._dtype, n)
+            self._index.release()
+            self._bits.release()
+            self._pending = np.concatenate([self._pending, found])
+            self._pending_bits = np.concatenate([self._pending_bits, bits])
+            self._decoded += n
+            self._last = int(found[-1])
+        cut = int(np.searchsorted(self._pending, stop))
+        taken = self._pending[:cut], self._pending_bits[:cut]
+        self._pending, self._pending_bits = self._pending[cut:], self._pending_bits[cut:]
+        return taken
+
+    def close(self) -> None:
+        self._index.close()
+        self._bits.close()

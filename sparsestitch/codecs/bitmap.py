@@ -13,6 +13,7 @@ from .. import native
 from ..errors import DeltaFormatError
 from ..sizes import numel as count_elements
 from .base import pack_stream, unpack_stream
+from .streams import Part, RawStream
 
 
 @dataclass(frozen=True)
@@ -30,21 +31,76 @@ class Bitmap:
     def decode(self, payload: bytes, config: dict, shape: tuple[int, ...], count: int) -> np.ndarray:
         numel = count_elements(shape)
         raw = unpack_stream(payload, config, (numel + 7) // 8)
-        kernels = native.kernels()
-        if kernels is not None:
-            if numel % 8 and raw[-1] >> (numel % 8):
+        return _set_bits(raw, numel, count)
+
+    def cursor(self, part: Part, config: dict, shape: tuple[int, ...], count: int) -> "BitmapCursor":
+        numel = count_elements(shape)
+        return BitmapCursor(part.stream(config, (numel + 7) // 8), numel, count)
+
+
+class BitmapCursor:
+    """The positions of a ``bitmap`` record in order: the set bits of one window of the
+    bitmap at a time (a window of ``limit`` elements holds at most ``limit`` of them)."""
+
+    def __init__(self, stream: RawStream, numel: int, count: int):
+        self._stream, self._numel, self._count = stream, numel, count
+        self._byte, self._found = 0, 0
+
+    def next(self, limit: int) -> np.ndarray:
+        total = self._stream.nbytes
+        while self._byte < total:
+            start, stop = self._byte, min(total, self._byte + max(1, limit // 8))
+            window = self._stream.take(start, stop)
+            self._stream.release()
+            self._byte = stop
+            last = stop == total
+            if last and self._numel % 8 and window[-1] >> (self._numel % 8):
                 raise DeltaFormatError("bitmap has bits set past the end of the tensor")
-            # Count first: a hostile count must not size an allocation before it is checked.
-            found = kernels.bitmap_positions(raw, np.empty(0, np.int64))
-            positions = np.empty(count if found == count else 0, np.int64)
-            kernels.bitmap_positions(raw, positions)
-        else:
-            # As bool: nonzero() of a bool array is ~3x faster than of uint8 (0/1 only here).
-            bits = np.unpackbits(np.frombuffer(raw, dtype=np.uint8), bitorder="little").view(bool)
-            if bits[numel:].any():
-                raise DeltaFormatError("bitmap has bits set past the end of the tensor")
-            positions = np.flatnonzero(bits[:numel]).astype(np.int64)
-            found = positions.size
-        if found != count:
-            raise DeltaFormatError(f"bitmap marks {found} positions, the record says {count}")
-        return positions
+            positions = _window_bits(window, 8 * start)
+            self._found += positions.size
+            if self._found > self._count or (last and self._found != self._count):
+                raise DeltaFormatError(f"bitmap marks {'more than ' if not last else ''}"
+                                       f"{self._found} positions, the record says {self._count}")
+            if positions.size:
+                return positions
+        if self._found != self._count:
+            raise DeltaFormatError(f"bitmap marks {self._found} positions, the record says "
+                                   f"{self._count}")
+        return np.empty(0, np.int64)
+
+    def close(self) -> None:
+        self._stream.close()
+
+
+def _window_bits(window: np.ndarray, first: int) -> np.ndarray:
+    """The set bits of ``window`` as positions counted from element ``first``."""
+    kernels = native.kernels()
+    if kernels is not None:
+        found = kernels.bitmap_positions(window, np.empty(0, np.int64))
+        positions = np.empty(found, np.int64)
+        kernels.bitmap_positions(window, positions)
+    else:
+        positions = np.flatnonzero(np.unpackbits(window, bitorder="little").view(bool))
+    return positions.astype(np.int64) + first
+
+
+def _set_bits(raw: bytes, numel: int, count: int) -> np.ndarray:
+    """The positions a whole bitmap marks, checked against the element and record counts."""
+    kernels = native.kernels()
+    if kernels is not None:
+        if numel % 8 and raw[-1] >> (numel % 8):
+            raise DeltaFormatError("bitmap has bits set past the end of the tensor")
+        # Count first: a hostile count must not size an allocation before it is checked.
+        found = kernels.bitmap_positions(raw, np.empty(0, np.int64))
+        positions = np.empty(count if found == count else 0, np.int64)
+        kernels.bitmap_positions(raw, positions)
+    else:
+        # As bool: nonzero() of a bool array is ~3x faster than of uint8 (0/1 only here).
+        bits = np.unpackbits(np.frombuffer(raw, dtype=np.uint8), bitorder="little").view(bool)
+        if bits[numel:].any():
+            raise DeltaFormatError("bitmap has bits set past the end of the tensor")
+        positions = np.flatnonzero(bits[:numel]).astype(np.int64)
+        found = positions.size
+    if found != count:
+        raise DeltaFormatError(f"bitmap marks {found} positions, the record says {count}")
+    return positions

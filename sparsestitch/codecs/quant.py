@@ -28,8 +28,12 @@ import numpy as np
 
 from ..dtypes import DType, dtype as lookup_dtype, from_wide, to_wide
 from ..errors import DeltaFormatError
-from .base import (config_int, from_planes, gap_decode, gap_encode, pack_stream, split_streams,
-                   to_planes, unpack_stream)
+from .base import (ExceptionCursor, config_int, from_planes, gap_decode, gap_encode, pack_stream,
+                   split_streams, to_planes, unpack_stream)
+from .streams import Part, RawStream
+
+#: Exceptions decoded at a time by a cursor.
+EXCEPTION_CHUNK = 1 << 18
 
 BITS = (1, 2, 3, 4, 8)
 #: Rounds of least squares and re-assignment when fitting a group's scales.
@@ -152,26 +156,11 @@ class QuantValues:
 
     def decode(self, payload: bytes, config: dict, base: np.ndarray, dt: DType,
                count: int) -> np.ndarray:
-        if not dt.is_float:
-            raise DeltaFormatError(f"quant values need a float dtype, got {dt.name}")
-        bits = config.get("bits")
-        if type(bits) is not int or bits not in BITS:
-            raise DeltaFormatError(f"quant config field 'bits' must be one of {BITS}, got {bits!r}")
-        group = config_int(config, "group", 0, max(count, 1))
-        scale_name = config.get("scale_dtype")
-        if scale_name not in SCALE_DTYPES:
-            raise DeltaFormatError(f"quant scale_dtype must be one of {', '.join(SCALE_DTYPES)}, "
-                                   f"got {scale_name!r}")
-        scale_dt = lookup_dtype(scale_name)
-        n_exc = config_int(config, "exceptions", 0, count)
-        sizes = [config_int(config, key, 0, len(payload)) for key in
-                 ("codes_nbytes", "scales_nbytes", "exc_index_nbytes", "exc_bits_nbytes")]
-        streams = split_streams(payload, sizes)
-        for key in ("codes", "scales", "exc_index", "exc_bits"):
-            if not isinstance(config.get(key), dict):
-                raise DeltaFormatError(f"quant config lacks its {key!r} stream config")
+        layout = _Layout.of(config, dt, count, len(payload))
+        streams = split_streams(payload, layout.sizes)
+        bits, n_exc, scale_dt = layout.bits, layout.exceptions, layout.scale_dt
         regular_count = count - n_exc
-        starts = _group_starts(regular_count, group)
+        starts = _group_starts(regular_count, layout.group)
         per_group = 2 if bits > 1 else 1
         codes = np.frombuffer(unpack_stream(streams[0], config["codes"],
                                             (regular_count * bits + 7) // 8), np.uint8)
@@ -195,6 +184,123 @@ class QuantValues:
                                         + np.where(negative, -magnitude, magnitude), dt)
         values[index] = exc_bits
         return values
+
+    def cursor(self, part: Part, config: dict, dt: DType, count: int) -> "QuantCursor":
+        layout = _Layout.of(config, dt, count, part.length)
+        codes, scales, index, exc_bits = part.split(layout.sizes)
+        regular = count - layout.exceptions
+        groups = _group_starts(regular, layout.group).size
+        per_group = 2 if layout.bits > 1 else 1
+        exceptions = ExceptionCursor(
+            index.stream(config["exc_index"], layout.exceptions * 4),
+            exc_bits.stream(config["exc_bits"], layout.exceptions * dt.itemsize),
+            layout.exceptions, count, dt.bits, EXCEPTION_CHUNK)
+        return QuantCursor(codes.stream(config["codes"], (regular * layout.bits + 7) // 8),
+                           scales.stream(config["scales"],
+                                         groups * per_group * layout.scale_dt.itemsize),
+                           exceptions, layout, dt, count)
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """A quant record's checked config."""
+
+    bits: int
+    group: int
+    scale_dt: DType
+    exceptions: int
+    sizes: list[int]
+
+    @classmethod
+    def of(cls, config: dict, dt: DType, count: int, nbytes: int) -> "_Layout":
+        if not dt.is_float:
+            raise DeltaFormatError(f"quant values need a float dtype, got {dt.name}")
+        bits = config.get("bits")
+        if type(bits) is not int or bits not in BITS:
+            raise DeltaFormatError(f"quant config field 'bits' must be one of {BITS}, got {bits!r}")
+        group = config_int(config, "group", 0, max(count, 1))
+        scale_name = config.get("scale_dtype")
+        if not isinstance(scale_name, str) or scale_name not in SCALE_DTYPES:
+            raise DeltaFormatError(f"quant scale_dtype must be one of {', '.join(SCALE_DTYPES)}, "
+                                   f"got {scale_name!r}")
+        n_exc = config_int(config, "exceptions", 0, count)
+        sizes = [config_int(config, key, 0, nbytes) for key in
+                 ("codes_nbytes", "scales_nbytes", "exc_index_nbytes", "exc_bits_nbytes")]
+        for key in ("codes", "scales", "exc_index", "exc_bits"):
+            if not isinstance(config.get(key), dict):
+                raise DeltaFormatError(f"quant config lacks its {key!r} stream config")
+        return cls(bits, group, lookup_dtype(scale_name), n_exc, sizes)
+
+
+class QuantCursor:
+    """``quant`` values in order, the next run at a time: the codes of the run's regular
+    values, the scales of their groups and the exceptions among them, with the decoder's own
+    arithmetic (so the same bits as :meth:`QuantValues.decode`)."""
+
+    def __init__(self, codes: RawStream, scales: RawStream, exceptions: ExceptionCursor,
+                 layout: _Layout, dt: DType, count: int):
+        self._codes, self._scales, self._exceptions = codes, scales, exceptions
+        self._layout, self._dt, self._count = layout, dt, count
+        self._regular_count = count - layout.exceptions
+        self._groups = _group_starts(self._regular_count, layout.group).size
+        self._at, self._regular = 0, 0
+
+    def take(self, base: np.ndarray, n: int) -> np.ndarray:
+        if n > self._count - self._at:
+            raise DeltaFormatError(f"asked for values past the record's {self._count}")
+        index, exc_bits = self._exceptions.upto(self._at + n)
+        m = n - index.size                      # regular values in this run
+        first = self._regular
+        negative, levels = self._codes_of(first, m)
+        a, b = self._scales_of(first, m)
+        regular = np.ones(n, bool)
+        regular[index - self._at] = False
+        values = np.empty(n, self._dt.bits)
+        with np.errstate(all="ignore"):
+            magnitude = a + b * levels.astype(self._dt.wide)
+            values[regular] = from_wide(to_wide(base[regular], self._dt)
+                                        + np.where(negative, -magnitude, magnitude), self._dt)
+        values[index - self._at] = exc_bits
+        self._at += n
+        self._regular += m
+        return values
+
+    def _codes_of(self, first: int, m: int) -> tuple[np.ndarray, np.ndarray]:
+        bits = self._layout.bits
+        lo, hi = first * bits, (first + m) * bits
+        raw = self._codes.take(lo // 8, (hi + 7) // 8)
+        self._codes.release()
+        flat = np.unpackbits(raw, bitorder="little")[lo % 8:]
+        if first + m == self._regular_count and flat[m * bits:].any():
+            raise DeltaFormatError("quant codes have bits set past the last value")
+        table = flat[:m * bits].reshape(m, bits)
+        levels = np.zeros(m, np.uint8)
+        for i in range(1, bits):
+            levels |= table[:, i] << (i - 1)
+        return table[:, 0].astype(bool), levels
+
+    def _scales_of(self, first: int, m: int) -> tuple[np.ndarray, np.ndarray]:
+        """Each regular value's offset and step, in the model's wide type."""
+        group = self._layout.group or max(self._regular_count, 1)
+        g0, g1 = first // group, (first + m - 1) // group + 1 if m else first // group
+        scale_dt, groups = self._layout.scale_dt, self._groups
+        per_group = 2 if self._layout.bits > 1 else 1
+        planes = self._scales.planes(scale_dt.itemsize, groups * per_group, g0, g1)
+        offsets = from_planes(planes, scale_dt.bits, g1 - g0)
+        steps = (from_planes(self._scales.planes(scale_dt.itemsize, groups * per_group,
+                                                 groups + g0, groups + g1), scale_dt.bits, g1 - g0)
+                 if per_group == 2 else np.zeros(g1 - g0, scale_dt.bits))
+        self._scales.release()
+        a, b = _stored_scales(offsets, steps, scale_dt, self._dt)
+        # values of the run in each of its groups (the first and last may be partial)
+        ends = np.minimum((np.arange(g0, g1) + 1) * group, first + m)
+        sizes = np.diff(np.concatenate([[first], ends]))
+        return np.repeat(a, sizes), np.repeat(b, sizes)
+
+    def close(self) -> None:
+        self._codes.close()
+        self._scales.close()
+        self._exceptions.close()
 
 
 def _group_starts(count: int, group: int) -> np.ndarray:

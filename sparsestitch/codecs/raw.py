@@ -12,6 +12,7 @@ import numpy as np
 
 from ..dtypes import DType
 from .base import from_planes, pack_stream, to_planes, unpack_stream
+from .streams import Part, PlanesCursor
 
 
 @dataclass(frozen=True)
@@ -30,3 +31,7 @@ class RawValues:
     def decode(self, payload: bytes, config: dict, base: np.ndarray | None, dt: DType,
                count: int) -> np.ndarray:
         return from_planes(unpack_stream(payload, config, count * dt.itemsize), dt.bits, count)
+
+    def cursor(self, part: Part, config: dict, dt: DType, count: int) -> PlanesCursor:
+        return PlanesCursor(part.stream(config, count * dt.itemsize), dt.bits, count,
+                            xor=False)

@@ -97,5 +97,80 @@ def decode(unary_bytes: bytes, remainder_bytes: bytes, count: int, k: int,
     return values
 
 
+#: Unary bits scanned at a time by the numpy twin of :func:`decode_at`.
+_WINDOW_BITS = 1 << 23
+
+
+def decode_at(unary: np.ndarray, remainders: np.ndarray, k: int, unary_bits: int,
+              start_bit: int, start_index: int, count: int) -> tuple[np.ndarray, int]:
+    """Up to ``count`` values from the middle of the streams (for chunked decoding): those
+    after the one bit ending at ``start_bit - 1``, their remainders from field
+    ``start_index``.  Returns the values (fewer only where the ``unary_bits`` ran out) and
+    the bit after the last one decoded (``unary_bits`` when the stream ran out first).
+    The caller checked the streams' byte lengths."""
+    kernels = native.kernels()
+    if kernels is not None:
+        values = np.empty(count, np.uint64)
+        found, next_bit = kernels.rice_decode_at(unary, remainders, k, unary_bits, start_bit,
+                                                 start_index, values)
+        return values[:found], int(next_bit)
+    ends, found, at = [], 0, start_bit
+    while found < count and at < unary_bits:
+        stop = min(unary_bits, at + _WINDOW_BITS)
+        window = np.unpackbits(unary[at // 8:(stop + 7) // 8], bitorder="little")
+        ones = np.flatnonzero(window[at % 8:at % 8 + stop - at])[:count - found] + at
+        ends.append(ones)
+        found += ones.size
+        at = int(ones[-1]) + 1 if found == count and ones.size else stop
+    ends = np.concatenate(ends) if ends else np.empty(0, np.int64)
+    next_bit = at if found == count else unary_bits
+    if count == 0:
+        next_bit = start_bit
+    quotients = (np.diff(ends, prepend=start_bit - 1) - 1).astype(np.uint64)
+    values = quotients << np.uint64(k)
+    if k and ends.size:
+        first = start_index * k
+        raw = np.unpackbits(remainders[first // 8:((start_index + ends.size) * k + 7) // 8],
+                                           bitorder="little")
+        table = raw[first % 8:first % 8 + ends.size * k].reshape(ends.size, k)
+        padded = np.zeros((ends.size, 64), np.uint8)
+        padded[:, :k] = table
+        values |= np.packbits(padded, axis=1, bitorder="little").view("<u8").ravel()
+    return values, next_bit
+
+
 def config_k(config: dict) -> int:
     return config_int(config, "k", 0, MAX_K)
+
+
+class RiceReader:
+    """The values of a Rice code in order, a bounded run at a time, with :func:`decode`'s
+    checks (stream lengths first, the count of values and the final stop bit at the end)."""
+
+    def __init__(self, unary, remainders, count: int, k: int, unary_bits: int):
+        if unary.nbytes != (unary_bits + 7) // 8:
+            raise DeltaFormatError(f"unary stream has {unary.nbytes} bytes for {unary_bits} bits")
+        if remainders.nbytes != (count * k + 7) // 8:
+            raise DeltaFormatError(f"remainder stream has {remainders.nbytes} bytes, "
+                                   f"expected {(count * k + 7) // 8}")
+        self._unary, self._remainders = unary, remainders
+        self._count, self._k, self._bits = count, k, unary_bits
+        self._at, self._bit = 0, 0
+
+    def next(self, limit: int) -> np.ndarray:
+        n = min(limit, self._count - self._at)
+        if n <= 0:
+            return np.empty(0, np.uint64)
+        values, self._bit = decode_at(self._unary.data, self._remainders.data, self._k,
+                                      self._bits, self._bit, self._at, n)
+        self._unary.release()
+        self._remainders.release()
+        self._at += values.size
+        if values.size < n or (self._at == self._count and self._bit != self._bits):
+            raise DeltaFormatError(f"unary stream holds a number of values other than the "
+                                   f"{self._count} expected")
+        return values
+
+    def close(self) -> None:
+        self._unary.close()
+        self._remainders.close()

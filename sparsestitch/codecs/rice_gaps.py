@@ -12,7 +12,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import rice
-from .base import config_int, gap_decode, gap_encode, split_streams
+from .base import config_int, continue_gaps, gap_decode, gap_encode, split_streams
+from .streams import Part
 from ..sizes import numel as count_elements
 
 
@@ -38,3 +39,30 @@ class RiceGaps:
                                                     len(payload) - (unary_bits + 7) // 8])
         gaps = rice.decode(unary, remainders, count, k, unary_bits)
         return gap_decode(gaps, numel)
+
+    def cursor(self, part: Part, config: dict, shape: tuple[int, ...], count: int) -> "RiceCursor":
+        numel = count_elements(shape)
+        k = rice.config_k(config)
+        unary_bits = config_int(config, "unary_bits", count, count + numel)
+        unary, remainders = part.split([(unary_bits + 7) // 8,
+                                        part.length - (unary_bits + 7) // 8])
+        reader = rice.RiceReader(unary.raw(), remainders.raw(), count, k, unary_bits)
+        return RiceCursor(reader, numel)
+
+
+class RiceCursor:
+    """The positions of a ``rice`` record in order, a bounded run at a time."""
+
+    def __init__(self, reader: "rice.RiceReader", numel: int):
+        self._reader, self._numel, self._last = reader, numel, -1
+
+    def next(self, limit: int) -> np.ndarray:
+        gaps = self._reader.next(limit)
+        if not gaps.size:
+            return np.empty(0, np.int64)
+        positions = continue_gaps(gaps, self._last, self._numel)
+        self._last = int(positions[-1])
+        return positions
+
+    def close(self) -> None:
+        self._reader.close()

@@ -26,8 +26,12 @@ import numpy as np
 from .. import native
 from ..dtypes import DType, from_wide, to_wide
 from ..errors import DeltaFormatError
-from .base import (config_int, from_planes, gap_decode, gap_encode, pack_stream, split_streams,
-                   to_planes, unpack_stream)
+from .base import (ExceptionCursor, config_int, from_planes, gap_decode, gap_encode, pack_stream,
+                   split_streams, to_planes, unpack_stream)
+from .streams import Part, RawStream
+
+#: Exceptions decoded at a time by a cursor.
+EXCEPTION_CHUNK = 1 << 18
 
 
 @dataclass(frozen=True)
@@ -61,37 +65,83 @@ class TauValues:
     def decode(self, payload: bytes, config: dict, base: np.ndarray, dt: DType,
                count: int) -> np.ndarray:
         planes, exc_index, exc_bits = self.streams(payload, config, dt, count)
-        wide_bits = np.dtype(dt.wide.str.replace("f", "u"))
-        kernels, kind = native.float_kernels(dt.name)
-        values = None
-        if kernels is not None:  # the same bits, one pass
-            values = np.empty(count, dt.bits)
-            if kernels.tau_decode(kind, planes, np.ascontiguousarray(base), values):
-                values = None  # a NaN met a NaN: numpy's own choice of payload, as written
-        if values is None:
-            tau = from_planes(planes, wide_bits, count).view(dt.wide)
-            with np.errstate(all="ignore"):
-                values = from_wide(to_wide(base, dt) + tau, dt)
+        values = _tau_sum(planes, base, dt, count)
         values[exc_index] = exc_bits
         return values
+
+    def cursor(self, part: Part, config: dict, dt: DType, count: int) -> "TauCursor":
+        n_exc, sizes = _layout(config, dt, count, part.length)
+        tau_part, index_part, bits_part = part.split(sizes)
+        exceptions = ExceptionCursor(index_part.stream(config["exc_index"], n_exc * 4),
+                                     bits_part.stream(config["exc_bits"], n_exc * dt.itemsize),
+                                     n_exc, count, dt.bits, EXCEPTION_CHUNK)
+        return TauCursor(tau_part.stream(config["tau"], count * _wide_bits(dt).itemsize),
+                         exceptions, dt, count)
 
     def streams(self, payload: bytes, config: dict, dt: DType, count: int
                 ) -> tuple[bytes, np.ndarray, np.ndarray]:
         """The checked, decompressed parts of a payload: tau's byte planes (in the wide
         type), and the exceptions' indices and bits (decoding without the base; the device
         decoder adds the base on the device)."""
-        if not dt.is_float:
-            raise DeltaFormatError(f"tau values need a float dtype, got {dt.name}")
-        n_exc = config_int(config, "exceptions", 0, count)
-        sizes = [config_int(config, key, 0, len(payload))
-                 for key in ("tau_nbytes", "exc_index_nbytes", "exc_bits_nbytes")]
+        n_exc, sizes = _layout(config, dt, count, len(payload))
         tau_stream, index_stream, bits_stream = split_streams(payload, sizes)
-        for key in ("tau", "exc_index", "exc_bits"):
-            if not isinstance(config.get(key), dict):
-                raise DeltaFormatError(f"tau config lacks its {key!r} stream config")
-        wide_bits = np.dtype(dt.wide.str.replace("f", "u"))
+        wide_bits = _wide_bits(dt)
         planes = unpack_stream(tau_stream, config["tau"], count * wide_bits.itemsize)
         index_raw = unpack_stream(index_stream, config["exc_index"], n_exc * 4)
         index = gap_decode(from_planes(index_raw, np.dtype("<u4"), n_exc), max(count, 1))
         bits_raw = unpack_stream(bits_stream, config["exc_bits"], n_exc * dt.itemsize)
         return planes, index, from_planes(bits_raw, dt.bits, n_exc)
+
+
+def _layout(config: dict, dt: DType, count: int, nbytes: int) -> tuple[int, list[int]]:
+    """The checked config: the number of exceptions and the sizes of the three streams."""
+    if not dt.is_float:
+        raise DeltaFormatError(f"tau values need a float dtype, got {dt.name}")
+    n_exc = config_int(config, "exceptions", 0, count)
+    sizes = [config_int(config, key, 0, nbytes)
+             for key in ("tau_nbytes", "exc_index_nbytes", "exc_bits_nbytes")]
+    for key in ("tau", "exc_index", "exc_bits"):
+        if not isinstance(config.get(key), dict):
+            raise DeltaFormatError(f"tau config lacks its {key!r} stream config")
+    return n_exc, sizes
+
+
+def _wide_bits(dt: DType) -> np.dtype:
+    return np.dtype(dt.wide.str.replace("f", "u"))
+
+
+def _tau_sum(planes, base: np.ndarray, dt: DType, count: int) -> np.ndarray:
+    """``round(wide(base) + tau)`` for tau given as the byte planes of its wide bits."""
+    kernels, kind = native.float_kernels(dt.name)
+    if kernels is not None:  # the same bits, one pass
+        values = np.empty(count, dt.bits)
+        if not kernels.tau_decode(kind, planes, np.ascontiguousarray(base), values):
+            return values
+        # a NaN met a NaN: numpy's own choice of payload, as written
+    tau = from_planes(planes, _wide_bits(dt), count).view(dt.wide)
+    with np.errstate(all="ignore"):
+        return from_wide(to_wide(base, dt) + tau, dt)
+
+
+class TauCursor:
+    """``tau`` values in order, the next run at a time (see :class:`TauValues`)."""
+
+    def __init__(self, stream: RawStream, exceptions: ExceptionCursor, dt: DType, count: int):
+        self._stream, self._exceptions, self._dt, self._count = stream, exceptions, dt, count
+        self._at = 0
+
+    def take(self, base: np.ndarray, n: int) -> np.ndarray:
+        if n > self._count - self._at:
+            raise DeltaFormatError(f"asked for values past the record's {self._count}")
+        planes = self._stream.planes(_wide_bits(self._dt).itemsize, self._count, self._at,
+                                     self._at + n)
+        self._stream.release()
+        values = _tau_sum(planes, base, self._dt, n)
+        index, bits = self._exceptions.upto(self._at + n)
+        values[index - self._at] = bits
+        self._at += n
+        return values
+
+    def close(self) -> None:
+        self._stream.close()
+        self._exceptions.close()

@@ -29,6 +29,7 @@ from .. import native
 from ..dtypes import DType
 from ..errors import DeltaFormatError
 from .base import from_planes, to_planes, unpack_stream
+from .streams import Part, RawStream
 
 #: Mantissa bits of each float dtype: the exponent field starts above them.
 MANTISSA_BITS = {"F64": 52, "F32": 23, "F16": 10, "BF16": 7}
@@ -159,36 +160,82 @@ class UlpValues:
         """
         if not dt.is_float:
             raise DeltaFormatError(f"ulp values need a float dtype, got {dt.name}")
-        raw = unpack_stream(payload, config, count * dt.itemsize)
-        if int(total.sum()) != count or (before > total).any():
+        raw = np.frombuffer(unpack_stream(payload, config, count * dt.itemsize), np.uint8)
+        start = _starts(total, count, before)
+        return _decode_run(raw, np.ascontiguousarray(base_part), dt, count, start + before,
+                           start + total)
+
+    def cursor(self, part: Part, config: dict, dt: DType, count: int, total: np.ndarray
+               ) -> "UlpCursor":
+        """Values in order, a run at a time; ``total`` is :func:`exponent_counts` of the base
+        at every kept position (a pass over the base before decoding)."""
+        if not dt.is_float:
+            raise DeltaFormatError(f"ulp values need a float dtype, got {dt.name}")
+        return UlpCursor(part.stream(config, count * dt.itemsize), dt, count, total)
+
+
+def _starts(total: np.ndarray, count: int, before: np.ndarray) -> np.ndarray:
+    """Where each exponent's values start in the stored order, after checking the counts."""
+    if int(total.sum()) != count or (before > total).any():
+        raise DeltaFormatError("ulp: the base's exponents do not match the record "
+                               "(a different base?)")
+    return np.concatenate([[0], np.cumsum(total)[:-1]]).astype(np.int64)
+
+
+def _decode_run(raw: np.ndarray, base_part: np.ndarray, dt: DType, count: int,
+                first_slot: np.ndarray, end_slot: np.ndarray) -> np.ndarray:
+    """The values of a run of kept values whose exponent ``e`` values take stored slots from
+    ``first_slot[e]`` on (and must end by ``end_slot[e]``), from the whole stream ``raw``."""
+    kernels, kind = native.float_kernels(dt.name)
+    if kernels is not None:  # the same bits: one pass, slots counted from first_slot
+        values = np.empty(base_part.size, dt.bits)
+        try:
+            kernels.ulp_decode(kind, raw, base_part, values,
+                               np.ascontiguousarray(first_slot, np.int64),
+                               np.ascontiguousarray(end_slot, np.int64))
+        except ValueError as exc:
             raise DeltaFormatError("ulp: the base's exponents do not match the record "
-                                   "(a different base?)")
-        base_part = np.ascontiguousarray(base_part)
-        start = np.concatenate([[0], np.cumsum(total)[:-1]]).astype(np.int64)
-        kernels, kind = native.float_kernels(dt.name)
-        if kernels is not None:  # the same bits: one pass, slots counted from start + before
-            values = np.empty(base_part.size, dt.bits)
-            try:
-                kernels.ulp_decode(kind, raw, base_part, values,
-                                   np.ascontiguousarray(start + before, np.int64),
-                                   np.ascontiguousarray(start + total, np.int64))
-            except ValueError as exc:
-                raise DeltaFormatError("ulp: the base's exponents do not match the record "
-                                       "(a different base?)") from exc
-            return values
-        field = exponent_field(base_part, dt)
-        order = np.argsort(field, kind="stable")
-        ranked = field[order]
-        # rank of each value among the run's values of the same exponent, in kept order
-        rank = np.arange(field.size, dtype=np.int64) - np.searchsorted(ranked, ranked)
-        slots = np.empty(field.size, np.int64)
-        slots[order] = start[ranked] + before[ranked] + rank
-        if field.size and (slots[order] >= (start + total)[ranked]).any():
-            raise DeltaFormatError("ulp: the base's exponents do not match the record "
-                                   "(a different base?)")
-        planes = np.frombuffer(raw, np.uint8).reshape(dt.itemsize, count)
-        z = np.zeros(field.size, dt.bits)
-        for i in range(dt.itemsize):  # gather the run's bytes plane by plane
-            z |= planes[i].take(slots).astype(dt.bits) << dt.bits.type(8 * i)
-        with np.errstate(over="ignore"):
-            return from_order_key(order_key(base_part) + unzigzag(z))
+                                   "(a different base?)") from exc
+        return values
+    field = exponent_field(base_part, dt)
+    order = np.argsort(field, kind="stable")
+    ranked = field[order]
+    # rank of each value among the run's values of the same exponent, in kept order
+    rank = np.arange(field.size, dtype=np.int64) - np.searchsorted(ranked, ranked)
+    slots = np.empty(field.size, np.int64)
+    slots[order] = first_slot[ranked] + rank
+    if field.size and (slots[order] >= end_slot[ranked]).any():
+        raise DeltaFormatError("ulp: the base's exponents do not match the record "
+                               "(a different base?)")
+    planes = raw[:dt.itemsize * count].reshape(dt.itemsize, count)
+    z = np.zeros(field.size, dt.bits)
+    for i in range(dt.itemsize):  # gather the run's bytes plane by plane
+        z |= planes[i].take(slots).astype(dt.bits) << dt.bits.type(8 * i)
+    with np.errstate(over="ignore"):
+        return from_order_key(order_key(base_part) + unzigzag(z))
+
+
+class UlpCursor:
+    """``ulp`` values in order, a run at a time: each run's slots come from the exponent
+    counts of the runs before it, which the cursor keeps (see :meth:`UlpValues.decode_part`)."""
+
+    def __init__(self, stream: RawStream, dt: DType, count: int, total: np.ndarray):
+        self._stream, self._dt, self._count = stream, dt, count
+        self._total = np.asarray(total, np.int64)
+        self._before = np.zeros_like(self._total)
+        self._start = _starts(self._total, count, self._before)
+        self._at = 0
+
+    def take(self, base: np.ndarray, n: int) -> np.ndarray:
+        if n > self._count - self._at:
+            raise DeltaFormatError(f"asked for values past the record's {self._count}")
+        base = np.ascontiguousarray(base)
+        values = _decode_run(self._stream.data, base, self._dt, self._count,
+                             self._start + self._before, self._start + self._total)
+        self._stream.release()
+        self._before += exponent_counts(base, self._dt)
+        self._at += n
+        return values
+
+    def close(self) -> None:
+        self._stream.close()

@@ -13,6 +13,7 @@ import numpy as np
 
 from ..dtypes import DType
 from .base import from_planes, pack_stream, to_planes, unpack_stream
+from .streams import Part, PlanesCursor
 
 
 @dataclass(frozen=True)
@@ -32,3 +33,7 @@ class XorValues:
                count: int) -> np.ndarray:
         raw = unpack_stream(payload, config, count * dt.itemsize)
         return from_planes(raw, dt.bits, count, xor=base)
+
+    def cursor(self, part: Part, config: dict, dt: DType, count: int) -> PlanesCursor:
+        return PlanesCursor(part.stream(config, count * dt.itemsize), dt.bits, count,
+                            xor=True)

@@ -37,8 +37,9 @@ from ..errors import BaseMismatchError, TensorMismatchError
 from ..format import DeltaReader
 from ..guard import Inputs
 from ..progress import bar
-from ..walk import (BaseHash, RowBlocks, Stored, added_records, check_delta_fits, decode_block,
-                    decode_tensor, output_shards, part_counts, read_blocks, refuse_delta)
+from ..budget import MemoryBudget
+from ..walk import (BaseHash, RecordRuns, RowBlocks, Stored, added_records, added_runs,
+                    check_delta_fits, decode_tensor, output_shards, read_blocks, refuse_delta)
 from . import engine
 from .combine import RECIPE_KEY, RuleCombiner, rule_combiner
 from .rules import RULES
@@ -120,7 +121,8 @@ def _write_tensor(name: str, base: Checkpoint, merged: Checkpoint, readers: list
     new = readers[-1]
     if name in added and name not in old_added:
         reader, record = added[name]
-        writer.write(name, reader.decode(record, None)[1])
+        for bits in added_runs(reader, record, MemoryBudget(4 * block_bytes)):
+            writer.write(name, bits)
         return
     entry = merged.entry(name)
     dt = lookup_dtype(entry.dtype)
@@ -140,27 +142,27 @@ def _write_tensor(name: str, base: Checkpoint, merged: Checkpoint, readers: list
         positions, bits = combine.combine(name, dt, entry.numel, _at_new(stored))
         engine.write_patched(writer, name, blocks, copy, positions, bits)
         return
-    _write_blockwise(name, base, merged, readers, combine, writer, blocks)
+    _write_blockwise(name, base, merged, readers, combine, writer, blocks,
+                     MemoryBudget(4 * block_bytes))
 
 
 def _write_blockwise(name: str, base: Checkpoint, merged: Checkpoint, readers: list[DeltaReader],
-                     combine: RuleCombiner, writer: CheckpointWriter, blocks: RowBlocks) -> None:
+                     combine: RuleCombiner, writer: CheckpointWriter, blocks: RowBlocks,
+                     budget: MemoryBudget) -> None:
     """A tensor whose records would not fit in the budget: row block by row block, each
-    record decoded inside the block only (:func:`~sparsestitch.walk.decode_block`)."""
+    record decoded once alongside the blocks (:class:`~sparsestitch.walk.RecordRuns`)."""
     dt = lookup_dtype(merged.entry(name).dtype)
     records = [reader.record(name) for reader in readers]
     base_hash = BaseHash(name)
-    counts = part_counts(base, name, blocks, readers, records)  # ulp records only
-    for j, (start, stop, base_block) in enumerate(read_blocks(base, name, blocks, base_hash)):
-        lo, hi = blocks.elements(start, stop)
-        stored = [None if r is None or r.kind != "sparse"
-                  else decode_block(reader, r, base_block, lo,
-                                    counts=counts[i][j] if i in counts else None)
-                  for i, (reader, r) in enumerate(zip(readers, records))]
-        positions, bits = combine.combine(name, dt, hi - lo, _at_new(stored, lo))
-        out = merged.read_rows(name, start, stop)
-        out[positions] = bits
-        writer.write(name, out)
+    with RecordRuns(base, name, blocks, readers, records, budget) as runs:
+        for start, stop, base_block in read_blocks(base, name, blocks, base_hash):
+            lo, hi = blocks.elements(start, stop)
+            stored = runs.block(lo, base_block)
+            positions, bits = combine.combine(name, dt, hi - lo, _at_new(stored, lo))
+            out = merged.read_rows(name, start, stop)
+            out[positions] = bits
+            writer.write(name, out)
+        runs.finish()
     base_hash.check(zip([r.path for r in readers], records))
 
 

@@ -41,9 +41,9 @@ from ..guard import Inputs
 from ..progress import bar
 from ..readahead import DEFAULT_WORKERS, in_order, workers_for
 from ..sizes import parse_memory
-from ..walk import (BaseHash, RowBlocks, Stored, added_records, check_delta_fits, decode_block,
-                    decode_tensor, output_shards, part_counts, read_blocks, refuse_delta,
-                    stored_positions)
+from ..budget import MemoryBudget
+from ..walk import (BaseHash, RecordRuns, RowBlocks, added_records, added_runs, check_delta_fits,
+                    decode_tensor, output_shards, read_blocks, refuse_delta, stored_per_row)
 from .combine import Combiner
 
 DEFAULT_BLOCK_BYTES = 256 << 20
@@ -183,13 +183,14 @@ class _Plan:
                  block_bytes: int):
         self.base, self.readers, self.added = base, readers, added
         self.combiner, self.block_bytes = combiner, block_bytes
+        self.budget = MemoryBudget(4 * block_bytes)
 
     def estimate(self, name: str) -> int:
         """Bytes tensor ``name`` holds between being prepared and being finished (a tensor too
         big to decode whole is merged within half the budget, see :meth:`streamed`)."""
         if name in self.added:
             _, record = self.added[name]
-            return record.numel * lookup_dtype(record.dtype).itemsize
+            return min(record.numel * lookup_dtype(record.dtype).itemsize, 2 * self.block_bytes)
         return min(self.decoded_bytes(name), 2 * self.block_bytes)
 
     def decoded_bytes(self, name: str) -> int:
@@ -205,6 +206,11 @@ class _Plan:
         """Read and decode everything tensor ``name`` needs; return what writes it."""
         if name in self.added:
             reader, record = self.added[name]
+            if record.numel * record.dt.itemsize > 2 * self.block_bytes:
+                def write_added(writer: CheckpointWriter) -> None:
+                    for bits in added_runs(reader, record, self.budget):
+                        writer.write(name, bits)
+                return write_added
             bits = reader.decode(record, None)[1]
             return lambda writer: writer.write(name, bits)
         base, combiner = self.base, self.combiner
@@ -246,32 +252,21 @@ class _Plan:
         """What writes a tensor whose decoded records would not fit in the budget at once.
 
         The tensor is cut into row blocks that each hold at most a block's worth of base
-        bits and of decoded records, from a first pass counting the stored positions per
-        row (one record decoded at a time), so skewed records are cut where they are dense.
-        For every block each record is decoded again (:func:`~sparsestitch.walk.decode_block`:
-        the codecs have no random access) and only its part inside the block is kept, so
-        the memory held is one block, its share of the records, and one decoded record.
-        Decoding is repeated once per block: slower, never over the budget.  Records whose
-        value codec is not elementwise (``ulp``) need the base's exponent counts before each
-        block: one more pass over the base tensor (:func:`~sparsestitch.walk.part_counts`)
-        before the blocks, so the base is read twice, not once per block.  The base
-        checksum is checked after the last block; a mismatch raises before anything is
-        published (the output is still temporary).
+        bits and of decoded entries, from a first pass counting the stored positions per
+        row (positions decoded a run at a time), so skewed records are cut where they are
+        dense.  Then every record is decoded once, in order, alongside the blocks
+        (:class:`~sparsestitch.walk.RecordRuns`): what is held is one block, its entries
+        and a run of each record.  Records whose value codec is not elementwise (``ulp``)
+        need the base's exponent counts first: one more pass over the base tensor, so it is
+        read twice.  The base checksum is checked after the last block; a mismatch raises
+        before anything is published (the output is still temporary).
         """
         base, readers = self.base, self.readers
         entry = base.entry(name)
         records = [reader.record(name) for reader in readers]
-        sparse = [(i, r) for i, r in enumerate(records) if r is not None and r.kind == "sparse"]
         rows = entry.shape[0] if entry.shape else 1
         widest = RowBlocks.of(entry.shape, dt.itemsize, self.block_bytes)
-        per_row = np.zeros(rows, np.int64)
-        for i, record in sparse:  # stored positions per row, one record decoded at a time
-            positions = stored_positions(readers[i], record)
-            if positions is None:  # every element
-                per_row += widest.row_items
-                continue
-            per_row += np.bincount(positions // max(1, widest.row_items), minlength=rows)[:rows]
-            del positions
+        per_row = stored_per_row(readers, records, rows, widest.row_items, self.budget)
         per_position = self.combiner.bytes_per_position(dt)
         blocks = RowBlocks(cut_rows(per_row, widest.bounds[0][1] - widest.bounds[0][0],
                                     max(1, self.block_bytes // per_position)),
@@ -279,16 +274,14 @@ class _Plan:
 
         def finish(writer: CheckpointWriter) -> None:
             base_hash = BaseHash(name)
-            counts = part_counts(base, name, blocks, readers, records)  # ulp records only
-            for j, (start, stop, block) in enumerate(read_blocks(base, name, blocks, base_hash)):
-                lo = blocks.elements(start, stop)[0]
-                stored: list[Stored | None] = [None] * len(readers)
-                for i, record in sparse:
-                    stored[i] = decode_block(readers[i], record, block, lo,
-                                             counts=counts[i][j] if i in counts else None)
-                self.combiner.block_merge(dt, stored)(block, lo)
-                del stored
-                writer.write(name, block)
+            with RecordRuns(base, name, blocks, readers, records, self.budget) as runs:
+                for start, stop, block in read_blocks(base, name, blocks, base_hash):
+                    lo = blocks.elements(start, stop)[0]
+                    stored = runs.block(lo, block)
+                    self.combiner.block_merge(dt, stored)(block, lo)
+                    del stored
+                    writer.write(name, block)
+                runs.finish()
             base_hash.check(zip([r.path for r in readers], records))
         return finish
 
