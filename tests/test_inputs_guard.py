@@ -12,7 +12,6 @@ so a refusal cannot come from a malformed command line.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
@@ -24,51 +23,16 @@ from sparsestitch.cli import main
 from sparsestitch.zoo import add, init
 
 from .conftest import finetune_of, save_checkpoint, small_model
-from .support.hub_cache import cache_model
-
-BASE_COMMIT = "b" * 40
-
+from .support.workspace import BASE_COMMIT, COMMANDS, build_workspace, tree_state
 
 def run(*args) -> object:
     return CliRunner().invoke(main, [str(a) for a in args])
 
 
-def tree_state(root: Path, skip: set[str]) -> dict[str, str]:
-    """Every file's bytes (hashed) and every link's target under ``root``."""
-    state = {}
-    for folder, dirs, files in os.walk(root):
-        dirs[:] = [d for d in dirs if not (folder == str(root) and d in skip)]
-        for name in dirs + files:
-            path = Path(folder) / name
-            key = str(path.relative_to(root))
-            if path.is_symlink():
-                state[key] = "link:" + os.readlink(path)
-            elif path.is_file():
-                state[key] = hashlib.sha256(path.read_bytes()).hexdigest()
-    return state
-
-
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory):
     """The workspace: every kind of input, made once for the module."""
-    root = tmp_path_factory.mktemp("ws")
-    model = small_model()
-    save_checkpoint(root / "base", model, shards=2)
-    save_checkpoint(root / "ft1", finetune_of(model, seed=1), shards=2)
-    save_checkpoint(root / "ft2", finetune_of(model, seed=2), shards=2)
-    sparsestitch.compress(root / "base", [root / "ft1", root / "ft2"],
-                          [root / "ft1.delta", root / "ft2.delta"], density=0.05)
-    sparsestitch.stitch(root / "base", [root / "ft1.delta"], root / "merged")
-    init(root / "zoo", root / "base")
-    add(root / "zoo", {"a": root / "ft1"}, workers=0)
-    (root / "merge.yaml").write_text("base: base\nmodels: [ft1, ft2]\nrule: task-arithmetic\n")
-    (root / "projects" / "thesis").mkdir(parents=True)
-    (root / "projects" / "thesis" / "chapter1.tex").write_text("precious")
-    cache_model(root / "hf-cache", "org/base", root / "base", BASE_COMMIT)
-    os.symlink(root / "base", root / "base-link")
-    os.symlink(root / "ft1.delta", root / "delta-link.delta")
-    (root / "outs").mkdir()
-    return root
+    return build_workspace(tmp_path_factory.mktemp("ws"))
 
 
 @pytest.fixture
@@ -76,27 +40,6 @@ def cache(ws, monkeypatch):
     monkeypatch.setenv("HF_HUB_CACHE", str(ws / "hf-cache"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     return ws / "hf-cache" / "models--org--base"
-
-
-#: Each command with ``{OUT}`` where its output goes, and the inputs it reads.
-COMMANDS = {
-    "restore": (["restore", "base", "ft1.delta", "-o", "{OUT}"], ["base", "ft1.delta"]),
-    "compress": (["compress", "base", "ft1", "-o", "{OUT}", "--density", "0.05"],
-                 ["base", "ft1"]),
-    "stitch": (["stitch", "base", "ft1.delta", "ft2.delta", "-o", "{OUT}"],
-               ["base", "ft1.delta", "ft2.delta"]),
-    "stitch-add": (["stitch-add", "base", "merged", "ft2.delta", "--previous", "ft1.delta",
-                    "-o", "{OUT}"], ["base", "merged", "ft1.delta", "ft2.delta"]),
-    "merge": (["merge", "base", "ft1", "ft2", "-o", "{OUT}", "--rule", "task-arithmetic"],
-              ["base", "ft1", "ft2"]),
-    "merge-config": (["merge", "--config", "merge.yaml", "-o", "{OUT}"],
-                     ["merge.yaml", "base", "ft1", "ft2"]),
-    "merge-save-deltas": (["merge", "base", "ft1", "ft2", "-o", "outs/saving",
-                           "--rule", "task-arithmetic", "--save-deltas", "{OUT}"],
-                          ["base", "ft1", "ft2"]),
-    "zoo-get": (["zoo", "get", "zoo", "a", "-o", "{OUT}"], ["zoo", "base"]),
-    "zoo-merge": (["zoo", "merge", "zoo", "a", "-o", "{OUT}"], ["zoo", "base"]),
-}
 
 
 def targets_around(ws: Path, name: str) -> list[str]:
@@ -313,3 +256,14 @@ def test_a_zoo_whose_internals_link_out_is_refused(ws, tmp_path):
     os.symlink(lock, zoo / ".zoo.lock")
     refused(run("zoo", "rm", zoo, "a"))
     assert lock.read_text() == "precious"
+
+
+def test_random_output_paths_never_harm_an_input(ws, cache):
+    """A draw of the output-path campaign (tests/support/path_campaign.py): random commands,
+    anchors and path tails; every case's inputs checked byte for byte, and every overlap the
+    independent oracle sees refused."""
+    from .support.path_campaign import run as campaign
+
+    report = campaign(60, seed=11, ws=ws)
+    assert report["defects"] == []
+    assert report["verdicts"].get("refused", 0) >= 15 and report["verdicts"].get("written", 0) >= 5
