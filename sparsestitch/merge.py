@@ -89,7 +89,8 @@ def merge(base: str | os.PathLike, finetuned: Sequence[str | os.PathLike],
     if rule != "localize-stitch" and all(v is None for v in (keep, bits, lossless, max_error,
                                                               mask_sets)):
         lossless = True
-    density, quantize, planner = choices(keep, bits, group, lossless, max_error, None, mask_sets)
+    density, quantize, planner = choices(keep, bits, group, lossless, max_error, None, mask_sets,
+                                         density_option="keep")
     out = Path(out)
     check_not_an_input(out, [base, *tune_paths])
     delta_paths = saved_delta_paths(save_deltas, tune_paths)

@@ -26,6 +26,9 @@ def row_items(shape) -> int:
     return math.prod(int(d) for d in shape[1:])
 
 
+#: The largest memory size ``parse_memory`` accepts (1 EiB): far above any machine, and small
+#: enough for the int64 arithmetic of row blocks.
+MAX_MEMORY = 1 << 60
 #: Units ``parse_memory`` accepts, longest first (so ``MiB`` is not read as ``B``).
 _UNITS = (("KIB", 1 << 10), ("MIB", 1 << 20), ("GIB", 1 << 30), ("TIB", 1 << 40),
           ("KB", 10**3), ("MB", 10**6), ("GB", 10**9), ("TB", 10**12),
@@ -55,9 +58,9 @@ def parse_memory(value: int | str | None, default: int | None = None) -> int:
             size = int(float(number) * factor)
         except (ValueError, OverflowError):
             size = -1
-    if size <= 0:
+    if not 0 < size <= MAX_MEMORY:
         raise ValueError(f"memory size must be a positive number of bytes with an optional "
-                         f"unit, like 512MiB, 2GB or 4096; got {value!r}")
+                         f"unit, like 512MiB, 2GB or 4096, up to 1EiB; got {value!r}")
     return size
 
 
