@@ -223,7 +223,7 @@ def decode_block(reader: DeltaReader, record: Record, block: np.ndarray, lo: int
     payload = reader.payload(record) if payload is None else payload
     hi = lo + block.size
     positions = stored_positions(reader, record, payload)
-    codec = codecs.value_codec(record.values.get("codec"))
+    codec = _value_codec(reader, record)
     if not codec.elementwise:
         if counts is None:
             raise ValueError(f"{codec.codec_id} values need the part counts to decode a block")
@@ -256,7 +256,7 @@ def part_counts(ckpt: Checkpoint, name: str, blocks: RowBlocks, readers: Sequenc
     fails that check or the codec's).  Empty, reading nothing, when every codec is
     elementwise.  Holds one decoded position list at a time."""
     todo = [(i, r) for i, r in enumerate(records) if r is not None and r.kind == "sparse"
-            and not codecs.value_codec(r.values.get("codec")).elementwise]
+            and not _value_codec(readers[i], r).elementwise]
     if not todo:
         return {}
     dt = lookup_dtype(ckpt.entry(name).dtype)
@@ -277,6 +277,13 @@ def part_counts(ckpt: Checkpoint, name: str, blocks: RowBlocks, readers: Sequenc
         cumulative = np.cumsum([np.zeros_like(per_block[0]), *per_block], axis=0)
         out[i] = [(cumulative[j], cumulative[-1]) for j in range(len(per_block))]
     return out
+
+
+def _value_codec(reader: DeltaReader, record: Record):
+    """The record's value codec; an unknown one is refused naming the file and the tensor
+    (the reader's methods do this themselves; code choosing how to decode asks here)."""
+    with reader.decoding(record):
+        return codecs.value_codec(record.values.get("codec"))
 
 
 def refuse_delta(ckpt: Checkpoint, role: str = "base") -> None:

@@ -200,6 +200,33 @@ def test_a_codec_that_is_not_a_name_is_refused_by_every_command(lab, part, codec
     path.unlink()
 
 
+@pytest.mark.parametrize("max_memory", [None, "4KiB"])
+def test_an_unknown_value_codec_is_named_on_every_restore_path(lab, max_memory):
+    """With a tiny --max-memory records are decoded row block by row block, where an unknown
+    value codec was reported without the file's name."""
+    zoo, ctx, _ = lab
+    image = DeltaImage.read(zoo.deltas["d0.5"])
+    out = ctx.scratch / "unknown-codec.out"
+    path = ctx.scratch / "unknown-codec.delta"
+    for record in (r for r in image.header["tensors"] if r["kind"] == "sparse" and r["count"]):
+        copy = image.copy()
+        copy.record(record["name"])["values"]["codec"] = "zigzag"
+        path.write_bytes(copy.to_bytes())
+        for run in (lambda: sparsestitch.restore(zoo.base, path, out, max_memory=max_memory),
+                    lambda: sparsestitch.stitch(zoo.base, [zoo.other, path], out,
+                                                max_memory=max_memory)):
+            with pytest.raises(DeltaFormatError, match="unknown value codec 'zigzag'") as caught:
+                run()
+            assert (caught.value.path, caught.value.tensor) == (str(path), record["name"])
+            assert not out.exists()
+        args = ["restore", str(zoo.base), str(path), "-o", str(out)]
+        args += ["--max-memory", max_memory] if max_memory else []
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 2 and f"file {str(path)!r}, tensor {record['name']!r}" \
+            in result.output, result.output
+    path.unlink()
+
+
 # ---------------------------------------------------------------------------------------------
 # The base side
 
