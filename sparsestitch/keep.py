@@ -87,7 +87,7 @@ def choices(density, bits, group, lossless, max_error, max_size, mask_sets,
     elif max_error is not None:
         density, planner = 1.0, ErrorPlanner(max_error, group)
     elif max_size is not None:
-        density, planner = 1.0, SizePlanner(parse_memory(max_size), group)
+        density, planner = 1.0, SizePlanner(parse_memory(max_size, option="max_size"), group)
     elif density is None and bits is None and mask_sets is None:  # nothing chosen
         density, planner = 1.0, ErrorPlanner(DEFAULT_MAX_ERROR, group)
     elif density is None:

@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import math
 
+from .errors import OptionError
+from .options import short_repr
+
 
 def numel(shape) -> int:
     """Elements of a tensor of ``shape``; ``()`` is a 0-d tensor of one element.
@@ -35,7 +38,8 @@ _UNITS = (("KIB", 1 << 10), ("MIB", 1 << 20), ("GIB", 1 << 30), ("TIB", 1 << 40)
           ("K", 1 << 10), ("M", 1 << 20), ("G", 1 << 30), ("T", 1 << 40), ("B", 1))
 
 
-def parse_memory(value: int | str | None, default: int | None = None) -> int:
+def parse_memory(value: int | str | None, default: int | None = None,
+                 option: str = "max_memory") -> int:
     """Bytes in ``512MiB``, ``2GB``, ``1.5 MB``, ``4096`` (``default`` for None).
 
     >>> parse_memory("4KiB"), parse_memory("1.5 MB"), parse_memory(None, 7), parse_memory(4096)
@@ -59,8 +63,9 @@ def parse_memory(value: int | str | None, default: int | None = None) -> int:
         except (ValueError, OverflowError):
             size = -1
     if not 0 < size <= MAX_MEMORY:
-        raise ValueError(f"memory size must be a positive number of bytes with an optional "
-                         f"unit, like 512MiB, 2GB or 4096, up to 1EiB; got {value!r}")
+        raise OptionError(f"{option}: memory size must be a positive number of bytes with an "
+                          f"optional unit, like 512MiB, 2GB or 4096, up to 1EiB; got "
+                          f"{short_repr(value)}", option=option)
     return size
 
 

@@ -336,6 +336,9 @@ def test_an_output_that_is_an_input_is_refused_even_with_overwrite(zoo, tmp_path
     ({"density": 0.1, "bits": 4, "group": 2.5}, "group"), ({"max_error": True}, "max_error"),
     ({"density": "0.1"}, "density"), ({"max_error": float("nan")}, "max_error"),
     ({"max_error": float("inf")}, "max_error"), ({"density": float("nan")}, "density"),
+    ({"chunk_elements": 0}, "chunk_elements"), ({"chunk_elements": 1e4}, "chunk_elements"),
+    ({"threads": 2.0}, "threads"), ({"threads": 0}, "threads"),
+    ({"max_error": None, "max_memory": "infMiB"}, "max_memory"),
 ])
 def test_compress_and_merge_options_of_the_wrong_type(zoo, tmp_path, options, option):
     """``lossless='no'`` read as true, ``bits=4.0`` passed the checks and failed mid-run."""
@@ -353,7 +356,8 @@ def test_compress_and_merge_options_of_the_wrong_type(zoo, tmp_path, options, op
 @pytest.mark.parametrize("options, option", [
     ({"rule": "dare", "seed": 1.7}, "seed"), ({"rule": "dare", "seed": -5}, "seed"),
     ({"rule": "task-arithmetic", "scale": float("nan")}, "scale"),
-    ({"weights": [float("nan"), 1.0]}, "weights"),
+    ({"weights": [float("nan"), 1.0]}, "weights"), ({"max_memory": "nanGiB"}, "max_memory"),
+    ({"max_memory": 10**30}, "max_memory"), ({"threads": 1.5}, "threads"),
 ])
 def test_stitch_options_of_the_wrong_type(zoo, tmp_path, options, option):
     out = tmp_path / "m.safetensors"
