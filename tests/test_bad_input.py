@@ -381,7 +381,9 @@ def test_zoo_options_are_checked_before_any_worker_starts(zoo, tmp_path):
                                               "--workers", "0"])
         assert result.exit_code == 2 and "Traceback" not in result.output
         assert result.output.startswith("error: ") and option in result.output, result.output
-    with pytest.raises(OptionError) as caught:
-        add(folder, [zoo.finetunes[0]], workers=0, lossless="no")
-    assert caught.value.option == "lossless"
+    for options, option in (({"lossless": "no"}, "lossless"), ({"retries": -5}, "retries"),
+                            ({"workers": -1}, "workers"), ({"workers": 1.5}, "workers")):
+        with pytest.raises(OptionError) as caught:
+            add(folder, [zoo.finetunes[0]], **{"workers": 0, **options})
+        assert caught.value.option == option
     assert ls(folder) == [] and not list((folder / "deltas").glob("*.delta"))
