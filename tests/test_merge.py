@@ -108,6 +108,17 @@ def test_merge_records_how_it_was_made(tmp_path, trio):
     assert recipe["keep"]["density"] == 1.0 and len(recipe["finetuned"]) == 2
 
 
+def test_numpy_numbers_are_options_like_any_other(tmp_path, trio):
+    """A numpy float32 scale passed the checks, then failed writing the recipe as JSON."""
+    out = sparsestitch.merge(trio["base"], [trio["ft1"], trio["ft2"]], tmp_path / "m.safetensors",
+                             rule="task-arithmetic", scale=np.float32(0.5),
+                             weights=np.array([1.0, 0.5]), max_error=np.float32(0.25))
+    with safe_open(out, "pt") as f:
+        recipe = json.loads(f.metadata()["sparsestitch.merge"])
+    assert recipe["options"] == {"scale": 0.5} and recipe["weights"] == [1.0, 0.5]
+    assert recipe["keep"]["max_error"] == 0.25
+
+
 def test_merge_refuses_bad_input_before_writing(tmp_path, trio):
     out = tmp_path / "m.safetensors"
     with pytest.raises(ValueError, match="scale"):
