@@ -84,24 +84,22 @@ def number(option: str, value, limits: Range = FINITE, meaning: str = "") -> flo
     ...
     sparsestitch.errors.OptionError: seed must be a whole number of 0 or more, got 1.7
     """
-    about = f" ({meaning})" if meaning else ""
-    requirement = f"must be {limits.describe()}{about}, got {short_repr(value)}"
-    refused = OptionError(f"{option} {requirement}", option=option, requirement=requirement)
     kind = numbers.Integral if limits.whole else numbers.Real
     if isinstance(value, bool) or not isinstance(value, kind):
-        raise refused
-    if limits.whole:
-        value = int(value)
-        if not limits.holds(value):
-            raise refused
-        return value
+        raise _refused(option, value, limits, meaning)
     try:
-        value = float(value)
+        checked = int(value) if limits.whole else float(value)
     except OverflowError:  # an int beyond any float, like a config's 10**400
-        raise refused from None
-    if not math.isfinite(value) or not limits.holds(value):
-        raise refused
-    return value
+        raise _refused(option, value, limits, meaning) from None
+    if not (limits.whole or math.isfinite(checked)) or not limits.holds(checked):
+        raise _refused(option, value, limits, meaning)
+    return checked
+
+
+def _refused(option: str, value, limits: Range, meaning: str) -> OptionError:
+    about = f" ({meaning})" if meaning else ""
+    requirement = f"must be {limits.describe()}{about}, got {short_repr(value)}"
+    return OptionError(f"{option} {requirement}", option=option, requirement=requirement)
 
 
 def optional_number(option: str, value, limits: Range = FINITE, meaning: str = ""
@@ -138,14 +136,10 @@ def weights(values: Iterable | None, count: int) -> list[float]:
     """
     if values is None:
         return [1.0] * count
-    try:
-        if isinstance(values, (str, bytes, Mapping)):
-            raise TypeError
-        values = list(values)
-    except TypeError:
+    if isinstance(values, (str, bytes, Mapping)) or not isinstance(values, Iterable):
         raise OptionError(f"weights must be a list of numbers, one per input, got "
-                          f"{short_repr(values)}",
-                          option="weights") from None
+                          f"{short_repr(values)}", option="weights")
+    values = list(values)
     if len(values) != count:
         raise OptionError(f"{count} deltas but {len(values)} weights", option="weights")
     checked = []

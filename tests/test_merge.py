@@ -10,7 +10,7 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, example, given, settings, strategies as st
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -268,36 +268,54 @@ def _config_strategy():
     anything = st.recursive(scalars, lambda inner: st.lists(inner, max_size=3)
                             | st.dictionaries(keys, inner, max_size=3), max_leaves=6)
 
-    def mostly(sensible, hostile=anything):  # three times in four
-        return st.integers(0, 3).flatmap(lambda draw: sensible if draw else hostile)
+    def mostly(sensible, hostile=anything, odds=4):  # hostile once in ``odds``
+        return st.integers(1, odds).flatmap(lambda draw: hostile if draw == 1 else sensible)
 
-    numbers = mostly(st.sampled_from([0, 1, 7, 0.0, 0.2, 0.5, 1.0, -1.5, 4, 128]), scalars)
+    numbers = mostly(st.sampled_from([0, 1, 7, 0.0, 0.2, 0.5, 1.0, -1.5, 4, 128]),
+                     st.one_of(st.sampled_from([10**400, -(10**400), 2**64, -1, 1.7]),
+                               st.floats(), scalars), odds=3)
 
     def section(names):
         return mostly(st.dictionaries(st.sampled_from(sorted(names)), numbers,
                                       max_size=len(names)),
                       st.one_of(st.dictionaries(keys, anything, max_size=3), anything))
 
+    def rule_with_its_parameters(name):
+        return st.fixed_dictionaries({"rule": st.just(name)},
+                                     optional={"parameters": section(RULES[name].defaults
+                                                                     or {"scale"})})
+
     model = mostly(st.fixed_dictionaries({"model": st.just("ft.safetensors")},
-                                         optional={"weight": numbers}))
-    required = {"base": mostly(st.just("base.safetensors")),
-                "models": mostly(st.lists(model, min_size=1, max_size=3))}
-    optional = {"rule": mostly(st.sampled_from(sorted(RULES))),
-                "parameters": section({"scale", "density", "drop", "seed"}),
-                "keep": section(merge_config.KEEP_KEYS - {"include", "exclude", "dense"}
+                                         optional={"weight": numbers}), odds=10)
+    required = {"base": mostly(st.just("base.safetensors"), odds=10),
+                "models": mostly(st.lists(model, min_size=1, max_size=3), odds=10)}
+    optional = {"keep": section(merge_config.KEEP_KEYS - {"include", "exclude", "dense"}
                                 | {"include"}),
                 "out": mostly(st.just("out.safetensors")),
                 "max_memory": mostly(st.sampled_from(["1GiB", 4096]), numbers)}
+    rule = mostly(st.sampled_from(sorted(RULES)).flatmap(rule_with_its_parameters),
+                  st.fixed_dictionaries({}, optional={
+                      "rule": anything, "parameters": section({"scale", "density", "drop",
+                                                               "seed"})}))
     extra = mostly(st.just({}), st.dictionaries(keys, anything, max_size=1))
-    return st.tuples(st.fixed_dictionaries(required, optional=optional), extra).map(
-        lambda parts: {**parts[0], **parts[1]})
+    return st.tuples(st.fixed_dictionaries(required, optional=optional), rule, extra).map(
+        lambda parts: {**parts[0], **parts[1], **parts[2]})
 
 
 CONFIG_CASES = Counter()
 
 
+GOOD = {"base": "base.safetensors", "models": ["ft.safetensors"]}
+
+
 @settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(config=_config_strategy(), deep=st.sampled_from([None] * 12 + [3, 40, 450, 600]))
+@example(config={**GOOD, "rule": "dare", "parameters": {"seed": 10**400}}, deep=None)
+@example(config={**GOOD, "models": [{"model": "ft.safetensors", "weight": -(10**400)}]},
+         deep=None)
+@example(config={**GOOD, "keep": {"bits": 4.0, "density": 0.1}, 1: 2}, deep=None)
+@example(config={**GOOD, "max_memory": 10**400}, deep=None)
+@example(config={**GOOD, "out": "\0"}, deep=None)
 def test_fuzzed_configs_load_or_raise_a_config_error(config_folder, config, deep):
     """Whatever a config holds, ``load`` returns a checked config or raises the library's
     ConfigError -- never a TypeError, OverflowError, RecursionError -- and what it returns

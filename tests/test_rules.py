@@ -285,6 +285,11 @@ def test_rule_options_are_finite_numbers_of_their_kind_and_range(rule, option, v
     assert isinstance(caught.value, ValueError)
 
 
+def test_a_seed_of_any_size_is_a_seed():
+    """Whole numbers are never converted to floats (10**400 has none)."""
+    assert rule_combiner("dare", None, 1, seed=10**400).options["seed"] == 10**400
+
+
 def test_rule_options_keep_their_kind():
     combiner = rule_combiner("dare", None, 1, drop=np.float32(0.5), seed=np.int64(7), scale=2)
     options = combiner.options
