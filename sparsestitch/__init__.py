@@ -15,8 +15,9 @@ Public API::
 from ._version import __version__
 from .compress import DeltaSummary, compress
 from .merge import merge
-from .errors import (BaseMismatchError, ChecksumError, CheckpointError, DeltaFormatError,
-                     OutputError, ResourceLimitError, SparsestitchError, TensorMismatchError)
+from .errors import (BaseMismatchError, ChecksumError, CheckpointError, ConfigError,
+                     DeltaFormatError, OptionError, OutputError, ResourceLimitError,
+                     SparsestitchError, TensorMismatchError)
 from .describe import DeltaInfo, info, verify
 from .live import Patch, PreparedPatch, apply, prepare, stitch_into
 from .restore import restore
@@ -26,5 +27,6 @@ __all__ = [
     "__version__", "compress", "merge", "restore", "stitch", "info", "verify", "DeltaSummary", "DeltaInfo",
     "stitch_add", "apply", "Patch", "prepare", "PreparedPatch", "stitch_into",
     "SparsestitchError", "DeltaFormatError", "ChecksumError", "ResourceLimitError",
-    "CheckpointError", "TensorMismatchError", "BaseMismatchError", "OutputError",
+    "CheckpointError", "TensorMismatchError", "BaseMismatchError", "OutputError", "OptionError",
+    "ConfigError",
 ]

@@ -52,3 +52,24 @@ class BaseMismatchError(TensorMismatchError):
 
 class OutputError(SparsestitchError):
     """The output path cannot be written (exists, is a file where a folder is needed, disk full)."""
+
+
+class OptionError(SparsestitchError, ValueError):
+    """An option of the wrong type or out of its range (a NaN scale, a string where a boolean
+    belongs); the message names the option.  A ValueError too, as bad arguments are.
+    ``requirement`` is the message without the option's name (``must be ..., got ...``), where
+    one was checked alone, for callers that name it otherwise (a config file's key)."""
+
+    def __init__(self, message: str, *, option: str | None = None,
+                 requirement: str | None = None, path: str | os.PathLike | None = None):
+        self.option, self.requirement = option, requirement
+        super().__init__(message, path=path)
+
+
+class ConfigError(OptionError):
+    """A merge config that cannot be run: ``path`` is the config file and ``key`` where in it
+    the problem is (``models[1].weight``), both named in the message."""
+
+    def __init__(self, path: str | os.PathLike, key: str, message: str):
+        self.key = key
+        super().__init__(f"{key}: {message}", option=key, path=path)

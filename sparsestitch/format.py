@@ -26,6 +26,7 @@ from .atomic import atomic_path, fsync_file, output_error
 from .dtypes import DType, dtype as lookup_dtype
 from .errors import ChecksumError, DeltaFormatError, ResourceLimitError, SparsestitchError
 from .codecs.streams import IO_CHUNK, BytesPayload, FilePayload, Part, Payload
+from .options import short_repr
 from .safetensors_file import DELTA_HEADER_KEY, encode_header, file_kind, read_header, strict_json
 from .sizes import numel
 
@@ -606,6 +607,10 @@ def _record_from_json(item, path) -> Record:
     positions, values, payload_xxh3 = item.get("positions"), item.get("values"), item.get("payload_xxh3")
     if not isinstance(positions, dict) or not isinstance(values, dict):
         raise bad("record lacks its positions/values configs")
+    for part, config in (("positions", positions), ("values", values)):
+        # Looked up in the codec registries and version table: a list or object cannot be.
+        if not isinstance(config.get("codec"), str):
+            raise bad(f"{part} codec must be a codec name, got {short_repr(config.get('codec'))}")
     if not (isinstance(payload_xxh3, str) and _HEX16.match(payload_xxh3)):
         raise bad(f"invalid payload checksum {payload_xxh3!r}")
     if kind == "added" and count != numel:

@@ -12,10 +12,11 @@ from collections.abc import Mapping
 
 from .checkpoint import Checkpoint
 from .codecs.quant import BITS as QUANT_BITS
-from .errors import TensorMismatchError
+from .errors import OptionError, TensorMismatchError
 from .localize.selectors import (BracketedTopK, FidelityExactTopK, FidelityTopK, GivenMasks,
                                  GlobalTopK, KeepAll, PerTensorTopK, Selector)
 from .localize.topk import count_to_keep
+from .options import FRACTION, Range, flag, number, optional_number, short_repr
 from .selection import TensorPlan
 from .sizes import numel, parse_memory
 from .targets import ErrorPlanner, SizePlanner
@@ -32,7 +33,8 @@ DEFAULT_MAX_ERROR = 0.5
 
 def check_scope(scope: str) -> None:
     if scope not in SCOPES:
-        raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
+        raise OptionError(f"scope must be one of {SCOPES}, got {short_repr(scope)}",
+                          option="scope")
 
 
 def make_selectors(plan: TensorPlan, density: float, scope: str, mask_sets, count: int,
@@ -56,34 +58,44 @@ def make_selectors(plan: TensorPlan, density: float, scope: str, mask_sets, coun
 
 
 
-def choices(density, bits, group, lossless, max_error, max_size, mask_sets):
-    """``(density, quantize options, planner)`` for compress's arguments, checked."""
-    given = [name for name, value in (("density", density), ("bits", bits),
+def choices(density, bits, group, lossless, max_error, max_size, mask_sets,
+            density_option: str = "density"):
+    """``(density, quantize options, planner)`` for compress's arguments, checked: each
+    option's type and range (:mod:`.options`), then that they do not contradict each other.
+    Every front end (API, command line, merge configs, a zoo's options) comes through here;
+    ``density_option`` is the density's name where the caller calls it otherwise (merge's
+    ``keep``)."""
+    density = optional_number(density_option, density, FRACTION, "the fraction kept")
+    lossless = flag("lossless", lossless)
+    max_error = optional_number("max_error", max_error, Range(0), "the relative error allowed")
+    group = number("group", group, Range(0, whole=True),
+                   "0: one scale per tensor, else values per scale")
+    given = [name for name, value in ((density_option, density), ("bits", bits),
                                       ("masks", mask_sets)) if value is not None]
     targets = [name for name, value in (("lossless", lossless or None), ("max_error", max_error),
                                         ("max_size", max_size)) if value is not None]
     # density 1.0 with lossless says the same thing twice; anything else a target decides
     redundant = lossless and density == 1.0 and bits is None and mask_sets is None
     if len(targets) > 1 or (targets and given and not redundant):
-        raise ValueError(f"{' and '.join(targets + given)} are contradictory: a target decides "
-                         "what is kept and in how many bits; give one of them")
+        raise OptionError(f"{' and '.join(targets + given)} are contradictory: a target "
+                          "decides what is kept and in how many bits; give one of them",
+                          option=targets[0])
     quantize = quantize_options(bits, group)
     planner = None
     if lossless:
         density = 1.0
     elif max_error is not None:
-        density, planner = 1.0, ErrorPlanner(float(max_error), group)
+        density, planner = 1.0, ErrorPlanner(max_error, group)
     elif max_size is not None:
-        density, planner = 1.0, SizePlanner(parse_memory(max_size), group)
+        density, planner = 1.0, SizePlanner(parse_memory(max_size, option="max_size"), group)
     elif density is None and bits is None and mask_sets is None:  # nothing chosen
         density, planner = 1.0, ErrorPlanner(DEFAULT_MAX_ERROR, group)
     elif density is None:
         density = DEFAULT_DENSITY
-    if mask_sets is None:
-        count_to_keep(density, 0)  # validates the range
-        if density == 0:
-            raise ValueError("density 0 keeps nothing of the fine-tune; keep a fraction above "
-                             "0 (the paper's 0.01 keeps 1%), or 1.0 for a lossless delta")
+    if mask_sets is None and density == 0:
+        raise OptionError(f"{density_option} 0 keeps nothing of the fine-tune; keep a fraction "
+                          "above 0 (the paper's 0.01 keeps 1%), or 1.0 for a lossless delta",
+                          option=density_option)
     return density, quantize, planner
 
 
@@ -91,12 +103,13 @@ def quantize_options(bits: int | None, group: int) -> dict | None:
     """The value codec options for ``bits``/``group``, checked (None: exact values)."""
     if bits is None:
         return None
+    allowed = ", ".join(map(str, QUANT_BITS))
+    bits = number("bits", bits, Range(1, whole=True), f"bits per kept value: {allowed}")
     if bits not in QUANT_BITS:
-        raise ValueError(f"bits must be one of {', '.join(map(str, QUANT_BITS))} (bits per kept "
-                         f"value), got {bits!r}")
-    if type(group) is not int or group < 0:
-        raise ValueError(f"group must be 0 (one scale per tensor) or a number of values per "
-                         f"scale, got {group!r}")
+        raise OptionError(f"bits must be one of {allowed} (bits per kept value), got {bits!r}",
+                          option="bits")
+    group = number("group", group, Range(0, whole=True),
+                   "0: one scale per tensor, else values per scale")
     return {"bits": bits, "group": group}
 
 

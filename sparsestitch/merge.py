@@ -91,7 +91,8 @@ def merge(base: str | os.PathLike, finetuned: Sequence[str | os.PathLike],
     if rule != "localize-stitch" and all(v is None for v in (keep, bits, lossless, max_error,
                                                               mask_sets)):
         lossless = True
-    density, quantize, planner = choices(keep, bits, group, lossless, max_error, None, mask_sets)
+    density, quantize, planner = choices(keep, bits, group, lossless, max_error, None, mask_sets,
+                                         density_option="keep")
     out = Path(out)
     inputs = Inputs()
     base = inputs.add(base, "base")
@@ -122,9 +123,11 @@ def merge(base: str | os.PathLike, finetuned: Sequence[str | os.PathLike],
         outputs = DeltaOutputs(delta_paths, overwrite, base_ckpt, tunes, plan) \
             if delta_paths else None
         source = FineTuneSource(scanner, selectors, combiner, block_bytes, added, outputs)
-        recipe = {"rule": rule, "options": rule_options, "weights": list(combiner.weights),
+        # The options as checked (numpy scalars become the JSON numbers they equal).
+        options = {key: combiner.options[key] for key in rule_options}
+        recipe = {"rule": rule, "options": options, "weights": list(combiner.weights),
                   "keep": {"density": density, "scope": scope, "quantize": quantize,
-                           "max_error": max_error},
+                           "max_error": None if max_error is None else float(max_error)},
                   "base": base_ckpt.display_name,
                   "finetuned": [t.display_name for t in tunes]}
         try:

@@ -32,23 +32,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .checkpoint import Checkpoint
-from .errors import SparsestitchError
+from .errors import ConfigError, OptionError, SparsestitchError
 from .hub import parse_hub_id
-from .keep import SCOPES, check_compatible, choices
+from .keep import check_compatible, check_scope, choices
+from .options import number, short_repr
+from .sizes import parse_memory
 from .stitch.combine import rule_combiner
 from .stitch.rules import RULES
+
+__all__ = ["ConfigError", "MergeConfig", "load"]
 
 TOP_KEYS = {"base", "models", "rule", "parameters", "keep", "out", "max_memory"}
 MODEL_KEYS = {"model", "weight"}
 KEEP_KEYS = {"density", "scope", "bits", "group", "lossless", "max_error", "include", "exclude",
              "dense"}
-
-
-class ConfigError(ValueError):
-    """A merge config that cannot be run, with where in the file the problem is."""
-
-    def __init__(self, path: Path, where: str, message: str):
-        super().__init__(f"{path}: {where}: {message}")
 
 
 @dataclass
@@ -91,24 +88,64 @@ class MergeConfig:
 
 def load(path: str | os.PathLike) -> MergeConfig:
     """Read and check a merge config file (YAML or JSON) -- every key and value, not the
-    checkpoints' contents (see :meth:`MergeConfig.check_inputs`)."""
+    checkpoints' contents (see :meth:`MergeConfig.check_inputs`).  Every problem is a
+    :class:`~sparsestitch.errors.ConfigError` naming the file and the key."""
+    path = Path(path)
+    data = _read(path)
+    _known(path, "top level", data, TOP_KEYS)
+    folder = path.parent
+    base = _source(path, "base", data.get("base"), folder)
+    finetuned, weights = _models(path, data.get("models"), folder)
+    rule = data.get("rule", "localize-stitch")
+    if not isinstance(rule, str) or rule not in RULES:
+        raise ConfigError(path, "rule", f"must be one of {', '.join(RULES)}, got "
+                                        f"{short_repr(rule)}")
+    parameters = _mapping(path, "parameters", data.get("parameters"))
+    try:
+        rule_combiner(rule, weights, len(finetuned), **parameters)
+    except OptionError as exc:
+        raise _config_error(path, "parameters", exc, parameters) from None
+    keep = _keep(path, _mapping(path, "keep", data.get("keep")), rule)
+    out = data.get("out")
+    if out is not None and not _is_path(out):
+        raise ConfigError(path, "out", f"must be a path, got {short_repr(out)}")
+    memory = data.get("max_memory")
+    _check_memory(path, memory)
+    return MergeConfig(path, base, finetuned, weights, rule, parameters, keep,
+                       None if out is None else str(folder / out), memory)
+
+
+def _check_memory(path: Path, memory) -> None:
+    try:
+        if memory is not None and not isinstance(memory, (str, int)):
+            raise ValueError("not a size")
+        parse_memory(memory, 0)
+    except ValueError:
+        raise ConfigError(path, "max_memory", f"must be a size like 1GiB, got "
+                                              f"{short_repr(memory)}") from None
+
+
+def _read(path: Path) -> dict:
+    """The config file's mapping, parsed safely (no tags that construct objects)."""
     import yaml  # a dependency of the merge command only
 
-    path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(path, "file", f"cannot read it ({exc})") from None
     try:
         data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
+    except RecursionError:
+        raise ConfigError(path, "file", "nested too deeply to be a merge config") from None
+    except (yaml.YAMLError, ValueError, OverflowError) as exc:  # ValueError: a date like 2024-02-30
         raise ConfigError(path, "file", f"not valid YAML: {exc}") from None
     if not isinstance(data, dict):
         raise ConfigError(path, "file", "must be a mapping with base, models and rule")
-    _known(path, "top level", data, TOP_KEYS)
-    folder = path.parent
-    base = _source(path, "base", data.get("base"), folder)
-    models = data.get("models")
+    return data
+
+
+def _models(path: Path, models, folder: Path) -> tuple[list[str], list[float]]:
+    """The fine-tunes' checkpoints and weights (finite numbers, of any sign)."""
     if not isinstance(models, list) or not models:
         raise ConfigError(path, "models", "must be a list of {model: PATH, weight: NUMBER}")
     finetuned, weights = [], []
@@ -120,51 +157,46 @@ def load(path: str | os.PathLike) -> MergeConfig:
             raise ConfigError(path, where, "must be a mapping like {model: PATH, weight: 1.0}")
         _known(path, where, item, MODEL_KEYS)
         finetuned.append(_source(path, f"{where}.model", item.get("model"), folder))
-        weight = item.get("weight", 1.0)
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)):
-            raise ConfigError(path, f"{where}.weight", f"must be a number, got {weight!r}")
-        weights.append(float(weight))
-    rule = data.get("rule", "localize-stitch")
-    if rule not in RULES:
-        raise ConfigError(path, "rule", f"must be one of {', '.join(RULES)}, got {rule!r}")
-    parameters = _mapping(path, "parameters", data.get("parameters"))
-    try:
-        rule_combiner(rule, weights, len(finetuned), **parameters)
-    except (ValueError, TypeError) as exc:
-        raise ConfigError(path, "parameters", str(exc)) from None
-    keep = _keep(path, _mapping(path, "keep", data.get("keep")), rule)
-    out = data.get("out")
-    if out is not None and not isinstance(out, str):
-        raise ConfigError(path, "out", f"must be a path, got {out!r}")
-    memory = data.get("max_memory")
-    if memory is not None and not isinstance(memory, (str, int)):
-        raise ConfigError(path, "max_memory", f"must be a size like 1GiB, got {memory!r}")
-    return MergeConfig(path, base, finetuned, weights, rule, parameters, keep,
-                       None if out is None else str(folder / out), memory)
+        try:
+            weights.append(number("weight", item.get("weight", 1.0)))
+        except OptionError as exc:
+            raise ConfigError(path, f"{where}.weight", exc.requirement) from None
+    return finetuned, weights
 
 
 def _keep(path: Path, keep: dict, rule: str) -> dict:
     _known(path, "keep", keep, KEEP_KEYS)
-    if keep.get("scope", "fidelity") not in SCOPES:
-        raise ConfigError(path, "keep.scope", f"must be one of {', '.join(SCOPES)}")
     for key in ("include", "exclude", "dense"):
         value = keep.get(key)
         if value is not None and not (isinstance(value, str) or (
                 isinstance(value, list) and all(isinstance(v, str) for v in value))):
             raise ConfigError(path, f"keep.{key}", "must be a pattern or a list of patterns")
     try:
+        check_scope(keep.get("scope", "fidelity"))
         lossless = keep.get("lossless")
         if rule != "localize-stitch" and not {"density", "bits", "lossless",
                                               "max_error"} & keep.keys():
             lossless = True  # as merge() decides
         choices(keep.get("density"), keep.get("bits"), keep.get("group", 128), lossless,
                 keep.get("max_error"), None, None)
-    except (ValueError, TypeError) as exc:
-        raise ConfigError(path, "keep", str(exc)) from None
+    except OptionError as exc:
+        raise _config_error(path, "keep", exc, keep) from None
     return keep
 
 
+def _config_error(path: Path, section: str, error: OptionError, given: dict) -> ConfigError:
+    """An option's error named by its key in the config (``keep.bits``), where the section
+    has it; else by the section (an option that contradicts another, say)."""
+    if error.option in given:
+        return ConfigError(path, f"{section}.{error.option}", error.requirement or str(error))
+    return ConfigError(path, section, str(error))
+
+
 def _known(path: Path, where: str, data: dict, allowed: set[str]) -> None:
+    for key in data:
+        if not isinstance(key, str):
+            raise ConfigError(path, where, f"keys are names, got {short_repr(key)}; the keys are "
+                                           f"{', '.join(sorted(allowed))}")
     unknown = sorted(set(data) - allowed)
     if unknown:
         raise ConfigError(path, where, f"unknown key {unknown[0]!r}; the keys are "
@@ -175,17 +207,27 @@ def _mapping(path: Path, where: str, value) -> dict:
     if value is None:
         return {}
     if not isinstance(value, dict):
-        raise ConfigError(path, where, f"must be a mapping, got {value!r}")
+        raise ConfigError(path, where, f"must be a mapping, got {short_repr(value)}")
+    for key in value:
+        if not isinstance(key, str):
+            raise ConfigError(path, where, f"keys are option names, got {short_repr(key)}")
     return dict(value)
+
+
+def _is_path(value) -> bool:
+    return isinstance(value, str) and bool(value) and "\0" not in value
 
 
 def _source(path: Path, where: str, value, folder: Path) -> str:
     """A checkpoint path (relative to the config's folder) or a Hub id; it must exist."""
-    if not isinstance(value, str) or not value:
+    if not _is_path(value):
         raise ConfigError(path, where, "must name a checkpoint (a path or a Hub id)")
     local = folder / value
-    if local.exists():
-        return str(local)
+    try:
+        if local.exists():
+            return str(local)
+    except OSError as exc:  # a name too long for the file system
+        raise ConfigError(path, where, f"cannot look it up ({exc.strerror or exc})") from None
     if parse_hub_id(value) is not None:
         return value
     raise ConfigError(path, where, f"no such file or folder: {local}")

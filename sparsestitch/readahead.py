@@ -16,6 +16,8 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TypeVar
 
+from .options import Range, number
+
 T = TypeVar("T")
 
 def usable_cores() -> int:
@@ -39,8 +41,7 @@ def workers_for(threads: int | None, default: int) -> int:
     """
     if threads is None:
         return default
-    if type(threads) is not int or threads < 1:
-        raise ValueError(f"threads must be a whole number of 1 or more, got {threads!r}")
+    threads = number("threads", threads, Range(1, whole=True))
     return 0 if threads == 1 else threads
 
 

@@ -24,6 +24,7 @@ from .dtypes import DType, dtype as lookup_dtype
 from .format import Record, encode_record
 from .localize.selectors import (Choice, GivenMasks, PrePass, Selector, TuneBlock,
                                  changed_positions)
+from .options import Range, number
 from .patterns import as_patterns, matches, selected
 from .progress import bar
 from .readahead import in_order
@@ -139,7 +140,8 @@ class TensorScanner:
     def __init__(self, base: Checkpoint, tunes: list[Checkpoint], plan: TensorPlan,
                  chunk_elements: int, quantize: dict | None = None, planner=None):
         self.base, self.tunes, self.plan = base, tunes, plan
-        self.chunk_elements = chunk_elements
+        self.chunk_elements = number("chunk_elements", chunk_elements, Range(1, whole=True),
+                                     "elements read at a time")
         self.quantize = quantize  # {"bits", "group"}: localized tensors' values in k bits
         # Decides each localized tensor's record from a selection of every change
         # (:mod:`sparsestitch.targets`); None: encode the selection as it is.

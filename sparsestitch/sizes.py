@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import math
 
+from .errors import OptionError
+from .options import short_repr
+
 
 def numel(shape) -> int:
     """Elements of a tensor of ``shape``; ``()`` is a 0-d tensor of one element.
@@ -26,13 +29,17 @@ def row_items(shape) -> int:
     return math.prod(int(d) for d in shape[1:])
 
 
+#: The largest memory size ``parse_memory`` accepts (1 EiB): far above any machine, and small
+#: enough for the int64 arithmetic of row blocks.
+MAX_MEMORY = 1 << 60
 #: Units ``parse_memory`` accepts, longest first (so ``MiB`` is not read as ``B``).
 _UNITS = (("KIB", 1 << 10), ("MIB", 1 << 20), ("GIB", 1 << 30), ("TIB", 1 << 40),
           ("KB", 10**3), ("MB", 10**6), ("GB", 10**9), ("TB", 10**12),
           ("K", 1 << 10), ("M", 1 << 20), ("G", 1 << 30), ("T", 1 << 40), ("B", 1))
 
 
-def parse_memory(value: int | str | None, default: int | None = None) -> int:
+def parse_memory(value: int | str | None, default: int | None = None,
+                 option: str = "max_memory") -> int:
     """Bytes in ``512MiB``, ``2GB``, ``1.5 MB``, ``4096`` (``default`` for None).
 
     >>> parse_memory("4KiB"), parse_memory("1.5 MB"), parse_memory(None, 7), parse_memory(4096)
@@ -55,9 +62,10 @@ def parse_memory(value: int | str | None, default: int | None = None) -> int:
             size = int(float(number) * factor)
         except (ValueError, OverflowError):
             size = -1
-    if size <= 0:
-        raise ValueError(f"memory size must be a positive number of bytes with an optional "
-                         f"unit, like 512MiB, 2GB or 4096; got {value!r}")
+    if not 0 < size <= MAX_MEMORY:
+        raise OptionError(f"{option}: memory size must be a positive number of bytes with an "
+                          f"optional unit, like 512MiB, 2GB or 4096, up to 1EiB; got "
+                          f"{short_repr(value)}", option=option)
     return size
 
 

@@ -16,8 +16,8 @@ from click.testing import CliRunner
 
 import sparsestitch
 from sparsestitch.cli import main
-from sparsestitch.errors import (BaseMismatchError, CheckpointError, DeltaFormatError, OutputError,
-                                 SparsestitchError, TensorMismatchError)
+from sparsestitch.errors import (BaseMismatchError, CheckpointError, DeltaFormatError, OptionError,
+                                 OutputError, SparsestitchError, TensorMismatchError)
 
 from .conftest import save_checkpoint
 from .support.processes import tree_digest
@@ -324,3 +324,66 @@ def test_an_output_that_is_an_input_is_refused_even_with_overwrite(zoo, tmp_path
     refused(args, OutputError, tmp_path)  # a folder holding the inputs
     assert {name: tree_digest(path) for name, path in copies.items()} == digests
 
+
+
+# ---------------------------------------------------------------------------------------------
+# Options of the wrong type or out of range: refused by name before anything is read
+
+
+@pytest.mark.parametrize("options, option", [
+    ({"lossless": "no"}, "lossless"), ({"lossless": 1}, "lossless"),
+    ({"density": 0.1, "bits": 4.0}, "bits"), ({"density": 0.1, "bits": True}, "bits"),
+    ({"density": 0.1, "bits": 4, "group": 2.5}, "group"), ({"max_error": True}, "max_error"),
+    ({"density": "0.1"}, "density"), ({"max_error": float("nan")}, "max_error"),
+    ({"max_error": float("inf")}, "max_error"), ({"density": float("nan")}, "density"),
+    ({"chunk_elements": 0}, "chunk_elements"), ({"chunk_elements": 1e4}, "chunk_elements"),
+    ({"threads": 2.0}, "threads"), ({"threads": 0}, "threads"),
+    ({"max_error": None, "max_memory": "infMiB"}, "max_memory"),
+])
+def test_compress_and_merge_options_of_the_wrong_type(zoo, tmp_path, options, option):
+    """``lossless='no'`` read as true, ``bits=4.0`` passed the checks and failed mid-run."""
+    out = tmp_path / "x.delta"
+    with pytest.raises(OptionError) as caught:
+        sparsestitch.compress(zoo.base, zoo.finetunes[0], out, **options)
+    assert caught.value.option == option and option in str(caught.value)
+    merge_options = {("keep" if k == "density" else k): v for k, v in options.items()}
+    with pytest.raises(OptionError) as caught:
+        sparsestitch.merge(zoo.base, zoo.finetunes[:2], out, **merge_options)
+    assert caught.value.option == ("keep" if option == "density" else option)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("options, option", [
+    ({"rule": "dare", "seed": 1.7}, "seed"), ({"rule": "dare", "seed": -5}, "seed"),
+    ({"rule": "task-arithmetic", "scale": float("nan")}, "scale"),
+    ({"weights": [float("nan"), 1.0]}, "weights"), ({"max_memory": "nanGiB"}, "max_memory"),
+    ({"max_memory": 10**30}, "max_memory"), ({"threads": 1.5}, "threads"),
+])
+def test_stitch_options_of_the_wrong_type(zoo, tmp_path, options, option):
+    out = tmp_path / "m.safetensors"
+    deltas = [zoo.deltas["d0.01"], zoo.other]
+    with pytest.raises(OptionError) as caught:
+        sparsestitch.stitch(zoo.base, deltas, out, **options)
+    assert caught.value.option == option
+    assert not out.exists()
+
+
+def test_zoo_options_are_checked_before_any_worker_starts(zoo, tmp_path):
+    """``-O lossless=no`` is the string 'no', which read as true."""
+    from sparsestitch.cli_zoo import zoo as zoo_cli
+    from sparsestitch.zoo import add, init, ls
+
+    folder = tmp_path / "zoo"
+    init(folder, zoo.base)
+    for pair, option in (("lossless=no", "lossless"), ("max_error=NaN", "max_error"),
+                         ("bits=4.0", "bits"), ("colour=1", "colour")):
+        result = CliRunner().invoke(zoo_cli, ["add", str(folder), str(zoo.finetunes[0]), "-O", pair,
+                                              "--workers", "0"])
+        assert result.exit_code == 2 and "Traceback" not in result.output
+        assert result.output.startswith("error: ") and option in result.output, result.output
+    for options, option in (({"lossless": "no"}, "lossless"), ({"retries": -5}, "retries"),
+                            ({"workers": -1}, "workers"), ({"workers": 1.5}, "workers")):
+        with pytest.raises(OptionError) as caught:
+            add(folder, [zoo.finetunes[0]], **{"workers": 0, **options})
+        assert caught.value.option == option
+    assert ls(folder) == [] and not list((folder / "deltas").glob("*.delta"))

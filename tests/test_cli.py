@@ -402,3 +402,43 @@ def test_no_progress_bars_into_logs_and_threads_change_no_byte(zoo, tmp_path):
         assert ok("restore", zoo["base"], out, "-o", restored, "--threads", threads).stderr == ""
         outputs.append(restored.read_bytes())
     assert outputs[0] == outputs[2] and outputs[1] == outputs[3]
+
+
+@pytest.mark.parametrize("flags, needle", [
+    (["--rule", "task-arithmetic", "--scale", "nan"], "scale must be a finite number"),
+    (["--rule", "ties", "--scale", "inf"], "scale must be a finite number"),
+    (["--rule", "ties", "--density", "nan"], "density"),
+    (["--rule", "dare", "--drop", "nan"], "drop"),
+    (["--weights", "nan,1"], "weight 1 of 2 is nan"),
+    (["--weights", "1,-inf"], "weight 2 of 2 is -inf"),
+])
+def test_nan_and_infinite_numbers_are_refused_by_every_merge_command(zoo, tmp_path, deltas, flags,
+                                                                     needle):
+    """They were accepted (exit 0) and made most of the output NaN."""
+    out = tmp_path / "m.safetensors"
+    merged = tmp_path / "merged.safetensors"
+    ok("stitch", zoo["base"], deltas[0], "-o", merged, "--quiet",
+       *(["--rule", "task-arithmetic"] if "task-arithmetic" in flags else []))
+    before = merged.read_bytes()
+    commands = [["stitch", zoo["base"], *deltas, "-o", out],
+                ["merge", zoo["base"], zoo["ft1"], zoo["ft2"], "-o", out]]
+    if "ties" not in flags and "dare" not in flags:
+        commands.append(["stitch-add", zoo["base"], merged, deltas[1], "--previous", deltas[0],
+                         "-o", out])
+    for command in commands:
+        assert_one_line_error(run(*command, *flags), needle)
+        assert not out.exists()
+    assert merged.read_bytes() == before
+
+
+def test_compress_numbers_are_finite_and_in_range(zoo, tmp_path):
+    out = tmp_path / "x.delta"
+    for flags, needle in ((["--density", "nan"], "density"), (["--max-error", "nan"], "max_error"),
+                          (["--max-error", "inf"], "max_error"),
+                          (["--max-error", "-1"], "max_error"),
+                          (["--density", "0.1", "--bits", "4", "--group", "-2"], "group")):
+        assert_one_line_error(run("compress", zoo["base"], zoo["ft1"], "-o", out, *flags), needle)
+        assert_one_line_error(run("merge", zoo["base"], zoo["ft1"], "-o", out,
+                                  *[f.replace("--density", "--keep") for f in flags]),
+                              needle.replace("density", "keep"))
+    assert not out.exists()

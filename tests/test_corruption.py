@@ -17,9 +17,12 @@ import random
 import numpy as np
 import pytest
 import torch
+from click.testing import CliRunner
 
 import sparsestitch
-from sparsestitch.errors import BaseMismatchError, CheckpointError, ResourceLimitError
+from sparsestitch.cli import main
+from sparsestitch.errors import (BaseMismatchError, CheckpointError, DeltaFormatError,
+                                 ResourceLimitError)
 
 from .conftest import save_checkpoint
 from .support.damage import Case, bitflip_cases, container_cases, decoder_cases, header_cases, random_header_case, resealed_payload_cases, truncation_cases
@@ -164,6 +167,64 @@ def test_typical_hostile_fields_give_the_documented_error(lab, edit, error):
         sparsestitch.verify(path)
     assert type(caught.value).__name__ == error
     assert caught.value.path == str(path) and str(path) in str(caught.value)
+    path.unlink()
+
+
+@pytest.mark.parametrize("part, codec", [("values", ["raw"]), ("values", {"raw": 1}),
+                                         ("positions", {"codec": "rice"}), ("positions", ["rice"]),
+                                         ("values", None)])
+def test_a_codec_that_is_not_a_name_is_refused_by_every_command(lab, part, codec):
+    """A list or object as a codec made every command, info included, fail with
+    ``TypeError: unhashable``; it is refused on opening, naming the file and the tensor."""
+    zoo, ctx, _ = lab
+    image = DeltaImage.read(zoo.deltas["d0.01"])
+    name = next(r["name"] for r in image.header["tensors"] if r["kind"] == "sparse")
+    image.record(name)[part]["codec"] = codec
+    path = ctx.scratch / "codec.delta"
+    path.write_bytes(image.to_bytes())
+    out = ctx.scratch / "codec.out"
+    runs = {"info": lambda: sparsestitch.info(path),
+            "verify": lambda: sparsestitch.verify(path),
+            "verify --base": lambda: sparsestitch.verify(path, base=zoo.base),
+            "restore": lambda: sparsestitch.restore(zoo.base, path, out),
+            "restore --max-memory": lambda: sparsestitch.restore(zoo.base, path, out,
+                                                                 max_memory="4KiB"),
+            "stitch": lambda: sparsestitch.stitch(zoo.base, [zoo.other, path], out)}
+    for op, run in runs.items():
+        with pytest.raises(DeltaFormatError) as caught:
+            run()
+        assert (caught.value.path, caught.value.tensor) == (str(path), name), op
+        assert "codec must be a codec name" in str(caught.value), op
+        assert not out.exists()
+    result = CliRunner().invoke(main, ["info", str(path)])
+    assert result.exit_code == 2 and f"file {str(path)!r}, tensor {name!r}" in result.output
+    path.unlink()
+
+
+@pytest.mark.parametrize("max_memory", [None, "4KiB"])
+def test_an_unknown_value_codec_is_named_on_every_restore_path(lab, max_memory):
+    """With a tiny --max-memory records are decoded row block by row block, where an unknown
+    value codec was reported without the file's name."""
+    zoo, ctx, _ = lab
+    image = DeltaImage.read(zoo.deltas["d0.5"])
+    out = ctx.scratch / "unknown-codec.out"
+    path = ctx.scratch / "unknown-codec.delta"
+    for record in (r for r in image.header["tensors"] if r["kind"] == "sparse" and r["count"]):
+        copy = image.copy()
+        copy.record(record["name"])["values"]["codec"] = "zigzag"
+        path.write_bytes(copy.to_bytes())
+        for run in (lambda: sparsestitch.restore(zoo.base, path, out, max_memory=max_memory),
+                    lambda: sparsestitch.stitch(zoo.base, [zoo.other, path], out,
+                                                max_memory=max_memory)):
+            with pytest.raises(DeltaFormatError, match="unknown value codec 'zigzag'") as caught:
+                run()
+            assert (caught.value.path, caught.value.tensor) == (str(path), record["name"])
+            assert not out.exists()
+        args = ["restore", str(zoo.base), str(path), "-o", str(out)]
+        args += ["--max-memory", max_memory] if max_memory else []
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 2 and f"file {str(path)!r}, tensor {record['name']!r}" \
+            in result.output, result.output
     path.unlink()
 
 

@@ -4,13 +4,18 @@ restored and merged like safetensors checkpoints."""
 
 from __future__ import annotations
 
+from collections import Counter
+
 import numpy as np
 import pytest
 import torch
+from click.testing import CliRunner
+from hypothesis import given, settings, strategies as st
 from safetensors.torch import load_file
 
 import sparsestitch
 from sparsestitch.checkpoint import Checkpoint
+from sparsestitch.cli import main
 from sparsestitch.checkpoint.gguf_file import transformers_name, unpermute_rows
 from sparsestitch.errors import CheckpointError
 
@@ -51,12 +56,19 @@ GGUF_NAMES = {"model.embed_tokens.weight": "token_embd.weight",
               "model.norm.weight": "output_norm.weight", "lm_head.weight": "output.weight"}
 
 
-def write_gguf(path, tensors: dict[str, np.ndarray], quantized: dict[str, object] = ()):
+def write_gguf(path, tensors: dict[str, np.ndarray], quantized: dict[str, object] = (),
+               metadata: dict[str, tuple] = ()):
     """``tensors`` (transformers names) as llama.cpp would store them; ``quantized`` maps
-    names to a GGML quantization type (others F32)."""
+    names to a GGML quantization type (others F32); ``metadata`` maps keys to ``(value, GGUF
+    value type)`` written instead of the usual ones (``(None, None)``: the key left out)."""
     writer = gguf.GGUFWriter(str(path), "llama")
     writer.add_head_count(HEADS)
     writer.add_head_count_kv(KV_HEADS)
+    for key, (value, kind) in dict(metadata).items():
+        if kind is None:
+            del writer.kv_data[0][key]
+        else:
+            writer.kv_data[0][key] = gguf.GGUFValue(value=value, type=kind)
     reverse = {v: k for k, v in {**{f"blk.{i}.{b}.weight": f"model.layers.{i}.{h}.weight"
                                     for i in range(2) for b, h in BLOCKS.items()}}.items()}
     for name, array in tensors.items():
@@ -175,3 +187,105 @@ def test_an_unmapped_tensor_and_a_bad_asked_dtype_are_refused(tmp_path, monkeypa
     monkeypatch.setenv("SPARSESTITCH_GGUF_DTYPE", "int8")
     with pytest.raises(ValueError, match="SPARSESTITCH_GGUF_DTYPE must be F32, F16 or BF16"):
         Checkpoint(path)
+
+
+ARCHITECTURE, HEAD_COUNT = "general.architecture", "llama.attention.head_count"
+KV_HEAD_COUNT = "llama.attention.head_count_kv"
+V = gguf.GGUFValueType
+K_PROJ = "model.layers.0.self_attn.k_proj.weight"
+
+
+@pytest.mark.parametrize("key, value, kind, tensor", [
+    (KV_HEAD_COUNT, 0, V.UINT32, None),        # was a ZeroDivisionError
+    (HEAD_COUNT, [4, 4], V.ARRAY, None),       # was a TypeError
+    (KV_HEAD_COUNT, 3, V.UINT32, K_PROJ),      # was "cannot reshape array", naming no file
+    (HEAD_COUNT, 4.5, V.FLOAT32, None),        # was read as 4
+    (HEAD_COUNT, 4.0, V.FLOAT64, None), (HEAD_COUNT, True, V.BOOL, None),
+    (HEAD_COUNT, "4", V.STRING, None), (KV_HEAD_COUNT, -2, V.INT32, None),
+    (HEAD_COUNT, None, None, None),
+    (ARCHITECTURE, 7, V.UINT32, None), (ARCHITECTURE, ["llama"], V.ARRAY, None),
+    (ARCHITECTURE, b"\xffllama", V.STRING, None),
+])
+def test_metadata_of_the_wrong_type_or_value_is_refused_naming_file_and_key(tmp_path, key, value,
+                                                                            kind, tensor):
+    path = write_gguf(tmp_path / "m.gguf", llama_tensors(4), metadata={key: (value, kind)})
+    with pytest.raises(CheckpointError) as caught:
+        Checkpoint(path)
+    assert (caught.value.path, caught.value.tensor) == (str(path), tensor)
+    assert f"{key!r}" in str(caught.value)
+    tune = save_checkpoint(tmp_path / "ft.safetensors", {k: torch.from_numpy(v) for k, v in
+                                                          llama_tensors(4).items()})
+    result = CliRunner().invoke(main, ["compress", str(path), str(tune), "-o",
+                                       str(tmp_path / "x.delta")])
+    assert result.exit_code == 2 and result.output.count("\n") == 1, result.output
+    assert f"file {str(path)!r}" in result.output and f"{key!r}" in result.output
+    assert not (tmp_path / "x.delta").exists()
+
+
+INTEGER_TYPES = {V.UINT8: (0, 2**8 - 1), V.INT8: (-2**7, 2**7 - 1), V.UINT16: (0, 2**16 - 1),
+                 V.INT16: (-2**15, 2**15 - 1), V.UINT32: (0, 2**32 - 1),
+                 V.INT32: (-2**31, 2**31 - 1), V.UINT64: (0, 2**64 - 1),
+                 V.INT64: (-2**63, 2**63 - 1)}
+
+
+def _metadata_value():
+    """A GGUF metadata value of any type: ``(value, type)``, ``(None, None)`` for none; small
+    integers (plausible head counts) and 'llama' often, so both outcomes are common."""
+    def of(kind, values):
+        return values.map(lambda value: (value, kind))
+
+    def integer(kind):
+        low, high = INTEGER_TYPES[kind]
+        return of(kind, st.one_of(st.integers(max(low, -2), 9), st.integers(low, high)))
+    plausible = {0: st.sampled_from(sorted(INTEGER_TYPES)).flatmap(
+                     lambda kind: of(kind, st.integers(1, 8))),
+                 1: st.just(("llama", V.STRING))}
+    anything = st.one_of(
+        st.just((None, None)), st.sampled_from(sorted(INTEGER_TYPES)).flatmap(integer),
+        of(V.FLOAT32, st.floats(width=32)), of(V.FLOAT64, st.floats()),
+        of(V.BOOL, st.booleans()),
+        of(V.STRING, st.one_of(st.just("llama"), st.text(max_size=8), st.binary(max_size=6))),
+        of(V.ARRAY, st.lists(st.integers(0, 2**31 - 1), min_size=1, max_size=3)),
+        of(V.ARRAY, st.lists(st.text(max_size=4), min_size=1, max_size=3)))
+    return st.integers(0, 3).flatmap(lambda draw: plausible.get(draw, anything))
+
+
+FUZZ_TENSORS = {"model.layers.0.self_attn.q_proj.weight": np.arange(16 * 8, dtype=np.float32)
+                .reshape(16, 8), K_PROJ: np.arange(8 * 8, dtype=np.float32).reshape(8, 8)}
+GGUF_CASES = Counter()
+
+
+@settings(max_examples=300, deadline=None)
+@given(key=st.sampled_from([ARCHITECTURE, HEAD_COUNT, KV_HEAD_COUNT]), value=_metadata_value())
+def test_fuzzed_metadata_is_read_exactly_when_valid_else_refused_by_name(gguf_folder, key, value):
+    """Any type in the keys the reader uses: the file reads (every tensor) exactly when the
+    value is valid -- the architecture the text 'llama', a head count one integer of 1 or more
+    splitting the rows into rotary pairs (16 Q rows, 8 K rows) -- and is otherwise refused by
+    a CheckpointError naming the file and the key, never another exception."""
+    path = write_gguf(gguf_folder / "fuzzed.gguf", FUZZ_TENSORS, metadata={key: value})
+    content, kind = value
+    heads = {HEAD_COUNT: HEADS, KV_HEAD_COUNT: KV_HEADS, key: content}
+    if kind is None and key == KV_HEAD_COUNT:
+        heads[KV_HEAD_COUNT] = heads[HEAD_COUNT]  # llama.cpp's default
+    integer = kind in INTEGER_TYPES
+    valid = (content == "llama" and kind == V.STRING if key == ARCHITECTURE else
+             (integer or (kind is None and key == KV_HEAD_COUNT))
+             and heads[key] >= 1 and 16 % (2 * heads[HEAD_COUNT]) == 0
+             and 8 % (2 * heads[KV_HEAD_COUNT]) == 0)
+    try:
+        with Checkpoint(path) as ckpt:
+            for name in ckpt.names:
+                assert ckpt.read(name).size == FUZZ_TENSORS[name].size
+    except CheckpointError as exc:
+        assert not valid, exc
+        assert exc.path == str(path) and f"{key!r}" in str(exc)
+        GGUF_CASES["refused"] += 1
+        return
+    assert valid, (key, value)
+    GGUF_CASES["read"] += 1
+
+
+@pytest.fixture(scope="module")
+def gguf_folder(tmp_path_factory):
+    yield tmp_path_factory.mktemp("fuzzed-gguf")
+    print(f"\nfuzzed GGUF metadata: {dict(GGUF_CASES)}")

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import sparsestitch
-from sparsestitch.errors import TensorMismatchError
+from sparsestitch.errors import OptionError, TensorMismatchError
 from sparsestitch.format import DeltaReader
 from sparsestitch.localize.trained import dataless_masks, global_top_k, learn_masks
 from sparsestitch.tiebreak import tie_order
@@ -191,6 +191,18 @@ def test_density_outside_unit_interval_is_refused():
     _, base, finetuned, _ = tiny_problem()
     with pytest.raises(ValueError, match="density"):
         dataless_masks(base, finetuned, density=1.5)
+
+
+@pytest.mark.parametrize("option, value", [
+    ("density", float("nan")), ("l1", float("nan")), ("lr", float("inf")), ("lr", -0.1),
+    ("epochs", 2.5), ("epochs", -1), ("init_logit", float("nan")), ("exact_density", "no"),
+])
+def test_numeric_options_are_finite_and_in_range(option, value):
+    """A NaN l1 or init_logit trained every score to NaN, and epochs=2.5 failed in range()."""
+    model, base, finetuned, batches = tiny_problem()
+    with pytest.raises(OptionError) as caught:
+        learn(model, base, finetuned, batches, **{option: value})
+    assert caught.value.option == option
 
 
 def test_one_shot_iterator_is_refused():

@@ -3,19 +3,22 @@
 from __future__ import annotations
 
 import json
+import math
 import re
+from collections import Counter
 
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import HealthCheck, example, given, settings, strategies as st
 from safetensors import safe_open
 from safetensors.torch import load_file
 
 import sparsestitch
+from sparsestitch import merge_config
 from sparsestitch.dtypes import dtype
-from sparsestitch.errors import TensorMismatchError
-from sparsestitch.stitch import rule_combiner
+from sparsestitch.errors import ConfigError, TensorMismatchError
+from sparsestitch.stitch import RULES, rule_combiner
 from sparsestitch.walk import Stored
 
 from .codec_checks import tunes_of_one_base
@@ -105,6 +108,17 @@ def test_merge_records_how_it_was_made(tmp_path, trio):
     assert recipe["keep"]["density"] == 1.0 and len(recipe["finetuned"]) == 2
 
 
+def test_numpy_numbers_are_options_like_any_other(tmp_path, trio):
+    """A numpy float32 scale passed the checks, then failed writing the recipe as JSON."""
+    out = sparsestitch.merge(trio["base"], [trio["ft1"], trio["ft2"]], tmp_path / "m.safetensors",
+                             rule="task-arithmetic", scale=np.float32(0.5),
+                             weights=np.array([1.0, 0.5]), max_error=np.float32(0.25))
+    with safe_open(out, "pt") as f:
+        recipe = json.loads(f.metadata()["sparsestitch.merge"])
+    assert recipe["options"] == {"scale": 0.5} and recipe["weights"] == [1.0, 0.5]
+    assert recipe["keep"]["max_error"] == 0.25
+
+
 def test_merge_refuses_bad_input_before_writing(tmp_path, trio):
     out = tmp_path / "m.safetensors"
     with pytest.raises(ValueError, match="scale"):
@@ -172,7 +186,7 @@ out: from-config.safetensors
     ("keep: {bits: 5}", "bits must be one of"),
     ("colour: blue", "unknown key 'colour'"),
     ("models: [{model: nowhere/}]", r"models\[0\].model: no such file"),
-    ("models: [{model: FT1, weight: heavy}]", r"models\[0\].weight: must be a number"),
+    ("models: [{model: FT1, weight: heavy}]", r"models\[0\].weight: must be a finite number"),
     ("models: [{model: OTHER}]", r"models\[0\].model: .*lacks"),
 ])
 def test_bad_configs_fail_before_anything_is_written(tmp_path, trio, edit, message):
@@ -188,6 +202,152 @@ def test_bad_configs_fail_before_anything_is_written(tmp_path, trio, edit, messa
     assert result.exit_code == 2, result.output
     assert re.search(message, result.output), result.output
     assert not (tmp_path / "out.safetensors").exists()
+
+
+DEEP = "[" * 5000 + "]" * 5000
+
+
+@pytest.mark.parametrize("sections, key, message", [
+    ({"models": "models: [{model: FT1, weight: .nan}]"}, "models[0].weight", "finite number"),
+    ({"models": "models: [{model: FT1, weight: -.inf}]"}, "models[0].weight", "finite number"),
+    ({"models": "models: [{model: FT1, weight: 1" + "0" * 400 + "}]"}, "models[0].weight",
+     "finite number"),
+    ({"parameters": "parameters: {scale: .inf}"}, "parameters.scale", "finite number"),
+    ({"rule": "rule: dare", "parameters": "parameters: {seed: 1.7}"}, "parameters.seed",
+     "whole number of 0 or more"),
+    ({"rule": "rule: dare", "parameters": "parameters: {seed: -5}"}, "parameters.seed",
+     "whole number of 0 or more"),
+    ({"rule": "rule: dare", "parameters": "parameters: {drop: '0.5'}"}, "parameters.drop",
+     "finite number within [0, 1)"),
+    ({"keep": "keep: {lossless: 'no'}"}, "keep.lossless", "must be true or false, got 'no'"),
+    ({"keep": "keep: {bits: 4.0}"}, "keep.bits", "whole number"),
+    ({"keep": "keep: {bits: 4, density: 0.1, group: -1}"}, "keep.group", "whole number"),
+    ({"keep": "keep: {max_error: .nan}"}, "keep.max_error", "finite number"),
+    ({"keep": "keep: {scope: [global]}"}, "keep.scope", "scope must be one of"),
+    ({"extra": "7: seven"}, "top level", "keys are names, got 7"),
+    ({"parameters": "parameters: {1: 2, density: 0.5}"}, "parameters", "keys are option names"),
+    ({"models": "models: [{model: FT1, 2.5: x}]"}, "models[0]", "keys are names, got 2.5"),
+    ({"rule": "rule: [ties]"}, "rule", "must be one of"),
+    ({"parameters": "parameters: " + DEEP}, "file", "nested too deeply"),
+    ({"max_memory": "max_memory: 1" + "0" * 400}, "max_memory", "size like 1GiB"),
+    ({"base": "base: 2024-02-30"}, "file", "not valid YAML"),
+    ({"out": "out: [a]"}, "out", "must be a path"),
+])
+def test_config_values_are_checked_completely_before_any_tensor_is_read(tmp_path, trio, sections,
+                                                                         key, message):
+    """Each was a TypeError, OverflowError or RecursionError, or passed the checks and failed
+    mid-merge; now a ConfigError naming the file and the key, before anything is read."""
+    lines = {"base": f"base: {trio['base']}", "models": "models: [{model: FT1}]",
+             "rule": "rule: ties", "parameters": "parameters: {density: 0.5}",
+             "out": "out: out.safetensors", **sections}
+    config = tmp_path / "merge.yml"
+    config.write_text("\n".join(lines.values()).replace("FT1", str(trio["ft1"])) + "\n")
+    with pytest.raises(ConfigError) as caught:
+        merge_config.load(config)
+    error = caught.value
+    assert issubclass(ConfigError, sparsestitch.SparsestitchError)
+    assert issubclass(ConfigError, ValueError)
+    assert error.path == str(config) and error.key == key and message in str(error)
+    assert str(error).startswith(f"file {str(config)!r}: {key}: ")
+    result = _cli("merge", "--config", config)
+    assert result.exit_code == 2 and result.output.count("\n") == 1, result.output
+    assert "Traceback" not in result.output and f"{key}: " in result.output
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+def _config_strategy():
+    """Merge configs with every slot filled at random: mostly the right keys and sensible
+    values (so the checks past the first are reached), else values of every YAML type (NaN,
+    infinities, ints beyond any float, text, nesting) and keys of mixed types."""
+    keys = st.one_of(st.text(max_size=6), st.integers(), st.booleans(), st.none(),
+                     st.floats(allow_nan=False))
+    scalars = st.one_of(st.none(), st.booleans(), st.floats(),
+                        st.integers(-(10**500), 10**500), st.just(10**400), st.text(max_size=8),
+                        st.sampled_from(["no", "true", "0.5", "1.7", "ties", "global", "1GiB",
+                                         "base.safetensors", "*.weight"]))
+    anything = st.recursive(scalars, lambda inner: st.lists(inner, max_size=3)
+                            | st.dictionaries(keys, inner, max_size=3), max_leaves=6)
+
+    def mostly(sensible, hostile=anything, odds=4):  # hostile once in ``odds``
+        return st.integers(1, odds).flatmap(lambda draw: hostile if draw == 1 else sensible)
+
+    numbers = mostly(st.sampled_from([0, 1, 7, 0.0, 0.2, 0.5, 1.0, -1.5, 4, 128]),
+                     st.one_of(st.sampled_from([10**400, -(10**400), 2**64, -1, 1.7]),
+                               st.floats(), scalars), odds=3)
+
+    def section(names):
+        return mostly(st.dictionaries(st.sampled_from(sorted(names)), numbers,
+                                      max_size=len(names)),
+                      st.one_of(st.dictionaries(keys, anything, max_size=3), anything))
+
+    def rule_with_its_parameters(name):
+        return st.fixed_dictionaries({"rule": st.just(name)},
+                                     optional={"parameters": section(RULES[name].defaults
+                                                                     or {"scale"})})
+
+    model = mostly(st.fixed_dictionaries({"model": st.just("ft.safetensors")},
+                                         optional={"weight": numbers}), odds=10)
+    required = {"base": mostly(st.just("base.safetensors"), odds=10),
+                "models": mostly(st.lists(model, min_size=1, max_size=3), odds=10)}
+    optional = {"keep": section(merge_config.KEEP_KEYS - {"include", "exclude", "dense"}
+                                | {"include"}),
+                "out": mostly(st.just("out.safetensors")),
+                "max_memory": mostly(st.sampled_from(["1GiB", 4096]), numbers)}
+    rule = mostly(st.sampled_from(sorted(RULES)).flatmap(rule_with_its_parameters),
+                  st.fixed_dictionaries({}, optional={
+                      "rule": anything, "parameters": section({"scale", "density", "drop",
+                                                               "seed"})}))
+    extra = mostly(st.just({}), st.dictionaries(keys, anything, max_size=1))
+    return st.tuples(st.fixed_dictionaries(required, optional=optional), rule, extra).map(
+        lambda parts: {**parts[0], **parts[1], **parts[2]})
+
+
+CONFIG_CASES = Counter()
+
+
+GOOD = {"base": "base.safetensors", "models": ["ft.safetensors"]}
+
+
+@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(config=_config_strategy(), deep=st.sampled_from([None] * 12 + [3, 40, 450, 600]))
+@example(config={**GOOD, "rule": "dare", "parameters": {"seed": 10**400}}, deep=None)
+@example(config={**GOOD, "models": [{"model": "ft.safetensors", "weight": -(10**400)}]},
+         deep=None)
+@example(config={**GOOD, "keep": {"bits": 4.0, "density": 0.1}, 1: 2}, deep=None)
+@example(config={**GOOD, "max_memory": 10**400}, deep=None)
+@example(config={**GOOD, "out": "\0"}, deep=None)
+def test_fuzzed_configs_load_or_raise_a_config_error(config_folder, config, deep):
+    """Whatever a config holds, ``load`` returns a checked config or raises the library's
+    ConfigError -- never a TypeError, OverflowError, RecursionError -- and what it returns
+    merges with checked options (weights finite, rule options and keep options valid)."""
+    import yaml
+
+    text = yaml.safe_dump(config, sort_keys=False, allow_unicode=True)
+    if deep is not None:  # nesting deeper than Python's recursion limit
+        text += "parameters: " + "[" * deep + "]" * deep + "\n"
+    path = config_folder / "fuzzed.yml"
+    path.write_text(text, encoding="utf-8")
+    try:
+        loaded = merge_config.load(path)
+    except ConfigError as exc:
+        assert exc.path == str(path) and str(exc).startswith(f"file {str(path)!r}: {exc.key}: ")
+        CONFIG_CASES[f"refused at {re.split(r'[.[]', exc.key)[0]}"] += 1
+        return
+    CONFIG_CASES["loaded"] += 1
+    assert all(math.isfinite(w) and type(w) is float for w in loaded.weights)
+    arguments = loaded.merge_arguments()
+    options = {k: arguments[k] for k in ("scale", "density", "drop", "seed") if k in arguments}
+    assert rule_combiner(loaded.rule, loaded.weights, len(loaded.finetuned), **options)
+
+
+@pytest.fixture(scope="module")
+def config_folder(tmp_path_factory):
+    """A folder where the fuzzed configs' relative paths exist (``load`` checks only that)."""
+    folder = tmp_path_factory.mktemp("fuzzed-configs")
+    for name in ("base.safetensors", "ft.safetensors"):
+        (folder / name).write_bytes(b"")
+    yield folder
+    print(f"\nfuzzed merge configs: {dict(CONFIG_CASES)}")
 
 
 def test_config_and_recipe_flags_do_not_mix(tmp_path, trio):

@@ -17,7 +17,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from sparsestitch.dtypes import dtype as lookup_dtype
-from sparsestitch.errors import TensorMismatchError
+from sparsestitch.errors import OptionError, TensorMismatchError
 from sparsestitch.stitch import RULES, rule_combiner
 from sparsestitch.tiebreak import tie_order
 from sparsestitch.walk import Stored
@@ -269,9 +269,60 @@ def test_bad_rules_and_options_are_refused(rule, options, message):
         sparse_merge(rule, "F32", base, [np.ones(3, bool)], [base + 1], **options)
 
 
+@pytest.mark.parametrize("rule, option, value", [
+    ("task-arithmetic", "scale", float("nan")), ("task-arithmetic", "scale", float("inf")),
+    ("ties", "scale", float("-inf")), ("ties", "density", float("nan")),
+    ("ties", "density", True), ("ties", "density", "0.5"), ("dare", "drop", float("nan")),
+    ("dare", "seed", 1.7), ("dare", "seed", -5), ("dare", "seed", True), ("dare", "seed", "3"),
+    ("task-arithmetic", "scale", 10**400), ("task-arithmetic", "scale", [1.0]),
+])
+def test_rule_options_are_finite_numbers_of_their_kind_and_range(rule, option, value):
+    """Every front end builds its combiner here: a NaN scale was accepted and made most of the
+    output NaN, a seed of 1.7 ran as 1."""
+    with pytest.raises(OptionError) as caught:
+        rule_combiner(rule, None, 2, **{option: value})
+    assert caught.value.option == option and str(caught.value).startswith(option)
+    assert isinstance(caught.value, ValueError)
+
+
+def test_a_seed_of_any_size_is_a_seed():
+    """Whole numbers are never converted to floats (10**400 has none)."""
+    assert rule_combiner("dare", None, 1, seed=10**400).options["seed"] == 10**400
+
+
+def test_rule_options_keep_their_kind():
+    combiner = rule_combiner("dare", None, 1, drop=np.float32(0.5), seed=np.int64(7), scale=2)
+    options = combiner.options
+    assert options == {"drop": 0.5, "seed": 7, "scale": 2.0}
+    assert type(options["seed"]) is int and type(options["scale"]) is float
+
+
+@pytest.mark.parametrize("weights", [[float("nan"), 1.0], [1.0, float("inf")], [True, 1.0],
+                                     ["1", 1.0], [10**400, 1.0], "11", [None, 1.0]])
+def test_weights_are_finite_numbers(weights):
+    with pytest.raises(OptionError, match="weights") as caught:
+        rule_combiner("localize-stitch", weights, 2)
+    assert caught.value.option == "weights"
+
+
 def test_weights_must_match_deltas():
     with pytest.raises(ValueError, match="2 deltas but 1 weights"):
         rule_combiner("localize-stitch", [1.0], 2)
+
+
+@pytest.mark.parametrize("rule", sorted(RULES))
+def test_weights_summing_to_zero_or_negative_merge_without_nan(rule):
+    """Negative weights subtract a task vector (task arithmetic's negation); no rule divides
+    by the weights' sum, so weights summing to zero cancel instead of dividing by zero."""
+    base = np.array([1.0, 2.0, 3.0, 4.0], np.float32).view(np.uint32)
+    tune = np.array([2.0, 4.0, 6.0, 8.0], np.float32).view(np.uint32)
+    both = [np.ones(4, bool)] * 2
+    options = {"ties": {"density": 1.0}, "ties-mergekit": {"density": 1.0},
+               "dare": {"drop": 0.0}}.get(rule, {})
+    cancelled = sparse_merge(rule, "F32", base, both, [tune, tune], [1.0, -1.0], **options)
+    assert not np.isnan(cancelled.view(np.float32)).any()
+    zero = sparse_merge(rule, "F32", base, both, [tune, tune], [0.0, 0.0], **options)
+    assert zero.view(np.float32).tolist() == base.view(np.float32).tolist()
 
 
 def _dare_survivors(seed: int, drop: float, size: int, name: str = "w", others: int = 0

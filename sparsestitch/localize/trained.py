@@ -30,6 +30,7 @@ from torch.func import functional_call
 from sparsestitch.dtypes import TORCH_DTYPE_NAMES, dtype as lookup_dtype
 from sparsestitch.errors import TensorMismatchError
 from sparsestitch.localize.topk import count_to_keep, magnitude_keys, topk_positions
+from sparsestitch.options import FRACTION, Range, flag, number
 from sparsestitch.tiebreak import tie_order
 
 __all__ = ["global_top_k", "dataless_masks", "learn_masks"]
@@ -136,6 +137,17 @@ def _magnitude_keys(base: Tensor, finetuned: Tensor) -> np.ndarray:
     return magnitude_keys(as_bits(finetuned.to(base.dtype)), as_bits(base), dt)
 
 
+def _check_options(density, l1, lr, epochs, init_logit, exact_density) -> None:
+    """Refuse NaN, infinities, values out of range and strings for flags (an OptionError
+    naming the option) before the model is touched."""
+    number("density", density, FRACTION, "the fraction of positions kept")
+    number("l1", l1, Range(0))
+    number("lr", lr, Range(0))
+    number("epochs", epochs, Range(0, whole=True))
+    number("init_logit", init_logit)
+    flag("exact_density", exact_density)
+
+
 def learn_masks(model: nn.Module, base: Mapping[str, Tensor], finetuned: Mapping[str, Tensor],
                 batches: Iterable, loss: Callable[[Callable[..., object], object], Tensor], *,
                 density: float = 0.01, include: Callable[[str], bool] | None = None,
@@ -222,6 +234,7 @@ def learn_masks(model: nn.Module, base: Mapping[str, Tensor], finetuned: Mapping
     if iter(batches) is batches:
         raise TypeError("batches is a one-shot iterator but is walked once per epoch; "
                         "pass a list or a DataLoader")
+    _check_options(density, l1, lr, epochs, init_logit, exact_density)
     names = _included_names(base, finetuned, include)
     own_values = dict(model.state_dict(keep_vars=True))
     _check_model_has(own_values, names, base)

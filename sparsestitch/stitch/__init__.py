@@ -30,9 +30,13 @@ def stitch(base: str | os.PathLike, deltas: Sequence[str | os.PathLike], out: st
     Rules: ``"localize-stitch"`` (overlaps averaged; the paper's rule),
     ``"task-arithmetic"`` (``scale``), ``"ties"`` (``density``, ``scale``) and
     ``"dare"`` (``drop``, ``seed``, ``scale``); ``weights`` scale each delta's task
-    vector first.  Arithmetic is in float32 (float64 for float64 models), rounded once
-    to the model's dtype; positions no delta stores keep the base's bits.  Non-float
-    tensors take the stored values (deltas that store different ones are refused).
+    vector first.  Weights and ``scale`` are finite numbers of any sign (a negative one
+    subtracts a task vector), ``density`` is within [0, 1], ``drop`` within [0, 1) and
+    ``seed`` a whole number of 0 or more; anything else (NaN, a string) is an
+    :class:`~sparsestitch.errors.OptionError` naming the option.  Arithmetic is in
+    float32 (float64 for float64 models), rounded once to the model's dtype; positions no
+    delta stores keep the base's bits.  Non-float tensors take the stored values (deltas
+    that store different ones are refused).
     ``max_memory`` (default 1 GiB) bounds what is held at once: base/output row blocks
     of a quarter of it, and read-ahead within half of it, counting about 32 bytes per
     stored position being decoded; a tensor whose records would not fit is merged in

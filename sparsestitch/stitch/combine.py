@@ -30,6 +30,7 @@ from .. import native
 from ..dtypes import DType, from_wide, to_wide
 from ..errors import TensorMismatchError
 from ..format import DeltaReader, digest
+from ..options import weights as checked_weights
 from ..walk import Stored
 from .rules import MergeRule, TaskVector, get_rule
 from .union import PositionUnion, union_of
@@ -350,17 +351,16 @@ def _weighted_tau(stored: Stored, weight: float, dt: DType) -> np.ndarray:
 
 def rule_combiner(rule: str, weights: Sequence[float] | None, count: int,
                   **options) -> RuleCombiner:
-    """The combiner for ``count`` deltas merged with ``rule``; checks rule, options, weights.
+    """The combiner for ``count`` deltas merged with ``rule``; checks rule, options and
+    weights (:func:`~sparsestitch.options.weights`: finite, of any sign), which every merge of
+    the API, the command line and merge configs goes through.
 
     >>> rule_combiner("task-arithmetic", None, 2, scale=0.5).options
     {'scale': 0.5}
     """
     merge_rule = get_rule(rule)
     resolved = merge_rule.check_options(options)
-    weights = [1.0] * count if weights is None else [float(w) for w in weights]
-    if len(weights) != count:
-        raise ValueError(f"{count} deltas but {len(weights)} weights")
-    return RuleCombiner(merge_rule, tuple(weights), resolved)
+    return RuleCombiner(merge_rule, tuple(checked_weights(weights, count)), resolved)
 
 
 def delta_identity(reader: DeltaReader) -> str:

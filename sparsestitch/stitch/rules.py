@@ -33,8 +33,18 @@ from typing import ClassVar
 
 import numpy as np
 
+from ..errors import OptionError
+from ..options import FINITE, FRACTION, Range, number, short_repr
 from ..tiebreak import tie_order
 from .union import PositionUnion, union_of
+
+#: Every rule option's values and meaning (an option means the same in every rule taking it).
+OPTION_LIMITS: dict[str, tuple[Range, str]] = {
+    "scale": (FINITE, "the factor lambda of the merged update"),
+    "density": (FRACTION, "the fraction of each tensor kept"),
+    "drop": (Range(0, 1, below_high=True), "the probability of dropping an entry"),
+    "seed": (Range(0, whole=True), "the random seed of the drops"),
+}
 
 
 @dataclass(frozen=True)
@@ -86,16 +96,14 @@ class MergeRule:
 
     def check_options(self, options: dict) -> dict:
         """``options`` with every default spelled out (so recipes of equal merges are equal),
-        each checked; raises ValueError naming the rule and the option."""
+        each checked against :data:`OPTION_LIMITS`; raises an OptionError naming the option."""
         unknown = sorted(set(options) - set(self.defaults))
         if unknown:
             takes = ", ".join(self.defaults) or "no options"
-            raise ValueError(f"rule {self.name!r} takes {takes}, not {', '.join(unknown)}")
-        resolved = {}
-        for key, default in self.defaults.items():
-            value = options.get(key, default)
-            resolved[key] = int(value) if isinstance(default, int) else float(value)
-        return resolved
+            raise OptionError(f"rule {self.name!r} takes {takes}, not {', '.join(unknown)}",
+                              option=unknown[0])
+        return {key: number(key, options.get(key, default), *OPTION_LIMITS[key])
+                for key, default in self.defaults.items()}
 
 
 def _union(vectors: Sequence[TaskVector], union: PositionUnion | None = None
@@ -188,13 +196,6 @@ class Ties(MergeRule):
 
     name = "ties"
     defaults = {"density": 0.2, "scale": 1.0}
-
-    def check_options(self, options: dict) -> dict:
-        resolved = super().check_options(options)
-        if not 0.0 <= resolved["density"] <= 1.0:
-            raise ValueError(f"TIES density (the fraction of each tensor kept) must be within "
-                             f"[0, 1], got {resolved['density']}")
-        return resolved
 
     def update(self, vectors, weights, name="", numel=None, union=None, density=0.2, scale=1.0):
         wide = _wide(vectors)
@@ -323,13 +324,6 @@ class Dare(MergeRule):
     name = "dare"
     defaults = {"drop": 0.9, "seed": 0, "scale": 1.0}
 
-    def check_options(self, options: dict) -> dict:
-        resolved = super().check_options(options)
-        if not 0.0 <= resolved["drop"] < 1.0:
-            raise ValueError(f"DARE drop (the probability of dropping an entry) must be within "
-                             f"[0, 1), got {resolved['drop']}")
-        return resolved
-
     def update(self, vectors, weights, name="", numel=None, union=None, drop=0.9, seed=0,
                scale=1.0):
         wide = _wide(vectors)
@@ -357,4 +351,5 @@ def get_rule(name: str) -> MergeRule:
     try:
         return RULES[name]
     except (KeyError, TypeError):
-        raise ValueError(f"unknown rule {name!r}; choose from {', '.join(RULES)}") from None
+        raise OptionError(f"unknown rule {short_repr(name)}; choose from {', '.join(RULES)}",
+                          option="rule") from None

@@ -19,6 +19,7 @@ from ..checkpoint.writer import earlier_model_output
 from ..errors import CheckpointError, OutputError
 from ..guard import Inputs
 from ..hub import resolve, write_model_card
+from ..options import Range, number, optional_number
 from . import manifest as mf
 from .cards import merged_card, restored_card
 from .members import default_name, describe_source, file_matches, normalize_options
@@ -117,6 +118,8 @@ def add(zoo: str | os.PathLike,
     With ``check`` (default), raises :class:`ZooAddError` if any member failed.
     """
     from . import jobs
+    optional_number("workers", workers, Range(0, whole=True), "0: in this process")
+    number("retries", retries, Range(0, whole=True))
     # Absolute paths: workers (Ray's in particular) need not share this process's cwd.
     zoo = Path(zoo).absolute()
     manifest = mf.read(zoo)

@@ -12,6 +12,7 @@ from pathlib import Path
 import xxhash
 
 from .._version import __version__
+from ..errors import OptionError
 from ..hub import Resolved
 from .manifest import NAME_PATTERN, check_name, delta_file, now
 
@@ -97,7 +98,27 @@ def normalize_options(options: dict) -> tuple[dict, dict]:
         given[key] = json.loads(text)
     effective = {k: (list(v) if isinstance(v, tuple) else v) for k, v in compress_defaults().items()}
     effective.update(given)
+    _check_compress_options(effective)
     return given, effective
+
+
+def _check_compress_options(effective: dict) -> None:
+    """Refuse, before any worker starts, the options compress would refuse in each of them
+    (it checks them with the same functions): an unknown name, a value of the wrong type or
+    out of range (``-O lossless=no`` is the string 'no', not false)."""
+    from ..keep import check_scope, choices
+    from ..readahead import workers_for
+    from ..sizes import parse_memory
+
+    unknown = sorted(set(effective) - set(compress_defaults()) - _RUN_OPTIONS)
+    if unknown:
+        raise OptionError(f"compress has no option {unknown[0]!r}; its options are "
+                          f"{', '.join(sorted(compress_defaults()))}", option=unknown[0])
+    check_scope(effective["scope"])
+    choices(effective["density"], effective["bits"], effective["group"], effective["lossless"],
+            effective["max_error"], effective["max_size"], None)
+    workers_for(effective["threads"], 1)
+    parse_memory(effective["max_memory"], 0)
 
 
 def options_conflict(recorded: dict, effective: dict) -> str | None:

@@ -154,6 +154,8 @@ def reference_listing(data: bytes) -> Listing:
         fields = [r.get(k) for k in ("count", "positions_nbytes", "values_nbytes")]
         if (not all(_is_int(v) and v >= 0 for v in fields) or fields[0] > _numel(shape)
                 or not isinstance(r.get("positions"), dict) or not isinstance(r.get("values"), dict)
+                or not isinstance(r["positions"].get("codec"), str)
+                or not isinstance(r["values"].get("codec"), str)
                 or not is_hex16(r.get("payload_xxh3"))
                 or (kind == "added" and fields[0] != _numel(shape))):
             raise Invalid("bad record fields", name)
