@@ -8,12 +8,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 
-from .budget import MemoryBudget
+import numpy as np
+
+from .budget import RUN_BYTES_PER_VALUE, MemoryBudget
 from .checkpoint import Checkpoint
 from .dtypes import dtype as lookup_dtype
 from .format import DeltaReader, Record
-from .walk import (BaseHash, RecordRuns, RowBlocks, added_runs, check_delta_fits, read_blocks,
-                   refuse_delta)
+from .walk import (BaseHash, RecordRuns, RowBlocks, added_runs, check_delta_fits, decode_tensor,
+                   read_blocks, refuse_delta)
 
 
 @dataclass(frozen=True)
@@ -99,13 +101,32 @@ def verify(delta: str | os.PathLike, base: str | os.PathLike | None = None, *,
             refuse_delta(ckpt)
             check_delta_fits(ckpt, reader)
         for record in reader.records:
-            if record.kind == "added":
-                for _ in added_runs(reader, record, budget):
-                    pass
-            elif record.kind == "sparse" or ckpt is not None:
-                _walk_record(reader, record, ckpt, budget)
+            if record.kind == "base" and ckpt is None:
+                continue
+            if not _fits_whole(record, budget):
+                if record.kind == "added":
+                    for _ in added_runs(reader, record, budget):
+                        pass
+                else:
+                    _walk_record(reader, record, ckpt, budget)
+            elif record.kind == "added":
+                reader.decode(record, None)
+            elif ckpt is not None:  # hashes the base tensor block by block, checks, decodes
+                decode_tensor(ckpt, [reader], record.name,
+                              RowBlocks.of(record.shape, record.dt.itemsize, budget.block_bytes))
+            else:  # against zeros at the kept positions: allocates for the payload, not the shape
+                payload = reader.payload(record)
+                kept = reader.positions(record, payload)
+                reader.values(record, np.zeros(kept.size, record.dt.bits), payload)
         return DeltaInfo(reader.path, reader.file_size, reader.header,
                          [_tensor_info(r) for r in reader.records])
+
+
+def _fits_whole(record: Record, budget: MemoryBudget) -> bool:
+    """Whether decoding the record whole (positions, values, the decoders' temporaries)
+    stays within half the budget; larger records are decoded in runs."""
+    return (record.count * RUN_BYTES_PER_VALUE <= budget.total // 2
+            and record.nbytes <= budget.block_bytes)
 
 
 def _walk_record(reader: DeltaReader, record: Record, ckpt: Checkpoint | None,

@@ -392,35 +392,33 @@ class RecordCursor:
                  spool_dir: str | None, totals: np.ndarray | None, positions_only: bool = False,
                  run: int = 1 << 16):
         self.record, self._context, self._run = record, reader.decoding(record), max(1, run)
-        self._cursors = []
         if not (positions_only or reader.value_codec(record).elementwise or totals is not None):
             raise ValueError(f"{record.values.get('codec')} values need the base's counts to "
                              "decode in runs")
-        with self._context:
-            self.dense = reader.stores_all(record)
-            positions = Part(payload, 0, record.positions_nbytes, memory_limit, spool_dir)
-            values = Part(payload, record.positions_nbytes, record.values_nbytes, memory_limit,
-                          spool_dir)
-            self._positions = None if self.dense else codecs.position_codec(
-                record.positions.get("codec")).cursor(positions, record.positions,
-                                                      record.shape, record.count)
-            if self._positions is not None:
-                self._cursors.append(self._positions)
-            codec = codecs.value_codec(record.values.get("codec"))
-            self.needs_base, self.elementwise = codec.needs_base, codec.elementwise
-            self._values = None
-            if not positions_only:
-                self._values = (codec.cursor(values, record.values, record.dt, record.count)
-                                if codec.elementwise else
-                                codec.cursor(values, record.values, record.dt, record.count,
-                                             totals))
-                self._cursors.append(self._values)
+        self._opened: list = []  # every stream the codecs' cursors read: what close() closes
+        try:
+            with self._context:
+                self._open(reader, payload, memory_limit, spool_dir, totals, positions_only)
+        except BaseException:
+            self.close()
+            raise
         self._pending = np.empty(0, np.int64)
         self._last, self._found, self._taken = -1, 0, 0
 
-    @property
-    def value_codec(self):
-        return codecs.value_codec(self.record.values.get("codec"))
+    def _open(self, reader, payload, memory_limit, spool_dir, totals, positions_only) -> None:
+        record = self.record
+        self.dense = reader.stores_all(record)
+        positions = Part(payload, 0, record.positions_nbytes, memory_limit, spool_dir,
+                         self._opened)
+        values = Part(payload, record.positions_nbytes, record.values_nbytes, memory_limit,
+                      spool_dir, self._opened)
+        self._positions = None if self.dense else codecs.position_codec(
+            record.positions.get("codec")).cursor(positions, record.positions, record.shape,
+                                                  record.count)
+        codec = codecs.value_codec(record.values.get("codec"))
+        self.needs_base = codec.needs_base
+        self._values = None if positions_only else codec.cursor(
+            values, record.values, record.dt, record.count, *([] if codec.elementwise else [totals]))
 
     def next_positions(self, limit: int) -> np.ndarray:
         """The next (at most ``limit``) stored positions, checked; empty at the end."""
@@ -465,7 +463,8 @@ class RecordCursor:
         values = np.empty(n, self.record.dt.bits)
         with self._context:
             if self.needs_base and base is None:
-                raise DeltaFormatError(f"value codec {self.value_codec.codec_id!r} needs base values")
+                raise DeltaFormatError(f"value codec {self.record.values.get('codec')!r} needs "
+                                       "base values")
             for at in range(0, n, self._run):  # the decoders' temporaries: one run's worth
                 stop = min(n, at + self._run)
                 values[at:stop] = self._values.take(None if base is None else base[at:stop],
@@ -484,9 +483,9 @@ class RecordCursor:
                                        f"values, record says {self.record.count}")
 
     def close(self) -> None:
-        for cursor in self._cursors:
-            cursor.close()
-        self._cursors = []
+        for stream in self._opened:
+            stream.close()
+        self._opened.clear()
 
     def __enter__(self) -> "RecordCursor":
         return self

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 import sparsestitch
 from sparsestitch.cli import main
@@ -267,3 +268,31 @@ def test_random_output_paths_never_harm_an_input(ws, cache):
     report = campaign(60, seed=11, ws=ws)
     assert report["defects"] == []
     assert report["verdicts"].get("refused", 0) >= 15 and report["verdicts"].get("written", 0) >= 5
+
+
+_REV_PARTS = ["main", "v1", "..", ".", "/", "//", "refs", "pr", "1", "/etc", "~", "a" * 40,
+              "b" * 40, "x/../y", "%2e%2e", "\\", " ", "evil", "@"]
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+@given(st.lists(st.sampled_from(_REV_PARTS), min_size=1, max_size=4).map("".join),
+       st.sampled_from(["", "../../..", "/tmp", "b" * 40, "c" * 40, "b" * 39, "B" * 40,
+                        "snapshots/" + "b" * 40, "\n", "b" * 40 + "\n"]))
+def test_hub_ids_and_refs_never_resolve_outside_the_cache(ws, revision, ref_text):
+    """Any revision text, and a refs/ file of any content: resolving either refuses with the
+    library's error or lands on a commit's snapshot inside the cached repository."""
+    cache = ws / "hf-cache"
+    ref = cache / "models--org--base" / "refs" / "fuzz"
+    ref.write_text(ref_text)
+    snapshots = os.path.realpath(cache / "models--org--base" / "snapshots")
+    os.environ["HF_HUB_CACHE"], os.environ["HF_HUB_OFFLINE"] = str(cache), "1"
+    try:
+        for spec in (f"org/base@{revision}", "org/base@fuzz"):
+            try:
+                resolved = sparsestitch.hub.resolve(spec)
+            except sparsestitch.CheckpointError:
+                continue
+            assert os.path.dirname(os.path.realpath(resolved.path)) == snapshots, (spec, resolved)
+    finally:
+        ref.unlink()
+        del os.environ["HF_HUB_CACHE"], os.environ["HF_HUB_OFFLINE"]

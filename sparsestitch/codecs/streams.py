@@ -249,9 +249,12 @@ class Part:
     spool larger decompressed streams."""
 
     def __init__(self, payload: Payload, start: int, length: int, memory_limit: int,
-                 spool_dir: str | None = None):
+                 spool_dir: str | None = None, opened: list | None = None):
         self.payload, self.start, self.length = payload, start, length
         self.memory_limit, self.spool_dir = memory_limit, spool_dir
+        #: Every stream opened through this part or the parts split from it, so a caller
+        #: whose decoder failed half-built can close them all (:meth:`close_all`).
+        self.opened = [] if opened is None else opened
 
     def split(self, sizes: list[int]) -> list["Part"]:
         """Consecutive parts of the given sizes, which must cover this one (as
@@ -260,20 +263,32 @@ class Part:
             raise DeltaFormatError(f"streams of {sizes} bytes do not cover a {self.length}-byte payload")
         parts, at = [], self.start
         for size in sizes:
-            parts.append(Part(self.payload, at, size, self.memory_limit, self.spool_dir))
+            parts.append(Part(self.payload, at, size, self.memory_limit, self.spool_dir,
+                              self.opened))
             at += size
         return parts
 
     def stream(self, config, expected_nbytes: int) -> RawStream:
         """This part as one packed stream (see :func:`open_stream`)."""
-        return open_stream(self.payload, self.start, self.length, config, expected_nbytes,
-                           self.memory_limit, self.spool_dir)
+        stream = open_stream(self.payload, self.start, self.length, config, expected_nbytes,
+                             self.memory_limit, self.spool_dir)
+        self.opened.append(stream)
+        return stream
 
     def raw(self) -> RawStream:
         """This part's bytes as they are stored (bit streams: never compressed)."""
         if self.length <= self.memory_limit:
-            return RawStream(np.frombuffer(self.payload.read(self.start, self.length), np.uint8))
-        return self.payload.raw(self.start, self.length)
+            stream = RawStream(np.frombuffer(self.payload.read(self.start, self.length), np.uint8))
+        else:
+            stream = self.payload.raw(self.start, self.length)
+        self.opened.append(stream)
+        return stream
+
+    def close_all(self) -> None:
+        """Close every stream opened through this part and its splits."""
+        for stream in self.opened:
+            stream.close()
+        self.opened.clear()
 
 
 class PlanesCursor:

@@ -24,9 +24,13 @@ from .reference import (
     reference_listing,
 )
 
-OPS = ("info", "cli_info", "verify", "verify_base", "restore", "stitch")
+OPS = ("info", "cli_info", "verify", "verify_base", "restore", "stitch", "verify_runs",
+       "restore_runs")
 #: Operations that read the base checkpoint.
-BASE_OPS = ("verify_base", "restore", "stitch")
+BASE_OPS = ("verify_base", "restore", "stitch", "restore_runs")
+#: The budget of the ``*_runs`` operations: so small that every record is decoded in runs
+#: (:class:`~sparsestitch.format.RecordCursor`), the path large records take.
+RUNS_BUDGET = "4KiB"
 #: Outcomes that are acceptable; every other one is a defect.
 GOOD = ("detected", "identical", "faithful")
 
@@ -82,9 +86,13 @@ def run_op(op: str, delta: Path, ctx: Context, base: Path | None = None) -> tupl
             return "ok", _info_summary(sparsestitch.verify(delta))
         if op == "verify_base":
             return "ok", _info_summary(sparsestitch.verify(delta, base=base))
+        if op == "verify_runs":
+            return "ok", _info_summary(sparsestitch.verify(delta, max_memory=RUNS_BUDGET))
         out = ctx.output(op)
         if op == "restore":
             sparsestitch.restore(base, delta, out)
+        elif op == "restore_runs":
+            sparsestitch.restore(base, delta, out, max_memory=RUNS_BUDGET)
         else:
             sparsestitch.stitch(base, [delta, ctx.other], out)
         result = read_tensors(out)
@@ -120,6 +128,7 @@ def expected(op: str, data: bytes, ctx: Context, memo: dict | None = None):
         if op == "cli_info":
             reference_listing(data)
             return "printed"
+        op = {"verify_runs": "verify", "restore_runs": "restore"}.get(op, op)
         with_base = op != "verify"
         if with_base not in memo:
             try:
