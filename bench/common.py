@@ -62,10 +62,13 @@ function = getattr(importlib.import_module(module_name), function_name)
 for name in request["preload"]:
     importlib.import_module(name)
 start_rss = peak_rss()
+cpu_started = time.process_time()
 started = time.perf_counter()
 result = function(*request["args"])
 seconds = time.perf_counter() - started
-report = {"seconds": seconds, "start_rss": start_rss, "peak_rss": peak_rss(), "result": result}
+cpu = time.process_time() - cpu_started
+report = {"seconds": seconds, "cpu_seconds": cpu, "start_rss": start_rss,
+          "peak_rss": peak_rss(), "result": result}
 sys.stdout.flush()
 print("\n" + MARK + json.dumps(report), flush=True)
 """.replace("MARK", repr(_MARK))
@@ -79,6 +82,7 @@ class Measured:
     peak_rss: int
     start_rss: int
     result: object
+    cpu_seconds: float = 0.0   # every thread of the child, inside the call
 
 
 def measure(target: str, *args, sys_path: list[str] | tuple[str, ...] = (),
@@ -98,7 +102,8 @@ def measure(target: str, *args, sys_path: list[str] | tuple[str, ...] = (),
         raise RuntimeError(f"{target}{tuple(args)} failed (exit {proc.returncode}):\n"
                            f"{proc.stdout[-4000:]}")
     report = json.loads(lines[-1][len(_MARK):])
-    return Measured(report["seconds"], report["peak_rss"], report["start_rss"], report["result"])
+    return Measured(report["seconds"], report["peak_rss"], report["start_rss"], report["result"],
+                    report.get("cpu_seconds", 0.0))
 
 
 def best_of(repeat: int, target: str, *args, sys_path=(), preload=(), before=None) -> dict:
@@ -133,6 +138,7 @@ def interleaved(repeat: int, jobs: dict[str, dict]) -> dict[str, dict]:
     for name, measured in runs.items():
         fastest = min(measured, key=lambda r: r.seconds)
         out[name] = {"best_s": fastest.seconds, "all_s": [r.seconds for r in measured],
+                     "cpu_s": fastest.cpu_seconds, "all_cpu_s": [r.cpu_seconds for r in measured],
                      "peak_rss": max(r.peak_rss for r in measured),
                      "start_rss": fastest.start_rss, "result": fastest.result}
     return out

@@ -14,6 +14,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <float.h>
+#include <math.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -1206,6 +1207,106 @@ done:
 
 /* ---- ranking keys for top-k (localize/topk.py, compress.py) ----------------------- */
 
+PyDoc_STRVAR(quant_fit_doc,
+"quant_fit(magnitude, size, bits, rounds, offsets, steps)\n"
+"\n"
+"codecs.quant._fit: per group of ``size`` float64 magnitudes (the last may be shorter), the\n"
+"offset and step of ``bits``-bit levels, by ``rounds`` rounds of level assignment and least\n"
+"squares from the group's range; every sum taken in order, as _fit_numpy's cumsum does.");
+
+static inline double quant_level(double x, double offset, double step, double top)
+{
+    if (!(step > 0))
+        return 0.0;
+    double level = rint((x - offset) / step);
+    if (level != level)          /* nan_to_num, then clip */
+        return 0.0;
+    if (level < 0)
+        level = 0;
+    if (level > top)
+        level = top;
+    return (double)(uint8_t)level;
+}
+
+static inline double max_zero(double v)  /* np.maximum(v, 0.0): v when v >= 0 or NaN */
+{
+    return (v >= 0.0 || v != v) ? v : 0.0;
+}
+
+static void fit_group(const double *x, Py_ssize_t n, int bits, int rounds, double *offset_out,
+                      double *step_out)
+{
+    double top = (double)((1 << (bits - 1)) - 1), count = (double)n;
+    double sum = x[0], low = x[0], high = x[0];
+    for (Py_ssize_t i = 1; i < n; i++) {
+        sum += x[i];
+        if (x[i] < low) low = x[i];
+        if (x[i] > high) high = x[i];
+    }
+    double mean_m = sum / count;
+    if (top == 0) {
+        *offset_out = mean_m;
+        *step_out = 0.0;
+        return;
+    }
+    double offset = low, step = (high - low) / top;
+    for (int round = 0; round < rounds; round++) {
+        double l0 = quant_level(x[0], offset, step, top);
+        double s_l = l0, s_ll = l0 * l0, s_lx = l0 * x[0];
+        for (Py_ssize_t i = 1; i < n; i++) {
+            double l = quant_level(x[i], offset, step, top);
+            s_l += l;
+            s_ll += l * l;
+            s_lx += l * x[i];
+        }
+        double mean_l = s_l / count;
+        double spread = s_ll / count - mean_l * mean_l;
+        double covariance = s_lx / count - mean_l * mean_m;
+        double fitted = spread > 1e-12 ? covariance / spread : step;
+        step = max_zero(fitted);
+        offset = max_zero(mean_m - step * mean_l);
+    }
+    *offset_out = offset;
+    *step_out = step;
+}
+
+static PyObject *quant_fit(PyObject *self, PyObject *args)
+{
+    PyObject *magnitude_object, *offsets_object, *steps_object;
+    Py_ssize_t size;
+    int bits, rounds;
+    if (!PyArg_ParseTuple(args, "OniiOO", &magnitude_object, &size, &bits, &rounds,
+                          &offsets_object, &steps_object))
+        return NULL;
+    if (bits < 1 || bits > 8 || size < 1 || rounds < 0)
+        return PyErr_Format(PyExc_ValueError, "bad quant_fit arguments");
+    Py_buffer magnitude = {0}, offsets = {0}, steps = {0};
+    PyObject *result = NULL;
+    if (get_buffer(magnitude_object, &magnitude, 0, 8, "magnitude") < 0 ||
+        get_buffer(offsets_object, &offsets, 1, 8, "offsets") < 0 ||
+        get_buffer(steps_object, &steps, 1, 8, "steps") < 0)
+        goto done;
+    Py_ssize_t n = magnitude.len / 8, groups = (n + size - 1) / size;
+    if (offsets.len / 8 != groups || steps.len / 8 != groups) {
+        PyErr_SetString(PyExc_ValueError, "offsets and steps must hold one value per group");
+        goto done;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    const double *x = magnitude.buf;
+    double *o = offsets.buf, *st = steps.buf;
+    for (Py_ssize_t g = 0; g < groups; g++) {
+        Py_ssize_t first = g * size, m = n - first < size ? n - first : size;
+        fit_group(x + first, m, bits, rounds, o + g, st + g);
+    }
+    Py_END_ALLOW_THREADS
+    result = Py_NewRef(Py_None);
+done:
+    release(&magnitude);
+    release(&offsets);
+    release(&steps);
+    return result;
+}
+
 PyDoc_STRVAR(magnitude_keys_doc,
 "magnitude_keys(kind, finetuned, base, out)\n"
 "\n"
@@ -1214,6 +1315,88 @@ PyDoc_STRVAR(magnitude_keys_doc,
 "are equal (an unchanged inf or NaN).  ``kind`` as for merge_block.");
 
 #define KEY_INF 0x7F800000u
+
+PyDoc_STRVAR(key_histogram_doc,
+"key_histogram(keys, counts, energy)\n"
+"\n"
+"Add uint32 ranking ``keys`` (float32 bits of |tau|) to the 65,536-bin histograms of their\n"
+"high 16 bits: ``counts`` (int64) +1 per key, ``energy`` (float64) + the key's value squared\n"
+"(in float64) for finite keys, in key order -- what numpy's bincount adds, bit for bit.");
+
+static PyObject *key_histogram(PyObject *self, PyObject *args)
+{
+    PyObject *keys_object, *counts_object, *energy_object;
+    if (!PyArg_ParseTuple(args, "OOO", &keys_object, &counts_object, &energy_object))
+        return NULL;
+    Py_buffer keys = {0}, counts = {0}, energy = {0};
+    PyObject *result = NULL;
+    if (get_buffer(keys_object, &keys, 0, 4, "keys") < 0 ||
+        get_buffer(counts_object, &counts, 1, 8, "counts") < 0 ||
+        get_buffer(energy_object, &energy, 1, 8, "energy") < 0)
+        goto done;
+    if (counts.len != 8 << 16 || energy.len != 8 << 16) {
+        PyErr_SetString(PyExc_ValueError, "counts and energy must hold 65536 bins");
+        goto done;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    const uint32_t *k = keys.buf;
+    int64_t *c = counts.buf;
+    double *e = energy.buf;
+    Py_ssize_t n = keys.len / 4;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        uint32_t key = k[i];
+        c[key >> 16]++;
+        if (key < KEY_INF) {
+            float value;
+            memcpy(&value, &key, 4);
+            e[key >> 16] += (double)value * (double)value;
+        }
+    }
+    Py_END_ALLOW_THREADS
+    result = Py_NewRef(Py_None);
+done:
+    release(&keys);
+    release(&counts);
+    release(&energy);
+    return result;
+}
+
+PyDoc_STRVAR(keys_at_least_doc,
+"keys_at_least(keys, threshold, out) -> int\n"
+"\n"
+"Write the indices of the uint32 ``keys`` that are >= ``threshold`` into int64 ``out`` (in\n"
+"increasing order, as far as it holds them); return how many there are.");
+
+static PyObject *keys_at_least(PyObject *self, PyObject *args)
+{
+    PyObject *keys_object, *out_object;
+    unsigned int threshold;
+    if (!PyArg_ParseTuple(args, "OIO", &keys_object, &threshold, &out_object))
+        return NULL;
+    Py_buffer keys = {0}, out = {0};
+    PyObject *result = NULL;
+    if (get_buffer(keys_object, &keys, 0, 4, "keys") < 0 ||
+        get_buffer(out_object, &out, 1, 8, "out") < 0)
+        goto done;
+    Py_ssize_t found = 0, capacity = out.len / 8, n = keys.len / 4;
+    Py_BEGIN_ALLOW_THREADS
+    const uint32_t *k = keys.buf;
+    int64_t *o = out.buf;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (k[i] >= threshold) {
+            if (found < capacity)
+                o[found] = i;
+            found++;
+        }
+    }
+    Py_END_ALLOW_THREADS
+    result = PyLong_FromSsize_t(found);
+done:
+    release(&keys);
+    release(&out);
+    return result;
+}
+
 
 #define DEFINE_KEYS(NAME, BITS, TO_WIDE)                                                    \
     static void NAME(const BITS *restrict finetuned, const BITS *restrict base,             \
@@ -1376,6 +1559,9 @@ static PyMethodDef methods[] = {
     {"bitmap_positions", bitmap_positions, METH_VARARGS, bitmap_positions_doc},
     {"strictly_increasing", strictly_increasing, METH_VARARGS, strictly_increasing_doc},
     {"magnitude_keys", magnitude_keys, METH_VARARGS, magnitude_keys_doc},
+    {"quant_fit", quant_fit, METH_VARARGS, quant_fit_doc},
+    {"key_histogram", key_histogram, METH_VARARGS, key_histogram_doc},
+    {"keys_at_least", keys_at_least, METH_VARARGS, keys_at_least_doc},
     {"rice_decode", rice_decode, METH_VARARGS, rice_decode_doc},
     {"rice_decode_at", rice_decode_at, METH_VARARGS, rice_decode_at_doc},
     {"rice_encode", rice_encode, METH_VARARGS, rice_encode_doc},

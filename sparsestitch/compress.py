@@ -30,12 +30,13 @@ from .dtypes import dtype as lookup_dtype
 from .guard import Inputs
 from .delta_outputs import DeltaOutputs, Written
 from .keep import as_mask_list, check_compatible, check_scope, choices, make_selectors
+from .localize.budget import tensor_options
 from .localize.selectors import Selector
 from .progress import bar
 from .readahead import DEFAULT_WORKERS, in_order, workers_for
 from .selection import SpooledSelection, TensorPlan, TensorScanner, run_pre_passes
 from .sizes import parse_memory
-from .targets import SIZE_ATTEMPTS, SizePlanner
+from .targets import SIZE_ATTEMPTS, SizePlanner, planned_records, tensor_stats
 from .walk import refuse_delta
 
 #: Elements per block and checkpoint read at a time.  Small blocks keep the per-block
@@ -224,16 +225,17 @@ class CompressJob:
         return selectors
 
     def _profile(self, selectors: list[Selector]) -> None:
-        """Hand the size planner every localized tensor's profile (a pass over the model)."""
+        """Hand the size planner every localized tensor's options, estimated from its
+        statistics (a pass over the model, holding histograms and samples only)."""
+        group = self.planner.group
         profiled = in_order(self.plan.localized,
-                            lambda name: self.scanner.select(name, selectors)[1],
+                            lambda name: [tensor_options(s, group)
+                                          for s in tensor_stats(self.scanner, name)],
                             workers=self.workers)
         with closing(profiled):
-            for name, selections in profiled:
-                entry = self.base.entry(name)
-                for i, selection in enumerate(selections):
-                    self.planner.add_profile(i, name, lookup_dtype(entry.dtype), entry.numel,
-                                             selection)
+            for name, profiles in profiled:
+                for i, profile in enumerate(profiles):
+                    self.planner.add_profile(i, profile)
 
     def _main_pass(self, selectors: list[Selector], outputs: DeltaOutputs) -> bool:
         """Select and encode every tensor; False if a selector's candidates could not be
@@ -249,14 +251,21 @@ class CompressJob:
                 spooled.close()
             return True
         ordered = any(s.ordered for s in selectors)
-        encoded = in_order(self.base.names,
-                           lambda name: self.scanner.select_and_encode(
-                               name, selectors, one_at_a_time=self._one_at_a_time(name)),
+        encoded = in_order(self.base.names, lambda name: self._records(name, selectors),
                            self._held_bytes, budget=self.max_memory,
                            workers=0 if ordered else self.workers)
         with closing(encoded):
             self._write_all(encoded, outputs)
         return True
+
+    def _records(self, name: str, selectors: list[Selector]):
+        """Every fine-tune's record of tensor ``name``: by the planner (a target) for the
+        localized float tensors it decides, else by the selectors."""
+        plan, dt = self.plan, lookup_dtype(self.base.entry(name).dtype)
+        if self.planner is not None and name in plan.localized and not plan.stored_exactly(name, dt):
+            return planned_records(self.scanner, name)
+        return self.scanner.select_and_encode(name, selectors,
+                                              one_at_a_time=self._one_at_a_time(name))
 
     def _selected_bytes(self, name: str) -> int:
         """One fine-tune's selection of tensor ``name`` at worst: every element kept (an int64

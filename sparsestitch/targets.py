@@ -1,29 +1,37 @@
 """Compress to a target: a fidelity (``max_error``) or a size (``max_size``) instead of a
 density and a number of bits.
 
-Both select every changed element of each localized tensor first (as a lossless delta
-would), then a *planner* decides, tensor by tensor, what its record keeps and in how many
-bits (:mod:`.localize.budget`), and the record is encoded with that:
+A *planner* decides, tensor by tensor, what each localized tensor's record keeps and in how
+many bits, from the tensor's :class:`~.localize.stats.TensorStats` (a histogram of its
+ranking keys and a strided sample, gathered block by block: :mod:`.localize.budget`); the
+record keeps the changed elements whose key is at least the chosen threshold, selected by a
+comparison as the blocks are read again, and is encoded once:
 
 * :class:`ErrorPlanner` -- each tensor's relative error ||tau - tau_hat|| / ||tau|| within
   ``max_error``: the cheapest option estimated to meet it is encoded, its real error
   measured, and the next option tried while over, so the target is never exceeded.
 * :class:`SizePlanner` -- the whole delta within ``max_size`` bytes with the smallest sum of
-  relative squared errors: the options are chosen for all tensors at once from profiles made
-  in a first pass over the model.
+  relative squared errors: the options are chosen for all tensors at once from statistics
+  gathered in a first pass over the model.
+
+Both also take a tensor's selection of every change held in memory (:meth:`encode`, what
+``merge`` uses), planning from statistics of that selection.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 
 from .dtypes import DType
 from .format import Record
-from .localize.budget import (Option, Profile, allocate, cheapest_within, kept_indices, profile,
-                              ranking)
-from .selection import Selection
+from .localize.budget import Option, OptionSearch, Profile, allocate
+from .localize.stats import TensorStats, keys_at_least, stats_keys
+from .dtypes import dtype as lookup_dtype
+from .localize.selectors import Choice, changed_positions
+from .selection import Encoded, Selection, SelectionParts, TensorScanner
+from .walk import BaseHash
 
 #: Passes over the model a size target may take when its estimates ran over.
 SIZE_ATTEMPTS = 4
@@ -40,22 +48,22 @@ def changed_of(selection: Selection, numel: int) -> tuple[np.ndarray, np.ndarray
     return positions, selection.finetuned, selection.base
 
 
-def subset(selection: Selection, numel: int, indices: np.ndarray, energy: float) -> Selection:
-    """The part of a selection of every change at ``indices`` (sorted) into it, with the
-    tensor's whole change ``energy`` for its fidelity report."""
-    positions, finetuned, base = changed_of(selection, numel)
-    if indices.size == positions.size:
-        return Selection(selection.positions, finetuned, base, energy=energy)
-    return Selection(positions[indices], finetuned[indices], base[indices], energy=energy)
+def stats_of(name: str, dt: DType, selection: Selection, numel: int) -> TensorStats:
+    """The statistics of a selection of every change held in memory."""
+    stats = TensorStats.empty(name, dt, numel)
+    stats.add(selection.finetuned, selection.base, 0)
+    return stats
 
 
-def profile_of(name: str, dt: DType, selection: Selection, numel: int, group: int) -> Profile:
-    positions, finetuned, base = changed_of(selection, numel)
-    return profile(name, dt, positions, finetuned, base, numel, group)
+def meets(record: Record, max_error: float) -> bool:
+    return (record.fidelity or {}).get("relative_error", 0.0) <= max_error
 
 
 class ErrorPlanner:
     """Every localized tensor within a relative error of ``max_error`` (see module doc)."""
+
+    #: The planner reads each tensor's statistics before choosing (one pass more).
+    needs_stats = True
 
     def __init__(self, max_error: float, group: int):
         if not 0.0 <= max_error:
@@ -63,20 +71,30 @@ class ErrorPlanner:
                              f"(lossless) or more; got {max_error}")
         self.max_error, self.group = max_error, group
 
+    def accepts(self, record: Record) -> bool:
+        return meets(record, self.max_error)
+
+    def options(self, stats: TensorStats, tune: int = 0) -> Iterator[Option]:
+        """The options to try for one tensor, in order (see :meth:`OptionSearch.within`)."""
+        if stats.energy == 0 or self.max_error >= 1.0:
+            yield Profile(stats.name, stats.energy, []).nothing()
+            return
+        yield from OptionSearch(stats, self.group).within(self.max_error ** 2)
+
     def encode(self, name: str, dt: DType, numel: int, selection: Selection, encode: Encode,
                tune: int) -> tuple[Record, bytes]:
-        tensor = profile_of(name, dt, selection, numel, self.group)
-        for option in cheapest_within(tensor, self.max_error):
-            record, payload = _encode_option(tensor.order, tensor.energy, option, selection,
-                                             numel, encode, self.group)
-            if (record.fidelity or {}).get("relative_error", 0.0) <= self.max_error:
+        stats = stats_of(name, dt, selection, numel)
+        for option in self.options(stats):
+            record, payload = _encode_option(option, selection, numel, dt, stats.energy,
+                                             encode, self.group)
+            if meets(record, self.max_error):
                 return record, payload
         raise AssertionError("exact values of every change always meet the target")
 
 
 class SizePlanner:
     """The whole delta within ``max_size`` bytes, the sum of relative squared errors least
-    (see module doc).  Every tensor's profile comes first (:meth:`add_profile`, a pass over
+    (see module doc).  Every tensor's statistics come first (:meth:`add_profile`, a pass over
     the model), then :meth:`start` plans; after each encoding pass :meth:`refit` says whether
     the files ran over and, if so, re-plans from what the headers and payloads really took."""
 
@@ -88,12 +106,11 @@ class SizePlanner:
         self.choices: list[dict[str, Option]] = []
         self.budgets: list[float] = []
 
-    def add_profile(self, tune: int, name: str, dt: DType, numel: int, selection: Selection
-                    ) -> None:
+    def add_profile(self, tune: int, profile: Profile) -> None:
+        """One tensor's options for one fine-tune (:func:`~.localize.budget.tensor_options`)."""
         while len(self.profiles) <= tune:
             self.profiles.append({})
-        # only the options are kept: the order of a whole model's elements would not fit
-        self.profiles[tune][name] = profile_of(name, dt, selection, numel, self.group).summary()
+        self.profiles[tune][profile.name] = profile
 
     def start(self, tensors: int) -> None:
         """The first plan, with a header estimate for ``tensors`` records."""
@@ -136,23 +153,113 @@ class SizePlanner:
         self.plan(budgets)
         return True
 
+    #: The plan was made from a pass of its own (:meth:`add_profile`).
+    needs_stats = False
+
+    def accepts(self, record: Record) -> bool:
+        return True
+
+    def option(self, tune: int, name: str) -> Option:
+        return self.choices[tune][name]
+
+    def energy(self, tune: int, name: str) -> float:
+        return self.profiles[tune][name].energy
+
     def encode(self, name: str, dt: DType, numel: int, selection: Selection, encode: Encode,
                tune: int) -> tuple[Record, bytes]:
-        option = self.choices[tune][name]
-        tensor = self.profiles[tune][name]
-        order = None
-        if option.kept:
-            order, _ = ranking(name, dt, *changed_of(selection, numel), numel)
-        return _encode_option(order, tensor.energy, option, selection, numel, encode,
-                              self.group)
+        return _encode_option(self.choices[tune][name], selection, numel, dt,
+                              self.profiles[tune][name].energy, encode, self.group)
 
 
-def _encode_option(order: np.ndarray | None, energy: float, option: Option,
-                   selection: Selection, numel: int, encode: Encode, group: int
-                   ) -> tuple[Record, bytes]:
-    changed = selection.finetuned.size
-    indices = np.empty(0, np.int64) if order is None else \
-        kept_indices(order, option.kept, changed)
-    kept = subset(selection, numel, indices, energy)
+def _encode_option(option: Option, selection: Selection, numel: int, dt: DType, energy: float,
+                   encode: Encode, group: int) -> tuple[Record, bytes]:
+    """The record of ``option`` from a selection of every change held in memory."""
+    if option.threshold < 0 or option.kept == 0:  # nothing kept
+        kept = Selection(np.empty(0, np.int64), selection.finetuned[:0], selection.base[:0],
+                         energy=energy)
+    else:
+        positions, finetuned, base = changed_of(selection, numel)
+        if option.threshold == 0:
+            kept = Selection(selection.positions, finetuned, base, energy=energy)
+        else:
+            indices = keys_at_least(stats_keys(finetuned, base, dt), option.threshold)
+            kept = Selection(positions[indices], finetuned[indices], base[indices],
+                             energy=energy)
     quantize = None if option.bits is None else {"bits": option.bits, "group": group}
     return encode(kept, quantize)
+
+
+# ------------------------------------------------------------ the streaming pass of a target
+
+def tensor_stats(scanner: TensorScanner, name: str, base_hash: BaseHash | None = None
+                 ) -> list[TensorStats]:
+    """Every fine-tune's :class:`~.localize.stats.TensorStats` of tensor ``name`` (one
+    pass over its blocks; nothing held but the histograms and samples)."""
+    entry = scanner.base.entry(name)
+    dt = lookup_dtype(entry.dtype)
+    stats = [TensorStats.empty(name, dt, entry.numel) for _ in scanner.tunes]
+    for block in scanner.tune_blocks(name, base_hash=base_hash):
+        stats[block.tune].add(block.finetuned, block.base, block.offset,
+                              keys=block.magnitudes)
+    return stats
+
+def select_above(scanner: TensorScanner, name: str, thresholds: dict[int, int],
+                 energy: dict[int, float], base_hash: BaseHash | None = None
+                 ) -> dict[int, Selection]:
+    """Fine-tune ``i``'s changed elements whose ranking key is at least
+    ``thresholds[i]`` (0: every change; -1: nothing), for the fine-tunes given, in one
+    pass over the blocks."""
+    dt = lookup_dtype(scanner.base.entry(name).dtype)
+    parts = {i: SelectionParts() for i in thresholds}
+    for block in scanner.tune_blocks(name, base_hash=base_hash):
+        threshold = thresholds.get(block.tune)
+        if threshold is None:
+            continue
+        if threshold < 0:
+            choice = Choice.nothing()
+        elif threshold == 0:
+            choice = changed_positions(block)
+            if choice.kept.size == block.base.size:
+                choice = Choice(None)
+        else:
+            choice = Choice(keys_at_least(block.magnitudes, threshold))
+        parts[block.tune].add(block, choice)
+    selections = {i: part.finish(dt) for i, part in parts.items()}
+    for i, selection in selections.items():
+        selection.energy = energy[i]
+    return selections
+
+def planned_records(scanner: TensorScanner, name: str) -> list[Encoded]:
+    """Every fine-tune's record of a localized tensor under a planner: the statistics in
+    one pass (for an error target), then each fine-tune's options in the planner's order,
+    each selected by its threshold in one more pass and encoded, until the planner
+    accepts the record (an error target: its real error is within the target)."""
+    planner, count = scanner.planner, len(scanner.tunes)
+    base_hash = BaseHash(name)
+    if planner.needs_stats:
+        stats = tensor_stats(scanner, name, base_hash)
+        base_xxh3 = base_hash.hexdigest()
+        options = {i: planner.options(stats[i], i) for i in range(count)}
+        energy = {i: stats[i].energy for i in range(count)}
+    else:
+        base_xxh3 = None
+        options = {i: iter([planner.option(i, name)]) for i in range(count)}
+        energy = {i: planner.energy(i, name) for i in range(count)}
+    records: list[Encoded | None] = [None] * count
+    current = {i: next(options[i]) for i in range(count)}
+    while current:
+        hashing = base_hash if base_xxh3 is None else None
+        selections = select_above(scanner, name, {i: o.threshold for i, o in current.items()},
+                                       energy, hashing)
+        if base_xxh3 is None:
+            base_xxh3 = base_hash.hexdigest()
+        for i, option in list(current.items()):
+            quantize = None if option.bits is None else {"bits": option.bits,
+                                                         "group": planner.group}
+            record = scanner.encode_as(name, base_xxh3, selections.pop(i), quantize)
+            if planner.accepts(record[0]):
+                records[i] = record
+                del current[i]
+            else:
+                current[i] = next(options[i])
+    return records

@@ -13,7 +13,9 @@ from safetensors.torch import load_file
 
 import sparsestitch
 from sparsestitch.cli import main
-from sparsestitch.localize.budget import Option, Profile, allocate, cheapest_within
+from sparsestitch.dtypes import dtype as lookup_dtype, from_wide, to_wide
+from sparsestitch.localize.budget import Option, OptionSearch, Profile, allocate
+from sparsestitch.localize.stats import TensorStats
 
 from .conftest import save_checkpoint
 from .test_fidelity import skewed_pair
@@ -158,7 +160,7 @@ def _profiles(draw_sizes):
     for i, (energy, points) in enumerate(draw_sizes):
         options = [Option(0.1 * (j + 1), None, j + 1, nbytes, error)
                    for j, (nbytes, error) in enumerate(points)]
-        profiles.append(Profile(f"t{i}", energy, np.arange(len(points)), options))
+        profiles.append(Profile(f"t{i}", energy, options))
     return profiles
 
 
@@ -184,16 +186,30 @@ def test_allocation_is_optimal_for_what_it_spends(sets, budget):
             assert sum(o.error for o in combo) >= error - 1e-9
 
 
-@settings(max_examples=100, deadline=None)
-@given(option_sets, st.floats(0.0, 1.0))
-def test_error_target_tries_fitting_options_cheapest_first_then_exact(sets, max_error):
-    (profile,) = _profiles(sets[:1])
-    tried = cheapest_within(profile, max_error)
-    if max_error >= 1.0:
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.sampled_from(["BF16", "F32"]), st.integers(1, 5000),
+       st.floats(0.01, 0.99))
+def test_error_target_tries_fitting_options_cheapest_first_then_exact(seed, dtype_name, size,
+                                                                      max_error):
+    """The lazy search gives what a brute force over every estimated option gives: the
+    fitting options (estimated error within 0.95 of the target), cheapest first, then exact
+    values of every change."""
+    dt = lookup_dtype(dtype_name)
+    rng = np.random.default_rng(seed)
+    base = from_wide(rng.standard_normal(size).astype(np.float32), dt)
+    tau = rng.laplace(0, 0.02, size) * (rng.random(size) < rng.uniform(0.2, 1.0))
+    tune = from_wide(to_wide(base, dt) + tau.astype(dt.wide), dt)
+    stats = TensorStats.empty("w", dt, size)
+    stats.add(tune, base, 0)
+    if stats.energy == 0:
         return
-    fitting = [o for o in tried if o.error <= max_error ** 2 * 0.95]
-    assert [o.nbytes for o in fitting] == sorted(o.nbytes for o in fitting)
-    # exact values of every change, which always meet the target, are among them
-    everything = max(profile.options, key=lambda o: (o.kept, o.bits is None))
-    assert everything in tried
-    assert set(tried) - {everything} == set(fitting) - {everything}
+    search = OptionSearch(stats, 128)
+    everything = search.all()
+    limit = max_error ** 2
+    fitting = sorted((o for o in everything if o.error <= limit * 0.95), key=lambda o: o.nbytes)
+    tried = list(search.within(limit))
+    assert [o.nbytes for o in tried[:len(fitting)]] == [o.nbytes for o in fitting]
+    # exact values of every change, which always meet the target, come last if not before
+    assert any(o.bits is None and o.kept == stats.changed for o in tried)
+    assert len(tried) in (len(fitting), len(fitting) + 1)
+

@@ -77,15 +77,31 @@ def encode_positions(positions: np.ndarray, shape: tuple[int, ...]) -> tuple[byt
 
 
 def _worth_trying(codec_id: str, positions: np.ndarray, shape: tuple[int, ...]) -> bool:
-    """Skip list codecs that cannot beat a bitmap (saves most of the time at high density)."""
+    """Skip list codecs that cannot beat a bitmap (saves most of the time at high density),
+    and ``csr`` where rows carry no structure for it to use."""
     bitmap_bits = count_elements(shape)
     if codec_id == "gaps":
         return positions.size * 8 < bitmap_bits
-    if codec_id in ("rice", "csr"):
+    if codec_id == "rice":
         return positions.size * 2 < bitmap_bits
+    if codec_id == "csr":
+        return positions.size * 2 < bitmap_bits and _rows_are_uneven(positions, shape)
     if codec_id == "bitmap":  # below ~3% density a list is always smaller
         return positions.size * 32 >= bitmap_bits
     return True
+
+
+def _rows_are_uneven(positions: np.ndarray, shape: tuple[int, ...]) -> bool:
+    """Whether the kept positions' rows differ enough for ``csr`` (row counts, then columns
+    within rows) to possibly beat one gap list: some rows empty while others are not, or
+    some holding several times the mean.  Spread evenly over the rows, their counts cost
+    more than the row boundaries save."""
+    rows = shape[0]
+    if positions.size == 0 or rows < 2:
+        return True
+    counts = np.bincount(positions // max(1, count_elements(shape) // rows), minlength=rows)
+    mean = positions.size / rows
+    return bool((counts == 0).mean() > 0.01 or counts.max() > 3 * mean + 8)
 
 
 #: Above this many values, the value codec is chosen on an evenly strided sample.

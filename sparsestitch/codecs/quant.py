@@ -22,10 +22,11 @@ when k > 1, in ``scale_dtype`` byte planes) | exception-index stream | exception
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
+from .. import native
 from ..dtypes import DType, dtype as lookup_dtype, from_wide, to_wide
 from ..errors import DeltaFormatError
 from .base import (ExceptionCursor, config_int, from_planes, gap_decode, gap_encode, pack_stream,
@@ -120,38 +121,24 @@ class QuantValues:
             raise ValueError(f"group must be 0 (the whole tensor) or a number of values, got {group}")
         scale_dt = lookup_dtype(scale_dtype_for(dt, bits))
         group = group if group < kept.size else 0  # one group of everything, as the spec writes it
-        with np.errstate(all="ignore"):
-            base_wide, tune_wide = to_wide(base, dt), to_wide(kept, dt)
-            exceptional = ~(np.isfinite(base_wide) & np.isfinite(tune_wide)
-                            & np.isfinite(tune_wide - base_wide))
-        # Values whose approximation overflows (only near the dtype's largest numbers) join
-        # the exceptions, and the scales are fitted again without them.
-        for _ in range(4):
-            fitted = _fit_and_assign(base_wide, tune_wide, ~exceptional, dt, scale_dt, bits, group)
-            overflowed = fitted.overflowed
-            if not overflowed.any():
-                break
-            exceptional[np.flatnonzero(~exceptional)[overflowed]] = True
-        else:
-            exceptional[np.flatnonzero(~exceptional)[overflowed]] = True
-            fitted = _fit_and_assign(base_wide, tune_wide, ~exceptional, dt, scale_dt, bits,
-                                     group, keep_overflow=True)
+        exceptional = _non_finite(kept, base, dt)
+        runs = _encode_runs(kept, base, exceptional, dt, scale_dt, bits, group)
+        fitted = _Fitted(np.concatenate(runs.codes) if runs.codes else np.empty(0, np.uint8),
+                         np.concatenate(runs.offsets + runs.steps) if runs.offsets
+                         else np.empty(0, scale_dt.bits), np.empty(0), np.empty(0, bool))
         exceptions = np.flatnonzero(exceptional)
         code_stream, code_config = pack_stream(fitted.codes)
         scale_stream, scale_config = pack_stream(to_planes(fitted.scale_bits))
         index_stream, index_config = pack_stream(to_planes(gap_encode(exceptions).astype("<u4")))
         bits_stream, bits_config = pack_stream(to_planes(kept[exceptions]))
-        error = fitted.error[np.isfinite(fitted.error)]
-        with np.errstate(over="ignore"):
-            error_sq = _finite_or_max(float(np.dot(error, error)))
+        error_sq = _finite_or_max(runs.error_sq)
         config = {"bits": bits, "group": group, "scale_dtype": scale_dt.name,
                   "exceptions": int(exceptions.size),
                   "codes": code_config, "codes_nbytes": len(code_stream),
                   "scales": scale_config, "scales_nbytes": len(scale_stream),
                   "exc_index": index_config, "exc_index_nbytes": len(index_stream),
                   "exc_bits": bits_config, "exc_bits_nbytes": len(bits_stream),
-                  "max_abs_error": float(np.abs(error).max()) if error.size else 0.0,
-                  "error_sq": error_sq}
+                  "max_abs_error": runs.max_abs_error, "error_sq": error_sq}
         return code_stream + scale_stream + index_stream + bits_stream, config
 
     def decode(self, payload: bytes, config: dict, base: np.ndarray, dt: DType,
@@ -303,6 +290,100 @@ class QuantCursor:
         self._exceptions.close()
 
 
+#: Regular values fitted and assigned at a time by the encoder (about; a whole number of
+#: groups, eight at least, so that every run's codes end on a byte).
+RUN_VALUES = 1 << 20
+
+
+@dataclass
+class _Runs:
+    """What the encoder's runs produced: codes and scales in order, and the error."""
+
+    codes: list = field(default_factory=list)
+    offsets: list = field(default_factory=list)
+    steps: list = field(default_factory=list)
+    error_sq: float = 0.0
+    max_abs_error: float = 0.0
+
+
+def _non_finite(kept: np.ndarray, base: np.ndarray, dt: DType) -> np.ndarray:
+    """Where the base, the fine-tuned value or their difference is not finite (a run at a
+    time: the wide values are never held for the whole record)."""
+    out = np.empty(kept.size, bool)
+    with np.errstate(all="ignore"):
+        for at in range(0, kept.size, RUN_VALUES):
+            base_wide = to_wide(base[at:at + RUN_VALUES], dt)
+            tune_wide = to_wide(kept[at:at + RUN_VALUES], dt)
+            out[at:at + RUN_VALUES] = ~(np.isfinite(base_wide) & np.isfinite(tune_wide)
+                                        & np.isfinite(tune_wide - base_wide))
+    return out
+
+
+def _encode_runs(kept: np.ndarray, base: np.ndarray, exceptional: np.ndarray, dt: DType,
+                 scale_dt: DType, bits: int, group: int) -> _Runs:
+    """Fit, assign and measure the regular values a run at a time (runs of whole groups;
+    one run when every value shares one group).  A value whose approximation overflows
+    (only near the dtype's largest numbers) joins the exceptions (``exceptional`` is updated)
+    and its run is fitted again without it; after four tries the run keeps what it has."""
+    runs, start, n = _Runs(), 0, kept.size
+    run = n if group == 0 else max(8, RUN_VALUES // (8 * group) * 8) * group
+    while start < n:
+        for attempt in range(5):
+            stop = _run_end(exceptional, start, run)
+            regular = ~exceptional[start:stop]
+            with np.errstate(all="ignore"):
+                fitted = _fit_and_assign(to_wide(base[start:stop], dt),
+                                         to_wide(kept[start:stop], dt), regular, dt, scale_dt,
+                                         bits, group, keep_overflow=attempt == 4)
+            if not fitted.overflowed.any():
+                break
+            exceptional[start + np.flatnonzero(regular)[fitted.overflowed]] = True
+        groups = fitted.scale_bits.size // (2 if bits > 1 else 1)
+        runs.codes.append(fitted.codes)
+        runs.offsets.append(fitted.scale_bits[:groups])
+        runs.steps.append(fitted.scale_bits[groups:])
+        error = fitted.error[np.isfinite(fitted.error)]
+        if error.size:
+            with np.errstate(over="ignore"):
+                runs.error_sq += float(np.dot(error, error))
+            runs.max_abs_error = max(runs.max_abs_error, float(np.abs(error).max()))
+        start = stop
+    return runs
+
+
+def _run_end(exceptional: np.ndarray, start: int, run: int) -> int:
+    """Where the run of ``run`` regular values from ``start`` ends (exceptions skipped)."""
+    stop = min(exceptional.size, start + run)
+    while True:
+        missing = run - int(np.count_nonzero(~exceptional[start:stop]))
+        if missing <= 0 or stop == exceptional.size:
+            return stop
+        stop = min(exceptional.size, stop + missing)
+
+
+def estimate(kept: np.ndarray, base: np.ndarray, dt: DType, bits: int, group: int
+             ) -> tuple[float, float]:
+    """``(sum of squared errors, bits per value)`` that encoding would give, without packing
+    or compressing: the fit and assignment of :meth:`QuantValues.encode` on these values
+    (non-finite ones left out), the codes' bits and the scales' share (what planners estimate
+    options with; the encoder's overflow handling aside)."""
+    if kept.size == 0:
+        return 0.0, 0.0
+    scale_dt = lookup_dtype(scale_dtype_for(dt, bits))
+    group = group if group < kept.size else 0
+    with np.errstate(all="ignore"):
+        base_wide, tune_wide = to_wide(base, dt), to_wide(kept, dt)
+        regular = (np.isfinite(base_wide) & np.isfinite(tune_wide)
+                   & np.isfinite(tune_wide - base_wide))
+    fitted = _fit_and_assign(base_wide, tune_wide, regular, dt, scale_dt, bits, group,
+                             keep_overflow=True)
+    error = fitted.error[np.isfinite(fitted.error)]
+    with np.errstate(over="ignore"):
+        error_sq = _finite_or_max(float(np.dot(error, error)))
+    per_group = (2 if bits > 1 else 1) * 8 * scale_dt.itemsize
+    return error_sq, bits + per_group / (group or kept.size)
+
+
 def _group_starts(count: int, group: int) -> np.ndarray:
     """Index of the first value of each group (one group of everything for ``group=0``)."""
     if count == 0:
@@ -313,25 +394,49 @@ def _group_starts(count: int, group: int) -> np.ndarray:
 def _fit(magnitude: np.ndarray, starts: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
     """Per group, the offset ``a`` and step ``b`` (float64, both >= 0) minimizing the squared
     error of the magnitudes: from the group's range, rounds of level assignment and least
-    squares, all groups at once."""
-    top = (1 << (bits - 1)) - 1
+    squares.  Groups are runs of ``starts[1]`` values (the last may be shorter); every sum
+    over a group is taken in order, value by value, so the C loop and numpy give the same
+    bits."""
     if starts.size == 0:
         return np.zeros(0), np.zeros(0)
-    sizes = np.diff(np.append(starts, magnitude.size)).astype(np.float64)
+    size = int(starts[1]) if starts.size > 1 else magnitude.size
+    kernels = native.kernels()
+    if kernels is not None:
+        offsets, steps = np.empty(starts.size), np.empty(starts.size)
+        kernels.quant_fit(np.ascontiguousarray(magnitude, np.float64), size, bits, FIT_ROUNDS,
+                          offsets, steps)
+        return offsets, steps
+    return _fit_numpy(magnitude, starts.size, size, bits)
+
+
+def _fit_numpy(magnitude: np.ndarray, groups: int, size: int, bits: int
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`_fit` in numpy: the groups as rows of a padded table, sums in order along each
+    row (``cumsum``; the padding adds zeros, which change no sum of non-negative values)."""
+    top = (1 << (bits - 1)) - 1
+    table = np.zeros(groups * size)
+    table[:magnitude.size] = magnitude
+    table = table.reshape(groups, size)
+    valid = (np.arange(groups * size) < magnitude.size).reshape(groups, size)
+    counts = valid.sum(axis=1).astype(np.float64)
 
     def group_sum(values):
-        return np.add.reduceat(values, starts)
+        return np.cumsum(values, axis=1)[:, -1]
 
     if top == 0:  # sign times the mean magnitude: the least-squares scale
-        return group_sum(magnitude) / sizes, np.zeros(starts.size)
-    low = np.minimum.reduceat(magnitude, starts)
-    offset, step = low, (np.maximum.reduceat(magnitude, starts) - low) / top
-    mean_m = group_sum(magnitude) / sizes
+        return group_sum(table) / counts, np.zeros(groups)
+    low = np.where(valid, table, np.inf).min(axis=1)
+    offset, step = low, (table.max(axis=1) - low) / top
+    mean_m = group_sum(table) / counts
     for _ in range(FIT_ROUNDS):
-        level = _assign(magnitude, offset, step, starts, bits).astype(np.float64)
-        mean_l = group_sum(level) / sizes
-        spread = group_sum(level * level) / sizes - mean_l * mean_l
-        covariance = group_sum(level * magnitude) / sizes - mean_l * mean_m
+        with np.errstate(all="ignore"):
+            level = np.where(step[:, None] > 0,
+                             np.rint((table - offset[:, None]) / step[:, None]), 0)
+        level = np.clip(np.nan_to_num(level), 0, top).astype(np.uint8).astype(np.float64)
+        level *= valid
+        mean_l = group_sum(level) / counts
+        spread = group_sum(level * level) / counts - mean_l * mean_l
+        covariance = group_sum(level * table) / counts - mean_l * mean_m
         fitted = np.divide(covariance, spread, out=step.copy(), where=spread > 1e-12)
         step = np.maximum(fitted, 0.0)
         offset = np.maximum(mean_m - step * mean_l, 0.0)

@@ -1,15 +1,18 @@
 """Targets instead of knobs: which density and how many bits each tensor gets.
 
-For one tensor, :func:`profile` lists *options* -- keep the top ``density`` of its changed
-elements (by |tau|, compress's tie order) with values exact or in ``bits`` bits -- each with
-an estimate of its bytes and of the relative squared error ||tau - tau_hat||^2 / ||tau||^2 it
-leaves.  Dropped energy is exact (from the sorted magnitudes); the quantization error and the
-bytes per value come from encoding a sample of the kept values with the real codecs.
+For one tensor, :func:`tensor_options` lists *options* -- keep the changed elements whose
+ranking key is at least a threshold (about a ``density`` of the tensor's elements: whole bins
+of the key histogram, see :mod:`.stats`) with values exact or in ``bits`` bits -- each with an
+estimate of its bytes and of the relative squared error ||tau - tau_hat||^2 / ||tau||^2 it
+leaves.  Dropped energy is exact (from the histogram's bins); the quantization error and the
+bytes per value come from encoding the part of a strided sample that the threshold keeps with
+the real codecs.  Nothing is sorted and no element is held beyond the sample.
 
-* ``max_error`` (:func:`cheapest_within`): per tensor, the smallest option whose error stays
-  within the target.  The record is then encoded and its real error checked; if it is over,
-  the next option is tried, and exact values at the same density always qualify, so the
-  target is never exceeded.
+* ``max_error`` (:class:`OptionSearch`): per tensor, the cheapest option whose estimated
+  error stays within the target, found lazily (options in order of a lower bound of their
+  bytes, each estimated only while it could still win).  The record is then encoded and its
+  real error checked; if it is over, the search goes on, and exact values of every change
+  always qualify, so the target is never exceeded.
 * ``max_size`` (:func:`allocate`): over all tensors, the options minimizing the sum of
   relative squared errors within a byte budget, by a Lagrange multiplier found by bisection
   on the options' lower convex hulls -- the rate-distortion allocation.
@@ -17,15 +20,14 @@ bytes per value come from encoding a sample of the kept values with the real cod
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from .. import codecs
-from ..dtypes import DType
-from ..tiebreak import ranked
-from .topk import magnitude_keys
+from ..codecs.quant import estimate as quant_estimate
+from .stats import TensorStats, keys_at_least, stats_keys
 
 DENSITIES = (0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
 BITS = (1, 2, 3, 4, 8, None)          # None: exact values
@@ -36,105 +38,128 @@ SAMPLE = 1 << 12                      # kept values encoded to estimate bits and
 class Option:
     """One way to store a tensor: what it keeps, in how many bits, and what it costs."""
 
-    density: float           # of the tensor's elements (1.0: every changed element)
+    density: float           # the density asked for (1.0: every changed element)
     bits: int | None         # None: exact values
     kept: int
     nbytes: float            # estimated payload bytes
     error: float             # estimated relative squared error ||tau - tau_hat||^2 / ||tau||^2
+    threshold: int = 0       # keep the changed elements whose key is at least this (0: all)
 
 
 @dataclass(frozen=True)
 class Profile:
-    """A tensor's options, and what :func:`kept_indices` needs to pick any of them."""
+    """A tensor's options (what a whole model's plan keeps of each tensor)."""
 
     name: str
     energy: float            # sum of tau squared (finite changes)
-    order: np.ndarray | None  # indices of the changed elements, best first (None: not kept)
     options: list[Option]
 
-    def summary(self) -> Profile:
-        """The same options without the per-element order (what a whole model's plan keeps)."""
-        return Profile(self.name, self.energy, None, self.options)
-
     def nothing(self) -> Option:
-        return Option(0.0, None, 0, 0.0, 1.0 if self.energy > 0 else 0.0)
+        return Option(0.0, None, 0, 0.0, 1.0 if self.energy > 0 else 0.0, threshold=-1)
 
 
-def ranking(name: str, dt: DType, changed: np.ndarray, finetuned: np.ndarray,
-            base: np.ndarray, numel: int) -> tuple[np.ndarray, np.ndarray]:
-    """``(order, magnitude)`` of a tensor's changed elements: the indices into them of the
-    best :func:`ranked_count` (|tau| descending, then compress's tie order, then position),
-    best first, and every changed element's finite |tau| in float64."""
-    keys = magnitude_keys(finetuned, base, dt)
-    magnitude = keys.view(np.float32).astype(np.float64)
-    finite = np.where(np.isfinite(magnitude), magnitude, 0.0)
-    order_keys = ~ranked(keys, name, changed)  # ascending = best first
-    count = ranked_count(changed.size, numel)
-    if count < changed.size:
-        # Only the best few options need an order: partition, then sort those alone.  Every
-        # element up to the cut's key, so equal keys there are ordered by position too.
-        cut = order_keys[np.argpartition(order_keys, count - 1)[count - 1]]
-        candidates = np.flatnonzero(order_keys <= cut)
-        best = np.argsort(order_keys[candidates], kind="stable")[:count]
-        return candidates[best], finite
-    # a stable sort leaves the lower position first where keys are equal (changed ascends)
-    return np.argsort(order_keys, kind="stable"), finite
+class OptionSearch:
+    """A tensor's options, estimated lazily from its :class:`~.stats.TensorStats`."""
+
+    def __init__(self, stats: TensorStats, group: int):
+        self.stats, self.group = stats, group
+        self.energy = stats.energy
+        self._finetuned, self._base = stats.sample()
+        self._keys = stats_keys(self._finetuned, self._base, stats.dt)
+        self._cuts = {}
+        for density in DENSITIES:
+            cut = stats.cut(int(round(density * stats.numel)) if density < 1.0 else stats.changed)
+            if cut.kept and (cut.kept < stats.changed or density == 1.0) and \
+                    all(c.kept != cut.kept for c in self._cuts.values()):
+                self._cuts[density] = cut  # (every change once: as density 1.0, threshold 0)
+        self._estimated: dict[tuple[float, int | None], Option] = {}
+
+    def candidates(self) -> list[tuple[float, float, int | None]]:
+        """``(lower bound of the bytes, density, bits)`` of every option, cheapest first: the
+        positions' bytes (what the values cost is known only once estimated)."""
+        out = []
+        for density, cut in self._cuts.items():
+            position_bytes = cut.kept * _position_bits(cut.kept, self.stats.numel) / 8
+            out += [(position_bytes, density, bits) for bits in BITS]
+        return sorted(out, key=lambda c: (c[0], c[1], c[2] is None, c[2] or 0))
+
+    def dropped(self, density: float) -> float:
+        """The relative squared error of dropping what the density's threshold leaves out:
+        a lower bound of its options' error (exact, from the histogram's bins)."""
+        cut = self._cuts[density]
+        if not cut.threshold or self.energy <= 0:
+            return 0.0
+        return max(0.0, self.energy - cut.kept_energy) / self.energy
+
+    def option(self, density: float, bits: int | None) -> Option:
+        """One option's estimate (from the part of the sample it keeps; cached)."""
+        key = (density, bits)
+        if key not in self._estimated:
+            self._estimated[key] = self._estimate(density, bits)
+        return self._estimated[key]
+
+    def all(self) -> list[Option]:
+        return [self.option(density, bits) for _, density, bits in self.candidates()]
+
+    def within(self, limit: float, tried: Sequence[Option] = ()) -> Iterator[Option]:
+        """Options to try for a relative squared error within ``limit``, cheapest estimate
+        first, then exact values of every change (error 0), which always qualifies.
+
+        Options are estimated lazily: in order of their positions' bytes, skipping those
+        whose dropped energy alone is over the limit, until no unestimated option could be
+        cheaper than the best one found."""
+        tried = list(tried)
+        while True:
+            best = None
+            for bound, density, bits in self.candidates():
+                if best is not None and bound >= best.nbytes:
+                    break
+                if self.dropped(density) > limit * 0.95:
+                    continue
+                option = self.option(density, bits)
+                if option in tried or option.error > limit * 0.95:
+                    continue
+                if best is None or option.nbytes < best.nbytes:
+                    best = option
+            if best is None:
+                break
+            tried.append(best)
+            yield best
+        everything = self.option(max(self._cuts), None) if self._cuts else None
+        if everything is not None and everything not in tried:
+            yield everything
+
+    def _estimate(self, density: float, bits: int | None) -> Option:
+        cut, stats = self._cuts[density], self.stats
+        dropped = self.dropped(density) * self.energy
+        chosen = (keys_at_least(self._keys, cut.threshold) if cut.threshold
+                  else np.flatnonzero(self._finetuned != self._base))
+        if chosen.size > SAMPLE:
+            chosen = chosen[np.linspace(0, chosen.size - 1, SAMPLE).astype(np.int64)]
+        value_bits, ratio = 8.0 * stats.dt.itemsize, 0.0
+        if chosen.size:
+            finetuned, base = self._finetuned[chosen], self._base[chosen]
+            if bits is None:
+                payload, _ = codecs.encode_values(finetuned, base, stats.dt)
+                value_bits = 8 * len(payload) / chosen.size
+            else:
+                error_sq, value_bits = quant_estimate(finetuned, base, stats.dt, bits,
+                                                      self.group)
+                sample_keys = self._keys[chosen].view(np.float32).astype(np.float64)
+                finite = sample_keys[np.isfinite(sample_keys)]
+                sample_energy = float(np.dot(finite, finite))
+                ratio = error_sq / sample_energy if sample_energy > 0 else 0.0
+        kept_energy = self.energy - dropped
+        error = (dropped + ratio * kept_energy) / self.energy if self.energy > 0 else 0.0
+        position_bits = _position_bits(cut.kept, stats.numel)
+        return Option(density, bits, cut.kept, cut.kept * (position_bits + value_bits) / 8,
+                      min(error, 1.0), cut.threshold)
 
 
-def ranked_count(changed: int, numel: int) -> int:
-    """How many of a tensor's changed elements the options below every change need ordered."""
-    return min(changed, max(1, int(round(max(d for d in DENSITIES if d < 1.0) * numel))))
-
-
-def profile(name: str, dt: DType, changed: np.ndarray, finetuned: np.ndarray, base: np.ndarray,
-            numel: int, group: int) -> Profile:
-    """The options for one tensor, from its changed elements: their sorted flat positions and
-    the fine-tuned and base bits there (``numel``: the tensor's elements)."""
-    order, finite = ranking(name, dt, changed, finetuned, base, numel)
-    energy = float(np.dot(finite, finite))
-    cumulative = np.concatenate([[0.0], np.cumsum(finite[order] ** 2)])
-    options = []
-    for density in DENSITIES:
-        kept = min(changed.size, int(round(density * numel)))
-        if kept == 0 or (options and kept == options[-1].kept):
-            continue
-        chosen = kept_indices(order, kept, changed.size)
-        dropped = max(0.0, energy - cumulative[kept]) if kept < changed.size else 0.0
-        kept_energy = energy - dropped
-        position_bits = _position_bits(kept, numel)
-        sample = chosen[np.linspace(0, kept - 1, min(kept, SAMPLE)).astype(np.int64)]
-        sample_energy = float(np.dot(finite[sample], finite[sample]))
-        for bits in BITS:
-            quantize = None if bits is None else {"bits": bits, "group": group}
-            payload, config = codecs.encode_values(finetuned[sample], base[sample], dt, quantize)
-            value_bits = 8 * len(payload) / sample.size
-            ratio = 0.0 if bits is None or sample_energy == 0 else \
-                config["error_sq"] / sample_energy
-            error = (dropped + ratio * kept_energy) / energy if energy > 0 else 0.0
-            options.append(Option(density, bits, kept, kept * (position_bits + value_bits) / 8,
-                                  min(error, 1.0)))
-    return Profile(name, energy, order, options)
-
-
-def kept_indices(order: np.ndarray, kept: int, changed: int) -> np.ndarray:
-    """Which of the ``changed`` elements keeping ``kept`` of them keeps: sorted indices into
-    them, given their :func:`ranking` order (every one when ``kept`` is all of them)."""
-    if kept >= changed:
-        return np.arange(changed, dtype=np.int64)
-    return np.sort(order[:kept])
-
-
-def cheapest_within(profile: Profile, max_error: float) -> list[Option]:
-    """Options to try for a relative error within ``max_error``, in order: those whose
-    estimate is within it, cheapest first, then exact values of every change (error 0),
-    which always qualifies -- the caller encodes, measures, and moves on while over."""
-    if profile.energy == 0 or max_error >= 1.0:
-        return [profile.nothing()]
-    limit = max_error ** 2
-    fitting = sorted((o for o in profile.options if o.error <= limit * 0.95),
-                     key=lambda o: o.nbytes)
-    everything = max(profile.options, key=lambda o: (o.kept, o.bits is None))
-    return fitting + ([everything] if everything not in fitting else [])
+def tensor_options(stats: TensorStats, group: int) -> Profile:
+    """Every option of one tensor, estimated (what a size target plans with)."""
+    search = OptionSearch(stats, group)
+    return Profile(stats.name, search.energy, search.all())
 
 
 def allocate(profiles: Sequence[Profile], budget: float) -> dict[str, Option]:

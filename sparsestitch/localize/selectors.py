@@ -39,6 +39,7 @@ from ..dtypes import DType
 from ..errors import TensorMismatchError
 from ..sizes import row_items
 from ..tiebreak import ranked, tie_order
+from .stats import keys_energy
 from .topk import (TopK, bracket_bins, count_to_keep, high_histogram, magnitude_keys,
                    resolve_candidates, split_bracket)
 
@@ -77,10 +78,8 @@ class TuneBlock:
     @cached_property
     def energy(self) -> float:
         """Sum of tau squared over the block's finite changes (float64, from the float32 keys:
-        enough for a fidelity report)."""
-        magnitudes = self.magnitudes.view(np.float32).astype(np.float64)
-        finite = magnitudes[np.isfinite(magnitudes)]
-        return float(np.dot(finite, finite))
+        enough for a fidelity report; summed as :func:`~.stats.keys_energy` sums)."""
+        return keys_energy(self.magnitudes)
 
     def tie_orders(self, index: np.ndarray) -> np.ndarray:
         """Tie orders (:func:`~sparsestitch.tiebreak.tie_order`) of the elements at

@@ -30,7 +30,7 @@ OPS = ("info", "cli_info", "verify", "verify_base", "restore", "stitch", "verify
 BASE_OPS = ("verify_base", "restore", "stitch", "restore_runs")
 #: The budget of the ``*_runs`` operations: so small that every record is decoded in runs
 #: (:class:`~sparsestitch.format.RecordCursor`), the path large records take.
-RUNS_BUDGET = "4KiB"
+RUNS_BUDGET = "64KiB"
 #: Outcomes that are acceptable; every other one is a defect.
 GOOD = ("detected", "identical", "faithful")
 
