@@ -1017,6 +1017,88 @@ done:
     return result;
 }
 
+PyDoc_STRVAR(ulp_encode_doc,
+"ulp_encode(kind, kept, base, planes)\n"
+"\n"
+"The ``ulp`` value codec's raw stream into ``planes`` (itemsize x n bytes): the zigzagged\n"
+"order-key distance of every kept value from its base value, in the stored order (stably\n"
+"sorted by the base's exponent field: a counting sort, no index array), as byte planes --\n"
+"what codecs/ulp.py builds with numpy, byte for byte.  ``kind`` as for merge_block.");
+
+#define DEFINE_ULP_ENCODE(NAME, BITS, MANT, EBITS)                                           \
+    static void NAME(const BITS *restrict kept, const BITS *restrict base,                  \
+                     uint8_t *restrict planes, Py_ssize_t n, Py_ssize_t *restrict slots)    \
+    {                                                                                       \
+        const BITS top = (BITS)1 << (8 * sizeof(BITS) - 1);                                 \
+        const BITS emask = (BITS)((1u << (EBITS)) - 1u);                                    \
+        for (Py_ssize_t i = 0; i < n; i++)                                                  \
+            slots[(base[i] >> (MANT)) & emask]++;                                           \
+        Py_ssize_t at = 0;                                                                  \
+        for (Py_ssize_t e = 0; e < ((Py_ssize_t)1 << (EBITS)); e++) {                       \
+            Py_ssize_t count = slots[e];                                                    \
+            slots[e] = at;                                                                  \
+            at += count;                                                                    \
+        }                                                                                   \
+        for (Py_ssize_t i = 0; i < n; i++) {                                                \
+            BITS b = base[i], k = kept[i];                                                  \
+            BITS bkey = (BITS)(b ^ (((BITS)0 - (BITS)(b >> (8 * sizeof(BITS) - 1))) | top)); \
+            BITS kkey = (BITS)(k ^ (((BITS)0 - (BITS)(k >> (8 * sizeof(BITS) - 1))) | top)); \
+            BITS d = (BITS)(kkey - bkey);                                                   \
+            BITS z = (BITS)((BITS)(d << 1) ^ ((BITS)0 - (BITS)(d >> (8 * sizeof(BITS) - 1)))); \
+            Py_ssize_t j = slots[(b >> (MANT)) & emask]++;                                  \
+            for (size_t p = 0; p < sizeof(BITS); p++)                                       \
+                planes[(Py_ssize_t)p * n + j] = (uint8_t)(z >> (8 * p));                    \
+        }                                                                                   \
+    }
+
+DEFINE_ULP_ENCODE(ulp_encode_bf16, uint16_t, 7, 8)
+DEFINE_ULP_ENCODE(ulp_encode_f16, uint16_t, 10, 5)
+DEFINE_ULP_ENCODE(ulp_encode_f32, uint32_t, 23, 8)
+DEFINE_ULP_ENCODE(ulp_encode_f64, uint64_t, 52, 11)
+
+static PyObject *ulp_encode(PyObject *self, PyObject *args)
+{
+    int kind;
+    PyObject *kept_object, *base_object, *planes_object;
+    if (!PyArg_ParseTuple(args, "iOOO", &kind, &kept_object, &base_object, &planes_object))
+        return NULL;
+    if (kind < KIND_BF16 || kind > KIND_F64)
+        return PyErr_Format(PyExc_ValueError, "unknown dtype kind %d", kind);
+    Py_ssize_t itemsize = KIND_ITEMSIZE[kind];
+    Py_buffer kept = {0}, base = {0}, planes = {0};
+    PyObject *result = NULL;
+    Py_ssize_t *slots = NULL;
+    if (get_buffer(kept_object, &kept, 0, itemsize, "kept bits") < 0 ||
+        get_buffer(base_object, &base, 0, itemsize, "base bits") < 0 ||
+        get_buffer(planes_object, &planes, 1, 1, "planes") < 0)
+        goto done;
+    Py_ssize_t n = kept.len / itemsize;
+    if (base.len / itemsize != n || planes.len != n * itemsize) {
+        PyErr_SetString(PyExc_ValueError, "kept bits, base bits and planes differ in length");
+        goto done;
+    }
+    slots = PyMem_Calloc((size_t)1 << 11, sizeof(Py_ssize_t));
+    if (slots == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    switch (kind) {
+    case KIND_BF16: ulp_encode_bf16(kept.buf, base.buf, planes.buf, n, slots); break;
+    case KIND_F16: ulp_encode_f16(kept.buf, base.buf, planes.buf, n, slots); break;
+    case KIND_F32: ulp_encode_f32(kept.buf, base.buf, planes.buf, n, slots); break;
+    default: ulp_encode_f64(kept.buf, base.buf, planes.buf, n, slots); break;
+    }
+    Py_END_ALLOW_THREADS
+    result = Py_NewRef(Py_None);
+done:
+    PyMem_Free(slots);
+    release(&kept);
+    release(&base);
+    release(&planes);
+    return result;
+}
+
 PyDoc_STRVAR(ulp_decode_doc,
 "ulp_decode(kind, planes, base, out, first=None, limit=None)\n"
 "\n"
@@ -1567,6 +1649,7 @@ static PyMethodDef methods[] = {
     {"rice_encode", rice_encode, METH_VARARGS, rice_encode_doc},
     {"tau_decode", tau_decode, METH_VARARGS, tau_decode_doc},
     {"ulp_decode", ulp_decode, METH_VARARGS, ulp_decode_doc},
+    {"ulp_encode", ulp_encode, METH_VARARGS, ulp_encode_doc},
     {"select_bracket", select_bracket, METH_VARARGS, select_bracket_doc},
     {NULL, NULL, 0, NULL},
 };

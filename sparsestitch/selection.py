@@ -24,6 +24,8 @@ from .dtypes import DType, dtype as lookup_dtype
 from .format import Record, encode_record
 from .localize.selectors import (Choice, GivenMasks, PrePass, Selector, TuneBlock,
                                  changed_positions)
+from .localize.stats import BINS, key_histogram
+from .localize.topk import magnitude_keys
 from .options import Range, number
 from .patterns import as_patterns, matches, selected
 from .progress import bar
@@ -257,11 +259,13 @@ class TensorScanner:
 
 
 def kept_energy(selection: Selection, dt: DType) -> float:
-    """Sum of tau squared at the kept positions (finite values)."""
-    if selection.finetuned.size == 0:
-        return 0.0
-    block = TuneBlock("", dt, 0, selection.base, selection.finetuned)
-    return block.energy
+    """Sum of tau squared at the kept positions (finite values), summed as the statistics
+    sum (:func:`~.localize.stats.keys_energy`), a million values at a time."""
+    counts, energy = np.zeros(BINS, np.int64), np.zeros(BINS, np.float64)
+    for at in range(0, selection.finetuned.size, 1 << 20):
+        key_histogram(magnitude_keys(selection.finetuned[at:at + (1 << 20)],
+                                     selection.base[at:at + (1 << 20)], dt), counts, energy)
+    return float(energy.sum())
 
 
 def fidelity_report(energy: float, kept: float, error: float | None = None) -> dict:
@@ -411,6 +415,15 @@ def _with_candidates(positions, finetuned, base, *candidates_and_pick) -> Select
 
 
 def _concat(parts: list[np.ndarray], dtype) -> np.ndarray:
+    """The parts joined, each released once copied (``parts`` is emptied): at most one
+    part and the result are held at once, not all parts and the result."""
     if len(parts) == 1:
-        return parts[0]
-    return np.concatenate(parts) if parts else np.empty(0, dtype=dtype)
+        return parts.pop()
+    total = sum(part.size for part in parts)
+    out = np.empty(total, dtype=parts[0].dtype if parts else dtype)
+    at = 0
+    while parts:
+        part = parts.pop(0)
+        out[at:at + part.size] = part
+        at += part.size
+    return out

@@ -422,3 +422,82 @@ def test_merge_of_full_fine_tunes_equals_the_positional_merge(dt, data, rule):
     with mock.patch.dict(os.environ, {"SPARSESTITCH_NATIVE": "0"}):
         combiner.merge_changed(dt, reference, first, tunes)
     assert fast.tobytes() == reference.tobytes()
+
+
+# -- the compress engine's loops (issue 20) -----------------------------------------------------
+
+def _c_and_numpy(call):
+    """``call()`` with the C loops and without them."""
+    with_c = call()
+    with mock.patch.dict(os.environ, {"SPARSESTITCH_NATIVE": "0"}):
+        return with_c, call()
+
+
+@needs_kernels
+@settings(max_examples=60, deadline=None)
+@given(st.data(), st.sampled_from(["BF16", "F16", "F32", "F64"]))
+def test_key_statistics_and_thresholds_alike_in_c_and_numpy(data, dt_name):
+    from sparsestitch.localize.stats import BINS, key_histogram, keys_at_least
+
+    dt = dtype(dt_name)
+    kept, base = data.draw(value_pairs(dt, max_size=300))
+    keys = magnitude_keys(kept, base, dt)
+    threshold = int(data.draw(st.sampled_from([0, 1, *keys.tolist()] if keys.size else [0])))
+
+    def stats():
+        counts, energy = np.zeros(BINS, np.int64), np.zeros(BINS, np.float64)
+        key_histogram(keys, counts, energy)
+        return counts, energy.view(np.uint64), keys_at_least(keys, threshold)
+    with_c, plain = _c_and_numpy(stats)
+    for a, b in zip(with_c, plain):
+        assert np.array_equal(a, b)
+
+
+@needs_kernels
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.floats(0, 1e30, allow_nan=False, width=64), min_size=1, max_size=700),
+       st.sampled_from([1, 2, 3, 4, 8]), st.sampled_from([1, 3, 8, 128, 1000]))
+def test_quant_fit_alike_in_c_and_numpy(values, bits, group):
+    from sparsestitch.codecs.quant import _group_starts, _fit  # noqa: PLC2701 - the twins
+
+    magnitude = np.array(values)
+    starts = _group_starts(magnitude.size, group if group < magnitude.size else 0)
+    with_c, plain = _c_and_numpy(lambda: _fit(magnitude, starts, bits))
+    for a, b in zip(with_c, plain):
+        assert np.array_equal(a.view(np.uint64), b.view(np.uint64))
+
+
+@needs_kernels
+@settings(max_examples=60, deadline=None)
+@given(st.data(), st.sampled_from(["BF16", "F16", "F32", "F64"]))
+def test_ulp_stream_alike_in_c_and_numpy(data, dt_name):
+    from sparsestitch.codecs.ulp import stored_planes
+
+    dt = dtype(dt_name)
+    kept, base = data.draw(value_pairs(dt, max_size=300))
+    with_c, plain = _c_and_numpy(lambda: stored_planes(kept, base, dt))
+    assert np.array_equal(with_c, plain)
+
+
+@needs_kernels
+@settings(max_examples=80, deadline=None)
+@given(st.lists(st.integers(0, 1 << 16), max_size=300), st.integers(0, 32),
+       st.lists(st.integers(1, 50), min_size=1, max_size=20))
+def test_rice_runs_alike_in_c_and_numpy(values, k, runs):
+    """Decoding a Rice code in runs from the middle of the streams gives every value, in C
+    and in numpy, and ends exactly at the stream's last bit."""
+    values = np.array(values, np.uint64)
+    unary, remainders, unary_bits = rice.encode(values, k)
+    unary, remainders = np.frombuffer(unary, np.uint8), np.frombuffer(remainders, np.uint8)
+
+    def decode():
+        out, bit, at, i = [], 0, 0, 0
+        while at < values.size:
+            n = min(runs[i % len(runs)], values.size - at)
+            got, bit = rice.decode_at(unary, remainders, k, unary_bits, bit, at, n)
+            out.append(got)
+            at, i = at + got.size, i + 1
+        return (np.concatenate(out) if out else np.empty(0, np.uint64)), bit
+    (a, end_a), (b, end_b) = _c_and_numpy(decode)
+    assert np.array_equal(a, values) and np.array_equal(b, values)
+    assert end_a == end_b == (unary_bits if values.size else 0)
