@@ -1017,6 +1017,111 @@ done:
     return result;
 }
 
+PyDoc_STRVAR(quant_assign_doc,
+"quant_assign(kind, bits, size, kept, base, a, b, codes, overflowed) -> (error_sq, max_abs)\n"
+"\n"
+"codecs.quant._assign_and_measure: each regular value's level with its group's stored\n"
+"scales (``a``, ``b``: the wide values, as float64, one per group of ``size``), its sign and\n"
+"level packed into ``codes`` (zeroed; ``bits`` per value, little-endian), whether its\n"
+"restored value overflows (``overflowed``, uint8), and the squared error of the restored\n"
+"values summed in order over the finite ones, with the largest absolute error.");
+
+#define DEFINE_QUANT_ASSIGN(NAME, BITS, WIDE, TO_WIDE, FROM_WIDE, RINT, ABS)                   \
+    static void NAME(const BITS *restrict kept, const BITS *restrict base,                   \
+                     const double *restrict a, const double *restrict b, Py_ssize_t n,        \
+                     Py_ssize_t size, int bits, uint8_t *restrict codes,                      \
+                     uint8_t *restrict overflowed, double *error_sq, double *max_abs)         \
+    {                                                                                        \
+        const WIDE top = (WIDE)((1 << (bits - 1)) - 1);                                      \
+        double sum = 0.0, largest = 0.0;                                                     \
+        int first = 1;                                                                       \
+        for (Py_ssize_t i = 0; i < n; i++) {                                                 \
+            Py_ssize_t g = i / size;                                                         \
+            WIDE A = (WIDE)a[g], B = (WIDE)b[g];                                             \
+            WIDE tune = TO_WIDE(kept[i]), wide_base = TO_WIDE(base[i]);                      \
+            WIDE tau = tune - wide_base;                                                     \
+            int negative = signbit(tau) != 0;                                                \
+            WIDE level = 0;                                                                  \
+            if (B > 0) {                                                                     \
+                level = RINT((ABS(tau) - A) / B);                                            \
+                if (level != level) level = 0;                                               \
+                if (level < 0) level = 0;                                                    \
+                if (level > top) level = top;                                                \
+            }                                                                                \
+            unsigned ilevel = (unsigned)level;                                               \
+            WIDE magnitude = A + B * (WIDE)ilevel;                                           \
+            WIDE value = wide_base + (negative ? -magnitude : magnitude);                    \
+            double restored = (double)TO_WIDE(FROM_WIDE(value));                             \
+            double error = restored - (double)tune;                                          \
+            overflowed[i] = !isfinite(restored);                                             \
+            if (isfinite(error)) {                                                           \
+                double square = error * error;                                               \
+                sum = first ? square : sum + square;                                         \
+                first = 0;                                                                   \
+                if (fabs(error) > largest) largest = fabs(error);                            \
+            }                                                                                \
+            uint64_t code = (uint64_t)negative | ((uint64_t)ilevel << 1);                    \
+            uint64_t at = (uint64_t)i * (uint64_t)bits;                                      \
+            for (int bit = 0; bit < bits; bit++, at++)                                       \
+                if (code >> bit & 1u)                                                        \
+                    codes[at >> 3] |= (uint8_t)(1u << (at & 7));                             \
+        }                                                                                    \
+        *error_sq = sum;                                                                     \
+        *max_abs = largest;                                                                  \
+    }
+
+DEFINE_QUANT_ASSIGN(quant_assign_bf16, uint16_t, float, bf16_wide, bf16_from_wide, rintf, fabsf)
+DEFINE_QUANT_ASSIGN(quant_assign_f16, uint16_t, float, f16_wide, f16_from_wide, rintf, fabsf)
+DEFINE_QUANT_ASSIGN(quant_assign_f32, uint32_t, float, f32_wide, f32_round, rintf, fabsf)
+DEFINE_QUANT_ASSIGN(quant_assign_f64, uint64_t, double, f64_wide, f64_round, rint, fabs)
+
+static PyObject *quant_assign(PyObject *self, PyObject *args)
+{
+    int kind, bits;
+    Py_ssize_t size;
+    PyObject *kept_object, *base_object, *a_object, *b_object, *codes_object, *over_object;
+    if (!PyArg_ParseTuple(args, "iinOOOOOO", &kind, &bits, &size, &kept_object, &base_object,
+                          &a_object, &b_object, &codes_object, &over_object))
+        return NULL;
+    if (kind < KIND_BF16 || kind > KIND_F64)
+        return PyErr_Format(PyExc_ValueError, "unknown dtype kind %d", kind);
+    if (bits < 1 || bits > 8 || size < 1)
+        return PyErr_Format(PyExc_ValueError, "bad quant_assign arguments");
+    Py_ssize_t itemsize = KIND_ITEMSIZE[kind];
+    Py_buffer kept = {0}, base = {0}, a = {0}, b = {0}, codes = {0}, over = {0};
+    PyObject *result = NULL;
+    if (get_buffer(kept_object, &kept, 0, itemsize, "kept bits") < 0 ||
+        get_buffer(base_object, &base, 0, itemsize, "base bits") < 0 ||
+        get_buffer(a_object, &a, 0, 8, "a") < 0 || get_buffer(b_object, &b, 0, 8, "b") < 0 ||
+        get_buffer(codes_object, &codes, 1, 1, "codes") < 0 ||
+        get_buffer(over_object, &over, 1, 1, "overflowed") < 0)
+        goto done;
+    Py_ssize_t n = kept.len / itemsize, groups = n ? (n + size - 1) / size : 0;
+    if (base.len / itemsize != n || over.len != n || a.len / 8 < groups || b.len / 8 < groups ||
+        codes.len < (n * bits + 7) / 8) {
+        PyErr_SetString(PyExc_ValueError, "quant_assign buffers differ in length");
+        goto done;
+    }
+    double error_sq = 0.0, max_abs = 0.0;
+    Py_BEGIN_ALLOW_THREADS
+    switch (kind) {
+    case KIND_BF16: quant_assign_bf16(kept.buf, base.buf, a.buf, b.buf, n, size, bits, codes.buf, over.buf, &error_sq, &max_abs); break;
+    case KIND_F16: quant_assign_f16(kept.buf, base.buf, a.buf, b.buf, n, size, bits, codes.buf, over.buf, &error_sq, &max_abs); break;
+    case KIND_F32: quant_assign_f32(kept.buf, base.buf, a.buf, b.buf, n, size, bits, codes.buf, over.buf, &error_sq, &max_abs); break;
+    default: quant_assign_f64(kept.buf, base.buf, a.buf, b.buf, n, size, bits, codes.buf, over.buf, &error_sq, &max_abs); break;
+    }
+    Py_END_ALLOW_THREADS
+    result = Py_BuildValue("dd", error_sq, max_abs);
+done:
+    release(&kept);
+    release(&base);
+    release(&a);
+    release(&b);
+    release(&codes);
+    release(&over);
+    return result;
+}
+
 PyDoc_STRVAR(ulp_encode_doc,
 "ulp_encode(kind, kept, base, planes)\n"
 "\n"
@@ -1650,6 +1755,7 @@ static PyMethodDef methods[] = {
     {"tau_decode", tau_decode, METH_VARARGS, tau_decode_doc},
     {"ulp_decode", ulp_decode, METH_VARARGS, ulp_decode_doc},
     {"ulp_encode", ulp_encode, METH_VARARGS, ulp_encode_doc},
+    {"quant_assign", quant_assign, METH_VARARGS, quant_assign_doc},
     {"select_bracket", select_bracket, METH_VARARGS, select_bracket_doc},
     {NULL, NULL, 0, NULL},
 };

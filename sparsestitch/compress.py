@@ -36,7 +36,8 @@ from .progress import bar
 from .readahead import DEFAULT_WORKERS, in_order, workers_for
 from .selection import SpooledSelection, TensorPlan, TensorScanner, run_pre_passes
 from .sizes import parse_memory
-from .targets import SIZE_ATTEMPTS, SizePlanner, planned_records, tensor_stats
+from .planned import planned_records, tensor_stats
+from .targets import SIZE_ATTEMPTS, SizePlanner
 from .walk import refuse_delta
 
 #: Elements per block and checkpoint read at a time.  Small blocks keep the per-block
@@ -202,7 +203,7 @@ class CompressJob:
             outputs = DeltaOutputs(out_paths, overwrite, self.base, self.tunes, self.plan)
             try:
                 selectors = self._write_records(selectors, outputs, fallback)
-                metas = outputs.metas(selectors, warn=self.planner is not None)
+                metas = outputs.metas(selectors, warn=self.planner is not None and self.planner.warns)
                 if sized and self.planner.refit(outputs.projected_sizes(metas),
                                                 outputs.payload_sizes(),
                                                 last=attempt + 1 == SIZE_ATTEMPTS):

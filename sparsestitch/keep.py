@@ -19,7 +19,7 @@ from .localize.topk import count_to_keep
 from .options import FRACTION, Range, flag, number, optional_number, short_repr
 from .selection import TensorPlan
 from .sizes import numel, parse_memory
-from .targets import ErrorPlanner, SizePlanner
+from .targets import ErrorPlanner, EveryChangePlanner, SizePlanner
 
 SCOPES = ("fidelity", "global", "per-tensor")
 #: The density when neither a density nor a target is given.
@@ -92,6 +92,8 @@ def choices(density, bits, group, lossless, max_error, max_size, mask_sets,
         density, planner = 1.0, ErrorPlanner(DEFAULT_MAX_ERROR, group)
     elif density is None:
         density = DEFAULT_DENSITY
+    elif density == 1.0 and quantize is not None and mask_sets is None:
+        planner = EveryChangePlanner(quantize["bits"], quantize["group"])  # records stream
     if mask_sets is None and density == 0:
         raise OptionError(f"{density_option} 0 keeps nothing of the fine-tune; keep a fraction "
                           "above 0 (the paper's 0.01 keeps 1%), or 1.0 for a lossless delta",

@@ -183,7 +183,7 @@ def added_tensors(base: Checkpoint, tunes: Sequence[Checkpoint]
 def _close_deltas(outputs: DeltaOutputs, scanner: TensorScanner, selectors: Sequence[Selector],
                   planner) -> None:
     outputs.add_added(scanner)
-    outputs.close(outputs.metas(selectors, warn=planner is not None))
+    outputs.close(outputs.metas(selectors, warn=planner is not None and planner.warns))
 
 
 class FineTuneSource:

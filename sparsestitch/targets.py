@@ -28,10 +28,7 @@ from .dtypes import DType
 from .format import Record
 from .localize.budget import Option, OptionSearch, Profile, allocate
 from .localize.stats import TensorStats, keys_at_least, stats_keys
-from .dtypes import dtype as lookup_dtype
-from .localize.selectors import Choice, changed_positions
-from .selection import Encoded, Selection, SelectionParts, TensorScanner
-from .walk import BaseHash
+from .selection import Selection
 
 #: Passes over the model a size target may take when its estimates ran over.
 SIZE_ATTEMPTS = 4
@@ -64,6 +61,8 @@ class ErrorPlanner:
 
     #: The planner reads each tensor's statistics before choosing (one pass more).
     needs_stats = True
+    #: The deltas warn when one tensor takes most of the kept values.
+    warns = True
 
     def __init__(self, max_error: float, group: int):
         if not 0.0 <= max_error:
@@ -90,6 +89,31 @@ class ErrorPlanner:
             if meets(record, self.max_error):
                 return record, payload
         raise AssertionError("exact values of every change always meet the target")
+
+
+class EveryChangePlanner:
+    """Every change of every localized tensor in ``bits`` bits (``--density 1.0 --bits``): one
+    option, no target, but planned like one so that the record streams (one pass: the
+    change's energy is measured as it is kept)."""
+
+    needs_stats = False
+    warns = False
+
+    def __init__(self, bits: int, group: int):
+        self.bits, self.group = bits, group
+
+    def accepts(self, record: Record) -> bool:
+        return True
+
+    def option(self, tune: int, name: str) -> Option:
+        return Option(1.0, self.bits, 0, 0.0, 0.0, threshold=0)  # kept: not known before
+
+    def energy(self, tune: int, name: str) -> float | None:
+        return None  # every change is kept: its energy is the kept energy
+
+    def encode(self, name: str, dt: DType, numel: int, selection: Selection, encode: Encode,
+               tune: int) -> tuple[Record, bytes]:
+        return encode(selection, {"bits": self.bits, "group": self.group})
 
 
 class SizePlanner:
@@ -155,6 +179,7 @@ class SizePlanner:
 
     #: The plan was made from a pass of its own (:meth:`add_profile`).
     needs_stats = False
+    warns = True
 
     def accepts(self, record: Record) -> bool:
         return True
@@ -187,79 +212,3 @@ def _encode_option(option: Option, selection: Selection, numel: int, dt: DType, 
                              energy=energy)
     quantize = None if option.bits is None else {"bits": option.bits, "group": group}
     return encode(kept, quantize)
-
-
-# ------------------------------------------------------------ the streaming pass of a target
-
-def tensor_stats(scanner: TensorScanner, name: str, base_hash: BaseHash | None = None
-                 ) -> list[TensorStats]:
-    """Every fine-tune's :class:`~.localize.stats.TensorStats` of tensor ``name`` (one
-    pass over its blocks; nothing held but the histograms and samples)."""
-    entry = scanner.base.entry(name)
-    dt = lookup_dtype(entry.dtype)
-    stats = [TensorStats.empty(name, dt, entry.numel) for _ in scanner.tunes]
-    for block in scanner.tune_blocks(name, base_hash=base_hash):
-        stats[block.tune].add(block.finetuned, block.base, block.offset,
-                              keys=block.magnitudes)
-    return stats
-
-def select_above(scanner: TensorScanner, name: str, thresholds: dict[int, int],
-                 energy: dict[int, float], base_hash: BaseHash | None = None
-                 ) -> dict[int, Selection]:
-    """Fine-tune ``i``'s changed elements whose ranking key is at least
-    ``thresholds[i]`` (0: every change; -1: nothing), for the fine-tunes given, in one
-    pass over the blocks."""
-    dt = lookup_dtype(scanner.base.entry(name).dtype)
-    parts = {i: SelectionParts() for i in thresholds}
-    for block in scanner.tune_blocks(name, base_hash=base_hash):
-        threshold = thresholds.get(block.tune)
-        if threshold is None:
-            continue
-        if threshold < 0:
-            choice = Choice.nothing()
-        elif threshold == 0:
-            choice = changed_positions(block)
-            if choice.kept.size == block.base.size:
-                choice = Choice(None)
-        else:
-            choice = Choice(keys_at_least(block.magnitudes, threshold))
-        parts[block.tune].add(block, choice)
-    selections = {i: part.finish(dt) for i, part in parts.items()}
-    for i, selection in selections.items():
-        selection.energy = energy[i]
-    return selections
-
-def planned_records(scanner: TensorScanner, name: str) -> list[Encoded]:
-    """Every fine-tune's record of a localized tensor under a planner: the statistics in
-    one pass (for an error target), then each fine-tune's options in the planner's order,
-    each selected by its threshold in one more pass and encoded, until the planner
-    accepts the record (an error target: its real error is within the target)."""
-    planner, count = scanner.planner, len(scanner.tunes)
-    base_hash = BaseHash(name)
-    if planner.needs_stats:
-        stats = tensor_stats(scanner, name, base_hash)
-        base_xxh3 = base_hash.hexdigest()
-        options = {i: planner.options(stats[i], i) for i in range(count)}
-        energy = {i: stats[i].energy for i in range(count)}
-    else:
-        base_xxh3 = None
-        options = {i: iter([planner.option(i, name)]) for i in range(count)}
-        energy = {i: planner.energy(i, name) for i in range(count)}
-    records: list[Encoded | None] = [None] * count
-    current = {i: next(options[i]) for i in range(count)}
-    while current:
-        hashing = base_hash if base_xxh3 is None else None
-        selections = select_above(scanner, name, {i: o.threshold for i, o in current.items()},
-                                       energy, hashing)
-        if base_xxh3 is None:
-            base_xxh3 = base_hash.hexdigest()
-        for i, option in list(current.items()):
-            quantize = None if option.bits is None else {"bits": option.bits,
-                                                         "group": planner.group}
-            record = scanner.encode_as(name, base_xxh3, selections.pop(i), quantize)
-            if planner.accepts(record[0]):
-                records[i] = record
-                del current[i]
-            else:
-                current[i] = next(options[i])
-    return records

@@ -501,3 +501,19 @@ def test_rice_runs_alike_in_c_and_numpy(values, k, runs):
     (a, end_a), (b, end_b) = _c_and_numpy(decode)
     assert np.array_equal(a, values) and np.array_equal(b, values)
     assert end_a == end_b == (unary_bits if values.size else 0)
+
+
+@needs_kernels
+@settings(max_examples=60, deadline=None)
+@given(st.data(), st.sampled_from(["BF16", "F16", "F32", "F64"]), st.sampled_from([1, 2, 3, 4, 8]),
+       st.sampled_from([0, 1, 3, 128]))
+def test_quant_encoding_alike_in_c_and_numpy(data, dt_name, bits, group):
+    """The whole quant encoder -- fit, assignment, overflow, error -- writes the same payload
+    and config with the C loops and without them, special values included."""
+    from sparsestitch.codecs.quant import QuantValues
+
+    dt = dtype(dt_name)
+    kept, base = data.draw(value_pairs(dt, max_size=300))
+    with_c, plain = _c_and_numpy(lambda: QuantValues().encode(kept, base, dt, bits=bits,
+                                                              group=group))
+    assert with_c == plain

@@ -179,3 +179,29 @@ def test_a_version_1_file_cannot_claim_quant_values(tmp_path):
     (tmp_path / "v1.delta").write_bytes(image.to_bytes())
     with pytest.raises(DeltaFormatError, match="needs format version 2"):
         DeltaReader(tmp_path / "v1.delta")
+
+
+@pytest.mark.parametrize("dt", FLOAT_DTYPES, ids=lambda dt: dt.name)
+@settings(max_examples=40, deadline=None)
+@given(data=st.data(), bits_k=st.sampled_from(BITS), group=st.sampled_from([0, 1, 3, 8]),
+       run=st.sampled_from([8, 16, 64]))
+def test_values_added_in_parts_encode_as_all_at_once(dt, data, bits_k, group, run):
+    """A QuantStream fed a record in any number of parts writes exactly the payload and
+    config of encoding it at once; and runs far shorter than the record change only the
+    order the squared error is summed in (the same groups, the same codes and scales)."""
+    from unittest import mock
+
+    from sparsestitch.codecs import quant
+
+    kept, base = data.draw(value_pairs(dt, max_size=120))
+    one_run = QUANT.encode(kept, base, dt, bits=bits_k, group=group)
+    with mock.patch.object(quant, "RUN_VALUES", run):
+        whole = QUANT.encode(kept, base, dt, bits=bits_k, group=group)
+        cuts = sorted(data.draw(st.lists(st.integers(0, kept.size), max_size=6)))
+        stream = quant.QuantStream(dt, bits_k, group, kept.size)
+        for a, b in zip([0, *cuts], [*cuts, kept.size]):
+            stream.add(kept[a:b], base[a:b])
+        assert stream.finish() == whole
+    if whole[1]["exceptions"] == one_run[1]["exceptions"]:  # no overflow handled differently
+        assert whole[0] == one_run[0]
+        assert whole[1]["error_sq"] == pytest.approx(one_run[1]["error_sq"], rel=1e-9, abs=1e-300)

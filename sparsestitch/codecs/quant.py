@@ -22,7 +22,7 @@ when k > 1, in ``scale_dtype`` byte planes) | exception-index stream | exception
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -56,16 +56,18 @@ def scale_dtype_for(dt: DType, bits: int) -> str:
 class _Fitted:
     codes: np.ndarray        # packed sign and level bits of the regular values
     scale_bits: np.ndarray   # the stored scales (offsets, then steps)
-    error: np.ndarray        # restored minus fine-tuned value, float64, per regular value
+    error_sq: float          # sum of squared errors of the finite ones, summed in order
+    max_abs_error: float     # and the largest of them
     overflowed: np.ndarray   # regular values that decode to a non-finite number
 
 
-def _fit_and_assign(base_wide, tune_wide, regular, dt: DType, scale_dt: DType, bits: int,
+def _fit_and_assign(kept: np.ndarray, base: np.ndarray, dt: DType, scale_dt: DType, bits: int,
                     group: int, keep_overflow: bool = False) -> _Fitted:
-    """Fit the scales of the regular values, round them to the scale dtype, assign every
-    level with the stored scales (as the decoder will), and measure the error."""
+    """Fit the scales of the regular values ``kept`` (over ``base``, bits of both), round them
+    to the scale dtype, assign every level with the stored scales (as the decoder will), and
+    measure the error."""
     with np.errstate(all="ignore"):
-        tau = tune_wide[regular] - base_wide[regular]
+        tau = to_wide(kept, dt) - to_wide(base, dt)
         starts = _group_starts(tau.size, group)
         offsets, steps = _fit(np.abs(tau.astype(np.float64)), starts, bits)
         scale_bits = np.concatenate([_to_scale_bits(offsets, scale_dt),
@@ -74,14 +76,39 @@ def _fit_and_assign(base_wide, tune_wide, regular, dt: DType, scale_dt: DType, b
         a, b = _stored_scales(scale_bits[:starts.size],
                               scale_bits[starts.size:] if bits > 1 else
                               np.zeros(starts.size, scale_dt.bits), scale_dt, dt)
+    size = int(starts[1]) if starts.size > 1 else max(tau.size, 1)
+    codes, overflowed, error_sq, max_abs = _assign_and_measure(kept, base, tau, a, b, size, dt,
+                                                               bits)
+    if keep_overflow:
+        overflowed = np.zeros(tau.size, bool)
+    return _Fitted(codes, scale_bits, error_sq, max_abs, overflowed)
+
+
+def _assign_and_measure(kept, base, tau, a, b, size: int, dt: DType, bits: int):
+    """Every level with the stored scales ``a``, ``b`` (wide, per group of ``size``), the
+    packed codes, which values overflow when restored, and the squared error of the
+    restored values summed in order, with its largest term -- C loop or numpy, the same bits."""
+    kernels, kind = native.float_kernels(dt.name)
+    if kernels is not None:
+        codes = np.zeros((tau.size * bits + 7) // 8, np.uint8)
+        overflowed = np.zeros(tau.size, np.uint8)
+        error_sq, max_abs = kernels.quant_assign(
+            kind, bits, size, np.ascontiguousarray(kept), np.ascontiguousarray(base),
+            np.ascontiguousarray(a, np.float64), np.ascontiguousarray(b, np.float64), codes,
+            overflowed)
+        return codes, overflowed.view(bool), error_sq, max_abs
+    starts = _group_starts(tau.size, size if size < tau.size else 0)
+    with np.errstate(all="ignore"):
         levels = _assign(np.abs(tau), a, b, starts, bits)
         negative = np.signbit(tau)
         magnitude = _magnitudes(levels, a, b, starts, dt.wide)
-        values = from_wide(base_wide[regular] + np.where(negative, -magnitude, magnitude), dt)
+        values = from_wide(to_wide(base, dt) + np.where(negative, -magnitude, magnitude), dt)
         restored = to_wide(values, dt).astype(np.float64)
-        error = restored - tune_wide[regular].astype(np.float64)
-    overflowed = ~np.isfinite(restored) if not keep_overflow else np.zeros(tau.size, bool)
-    return _Fitted(_pack(negative, levels, bits), scale_bits, error, overflowed)
+        error = restored - to_wide(kept, dt).astype(np.float64)
+        finite = error[np.isfinite(error)]
+        error_sq = float(np.cumsum(finite * finite)[-1]) if finite.size else 0.0
+    max_abs = float(np.abs(finite).max()) if finite.size else 0.0
+    return _pack(negative, levels, bits), ~np.isfinite(restored), error_sq, max_abs
 
 
 def _to_scale_bits(values: np.ndarray, scale_dt: DType) -> np.ndarray:
@@ -119,27 +146,9 @@ class QuantValues:
             raise ValueError(f"bits must be one of {BITS}, got {bits}")
         if group < 0:
             raise ValueError(f"group must be 0 (the whole tensor) or a number of values, got {group}")
-        scale_dt = lookup_dtype(scale_dtype_for(dt, bits))
-        group = group if group < kept.size else 0  # one group of everything, as the spec writes it
-        exceptional = _non_finite(kept, base, dt)
-        runs = _encode_runs(kept, base, exceptional, dt, scale_dt, bits, group)
-        fitted = _Fitted(np.concatenate(runs.codes) if runs.codes else np.empty(0, np.uint8),
-                         np.concatenate(runs.offsets + runs.steps) if runs.offsets
-                         else np.empty(0, scale_dt.bits), np.empty(0), np.empty(0, bool))
-        exceptions = np.flatnonzero(exceptional)
-        code_stream, code_config = pack_stream(fitted.codes)
-        scale_stream, scale_config = pack_stream(to_planes(fitted.scale_bits))
-        index_stream, index_config = pack_stream(to_planes(gap_encode(exceptions).astype("<u4")))
-        bits_stream, bits_config = pack_stream(to_planes(kept[exceptions]))
-        error_sq = _finite_or_max(runs.error_sq)
-        config = {"bits": bits, "group": group, "scale_dtype": scale_dt.name,
-                  "exceptions": int(exceptions.size),
-                  "codes": code_config, "codes_nbytes": len(code_stream),
-                  "scales": scale_config, "scales_nbytes": len(scale_stream),
-                  "exc_index": index_config, "exc_index_nbytes": len(index_stream),
-                  "exc_bits": bits_config, "exc_bits_nbytes": len(bits_stream),
-                  "max_abs_error": runs.max_abs_error, "error_sq": error_sq}
-        return code_stream + scale_stream + index_stream + bits_stream, config
+        stream = QuantStream(dt, bits, group, kept.size)
+        stream.add(kept, base)
+        return stream.finish()
 
     def decode(self, payload: bytes, config: dict, base: np.ndarray, dt: DType,
                count: int) -> np.ndarray:
@@ -295,20 +304,115 @@ class QuantCursor:
 RUN_VALUES = 1 << 20
 
 
-@dataclass
-class _Runs:
-    """What the encoder's runs produced: codes and scales in order, and the error."""
+class QuantStream:
+    """A ``quant`` record's values encoded as they arrive, in order: ``add`` them a part at a
+    time (a row block's kept values, say), then ``finish`` -- the same payload and config as
+    encoding them at once, holding about two runs of values, not the record.
 
-    codes: list = field(default_factory=list)
-    offsets: list = field(default_factory=list)
-    steps: list = field(default_factory=list)
-    error_sq: float = 0.0
-    max_abs_error: float = 0.0
+    Regular values are fitted, assigned and measured a run at a time (runs of whole groups,
+    eight at least, so every run's codes end on a byte; one run when all values share one
+    group, which then waits for all of them).  A value whose approximation overflows (only
+    near the dtype's largest numbers) joins the exceptions and its run is fitted again
+    without it; after four tries the run keeps what it has."""
+
+    def __init__(self, dt: DType, bits: int, group: int, count: int | None = None):
+        if bits not in BITS:
+            raise ValueError(f"bits must be one of {BITS}, got {bits}")
+        if group < 0:
+            raise ValueError(f"group must be 0 (the whole tensor) or a number of values, got {group}")
+        self.dt, self.bits, self.count = dt, bits, count
+        self.scale_dt = lookup_dtype(scale_dtype_for(dt, bits))
+        if count is not None and group >= count:
+            group = 0  # one group of everything (fewer values than a group: the same fit)
+        self.group = group
+        self.run = (1 << 62) if group == 0 else max(8, RUN_VALUES // (8 * group) * 8) * group
+        self.codes, self.offsets, self.steps = [], [], []
+        self.exceptions, self.exception_bits = [], []
+        self.error_sq, self.max_abs_error = 0.0, 0.0
+        self._seen = 0          # values added so far
+        self._start = 0         # kept index of the first buffered value
+        self._kept, self._base, self._exceptional = [], [], []
+
+    def add(self, kept: np.ndarray, base: np.ndarray) -> None:
+        if kept.size == 0:
+            return
+        self._kept.append(kept)
+        self._base.append(base)
+        self._exceptional.append(_non_finite(kept, base, self.dt))
+        self._seen += kept.size
+        if sum(part.size for part in self._kept) >= 2 * self.run:
+            self._drain(final=False)
+
+    def finish(self) -> tuple[bytes, dict]:
+        if self.count is not None and self._seen != self.count:
+            raise ValueError(f"{self._seen} values added, {self.count} announced")
+        self._drain(final=True)
+        group = self.group if self.group < self._seen else 0  # as the spec writes one group
+        codes = np.concatenate(self.codes) if self.codes else np.empty(0, np.uint8)
+        scale_bits = (np.concatenate(self.offsets + self.steps) if self.offsets
+                      else np.empty(0, self.scale_dt.bits))
+        exceptions = (np.concatenate(self.exceptions) if self.exceptions
+                      else np.empty(0, np.int64))
+        exception_bits = (np.concatenate(self.exception_bits) if self.exception_bits
+                          else np.empty(0, self.dt.bits))
+        code_stream, code_config = pack_stream(codes)
+        scale_stream, scale_config = pack_stream(to_planes(scale_bits))
+        index_stream, index_config = pack_stream(to_planes(gap_encode(exceptions).astype("<u4")))
+        bits_stream, bits_config = pack_stream(to_planes(exception_bits))
+        config = {"bits": self.bits, "group": group, "scale_dtype": self.scale_dt.name,
+                  "exceptions": int(exceptions.size),
+                  "codes": code_config, "codes_nbytes": len(code_stream),
+                  "scales": scale_config, "scales_nbytes": len(scale_stream),
+                  "exc_index": index_config, "exc_index_nbytes": len(index_stream),
+                  "exc_bits": bits_config, "exc_bits_nbytes": len(bits_stream),
+                  "max_abs_error": self.max_abs_error,
+                  "error_sq": _finite_or_max(self.error_sq)}
+        return code_stream + scale_stream + index_stream + bits_stream, config
+
+    def _drain(self, final: bool) -> None:
+        """Encode whole runs of the buffered values (every one of them when ``final``)."""
+        if not self._kept:
+            return
+        kept, base = _join(self._kept), _join(self._base)
+        exceptional = _join(self._exceptional)
+        at = 0
+        while at < kept.size:
+            stop = _run_end(exceptional, at, self.run)
+            if not final and (stop == kept.size or
+                              int(np.count_nonzero(~exceptional[at:stop])) < self.run):
+                break  # a partial run: wait for more values
+            at = self._encode_run(kept, base, exceptional, at)
+        self._start += at
+        self._kept, self._base = [kept[at:]], [base[at:]]
+        self._exceptional = [exceptional[at:]]
+
+    def _encode_run(self, kept, base, exceptional, start: int) -> int:
+        """Encode the run of regular values from ``start``; return where it ends."""
+        dt, bits = self.dt, self.bits
+        for attempt in range(5):
+            stop = _run_end(exceptional, start, self.run)
+            regular = ~exceptional[start:stop]
+            fitted = _fit_and_assign(kept[start:stop][regular], base[start:stop][regular], dt,
+                                     self.scale_dt, bits, self.group,
+                                     keep_overflow=attempt == 4)
+            if not fitted.overflowed.any():
+                break
+            exceptional[start + np.flatnonzero(regular)[fitted.overflowed]] = True
+        groups = fitted.scale_bits.size // (2 if bits > 1 else 1)
+        self.codes.append(fitted.codes)
+        self.offsets.append(fitted.scale_bits[:groups])
+        self.steps.append(fitted.scale_bits[groups:])
+        where = np.flatnonzero(exceptional[start:stop])
+        self.exceptions.append(where + self._start + start)
+        self.exception_bits.append(kept[start:stop][where])
+        self.error_sq += fitted.error_sq
+        self.max_abs_error = max(self.max_abs_error, fitted.max_abs_error)
+        return stop
 
 
 def _non_finite(kept: np.ndarray, base: np.ndarray, dt: DType) -> np.ndarray:
     """Where the base, the fine-tuned value or their difference is not finite (a run at a
-    time: the wide values are never held for the whole record)."""
+    time: the wide values are never held for many values at once)."""
     out = np.empty(kept.size, bool)
     with np.errstate(all="ignore"):
         for at in range(0, kept.size, RUN_VALUES):
@@ -319,36 +423,8 @@ def _non_finite(kept: np.ndarray, base: np.ndarray, dt: DType) -> np.ndarray:
     return out
 
 
-def _encode_runs(kept: np.ndarray, base: np.ndarray, exceptional: np.ndarray, dt: DType,
-                 scale_dt: DType, bits: int, group: int) -> _Runs:
-    """Fit, assign and measure the regular values a run at a time (runs of whole groups;
-    one run when every value shares one group).  A value whose approximation overflows
-    (only near the dtype's largest numbers) joins the exceptions (``exceptional`` is updated)
-    and its run is fitted again without it; after four tries the run keeps what it has."""
-    runs, start, n = _Runs(), 0, kept.size
-    run = n if group == 0 else max(8, RUN_VALUES // (8 * group) * 8) * group
-    while start < n:
-        for attempt in range(5):
-            stop = _run_end(exceptional, start, run)
-            regular = ~exceptional[start:stop]
-            with np.errstate(all="ignore"):
-                fitted = _fit_and_assign(to_wide(base[start:stop], dt),
-                                         to_wide(kept[start:stop], dt), regular, dt, scale_dt,
-                                         bits, group, keep_overflow=attempt == 4)
-            if not fitted.overflowed.any():
-                break
-            exceptional[start + np.flatnonzero(regular)[fitted.overflowed]] = True
-        groups = fitted.scale_bits.size // (2 if bits > 1 else 1)
-        runs.codes.append(fitted.codes)
-        runs.offsets.append(fitted.scale_bits[:groups])
-        runs.steps.append(fitted.scale_bits[groups:])
-        error = fitted.error[np.isfinite(fitted.error)]
-        if error.size:
-            with np.errstate(over="ignore"):
-                runs.error_sq += float(np.dot(error, error))
-            runs.max_abs_error = max(runs.max_abs_error, float(np.abs(error).max()))
-        start = stop
-    return runs
+def _join(parts: list[np.ndarray]) -> np.ndarray:
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
 
 def _run_end(exceptional: np.ndarray, start: int, run: int) -> int:
@@ -371,15 +447,10 @@ def estimate(kept: np.ndarray, base: np.ndarray, dt: DType, bits: int, group: in
         return 0.0, 0.0
     scale_dt = lookup_dtype(scale_dtype_for(dt, bits))
     group = group if group < kept.size else 0
-    with np.errstate(all="ignore"):
-        base_wide, tune_wide = to_wide(base, dt), to_wide(kept, dt)
-        regular = (np.isfinite(base_wide) & np.isfinite(tune_wide)
-                   & np.isfinite(tune_wide - base_wide))
-    fitted = _fit_and_assign(base_wide, tune_wide, regular, dt, scale_dt, bits, group,
+    regular = ~_non_finite(kept, base, dt)
+    fitted = _fit_and_assign(kept[regular], base[regular], dt, scale_dt, bits, group,
                              keep_overflow=True)
-    error = fitted.error[np.isfinite(fitted.error)]
-    with np.errstate(over="ignore"):
-        error_sq = _finite_or_max(float(np.dot(error, error)))
+    error_sq = _finite_or_max(fitted.error_sq)
     per_group = (2 if bits > 1 else 1) * 8 * scale_dt.itemsize
     return error_sq, bits + per_group / (group or kept.size)
 
