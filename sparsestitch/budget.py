@@ -18,7 +18,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .sizes import parse_memory
+from .errors import OptionError
+from .sizes import format_bytes, parse_memory
 
 #: The budget when the user gives none.
 DEFAULT_MEMORY = 1 << 30
@@ -47,3 +48,12 @@ class MemoryBudget:
     @property
     def run_values(self) -> int:
         return max(1024, self.total // 16 // RUN_BYTES_PER_VALUE)
+
+    def require(self, minimum: int, what: str) -> "MemoryBudget":
+        """This budget, or an :class:`~sparsestitch.errors.OptionError` naming the minimum
+        when it is below what ``what`` needs to work at all."""
+        if self.total < minimum:
+            raise OptionError(f"max_memory {format_bytes(self.total)} is below the "
+                              f"{format_bytes(minimum)} {what} needs; allow at least that",
+                              option="max_memory")
+        return self

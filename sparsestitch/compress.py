@@ -35,7 +35,7 @@ from .localize.selectors import Selector
 from .progress import bar
 from .readahead import DEFAULT_WORKERS, in_order, workers_for
 from .selection import SpooledSelection, TensorPlan, TensorScanner, run_pre_passes
-from .sizes import parse_memory
+from .budget import MemoryBudget
 from .planned import planned_records, tensor_stats
 from .targets import SIZE_ATTEMPTS, SizePlanner
 from .walk import refuse_delta
@@ -124,13 +124,17 @@ def compress(base: str | os.PathLike, finetuned: str | os.PathLike | Sequence[st
     threads:
         Threads reading and encoding (default: 2 of the usable cores; 1: the caller's alone).
     max_memory:
-        Bound on the selections held at once (``"512MiB"`` style accepted; default: none):
-        tensors are selected and encoded ahead only while their worst case (every element
-        kept, by every fine-tune) fits, and a tensor whose fine-tunes together would not fit
-        in half of it is selected and encoded one fine-tune at a time (the base read again
-        for each).  The deltas are the same bytes whatever the bound.  What it cannot bound:
-        one fine-tune's selection of the largest tensor (16 bytes per kept float32 element
-        at worst, while encoded).
+        What compress may hold at once (``"512MiB"`` style accepted; default 1 GiB, at least
+        32 MiB; see :class:`~sparsestitch.budget.MemoryBudget`): tensors are prepared ahead
+        only while their worst case (every element kept, by every fine-tune) fits, and a
+        tensor whose fine-tunes together would not fit in half of it is selected and encoded
+        one fine-tune at a time (the base read again for each).  The deltas are the same
+        bytes whatever the bound.  Targets (the default ``max_error``, ``max_size``) and
+        ``density=1.0`` with ``bits`` encode quantized records as the blocks are read: they
+        hold a bitmap of the largest tensor (one bit per element) and two runs of a million
+        values.  Exact values (``lossless``, a density without ``bits``, or a target's exact
+        option) hold one fine-tune's selection of a tensor while it is encoded (up to 16
+        bytes per kept float32 element).
 
     Non-float tensors are never localized: those that differ from the base are stored
     exactly.  Tensors the fine-tune has and the base lacks are stored whole ("added").
@@ -165,7 +169,7 @@ def compress(base: str | os.PathLike, finetuned: str | os.PathLike | Sequence[st
             plan = TensorPlan.of(base_ckpt, include, exclude, dense)
             selectors = make_selectors(plan, density, scope, mask_sets, len(tunes))
             job = CompressJob(base_ckpt, tunes, plan, chunk_elements, progress, workers,
-                              quantize, planner, parse_memory(max_memory, 0))
+                              quantize, planner, _budget(max_memory).total)
             results = job.run(selectors, out_paths, overwrite,
                               fallback=lambda: make_selectors(plan, density, scope, None,
                                                                len(tunes), exact=True))
@@ -191,7 +195,7 @@ class CompressJob:
         self.scanner = TensorScanner(base, tunes, plan, chunk_elements, quantize, planner)
         self.base, self.tunes, self.plan, self.progress = base, tunes, plan, progress
         self.workers, self.planner = workers, planner
-        self.max_memory = max_memory  # 0: no bound
+        self.max_memory = max_memory
 
     def run(self, selectors: list[Selector], out_paths: list[Path], overwrite: bool,
             fallback: Callable[[], list[Selector]]) -> list[Written]:
@@ -277,13 +281,13 @@ class CompressJob:
     def _one_at_a_time(self, name: str) -> bool:
         """Whether tensor ``name``'s fine-tunes are selected one after another (see
         ``max_memory`` in :func:`compress`)."""
-        return bool(self.max_memory) and len(self.tunes) > 1 and \
+        return len(self.tunes) > 1 and \
             len(self.tunes) * self._selected_bytes(name) > self.max_memory // 2
 
     def _held_bytes(self, name: str) -> int:
         """What preparing tensor ``name`` holds at worst (for the read-ahead budget)."""
         held = 1 if self._one_at_a_time(name) else len(self.tunes)
-        return held * self._selected_bytes(name) if self.max_memory else 0
+        return held * self._selected_bytes(name)
 
     def _write_all(self, encoded, outputs: DeltaOutputs) -> None:
         total_bytes = sum(self.base.entry(n).nbytes for n in self.base.names)
@@ -292,6 +296,16 @@ class CompressJob:
                 for i, (record, payload) in enumerate(records):
                     outputs.add(i, record, payload)
                 progress.update(self.base.entry(name).nbytes)
+
+
+#: What compress holds whatever the model: a block of every input being read (a million
+#: elements each), its ranking keys, and two runs of values being encoded.
+MIN_MEMORY = 32 << 20
+
+
+def _budget(max_memory: int | str | None) -> MemoryBudget:
+    """compress's budget: ``max_memory`` (1 GiB when not given), at least :data:`MIN_MEMORY`."""
+    return MemoryBudget.of(max_memory).require(MIN_MEMORY, "compress's blocks and runs")
 
 
 def _as_path_list(value) -> list[Path]:

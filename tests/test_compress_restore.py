@@ -520,7 +520,7 @@ def test_max_memory_bounds_what_compress_holds_and_changes_no_byte(tmp_path):
                              {k: v + 0.01 * torch.randn(v.shape, generator=generator)
                               for k, v in base.items()}) for i in range(4)]
     peaks = {}
-    for budget in (None, "24MiB"):
+    for budget in (None, "40MiB"):
         tracemalloc.start()
         try:
             sparsestitch.compress(base_path, tunes, [tmp_path / f"{budget}-{i}.delta"
@@ -529,7 +529,7 @@ def test_max_memory_bounds_what_compress_holds_and_changes_no_byte(tmp_path):
             peaks[budget] = tracemalloc.get_traced_memory()[1]
         finally:
             tracemalloc.stop()
-    assert peaks["24MiB"] <= peaks[None] / 2, peaks
+    assert peaks["40MiB"] <= peaks[None] / 2, peaks
     for i in range(4):
         assert (tmp_path / f"None-{i}.delta").read_bytes() == \
-            (tmp_path / f"24MiB-{i}.delta").read_bytes()
+            (tmp_path / f"40MiB-{i}.delta").read_bytes()
