@@ -49,6 +49,7 @@ class BitmapCursor:
     def next(self, limit: int) -> np.ndarray:
         total = self._stream.nbytes
         while self._byte < total:
+            # a window of ``limit`` elements holds at most ``limit`` positions
             start, stop = self._byte, min(total, self._byte + max(1, limit // 8))
             window = self._stream.take(start, stop)
             self._stream.release()
@@ -75,10 +76,9 @@ class BitmapCursor:
 def _window_bits(window: np.ndarray, first: int) -> np.ndarray:
     """The set bits of ``window`` as positions counted from element ``first``."""
     kernels = native.kernels()
-    if kernels is not None:
-        found = kernels.bitmap_positions(window, np.empty(0, np.int64))
-        positions = np.empty(found, np.int64)
-        kernels.bitmap_positions(window, positions)
+    if kernels is not None:  # room for every bit of the window: one pass
+        positions = np.empty(8 * window.size, np.int64)
+        positions = positions[:kernels.bitmap_positions(window, positions)]
     else:
         positions = np.flatnonzero(np.unpackbits(window, bitorder="little").view(bool))
     return positions.astype(np.int64) + first
