@@ -227,6 +227,10 @@ class RecordRuns:
                  budget: MemoryBudget):
         self._run = budget.run_values
         self._cursors: dict[int, RecordCursor] = {}
+        sparse = sum(1 for r in records if r is not None and r.kind == "sparse")
+        # the records are open at once: they share what streams may keep in memory (each
+        # has up to four streams); larger ones are read by range from the file or a spool
+        memory_limit = max(1 << 20, budget.stream_bytes // (4 * max(sparse, 1)))
         try:
             for i, record in enumerate(records):
                 if record is None or record.kind != "sparse":
@@ -234,7 +238,7 @@ class RecordRuns:
                 totals = None
                 if not readers[i].value_codec(record).elementwise:
                     totals = kept_totals(ckpt, name, blocks, readers[i], record, budget)
-                self._cursors[i] = readers[i].cursor(record, memory_limit=budget.stream_bytes,
+                self._cursors[i] = readers[i].cursor(record, memory_limit=memory_limit,
                                                      run=budget.run_values, totals=totals)
         except BaseException:
             self.close()

@@ -63,14 +63,21 @@ def pack_stream(raw: bytes | memoryview | np.ndarray) -> tuple[bytes, dict]:
     return bytes(raw), {"zstd": False, "raw_nbytes": n}
 
 
-def unpack_stream(stream: bytes | memoryview, config: dict, expected_nbytes: int) -> bytes:
-    """Inverse of :func:`pack_stream`; refuses any size other than ``expected_nbytes``."""
+def stream_is_zstd(config: dict, expected_nbytes: int) -> bool:
+    """Check a stream's config against the raw size the record needs; whether it is zstd."""
+    if not isinstance(config, dict):
+        raise DeltaFormatError("stream config must be an object")
     raw_nbytes = config_int(config, "raw_nbytes", 0, expected_nbytes)
     if raw_nbytes != expected_nbytes:
         raise DeltaFormatError(f"stream declares {raw_nbytes} bytes, the record needs {expected_nbytes}")
     if type(config.get("zstd")) is not bool:
         raise DeltaFormatError(f"stream config field 'zstd' must be true or false, got {config.get('zstd')!r}")
-    if not config["zstd"]:
+    return config["zstd"]
+
+
+def unpack_stream(stream: bytes | memoryview, config: dict, expected_nbytes: int) -> bytes:
+    """Inverse of :func:`pack_stream`; refuses any size other than ``expected_nbytes``."""
+    if not stream_is_zstd(config, expected_nbytes):
         if len(stream) != expected_nbytes:
             raise DeltaFormatError(f"raw stream has {len(stream)} bytes, expected {expected_nbytes}")
         return bytes(stream)

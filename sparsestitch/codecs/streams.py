@@ -29,7 +29,7 @@ import numpy as np
 import zstandard
 
 from ..errors import DeltaFormatError, ResourceLimitError
-from .base import ZSTD_MAX_EXPANSION, config_int, from_planes, unpack_stream
+from .base import ZSTD_MAX_EXPANSION, from_planes, stream_is_zstd, unpack_stream
 
 #: Bytes read from a file, or decompressed, at a time.
 IO_CHUNK = 4 << 20
@@ -132,14 +132,7 @@ def open_stream(payload: Payload, start: int, length: int, config: dict, expecte
     :func:`~sparsestitch.codecs.base.pack_stream` wrote it), which must be exactly
     ``expected_nbytes``: in memory up to ``memory_limit`` bytes, else mapped (raw) or
     decompressed into a temporary file in ``spool_dir`` (zstd) and mapped."""
-    if not isinstance(config, dict):
-        raise DeltaFormatError("stream config must be an object")
-    raw_nbytes = config_int(config, "raw_nbytes", 0, expected_nbytes)
-    if raw_nbytes != expected_nbytes:
-        raise DeltaFormatError(f"stream declares {raw_nbytes} bytes, the record needs {expected_nbytes}")
-    if type(config.get("zstd")) is not bool:
-        raise DeltaFormatError(f"stream config field 'zstd' must be true or false, got {config.get('zstd')!r}")
-    if not config["zstd"]:
+    if not stream_is_zstd(config, expected_nbytes):
         if length != expected_nbytes:
             raise DeltaFormatError(f"raw stream has {length} bytes, expected {expected_nbytes}")
         if length <= memory_limit:
