@@ -62,8 +62,8 @@ def main():
 @click.option("--exclude", multiple=True, help="Leave tensors matching this pattern at the base.")
 @click.option("--dense", multiple=True, help="Store tensors matching this pattern exactly.")
 @click.option("--overwrite", is_flag=True, help="Replace existing outputs.")
-@click.option("--max-memory", help="Bound on the selections held at once, e.g. 512MiB "
-              "(large tensors then one fine-tune at a time); default: none.")
+@click.option("--max-memory", help="Bound on what compress holds at once, e.g. 512MiB "
+              "(large tensors then one fine-tune at a time); default 1GiB, at least 32MiB.")
 @threads_option
 @json_option
 @quiet_option
