@@ -140,7 +140,8 @@ def interleaved(repeat: int, jobs: dict[str, dict]) -> dict[str, dict]:
         out[name] = {"best_s": fastest.seconds, "all_s": [r.seconds for r in measured],
                      "cpu_s": fastest.cpu_seconds, "all_cpu_s": [r.cpu_seconds for r in measured],
                      "peak_rss": max(r.peak_rss for r in measured),
-                     "start_rss": fastest.start_rss, "result": fastest.result}
+                     "start_rss": fastest.start_rss, "result": fastest.result,
+                     "all_results": [r.result for r in measured]}
     return out
 
 

@@ -1122,6 +1122,92 @@ done:
     return result;
 }
 
+PyDoc_STRVAR(quant_restore_doc,
+"quant_restore(kind, bits, size, skip, codes, bit, a, b, base, out)\n"
+"\n"
+"codecs.quant's regular values restored (the decoder's arithmetic, numpy's NaN rule): value\n"
+"i's code is the ``bits`` bits of ``codes`` from bit ``bit + i * bits`` (sign, then level,\n"
+"little-endian); its group is ``(skip + i) // size``, whose stored scales ``a`` and ``b`` are\n"
+"in the wide type (float32; float64 for F64); ``out[i]`` = base[i] + (-1)^sign * (a + b *\n"
+"level), rounded to the dtype.");
+
+#define DEFINE_QUANT_RESTORE(NAME, BITS, WIDE, TO_WIDE, FROM_WIDE, ADD)                       \
+    static void NAME(const uint8_t *restrict codes, uint64_t bit, int bits, Py_ssize_t size, \
+                     Py_ssize_t skip, const WIDE *restrict a, const WIDE *restrict b,        \
+                     const BITS *restrict base, BITS *restrict out, Py_ssize_t n)            \
+    {                                                                                        \
+        const unsigned mask = (1u << bits) - 1u;                                             \
+        Py_ssize_t g = 0, left = size - skip; /* values left in group g */                   \
+        WIDE A = n ? a[0] : 0, B = n ? b[0] : 0;                                             \
+        for (Py_ssize_t i = 0; i < n; i++, bit += (uint64_t)bits) {                          \
+            if (left == 0) {                                                                 \
+                g++;                                                                         \
+                left = size;                                                                 \
+                A = a[g];                                                                    \
+                B = b[g];                                                                    \
+            }                                                                                \
+            left--;                                                                          \
+            uint64_t byte = bit >> 3;                                                        \
+            unsigned shift = (unsigned)(bit & 7u), window = codes[byte];                     \
+            if (shift + (unsigned)bits > 8u)                                                 \
+                window |= (unsigned)codes[byte + 1] << 8;                                    \
+            unsigned code = (window >> shift) & mask;                                        \
+            WIDE magnitude = ADD(A, B * (WIDE)(code >> 1));                                  \
+            out[i] = FROM_WIDE(ADD(TO_WIDE(base[i]), (code & 1u) ? -magnitude : magnitude)); \
+        }                                                                                    \
+    }
+
+DEFINE_QUANT_RESTORE(quant_restore_bf16, uint16_t, float, bf16_wide, bf16_from_wide, add_f32)
+DEFINE_QUANT_RESTORE(quant_restore_f16, uint16_t, float, f16_wide, f16_from_wide, add_f32)
+DEFINE_QUANT_RESTORE(quant_restore_f32, uint32_t, float, f32_wide, f32_round, add_f32)
+DEFINE_QUANT_RESTORE(quant_restore_f64, uint64_t, double, f64_wide, f64_round, add_f64)
+
+static PyObject *quant_restore(PyObject *self, PyObject *args)
+{
+    int kind, bits;
+    Py_ssize_t size, skip;
+    unsigned long long bit;
+    PyObject *codes_object, *a_object, *b_object, *base_object, *out_object;
+    if (!PyArg_ParseTuple(args, "iinnOKOOOO", &kind, &bits, &size, &skip, &codes_object, &bit,
+                          &a_object, &b_object, &base_object, &out_object))
+        return NULL;
+    if (kind < KIND_BF16 || kind > KIND_F64)
+        return PyErr_Format(PyExc_ValueError, "unknown dtype kind %d", kind);
+    if (bits < 1 || bits > 8 || size < 1 || skip < 0 || skip >= size)
+        return PyErr_Format(PyExc_ValueError, "bad quant_restore arguments");
+    Py_ssize_t itemsize = KIND_ITEMSIZE[kind], wide_size = kind == KIND_F64 ? 8 : 4;
+    Py_buffer codes = {0}, a = {0}, b = {0}, base = {0}, out = {0};
+    PyObject *result = NULL;
+    if (get_buffer(codes_object, &codes, 0, 1, "codes") < 0 ||
+        get_buffer(a_object, &a, 0, wide_size, "a") < 0 ||
+        get_buffer(b_object, &b, 0, wide_size, "b") < 0 ||
+        get_buffer(base_object, &base, 0, itemsize, "base bits") < 0 ||
+        get_buffer(out_object, &out, 1, itemsize, "out") < 0)
+        goto done;
+    Py_ssize_t n = out.len / itemsize, groups = n ? (skip + n - 1) / size + 1 : 0;
+    if (base.len / itemsize != n || a.len / wide_size < groups || b.len / wide_size < groups ||
+        (unsigned long long)codes.len * 8u < bit + (unsigned long long)n * (unsigned)bits) {
+        PyErr_SetString(PyExc_ValueError, "quant_restore buffers differ in length");
+        goto done;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    switch (kind) {
+    case KIND_BF16: quant_restore_bf16(codes.buf, bit, bits, size, skip, a.buf, b.buf, base.buf, out.buf, n); break;
+    case KIND_F16: quant_restore_f16(codes.buf, bit, bits, size, skip, a.buf, b.buf, base.buf, out.buf, n); break;
+    case KIND_F32: quant_restore_f32(codes.buf, bit, bits, size, skip, a.buf, b.buf, base.buf, out.buf, n); break;
+    default: quant_restore_f64(codes.buf, bit, bits, size, skip, a.buf, b.buf, base.buf, out.buf, n); break;
+    }
+    Py_END_ALLOW_THREADS
+    result = Py_NewRef(Py_None);
+done:
+    release(&codes);
+    release(&a);
+    release(&b);
+    release(&base);
+    release(&out);
+    return result;
+}
+
 PyDoc_STRVAR(ulp_encode_doc,
 "ulp_encode(kind, kept, base, planes)\n"
 "\n"
@@ -1756,6 +1842,7 @@ static PyMethodDef methods[] = {
     {"ulp_decode", ulp_decode, METH_VARARGS, ulp_decode_doc},
     {"ulp_encode", ulp_encode, METH_VARARGS, ulp_encode_doc},
     {"quant_assign", quant_assign, METH_VARARGS, quant_assign_doc},
+    {"quant_restore", quant_restore, METH_VARARGS, quant_restore_doc},
     {"select_bracket", select_bracket, METH_VARARGS, select_bracket_doc},
     {NULL, NULL, 0, NULL},
 };

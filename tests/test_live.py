@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 from pathlib import Path
 
@@ -12,9 +13,27 @@ from hypothesis import given, settings, strategies as st
 
 import sparsestitch
 from sparsestitch.errors import BaseMismatchError, SparsestitchError, TensorMismatchError
+from sparsestitch.live import patch as live_patch
 
 from .test_rules import FLOAT_DTYPES, RULE_OPTIONS, narrow, random_bits, to_bits, to_torch, widen
 from .test_stitch import load_bits, random_deltas, random_model, write_delta, write_model
+
+
+@contextlib.contextmanager
+def patching(mode: str):
+    """Tensors patched as ``apply`` chooses (``"auto"``), always at their positions, or
+    always whole where they can be (a float CPU tensor under no patch, an elementwise rule)."""
+    saved = live_patch.whole_is_smaller
+    if mode != "auto":
+        live_patch.whole_is_smaller = lambda live, records: mode == "whole" and any(
+            r is not None and r.kind == "sparse" and r.count for r in records)
+    try:
+        yield
+    finally:
+        live_patch.whole_is_smaller = saved
+
+
+PATCH_MODES = ("auto", "positions", "whole")
 
 
 def live(model: dict, device: str = "cpu") -> dict[str, torch.Tensor]:
@@ -55,14 +74,16 @@ def _setup(tmp: Path, model: dict, count: int, seed: int = 0):
     return base, deltas, masks, tunes
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(seed=st.integers(0, 2**32 - 1), count=st.integers(0, 4), rule=st.sampled_from(
-    sorted(RULE_OPTIONS)), pick=st.integers(0, 2))
-def test_apply_equals_stitch_then_load_and_revert_restores_every_bit(seed, count, rule, pick):
-    with tempfile.TemporaryDirectory() as tmp:
+    sorted(RULE_OPTIONS)), pick=st.integers(0, 2), mode=st.sampled_from(PATCH_MODES),
+    max_memory=st.sampled_from([None, 4096]))
+def test_apply_equals_stitch_then_load_and_revert_restores_every_bit(seed, count, rule, pick,
+                                                                     mode, max_memory):
+    with tempfile.TemporaryDirectory() as tmp, patching(mode):
         model, deltas, merge, stitched = random_merge_case(Path(tmp), seed, count, rule, pick)
         tensors = live(model)
-        patch = sparsestitch.apply(tensors, deltas, **merge)
+        patch = sparsestitch.apply(tensors, deltas, max_memory=max_memory, **merge)
         assert_bits(tensors, model, stitched)
         patch.revert()
         assert_bits(tensors, model, base_bits(model))
@@ -137,35 +158,39 @@ def _disjoint_pair(tmp: Path, overlap: bool):
     return model, base, paths, masks, tunes
 
 
-def test_stacked_patches_revert_last_in_first_out(tmp_path):
-    model, base, (a, b), _, _ = _disjoint_pair(tmp_path, overlap=False)
-    tensors = live(model)
-    only_a = load_bits(sparsestitch.stitch(base, [a], tmp_path / "a.safetensors"))
-    both = load_bits(sparsestitch.stitch(base, [a, b], tmp_path / "ab.safetensors"))
-    first = sparsestitch.apply(tensors, a)
-    second = sparsestitch.apply(tensors, b)   # checked against the base under ``first``
-    assert_bits(tensors, model, both)         # disjoint: same as stitching both
-    with pytest.raises(SparsestitchError, match="reverse order"):
-        first.revert()
-    assert first.active and second.active
-    assert_bits(tensors, model, both)         # the refused revert changed nothing
-    second.revert()
-    assert_bits(tensors, model, only_a)
-    first.revert()
-    assert_bits(tensors, model, base_bits(model))
-
-
-def test_a_patch_over_an_overlapping_one_adds_its_update_to_the_current_values(tmp_path):
-    model, base, (a, b), masks, tunes = _disjoint_pair(tmp_path, overlap=True)
-    tensors = live(model)
-    only_a = load_bits(sparsestitch.stitch(base, [a], tmp_path / "a.safetensors"))
-    with sparsestitch.apply(tensors, a):
-        with sparsestitch.apply(tensors, b):
-            tau_b = widen(tunes[1], "BF16") - widen(model["w"][2], "BF16")
-            want = narrow(widen(only_a["w"], "BF16") + tau_b, "BF16")
-            assert_bits(tensors, model, {"w": want})
+@pytest.mark.parametrize("mode", PATCH_MODES)
+def test_stacked_patches_revert_last_in_first_out(tmp_path, mode):
+    with patching(mode):
+        model, base, (a, b), _, _ = _disjoint_pair(tmp_path, overlap=False)
+        tensors = live(model)
+        only_a = load_bits(sparsestitch.stitch(base, [a], tmp_path / "a.safetensors"))
+        both = load_bits(sparsestitch.stitch(base, [a, b], tmp_path / "ab.safetensors"))
+        first = sparsestitch.apply(tensors, a)
+        second = sparsestitch.apply(tensors, b)   # checked against the base under ``first``
+        assert_bits(tensors, model, both)         # disjoint: same as stitching both
+        with pytest.raises(SparsestitchError, match="reverse order"):
+            first.revert()
+        assert first.active and second.active
+        assert_bits(tensors, model, both)         # the refused revert changed nothing
+        second.revert()
         assert_bits(tensors, model, only_a)
-    assert_bits(tensors, model, base_bits(model))
+        first.revert()
+        assert_bits(tensors, model, base_bits(model))
+
+
+@pytest.mark.parametrize("mode", PATCH_MODES)
+def test_a_patch_over_an_overlapping_one_adds_its_update_to_the_current_values(tmp_path, mode):
+    with patching(mode):
+        model, base, (a, b), masks, tunes = _disjoint_pair(tmp_path, overlap=True)
+        tensors = live(model)
+        only_a = load_bits(sparsestitch.stitch(base, [a], tmp_path / "a.safetensors"))
+        with sparsestitch.apply(tensors, a):
+            with sparsestitch.apply(tensors, b):
+                tau_b = widen(tunes[1], "BF16") - widen(model["w"][2], "BF16")
+                want = narrow(widen(only_a["w"], "BF16") + tau_b, "BF16")
+                assert_bits(tensors, model, {"w": want})
+            assert_bits(tensors, model, only_a)
+        assert_bits(tensors, model, base_bits(model))
 
 
 @pytest.mark.parametrize("change", ["shape", "dtype", "missing", "values"])

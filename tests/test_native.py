@@ -9,6 +9,7 @@ there instead of skipping these tests.
 
 from __future__ import annotations
 
+import json
 import os
 from unittest import mock
 
@@ -517,3 +518,39 @@ def test_quant_encoding_alike_in_c_and_numpy(data, dt_name, bits, group):
     with_c, plain = _c_and_numpy(lambda: QuantValues().encode(kept, base, dt, bits=bits,
                                                               group=group))
     assert with_c == plain
+
+
+@needs_kernels
+@settings(max_examples=60, deadline=None)
+@given(st.data(), st.sampled_from(["BF16", "F16", "F32", "F64"]), st.sampled_from([1, 2, 3, 4, 8]),
+       st.sampled_from([0, 1, 3, 128]))
+def test_quant_restoring_alike_in_c_and_numpy(data, dt_name, bits, group):
+    """Quant values restored whole and in runs of every length, against the base they were
+    made from and against another (special values, overflow and NaN included): the C loop
+    gives numpy's bits."""
+    from sparsestitch.codecs.quant import QuantValues
+
+    from .codec_checks import bit_patterns, cursor_parts
+
+    dt = dtype(dt_name)
+    kept, base = data.draw(value_pairs(dt, max_size=300))
+    other = np.array(data.draw(st.lists(bit_patterns(dt), min_size=kept.size,
+                                        max_size=kept.size)), dt.bits)
+    codec = QuantValues()
+    payload, config = codec.encode(kept, base, dt, bits=bits, group=group)
+    config = json.loads(json.dumps(config))
+    for against in (base, other):
+        def decoded():
+            whole = codec.decode(payload, config, against, dt, int(kept.size))
+            runs = []
+            for run, part in cursor_parts(payload, int(kept.size)):
+                cursor = codec.cursor(part, config, dt, int(kept.size))
+                runs.append([cursor.take(against[at:at + run], min(run, kept.size - at))
+                             for at in range(0, kept.size, run)])
+                cursor.close()
+            return whole, runs
+        (whole_c, runs_c), (whole_np, runs_np) = _c_and_numpy(decoded)
+        assert np.array_equal(whole_c, whole_np)
+        for c, plain in zip(runs_c, runs_np):
+            assert np.array_equal(np.concatenate(c) if c else whole_np[:0], whole_np)
+            assert np.array_equal(np.concatenate(plain) if plain else whole_np[:0], whole_np)

@@ -14,17 +14,18 @@ from hypothesis import given, settings, strategies as st
 import sparsestitch
 from sparsestitch.errors import BaseMismatchError, SparsestitchError
 
-from .test_live import (Tiny, _disjoint_pair, _module_model, _setup, assert_bits, base_bits,
-                           bits_of, live, random_merge_case)
+from .test_live import (PATCH_MODES, Tiny, _disjoint_pair, _module_model, _setup, assert_bits,
+                        base_bits, bits_of, live, patching, random_merge_case)
 from .test_rules import FLOAT_DTYPES, RULE_OPTIONS, random_bits
 from .test_stitch import load_bits, random_model, write_delta, write_model
 
 
-@settings(max_examples=20, deadline=None)
+@settings(max_examples=30, deadline=None)
 @given(seed=st.integers(0, 2**32 - 1), count=st.integers(0, 3), rule=st.sampled_from(
-    sorted(RULE_OPTIONS)), pick=st.integers(0, 2))
-def test_prepared_apply_equals_apply_and_stitch_and_reverts_every_bit(seed, count, rule, pick):
-    with tempfile.TemporaryDirectory() as tmp:
+    sorted(RULE_OPTIONS)), pick=st.integers(0, 2), mode=st.sampled_from(PATCH_MODES))
+def test_prepared_apply_equals_apply_and_stitch_and_reverts_every_bit(seed, count, rule, pick,
+                                                                      mode):
+    with tempfile.TemporaryDirectory() as tmp, patching(mode):
         model, deltas, merge, stitched = random_merge_case(Path(tmp), seed, count, rule, pick)
         tensors = live(model)
         prepared = sparsestitch.prepare(tensors, deltas, **merge)
@@ -51,10 +52,12 @@ def test_a_prepared_patch_works_as_a_with_block_on_a_module_and_keeps_its_parame
     assert_bits(module.state_dict(), model, base_bits(model))
 
 
-def test_changed_values_at_the_positions_are_refused_before_anything_is_written(tmp_path):
+@pytest.mark.parametrize("mode", ["positions", "whole"])
+def test_changed_values_at_the_positions_are_refused_before_anything_is_written(tmp_path, mode):
     model, base, (a, _), masks, _ = _disjoint_pair(tmp_path, overlap=False)
     tensors = live(model)
-    skill = sparsestitch.prepare(tensors, a)
+    with patching(mode):
+        skill = sparsestitch.prepare(tensors, a)
     position = int(np.flatnonzero(masks[0])[0])
     tensors["w"].view(-1)[position] += 1
     before = bits_of(tensors, model)
@@ -68,7 +71,8 @@ def test_a_disjoint_patch_applied_since_stacks_and_reverts_in_order(tmp_path):
     model, base, (a, b), _, _ = _disjoint_pair(tmp_path, overlap=False)
     tensors = live(model)
     both = load_bits(sparsestitch.stitch(base, [a, b], tmp_path / "ab.safetensors"))
-    skill_b = sparsestitch.prepare(tensors, b)
+    with patching("positions"):  # prepared at its positions (whole: the next test)
+        skill_b = sparsestitch.prepare(tensors, b)
     first = sparsestitch.apply(tensors, a)
     second = skill_b.apply(tensors)                 # disjoint from ``a``: the same as both
     assert_bits(tensors, model, both)
@@ -76,6 +80,24 @@ def test_a_disjoint_patch_applied_since_stacks_and_reverts_in_order(tmp_path):
         first.revert()
     second.revert()
     first.revert()
+    assert_bits(tensors, model, base_bits(model))
+
+
+def test_a_prepared_whole_tensor_is_refused_over_another_patch_and_stacks_under_one(tmp_path):
+    model, base, (a, b), _, _ = _disjoint_pair(tmp_path, overlap=False)
+    tensors = live(model)
+    both = load_bits(sparsestitch.stitch(base, [a, b], tmp_path / "ab.safetensors"))
+    with patching("whole"):
+        skill_b = sparsestitch.prepare(tensors, b)
+    assert skill_b._entries[0].positions is None
+    with sparsestitch.apply(tensors, a):
+        patched = bits_of(tensors, model)
+        with pytest.raises(SparsestitchError, match="changes it whole: revert that one first"):
+            skill_b.apply(tensors)
+        assert_bits(tensors, model, patched)
+    with skill_b.apply(tensors):          # first, then ``a`` over it: both
+        with sparsestitch.apply(tensors, a):
+            assert_bits(tensors, model, both)
     assert_bits(tensors, model, base_bits(model))
 
 

@@ -166,18 +166,18 @@ class QuantValues:
         offsets = scale_bits[:starts.size]
         steps = scale_bits[starts.size:] if bits > 1 else np.zeros(starts.size, scale_dt.bits)
         a, b = _stored_scales(offsets, steps, scale_dt, dt)
-        negative, levels = _unpack(codes, regular_count, bits)
+        _check_tail(codes, 0, regular_count, bits)
         index_raw = unpack_stream(streams[2], config["exc_index"], n_exc * 4)
         index = gap_decode(from_planes(index_raw, np.dtype("<u4"), n_exc), max(count, 1))
         exc_bits = from_planes(unpack_stream(streams[3], config["exc_bits"], n_exc * dt.itemsize),
                                dt.bits, n_exc)
+        group = layout.group or max(regular_count, 1)
+        if not n_exc:
+            return _restore(codes, 0, bits, group, 0, a, b, base, dt)
         regular = np.ones(count, bool)
         regular[index] = False
-        magnitude = _magnitudes(levels, a, b, starts, dt.wide)
         values = np.empty(count, dt.bits)
-        with np.errstate(all="ignore"):
-            values[regular] = from_wide(to_wide(base[regular], dt)
-                                        + np.where(negative, -magnitude, magnitude), dt)
+        values[regular] = _restore(codes, 0, bits, group, 0, a, b, base[regular], dt)
         values[index] = exc_bits
         return values
 
@@ -246,38 +246,30 @@ class QuantCursor:
             raise DeltaFormatError(f"asked for values past the record's {self._count}")
         index, exc_bits = self._exceptions.upto(self._at + n)
         m = n - index.size                      # regular values in this run
-        first = self._regular
-        negative, levels = self._codes_of(first, m)
-        a, b = self._scales_of(first, m)
-        regular = np.ones(n, bool)
-        regular[index - self._at] = False
-        values = np.empty(n, self._dt.bits)
-        with np.errstate(all="ignore"):
-            magnitude = a + b * levels.astype(self._dt.wide)
-            values[regular] = from_wide(to_wide(base[regular], self._dt)
-                                        + np.where(negative, -magnitude, magnitude), self._dt)
-        values[index - self._at] = exc_bits
+        first, bits = self._regular, self._layout.bits
+        group = self._layout.group or max(self._regular_count, 1)
+        lo, hi = first * bits, (first + m) * bits
+        codes = self._codes.take(lo // 8, (hi + 7) // 8)
+        if first + m == self._regular_count:
+            _check_tail(codes, lo % 8, m, bits)
+        a, b = self._scales_of(first, m, group)
+        if not index.size:
+            values = _restore(codes, lo % 8, bits, group, first % group, a, b, base, self._dt)
+        else:
+            regular = np.ones(n, bool)
+            regular[index - self._at] = False
+            values = np.empty(n, self._dt.bits)
+            values[regular] = _restore(codes, lo % 8, bits, group, first % group, a, b,
+                                       base[regular], self._dt)
+            values[index - self._at] = exc_bits
+        self._codes.release()
         self._at += n
         self._regular += m
         return values
 
-    def _codes_of(self, first: int, m: int) -> tuple[np.ndarray, np.ndarray]:
-        bits = self._layout.bits
-        lo, hi = first * bits, (first + m) * bits
-        raw = self._codes.take(lo // 8, (hi + 7) // 8)
-        self._codes.release()
-        flat = np.unpackbits(raw, bitorder="little")[lo % 8:]
-        if first + m == self._regular_count and flat[m * bits:].any():
-            raise DeltaFormatError("quant codes have bits set past the last value")
-        table = flat[:m * bits].reshape(m, bits)
-        levels = np.zeros(m, np.uint8)
-        for i in range(1, bits):
-            levels |= table[:, i] << (i - 1)
-        return table[:, 0].astype(bool), levels
-
-    def _scales_of(self, first: int, m: int) -> tuple[np.ndarray, np.ndarray]:
-        """Each regular value's offset and step, in the model's wide type."""
-        group = self._layout.group or max(self._regular_count, 1)
+    def _scales_of(self, first: int, m: int, group: int) -> tuple[np.ndarray, np.ndarray]:
+        """The offsets and steps (in the model's wide type) of the groups from the one of
+        regular value ``first`` to the one of value ``first + m - 1``."""
         g0, g1 = first // group, (first + m - 1) // group + 1 if m else first // group
         scale_dt, groups = self._layout.scale_dt, self._groups
         per_group = 2 if self._layout.bits > 1 else 1
@@ -287,11 +279,7 @@ class QuantCursor:
                                                  groups + g0, groups + g1), scale_dt.bits, g1 - g0)
                  if per_group == 2 else np.zeros(g1 - g0, scale_dt.bits))
         self._scales.release()
-        a, b = _stored_scales(offsets, steps, scale_dt, self._dt)
-        # values of the run in each of its groups (the first and last may be partial)
-        ends = np.minimum((np.arange(g0, g1) + 1) * group, first + m)
-        sizes = np.diff(np.concatenate([[first], ends]))
-        return np.repeat(a, sizes), np.repeat(b, sizes)
+        return _stored_scales(offsets, steps, scale_dt, self._dt)
 
     def close(self) -> None:
         self._codes.close()
@@ -553,13 +541,37 @@ def _pack(negative: np.ndarray, levels: np.ndarray, bits: int) -> np.ndarray:
     return np.packbits(stacked, bitorder="little")
 
 
-def _unpack(codes: np.ndarray, count: int, bits: int) -> tuple[np.ndarray, np.ndarray]:
-    """Inverse of :func:`_pack`; refuses set bits past the last value."""
-    flat = np.unpackbits(codes, bitorder="little")
-    if flat[count * bits:].any():
+def _check_tail(codes: np.ndarray, bit: int, count: int, bits: int) -> None:
+    """Refuse set bits after the last of ``count`` codes starting at bit ``bit`` of
+    ``codes``."""
+    end = bit + count * bits
+    if codes.size * 8 > end and (int(codes[end // 8]) >> (end % 8) or codes[end // 8 + 1:].any()):
         raise DeltaFormatError("quant codes have bits set past the last value")
-    table = flat[:count * bits].reshape(count, bits)
-    levels = np.zeros(count, np.uint8)
+
+
+def _restore(codes: np.ndarray, bit: int, bits: int, group: int, skip: int, a: np.ndarray,
+             b: np.ndarray, base: np.ndarray, dt: DType) -> np.ndarray:
+    """Regular values restored against ``base`` (their bits): value i's code is the ``bits``
+    bits of ``codes`` from bit ``bit + i * bits`` (sign, then level); its group is
+    ``(skip + i) // group``, with the stored scales ``a``, ``b`` (wide) of the groups from
+    the first value's on.  The decoder's arithmetic: ``base + (-1)^sign * (a + b * level)``
+    in the wide type, rounded once; the C loop (``quant_restore``) gives the same bits."""
+    m = base.size
+    kernels, kind = native.float_kernels(dt.name)
+    if kernels is not None:
+        out = np.empty(m, dt.bits)
+        kernels.quant_restore(kind, bits, group, skip, codes, bit, np.ascontiguousarray(a, dt.wide),
+                              np.ascontiguousarray(b, dt.wide), np.ascontiguousarray(base), out)
+        return out
+    table = np.unpackbits(codes, bitorder="little")[bit:bit + m * bits].reshape(m, bits)
+    levels = np.zeros(m, np.uint8)
     for i in range(1, bits):
         levels |= table[:, i] << (i - 1)
-    return table[:, 0].astype(bool), levels
+    negative = table[:, 0].astype(bool)
+    # values in each group the run spans (the first and last may be partial)
+    groups = (skip + m - 1) // group + 1 if m else 0
+    sizes = np.diff(np.concatenate([[0], np.minimum(np.arange(1, groups + 1) * group - skip, m)]))
+    with np.errstate(all="ignore"):
+        magnitude = (np.repeat(a[:groups], sizes)
+                     + np.repeat(b[:groups], sizes) * levels.astype(dt.wide))
+        return from_wide(to_wide(base, dt) + np.where(negative, -magnitude, magnitude), dt)

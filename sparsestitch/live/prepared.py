@@ -20,6 +20,12 @@ differs (the model changed, or a patch applied since overlaps),
 :meth:`~PreparedPatch.apply` raises before modifying anything.  A tensor
 that was replaced or moved since :func:`prepare` (``model.to(...)``, reloading) is
 refused too, rather than patching storage the model no longer uses.
+
+A tensor that ``apply`` patches whole (most of a default delta's tensors: see
+:mod:`.patch`) is prepared as its XOR mask (before ^ after, the tensor's size) and two
+checksums: switching on hashes the tensor (it must be the one prepared for), XORs the mask
+in, and reverting checks the other checksum and XORs it out again.  That is two reads and a
+write of the tensor, with nothing allocated.
 """
 
 from __future__ import annotations
@@ -36,14 +42,16 @@ from ..format import DeltaReader
 from ..stitch.rules import get_rule
 from ..stitch.union import union_of
 from ..walk import stored_positions
-from .patch import Patch
+from .patch import Patch, PatchEntry, active_patches
 from .patch import apply as apply_from_files
 from .tensors import LiveTensor, named_tensors
 
 
 @dataclass(frozen=True)
 class PreparedTensor:
-    """One tensor of a prepared patch: where it changes, and the bits before and after."""
+    """One tensor of a prepared patch: where it changes, and the bits before and after;
+    or, for a tensor patched whole (``positions is None``), its XOR mask in ``new`` and the
+    checksums of the tensor before and after."""
 
     live: LiveTensor
     positions: object   # torch flat positions (int32 in host memory for CUDA tensors)
@@ -51,6 +59,8 @@ class PreparedTensor:
     new: object         # torch bits there after it
     guard: object = None            # stored positions the rule leaves unchanged (or None)
     guard_expected: object = None   # the bits there
+    before_xxh3: str | None = None  # a whole tensor's checksum before the patch
+    after_xxh3: str | None = None   # and after it
 
 
 class PreparedPatch:
@@ -67,7 +77,8 @@ class PreparedPatch:
     @property
     def count(self) -> int:
         """Positions the patch changes, over all tensors."""
-        return sum(int(entry.positions.numel()) for entry in self._entries)
+        return sum(int(entry.new.count_nonzero()) if entry.positions is None
+                   else int(entry.positions.numel()) for entry in self._entries)
 
     @property
     def nbytes(self) -> int:
@@ -82,7 +93,7 @@ class PreparedPatch:
         import torch
 
         tensors = named_tensors(model)
-        staged = []
+        staged, whole = [], []
         for entry in self._entries:
             live = entry.live
             tensor = tensors.get(live.name)
@@ -90,6 +101,16 @@ class PreparedPatch:
                 raise SparsestitchError("the model's tensor is not the one this patch was "
                                         "prepared for (replaced or moved since): prepare again",
                                         tensor=live.name)
+            if entry.positions is None:
+                if active_patches(live.key):
+                    raise BaseMismatchError("the tensor changed since it was prepared: another "
+                                            "patch is active on it, and this prepared patch "
+                                            "changes it whole: revert that one first, or switch "
+                                            "this one on before it", tensor=live.name)
+                if live.digest() != entry.before_xxh3:
+                    raise _changed(live)
+                whole.append(PatchEntry(live, None, mask=entry.new, after=entry.after_xxh3))
+                continue
             positions = entry.positions.to(live.device, non_blocking=True).long()
             expected = entry.expected.to(live.device, non_blocking=True)
             new = entry.new.to(live.device, non_blocking=True)
@@ -104,19 +125,22 @@ class PreparedPatch:
             # One synchronisation for the whole model, and nothing written unless all agree.
             differs = torch.stack([d for *_, d in staged])
             if bool(differs.any()):
-                live = staged[int(differs.nonzero()[0, 0])][0]
-                raise BaseMismatchError("the model's values at this patch's positions changed "
-                                        "since it was prepared (another patch applied over it, "
-                                        "or the weights were modified): revert that, or prepare "
-                                        "again", tensor=live.name)
-        return Patch.scatter([(live, positions, expected, new)
-                              for live, positions, expected, new, _ in staged])
+                raise _changed(staged[int(differs.nonzero()[0, 0])][0])
+        return Patch.scatter([(PatchEntry(live, positions, expected), new)
+                              for live, positions, expected, new, _ in staged]
+                             + [(entry, None) for entry in whole])
+
+
+def _changed(live: LiveTensor) -> BaseMismatchError:
+    return BaseMismatchError("the model's values at this patch's positions changed since it "
+                             "was prepared (another patch applied over it, or the weights were "
+                             "modified): revert that, or prepare again", tensor=live.name)
 
 
 def prepare(model, deltas: str | os.PathLike | Sequence[str | os.PathLike], *,
             rule: str = "localize-stitch", weights: Sequence[float] | None = None,
             verify_base: bool = True, added: str = "error", resident: bool = False,
-            **rule_options) -> PreparedPatch:
+            max_memory: int | str | None = None, **rule_options) -> PreparedPatch:
     """Decode and merge ``deltas`` for ``model`` once; :meth:`PreparedPatch.apply` is then fast.
 
     Arguments are those of :func:`~sparsestitch.live.apply` (the same checks run,
@@ -132,10 +156,11 @@ def prepare(model, deltas: str | os.PathLike | Sequence[str | os.PathLike], *,
     import torch
 
     patch = apply_from_files(model, deltas, rule=rule, weights=weights, verify_base=verify_base,
-                             added=added, **rule_options)
+                             added=added, max_memory=max_memory, **rule_options)
     try:
+        wholes = [entry for entry in patch.entries if entry.whole]
         changed = [(entry.live, entry.positions, entry.originals, entry.live.take(entry.positions))
-                   for entry in patch.entries]
+                   for entry in patch.entries if not entry.whole]
     finally:
         patch.revert()
     paths = [deltas] if isinstance(deltas, (str, os.PathLike)) else list(deltas)
@@ -160,6 +185,9 @@ def prepare(model, deltas: str | os.PathLike | Sequence[str | os.PathLike], *,
             if not resident:
                 arrays = [None if a is None else _host(a) for a in arrays]
             entries.append(PreparedTensor(live, *arrays))
+    # a whole tensor's mask is already on its device (the CPU); reverted, the tensor is the base
+    entries += [PreparedTensor(entry.live, None, None, entry.mask, before_xxh3=entry.live.digest(),
+                               after_xxh3=entry.after) for entry in wholes]
     return PreparedPatch(entries)
 
 

@@ -10,6 +10,10 @@ base bits at the stored positions, decodes the values against them
 result into the tensor (:func:`.device_merge.merge_on_device`, which ``apply`` uses too).  The model ends bit-identical to stitching the same deltas to a
 file and loading it (tests compare the two).
 
+A float CPU tensor merged by an elementwise rule is merged where it lives instead, row block
+by row block (:func:`.patch.merge_in_place`, the file stitcher's block merge): no position
+arrays, within ``max_memory``.
+
 Unlike :func:`~.patch.apply` nothing is kept for a revert, so device memory holds one
 tensor's records at a time.  Every check that can fail on a sound file runs before any
 tensor is written (names, shapes, dtypes, base checksums, tensors under an active hot-swap
@@ -23,24 +27,26 @@ import contextlib
 import os
 from collections.abc import Sequence
 
+from ..budget import MemoryBudget
 from ..errors import SparsestitchError
 from ..format import DeltaReader
 from ..stitch.combine import rule_combiner
 from ..stitch.staging import Staging
 from .device_merge import merge_on_device
-from .patch import active_patches, check_live_base
+from .patch import active_patches, can_merge_in_place, check_live_base, merge_in_place
 from .tensors import match_records, named_tensors
 
 
 def stitch_into(model, deltas: str | os.PathLike | Sequence[str | os.PathLike], *,
                 rule: str = "localize-stitch", weights: Sequence[float] | None = None,
-                verify_base: bool = True, added: str = "error", **rule_options) -> list[str]:
+                verify_base: bool = True, added: str = "error",
+                max_memory: int | str | None = None, **rule_options) -> list[str]:
     """Merge ``deltas`` into ``model`` (a ``torch.nn.Module`` or a dict of tensors) in place,
     on the device each tensor lives on; returns the names of the tensors changed.
 
     Rules, weights, options, ``verify_base`` and ``added`` are those of
     :func:`~sparsestitch.live.apply` and :func:`~sparsestitch.stitch.stitch`, with
-    bit-identical results.  For a model that must go back to its base, use ``apply``.
+    bit-identical results; ``max_memory`` bounds what decoding holds (1 GiB by default).  For a model that must go back to its base, use ``apply``.
 
     >>> stitch_into(model, ["math.delta", "code.delta"], rule="ties")  # doctest: +SKIP
     """
@@ -48,6 +54,7 @@ def stitch_into(model, deltas: str | os.PathLike | Sequence[str | os.PathLike], 
     combiner = rule_combiner(rule, weights, len(paths), **rule_options)
     if added not in ("error", "skip"):
         raise ValueError(f"added must be 'error' or 'skip', not {added!r}")
+    budget = MemoryBudget.of(max_memory)
     tensors = named_tensors(model)
     changed = []
     with contextlib.ExitStack() as stack:
@@ -62,6 +69,12 @@ def stitch_into(model, deltas: str | os.PathLike | Sequence[str | os.PathLike], 
                 check_live_base(live, readers)
         staging_by_device: dict[object, Staging] = {}
         for live in targets.values():
+            records = [reader.record(live.name) for reader in readers]
+            if can_merge_in_place(live, combiner):
+                if any(r is not None and r.kind == "sparse" for r in records):
+                    merge_in_place(live, readers, records, combiner, budget)
+                    changed.append(live.name)
+                continue
             if live.device not in staging_by_device:
                 staging_by_device[live.device] = Staging(live.device)
             merged = merge_on_device(live, readers, combiner, staging_by_device[live.device])

@@ -7,6 +7,8 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+import xxhash
+
 from ..dtypes import TORCH_DTYPE_NAMES, DType, dtype as lookup_dtype
 from ..errors import BaseMismatchError, TensorMismatchError
 from ..format import DeltaReader
@@ -69,6 +71,30 @@ class LiveTensor:
         step = max(1, HASH_CHUNK_BYTES // self.dt.itemsize)
         for start in range(0, self.numel, step):
             yield start, flat[start:start + step].cpu().numpy().view(self.dt.bits)
+
+    @property
+    def in_host_memory(self) -> bool:
+        """Whether numpy can work on the tensor's own memory (a contiguous CPU tensor)."""
+        return self.device.type == "cpu" and self.bits.is_contiguous()
+
+    def host_view(self) -> np.ndarray:
+        """The flat bits as a numpy array sharing the tensor's memory (see
+        :attr:`in_host_memory`): what is written to it is written to the tensor."""
+        return self.bits.reshape(-1).numpy().view(self.dt.bits)
+
+    def read_rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        """A host copy of rows ``start:stop`` (the ``Checkpoint.read_rows`` of a base that is
+        this tensor, for code that reads a base by rows)."""
+        per_row = self.numel // self.shape[0] if self.shape and self.shape[0] else self.numel
+        flat = self.bits.contiguous().reshape(-1)
+        return flat[start * per_row:stop * per_row].cpu().numpy().view(self.dt.bits).copy()
+
+    def digest(self) -> str:
+        """xxh3-64 of the tensor's bytes in row-major order (a delta's base checksum)."""
+        state = xxhash.xxh3_64()
+        for _, chunk in self.chunks():
+            state.update(memoryview(np.ascontiguousarray(chunk).view(np.uint8)))
+        return state.hexdigest()
 
 
 def named_tensors(model) -> Mapping:

@@ -1,0 +1,142 @@
+"""Hot-swap of deltas that store most of each tensor (the default's quantized values in bitmap
+records, lossless ``ulp``/``xor`` values, dense 2-bit records): tensors patched whole, in
+place and within ``max_memory``, bit-identical to stitching to a file, and reverted exactly."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import sparsestitch
+from sparsestitch.errors import BaseMismatchError, SparsestitchError
+
+from .test_live import assert_bits, base_bits, bits_of, live, patching
+from .test_rules import random_bits
+from .test_stitch import load_bits, write_model
+
+#: compress options: the default (a fidelity target: quantized values, mostly bitmap
+#: positions), exact values (lossless codecs, ``ulp`` among them), every element at 2 bits,
+#: and a sparse share.
+OPTIONS = {"default": {}, "lossless": {"lossless": True}, "d1 b2": {"density": 1.0, "bits": 2},
+           "d0.3": {"density": 0.3}}
+
+
+def _fine_tune_pair(tmp, seed: int = 0):
+    """A base with bfloat16 and float32 matrices and two dense fine-tunes of it (files)."""
+    rng = np.random.default_rng(seed)
+    model = {"a.weight": ("BF16", (48, 64), random_bits(rng, "BF16", 48 * 64)),
+             "b.weight": ("F32", (40, 24), random_bits(rng, "F32", 40 * 24)),
+             "c.bias": ("F32", (24,), random_bits(rng, "F32", 24))}
+    base = write_model(tmp / "base.safetensors", model)
+    tunes = []
+    for i in range(2):
+        tuned = {n: (d, s, random_bits(rng, d, b.size, near=b)) for n, (d, s, b) in model.items()}
+        tunes.append(write_model(tmp / f"ft{i}.safetensors", tuned))
+    return model, base, tunes
+
+
+def _deltas(tmp, base, tunes, options: dict) -> list:
+    outs = [tmp / f"d{i}.delta" for i in range(len(tunes))]
+    sparsestitch.compress(base, tunes, outs, **options)
+    return outs
+
+
+@pytest.mark.parametrize("label", sorted(OPTIONS))
+@pytest.mark.parametrize("mode", ["auto", "positions", "whole"])
+def test_compressed_deltas_patch_as_stitch_writes_them_and_revert_exactly(tmp_path, label, mode):
+    model, base, tunes = _fine_tune_pair(tmp_path)
+    deltas = _deltas(tmp_path, base, tunes, OPTIONS[label])
+    tensors = live(model)
+    for merge in ({}, {"rule": "task-arithmetic", "weights": [0.7, 0.3]}):
+        for chosen in ([deltas[0]], deltas):
+            if merge.get("weights") and len(chosen) == 1:
+                continue
+            want = load_bits(sparsestitch.stitch(base, chosen, tmp_path / "out.safetensors",
+                                                 overwrite=True, **merge))
+            with patching(mode):
+                patch = sparsestitch.apply(tensors, chosen, max_memory=8192, **merge)
+            assert_bits(tensors, model, want)
+            if mode == "whole":
+                assert all(entry.positions is None for entry in patch.entries)
+            patch.revert()
+            assert_bits(tensors, model, base_bits(model))
+            with patching(mode):
+                skill = sparsestitch.prepare(tensors, chosen, **merge)
+            assert_bits(tensors, model, base_bits(model))
+            for _ in range(2):
+                with skill.apply(tensors):
+                    assert_bits(tensors, model, want)
+                assert_bits(tensors, model, base_bits(model))
+
+
+def test_a_dense_default_delta_is_patched_whole_by_default_and_keeps_only_a_mask(tmp_path):
+    model, base, tunes = _fine_tune_pair(tmp_path, seed=1)
+    (delta,) = _deltas(tmp_path, base, tunes[:1], {"density": 1.0, "bits": 2})
+    tensors = live(model)
+    patch = sparsestitch.apply(tensors, delta)
+    for entry in patch.entries:
+        assert entry.positions is None and entry.originals is None
+        assert entry.mask.shape == tensors[entry.live.name].shape
+    changed = sum(int(entry.mask.count_nonzero()) for entry in patch.entries)
+    patch.revert()
+    skill = sparsestitch.prepare(tensors, delta)
+    assert skill.count == changed
+    assert skill.nbytes == sum(tensors[n].numel() * tensors[n].element_size() for n in skill.names)
+
+
+def test_reverting_a_whole_patch_after_the_weights_changed_raises_and_changes_nothing(tmp_path):
+    model, base, tunes = _fine_tune_pair(tmp_path, seed=2)
+    (delta,) = _deltas(tmp_path, base, tunes[:1], {"density": 1.0, "bits": 2})
+    tensors = live(model)
+    patch = sparsestitch.apply(tensors, delta)
+    tensors["b.weight"][3, 5] += 1          # e.g. a training step on the patched model
+    changed = bits_of(tensors, model)
+    with pytest.raises(SparsestitchError, match="changed since the patch was applied") as caught:
+        patch.revert()
+    assert caught.value.tensor == "b.weight" and patch.active
+    assert_bits(tensors, model, changed)
+
+
+def test_a_prepared_whole_patch_refuses_a_modified_tensor_before_writing(tmp_path):
+    model, base, tunes = _fine_tune_pair(tmp_path, seed=3)
+    (delta,) = _deltas(tmp_path, base, tunes[:1], {"density": 1.0, "bits": 2})
+    tensors = live(model)
+    skill = sparsestitch.prepare(tensors, delta)
+    tensors["c.bias"][0] += 1
+    changed = bits_of(tensors, model)
+    with pytest.raises(BaseMismatchError, match="changed since it was prepared"):
+        skill.apply(tensors)
+    assert_bits(tensors, model, changed)
+
+
+def test_a_failure_while_merging_whole_puts_every_tensor_back(tmp_path, monkeypatch):
+    model, base, tunes = _fine_tune_pair(tmp_path, seed=4)
+    (delta,) = _deltas(tmp_path, base, tunes[:1], {"density": 1.0, "bits": 2})
+    tensors = live(model)
+    from sparsestitch.live import patch as live_patch
+    real, calls = live_patch.merge_in_place, []
+
+    def fail_on_the_second(live, *args):
+        calls.append(live.name)
+        real(live, *args)            # the tensor is fully merged, then the failure
+        if len(calls) == 2:
+            raise OSError("disk read failed")
+    monkeypatch.setattr(live_patch, "merge_in_place", fail_on_the_second)
+    with pytest.raises(OSError, match="disk read failed"):
+        sparsestitch.apply(tensors, delta)
+    assert len(calls) == 2
+    assert_bits(tensors, model, base_bits(model))
+
+
+def test_a_module_with_a_dense_delta_switches_in_place(tmp_path):
+    model, base, tunes = _fine_tune_pair(tmp_path, seed=5)
+    deltas = _deltas(tmp_path, base, tunes, {})
+    want = load_bits(sparsestitch.stitch(base, deltas, tmp_path / "out.safetensors"))
+    module = torch.nn.Module()
+    for name, tensor in live(model).items():
+        module.register_parameter(name.replace(".", "_"), torch.nn.Parameter(tensor))
+    tensors = {n: module.get_parameter(n.replace(".", "_")) for n in model}
+    with sparsestitch.apply(tensors, deltas):
+        assert_bits(tensors, model, want)
+    assert_bits(tensors, model, base_bits(model))
