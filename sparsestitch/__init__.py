@@ -2,8 +2,8 @@
 
 Public API::
 
-    compress(base, finetuned, out, density=0.01)   # localize + pack, one delta per fine-tune
-    restore(base, delta, out)                      # the fine-tuned model, bit-exact where stored
+    compress(base, finetuned, out)                 # localize + pack (default: max_error 0.5)
+    restore(base, delta, out)                      # the fine-tuned model (exact where stored exactly)
     stitch(base, deltas, out, rule="localize-stitch")
     stitch_add(base, deltas, new_delta, merged)    # add one delta to a stitched model
     apply(model, deltas) -> Patch                  # hot-swap into a live model; .revert()

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from ._version import __version__
 from .checkpoint import Checkpoint
+from .describe import exactness
 from .hub import model_card
 
 
@@ -22,16 +23,16 @@ def _library(base: Checkpoint) -> str | None:
 
 
 def restore_card(delta: str | os.PathLike) -> Callable[[Checkpoint], str]:
-    """The card of ``restore(base, delta, out)``."""
+    """The card of ``restore(base, delta, out)``: what the restored model holds exactly, from
+    the delta's own records."""
     name = Path(delta).name
 
     def card(base: Checkpoint) -> str:
+        held = exactness(delta).sentence()  # here: the run has checked the delta by now
         how = "\n".join([
             f"# Fine-tune of {base.display_name}, restored", "",
-            f"Rebuilt by sparsestitch {__version__} from the delta `{name}`: every parameter the "
-            "delta stores has the fine-tune's exact bits, every other one the base's (a "
-            "lossless delta gives the fine-tune bit for bit; `sparsestitch info` says what "
-            "this one kept).", "",
+            f"Rebuilt by sparsestitch {__version__} from the delta `{name}`: {held} "
+            "(`sparsestitch info` says what the delta kept).", "",
             "Made with:", "", "```bash",
             f"sparsestitch restore {base.display_name} {name} -o OUT", "```"])
         return model_card(base=base.display_name, how=how, tags=["restored"],

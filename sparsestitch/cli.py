@@ -113,7 +113,12 @@ def compress(base, finetuned, outs, density, scope, bits, group, lossless, max_e
 @quiet_option
 @fail_cleanly
 def restore(base, delta, out, max_memory, overwrite, threads, as_json, quiet):
-    """Rebuild the fine-tuned model from BASE and DELTA (bit-exact at stored positions).
+    """Rebuild the fine-tuned model from BASE and DELTA.
+
+    Exact where the delta stores exact values (--lossless deltas: the fine-tune bit for
+    bit); where it stores quantized values (the default delta), close to the fine-tune
+    within the relative error `info` reports.  Every parameter the delta does not store is
+    the base's.  The model card of a restored folder says which.
 
     Example: sparsestitch restore base/ math.delta -o math-restored/
     """

@@ -83,6 +83,50 @@ def info(delta: str | os.PathLike) -> DeltaInfo:
         return DeltaInfo(reader.path, reader.file_size, reader.header, tensors)
 
 
+@dataclass(frozen=True)
+class Exactness:
+    """How exactly a delta restores its fine-tune: of the parameters it stores, how many hold
+    the fine-tune's exact bits and how many approximate values (a lossy value codec:
+    ``quant``)."""
+
+    stored: int
+    approximate: int
+    relative_error: float | None = None   # the header's fidelity summary, where it has one
+
+    @property
+    def exact(self) -> int:
+        return self.stored - self.approximate
+
+    def sentence(self) -> str:
+        """What a model restored from the delta holds, in one sentence (for cards and help)."""
+        if not self.approximate:
+            return ("every parameter the delta stores has the fine-tune's exact bits, every "
+                    "other one the base's")
+        error = (f" (relative error {self.relative_error:.3g} of the fine-tune's change)"
+                 if self.relative_error is not None else "")
+        exact = (f"; the other {self.exact:,} it stores have the fine-tune's exact bits"
+                 if self.exact else "")
+        return (f"{self.approximate:,} of the {self.stored:,} parameters the delta stores hold "
+                f"quantized values, close to the fine-tune's but not its bits{error}{exact}; "
+                "every parameter it does not store is the base's")
+
+
+def exactness(delta: str | os.PathLike) -> Exactness:
+    """:class:`Exactness` of a delta file (reads only its header)."""
+    with DeltaReader(delta) as reader:
+        stored = approximate = 0
+        for record in reader.records:
+            if record.kind != "sparse":
+                continue
+            stored += record.count
+            if not reader.value_codec(record).exact:
+                approximate += record.count
+        error = reader.header.get("fidelity", {})
+        error = error.get("relative_error") if isinstance(error, dict) else None
+        return Exactness(stored, approximate,
+                         float(error) if isinstance(error, (int, float)) and approximate else None)
+
+
 def verify(delta: str | os.PathLike, base: str | os.PathLike | None = None, *,
            max_memory: int | str | None = None) -> DeltaInfo:
     """Check a delta completely: header and payload checksums, every record decodes to

@@ -59,8 +59,11 @@ def restore(base: str | os.PathLike, delta: str | os.PathLike, out: str | os.Pat
             threads: int | None = None) -> Path:
     """Write the fine-tuned model a delta describes: the base with the stored values put back.
 
-    Every stored position gets the fine-tuned bits exactly; every other position keeps
-    the base's bits (so a ``density=1.0`` delta restores the fine-tune bit for bit).
+    Every stored position gets the value the delta stores there: the fine-tuned bits
+    exactly where its value codec is exact (``lossless=True`` deltas restore the fine-tune
+    bit for bit), a quantized value within the delta's reported error where it is not (the
+    default delta: see :func:`~sparsestitch.describe.exactness`); every other position
+    keeps the base's bits.
     The output mirrors the base: a ``.safetensors`` file, or a folder with the same
     shards, index and non-weight files, and a model card (README.md) saying how it was made.
     ``max_memory`` and ``threads`` are those of :func:`~sparsestitch.stitch.stitch`

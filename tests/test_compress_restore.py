@@ -533,3 +533,36 @@ def test_max_memory_bounds_what_compress_holds_and_changes_no_byte(tmp_path):
     for i in range(4):
         assert (tmp_path / f"None-{i}.delta").read_bytes() == \
             (tmp_path / f"40MiB-{i}.delta").read_bytes()
+
+
+@pytest.mark.parametrize("options", [{}, {"lossless": True}, {"density": 0.3}])
+def test_a_restored_folders_card_says_what_is_exact_and_it_is_true(tmp_path, options):
+    """The card states what the restored model holds: exact bits at every stored position
+    only where the delta's values are exact; a quantized delta's card says how many are not,
+    and the count is checked against the restored bits."""
+    base = small_model()
+    base_dir = save_checkpoint(tmp_path / "base", base, shards=1)
+    tune = finetune_of(base)
+    tune_dir = save_checkpoint(tmp_path / "tune", tune, shards=1)
+    delta = tmp_path / "t.delta"
+    sparsestitch.compress(base_dir, tune_dir, delta, **options)
+    held = sparsestitch.describe.exactness(delta)
+    card = (sparsestitch.restore(base_dir, delta, tmp_path / "out") / "README.md").read_text()
+    assert held.sentence() in card
+    (shard,) = (tmp_path / "out").glob("*.safetensors")
+    restored = {n: bits(t) for n, t in load_file(shard).items()}
+    stored_unequal = 0
+    with DeltaReader(delta) as reader:
+        for record in reader.records:
+            if record.kind != "sparse":
+                continue
+            positions = sparsestitch.walk.stored_positions(reader, record)
+            got, want = restored[record.name].reshape(-1), bits(tune[record.name]).reshape(-1)
+            at = slice(None) if positions is None else positions
+            stored_unequal += int((got[at] != want[at]).sum())
+    if held.approximate:
+        assert "quantized values" in card and "exact bits at" not in card
+        assert 0 < stored_unequal <= held.approximate
+    else:
+        assert "every parameter the delta stores has the fine-tune's exact bits" in card
+        assert stored_unequal == 0
