@@ -224,7 +224,7 @@ def info(delta, show_all, sort, as_json):
     header = result.header
     click.echo(f"{result.path}: {result.file_size:,} bytes, format v{header['format_version']}, "
                f"made by sparsestitch {shown(header.get('library_version'))}")
-    click.echo(f"method {shown(header.get('method'))}, density {shown(header.get('density'))}, "
+    click.echo(f"{_how_kept(header)}, "
                f"kept {result.kept:,} of {shown(header.get('candidates'))}, "
                f"{result.bits_per_kept:.2f} bits/kept, "
                f"{result.dense_bytes / max(result.file_size, 1):.1f}x smaller than dense")
@@ -250,6 +250,20 @@ def info(delta, show_all, sort, as_json):
                         for name, (count, numel, nbytes) in sorted(
                             groups.items(), key=lambda kv: natural_key(kv[0]))],
                        [title, "kept", "density", "bytes", "of file"], right={1, 2, 3, 4})
+
+
+def _how_kept(header: dict) -> str:
+    """How the delta chose what it kept, from its header (fields of an untrusted file: shown
+    through ``shown``): a target, or the method and density asked, and quantized bits."""
+    target = header.get("target")
+    if isinstance(target, dict) and target:
+        said = ", ".join(f"{shown(k)} {shown(v)}" for k, v in target.items())
+        return f"target {said} (density and bits chosen per tensor)"
+    how = f"method {shown(header.get('method'))}, density {shown(header.get('density'))}"
+    quantize = header.get("quantize")
+    if isinstance(quantize, dict):
+        how += f", {shown(quantize.get('bits'))}-bit values (groups of {shown(quantize.get('group'))})"
+    return how
 
 
 def _fidelity_line(fidelity: dict) -> str:

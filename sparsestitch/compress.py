@@ -186,6 +186,20 @@ def compress(base: str | os.PathLike, finetuned: str | os.PathLike | Sequence[st
     return summaries
 
 
+def how_kept(quantize: dict | None, planner) -> dict:
+    """Header fields saying how values were chosen beyond ``method`` and ``density``: a
+    target (``max_error``, ``max_size``) decides what is kept (the density asked is then
+    none: the delta's own ``kept`` says what it reached); ``quantize`` is the bits and group
+    of quantized values chosen by the user."""
+    target = getattr(planner, "target", None)
+    if target is not None:
+        return {"target": target, "density": None}
+    bits = getattr(planner, "bits", None)
+    if bits is not None:
+        return {"quantize": {"bits": bits, "group": planner.group}}
+    return {"quantize": dict(quantize)} if quantize else {}
+
+
 class CompressJob:
     """One compress run: the passes over the tensors and one writer per fine-tune."""
 
@@ -196,6 +210,7 @@ class CompressJob:
         self.base, self.tunes, self.plan, self.progress = base, tunes, plan, progress
         self.workers, self.planner = workers, planner
         self.max_memory = max_memory
+        self.how = how_kept(quantize, planner)
 
     def run(self, selectors: list[Selector], out_paths: list[Path], overwrite: bool,
             fallback: Callable[[], list[Selector]]) -> list[Written]:
@@ -208,6 +223,7 @@ class CompressJob:
             try:
                 selectors = self._write_records(selectors, outputs, fallback)
                 metas = outputs.metas(selectors, warn=self.planner is not None and self.planner.warns)
+                metas = [{**meta, **self.how} for meta in metas]
                 if sized and self.planner.refit(outputs.projected_sizes(metas),
                                                 outputs.payload_sizes(),
                                                 last=attempt + 1 == SIZE_ATTEMPTS):

@@ -92,6 +92,7 @@ class Exactness:
     stored: int
     approximate: int
     relative_error: float | None = None   # the header's fidelity summary, where it has one
+    lossless: bool = False                # the header says: the fine-tune bit for bit
 
     @property
     def exact(self) -> int:
@@ -101,7 +102,8 @@ class Exactness:
         """What a model restored from the delta holds, in one sentence (for cards and help)."""
         if not self.approximate:
             return ("every parameter the delta stores has the fine-tune's exact bits, every "
-                    "other one the base's")
+                    "other one the base's"
+                    + (": this is the fine-tune bit for bit" if self.lossless else ""))
         error = (f" (relative error {self.relative_error:.3g} of the fine-tune's change)"
                  if self.relative_error is not None else "")
         exact = (f"; the other {self.exact:,} it stores have the fine-tune's exact bits"
@@ -121,10 +123,12 @@ def exactness(delta: str | os.PathLike) -> Exactness:
             stored += record.count
             if not reader.value_codec(record).exact:
                 approximate += record.count
-        error = reader.header.get("fidelity", {})
-        error = error.get("relative_error") if isinstance(error, dict) else None
+        summary = reader.header.get("fidelity")
+        summary = summary if isinstance(summary, dict) else {}
+        error = summary.get("relative_error")
         return Exactness(stored, approximate,
-                         float(error) if isinstance(error, (int, float)) and approximate else None)
+                         float(error) if isinstance(error, (int, float)) and approximate else None,
+                         summary.get("lossless") is True and not approximate)
 
 
 def verify(delta: str | os.PathLike, base: str | os.PathLike | None = None, *,

@@ -70,6 +70,11 @@ class ErrorPlanner:
                              f"(lossless) or more; got {max_error}")
         self.max_error, self.group = max_error, group
 
+    @property
+    def target(self) -> dict:
+        """The header's ``target``."""
+        return {"max_error": self.max_error}
+
     def accepts(self, record: Record) -> bool:
         return meets(record, self.max_error)
 
@@ -127,6 +132,7 @@ class SizePlanner:
             raise ValueError(f"max_size must be a positive number of bytes, got {max_size}")
         self.max_size, self.group = max_size, group
         self.profiles: list[dict[str, Profile]] = []
+        self.target = {"max_size": max_size}  # the header's ``target``
         self.choices: list[dict[str, Option]] = []
         self.budgets: list[float] = []
 

@@ -238,7 +238,10 @@ EARLIER = {"before-nan-exceptions/dense": "dense",
            **{f"before-ulp/{case}": case for case in ("topk", "per_tensor", "mask")},
            # before dense quantized records were encoded as they stream (issue 20): the
            # same values, but unchanged tensors carried no fidelity report
-           "before-streamed-quant/quant1": "quant1"}
+           "before-streamed-quant/quant1": "quant1",
+           # before headers said how values were quantized (``quantize``, ``target``): the
+           # same records
+           **{f"before-header-fields/{case}": case for case in ("quant1", "quant4")}}
 
 
 @pytest.mark.parametrize("native_loops", ["1", "0"])

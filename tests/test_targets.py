@@ -93,8 +93,10 @@ def test_max_size_is_never_overrun_and_no_tensor_is_starved(tmp_path, skewed, fr
     # the embedding's change is 100x larger, yet it takes no other tensor's share: every
     # layer keeps part of its change (at the tightest budget the embedding, 4 times a layer's
     # size, may be the one dropped: relative errors are weighed alike)
+    # (a starved tensor's error is 1.0; at the tightest budget the layers reach 0.75-0.90,
+    # and 0.902 once the header also records the target: 0.95 leaves that margin)
     layers = {n: e for n, e in measured.items() if "layers" in n}
-    assert all(error < 0.9 for error in layers.values()), measured
+    assert all(error < 0.95 for error in layers.values()), measured
     if fraction >= 0.143:
         assert all(error < 0.7 for error in measured.values()), measured
 

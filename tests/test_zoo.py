@@ -121,6 +121,8 @@ def test_get_and_merge_match_restore_and_stitch(models, tmp_path):
     assert_same_tensors(got, tmp_path / "plain-math")
     card = (got / "README.md").read_text()
     assert f'base_model: "{models["base"]}"' in card and "zoo get ZOO math" in card
+    held = sparsestitch.describe.exactness(zoo / "deltas" / "math.delta")
+    assert held.sentence()[1:] in card
     merged = merge(zoo, ["math", "code"], tmp_path / "merged", rule="ties", density=0.5)
     sparsestitch.stitch(models["base"], [zoo / "deltas" / "math.delta",
                                          zoo / "deltas" / "code.delta"],
@@ -133,6 +135,20 @@ def test_get_and_merge_match_restore_and_stitch(models, tmp_path):
     with pytest.raises(UnknownMemberError, match="'nope'"):
         get(zoo, "nope", tmp_path / "nope")
     assert not (tmp_path / "nope").exists()
+
+
+@pytest.mark.parametrize("options", [{}, {"density": 1.0, "bits": 2}, {"lossless": True}])
+def test_a_restored_members_card_claims_exact_bits_only_for_exact_values(models, tmp_path,
+                                                                         options):
+    zoo = tmp_path / "zoo"
+    init(zoo, models["base"])
+    add(zoo, {"math": models["ft1"]}, workers=0, **options)
+    card = (get(zoo, "math", tmp_path / "math") / "README.md").read_text()
+    if options.get("lossless"):
+        assert "this is the fine-tune bit for bit" in card
+    else:  # quantized values, even with every changed parameter kept (density 1.0)
+        assert "quantized values, close to the fine-tune's but not its bits" in card
+        assert "bit for bit" not in card and "exact values" not in card
 
 
 def test_a_scratch_folder_gives_the_same_delta_and_is_left_empty(models, tmp_path):

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from ..atomic import check_target, publish, temporary_sibling
 from ..checkpoint.writer import earlier_model_output
+from ..describe import exactness
 from ..errors import CheckpointError, OutputError
 from ..guard import Inputs
 from ..hub import resolve, write_model_card
@@ -215,7 +216,8 @@ def get(zoo: str | os.PathLike, name: str, out: str | os.PathLike, *, overwrite:
     entry, delta = _member(zoo, manifest, name)
     base_path = _base_path(manifest, base, cache_dir)
     return _build(out, overwrite, base_path, zoo, lambda tmp: restore(base_path, delta, tmp),
-                  lambda folder: write_model_card(folder, **restored_card(manifest, entry)))
+                  lambda folder: write_model_card(folder, **restored_card(manifest, entry,
+                                                                          exactness(delta))))
 
 
 def merge(zoo: str | os.PathLike, names: Sequence[str], out: str | os.PathLike, *,

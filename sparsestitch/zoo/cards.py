@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 from .._version import __version__
+from ..describe import Exactness
 
 
 def _base_model(manifest: dict) -> str:
@@ -27,20 +28,19 @@ def _member_line(entry: dict) -> str:
             f"sha256 `{entry['checksums']['sha256']}`")
 
 
-def restored_card(manifest: dict, entry: dict) -> dict:
-    """Keyword arguments of ``write_model_card`` for member ``entry`` restored."""
+def restored_card(manifest: dict, entry: dict, held: Exactness) -> dict:
+    """Keyword arguments of ``write_model_card`` for member ``entry`` restored; ``held`` says
+    what its delta stores exactly (:func:`sparsestitch.describe.exactness`)."""
     base = _base_model(manifest)
-    exact = entry["density"] >= 1.0
     how = "\n".join([
         f"# {entry['name']}", "",
         f"Fine-tune of `{base}`, rebuilt by sparsestitch {__version__} "
         "from a sparse delta stored in a model zoo:", "",
         _member_line(entry), "",
-        ("The delta keeps every changed parameter, so this is the fine-tune bit for bit."
-         if exact else
-         "Stored parameters have the fine-tune's exact values; every other parameter keeps "
-         "the base's value, so this approximates the original fine-tune (Localize-and-Stitch, "
-         "He et al., TMLR 2024)."), "",
+        held.sentence()[0].upper() + held.sentence()[1:]
+        + ("." if held.lossless else
+           ", so this approximates the original fine-tune (Localize-and-Stitch, He et al., "
+           "TMLR 2024)."), "",
         "Made with:", "", "```bash",
         f"sparsestitch zoo get ZOO {entry['name']} -o OUT", "```", "",
         f"Compress options: `{json.dumps(entry['options'], sort_keys=True)}`",
