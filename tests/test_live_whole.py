@@ -123,10 +123,12 @@ def test_a_failure_while_merging_whole_puts_every_tensor_back(tmp_path, monkeypa
         if len(calls) == 2:
             raise OSError("disk read failed")
     monkeypatch.setattr(live_patch, "merge_in_place", fail_on_the_second)
-    with pytest.raises(OSError, match="disk read failed"):
-        sparsestitch.apply(tensors, delta)
-    assert len(calls) == 2
-    assert_bits(tensors, model, base_bits(model))
+    for threads in (1, 3):
+        calls.clear()
+        with pytest.raises(OSError, match="disk read failed"):
+            sparsestitch.apply(tensors, delta, threads=threads)
+        assert len(calls) >= 2
+        assert_bits(tensors, model, base_bits(model))
 
 
 def test_a_module_with_a_dense_delta_switches_in_place(tmp_path):

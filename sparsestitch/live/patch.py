@@ -36,6 +36,7 @@ import functools
 import os
 import weakref
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -43,6 +44,7 @@ import numpy as np
 from ..budget import MemoryBudget
 from ..errors import SparsestitchError
 from ..format import DeltaReader, Record
+from ..readahead import DEFAULT_WORKERS, workers_for
 from ..stitch.combine import RuleCombiner, rule_combiner
 from ..stitch.staging import Staging
 from ..stitch.union import union_of
@@ -70,7 +72,7 @@ _NOT_THE_BASE = ("the model's tensor differs from the base the delta was made fr
 def apply(model, deltas: str | os.PathLike | Sequence[str | os.PathLike], *,
           rule: str = "localize-stitch", weights: Sequence[float] | None = None,
           verify_base: bool = True, added: str = "error", max_memory: int | str | None = None,
-          **rule_options) -> "Patch":
+          threads: int | None = None, **rule_options) -> "Patch":
     """Merge ``deltas`` into ``model`` (a ``torch.nn.Module`` or a dict of tensors) in place.
 
     Rules, weights and options are those of :func:`~sparsestitch.stitch.stitch`, with
@@ -83,7 +85,8 @@ def apply(model, deltas: str | os.PathLike | Sequence[str | os.PathLike], *,
     modified.  Tensors a delta adds (the base lacks) cannot be created in a live model:
     ``added="error"`` refuses such deltas, ``"skip"`` ignores those tensors.
     ``max_memory`` (bytes or ``"512MiB"``; 1 GiB by default) bounds what decoding holds
-    besides what the patch keeps for its revert.
+    besides what the patch keeps for its revert; ``threads`` (default: up to 4, the usable
+    cores) patches that many whole tensors at once, sharing the budget.
 
     Returns a :class:`Patch`; ``patch.revert()`` (or leaving a ``with`` block) restores
     the original values bit for bit.
@@ -105,9 +108,14 @@ def apply(model, deltas: str | os.PathLike | Sequence[str | os.PathLike], *,
                 check_live_base(live, readers)
         patch = Patch()
         staging: dict[object, Staging] = {}
+        whole = [live for live in targets.values() if patched_whole(
+            live, [r.record(live.name) for r in readers], combine, active_patches(live.key))]
         try:
+            patch._patch_whole(whole, readers, combine, budget, workers_for(threads,
+                                                                            DEFAULT_WORKERS))
             for live in targets.values():
-                patch._patch(live, readers, combine, staging, budget)
+                if live.key not in patch._entries:
+                    patch._patch(live, readers, combine, staging)
         except BaseException:
             patch._undo()
             raise
@@ -247,20 +255,37 @@ class Patch:
         """What this patch changed in the live tensor of ``key``."""
         return self._entries[key]
 
-    def _patch(self, live: LiveTensor, readers: list[DeltaReader], combine: RuleCombiner,
-               staging: dict, budget: MemoryBudget) -> None:
-        below = active_patches(live.key)
-        records = [reader.record(live.name) for reader in readers]
-        if patched_whole(live, records, combine, below):
-            mask = live.bits.clone()  # the bits before; the mask once merged
-            try:
-                merge_in_place(live, readers, records, combine, budget)
-            except BaseException:
-                live.bits.copy_(mask)
-                raise
-            mask.bitwise_xor_(live.bits)
-            self._entries[live.key] = PatchEntry(live, None, mask=mask, after=live.digest())
+    def _patch_whole(self, lives: list[LiveTensor], readers: list[DeltaReader],
+                     combine: RuleCombiner, budget: MemoryBudget, workers: int) -> None:
+        """Patch ``lives`` whole (:func:`whole_entry`), ``workers`` at a time (0 or 1: in
+        this thread), each within its share of ``budget``.  The first failure stops what has
+        not started and is raised once the running ones end; what they wrote is kept in
+        ``self`` for the caller to undo."""
+        if workers <= 1 or len(lives) <= 1:
+            for live in lives:
+                self._entries[live.key] = whole_entry(live, readers, combine, budget)
             return
+        workers = min(workers, len(lives))
+        share = MemoryBudget(max(1, budget.total // workers))
+        failure = None
+        with ThreadPoolExecutor(workers, thread_name_prefix="sparsestitch-patch") as pool:
+            futures = [pool.submit(whole_entry, live, readers, combine, share) for live in lives]
+            for future in futures:
+                try:
+                    entry = future.result()
+                except BaseException as exc:  # noqa: BLE001 - re-raised below
+                    if failure is None:
+                        failure = exc
+                        for pending in futures:
+                            pending.cancel()
+                    continue
+                self._entries[entry.live.key] = entry
+        if failure is not None:
+            raise failure
+
+    def _patch(self, live: LiveTensor, readers: list[DeltaReader], combine: RuleCombiner,
+               staging: dict) -> None:
+        below = active_patches(live.key)
         if live.device.type in DEVICE_MERGED and not below:
             if live.device not in staging:
                 staging[live.device] = Staging(live.device)
@@ -350,6 +375,22 @@ def whole_is_smaller(live: LiveTensor, records: Sequence[Record | None]) -> bool
     stored = sum(r.count for r in records if r is not None and r.kind == "sparse")
     itemsize = live.dt.itemsize
     return stored > 0 and stored * (POSITION_BYTES + 2 * itemsize) >= live.numel * itemsize
+
+
+def whole_entry(live: LiveTensor, readers: Sequence[DeltaReader], combine: RuleCombiner,
+                budget: MemoryBudget) -> PatchEntry:
+    """Patch a tensor whole (:func:`merge_in_place`) and return its entry: the XOR mask of
+    the bits before and after, and the checksum after.  On failure the tensor is put back
+    before the error propagates."""
+    records = [reader.record(live.name) for reader in readers]
+    mask = live.bits.clone()  # the bits before; the mask once merged
+    try:
+        merge_in_place(live, readers, records, combine, budget)
+    except BaseException:
+        live.bits.copy_(mask)
+        raise
+    mask.bitwise_xor_(live.bits)
+    return PatchEntry(live, None, mask=mask, after=live.digest())
 
 
 def merge_in_place(live: LiveTensor, readers: Sequence[DeltaReader],

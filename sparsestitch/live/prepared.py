@@ -140,7 +140,8 @@ def _changed(live: LiveTensor) -> BaseMismatchError:
 def prepare(model, deltas: str | os.PathLike | Sequence[str | os.PathLike], *,
             rule: str = "localize-stitch", weights: Sequence[float] | None = None,
             verify_base: bool = True, added: str = "error", resident: bool = False,
-            max_memory: int | str | None = None, **rule_options) -> PreparedPatch:
+            max_memory: int | str | None = None, threads: int | None = None,
+            **rule_options) -> PreparedPatch:
     """Decode and merge ``deltas`` for ``model`` once; :meth:`PreparedPatch.apply` is then fast.
 
     Arguments are those of :func:`~sparsestitch.live.apply` (the same checks run,
@@ -156,7 +157,8 @@ def prepare(model, deltas: str | os.PathLike | Sequence[str | os.PathLike], *,
     import torch
 
     patch = apply_from_files(model, deltas, rule=rule, weights=weights, verify_base=verify_base,
-                             added=added, max_memory=max_memory, **rule_options)
+                             added=added, max_memory=max_memory, threads=threads,
+                             **rule_options)
     try:
         wholes = [entry for entry in patch.entries if entry.whole]
         changed = [(entry.live, entry.positions, entry.originals, entry.live.take(entry.positions))
