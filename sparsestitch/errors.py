@@ -14,12 +14,12 @@ class SparsestitchError(Exception):
     """Base class of every error sparsestitch raises on purpose."""
 
     def __init__(self, message: str, *, path: str | os.PathLike | None = None,
-                 tensor: str | None = None):
+                 tensor: str | None = None, label: str = "file"):
         self.path = os.fspath(path) if path is not None else None
         self.tensor = tensor
         where = []
-        if self.path is not None:
-            where.append(f"file {self.path!r}")
+        if self.path is not None:  # ``label``: what the path names ("Hub model" for an id)
+            where.append(f"{label} {self.path!r}")
         if tensor is not None:
             where.append(f"tensor {tensor!r}")
         prefix = (", ".join(where) + ": ") if where else ""

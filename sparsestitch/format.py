@@ -267,6 +267,10 @@ class DeltaReader:
         self._file = _open_delta(self.path)
         try:
             self.file_size = os.fstat(self._file.fileno()).st_size
+            if self._file.read(4) == b"GGUF":
+                raise DeltaFormatError("this is a GGUF model, not a delta file; the base comes "
+                                       "first: sparsestitch restore BASE DELTA -o OUT",
+                                       path=self.path)
             container = read_header(self._file, self.path, self.file_size, error=DeltaFormatError)
             self.header = _parse_header(container.metadata, self.path)
             self.records, self._offsets = _parse_records(self.header.get("tensors"), container,

@@ -62,8 +62,15 @@ def parse_hub_id(spec: str) -> tuple[str, str | None] | None:
 
 
 def fetch_command(repo_id: str, revision: str | None) -> str:
-    """The shell command that puts a Hub model into the local cache."""
-    return f"huggingface-cli download {repo_id}" + (f" --revision {revision}" if revision else "")
+    """The shell command that puts a Hub model into the local cache: ``hf download`` from
+    huggingface_hub 1.0 on (which has no ``huggingface-cli``), else ``huggingface-cli``."""
+    try:
+        from importlib.metadata import version
+        major = int(version("huggingface_hub").split(".")[0])
+    except Exception:  # noqa: BLE001 - not installed or an odd version string: today's name
+        major = 1
+    tool = "hf" if major >= 1 else "huggingface-cli"
+    return f"{tool} download {repo_id}" + (f" --revision {revision}" if revision else "")
 
 
 def resolve(spec: str | os.PathLike, *, cache_dir: str | os.PathLike | None = None) -> Resolved:
@@ -97,29 +104,28 @@ def resolve_checkpoint(spec: str | os.PathLike, *,
     >>> resolve_checkpoint("no-such-org/no-such-model@main",
     ...                    cache_dir="/nonexistent")  # doctest: +IGNORE_EXCEPTION_DETAIL
     Traceback (most recent call last):
-    sparsestitch.errors.CheckpointError: ... huggingface-cli download no-such-org/no-such-model --revision main ...
+    sparsestitch.errors.CheckpointError: ... download no-such-org/no-such-model --revision main ...
     """
     return resolve(spec, cache_dir=cache_dir).path
 
 
 def _snapshot(repo_id: str, revision: str | None, cache_dir) -> Path:
-    hint = (f"not in the local Hugging Face cache; nothing is downloaded automatically. "
-            f"Fetch it once with: {fetch_command(repo_id, revision)} "
-            f"(huggingface_hub >= 1.0: hf download {repo_id}"
-            + (f" --revision {revision}" if revision else "") + ")")
+    hint = ("not in the local Hugging Face cache (no such local file or folder either); "
+            "nothing is downloaded automatically. Fetch it once with: "
+            f"{fetch_command(repo_id, revision)}")
     try:
         from huggingface_hub import snapshot_download
     except ImportError:
         raise CheckpointError(f"looks like a Hub id but huggingface_hub is not installed "
                               f"(pip install huggingface_hub); then it must be {hint}",
-                              path=_display(repo_id, revision)) from None
+                              path=_display(repo_id, revision), label="Hub model") from None
     cache = cache_dir if cache_dir is not None else _cache_from_env()
     try:
         folder = snapshot_download(repo_id, revision=revision, cache_dir=cache,
                                    local_files_only=True)
-    except Exception as exc:  # noqa: BLE001 - every failure of an offline lookup means "not here"
-        raise CheckpointError(f"{hint} [{type(exc).__name__}]",
-                              path=_display(repo_id, revision)) from None
+    except Exception:  # noqa: BLE001 - every failure of an offline lookup means "not here"
+        raise CheckpointError(hint, path=_display(repo_id, revision),
+                              label="Hub model") from None
     return _inside_cache(Path(folder), repo_id, revision)
 
 
@@ -136,7 +142,7 @@ def _inside_cache(folder: Path, repo_id: str, revision: str | None) -> Path:
         raise CheckpointError("the local Hugging Face cache resolves this id outside its own "
                               f"snapshots ({folder}); its refs/ or snapshots/ were altered. "
                               "Fetch the model again, or name the folder directly",
-                              path=_display(repo_id, revision))
+                              path=_display(repo_id, revision), label="Hub model")
     return folder
 
 

@@ -349,6 +349,11 @@ def test_swapped_arguments_say_what_was_given_and_what_is_expected(zoo, tmp_path
                           "not a sparsestitch delta", "The base comes first")
     assert_one_line_error(run("verify", deltas[0], "--base", deltas[1]), str(deltas[1]),
                           "delta file, not a model checkpoint")
+    gguf = tmp_path / "model.gguf"  # only its magic matters: it is refused before any parsing
+    gguf.write_bytes(b"GGUF" + (3).to_bytes(4, "little") + bytes(64))
+    for command in (["info", gguf], ["verify", gguf], ["restore", zoo["base"], gguf, "-o", out]):
+        assert_one_line_error(run(*command), str(gguf), "a GGUF model, not a delta file",
+                              "the base comes first")
     assert not out.exists()
 
 

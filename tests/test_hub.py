@@ -59,15 +59,17 @@ def test_hub_ids_resolve_to_their_snapshots(hub):
 
 
 @pytest.mark.parametrize("spec, command", [
-    ("org/missing", "huggingface-cli download org/missing"),
-    ("org/missing@v2", "huggingface-cli download org/missing --revision v2"),
-    ("org/math@v9", "huggingface-cli download org/math --revision v9"),
+    ("org/missing", "hf download org/missing"),
+    ("org/missing@v2", "hf download org/missing --revision v2"),
+    ("org/math@v9", "hf download org/math --revision v9"),
 ])
 def test_a_missing_model_says_how_to_fetch_it(hub, spec, command):
     with pytest.raises(CheckpointError) as caught:
         resolve_checkpoint(spec)
     message = str(caught.value)
     assert command in message and "nothing is downloaded" in message and spec in message
+    # an id is not called a file, and the message ends with what to do, not a class name
+    assert message.startswith(f"Hub model {spec!r}: ") and message.endswith(command)
 
 
 def test_local_paths_win_and_other_names_are_not_hub_ids(hub, tmp_path, monkeypatch):
@@ -152,6 +154,6 @@ def test_every_command_takes_hub_ids_where_it_takes_checkpoints(hub, tmp_path):
     result = CliRunner().invoke(main, ["stitch", "org/base", str(by_id), str(by_path), "-o",
                                        str(tmp_path / "merged"), "--quiet"])
     assert result.exit_code == 0, result.output
-    with pytest.raises(CheckpointError, match="huggingface-cli download org/nope"):
+    with pytest.raises(CheckpointError, match="hf download org/nope"):
         sparsestitch.restore("org/nope", by_id, tmp_path / "never")
     assert not (tmp_path / "never").exists()
