@@ -228,8 +228,10 @@ def verify_command(zoo_dir, names, no_base, base, as_json):
         for name in report.leftovers:
             click.echo(f"note: deltas/.incoming/{shown(name)}: work folder of an add running "
                        "now, or of one killed on another host")
-        click.echo(f"{'ok' if report.ok else 'FAILED'}: {len(report.problems)} member(s) checked"
-                   + ("" if report.checked_base else " (not against the base)"))
+        bad = sum(problem is not None for problem in report.problems.values())
+        checked = f"{len(report.problems)} member(s) checked" + (
+            "" if report.checked_base else " (not against the base)")
+        click.echo(f"ok: {checked}" if report.ok else f"FAILED: {bad} of {checked}")
     if not report.ok:
         sys.exit(2)
 

@@ -454,6 +454,8 @@ def test_cli_commands(models, tmp_path):
     (zoo / "deltas" / "code.delta").write_bytes(b"x")
     broken = cli("verify", zoo, "--json")
     assert broken.exit_code == 2 and json.loads(broken.output)["problems"]["code"]
+    broken = cli("verify", zoo)
+    assert broken.exit_code == 2 and "FAILED: 1 of 2 member(s) checked" in broken.output
     failed = cli("add", zoo, models["wrong"], "--workers", "0")
     assert failed.exit_code == 2 and "TensorMismatchError" in failed.output
     assert cli("rm", zoo, "code").exit_code == 0
