@@ -86,7 +86,7 @@ def compress(base, finetuned, outs, density, scope, bits, group, lossless, max_e
                     max_error=max_error, max_size=max_size,
                     include=include, exclude=exclude, dense=dense, overwrite=overwrite,
                     threads=threads, max_memory=max_memory,
-                    progress=show_progress(quiet or as_json))
+                    progress=show_progress(quiet, as_json))
     if as_json:
         echo_json([{"path": str(s.path), "bytes": s.nbytes, "kept": s.kept,
                     "candidates": s.candidates, "density": s.density,
@@ -125,7 +125,7 @@ def restore(base, delta, out, max_memory, overwrite, threads, as_json, quiet):
     from .restore import restore as run
     started = time.perf_counter()
     run(base, delta, out, max_memory=max_memory, overwrite=overwrite, threads=threads,
-        progress=show_progress(quiet or as_json))
+        progress=show_progress(quiet, as_json))
     _report_output(out, time.perf_counter() - started, as_json)
 
 
@@ -156,7 +156,7 @@ def stitch(base, deltas, out, rule, scale, density, drop, seed, weights, max_mem
     started = time.perf_counter()
     run(base, list(deltas), out, rule=rule, weights=parse_weights(weights), max_memory=max_memory,
         device=device, overwrite=overwrite, threads=threads,
-        progress=show_progress(quiet or as_json), **options)
+        progress=show_progress(quiet, as_json), **options)
     _report_output(out, time.perf_counter() - started, as_json)
 
 
@@ -189,7 +189,7 @@ def stitch_add(base, merged, new_delta, previous, out, rule, scale, density, dro
     started = time.perf_counter()
     result = run(base, list(previous), new_delta, merged, out, rule=rule,
                  weights=parse_weights(weights), max_memory=max_memory, overwrite=overwrite,
-                 progress=show_progress(quiet or as_json), **options)
+                 progress=show_progress(quiet, as_json), **options)
     _report_output(result, time.perf_counter() - started, as_json)
 
 

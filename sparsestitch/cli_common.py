@@ -60,10 +60,13 @@ def echo_json(payload) -> None:
     click.echo(json.dumps(payload, indent=2, sort_keys=True, default=str))
 
 
-def show_progress(quiet: bool) -> bool:
-    """Progress bars only for a person watching: not with ``--quiet`` or ``--json``, and not
-    when standard error is a file or pipe (bars would fill logs with carriage returns)."""
-    return not quiet and sys.stderr.isatty()
+def show_progress(quiet: bool | None, as_json: bool = False) -> bool:
+    """Progress for a person watching: a bar when standard error is a terminal, unless
+    ``--quiet`` (``quiet`` True) or ``--json``; with ``--progress`` (``quiet`` False) also
+    when it is a file or pipe, as plain lines (:mod:`sparsestitch.progress`)."""
+    if quiet is None:
+        return not as_json and sys.stderr.isatty()
+    return not quiet
 
 
 def natural_key(name: str) -> list:
@@ -81,8 +84,10 @@ threads_option = click.option(
          "compress and 4 for the others; 1: one thread).")
 json_option = click.option("--json", "as_json", is_flag=True,
                            help="Print a JSON summary instead of text (no progress bars).")
-quiet_option = click.option("--quiet", is_flag=True,
-                            help="No progress bar (there is none when stderr is not a terminal).")
+quiet_option = click.option("--quiet/--progress", "quiet", default=None,
+                            help="--quiet: no progress. --progress: progress even when stderr "
+                                 "is not a terminal (a line every 10 s, for logs). Default: a "
+                                 "bar on a terminal, nothing otherwise.")
 
 
 #: The stitch commands' rule flags and the rule option each sets; the rules taking one are

@@ -83,7 +83,7 @@ def merge(base, finetuned, out, config_path, rule, scale, density, drop, seed, w
         raise click.UsageError("give the output with -o/--out (or out: in the config)")
     started = time.perf_counter()
     run(out=out, max_memory=max_memory, save_deltas=save_deltas, overwrite=overwrite,
-        threads=threads, progress=show_progress(quiet or as_json),
+        threads=threads, progress=show_progress(quiet, as_json),
         protect=[config_path] if config_path is not None else [], **arguments)
     seconds = time.perf_counter() - started
     if as_json:

@@ -100,6 +100,21 @@ def test_compress_reports_and_default_output_name(zoo, tmp_path):
     assert kinds["layer.0.norm.weight"] == "base"
 
 
+def test_progress_is_lines_in_a_log_only_when_asked_for(zoo, tmp_path, deltas, monkeypatch):
+    """stderr here is not a terminal (as in a log): silent by default, a line per step with
+    --progress (no carriage returns), nothing with --quiet or --json."""
+    monkeypatch.setattr(sparsestitch.progress, "LINE_SECONDS", 0.0)
+    out = tmp_path / "o.safetensors"
+    silent = ok("restore", zoo["base"], deltas[0], "-o", out)
+    assert silent.stderr == ""
+    shown = ok("restore", zoo["base"], deltas[0], "-o", out, "--overwrite", "--progress")
+    lines = shown.stderr.splitlines()
+    assert lines and "\r" not in shown.stderr
+    assert lines[-1].startswith("restore: ") and " (100%), " in lines[-1]
+    for flag in ("--quiet", "--json"):
+        assert ok("restore", zoo["base"], deltas[0], "-o", out, "--overwrite", flag).stderr == ""
+
+
 def test_restore_matches_the_api(zoo, tmp_path, deltas):
     result = ok("restore", zoo["base"], deltas[0], "-o", tmp_path / "cli.safetensors", "--quiet")
     assert result.stdout.startswith(f"wrote {tmp_path / 'cli.safetensors'}")
