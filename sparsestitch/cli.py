@@ -139,23 +139,32 @@ def restore(base, delta, out, max_memory, overwrite, threads, as_json, quiet):
               "decoded records), e.g. 512MiB; default 1GiB. Below 512MiB one thread.")
 @click.option("--device", default="cpu", show_default=True,
               help="cpu, cuda[:N], or auto (CUDA when present): where the merge arithmetic runs.")
+@click.option("--keep", type=float,
+              help="Localize each delta again before the rule: keep this fraction of its task "
+                   "vector, as compress --density would (for default deltas, which are made "
+                   "for restoring; e.g. --keep 0.05).")
+@click.option("--scope", type=click.Choice(["fidelity", "global", "per-tensor"]),
+              default="fidelity", show_default=True, help="How --keep is spread over tensors.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output.")
 @threads_option
 @json_option
 @quiet_option
 @fail_cleanly
 def stitch(base, deltas, out, rule, scale, density, drop, seed, weights, max_memory, device,
-           overwrite, threads, as_json, quiet):
+           keep, scope, overwrite, threads, as_json, quiet):
     """Merge DELTAS onto BASE, tensor by tensor, with a merge rule.
 
-    Example: sparsestitch stitch base/ math.delta code.delta -o merged/ --max-memory 512MiB
+    \b
+    Examples:
+      sparsestitch stitch base/ math.delta code.delta -o merged/ --max-memory 512MiB
+      sparsestitch stitch base/ math.delta code.delta -o merged/ --keep 0.05
     """
     from .stitch import stitch as run
     options = rule_options(rule, {"--scale": scale, "--density": density, "--drop": drop,
                                    "--seed": seed})
     started = time.perf_counter()
     run(base, list(deltas), out, rule=rule, weights=parse_weights(weights), max_memory=max_memory,
-        device=device, overwrite=overwrite, threads=threads,
+        device=device, overwrite=overwrite, threads=threads, keep=keep, scope=scope,
         progress=show_progress(quiet, as_json), **options)
     _report_output(out, time.perf_counter() - started, as_json)
 

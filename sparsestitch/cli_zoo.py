@@ -192,14 +192,24 @@ def get_command(zoo_dir, name, out, overwrite, base):
 @click.option("-o", "--out", required=True, type=click.Path(), help="Output file or folder.")
 @rule_flags
 @click.option("--weights", help="Comma-separated per-member weights, e.g. 1,0.5.")
+@click.option("--keep", type=float,
+              help="Localize each member's delta again before the rule: keep this fraction of "
+                   "its task vector (as stitch --keep; default deltas merge better so).")
+@click.option("--scope", type=click.Choice(["fidelity", "global", "per-tensor"]),
+              help="How --keep is spread over tensors (default fidelity).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output.")
 @click.option("--base", help="Where the zoo's base is now, if it moved.")
 @fail_cleanly
-def merge_command(zoo_dir, names, out, rule, scale, density, drop, seed, weights, overwrite, base):
+def merge_command(zoo_dir, names, out, rule, scale, density, drop, seed, weights, keep, scope,
+                  overwrite, base):
     """Stitch members NAME... of ZOO onto its base into OUT (a folder gets a model card)."""
     from .zoo import merge
     options = rule_options(rule, {"--scale": scale, "--density": density, "--drop": drop,
                                   "--seed": seed})
+    if keep is not None:
+        options.update(keep=keep, scope=scope or "fidelity")
+    elif scope is not None:
+        raise click.UsageError("--scope spreads --keep over tensors: give --keep too")
     path = merge(zoo_dir, list(names), out, rule=rule, weights=parse_weights(weights),
                  overwrite=overwrite, base=base, **options)
     click.echo(f"wrote {path}")

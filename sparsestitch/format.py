@@ -208,6 +208,12 @@ class DeltaWriter:
             pass
 
 
+def _refuse_gguf(handle, path: Path) -> None:
+    if handle.read(4) == b"GGUF":
+        raise DeltaFormatError("this is a GGUF model, not a delta file; the base comes first: "
+                               "sparsestitch restore BASE DELTA -o OUT", path=path)
+
+
 def _open_delta(path: Path):
     if path.is_dir():
         raise DeltaFormatError("this is a folder (a model checkpoint?), not a delta file; "
@@ -216,9 +222,15 @@ def _open_delta(path: Path):
     if path.exists() and not path.is_file():  # opening a pipe would wait forever
         raise DeltaFormatError("not a regular file (a pipe or device?)", path=path)
     try:
-        return open(path, "rb")
+        handle = open(path, "rb")
     except OSError as exc:
         raise DeltaFormatError(f"cannot open delta ({exc.strerror or exc})", path=path) from None
+    try:
+        _refuse_gguf(handle, path)  # read_header reads from the start again
+    except BaseException:
+        handle.close()
+        raise
+    return handle
 
 
 def _checked_in_file(fd: int, offset: int, record: Record, path: Path) -> FilePayload:
@@ -267,10 +279,6 @@ class DeltaReader:
         self._file = _open_delta(self.path)
         try:
             self.file_size = os.fstat(self._file.fileno()).st_size
-            if self._file.read(4) == b"GGUF":
-                raise DeltaFormatError("this is a GGUF model, not a delta file; the base comes "
-                                       "first: sparsestitch restore BASE DELTA -o OUT",
-                                       path=self.path)
             container = read_header(self._file, self.path, self.file_size, error=DeltaFormatError)
             self.header = _parse_header(container.metadata, self.path)
             self.records, self._offsets = _parse_records(self.header.get("tensors"), container,

@@ -37,6 +37,8 @@ from .guard import Inputs
 from .keep import as_mask_list, check_compatible, check_scope, choices, make_selectors
 from .localize.selectors import Choice, KeepAll, Selector, TuneBlock
 from .readahead import workers_for
+from .restored import RestoredCheckpoint
+from .safetensors_file import file_kind
 from .selection import Selection, TensorPlan, TensorScanner, run_pre_passes
 from .stitch import engine
 from .stitch.combine import Combiner, rule_combiner
@@ -60,6 +62,10 @@ def merge(base: str | os.PathLike, finetuned: Sequence[str | os.PathLike],
           chunk_elements: int = CHUNK_ELEMENTS, protect: Sequence[str | os.PathLike] = (),
           **rule_options) -> Path:
     """Merge full fine-tunes of ``base`` into ``out`` with a merge rule, in one pass.
+
+    A fine-tune may also be given as a delta of ``base`` (its ``.delta`` file): it is read as
+    the fine-tune it restores, so ``keep`` localizes stored deltas again before the rule
+    (``stitch(..., keep=F)`` does this).
 
     What is kept of each fine-tune takes compress's options -- ``keep`` is compress's
     ``density`` (renamed here: TIES has a ``density`` of its own), then ``scope``, ``bits``,
@@ -110,9 +116,9 @@ def merge(base: str | os.PathLike, finetuned: Sequence[str | os.PathLike],
     block_bytes = engine.block_bytes(max_memory)
     with Checkpoint(base) as base_ckpt, contextlib.ExitStack() as stack:
         refuse_delta(base_ckpt)
-        tunes = [stack.enter_context(Checkpoint(p)) for p in tune_paths]
+        tunes = [stack.enter_context(_open_fine_tune(base_ckpt, p, max_memory))
+                 for p in tune_paths]
         for tune in tunes:
-            refuse_delta(tune, "fine-tune")
             check_compatible(base_ckpt, tune)
         added = added_tensors(base_ckpt, tunes)
         plan = TensorPlan.of(base_ckpt, include, exclude, dense)
@@ -157,6 +163,20 @@ def saved_delta_paths(folder: str | os.PathLike | None, tunes: Sequence[Path]) -
         raise ValueError(f"save_deltas names each delta after its fine-tune, and these share a "
                          f"name: {sorted(names)}; give the fine-tunes distinct names")
     return [folder / f"{name}.delta" for name in names]
+
+
+def _open_fine_tune(base: Checkpoint, spec, max_memory):
+    """A fine-tune to merge: a checkpoint, or a delta read as the fine-tune it restores
+    (:class:`~sparsestitch.restored.RestoredCheckpoint`: localized again by ``keep``)."""
+    if not spec.is_hub and file_kind(spec.path) == "delta":
+        return RestoredCheckpoint(base, spec.path, max_memory)
+    tune = Checkpoint(spec)
+    try:
+        refuse_delta(tune, "fine-tune")
+    except BaseException:
+        tune.close()
+        raise
+    return tune
 
 
 def added_tensors(base: Checkpoint, tunes: Sequence[Checkpoint]

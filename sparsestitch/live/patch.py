@@ -111,8 +111,8 @@ def apply(model, deltas: str | os.PathLike | Sequence[str | os.PathLike], *,
         whole = [live for live in targets.values() if patched_whole(
             live, [r.record(live.name) for r in readers], combine, active_patches(live.key))]
         try:
-            patch._patch_whole(whole, readers, combine, budget, workers_for(threads,
-                                                                            DEFAULT_WORKERS))
+            patch_whole(patch._entries, whole, readers, combine, budget,
+                        workers_for(threads, DEFAULT_WORKERS))
             for live in targets.values():
                 if live.key not in patch._entries:
                     patch._patch(live, readers, combine, staging)
@@ -255,34 +255,6 @@ class Patch:
         """What this patch changed in the live tensor of ``key``."""
         return self._entries[key]
 
-    def _patch_whole(self, lives: list[LiveTensor], readers: list[DeltaReader],
-                     combine: RuleCombiner, budget: MemoryBudget, workers: int) -> None:
-        """Patch ``lives`` whole (:func:`whole_entry`), ``workers`` at a time (0 or 1: in
-        this thread), each within its share of ``budget``.  The first failure stops what has
-        not started and is raised once the running ones end; what they wrote is kept in
-        ``self`` for the caller to undo."""
-        if workers <= 1 or len(lives) <= 1:
-            for live in lives:
-                self._entries[live.key] = whole_entry(live, readers, combine, budget)
-            return
-        workers = min(workers, len(lives))
-        share = MemoryBudget(max(1, budget.total // workers))
-        failure = None
-        with ThreadPoolExecutor(workers, thread_name_prefix="sparsestitch-patch") as pool:
-            futures = [pool.submit(whole_entry, live, readers, combine, share) for live in lives]
-            for future in futures:
-                try:
-                    entry = future.result()
-                except BaseException as exc:  # noqa: BLE001 - re-raised below
-                    if failure is None:
-                        failure = exc
-                        for pending in futures:
-                            pending.cancel()
-                    continue
-                self._entries[entry.live.key] = entry
-        if failure is not None:
-            raise failure
-
     def _patch(self, live: LiveTensor, readers: list[DeltaReader], combine: RuleCombiner,
                staging: dict) -> None:
         below = active_patches(live.key)
@@ -375,6 +347,35 @@ def whole_is_smaller(live: LiveTensor, records: Sequence[Record | None]) -> bool
     stored = sum(r.count for r in records if r is not None and r.kind == "sparse")
     itemsize = live.dt.itemsize
     return stored > 0 and stored * (POSITION_BYTES + 2 * itemsize) >= live.numel * itemsize
+
+
+def patch_whole(entries: dict, lives: list[LiveTensor], readers: list[DeltaReader],
+                combine: RuleCombiner, budget: MemoryBudget, workers: int) -> None:
+    """Patch ``lives`` whole (:func:`whole_entry`), ``workers`` at a time (0 or 1: in
+    this thread), each within its share of ``budget``.  The first failure stops what has
+    not started and is raised once the running ones end; what they wrote is kept in
+    ``entries`` for the caller to undo."""
+    if workers <= 1 or len(lives) <= 1:
+        for live in lives:
+            entries[live.key] = whole_entry(live, readers, combine, budget)
+        return
+    workers = min(workers, len(lives))
+    share = MemoryBudget(max(1, budget.total // workers))
+    failure = None
+    with ThreadPoolExecutor(workers, thread_name_prefix="sparsestitch-patch") as pool:
+        futures = [pool.submit(whole_entry, live, readers, combine, share) for live in lives]
+        for future in futures:
+            try:
+                entry = future.result()
+            except BaseException as exc:  # noqa: BLE001 - re-raised below
+                if failure is None:
+                    failure = exc
+                    for pending in futures:
+                        pending.cancel()
+                continue
+            entries[entry.live.key] = entry
+    if failure is not None:
+        raise failure
 
 
 def whole_entry(live: LiveTensor, readers: Sequence[DeltaReader], combine: RuleCombiner,

@@ -5,17 +5,21 @@ decoded records, the streaming engine, devices, and continual composition
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
 
 from ..cards import stitch_card
+from ..errors import OptionError
 from ..format import DeltaReader
 from . import engine
 from .combine import RECIPE_KEY, Combiner, RuleCombiner, rule_combiner
 from .compose import COMPOSABLE_RULES, stitch_add
 from .device import DeviceCombiner, resolve_device
 from .rules import RULES, MergeRule, TaskVector, get_rule
+
+log = logging.getLogger("sparsestitch")
 
 __all__ = ["RULES", "MergeRule", "TaskVector", "get_rule", "stitch", "stitch_add",
            "rule_combiner", "Combiner", "RuleCombiner", "RECIPE_KEY", "COMPOSABLE_RULES"]
@@ -24,7 +28,8 @@ __all__ = ["RULES", "MergeRule", "TaskVector", "get_rule", "stitch", "stitch_add
 def stitch(base: str | os.PathLike, deltas: Sequence[str | os.PathLike], out: str | os.PathLike, *,
            rule: str = "localize-stitch", weights: Sequence[float] | None = None,
            max_memory: int | str | None = None, device: str = "cpu", overwrite: bool = False,
-           progress: bool = False, threads: int | None = None, **rule_options) -> Path:
+           progress: bool = False, threads: int | None = None, keep: float | None = None,
+           scope: str = "fidelity", **rule_options) -> Path:
     """Merge any number of deltas onto their base, tensor by tensor, into ``out``.
 
     Rules: ``"localize-stitch"`` (overlaps averaged; the paper's rule),
@@ -51,12 +56,29 @@ def stitch(base: str | os.PathLike, deltas: Sequence[str | os.PathLike], out: st
     usable cores; 1: everything in the caller's thread).  No deltas at all writes the base
     with a recipe: the start of a chain of :func:`stitch_add` (the command line refuses it).
 
+    ``keep`` localizes each delta again before the rule: a fraction of its task vector kept
+    as compress's ``density`` would keep it of the fine-tune the delta restores (``scope``
+    as compress's).  A zoo's default deltas are made for restoring (15-100% of each tensor,
+    quantized) and merge better localized; this runs :func:`~sparsestitch.merge` with the
+    deltas read as their fine-tunes (on the CPU; its output's metadata is a merge's).
+
     >>> stitch("base.safetensors", ["math.delta", "code.delta"], "merged.safetensors")  # doctest: +SKIP
     """
     deltas = list(deltas)
+    if keep is not None:
+        if device != "cpu":
+            raise OptionError("keep localizes the deltas on the CPU: leave device at 'cpu'",
+                              option="device")
+        from ..merge import merge
+        return merge(base, deltas, out, rule=rule, weights=weights, keep=keep, scope=scope,
+                     max_memory=max_memory, overwrite=overwrite, progress=progress,
+                     threads=threads, **rule_options)
     combine = rule_combiner(rule, weights, len(deltas), **rule_options)
     with contextlib.ExitStack() as stack:
-        recipe = combine.recipe([stack.enter_context(DeltaReader(p)) for p in deltas])
+        readers = [stack.enter_context(DeltaReader(p)) for p in deltas]
+        recipe = combine.recipe(readers)
+        if rule == "localize-stitch" and len(readers) > 1:
+            _note_dense(readers)
     torch_device = resolve_device(device)
     if torch_device is not None:
         combine = DeviceCombiner(combine, torch_device)
@@ -64,3 +86,22 @@ def stitch(base: str | os.PathLike, deltas: Sequence[str | os.PathLike], out: st
     return engine.run(base, deltas, out, combine, overwrite=overwrite, progress=progress,
                       block_bytes=engine.block_bytes(max_memory), metadata={RECIPE_KEY: recipe},
                       card=card, threads=threads)
+
+
+#: A delta keeping more than this share of its parameters is made for restoring, not merging.
+DENSE_SHARE = 0.1
+
+
+def _note_dense(readers: Sequence[DeltaReader]) -> None:
+    """Say (a logged warning) when Localize-and-Stitch gets deltas made for restoring: it
+    averages them wherever they overlap, which merges worse than localizing them first."""
+    dense = []
+    for reader in readers:
+        kept, candidates = reader.header.get("kept"), reader.header.get("candidates")
+        if isinstance(kept, int) and isinstance(candidates, int) and candidates and \
+                kept / candidates > DENSE_SHARE:
+            dense.append(f"{reader.path.name} ({100 * kept / candidates:.0f}%)")
+    if dense:
+        log.warning("localize-stitch averages deltas wherever they overlap; %s keep most of "
+                    "their parameters (made for restoring, as the default delta is), and merge "
+                    "better localized first: add keep=0.05 (--keep 0.05)", ", ".join(dense))
