@@ -10,6 +10,9 @@ trained again -- and adds rows for the deltas sparsestitch can now write:
   ``merge_quality.SCALES``), Localize-and-Stitch from dataless 1% and 5% deltas with
   ``scope="global"`` (the paper's top-k of |tau|) and from trained 1% masks, and each
   fine-tune restored from its own 1% delta;
+* rows for stored deltas (issue 23): Localize-and-Stitch over compress's default deltas as
+  they are, and localized again at stitch time (``stitch(..., keep=0.05)``), and each
+  fine-tune restored from its default delta;
 * new rows: Localize-and-Stitch from dataless deltas with ``scope="fidelity"`` (the new
   default of ``compress``) at 1% and 5%, and from quantized deltas (every changed value in
   1 bit, group 128; 20% of values in 2 bits, group 128), plus each fine-tune restored from
@@ -31,6 +34,8 @@ Usage::
     python bench/merge_quality_seeds.py --threads 1          # ~35-50 min per seed, 2 busy cores
     python bench/merge_quality_seeds.py --cached-only --partial   # report the cached rows only
     python bench/merge_quality_seeds.py --smoke --cache /tmp/mqs-smoke --json /tmp/mqs.json
+    python bench/merge_quality_seeds.py --only ties,task_arithmetic,ls_default,ls_default_keep5 \
+        --partial                                           # issue 23: stored deltas merged
 """
 
 from __future__ import annotations
@@ -70,6 +75,7 @@ DELTA_SETS = {
     "fidelity5": {"density": 0.05, "scope": "fidelity"},
     "q1d100": {"density": 1.0, "bits": 1, "group": 128, "scope": "fidelity"},
     "q2d20": {"density": 0.2, "bits": 2, "group": 128, "scope": "fidelity"},
+    "default": {},   # compress's default (max_error 0.5): what a zoo stores, made for restoring
 }
 
 # Rows: key -> (label, kind, arguments).  Order is the table's.
@@ -95,6 +101,12 @@ ROWS = {
                   {"deltas": "q1d100"}),
     "ls_q2d20": ("Localize-and-Stitch, 20% of values (fidelity) in 2 bits (group 128)",
                  "stitch", {"deltas": "q2d20"}),
+    "ls_default": ("Localize-and-Stitch over default deltas, as they are", "stitch",
+                   {"deltas": "default"}),
+    "ls_default_keep5": ("Localize-and-Stitch over default deltas localized at 5% (--keep 0.05)",
+                         "stitch", {"deltas": "default", "keep": 0.05}),
+    "restored_default": ("each fine-tune restored from its own default delta", "restored",
+                         {"deltas": "default"}),
     "restored_global1": ("each fine-tune restored from its own dataless 1% global delta",
                          "restored", {"deltas": "global1"}),
     "restored_trained1": ("each fine-tune restored from its own trained 1% delta",
@@ -113,6 +125,7 @@ ROWS = {
 COMPUTE_ORDER = [
     "pretrained", "individual", *[f"alone_{t}" for t in TASK_NAMES],
     "ls_global1", "ls_fidelity1", "ls_global5", "ls_fidelity5",
+    "ls_default_keep5", "ls_default", "restored_default",
     "restored_q1d100", "restored_q2d20", "task_arithmetic", "average", "ls_q1d100", "ls_q2d20",
     "ties", "restored_global1", "restored_fidelity1", "dare", "ls_trained1", "restored_trained1",
 ]
@@ -141,6 +154,10 @@ KEY_COMPARISONS = [
     ("ls_q1d100", "average"),
     ("ls_q1d100", "ties"),
     ("ls_q2d20", "ties"),
+    ("ls_default_keep5", "ties"),
+    ("ls_default_keep5", "task_arithmetic"),
+    ("ls_default_keep5", "ls_default"),
+    ("ls_default", "ties"),
 ]
 CONTEXT_COMPARISONS = [
     ("ls_trained1", "ls_global1"),
@@ -171,8 +188,12 @@ def main(argv=None):
     cache = Path(args.cache)
     per_seed = {}
     for seed in seeds:
+        only = set(args.only.split(",")) if args.only else None
+        if only and only - set(ROWS):
+            raise SystemExit(f"--only: unknown rows {sorted(only - set(ROWS))}")
         result = run_seed(seed, mini, encoder, encoded, tasks, mask_protocol,
-                          cache / f"seed{seed}", smoke=args.smoke, cached_only=args.cached_only)
+                          cache / f"seed{seed}", smoke=args.smoke, cached_only=args.cached_only,
+                          only=only)
         if result is None:
             print(f"seed {seed}: no rows cached, left out (--cached-only)", flush=True)
             continue
@@ -253,6 +274,9 @@ def parse_args(argv):
                         help="with --cached-only, also report seeds with only some rows "
                              "cached: their rows in the per-seed tables and comparisons, "
                              "never in the means over complete seeds")
+    parser.add_argument("--only", help="compute only these rows (keys, comma-separated; e.g. "
+                                       "ties,task_arithmetic,ls_default,ls_default_keep5); "
+                                       "report with --partial")
     parser.add_argument("--smoke", action="store_true",
                         help="64 val/test examples per task, one scale, 32-example 1-epoch "
                              "masks: a quick check of the plumbing, not a result")
@@ -272,11 +296,11 @@ def unpack(packed: dict) -> np.ndarray:
 
 
 def run_seed(seed, mini, encoder, encoded, tasks, mask_protocol, folder, *, smoke=False,
-             cached_only=False):
+             cached_only=False, only=None):
     """Every row of one seed's table, resumed from ``folder/rows.json`` where cached.
 
     With ``cached_only`` nothing is computed: the cached rows (possibly not all of them),
-    or None if there are none."""
+    or None if there are none; ``only`` (row keys) computes just those rows."""
     names = list(tasks)
     folder.mkdir(parents=True, exist_ok=True)
     base = mini.base
@@ -356,7 +380,7 @@ def run_seed(seed, mini, encoder, encoded, tasks, mask_protocol, folder, *, smok
 
     for row_key in COMPUTE_ORDER:
         label, kind, params = ROWS[row_key]
-        if row_key in rows:
+        if row_key in rows or (only and row_key not in only):
             continue
         began = time.time()
         details, bytes_per_task = {}, ft_bytes
@@ -378,7 +402,8 @@ def run_seed(seed, mini, encoder, encoded, tasks, mask_protocol, folder, *, smok
             bytes_per_task = delta_set("full").bytes_per_task
             details = {"scale": best, "validation_normalized_mean": on_val, **options}
         elif kind == "stitch":
-            correct = merged(params["deltas"], "localize-stitch")
+            keep = {"keep": params["keep"]} if "keep" in params else {}
+            correct = merged(params["deltas"], "localize-stitch", **keep)
             bytes_per_task = delta_set(params["deltas"]).bytes_per_task
         elif kind == "restored":
             correct = {}
