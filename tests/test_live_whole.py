@@ -4,6 +4,8 @@ place and within ``max_memory``, bit-identical to stitching to a file, and rever
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 import torch
@@ -117,10 +119,14 @@ def test_a_failure_while_merging_whole_puts_every_tensor_back(tmp_path, monkeypa
     from sparsestitch.live import patch as live_patch
     real, calls = live_patch.merge_in_place, []
 
+    lock = threading.Lock()
+
     def fail_on_the_second(live, *args):
-        calls.append(live.name)
+        with lock:                   # which call is the second, decided as it starts
+            calls.append(live.name)
+            second = len(calls) == 2
         real(live, *args)            # the tensor is fully merged, then the failure
-        if len(calls) == 2:
+        if second:
             raise OSError("disk read failed")
     monkeypatch.setattr(live_patch, "merge_in_place", fail_on_the_second)
     for threads in (1, 3):
