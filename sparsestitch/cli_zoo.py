@@ -22,17 +22,6 @@ def _size(nbytes: int) -> str:
     return ""
 
 
-def _fidelity(report) -> str:
-    """A short cell for a fidelity report (its fields are the delta writer's; shown as
-    ``key=value`` for its first few numbers and strings)."""
-    if not report:
-        return "-"
-    items = [f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-             for k, v in report.items() if isinstance(v, (int, float, str))][:3]
-    text = ", ".join(items) or json.dumps(report, sort_keys=True)
-    return shown(text if len(text) <= 48 else text[:47] + "~")
-
-
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 def zoo():
     """A model zoo: one folder with a base reference and many fine-tunes as sparse deltas.
@@ -155,22 +144,37 @@ def add_command(zoo_dir, finetuned, density, scope, include, exclude, dense, ext
 
 @zoo.command("ls")
 @click.argument("zoo_dir", metavar="ZOO", type=click.Path())
-@click.option("--json", "as_json", is_flag=True, help="Print the whole manifest as JSON.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print the listing as JSON (the manifest itself is ZOO/zoo.json).")
 @fail_cleanly
 def ls_command(zoo_dir, as_json):
-    """List ZOO's members: size, how many times smaller than the fine-tune, fidelity."""
+    """List ZOO's members: size, how many times smaller than the fine-tune, what they keep."""
     from .zoo.manifest import read
     manifest = read(zoo_dir)
-    if as_json:
-        click.echo(json.dumps(manifest, indent=1, sort_keys=True))
-        return
     base = manifest["base"]
+    members = [{"name": m["name"], "size": m["size"], "x_smaller": m["dense_bytes"] / max(m["size"], 1),
+                "density": m["density"], "lossless": bool((m["fidelity"] or {}).get("lossless")),
+                "relative_error": (m["fidelity"] or {}).get("relative_error"),
+                "options": m["options"], "source": m["source"]["spec"]}
+               for m in manifest["members"]]
+    if as_json:
+        click.echo(json.dumps({"base": {"source": base["source"]["spec"], "bytes": base["bytes"],
+                                        "identity": base["identity"]}, "members": members},
+                              indent=1, sort_keys=True))
+        return
     click.echo(f"base {shown(base['source']['spec'])} ({_size(base['bytes'])}, identity "
                f"{base['identity']}), {len(manifest['members'])} member(s)")
-    rows = [[shown(m["name"]), _size(m["size"]), f"{m['dense_bytes'] / max(m['size'], 1):.1f}x",
-             f"{100 * m['density']:.3g}%", _fidelity(m["fidelity"]), shown(m["source"]["spec"])]
-            for m in manifest["members"]]
+    rows = [[shown(m["name"]), _size(m["size"]), f"{m['x_smaller']:.1f}x",
+             f"{100 * m['density']:.3g}%", _kept(m), shown(m["source"])] for m in members]
     echo_table(rows, ["name", "size", "x smaller", "density", "fidelity", "source"], right={1, 2, 3})
+
+
+def _kept(member: dict) -> str:
+    """What a member keeps of its fine-tune, in a few words."""
+    if member["lossless"]:
+        return "lossless"
+    error = member["relative_error"]
+    return "-" if not isinstance(error, (int, float)) else f"rel. error {error:.3f}"
 
 
 @zoo.command("get")

@@ -120,7 +120,9 @@ def test_get_and_merge_match_restore_and_stitch(models, tmp_path):
     sparsestitch.restore(models["base"], zoo / "deltas" / "math.delta", tmp_path / "plain-math")
     assert_same_tensors(got, tmp_path / "plain-math")
     card = (got / "README.md").read_text()
-    assert f'base_model: "{models["base"]}"' in card and "zoo get ZOO math" in card
+    assert f'base_model: "{Path(models["base"]).resolve()}"' in card
+    assert f"zoo get {zoo} math -o {tmp_path / 'math'}" in card      # runnable as it is
+    assert "Compress options: --density 0.02" in card and "null" not in card
     held = sparsestitch.describe.exactness(zoo / "deltas" / "math.delta")
     assert held.sentence()[1:] in card
     merged = merge(zoo, ["math", "code"], tmp_path / "merged", rule="ties", density=0.5)
@@ -130,6 +132,7 @@ def test_get_and_merge_match_restore_and_stitch(models, tmp_path):
     assert_same_tensors(merged, tmp_path / "plain-merged")
     card = (merged / "README.md").read_text()
     assert 'base_model_relation: "merge"' in card and "--rule ties --density 0.5" in card
+    assert f"zoo merge {zoo} math code -o {tmp_path / 'merged'}" in card
     with pytest.raises(OutputError):  # never over an existing output without overwrite
         get(zoo, "math", tmp_path / "math")
     with pytest.raises(UnknownMemberError, match="'nope'"):
@@ -172,7 +175,8 @@ def test_rerun_skips_repairs_and_refuses_conflicts(models, tmp_path):
     assert not verify(zoo, against_base=False).ok
     assert add(zoo, [models["ft1"]], workers=0, **DELTA_OPTIONS)[0].status == "repaired"
     assert delta.read_bytes() == good and verify(zoo).ok
-    with pytest.raises(ZooAddError, match="MemberConflictError.*density=0.02"):  # other options
+    with pytest.raises(ZooAddError, match="MemberConflictError.*made with --density 0.02, this "
+                                          "add asks for --density 0.05"):  # other options
         add(zoo, [models["ft1"]], workers=0, density=0.05)
     with pytest.raises(ZooAddError, match="exists, added from"):  # another source, same name
         add(zoo, {"ft1": models["ft2"]}, workers=0, **DELTA_OPTIONS)
@@ -442,8 +446,11 @@ def test_cli_commands(models, tmp_path):
     listing = cli("ls", zoo)
     assert listing.exit_code == 0 and "x smaller" in listing.output
     assert [line.split()[0] for line in listing.output.splitlines()[3:]] == ["code", "math"]
+    assert "rel. error 0." in listing.output and "bits_per_parameter" not in listing.output
     as_json = json.loads(cli("ls", zoo, "--json").output)
     assert [m["name"] for m in as_json["members"]] == ["code", "math"]
+    assert {"size", "x_smaller", "density", "relative_error", "lossless", "source"} <= \
+        set(as_json["members"][0]) and "format" not in as_json   # the listing, not the manifest
     assert cli("get", zoo, "math", "-o", tmp_path / "math").exit_code == 0
     assert (tmp_path / "math" / "README.md").exists()
     merged = cli("merge", zoo, "math", "code", "-o", tmp_path / "m", "--rule", "task-arithmetic",

@@ -216,8 +216,8 @@ def get(zoo: str | os.PathLike, name: str, out: str | os.PathLike, *, overwrite:
     entry, delta = _member(zoo, manifest, name)
     base_path = _base_path(manifest, base, cache_dir)
     return _build(out, overwrite, base_path, zoo, lambda tmp: restore(base_path, delta, tmp),
-                  lambda folder: write_model_card(folder, **restored_card(manifest, entry,
-                                                                          exactness(delta))))
+                  lambda folder: write_model_card(folder, **restored_card(
+                      manifest, entry, exactness(delta), str(zoo), str(out))))
 
 
 def merge(zoo: str | os.PathLike, names: Sequence[str], out: str | os.PathLike, *,
@@ -234,7 +234,8 @@ def merge(zoo: str | os.PathLike, names: Sequence[str], out: str | os.PathLike, 
     members = [_member(zoo, manifest, n) for n in names]
     base_path = _base_path(manifest, base, cache_dir)
     deltas = [delta for _, delta in members]
-    card = merged_card(manifest, [e for e, _ in members], rule, weights, rule_options)
+    card = merged_card(manifest, [e for e, _ in members], rule, weights, rule_options, str(zoo),
+                       str(out))
     return _build(out, overwrite, base_path, zoo,
                   lambda tmp: stitch(base_path, deltas, tmp, rule=rule, weights=weights,
                                      **rule_options),

@@ -10,9 +10,21 @@ from ..describe import Exactness
 
 
 def _base_model(manifest: dict) -> str:
-    """The base as the Hub's ``base_model:`` wants it: its Hub id, else the local spec."""
+    """The base as the Hub's ``base_model:`` wants it: its Hub id, else its absolute path (a
+    relative spec means nothing once the card leaves the folder it was typed in)."""
     source = manifest["base"]["source"]
-    return source["repo_id"] if source["kind"] == "hub" else source["spec"]
+    return source["repo_id"] if source["kind"] == "hub" else (source.get("path")
+                                                              or source["spec"])
+
+
+def _given_options(options: dict) -> str:
+    """The compress options a member was made with, as the command line spells them: those
+    that differ from compress's defaults."""
+    from .members import _option_words, compress_defaults
+    defaults = compress_defaults()
+    given = [_option_words(k, v) for k, v in sorted(options.items())
+             if k in defaults and v != defaults[k] and v is not None]
+    return " ".join(given) if given else "compress's defaults"
 
 
 def _origin(source: dict) -> str:
@@ -28,9 +40,10 @@ def _member_line(entry: dict) -> str:
             f"sha256 `{entry['checksums']['sha256']}`")
 
 
-def restored_card(manifest: dict, entry: dict, held: Exactness) -> dict:
-    """Keyword arguments of ``write_model_card`` for member ``entry`` restored; ``held`` says
-    what its delta stores exactly (:func:`sparsestitch.describe.exactness`)."""
+def restored_card(manifest: dict, entry: dict, held: Exactness, zoo: str, out: str) -> dict:
+    """Keyword arguments of ``write_model_card`` for member ``entry`` of ``zoo`` restored to
+    ``out``; ``held`` says what its delta stores exactly
+    (:func:`sparsestitch.describe.exactness`)."""
     base = _base_model(manifest)
     how = "\n".join([
         f"# {entry['name']}", "",
@@ -42,14 +55,16 @@ def restored_card(manifest: dict, entry: dict, held: Exactness) -> dict:
            ", so this approximates the original fine-tune (Localize-and-Stitch, He et al., "
            "TMLR 2024)."), "",
         "Made with:", "", "```bash",
-        f"sparsestitch zoo get ZOO {entry['name']} -o OUT", "```", "",
-        f"Compress options: `{json.dumps(entry['options'], sort_keys=True)}`",
+        f"sparsestitch zoo get {zoo} {entry['name']} -o {out}", "```", "",
+        f"Compress options: {_given_options(entry['options'])}.",
     ])
     return {"base": base, "how": how, "tags": ["restored"], "relation": "finetune"}
 
 
-def merged_card(manifest: dict, entries: list[dict], rule: str, weights, options: dict) -> dict:
-    """Keyword arguments of ``write_model_card`` for a merge of ``entries``."""
+def merged_card(manifest: dict, entries: list[dict], rule: str, weights, options: dict,
+                zoo: str, out: str) -> dict:
+    """Keyword arguments of ``write_model_card`` for a merge of ``entries`` of ``zoo`` into
+    ``out``."""
     base = _base_model(manifest)
     names = " ".join(e["name"] for e in entries)
     flags = "".join(f" --{k.replace('_', '-')} {v}" for k, v in sorted(options.items()))
@@ -61,7 +76,7 @@ def merged_card(manifest: dict, entries: list[dict], rule: str, weights, options
         + (f", options `{json.dumps(options, sort_keys=True)}`" if options else "") + ":", "",
         *[_member_line(e) for e in entries], "",
         "Made with:", "", "```bash",
-        f"sparsestitch zoo merge ZOO {names} -o OUT --rule {rule}"
+        f"sparsestitch zoo merge {zoo} {names} -o {out} --rule {rule}"
         + (f" --weights {','.join(str(w) for w in weights)}" if weights else "") + flags,
         "```",
     ])

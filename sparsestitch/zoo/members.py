@@ -126,8 +126,21 @@ def options_conflict(recorded: dict, effective: dict) -> str | None:
     added by an older or newer sparsestitch); None when they agree."""
     for key in sorted(set(recorded) & set(effective)):
         if recorded[key] != effective[key]:
-            return f"{key}={recorded[key]!r} (now {effective[key]!r})"
+            return (f"other options: it was made with {_option_words(key, recorded[key])}, "
+                    f"this add asks for {_option_words(key, effective[key])}")
     return None
+
+
+def _option_words(key: str, value) -> str:
+    """An option's value as the command line spells it (``None``: compress's default)."""
+    flag = "--" + key.replace("_", "-")
+    if value is None:
+        return f"no {flag} (the default)"
+    if value is True:
+        return flag
+    if value is False:
+        return f"no {flag}"
+    return f"{flag} {value}"
 
 
 def file_checksums(path: str | os.PathLike) -> tuple[int, str, str]:
