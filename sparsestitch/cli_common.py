@@ -127,7 +127,10 @@ def rule_flags(function):
                             ("--drop", "the probability of dropping each stored entry"),
                             ("--density", "the fraction of each tensor kept by magnitude"),
                             ("--scale", "the factor (lambda) of the merged update")):
-        help_text = f"{', '.join(rules_taking(RULE_FLAGS[flag]))}: {help_text}."
+        option = RULE_FLAGS[flag]
+        defaults = ", ".join(f"{name} {RULES[name].defaults[option]:g}"
+                             for name in rules_taking(option))
+        help_text = f"{', '.join(rules_taking(option))}: {help_text} (default: {defaults})."
         kind = int if flag == "--seed" else float
         function = click.option(flag, type=kind, help=help_text)(function)
     return click.option("--rule", type=click.Choice(list(RULES)), default="localize-stitch",

@@ -462,3 +462,10 @@ def test_compress_numbers_are_finite_and_in_range(zoo, tmp_path):
                                   *[f.replace("--density", "--keep") for f in flags]),
                               needle.replace("density", "keep"))
     assert not out.exists()
+
+
+def test_help_shows_each_rules_defaults():
+    for command in ("stitch", "merge"):
+        text = " ".join(ok(command, "--help").output.split())
+        assert "(default: ties 0.2, ties-mergekit 0.2)" in text
+        assert "(default: dare 0.9)" in text and "task-arithmetic 1" in text
