@@ -53,52 +53,89 @@ def _folder_bytes(folder: Path) -> int:
 
 def run_demo(workdir: str | Path | None = None, *, size_mb: int = 100, tasks: int = 3,
              echo=print) -> dict:
-    """Build a base + ``tasks`` fine-tunes of about ``size_mb`` MB each, compress them at 1%,
-    restore one (checking it bit for bit at every stored position), stitch all; print a table.
+    """Build a base + ``tasks`` fine-tunes of about ``size_mb`` MB each; compress them with
+    the default (a fidelity target: what a user gets with no option) and at the paper's 1%;
+    restore one from each (the default within its reported error, the 1% one bit for bit at
+    every stored position, both checked); stitch the 1% deltas, and the default deltas
+    localized again (``keep=0.01``); print tables.
 
     ``workdir`` (default :func:`default_workdir`) must be absent, empty, or a folder an
     earlier demo made; see :func:`prepare_workdir`."""
     workdir = default_workdir() if workdir is None else Path(workdir)
     prepare_workdir(workdir)
     timings = {}
-    started = time.perf_counter()
-    base, tunes = write_zoo(workdir, size_mb << 20, tasks)
-    timings["build zoo"] = time.perf_counter() - started
+
+    def timed(label, work):
+        started = time.perf_counter()
+        result = work()
+        timings[label] = time.perf_counter() - started
+        return result
+
+    base, tunes = timed("build zoo", lambda: write_zoo(workdir, size_mb << 20, tasks))
     echo(f"built {base} and {tasks} fine-tunes ({_folder_bytes(base) / 1e6:.0f} MB each) "
          f"in {timings['build zoo']:.1f} s")
-
     deltas = [workdir / f"{t.name}.delta" for t in tunes]
-    started = time.perf_counter()
-    summaries = compress(base, tunes, deltas, density=0.01)
-    timings["compress"] = time.perf_counter() - started
+    one_percent = [workdir / f"{t.name}-1pct.delta" for t in tunes]
+    defaults = timed(f"compress {tasks} fine-tunes (default)", lambda: compress(base, tunes, deltas))
+    sparse = timed(f"compress {tasks} fine-tunes (1%)",
+                   lambda: compress(base, tunes, one_percent, density=0.01))
 
     restored = workdir / "task0-restored"
-    started = time.perf_counter()
-    restore(base, deltas[0], restored)
-    timings["restore"] = time.perf_counter() - started
-    exact, changed = _check_restore(tunes[0], restored, deltas[0])
+    timed("restore task0 (default)", lambda: restore(base, deltas[0], restored))
+    error = _restored_error(base, tunes[0], restored)
+    restored_1pct = workdir / "task0-restored-1pct"
+    timed("restore task0 (1%)", lambda: restore(base, one_percent[0], restored_1pct))
+    exact, changed = _check_restore(tunes[0], restored_1pct, one_percent[0])
 
     merged = workdir / "merged"
-    started = time.perf_counter()
-    stitch(base, deltas, merged)
-    timings["stitch"] = time.perf_counter() - started
+    timed(f"stitch {tasks} deltas (1%)", lambda: stitch(base, one_percent, merged))
+    localized = workdir / "merged-keep"
+    timed(f"stitch {tasks} deltas (default, keep 1%)",
+          lambda: stitch(base, deltas, localized, keep=0.01))
 
     dense = _folder_bytes(tunes[0])
     echo("")
-    echo(f"{'delta':<14} {'bytes':>12} {'vs dense':>9} {'kept':>12} {'bits/kept':>10}")
-    for s in summaries:
-        echo(f"{s.path.name:<14} {s.nbytes:>12,} {dense / s.nbytes:>8.1f}x {s.kept:>12,} "
-             f"{8 * s.nbytes / s.kept:>10.2f}")
+    echo(f"{'delta':<18} {'bytes':>12} {'vs dense':>9} {'kept':>12} {'bits/kept':>10} "
+         f"{'rel. error':>10}")
+    for s in [*defaults, *sparse]:
+        echo(f"{s.path.name:<18} {s.nbytes:>12,} {dense / s.nbytes:>8.1f}x {s.kept:>12,} "
+             f"{8 * s.nbytes / s.kept:>10.2f} {s.fidelity.get('relative_error', 0.0):>10.3f}")
     echo("")
-    echo(f"{'step':<28} {'seconds':>8}")
-    echo(f"{'compress ' + str(tasks) + ' fine-tunes':<28} {timings['compress']:>8.2f}")
-    echo(f"{'restore task0':<28} {timings['restore']:>8.2f}")
-    echo(f"{'stitch ' + str(tasks) + ' deltas':<28} {timings['stitch']:>8.2f}")
+    echo(f"{'step':<40} {'seconds':>8}")
+    for label, seconds in timings.items():
+        if label != "build zoo":
+            echo(f"{label:<40} {seconds:>8.2f}")
     echo("")
-    echo(f"restore check: all {exact:,} stored positions are bit-identical to the fine-tune; "
-         f"the other {changed:,} (smallest) changes stay at the base value, as a 1% delta intends")
-    echo(f"outputs in {workdir}/: base/, task*/, *.delta, task0-restored/, merged/")
-    return {"summaries": summaries, "timings": timings, "exact": exact}
+    report = defaults[0].fidelity
+    echo(f"default delta (task0.delta, what compress writes with no option): restored with a "
+         f"relative error of {error:.3f} of the fine-tuning change (its header reports "
+         f"{report.get('relative_error', 0.0):.3f}; worst tensor "
+         f"{report.get('worst_tensor_relative_error', 0.0):.3f}, the target is 0.5)")
+    echo(f"1% delta (task0-1pct.delta): restore check: all {exact:,} stored positions are "
+         f"bit-identical to the fine-tune; the other {changed:,} (smallest) changes stay at "
+         "the base value, as a 1% delta intends")
+    echo(f"outputs in {workdir}/: base/, task*/, *.delta, task0-restored*/, merged/, merged-keep/")
+    return {"summaries": defaults, "summaries_1pct": sparse, "timings": timings,
+            "exact": exact, "relative_error": error}
+
+
+def _restored_error(base: Path, tune: Path, restored: Path) -> float:
+    """||restored - tune|| / ||tune - base|| over the float tensors (float64 sums)."""
+    import torch
+    lost = change = 0.0
+    with Checkpoint(base) as b, Checkpoint(tune) as t, Checkpoint(restored) as r:
+        for name in t.names:
+            if b.entry(name).dtype not in ("BF16", "F16", "F32", "F64"):
+                continue
+            def wide(ckpt):
+                bits = ckpt.read(name).reshape(-1)
+                dtype = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32,
+                         "F64": torch.float64}[ckpt.entry(name).dtype]
+                return torch.from_numpy(bits.view(f"i{bits.itemsize}")).view(dtype).double()
+            base_values, tuned = wide(b), wide(t)
+            lost += float(((wide(r) - tuned) ** 2).sum())
+            change += float(((tuned - base_values) ** 2).sum())
+    return (lost / change) ** 0.5 if change else 0.0
 
 
 def _check_restore(tune: Path, restored: Path, delta: Path) -> tuple[int, int]:

@@ -281,10 +281,16 @@ def test_demo_runs_end_to_end(tmp_path):
     workdir = tmp_path / "zoo"
     result = ok("demo", "--size-mb", "8", "--workdir", workdir)
     assert "restore check: all" in result.stdout and "bit-identical" in result.stdout
-    for name in ("task0.delta", "task1.delta", "task2.delta"):
+    line = next(l for l in result.stdout.splitlines() if l.startswith("default delta"))
+    measured = float(line.split("relative error of ")[1].split()[0])
+    reported = float(line.split("header reports ")[1].split(";")[0])
+    assert 0 < measured <= 0.5 and abs(measured - reported) < 0.002
+    for name in ("task0.delta", "task1.delta", "task2.delta", "task0-1pct.delta"):
         assert name in result.stdout
         sparsestitch.verify(workdir / name, base=workdir / "base")
-    for folder in ("base", "task0", "task0-restored", "merged"):
+    assert sparsestitch.info(workdir / "task0.delta").header["target"] == {"max_error": 0.5}
+    for folder in ("base", "task0", "task0-restored", "task0-restored-1pct", "merged",
+                   "merged-keep"):
         assert (workdir / folder / "model.safetensors.index.json").is_file(), folder
         assert (workdir / folder / "config.json").is_file(), folder
 
