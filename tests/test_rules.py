@@ -356,3 +356,21 @@ def test_dare_draws_depend_on_the_delta_index_not_on_other_deltas():
                         seed=1, name="w").view(np.float32)
     assert np.array_equal(alone, both)
     assert not np.array_equal(alone, _dare_survivors(1, 0.5, 500))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from([0.0, -0.0, 1.0, -1.0, 2.0, float("nan"), 0.5, -0.5, 3.0,
+                                 float("inf"), -float("inf")]), min_size=1, max_size=60),
+       st.data())
+def test_ties_trims_by_selection_exactly_as_by_a_full_sort(values, data):
+    """TIES keeps the ``limit`` largest magnitudes, ties by the hash then position, NaN last:
+    selection (``top_magnitudes``) gives the full lexsort's set, special values included."""
+    from sparsestitch.stitch.rules import top_magnitudes
+    from sparsestitch.tiebreak import tie_order
+    tau = np.array(values, np.float32)
+    positions = np.sort(data.draw(st.lists(st.integers(0, 10**6), min_size=tau.size,
+                                           max_size=tau.size, unique=True))).astype(np.int64)
+    limit = data.draw(st.integers(0, tau.size))
+    ties = tie_order("w", positions).astype(np.int64)
+    want = np.sort(np.lexsort((positions, -ties, -np.abs(tau)))[:limit])
+    assert np.array_equal(top_magnitudes(tau, positions, limit, "w"), want)

@@ -204,9 +204,7 @@ class Ties(MergeRule):
             limit = vector.tau.size if numel is None else int(np.floor(density * numel + 0.5))
             tau = wide.type(weight) * vector.tau
             if limit < tau.size:
-                ties = tie_order(name, vector.positions).astype(np.int64)
-                order = np.lexsort((vector.positions, -ties, -np.abs(tau)))[:limit]
-                keep = np.sort(order)
+                keep = top_magnitudes(tau, vector.positions, limit, name)
                 trimmed.append(TaskVector(vector.positions[keep], tau[keep]))
             else:
                 trimmed.append(TaskVector(vector.positions, tau))
@@ -223,6 +221,29 @@ class Ties(MergeRule):
             agreeing[index[agree]] += 1
         touched = agreeing > 0
         return union[touched], wide.type(scale) * (agreeing_total[touched] / agreeing[touched])
+
+
+def top_magnitudes(tau: np.ndarray, positions: np.ndarray, limit: int, name: str) -> np.ndarray:
+    """Sorted indices of the ``limit`` entries of largest ``|tau|``, ties at the threshold
+    broken by :func:`~sparsestitch.tiebreak.tie_order` (higher first), then lower position;
+    NaN ranks below every number.  The same set as the first ``limit`` of
+    ``np.lexsort((positions, -tie_order, -|tau|))``, found by selection (``np.partition``,
+    linear time) with the tie hash computed only at the threshold.
+    """
+    if limit <= 0:
+        return np.empty(0, np.int64)
+    ranked = -np.abs(tau)                       # ascending: largest magnitude first
+    threshold = np.partition(ranked, limit - 1)[limit - 1]
+    if np.isnan(threshold):                     # every number is kept, and some NaNs
+        sure, tied = ~np.isnan(ranked), np.flatnonzero(np.isnan(ranked))
+    else:
+        sure, tied = ranked < threshold, np.flatnonzero(ranked == threshold)
+    sure = np.flatnonzero(sure)
+    need = limit - sure.size
+    if need < tied.size:
+        ties = tie_order(name, positions[tied]).astype(np.int64)
+        tied = tied[np.lexsort((positions[tied], -ties))[:need]]
+    return np.sort(np.concatenate([sure, tied]))
 
 
 class TiesMergekit(Ties):
