@@ -64,12 +64,16 @@ def main():
 @click.option("--overwrite", is_flag=True, help="Replace existing outputs.")
 @click.option("--max-memory", help="Bound on what compress holds at once, e.g. 512MiB "
               "(large tensors then one fine-tune at a time); default 1GiB, at least 32MiB.")
+@click.option("--allow-crimes", is_flag=True,
+              help="Go on when the base's and a fine-tune's config.json name different "
+                   "architectures (refused by default, as mergekit's --allow-crimes).")
 @threads_option
 @json_option
 @quiet_option
 @fail_cleanly
 def compress(base, finetuned, outs, density, scope, bits, group, lossless, max_error, max_size,
-             include, exclude, dense, overwrite, max_memory, threads, as_json, quiet):
+             include, exclude, dense, overwrite, max_memory, allow_crimes, threads, as_json,
+             quiet):
     """Write one sparse delta per FINETUNED checkpoint of BASE.
 
     \b
@@ -85,7 +89,7 @@ def compress(base, finetuned, outs, density, scope, bits, group, lossless, max_e
                     bits=None if bits is None else int(bits), group=group, lossless=lossless,
                     max_error=max_error, max_size=max_size,
                     include=include, exclude=exclude, dense=dense, overwrite=overwrite,
-                    threads=threads, max_memory=max_memory,
+                    threads=threads, max_memory=max_memory, allow_crimes=allow_crimes,
                     progress=show_progress(quiet, as_json))
     if as_json:
         echo_json([{"path": str(s.path), "bytes": s.nbytes, "kept": s.kept,

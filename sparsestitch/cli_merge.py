@@ -42,13 +42,16 @@ RECIPE_FLAGS = ("rule", "scale", "density", "drop", "seed", "weights", "keep", "
 @click.option("--save-deltas", type=click.Path(),
               help="Also write the deltas made on the way into this folder (<fine-tune>.delta).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output.")
+@click.option("--allow-crimes", is_flag=True,
+              help="Go on when the base's and a fine-tune's config.json name different "
+                   "architectures (refused by default, as mergekit's --allow-crimes).")
 @threads_option
 @json_option
 @quiet_option
 @fail_cleanly
 def merge(base, finetuned, out, config_path, rule, scale, density, drop, seed, weights, keep,
           scope, bits, group, lossless, max_error, include, exclude, dense, max_memory,
-          save_deltas, overwrite, threads, as_json, quiet):
+          save_deltas, overwrite, allow_crimes, threads, as_json, quiet):
     """Merge FINETUNED full checkpoints of BASE in one pass, writing no intermediate delta.
 
     The output is bit-identical to compress then stitch with the same options.
@@ -83,7 +86,7 @@ def merge(base, finetuned, out, config_path, rule, scale, density, drop, seed, w
         raise click.UsageError("give the output with -o/--out (or out: in the config)")
     started = time.perf_counter()
     run(out=out, max_memory=max_memory, save_deltas=save_deltas, overwrite=overwrite,
-        threads=threads, progress=show_progress(quiet, as_json),
+        threads=threads, progress=show_progress(quiet, as_json), allow_crimes=allow_crimes,
         protect=[config_path] if config_path is not None else [], **arguments)
     seconds = time.perf_counter() - started
     if as_json:

@@ -76,8 +76,8 @@ def compress(base: str | os.PathLike, finetuned: str | os.PathLike | Sequence[st
              group: int = 128, lossless: bool = False, max_error: float | None = None,
              max_size: int | str | None = None, overwrite: bool = False,
              progress: bool = False, chunk_elements: int = CHUNK_ELEMENTS,
-             threads: int | None = None, max_memory: int | str | None = None
-             ) -> list[DeltaSummary]:
+             threads: int | None = None, max_memory: int | str | None = None,
+             allow_crimes: bool = False) -> list[DeltaSummary]:
     """Write one delta file per fine-tuned checkpoint.
 
     Parameters
@@ -135,6 +135,9 @@ def compress(base: str | os.PathLike, finetuned: str | os.PathLike | Sequence[st
         values.  Exact values (``lossless``, a density without ``bits``, or a target's exact
         option) hold one fine-tune's selection of a tensor while it is encoded (up to 16
         bytes per kept float32 element).
+    allow_crimes:
+        Go on when the base's and a fine-tune's ``config.json`` name different
+        architectures (refused by default, as mergekit's ``--allow-crimes``).
 
     Non-float tensors are never localized: those that differ from the base are stored
     exactly.  Tensors the fine-tune has and the base lacks are stored whole ("added").
@@ -165,7 +168,7 @@ def compress(base: str | os.PathLike, finetuned: str | os.PathLike | Sequence[st
         try:
             for tune in tunes:
                 refuse_delta(tune, "fine-tune")
-                check_compatible(base_ckpt, tune)
+                check_compatible(base_ckpt, tune, allow_crimes)
             plan = TensorPlan.of(base_ckpt, include, exclude, dense)
             selectors = make_selectors(plan, density, scope, mask_sets, len(tunes))
             job = CompressJob(base_ckpt, tunes, plan, chunk_elements, progress, workers,

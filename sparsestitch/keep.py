@@ -8,6 +8,8 @@ fine-tune that does not match its base.
 
 from __future__ import annotations
 
+import json
+
 from collections.abc import Mapping
 
 from .checkpoint import Checkpoint
@@ -117,7 +119,36 @@ def quantize_options(bits: int | None, group: int) -> dict | None:
 
 
 
-def check_compatible(base: Checkpoint, tune: Checkpoint) -> None:
+def architecture(ckpt) -> str | None:
+    """The architecture a model folder's ``config.json`` names (``architectures[0]``, else
+    ``model_type``); None where there is no readable one."""
+    for path in getattr(ckpt, "extra_files", ()):
+        if path.name != "config.json":
+            continue
+        try:
+            config = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        if not isinstance(config, dict):
+            return None
+        names = config.get("architectures")
+        if isinstance(names, list) and names and isinstance(names[0], str):
+            return names[0]
+        kind = config.get("model_type")
+        return kind if isinstance(kind, str) else None
+    return None
+
+
+def check_compatible(base: Checkpoint, tune: Checkpoint, allow_crimes: bool = False) -> None:
+    """The fine-tune has the base's tensors with their dtypes and shapes, and (unless
+    ``allow_crimes``, as mergekit's ``--allow-crimes``) the same architecture where both
+    folders' ``config.json`` name one."""
+    ours, theirs = architecture(base), architecture(tune)
+    if ours and theirs and ours != theirs and not allow_crimes:
+        raise TensorMismatchError(f"the base is a {ours}, the fine-tune a {theirs} (their "
+                                  "config.json): across architectures the same tensor names "
+                                  "mean different things; pass allow_crimes=True "
+                                  "(--allow-crimes) to go on anyway", path=tune.path)
     missing = [n for n in base.names if n not in tune]
     if missing:
         raise TensorMismatchError(f"the fine-tuned checkpoint lacks {len(missing)} base tensor(s), "

@@ -60,7 +60,7 @@ def merge(base: str | os.PathLike, finetuned: Sequence[str | os.PathLike],
           max_memory: int | str | None = None, save_deltas: str | os.PathLike | None = None,
           overwrite: bool = False, progress: bool = False, threads: int | None = None,
           chunk_elements: int = CHUNK_ELEMENTS, protect: Sequence[str | os.PathLike] = (),
-          **rule_options) -> Path:
+          allow_crimes: bool = False, **rule_options) -> Path:
     """Merge full fine-tunes of ``base`` into ``out`` with a merge rule, in one pass.
 
     A fine-tune may also be given as a delta of ``base`` (its ``.delta`` file): it is read as
@@ -84,6 +84,8 @@ def merge(base: str | os.PathLike, finetuned: Sequence[str | os.PathLike],
     tensor order.  The output's metadata (``sparsestitch.merge``) records the rule, options,
     weights and sources; a folder output gets a model card.  ``protect`` names more files the
     caller read (a merge config): no output may be written over or inside them.
+    ``allow_crimes`` goes on when the base's and a fine-tune's ``config.json`` name different
+    architectures (refused by default, as mergekit's ``--allow-crimes``).
 
     >>> merge("base/", ["math/", "code/"], "merged/", rule="task-arithmetic")  # doctest: +SKIP
     """
@@ -119,7 +121,7 @@ def merge(base: str | os.PathLike, finetuned: Sequence[str | os.PathLike],
         tunes = [stack.enter_context(_open_fine_tune(base_ckpt, p, max_memory))
                  for p in tune_paths]
         for tune in tunes:
-            check_compatible(base_ckpt, tune)
+            check_compatible(base_ckpt, tune, allow_crimes)
         added = added_tensors(base_ckpt, tunes)
         plan = TensorPlan.of(base_ckpt, include, exclude, dense)
         selectors = make_selectors(plan, density, scope, mask_sets, len(tunes), exact=True)

@@ -373,3 +373,23 @@ def test_dense_ties_mergekit_equals_its_positional_form(dt, data, density):
     positions, new_bits = combiner.combine_changed(dt, base, tunes)
     assert positions.tolist() == expected[0].tolist()
     assert new_bits.tobytes() == expected[1].tobytes()
+
+
+def test_another_architecture_is_refused_unless_the_user_insists(tmp_path):
+    """Same tensor names and shapes, but the folders' config.json name other architectures
+    (a Mistral fine-tune given a Llama base): refused by compress and merge, as mergekit
+    refuses without --allow-crimes."""
+    base = save_checkpoint(tmp_path / "llama", small_model())
+    tune = save_checkpoint(tmp_path / "mistral", finetune_of(small_model()))
+    for folder, kind in ((base, "LlamaForCausalLM"), (tune, "MistralForCausalLM")):
+        (folder / "config.json").write_text(json.dumps({"architectures": [kind]}))
+    with pytest.raises(TensorMismatchError, match="base is a LlamaForCausalLM, the fine-tune "
+                                                   "a MistralForCausalLM.*allow_crimes"):
+        sparsestitch.compress(base, tune, tmp_path / "d.delta")
+    with pytest.raises(TensorMismatchError, match="--allow-crimes"):
+        sparsestitch.merge(base, [tune], tmp_path / "m")
+    assert not (tmp_path / "d.delta").exists() and not (tmp_path / "m").exists()
+    sparsestitch.compress(base, tune, tmp_path / "d.delta", allow_crimes=True)
+    result = _cli("merge", str(base), str(tune), "-o", str(tmp_path / "m"), "--allow-crimes",
+                  "--quiet")
+    assert result.exit_code == 0, result.output

@@ -20,9 +20,9 @@ def _base_model(manifest: dict) -> str:
 def _given_options(options: dict) -> str:
     """The compress options a member was made with, as the command line spells them: those
     that differ from compress's defaults."""
-    from .members import _option_words, compress_defaults
+    from .members import option_words, compress_defaults
     defaults = compress_defaults()
-    given = [_option_words(k, v) for k, v in sorted(options.items())
+    given = [option_words(k, v) for k, v in sorted(options.items())
              if k in defaults and v != defaults[k] and v is not None]
     return " ".join(given) if given else "compress's defaults"
 

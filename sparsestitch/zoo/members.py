@@ -126,12 +126,12 @@ def options_conflict(recorded: dict, effective: dict) -> str | None:
     added by an older or newer sparsestitch); None when they agree."""
     for key in sorted(set(recorded) & set(effective)):
         if recorded[key] != effective[key]:
-            return (f"other options: it was made with {_option_words(key, recorded[key])}, "
-                    f"this add asks for {_option_words(key, effective[key])}")
+            return (f"other options: it was made with {option_words(key, recorded[key])}, "
+                    f"this add asks for {option_words(key, effective[key])}")
     return None
 
 
-def _option_words(key: str, value) -> str:
+def option_words(key: str, value) -> str:
     """An option's value as the command line spells it (``None``: compress's default)."""
     flag = "--" + key.replace("_", "-")
     if value is None:
