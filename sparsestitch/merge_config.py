@@ -18,7 +18,8 @@ parameters, what is kept of each fine-tune, checked completely before any tensor
     out: merged/                 # optional (the command line's -o wins)
     max_memory: 1GiB             # optional
 
-Relative paths are relative to the config file's folder.  :func:`load` returns the checked
+Relative paths are relative to the config file's folder.  A config in mergekit's own schema
+(it has ``merge_method``) is read as mergekit reads it (:mod:`.mergekit_config`).  :func:`load` returns the checked
 :class:`MergeConfig`; :meth:`MergeConfig.check_inputs` opens every checkpoint's header (no
 tensor) and compares it with the base, so a wrong path, option or model fails in the first
 second, before any output exists.
@@ -31,6 +32,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import mergekit_config
 from .checkpoint import Checkpoint
 from .errors import ConfigError, OptionError, SparsestitchError
 from .hub import parse_hub_id
@@ -92,6 +94,8 @@ def load(path: str | os.PathLike) -> MergeConfig:
     :class:`~sparsestitch.errors.ConfigError` naming the file and the key."""
     path = Path(path)
     data = _read(path)
+    if mergekit_config.is_mergekit(data):  # mergekit's schema, as mergekit reads it
+        return mergekit_config.translate(path, data)
     _known(path, "top level", data, TOP_KEYS)
     folder = path.parent
     base = _source(path, "base", data.get("base"), folder)

@@ -1,0 +1,179 @@
+"""mergekit's own config schema: configs run unchanged where sparsestitch can express them
+(the same result as the equivalent call), and everything else is refused, every problem named
+in one error."""
+
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+import sparsestitch
+from sparsestitch.cli import main
+from sparsestitch.errors import ConfigError
+from sparsestitch.merge_config import load
+
+from .conftest import finetune_of, save_checkpoint, small_model
+from .test_checkpoint import assert_same_tensors
+
+
+@pytest.fixture
+def models(tmp_path, monkeypatch):
+    """A base and two fine-tunes under the working folder (mergekit resolves paths there)."""
+    monkeypatch.chdir(tmp_path)
+    base = small_model()
+    save_checkpoint(tmp_path / "models" / "base", base)
+    for i in (1, 2):
+        save_checkpoint(tmp_path / "models" / f"ft{i}", finetune_of(base, seed=i))
+    return tmp_path
+
+
+def write(folder, text: str):
+    """A config in a subfolder: relative model paths must not resolve against it."""
+    path = folder / "configs" / "merge.yml"
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def run_config(path, out):
+    result = CliRunner().invoke(main, ["merge", "--config", str(path), "-o", str(out), "--quiet"])
+    assert result.exit_code == 0, result.output
+    return load_file(next(out.glob("*.safetensors")) if out.is_dir() else out)
+
+
+def same(got, want):
+    assert_same_tensors(got, load_file(next(want.glob("*.safetensors"))))
+
+
+def test_ties_runs_as_mergekits_ties(models):
+    config = write(models, """
+        models:
+          - model: models/base            # the base among the models: no task vector
+          - model: models/ft1
+            parameters: {density: 0.5, weight: 0.7}
+          - model: models/ft2
+            parameters: {density: 0.5, weight: 0.3}
+        merge_method: ties
+        base_model: models/base
+        parameters: {normalize: true, int8_mask: true}
+        dtype: float32
+        """)
+    got = run_config(config, models / "out")
+    want = sparsestitch.merge("models/base", ["models/ft1", "models/ft2"], models / "want",
+                              rule="ties-mergekit", weights=[0.7, 0.3], density=0.5,
+                              lossless=True)
+    same(got, want)
+
+
+def test_task_arithmetic_and_its_lambda(models):
+    config = write(models, """
+        merge_method: task_arithmetic
+        base_model: models/base
+        models:
+          - {model: models/ft1, parameters: {weight: 1.0}}
+          - {model: models/ft2, parameters: {weight: -0.5}}
+        parameters: {lambda: 0.8}
+        """)
+    got = run_config(config, models / "out")
+    want = sparsestitch.merge("models/base", ["models/ft1", "models/ft2"], models / "want",
+                              rule="task-arithmetic", weights=[1.0, -0.5], scale=0.8,
+                              lossless=True)
+    same(got, want)
+
+
+def test_linear_averages_the_models_the_base_included(models):
+    config = write(models, """
+        merge_method: linear
+        base_model: models/base
+        models:
+          - {model: models/base, parameters: {weight: 2}}
+          - {model: models/ft1, parameters: {weight: 1}}
+          - {model: models/ft2, parameters: {weight: 1}}
+        """)
+    parsed = load(config)
+    assert parsed.rule == "task-arithmetic" and parsed.weights == [0.25, 0.25]
+
+
+def test_dare_linear_drops_one_minus_density(models):
+    parsed = load(write(models, """
+        merge_method: dare_linear
+        base_model: models/base
+        models:
+          - {model: models/ft1, parameters: {weight: 1, density: 0.7}}
+          - {model: models/ft2, parameters: {weight: 1, density: 0.7}}
+        """))
+    assert parsed.rule == "dare" and parsed.parameters["drop"] == pytest.approx(0.3)
+
+
+def test_every_problem_is_named_in_one_error(models):
+    config = write(models, """
+        merge_method: slerp
+        base_model: models/base
+        slices:
+          - sources: [{model: models/ft1, layer_range: [0, 2]}]
+        models:
+          - model: models/ft1
+            parameters: {weight: [0.1, 0.5]}
+          - model: models/missing/ft
+        tokenizer_source: union
+        out_dtype: float16
+        dtype: bfloat16
+        """)
+    with pytest.raises(ConfigError) as caught:
+        load(config)
+    message = str(caught.value)
+    assert str(config) in message and "problems" in message
+    for needle in ("merge_method: slerp: spherical interpolation", "slices:", "a gradient",
+                   "tokenizer_source:", "models[1].model: no such file or folder",
+                   "out_dtype:"):
+        assert needle in message, needle
+
+
+@pytest.mark.parametrize("text, key, needle", [
+    ("merge_method: ties\nbase_model: models/base\nmodels:\n  - model: models/ft1\n",
+     "models[0].parameters.weight", "required by mergekit's ties"),
+    ("merge_method: ties\nbase_model: models/base\nmodels:\n"
+     "  - {model: models/ft1, parameters: {weight: 1, density: 0.2}}\n"
+     "  - {model: models/ft2, parameters: {weight: 1, density: 0.5}}\n",
+     "models", "densities differ"),
+    ("merge_method: ties\nbase_model: models/base\nparameters: {normalize: false}\nmodels:\n"
+     "  - {model: models/ft1, parameters: {weight: 1}}\n", "parameters.normalize", "divides"),
+    ("merge_method: linear\nmodels:\n  - {model: models/ft1, parameters: {weight: 1}}\n",
+     "base_model", "name the model the others were fine-tuned from"),
+    ("merge_method: dare_ties\nbase_model: models/base\nmodels:\n"
+     "  - {model: models/ft1, parameters: {weight: 1}}\n", "merge_method", "dare_linear"),
+    ("merge_method: task_arithmetic\nbase_model: models/base\nmodels:\n"
+     "  - {model: models/ft1+lora/adapter, parameters: {weight: 1}}\n", "models[0].model",
+     "LoRA"),
+])
+def test_what_cannot_run_is_refused_naming_the_field(models, text, key, needle):
+    with pytest.raises(ConfigError) as caught:
+        load(write(models, text))
+    assert caught.value.key == key and needle in str(caught.value)
+
+
+def test_paths_resolve_against_the_working_folder_as_in_mergekit(models, monkeypatch):
+    config = write(models, """
+        merge_method: task_arithmetic
+        base_model: ./models/base
+        models: [{model: ./models/ft1, parameters: {weight: 1}}]
+        """)
+    assert load(config).base == str(models / "models" / "base")
+    monkeypatch.chdir(models / "configs")         # from here, models/base does not exist
+    with pytest.raises(ConfigError, match="base_model: no such file or folder"):
+        load(config)
+
+
+def test_a_compute_dtype_other_than_float32_is_said(models, caplog):
+    config = write(models, """
+        merge_method: task_arithmetic
+        base_model: models/base
+        dtype: bfloat16
+        models: [{model: models/ft1, parameters: {weight: 1}}]
+        """)
+    with caplog.at_level("WARNING", logger="sparsestitch"):
+        load(config)
+    assert "computes in float32" in caplog.text
