@@ -29,6 +29,7 @@ import xxhash
 from . import codecs
 from .cards import merge_card
 from .checkpoint import Checkpoint, CheckpointWriter
+from .checkpoint.gguf_folder import check_output_name
 from .delta_outputs import DeltaOutputs
 from .dtypes import DType, dtype as lookup_dtype
 from .errors import TensorMismatchError
@@ -108,6 +109,7 @@ def merge(base: str | os.PathLike, finetuned: Sequence[str | os.PathLike],
     for path in protect or ():
         inputs.add_local(path, "merge config")
     inputs.check_output(out)
+    check_output_name(out)
     delta_paths = saved_delta_paths(save_deltas, [t.spec for t in tune_paths])
     if save_deltas is not None:
         inputs.check_output(save_deltas, "--save-deltas folder", claim=False)

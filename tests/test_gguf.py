@@ -17,7 +17,7 @@ import sparsestitch
 from sparsestitch.checkpoint import Checkpoint
 from sparsestitch.cli import main
 from sparsestitch.checkpoint.gguf_file import transformers_name, unpermute_rows
-from sparsestitch.errors import CheckpointError
+from sparsestitch.errors import CheckpointError, OutputError
 
 from .conftest import bits, save_checkpoint
 
@@ -289,3 +289,54 @@ def test_fuzzed_metadata_is_read_exactly_when_valid_else_refused_by_name(gguf_fo
 def gguf_folder(tmp_path_factory):
     yield tmp_path_factory.mktemp("fuzzed-gguf")
     print(f"\nfuzzed GGUF metadata: {dict(GGUF_CASES)}")
+
+
+def loadable_metadata() -> dict[str, tuple]:
+    """What llama.cpp's converter writes for transformers to rebuild the config and a (tiny,
+    byte-pair) tokenizer."""
+    kinds = gguf.GGUFValueType
+    tokens = ["<s>", "</s>"] + [chr(ord("a") + i % 26) * (1 + i // 26) for i in range(VOCAB - 2)]
+    return {"llama.context_length": (128, kinds.UINT32),
+            "llama.embedding_length": (HIDDEN, kinds.UINT32),
+            "llama.block_count": (2, kinds.UINT32),
+            "llama.feed_forward_length": (128, kinds.UINT32),
+            "llama.attention.layer_norm_rms_epsilon": (1e-5, kinds.FLOAT32),
+            "llama.rope.freq_base": (10000.0, kinds.FLOAT32),
+            "llama.vocab_size": (VOCAB, kinds.UINT32),
+            "tokenizer.ggml.model": ("gpt2", kinds.STRING),
+            "tokenizer.ggml.tokens": (tokens, kinds.ARRAY),
+            "tokenizer.ggml.token_type": ([1] * VOCAB, kinds.ARRAY),
+            "tokenizer.ggml.merges": (["a a"], kinds.ARRAY),
+            "tokenizer.ggml.bos_token_id": (0, kinds.UINT32),
+            "tokenizer.ggml.eos_token_id": (1, kinds.UINT32)}
+
+
+def test_a_gguf_base_writes_a_folder_transformers_loads(tmp_path):
+    """An output named as a folder gets config.json and the tokenizer from the GGUF's
+    metadata beside the weights, and loads with from_pretrained; a .safetensors name is a
+    single file; a .gguf name is refused before anything is written."""
+    transformers = pytest.importorskip("transformers")
+    tensors = llama_tensors(3)
+    base = write_gguf(tmp_path / "base.gguf", tensors, metadata=loadable_metadata())
+    generator = torch.Generator().manual_seed(4)
+    tune = {k: torch.from_numpy(v) + 0.01 * torch.randn(v.shape, generator=generator)
+            for k, v in tensors.items()}
+    tune_path = save_checkpoint(tmp_path / "ft.safetensors", tune)
+    delta = tmp_path / "ft.delta"
+    sparsestitch.compress(base, tune_path, delta, lossless=True)
+    folder = sparsestitch.restore(base, delta, tmp_path / "restored")
+    assert {"model.safetensors", "config.json", "tokenizer.json", "README.md"} <= \
+        {p.name for p in folder.iterdir()}
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder)
+    loaded = model.state_dict()
+    for name, value in tune.items():
+        assert np.array_equal(bits(loaded[name]), bits(value)), name
+    assert transformers.AutoTokenizer.from_pretrained(folder)("aa b")["input_ids"]
+    single = sparsestitch.restore(base, delta, tmp_path / "restored.safetensors")
+    assert single.is_file()
+    for run in (lambda out: sparsestitch.restore(base, delta, out),
+                lambda out: sparsestitch.stitch(base, [delta], out),
+                lambda out: sparsestitch.merge(base, [tune_path], out, keep=0.1)):
+        with pytest.raises(OutputError, match="not GGUF"):
+            run(tmp_path / "out.gguf")
+        assert not (tmp_path / "out.gguf").exists()

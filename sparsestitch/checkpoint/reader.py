@@ -132,6 +132,11 @@ class Checkpoint:
         return _read_rows(self._handles[located.file], located, name, start, stop)
 
     @property
+    def is_gguf(self) -> bool:
+        """Whether the checkpoint is a GGUF file (read dequantized, under transformers' names)."""
+        return self._gguf is not None
+
+    @property
     def has_index(self) -> bool:
         """Whether the folder has a ``model.safetensors.index.json`` (an output mirrors it)."""
         return self._index_map is not None

@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from ..checkpoint import Checkpoint, CheckpointWriter
+from ..checkpoint.gguf_folder import check_output_name, model_files, writes_folder
 from ..dtypes import DType, dtype as lookup_dtype
 from ..format import DeltaReader, Record
 from ..guard import Inputs
@@ -82,6 +83,7 @@ def run(base: str | os.PathLike, deltas: Sequence[str | os.PathLike], out: str |
     for path in deltas:
         inputs.add_local(path, "delta")
     inputs.check_output(out)
+    check_output_name(out)
     with Checkpoint(base) as base_ckpt:
         refuse_delta(base_ckpt)
         readers = []
@@ -122,8 +124,11 @@ def write_model(base: Checkpoint, out: Path, source: TensorSource, added: dict, 
     them, reading ahead within the memory budget; publish the output atomically after
     ``before_publishing()`` (nothing is published if anything raises)."""
     shards = output_shards(base, added, metadata)
-    texts = {"README.md": card(base)} if card and base.is_folder else None
-    writer = CheckpointWriter(out, shards, folder=base.is_folder,
+    folder = writes_folder(base, out)
+    texts = model_files(base.path) if folder and base.is_gguf else {}
+    if card and folder:
+        texts["README.md"] = card(base)
+    writer = CheckpointWriter(out, shards, folder=folder,
                               extra_files=base.extra_files, overwrite=overwrite,
                               extra_texts=texts, index=base.has_index)
     total = sum(base.entry(n).nbytes for n in base.names)
