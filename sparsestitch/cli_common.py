@@ -117,7 +117,9 @@ def rule_options(rule: str, given: dict) -> dict:
         option = RULE_FLAGS[flag]
         rules = rules_taking(option)
         if rule not in rules:
-            raise ValueError(f"{flag} applies to --rule {' or '.join(rules)}, not --rule {rule}")
+            shown_flag = "--trim/--density" if flag == "--density" else flag
+            raise ValueError(f"{shown_flag} applies to --rule {' or '.join(rules)}, not --rule "
+                             f"{rule}")
         options[option] = value
     return options
 
@@ -132,6 +134,16 @@ def rule_flags(function):
                              for name in rules_taking(option))
         help_text = f"{', '.join(rules_taking(option))}: {help_text} (default: {defaults})."
         kind = int if flag == "--seed" else float
+        if flag == "--density":
+            # one vocabulary: --keep is the kept fraction (compress's --density) wherever
+            # deltas are merged; TIES's own fraction is --trim (--density still accepted)
+            help_text = help_text.replace("the fraction of each tensor kept by magnitude",
+                                          "--trim (or --density, mergekit's name): the fraction "
+                                          "of each tensor kept by magnitude before the sign "
+                                          "election; not --keep")
+            function = click.option("--trim", "--density", "density", type=kind,
+                                    help=help_text)(function)
+            continue
         function = click.option(flag, type=kind, help=help_text)(function)
     return click.option("--rule", type=click.Choice(list(RULES)), default="localize-stitch",
                         show_default=True, help=_rule_help())(function)

@@ -338,14 +338,16 @@ def test_demo_writes_outside_the_current_folder_by_default(tmp_path, monkeypatch
 def test_rule_options_use_one_name_and_the_users_terms(zoo, tmp_path, deltas):
     out = tmp_path / "m.safetensors"
     assert_one_line_error(run("stitch", zoo["base"], *deltas, "-o", out, "--density", "0.2"),
-                          "--density applies to --rule ties or ties-mergekit, not --rule localize-stitch")
+                          "--trim/--density applies to --rule ties or ties-mergekit, not --rule "
+                          "localize-stitch")
     assert_one_line_error(run("stitch", zoo["base"], *deltas, "-o", out, "--rule", "ties",
                               "--drop", "0.5"), "--drop applies to --rule dare, not --rule ties")
     ok("stitch", zoo["base"], *deltas, "-o", out, "--rule", "ties", "--density", "0.2")
     api = sparsestitch.stitch(zoo["base"], [str(d) for d in deltas], tmp_path / "api.safetensors",
                               rule="ties", density=0.2)
     assert out.read_bytes() == api.read_bytes()
-    assert "--trim" not in ok("stitch", "--help").stdout
+    # one option, two spellings: --trim (not to be taken for --keep) and mergekit's --density
+    assert "--trim, --density FLOAT" in ok("stitch", "--help").stdout
     assert "ties (--scale, --density)" in " ".join(ok("stitch", "--help").stdout.split())
 
 
@@ -475,3 +477,14 @@ def test_help_shows_each_rules_defaults():
         text = " ".join(ok(command, "--help").output.split())
         assert "(default: ties 0.2, ties-mergekit 0.2)" in text
         assert "(default: dare 0.9)" in text and "task-arithmetic 1" in text
+
+
+def test_ties_trim_has_one_name_apart_from_keep(zoo, deltas, tmp_path):
+    """--trim is TIES's fraction (--density, mergekit's name, still accepted, the same
+    result); --keep is the kept fraction, as compress's --density."""
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    ok("stitch", zoo["base"], *deltas, "-o", a, "--rule", "ties", "--trim", "0.3", "--quiet")
+    ok("stitch", zoo["base"], *deltas, "-o", b, "--rule", "ties", "--density", "0.3", "--quiet")
+    assert a.read_bytes() == b.read_bytes()
+    assert_one_line_error(run("stitch", zoo["base"], *deltas, "-o", tmp_path / "c.safetensors",
+                              "--trim", "0.3"), "--trim/--density applies to --rule ties")

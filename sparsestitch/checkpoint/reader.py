@@ -93,6 +93,7 @@ class Checkpoint:
         if self.is_folder and self._index_map is not None:
             _check_index(self.path, self._index_map, self._where)
         self.names = sorted(self._where)
+        self.is_gguf = self._gguf is not None  # read dequantized, under transformers' names
 
     def __enter__(self) -> "Checkpoint":
         return self
@@ -130,11 +131,6 @@ class Checkpoint:
         if self._gguf is not None:
             return self._gguf.read_rows(name, start, stop)
         return _read_rows(self._handles[located.file], located, name, start, stop)
-
-    @property
-    def is_gguf(self) -> bool:
-        """Whether the checkpoint is a GGUF file (read dequantized, under transformers' names)."""
-        return self._gguf is not None
 
     @property
     def has_index(self) -> bool:
