@@ -93,6 +93,12 @@ def merge(base, finetuned, out, config_path, rule, scale, density, drop, seed, w
         echo_json({"path": str(out), "seconds": seconds})
     else:
         click.echo(f"{out}: merged in {seconds:.1f} s")
+        if arguments.get("rule") == "localize-stitch" and all(
+                arguments.get(k) in (None, False) for k in ("keep", "bits", "lossless",
+                                                            "max_error", "masks")):
+            click.echo("kept of each fine-tune: compress's default (every tensor within "
+                       "relative error 0.5, quantized where that is enough); --keep 0.05 "
+                       "keeps 5% exactly, the paper's Localize-and-Stitch")
 
 
 def _from_config(config_path, base, finetuned, given: dict, rule: str) -> dict:

@@ -30,6 +30,7 @@ from . import codecs
 from .cards import merge_card
 from .checkpoint import Checkpoint, CheckpointWriter
 from .checkpoint.gguf_folder import check_output_name
+from .compress import how_kept
 from .delta_outputs import DeltaOutputs
 from .dtypes import DType, dtype as lookup_dtype
 from .errors import TensorMismatchError
@@ -137,7 +138,8 @@ def merge(base: str | os.PathLike, finetuned: Sequence[str | os.PathLike],
         options = {key: combiner.options[key] for key in rule_options}
         recipe = {"rule": rule, "options": options, "weights": list(combiner.weights),
                   "keep": {"density": density, "scope": scope, "quantize": quantize,
-                           "max_error": None if max_error is None else float(max_error)},
+                           "max_error": None if max_error is None else float(max_error),
+                           **how_kept(quantize, planner)},
                   "base": base_ckpt.display_name,
                   "finetuned": [t.display_name for t in tunes]}
         try:

@@ -393,3 +393,18 @@ def test_another_architecture_is_refused_unless_the_user_insists(tmp_path):
     result = _cli("merge", str(base), str(tune), "-o", str(tmp_path / "m"), "--allow-crimes",
                   "--quiet")
     assert result.exit_code == 0, result.output
+
+
+def test_the_default_merge_says_and_records_what_it_kept(tmp_path, trio):
+    """Localize-and-Stitch with no keep option keeps compress's default (a target, lossy):
+    the command says so in one line and the metadata records the target, not a density."""
+    out = tmp_path / "m.safetensors"
+    result = _cli("merge", trio["base"], trio["ft1"], trio["ft2"], "-o", out, "--quiet")
+    assert result.exit_code == 0, result.output
+    assert "kept of each fine-tune: compress's default" in result.output
+    with safe_open(out, "np") as handle:
+        keep = json.loads(handle.metadata()["sparsestitch.merge"])["keep"]
+    assert keep["target"] == {"max_error": 0.5} and keep["density"] is None
+    result = _cli("merge", trio["base"], trio["ft1"], trio["ft2"], "-o", out, "--keep", "0.05",
+                  "--overwrite", "--quiet")
+    assert result.exit_code == 0 and "compress's default" not in result.output
