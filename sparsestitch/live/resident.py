@@ -18,7 +18,8 @@ Unlike :func:`~.patch.apply` nothing is kept for a revert, so device memory hold
 tensor's records at a time.  Every check that can fail on a sound file runs before any
 tensor is written (names, shapes, dtypes, base checksums, tensors under an active hot-swap
 patch); a record found damaged while decoding raises naming it, and the tensors stitched
-before it stay stitched (reload the model).
+before it stay stitched, a CPU tensor merged in place partly so (reload the model; `apply`
+reverts instead).
 """
 
 from __future__ import annotations
