@@ -28,6 +28,7 @@ import numpy as np
 from .budget import MemoryBudget
 from .checkpoint import Checkpoint
 from .safetensors_file import TensorEntry
+from .sizes import row_items
 from .dtypes import dtype as lookup_dtype
 from .errors import CheckpointError
 from .format import DeltaReader, Record
@@ -147,7 +148,7 @@ class RestoredCheckpoint:
     def read_rows(self, name: str, start: int, stop: int) -> np.ndarray:
         """Bits of rows ``start:stop`` of the restored tensor (a fresh flat array)."""
         entry = self.entry(name)
-        per_row = RowBlocks.of_elements(entry.shape, 1).row_items
+        per_row = row_items(entry.shape)
         lo, hi = start * per_row, stop * per_row
         added = name in self._added
         block = None if added else self.base.read_rows(name, start, stop)
