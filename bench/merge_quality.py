@@ -449,18 +449,23 @@ class Deltas:
     summaries: tuple = ()
 
 
-def compress_all(base_path, ft_paths, folder, names, *, density, masks=None, scope="global",
-                 bits=None, group=128):
+def compress_all(base_path, ft_paths, folder, names, *, density=None, masks=None,
+                 scope="global", bits=None, group=128):
     """One delta file per fine-tune; ``masks`` (one dict per fine-tune) replace top-k.
 
     ``scope`` is passed on explicitly: ``"global"`` (the paper's top-k of |tau|, which the
     rows of docs/results-merge-quality.md used) unless asked otherwise, whatever
-    ``compress``'s own default is.  ``bits`` and ``group`` quantize the kept values.
+    ``compress``'s own default is.  ``bits`` and ``group`` quantize the kept values.  With
+    none of ``density``, ``masks`` and ``bits``: compress's own default (no option at all).
     """
     folder.mkdir(parents=True, exist_ok=True)
     paths = [folder / f"{name}.delta" for name in names]
-    summaries = sparsestitch.compress(base_path, ft_paths, paths, density=density, masks=masks,
-                                      scope=scope, bits=bits, group=group, overwrite=True)
+    if density is None and masks is None and bits is None:
+        summaries = sparsestitch.compress(base_path, ft_paths, paths, overwrite=True)
+    else:
+        summaries = sparsestitch.compress(base_path, ft_paths, paths, density=density,
+                                          masks=masks, scope=scope, bits=bits, group=group,
+                                          overwrite=True)
     return Deltas(paths, sum(summary.nbytes for summary in summaries) / len(summaries),
                   tuple(summaries))
 

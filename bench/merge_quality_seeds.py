@@ -58,7 +58,8 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 import merge_quality as mq  # noqa: E402
 from common import describe_machine, machine, write_json  # noqa: E402
-from fidelity_models import _digest, _minilm_head, prepare_minilm  # noqa: E402
+from fidelity_models import _minilm_head, prepare_minilm  # noqa: E402
+from fidelity_models import digest_files as _digest  # noqa: E402
 from mq_tasks import TASK_NAMES, load_task  # noqa: E402
 
 import sparsestitch  # noqa: E402

@@ -102,6 +102,7 @@ def _note_dense(readers: Sequence[DeltaReader]) -> None:
                 kept / candidates > DENSE_SHARE:
             dense.append(f"{reader.path.name} ({100 * kept / candidates:.0f}%)")
     if dense:
-        log.warning("localize-stitch averages deltas wherever they overlap; %s keep most of "
-                    "their parameters (made for restoring, as the default delta is), and merge "
-                    "better localized first: add keep=0.05 (--keep 0.05)", ", ".join(dense))
+        log.warning("localize-stitch averages deltas wherever they overlap; %s keep a large "
+                    "share of their parameters (made for restoring, as the default delta is), "
+                    "and merge better localized first: add keep=0.05 (--keep 0.05)",
+                    ", ".join(dense))
