@@ -46,6 +46,8 @@ __all__ = ["ConfigError", "MergeConfig", "load"]
 
 TOP_KEYS = {"base", "models", "rule", "parameters", "keep", "out", "max_memory"}
 MODEL_KEYS = {"model", "weight"}
+#: A checkpoint's float dtypes by mergekit's names for them.
+FLOAT_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
 KEEP_KEYS = {"density", "scope", "bits", "group", "lossless", "max_error", "include", "exclude",
              "dense"}
 
@@ -63,6 +65,9 @@ class MergeConfig:
     keep: dict = field(default_factory=dict)
     out: str | None = None
     max_memory: str | int | None = None
+    #: The dtype a mergekit config writes (``out_dtype``, else ``dtype``): it must be the
+    #: base's, which is what sparsestitch writes (checked with the headers).
+    writes_dtype: str | None = None
 
     def merge_arguments(self) -> dict:
         """Keyword arguments of :func:`sparsestitch.merge` (``out`` aside)."""
@@ -86,6 +91,13 @@ class MergeConfig:
                     check_compatible(base, stack.enter_context(Checkpoint(name)))
                 except (SparsestitchError, OSError, ValueError) as exc:
                     raise ConfigError(self.path, f"models[{i}].model", str(exc)) from None
+            floats = {base.entry(n).dtype for n in base.names} & set(FLOAT_NAMES)
+            if self.writes_dtype is not None and floats != {self.writes_dtype}:
+                raise ConfigError(self.path, "dtype", f"mergekit would write "
+                                  f"{FLOAT_NAMES.get(self.writes_dtype)}, sparsestitch writes "
+                                  f"the base's ({', '.join(FLOAT_NAMES[f] for f in sorted(floats))}):"
+                                  " set out_dtype (or dtype) to the base's, or convert the "
+                                  "result afterwards")
 
 
 def load(path: str | os.PathLike) -> MergeConfig:

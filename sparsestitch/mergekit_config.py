@@ -23,8 +23,9 @@ every problem of the config in one error; nothing is ignored silently.
 Refused, with the reason: the other methods (``dare_ties``, ``breadcrumbs``,
 ``breadcrumbs_ties``, ``della``, ``slerp``, ``passthrough``, ``model_stock``, ...),
 ``slices`` and layer ranges (frankenmerges), parameters given as gradient lists (per layer),
-per-model densities that differ, ``normalize: false`` for ``ties`` (``true`` for
-``task_arithmetic``), ``rescale: false``, an ``out_dtype`` other than the base's,
+per-model densities that differ, ``normalize: false`` for ``ties`` and ``linear``,
+``rescale: true`` for ``ties``, ``rescale: false`` for ``dare_linear``, an output dtype
+(``out_dtype``, else ``dtype``, as mergekit writes) other than the base's,
 ``tokenizer_source`` other than ``base``, LoRA adapters (``model+lora``).  ``dtype`` names
 mergekit's compute type: sparsestitch computes in float32 (float64 for float64 models) and
 rounds once to the model's dtype, which it says in a warning when ``dtype`` is not float32.
@@ -140,8 +141,9 @@ def translate(path: Path, data: dict, cwd: Path | None = None):
         listed = "; ".join(f"{k}: {m}" for k, m in problems)
         raise ConfigError(path, key, problems[0][1] if len(problems) == 1 else
                           f"this mergekit config has {len(problems)} problems: {listed}")
+    written = data.get("out_dtype") or data.get("dtype")
     return MergeConfig(path, base, finetuned, weights, rule, options, {"lossless": True},
-                       None, None)
+                       None, None, FLOAT_DTYPES.get(written) if written else None)
 
 
 def _method(problems: list, method: str, top: dict, entries: list):
@@ -275,9 +277,6 @@ def _dtypes(problems: list, data: dict) -> None:
         if value is not None and value not in FLOAT_DTYPES:
             problems.append((key, f"must be one of {', '.join(FLOAT_DTYPES)}, got "
                                   f"{short_repr(value)}"))
-    if out_dtype is not None and out_dtype != dtype and out_dtype in FLOAT_DTYPES:
-        problems.append(("out_dtype", "sparsestitch writes the base's dtype; convert the result "
-                                      "afterwards"))
     if dtype in FLOAT_DTYPES and dtype not in ("float32", "float64"):
         log.warning("dtype %s: sparsestitch computes in float32 (float64 for float64 models) and "
                     "rounds once to the model's dtype; mergekit would compute in %s, so results "

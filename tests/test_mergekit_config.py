@@ -7,6 +7,7 @@ from __future__ import annotations
 import textwrap
 
 import pytest
+import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
@@ -23,7 +24,8 @@ from .test_checkpoint import assert_same_tensors
 def models(tmp_path, monkeypatch):
     """A base and two fine-tunes under the working folder (mergekit resolves paths there)."""
     monkeypatch.chdir(tmp_path)
-    base = small_model()
+    base = {n: t for n, t in small_model(dtype=torch.float32).items()
+            if t.dtype != torch.float64}     # one float dtype, as real models have
     save_checkpoint(tmp_path / "models" / "base", base)
     for i in (1, 2):
         save_checkpoint(tmp_path / "models" / f"ft{i}", finetune_of(base, seed=i))
@@ -127,8 +129,7 @@ def test_every_problem_is_named_in_one_error(models):
     message = str(caught.value)
     assert str(config) in message and "problems" in message
     for needle in ("merge_method: slerp: spherical interpolation", "slices:", "a gradient",
-                   "tokenizer_source:", "models[1].model: no such file or folder",
-                   "out_dtype:"):
+                   "tokenizer_source:", "models[1].model: no such file or folder"):
         assert needle in message, needle
 
 
@@ -177,3 +178,24 @@ def test_a_compute_dtype_other_than_float32_is_said(models, caplog):
     with caplog.at_level("WARNING", logger="sparsestitch"):
         load(config)
     assert "computes in float32" in caplog.text
+
+
+@pytest.mark.parametrize("dtypes, refused", [("dtype: float32", False),
+                                             ("dtype: bfloat16", True),
+                                             ("dtype: bfloat16\nout_dtype: float32", False),
+                                             ("out_dtype: float16", True)])
+def test_the_dtype_mergekit_would_write_must_be_the_bases(models, dtypes, refused):
+    """mergekit writes ``out_dtype``, else ``dtype``; sparsestitch writes the base's (float32
+    here): another one is refused when the headers are checked, before any tensor is read."""
+    config = load(write(models, f"""
+merge_method: task_arithmetic
+base_model: models/base
+models: [{{model: models/ft1, parameters: {{weight: 1}}}}]
+{dtypes}
+"""))
+    if refused:
+        with pytest.raises(ConfigError, match="sparsestitch writes the base's") as caught:
+            config.check_inputs()
+        assert caught.value.key == "dtype"
+    else:
+        config.check_inputs()
