@@ -23,7 +23,7 @@ every problem of the config in one error; nothing is ignored silently.
 Refused, with the reason: the other methods (``dare_ties``, ``breadcrumbs``,
 ``breadcrumbs_ties``, ``della``, ``slerp``, ``passthrough``, ``model_stock``, ...),
 ``slices`` and layer ranges (frankenmerges), parameters given as gradient lists (per layer),
-per-model densities that differ, ``normalize: false`` for ``ties`` and ``linear``,
+per-model densities that differ, ``normalize: false`` for ``linear``,
 ``rescale: true`` for ``ties``, ``rescale: false`` for ``dare_linear``, an output dtype
 (``out_dtype``, else ``dtype``, as mergekit writes) other than the base's,
 ``tokenizer_source`` other than ``base``, LoRA adapters (``model+lora``).  ``dtype`` names
@@ -181,11 +181,9 @@ def _method(problems: list, method: str, top: dict, entries: list):
     if method == "ties" and top.get("rescale", False):
         problems.append(("parameters.rescale", "ties with rescale: true rescales the trimmed "
                                                "values, which ties-mergekit does not"))
-    if method == "ties" and not normalize:
-        problems.append(("parameters.normalize", "ties with normalize: false is not "
-                                                 "sparsestitch's ties-mergekit (it divides by "
-                                                 "the agreeing weights)"))
-    elif method != "ties" and normalize:
+    if method == "ties":
+        options["normalize"] = 1 if normalize else 0
+    elif normalize:
         total = sum(weights)   # mergekit: divided by the weights' sum, unless it is ~0
         if abs(total) >= 1e-8:
             weights = [w / total for w in weights]

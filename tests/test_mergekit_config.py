@@ -70,6 +70,33 @@ def test_ties_runs_as_mergekits_ties(models):
     same(got, want)
 
 
+def test_ties_without_normalizing_as_mergekits_bio_merge_example(models):
+    """mergekit's examples/bio-merge.yml: ties with normalize: false (the agreeing weighted
+    sum, not divided)."""
+    config = write(models, """
+        models:
+          - model: models/ft1
+            parameters: {density: 0.5, weight: 0.5}
+          - model: models/ft2
+            parameters: {density: 0.5, weight: 0.5}
+        merge_method: ties
+        base_model: models/base
+        parameters: {normalize: false, int8_mask: true}
+        dtype: float32
+        """)
+    assert load(config).parameters == {"density": 0.5, "normalize": 0}
+    got = run_config(config, models / "out")
+    want = sparsestitch.merge("models/base", ["models/ft1", "models/ft2"], models / "want",
+                              rule="ties-mergekit", weights=[0.5, 0.5], density=0.5,
+                              normalize=0, lossless=True)
+    same(got, want)
+    divided = sparsestitch.merge("models/base", ["models/ft1", "models/ft2"], models / "div",
+                                 rule="ties-mergekit", weights=[0.5, 0.5], density=0.5,
+                                 lossless=True)
+    assert load_file(next(divided.glob("*.safetensors")))["layer.0.mlp.weight"].ne(
+        got["layer.0.mlp.weight"]).any()
+
+
 def test_task_arithmetic_and_its_lambda(models):
     config = write(models, """
         merge_method: task_arithmetic
@@ -140,8 +167,6 @@ def test_every_problem_is_named_in_one_error(models):
      "  - {model: models/ft1, parameters: {weight: 1, density: 0.2}}\n"
      "  - {model: models/ft2, parameters: {weight: 1, density: 0.5}}\n",
      "models", "densities differ"),
-    ("merge_method: ties\nbase_model: models/base\nparameters: {normalize: false}\nmodels:\n"
-     "  - {model: models/ft1, parameters: {weight: 1}}\n", "parameters.normalize", "divides"),
     ("merge_method: linear\nmodels:\n  - {model: models/ft1, parameters: {weight: 1}}\n",
      "base_model", "name the model the others were fine-tuned from"),
     ("merge_method: dare_ties\nbase_model: models/base\nmodels:\n"

@@ -33,7 +33,8 @@ RULE_OPTIONS = {
     "localize-stitch": [{}],
     "task-arithmetic": [{}, {"scale": 0.3}],
     "ties": [{}, {"density": 0.5, "scale": 1.5}, {"density": 1.0}],
-    "ties-mergekit": [{}, {"density": 0.5, "scale": 1.5}, {"density": 1.0}],
+    "ties-mergekit": [{}, {"density": 0.5, "scale": 1.5}, {"density": 1.0},
+                      {"density": 0.5, "normalize": 0}],
     "dare": [{"drop": 0.5, "seed": 3}, {"drop": 0.0}, {"drop": 0.9, "seed": 11, "scale": 2.0}],
 }
 
@@ -147,6 +148,8 @@ def reference_merge(rule: str, dtype_name: str, base: np.ndarray, masks: list[np
         agree = weighted.sign() == (weighted.sum(dim=0) >= 0).to(tdt) * 2 - 1
         divisor = (weight * agree).sum(dim=0)
         divisor[divisor == 0] = 1
+        if not options.get("normalize", 1):
+            divisor[:] = 1
         mixed = (weighted * agree).sum(dim=0) / divisor
         update = (mixed * options.get("scale", 1.0) if options.get("scale", 1.0) != 1 else
                   mixed).numpy()

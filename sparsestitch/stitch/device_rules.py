@@ -184,14 +184,14 @@ def ties(vectors, weights, name, numel, union, where, wide_like, density=0.2, sc
 
 
 def ties_mergekit(vectors, weights, name, numel, union, where, wide_like, density=0.2,
-                  scale=1.0):
+                  scale=1.0, normalize=1):
     """mergekit's TIES: :func:`~.rules.mergekit_ties`, the reference's own torch code, on the
     vectors' device."""
     if not union.numel():
         return union, wide_like.new_empty(0)
     size = int(union[-1]) + 1 if numel is None else numel
     mixed = mergekit_ties([v.positions for v in vectors], [v.tau for v in vectors], weights,
-                          size, density, scale)
+                          size, density, scale, normalize)
     return union, mixed[union]
 
 

@@ -44,6 +44,8 @@ OPTION_LIMITS: dict[str, tuple[Range, str]] = {
     "density": (FRACTION, "the fraction of each tensor kept"),
     "drop": (Range(0, 1, below_high=True), "the probability of dropping an entry"),
     "seed": (Range(0, whole=True), "the random seed of the drops"),
+    "normalize": (Range(0, 1, whole=True), "1 to divide by the agreeing weights (mergekit's "
+                                           "default), 0 not to"),
 }
 
 
@@ -257,7 +259,8 @@ class TiesMergekit(Ties):
     * the elected sign is that of the sum of the weighted, trimmed vectors, with a zero sum
       electing ``+`` (``Ties`` elects nothing there);
     * the agreeing entries' weighted sum is divided by the sum of their *weights*, not their
-      count (``Ties``'s disjoint mean), then multiplied by ``scale`` (mergekit's ``lambda``).
+      count (``Ties``'s disjoint mean), then multiplied by ``scale`` (mergekit's ``lambda``);
+      with ``normalize=0`` (mergekit's ``normalize: false``) it is not divided.
 
     It runs mergekit's own torch operations on dense copies of each tensor's task vectors,
     one per delta (as mergekit holds them).  Positions no delta stores keep the base's bits;
@@ -266,8 +269,10 @@ class TiesMergekit(Ties):
     """
 
     name = "ties-mergekit"
+    defaults = {"density": 0.2, "scale": 1.0, "normalize": 1}
 
-    def update(self, vectors, weights, name="", numel=None, union=None, density=0.2, scale=1.0):
+    def update(self, vectors, weights, name="", numel=None, union=None, density=0.2, scale=1.0,
+               normalize=1):
         import torch
 
         union, _ = _union(vectors)
@@ -276,18 +281,18 @@ class TiesMergekit(Ties):
         size = int(union[-1]) + 1 if numel is None else numel
         mixed = mergekit_ties([torch.from_numpy(v.positions) for v in vectors],
                               [torch.from_numpy(v.tau) for v in vectors], weights, size,
-                              density, scale)
+                              density, scale, normalize)
         return union, mixed[torch.from_numpy(union)].numpy()
 
     has_dense_update = True
 
-    def dense_update(self, deltas, weights, density=0.2, scale=1.0):
+    def dense_update(self, deltas, weights, density=0.2, scale=1.0, normalize=1):
         """mergekit's operations on ``deltas`` (trimmed in place)."""
-        return mergekit_ties_dense(deltas, weights, density, scale)
+        return mergekit_ties_dense(deltas, weights, density, scale, normalize)
 
 
 def mergekit_ties(positions: Sequence, taus: Sequence, weights: Sequence[float], size: int,
-                  density: float, scale: float):
+                  density: float, scale: float, normalize: int = 1):
     """mergekit's TIES on torch tensors (each delta's int64 positions and wide task vector,
     on any one device): the dense merged update over ``size`` elements.  The magnitude ranking
     runs on the CPU, so the order among equal magnitudes is the same on every device."""
@@ -297,10 +302,11 @@ def mergekit_ties(positions: Sequence, taus: Sequence, weights: Sequence[float],
     deltas = torch.zeros((len(taus), size), dtype=wide, device=device)
     for row, where, tau in zip(deltas, positions, taus):
         row[where] = tau
-    return mergekit_ties_dense(deltas, weights, density, scale)
+    return mergekit_ties_dense(deltas, weights, density, scale, normalize)
 
 
-def mergekit_ties_dense(deltas, weights: Sequence[float], density: float, scale: float):
+def mergekit_ties_dense(deltas, weights: Sequence[float], density: float, scale: float,
+                        normalize: int = 1):
     """:func:`mergekit_ties` on dense task vectors (one row per delta, zero where a delta
     stores nothing; trimmed in place)."""
     import torch
@@ -319,9 +325,10 @@ def mergekit_ties_dense(deltas, weights: Sequence[float], density: float, scale:
     majority = (weighted.sum(dim=0) >= 0).to(wide) * 2 - 1
     agree = weighted.sign() == majority
     mixed = (weighted * agree).sum(dim=0)
-    divisor = (weight * agree).sum(dim=0)
-    divisor[divisor == 0] = 1
-    mixed /= divisor
+    if normalize:
+        divisor = (weight * agree).sum(dim=0)
+        divisor[divisor == 0] = 1
+        mixed /= divisor
     if scale != 1:
         mixed *= scale
     return mixed
