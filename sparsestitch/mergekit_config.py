@@ -116,7 +116,8 @@ def translate(path: Path, data: dict, cwd: Path | None = None):
     entries = []   # (where, model, parameters, is the base)
     models = data.get("models")
     if not isinstance(models, list) or not models:
-        problems.append(("models", "must be a list of {model: PATH, parameters: {...}}"))
+        if data.get("slices") is None:  # with slices, the slices are the problem
+            problems.append(("models", "must be a list of {model: PATH, parameters: {...}}"))
         models = []
     for i, item in enumerate(models):
         where = f"models[{i}]"
@@ -153,7 +154,7 @@ def _method(problems: list, method: str, top: dict, entries: list):
     weight_of = {}
     for where, model, parameters, is_base in entries:
         if "weight" in parameters:
-            weight_of[where] = parameters["weight"]
+            weight_of[where] = 1.0 if parameters["weight"] is None else parameters["weight"]
         elif not (is_base and method != "linear"):  # the base's task vector is zero
             problems.append((f"{where}.parameters.weight", f"required by mergekit's {method}"))
     tunes = [(where, model, parameters) for where, model, parameters, is_base in entries
@@ -175,7 +176,8 @@ def _method(problems: list, method: str, top: dict, entries: list):
         else:
             weights = [w / total for w in weights]
         return finetuned, weights, "task-arithmetic", options
-    if method == "task_arithmetic" and any(p.get("density", 1.0) != 1.0 for _, _, p in tunes):
+    if method == "task_arithmetic" and any(p.get("density", 1.0) not in (1.0, None)
+                                           for _, _, p in tunes):
         problems.append(("models", "task_arithmetic does not sparsify: a density has no effect "
                                    "(in mergekit either); use ties or dare_linear"))
     if method == "ties" and top.get("rescale", False):
@@ -188,7 +190,8 @@ def _method(problems: list, method: str, top: dict, entries: list):
         if abs(total) >= 1e-8:
             weights = [w / total for w in weights]
     if method in ("ties", "dare_linear"):
-        densities = sorted({parameters.get("density", 1.0) for _, _, parameters in tunes})
+        densities = sorted({parameters.get("density", 1.0) for _, _, parameters in tunes}
+                           - {None})
         if len(densities) > 1:
             problems.append(("models", f"{method}: the models' densities differ "
                                        f"({', '.join(f'{d:g}' for d in densities)}); "
@@ -217,12 +220,11 @@ def _parameters(problems: list, where: str, value, known: set) -> dict:
     out = {}
     for key, item in value.items():
         name = f"{where}.{key}"
-        if isinstance(item, list):
-            problems.append((name, "a gradient (one value per layer range): sparsestitch takes "
-                                   "one value for the whole model"))
-        elif isinstance(item, dict):
-            problems.append((name, "a per-tensor filter: sparsestitch takes one value for the "
-                                   "whole model"))
+        if isinstance(item, (list, dict)):
+            problems.append((name, ("a gradient (one value per layer range)" if
+                                    isinstance(item, list) else "a per-tensor filter")
+                             + ": sparsestitch takes one value for the whole model"))
+            out[key] = None   # given, but not usable: no "required" problem on top
         elif key not in known:
             problems.append((name, f"not a parameter sparsestitch reads for this merge_method "
                                    f"(it reads {', '.join(sorted(known)) or 'none'})"))
