@@ -15,7 +15,8 @@ every problem of the config in one error; nothing is ignored silently.
                               ``dtype: float32``): one ``density`` for every model
 ``linear``                    ``task-arithmetic`` over the base: ``base + sum(w_i tau_i) /
                               sum(w_i)`` (mergekit averages the models themselves: the same
-                              value, in another order of operations); needs ``base_model``
+                              value, in another order of operations); without ``base_model``
+                              the first model is the base (any model gives the same average)
 ``dare_linear``               ``dare``: ``drop = 1 - density`` (one for every model), rescaled;
                               seeded draws, not mergekit's (so not its bits)
 ============================  ==============================================================
@@ -109,8 +110,13 @@ def translate(path: Path, data: dict, cwd: Path | None = None):
     if source not in (None, "base"):
         problems.append(("tokenizer_source", f"{short_repr(source)}: sparsestitch copies the "
                                              "base's tokenizer (tokenizer_source: base)"))
+    # linear averages the models themselves: any one of them serves as the base (the first,
+    # as the others' task vectors are taken against it), so mergekit's base-less linear runs
     base = _model_path(problems, "base_model", data.get("base_model"), cwd,
-                       required=method in METHODS)
+                       required=method in METHODS and not _first_model(data, method))
+    if base is None and _first_model(data, method):
+        base = _model_path(problems, "models[0].model", _first_model(data, method), cwd,
+                           required=True)
     known = PARAMETERS.get(method, set())
     top = _parameters(problems, "parameters", data.get("parameters"), known)
     entries = []   # (where, model, parameters, is the base)
@@ -145,6 +151,17 @@ def translate(path: Path, data: dict, cwd: Path | None = None):
     written = data.get("out_dtype") or data.get("dtype")
     return MergeConfig(path, base, finetuned, weights, rule, options, {"lossless": True},
                        None, None, FLOAT_DTYPES.get(written) if written else None)
+
+
+def _first_model(data: dict, method) -> str | None:
+    """For a ``linear`` config without ``base_model``: its first model's name, else None."""
+    models = data.get("models")
+    if method != "linear" or data.get("base_model") is not None or not isinstance(models, list) \
+            or not models:
+        return None
+    first = models[0]
+    first = first.get("model") if isinstance(first, dict) else first
+    return first if isinstance(first, str) else None
 
 
 def _method(problems: list, method: str, top: dict, entries: list):

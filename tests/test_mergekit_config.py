@@ -126,6 +126,21 @@ def test_linear_averages_the_models_the_base_included(models):
     assert parsed.rule == "task-arithmetic" and parsed.weights == [0.25, 0.25]
 
 
+def test_linear_without_a_base_averages_over_its_first_model(models):
+    """mergekit's linear needs no base_model: the weighted average of the models is the same
+    over any of them, so the first serves as the base (its weight counted)."""
+    parsed = load(write(models, """
+        merge_method: linear
+        models:
+          - {model: models/ft1, parameters: {weight: 1.0}}
+          - {model: models/ft2, parameters: {weight: 0.5}}
+          - {model: models/base, parameters: {weight: 0.5}}
+        """))
+    assert parsed.base == str(models / "models" / "ft1")
+    assert parsed.finetuned == [str(models / "models" / "ft2"), str(models / "models" / "base")]
+    assert parsed.rule == "task-arithmetic" and parsed.weights == [0.25, 0.25]
+
+
 def test_dare_linear_drops_one_minus_density(models):
     parsed = load(write(models, """
         merge_method: dare_linear
@@ -167,7 +182,7 @@ def test_every_problem_is_named_in_one_error(models):
      "  - {model: models/ft1, parameters: {weight: 1, density: 0.2}}\n"
      "  - {model: models/ft2, parameters: {weight: 1, density: 0.5}}\n",
      "models", "densities differ"),
-    ("merge_method: linear\nmodels:\n  - {model: models/ft1, parameters: {weight: 1}}\n",
+    ("merge_method: ties\nmodels:\n  - {model: models/ft1, parameters: {weight: 1}}\n",
      "base_model", "name the model the others were fine-tuned from"),
     ("merge_method: dare_ties\nbase_model: models/base\nmodels:\n"
      "  - {model: models/ft1, parameters: {weight: 1}}\n", "merge_method", "dare_linear"),
