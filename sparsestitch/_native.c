@@ -239,6 +239,15 @@ static int get_buffer(PyObject *object, Py_buffer *view, int writable, Py_ssize_
     return 0;
 }
 
+/* Whether ``kind`` names a float dtype the loops handle (else a ValueError is set). */
+static int known_kind(int kind)
+{
+    if (kind >= KIND_BF16 && kind <= KIND_F64)
+        return 1;
+    PyErr_Format(PyExc_ValueError, "unknown dtype kind %d", kind);
+    return 0;
+}
+
 /* Release a view taken by get_buffer or PyObject_GetBuffer, if one was taken. */
 static void release(Py_buffer *view)
 {
@@ -281,8 +290,8 @@ static PyObject *merge_block(PyObject *self, PyObject *args)
                           &mean, &scale, &lone_exact, &canonical_nan, &total_object,
                           &count_object))
         return NULL;
-    if (kind < KIND_BF16 || kind > KIND_F64)
-        return PyErr_Format(PyExc_ValueError, "unknown dtype kind %d", kind);
+    if (!known_kind(kind))
+        return NULL;
     Py_ssize_t itemsize = KIND_ITEMSIZE[kind], wide_size = kind == KIND_F64 ? 8 : 4;
     PyObject *sequence = PySequence_Fast(records_object, "records must be a sequence");
     if (sequence == NULL)
@@ -503,8 +512,8 @@ static PyObject *merge_changed(PyObject *self, PyObject *args)
     if (!PyArg_ParseTuple(args, "iOOpdpK", &kind, &block_object, &tunes_object, &mean, &scale,
                           &lone_exact, &canonical_nan))
         return NULL;
-    if (kind < KIND_BF16 || kind > KIND_F64)
-        return PyErr_Format(PyExc_ValueError, "unknown dtype kind %d", kind);
+    if (!known_kind(kind))
+        return NULL;
     Py_ssize_t itemsize = KIND_ITEMSIZE[kind];
     PyObject *sequence = PySequence_Fast(tunes_object, "tunes must be a sequence");
     if (sequence == NULL)
@@ -986,8 +995,8 @@ static PyObject *tau_decode(PyObject *self, PyObject *args)
     PyObject *planes_object, *base_object, *out_object;
     if (!PyArg_ParseTuple(args, "iOOO", &kind, &planes_object, &base_object, &out_object))
         return NULL;
-    if (kind < KIND_BF16 || kind > KIND_F64)
-        return PyErr_Format(PyExc_ValueError, "unknown dtype kind %d", kind);
+    if (!known_kind(kind))
+        return NULL;
     Py_ssize_t itemsize = KIND_ITEMSIZE[kind], wide_size = kind == KIND_F64 ? 8 : 4;
     Py_buffer planes = {0}, base = {0}, out = {0};
     PyObject *result = NULL;
@@ -1083,8 +1092,8 @@ static PyObject *quant_assign(PyObject *self, PyObject *args)
     if (!PyArg_ParseTuple(args, "iinOOOOOO", &kind, &bits, &size, &kept_object, &base_object,
                           &a_object, &b_object, &codes_object, &over_object))
         return NULL;
-    if (kind < KIND_BF16 || kind > KIND_F64)
-        return PyErr_Format(PyExc_ValueError, "unknown dtype kind %d", kind);
+    if (!known_kind(kind))
+        return NULL;
     if (bits < 1 || bits > 8 || size < 1)
         return PyErr_Format(PyExc_ValueError, "bad quant_assign arguments");
     Py_ssize_t itemsize = KIND_ITEMSIZE[kind];
@@ -1171,8 +1180,8 @@ static PyObject *quant_restore(PyObject *self, PyObject *args)
     if (!PyArg_ParseTuple(args, "iinnOKOOOO", &kind, &bits, &size, &skip, &codes_object, &bit,
                           &a_object, &b_object, &base_object, &out_object))
         return NULL;
-    if (kind < KIND_BF16 || kind > KIND_F64)
-        return PyErr_Format(PyExc_ValueError, "unknown dtype kind %d", kind);
+    if (!known_kind(kind))
+        return NULL;
     if (bits < 1 || bits > 8 || size < 1 || skip < 0 || skip >= size)
         return PyErr_Format(PyExc_ValueError, "bad quant_restore arguments");
     Py_ssize_t itemsize = KIND_ITEMSIZE[kind], wide_size = kind == KIND_F64 ? 8 : 4;
@@ -1253,8 +1262,8 @@ static PyObject *ulp_encode(PyObject *self, PyObject *args)
     PyObject *kept_object, *base_object, *planes_object;
     if (!PyArg_ParseTuple(args, "iOOO", &kind, &kept_object, &base_object, &planes_object))
         return NULL;
-    if (kind < KIND_BF16 || kind > KIND_F64)
-        return PyErr_Format(PyExc_ValueError, "unknown dtype kind %d", kind);
+    if (!known_kind(kind))
+        return NULL;
     Py_ssize_t itemsize = KIND_ITEMSIZE[kind];
     Py_buffer kept = {0}, base = {0}, planes = {0};
     PyObject *result = NULL;
@@ -1352,8 +1361,8 @@ static PyObject *ulp_decode(PyObject *self, PyObject *args)
     if (!PyArg_ParseTuple(args, "iOOO|OO", &kind, &planes_object, &base_object, &out_object,
                           &first_object, &limit_object))
         return NULL;
-    if (kind < KIND_BF16 || kind > KIND_F64)
-        return PyErr_Format(PyExc_ValueError, "unknown dtype kind %d", kind);
+    if (!known_kind(kind))
+        return NULL;
     static const int EXPONENT_BITS[] = {8, 5, 8, 11};  /* by kind: BF16, F16, F32, F64 */
     Py_ssize_t itemsize = KIND_ITEMSIZE[kind];
     Py_ssize_t fields = (Py_ssize_t)1 << EXPONENT_BITS[kind - KIND_BF16];
@@ -1696,8 +1705,8 @@ static PyObject *magnitude_keys(PyObject *self, PyObject *args)
     PyObject *finetuned_object, *base_object, *out_object;
     if (!PyArg_ParseTuple(args, "iOOO", &kind, &finetuned_object, &base_object, &out_object))
         return NULL;
-    if (kind < KIND_BF16 || kind > KIND_F64)
-        return PyErr_Format(PyExc_ValueError, "unknown dtype kind %d", kind);
+    if (!known_kind(kind))
+        return NULL;
     Py_ssize_t itemsize = KIND_ITEMSIZE[kind];
     Py_buffer finetuned = {0}, base = {0}, out = {0};
     PyObject *result = NULL;

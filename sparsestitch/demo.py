@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from .checkpoint import Checkpoint
+from .dtypes import dtype as lookup_dtype, to_wide
 from .errors import OutputError
 from .compress import compress
 from .format import DeltaReader
@@ -121,20 +122,16 @@ def run_demo(workdir: str | Path | None = None, *, size_mb: int = 100, tasks: in
 
 def _restored_error(base: Path, tune: Path, restored: Path) -> float:
     """||restored - tune|| / ||tune - base|| over the float tensors (float64 sums)."""
-    import torch
     lost = change = 0.0
     with Checkpoint(base) as b, Checkpoint(tune) as t, Checkpoint(restored) as r:
         for name in t.names:
-            if b.entry(name).dtype not in ("BF16", "F16", "F32", "F64"):
+            dt = lookup_dtype(b.entry(name).dtype)
+            if not dt.is_float:
                 continue
-            def wide(ckpt):
-                bits = ckpt.read(name).reshape(-1)
-                dtype = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32,
-                         "F64": torch.float64}[ckpt.entry(name).dtype]
-                return torch.from_numpy(bits.view(f"i{bits.itemsize}")).view(dtype).double()
-            base_values, tuned = wide(b), wide(t)
-            lost += float(((wide(r) - tuned) ** 2).sum())
-            change += float(((tuned - base_values) ** 2).sum())
+            base_values, tuned, got = (to_wide(c.read(name).reshape(-1), dt).astype(np.float64)
+                                       for c in (b, t, r))
+            lost += float(np.sum((got - tuned) ** 2))
+            change += float(np.sum((tuned - base_values) ** 2))
     return (lost / change) ** 0.5 if change else 0.0
 
 

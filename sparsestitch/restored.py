@@ -28,7 +28,7 @@ import numpy as np
 from .budget import MemoryBudget
 from .checkpoint import Checkpoint
 from .safetensors_file import TensorEntry
-from .sizes import row_items
+from .sizes import numel, row_items
 from .dtypes import dtype as lookup_dtype
 from .errors import CheckpointError
 from .format import DeltaReader, Record
@@ -188,8 +188,7 @@ class RestoredCheckpoint:
                 base = None if name in self._added else self.base
                 runs = (_AddedRuns(self.reader, record, self.budget) if base is None else
                         RecordRuns(base, name, blocks, [self.reader], [record], self.budget))
-                walk = self._walks[name] = _Walk(runs, int(np.prod(entry.shape, dtype=np.int64)),
-                                                 name)
+                walk = self._walks[name] = _Walk(runs, numel(entry.shape), name)
                 if base is None:  # a tensor the delta adds: no base to check
                     walk.base_hash = None
         if walk.at < lo:
