@@ -751,6 +751,170 @@ done:
     return result;
 }
 
+PyDoc_STRVAR(bitmap_count_doc,
+"bitmap_count(bits, first, n) -> int\n"
+"\n"
+"How many of bits ``first`` ... ``first + n - 1`` of ``bits`` (bytes, little-endian bit\n"
+"order) are set.");
+
+/* Bits first ... first + n - 1 of ``bytes``, 64 at a time: ``word`` holds the bits of
+ * elements at ... at + 63 (counted from ``first``; fewer, the others clear, in the last).
+ * A word whose bits are all set or all clear costs one test, so dense and sparse windows
+ * both avoid a branch per bit.  Only bytes holding bits of the range are read. */
+static inline uint64_t bits_at(const uint8_t *bytes, uint64_t bit)
+{
+    uint64_t b = bit >> 3, word;
+    unsigned shift = (unsigned)(bit & 7u);
+    memcpy(&word, bytes + b, 8);  /* little-endian hosts only: see native.py */
+    if (shift)
+        word = (word >> shift) | ((uint64_t)bytes[b + 8] << (64u - shift));
+    return word;
+}
+
+static inline uint64_t tail_bits(const uint8_t *bytes, uint64_t bit, uint64_t n)
+{
+    uint64_t word = 0;
+    for (uint64_t t = 0; t < n; t++, bit++)
+        word |= (uint64_t)((bytes[bit >> 3] >> (bit & 7u)) & 1u) << t;
+    return word;
+}
+
+#define FOR_BITMAP_WORDS(bytes, first, n, BODY)                                            \
+    do {                                                                                   \
+        uint64_t n_ = (uint64_t)(n), at = 0;                                               \
+        for (; at + 64 <= n_; at += 64) {                                                  \
+            uint64_t word = bits_at((bytes), (uint64_t)(first) + at);                      \
+            BODY                                                                           \
+        }                                                                                  \
+        if (at < n_) {                                                                     \
+            uint64_t word = tail_bits((bytes), (uint64_t)(first) + at, n_ - at);           \
+            BODY                                                                           \
+        }                                                                                  \
+    } while (0)
+
+static int bitmap_range(Py_buffer *bits, unsigned long long first, Py_ssize_t n)
+{
+    if (n < 0 || (unsigned long long)bits->len * 8u < first + (unsigned long long)n) {
+        PyErr_SetString(PyExc_ValueError, "bitmap range past the bits given");
+        return -1;
+    }
+    return 0;
+}
+
+static Py_ssize_t count_bits(const uint8_t *bytes, unsigned long long first, Py_ssize_t n)
+{
+    Py_ssize_t found = 0;
+    FOR_BITMAP_WORDS(bytes, first, n, { found += __builtin_popcountll(word); });
+    return found;
+}
+
+static PyObject *bitmap_count(PyObject *self, PyObject *args)
+{
+    PyObject *bits_object;
+    unsigned long long first;
+    Py_ssize_t n;
+    if (!PyArg_ParseTuple(args, "OKn", &bits_object, &first, &n))
+        return NULL;
+    Py_buffer bits = {0};
+    PyObject *result = NULL;
+    if (PyObject_GetBuffer(bits_object, &bits, PyBUF_CONTIG_RO) < 0 ||
+        bitmap_range(&bits, first, n) < 0)
+        goto done;
+    Py_ssize_t found;
+    Py_BEGIN_ALLOW_THREADS
+    found = count_bits(bits.buf, first, n);
+    Py_END_ALLOW_THREADS
+    result = PyLong_FromSsize_t(found);
+done:
+    release(&bits);
+    return result;
+}
+
+PyDoc_STRVAR(bitmap_move_doc,
+"bitmap_move(bits, first, block, values, put)\n"
+"\n"
+"Element ``j`` of ``block`` is marked when bit ``first + j`` of ``bits`` is set; ``values``\n"
+"holds the marked elements in order (as many as are marked, else ValueError; the same item\n"
+"size).  ``put`` false: copy the marked elements of ``block`` into ``values`` (a gather);\n"
+"true: copy ``values`` into them (a scatter).  No position array is built.");
+
+#define DEFINE_BITMAP_MOVE(NAME, T)                                                        \
+    static void NAME(const uint8_t *bytes, unsigned long long first, Py_ssize_t n,          \
+                     T *restrict block, T *restrict values, int put)                        \
+    {                                                                                      \
+        Py_ssize_t i = 0;                                                                  \
+        if (put)                                                                           \
+            FOR_BITMAP_WORDS(bytes, first, n, {                                            \
+                if (word == ~(uint64_t)0) {                                                \
+                    memcpy(block + at, values + i, 64 * sizeof(T));                        \
+                    i += 64;                                                               \
+                } else                                                                     \
+                    for (; word; word &= word - 1u)                                        \
+                        block[at + __builtin_ctzll(word)] = values[i++];                   \
+            });                                                                            \
+        else                                                                               \
+            FOR_BITMAP_WORDS(bytes, first, n, {                                            \
+                if (word == ~(uint64_t)0) {                                                \
+                    memcpy(values + i, block + at, 64 * sizeof(T));                        \
+                    i += 64;                                                               \
+                } else                                                                     \
+                    for (; word; word &= word - 1u)                                        \
+                        values[i++] = block[at + __builtin_ctzll(word)];                   \
+            });                                                                            \
+    }
+
+DEFINE_BITMAP_MOVE(bitmap_move_1, uint8_t)
+DEFINE_BITMAP_MOVE(bitmap_move_2, uint16_t)
+DEFINE_BITMAP_MOVE(bitmap_move_4, uint32_t)
+DEFINE_BITMAP_MOVE(bitmap_move_8, uint64_t)
+
+static PyObject *bitmap_move(PyObject *self, PyObject *args)
+{
+    PyObject *bits_object, *block_object, *values_object;
+    unsigned long long first;
+    int put;
+    if (!PyArg_ParseTuple(args, "OKOOp", &bits_object, &first, &block_object, &values_object,
+                          &put))
+        return NULL;
+    Py_buffer bits = {0}, block = {0}, values = {0};
+    PyObject *result = NULL;
+    if (PyObject_GetBuffer(bits_object, &bits, PyBUF_CONTIG_RO) < 0 ||
+        PyObject_GetBuffer(block_object, &block, put ? PyBUF_CONTIG : PyBUF_CONTIG_RO) < 0)
+        goto done;
+    Py_ssize_t itemsize = block.itemsize;
+    if (itemsize != 1 && itemsize != 2 && itemsize != 4 && itemsize != 8) {
+        PyErr_SetString(PyExc_TypeError, "bitmap_move moves 1, 2, 4 or 8-byte items");
+        goto done;
+    }
+    if (get_buffer(values_object, &values, !put, itemsize, "values") < 0)
+        goto done;
+    Py_ssize_t n = block.len / itemsize, marked;
+    if (bitmap_range(&bits, first, n) < 0)
+        goto done;
+    Py_BEGIN_ALLOW_THREADS
+    marked = count_bits(bits.buf, first, n);
+    Py_END_ALLOW_THREADS
+    if (marked != values.len / itemsize) {
+        PyErr_Format(PyExc_ValueError, "bitmap marks %zd elements, %zd values given", marked,
+                     values.len / itemsize);
+        goto done;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    switch (itemsize) {
+    case 1: bitmap_move_1(bits.buf, first, n, block.buf, values.buf, put); break;
+    case 2: bitmap_move_2(bits.buf, first, n, block.buf, values.buf, put); break;
+    case 4: bitmap_move_4(bits.buf, first, n, block.buf, values.buf, put); break;
+    default: bitmap_move_8(bits.buf, first, n, block.buf, values.buf, put); break;
+    }
+    Py_END_ALLOW_THREADS
+    result = Py_NewRef(Py_None);
+done:
+    release(&bits);
+    release(&block);
+    release(&values);
+    return result;
+}
+
 PyDoc_STRVAR(strictly_increasing_doc,
 "strictly_increasing(positions) -> bool\n"
 "\n"
@@ -1839,6 +2003,8 @@ static PyMethodDef methods[] = {
     {"from_planes", from_planes, METH_VARARGS, from_planes_doc},
     {"gap_decode", gap_decode, METH_VARARGS, gap_decode_doc},
     {"bitmap_positions", bitmap_positions, METH_VARARGS, bitmap_positions_doc},
+    {"bitmap_count", bitmap_count, METH_VARARGS, bitmap_count_doc},
+    {"bitmap_move", bitmap_move, METH_VARARGS, bitmap_move_doc},
     {"strictly_increasing", strictly_increasing, METH_VARARGS, strictly_increasing_doc},
     {"magnitude_keys", magnitude_keys, METH_VARARGS, magnitude_keys_doc},
     {"quant_fit", quant_fit, METH_VARARGS, quant_fit_doc},

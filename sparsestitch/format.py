@@ -22,6 +22,7 @@ import numpy as np
 import xxhash
 
 from . import codecs, native
+from .codecs.bitmap import gather_marked, put_marked
 from .atomic import atomic_path, fsync_file, output_error
 from .dtypes import DType, dtype as lookup_dtype
 from .errors import ChecksumError, DeltaFormatError, ResourceLimitError, SparsestitchError
@@ -392,12 +393,10 @@ class DeltaReader:
 class RecordCursor:
     """One stored record decoded in order, a bounded run at a time.
 
-    Positions come from the position codec's cursor (none for a record of every element:
-    :attr:`dense`), checked as :meth:`DeltaReader.positions` checks a whole list (in range,
-    strictly increasing, as many as the record says); values come from the value codec's
-    cursor, given the base bits at the same positions.  Every error names the file and the
-    tensor.  Values whose codec is not elementwise (``ulp``) need ``totals``, the codec's
-    counts over the base at every kept position, up front.
+    Positions come from a :class:`PositionCursor` (every element: :attr:`dense`); values
+    come from the value codec's cursor, given the base bits at the same positions.  Every
+    error names the file and the tensor.  Values whose codec is not elementwise (``ulp``)
+    need ``totals``, the codec's counts over the base at every kept position, up front.
     """
 
     def __init__(self, reader: DeltaReader, record: Record, payload: Payload, memory_limit: int,
@@ -414,8 +413,7 @@ class RecordCursor:
         except BaseException:
             self.close()
             raise
-        self._pending = np.empty(0, np.int64)
-        self._last, self._found, self._taken = -1, 0, 0
+        self._taken = 0
 
     def _open(self, reader, payload, memory_limit, spool_dir, totals, positions_only) -> None:
         record = self.record
@@ -424,9 +422,9 @@ class RecordCursor:
                          self._opened)
         values = Part(payload, record.positions_nbytes, record.values_nbytes, memory_limit,
                       spool_dir, self._opened)
-        self._positions = None if self.dense else codecs.position_codec(
+        self._positions = PositionCursor(record, None if self.dense else codecs.position_codec(
             record.positions.get("codec")).cursor(positions, record.positions, record.shape,
-                                                  record.count)
+                                                  record.count))
         codec = codecs.value_codec(record.values.get("codec"))
         self.needs_base = codec.needs_base
         self._values = None if positions_only else codec.cursor(
@@ -434,40 +432,33 @@ class RecordCursor:
 
     def next_positions(self, limit: int) -> np.ndarray:
         """The next (at most ``limit``) stored positions, checked; empty at the end."""
-        if self._pending.size:
-            out, self._pending = self._pending[:limit], self._pending[limit:]
-            return out
-        if self.dense:
-            n = min(limit, self.record.count - self._found)
-            self._found += n
-            return np.arange(self._found - n, self._found, dtype=np.int64)
         with self._context:
-            found = self._positions.next(limit)
-            if found.size:
-                # Each codec's run is increasing by construction (gaps, bits, rows): what is
-                # left to check is that runs follow each other and stay in the tensor.
-                if found[0] <= self._last or found[-1] >= self.record.numel or found[0] < 0:
-                    raise DeltaFormatError("positions are out of range, unsorted or repeated")
-                self._last = int(found[-1])
-            self._found += found.size
-            if found.size == 0 and self._found != self.record.count:
-                raise DeltaFormatError(f"decoded {self._found} positions, record says "
-                                       f"{self.record.count}")
-        return found
+            return self._positions.next(limit)
 
     def positions_below(self, stop: int, limit: int) -> np.ndarray:
         """Every stored position below ``stop`` not returned yet (decoded ``limit`` at a time)."""
-        parts = []
-        while True:
-            run = self.next_positions(limit)
-            if not run.size:
-                break
-            cut = int(np.searchsorted(run, stop))
-            parts.append(run[:cut])
-            if cut < run.size:
-                self._pending = np.concatenate([run[cut:], self._pending])
-                break
-        return np.concatenate(parts) if parts else np.empty(0, np.int64)
+        with self._context:
+            return self._positions.below(stop, limit)
+
+    @property
+    def marks(self) -> bool:
+        """Whether :meth:`replace_into` applies: the positions are every element or a bitmap
+        (read as windows of bits, not positions)."""
+        return self.dense or self._positions.marks
+
+    def replace_into(self, lo: int, block: np.ndarray) -> None:
+        """The stored entries among elements ``lo, lo + 1, ...`` (the bits ``block`` holds,
+        in order, every block from element 0 on) written over ``block`` -- a restore's or a
+        lone delta's merge, with no position arrays (the bitmap's bits gather the base
+        values and scatter the decoded ones; see :attr:`marks`)."""
+        if self.dense:
+            n = max(0, min(lo + block.size, self.record.count) - lo)
+            block[:n] = self.values(block[:n].copy() if self.needs_base else None, n)
+            return
+        with self._context:
+            window, first, count = self._positions.window(lo, lo + block.size)
+        base = gather_marked(window, first, block, count)
+        put_marked(window, first, block, self.values(base if self.needs_base else None, count))
 
     def values(self, base: np.ndarray | None, count: int | None = None) -> np.ndarray:
         """The fine-tuned bits of the next ``len(base)`` (or ``count``) stored entries, given
@@ -488,11 +479,9 @@ class RecordCursor:
     def finish(self) -> None:
         """Check that every position and value was read and nothing is left over."""
         with self._context:
-            if not self.dense and self._found == self.record.count and not self._pending.size:
-                self.next_positions(1)  # the codec's own end-of-stream checks
-            found = self._taken if self.dense else self._found
+            found = self._taken if self.dense else self._positions.finish()
             if self._taken != self.record.count or found != self.record.count:
-                raise DeltaFormatError(f"decoded {self._found} positions and {self._taken} "
+                raise DeltaFormatError(f"decoded {found} positions and {self._taken} "
                                        f"values, record says {self.record.count}")
 
     def close(self) -> None:
@@ -505,6 +494,77 @@ class RecordCursor:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class PositionCursor:
+    """A record's stored positions in order, checked as :meth:`DeltaReader.positions` checks
+    a whole list (in range, strictly increasing, as many as the record says): from the
+    position codec's cursor (``codec``; None for a record of every element), as runs of
+    positions or, for a bitmap, as windows of its bits (:meth:`window`; not both)."""
+
+    def __init__(self, record: Record, codec):
+        self._record, self._codec = record, codec
+        self._pending = np.empty(0, np.int64)
+        self._last, self.found = -1, 0
+        self._windows = False
+
+    @property
+    def marks(self) -> bool:
+        """Whether :meth:`window` applies (a bitmap, no positions read yet)."""
+        return hasattr(self._codec, "marks") and not self.found and not self._windows
+
+    def next(self, limit: int) -> np.ndarray:
+        """The next (at most ``limit``) stored positions, checked; empty at the end."""
+        if self._pending.size:
+            out, self._pending = self._pending[:limit], self._pending[limit:]
+            return out
+        if self._codec is None:
+            n = min(limit, self._record.count - self.found)
+            self.found += n
+            return np.arange(self.found - n, self.found, dtype=np.int64)
+        found = self._codec.next(limit)
+        if found.size:
+            # Each codec's run is increasing by construction (gaps, bits, rows): what is
+            # left to check is that runs follow each other and stay in the tensor.
+            if found[0] <= self._last or found[-1] >= self._record.numel or found[0] < 0:
+                raise DeltaFormatError("positions are out of range, unsorted or repeated")
+            self._last = int(found[-1])
+        self.found += found.size
+        if found.size == 0 and self.found != self._record.count:
+            raise DeltaFormatError(f"decoded {self.found} positions, record says "
+                                   f"{self._record.count}")
+        return found
+
+    def below(self, stop: int, limit: int) -> np.ndarray:
+        """Every stored position below ``stop`` not returned yet (decoded ``limit`` at a time)."""
+        parts = []
+        while True:
+            run = self.next(limit)
+            if not run.size:
+                break
+            cut = int(np.searchsorted(run, stop))
+            parts.append(run[:cut])
+            if cut < run.size:
+                self._pending = np.concatenate([run[cut:], self._pending])
+                break
+        return np.concatenate(parts) if parts else np.empty(0, np.int64)
+
+    def window(self, lo: int, hi: int) -> tuple[np.ndarray, int, int]:
+        """The bitmap's bits of elements ``lo ... hi - 1``, in order from element 0
+        (:meth:`~sparsestitch.codecs.bitmap.BitmapCursor.marks`)."""
+        window, first, count = self._codec.marks(lo, hi)
+        self.found += count
+        self._windows = True
+        return window, first, count
+
+    def finish(self) -> int:
+        """Run the codec's own end-of-stream checks; how many positions were decoded."""
+        if self._windows:  # the bits after the last window: none may be set
+            self.window(self._codec.at, self._record.numel)
+        elif self._codec is not None and self.found == self._record.count \
+                and not self._pending.size:
+            self.next(1)
+        return self.found
 
 
 def _parse_header(metadata: dict[str, str], path: Path) -> dict:

@@ -34,6 +34,9 @@ class RestoreCombiner:
     def merges_blocks(self, dt: DType) -> bool:
         return True
 
+    def replaces_lone(self, dt: DType, index: int) -> bool:
+        return True
+
     def block_merge(self, dt: DType, stored: Sequence[Stored | None]):
         (record,) = stored
 

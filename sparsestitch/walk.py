@@ -265,6 +265,22 @@ class RecordRuns:
             stored[i] = Stored(positions, values, kept)
         return stored
 
+    @property
+    def lone(self) -> int | None:
+        """The index of the only record open, when one is and :meth:`replace_into` applies
+        to it (its positions are every element or a bitmap); else None."""
+        if len(self._cursors) != 1:
+            return None
+        (index, cursor), = self._cursors.items()
+        return index if cursor.marks else None
+
+    def replace_into(self, lo: int, block: np.ndarray) -> None:
+        """The :attr:`lone` record's entries in the block of elements ``lo, ...`` written
+        over ``block`` (a restore, or the merge of one delta whose lone entries keep their
+        bits): the same bits as :meth:`block` and that merge, with no position arrays."""
+        (cursor,) = self._cursors.values()
+        cursor.replace_into(lo, block)
+
     def finish(self) -> None:
         for cursor in self._cursors.values():
             cursor.finish()

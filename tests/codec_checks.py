@@ -16,6 +16,7 @@ import tempfile
 import numpy as np
 from hypothesis import strategies as st
 
+from sparsestitch.codecs.bitmap import gather_marked, put_marked
 from sparsestitch.codecs.streams import BytesPayload, FilePayload, Part
 from sparsestitch.codecs.ulp import exponent_counts
 
@@ -98,7 +99,34 @@ def check_position_roundtrip(codec, positions: np.ndarray, shape: tuple[int, ...
         cursor.close()
         np.testing.assert_array_equal(np.concatenate(runs) if runs else
                                       np.empty(0, np.int64), positions)
+        if hasattr(cursor, "marks"):
+            check_marks(codec, part, config, shape, positions, run)
     return payload
+
+
+def check_marks(codec, part, config: dict, shape: tuple[int, ...], positions: np.ndarray,
+                run: int) -> None:
+    """Windows of bits (a bitmap's cursor) of blocks of ``run`` elements: gathering an
+    index array through them gives the positions, scattering puts values back there."""
+    elements = numel(shape)
+    cursor = codec.cursor(part, config, shape, int(positions.size))
+    index = np.arange(elements, dtype=np.int64)
+    scattered = np.zeros(elements, np.int64)
+    gathered = []
+    for lo in range(0, elements, run):
+        hi = min(elements, lo + run)
+        window, first, count = cursor.marks(lo, hi)
+        kept = gather_marked(window, first, index[lo:hi], count)
+        assert kept.size == count
+        gathered.append(kept)
+        put_marked(window, first, scattered[lo:hi], kept + 1)
+    cursor.marks(elements, elements)  # the end: nothing left
+    cursor.close()
+    np.testing.assert_array_equal(np.concatenate(gathered) if gathered else
+                                  np.empty(0, np.int64), positions)
+    expected = np.zeros(elements, np.int64)
+    expected[positions] = positions + 1
+    np.testing.assert_array_equal(scattered, expected)
 
 
 def cursor_parts(payload: bytes, count: int):

@@ -554,3 +554,45 @@ def test_quant_restoring_alike_in_c_and_numpy(data, dt_name, bits, group):
         for c, plain in zip(runs_c, runs_np):
             assert np.array_equal(np.concatenate(c) if c else whole_np[:0], whole_np)
             assert np.array_equal(np.concatenate(plain) if plain else whole_np[:0], whole_np)
+
+
+@needs_kernels
+@settings(max_examples=150, deadline=None)
+@given(st.binary(min_size=1, max_size=40), st.integers(0, 319), st.integers(0, 320),
+       st.sampled_from([np.uint8, np.uint16, np.uint32, np.uint64]))
+def test_bitmap_windows_in_c_match_numpy(raw, first, n, item):
+    """bitmap_count / bitmap_move (a gather and a scatter through a window of bits, no
+    position array) against numpy's unpacked bits, at any bit offset and length."""
+    from sparsestitch.codecs import bitmap
+    window = np.frombuffer(raw, np.uint8)
+    first = min(first, 8 * window.size)
+    n = min(n, 8 * window.size - first)
+    marks = np.unpackbits(window, bitorder="little").view(bool)[first:first + n]
+    block = np.arange(1, n + 1).astype(item)
+    assert bitmap.marked_count(window, first, n) == int(marks.sum())
+    np.testing.assert_array_equal(bitmap.gather_marked(window, first, block, int(marks.sum())),
+                                  block[marks])
+    values = (np.arange(int(marks.sum())) + 7000).astype(item)
+    put = block.copy()
+    bitmap.put_marked(window, first, put, values)
+    expected = block.copy()
+    expected[marks] = values
+    np.testing.assert_array_equal(put, expected)
+    with mock.patch.object(native, "kernels", lambda: None):  # the numpy fallback agrees
+        again = block.copy()
+        bitmap.put_marked(window, first, again, values)
+        np.testing.assert_array_equal(again, expected)
+        assert bitmap.marked_count(window, first, n) == int(marks.sum())
+
+
+@needs_kernels
+def test_bitmap_move_refuses_a_wrong_count_or_range():
+    window = np.array([0b1011], np.uint8)
+    block = np.zeros(8, np.uint16)
+    with pytest.raises(ValueError, match="marks 3 elements, 2 values"):
+        kernels.bitmap_move(window, 0, block, np.zeros(2, np.uint16), True)
+    with pytest.raises(ValueError, match="past the bits"):
+        kernels.bitmap_move(window, 1, block, np.zeros(3, np.uint16), True)
+    with pytest.raises(TypeError):
+        kernels.bitmap_move(window, 0, block, np.zeros(3, np.uint32), True)
+    assert not block.any()

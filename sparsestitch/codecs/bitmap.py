@@ -45,6 +45,34 @@ class BitmapCursor:
     def __init__(self, stream: RawStream, numel: int, count: int):
         self._stream, self._numel, self._count = stream, numel, count
         self._byte, self._found = 0, 0
+        self._element = 0  # where the next :meth:`marks` window starts
+
+    @property
+    def at(self) -> int:
+        """The element the next :meth:`marks` window starts at."""
+        return self._element
+
+    def marks(self, lo: int, hi: int) -> tuple[np.ndarray, int, int]:
+        """The bits of elements ``lo ... hi - 1`` as ``(window, first, count)``: the bytes
+        holding them, the bit of element ``lo`` in ``window`` and how many are set -- what
+        :func:`gather_marked` and :func:`put_marked` take, with no position array.  Windows
+        come in order, each starting where the last ended (not mixed with :meth:`next`)."""
+        if lo != self._element or hi < lo or hi > self._numel or self._byte:
+            raise ValueError(f"bitmap windows go in order: asked {lo}:{hi} at {self._element}")
+        start, stop = lo // 8, (hi + 7) // 8
+        window = self._stream.take(start, stop)
+        self._stream.release()
+        first = lo - 8 * start
+        count = marked_count(window, first, hi - lo)
+        self._found += count
+        self._element = hi
+        last = hi == self._numel
+        if last and self._numel % 8 and window.size and window[-1] >> (self._numel % 8):
+            raise DeltaFormatError("bitmap has bits set past the end of the tensor")
+        if self._found > self._count or (last and self._found != self._count):
+            raise DeltaFormatError(f"bitmap marks {'more than ' if not last else ''}"
+                                   f"{self._found} positions, the record says {self._count}")
+        return window, first, count
 
     def next(self, limit: int) -> np.ndarray:
         total = self._stream.nbytes
@@ -73,6 +101,38 @@ class BitmapCursor:
         self._stream.close()
 
 
+def marked_count(window: np.ndarray, first: int, n: int) -> int:
+    """How many of bits ``first ... first + n - 1`` of ``window`` are set."""
+    kernels = native.kernels()
+    if kernels is not None:
+        return kernels.bitmap_count(window, first, n)
+    return int(np.count_nonzero(_marks(window, first, n)))
+
+
+def gather_marked(window: np.ndarray, first: int, block: np.ndarray, count: int) -> np.ndarray:
+    """The elements of ``block`` whose bits (from bit ``first`` of ``window``) are set, in
+    order (``count`` of them)."""
+    kernels = native.kernels()
+    if kernels is None:
+        return block[_marks(window, first, block.size)]
+    out = np.empty(count, block.dtype)
+    kernels.bitmap_move(window, first, block, out, False)
+    return out
+
+
+def put_marked(window: np.ndarray, first: int, block: np.ndarray, values: np.ndarray) -> None:
+    """``values`` written over the elements of ``block`` whose bits are set, in order."""
+    kernels = native.kernels()
+    if kernels is None:
+        block[_marks(window, first, block.size)] = values
+    else:
+        kernels.bitmap_move(window, first, block, np.ascontiguousarray(values, block.dtype), True)
+
+
+def _marks(window: np.ndarray, first: int, n: int) -> np.ndarray:
+    return np.unpackbits(window, bitorder="little").view(bool)[first:first + n]
+
+
 def _window_bits(window: np.ndarray, first: int) -> np.ndarray:
     """The set bits of ``window`` as positions counted from element ``first``."""
     kernels = native.kernels()
@@ -81,7 +141,10 @@ def _window_bits(window: np.ndarray, first: int) -> np.ndarray:
         positions = positions[:kernels.bitmap_positions(window, positions)]
     else:
         positions = np.flatnonzero(np.unpackbits(window, bitorder="little").view(bool))
-    return positions.astype(np.int64) + first
+        positions = positions.astype(np.int64, copy=False)
+    if first:
+        positions += first  # in place: a window holds millions of positions
+    return positions
 
 
 def _set_bits(raw: bytes, numel: int, count: int) -> np.ndarray:

@@ -405,10 +405,15 @@ def merge_in_place(live: LiveTensor, readers: Sequence[DeltaReader],
     blocks = RowBlocks.of(live.shape, dt.itemsize, budget.block_bytes)
     flat = live.host_view()
     with RecordRuns(live, live.name, blocks, readers, records, budget) as runs:
+        lone = runs.lone
+        replace = lone is not None and combine.replaces_lone(dt, lone)
         for start, stop in blocks.bounds:
             lo, hi = blocks.elements(start, stop)
             block = flat[lo:hi]
-            combine.block_merge(dt, runs.block(lo, block))(block, lo)
+            if replace:
+                runs.replace_into(lo, block)
+            else:
+                combine.block_merge(dt, runs.block(lo, block))(block, lo)
         runs.finish()
 
 

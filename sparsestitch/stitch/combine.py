@@ -62,6 +62,10 @@ class Combiner(Protocol):
     def block_merge(self, dt: DType, stored: Sequence[Stored | None]) -> BlockMergeFunction:
         """The same result as :meth:`combine`, merged into row blocks in place."""
 
+    def replaces_lone(self, dt: DType, index: int) -> bool:
+        """Whether the block merge of delta ``index`` alone is its stored bits written over
+        the base's (a walk may then skip building positions)."""
+
     def bytes_per_position(self, dt: DType) -> int:
         """Bytes a tensor's decoded records hold per stored position until merged (the
         engine plans read-ahead and row blocks with it)."""
@@ -117,6 +121,11 @@ class RuleCombiner:
     def merges_blocks(self, dt: DType) -> bool:
         """Whether :meth:`block_merge` applies: elementwise rules on float tensors."""
         return dt.is_float and self.rule.elementwise
+
+    def replaces_lone(self, dt: DType, index: int) -> bool:
+        """Delta ``index`` alone keeps its bits: weight 1, lone entries exact (L&S)."""
+        form = self.rule.block_form(self.options) if self.merges_blocks(dt) else None
+        return form is not None and form.mean and form.lone_exact and self.weights[index] == 1
 
     def block_merge(self, dt: DType, stored: Sequence[Stored | None]) -> "BlockMerge":
         """The same merge as :meth:`combine`, applied row block by row block in place."""
@@ -208,6 +217,11 @@ class BlockMerge:
         present = [(s, w) for s, w in zip(stored, combiner.weights) if s is not None]
         # The C loop (native.py) does the same operations in one pass per record; the numpy
         # code (NumpyWindowMerge) is its fallback and its reference.
+        # One delta of weight 1 under a rule whose lone entries keep their bits (Localize-
+        # and-Stitch: a restore, a hot-swap of one skill): every stored position takes the
+        # record's bits, so the block merge is a copy or a scatter, with no wide arithmetic.
+        self.lone = present[0][0] if (len(present) == 1 and present[0][1] == 1.0
+                                      and self.form.mean and self.form.lone_exact) else None
         self.kernels, self.kind = native.float_kernels(dt.name)
         if self.kernels is None:
             self.numpy = NumpyWindowMerge(dt, self.form, present)
@@ -221,12 +235,31 @@ class BlockMerge:
     def __call__(self, block: np.ndarray, first: int) -> None:
         """Merge into ``block``: the flat base bits of elements ``first, first + 1, ...``
         (C-contiguous: the C loop refuses anything else rather than merge into a copy)."""
-        if self.kernels is None:
+        if self.lone is not None:
+            if not block.flags.c_contiguous:  # as the C loop: the caller's block, not a copy
+                raise ValueError("block is not C-contiguous")
+            _copy_lone(self.lone, block, first)
+        elif self.kernels is None:
             self.numpy(block, first)
         elif block.size:
             self.kernels.merge_block(self.kind, block, first, self.records, self.form.mean,
                                      float(self.form.scale), self.form.lone_exact,
                                      CANONICAL_NAN[self.dt.name], self.total, self.count)
+
+
+def _copy_lone(stored: Stored, block: np.ndarray, first: int) -> None:
+    """``stored``'s bits into ``block`` (elements ``first, ...``) at its positions there."""
+    if stored.dense:
+        a = min(max(first - stored.first, 0), stored.count)
+        b = min(max(first + block.size - stored.first, a), stored.count)
+        if b > a:
+            at = stored.first + a - first
+            block[at:at + b - a] = stored.finetuned[a:b]
+        return
+    positions = stored.positions
+    lo, hi = np.searchsorted(positions, (first, first + block.size))
+    if hi > lo:
+        block[positions[lo:hi] - first if first else positions[lo:hi]] = stored.finetuned[lo:hi]
 
 
 class NumpyWindowMerge:

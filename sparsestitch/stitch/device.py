@@ -95,6 +95,10 @@ class DeviceCombiner:
     def block_merge(self, dt: DType, stored: Sequence[Stored | None]) -> "DeviceBlockMerge":
         return DeviceBlockMerge(self, dt, stored)
 
+    def replaces_lone(self, dt: DType, index: int) -> bool:
+        """No: the device merges every block (the host only stages)."""
+        return False
+
     def bytes_per_position(self, dt: DType) -> int:
         """Host bytes per stored position until the writing thread merges it: the records'
         positions and bits, and their staged copies."""

@@ -280,11 +280,16 @@ class _Plan:
         def finish(writer: CheckpointWriter) -> None:
             base_hash = BaseHash(name)
             with RecordRuns(base, name, blocks, readers, records, self.budget) as runs:
+                lone = runs.lone
+                replace = lone is not None and self.combiner.replaces_lone(dt, lone)
                 for start, stop, block in read_blocks(base, name, blocks, base_hash):
                     lo = blocks.elements(start, stop)[0]
-                    stored = runs.block(lo, block)
-                    self.combiner.block_merge(dt, stored)(block, lo)
-                    del stored
+                    if replace:
+                        runs.replace_into(lo, block)
+                    else:
+                        stored = runs.block(lo, block)
+                        self.combiner.block_merge(dt, stored)(block, lo)
+                        del stored
                     writer.write(name, block)
                 runs.finish()
             base_hash.check(zip([r.path for r in readers], records))
