@@ -17,7 +17,7 @@ from .compress import DeltaSummary, compress
 from .merge import merge
 from .errors import (BaseMismatchError, ChecksumError, CheckpointError, ConfigError,
                      DeltaFormatError, OptionError, OutputError, ResourceLimitError,
-                     SparsestitchError, TensorMismatchError)
+                     SetupError, SparsestitchError, TensorMismatchError)
 from .describe import DeltaInfo, info, verify
 from .live import Patch, PreparedPatch, apply, prepare, stitch_into
 from .restore import restore
@@ -28,5 +28,5 @@ __all__ = [
     "stitch_add", "apply", "Patch", "prepare", "PreparedPatch", "stitch_into",
     "SparsestitchError", "DeltaFormatError", "ChecksumError", "ResourceLimitError",
     "CheckpointError", "TensorMismatchError", "BaseMismatchError", "OutputError", "OptionError",
-    "ConfigError",
+    "ConfigError", "SetupError",
 ]

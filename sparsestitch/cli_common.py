@@ -7,16 +7,21 @@ import json
 import os
 import re
 import sys
+import traceback
 
 import click
 
-from .errors import SparsestitchError
+from ._version import __version__
+from .errors import OptionError, SparsestitchError
 from .stitch.rules import RULES
 
 
 def fail_cleanly(function):
-    """Library errors become one line on stderr and exit code 2; a closed pipe
-    (``sparsestitch info x.delta | head -1``) ends the command quietly."""
+    """The tool's own errors (bad input, options, files) and the system's (a full disk, a
+    permission) become one line on stderr and exit code 2; a closed pipe (``sparsestitch
+    info x.delta | head -1``) ends the command quietly.  Anything else is a bug: its
+    traceback is shown with a request to report it, exit code 1 -- not hidden behind a
+    one-line message that looks like the user's mistake."""
     @functools.wraps(function)
     def wrapper(*args, **kwargs):
         try:
@@ -25,9 +30,17 @@ def fail_cleanly(function):
             # Further writes to the closed pipe (flushing at exit) would raise again.
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             sys.exit(0)
-        except (SparsestitchError, ValueError, OSError, RuntimeError) as exc:
+        except (SparsestitchError, OSError) as exc:
             click.echo(f"error: {exc}", err=True)
             sys.exit(2)
+        except click.ClickException:
+            raise
+        except Exception:  # noqa: BLE001 - a bug: shown whole, then reported
+            traceback.print_exc()
+            click.echo(f"\nThis is a bug in sparsestitch {__version__}, not a problem with your "
+                       "input: please report it with the command and the traceback above.",
+                       err=True)
+            sys.exit(1)
     return wrapper
 
 
@@ -118,7 +131,7 @@ def rule_options(rule: str, given: dict) -> dict:
         rules = rules_taking(option)
         if rule not in rules:
             shown_flag = "--trim/--density" if flag == "--density" else flag
-            raise ValueError(f"{shown_flag} applies to --rule {' or '.join(rules)}, not --rule "
+            raise OptionError(f"{shown_flag} applies to --rule {' or '.join(rules)}, not --rule "
                              f"{rule}")
         options[option] = value
     return options
@@ -155,5 +168,5 @@ def parse_weights(text: str | None) -> list[float] | None:
     try:
         return [float(w) for w in text.split(",")]
     except ValueError:
-        raise ValueError(f"--weights takes numbers separated by commas, like 1,0.5; got {text!r}") \
+        raise OptionError(f"--weights takes numbers separated by commas, like 1,0.5; got {text!r}") \
             from None

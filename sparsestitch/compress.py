@@ -27,6 +27,7 @@ from pathlib import Path
 
 from .checkpoint import Checkpoint
 from .dtypes import dtype as lookup_dtype
+from .errors import OptionError
 from .guard import Inputs
 from .delta_outputs import DeltaOutputs, Written
 from .keep import as_mask_list, check_compatible, check_scope, choices, make_selectors
@@ -151,7 +152,7 @@ def compress(base: str | os.PathLike, finetuned: str | os.PathLike | Sequence[st
     finetuned_paths = _as_path_list(finetuned)
     out_paths = _as_path_list(out)
     if len(out_paths) != len(finetuned_paths):
-        raise ValueError(f"{len(finetuned_paths)} fine-tuned checkpoints but {len(out_paths)} outputs")
+        raise OptionError(f"{len(finetuned_paths)} fine-tuned checkpoints but {len(out_paths)} outputs")
     inputs = Inputs()
     base = inputs.add(base, "base")
     finetuned_paths = inputs.add_all(finetuned_paths, "fine-tune")

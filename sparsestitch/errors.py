@@ -66,6 +66,11 @@ class OptionError(SparsestitchError, ValueError):
         super().__init__(message, path=path)
 
 
+class SetupError(SparsestitchError, RuntimeError):
+    """This machine lacks what the command needs (an optional package, a Ray node with a
+    CPU); the message says what to install or change."""
+
+
 class ConfigError(OptionError):
     """A merge config that cannot be run: ``path`` is the config file and ``key`` where in it
     the problem is (``models[1].weight``), both named in the message."""

@@ -172,5 +172,5 @@ def as_mask_list(masks, count: int):
         masks = [masks]
     masks = list(masks)
     if len(masks) != count:
-        raise ValueError(f"{count} fine-tuned checkpoints but {len(masks)} mask sets")
+        raise OptionError(f"{count} fine-tuned checkpoints but {len(masks)} mask sets")
     return masks

@@ -33,7 +33,7 @@ from .checkpoint.gguf_folder import check_output_name
 from .compress import how_kept
 from .delta_outputs import DeltaOutputs
 from .dtypes import DType, dtype as lookup_dtype
-from .errors import TensorMismatchError
+from .errors import OptionError, TensorMismatchError
 from .format import Record
 from .guard import Inputs
 from .keep import as_mask_list, check_compatible, check_scope, choices, make_selectors
@@ -94,7 +94,7 @@ def merge(base: str | os.PathLike, finetuned: Sequence[str | os.PathLike],
     tune_paths = [Path(p) for p in ([finetuned] if isinstance(finetuned, (str, os.PathLike))
                                     else finetuned)]
     if not tune_paths:
-        raise ValueError("merge needs at least one fine-tuned checkpoint")
+        raise OptionError("merge needs at least one fine-tuned checkpoint")
     combiner = rule_combiner(rule, weights, len(tune_paths), **rule_options)
     check_scope(scope)
     mask_sets = as_mask_list(masks, len(tune_paths))
@@ -166,7 +166,7 @@ def saved_delta_paths(folder: str | os.PathLike | None, tunes: Sequence[Path]) -
     folder = Path(folder)
     names = [Path(str(t).rstrip("/")).name.removesuffix(".safetensors") for t in tunes]
     if len(set(names)) != len(names):
-        raise ValueError(f"save_deltas names each delta after its fine-tune, and these share a "
+        raise OptionError(f"save_deltas names each delta after its fine-tune, and these share a "
                          f"name: {sorted(names)}; give the fine-tunes distinct names")
     return [folder / f"{name}.delta" for name in names]
 

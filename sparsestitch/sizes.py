@@ -47,7 +47,7 @@ def parse_memory(value: int | str | None, default: int | None = None,
     """
     if value is None:
         if default is None:
-            raise ValueError("a memory size is required")
+            raise OptionError("a memory size is required")
         return default
     if isinstance(value, int) and not isinstance(value, bool):
         size = value

@@ -29,6 +29,7 @@ from .format import Record
 from .localize.budget import Option, OptionSearch, Profile, allocate
 from .localize.stats import TensorStats, keys_at_least, stats_keys
 from .selection import Selection
+from .errors import OptionError
 
 #: Passes over the model a size target may take when its estimates ran over.
 SIZE_ATTEMPTS = 4
@@ -66,7 +67,7 @@ class ErrorPlanner:
 
     def __init__(self, max_error: float, group: int):
         if not 0.0 <= max_error:
-            raise ValueError(f"max_error is a relative L2 error of each tensor's change, 0 "
+            raise OptionError(f"max_error is a relative L2 error of each tensor's change, 0 "
                              f"(lossless) or more; got {max_error}")
         self.max_error, self.group = max_error, group
 
@@ -129,7 +130,7 @@ class SizePlanner:
 
     def __init__(self, max_size: int, group: int):
         if max_size <= 0:
-            raise ValueError(f"max_size must be a positive number of bytes, got {max_size}")
+            raise OptionError(f"max_size must be a positive number of bytes, got {max_size}")
         self.max_size, self.group = max_size, group
         self.profiles: list[dict[str, Profile]] = []
         self.target = {"max_size": max_size}  # the header's ``target``
@@ -145,7 +146,7 @@ class SizePlanner:
     def start(self, tensors: int) -> None:
         """The first plan, with a header estimate for ``tensors`` records."""
         if self.max_size < 1024 + 300 * tensors:
-            raise ValueError(f"max_size {self.max_size:,} bytes cannot hold the header of "
+            raise OptionError(f"max_size {self.max_size:,} bytes cannot hold the header of "
                              f"{tensors} tensors; allow more")
         # a record's header entry takes 300 to 700 bytes: refit corrects the estimate
         room = max(self.max_size - 1024 - 600 * tensors, 0.1 * self.max_size)
@@ -168,7 +169,7 @@ class SizePlanner:
         if all(size <= limit for size in sizes):
             return False
         if last:
-            raise ValueError(f"max_size {limit:,} bytes: after {SIZE_ATTEMPTS} passes the "
+            raise OptionError(f"max_size {limit:,} bytes: after {SIZE_ATTEMPTS} passes the "
                              f"deltas still take {max(sizes):,} bytes; allow more")
         budgets = []
         for tune, (size, payload) in enumerate(zip(sizes, payloads)):
@@ -177,7 +178,7 @@ class SizePlanner:
             budgets.append(min(self.budgets[tune],
                                room * self.spent(tune) / max(payload, 1)))
         if min(budgets) <= 0:
-            raise ValueError(f"max_size {limit:,} bytes cannot hold the deltas' headers "
+            raise OptionError(f"max_size {limit:,} bytes cannot hold the deltas' headers "
                              f"({max(s - p for s, p in zip(sizes, payloads)):,} bytes); "
                              "allow more")
         self.plan(budgets)

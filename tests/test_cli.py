@@ -488,3 +488,22 @@ def test_ties_trim_has_one_name_apart_from_keep(zoo, deltas, tmp_path):
     assert a.read_bytes() == b.read_bytes()
     assert_one_line_error(run("stitch", zoo["base"], *deltas, "-o", tmp_path / "c.safetensors",
                               "--trim", "0.3"), "--trim/--density applies to --rule ties")
+
+
+def test_a_bug_shows_its_traceback_and_asks_for_a_report(deltas, monkeypatch):
+    """A ValueError or KeyError from a defect is not dressed up as the user's mistake: the
+    traceback is shown, with a request to report it, exit code 1; the tool's own errors keep
+    their one line and exit code 2."""
+    import sparsestitch.describe
+
+    def broken(*args, **kwargs):
+        raise ValueError("an internal invariant broke")
+    monkeypatch.setattr(sparsestitch.describe, "info", broken)
+    result = run("info", deltas[0])
+    assert result.exit_code == 1
+    assert "Traceback" in result.stderr and "an internal invariant broke" in result.stderr
+    assert "This is a bug in sparsestitch" in result.stderr
+    monkeypatch.setattr(sparsestitch.describe, "info",
+                        lambda *a, **k: (_ for _ in ()).throw(sparsestitch.OptionError("x")))
+    result = run("info", deltas[0])
+    assert result.exit_code == 2 and result.stderr.strip() == "error: x"

@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from ..dtypes import dtype as lookup_dtype, from_wide
-from ..errors import CheckpointError
+from ..errors import CheckpointError, OptionError
 from ..options import short_repr
 from ..safetensors_file import TensorEntry
 from ..sizes import row_items
@@ -193,7 +193,7 @@ class GgufTensors:
     def _asked_dtype(self) -> str | None:
         asked = os.environ.get(DTYPE_VARIABLE, "").upper() or None
         if asked not in (None, "F32", "F16", "BF16"):
-            raise ValueError(f"{DTYPE_VARIABLE} must be F32, F16 or BF16, not {asked!r}")
+            raise OptionError(f"{DTYPE_VARIABLE} must be F32, F16 or BF16, not {asked!r}")
         return asked
 
     def read_rows(self, name: str, start: int, stop: int) -> np.ndarray:

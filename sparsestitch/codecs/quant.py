@@ -28,7 +28,7 @@ import numpy as np
 
 from .. import native
 from ..dtypes import DType, dtype as lookup_dtype, from_wide, to_wide
-from ..errors import DeltaFormatError
+from ..errors import DeltaFormatError, OptionError
 from .base import (ExceptionCursor, config_int, from_planes, gap_decode, gap_encode, pack_stream,
                    split_streams, to_planes, unpack_stream)
 from .streams import Part, RawStream
@@ -143,9 +143,9 @@ class QuantValues:
     def encode(self, kept: np.ndarray, base: np.ndarray, dt: DType, *, bits: int = 4,
                group: int = 128) -> tuple[bytes, dict]:
         if bits not in BITS:
-            raise ValueError(f"bits must be one of {BITS}, got {bits}")
+            raise OptionError(f"bits must be one of {BITS}, got {bits}")
         if group < 0:
-            raise ValueError(f"group must be 0 (the whole tensor) or a number of values, got {group}")
+            raise OptionError(f"group must be 0 (the whole tensor) or a number of values, got {group}")
         stream = QuantStream(dt, bits, group, kept.size)
         stream.add(kept, base)
         return stream.finish()
@@ -305,9 +305,9 @@ class QuantStream:
 
     def __init__(self, dt: DType, bits: int, group: int, count: int | None = None):
         if bits not in BITS:
-            raise ValueError(f"bits must be one of {BITS}, got {bits}")
+            raise OptionError(f"bits must be one of {BITS}, got {bits}")
         if group < 0:
-            raise ValueError(f"group must be 0 (the whole tensor) or a number of values, got {group}")
+            raise OptionError(f"group must be 0 (the whole tensor) or a number of values, got {group}")
         self.dt, self.bits, self.count = dt, bits, count
         self.scale_dt = lookup_dtype(scale_dtype_for(dt, bits))
         if count is not None and group >= count:

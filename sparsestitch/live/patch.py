@@ -42,7 +42,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..budget import MemoryBudget
-from ..errors import SparsestitchError
+from ..errors import OptionError, SparsestitchError
 from ..format import DeltaReader, Record
 from ..readahead import DEFAULT_WORKERS, workers_for
 from ..stitch.combine import RuleCombiner, rule_combiner
@@ -97,7 +97,7 @@ def apply(model, deltas: str | os.PathLike | Sequence[str | os.PathLike], *,
     paths = [deltas] if isinstance(deltas, (str, os.PathLike)) else list(deltas)
     combine = rule_combiner(rule, weights, len(paths), **rule_options)
     if added not in ("error", "skip"):
-        raise ValueError(f"added must be 'error' or 'skip', not {added!r}")
+        raise OptionError(f"added must be 'error' or 'skip', not {added!r}")
     budget = MemoryBudget.of(max_memory)
     tensors = named_tensors(model)
     with contextlib.ExitStack() as stack:

@@ -29,7 +29,7 @@ import os
 from collections.abc import Sequence
 
 from ..budget import MemoryBudget
-from ..errors import SparsestitchError
+from ..errors import OptionError, SparsestitchError
 from ..format import DeltaReader
 from ..stitch.combine import rule_combiner
 from ..stitch.staging import Staging
@@ -54,7 +54,7 @@ def stitch_into(model, deltas: str | os.PathLike | Sequence[str | os.PathLike], 
     paths = [deltas] if isinstance(deltas, (str, os.PathLike)) else list(deltas)
     combiner = rule_combiner(rule, weights, len(paths), **rule_options)
     if added not in ("error", "skip"):
-        raise ValueError(f"added must be 'error' or 'skip', not {added!r}")
+        raise OptionError(f"added must be 'error' or 'skip', not {added!r}")
     budget = MemoryBudget.of(max_memory)
     tensors = named_tensors(model)
     changed = []

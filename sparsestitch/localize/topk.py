@@ -29,6 +29,7 @@ import numpy as np
 
 from .. import native
 from ..dtypes import DType, to_wide
+from ..errors import OptionError
 
 _BINS = 1 << 16
 _INF_KEY = 0x7F800000
@@ -94,7 +95,7 @@ def count_to_keep(density: float, numel: int) -> int:
     11
     """
     if not 0.0 <= density <= 1.0:
-        raise ValueError(f"density must be within [0, 1], got {density}")
+        raise OptionError(f"density must be within [0, 1], got {density}")
     return min(numel, int(np.floor(density * numel + 0.5)))
 
 

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from sparsestitch.dtypes import TORCH_DTYPE_NAMES, dtype as lookup_dtype
-from sparsestitch.errors import TensorMismatchError
+from sparsestitch.errors import OptionError, TensorMismatchError
 from sparsestitch.localize.topk import count_to_keep, magnitude_keys, topk_positions
 from sparsestitch.options import FRACTION, Range, flag, number
 from sparsestitch.tiebreak import tie_order
@@ -75,7 +75,7 @@ def _top_k_masks(names: list[str], keys: list[np.ndarray], shapes: list[tuple[in
     order), ties as in :func:`global_top_k`."""
     total = sum(key.size for key in keys)
     if not 0 <= k <= total:
-        raise ValueError(f"k={k} must lie between 0 and the {total} scored positions; "
+        raise OptionError(f"k={k} must lie between 0 and the {total} scored positions; "
                          "lower the density or include more tensors")
     orders = [tie_order(name, np.arange(key.size)) for name, key in zip(names, keys)]
     flat = np.concatenate(keys) if keys else np.empty(0, np.float32)

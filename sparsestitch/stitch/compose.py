@@ -33,7 +33,7 @@ import numpy as np
 from ..cards import stitch_card
 from ..checkpoint import Checkpoint, CheckpointWriter
 from ..dtypes import dtype as lookup_dtype
-from ..errors import BaseMismatchError, TensorMismatchError
+from ..errors import BaseMismatchError, OptionError, TensorMismatchError
 from ..format import DeltaReader
 from ..guard import Inputs
 from ..progress import bar
@@ -65,7 +65,7 @@ def stitch_add(base: str | os.PathLike, deltas: Sequence[str | os.PathLike],
     >>> stitch_add("base/", ["math.delta"], "code.delta", "merged/")  # doctest: +SKIP
     """
     if rule not in COMPOSABLE_RULES:
-        raise ValueError(f"rule {rule!r} cannot add one delta at a time (its result at a position "
+        raise OptionError(f"rule {rule!r} cannot add one delta at a time (its result at a position "
                          f"depends on whole tensors); use {' or '.join(COMPOSABLE_RULES)}, or "
                          f"stitch all deltas from scratch with sparsestitch.stitch")
     paths = [*deltas, new_delta]

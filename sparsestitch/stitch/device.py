@@ -30,6 +30,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from ..dtypes import DType
+from ..errors import OptionError
 from ..walk import Stored
 from .combine import CANONICAL_NAN, RuleCombiner
 from .device_bits import from_wide, signed_container, signed_value, to_wide, wide_type
@@ -48,7 +49,7 @@ def resolve_device(device: str):
         return torch.device("cuda") if torch.cuda.is_available() else None
     parsed = torch.device(device)
     if parsed.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but torch sees no CUDA device; "
+        raise OptionError(f"device {device!r} requested but torch sees no CUDA device; "
                          "use --device cpu or auto")
     return parsed
 
@@ -64,7 +65,7 @@ class DeviceCombiner:
         import torch
 
         if combiner.rule.name not in DEVICE_RULES:
-            raise ValueError(f"rule {combiner.rule.name!r} has no device form; stitch with "
+            raise OptionError(f"rule {combiner.rule.name!r} has no device form; stitch with "
                              "device='cpu'")
         self.combiner, self.device = combiner, torch.device(device)
         self.staging = Staging(self.device)

@@ -17,7 +17,7 @@ from pathlib import Path
 from ..atomic import check_target, publish, temporary_sibling
 from ..checkpoint.writer import earlier_model_output
 from ..describe import exactness
-from ..errors import CheckpointError, OutputError
+from ..errors import CheckpointError, OptionError, OutputError
 from ..guard import Inputs
 from ..hub import resolve, write_model_card
 from ..options import Range, number, optional_number
@@ -166,11 +166,11 @@ def _named_sources(finetuned, cache_dir):
             resolved = resolve(spec, cache_dir=cache_dir)
             pairs.append((default_name(resolved), resolved))
     if not pairs:
-        raise ValueError("no fine-tuned checkpoint given")
+        raise OptionError("no fine-tuned checkpoint given")
     names = [n for n, _ in pairs]
     duplicate = next((n for n in names if names.count(n) > 1), None)
     if duplicate:
-        raise ValueError(f"two checkpoints would both be named {duplicate!r}; name them "
+        raise OptionError(f"two checkpoints would both be named {duplicate!r}; name them "
                          "(NAME=CHECKPOINT on the command line, a dict in the API)")
     return pairs
 
@@ -230,7 +230,7 @@ def merge(zoo: str | os.PathLike, names: Sequence[str], out: str | os.PathLike, 
     zoo = Path(zoo)
     manifest = mf.read(zoo)
     if not names:
-        raise ValueError("name at least one member to merge")
+        raise OptionError("name at least one member to merge")
     members = [_member(zoo, manifest, n) for n in names]
     base_path = _base_path(manifest, base, cache_dir)
     deltas = [delta for _, delta in members]

@@ -20,7 +20,7 @@ import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
-from ..errors import SparsestitchError
+from ..errors import SetupError, SparsestitchError
 from .worker import add_one
 
 DETERMINISTIC = (SparsestitchError, ValueError)
@@ -113,7 +113,7 @@ def group_by_node(tasks: list[dict], nodes: list[tuple[str, float]]) -> dict[str
     """
     total = sum(cpus for _, cpus in nodes)
     if not nodes or total <= 0:
-        raise RuntimeError("the Ray cluster has no node with a CPU")
+        raise SetupError("the Ray cluster has no node with a CPU")
     groups, start, share = {}, 0, 0.0
     for node, cpus in nodes:
         share += cpus
@@ -148,7 +148,7 @@ def run_ray(zoo, tasks: list[dict], address: str | bool | None = True, retries: 
         import ray
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
     except ImportError:
-        raise RuntimeError("Ray is not installed: pip install 'sparsestitch[ray]' "
+        raise SetupError("Ray is not installed: pip install 'sparsestitch[ray]' "
                            "(or run without --ray: local processes)") from None
     started_here = not ray.is_initialized()
     if started_here:

@@ -32,7 +32,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..atomic import fsync_folder
-from ..errors import SparsestitchError
+from ..errors import OptionError, SparsestitchError
 
 MANIFEST_NAME = "zoo.json"
 LOCK_NAME = ".zoo.lock"
@@ -77,7 +77,7 @@ def check_name(name: object, path: str | os.PathLike | None = None) -> str:
                    "starting with a letter or digit, not ending in '.delta'")
         if path is not None:
             raise ManifestError(message, path=path)
-        raise ValueError(message)
+        raise OptionError(message)
     return name
 
 

@@ -66,7 +66,7 @@ def default_name(resolved: Resolved) -> str:
         raw = raw.removesuffix(".safetensors")
     name = re.sub(r"[^A-Za-z0-9._+-]+", "-", raw).lstrip("._+-")[:128].removesuffix(".delta")
     if not re.fullmatch(NAME_PATTERN, name):
-        raise ValueError(f"cannot derive a member name from {resolved.spec!r}; give one "
+        raise OptionError(f"cannot derive a member name from {resolved.spec!r}; give one "
                          "(NAME=CHECKPOINT on the command line, a dict in the API)")
     return name
 
@@ -84,7 +84,7 @@ def normalize_options(options: dict) -> tuple[dict, dict]:
     compress's defaults (what the manifest records).  Raises ValueError naming a bad option."""
     refused = sorted(set(options) & _REFUSED_OPTIONS)
     if refused:
-        raise ValueError(f"compress option {refused[0]!r} cannot be used in a zoo (the zoo "
+        raise OptionError(f"compress option {refused[0]!r} cannot be used in a zoo (the zoo "
                          "decides outputs; masks cannot be recorded in the manifest)")
     given = {}
     for key, value in options.items():
@@ -93,7 +93,7 @@ def normalize_options(options: dict) -> tuple[dict, dict]:
         try:
             text = json.dumps(value, allow_nan=False)
         except (TypeError, ValueError):
-            raise ValueError(f"compress option {key}={value!r} is not a JSON value; the zoo "
+            raise OptionError(f"compress option {key}={value!r} is not a JSON value; the zoo "
                              "records options in its manifest") from None
         given[key] = json.loads(text)
     effective = {k: (list(v) if isinstance(v, tuple) else v) for k, v in compress_defaults().items()}
