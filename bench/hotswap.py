@@ -73,7 +73,7 @@ def _load(base: str) -> dict:
     import torch
 
     from sparsestitch.checkpoint import Checkpoint
-    from sparsestitch.dtypes import dtype as lookup_dtype
+    from sparsestitch.core.dtypes import dtype as lookup_dtype
     model = {}
     with Checkpoint(base) as ckpt:
         for name in ckpt.names:
@@ -87,7 +87,7 @@ def _load(base: str) -> dict:
 
 
 def _touched(delta: str) -> list[str]:
-    from sparsestitch.format import DeltaReader
+    from sparsestitch.delta.format import DeltaReader
     with DeltaReader(delta) as reader:
         return [r.name for r in reader.records if r.kind == "sparse"]
 

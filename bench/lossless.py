@@ -78,7 +78,7 @@ def pairs(fidelity: Path) -> dict[str, tuple[Path, Path]]:
 def compress_job(base: str, tune: str, out: str) -> dict:
     """sparsestitch lossless compress; bytes, positions/values split, codecs, source tree."""
     import sparsestitch
-    from sparsestitch.format import DeltaReader
+    from sparsestitch.delta.format import DeltaReader
 
     (summary,) = sparsestitch.compress(base, tune, out, lossless=True, overwrite=True)
     positions = values = 0

@@ -33,7 +33,7 @@ sys.path.insert(0, sys.argv[1])
 import numpy as np
 import sparsestitch
 from sparsestitch.checkpoint import Checkpoint
-from sparsestitch.sizes import parse_memory
+from sparsestitch.core.sizes import parse_memory
 
 base, delta, out, tune, block = sys.argv[2:7]
 read = {"elements": 0}

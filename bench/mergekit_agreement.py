@@ -4,7 +4,7 @@ Question: with the same inputs, do sparsestitch's ``task-arithmetic`` and ``ties
 rules write exactly the bits mergekit writes (``dtype: float32``, ``out_dtype: bfloat16``)?
 
 Inputs: a small synthetic llama-shaped bf16 model and three full fine-tunes
-(:func:`sparsestitch.synthetic.write_zoo`).  mergekit (``bench/requirements-stitch-peer.txt``,
+(:func:`sparsestitch.checkpoint.synthetic.write_zoo`).  mergekit (``bench/requirements-stitch-peer.txt``,
 in its own venv, see bench/stitch.py) merges the fine-tunes; sparsestitch compresses them at
 density 1.0 (every position stored) and stitches the deltas.  Each merge is compared tensor
 by tensor: elements whose bits differ.
@@ -30,7 +30,7 @@ from common import describe_machine, machine, table, write_json  # noqa: E402
 
 import sparsestitch  # noqa: E402
 from sparsestitch.checkpoint import Checkpoint  # noqa: E402
-from sparsestitch.synthetic import write_zoo  # noqa: E402
+from sparsestitch.checkpoint.synthetic import write_zoo  # noqa: E402
 
 CACHE = BENCH / ".cache" / "mergekit-agreement"
 MERGEKIT_PYTHON = BENCH / ".cache" / "stitch" / "mergekit-venv" / "bin" / "python"

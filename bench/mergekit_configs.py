@@ -2,7 +2,7 @@
 
 Reads every YAML config of a mergekit source tree at run time (its ``examples/``; never copied
 into this repository) -- a git directory (read with ``git show``) or a work tree -- and gives
-each to :func:`sparsestitch.mergekit_config.translate` as ``merge --config`` would (Hub ids
+each to :func:`sparsestitch.ops.mergekit_config.translate` as ``merge --config`` would (Hub ids
 are taken as named; their checkpoints are not opened).  Prints, per config, the method and
 either the sparsestitch rule and options it runs as, or every problem found; writes JSON.
 
@@ -25,8 +25,8 @@ sys.path.insert(0, str(BENCH))
 sys.path.insert(0, str(BENCH.parent))
 from common import write_json  # noqa: E402
 
-from sparsestitch.errors import ConfigError  # noqa: E402
-from sparsestitch.mergekit_config import is_mergekit, translate  # noqa: E402
+from sparsestitch.core.errors import ConfigError  # noqa: E402
+from sparsestitch.ops.mergekit_config import is_mergekit, translate  # noqa: E402
 
 
 def configs(tree: Path) -> dict[str, str]:

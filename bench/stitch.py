@@ -1,7 +1,7 @@
 """Stitch speed and memory: sparsestitch against the I/O floor, and against mergekit.
 
 CPU section, for each ``--size-gb`` (a synthetic llama-shaped bf16 model, sharded HF folder,
-from :func:`sparsestitch.synthetic.write_zoo`) and each N of ``--deltas``: the wall time of
+from :func:`sparsestitch.checkpoint.synthetic.write_zoo`) and each N of ``--deltas``: the wall time of
 ``sparsestitch.stitch`` (rules localize-stitch and task-arithmetic) with ``--max-memory``,
 each run in its own process with its peak RSS, against I/O floors measured in the same run:
 ``safetensors.torch.load_file`` + ``save_file`` of the base, and a streaming per-tensor
@@ -62,7 +62,7 @@ from stitch_runs import remove  # noqa: E402
 
 import sparsestitch  # noqa: E402
 from sparsestitch.checkpoint import Checkpoint  # noqa: E402
-from sparsestitch.dtypes import dtype as lookup_dtype, to_wide  # noqa: E402
+from sparsestitch.core.dtypes import dtype as lookup_dtype, to_wide  # noqa: E402
 
 CACHE = BENCH / ".cache" / "stitch"
 MERGEKIT_VENV = CACHE / "mergekit-venv"

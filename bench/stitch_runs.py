@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 import sparsestitch
-from sparsestitch import native as native_loops
+from sparsestitch.core import native as native_loops
 
 
 def peak_rss() -> int:
@@ -85,7 +85,7 @@ def profile_stitch(base: str, deltas: list[str], out: str, rule: str, max_memory
     """``stitch_run`` under cProfile; the stats go to ``stats_path``.  The engine's reader
     threads are turned off (``READ_WORKERS = 0``) so that cProfile, which sees one thread,
     sees all the work: the profile shows where CPU time goes, not the threaded wall time."""
-    from sparsestitch.stitch import engine
+    from sparsestitch.ops import stitch_engine as engine
 
     if hasattr(engine, "READ_WORKERS"):
         engine.READ_WORKERS = 0
@@ -159,7 +159,7 @@ def compress_run(base: str, tune, out, options: dict) -> dict:
 def profile_merge(base: str, tunes: list[str], out: str, rule: str, options: dict,
                   stats_path: str) -> dict:
     """``merge_run`` under cProfile, reader threads off (see :func:`profile_stitch`)."""
-    from sparsestitch.stitch import engine
+    from sparsestitch.ops import stitch_engine as engine
 
     engine.READ_WORKERS = 0
     profiler = cProfile.Profile()

@@ -1,12 +1,12 @@
 """Synthetic inputs for bench/stitch.py: a llama-shaped base, 1% deltas, full fine-tunes.
 
-The base comes from :func:`sparsestitch.synthetic.write_zoo`.  Deltas are *not*
+The base comes from :func:`sparsestitch.checkpoint.synthetic.write_zoo`.  Deltas are *not*
 made by ``sparsestitch.compress`` from materialized fine-tunes (16 fine-tunes
 of a 2 GB model cost ~50 minutes on 2 shared cores): each is written directly
 with the library's own writer (``encode_record`` + ``DeltaWriter``) from a
 synthetic task vector, keeping the exact global top-``density`` of ``|tau|``.
 
-The task vector has the structure of :func:`sparsestitch.synthetic.task_vector`
+The task vector has the structure of :func:`sparsestitch.checkpoint.synthetic.task_vector`
 (per-tensor scale x row scale x column scale x Laplace noise) but is drawn
 more cheaply: ``|tau| = scale * row * col * E`` with ``E`` exponential (float32
 ziggurat) and the sign a hash of (task, tensor, position), so the same
@@ -20,7 +20,7 @@ the threshold ``T``; the pass keeps every element with ``|tau| >= 0.8 T`` as a
 candidate; if at least ``k`` candidates were kept the exact top-k lies among
 them (otherwise the bound is lowered and the pass repeated), and the library's
 :func:`~sparsestitch.localize.topk.resolve_candidates` finishes the selection with
-compress's tie order (:mod:`sparsestitch.tiebreak`).
+compress's tie order (:mod:`sparsestitch.core.tiebreak`).
 """
 
 from __future__ import annotations
@@ -34,12 +34,12 @@ import numpy as np
 
 from sparsestitch._version import __version__
 from sparsestitch.checkpoint import Checkpoint, CheckpointWriter, OutputTensor, Shard
-from sparsestitch.dtypes import dtype as lookup_dtype, from_wide, to_wide
-from sparsestitch.format import DeltaWriter, Record, digest, encode_record
+from sparsestitch.core.dtypes import dtype as lookup_dtype, from_wide, to_wide
+from sparsestitch.delta.format import DeltaWriter, Record, digest, encode_record
 from sparsestitch.localize.topk import count_to_keep, resolve_candidates
-from sparsestitch.sizes import numel as count_elements
-from sparsestitch.synthetic import llama_config as synthetic_llama_config, write_zoo
-from sparsestitch.tiebreak import ranked
+from sparsestitch.core.sizes import numel as count_elements
+from sparsestitch.checkpoint.synthetic import llama_config as synthetic_llama_config, write_zoo
+from sparsestitch.core.tiebreak import ranked
 
 #: Bump when anything below changes what gets written: cached inputs are keyed by it.
 GENERATOR_VERSION = 2  # 2: compress's tie order at the threshold

@@ -8,7 +8,7 @@ Each job runs in a fresh Python process whose ``sys.path`` starts with one sourc
 and ``--after``, this checkout), so both versions run on this machine in the same rounds:
 job A-before, A-after, B-before, B-after, ... (``--repeat`` rounds; tables show the best
 round, ratios are after / before).  Inputs: a synthetic llama-shaped bf16 model and four
-fine-tunes (:func:`sparsestitch.synthetic.write_zoo`, ``--size-mb``), and 1% and
+fine-tunes (:func:`sparsestitch.checkpoint.synthetic.write_zoo`, ``--size-mb``), and 1% and
 density-1.0 deltas made once by the *before* version, so both read the same deltas.
 Outputs of the two versions are compared byte for byte (a difference is reported, not
 hidden: a change of selection rule changes compress's bytes on purpose).
@@ -79,7 +79,7 @@ def prepare(before: Path, size_mb: int, tasks: int) -> dict:
     folder = CACHE / f"zoo-{size_mb}mb-{tasks}"
     if not (folder / "done").exists():
         shutil.rmtree(folder, ignore_errors=True)
-        from sparsestitch.synthetic import write_zoo
+        from sparsestitch.checkpoint.synthetic import write_zoo
         write_zoo(folder, size_mb << 20, tasks)
         (folder / "done").write_text("")
     deltas = {}

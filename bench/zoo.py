@@ -21,7 +21,7 @@ Usage::
     python bench/zoo.py                          # 299 MB model x 8 fine-tunes, 3 rounds
     python bench/zoo.py --size-mb 100 --tasks 8 --rounds 2
 
-``--size-mb`` is the target given to :func:`sparsestitch.synthetic.write_zoo`, which rounds
+``--size-mb`` is the target given to :func:`sparsestitch.checkpoint.synthetic.write_zoo`, which rounds
 up to whole llama layers: 200 gives the 299 MB model of bench/compression.py.
 
 Prints a table and writes ``bench/results/zoo.json``.  Models are generated once into
@@ -78,7 +78,7 @@ def read_job(files: list[str]) -> int:
 # ----------------------------------------------------------------------------- driver
 
 def models(cache: Path, size_mb: int, tasks: int, seed: int = 0) -> tuple[Path, list[Path]]:
-    from sparsestitch.synthetic import write_zoo
+    from sparsestitch.checkpoint.synthetic import write_zoo
     folder = cache / f"zoo-{size_mb}mb-{tasks}t-seed{seed}"
     if not (folder / "complete").exists():
         print(f"generating a {size_mb} MB base and {tasks} fine-tunes in {folder} ...", flush=True)
@@ -155,7 +155,7 @@ def main(argv=None) -> dict:
     ray_start_s = time.perf_counter() - started
     try:
         jobs = {mode: {"target": "zoo:add_job", "sys_path": [str(BENCH)],
-                       "preload": ["sparsestitch.zoo", "sparsestitch.compress"],
+                       "preload": ["sparsestitch.zoo", "sparsestitch.ops.compress"],
                        "args": [str(fresh_zoo(template, work, mode)), [str(t) for t in tunes],
                                 mode, cores]} for mode in MODES}
         jobs["cold read"] = {"target": "zoo:read_job", "sys_path": [str(BENCH)],

@@ -13,15 +13,25 @@ Public API::
 """
 
 from ._version import __version__
-from .compress import DeltaSummary, compress
-from .merge import merge
-from .errors import (BaseMismatchError, ChecksumError, CheckpointError, ConfigError,
-                     DeltaFormatError, OptionError, OutputError, ResourceLimitError,
-                     SetupError, SparsestitchError, TensorMismatchError)
-from .describe import DeltaInfo, info, verify
+from .core.errors import (
+                          BaseMismatchError,
+                          CheckpointError,
+                          ChecksumError,
+                          ConfigError,
+                          DeltaFormatError,
+                          OptionError,
+                          OutputError,
+                          ResourceLimitError,
+                          SetupError,
+                          SparsestitchError,
+                          TensorMismatchError,
+)
 from .live import Patch, PreparedPatch, apply, prepare, stitch_into
-from .restore import restore
-from .stitch import stitch, stitch_add
+from .ops.compress import DeltaSummary, compress
+from .ops.describe import DeltaInfo, info, verify
+from .ops.merge import merge
+from .ops.restore import restore
+from .ops.stitch import stitch, stitch_add
 
 __all__ = [
     "__version__", "compress", "merge", "restore", "stitch", "info", "verify", "DeltaSummary", "DeltaInfo",

@@ -1,7 +1,7 @@
 """Shared checks and hypothesis strategies for codec tests (in the spirit of numcodecs' checks).
 
 ``check_position_roundtrip`` and ``check_value_roundtrip`` hold the whole codec contract of
-:mod:`sparsestitch.codecs.base` for one input: the payload is bytes, the config is exactly
+:mod:`sparsestitch.delta.codecs.base` for one input: the payload is bytes, the config is exactly
 JSON-representable and leaves the ``codec`` key to the registry, encoding is deterministic,
 and decoding the JSON-reloaded config gives back the input exactly.  The strategies reach
 every shape class (0-d, empty, 1-d, very wide, very tall, 3-d+), every density from none to
@@ -16,12 +16,12 @@ import tempfile
 import numpy as np
 from hypothesis import strategies as st
 
-from sparsestitch.codecs.bitmap import gather_marked, put_marked
-from sparsestitch.codecs.streams import BytesPayload, FilePayload, Part
-from sparsestitch.codecs.ulp import exponent_counts
+from sparsestitch.delta.codecs.bitmap import gather_marked, put_marked
+from sparsestitch.delta.codecs.streams import BytesPayload, FilePayload, Part
+from sparsestitch.delta.codecs.ulp import exponent_counts
 
-from sparsestitch.dtypes import SAFETENSORS_DTYPES, DType, dtype, from_wide
-from sparsestitch.sizes import numel
+from sparsestitch.core.dtypes import SAFETENSORS_DTYPES, DType, dtype, from_wide
+from sparsestitch.core.sizes import numel
 
 FLOAT_DTYPES = tuple(dtype(n) for n in ("F32", "F16", "BF16", "F64"))
 ALL_DTYPES = tuple(dtype(n) for n in SAFETENSORS_DTYPES)

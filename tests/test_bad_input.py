@@ -16,8 +16,9 @@ from click.testing import CliRunner
 
 import sparsestitch
 from sparsestitch.cli import main
-from sparsestitch.errors import (BaseMismatchError, CheckpointError, DeltaFormatError, OptionError,
-                                 OutputError, SparsestitchError, TensorMismatchError)
+from sparsestitch.core.errors import (BaseMismatchError, CheckpointError, DeltaFormatError,
+                                      OptionError, OutputError, SparsestitchError,
+                                      TensorMismatchError)
 
 from .conftest import save_checkpoint
 from .support.processes import tree_digest
@@ -370,7 +371,7 @@ def test_stitch_options_of_the_wrong_type(zoo, tmp_path, options, option):
 
 def test_zoo_options_are_checked_before_any_worker_starts(zoo, tmp_path):
     """``-O lossless=no`` is the string 'no', which read as true."""
-    from sparsestitch.cli_zoo import zoo as zoo_cli
+    from sparsestitch.cli.zoo import zoo as zoo_cli
     from sparsestitch.zoo import add, init, ls
 
     folder = tmp_path / "zoo"

@@ -11,9 +11,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import sparsestitch
-from sparsestitch.atomic import OUTPUT_MARKER
+from sparsestitch.core.atomic import OUTPUT_MARKER
 from sparsestitch.checkpoint import INDEX_NAME, Checkpoint, CheckpointWriter, OutputTensor, Shard
-from sparsestitch.errors import CheckpointError
+from sparsestitch.core.errors import CheckpointError
 
 from .conftest import bits, finetune_of, save_checkpoint, small_model
 

@@ -13,9 +13,9 @@ import torch
 from click.testing import CliRunner
 
 import sparsestitch
-from sparsestitch.atomic import OUTPUT_MARKER
+from sparsestitch.core.atomic import OUTPUT_MARKER
 from sparsestitch.cli import main
-from sparsestitch.cli_common import natural_key
+from sparsestitch.cli.common import natural_key
 
 from .conftest import finetune_of, save_checkpoint, small_model
 
@@ -72,7 +72,7 @@ def test_installed_command_runs_as_a_subprocess():
 
 
 def test_version():
-    from sparsestitch import native
+    from sparsestitch.core import native
 
     shown = ok("--version").stdout
     assert sparsestitch.__version__ in shown
@@ -103,7 +103,7 @@ def test_compress_reports_and_default_output_name(zoo, tmp_path):
 def test_progress_is_lines_in_a_log_only_when_asked_for(zoo, tmp_path, deltas, monkeypatch):
     """stderr here is not a terminal (as in a log): silent by default, a line per step with
     --progress (no carriage returns), nothing with --quiet or --json."""
-    monkeypatch.setattr(sparsestitch.progress, "LINE_SECONDS", 0.0)
+    monkeypatch.setattr(sparsestitch.core.progress, "LINE_SECONDS", 0.0)
     out = tmp_path / "o.safetensors"
     silent = ok("restore", zoo["base"], deltas[0], "-o", out)
     assert silent.stderr == ""
@@ -494,16 +494,16 @@ def test_a_bug_shows_its_traceback_and_asks_for_a_report(deltas, monkeypatch):
     """A ValueError or KeyError from a defect is not dressed up as the user's mistake: the
     traceback is shown, with a request to report it, exit code 1; the tool's own errors keep
     their one line and exit code 2."""
-    import sparsestitch.describe
+    import sparsestitch.ops.describe
 
     def broken(*args, **kwargs):
         raise ValueError("an internal invariant broke")
-    monkeypatch.setattr(sparsestitch.describe, "info", broken)
+    monkeypatch.setattr(sparsestitch.ops.describe, "info", broken)
     result = run("info", deltas[0])
     assert result.exit_code == 1
     assert "Traceback" in result.stderr and "an internal invariant broke" in result.stderr
     assert "This is a bug in sparsestitch" in result.stderr
-    monkeypatch.setattr(sparsestitch.describe, "info",
+    monkeypatch.setattr(sparsestitch.ops.describe, "info",
                         lambda *a, **k: (_ for _ in ()).throw(sparsestitch.OptionError("x")))
     result = run("info", deltas[0])
     assert result.exit_code == 2 and result.stderr.strip() == "error: x"

@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 from hypothesis import example, given, settings, strategies as st
 
-from sparsestitch import codecs
-from sparsestitch.codecs import POSITION_CODECS, VALUE_CODECS, rice
-from sparsestitch.codecs.base import (from_planes, gap_decode, gap_encode, pack_stream, to_planes,
-                                      unpack_stream)
-from sparsestitch.dtypes import dtype, from_wide
-from sparsestitch.errors import DeltaFormatError
+from sparsestitch.delta import codecs
+from sparsestitch.delta.codecs import POSITION_CODECS, VALUE_CODECS, rice
+from sparsestitch.delta.codecs.base import (from_planes, gap_decode, gap_encode, pack_stream,
+                                            to_planes, unpack_stream)
+from sparsestitch.core.dtypes import dtype, from_wide
+from sparsestitch.core.errors import DeltaFormatError
 
 from .codec_checks import (ALL_DTYPES, FLOAT_DTYPES, check_position_roundtrip,
                            check_value_roundtrip, numel, position_sets, random_value_pair, shapes,
@@ -251,7 +251,7 @@ def test_ulp_roundtrips_every_bit_pattern_with_and_without_the_c_loops(dt, data)
 def test_ulp_decodes_any_run_of_kept_values_from_its_own_base_bits(dt, data):
     """What row-block restores rely on: cut the kept list anywhere, each run decodes from its
     own base bits and the exponent counts before it and in all to the plain decoding."""
-    from sparsestitch.codecs.ulp import exponent_counts
+    from sparsestitch.delta.codecs.ulp import exponent_counts
 
     codec = VALUES_BY_ID["ulp"]
     kept, base = data.draw(value_pairs(dt, max_size=120))
@@ -281,7 +281,7 @@ def test_ulp_decodes_any_run_of_kept_values_from_its_own_base_bits(dt, data):
 
 @pytest.mark.parametrize("dt", FLOAT_DTYPES, ids=lambda dt: dt.name)
 def test_ulp_stores_distances_in_units_in_the_last_place_sorted_by_base_exponent(dt):
-    from sparsestitch.codecs import ulp
+    from sparsestitch.delta.codecs import ulp
 
     wide = np.array([1.0, -2.0, 0.5, 3.0, -0.0, 0.0, 1.5], dt.wide)
     base = from_wide(wide, dt)

@@ -11,9 +11,9 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 import sparsestitch
-from sparsestitch.errors import BaseMismatchError, TensorMismatchError
-from sparsestitch.format import DeltaReader
-from sparsestitch.stitch import COMPOSABLE_RULES
+from sparsestitch.core.errors import BaseMismatchError, TensorMismatchError
+from sparsestitch.delta.format import DeltaReader
+from sparsestitch.ops.stitch import COMPOSABLE_RULES
 
 from .test_rules import FLOAT_DTYPES, random_bits
 from .test_stitch import file_bytes, random_deltas, random_model, write_delta, write_model

@@ -17,11 +17,11 @@ from safetensors.torch import load_file
 
 import sparsestitch
 from sparsestitch.checkpoint import INDEX_NAME, Checkpoint
-from sparsestitch.errors import TensorMismatchError
-from sparsestitch.format import DeltaReader
+from sparsestitch.core.errors import TensorMismatchError
+from sparsestitch.delta.format import DeltaReader
 from sparsestitch.localize.topk import count_to_keep
-from sparsestitch.sizes import numel as count_elements
-from sparsestitch.tiebreak import tie_order
+from sparsestitch.core.sizes import numel as count_elements
+from sparsestitch.core.tiebreak import tie_order
 
 from .conftest import bits, finetune_of, save_checkpoint, small_model
 from .test_checkpoint import assert_same_tensors
@@ -546,7 +546,7 @@ def test_a_restored_folders_card_says_what_is_exact_and_it_is_true(tmp_path, opt
     tune_dir = save_checkpoint(tmp_path / "tune", tune, shards=1)
     delta = tmp_path / "t.delta"
     sparsestitch.compress(base_dir, tune_dir, delta, **options)
-    held = sparsestitch.describe.exactness(delta)
+    held = sparsestitch.ops.describe.exactness(delta)
     card = (sparsestitch.restore(base_dir, delta, tmp_path / "out") / "README.md").read_text()
     assert held.sentence() in card
     (shard,) = (tmp_path / "out").glob("*.safetensors")
@@ -556,7 +556,7 @@ def test_a_restored_folders_card_says_what_is_exact_and_it_is_true(tmp_path, opt
         for record in reader.records:
             if record.kind != "sparse":
                 continue
-            positions = sparsestitch.walk.stored_positions(reader, record)
+            positions = sparsestitch.engine.walk.stored_positions(reader, record)
             got, want = restored[record.name].reshape(-1), bits(tune[record.name]).reshape(-1)
             at = slice(None) if positions is None else positions
             stored_unequal += int((got[at] != want[at]).sum())

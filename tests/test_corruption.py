@@ -3,7 +3,7 @@
 Every damaged file goes through ``info``, ``sparsestitch info``, ``verify`` (with and without the
 base), ``restore`` and ``stitch``; each outcome is judged against an independent reader written
 from docs/format.md (:mod:`tests.support.reference`).  A run must end in a
-:class:`~sparsestitch.errors.SparsestitchError` naming the file (and the tensor the damage is in),
+:class:`~sparsestitch.core.errors.SparsestitchError` naming the file (and the tensor the damage is in),
 or in exactly the result the reference reader gives -- never in another exception, a different
 result, or anything left at the output path.  ``python -m tests.support.campaign`` runs the same
 families exhaustively and at random for as long as it is given.
@@ -21,8 +21,8 @@ from click.testing import CliRunner
 
 import sparsestitch
 from sparsestitch.cli import main
-from sparsestitch.errors import (BaseMismatchError, CheckpointError, DeltaFormatError,
-                                 ResourceLimitError)
+from sparsestitch.core.errors import (BaseMismatchError, CheckpointError, DeltaFormatError,
+                                      ResourceLimitError)
 
 from .conftest import save_checkpoint
 from .support.damage import Case, bitflip_cases, container_cases, decoder_cases, header_cases, random_header_case, resealed_payload_cases, truncation_cases
@@ -365,8 +365,8 @@ def test_a_tiny_delta_cannot_make_verify_or_restore_allocate_what_it_declares(tm
     element, an added tensor of zeros) are decoded in runs within --max-memory: peak resident
     memory over the interpreter stays under the budget (+ 64 MiB of slack), whatever the file
     declares."""
-    from sparsestitch.codecs.base import pack_stream
-    from sparsestitch.codecs.quant import QuantValues
+    from sparsestitch.delta.codecs.base import pack_stream
+    from sparsestitch.delta.codecs.quant import QuantValues
 
     base = {"w": torch.randn(64, 64)}
     save_checkpoint(tmp_path / "base.safetensors", base)
@@ -418,7 +418,7 @@ def test_a_tiny_delta_cannot_make_verify_or_restore_allocate_what_it_declares(tm
 def test_a_stored_record_is_decoded_once_however_many_blocks(tmp_path, monkeypatch):
     """Issue 19, item 10: a record too large for --max-memory is decoded once, in order,
     alongside the row blocks -- each of its streams opened once -- not once per block."""
-    from sparsestitch.codecs import streams
+    from sparsestitch.delta.codecs import streams
 
     base = {"w": torch.randn(2048, 1024)}
     tune = {"w": base["w"] + 0.01 * torch.randn(2048, 1024)}

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import sparsestitch
-from sparsestitch.errors import BaseMismatchError
-from sparsestitch.format import DeltaReader
+from sparsestitch.core.errors import BaseMismatchError
+from sparsestitch.delta.format import DeltaReader
 
 from .conftest import finetune_of, save_checkpoint, small_model
 from .test_checkpoint import SAFETENSORS_NAMES

@@ -15,10 +15,10 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from sparsestitch.dtypes import dtype
-from sparsestitch.stitch import rule_combiner
-from sparsestitch.stitch.device import DeviceCombiner, resolve_device
-from sparsestitch.walk import Stored
+from sparsestitch.core.dtypes import dtype
+from sparsestitch.ops.stitch import rule_combiner
+from sparsestitch.combine.device import DeviceCombiner, resolve_device
+from sparsestitch.engine.walk import Stored
 
 import sparsestitch
 
@@ -97,8 +97,8 @@ WEIGHTS = st.lists(st.one_of(st.sampled_from([1.0, 0.5, -1.0, 0.0]), st.floats(-
 
 
 def test_every_rule_has_a_device_form():
-    from sparsestitch.stitch import RULES
-    from sparsestitch.stitch.device_rules import DEVICE_RULES
+    from sparsestitch.ops.stitch import RULES
+    from sparsestitch.combine.device_rules import DEVICE_RULES
 
     assert set(DEVICE_RULES) == set(RULES) == set(RULE_OPTIONS)
 
@@ -107,8 +107,8 @@ def test_every_rule_has_a_device_form():
 def _numpy_combiner_forbidden():
     """Fail if anything hands the device combiner's work to the numpy combiner or to a
     rule's numpy reference math."""
-    from sparsestitch.stitch import RULES
-    from sparsestitch.stitch.combine import RuleCombiner
+    from sparsestitch.ops.stitch import RULES
+    from sparsestitch.combine.combiners import RuleCombiner
 
     refuse = AssertionError("the device path ran the numpy combiner")
     patches = [mock.patch.object(RuleCombiner, "combine", side_effect=refuse)]
@@ -155,7 +155,7 @@ def test_torch_combiner_matches_numpy_bit_for_bit(device, seed, dt_name, count, 
 def test_non_float_tensors_on_the_device(dt_name, device):
     """Non-float tensors take the stored bits on the device too; disagreeing deltas are refused
     by both paths."""
-    from sparsestitch.errors import TensorMismatchError
+    from sparsestitch.core.errors import TensorMismatchError
 
     dt = dtype(dt_name)
     rng = np.random.default_rng(0)
@@ -178,8 +178,8 @@ def test_non_float_tensors_on_the_device(dt_name, device):
 @settings(max_examples=50, deadline=None)
 @given(name=st.text(max_size=12), positions=st.lists(st.integers(0, 2**40), max_size=50))
 def test_tie_order_in_torch_is_tiebreaks(device, name, positions):
-    from sparsestitch.stitch.device_rules import tie_order as torch_tie_order
-    from sparsestitch.tiebreak import tie_order
+    from sparsestitch.combine.device_rules import tie_order as torch_tie_order
+    from sparsestitch.core.tiebreak import tie_order
 
     array = np.array(positions, np.int64)
     got = torch_tie_order(name, torch.from_numpy(array).to(device)).cpu().numpy()
@@ -187,7 +187,7 @@ def test_tie_order_in_torch_is_tiebreaks(device, name, positions):
 
 
 def test_a_rule_without_a_device_form_is_refused_by_name():
-    from sparsestitch.stitch import device_rules
+    from sparsestitch.combine import device_rules
 
     combiner = rule_combiner("dare", None, 1)
     with mock.patch.dict(device_rules.DEVICE_RULES, clear=True):
@@ -240,7 +240,7 @@ def test_engine_with_torch_combiner_writes_the_same_model(tmp_path, rule, option
 
     from .conftest import bits
 
-    from sparsestitch.stitch import engine
+    from sparsestitch.ops import stitch_engine as engine
 
     deltas = _three_deltas(tmp_path, density=0.4)
     weights = [1.0, 0.5, 1.0]
@@ -266,8 +266,8 @@ def test_block_merges_on_torch_and_numpy_match_the_combiner(seed, dt_name, count
                                                              weights, cut, window):
     """The block merges (C loop where built, numpy, torch), on a tensor cut into two blocks
     and small windows, write exactly what the union-based combiner computes."""
-    from sparsestitch.stitch.combine import BlockMerge
-    from sparsestitch.stitch.device import DeviceBlockMerge
+    from sparsestitch.combine.combiners import BlockMerge
+    from sparsestitch.combine.device import DeviceBlockMerge
 
     dt, stored = _records(seed, dt_name, count, numel)
     rng = np.random.default_rng(seed)
@@ -302,8 +302,8 @@ def test_the_engine_runs_device_merges_in_its_writing_thread_only(tmp_path):
     """Reader threads decode; device work (and device memory) stays in the caller's thread."""
     import threading
 
-    from sparsestitch.stitch import engine
-    from sparsestitch.stitch.device import DeviceBlockMerge
+    from sparsestitch.ops import stitch_engine as engine
+    from sparsestitch.combine.device import DeviceBlockMerge
 
     deltas = _three_deltas(tmp_path, density=0.4)
     threads, real = [], DeviceBlockMerge.__call__
@@ -321,7 +321,7 @@ def test_the_engine_runs_device_merges_in_its_writing_thread_only(tmp_path):
 def test_staging_reuses_its_buffers(device):
     """Copies go through a ring of reused host buffers (grown, never reallocated per array),
     pinned on CUDA."""
-    from sparsestitch.stitch.staging import Staging
+    from sparsestitch.combine.staging import Staging
 
     staging = Staging(device, slots=2)
     rng = np.random.default_rng(0)

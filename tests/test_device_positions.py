@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from sparsestitch.codecs import Bitmap, Gaps
-from sparsestitch.codecs.base import pack_stream, to_planes
-from sparsestitch.errors import DeltaFormatError
-from sparsestitch.stitch.device_bits import as_torch
-from sparsestitch.stitch.device_positions import decode_positions
+from sparsestitch.delta.codecs import Bitmap, Gaps
+from sparsestitch.delta.codecs.base import pack_stream, to_planes
+from sparsestitch.core.errors import DeltaFormatError
+from sparsestitch.combine.device_bits import as_torch
+from sparsestitch.combine.device_positions import decode_positions
 
 from .test_device import DEVICES
 

@@ -8,10 +8,10 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from sparsestitch.codecs import QuantValues, RawValues, TauValues, XorValues
-from sparsestitch.dtypes import dtype
-from sparsestitch.stitch.device_bits import as_torch
-from sparsestitch.stitch.device_values import decode_values
+from sparsestitch.delta.codecs import QuantValues, RawValues, TauValues, XorValues
+from sparsestitch.core.dtypes import dtype
+from sparsestitch.combine.device_bits import as_torch
+from sparsestitch.combine.device_values import decode_values
 
 from .test_device import DEVICES, _base_bits, _bits_like
 

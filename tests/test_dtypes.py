@@ -7,7 +7,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from sparsestitch.dtypes import SAFETENSORS_DTYPES, dtype, from_wide, to_wide
+from sparsestitch.core.dtypes import SAFETENSORS_DTYPES, dtype, from_wide, to_wide
 
 from .codec_checks import special_bits
 

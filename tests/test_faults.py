@@ -389,7 +389,7 @@ def test_two_writers_of_different_outputs_one_wins_the_other_is_told(bench, othe
 def test_a_writer_never_replaces_an_output_that_appeared_while_it_wrote(tmp_path, monkeypatch):
     """The window between the last existence check and the rename: another process publishes
     there; this one must fail clearly and leave the other's output alone."""
-    from sparsestitch import atomic
+    from sparsestitch.core import atomic
 
     target = tmp_path / "out.delta"
     for name in ("link", "replace"):
@@ -410,7 +410,7 @@ def test_a_writer_never_replaces_an_output_that_appeared_while_it_wrote(tmp_path
 def test_a_folder_that_appears_after_the_last_check_is_not_swapped_away(tmp_path, monkeypatch):
     """Like the test above, for a folder output published just after publishing's own check
     that the output does not exist yet found nothing."""
-    from sparsestitch import atomic
+    from sparsestitch.core import atomic
 
     target = tmp_path / "restored"
     real_exists, real_publish = Path.exists, atomic.publish
@@ -443,7 +443,7 @@ def test_kill_at_each_step_of_replacing_a_folder_without_an_atomic_swap(bench, p
     """Without RENAME_EXCHANGE a folder is replaced in two renames; a kill at any step leaves
     the old output (put back when the path is next used) or the new one, never neither, and
     the next run cleans up without deleting either."""
-    from sparsestitch import atomic
+    from sparsestitch.core import atomic
     from sparsestitch.checkpoint import Checkpoint
 
     out = bench.output("restore")
@@ -507,7 +507,7 @@ def test_an_output_the_user_deleted_is_never_brought_back(bench):
 
 def test_replacing_a_folder_without_an_atomic_swap_still_works(bench, monkeypatch):
     """Where renameat2 is missing the old folder is moved aside first (documented window)."""
-    from sparsestitch import atomic
+    from sparsestitch.core import atomic
 
     monkeypatch.setattr(atomic, "_exchange", lambda a, b: False)
     out = bench.output("restore")

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import sparsestitch
-from sparsestitch.format import DeltaReader
-from sparsestitch.tiebreak import tie_order
+from sparsestitch.delta.format import DeltaReader
+from sparsestitch.core.tiebreak import tie_order
 
 from .conftest import save_checkpoint
 

@@ -14,11 +14,11 @@ from safetensors.numpy import save_file
 from safetensors.torch import load_file
 
 import sparsestitch
-from sparsestitch.dtypes import SAFETENSORS_DTYPES, dtype
-from sparsestitch.format import (FORMAT_NAME, HEADER_HASH_KEY, HEADER_KEY,
-                                 DeltaReader, DeltaWriter, Record, encode_record)
-from sparsestitch.safetensors_file import encode_header, read_header
-from sparsestitch.sizes import numel as count_elements
+from sparsestitch.core.dtypes import SAFETENSORS_DTYPES, dtype
+from sparsestitch.delta.format import (FORMAT_NAME, HEADER_HASH_KEY, HEADER_KEY, DeltaReader,
+                                       DeltaWriter, Record, encode_record)
+from sparsestitch.checkpoint.safetensors_file import encode_header, read_header
+from sparsestitch.core.sizes import numel as count_elements
 
 from .conftest import bits
 
@@ -26,7 +26,7 @@ META = {"method": "test", "density": 0.5, "sources": {"base": "b", "finetuned": 
 
 
 def xxh3(data) -> str:
-    """Checksums recomputed independently of sparsestitch.format.digest."""
+    """Checksums recomputed independently of sparsestitch.delta.format.digest."""
     return xxhash.xxh3_64_hexdigest(np.ascontiguousarray(data).tobytes())
 
 
@@ -113,7 +113,7 @@ def test_every_record_kind_roundtrips(delta):
 
 
 def test_reading_one_tensor_reads_only_its_bytes(delta, monkeypatch):
-    from sparsestitch import format as delta_format
+    from sparsestitch.delta import format as delta_format
 
     path, tensors, _ = delta
     entries, data_start = data_area(path)

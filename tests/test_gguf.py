@@ -17,7 +17,7 @@ import sparsestitch
 from sparsestitch.checkpoint import Checkpoint
 from sparsestitch.cli import main
 from sparsestitch.checkpoint.gguf_file import transformers_name, unpermute_rows
-from sparsestitch.errors import CheckpointError, OutputError
+from sparsestitch.core.errors import CheckpointError, OutputError
 
 from .conftest import bits, save_checkpoint
 

@@ -50,10 +50,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import sparsestitch
-from sparsestitch import codecs
-from sparsestitch.dtypes import dtype
-from sparsestitch.format import FORMAT_VERSION, DeltaReader
-from sparsestitch.sizes import numel
+from sparsestitch.delta import codecs
+from sparsestitch.core.dtypes import dtype
+from sparsestitch.delta.format import FORMAT_VERSION, DeltaReader
+from sparsestitch.core.sizes import numel
 
 from .conftest import bits
 
@@ -186,7 +186,7 @@ def as_torch(dt_name: str, values: np.ndarray) -> torch.Tensor:
 @contextmanager
 def golden_version():
     """Write ``GOLDEN_VERSION`` as the header's ``library_version``."""
-    with mock.patch.object(importlib.import_module("sparsestitch.delta_outputs"), "__version__",
+    with mock.patch.object(importlib.import_module("sparsestitch.ops.delta_outputs"), "__version__",
                            GOLDEN_VERSION):
         yield
 

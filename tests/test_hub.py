@@ -17,8 +17,8 @@ from safetensors.torch import load_file
 import sparsestitch
 
 from sparsestitch.checkpoint import Checkpoint
-from sparsestitch.errors import CheckpointError
-from sparsestitch.hub import parse_hub_id, resolve, resolve_checkpoint, write_model_card
+from sparsestitch.core.errors import CheckpointError
+from sparsestitch.checkpoint.hub import parse_hub_id, resolve, resolve_checkpoint, write_model_card
 from sparsestitch.zoo import add, get, init, ls
 
 from .conftest import bits, finetune_of, save_checkpoint, small_model
@@ -145,7 +145,7 @@ def test_every_command_takes_hub_ids_where_it_takes_checkpoints(hub, tmp_path):
     sparsestitch.compress(snapshots["org/base"], snapshots["org/math@v1"], by_path, density=0.1)
     assert sparsestitch.info(by_id).header["sources"] == {"base": "org/base",
                                                           "finetuned": "org/math@v1"}
-    with sparsestitch.format.DeltaReader(by_id) as a, sparsestitch.format.DeltaReader(by_path) as b:
+    with sparsestitch.delta.format.DeltaReader(by_id) as a, sparsestitch.delta.format.DeltaReader(by_path) as b:
         assert [r.payload_xxh3 for r in a.records] == [r.payload_xxh3 for r in b.records]
     sparsestitch.verify(by_id, base="org/base")
     restored = sparsestitch.restore("org/base", by_id, tmp_path / "restored")

@@ -188,7 +188,7 @@ def test_a_hub_base_is_protected_after_resolution(ws, cache):
                                   "org/base@refs/../../x"])
 def test_hub_revisions_cannot_name_paths(ws, cache, spec):
     with pytest.raises(sparsestitch.CheckpointError, match="revision after @"):
-        sparsestitch.hub.resolve(spec)
+        sparsestitch.checkpoint.hub.resolve(spec)
 
 
 def test_a_refs_file_cannot_lead_out_of_the_cache(ws, cache, tmp_path):
@@ -198,7 +198,7 @@ def test_a_refs_file_cannot_lead_out_of_the_cache(ws, cache, tmp_path):
     ref.write_text("../../../../base")
     try:
         with pytest.raises(sparsestitch.CheckpointError):
-            sparsestitch.hub.resolve("org/base@evil")
+            sparsestitch.checkpoint.hub.resolve("org/base@evil")
     finally:
         ref.unlink()
     outside = tmp_path / "elsewhere"
@@ -208,7 +208,7 @@ def test_a_refs_file_cannot_lead_out_of_the_cache(ws, cache, tmp_path):
     (cache / "refs" / "planted").write_text("c" * 40)
     try:
         with pytest.raises(sparsestitch.CheckpointError, match="outside its own snapshots"):
-            sparsestitch.hub.resolve("org/base@planted")
+            sparsestitch.checkpoint.hub.resolve("org/base@planted")
     finally:
         planted.unlink()
         (cache / "refs" / "planted").unlink()
@@ -289,7 +289,7 @@ def test_hub_ids_and_refs_never_resolve_outside_the_cache(ws, revision, ref_text
     try:
         for spec in (f"org/base@{revision}", "org/base@fuzz"):
             try:
-                resolved = sparsestitch.hub.resolve(spec)
+                resolved = sparsestitch.checkpoint.hub.resolve(spec)
             except sparsestitch.CheckpointError:
                 continue
             assert os.path.dirname(os.path.realpath(resolved.path)) == snapshots, (spec, resolved)

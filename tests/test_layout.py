@@ -1,6 +1,6 @@
-"""The package's shape (docs/architecture.md): imports only go down (no cycles between
-modules' top-level imports), no module imports another's private names, and no function or
-class is longer than about 120 lines (the C file aside)."""
+"""The package's shape (docs/architecture.md): packages are layers and imports only go down
+(:data:`LAYERS`), no cycles between modules' top-level imports, no module imports another's
+private names, and no function or class is longer than about 120 lines (the C file aside)."""
 
 from __future__ import annotations
 
@@ -39,6 +39,42 @@ def imports(name: str, path: Path, tree: ast.Module, known) -> list[tuple[str, s
             full = f"{target}.{alias.name}"
             out.append((full if full in known else target, alias.name, node in tree.body))
     return out
+
+
+#: Each package's layer: a module may import its own package and any lower layer, never a
+#: higher one nor a sibling of its layer (function-level imports included).
+LAYERS = {
+    "core": 0, "_version": 0, "_native": 0,   # errors, dtypes, sizes, options, the C loops
+    "checkpoint": 1,                          # model files: safetensors, GGUF, Hub, guard
+    "delta": 2,                               # the delta file: records, reader, writer, codecs
+    "engine": 3,                              # the walk within a memory budget
+    "localize": 4, "combine": 4,              # what a delta keeps; how deltas combine
+    "ops": 5,                                 # each command's work
+    "live": 6, "zoo": 6,                      # hot-swap on a resident model; model zoos
+    "(api)": 7,                               # sparsestitch/__init__.py: the public API
+    "cli": 8,                                 # the command line
+}
+
+
+def layer_of(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else "(api)"
+
+
+def test_packages_are_layers_and_imports_go_down():
+    found = modules()
+    assert {layer_of(name) for name in found} <= set(LAYERS), "a package without a layer"
+    upward = []
+    for name, (path, tree) in found.items():
+        for target, imported, _ in imports(name, path, tree, found):
+            if target == "sparsestitch" and imported == "_native":
+                target = "sparsestitch._native"
+            source, goal = layer_of(name), layer_of(target)
+            higher = LAYERS[goal] > LAYERS[source]
+            sibling = LAYERS[goal] == LAYERS[source] > 0  # layer 0 is one foundation
+            if source != goal and (higher or sibling):
+                upward.append((name, target))
+    assert upward == []
 
 
 def test_no_import_cycles():

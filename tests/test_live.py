@@ -12,7 +12,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 import sparsestitch
-from sparsestitch.errors import BaseMismatchError, SparsestitchError, TensorMismatchError
+from sparsestitch.core.errors import BaseMismatchError, SparsestitchError, TensorMismatchError
 from sparsestitch.live import patch as live_patch
 
 from .test_rules import FLOAT_DTYPES, RULE_OPTIONS, narrow, random_bits, to_bits, to_torch, widen

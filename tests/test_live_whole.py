@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import sparsestitch
-from sparsestitch.errors import BaseMismatchError, SparsestitchError
+from sparsestitch.core.errors import BaseMismatchError, SparsestitchError
 
 from .test_live import assert_bits, base_bits, bits_of, live, patching
 from .test_rules import random_bits

@@ -8,10 +8,10 @@ import torch
 from torch import nn
 
 import sparsestitch
-from sparsestitch.errors import OptionError, TensorMismatchError
-from sparsestitch.format import DeltaReader
+from sparsestitch.core.errors import OptionError, TensorMismatchError
+from sparsestitch.delta.format import DeltaReader
 from sparsestitch.localize.trained import dataless_masks, global_top_k, learn_masks
-from sparsestitch.tiebreak import tie_order
+from sparsestitch.core.tiebreak import tie_order
 
 from .conftest import finetune_of, save_checkpoint, small_model
 

@@ -15,11 +15,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import sparsestitch
-from sparsestitch import merge_config
-from sparsestitch.dtypes import dtype
-from sparsestitch.errors import ConfigError, TensorMismatchError
-from sparsestitch.stitch import RULES, rule_combiner
-from sparsestitch.walk import Stored
+from sparsestitch.ops import merge_config
+from sparsestitch.core.dtypes import dtype
+from sparsestitch.core.errors import ConfigError, TensorMismatchError
+from sparsestitch.ops.stitch import RULES, rule_combiner
+from sparsestitch.engine.walk import Stored
 
 from .codec_checks import tunes_of_one_base
 from .conftest import bits, finetune_of, save_checkpoint, small_model

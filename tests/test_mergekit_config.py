@@ -13,8 +13,8 @@ from safetensors.torch import load_file
 
 import sparsestitch
 from sparsestitch.cli import main
-from sparsestitch.errors import ConfigError
-from sparsestitch.merge_config import load
+from sparsestitch.core.errors import ConfigError
+from sparsestitch.ops.merge_config import load
 
 from .conftest import finetune_of, save_checkpoint, small_model
 from .test_checkpoint import assert_same_tensors

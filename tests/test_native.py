@@ -18,15 +18,15 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 import sparsestitch
-from sparsestitch import native
-from sparsestitch.codecs import POSITION_CODECS, VALUE_CODECS, rice
-from sparsestitch.codecs.base import from_planes, gap_decode
-from sparsestitch.codecs.tau import TauValues
-from sparsestitch.dtypes import dtype
-from sparsestitch.errors import DeltaFormatError
+from sparsestitch.core import native
+from sparsestitch.delta.codecs import POSITION_CODECS, VALUE_CODECS, rice
+from sparsestitch.delta.codecs.base import from_planes, gap_decode
+from sparsestitch.delta.codecs.tau import TauValues
+from sparsestitch.core.dtypes import dtype
+from sparsestitch.core.errors import DeltaFormatError
 from sparsestitch.localize.topk import magnitude_keys, split_bracket
-from sparsestitch.stitch import rule_combiner
-from sparsestitch.walk import Stored
+from sparsestitch.ops.stitch import rule_combiner
+from sparsestitch.engine.walk import Stored
 
 from .codec_checks import ALL_DTYPES, position_sets, tunes_of_one_base, value_pairs
 from .conftest import finetune_of, save_checkpoint, small_model
@@ -297,8 +297,8 @@ def _tau_payload_of_the_earlier_writer(kept, base, dt):
     """The tau payload as the writer made it before every NaN sum became an exception:
     exceptions only where numpy's own sum rounds to other bits (so decoding relies on numpy's
     choice of NaN payload, which differs between its SIMD lanes and its loop tails)."""
-    from sparsestitch.codecs.base import gap_encode, pack_stream, to_planes
-    from sparsestitch.dtypes import from_wide, to_wide
+    from sparsestitch.delta.codecs.base import gap_encode, pack_stream, to_planes
+    from sparsestitch.core.dtypes import from_wide, to_wide
 
     base_wide = to_wide(base, dt)
     with np.errstate(all="ignore"):
@@ -336,7 +336,7 @@ def test_files_of_the_earlier_tau_writer_decode_as_numpy_decodes_them(dt_name):
 def test_a_bitmap_claiming_too_many_positions_is_refused_before_they_are_allocated():
     import tracemalloc
 
-    from sparsestitch.codecs.bitmap import Bitmap
+    from sparsestitch.delta.codecs.bitmap import Bitmap
 
     numel = 1 << 24
     payload, config = Bitmap().encode(np.array([3, 4_000_000], np.int64), (numel,))
@@ -459,7 +459,7 @@ def test_key_statistics_and_thresholds_alike_in_c_and_numpy(data, dt_name):
 @given(st.lists(st.floats(0, 1e30, allow_nan=False, width=64), min_size=1, max_size=700),
        st.sampled_from([1, 2, 3, 4, 8]), st.sampled_from([1, 3, 8, 128, 1000]))
 def test_quant_fit_alike_in_c_and_numpy(values, bits, group):
-    from sparsestitch.codecs.quant import _group_starts, _fit  # noqa: PLC2701 - the twins
+    from sparsestitch.delta.codecs.quant import _group_starts, _fit  # noqa: PLC2701 - the twins
 
     magnitude = np.array(values)
     starts = _group_starts(magnitude.size, group if group < magnitude.size else 0)
@@ -472,7 +472,7 @@ def test_quant_fit_alike_in_c_and_numpy(values, bits, group):
 @settings(max_examples=60, deadline=None)
 @given(st.data(), st.sampled_from(["BF16", "F16", "F32", "F64"]))
 def test_ulp_stream_alike_in_c_and_numpy(data, dt_name):
-    from sparsestitch.codecs.ulp import stored_planes
+    from sparsestitch.delta.codecs.ulp import stored_planes
 
     dt = dtype(dt_name)
     kept, base = data.draw(value_pairs(dt, max_size=300))
@@ -511,7 +511,7 @@ def test_rice_runs_alike_in_c_and_numpy(values, k, runs):
 def test_quant_encoding_alike_in_c_and_numpy(data, dt_name, bits, group):
     """The whole quant encoder -- fit, assignment, overflow, error -- writes the same payload
     and config with the C loops and without them, special values included."""
-    from sparsestitch.codecs.quant import QuantValues
+    from sparsestitch.delta.codecs.quant import QuantValues
 
     dt = dtype(dt_name)
     kept, base = data.draw(value_pairs(dt, max_size=300))
@@ -528,7 +528,7 @@ def test_quant_restoring_alike_in_c_and_numpy(data, dt_name, bits, group):
     """Quant values restored whole and in runs of every length, against the base they were
     made from and against another (special values, overflow and NaN included): the C loop
     gives numpy's bits."""
-    from sparsestitch.codecs.quant import QuantValues
+    from sparsestitch.delta.codecs.quant import QuantValues
 
     from .codec_checks import bit_patterns, cursor_parts
 
@@ -563,7 +563,7 @@ def test_quant_restoring_alike_in_c_and_numpy(data, dt_name, bits, group):
 def test_bitmap_windows_in_c_match_numpy(raw, first, n, item):
     """bitmap_count / bitmap_move (a gather and a scatter through a window of bits, no
     position array) against numpy's unpacked bits, at any bit offset and length."""
-    from sparsestitch.codecs import bitmap
+    from sparsestitch.delta.codecs import bitmap
     window = np.frombuffer(raw, np.uint8)
     first = min(first, 8 * window.size)
     n = min(n, 8 * window.size - first)

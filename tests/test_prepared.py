@@ -12,7 +12,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 import sparsestitch
-from sparsestitch.errors import BaseMismatchError, SparsestitchError
+from sparsestitch.core.errors import BaseMismatchError, SparsestitchError
 
 from .test_live import (PATCH_MODES, Tiny, _disjoint_pair, _module_model, _setup, assert_bits,
                         base_bits, bits_of, live, patching, random_merge_case)

@@ -9,10 +9,10 @@ import torch
 from hypothesis import example, given, settings, strategies as st
 
 import sparsestitch
-from sparsestitch.codecs.quant import BITS, QuantValues
-from sparsestitch.dtypes import dtype as lookup_dtype, from_wide, to_wide
-from sparsestitch.errors import DeltaFormatError
-from sparsestitch.format import DeltaReader
+from sparsestitch.delta.codecs.quant import BITS, QuantValues
+from sparsestitch.core.dtypes import dtype as lookup_dtype, from_wide, to_wide
+from sparsestitch.core.errors import DeltaFormatError
+from sparsestitch.delta.format import DeltaReader
 
 from .codec_checks import FLOAT_DTYPES, check_value_cursor, value_pairs
 from .conftest import bits, finetune_of, save_checkpoint, small_model
@@ -191,7 +191,7 @@ def test_values_added_in_parts_encode_as_all_at_once(dt, data, bits_k, group, ru
     order the squared error is summed in (the same groups, the same codes and scales)."""
     from unittest import mock
 
-    from sparsestitch.codecs import quant
+    from sparsestitch.delta.codecs import quant
 
     kept, base = data.draw(value_pairs(dt, max_size=120))
     one_run = QUANT.encode(kept, base, dt, bits=bits_k, group=group)

@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from sparsestitch.readahead import in_order as in_order
+from sparsestitch.engine.readahead import in_order
 
 
 def run(names, sizes, budget, fail_at=None):

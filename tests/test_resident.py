@@ -15,8 +15,8 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 import sparsestitch
-from sparsestitch.codecs import RawValues, TauValues, XorValues
-from sparsestitch.errors import BaseMismatchError, SparsestitchError
+from sparsestitch.delta.codecs import RawValues, TauValues, XorValues
+from sparsestitch.core.errors import BaseMismatchError, SparsestitchError
 
 from .test_device import DEVICES, _numpy_combiner_forbidden
 from .test_live import (Tiny, _module_model, _setup, assert_bits, base_bits, live,

@@ -11,8 +11,8 @@ from click.testing import CliRunner
 import sparsestitch
 from sparsestitch.checkpoint import Checkpoint
 from sparsestitch.cli import main
-from sparsestitch.errors import BaseMismatchError
-from sparsestitch.restored import RestoredCheckpoint
+from sparsestitch.core.errors import BaseMismatchError
+from sparsestitch.ops.restored import RestoredCheckpoint
 
 from .conftest import finetune_of, save_checkpoint, small_model
 from .test_checkpoint import assert_same_tensors as _same

@@ -16,11 +16,11 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from sparsestitch.dtypes import dtype as lookup_dtype
-from sparsestitch.errors import OptionError, TensorMismatchError
-from sparsestitch.stitch import RULES, rule_combiner
-from sparsestitch.tiebreak import tie_order
-from sparsestitch.walk import Stored
+from sparsestitch.core.dtypes import dtype as lookup_dtype
+from sparsestitch.core.errors import OptionError, TensorMismatchError
+from sparsestitch.ops.stitch import RULES, rule_combiner
+from sparsestitch.core.tiebreak import tie_order
+from sparsestitch.engine.walk import Stored
 
 FLOAT_DTYPES = ("BF16", "F16", "F32", "F64")
 TORCH_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32,
@@ -368,8 +368,8 @@ def test_dare_draws_depend_on_the_delta_index_not_on_other_deltas():
 def test_ties_trims_by_selection_exactly_as_by_a_full_sort(values, data):
     """TIES keeps the ``limit`` largest magnitudes, ties by the hash then position, NaN last:
     selection (``top_magnitudes``) gives the full lexsort's set, special values included."""
-    from sparsestitch.stitch.rules import top_magnitudes
-    from sparsestitch.tiebreak import tie_order
+    from sparsestitch.combine.rules import top_magnitudes
+    from sparsestitch.core.tiebreak import tie_order
     tau = np.array(values, np.float32)
     positions = np.sort(data.draw(st.lists(st.integers(0, 10**6), min_size=tau.size,
                                            max_size=tau.size, unique=True))).astype(np.int64)

@@ -20,12 +20,12 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import sparsestitch
-from sparsestitch.atomic import OUTPUT_MARKER
-from sparsestitch.dtypes import dtype as lookup_dtype
-from sparsestitch.errors import BaseMismatchError, TensorMismatchError
-from sparsestitch.format import DeltaReader, DeltaWriter, Record, digest, encode_record
-from sparsestitch.sizes import numel
-from sparsestitch.stitch import RECIPE_KEY, RULES, RuleCombiner, rule_combiner
+from sparsestitch.core.atomic import OUTPUT_MARKER
+from sparsestitch.core.dtypes import dtype as lookup_dtype
+from sparsestitch.core.errors import BaseMismatchError, TensorMismatchError
+from sparsestitch.delta.format import DeltaReader, DeltaWriter, Record, digest, encode_record
+from sparsestitch.core.sizes import numel
+from sparsestitch.ops.stitch import RECIPE_KEY, RULES, RuleCombiner, rule_combiner
 
 from .conftest import bits, finetune_of, save_checkpoint, small_model
 from .test_rules import (FLOAT_DTYPES, RULE_OPTIONS, random_bits, random_masks, reference_merge,
@@ -332,7 +332,7 @@ def test_tensors_deltas_add_are_written_once(tmp_path):
 def test_records_too_big_for_the_budget_are_cut_where_they_are_dense(tmp_path):
     """All stored positions in the first 1% of rows: the memory-bounded path must cut those
     rows finely (by counted positions), not the tensor evenly."""
-    from sparsestitch.stitch import combine
+    from sparsestitch.combine import combiners as combine
 
     rng = np.random.default_rng(9)
     rows, cols = 4000, 256

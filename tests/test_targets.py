@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 import sparsestitch
 from sparsestitch.cli import main
-from sparsestitch.dtypes import dtype as lookup_dtype, from_wide, to_wide
+from sparsestitch.core.dtypes import dtype as lookup_dtype, from_wide, to_wide
 from sparsestitch.localize.budget import Option, OptionSearch, Profile, allocate
 from sparsestitch.localize.stats import TensorStats
 

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from sparsestitch.dtypes import dtype
+from sparsestitch.core.dtypes import dtype
 from sparsestitch.localize import topk as topk_module
 from sparsestitch.localize.topk import (TopK, bracket_bins, count_to_keep, magnitude_keys,
                                         resolve_candidates, topk_positions)
-from sparsestitch.tiebreak import ranked, tie_order
+from sparsestitch.core.tiebreak import ranked, tie_order
 
 # Few distinct keys, so ties are common; they share high halves (the low-pass bin) and
 # span the whole uint32 range (bin 0 and bin 0xFFFF).

@@ -10,8 +10,8 @@ import torch
 from safetensors.torch import load_file
 
 import sparsestitch
-from sparsestitch.errors import DeltaFormatError
-from sparsestitch.format import DeltaReader
+from sparsestitch.core.errors import DeltaFormatError
+from sparsestitch.delta.format import DeltaReader
 
 from .conftest import bits, save_checkpoint
 from .support.reference import read_tensors, reference_decode

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from hypothesis import given, settings, strategies as st
 
-from sparsestitch.stitch.union import marks_union, sorted_union, union_of
+from sparsestitch.combine.union import marks_union, sorted_union, union_of
 
 
 def reference(arrays):

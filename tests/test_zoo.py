@@ -23,11 +23,11 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 import sparsestitch
-from sparsestitch.cli_zoo import zoo as zoo_cli
-from sparsestitch.errors import OutputError
-from sparsestitch.synthetic import write_zoo
-from sparsestitch.zoo import (ManifestError, UnknownMemberError,
-                              ZooAddError, add, get, init, ls, merge, rm, verify)
+from sparsestitch.cli.zoo import zoo as zoo_cli
+from sparsestitch.core.errors import OutputError
+from sparsestitch.checkpoint.synthetic import write_zoo
+from sparsestitch.zoo import (ManifestError, UnknownMemberError, ZooAddError, add, get, init, ls,
+                              merge, rm, verify)
 from sparsestitch.zoo import manifest as mf
 
 from .conftest import bits, finetune_of, save_checkpoint, small_model
@@ -123,7 +123,7 @@ def test_get_and_merge_match_restore_and_stitch(models, tmp_path):
     assert f'base_model: "{Path(models["base"]).resolve()}"' in card
     assert f"zoo get {zoo} math -o {tmp_path / 'math'}" in card      # runnable as it is
     assert "Compress options: --density 0.02" in card and "null" not in card
-    held = sparsestitch.describe.exactness(zoo / "deltas" / "math.delta")
+    held = sparsestitch.ops.describe.exactness(zoo / "deltas" / "math.delta")
     assert held.sentence()[1:] in card
     merged = merge(zoo, ["math", "code"], tmp_path / "merged", rule="ties", density=0.5)
     sparsestitch.stitch(models["base"], [zoo / "deltas" / "math.delta",

@@ -34,11 +34,12 @@ from pathlib import Path
 
 import numpy as np
 
-from ..dtypes import dtype as lookup_dtype, from_wide
-from ..errors import CheckpointError, OptionError
-from ..options import short_repr
-from ..safetensors_file import TensorEntry
-from ..sizes import row_items
+from ..core.dtypes import dtype as lookup_dtype
+from ..core.dtypes import from_wide
+from ..core.errors import CheckpointError, OptionError
+from ..core.options import short_repr
+from ..core.sizes import row_items
+from .safetensors_file import TensorEntry
 
 GGUF_SUFFIX = ".gguf"
 DTYPE_VARIABLE = "SPARSESTITCH_GGUF_DTYPE"

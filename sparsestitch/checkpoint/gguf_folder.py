@@ -14,7 +14,7 @@ import logging
 import tempfile
 from pathlib import Path
 
-from ..errors import OutputError
+from ..core.errors import OutputError
 
 log = logging.getLogger("sparsestitch")
 

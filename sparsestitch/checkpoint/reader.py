@@ -1,6 +1,6 @@
 """Read safetensors checkpoints -- a single file or a Hugging Face folder -- one tensor at a time.
 
-Tensors come back as numpy arrays of raw bits (see :mod:`sparsestitch.dtypes`),
+Tensors come back as numpy arrays of raw bits (see :mod:`sparsestitch.core.dtypes`),
 read with positioned reads into fresh buffers: nothing is memory-mapped, so
 the process holds only the tensors it is working on and resident memory
 stays bounded whatever the model size.  Pickle checkpoints are refused.
@@ -15,13 +15,13 @@ from pathlib import Path
 
 import numpy as np
 
-from ..atomic import interrupted_replacement
-from ..dtypes import dtype as lookup_dtype
-from ..errors import CheckpointError
-from ..hub import Resolved, resolve
-from ..safetensors_file import TensorEntry, read_header
-from ..sizes import row_items
+from ..core.atomic import interrupted_replacement
+from ..core.dtypes import dtype as lookup_dtype
+from ..core.errors import CheckpointError
+from ..core.sizes import row_items
 from .gguf_file import GgufTensors, is_gguf
+from .hub import Resolved, resolve
+from .safetensors_file import TensorEntry, read_header
 
 INDEX_NAME = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")

@@ -4,7 +4,7 @@ The writer is told the whole layout up front (names, dtypes, shapes per
 shard), so each shard's header is written first and tensor bytes follow in
 order, in whole tensors or row blocks; nothing is held in memory.  The output
 appears at the target path only when :meth:`CheckpointWriter.close`
-succeeds (see :mod:`sparsestitch.atomic`); a folder also gets its
+succeeds (see :mod:`sparsestitch.core.atomic`); a folder also gets its
 ``model.safetensors.index.json`` and the base's non-weight files.
 """
 
@@ -18,12 +18,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ..atomic import atomic_path, earlier_folder_output, fsync_file, output_error
-from ..dtypes import dtype as lookup_dtype
-from ..safetensors_file import encode_header, file_kind
-from ..sizes import numel
+from ..core.atomic import atomic_path, earlier_folder_output, fsync_file, output_error
+from ..core.dtypes import dtype as lookup_dtype
+from ..core.sizes import numel
 from .reader import INDEX_NAME
-
+from .safetensors_file import encode_header, file_kind
 
 #: The kind recorded in the marker of a model folder written here.
 MODEL_OUTPUT = "model"
@@ -31,7 +30,7 @@ MODEL_OUTPUT = "model"
 
 def earlier_model_output(path: Path) -> str | None:
     """What ``overwrite`` may replace with a model: an earlier model folder output of
-    sparsestitch (see :func:`~sparsestitch.atomic.earlier_folder_output`) or a safetensors
+    sparsestitch (see :func:`~sparsestitch.core.atomic.earlier_folder_output`) or a safetensors
     model file (None), else what is there."""
     if path.is_dir():
         return earlier_folder_output(MODEL_OUTPUT)(path)

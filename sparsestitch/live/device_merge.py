@@ -3,11 +3,11 @@
 Shared by :func:`~.resident.stitch_into` and, for tensors on an accelerator,
 :func:`~.patch.apply`: the host reads each record's payload, checks it and decompresses its
 streams; positions are decoded on the device for ``gaps`` and ``bitmap``
-(:mod:`sparsestitch.stitch.device_positions`), on the host for ``rice`` and ``csr``; the
+(:mod:`sparsestitch.combine.device_positions`), on the host for ``rice`` and ``csr``; the
 device gathers the base bits at the
 stored positions, decodes the values against them
-(:func:`~sparsestitch.stitch.device_values.decode_values`) and merges by rule
-(:func:`~sparsestitch.stitch.device_rules.combine_on_device`), so the base bits never leave
+(:func:`~sparsestitch.combine.device_values.decode_values`) and merges by rule
+(:func:`~sparsestitch.combine.device_rules.combine_on_device`), so the base bits never leave
 the device.
 """
 
@@ -15,13 +15,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from ..format import DeltaReader
-from ..stitch.combine import RuleCombiner
-from ..stitch.device_positions import decode_positions
-from ..stitch.device_rules import DeviceStored, combine_on_device
-from ..stitch.device_values import decode_values
-from ..stitch.staging import Staging
-from ..walk import stored_positions
+from ..combine.combiners import RuleCombiner
+from ..combine.device_positions import decode_positions
+from ..combine.device_rules import DeviceStored, combine_on_device
+from ..combine.device_values import decode_values
+from ..combine.staging import Staging
+from ..delta.format import DeltaReader
+from ..engine.walk import stored_positions
 from .tensors import LiveTensor
 
 

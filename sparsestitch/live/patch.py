@@ -2,7 +2,7 @@
 
 :func:`apply` merges deltas into a model's parameters and buffers (or a dict
 of tensors) where they live, CPU or CUDA, with the same combiner as
-:func:`~sparsestitch.stitch.stitch`: the model ends up bit-identical to
+:func:`~sparsestitch.ops.stitch.stitch`: the model ends up bit-identical to
 stitching the same deltas to a file and loading it.  Only stored positions are
 touched, and the values there are saved first, so :meth:`Patch.revert` puts
 the model back exactly.  On CUDA the values are decoded and merged on the device
@@ -41,14 +41,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..budget import MemoryBudget
-from ..errors import OptionError, SparsestitchError
-from ..format import DeltaReader, Record
-from ..readahead import DEFAULT_WORKERS, workers_for
-from ..stitch.combine import RuleCombiner, rule_combiner
-from ..stitch.staging import Staging
-from ..stitch.union import union_of
-from ..walk import BaseHash, RecordRuns, RowBlocks, Stored, decode_at, stored_positions
+from ..combine.combiners import RuleCombiner, rule_combiner
+from ..combine.staging import Staging
+from ..combine.union import union_of
+from ..core.errors import OptionError, SparsestitchError
+from ..delta.format import DeltaReader, Record
+from ..engine.budget import MemoryBudget
+from ..engine.readahead import DEFAULT_WORKERS, workers_for
+from ..engine.walk import BaseHash, RecordRuns, RowBlocks, Stored, decode_at, stored_positions
 from .device_merge import merge_on_device
 from .tensors import LiveTensor, match_records, named_tensors
 
@@ -75,7 +75,7 @@ def apply(model, deltas: str | os.PathLike | Sequence[str | os.PathLike], *,
           threads: int | None = None, **rule_options) -> "Patch":
     """Merge ``deltas`` into ``model`` (a ``torch.nn.Module`` or a dict of tensors) in place.
 
-    Rules, weights and options are those of :func:`~sparsestitch.stitch.stitch`, with
+    Rules, weights and options are those of :func:`~sparsestitch.ops.stitch.stitch`, with
     bit-identical results.  Every tensor the deltas describe must be in the model under
     the same name, shape and dtype (model tensors they do not describe are left alone).
     With ``verify_base`` (the default) each of those tensors is also hashed and compared
@@ -229,7 +229,7 @@ class Patch:
     def revert(self) -> None:
         """Put back the values this patch replaced, bit for bit; a second call does nothing.
 
-        Raises :class:`~sparsestitch.errors.SparsestitchError` (and changes nothing) while
+        Raises :class:`~sparsestitch.core.errors.SparsestitchError` (and changes nothing) while
         a patch applied later over the same tensors is still active (revert that first), or
         when a tensor patched whole was modified since (its revert would not be exact).
         """
@@ -398,7 +398,7 @@ def merge_in_place(live: LiveTensor, readers: Sequence[DeltaReader],
                    records: Sequence[Record | None], combine: RuleCombiner,
                    budget: MemoryBudget) -> None:
     """Merge the records into a live CPU tensor where it lives, row block by row block, as
-    the file stitcher merges a base block (:class:`~sparsestitch.walk.RecordRuns` and the
+    the file stitcher merges a base block (:class:`~sparsestitch.engine.walk.RecordRuns` and the
     rule's block merge): the same bits, no position arrays, within ``budget``.  The tensor
     must be its own base (checked by the caller) and :attr:`~LiveTensor.in_host_memory`."""
     dt = live.dt

@@ -37,11 +37,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import BaseMismatchError, SparsestitchError
-from ..format import DeltaReader
-from ..stitch.rules import get_rule
-from ..stitch.union import union_of
-from ..walk import stored_positions
+from ..combine.rules import get_rule
+from ..combine.union import union_of
+from ..core.errors import BaseMismatchError, SparsestitchError
+from ..delta.format import DeltaReader
+from ..engine.walk import stored_positions
 from .patch import Patch, PatchEntry, active_patches
 from .patch import apply as apply_from_files
 from .tensors import LiveTensor, named_tensors

@@ -5,8 +5,8 @@ never leaving the device.
 base and the output.  Per tensor, the host reads each record's payload, checks its
 checksum, decodes its positions and decompresses its value streams; the device gathers the
 base bits at the stored positions, decodes the values against them
-(:mod:`sparsestitch.stitch.device_values`), merges by rule
-(:func:`~sparsestitch.stitch.device_rules.combine_on_device`: every rule) and scatters the
+(:mod:`sparsestitch.combine.device_values`), merges by rule
+(:func:`~sparsestitch.combine.device_rules.combine_on_device`: every rule) and scatters the
 result into the tensor (:func:`.device_merge.merge_on_device`, which ``apply`` uses too).  The model ends bit-identical to stitching the same deltas to a
 file and loading it (tests compare the two).
 
@@ -28,11 +28,11 @@ import contextlib
 import os
 from collections.abc import Sequence
 
-from ..budget import MemoryBudget
-from ..errors import OptionError, SparsestitchError
-from ..format import DeltaReader
-from ..stitch.combine import rule_combiner
-from ..stitch.staging import Staging
+from ..combine.combiners import rule_combiner
+from ..combine.staging import Staging
+from ..core.errors import OptionError, SparsestitchError
+from ..delta.format import DeltaReader
+from ..engine.budget import MemoryBudget
 from .device_merge import merge_on_device
 from .patch import active_patches, can_merge_in_place, check_live_base, merge_in_place
 from .tensors import match_records, named_tensors
@@ -46,7 +46,7 @@ def stitch_into(model, deltas: str | os.PathLike | Sequence[str | os.PathLike], 
     on the device each tensor lives on; returns the names of the tensors changed.
 
     Rules, weights, options, ``verify_base`` and ``added`` are those of
-    :func:`~sparsestitch.live.apply` and :func:`~sparsestitch.stitch.stitch`, with
+    :func:`~sparsestitch.live.apply` and :func:`~sparsestitch.ops.stitch.stitch`, with
     bit-identical results; ``max_memory`` bounds what decoding holds (1 GiB by default).  For a model that must go back to its base, use ``apply``.
 
     >>> stitch_into(model, ["math.delta", "code.delta"], rule="ties")  # doctest: +SKIP

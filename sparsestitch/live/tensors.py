@@ -6,12 +6,12 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import numpy as np
-
 import xxhash
 
-from ..dtypes import TORCH_DTYPE_NAMES, DType, dtype as lookup_dtype
-from ..errors import BaseMismatchError, TensorMismatchError
-from ..format import DeltaReader
+from ..core.dtypes import TORCH_DTYPE_NAMES, DType
+from ..core.dtypes import dtype as lookup_dtype
+from ..core.errors import BaseMismatchError, TensorMismatchError
+from ..delta.format import DeltaReader
 
 #: Bytes of a tensor copied to the host and hashed at a time when checking the base.
 HASH_CHUNK_BYTES = 64 << 20

@@ -25,8 +25,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .. import codecs
-from ..codecs.quant import estimate as quant_estimate
+from ..delta import codecs
+from ..delta.codecs.quant import estimate as quant_estimate
 from .stats import TensorStats, keys_at_least, stats_keys
 
 DENSITIES = (0.003, 0.01, 0.03, 0.1, 0.3, 1.0)

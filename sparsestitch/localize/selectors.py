@@ -35,13 +35,20 @@ from functools import cached_property
 
 import numpy as np
 
-from ..dtypes import DType
-from ..errors import TensorMismatchError
-from ..sizes import row_items
-from ..tiebreak import ranked, tie_order
+from ..core.dtypes import DType
+from ..core.errors import TensorMismatchError
+from ..core.sizes import row_items
+from ..core.tiebreak import ranked, tie_order
 from .stats import keys_energy
-from .topk import (TopK, bracket_bins, count_to_keep, high_histogram, magnitude_keys,
-                   resolve_candidates, split_bracket)
+from .topk import (
+    TopK,
+    bracket_bins,
+    count_to_keep,
+    high_histogram,
+    magnitude_keys,
+    resolve_candidates,
+    split_bracket,
+)
 
 #: The bracketed top-k samples every SAMPLE_EVERY-th block of about SAMPLE_BLOCK elements
 #: of every localized tensor (blocks of whole rows; larger blocks cost fewer reads for the
@@ -82,7 +89,7 @@ class TuneBlock:
         return keys_energy(self.magnitudes)
 
     def tie_orders(self, index: np.ndarray) -> np.ndarray:
-        """Tie orders (:func:`~sparsestitch.tiebreak.tie_order`) of the elements at
+        """Tie orders (:func:`~sparsestitch.core.tiebreak.tie_order`) of the elements at
         block-relative ``index``."""
         return tie_order(self.name, index + self.offset)
 

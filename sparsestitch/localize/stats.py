@@ -14,7 +14,7 @@ whole bins are in or out, so the kept count and the dropped energy are known exa
 anything is selected, and the selection pass (:func:`keys_at_least`) is a comparison.
 
 >>> import numpy as np
->>> from sparsestitch.dtypes import dtype
+>>> from sparsestitch.core.dtypes import dtype
 >>> f32 = dtype("F32")
 >>> base = np.zeros(6, np.float32).view(np.uint32)
 >>> tune = np.array([0.1, -2.0, 0.0, 3.0, 0.5, -0.25], np.float32).view(np.uint32)
@@ -35,8 +35,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .. import native
-from ..dtypes import DType
+from ..core import native
+from ..core.dtypes import DType
 from .topk import magnitude_keys
 
 BINS = 1 << 16

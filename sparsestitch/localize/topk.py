@@ -1,12 +1,12 @@
 """Dataless localization: exact top-k of |tau| by streaming radix selection.
 
 Ranking uses a *key* per element: the bits of |tau| as float32 (tau computed
-in the wide type, see :mod:`sparsestitch.dtypes`), read as uint32.  For
+in the wide type, see :mod:`sparsestitch.core.dtypes`), read as uint32.  For
 non-negative floats the bit order is the value order, and NaN sorts above
 infinity, so changed-to-NaN elements rank first (elements whose bits did not
 change get key 0, even when tau = inf - inf is NaN).  Exactly ``k`` elements are
 kept: every key above the threshold ``T``; among keys equal to ``T``, those with the
-largest *tie order* (:func:`sparsestitch.tiebreak.tie_order`, a hash of tensor name
+largest *tie order* (:func:`sparsestitch.core.tiebreak.tie_order`, a hash of tensor name
 and position, so ties are spread over a tensor instead of taken from its first rows);
 where tie orders are equal too, the earlier in global order (tensors by name, then
 flat index).
@@ -27,9 +27,9 @@ from collections.abc import Callable
 
 import numpy as np
 
-from .. import native
-from ..dtypes import DType, to_wide
-from ..errors import OptionError
+from ..core import native
+from ..core.dtypes import DType, to_wide
+from ..core.errors import OptionError
 
 _BINS = 1 << 16
 _INF_KEY = 0x7F800000
@@ -38,7 +38,7 @@ _INF_KEY = 0x7F800000
 def magnitude_keys(finetuned_bits: np.ndarray, base_bits: np.ndarray, dt: DType) -> np.ndarray:
     """uint32 ranking keys of |fine-tuned - base|.
 
-    >>> from sparsestitch.dtypes import dtype
+    >>> from sparsestitch.core.dtypes import dtype
     >>> f32 = dtype("F32")
     >>> a = np.array([1.0, 2.0, 3.0], np.float32).view(np.uint32)
     >>> b = np.array([1.5, 2.0, 1.0], np.float32).view(np.uint32)
@@ -370,7 +370,7 @@ def resolve_candidates(candidate_keys: np.ndarray, needed: int) -> np.ndarray | 
     """Which candidates (in global order) complete the top-k; None if the bracket missed.
 
     ``needed`` is ``k`` minus the elements kept above the bracket.  Keys are uint64
-    (:func:`sparsestitch.tiebreak.ranked`: the key, then the tie order) or uint32; equal
+    (:func:`sparsestitch.core.tiebreak.ranked`: the key, then the tie order) or uint32; equal
     keys go to the earliest candidates, matching :class:`TopK`.
 
     >>> resolve_candidates(np.array([5, 7, 5, 6], np.uint32), 2).tolist()

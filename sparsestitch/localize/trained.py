@@ -27,11 +27,12 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from sparsestitch.dtypes import TORCH_DTYPE_NAMES, dtype as lookup_dtype
-from sparsestitch.errors import OptionError, TensorMismatchError
+from sparsestitch.core.dtypes import TORCH_DTYPE_NAMES
+from sparsestitch.core.dtypes import dtype as lookup_dtype
+from sparsestitch.core.errors import OptionError, TensorMismatchError
+from sparsestitch.core.options import FRACTION, Range, flag, number
+from sparsestitch.core.tiebreak import tie_order
 from sparsestitch.localize.topk import count_to_keep, magnitude_keys, topk_positions
-from sparsestitch.options import FRACTION, Range, flag, number
-from sparsestitch.tiebreak import tie_order
 
 __all__ = ["global_top_k", "dataless_masks", "learn_masks"]
 
@@ -39,7 +40,7 @@ __all__ = ["global_top_k", "dataless_masks", "learn_masks"]
 def global_top_k(scores: Mapping[str, Tensor], k: int) -> dict[str, Tensor]:
     """Mark the ``k`` largest scores across all tensors.
 
-    Equal scores are ordered by :func:`sparsestitch.tiebreak.tie_order` (a hash of the
+    Equal scores are ordered by :func:`sparsestitch.core.tiebreak.tie_order` (a hash of the
     tensor's name and the position: ties spread over a tensor, not taken from its first
     rows), then by tensor order (sorted by name) and flat index -- the order compress's
     top-k uses (:func:`sparsestitch.localize.topk.topk_positions`).  The result does not

@@ -14,13 +14,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..atomic import check_target, publish, temporary_sibling
+from ..checkpoint.guard import Inputs
+from ..checkpoint.hub import resolve, write_model_card
 from ..checkpoint.writer import earlier_model_output
-from ..describe import exactness
-from ..errors import CheckpointError, OptionError, OutputError
-from ..guard import Inputs
-from ..hub import resolve, write_model_card
-from ..options import Range, number, optional_number
+from ..core.atomic import check_target, publish, temporary_sibling
+from ..core.errors import CheckpointError, OptionError, OutputError
+from ..core.options import Range, number, optional_number
+from ..ops.describe import exactness
 from . import manifest as mf
 from .cards import merged_card, restored_card
 from .members import default_name, describe_source, file_matches, normalize_options
@@ -65,8 +65,8 @@ def init(zoo: str | os.PathLike, base: str | os.PathLike, *,
     Reads the base once, to record its identity (the checksum every member's delta must
     carry).  ``zoo`` must not exist or be an empty folder.
     """
-    from ..compress import compress
-    from ..describe import info
+    from ..ops.compress import compress
+    from ..ops.describe import info
     zoo = Path(zoo)
     resolved = resolve(base, cache_dir=cache_dir)
     if zoo.exists() and (not zoo.is_dir() or any(zoo.iterdir())):
@@ -210,7 +210,7 @@ def _member(zoo: Path, manifest: dict, name: str) -> tuple[dict, Path]:
 def get(zoo: str | os.PathLike, name: str, out: str | os.PathLike, *, overwrite: bool = False,
         base: str | os.PathLike | None = None, cache_dir: str | os.PathLike | None = None) -> Path:
     """Restore member ``name`` to ``out`` (a folder gets a model card, README.md)."""
-    from ..restore import restore
+    from ..ops.restore import restore
     zoo = Path(zoo)
     manifest = mf.read(zoo)
     entry, delta = _member(zoo, manifest, name)
@@ -226,7 +226,7 @@ def merge(zoo: str | os.PathLike, names: Sequence[str], out: str | os.PathLike, 
           cache_dir: str | os.PathLike | None = None, **rule_options) -> Path:
     """Stitch members ``names`` onto the base into ``out`` with ``rule`` (see
     :func:`sparsestitch.stitch`); a folder output gets a model card."""
-    from ..stitch import stitch
+    from ..ops.stitch import stitch
     zoo = Path(zoo)
     manifest = mf.read(zoo)
     if not names:
@@ -288,7 +288,7 @@ def verify(zoo: str | os.PathLike, names: Sequence[str] | None = None, *, agains
     """Check the manifest (strictly), then each member: the delta file's size, xxh3 and
     sha256, every record's checksums and decoding, and (``against_base``) that the base
     on disk is the one it was made from.  Does not stop at the first problem."""
-    from ..describe import verify as verify_delta
+    from ..ops.describe import verify as verify_delta
     zoo = Path(zoo)
     manifest = mf.read(zoo)
     base_path = _base_path(manifest, base, cache_dir) if against_base else None

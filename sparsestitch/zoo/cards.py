@@ -1,4 +1,4 @@
-"""Model-card contents (for :func:`sparsestitch.hub.write_model_card`) of restored and
+"""Model-card contents (for :func:`sparsestitch.checkpoint.hub.write_model_card`) of restored and
 merged zoo members: what they are, how they were made, and how to make them again."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 from .._version import __version__
-from ..describe import Exactness
+from ..ops.describe import Exactness
 
 
 def _base_model(manifest: dict) -> str:
@@ -20,7 +20,7 @@ def _base_model(manifest: dict) -> str:
 def _given_options(options: dict) -> str:
     """The compress options a member was made with, as the command line spells them: those
     that differ from compress's defaults."""
-    from .members import option_words, compress_defaults
+    from .members import compress_defaults, option_words
     defaults = compress_defaults()
     given = [option_words(k, v) for k, v in sorted(options.items())
              if k in defaults and v != defaults[k] and v is not None]
@@ -43,7 +43,7 @@ def _member_line(entry: dict) -> str:
 def restored_card(manifest: dict, entry: dict, held: Exactness, zoo: str, out: str) -> dict:
     """Keyword arguments of ``write_model_card`` for member ``entry`` of ``zoo`` restored to
     ``out``; ``held`` says what its delta stores exactly
-    (:func:`sparsestitch.describe.exactness`)."""
+    (:func:`sparsestitch.ops.describe.exactness`)."""
     base = _base_model(manifest)
     how = "\n".join([
         f"# {entry['name']}", "",

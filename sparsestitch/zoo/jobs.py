@@ -5,7 +5,7 @@ Nothing large travels between processes: a task is a few paths and options, a re
 manifest entry; every worker reads the base and its fine-tune from (shared) storage itself,
 and the page cache makes the base's bytes come from storage once per machine.
 
-Failures: an input that is wrong (a :class:`~sparsestitch.errors.SparsestitchError` or
+Failures: an input that is wrong (a :class:`~sparsestitch.core.errors.SparsestitchError` or
 ``ValueError``: a bad checkpoint, a name conflict) fails that member at once, with its
 message; a worker that dies (killed, out of memory, a lost node) or an ``OSError`` (a
 storage hiccup) is retried up to ``retries`` more times.  A member is committed only once
@@ -20,7 +20,7 @@ import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
-from ..errors import SetupError, SparsestitchError
+from ..core.errors import SetupError, SparsestitchError
 from .worker import add_one
 
 DETERMINISTIC = (SparsestitchError, ValueError)

@@ -31,8 +31,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from ..atomic import fsync_folder
-from ..errors import OptionError, SparsestitchError
+from ..core.atomic import fsync_folder
+from ..core.errors import OptionError, SparsestitchError
 
 MANIFEST_NAME = "zoo.json"
 LOCK_NAME = ".zoo.lock"

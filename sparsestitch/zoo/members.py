@@ -12,8 +12,8 @@ from pathlib import Path
 import xxhash
 
 from .._version import __version__
-from ..errors import OptionError
-from ..hub import Resolved
+from ..checkpoint.hub import Resolved
+from ..core.errors import OptionError
 from .manifest import NAME_PATTERN, check_name, delta_file, now
 
 #: compress options that steer the run, not the delta: not recorded, and not accepted from
@@ -74,7 +74,7 @@ def default_name(resolved: Resolved) -> str:
 def compress_defaults() -> dict:
     """compress's keyword defaults that shape a delta (read from its signature, so options
     added to compress later are recorded without changes here)."""
-    from ..compress import compress
+    from ..ops.compress import compress
     return {name: p.default for name, p in inspect.signature(compress).parameters.items()
             if p.kind is inspect.Parameter.KEYWORD_ONLY and name not in _RUN_OPTIONS | {"masks"}}
 
@@ -106,9 +106,9 @@ def _check_compress_options(effective: dict) -> None:
     """Refuse, before any worker starts, the options compress would refuse in each of them
     (it checks them with the same functions): an unknown name, a value of the wrong type or
     out of range (``-O lossless=no`` is the string 'no', not false)."""
-    from ..keep import check_scope, choices
-    from ..readahead import workers_for
-    from ..sizes import parse_memory
+    from ..core.sizes import parse_memory
+    from ..engine.readahead import workers_for
+    from ..localize.keep import check_scope, choices
 
     unknown = sorted(set(effective) - set(compress_defaults()) - _RUN_OPTIONS)
     if unknown:
@@ -160,7 +160,7 @@ def build_entry(name: str, source: dict, delta: Path, summary, options: dict) ->
     ``summary`` is compress's :class:`~sparsestitch.DeltaSummary`; the fidelity report and
     base identity come from the delta's header, as written by compress.
     """
-    from ..describe import info
+    from ..ops.describe import info
     check_name(name)
     described = info(delta)
     header = described.header

@@ -18,8 +18,8 @@ import socket
 import time
 from pathlib import Path
 
-from ..atomic import process_alive
-from ..errors import BaseMismatchError, OutputError
+from ..core.atomic import process_alive
+from ..core.errors import BaseMismatchError, OutputError
 from . import manifest as mf
 from .members import build_entry, file_matches, options_conflict, same_origin
 
@@ -36,7 +36,7 @@ def add_one(zoo: str | os.PathLike, task: dict) -> dict:
     ``scratch``: a node-local folder for compress's output and spool files (at 1% the spool
     is several times the delta), the finished delta then being copied to the zoo.
     """
-    from ..compress import compress
+    from ..ops.compress import compress
 
     zoo = Path(zoo)
     started, io_before = time.perf_counter(), _io()
@@ -128,7 +128,7 @@ def _make_room(zoo: Path, target: Path, identity: str) -> None:
     put there by hand is never lost."""
     if not target.exists():
         return
-    from ..describe import info
+    from ..ops.describe import info
     try:
         ours = info(target).header.get("base_identity") == identity
     except Exception:  # noqa: BLE001 - anything unreadable is not ours to replace

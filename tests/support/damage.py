@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import zstandard
 
-from sparsestitch.codecs import rice
-from sparsestitch.codecs.base import gap_encode, pack_stream, to_planes
-from sparsestitch.format import HEADER_HASH_KEY, HEADER_KEY, DeltaReader
-from sparsestitch.sizes import numel as count_elements
+from sparsestitch.delta.codecs import rice
+from sparsestitch.delta.codecs.base import gap_encode, pack_stream, to_planes
+from sparsestitch.delta.format import HEADER_HASH_KEY, HEADER_KEY, DeltaReader
+from sparsestitch.core.sizes import numel as count_elements
 
 from .images import DeltaImage, regions
 

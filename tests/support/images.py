@@ -8,7 +8,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from sparsestitch.format import HEADER_HASH_KEY, HEADER_KEY, digest
+from sparsestitch.delta.format import HEADER_HASH_KEY, HEADER_KEY, digest
 
 from .reference import is_hex16
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import sparsestitch
-from sparsestitch.errors import SparsestitchError
+from sparsestitch.core.errors import SparsestitchError
 
 from .damage import Case, flip
 from .reference import (
@@ -29,7 +29,7 @@ OPS = ("info", "cli_info", "verify", "verify_base", "restore", "stitch", "verify
 #: Operations that read the base checkpoint.
 BASE_OPS = ("verify_base", "restore", "stitch", "restore_runs")
 #: The budget of the ``*_runs`` operations: so small that every record is decoded in runs
-#: (:class:`~sparsestitch.format.RecordCursor`), the path large records take.
+#: (:class:`~sparsestitch.delta.format.RecordCursor`), the path large records take.
 RUNS_BUDGET = "64KiB"
 #: Outcomes that are acceptable; every other one is a defect.
 GOOD = ("detected", "identical", "faithful")
@@ -154,8 +154,8 @@ def expected(op: str, data: bytes, ctx: Context, memo: dict | None = None):
 
 def write_canonical(decoded: "Decoded", path: Path) -> None:
     """A clean delta (library writer) with exactly the decoded records' positions and values."""
-    from sparsestitch.dtypes import dtype as lookup
-    from sparsestitch.format import DeltaWriter, Record, encode_record
+    from sparsestitch.core.dtypes import dtype as lookup
+    from sparsestitch.delta.format import DeltaWriter, Record, encode_record
 
     writer = DeltaWriter(path, overwrite=True)
     for r in decoded.listing.records:

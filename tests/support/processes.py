@@ -91,7 +91,7 @@ def _arm(phase: str) -> None:
             return result
         setattr(module, name, patched)
 
-    from sparsestitch import atomic
+    from sparsestitch.core import atomic
 
     if phase == "first-fsync":
         wrap(os, "fsync", before=lambda n: n == 1)
@@ -120,7 +120,7 @@ class Hold:
     depending on timing.
 
     ``"before-publish"``: the output is completely written under its temporary name and
-    :func:`sparsestitch.atomic.publish` is about to run.  ``"inside-publish"``: publishing has
+    :func:`sparsestitch.core.atomic.publish` is about to run.  ``"inside-publish"``: publishing has
     made its checks that the output does not exist yet and is about to link or rename the
     temporary into place.
 
@@ -177,7 +177,7 @@ class Hold:
         self._reached_w = self._resume_r = None
 
     def _arm(self) -> None:  # in the child
-        from sparsestitch import atomic
+        from sparsestitch.core import atomic
 
         os.close(self._reached_r)
         os.close(self._resume_w)

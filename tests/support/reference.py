@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import zstandard
 
-from sparsestitch.format import HEADER_HASH_KEY, HEADER_KEY, digest
+from sparsestitch.delta.format import HEADER_HASH_KEY, HEADER_KEY, digest
 
 # ----------------------------------------------------------------------------------------------
 # A reference reader written from docs/format.md alone: it decides whether a file is valid and
@@ -288,8 +288,8 @@ def _positions(r: dict, part: bytes) -> list[int]:
 
 
 def _values(r: dict, part: bytes, base_kept: np.ndarray | None) -> np.ndarray:
-    from sparsestitch.dtypes import dtype as lookup
-    from sparsestitch.dtypes import from_wide, to_wide
+    from sparsestitch.core.dtypes import dtype as lookup
+    from sparsestitch.core.dtypes import from_wide, to_wide
 
     name, count, config, dt = r["name"], r["count"], r["values"], lookup(r["dtype"])
     codec, width = config.get("codec"), dt.itemsize
@@ -354,8 +354,8 @@ def _ulp_values(r: dict, part: bytes, base_kept: np.ndarray) -> np.ndarray:
 
 def _quant_values(r: dict, part: bytes, base_kept: np.ndarray) -> np.ndarray:
     """format.md 4.3, quant: written from the text, one value at a time where it matters."""
-    from sparsestitch.dtypes import dtype as lookup
-    from sparsestitch.dtypes import from_wide, to_wide
+    from sparsestitch.core.dtypes import dtype as lookup
+    from sparsestitch.core.dtypes import from_wide, to_wide
 
     name, count, config, dt = r["name"], r["count"], r["values"], lookup(r["dtype"])
     if r["dtype"] not in _FLOATS:
@@ -448,7 +448,7 @@ def reference_decode(data: bytes, base: dict | None) -> Decoded:
                 raise Invalid("record for a tensor the base lacks", r["name"])
             if r["kind"] == "added" and r["name"] in base:
                 raise Invalid("added tensor the base has", r["name"])
-    from sparsestitch.dtypes import dtype as lookup
+    from sparsestitch.core.dtypes import dtype as lookup
 
     restored, records = {}, {}
     for r in listing.records:

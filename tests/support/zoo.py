@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 import sparsestitch
-from sparsestitch.format import DeltaReader
+from sparsestitch.delta.format import DeltaReader
 
 from .models import save_checkpoint
 

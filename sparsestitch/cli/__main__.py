@@ -1,0 +1,5 @@
+"""``python -m sparsestitch.cli``."""
+
+from .app import main
+
+main()

@@ -1,0 +1,383 @@
+"""Merge rules: one object each, in one registry (:data:`RULES`).
+
+A rule owns its *reference math*: :meth:`MergeRule.update` takes one
+:class:`TaskVector` per delta for one tensor (sorted flat ``positions`` and
+``tau`` = wide(fine-tuned) - wide(base) there, in the wide float type; empty for a
+delta that leaves the tensor alone, so ``vectors[i]`` is always delta ``i``), the
+per-delta ``weights`` and the rule's options, and returns ``(positions, update)``:
+the sorted positions the merge changes and the amount added to the base there, in
+the wide type.  Positions it does not return keep the base's bits exactly; the
+combiner computes ``round(wide(base) + update)`` once per position.
+
+A rule also declares what the engine may do faster: ``elementwise`` rules (the update
+at a position depends only on the deltas' entries there) change exactly the union of
+the stored positions, can be merged block by block with dense accumulation
+(:meth:`MergeRule.block_form`, run by the numpy, C and torch block kernels in
+:mod:`.combine` and :mod:`.device`) and extended one delta at a time
+(:func:`~.compose.stitch_add`).  The engine asks the rule, never its name.
+
+The order of the float operations is part of each rule's contract (results depend
+on it, and the stitcher, hot-swap and continual composition must agree bit for
+bit): weights multiply ``tau`` first, sums run over the deltas in list order, and a
+mean divides the finished sum.
+
+Adding a rule is one class here and one entry in :data:`RULES`.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+
+from ..core.errors import OptionError
+from ..core.options import FINITE, FRACTION, Range, number, short_repr
+from ..core.tiebreak import tie_order
+from .union import PositionUnion, union_of
+
+#: Every rule option's values and meaning (an option means the same in every rule taking it).
+OPTION_LIMITS: dict[str, tuple[Range, str]] = {
+    "scale": (FINITE, "the factor lambda of the merged update"),
+    "density": (FRACTION, "the fraction of each tensor kept"),
+    "drop": (Range(0, 1, below_high=True), "the probability of dropping an entry"),
+    "seed": (Range(0, whole=True), "the random seed of the drops"),
+    "normalize": (Range(0, 1, whole=True), "1 to divide by the agreeing weights (mergekit's "
+                                           "default), 0 not to"),
+}
+
+
+@dataclass(frozen=True)
+class TaskVector:
+    positions: np.ndarray   # sorted, unique int64 flat positions
+    tau: np.ndarray         # wide float values at those positions
+
+
+@dataclass(frozen=True)
+class BlockForm:
+    """How an elementwise rule turns the weighted sum of task vectors at a position into its
+    update: divided by the number of deltas covering it (``mean``), times ``scale``; with
+    ``lone_exact``, a position only one delta of weight 1 covers takes that delta's
+    fine-tuned bits (no arithmetic, so no rounding)."""
+
+    mean: bool
+    scale: float
+    lone_exact: bool = False
+
+
+class MergeRule:
+    """The interface every rule implements (see the module docstring)."""
+
+    name: ClassVar[str]
+    #: Option names and their defaults.
+    defaults: ClassVar[dict[str, float]] = {}
+    #: The update at a position depends only on the deltas' entries there.
+    elementwise: ClassVar[bool] = False
+
+    def update(self, vectors: Sequence[TaskVector], weights: Sequence[float], name: str = "",
+               numel: int | None = None, union: PositionUnion | None = None, **options
+               ) -> tuple[np.ndarray, np.ndarray]:
+        """The reference math: ``(positions changed, update there)``."""
+        raise NotImplementedError
+
+    def block_form(self, options: dict) -> BlockForm:
+        """For elementwise rules: the form the block kernels compute."""
+        raise TypeError(f"rule {self.name!r} is not elementwise")
+
+    #: Whether :meth:`dense_update` exists: the rule's result from whole task vectors (zero
+    #: where a delta stores nothing) equals :meth:`update`'s at every stored position.
+    has_dense_update: ClassVar[bool] = False
+
+    def dense_update(self, deltas, weights: Sequence[float], **options):
+        """The update at every element from ``deltas``, a torch tensor of one dense task
+        vector per delta (rows; zeros where it stores nothing): how merge handles full
+        fine-tunes without position lists.  Only where ``has_dense_update``."""
+        raise NotImplementedError
+
+    def check_options(self, options: dict) -> dict:
+        """``options`` with every default spelled out (so recipes of equal merges are equal),
+        each checked against :data:`OPTION_LIMITS`; raises an OptionError naming the option."""
+        unknown = sorted(set(options) - set(self.defaults))
+        if unknown:
+            takes = ", ".join(self.defaults) or "no options"
+            raise OptionError(f"rule {self.name!r} takes {takes}, not {', '.join(unknown)}",
+                              option=unknown[0])
+        return {key: number(key, options.get(key, default), *OPTION_LIMITS[key])
+                for key, default in self.defaults.items()}
+
+
+def _union(vectors: Sequence[TaskVector], union: PositionUnion | None = None
+           ) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Sorted union of all positions, and each vector's indices into it (``union``, when
+    given, must be the union of exactly these vectors' positions)."""
+    if not vectors:
+        return np.empty(0, np.int64), []
+    union = union or union_of([v.positions for v in vectors])
+    return union.positions, union.where
+
+
+def _wide(vectors: Sequence[TaskVector]) -> np.dtype:
+    return vectors[0].tau.dtype if vectors else np.dtype(np.float32)
+
+
+def _weighted_sum(vectors, weights, union, where, wide) -> np.ndarray:
+    total = np.zeros(union.size, wide)
+    for vector, index, weight in zip(vectors, where, weights):
+        total[index] += wide.type(weight) * vector.tau
+    return total
+
+
+class LocalizeStitch(MergeRule):
+    """Localize-and-Stitch: where deltas overlap, average their (weighted) task vectors.
+
+    ``update = (sum_i m_i w_i tau_i) / (sum_i m_i)`` over the deltas ``i`` whose mask
+    ``m_i`` covers the position (the paper's ``sum_i (m_i / sum_j m_j) * tau_i``).  A
+    position one delta of weight 1 covers alone takes that fine-tune's bits exactly
+    (``base + (fine-tune - base)`` does not always round back; see ``lone_exact``), so
+    stitching one delta is restoring it, bit for bit.
+
+    >>> a = TaskVector(np.array([0, 1]), np.array([2.0, 4.0], np.float32))
+    >>> b = TaskVector(np.array([1, 2]), np.array([6.0, 8.0], np.float32))
+    >>> LocalizeStitch().update([a, b], [1.0, 1.0])[1].tolist()
+    [2.0, 5.0, 8.0]
+    """
+
+    name = "localize-stitch"
+    elementwise = True
+
+    def update(self, vectors, weights, name="", numel=None, union=None, **options):
+        union, where = _union(vectors, union)
+        wide = _wide(vectors)
+        total = _weighted_sum(vectors, weights, union, where, wide)
+        covering = np.zeros(union.size, wide)
+        for index in where:
+            covering[index] += 1
+        return union, total / np.maximum(covering, 1)
+
+    def block_form(self, options: dict) -> BlockForm:
+        return BlockForm(mean=True, scale=1.0, lone_exact=True)
+
+
+class TaskArithmetic(MergeRule):
+    """Task arithmetic: ``update = scale * (sum_i w_i tau_i)``.
+
+    >>> a = TaskVector(np.array([0, 1]), np.array([2.0, 4.0], np.float32))
+    >>> TaskArithmetic().update([a, a], [1.0, 1.0], scale=0.5)[1].tolist()
+    [2.0, 4.0]
+    """
+
+    name = "task-arithmetic"
+    defaults = {"scale": 1.0}
+    elementwise = True
+
+    def update(self, vectors, weights, name="", numel=None, union=None, scale=1.0):
+        union, where = _union(vectors, union)
+        wide = _wide(vectors)
+        return union, wide.type(scale) * _weighted_sum(vectors, weights, union, where, wide)
+
+    def block_form(self, options: dict) -> BlockForm:
+        return BlockForm(mean=False, scale=float(options["scale"]))
+
+
+class Ties(MergeRule):
+    """TIES-merging: trim each weighted task vector ``w_i tau_i`` to its
+    ``round(density * numel)`` largest magnitudes in this tensor (equal magnitudes: larger
+    :func:`~sparsestitch.core.tiebreak.tie_order` first, then lower position), elect a sign per
+    position from the sum of the trimmed
+    vectors, then average the nonzero entries that agree with it (disjoint mean):
+    ``update = scale * (agreeing sum / agreeing count)``.  Positions where nothing
+    agrees keep the base.
+
+    >>> a = TaskVector(np.array([0, 1]), np.array([2.0, -4.0], np.float32))
+    >>> b = TaskVector(np.array([0, 1]), np.array([-1.0, -2.0], np.float32))
+    >>> Ties().update([a, b], [1.0, 1.0], numel=2, density=1.0)[1].tolist()
+    [2.0, -3.0]
+    """
+
+    name = "ties"
+    defaults = {"density": 0.2, "scale": 1.0}
+
+    def update(self, vectors, weights, name="", numel=None, union=None, density=0.2, scale=1.0):
+        wide = _wide(vectors)
+        trimmed = []
+        for vector, weight in zip(vectors, weights):
+            limit = vector.tau.size if numel is None else int(np.floor(density * numel + 0.5))
+            tau = wide.type(weight) * vector.tau
+            if limit < tau.size:
+                keep = top_magnitudes(tau, vector.positions, limit, name)
+                trimmed.append(TaskVector(vector.positions[keep], tau[keep]))
+            else:
+                trimmed.append(TaskVector(vector.positions, tau))
+        union, where = _union(trimmed)
+        summed = np.zeros(union.size, wide)
+        for vector, index in zip(trimmed, where):
+            summed[index] += vector.tau
+        elected = np.sign(summed)
+        agreeing_total = np.zeros(union.size, wide)
+        agreeing = np.zeros(union.size, wide)
+        for vector, index in zip(trimmed, where):
+            agree = (np.sign(vector.tau) == elected[index]) & (vector.tau != 0)
+            agreeing_total[index[agree]] += vector.tau[agree]
+            agreeing[index[agree]] += 1
+        touched = agreeing > 0
+        return union[touched], wide.type(scale) * (agreeing_total[touched] / agreeing[touched])
+
+
+def top_magnitudes(tau: np.ndarray, positions: np.ndarray, limit: int, name: str) -> np.ndarray:
+    """Sorted indices of the ``limit`` entries of largest ``|tau|``, ties at the threshold
+    broken by :func:`~sparsestitch.core.tiebreak.tie_order` (higher first), then lower position;
+    NaN ranks below every number.  The same set as the first ``limit`` of
+    ``np.lexsort((positions, -tie_order, -|tau|))``, found by selection (``np.partition``,
+    linear time) with the tie hash computed only at the threshold.
+    """
+    if limit <= 0:
+        return np.empty(0, np.int64)
+    ranked = -np.abs(tau)                       # ascending: largest magnitude first
+    threshold = np.partition(ranked, limit - 1)[limit - 1]
+    if np.isnan(threshold):                     # every number is kept, and some NaNs
+        sure, tied = ~np.isnan(ranked), np.flatnonzero(np.isnan(ranked))
+    else:
+        sure, tied = ranked < threshold, np.flatnonzero(ranked == threshold)
+    sure = np.flatnonzero(sure)
+    need = limit - sure.size
+    if need < tied.size:
+        ties = tie_order(name, positions[tied]).astype(np.int64)
+        tied = tied[np.lexsort((positions[tied], -ties))[:need]]
+    return np.sort(np.concatenate([sure, tied]))
+
+
+class TiesMergekit(Ties):
+    """TIES with mergekit's conventions, to reproduce a mergekit merge (``merge_method: ties``
+    with ``dtype: float32``) bit for bit.  Where it differs from :class:`Ties`:
+
+    * each delta's *unweighted* task vector is trimmed to its ``int(density * numel)``
+      largest magnitudes (rounding down), ranked by ``torch.argsort(descending=True)`` over
+      the whole tensor, whose order among equal magnitudes is torch's (the same on the same
+      torch build);
+    * the elected sign is that of the sum of the weighted, trimmed vectors, with a zero sum
+      electing ``+`` (``Ties`` elects nothing there);
+    * the agreeing entries' weighted sum is divided by the sum of their *weights*, not their
+      count (``Ties``'s disjoint mean), then multiplied by ``scale`` (mergekit's ``lambda``);
+      with ``normalize=0`` (mergekit's ``normalize: false``) it is not divided.
+
+    It runs mergekit's own torch operations on dense copies of each tensor's task vectors,
+    one per delta (as mergekit holds them).  Positions no delta stores keep the base's bits;
+    mergekit writes ``base + 0`` there, which turns a -0.0 into +0.0 (store every position,
+    ``density=1.0``, to have those too).
+    """
+
+    name = "ties-mergekit"
+    defaults = {"density": 0.2, "scale": 1.0, "normalize": 1}
+
+    def update(self, vectors, weights, name="", numel=None, union=None, density=0.2, scale=1.0,
+               normalize=1):
+        import torch
+
+        union, _ = _union(vectors)
+        if not union.size:
+            return union, np.empty(0, _wide(vectors))
+        size = int(union[-1]) + 1 if numel is None else numel
+        mixed = mergekit_ties([torch.from_numpy(v.positions) for v in vectors],
+                              [torch.from_numpy(v.tau) for v in vectors], weights, size,
+                              density, scale, normalize)
+        return union, mixed[torch.from_numpy(union)].numpy()
+
+    has_dense_update = True
+
+    def dense_update(self, deltas, weights, density=0.2, scale=1.0, normalize=1):
+        """mergekit's operations on ``deltas`` (trimmed in place)."""
+        return mergekit_ties_dense(deltas, weights, density, scale, normalize)
+
+
+def mergekit_ties(positions: Sequence, taus: Sequence, weights: Sequence[float], size: int,
+                  density: float, scale: float, normalize: int = 1):
+    """mergekit's TIES on torch tensors (each delta's int64 positions and wide task vector,
+    on any one device): the dense merged update over ``size`` elements.  The magnitude ranking
+    runs on the CPU, so the order among equal magnitudes is the same on every device."""
+    import torch
+
+    device, wide = taus[0].device, taus[0].dtype
+    deltas = torch.zeros((len(taus), size), dtype=wide, device=device)
+    for row, where, tau in zip(deltas, positions, taus):
+        row[where] = tau
+    return mergekit_ties_dense(deltas, weights, density, scale, normalize)
+
+
+def mergekit_ties_dense(deltas, weights: Sequence[float], density: float, scale: float,
+                        normalize: int = 1):
+    """:func:`mergekit_ties` on dense task vectors (one row per delta, zero where a delta
+    stores nothing; trimmed in place)."""
+    import torch
+
+    device, wide, size = deltas.device, deltas.dtype, deltas.shape[1]
+    if density < 1:  # mergekit.sparsify.magnitude
+        keep = int(density * size)
+        for i in range(deltas.shape[0]):
+            mask = torch.zeros(size, dtype=wide, device=device)
+            ranked = torch.argsort(deltas[i].abs().float().cpu(), descending=True)[:keep]
+            mask[ranked.to(device)] = 1
+            deltas[i] = deltas[i] * mask
+    # mergekit.merge_methods.generalized_task_arithmetic: weights, sign consensus ("sum")
+    weight = torch.tensor(list(weights), dtype=wide, device=device).unsqueeze(-1)
+    weighted = deltas * weight
+    majority = (weighted.sum(dim=0) >= 0).to(wide) * 2 - 1
+    agree = weighted.sign() == majority
+    mixed = (weighted * agree).sum(dim=0)
+    if normalize:
+        divisor = (weight * agree).sum(dim=0)
+        divisor[divisor == 0] = 1
+        mixed /= divisor
+    if scale != 1:
+        mixed *= scale
+    return mixed
+
+
+class Dare(MergeRule):
+    """DARE: drop each stored entry with probability ``drop``, divide the survivors'
+    ``tau`` by ``1 - drop``, then task arithmetic with ``scale``.
+
+    The draws are part of the contract: delta ``i``'s ``j``-th stored entry of tensor
+    ``name`` (in position order) survives when the ``j``-th value of
+    ``numpy.random.default_rng([seed, i, zlib.crc32(name.encode())]).random(count)``
+    is ``>= drop``.  A result therefore depends only on the seed, the delta's place in
+    the list and its record -- not on row blocks, devices or the other deltas.
+
+    >>> a = TaskVector(np.arange(4), np.ones(4, np.float32))
+    >>> Dare().update([a], [1.0], "w", drop=0.0)[1].tolist()
+    [1.0, 1.0, 1.0, 1.0]
+    """
+
+    name = "dare"
+    defaults = {"drop": 0.9, "seed": 0, "scale": 1.0}
+
+    def update(self, vectors, weights, name="", numel=None, union=None, drop=0.9, seed=0,
+               scale=1.0):
+        wide = _wide(vectors)
+        survivors = []
+        for i, vector in enumerate(vectors):
+            rng = np.random.default_rng([seed, i, zlib.crc32(name.encode("utf-8"))])
+            keep = rng.random(vector.tau.size) >= drop
+            survivors.append(TaskVector(vector.positions[keep],
+                                        vector.tau[keep] / wide.type(1.0 - drop)))
+        return TaskArithmetic().update(survivors, weights, name, numel, scale=scale)
+
+
+#: Every merge rule by name.
+RULES: dict[str, MergeRule] = {rule.name: rule for rule in
+                               (LocalizeStitch(), TaskArithmetic(), Ties(), TiesMergekit(),
+                                Dare())}
+
+
+def get_rule(name: str) -> MergeRule:
+    """The rule called ``name``; a ValueError lists the known ones.
+
+    >>> get_rule("ties").defaults
+    {'density': 0.2, 'scale': 1.0}
+    """
+    try:
+        return RULES[name]
+    except (KeyError, TypeError):
+        raise OptionError(f"unknown rule {short_repr(name)}; choose from {', '.join(RULES)}",
+                          option="rule") from None

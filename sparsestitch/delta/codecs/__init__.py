@@ -1,0 +1,134 @@
+"""Position and value codecs, and the one registry that names them.
+
+See :mod:`sparsestitch.delta.codecs.base` for the contract.  The packer encodes a
+record with every applicable codec of each kind that can win and keeps the
+smallest (earlier registry entries win ties), so adding a codec is one class plus one
+entry here; files name codecs by ``codec_id``, which must never change.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ...core.dtypes import DType
+from ...core.errors import DeltaFormatError
+from ...core.sizes import numel as count_elements
+from .bitmap import Bitmap
+from .csr import CSR
+from .full import AllPositions
+from .gaps import Gaps
+from .quant import QuantValues
+from .raw import RawValues
+from .rice_gaps import RiceGaps
+from .tau import TauValues
+from .ulp import UlpValues
+from .xor import XorValues
+
+POSITION_CODECS = (AllPositions(), RiceGaps(), CSR(), Bitmap(), Gaps())
+#: The packer tries the exact ones (all but ``quant``, which is chosen by name) in this order;
+#: ties go to the earlier entry, so a newer codec wins only where it is strictly smaller.
+VALUE_CODECS = (TauValues(), XorValues(), RawValues(), QuantValues(), UlpValues())
+
+_POSITIONS_BY_ID = {codec.codec_id: codec for codec in POSITION_CODECS}
+_QUANT = QuantValues()
+_VALUES_BY_ID = {codec.codec_id: codec for codec in VALUE_CODECS}
+
+
+def position_codec(codec_id: str):
+    """The position codec named ``codec_id`` in a file."""
+    try:
+        return _POSITIONS_BY_ID[codec_id]
+    except (KeyError, TypeError):
+        raise DeltaFormatError(f"unknown position codec {codec_id!r}") from None
+
+
+def value_codec(codec_id: str):
+    """The value codec named ``codec_id`` in a file."""
+    try:
+        return _VALUES_BY_ID[codec_id]
+    except (KeyError, TypeError):
+        raise DeltaFormatError(f"unknown value codec {codec_id!r}") from None
+
+
+def encode_positions(positions: np.ndarray, shape: tuple[int, ...]) -> tuple[bytes, dict]:
+    """Encode sorted flat ``positions`` with the smallest of the codecs worth trying.
+
+    Codecs that cannot win for this density are skipped to save time: list codecs
+    when a bitmap is certainly smaller, the bitmap below 1/32 density (where it can
+    only win for strongly clustered positions, at some cost in size).
+
+    Returns the payload and its config, which includes ``codec``.
+
+    >>> payload, config = encode_positions(np.array([3, 70, 900]), (1000,))
+    >>> config["codec"]
+    'rice'
+    """
+    best = None
+    count = int(positions.size)
+    for codec in POSITION_CODECS:
+        if not codec.applies(shape, count) or not _worth_trying(codec.codec_id, positions, shape):
+            continue
+        payload, config = codec.encode(positions, shape)
+        if best is None or len(payload) < len(best[0]):
+            best = (payload, {"codec": codec.codec_id, **config})
+        if codec.codec_id == "all":
+            break  # nothing beats zero bytes
+    return best
+
+
+def _worth_trying(codec_id: str, positions: np.ndarray, shape: tuple[int, ...]) -> bool:
+    """Skip list codecs that cannot beat a bitmap (saves most of the time at high density),
+    and ``csr`` where rows carry no structure for it to use."""
+    bitmap_bits = count_elements(shape)
+    if codec_id == "gaps":
+        return positions.size * 8 < bitmap_bits
+    if codec_id == "rice":
+        return positions.size * 2 < bitmap_bits
+    if codec_id == "csr":
+        return positions.size * 2 < bitmap_bits and _rows_are_uneven(positions, shape)
+    if codec_id == "bitmap":  # below ~3% density a list is always smaller
+        return positions.size * 32 >= bitmap_bits
+    return True
+
+
+def _rows_are_uneven(positions: np.ndarray, shape: tuple[int, ...]) -> bool:
+    """Whether the kept positions' rows differ enough for ``csr`` (row counts, then columns
+    within rows) to possibly beat one gap list: some rows empty while others are not, or
+    some holding several times the mean.  Spread evenly over the rows, their counts cost
+    more than the row boundaries save."""
+    rows = shape[0]
+    if positions.size == 0 or rows < 2:
+        return True
+    counts = np.bincount(positions // max(1, count_elements(shape) // rows), minlength=rows)
+    mean = positions.size / rows
+    return bool((counts == 0).mean() > 0.01 or counts.max() > 3 * mean + 8)
+
+
+#: Above this many values, the value codec is chosen on an evenly strided sample.
+VALUE_SAMPLE_SIZE = 1 << 14
+
+
+def encode_values(kept: np.ndarray, base: np.ndarray | None, dt: DType,
+                  quantize: dict | None = None) -> tuple[bytes, dict]:
+    """Encode the fine-tuned bits ``kept`` (given ``base`` bits, or None) with the smallest
+    exact codec, or, with ``quantize`` (``{"bits": k, "group": g}``) on a float tensor with a
+    base, with the lossy ``quant`` codec.
+
+    Large records pick their codec on a strided sample and encode once.
+    """
+    if quantize is not None and dt.is_float and base is not None:
+        payload, config = _QUANT.encode(kept, base, dt, **quantize)
+        return payload, {"codec": _QUANT.codec_id, **config}
+    candidates = [codec for codec in VALUE_CODECS if codec.exact
+                  and codec.applies(dt) and not (codec.needs_base and base is None)]
+    if kept.size > VALUE_SAMPLE_SIZE and len(candidates) > 1:
+        step = kept.size // VALUE_SAMPLE_SIZE
+        sample_base = None if base is None else base[::step]
+        candidates = [min(candidates,
+                          key=lambda c: len(c.encode(kept[::step], sample_base, dt)[0]))]
+    best = None
+    for codec in candidates:
+        payload, config = codec.encode(kept, base, dt)
+        if best is None or len(payload) < len(best[0]):
+            best = (payload, {"codec": codec.codec_id, **config})
+    return best

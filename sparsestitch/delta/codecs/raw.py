@@ -1,0 +1,37 @@
+"""``raw``: the fine-tuned bits themselves, byte planes split, then zstd.
+
+Exact for every dtype; the fallback when the base gives no useful prediction
+(and the only value codec for tensors the base lacks).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ...core.dtypes import DType
+from .base import from_planes, pack_stream, to_planes, unpack_stream
+from .streams import Part, PlanesCursor
+
+
+@dataclass(frozen=True)
+class RawValues:
+    codec_id: str = "raw"
+    needs_base: bool = False
+    exact: bool = True          # decodes to the fine-tuned bits exactly
+    elementwise: bool = True    # value i depends on base value i alone
+
+    def applies(self, dt: DType) -> bool:
+        return True
+
+    def encode(self, kept: np.ndarray, base: np.ndarray | None, dt: DType) -> tuple[bytes, dict]:
+        return pack_stream(to_planes(kept))
+
+    def decode(self, payload: bytes, config: dict, base: np.ndarray | None, dt: DType,
+               count: int) -> np.ndarray:
+        return from_planes(unpack_stream(payload, config, count * dt.itemsize), dt.bits, count)
+
+    def cursor(self, part: Part, config: dict, dt: DType, count: int) -> PlanesCursor:
+        return PlanesCursor(part.stream(config, count * dt.itemsize), dt.bits, count,
+                            xor=False)

@@ -1,0 +1,428 @@
+"""The one way to walk tensors: row blocks within a budget, base blocks hashed as they are
+read, delta records decoded (whole, or the part inside one block), and the checks that a
+delta fits a base.
+
+Every consumer -- compress, restore, stitch, continual composition, hot-swap and verify --
+reads base tensors and decodes records through this module, so the base identity check, the
+block arithmetic and the handling of dense records live in one place:
+
+* :class:`RowBlocks` cuts a tensor into blocks of whole rows (along the first dimension).
+* :func:`read_blocks` reads a base tensor block by block, feeding a :class:`BaseHash`,
+  whose :meth:`~BaseHash.check` compares the bytes read with the checksum every record
+  carries (a delta made from another base fails before anything is published).
+* :class:`Stored` is one delta's decoded entries in a tensor: sorted flat positions and the
+  fine-tuned and base bits there.  A record that stores every element (positions codec
+  ``all``: density 1.0 and exact records) has ``positions=None`` -- no position array is
+  ever built for it, and merges can treat it as a dense array.
+* :func:`decode_tensor` and :func:`decode_at` decode records whole against the base bits
+  they need (the value codecs predict from the base); :class:`RecordRuns` decodes records
+  too large for the budget alongside a walk over the row blocks, a run at a time
+  (:func:`kept_totals` gives a codec that is not elementwise, ``ulp``, what it needs
+  besides), and :func:`added_runs` does the same for tensors a delta adds.
+* :func:`check_delta_fits`, :func:`added_records` and :func:`output_shards` plan an output
+  before any byte of it is written.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import xxhash
+
+from ..checkpoint import Checkpoint, OutputTensor, Shard
+from ..core.dtypes import dtype as lookup_dtype
+from ..core.errors import BaseMismatchError, CheckpointError, TensorMismatchError
+from ..core.sizes import row_items
+from ..delta.format import HEADER_KEY, DeltaReader, Record, RecordCursor
+from .budget import MemoryBudget
+
+
+@dataclass(frozen=True)
+class RowBlocks:
+    """A tensor cut into blocks of whole rows (along the first dimension).
+
+    >>> blocks = RowBlocks.of((10, 4), itemsize=2, block_bytes=24)
+    >>> blocks.bounds, blocks.elements(3, 6)
+    ([(0, 3), (3, 6), (6, 9), (9, 10)], (12, 24))
+    """
+
+    bounds: list[tuple[int, int]]   # (first row, row after the last)
+    row_items: int                  # elements per row
+
+    @classmethod
+    def of(cls, shape: tuple[int, ...], itemsize: int, block_bytes: int) -> "RowBlocks":
+        """Blocks of at most ``block_bytes`` bytes each (at least one row)."""
+        return cls.of_elements(shape, max(1, block_bytes // max(1, itemsize)))
+
+    @classmethod
+    def of_elements(cls, shape: tuple[int, ...], elements: int) -> "RowBlocks":
+        """Blocks of at most ``elements`` elements each (at least one row)."""
+        rows = shape[0] if shape else 1
+        per_row = row_items(shape)
+        step = max(1, elements // max(1, per_row))
+        return cls([(s, min(rows, s + step)) for s in range(0, rows, step)] or [(0, 0)], per_row)
+
+    def elements(self, start: int, stop: int) -> tuple[int, int]:
+        """Flat element range ``[lo, hi)`` of rows ``start:stop``."""
+        return start * self.row_items, stop * self.row_items
+
+
+#: What a base checksum mismatch means, in the user's terms.
+MISMATCH = ("the base tensor's checksum differs from the one the delta was made from: this "
+            "delta belongs to another base (or the base was modified)")
+
+
+class BaseHash:
+    """xxh3-64 of one base tensor's bytes, fed block by block in order as they are read,
+    and compared with the base checksum that delta records carry."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self._digest = xxhash.xxh3_64()
+
+    def update(self, bits: np.ndarray) -> None:
+        self._digest.update(memoryview(np.ascontiguousarray(bits).reshape(-1).view(np.uint8)))
+
+    def hexdigest(self) -> str:
+        return self._digest.hexdigest()
+
+    def check(self, sources: Iterable[tuple[str | os.PathLike, Record | None]],
+              message: str = MISMATCH) -> None:
+        """Raise :class:`BaseMismatchError` naming the first delta (its path) whose record of
+        this tensor was made from other bytes; records that are None are skipped."""
+        found = self.hexdigest()
+        for path, record in sources:
+            if record is not None and record.base_xxh3 != found:
+                raise BaseMismatchError(message, path=path, tensor=self.name)
+
+
+def read_blocks(ckpt: Checkpoint, name: str, blocks: RowBlocks, base_hash: BaseHash | None = None
+                ) -> Iterator[tuple[int, int, np.ndarray]]:
+    """``(first row, row after the last, flat bits)`` of tensor ``name`` block by block (fresh
+    arrays the caller owns), each fed to ``base_hash`` first."""
+    bits = lookup_dtype(ckpt.entry(name).dtype).bits
+    for start, stop in blocks.bounds:
+        block = ckpt.read_rows(name, start, stop) if stop > start else np.empty(0, bits)
+        if base_hash is not None:
+            base_hash.update(block)
+        yield start, stop, block
+
+
+@dataclass(frozen=True)
+class Stored:
+    """One delta's decoded entries in one tensor, or in one block of it.
+
+    ``positions`` are sorted flat positions in the tensor; ``None`` means every element of
+    ``first, first + 1, ...`` (a dense record: no position array is built).  ``finetuned``
+    and ``base`` are the bits at those positions.
+    """
+
+    positions: np.ndarray | None
+    finetuned: np.ndarray
+    base: np.ndarray
+    first: int = 0
+
+    @property
+    def dense(self) -> bool:
+        return self.positions is None
+
+    @property
+    def count(self) -> int:
+        return int(self.finetuned.size)
+
+    @classmethod
+    def of_changes(cls, base: np.ndarray, finetuned: np.ndarray, first: int = 0
+                   ) -> "Stored | None":
+        """The entries a record keeping exactly the changed elements holds in a block of
+        ``base`` bits starting at element ``first`` (None: nothing changed)."""
+        changed = np.flatnonzero(finetuned != base)
+        if not changed.size:
+            return None
+        return cls(changed + first, finetuned[changed], base[changed])
+
+    def position_array(self) -> np.ndarray:
+        """The positions as an array, built for a dense record (for code without a dense path)."""
+        if self.positions is not None:
+            return self.positions
+        return np.arange(self.first, self.first + self.count, dtype=np.int64)
+
+    def within(self, lo: int, hi: int) -> "Stored":
+        """The entries at positions in ``[lo, hi)``."""
+        if self.positions is None:
+            a = min(max(lo - self.first, 0), self.count)
+            b = min(max(hi - self.first, a), self.count)
+            return Stored(None, self.finetuned[a:b], self.base[a:b], self.first + a)
+        a, b = (int(x) for x in np.searchsorted(self.positions, [lo, hi]))
+        return Stored(self.positions[a:b], self.finetuned[a:b], self.base[a:b])
+
+
+def stored_positions(reader: DeltaReader, record: Record, payload: bytes | None = None
+                     ) -> np.ndarray | None:
+    """A sparse record's checked flat positions; None for a record of every element."""
+    if reader.stores_all(record):
+        return None
+    return reader.positions(record, payload)
+
+
+def decode_at(reader: DeltaReader, record: Record, positions: np.ndarray | None,
+              base_kept: np.ndarray, payload: bytes | None = None) -> Stored:
+    """The record's entries, given its ``positions`` (from :func:`stored_positions`) and the
+    base bits there (the whole tensor's for a dense record)."""
+    values = reader.values(record, base_kept, payload)
+    return Stored(positions, values, base_kept)
+
+
+def decode_tensor(base: Checkpoint, readers: Sequence[DeltaReader], name: str, blocks: RowBlocks
+                  ) -> tuple[list[Stored | None], np.ndarray | None]:
+    """Read base tensor ``name`` block by block, check every delta's base checksum of it, and
+    decode each delta's record of it.
+
+    Returns the decoded records (None where a delta does not store the tensor) and the base
+    tensor's flat bits when it fit in one block (else None: read it again).
+    """
+    records = [reader.record(name) for reader in readers]
+    sparse = [(i, r) for i, r in enumerate(records) if r is not None and r.kind == "sparse"]
+    payloads = {i: readers[i].payload(r) for i, r in sparse}
+    positions = {i: stored_positions(readers[i], r, payloads[i]) for i, r in sparse}
+    gathered: dict[int, list[np.ndarray]] = {i: [] for i in positions}
+    base_hash = BaseHash(name)
+    whole = None
+    for start, stop, block in read_blocks(base, name, blocks, base_hash):
+        lo, hi = blocks.elements(start, stop)
+        for i, pos in positions.items():
+            if pos is None:
+                gathered[i].append(block.copy())
+                continue
+            a, b = np.searchsorted(pos, [lo, hi])
+            # Every position of the block stored: a copy, not a gather.
+            gathered[i].append(block.copy() if b - a == hi - lo else
+                               block.take(pos[a:b] if lo == 0 else pos[a:b] - lo))
+        whole = block if len(blocks.bounds) == 1 else None
+    base_hash.check(zip([r.path for r in readers], records))
+    stored: list[Stored | None] = [None] * len(readers)
+    dt = lookup_dtype(base.entry(name).dtype)
+    for i, record in sparse:
+        base_kept = np.concatenate(gathered[i]) if gathered[i] else np.empty(0, dt.bits)
+        stored[i] = decode_at(readers[i], record, positions[i], base_kept, payloads[i])
+    return stored, whole
+
+
+class RecordRuns:
+    """The records several deltas hold of one tensor, decoded alongside a walk over its row
+    blocks in order: each through a :class:`~sparsestitch.delta.format.RecordCursor`, so what is
+    held is one block's entries and a run of each record, whatever the records' sizes, and
+    each record is decoded once (not once per block).
+
+    Records whose value codec is not elementwise (``ulp``) first need the base's exponent
+    counts at every kept position: :func:`kept_totals` reads the base tensor once more for
+    them (not hashed: the blocks' own pass checks the base).  Use as a context manager; call
+    :meth:`finish` after the last block (every entry read, nothing left over).
+    """
+
+    def __init__(self, ckpt: Checkpoint | None, name: str, blocks: RowBlocks,
+                 readers: Sequence[DeltaReader], records: Sequence[Record | None],
+                 budget: MemoryBudget):
+        self._run = budget.run_values
+        self._cursors: dict[int, RecordCursor] = {}
+        sparse = sum(1 for r in records if r is not None and r.kind == "sparse")
+        # the records are open at once: they share what streams may keep in memory (each
+        # has up to four streams); larger ones are read by range from the file or a spool
+        memory_limit = max(1 << 20, budget.stream_bytes // (4 * max(sparse, 1)))
+        try:
+            for i, record in enumerate(records):
+                if record is None or record.kind != "sparse":
+                    continue
+                totals = None
+                if not readers[i].value_codec(record).elementwise:
+                    totals = kept_totals(ckpt, name, blocks, readers[i], record, budget)
+                self._cursors[i] = readers[i].cursor(record, memory_limit=memory_limit,
+                                                     run=budget.run_values, totals=totals)
+        except BaseException:
+            self.close()
+            raise
+        self._count = len(records)
+
+    def block(self, lo: int, block: np.ndarray | None, hi: int | None = None
+              ) -> list[Stored | None]:
+        """Every record's entries in the block of elements ``lo, lo + 1, ...`` with base bits
+        ``block`` (None: no base, zeros are decoded against -- for checking a delta alone,
+        with ``hi`` the block's end)."""
+        hi = lo + block.size if block is not None else hi
+        stored: list[Stored | None] = [None] * self._count
+        for i, cursor in self._cursors.items():
+            if cursor.dense:
+                part = block.copy() if block is not None else np.zeros(hi - lo, cursor.record.dt.bits)
+                values = cursor.values(part if cursor.needs_base else None, hi - lo)
+                stored[i] = Stored(None, values, part, lo)
+                continue
+            positions = cursor.positions_below(hi, self._run)
+            kept = (block.take(positions - lo) if block is not None
+                    else np.zeros(positions.size, cursor.record.dt.bits))
+            values = cursor.values(kept if cursor.needs_base else None, positions.size)
+            stored[i] = Stored(positions, values, kept)
+        return stored
+
+    @property
+    def lone(self) -> int | None:
+        """The index of the only record open, when one is and :meth:`replace_into` applies
+        to it (its positions are every element or a bitmap); else None."""
+        if len(self._cursors) != 1:
+            return None
+        (index, cursor), = self._cursors.items()
+        return index if cursor.marks else None
+
+    def replace_into(self, lo: int, block: np.ndarray) -> None:
+        """The :attr:`lone` record's entries in the block of elements ``lo, ...`` written
+        over ``block`` (a restore, or the merge of one delta whose lone entries keep their
+        bits): the same bits as :meth:`block` and that merge, with no position arrays."""
+        (cursor,) = self._cursors.values()
+        cursor.replace_into(lo, block)
+
+    def finish(self) -> None:
+        for cursor in self._cursors.values():
+            cursor.finish()
+
+    def close(self) -> None:
+        for cursor in self._cursors.values():
+            cursor.close()
+        self._cursors = {}
+
+    def __enter__(self) -> "RecordRuns":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def kept_totals(ckpt: Checkpoint | None, name: str, blocks: RowBlocks, reader: DeltaReader,
+                record: Record, budget: MemoryBudget) -> np.ndarray:
+    """What a record whose value codec is not elementwise (``ulp``) needs before decoding in
+    runs: the codec's counts over the base at every kept position, from one pass over the
+    base (zeros without a base) and the record's positions, a run at a time."""
+    dt = record.dt
+    total = None
+    with reader.cursor(record, memory_limit=budget.stream_bytes, positions_only=True) as cursor:
+        def add(part: np.ndarray) -> None:
+            nonlocal total
+            counts = reader.part_counts(record, part, dt)
+            total = counts if total is None else total + counts
+        for start, stop in blocks.bounds:
+            lo, hi = blocks.elements(start, stop)
+            if ckpt is None:
+                size = (hi - lo) if cursor.dense else cursor.positions_below(hi, budget.run_values).size
+                add(np.zeros(size, dt.bits))
+                continue
+            block = ckpt.read_rows(name, start, stop) if stop > start else np.empty(0, dt.bits)
+            add(block if cursor.dense else block.take(
+                cursor.positions_below(hi, budget.run_values) - lo))
+    return total if total is not None else reader.part_counts(record, np.empty(0, dt.bits), dt)
+
+
+def stored_per_row(readers: Sequence[DeltaReader], records: Sequence[Record | None], rows: int,
+                   row_items: int, budget: MemoryBudget) -> np.ndarray:
+    """How many entries the records store in each row of a tensor (positions decoded a run
+    at a time, one record after the other)."""
+    per_row = np.zeros(rows, np.int64)
+    for reader, record in zip(readers, records):
+        if record is None or record.kind != "sparse":
+            continue
+        if record.positions.get("codec") in ("all", "bitmap"):
+            # at least 1/32 of the elements: counting them would cost a decoding of the
+            # positions; count each row as full (blocks sized for the worst case instead)
+            per_row += row_items
+            continue
+        with reader.cursor(record, memory_limit=budget.stream_bytes,
+                           positions_only=True) as cursor:
+            if cursor.dense:
+                per_row += row_items
+                continue
+            while (positions := cursor.next_positions(budget.run_values)).size:
+                per_row += np.bincount(positions // max(1, row_items), minlength=rows)[:rows]
+    return per_row
+
+
+def added_runs(reader: DeltaReader, record: Record, budget: MemoryBudget):
+    """The bits of a tensor a delta adds (every element stored), a block at a time."""
+    step = max(1, budget.block_bytes // max(1, record.dt.itemsize))
+    with reader.cursor(record, memory_limit=budget.stream_bytes, run=budget.run_values) as cursor:
+        for lo in range(0, record.count, step):
+            n = min(step, record.count - lo)
+            if not cursor.dense:  # every element, checked as any position list is
+                cursor.next_positions(n)
+            yield cursor.values(None, n)
+        cursor.finish()
+
+
+def refuse_delta(ckpt: Checkpoint, role: str = "base") -> None:
+    """A delta file given where a model checkpoint belongs (arguments swapped?) is refused
+    with the order the commands take."""
+    if any(HEADER_KEY in meta for meta in ckpt.metadata.values()):
+        raise CheckpointError(f"this is a sparsestitch delta file, not a model checkpoint; the "
+                              f"{role} must be a model (.safetensors file or folder), and "
+                              "the base comes first: sparsestitch restore BASE DELTA -o OUT",
+                              path=ckpt.path)
+
+
+def check_delta_fits(base: Checkpoint, reader: DeltaReader) -> None:
+    """The delta describes exactly the base's tensors with their dtypes and shapes (checked
+    before any output is written; checksums are checked as the base is read)."""
+    names = {r.name for r in reader.records if r.kind != "added"}
+    missing = [n for n in base.names if n not in names]
+    if missing:
+        raise BaseMismatchError(f"the delta has no record for base tensor {missing[0]!r} "
+                                f"({len(missing)} missing): it was made for another base",
+                                path=reader.path, tensor=missing[0])
+    for record in reader.records:
+        if record.kind == "added":
+            if record.name in base:
+                raise BaseMismatchError("the delta adds a tensor the base already has",
+                                        path=reader.path, tensor=record.name)
+            continue
+        if record.name not in base:
+            raise BaseMismatchError("the delta has a tensor the base lacks: it was made for "
+                                    "another base", path=reader.path, tensor=record.name)
+        entry = base.entry(record.name)
+        if (entry.dtype, entry.shape) != (record.dtype, record.shape):
+            raise BaseMismatchError(f"base has {entry.dtype}{list(entry.shape)}, delta expects "
+                                    f"{record.dtype}{list(record.shape)}", path=reader.path,
+                                    tensor=record.name)
+
+
+def added_records(readers: Sequence[DeltaReader]) -> dict[str, tuple[DeltaReader, Record]]:
+    """Tensors the deltas add (the base lacks them), by name, with the delta holding each; two
+    deltas adding different bits under one name are refused."""
+    found: dict[str, tuple[DeltaReader, Record]] = {}
+    for reader in readers:
+        for record in reader.records:
+            if record.kind != "added":
+                continue
+            if record.name in found:
+                first, first_record = found[record.name]
+                if first_record.payload_xxh3 != record.payload_xxh3:
+                    raise TensorMismatchError(
+                        f"two deltas add different tensors under this name ({first.path.name} "
+                        f"and {reader.path.name}); stitch them without it or rename one",
+                        path=reader.path, tensor=record.name)
+                continue
+            found[record.name] = (reader, record)
+    return found
+
+
+def output_shards(base: Checkpoint, added: dict[str, tuple[DeltaReader, Record]],
+                  extra_metadata: dict[str, str] | None = None) -> list[Shard]:
+    """The output's layout: the base's shards and tensors in order, then the added tensors in
+    the last shard; every shard's metadata plus ``extra_metadata``."""
+    shards = []
+    for file_name, names in base.layout:
+        tensors = [OutputTensor(n, base.entry(n).dtype, base.entry(n).shape) for n in names]
+        metadata = dict(base.metadata.get(file_name) or {"format": "pt"}, **(extra_metadata or {}))
+        shards.append(Shard(file_name, tensors, metadata))
+    if added:
+        last = shards[-1]
+        extra = [OutputTensor(name, record.dtype, record.shape)
+                 for name, (_, record) in sorted(added.items())]
+        shards[-1] = Shard(last.file_name, last.tensors + extra, last.metadata)
+    return shards

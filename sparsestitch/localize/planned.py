@@ -1,0 +1,169 @@
+"""The passes of a target over one tensor: statistics, then records selected by threshold.
+
+For each localized tensor a planner (:mod:`.targets`) decides, from the tensor's statistics
+(one pass: :func:`tensor_stats`), the options to try for each fine-tune; each option is then
+selected by its threshold in one more pass over the blocks and encoded, until the planner
+accepts the record (an error target: its real error within the target; a size target: its
+one option).  A quantized option is encoded *as the blocks arrive* (:class:`StreamedRecord`):
+its positions go into a bitmap (one bit per element) or, below a fifth of the elements, a
+list; its values into a :class:`~.codecs.quant.QuantStream`, which holds a couple of runs;
+so the record is never gathered whole.  Exact values need the record whole (their codecs
+pick an order and a layout over all of it): those options gather a
+:class:`~.selection.Selection` first.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+
+from ..core.dtypes import DType
+from ..core.dtypes import dtype as lookup_dtype
+from ..delta import codecs
+from ..delta.codecs.base import pack_stream
+from ..delta.codecs.quant import QuantStream
+from ..delta.format import Record, digest
+from ..engine.walk import BaseHash
+from .budget import Option
+from .selection import Encoded, SelectionParts, TensorScanner, fidelity_report
+from .selectors import Choice, TuneBlock, changed_positions
+from .stats import BINS, TensorStats, key_histogram, keys_at_least
+
+#: Kept positions are written as a bitmap from this share of a tensor's elements up (where
+#: a compressed bitmap costs what a Rice-coded list does, and an int64 list would cost 64
+#: bits per kept position to hold).
+BITMAP_FROM = 0.2
+
+
+def tensor_stats(scanner: TensorScanner, name: str, base_hash: BaseHash | None = None
+                 ) -> list[TensorStats]:
+    """Every fine-tune's :class:`~.localize.stats.TensorStats` of tensor ``name`` (one
+    pass over its blocks; nothing held but the histograms and samples)."""
+    entry = scanner.base.entry(name)
+    dt = lookup_dtype(entry.dtype)
+    stats = [TensorStats.empty(name, dt, entry.numel) for _ in scanner.tunes]
+    for block in scanner.tune_blocks(name, base_hash=base_hash):
+        stats[block.tune].add(block.finetuned, block.base, block.offset,
+                              keys=block.magnitudes)
+    return stats
+
+
+def choice_of(block: TuneBlock, threshold: int) -> Choice:
+    """What a threshold keeps of a block: keys at or above it (0: every change; -1: nothing)."""
+    if threshold < 0:
+        return Choice.nothing()
+    if threshold == 0:
+        choice = changed_positions(block)
+        return Choice(None) if choice.kept.size == block.base.size else choice
+    return Choice(keys_at_least(block.magnitudes, threshold))
+
+
+class StreamedRecord:
+    """A quantized option's record, encoded as the selection pass hands it each block's
+    kept entries (see the module docstring); :meth:`finish` gives ``(record, payload)``."""
+
+    def __init__(self, name: str, dt: DType, shape: tuple[int, ...], option: Option,
+                 group: int, energy: float | None):
+        self.name, self.dt, self.shape, self.energy = name, dt, shape, energy
+        numel = int(np.prod(shape, dtype=np.int64))
+        self.numel, self.expected = numel, option.kept or None  # None: not known before
+        self.packed: list[np.ndarray] = []     # the kept positions' bitmap, bytes so far
+        self.carry = np.empty(0, bool)         # bits not yet making a whole byte
+        self.values = QuantStream(dt, option.bits, group, self.expected)
+        self.counts, self.kept_energy = np.zeros(BINS, np.int64), np.zeros(BINS, np.float64)
+        self.kept = 0
+
+    def add(self, block: TuneBlock, choice: Choice) -> None:
+        kept = choice.kept
+        if kept is None:
+            finetuned, base, keys = block.finetuned, block.base, block.magnitudes
+            count = block.base.size
+        else:
+            finetuned, base = block.finetuned[kept], block.base[kept]
+            keys, count = block.magnitudes[kept], kept.size
+        key_histogram(keys, self.counts, self.kept_energy)
+        self.values.add(finetuned, base)
+        self.kept += count
+        mask = np.ones(block.base.size, bool) if kept is None else np.zeros(block.base.size, bool)
+        if kept is not None:
+            mask[kept] = True
+        bits = np.concatenate([self.carry, mask])
+        whole = bits.size // 8 * 8
+        self.packed.append(np.packbits(bits[:whole], bitorder="little"))
+        self.carry = bits[whole:]
+
+    def finish(self, base_xxh3: str) -> Encoded:
+        if self.expected is not None and self.kept != self.expected:  # a changed base?
+            raise AssertionError(f"{self.name}: kept {self.kept}, planned {self.expected}")
+        if self.kept == 0:  # nothing changed: the base's record, with its report
+            return Record(self.name, self.dt.name, tuple(self.shape), "base", base_xxh3,
+                          fidelity=fidelity_report(self.energy or 0.0, 0.0)), b""
+        self.packed.append(np.packbits(self.carry, bitorder="little"))
+        bitmap = np.concatenate(self.packed)
+        self.packed = []
+        if self.kept == self.numel:
+            pos_payload, pos_config = b"", {"codec": "all"}
+        elif self.kept >= BITMAP_FROM * self.numel:
+            payload, config = pack_stream(bitmap)
+            pos_payload, pos_config = payload, {"codec": "bitmap", **config}
+        else:  # a list is smaller: the positions of the bitmap's set bits
+            positions = np.flatnonzero(np.unpackbits(bitmap, count=self.numel,
+                                                     bitorder="little")).astype(np.int64)
+            pos_payload, pos_config = codecs.encode_positions(positions, self.shape)
+        val_payload, val_config = self.values.finish()
+        val_config = {"codec": "quant", **val_config}
+        payload = pos_payload + val_payload
+        kept_energy = float(self.kept_energy.sum())
+        energy = kept_energy if self.energy is None else self.energy  # None: every change kept
+        report = fidelity_report(energy, kept_energy, val_config["error_sq"])
+        return Record(self.name, self.dt.name, tuple(self.shape), "sparse", base_xxh3,
+                      self.kept, pos_config, val_config, len(pos_payload), len(val_payload),
+                      digest(payload), report), payload
+
+
+def planned_records(scanner: TensorScanner, name: str) -> list[Encoded]:
+    """Every fine-tune's record of a localized tensor under a planner: the statistics in
+    one pass (for an error target), then each fine-tune's options in the planner's order,
+    each selected by its threshold in one more pass and encoded, until the planner
+    accepts the record."""
+    planner, count = scanner.planner, len(scanner.tunes)
+    entry = scanner.base.entry(name)
+    dt = lookup_dtype(entry.dtype)
+    base_hash = BaseHash(name)
+    if planner.needs_stats:
+        stats = tensor_stats(scanner, name, base_hash)
+        base_xxh3 = base_hash.hexdigest()
+        options = {i: planner.options(stats[i], i) for i in range(count)}
+        energy = {i: stats[i].energy for i in range(count)}
+    else:
+        base_xxh3 = None
+        options = {i: iter([planner.option(i, name)]) for i in range(count)}
+        energy = {i: planner.energy(i, name) for i in range(count)}
+    records: list[Encoded | None] = [None] * count
+    current = {i: next(options[i]) for i in range(count)}
+    while current:
+        sinks = {i: (StreamedRecord(name, dt, entry.shape, option, planner.group, energy[i])
+                     if option.bits is not None and option.threshold >= 0
+                     and (option.kept > 0 or option.threshold == 0)
+                     else SelectionParts()) for i, option in current.items()}
+        for block in scanner.tune_blocks(name, base_hash=base_hash if base_xxh3 is None else None):
+            if block.tune in current:
+                sinks[block.tune].add(block, choice_of(block, current[block.tune].threshold))
+        if base_xxh3 is None:
+            base_xxh3 = base_hash.hexdigest()
+        for i, option in list(current.items()):
+            sink = sinks.pop(i)
+            if isinstance(sink, StreamedRecord):
+                record = sink.finish(base_xxh3)
+            else:
+                selection = replace(sink.finish(dt), energy=energy[i])
+                quantize = None if option.bits is None else {"bits": option.bits,
+                                                             "group": planner.group}
+                record = scanner.encode_as(name, base_xxh3, selection, quantize)
+            if planner.accepts(record[0]):
+                records[i] = record
+                del current[i]
+            else:
+                current[i] = next(options[i])
+    return records

@@ -1,0 +1,300 @@
+"""mergekit's merge configs, read as mergekit reads them, translated to a :class:`MergeConfig`.
+
+A config with a ``merge_method`` key is mergekit's schema (``merge_method``, ``base_model``,
+``models[].model``, ``models[].parameters``, top-level ``parameters``, ``dtype``,
+``out_dtype``, ``tokenizer_source``, ``slices``): names mean what they mean in mergekit, and
+relative paths resolve as mergekit resolves them, against the working folder.  What
+sparsestitch can express runs; everything else is refused naming the field and the reason,
+every problem of the config in one error; nothing is ignored silently.
+
+============================  ==============================================================
+``merge_method``              runs as
+============================  ==============================================================
+``task_arithmetic``           ``task-arithmetic``: weights per model, ``lambda`` the scale
+``ties``                      ``ties-mergekit`` (mergekit's TIES, bit for bit with
+                              ``dtype: float32``): one ``density`` for every model
+``linear``                    ``task-arithmetic`` over the base: ``base + sum(w_i tau_i) /
+                              sum(w_i)`` (mergekit averages the models themselves: the same
+                              value, in another order of operations); without ``base_model``
+                              the first model is the base (any model gives the same average)
+``dare_linear``               ``dare``: ``drop = 1 - density`` (one for every model), rescaled;
+                              seeded draws, not mergekit's (so not its bits)
+============================  ==============================================================
+
+Refused, with the reason: the other methods (``dare_ties``, ``breadcrumbs``,
+``breadcrumbs_ties``, ``della``, ``slerp``, ``passthrough``, ``model_stock``, ...),
+``slices`` and layer ranges (frankenmerges), parameters given as gradient lists (per layer),
+per-model densities that differ, ``normalize: false`` for ``linear``,
+``rescale: true`` for ``ties``, ``rescale: false`` for ``dare_linear``, an output dtype
+(``out_dtype``, else ``dtype``, as mergekit writes) other than the base's,
+``tokenizer_source`` other than ``base``, LoRA adapters (``model+lora``).  ``dtype`` names
+mergekit's compute type: sparsestitch computes in float32 (float64 for float64 models) and
+rounds once to the model's dtype, which it says in a warning when ``dtype`` is not float32.
+``int8_mask`` (how mergekit stores its masks) changes nothing here and is accepted.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from ..checkpoint.hub import parse_hub_id
+from ..core.errors import ConfigError
+from ..core.options import short_repr
+
+log = logging.getLogger("sparsestitch")
+
+TOP_KEYS = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype",
+            "tokenizer_source", "slices", "tokenizer", "chat_template", "name"}
+MODEL_KEYS = {"model", "parameters"}
+METHODS = {"task_arithmetic": "task-arithmetic", "ties": "ties-mergekit",
+           "linear": "task-arithmetic", "dare_linear": "dare"}
+#: Methods mergekit has that sparsestitch refuses, and why.
+NOT_HERE = {
+    "dare_ties": "DARE's drops followed by TIES' sign election is not a sparsestitch rule "
+                 "(use dare_linear, or ties)",
+    "breadcrumbs": "breadcrumbs' outlier trimming is not a sparsestitch rule",
+    "breadcrumbs_ties": "breadcrumbs' outlier trimming is not a sparsestitch rule",
+    "della": "DELLA's magnitude-ranked drop probabilities are not a sparsestitch rule",
+    "della_linear": "DELLA's magnitude-ranked drop probabilities are not a sparsestitch rule",
+    "slerp": "spherical interpolation of two models is not a task-vector merge",
+    "nuslerp": "spherical interpolation of two models is not a task-vector merge",
+    "passthrough": "passthrough stacks layers into a new architecture (a frankenmerge); "
+                   "sparsestitch writes the base's architecture",
+    "model_stock": "model stock's geometric weights are not a sparsestitch rule",
+    "karcher": "a Karcher mean is not a task-vector merge",
+    "arcee_fusion": "arcee_fusion is not a sparsestitch rule",
+    "nearswap": "nearswap is not a sparsestitch rule",
+    "sce": "SCE is not a sparsestitch rule",
+}
+#: Parameters each method reads (per model or at the top), as mergekit names them.
+PARAMETERS = {"task_arithmetic": {"weight", "density", "lambda", "normalize", "rescale",
+                                    "int8_mask"},
+              "ties": {"weight", "density", "lambda", "normalize", "rescale", "int8_mask"},
+              "linear": {"weight", "normalize"},
+              "dare_linear": {"weight", "density", "lambda", "rescale", "normalize",
+                              "int8_mask"}}
+FLOAT_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64"}
+
+
+def is_mergekit(data: dict) -> bool:
+    """Whether a parsed config is in mergekit's schema (it names a ``merge_method``)."""
+    return "merge_method" in data
+
+
+def translate(path: Path, data: dict, cwd: Path | None = None):
+    """The :class:`~sparsestitch.ops.merge_config.MergeConfig` a mergekit config asks for;
+    every problem in one :class:`ConfigError` (named by the first one's key)."""
+    from .merge_config import MergeConfig
+
+    problems: list[tuple[str, str]] = []
+    cwd = Path.cwd() if cwd is None else cwd
+    for key in sorted(k for k in data if not isinstance(k, str) or k not in TOP_KEYS):
+        problems.append((str(key), f"not a mergekit key sparsestitch knows (it knows "
+                                   f"{', '.join(sorted(TOP_KEYS))})"))
+    method = data.get("merge_method")
+    if method in NOT_HERE:
+        problems.append(("merge_method", f"{method}: {NOT_HERE[method]}; sparsestitch runs "
+                                         f"{', '.join(sorted(METHODS))}"))
+    elif method not in METHODS:
+        problems.append(("merge_method", f"must be one of {', '.join(sorted(METHODS))}, got "
+                                         f"{short_repr(method)}"))
+    for key, reason in (("slices", "slices and layer ranges build a new stack of layers (a "
+                                   "frankenmerge); sparsestitch merges whole models"),
+                        ("tokenizer", "a merged tokenizer (mergekit's tokenizer: section); "
+                                      "sparsestitch keeps the base's"),
+                        ("chat_template", "sparsestitch keeps the base's chat template")):
+        if data.get(key) is not None:
+            problems.append((key, reason))
+    source = data.get("tokenizer_source")
+    if source not in (None, "base"):
+        problems.append(("tokenizer_source", f"{short_repr(source)}: sparsestitch copies the "
+                                             "base's tokenizer (tokenizer_source: base)"))
+    # linear averages the models themselves: any one of them serves as the base (the first,
+    # as the others' task vectors are taken against it), so mergekit's base-less linear runs
+    base = _model_path(problems, "base_model", data.get("base_model"), cwd,
+                       required=method in METHODS and not _first_model(data, method))
+    if base is None and _first_model(data, method):
+        base = _model_path(problems, "models[0].model", _first_model(data, method), cwd,
+                           required=True)
+    known = PARAMETERS.get(method, set())
+    top = _parameters(problems, "parameters", data.get("parameters"), known)
+    entries = []   # (where, model, parameters, is the base)
+    models = data.get("models")
+    if not isinstance(models, list) or not models:
+        if data.get("slices") is None:  # with slices, the slices are the problem
+            problems.append(("models", "must be a list of {model: PATH, parameters: {...}}"))
+        models = []
+    for i, item in enumerate(models):
+        where = f"models[{i}]"
+        if isinstance(item, str):
+            item = {"model": item}
+        if not isinstance(item, dict):
+            problems.append((where, "must be a mapping like {model: PATH, parameters: {...}}"))
+            continue
+        for key in sorted(str(k) for k in item if k not in MODEL_KEYS):
+            problems.append((f"{where}.{key}", "not a key of a mergekit model entry (model, "
+                                               "parameters)"))
+        model = _model_path(problems, f"{where}.model", item.get("model"), cwd, required=True)
+        parameters = _parameters(problems, f"{where}.parameters", item.get("parameters"), known)
+        is_base = model is not None and base is not None and _same(model, base)
+        entries.append((where, model, {**top, **parameters}, is_base))
+    finetuned, weights, rule, options = [], [], "task-arithmetic", {}
+    if method in METHODS:
+        finetuned, weights, rule, options = _method(problems, method, top, entries)
+    _dtypes(problems, data)
+    if problems:
+        key = problems[0][0]
+        listed = "; ".join(f"{k}: {m}" for k, m in problems)
+        raise ConfigError(path, key, problems[0][1] if len(problems) == 1 else
+                          f"this mergekit config has {len(problems)} problems: {listed}")
+    written = data.get("out_dtype") or data.get("dtype")
+    return MergeConfig(path, base, finetuned, weights, rule, options, {"lossless": True},
+                       None, None, FLOAT_DTYPES.get(written) if written else None)
+
+
+def _first_model(data: dict, method) -> str | None:
+    """For a ``linear`` config without ``base_model``: its first model's name, else None."""
+    models = data.get("models")
+    if method != "linear" or data.get("base_model") is not None or not isinstance(models, list) \
+            or not models:
+        return None
+    first = models[0]
+    first = first.get("model") if isinstance(first, dict) else first
+    return first if isinstance(first, str) else None
+
+
+def _method(problems: list, method: str, top: dict, entries: list):
+    """``(fine-tunes, weights, rule, options)`` for a method mergekit and sparsestitch share,
+    with mergekit's defaults (``weight`` required; ``density`` 1; ``normalize`` true for
+    ``ties`` and ``linear``, false otherwise; ``rescale`` true for ``dare_linear``)."""
+    weight_of = {}
+    for where, model, parameters, is_base in entries:
+        if "weight" in parameters:
+            weight_of[where] = 1.0 if parameters["weight"] is None else parameters["weight"]
+        elif not (is_base and method != "linear"):  # the base's task vector is zero
+            problems.append((f"{where}.parameters.weight", f"required by mergekit's {method}"))
+    tunes = [(where, model, parameters) for where, model, parameters, is_base in entries
+             if not is_base]
+    finetuned = [model for _, model, _ in tunes]
+    weights = [weight_of.get(where, 1.0) for where, _, _ in tunes]
+    normalize = top.get("normalize", method in ("ties", "linear"))
+    options: dict = {}
+    if method == "linear":
+        if not normalize:
+            problems.append(("parameters.normalize", "linear without normalizing is a sum of "
+                                                     "models, not a merge over the base"))
+        if "lambda" in top:
+            problems.append(("parameters.lambda", "linear takes no lambda"))
+        total = sum(weight_of.get(where, 1.0) for where, _, _, _ in entries)  # the base's too
+        if total == 0:
+            problems.append(("models", "linear: the weights sum to 0 (mergekit divides by "
+                                       "their sum)"))
+        else:
+            weights = [w / total for w in weights]
+        return finetuned, weights, "task-arithmetic", options
+    if method == "task_arithmetic" and any(p.get("density", 1.0) not in (1.0, None)
+                                           for _, _, p in tunes):
+        problems.append(("models", "task_arithmetic does not sparsify: a density has no effect "
+                                   "(in mergekit either); use ties or dare_linear"))
+    if method == "ties" and top.get("rescale", False):
+        problems.append(("parameters.rescale", "ties with rescale: true rescales the trimmed "
+                                               "values, which ties-mergekit does not"))
+    if method == "ties":
+        options["normalize"] = 1 if normalize else 0
+    elif normalize:
+        total = sum(weights)   # mergekit: divided by the weights' sum, unless it is ~0
+        if abs(total) >= 1e-8:
+            weights = [w / total for w in weights]
+    if method in ("ties", "dare_linear"):
+        densities = sorted({parameters.get("density", 1.0) for _, _, parameters in tunes}
+                           - {None})
+        if len(densities) > 1:
+            problems.append(("models", f"{method}: the models' densities differ "
+                                       f"({', '.join(f'{d:g}' for d in densities)}); "
+                                       "sparsestitch's rule takes one density for all"))
+        density = densities[0] if densities else 1.0
+        if method == "ties":
+            options["density"] = density
+        else:
+            if not top.get("rescale", True):
+                problems.append(("parameters.rescale", "dare_linear without rescaling is not "
+                                                       "sparsestitch's dare (it rescales)"))
+            options["drop"] = 1.0 - density
+    if top.get("lambda", 1.0) != 1.0:
+        options["scale"] = top["lambda"]
+    return finetuned, [float(w) for w in weights], METHODS[method], options
+
+
+def _parameters(problems: list, where: str, value, known: set) -> dict:
+    """A parameters mapping, each a number (or a boolean for the flags); gradient lists and
+    parameters the method does not read are problems."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        problems.append((where, f"must be a mapping, got {short_repr(value)}"))
+        return {}
+    out = {}
+    for key, item in value.items():
+        name = f"{where}.{key}"
+        if isinstance(item, (list, dict)):
+            problems.append((name, ("a gradient (one value per layer range)" if
+                                    isinstance(item, list) else "a per-tensor filter")
+                             + ": sparsestitch takes one value for the whole model"))
+            out[key] = None   # given, but not usable: no "required" problem on top
+        elif key not in known:
+            problems.append((name, f"not a parameter sparsestitch reads for this merge_method "
+                                   f"(it reads {', '.join(sorted(known)) or 'none'})"))
+        elif key in ("normalize", "rescale", "int8_mask"):
+            if type(item) is not bool:
+                problems.append((name, f"must be true or false, got {short_repr(item)}"))
+            out[key] = item
+        elif type(item) not in (int, float) or item != item or item in (float("inf"),
+                                                                          float("-inf")):
+            problems.append((name, f"must be a finite number, got {short_repr(item)}"))
+        else:
+            out[key] = float(item)
+    return out
+
+
+def _model_path(problems: list, where: str, value, cwd: Path, required: bool) -> str | None:
+    """A model as mergekit names it: a path (relative to the working folder) or a Hub id."""
+    if value is None:
+        if required:
+            problems.append((where, "sparsestitch merges task vectors against a base: name the "
+                                    "model the others were fine-tuned from"))
+        return None
+    if not isinstance(value, str) or not value or "\0" in value:
+        problems.append((where, "must name a model (a path or a Hub id)"))
+        return None
+    if "+" in value:
+        problems.append((where, f"{value}: a LoRA adapter applied to a model; merge the adapter "
+                                "into a full checkpoint first"))
+        return None
+    local = cwd / value
+    if local.exists():
+        return str(local)
+    if parse_hub_id(value) is not None:
+        return value
+    problems.append((where, f"no such file or folder (from the working folder, as mergekit "
+                            f"reads it): {local}"))
+    return None
+
+
+def _same(a: str, b: str) -> bool:
+    try:
+        return Path(a).resolve() == Path(b).resolve()
+    except OSError:
+        return a == b
+
+
+def _dtypes(problems: list, data: dict) -> None:
+    dtype, out_dtype = data.get("dtype"), data.get("out_dtype")
+    for key, value in (("dtype", dtype), ("out_dtype", out_dtype)):
+        if value is not None and value not in FLOAT_DTYPES:
+            problems.append((key, f"must be one of {', '.join(FLOAT_DTYPES)}, got "
+                                  f"{short_repr(value)}"))
+    if dtype in FLOAT_DTYPES and dtype not in ("float32", "float64"):
+        log.warning("dtype %s: sparsestitch computes in float32 (float64 for float64 models) and "
+                    "rounds once to the model's dtype; mergekit would compute in %s, so results "
+                    "can differ in the last bit", dtype, dtype)
