@@ -18,6 +18,7 @@ from hypothesis import given, settings, strategies as st
 from sparsestitch.core.dtypes import dtype
 from sparsestitch.ops.stitch import rule_combiner
 from sparsestitch.combine.device import DeviceCombiner, resolve_device
+from sparsestitch.engine.budget import MemoryBudget
 from sparsestitch.engine.walk import Stored
 
 import sparsestitch
@@ -249,7 +250,7 @@ def test_engine_with_torch_combiner_writes_the_same_model(tmp_path, rule, option
     combiner = DeviceCombiner(rule_combiner(rule, weights, 3, **options), device)
     with _numpy_combiner_forbidden():
         got = engine.run(tmp_path / "base.safetensors", deltas, tmp_path / "torch.safetensors",
-                         combiner, block_bytes=4096)
+                         combiner, budget=MemoryBudget(4 * 4096))
     want_tensors, got_tensors = load_file(want), load_file(got)
     assert want_tensors.keys() == got_tensors.keys()
     for name, tensor in want_tensors.items():

@@ -5,13 +5,18 @@ libraries (``--max-memory``, 1 GiB when not given); every part that holds data a
 its share instead of doing its own arithmetic:
 
 * :attr:`~MemoryBudget.block_bytes` -- one base or output row block (a quarter);
+* :attr:`~MemoryBudget.tensor_bytes` -- one tensor's work held whole between reading and
+  writing (half: read-ahead holds up to this; a tensor that would hold more is merged as its
+  row blocks are written);
 * :attr:`~MemoryBudget.stream_bytes` -- one stream of a record's payload kept in memory;
   larger streams are read from the file or a temporary spool, a range at a time;
 * :attr:`~MemoryBudget.run_values` -- kept values decoded at a time by a record cursor.
 
 >>> budget = MemoryBudget.of("64MiB")
->>> budget.block_bytes >> 20, budget.stream_bytes >> 20, budget.run_values
-(16, 4, 87381)
+>>> budget.block_bytes >> 20, budget.tensor_bytes >> 20, budget.stream_bytes >> 20
+(16, 32, 4)
+>>> budget.run_values
+87381
 """
 
 from __future__ import annotations
@@ -40,6 +45,10 @@ class MemoryBudget:
     @property
     def block_bytes(self) -> int:
         return max(1, self.total // 4)
+
+    @property
+    def tensor_bytes(self) -> int:
+        return 2 * self.block_bytes
 
     @property
     def stream_bytes(self) -> int:

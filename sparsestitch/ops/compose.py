@@ -92,7 +92,7 @@ def stitch_add(base: str | os.PathLike, deltas: Sequence[str | os.PathLike],
     if not in_place:  # replacing the merged model with its extension is what is asked for
         merged = inputs.add(merged, "merged model")
     inputs.check_output(out)
-    block_bytes = engine.block_bytes(max_memory)
+    budget = MemoryBudget.of(max_memory)
     with contextlib.ExitStack() as stack:
         base_ckpt = stack.enter_context(Checkpoint(base))
         refuse_delta(base_ckpt)
@@ -116,7 +116,7 @@ def stitch_add(base: str | os.PathLike, deltas: Sequence[str | os.PathLike],
             with bar(total, "stitch-add", progress) as progress_bar:
                 for tensor in (t for shard in shards for t in shard.tensors):
                     _write_tensor(tensor.name, base_ckpt, merged_ckpt, readers, old_added, added,
-                                  combine, writer, block_bytes)
+                                  combine, writer, budget)
                     progress_bar.update(tensor.nbytes)
             merged_ckpt.close()  # before ``merged`` may be renamed away
             writer.close()
@@ -128,16 +128,16 @@ def stitch_add(base: str | os.PathLike, deltas: Sequence[str | os.PathLike],
 
 def _write_tensor(name: str, base: Checkpoint, merged: Checkpoint, readers: list[DeltaReader],
                   old_added: dict, added: dict, combine: RuleCombiner, writer: CheckpointWriter,
-                  block_bytes: int) -> None:
+                  budget: MemoryBudget) -> None:
     new = readers[-1]
     if name in added and name not in old_added:
         reader, record = added[name]
-        for bits in added_runs(reader, record, MemoryBudget(4 * block_bytes)):
+        for bits in added_runs(reader, record, budget):
             writer.write(name, bits)
         return
     entry = merged.entry(name)
     dt = lookup_dtype(entry.dtype)
-    blocks = RowBlocks.of(entry.shape, dt.itemsize, block_bytes)
+    blocks = RowBlocks.of(entry.shape, dt.itemsize, budget.block_bytes)
     copy = partial(merged.read_rows, name)
     record = new.record(name)
     if name in added or record.kind != "sparse":
@@ -148,13 +148,12 @@ def _write_tensor(name: str, base: Checkpoint, merged: Checkpoint, readers: list
         return
     stored_count = sum(r.count for reader in readers
                        if (r := reader.record(name)) is not None and r.kind == "sparse")
-    if entry.nbytes + combine.bytes_per_position(dt) * stored_count <= 2 * block_bytes:
+    if entry.nbytes + combine.bytes_per_position(dt) * stored_count <= budget.tensor_bytes:
         stored, _ = decode_tensor(base, readers, name, blocks)
         positions, bits = combine.combine(name, dt, entry.numel, _at_new(stored))
         engine.write_patched(writer, name, blocks, copy, positions, bits)
         return
-    _write_blockwise(name, base, merged, readers, combine, writer, blocks,
-                     MemoryBudget(4 * block_bytes))
+    _write_blockwise(name, base, merged, readers, combine, writer, blocks, budget)
 
 
 def _write_blockwise(name: str, base: Checkpoint, merged: Checkpoint, readers: list[DeltaReader],

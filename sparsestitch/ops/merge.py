@@ -36,6 +36,7 @@ from ..core.dtypes import dtype as lookup_dtype
 from ..core.errors import OptionError, TensorMismatchError
 from ..delta import codecs
 from ..delta.format import Record
+from ..engine.budget import MemoryBudget
 from ..engine.readahead import workers_for
 from ..engine.walk import RowBlocks, Stored, refuse_delta
 from ..localize.keep import as_mask_list, check_compatible, check_scope, choices, make_selectors
@@ -119,7 +120,7 @@ def merge(base: str | os.PathLike, finetuned: Sequence[str | os.PathLike],
         inputs.check_output(path, "saved delta")
     if delta_paths:
         Path(save_deltas).mkdir(parents=True, exist_ok=True)
-    block_bytes = engine.block_bytes(max_memory)
+    budget = MemoryBudget.of(max_memory)
     with Checkpoint(base) as base_ckpt, contextlib.ExitStack() as stack:
         refuse_delta(base_ckpt)
         tunes = [stack.enter_context(_open_fine_tune(base_ckpt, p, max_memory))
@@ -134,7 +135,7 @@ def merge(base: str | os.PathLike, finetuned: Sequence[str | os.PathLike],
         run_pre_passes(scanner, selectors, workers, progress)
         outputs = DeltaOutputs(delta_paths, overwrite, base_ckpt, tunes, plan) \
             if delta_paths else None
-        source = FineTuneSource(scanner, selectors, combiner, block_bytes, added, outputs)
+        source = FineTuneSource(scanner, selectors, combiner, budget, added, outputs)
         # The options as checked (numpy scalars become the JSON numbers they equal).
         options = {key: combiner.options[key] for key in rule_options}
         recipe = {"rule": rule, "options": options, "weights": list(combiner.weights),
@@ -146,7 +147,7 @@ def merge(base: str | os.PathLike, finetuned: Sequence[str | os.PathLike],
         try:
             engine.write_model(
                 base_ckpt, out, source, added, overwrite=overwrite, progress=progress,
-                block_bytes=block_bytes, description="merge",
+                budget=budget, description="merge",
                 workers=0 if any(s.ordered for s in selectors) else workers,
                 metadata={MERGE_KEY: json.dumps(recipe, sort_keys=True, separators=(",", ":"))},
                 card=merge_card([t.display_name for t in tunes], rule, combiner.weights,
@@ -218,17 +219,18 @@ class FineTuneSource:
     :class:`~sparsestitch.ops.stitch_engine.TensorSource`)."""
 
     def __init__(self, scanner: TensorScanner, selectors: Sequence[Selector], combiner: Combiner,
-                 block_bytes: int, added: dict, outputs: DeltaOutputs | None):
+                 budget: MemoryBudget, added: dict, outputs: DeltaOutputs | None):
         self.scanner, self.selectors, self.combiner = scanner, selectors, combiner
         self.base, self.tunes = scanner.base, scanner.tunes
-        self.block_bytes, self.added, self.outputs = block_bytes, added, outputs
+        self.block_bytes, self.tensor_bytes = budget.block_bytes, budget.tensor_bytes
+        self.added, self.outputs = added, outputs
 
     def estimate(self, name: str) -> int:
         """Bytes held between preparing tensor ``name`` and writing it."""
         entry = (self.added[name][1] if name in self.added else self.base.entry(name))
         if name in self.added or self._blockwise(name):
             return entry.nbytes
-        return min(whole_bytes(self.scanner, self.combiner, name), 2 * self.block_bytes)
+        return min(whole_bytes(self.scanner, self.combiner, name), self.tensor_bytes)
 
 
     def _blockwise(self, name: str) -> bool:
@@ -246,7 +248,7 @@ class FineTuneSource:
             return lambda writer: writer.write(name, bits)
         entry = self.base.entry(name)
         if self._blockwise(name):
-            if entry.nbytes > 2 * self.block_bytes:  # too large to hold: merge while writing
+            if entry.nbytes > self.tensor_bytes:  # too large to hold: merge while writing
                 return lambda writer: self._merge_blocks(name, writer.write)
             merged = np.empty(entry.numel, lookup_dtype(entry.dtype).bits)
             filled = 0

@@ -10,6 +10,7 @@ from typing import ClassVar
 import numpy as np
 
 from ..core.dtypes import DType
+from ..engine.budget import MemoryBudget
 from ..engine.walk import Stored
 from . import stitch_engine as engine
 from .cards import restore_card
@@ -74,7 +75,8 @@ def restore(base: str | os.PathLike, delta: str | os.PathLike, out: str | os.Pat
 
     >>> restore("base.safetensors", "math.delta", "math.safetensors")  # doctest: +SKIP
     """
-    block_bytes = engine.block_bytes(max_memory) if block_bytes is None else block_bytes
+    budget = MemoryBudget.of(max_memory) if block_bytes is None else \
+        MemoryBudget(4 * int(block_bytes))  # blocks are a quarter of a budget
     return engine.run(base, [delta], out, RestoreCombiner(), overwrite=overwrite,
-                      progress=progress, description="restore", block_bytes=block_bytes,
+                      progress=progress, description="restore", budget=budget,
                       card=restore_card(delta), threads=threads)

@@ -15,6 +15,7 @@ from ..combine.device import DeviceCombiner, resolve_device
 from ..combine.rules import RULES, MergeRule, TaskVector, get_rule
 from ..core.errors import OptionError
 from ..delta.format import DeltaReader
+from ..engine.budget import MemoryBudget
 from . import stitch_engine as engine
 from .cards import stitch_card
 from .compose import COMPOSABLE_RULES, stitch_add
@@ -74,18 +75,19 @@ def stitch(base: str | os.PathLike, deltas: Sequence[str | os.PathLike], out: st
                      max_memory=max_memory, overwrite=overwrite, progress=progress,
                      threads=threads, **rule_options)
     combine = rule_combiner(rule, weights, len(deltas), **rule_options)
-    with contextlib.ExitStack() as stack:
+    budget = MemoryBudget.of(max_memory)
+    torch_device = resolve_device(device)
+    with contextlib.ExitStack() as stack:  # each delta opened once, for the whole command
         readers = [stack.enter_context(DeltaReader(p)) for p in deltas]
         recipe = combine.recipe(readers)
         if rule == "localize-stitch" and len(readers) > 1:
             _note_dense(readers)
-    torch_device = resolve_device(device)
-    if torch_device is not None:
-        combine = DeviceCombiner(combine, torch_device)
-    card = stitch_card(deltas, rule, combine.weights, {k: v for k, v in rule_options.items()})
-    return engine.run(base, deltas, out, combine, overwrite=overwrite, progress=progress,
-                      block_bytes=engine.block_bytes(max_memory), metadata={RECIPE_KEY: recipe},
-                      card=card, threads=threads)
+        if torch_device is not None:
+            combine = DeviceCombiner(combine, torch_device)
+        card = stitch_card(deltas, rule, combine.weights, dict(rule_options))
+        return engine.run(base, readers, out, combine, overwrite=overwrite, progress=progress,
+                          budget=budget, metadata={RECIPE_KEY: recipe}, card=card,
+                          threads=threads)
 
 
 #: A delta keeping more than this share of its parameters is made for restoring, not merging.

@@ -26,6 +26,7 @@ recompute.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable, Sequence
 from contextlib import closing
@@ -41,7 +42,6 @@ from ..combine.combiners import Combiner
 from ..core.dtypes import DType
 from ..core.dtypes import dtype as lookup_dtype
 from ..core.progress import bar
-from ..core.sizes import parse_memory
 from ..delta.format import DeltaReader, Record
 from ..engine.budget import MemoryBudget
 from ..engine.readahead import DEFAULT_WORKERS, in_order, workers_for
@@ -59,28 +59,17 @@ from ..engine.walk import (
     stored_per_row,
 )
 
-DEFAULT_BLOCK_BYTES = 256 << 20
-
 #: What writes one prepared output tensor.
 Finish = Callable[[CheckpointWriter], None]
 
 
-def block_bytes(max_memory: int | str | None) -> int:
-    """Bytes per base/output row block for a ``max_memory`` budget (default 1 GiB): a
-    quarter of it (at least one row is always read).
-
-    >>> block_bytes("4KiB")
-    1024
-    """
-    return max(1, parse_memory(max_memory, DEFAULT_BLOCK_BYTES * 4) // 4)
-
-
-def run(base: str | os.PathLike, deltas: Sequence[str | os.PathLike], out: str | os.PathLike,
-        combiner: Combiner, *, overwrite: bool = False, progress: bool = False,
-        block_bytes: int = DEFAULT_BLOCK_BYTES, added: str = "single",
+def run(base: str | os.PathLike, deltas: Sequence[str | os.PathLike | DeltaReader],
+        out: str | os.PathLike, combiner: Combiner, *, overwrite: bool = False,
+        progress: bool = False, budget: MemoryBudget | None = None, added: str = "single",
         metadata: dict[str, str] | None = None, description: str = "stitch",
         card: Callable[[Checkpoint], str] | None = None, threads: int | None = None) -> Path:
-    """Stream ``base`` + ``deltas`` through ``combiner`` into ``out``; return ``out``.
+    """Stream ``base`` + ``deltas`` (paths, or readers the caller opened and closes) through
+    ``combiner`` into ``out`` within ``budget`` (default 1 GiB); return ``out``.
 
     ``added`` says what to do with tensors that deltas add (the base lacks them):
     ``"single"`` copies them (an error if two deltas add the same name with different
@@ -89,30 +78,25 @@ def run(base: str | os.PathLike, deltas: Sequence[str | os.PathLike], out: str |
     card, replacing the base's).  ``threads`` (default: up to 4 of the usable cores) read and
     decode ahead of the caller, who writes; 1 runs everything in the caller's thread.
     """
-    out = Path(out)
+    out, budget = Path(out), budget or MemoryBudget.of(None)
     inputs = Inputs()
     base = inputs.add(base, "base")
-    for path in deltas:
-        inputs.add_local(path, "delta")
+    for delta in deltas:
+        inputs.add_local(delta.path if isinstance(delta, DeltaReader) else delta, "delta")
     inputs.check_output(out)
     check_output_name(out)
-    with Checkpoint(base) as base_ckpt:
+    with Checkpoint(base) as base_ckpt, contextlib.ExitStack() as opened:
         refuse_delta(base_ckpt)
-        readers = []
-        try:
-            for path in deltas:
-                readers.append(DeltaReader(path))
-            for reader in readers:
-                check_delta_fits(base_ckpt, reader)
-            added_tensors = added_records(readers) if added == "single" else {}
-            plan = _Plan(base_ckpt, readers, added_tensors, combiner, block_bytes)
-            write_model(base_ckpt, out, plan, added_tensors, overwrite=overwrite,
-                        progress=progress, block_bytes=block_bytes, metadata=metadata,
-                        description=description, card=card,
-                        workers=workers_for(threads, READ_WORKERS))
-        finally:
-            for reader in readers:
-                reader.close()
+        readers = [delta if isinstance(delta, DeltaReader) else
+                   opened.enter_context(DeltaReader(delta)) for delta in deltas]
+        for reader in readers:
+            check_delta_fits(base_ckpt, reader)
+        added_tensors = added_records(readers) if added == "single" else {}
+        plan = _Plan(base_ckpt, readers, added_tensors, combiner, budget)
+        write_model(base_ckpt, out, plan, added_tensors, overwrite=overwrite,
+                    progress=progress, budget=budget, metadata=metadata,
+                    description=description, card=card,
+                    workers=workers_for(threads, READ_WORKERS))
     return out
 
 
@@ -127,7 +111,7 @@ class TensorSource(Protocol):
 
 
 def write_model(base: Checkpoint, out: Path, source: TensorSource, added: dict, *,
-                overwrite: bool, progress: bool, block_bytes: int, workers: int,
+                overwrite: bool, progress: bool, budget: MemoryBudget, workers: int,
                 metadata: dict[str, str] | None = None, description: str = "stitch",
                 card: Callable[[Checkpoint], str] | None = None,
                 before_publishing: Callable[[], None] | None = None) -> None:
@@ -147,8 +131,8 @@ def write_model(base: Checkpoint, out: Path, source: TensorSource, added: dict, 
     try:
         with bar(total, description, progress) as progress_bar:
             order = [tensor.name for shard in shards for tensor in shard.tensors]
-            threaded = 4 * block_bytes >= MIN_THREADED_BUDGET
-            tensors = in_order(order, source.prepare, source.estimate, budget=2 * block_bytes,
+            threaded = budget.total >= MIN_THREADED_BUDGET
+            tensors = in_order(order, source.prepare, source.estimate, budget=budget.tensor_bytes,
                                workers=workers if threaded else 0)
             with closing(tensors):  # on an error, stop the reader before aborting
                 for name, finish in tensors:
@@ -197,18 +181,18 @@ class _Plan:
 
     def __init__(self, base: Checkpoint, readers: Sequence[DeltaReader],
                  added: dict[str, tuple[DeltaReader, Record]], combiner: Combiner,
-                 block_bytes: int):
+                 budget: MemoryBudget):
         self.base, self.readers, self.added = base, readers, added
-        self.combiner, self.block_bytes = combiner, block_bytes
-        self.budget = MemoryBudget(4 * block_bytes)
+        self.combiner, self.budget = combiner, budget
+        self.block_bytes, self.tensor_bytes = budget.block_bytes, budget.tensor_bytes
 
     def estimate(self, name: str) -> int:
         """Bytes tensor ``name`` holds between being prepared and being finished (a tensor too
         big to decode whole is merged within half the budget, see :meth:`streamed`)."""
         if name in self.added:
             _, record = self.added[name]
-            return min(record.numel * lookup_dtype(record.dtype).itemsize, 2 * self.block_bytes)
-        return min(self.decoded_bytes(name), 2 * self.block_bytes)
+            return min(record.numel * lookup_dtype(record.dtype).itemsize, self.tensor_bytes)
+        return min(self.decoded_bytes(name), self.tensor_bytes)
 
     def decoded_bytes(self, name: str) -> int:
         """Bytes held while tensor ``name``'s records are decoded whole: its first block and
@@ -223,7 +207,7 @@ class _Plan:
         """Read and decode everything tensor ``name`` needs; return what writes it."""
         if name in self.added:
             reader, record = self.added[name]
-            if record.numel * record.dt.itemsize > 2 * self.block_bytes:
+            if record.numel * record.dt.itemsize > self.tensor_bytes:
                 def write_added(writer: CheckpointWriter) -> None:
                     for bits in added_runs(reader, record, self.budget):
                         writer.write(name, bits)
@@ -234,7 +218,7 @@ class _Plan:
         entry = base.entry(name)
         dt = lookup_dtype(entry.dtype)
         block_wise = combiner.merges_blocks(dt)
-        if block_wise and self.decoded_bytes(name) > 2 * self.block_bytes:
+        if block_wise and self.decoded_bytes(name) > self.tensor_bytes:
             return self.streamed(name, dt)
         blocks = RowBlocks.of(entry.shape, dt.itemsize, self.block_bytes)
         stored, whole = decode_tensor(base, self.readers, name, blocks)
