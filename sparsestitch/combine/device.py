@@ -34,7 +34,7 @@ from ..core.errors import OptionError
 from ..engine.walk import Stored
 from .combiners import CANONICAL_NAN, RuleCombiner
 from .device_bits import from_wide, signed_container, signed_value, to_wide, wide_type
-from .device_rules import DEVICE_RULES, DeviceStored, combine_on_device
+from .device_rules import DeviceStored, combine_on_device
 from .staging import Staging
 
 
@@ -64,7 +64,7 @@ class DeviceCombiner:
     def __init__(self, combiner: RuleCombiner, device):
         import torch
 
-        if combiner.rule.name not in DEVICE_RULES:
+        if not combiner.rule.has_torch_update:
             raise OptionError(f"rule {combiner.rule.name!r} has no device form; stitch with "
                              "device='cpu'")
         self.combiner, self.device = combiner, torch.device(device)

@@ -1,4 +1,6 @@
-"""Every merge rule in torch, on whatever device the tensors are: the twins of :mod:`.rules`.
+"""Merge rules in torch, on whatever device the tensors are: the plumbing around each rule's
+torch form (:meth:`~.rules.MergeRule.torch_update`, beside its reference math in
+:mod:`.rules`).
 
 :func:`combine_on_device` is :meth:`~.combine.RuleCombiner.combine` with every step on the
 device -- the union of positions (``torch.unique``), the task vectors, the rule's update,
@@ -15,7 +17,7 @@ every rule and float dtype, NaN, inf and -0.0 included):
   two stable sorts on integer keys -- ``torch.sort`` on floats places NaN and orders equal
   keys in its own way, integer keys leave nothing to the implementation;
 * ``torch.sign`` maps NaN to 0 where numpy gives NaN (which agrees with nothing), so the
-  sign election uses :func:`_sign`;
+  sign election uses :func:`sign`;
 * DARE's draws come from numpy's ``default_rng`` on the host (the rule's contract names that
   generator); only the keep masks travel to the device;
 * TIES in mergekit's conventions is the reference's own torch code
@@ -26,18 +28,15 @@ every rule and float dtype, NaN, inf and -0.0 included):
 
 from __future__ import annotations
 
-import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
-import numpy as np
 
 from ..core.dtypes import DType
 from ..core.errors import TensorMismatchError
 from ..core.tiebreak import name_seed
 from .combiners import CANONICAL_NAN, RuleCombiner
 from .device_bits import from_wide, signed_container, signed_value, to_wide, wide_type
-from .rules import mergekit_ties
 
 _GOLDEN = 0x9E3779B97F4A7C15
 _MIX1 = 0xBF58476D1CE4E5B9
@@ -85,14 +84,14 @@ def tie_order(name: str, positions):
     return _logical_shift(z, 32)
 
 
-def _sign(values):
+def sign(values):
     """``numpy.sign``: -1, 0 or 1, and NaN for NaN (``torch.sign`` gives 0 there)."""
     import torch
 
     return torch.where(values > 0, 1.0, torch.where(values < 0, -1.0, values)).to(values.dtype)
 
 
-def _scalar(value: float, like):
+def scalar(value: float, like):
     """``value`` in ``like``'s float type on its device (numpy's ``wide.type(value)``)."""
     import torch
 
@@ -117,10 +116,10 @@ def union_of(positions: Sequence):
     return ordered[first_of_run], where, order[first_of_run]
 
 
-def _weighted_sum(vectors, weights, union, where, wide_like):
+def weighted_sum(vectors, weights, union, where, wide_like):
     total = torch_zeros(union.numel(), wide_like)
     for vector, index, weight in zip(vectors, where, weights):
-        total.index_add_(0, index, _scalar(weight, wide_like) * vector.tau)
+        total.index_add_(0, index, scalar(weight, wide_like) * vector.tau)
     return total
 
 
@@ -130,20 +129,7 @@ def torch_zeros(size: int, like):
     return torch.zeros(size, dtype=like.dtype, device=like.device)
 
 
-def localize_stitch(vectors, weights, name, numel, union, where, wide_like):
-    total = _weighted_sum(vectors, weights, union, where, wide_like)
-    covering = torch_zeros(union.numel(), wide_like)
-    for index in where:
-        covering.index_add_(0, index, covering.new_ones(index.numel()))
-    return union, total / covering.clamp(min=1)
-
-
-def task_arithmetic(vectors, weights, name, numel, union, where, wide_like, scale=1.0):
-    return union, _scalar(scale, wide_like) * _weighted_sum(vectors, weights, union, where,
-                                                            wide_like)
-
-
-def _strongest(tau, ties, limit: int):
+def strongest(tau, ties, limit: int):
     """Sorted indices of the ``limit`` entries ranked first by the TIES order: larger
     magnitude (NaN last), then larger tie key, then lower index (``numpy.lexsort``'s)."""
     import torch
@@ -155,65 +141,6 @@ def _strongest(tau, ties, limit: int):
     order = torch.sort(-ties, stable=True).indices
     order = order[torch.sort(-key[order], stable=True).indices]
     return torch.sort(order[:limit]).values
-
-
-def ties(vectors, weights, name, numel, union, where, wide_like, density=0.2, scale=1.0):
-    trimmed = []
-    for vector, weight in zip(vectors, weights):
-        limit = vector.tau.numel() if numel is None else int(np.floor(density * numel + 0.5))
-        tau = _scalar(weight, wide_like) * vector.tau
-        if limit < tau.numel():
-            keep = _strongest(tau, tie_order(name, vector.positions), limit)
-            trimmed.append(DeviceVector(vector.positions[keep], tau[keep]))
-        else:
-            trimmed.append(DeviceVector(vector.positions, tau))
-    union, where, _ = union_of([v.positions for v in trimmed])
-    summed = torch_zeros(union.numel(), wide_like)
-    for vector, index in zip(trimmed, where):
-        summed.index_add_(0, index, vector.tau)
-    elected = _sign(summed)
-    agreeing_total = torch_zeros(union.numel(), wide_like)
-    agreeing = torch_zeros(union.numel(), wide_like)
-    for vector, index in zip(trimmed, where):
-        agree = (_sign(vector.tau) == elected[index]) & (vector.tau != 0)
-        agreeing_total.index_add_(0, index[agree], vector.tau[agree])
-        agreeing.index_add_(0, index[agree], agreeing.new_ones(int(agree.sum())))
-    touched = agreeing > 0
-    return union[touched], _scalar(scale, wide_like) * (agreeing_total[touched] /
-                                                        agreeing[touched])
-
-
-def ties_mergekit(vectors, weights, name, numel, union, where, wide_like, density=0.2,
-                  scale=1.0, normalize=1):
-    """mergekit's TIES: :func:`~.rules.mergekit_ties`, the reference's own torch code, on the
-    vectors' device."""
-    if not union.numel():
-        return union, wide_like.new_empty(0)
-    size = int(union[-1]) + 1 if numel is None else numel
-    mixed = mergekit_ties([v.positions for v in vectors], [v.tau for v in vectors], weights,
-                          size, density, scale, normalize)
-    return union, mixed[union]
-
-
-def dare(vectors, weights, name, numel, union, where, wide_like, drop=0.9, seed=0, scale=1.0):
-    import torch
-
-    survivors = []
-    for i, vector in enumerate(vectors):
-        rng = np.random.default_rng([seed, i, zlib.crc32(name.encode("utf-8"))])
-        keep = torch.from_numpy(rng.random(vector.tau.numel()) >= drop).to(wide_like.device)
-        survivors.append(DeviceVector(vector.positions[keep],
-                                      vector.tau[keep] / _scalar(1.0 - drop, wide_like)))
-    union, where, _ = union_of([v.positions for v in survivors])
-    return task_arithmetic(survivors, weights, name, numel, union, where, wide_like, scale=scale)
-
-
-#: The device form of every rule of :data:`~.rules.RULES`, by name.  Called with the task
-#: vectors, weights, tensor name, element count, the union of the stored positions and
-#: each vector's indices into it, a wide tensor giving type and device, and the options.
-DEVICE_RULES: dict[str, Callable] = {
-    "localize-stitch": localize_stitch, "task-arithmetic": task_arithmetic, "ties": ties,
-    "ties-mergekit": ties_mergekit, "dare": dare}
 
 
 def combine_on_device(combiner: RuleCombiner, name: str, dt: DType, numel: int,
@@ -239,7 +166,7 @@ def combine_on_device(combiner: RuleCombiner, name: str, dt: DType, numel: int,
     vectors = [DeviceVector(nothing, wide_like) if s is None else
                DeviceVector(s.positions, to_wide(s.finetuned, dt) - to_wide(s.base, dt))
                for s in stored]
-    positions, update = DEVICE_RULES[combiner.rule.name](
+    positions, update = combiner.rule.torch_update(
         vectors, combiner.weights, name, numel, union, where, wide_like, **combiner.options)
     if not combiner.rule.elementwise:  # the rule changed a subset of the union
         start = start[torch.searchsorted(union, positions)]

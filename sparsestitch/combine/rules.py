@@ -86,6 +86,19 @@ class MergeRule:
         """For elementwise rules: the form the block kernels compute."""
         raise TypeError(f"rule {self.name!r} is not elementwise")
 
+    #: Whether :meth:`torch_update` exists (a device merge refuses a rule without it).
+    has_torch_update: ClassVar[bool] = False
+
+    def torch_update(self, vectors, weights: Sequence[float], name: str, numel: int | None,
+                     union, where, wide_like, **options):
+        """:meth:`update` in torch on the vectors' device, the same operations in the same
+        order (so the same bits): ``vectors`` are :class:`~.device_rules.DeviceVector`,
+        ``union`` and ``where`` their positions' sorted union and each one's indices into
+        it (:func:`~.device_rules.union_of`), ``wide_like`` an empty tensor of the wide type
+        on the device.  torch is imported here, not with the module (the CLI's commands on
+        files never load it)."""
+        raise NotImplementedError
+
     #: Whether :meth:`dense_update` exists: the rule's result from whole task vectors (zero
     #: where a delta stores nothing) equals :meth:`update`'s at every stored position.
     has_dense_update: ClassVar[bool] = False
@@ -156,6 +169,16 @@ class LocalizeStitch(MergeRule):
             covering[index] += 1
         return union, total / np.maximum(covering, 1)
 
+    has_torch_update = True
+
+    def torch_update(self, vectors, weights, name, numel, union, where, wide_like):
+        from . import device_rules as dev
+        total = dev.weighted_sum(vectors, weights, union, where, wide_like)
+        covering = dev.torch_zeros(union.numel(), wide_like)
+        for index in where:
+            covering.index_add_(0, index, covering.new_ones(index.numel()))
+        return union, total / covering.clamp(min=1)
+
     def block_form(self, options: dict) -> BlockForm:
         return BlockForm(mean=True, scale=1.0, lone_exact=True)
 
@@ -176,6 +199,13 @@ class TaskArithmetic(MergeRule):
         union, where = _union(vectors, union)
         wide = _wide(vectors)
         return union, wide.type(scale) * _weighted_sum(vectors, weights, union, where, wide)
+
+    has_torch_update = True
+
+    def torch_update(self, vectors, weights, name, numel, union, where, wide_like, scale=1.0):
+        from . import device_rules as dev
+        return union, dev.scalar(scale, wide_like) * dev.weighted_sum(vectors, weights, union,
+                                                                      where, wide_like)
 
     def block_form(self, options: dict) -> BlockForm:
         return BlockForm(mean=False, scale=float(options["scale"]))
@@ -224,6 +254,37 @@ class Ties(MergeRule):
         touched = agreeing > 0
         return union[touched], wide.type(scale) * (agreeing_total[touched] / agreeing[touched])
 
+
+    has_torch_update = True
+
+    def torch_update(self, vectors, weights, name, numel, union, where, wide_like, density=0.2,
+                     scale=1.0):
+        """Each trimmed vector ranked by magnitude, then tie order, then position, with two
+        stable sorts on integer keys (:func:`~.device_rules.strongest`)."""
+        from . import device_rules as dev
+        trimmed = []
+        for vector, weight in zip(vectors, weights):
+            limit = vector.tau.numel() if numel is None else int(np.floor(density * numel + 0.5))
+            tau = dev.scalar(weight, wide_like) * vector.tau
+            if limit < tau.numel():
+                keep = dev.strongest(tau, dev.tie_order(name, vector.positions), limit)
+                trimmed.append(dev.DeviceVector(vector.positions[keep], tau[keep]))
+            else:
+                trimmed.append(dev.DeviceVector(vector.positions, tau))
+        union, where, _ = dev.union_of([v.positions for v in trimmed])
+        summed = dev.torch_zeros(union.numel(), wide_like)
+        for vector, index in zip(trimmed, where):
+            summed.index_add_(0, index, vector.tau)
+        elected = dev.sign(summed)
+        agreeing_total = dev.torch_zeros(union.numel(), wide_like)
+        agreeing = dev.torch_zeros(union.numel(), wide_like)
+        for vector, index in zip(trimmed, where):
+            agree = (dev.sign(vector.tau) == elected[index]) & (vector.tau != 0)
+            agreeing_total.index_add_(0, index[agree], vector.tau[agree])
+            agreeing.index_add_(0, index[agree], agreeing.new_ones(int(agree.sum())))
+        touched = agreeing > 0
+        return union[touched], dev.scalar(scale, wide_like) * (agreeing_total[touched] /
+                                                               agreeing[touched])
 
 def top_magnitudes(tau: np.ndarray, positions: np.ndarray, limit: int, name: str) -> np.ndarray:
     """Sorted indices of the ``limit`` entries of largest ``|tau|``, ties at the threshold
@@ -283,6 +344,17 @@ class TiesMergekit(Ties):
                               [torch.from_numpy(v.tau) for v in vectors], weights, size,
                               density, scale, normalize)
         return union, mixed[torch.from_numpy(union)].numpy()
+
+    def torch_update(self, vectors, weights, name, numel, union, where, wide_like, density=0.2,
+                     scale=1.0, normalize=1):
+        """The same torch code as :meth:`update`, on the vectors' device (its ``argsort`` on
+        the CPU wherever they are: the order torch gives equal magnitudes is the CPU build's)."""
+        if not union.numel():
+            return union, wide_like.new_empty(0)
+        size = int(union[-1]) + 1 if numel is None else numel
+        mixed = mergekit_ties([v.positions for v in vectors], [v.tau for v in vectors], weights,
+                              size, density, scale, normalize)
+        return union, mixed[union]
 
     has_dense_update = True
 
@@ -362,6 +434,25 @@ class Dare(MergeRule):
             survivors.append(TaskVector(vector.positions[keep],
                                         vector.tau[keep] / wide.type(1.0 - drop)))
         return TaskArithmetic().update(survivors, weights, name, numel, scale=scale)
+
+    has_torch_update = True
+
+    def torch_update(self, vectors, weights, name, numel, union, where, wide_like, drop=0.9,
+                     seed=0, scale=1.0):
+        """The draws on the host with numpy (the contract's generator); only the keep masks
+        travel to the device."""
+        import torch
+
+        from . import device_rules as dev
+        survivors = []
+        for i, vector in enumerate(vectors):
+            rng = np.random.default_rng([seed, i, zlib.crc32(name.encode("utf-8"))])
+            keep = torch.from_numpy(rng.random(vector.tau.numel()) >= drop).to(wide_like.device)
+            survivors.append(dev.DeviceVector(vector.positions[keep],
+                                              vector.tau[keep] / dev.scalar(1.0 - drop, wide_like)))
+        union, where, _ = dev.union_of([v.positions for v in survivors])
+        return TaskArithmetic().torch_update(survivors, weights, name, numel, union, where,
+                                             wide_like, scale=scale)
 
 
 #: Every merge rule by name.
