@@ -95,7 +95,7 @@ def test_encode_positions_picks_the_smallest_codec_it_tries(case):
     # high density, the bitmap at low density); of the rest it keeps the smallest, ties going
     # to the earliest registry entry.
     tried = {codec.codec_id: len(codec.encode(positions, shape)[0]) for codec in POSITION_CODECS
-             if codec.applies(shape, count) and codecs._worth_trying(codec.codec_id, positions, shape)}
+             if codec.applies(shape, count) and codec.worth_trying(positions, shape)}
     payload, config = codecs.encode_positions(positions, shape)
     smallest = min(tried.values())
     assert config["codec"] == next(i for i, size in tried.items() if size == smallest), tried
@@ -372,3 +372,20 @@ def test_encode_values_on_a_sampled_large_record_is_exact():
     payload, config = codecs.encode_values(kept, base, dt)
     decoded = codecs.value_codec(config["codec"]).decode(payload, config, base, dt, kept.size)
     np.testing.assert_array_equal(decoded, kept)
+
+
+def test_every_codec_is_one_class_with_its_whole_contract():
+    """A codec owns everything about it (no switch elsewhere names it): the registry's
+    entries satisfy the protocols, the format version a file needs and the reader's count
+    limit come from the codec, and a device decoder, where there is one, is the codec's."""
+    from sparsestitch.delta.codecs.base import PositionCodec, ValueCodec
+    from sparsestitch.delta.device import decodes_on_device
+
+    assert all(isinstance(codec, PositionCodec) for codec in POSITION_CODECS)
+    assert all(isinstance(codec, ValueCodec) for codec in VALUE_CODECS)
+    assert {c.codec_id: codecs.version_needed(c.codec_id) for c in VALUE_CODECS} == \
+        {"tau": 1, "xor": 1, "raw": 1, "quant": 2, "ulp": 3}
+    assert codecs.version_needed("no-such-codec") == codecs.version_needed(["x"]) == 1
+    assert codecs.values_per_byte("quant") == 8 and codecs.values_per_byte("raw") == 1
+    assert {c.codec_id for c in POSITION_CODECS if decodes_on_device(c)} == {"gaps", "bitmap"}
+    assert {c.codec_id for c in VALUE_CODECS if decodes_on_device(c)} == {"raw", "xor", "tau"}

@@ -10,8 +10,8 @@ from hypothesis import given, settings, strategies as st
 from sparsestitch.delta.codecs import Bitmap, Gaps
 from sparsestitch.delta.codecs.base import pack_stream, to_planes
 from sparsestitch.core.errors import DeltaFormatError
-from sparsestitch.combine.device_bits import as_torch
-from sparsestitch.combine.device_positions import decode_positions
+from sparsestitch.core.torch_bits import as_torch
+from sparsestitch.delta.device import positions_on_device as decode_positions
 
 from .test_device import DEVICES
 

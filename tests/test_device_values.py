@@ -10,8 +10,8 @@ from hypothesis import given, settings, strategies as st
 
 from sparsestitch.delta.codecs import QuantValues, RawValues, TauValues, XorValues
 from sparsestitch.core.dtypes import dtype
-from sparsestitch.combine.device_bits import as_torch
-from sparsestitch.combine.device_values import decode_values
+from sparsestitch.core.torch_bits import as_torch
+from sparsestitch.delta.device import values_on_device as decode_values
 
 from .test_device import DEVICES, _base_bits, _bits_like
 

@@ -19,7 +19,7 @@ without a device form is refused when the combiner is made, never run on the CPU
 Arrays cross between host and device through :class:`~.staging.Staging`'s reused buffers
 (pinned on CUDA, copies on a separate stream).  What stays on the host in the file
 stitcher: reading, checksums and decoding of the records, in the engine's reader threads
-(decoding on the device -- :mod:`.device_positions`, :mod:`.device_values` -- serves
+(decoding on the device -- :mod:`sparsestitch.delta.device` -- serves
 hot-swap and :func:`sparsestitch.stitch_into`, where the base is already on the device).
 """
 
@@ -31,9 +31,9 @@ import numpy as np
 
 from ..core.dtypes import DType
 from ..core.errors import OptionError
+from ..core.torch_bits import from_wide, signed_container, signed_value, to_wide, wide_type
 from ..engine.walk import Stored
 from .combiners import CANONICAL_NAN, RuleCombiner
-from .device_bits import from_wide, signed_container, signed_value, to_wide, wide_type
 from .device_rules import DeviceStored, combine_on_device
 from .staging import Staging
 

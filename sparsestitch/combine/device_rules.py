@@ -31,12 +31,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-
 from ..core.dtypes import DType
 from ..core.errors import TensorMismatchError
 from ..core.tiebreak import name_seed
+from ..core.torch_bits import from_wide, signed_container, signed_value, to_wide, wide_type
 from .combiners import CANONICAL_NAN, RuleCombiner
-from .device_bits import from_wide, signed_container, signed_value, to_wide, wide_type
 
 _GOLDEN = 0x9E3779B97F4A7C15
 _MIX1 = 0xBF58476D1CE4E5B9

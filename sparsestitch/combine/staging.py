@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .device_bits import signed_view, torch_type
+from ..core.torch_bits import signed_view, torch_type
 
 
 class Staging:

@@ -44,10 +44,6 @@ FORMAT_NAME = "sparsestitch.delta"
 #: it, so deltas without version-2 codecs stay readable by version-1 readers.
 FORMAT_VERSION = 3
 READABLE_VERSIONS = (1, 2, 3)
-#: Value codecs that need a format version above 1, and the version that added each.
-CODEC_VERSIONS = {"quant": 2, "ulp": 3}
-#: Value codecs whose streams hold bits, not bytes, per value (the count check below).
-BIT_CODECS = ("quant",)
 HEADER_KEY = DELTA_HEADER_KEY
 HEADER_HASH_KEY = "sparsestitch.header_xxh3"
 KINDS = ("sparse", "base", "added")
@@ -168,7 +164,7 @@ class DeltaWriter:
             raise output_error(exc, self.path) from exc
 
     def _container_header(self, meta: dict) -> bytes:
-        version = max([CODEC_VERSIONS.get((r.values or {}).get("codec"), 1)
+        version = max([codecs.version_needed((r.values or {}).get("codec"))
                        for r in self._records], default=1)
         header = dict(meta, format=FORMAT_NAME, format_version=version,
                       tensors=[r.to_json() for r in self._records])
@@ -256,6 +252,36 @@ def _checked_in_file(fd: int, offset: int, record: Record, path: Path) -> FilePa
     return FilePayload(fd, offset, record.nbytes)
 
 
+def decode_positions(record: Record, payload: bytes) -> np.ndarray:
+    """The flat kept positions of ``record`` from its (checksum-verified) ``payload``,
+    checked: as many as it says, in range, strictly increasing (sorted int64)."""
+    codec = codecs.position_codec(record.positions.get("codec"))
+    positions = codec.decode(payload[:record.positions_nbytes], record.positions, record.shape,
+                             record.count)
+    if positions.size != record.count:
+        raise DeltaFormatError(f"decoded {positions.size} positions, record says {record.count}")
+    if positions.size and (positions[0] < 0 or positions[-1] >= record.numel
+                           or not _strictly_increasing(positions)):
+        raise DeltaFormatError("positions are out of range, unsorted or repeated")
+    return positions
+
+
+def decode_values(record: Record, payload: bytes, base_kept: np.ndarray | None) -> np.ndarray:
+    """The fine-tuned bits ``record`` stores, from its ``payload`` and the base bits at its
+    kept positions (None for a record whose value codec reads no base)."""
+    codec = codecs.value_codec(record.values.get("codec"))
+    if codec.needs_base and base_kept is None:
+        raise DeltaFormatError(f"value codec {codec.codec_id!r} needs base values")
+    return codec.decode(payload[record.positions_nbytes:], record.values, base_kept, record.dt,
+                        record.count)
+
+
+def stores_exact_values(record: Record) -> bool:
+    """Whether the record's value codec gives the fine-tune's bits exactly (all but the
+    lossy ``quant``)."""
+    return codecs.value_codec(record.values.get("codec")).exact
+
+
 def _strictly_increasing(positions: np.ndarray) -> bool:
     kernels = native.kernels()
     if kernels is not None:
@@ -323,15 +349,7 @@ class DeltaReader:
         """Decoded, validated flat kept positions of a stored record (sorted int64)."""
         payload = self.payload(record) if payload is None else payload
         with self.decoding(record):
-            codec = codecs.position_codec(record.positions.get("codec"))
-            positions = codec.decode(payload[:record.positions_nbytes], record.positions,
-                                     record.shape, record.count)
-            if positions.size != record.count:
-                raise DeltaFormatError(f"decoded {positions.size} positions, record says {record.count}")
-            if positions.size and (positions[0] < 0 or positions[-1] >= record.numel
-                                   or not _strictly_increasing(positions)):
-                raise DeltaFormatError("positions are out of range, unsorted or repeated")
-        return positions
+            return decode_positions(record, payload)
 
     def value_codec(self, record: Record):
         """The record's value codec (an unknown one is an error naming file and tensor)."""
@@ -352,11 +370,7 @@ class DeltaReader:
         """Fine-tuned bits at the kept positions, given the base bits there (None for "added")."""
         payload = self.payload(record) if payload is None else payload
         with self.decoding(record):
-            codec = codecs.value_codec(record.values.get("codec"))
-            if codec.needs_base and base_kept is None:
-                raise DeltaFormatError(f"value codec {codec.codec_id!r} needs base values")
-            return codec.decode(payload[record.positions_nbytes:], record.values, base_kept,
-                                record.dt, record.count)
+            return decode_values(record, payload, base_kept)
 
     def part_counts(self, record: Record, base_part: np.ndarray, dt) -> np.ndarray:
         """The context counts a run of kept values with these base bits contributes, for a
@@ -603,7 +617,7 @@ def _parse_records(tensors, container, path: Path, version: int
     records, stored, offsets = [], 0, {}
     for item in tensors:
         record = _record_from_json(item, path)
-        needed = CODEC_VERSIONS.get((record.values or {}).get("codec"), 1)
+        needed = codecs.version_needed((record.values or {}).get("codec"))
         if version < needed:
             raise DeltaFormatError(f"value codec {record.values['codec']!r} needs format "
                                    f"version {needed}, the file says {version}", path=path,
@@ -697,7 +711,7 @@ def _record_from_json(item, path) -> Record:
         raise bad("an added tensor must store every element")
     # Every value codec stores at least one byte per value in raw or zstd streams (quant: one
     # bit): refuse counts the payload cannot hold before any decoder allocates for them.
-    per_byte = 8 if values.get("codec") in BIT_CODECS else 1
+    per_byte = codecs.values_per_byte(values.get("codec"))
     if count > codecs.base.ZSTD_MAX_EXPANSION * per_byte * val_nbytes:
         raise ResourceLimitError(f"count {count} is more values than {val_nbytes} payload bytes "
                                  "can hold", path=path, tensor=name)

@@ -3,10 +3,10 @@
 Shared by :func:`~.resident.stitch_into` and, for tensors on an accelerator,
 :func:`~.patch.apply`: the host reads each record's payload, checks it and decompresses its
 streams; positions are decoded on the device for ``gaps`` and ``bitmap``
-(:mod:`sparsestitch.combine.device_positions`), on the host for ``rice`` and ``csr``; the
+(:mod:`sparsestitch.delta.device`), on the host for ``rice`` and ``csr``; the
 device gathers the base bits at the
 stored positions, decodes the values against them
-(:func:`~sparsestitch.combine.device_values.decode_values`) and merges by rule
+(:func:`~sparsestitch.delta.device.values_on_device`) and merges by rule
 (:func:`~sparsestitch.combine.device_rules.combine_on_device`), so the base bits never leave
 the device.
 """
@@ -16,10 +16,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from ..combine.combiners import RuleCombiner
-from ..combine.device_positions import decode_positions
 from ..combine.device_rules import DeviceStored, combine_on_device
-from ..combine.device_values import decode_values
 from ..combine.staging import Staging
+from ..delta.device import positions_on_device, values_on_device
 from ..delta.format import DeltaReader
 from ..engine.walk import stored_positions
 from .tensors import LiveTensor
@@ -39,19 +38,20 @@ def merge_on_device(live: LiveTensor, readers: Sequence[DeltaReader], combiner: 
             continue
         payload = reader.payload(record)
         with reader.decoding(record):
-            positions = decode_positions(record.positions.get("codec"),
-                                         memoryview(payload)[:record.positions_nbytes],
-                                         record.positions, record.shape, record.count,
-                                         staging.to_device)
+            positions = positions_on_device(record.positions.get("codec"),
+                                            memoryview(payload)[:record.positions_nbytes],
+                                            record.positions, record.shape, record.count,
+                                            staging.to_device)
         if positions is None:  # a codec decoded on the host
             found = stored_positions(reader, record, payload)
             positions = (torch.arange(live.numel, device=live.device) if found is None
                          else staging.to_device(found))
         base_kept = live.take(positions)
         with reader.decoding(record):
-            values = decode_values(record.values.get("codec"),
-                                   memoryview(payload)[record.positions_nbytes:], record.values,
-                                   base_kept, live.dt, record.count, staging.to_device)
+            values = values_on_device(record.values.get("codec"),
+                                      memoryview(payload)[record.positions_nbytes:],
+                                      record.values, base_kept, live.dt, record.count,
+                                      staging.to_device)
         stored[i] = DeviceStored(positions, values.bits, base_kept)
     if all(s is None for s in stored):
         return None

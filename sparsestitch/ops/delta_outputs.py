@@ -17,8 +17,7 @@ import numpy as np
 from .._version import __version__
 from ..checkpoint import Checkpoint
 from ..core.sizes import numel
-from ..delta import codecs
-from ..delta.format import DeltaWriter, Record, digest
+from ..delta.format import DeltaWriter, Record, digest, stores_exact_values
 from ..localize.selection import TensorPlan, TensorScanner
 from ..localize.selectors import GivenMasks, Selector
 
@@ -126,7 +125,7 @@ def fidelity_summary(records: Sequence[Record], plan: TensorPlan) -> dict:
     reports = [(r.name, r.fidelity) for r in records if r.name in localized and r.fidelity]
     energy = sum(f["tau_norm"] ** 2 for _, f in reports)
     lost = sum((f["relative_error"] * f["tau_norm"]) ** 2 for _, f in reports)
-    exact = all(codecs.value_codec(r.values["codec"]).exact for r in records if r.kind != "base")
+    exact = all(stores_exact_values(r) for r in records if r.kind != "base")
     payload_bits = 8 * sum(r.nbytes for r in records)
     summary = {"lossless": exact and lost == 0.0 and all(
                    r.kind != "base" or r.name not in localized or (r.fidelity or {}).get(

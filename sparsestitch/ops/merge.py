@@ -34,8 +34,7 @@ from ..combine.combiners import Combiner, rule_combiner
 from ..core.dtypes import DType
 from ..core.dtypes import dtype as lookup_dtype
 from ..core.errors import OptionError, TensorMismatchError
-from ..delta import codecs
-from ..delta.format import Record
+from ..delta.format import Record, decode_positions, decode_values
 from ..engine.budget import MemoryBudget
 from ..engine.readahead import workers_for
 from ..engine.walk import RowBlocks, Stored, refuse_delta
@@ -349,23 +348,19 @@ def stored_of_selection(selection: Selection) -> Stored | None:
 
 def stored_of_record(record: Record, payload: bytes, selection: Selection, dt: DType
                      ) -> Stored | None:
-    """A lossy record decoded in memory, its base bits taken from ``selection`` (which holds
-    every position the record keeps)."""
+    """A lossy record decoded in memory (checked as a reader checks it), its base bits taken
+    from ``selection`` (which holds every position the record keeps)."""
     if record.kind != "sparse":
         return None
-    position_codec = codecs.position_codec(record.positions["codec"])
     if record.positions["codec"] == "all":
         positions, base_kept = None, selection.base
     else:
-        positions = position_codec.decode(payload[:record.positions_nbytes], record.positions,
-                                          record.shape, record.count)
+        positions = decode_positions(record, payload)
         if selection.positions is None:
             base_kept = selection.base[positions]
         else:
             base_kept = selection.base[np.searchsorted(selection.positions, positions)]
-    values = codecs.value_codec(record.values["codec"]).decode(
-        payload[record.positions_nbytes:], record.values, base_kept, dt, record.count)
-    return Stored(positions, values, base_kept)
+    return Stored(positions, decode_values(record, payload, base_kept), base_kept)
 
 
 def whole_tensors(scanner: TensorScanner, name: str, numel: int, dt

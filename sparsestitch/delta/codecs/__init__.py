@@ -12,7 +12,6 @@ import numpy as np
 
 from ...core.dtypes import DType
 from ...core.errors import DeltaFormatError
-from ...core.sizes import numel as count_elements
 from .bitmap import Bitmap
 from .csr import CSR
 from .full import AllPositions
@@ -32,6 +31,19 @@ VALUE_CODECS = (TauValues(), XorValues(), RawValues(), QuantValues(), UlpValues(
 _POSITIONS_BY_ID = {codec.codec_id: codec for codec in POSITION_CODECS}
 _QUANT = QuantValues()
 _VALUES_BY_ID = {codec.codec_id: codec for codec in VALUE_CODECS}
+
+
+def version_needed(values_codec_id: object) -> int:
+    """The lowest format version whose files may use this value codec (1 for a name no
+    codec has: that record is refused when it is decoded, not when the file is listed)."""
+    codec = _VALUES_BY_ID.get(values_codec_id) if isinstance(values_codec_id, str) else None
+    return 1 if codec is None else codec.min_version
+
+
+def values_per_byte(values_codec_id: object) -> int:
+    """The most values one stored byte of this value codec's streams can hold."""
+    codec = _VALUES_BY_ID.get(values_codec_id) if isinstance(values_codec_id, str) else None
+    return 1 if codec is None else codec.values_per_byte
 
 
 def position_codec(codec_id: str):
@@ -66,42 +78,14 @@ def encode_positions(positions: np.ndarray, shape: tuple[int, ...]) -> tuple[byt
     best = None
     count = int(positions.size)
     for codec in POSITION_CODECS:
-        if not codec.applies(shape, count) or not _worth_trying(codec.codec_id, positions, shape):
+        if not codec.applies(shape, count) or not codec.worth_trying(positions, shape):
             continue
         payload, config = codec.encode(positions, shape)
         if best is None or len(payload) < len(best[0]):
             best = (payload, {"codec": codec.codec_id, **config})
-        if codec.codec_id == "all":
+        if not payload:
             break  # nothing beats zero bytes
     return best
-
-
-def _worth_trying(codec_id: str, positions: np.ndarray, shape: tuple[int, ...]) -> bool:
-    """Skip list codecs that cannot beat a bitmap (saves most of the time at high density),
-    and ``csr`` where rows carry no structure for it to use."""
-    bitmap_bits = count_elements(shape)
-    if codec_id == "gaps":
-        return positions.size * 8 < bitmap_bits
-    if codec_id == "rice":
-        return positions.size * 2 < bitmap_bits
-    if codec_id == "csr":
-        return positions.size * 2 < bitmap_bits and _rows_are_uneven(positions, shape)
-    if codec_id == "bitmap":  # below ~3% density a list is always smaller
-        return positions.size * 32 >= bitmap_bits
-    return True
-
-
-def _rows_are_uneven(positions: np.ndarray, shape: tuple[int, ...]) -> bool:
-    """Whether the kept positions' rows differ enough for ``csr`` (row counts, then columns
-    within rows) to possibly beat one gap list: some rows empty while others are not, or
-    some holding several times the mean.  Spread evenly over the rows, their counts cost
-    more than the row boundaries save."""
-    rows = shape[0]
-    if positions.size == 0 or rows < 2:
-        return True
-    counts = np.bincount(positions // max(1, count_elements(shape) // rows), minlength=rows)
-    mean = positions.size / rows
-    return bool((counts == 0).mean() > 0.01 or counts.max() > 3 * mean + 8)
 
 
 #: Above this many values, the value codec is chosen on an evenly strided sample.

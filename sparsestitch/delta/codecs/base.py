@@ -28,11 +28,60 @@ is bounded by construction.
 
 from __future__ import annotations
 
+from typing import Protocol, runtime_checkable
+
 import numpy as np
 import zstandard
 
 from ...core import native
 from ...core.errors import DeltaFormatError, ResourceLimitError
+
+@runtime_checkable
+class PositionCodec(Protocol):
+    """A position codec: all it is, in one class (a new codec is its module plus one entry
+    in the registry, ``codecs/__init__.py``).  Optionally ``decode_on_device(payload,
+    config, shape, count, send)``: the positions as a torch tensor on a device
+    (:mod:`sparsestitch.delta.device`); without it they are decoded on the host."""
+
+    codec_id: str
+
+    def applies(self, shape: tuple[int, ...], count: int) -> bool: ...
+
+    def worth_trying(self, positions: np.ndarray, shape: tuple[int, ...]) -> bool:
+        """Whether the packer should encode with it: False where it certainly loses."""
+
+    def encode(self, positions: np.ndarray, shape: tuple[int, ...]) -> tuple[bytes, dict]: ...
+
+    def decode(self, payload: bytes, config: dict, shape: tuple[int, ...],
+               count: int) -> np.ndarray: ...
+
+    def cursor(self, part, config: dict, shape: tuple[int, ...], count: int): ...
+
+
+@runtime_checkable
+class ValueCodec(Protocol):
+    """A value codec: all it is, in one class.  ``min_version`` is the format version that
+    added it (a file holding it says at least that); ``values_per_byte`` the most values one
+    stored byte can hold (the reader's count check before allocating).  Optionally
+    ``decode_on_device(payload, config, base_kept, dt, count, send)``: the values decoded on
+    the device of ``base_kept``."""
+
+    codec_id: str
+    needs_base: bool
+    exact: bool
+    elementwise: bool
+    min_version: int
+    values_per_byte: int
+
+    def applies(self, dt) -> bool: ...
+
+    def encode(self, kept: np.ndarray, base: np.ndarray | None, dt) -> tuple[bytes, dict]: ...
+
+    def decode(self, payload: bytes, config: dict, base: np.ndarray | None, dt,
+               count: int) -> np.ndarray: ...
+
+    def cursor(self, part, config: dict, dt, count: int, *totals): ...
+
 
 #: zstd level for streams up to ZSTD_SMALL_LIMIT raw bytes, and for larger ones.
 ZSTD_LEVEL_SMALL = 6

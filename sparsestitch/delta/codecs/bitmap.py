@@ -20,6 +20,29 @@ from .streams import Part, RawStream
 class Bitmap:
     codec_id: str = "bitmap"
 
+    def worth_trying(self, positions: np.ndarray, shape: tuple[int, ...]) -> bool:
+        """Not below ~3% density, where a list is always smaller."""
+        return positions.size * 32 >= count_elements(shape)
+
+    def decode_on_device(self, payload: bytes | memoryview, config: dict,
+                         shape: tuple[int, ...], count: int, send):
+        """The positions on a torch device: the bytes go there, the bits are unpacked and
+        the set ones listed."""
+        import torch
+
+        numel = count_elements(shape)
+        raw = unpack_stream(payload, config, (numel + 7) // 8)
+        packed = send(np.frombuffer(raw, np.uint8))
+        shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
+        bits = ((packed.unsqueeze(1) >> shifts) & 1).reshape(-1).bool()
+        if bool(bits[numel:].any()):
+            raise DeltaFormatError("bitmap has bits set past the end of the tensor")
+        positions = torch.nonzero(bits[:numel]).reshape(-1)
+        if positions.numel() != count:
+            raise DeltaFormatError(f"bitmap marks {positions.numel()} positions, the record "
+                                   f"says {count}")
+        return positions
+
     def applies(self, shape: tuple[int, ...], count: int) -> bool:
         return True
 

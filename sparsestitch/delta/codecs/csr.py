@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ...core.errors import DeltaFormatError
+from ...core.sizes import numel as count_elements
 from ...core.sizes import row_items
 from . import rice
 from .base import config_int, from_planes, pack_stream, split_streams, to_planes, unpack_stream
@@ -24,6 +25,10 @@ from .streams import Part, RawStream
 @dataclass(frozen=True)
 class CSR:
     codec_id: str = "csr"
+
+    def worth_trying(self, positions: np.ndarray, shape: tuple[int, ...]) -> bool:
+        """Where a bitmap is not certainly smaller and rows carry structure to use."""
+        return positions.size * 2 < count_elements(shape) and _rows_are_uneven(positions, shape)
 
     def applies(self, shape: tuple[int, ...], count: int) -> bool:
         return len(shape) >= 2 and shape[0] < 1 << 32 and row_items(shape) < 1 << 32
@@ -157,3 +162,16 @@ class CsrCursor:
     def close(self) -> None:
         self._rows_stream.close()
         self._columns.close()
+
+
+def _rows_are_uneven(positions: np.ndarray, shape: tuple[int, ...]) -> bool:
+    """Whether the kept positions' rows differ enough for ``csr`` (row counts, then columns
+    within rows) to possibly beat one gap list: some rows empty while others are not, or
+    some holding several times the mean.  Spread evenly over the rows, their counts cost
+    more than the row boundaries save."""
+    rows = shape[0]
+    if positions.size == 0 or rows < 2:
+        return True
+    counts = np.bincount(positions // max(1, count_elements(shape) // rows), minlength=rows)
+    mean = positions.size / rows
+    return bool((counts == 0).mean() > 0.01 or counts.max() > 3 * mean + 8)

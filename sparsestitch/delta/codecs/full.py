@@ -14,6 +14,9 @@ from ...core.sizes import numel
 class AllPositions:
     codec_id: str = "all"
 
+    def worth_trying(self, positions: np.ndarray, shape: tuple[int, ...]) -> bool:
+        return True
+
     def applies(self, shape: tuple[int, ...], count: int) -> bool:
         return count == numel(shape)
 

@@ -29,6 +29,34 @@ from .streams import Part, RawStream
 class Gaps:
     codec_id: str = "gaps"
 
+    def worth_trying(self, positions: np.ndarray, shape: tuple[int, ...]) -> bool:
+        """Not where a bitmap is certainly smaller (a byte or more per position)."""
+        return positions.size * 8 < numel(shape)
+
+    def decode_on_device(self, payload: bytes | memoryview, config: dict,
+                         shape: tuple[int, ...], count: int, send):
+        """The positions on a torch device (``send`` moves a host array there): the planes
+        go to the device, the gaps become positions by one prefix sum."""
+        import torch
+
+        from ...core.torch_bits import planes_to_values
+        elements = numel(shape)
+        width = config_int(config, "width", 4, 8)
+        if width not in (4, 8):
+            raise DeltaFormatError(f"gaps width must be 4 or 8, got {width}")
+        raw = unpack_stream(payload, config, count * width)
+        gaps = planes_to_values(send(np.frombuffer(raw, np.uint8)), width, count).long()
+        if width == 4:
+            gaps &= 0xFFFFFFFF  # read as unsigned
+        # A negative int64 is a gap of 2**63 or more: out of range like any gap >= numel.
+        if count and bool(((gaps < 0) | (gaps >= elements)).any()):
+            raise DeltaFormatError(f"a position gap exceeds the tensor size {elements}")
+        positions = torch.cumsum(gaps + 1, 0) - 1
+        if count and int(positions[-1]) >= elements:
+            raise DeltaFormatError(f"position {int(positions[-1])} is outside a tensor of "
+                                   f"{elements} elements")
+        return positions
+
     def applies(self, shape: tuple[int, ...], count: int) -> bool:
         return True
 

@@ -143,6 +143,8 @@ class QuantValues:
     codec_id: str = "quant"
     needs_base: bool = True
     exact: bool = False
+    min_version: int = 2         # the format version that added it
+    values_per_byte: int = 8   # its streams hold bits per value, not bytes
     elementwise: bool = True    # value i depends on base value i alone
     #: At most 8 values per payload byte before compression (1 bit each).
     values_per_byte: int = 8

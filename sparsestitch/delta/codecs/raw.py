@@ -20,6 +20,8 @@ class RawValues:
     codec_id: str = "raw"
     needs_base: bool = False
     exact: bool = True          # decodes to the fine-tuned bits exactly
+    min_version: int = 1         # the format version that added it
+    values_per_byte: int = 1     # at least one stream byte per value
     elementwise: bool = True    # value i depends on base value i alone
 
     def applies(self, dt: DType) -> bool:
@@ -31,6 +33,13 @@ class RawValues:
     def decode(self, payload: bytes, config: dict, base: np.ndarray | None, dt: DType,
                count: int) -> np.ndarray:
         return from_planes(unpack_stream(payload, config, count * dt.itemsize), dt.bits, count)
+
+    def decode_on_device(self, payload: bytes | memoryview, config: dict, base_kept, dt: DType,
+                         count: int, send):
+        """The fine-tuned bits on the device of ``base_kept``: the planes go there."""
+        from ...core.torch_bits import planes_to_values
+        raw = unpack_stream(payload, config, count * dt.itemsize)
+        return planes_to_values(send(np.frombuffer(raw, np.uint8)), dt.itemsize, count)
 
     def cursor(self, part: Part, config: dict, dt: DType, count: int) -> PlanesCursor:
         return PlanesCursor(part.stream(config, count * dt.itemsize), dt.bits, count,

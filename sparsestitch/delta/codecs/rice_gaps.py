@@ -21,6 +21,10 @@ from .streams import Part
 class RiceGaps:
     codec_id: str = "rice"
 
+    def worth_trying(self, positions: np.ndarray, shape: tuple[int, ...]) -> bool:
+        """Not where a bitmap is certainly smaller (at least two bits per position)."""
+        return positions.size * 2 < count_elements(shape)
+
     def applies(self, shape: tuple[int, ...], count: int) -> bool:
         return True
 

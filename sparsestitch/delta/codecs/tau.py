@@ -48,6 +48,8 @@ class TauValues:
     codec_id: str = "tau"
     needs_base: bool = True
     exact: bool = True          # decodes to the fine-tuned bits exactly
+    min_version: int = 1         # the format version that added it
+    values_per_byte: int = 1     # at least one stream byte per value
     elementwise: bool = True    # value i depends on base value i alone
 
     def applies(self, dt: DType) -> bool:
@@ -86,6 +88,23 @@ class TauValues:
                                      n_exc, count, dt.bits, EXCEPTION_CHUNK)
         return TauCursor(tau_part.stream(config["tau"], count * _wide_bits(dt).itemsize),
                          exceptions, dt, count)
+
+    def decode_on_device(self, payload: bytes | memoryview, config: dict, base_kept, dt: DType,
+                         count: int, send):
+        """The fine-tuned bits on the device of ``base_kept``: tau's planes go there, are
+        added to the widened base and rounded, then the exceptions (a handful, decoded on the
+        host) are scattered over the result."""
+        import torch
+
+        from ...core.torch_bits import from_wide, planes_to_values, to_wide, wide_type
+        planes, exc_index, exc_bits = self.streams(payload, config, dt, count)
+        wide = wide_type(dt)
+        wide_size = torch.empty(0, dtype=wide).element_size()
+        tau = planes_to_values(send(np.frombuffer(planes, np.uint8)), wide_size, count).view(wide)
+        bits = from_wide(to_wide(base_kept, dt) + tau, dt)
+        if exc_index.size:
+            bits[send(exc_index)] = send(exc_bits)
+        return bits
 
     def streams(self, payload: bytes, config: dict, dt: DType, count: int
                 ) -> tuple[bytes, np.ndarray, np.ndarray]:

@@ -119,6 +119,8 @@ class UlpValues:
     codec_id: str = "ulp"
     needs_base: bool = True
     exact: bool = True          # decodes to the fine-tuned bits exactly
+    min_version: int = 3         # the format version that added it
+    values_per_byte: int = 1     # at least one stream byte per value
     elementwise: bool = False   # the stored order comes from every kept base value
 
     def applies(self, dt: DType) -> bool:

@@ -21,6 +21,8 @@ class XorValues:
     codec_id: str = "xor"
     needs_base: bool = True
     exact: bool = True          # decodes to the fine-tuned bits exactly
+    min_version: int = 1         # the format version that added it
+    values_per_byte: int = 1     # at least one stream byte per value
     elementwise: bool = True    # value i depends on base value i alone
 
     def applies(self, dt: DType) -> bool:
@@ -33,6 +35,14 @@ class XorValues:
                count: int) -> np.ndarray:
         raw = unpack_stream(payload, config, count * dt.itemsize)
         return from_planes(raw, dt.bits, count, xor=base)
+
+    def decode_on_device(self, payload: bytes | memoryview, config: dict, base_kept, dt: DType,
+                         count: int, send):
+        """The fine-tuned bits on the device of ``base_kept`` (a torch tensor in the signed
+        container): the planes go there and are XORed with the base bits."""
+        from ...core.torch_bits import planes_to_values
+        raw = unpack_stream(payload, config, count * dt.itemsize)
+        return planes_to_values(send(np.frombuffer(raw, np.uint8)), dt.itemsize, count) ^ base_kept
 
     def cursor(self, part: Part, config: dict, dt: DType, count: int) -> PlanesCursor:
         return PlanesCursor(part.stream(config, count * dt.itemsize), dt.bits, count,

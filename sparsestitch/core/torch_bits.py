@@ -98,3 +98,13 @@ def from_wide(values, dt: DType):
     if dt.name == "F32":
         return values.view(torch.int32)
     return values.view(torch.int64)
+
+
+def planes_to_values(planes, itemsize: int, count: int):
+    """Byte planes (a uint8 device tensor: every value's byte 0, then byte 1, ...) back into
+    ``count`` values in the signed container of ``itemsize`` bytes (little-endian, as the
+    format and every device torch runs on)."""
+    if itemsize == 1:
+        return planes[:count]
+    values = planes.reshape(itemsize, count).t().contiguous().reshape(-1)
+    return values.view(signed_container(itemsize))
