@@ -92,6 +92,15 @@ RULE_OPTIONS = {
                                scale=st.sampled_from([1.0, 0.7])),
     "dare": st.builds(dict, drop=st.sampled_from([0.0, 0.5, 0.9]), seed=st.integers(0, 3),
                       scale=st.sampled_from([1.0, 0.7])),
+    "dare-ties-mergekit": st.builds(dict, density=st.sampled_from([0.3, 1.0]),
+                                    seed=st.integers(0, 3), rescale=st.sampled_from([0, 1])),
+    "dare-linear-mergekit": st.builds(dict, density=st.sampled_from([0.5, 1.0]),
+                                      normalize=st.sampled_from([0, 1])),
+    "breadcrumbs-mergekit": st.builds(dict, density=st.sampled_from([0.4, 0.9]),
+                                      gamma=st.sampled_from([0.0, 0.1])),
+    "breadcrumbs-ties-mergekit": st.builds(dict, density=st.sampled_from([0.5, 1.0]),
+                                           gamma=st.sampled_from([0.05, 0.2]),
+                                           rescale=st.sampled_from([0, 1])),
 }
 WEIGHTS = st.lists(st.one_of(st.sampled_from([1.0, 0.5, -1.0, 0.0]), st.floats(-2, 2, width=32)),
                    min_size=5, max_size=5)

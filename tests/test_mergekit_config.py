@@ -141,15 +141,37 @@ def test_linear_without_a_base_averages_over_its_first_model(models):
     assert parsed.rule == "task-arithmetic" and parsed.weights == [0.25, 0.25]
 
 
-def test_dare_linear_drops_one_minus_density(models):
-    parsed = load(write(models, """
-        merge_method: dare_linear
+@pytest.mark.parametrize("method, rule, extra, options", [
+    ("dare_linear", "dare-linear-mergekit", "", {"density": 0.7, "normalize": 0, "rescale": 1}),
+    ("dare_ties", "dare-ties-mergekit", "parameters: {normalize: true}\n",
+     {"density": 0.7, "normalize": 1, "rescale": 1}),
+    ("breadcrumbs", "breadcrumbs-mergekit", "parameters: {rescale: true, lambda: 0.5}\n",
+     {"density": 0.7, "gamma": 0.01, "normalize": 0, "rescale": 1, "scale": 0.5}),
+    ("breadcrumbs_ties", "breadcrumbs-ties-mergekit", "",
+     {"density": 0.7, "gamma": 0.1, "normalize": 0, "rescale": 0}),
+])
+def test_dare_and_breadcrumbs_run_as_mergekit_defines_them(models, tmp_path, method, rule, extra,
+                                                           options):
+    """mergekit's dare_linear, dare_ties, breadcrumbs and breadcrumbs_ties: its defaults
+    (normalize off, rescale on for DARE), its parameters, and the same model as the
+    equivalent call of the rule (whose math tests/test_rules.py checks against mergekit's
+    formulas)."""
+    gamma = "gamma: 0.1, " if method == "breadcrumbs_ties" else ""
+    config = write(models, f"""
+        merge_method: {method}
         base_model: models/base
         models:
-          - {model: models/ft1, parameters: {weight: 1, density: 0.7}}
-          - {model: models/ft2, parameters: {weight: 1, density: 0.7}}
-        """))
-    assert parsed.rule == "dare" and parsed.parameters["drop"] == pytest.approx(0.3)
+          - {{model: models/ft1, parameters: {{weight: 1, {gamma}density: 0.7}}}}
+          - {{model: models/ft2, parameters: {{weight: 0.5, {gamma}density: 0.7}}}}
+        """.rstrip(" ") + textwrap.indent(extra, "        "))
+    parsed = load(config)
+    assert (parsed.rule, parsed.weights) == (rule, [1.0, 0.5])
+    assert parsed.parameters == options
+    got = run_config(config, tmp_path / "from-config")
+    want = sparsestitch.merge(models / "models" / "base",
+                              [models / "models" / "ft1", models / "models" / "ft2"],
+                              tmp_path / "from-call", rule=rule, weights=[1.0, 0.5], **options)
+    same(got, want)
 
 
 def test_every_problem_is_named_in_one_error(models):
@@ -181,11 +203,15 @@ def test_every_problem_is_named_in_one_error(models):
     ("merge_method: ties\nbase_model: models/base\nmodels:\n"
      "  - {model: models/ft1, parameters: {weight: 1, density: 0.2}}\n"
      "  - {model: models/ft2, parameters: {weight: 1, density: 0.5}}\n",
-     "models", "densities differ"),
+     "models", "density values differ"),
     ("merge_method: ties\nmodels:\n  - {model: models/ft1, parameters: {weight: 1}}\n",
      "base_model", "name the model the others were fine-tuned from"),
-    ("merge_method: dare_ties\nbase_model: models/base\nmodels:\n"
-     "  - {model: models/ft1, parameters: {weight: 1}}\n", "merge_method", "dare_linear"),
+    ("merge_method: della\nbase_model: models/base\nmodels:\n"
+     "  - {model: models/ft1, parameters: {weight: 1}}\n", "merge_method", "DELLA"),
+    ("merge_method: breadcrumbs\nbase_model: models/base\nmodels:\n"
+     "  - {model: models/ft1, parameters: {weight: 1, gamma: 0.1}}\n"
+     "  - {model: models/ft2, parameters: {weight: 1, gamma: 0.2}}\n",
+     "models", "gamma values differ"),
     ("merge_method: task_arithmetic\nbase_model: models/base\nmodels:\n"
      "  - {model: models/ft1+lora/adapter, parameters: {weight: 1}}\n", "models[0].model",
      "LoRA"),

@@ -36,6 +36,22 @@ RULE_OPTIONS = {
     "ties-mergekit": [{}, {"density": 0.5, "scale": 1.5}, {"density": 1.0},
                       {"density": 0.5, "normalize": 0}],
     "dare": [{"drop": 0.5, "seed": 3}, {"drop": 0.0}, {"drop": 0.9, "seed": 11, "scale": 2.0}],
+    "dare-ties-mergekit": [{"density": 0.5, "seed": 3}, {},
+                           {"density": 0.3, "rescale": 0, "normalize": 1, "scale": 1.5}],
+    "dare-linear-mergekit": [{"density": 0.5, "seed": 1}, {"density": 0.7, "normalize": 1}],
+    "breadcrumbs-mergekit": [{"density": 0.5, "gamma": 0.1}, {"density": 0.9, "gamma": 0.01},
+                             {"density": 0.4, "gamma": 0.2, "rescale": 1, "normalize": 1}],
+    "breadcrumbs-ties-mergekit": [{"density": 0.5, "gamma": 0.1},
+                                  {"density": 0.5, "gamma": 0.1, "rescale": 1, "normalize": 1}],
+}
+#: mergekit's generalized task arithmetic: (sparsification, sign election, its defaults).
+MERGEKIT_RULES = {
+    "ties-mergekit": ("magnitude", True, {"density": 0.2, "normalize": 1, "rescale": 0}),
+    "dare-ties-mergekit": ("random", True, {"density": 1.0, "normalize": 0, "rescale": 1}),
+    "dare-linear-mergekit": ("random", False, {"density": 1.0, "normalize": 0, "rescale": 1}),
+    "breadcrumbs-mergekit": ("outliers", False, {"density": 1.0, "normalize": 0, "rescale": 0}),
+    "breadcrumbs-ties-mergekit": ("outliers", True, {"density": 1.0, "normalize": 0,
+                                                     "rescale": 0}),
 }
 
 
@@ -132,27 +148,8 @@ def reference_merge(rule: str, dtype_name: str, base: np.ndarray, masks: list[np
             covering += agree
         touched = covering > 0
         update = wide(options.get("scale", 1.0)) * (total / np.maximum(covering, 1))
-    elif rule == "ties-mergekit":  # mergekit's formulas, on whole tensors (untouched: base)
-        size, tdt = base.size, torch.float64 if dtype_name == "F64" else torch.float32
-        deltas = torch.stack([torch.from_numpy(np.where(mask, tau, 0).astype(base_wide.dtype))
-                              for mask, tau in zip(masks, taus)]) if masks else \
-            torch.zeros((0, size), dtype=tdt)
-        keep = int(options.get("density", 0.2) * size)
-        if options.get("density", 0.2) < 1:
-            for i in range(len(masks)):
-                trim = torch.zeros(size, dtype=tdt)
-                trim[torch.argsort(deltas[i].abs().float(), descending=True)[:keep]] = 1
-                deltas[i] = deltas[i] * trim
-        weight = torch.tensor(weights, dtype=tdt).unsqueeze(-1)
-        weighted = deltas * weight
-        agree = weighted.sign() == (weighted.sum(dim=0) >= 0).to(tdt) * 2 - 1
-        divisor = (weight * agree).sum(dim=0)
-        divisor[divisor == 0] = 1
-        if not options.get("normalize", 1):
-            divisor[:] = 1
-        mixed = (weighted * agree).sum(dim=0) / divisor
-        update = (mixed * options.get("scale", 1.0) if options.get("scale", 1.0) != 1 else
-                  mixed).numpy()
+    elif rule in MERGEKIT_RULES:  # mergekit's formulas, on whole tensors (untouched: base)
+        update = _mergekit_reference(rule, base_wide, masks, taus, weights, name, options)
         touched = np.any(masks, axis=0) if masks else np.zeros(base.size, bool)
     elif rule == "dare":
         drop, seed = options.get("drop", 0.9), options.get("seed", 0)
@@ -169,6 +166,55 @@ def reference_merge(rule: str, dtype_name: str, base: np.ndarray, masks: list[np
     with np.errstate(all="ignore"):
         merged = narrow(base_wide + update, dtype_name)
     return np.where(lone, lone_bits, np.where(touched, merged, base))
+
+
+def _mergekit_reference(rule, base_wide, masks, taus, weights, name, options) -> np.ndarray:
+    """mergekit's generalized task arithmetic (sparsify, weights, sign election, mixing), as
+    its sparsify.py and generalized_task_arithmetic.py write it, on whole tensors."""
+    sparsify, consensus, defaults = MERGEKIT_RULES[rule]
+    options = {**defaults, "scale": 1.0, "seed": 0, "gamma": 0.01, **options}
+    size, tdt = base_wide.size, torch.float64 if base_wide.dtype == np.float64 else torch.float32
+    deltas = [torch.from_numpy(np.where(mask, tau, 0).astype(base_wide.dtype))
+              for mask, tau in zip(masks, taus)]
+    density = options["density"]
+    for i, delta in enumerate(deltas):
+        if density >= 1:
+            continue
+        keep = torch.zeros(size, dtype=tdt)
+        if sparsify == "magnitude":
+            keep[torch.argsort(delta.abs().float(), descending=True)[:int(density * size)]] = 1
+        elif sparsify == "random":
+            rng = np.random.default_rng([options["seed"], i, zlib.crc32(name.encode())])
+            keep[torch.from_numpy(rng.random(size) < density)] = 1
+        else:
+            n_top = int(options["gamma"] * size)
+            n_bot = size - int(density * size) - n_top
+            if n_bot < 0:
+                n_top, n_bot = n_top + n_bot, 0
+            keep[torch.sort(delta.abs().float(), descending=False).indices[n_bot:-n_top]] = 1
+        masked = delta * keep
+        if options["rescale"]:
+            before, after = delta.abs().sum(), masked.abs().sum()
+            if not (before < 1e-7 or after < 1e-7):
+                masked = masked * (before / after)
+        deltas[i] = masked
+    deltas = torch.stack(deltas) if deltas else torch.zeros((0, size), dtype=tdt)
+    weight = torch.tensor(weights, dtype=tdt).unsqueeze(-1)
+    weighted = deltas * weight
+    if consensus:
+        agree = weighted.sign() == (weighted.sum(dim=0) >= 0).to(tdt) * 2 - 1
+        mixed = (weighted * agree).sum(dim=0)
+        divisor = (weight * agree).sum(dim=0)
+        divisor[divisor == 0] = 1
+    else:
+        mixed = weighted.sum(dim=0)
+        divisor = weight.sum(dim=0)
+        divisor[divisor.abs() < 1e-8] = 1
+    if options["normalize"]:
+        mixed = mixed / divisor
+    if options["scale"] != 1:
+        mixed = mixed * options["scale"]
+    return mixed.numpy()
 
 
 def sparse_merge(rule, dtype_name, base, masks, finetuned, weights=None, name="", **options):

@@ -131,7 +131,7 @@ def rule_options(rule: str, given: dict) -> dict:
         rules = rules_taking(option)
         if rule not in rules:
             shown_flag = "--trim/--density" if flag == "--density" else flag
-            raise OptionError(f"{shown_flag} applies to --rule {' or '.join(rules)}, not --rule "
+            raise OptionError(f"{shown_flag} applies to --rule {', '.join(rules)}, not --rule "
                              f"{rule}")
         options[option] = value
     return options
@@ -152,8 +152,9 @@ def rule_flags(function):
             # deltas are merged; TIES's own fraction is --trim (--density still accepted)
             help_text = help_text.replace("the fraction of each tensor kept by magnitude",
                                           "--trim (or --density, mergekit's name): the fraction "
-                                          "of each tensor kept by magnitude before the sign "
-                                          "election; not --keep")
+                                          "of each tensor kept (by magnitude for TIES and "
+                                          "breadcrumbs, at random for DARE) before the merge; "
+                                          "not --keep")
             function = click.option("--trim", "--density", "density", type=kind,
                                     help=help_text)(function)
             continue

@@ -152,8 +152,8 @@ class RuleCombiner:
         """Whether :meth:`combine_changed` applies: float tensors, a rule with a dense form."""
         return dt.is_float and self.rule.has_dense_update
 
-    def combine_changed(self, dt: DType, base: np.ndarray, finetuned: Sequence[np.ndarray]
-                        ) -> tuple[np.ndarray, np.ndarray]:
+    def combine_changed(self, dt: DType, base: np.ndarray, finetuned: Sequence[np.ndarray],
+                        name: str = "") -> tuple[np.ndarray, np.ndarray]:
         """:meth:`combine` of records that store exactly the elements whose bits differ from
         ``base`` (a whole tensor's bits), given every record's fine-tuned bits of the whole
         tensor: the rule's dense form on whole task vectors (zero where a record stores
@@ -171,7 +171,7 @@ class RuleCombiner:
                 tau = row.numpy()
                 np.subtract(to_wide(bits, dt), base_wide, out=tau, where=stored)
             positions = np.flatnonzero(changed)
-            update = self.rule.dense_update(deltas, self.weights, **self.options)
+            update = self.rule.dense_update(deltas, self.weights, name=name, **self.options)
             merged = base_wide[positions] + update.numpy()[positions]
             new_bits = from_wide(merged, dt)
             new_bits[np.isnan(merged)] = CANONICAL_NAN[dt.name]

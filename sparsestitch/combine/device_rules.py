@@ -21,7 +21,7 @@ every rule and float dtype, NaN, inf and -0.0 included):
 * DARE's draws come from numpy's ``default_rng`` on the host (the rule's contract names that
   generator); only the keep masks travel to the device;
 * TIES in mergekit's conventions is the reference's own torch code
-  (:func:`~.rules.mergekit_ties`) run on the device, with its ``argsort`` on the CPU wherever
+  (:func:`~.rules.mergekit_merge`) run on the device, with its ``argsort`` on the CPU wherever
   the tensors are, since the order torch gives equal magnitudes is the CPU build's (so the
   CPU-device check of this rule tests the plumbing, not a second implementation).
 """

@@ -46,6 +46,9 @@ OPTION_LIMITS: dict[str, tuple[Range, str]] = {
     "seed": (Range(0, whole=True), "the random seed of the drops"),
     "normalize": (Range(0, 1, whole=True), "1 to divide by the agreeing weights (mergekit's "
                                            "default), 0 not to"),
+    "gamma": (FRACTION, "the share of largest magnitudes dropped as outliers"),
+    "rescale": (Range(0, 1, whole=True), "1 to rescale the kept values to the task vector's "
+                                         "L1 norm (mergekit's rescale), 0 not to"),
 }
 
 
@@ -103,7 +106,7 @@ class MergeRule:
     #: where a delta stores nothing) equals :meth:`update`'s at every stored position.
     has_dense_update: ClassVar[bool] = False
 
-    def dense_update(self, deltas, weights: Sequence[float], **options):
+    def dense_update(self, deltas, weights: Sequence[float], name: str = "", **options):
         """The update at every element from ``deltas``, a torch tensor of one dense task
         vector per delta (rows; zeros where it stores nothing): how merge handles full
         fine-tunes without position lists.  Only where ``has_dense_update``."""
@@ -323,87 +326,187 @@ class TiesMergekit(Ties):
       count (``Ties``'s disjoint mean), then multiplied by ``scale`` (mergekit's ``lambda``);
       with ``normalize=0`` (mergekit's ``normalize: false``) it is not divided.
 
-    It runs mergekit's own torch operations on dense copies of each tensor's task vectors,
-    one per delta (as mergekit holds them).  Positions no delta stores keep the base's bits;
-    mergekit writes ``base + 0`` there, which turns a -0.0 into +0.0 (store every position,
-    ``density=1.0``, to have those too).
+    It runs mergekit's own torch operations (:func:`mergekit_dense`) on dense copies of each
+    tensor's task vectors, one per delta (as mergekit holds them).  Positions no delta stores
+    keep the base's bits; mergekit writes ``base + 0`` there, which turns a -0.0 into +0.0
+    (store every position, ``density=1.0``, to have those too).  The other rules of mergekit's
+    generalized task arithmetic are subclasses that change the sparsification
+    (:attr:`sparsify`) and the sign election (:attr:`consensus`).
     """
 
     name = "ties-mergekit"
     defaults = {"density": 0.2, "scale": 1.0, "normalize": 1}
+    #: How each task vector is sparsified: ``magnitude`` (mergekit's ``magnitude``),
+    #: ``random`` (``random``: DARE), ``outliers`` (``magnitude_outliers``: breadcrumbs).
+    sparsify: ClassVar[str] = "magnitude"
+    #: Whether signs are elected (mergekit's ``consensus_method: sum``).
+    consensus: ClassVar[bool] = True
 
-    def update(self, vectors, weights, name="", numel=None, union=None, density=0.2, scale=1.0,
-               normalize=1):
+    def steps(self, name: str, options: dict) -> "MergekitSteps":
+        """The steps of this rule with these (checked) options for tensor ``name``."""
+        return MergekitSteps(self.sparsify, self.consensus, name=name,
+                             **{key: value for key, value in options.items()})
+
+    def update(self, vectors, weights, name="", numel=None, union=None, **options):
         import torch
 
         union, _ = _union(vectors)
         if not union.size:
             return union, np.empty(0, _wide(vectors))
         size = int(union[-1]) + 1 if numel is None else numel
-        mixed = mergekit_ties([torch.from_numpy(v.positions) for v in vectors],
-                              [torch.from_numpy(v.tau) for v in vectors], weights, size,
-                              density, scale, normalize)
+        mixed = mergekit_merge([torch.from_numpy(v.positions) for v in vectors],
+                               [torch.from_numpy(v.tau) for v in vectors], weights, size,
+                               self.steps(name, options))
         return union, mixed[torch.from_numpy(union)].numpy()
 
-    def torch_update(self, vectors, weights, name, numel, union, where, wide_like, density=0.2,
-                     scale=1.0, normalize=1):
-        """The same torch code as :meth:`update`, on the vectors' device (its ``argsort`` on
-        the CPU wherever they are: the order torch gives equal magnitudes is the CPU build's)."""
+    def torch_update(self, vectors, weights, name, numel, union, where, wide_like, **options):
+        """The same torch code as :meth:`update`, on the vectors' device (sorts and draws on
+        the CPU wherever they are: the order torch gives equal magnitudes is the CPU
+        build's)."""
         if not union.numel():
             return union, wide_like.new_empty(0)
         size = int(union[-1]) + 1 if numel is None else numel
-        mixed = mergekit_ties([v.positions for v in vectors], [v.tau for v in vectors], weights,
-                              size, density, scale, normalize)
+        mixed = mergekit_merge([v.positions for v in vectors], [v.tau for v in vectors], weights,
+                               size, self.steps(name, options))
         return union, mixed[union]
 
     has_dense_update = True
 
-    def dense_update(self, deltas, weights, density=0.2, scale=1.0, normalize=1):
-        """mergekit's operations on ``deltas`` (trimmed in place)."""
-        return mergekit_ties_dense(deltas, weights, density, scale, normalize)
+    def dense_update(self, deltas, weights, name="", **options):
+        """mergekit's operations on ``deltas`` (sparsified in place)."""
+        return mergekit_dense(deltas, weights, self.steps(name, options))
 
 
-def mergekit_ties(positions: Sequence, taus: Sequence, weights: Sequence[float], size: int,
-                  density: float, scale: float, normalize: int = 1):
-    """mergekit's TIES on torch tensors (each delta's int64 positions and wide task vector,
-    on any one device): the dense merged update over ``size`` elements.  The magnitude ranking
-    runs on the CPU, so the order among equal magnitudes is the same on every device."""
+class DareTiesMergekit(TiesMergekit):
+    """mergekit's ``dare_ties``: each task vector keeps each element with probability
+    ``density`` (DARE), rescaled (``rescale=1``, mergekit's default) to its L1 norm before
+    the drops, then TIES' sign election and mixing (not normalized by default).  The draws
+    are sparsestitch's, seeded: delta ``i``'s element ``j`` of tensor ``name`` is kept when
+    ``numpy.random.default_rng([seed, i, zlib.crc32(name.encode())]).random(numel)[j] <
+    density`` -- mergekit draws with ``torch.bernoulli`` unseeded, so no two runs (of either
+    tool) agree bit for bit; the distribution is the same."""
+
+    name = "dare-ties-mergekit"
+    defaults = {"density": 1.0, "scale": 1.0, "normalize": 0, "rescale": 1, "seed": 0}
+    sparsify = "random"
+
+
+class DareLinearMergekit(DareTiesMergekit):
+    """mergekit's ``dare_linear``: DARE's seeded drops (as :class:`DareTiesMergekit`) and a
+    weighted sum, no sign election."""
+
+    name = "dare-linear-mergekit"
+    consensus = False
+
+
+class BreadcrumbsTiesMergekit(TiesMergekit):
+    """mergekit's ``breadcrumbs_ties``: each task vector drops its ``gamma`` share of largest
+    magnitudes (outliers) and then its smallest, keeping ``density`` of the tensor (mergekit's
+    ``magnitude_outliers``, with its slicing: where ``int(gamma * numel)`` is 0 -- tensors
+    under ``1 / gamma`` elements -- it keeps nothing of that tensor, as mergekit does), then
+    TIES' sign election and mixing."""
+
+    name = "breadcrumbs-ties-mergekit"
+    defaults = {"density": 1.0, "gamma": 0.01, "scale": 1.0, "normalize": 0, "rescale": 0}
+    sparsify = "outliers"
+
+
+class BreadcrumbsMergekit(BreadcrumbsTiesMergekit):
+    """mergekit's ``breadcrumbs``: the outlier and small-magnitude trimming of
+    :class:`BreadcrumbsTiesMergekit` and a weighted sum, no sign election."""
+
+    name = "breadcrumbs-mergekit"
+    consensus = False
+
+
+@dataclass(frozen=True)
+class MergekitSteps:
+    """One rule of mergekit's generalized task arithmetic (mergekit's
+    ``GeneralizedTaskArithmeticMerge``): how to sparsify, whether to elect signs, and the
+    options (``normalize`` and ``rescale`` as 0 or 1)."""
+
+    sparsify: str | None
+    consensus: bool
+    density: float = 1.0
+    gamma: float = 0.01
+    rescale: int = 0
+    normalize: int = 1
+    scale: float = 1.0
+    seed: int = 0
+    name: str = ""
+
+
+def mergekit_merge(positions: Sequence, taus: Sequence, weights: Sequence[float], size: int,
+                   steps: MergekitSteps):
+    """mergekit's merge on torch tensors (each delta's int64 positions and wide task vector,
+    on any one device): the dense merged update over ``size`` elements.  Sorts and draws run
+    on the CPU, so they are the same on every device."""
     import torch
 
     device, wide = taus[0].device, taus[0].dtype
     deltas = torch.zeros((len(taus), size), dtype=wide, device=device)
     for row, where, tau in zip(deltas, positions, taus):
         row[where] = tau
-    return mergekit_ties_dense(deltas, weights, density, scale, normalize)
+    return mergekit_dense(deltas, weights, steps)
 
 
-def mergekit_ties_dense(deltas, weights: Sequence[float], density: float, scale: float,
-                        normalize: int = 1):
-    """:func:`mergekit_ties` on dense task vectors (one row per delta, zero where a delta
-    stores nothing; trimmed in place)."""
+def mergekit_dense(deltas, weights: Sequence[float], steps: MergekitSteps):
+    """:func:`mergekit_merge` on dense task vectors (one row per delta, zero where a delta
+    stores nothing; sparsified in place): mergekit's ``sparsify``, then its weights, sign
+    consensus (``sum``) and mixing, in its order of operations."""
     import torch
 
-    device, wide, size = deltas.device, deltas.dtype, deltas.shape[1]
-    if density < 1:  # mergekit.sparsify.magnitude
-        keep = int(density * size)
+    device, wide = deltas.device, deltas.dtype
+    if steps.sparsify and steps.density < 1:
         for i in range(deltas.shape[0]):
-            mask = torch.zeros(size, dtype=wide, device=device)
-            ranked = torch.argsort(deltas[i].abs().float().cpu(), descending=True)[:keep]
-            mask[ranked.to(device)] = 1
-            deltas[i] = deltas[i] * mask
-    # mergekit.merge_methods.generalized_task_arithmetic: weights, sign consensus ("sum")
+            deltas[i] = _mergekit_sparsified(deltas[i], i, steps)
     weight = torch.tensor(list(weights), dtype=wide, device=device).unsqueeze(-1)
     weighted = deltas * weight
-    majority = (weighted.sum(dim=0) >= 0).to(wide) * 2 - 1
-    agree = weighted.sign() == majority
-    mixed = (weighted * agree).sum(dim=0)
-    if normalize:
+    if steps.consensus:  # mergekit.merge_methods.generalized_task_arithmetic.get_mask("sum")
+        majority = (weighted.sum(dim=0) >= 0).to(wide) * 2 - 1
+        agree = weighted.sign() == majority
+        mixed = (weighted * agree).sum(dim=0)
         divisor = (weight * agree).sum(dim=0)
         divisor[divisor == 0] = 1
+    else:
+        mixed = weighted.sum(dim=0)
+        divisor = weight.sum(dim=0)
+        divisor[divisor.abs() < 1e-8] = 1
+    if steps.normalize:
         mixed /= divisor
-    if scale != 1:
-        mixed *= scale
+    if steps.scale != 1:
+        mixed *= steps.scale
     return mixed
+
+
+def _mergekit_sparsified(tensor, index: int, steps: MergekitSteps):
+    """One task vector sparsified as mergekit's ``sparsify`` does (``magnitude``,
+    ``magnitude_outliers``; ``random`` with sparsestitch's seeded draws), rescaled to its L1
+    norm before where ``rescale`` (mergekit's ``rescaled_masked_tensor``)."""
+    import torch
+
+    size = tensor.numel()
+    mask = torch.zeros_like(tensor)
+    if steps.sparsify == "magnitude":  # mergekit.sparsify.magnitude
+        ranked = torch.argsort(tensor.abs().float().cpu(), descending=True)[:int(steps.density * size)]
+        mask[ranked.to(tensor.device)] = 1
+    elif steps.sparsify == "random":
+        rng = np.random.default_rng([steps.seed, index, zlib.crc32(steps.name.encode("utf-8"))])
+        mask[torch.from_numpy(rng.random(size) < steps.density).to(tensor.device)] = 1
+    else:  # mergekit.sparsify.magnitude_outliers
+        target, top = int(steps.density * size), int(steps.gamma * size)
+        bottom = size - target - top
+        if bottom < 0:
+            top, bottom = top + bottom, 0
+        order = torch.sort(tensor.abs().float().cpu(), descending=False).indices
+        mask[order[bottom:-top].to(tensor.device)] = 1  # mergekit's slice: empty if top is 0
+    masked = tensor * mask
+    if not steps.rescale:
+        return masked
+    before, after = tensor.abs().sum(), masked.abs().sum()
+    if before < 1e-7 or after < 1e-7:
+        return masked
+    return masked * (before / after)
 
 
 class Dare(MergeRule):
@@ -458,7 +561,8 @@ class Dare(MergeRule):
 #: Every merge rule by name.
 RULES: dict[str, MergeRule] = {rule.name: rule for rule in
                                (LocalizeStitch(), TaskArithmetic(), Ties(), TiesMergekit(),
-                                Dare())}
+                                Dare(), DareTiesMergekit(), DareLinearMergekit(),
+                                BreadcrumbsMergekit(), BreadcrumbsTiesMergekit())}
 
 
 def get_rule(name: str) -> MergeRule:

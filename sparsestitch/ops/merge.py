@@ -285,7 +285,8 @@ class FineTuneSource:
         dt = lookup_dtype(entry.dtype)
         blocks = RowBlocks.of(entry.shape, dt.itemsize, self.block_bytes)
         if self._dense(name, dt):
-            update = combiner.combine_changed(dt, *whole_tensors(scanner, name, entry.numel, dt))
+            update = combiner.combine_changed(dt, *whole_tensors(scanner, name, entry.numel, dt),
+                                              name=name)
 
             def finish_dense(writer: CheckpointWriter) -> None:
                 engine.write_patched(writer, name, blocks,

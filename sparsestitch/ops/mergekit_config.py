@@ -17,15 +17,19 @@ every problem of the config in one error; nothing is ignored silently.
                               sum(w_i)`` (mergekit averages the models themselves: the same
                               value, in another order of operations); without ``base_model``
                               the first model is the base (any model gives the same average)
-``dare_linear``               ``dare``: ``drop = 1 - density`` (one for every model), rescaled;
-                              seeded draws, not mergekit's (so not its bits)
+``dare_ties``                 ``dare-ties-mergekit``: mergekit's random drops (seeded draws, not
+                              mergekit's: the same distribution, not its bits), L1 rescaling,
+                              sign election and mixing
+``dare_linear``               ``dare-linear-mergekit``: the same drops, a weighted sum
+``breadcrumbs``               ``breadcrumbs-mergekit``: the ``gamma`` largest and the smallest
+                              magnitudes dropped (mergekit's ``magnitude_outliers``), a sum
+``breadcrumbs_ties``          ``breadcrumbs-ties-mergekit``: the same trimming, sign election
 ============================  ==============================================================
 
-Refused, with the reason: the other methods (``dare_ties``, ``breadcrumbs``,
-``breadcrumbs_ties``, ``della``, ``slerp``, ``passthrough``, ``model_stock``, ...),
-``slices`` and layer ranges (frankenmerges), parameters given as gradient lists (per layer),
-per-model densities that differ, ``normalize: false`` for ``linear``,
-``rescale: true`` for ``ties``, ``rescale: false`` for ``dare_linear``, an output dtype
+Refused, with the reason: the other methods (``della``, ``slerp``, ``passthrough``,
+``model_stock``, ...), ``slices`` and layer ranges (frankenmerges), parameters given as
+gradient lists (per layer), per-model densities (or ``gamma``) that differ,
+``normalize: false`` for ``linear``, ``rescale: true`` for ``ties``, an output dtype
 (``out_dtype``, else ``dtype``, as mergekit writes) other than the base's,
 ``tokenizer_source`` other than ``base``, LoRA adapters (``model+lora``).  ``dtype`` names
 mergekit's compute type: sparsestitch computes in float32 (float64 for float64 models) and
@@ -48,13 +52,15 @@ TOP_KEYS = {"merge_method", "base_model", "models", "parameters", "dtype", "out_
             "tokenizer_source", "slices", "tokenizer", "chat_template", "name"}
 MODEL_KEYS = {"model", "parameters"}
 METHODS = {"task_arithmetic": "task-arithmetic", "ties": "ties-mergekit",
-           "linear": "task-arithmetic", "dare_linear": "dare"}
+           "linear": "task-arithmetic", "dare_linear": "dare-linear-mergekit",
+           "dare_ties": "dare-ties-mergekit", "breadcrumbs": "breadcrumbs-mergekit",
+           "breadcrumbs_ties": "breadcrumbs-ties-mergekit"}
+#: The methods run by a rule of mergekit's generalized task arithmetic beyond ties: their
+#: ``normalize`` and ``rescale`` defaults, as mergekit's registry sets them.
+GENERALIZED = {"dare_ties": (False, True), "dare_linear": (False, True),
+               "breadcrumbs": (False, False), "breadcrumbs_ties": (False, False)}
 #: Methods mergekit has that sparsestitch refuses, and why.
 NOT_HERE = {
-    "dare_ties": "DARE's drops followed by TIES' sign election is not a sparsestitch rule "
-                 "(use dare_linear, or ties)",
-    "breadcrumbs": "breadcrumbs' outlier trimming is not a sparsestitch rule",
-    "breadcrumbs_ties": "breadcrumbs' outlier trimming is not a sparsestitch rule",
     "della": "DELLA's magnitude-ranked drop probabilities are not a sparsestitch rule",
     "della_linear": "DELLA's magnitude-ranked drop probabilities are not a sparsestitch rule",
     "slerp": "spherical interpolation of two models is not a task-vector merge",
@@ -73,7 +79,12 @@ PARAMETERS = {"task_arithmetic": {"weight", "density", "lambda", "normalize", "r
               "ties": {"weight", "density", "lambda", "normalize", "rescale", "int8_mask"},
               "linear": {"weight", "normalize"},
               "dare_linear": {"weight", "density", "lambda", "rescale", "normalize",
-                              "int8_mask"}}
+                              "int8_mask"},
+              "dare_ties": {"weight", "density", "lambda", "rescale", "normalize", "int8_mask"},
+              "breadcrumbs": {"weight", "density", "gamma", "lambda", "rescale", "normalize",
+                              "int8_mask"},
+              "breadcrumbs_ties": {"weight", "density", "gamma", "lambda", "rescale",
+                                   "normalize", "int8_mask"}}
 FLOAT_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64"}
 
 
@@ -193,6 +204,9 @@ def _method(problems: list, method: str, top: dict, entries: list):
         else:
             weights = [w / total for w in weights]
         return finetuned, weights, "task-arithmetic", options
+    if method in GENERALIZED:
+        return finetuned, [float(w) for w in weights], METHODS[method], \
+            _generalized(problems, method, top, tunes)
     if method == "task_arithmetic" and any(p.get("density", 1.0) not in (1.0, None)
                                            for _, _, p in tunes):
         problems.append(("models", "task_arithmetic does not sparsify: a density has no effect "
@@ -206,24 +220,36 @@ def _method(problems: list, method: str, top: dict, entries: list):
         total = sum(weights)   # mergekit: divided by the weights' sum, unless it is ~0
         if abs(total) >= 1e-8:
             weights = [w / total for w in weights]
-    if method in ("ties", "dare_linear"):
-        densities = sorted({parameters.get("density", 1.0) for _, _, parameters in tunes}
-                           - {None})
-        if len(densities) > 1:
-            problems.append(("models", f"{method}: the models' densities differ "
-                                       f"({', '.join(f'{d:g}' for d in densities)}); "
-                                       "sparsestitch's rule takes one density for all"))
-        density = densities[0] if densities else 1.0
-        if method == "ties":
-            options["density"] = density
-        else:
-            if not top.get("rescale", True):
-                problems.append(("parameters.rescale", "dare_linear without rescaling is not "
-                                                       "sparsestitch's dare (it rescales)"))
-            options["drop"] = 1.0 - density
+    if method == "ties":
+        options["density"] = _one_value(problems, method, tunes, "density", 1.0)
     if top.get("lambda", 1.0) != 1.0:
         options["scale"] = top["lambda"]
     return finetuned, [float(w) for w in weights], METHODS[method], options
+
+
+def _one_value(problems: list, method: str, tunes: list, key: str, default: float) -> float:
+    """The one value of per-model parameter ``key`` (mergekit's default where not given); a
+    problem where the models' values differ (the rule takes one for all)."""
+    values = sorted({parameters.get(key, default) for _, _, parameters in tunes} - {None})
+    if len(values) > 1:
+        problems.append(("models", f"{method}: the models' {key} values differ "
+                                   f"({', '.join(f'{d:g}' for d in values)}); sparsestitch's "
+                                   f"rule takes one {key} for all"))
+    return values[0] if values else default
+
+
+def _generalized(problems: list, method: str, top: dict, tunes: list) -> dict:
+    """The options of a dare / breadcrumbs rule: mergekit's parameters as they are (the
+    rule normalizes, rescales and scales as mergekit does)."""
+    normalize, rescale = GENERALIZED[method]
+    options = {"density": _one_value(problems, method, tunes, "density", 1.0),
+               "normalize": 1 if top.get("normalize", normalize) else 0,
+               "rescale": 1 if top.get("rescale", rescale) else 0}
+    if method.startswith("breadcrumbs"):
+        options["gamma"] = _one_value(problems, method, tunes, "gamma", 0.01)
+    if top.get("lambda", 1.0) != 1.0:
+        options["scale"] = top["lambda"]
+    return options
 
 
 def _parameters(problems: list, where: str, value, known: set) -> dict:
