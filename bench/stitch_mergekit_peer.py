@@ -44,8 +44,10 @@ def peak_rss() -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("base")
-    parser.add_argument("tunes", nargs="+")
+    parser.add_argument("base", nargs="?")
+    parser.add_argument("tunes", nargs="*")
+    parser.add_argument("--config", help="a mergekit YAML config, run as it is (base and "
+                                         "tunes then not given)")
     parser.add_argument("--out", required=True)
     parser.add_argument("--method", default="task_arithmetic", choices=["task_arithmetic", "ties"])
     parser.add_argument("--weights", default=None)
@@ -55,7 +57,13 @@ def main() -> None:
                         help="mergekit's output shard size in bytes, e.g. 1e9 (default: mergekit's)")
     args = parser.parse_args()
     weights = [float(w) for w in args.weights.split(",")] if args.weights else None
-    config = merge_config(args.base, args.tunes, args.method, weights, args.density, args.scale)
+    if args.config:
+        import yaml
+        with open(args.config) as handle:
+            config = yaml.safe_load(handle)
+    else:
+        config = merge_config(args.base, args.tunes, args.method, weights, args.density,
+                              args.scale)
     shard = {} if args.out_shard_size is None else {"out_shard_size": int(float(args.out_shard_size))}
     options = MergeOptions(device="cpu", copy_tokenizer=False, write_model_card=False,
                            quiet=True, safe_serialization=True, **shard)
