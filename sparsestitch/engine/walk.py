@@ -19,7 +19,8 @@ block arithmetic and the handling of dense records live in one place:
   too large for the budget alongside a walk over the row blocks, a run at a time
   (:func:`kept_totals` gives a codec that is not elementwise, ``ulp``, what it needs
   besides), and :func:`added_runs` does the same for tensors a delta adds.
-* :func:`check_delta_fits`, :func:`added_records` and :func:`output_shards` plan an output
+* :func:`added_records` and :func:`output_shards` plan an output (what fits what:
+  :mod:`.fits`)
   before any byte of it is written.
 """
 
@@ -364,31 +365,6 @@ def refuse_delta(ckpt: Checkpoint, role: str = "base") -> None:
                               f"{role} must be a model (.safetensors file or folder), and "
                               "the base comes first: sparsestitch restore BASE DELTA -o OUT",
                               path=ckpt.path)
-
-
-def check_delta_fits(base: Checkpoint, reader: DeltaReader) -> None:
-    """The delta describes exactly the base's tensors with their dtypes and shapes (checked
-    before any output is written; checksums are checked as the base is read)."""
-    names = {r.name for r in reader.records if r.kind != "added"}
-    missing = [n for n in base.names if n not in names]
-    if missing:
-        raise BaseMismatchError(f"the delta has no record for base tensor {missing[0]!r} "
-                                f"({len(missing)} missing): it was made for another base",
-                                path=reader.path, tensor=missing[0])
-    for record in reader.records:
-        if record.kind == "added":
-            if record.name in base:
-                raise BaseMismatchError("the delta adds a tensor the base already has",
-                                        path=reader.path, tensor=record.name)
-            continue
-        if record.name not in base:
-            raise BaseMismatchError("the delta has a tensor the base lacks: it was made for "
-                                    "another base", path=reader.path, tensor=record.name)
-        entry = base.entry(record.name)
-        if (entry.dtype, entry.shape) != (record.dtype, record.shape):
-            raise BaseMismatchError(f"base has {entry.dtype}{list(entry.shape)}, delta expects "
-                                    f"{record.dtype}{list(record.shape)}", path=reader.path,
-                                    tensor=record.name)
 
 
 def added_records(readers: Sequence[DeltaReader]) -> dict[str, tuple[DeltaReader, Record]]:

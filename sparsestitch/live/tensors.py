@@ -4,6 +4,7 @@ raw bits, and matched against the records of delta files."""
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from types import SimpleNamespace
 
 import numpy as np
 import xxhash
@@ -12,6 +13,7 @@ from ..core.dtypes import TORCH_DTYPE_NAMES, DType
 from ..core.dtypes import dtype as lookup_dtype
 from ..core.errors import BaseMismatchError, TensorMismatchError
 from ..delta.format import DeltaReader
+from ..engine.fits import differs, shown
 
 #: Bytes of a tensor copied to the host and hashed at a time when checking the base.
 HASH_CHUNK_BYTES = 64 << 20
@@ -133,12 +135,12 @@ def match_records(tensors: Mapping, readers: Sequence[DeltaReader], added: str
             if tensor is None:
                 raise BaseMismatchError("the model has no tensor of this name: the delta was made "
                                         "for another model", path=reader.path, tensor=record.name)
-            found = (TORCH_DTYPE_NAMES.get(str(tensor.dtype).removeprefix("torch.")),
-                     tuple(tensor.shape))
-            if found != (record.dtype, record.shape):
-                raise BaseMismatchError(f"the model has {found[0]}{list(found[1])}, the delta "
-                                        f"expects {record.dtype}{list(record.shape)}",
-                                        path=reader.path, tensor=record.name)
+            found = SimpleNamespace(
+                dtype=TORCH_DTYPE_NAMES.get(str(tensor.dtype).removeprefix("torch.")),
+                shape=tuple(tensor.shape))
+            if differs(found, record):
+                raise BaseMismatchError(f"the model has {shown(found)}, the delta expects "
+                                        f"{shown(record)}", path=reader.path, tensor=record.name)
             live = LiveTensor(record.name, tensor, lookup_dtype(record.dtype))
             twin = by_key.get(live.key)
             if twin is not None:

@@ -2,17 +2,15 @@
 
 :func:`choices` checks the options (a density, quantized values, or a target: lossless,
 ``max_error``, ``max_size``) and returns what they decide; :func:`make_selectors` builds one
-selector per fine-tune (:mod:`.localize.selectors`); :func:`check_compatible` refuses a
-fine-tune that does not match its base.
+selector per fine-tune (:mod:`.localize.selectors`); (:func:`~sparsestitch.engine.fits.check_compatible` refuses a
+fine-tune that does not match its base).
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 
-from ..checkpoint import Checkpoint
-from ..core.errors import OptionError, TensorMismatchError
+from ..core.errors import OptionError
 from ..core.options import FRACTION, Range, flag, number, optional_number, short_repr
 from ..core.sizes import numel, parse_memory
 from ..delta.codecs.quant import BITS as QUANT_BITS
@@ -122,52 +120,6 @@ def quantize_options(bits: int | None, group: int) -> dict | None:
     group = number("group", group, Range(0, whole=True),
                    "0: one scale per tensor, else values per scale")
     return {"bits": bits, "group": group}
-
-
-
-
-def architecture(ckpt) -> str | None:
-    """The architecture a model folder's ``config.json`` names (``architectures[0]``, else
-    ``model_type``); None where there is no readable one."""
-    for path in getattr(ckpt, "extra_files", ()):
-        if path.name != "config.json":
-            continue
-        try:
-            config = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return None
-        if not isinstance(config, dict):
-            return None
-        names = config.get("architectures")
-        if isinstance(names, list) and names and isinstance(names[0], str):
-            return names[0]
-        kind = config.get("model_type")
-        return kind if isinstance(kind, str) else None
-    return None
-
-
-def check_compatible(base: Checkpoint, tune: Checkpoint, allow_crimes: bool = False) -> None:
-    """The fine-tune has the base's tensors with their dtypes and shapes, and (unless
-    ``allow_crimes``, as mergekit's ``--allow-crimes``) the same architecture where both
-    folders' ``config.json`` name one."""
-    ours, theirs = architecture(base), architecture(tune)
-    if ours and theirs and ours != theirs and not allow_crimes:
-        raise TensorMismatchError(f"the base is a {ours}, the fine-tune a {theirs} (their "
-                                  "config.json): across architectures the same tensor names "
-                                  "mean different things; pass allow_crimes=True "
-                                  "(--allow-crimes) to go on anyway", path=tune.path)
-    missing = [n for n in base.names if n not in tune]
-    if missing:
-        raise TensorMismatchError(f"the fine-tuned checkpoint lacks {len(missing)} base tensor(s), "
-                                  f"e.g. {missing[0]!r}; is it a fine-tune of this base?",
-                                  path=tune.path, tensor=missing[0])
-    for name in base.names:
-        b, t = base.entry(name), tune.entry(name)
-        if (b.dtype, b.shape) != (t.dtype, t.shape):
-            raise TensorMismatchError(f"base has {b.dtype}{list(b.shape)}, fine-tune has "
-                                      f"{t.dtype}{list(t.shape)}; convert the fine-tune to the base's "
-                                      "dtype, or compare against the right base", path=tune.path,
-                                      tensor=name)
 
 
 

@@ -39,6 +39,7 @@ from ..core.errors import BaseMismatchError, OptionError, TensorMismatchError
 from ..core.progress import bar
 from ..delta.format import DeltaReader
 from ..engine.budget import MemoryBudget
+from ..engine.fits import check_delta_fits, differs, shown
 from ..engine.walk import (
     BaseHash,
     RecordRuns,
@@ -46,7 +47,6 @@ from ..engine.walk import (
     Stored,
     added_records,
     added_runs,
-    check_delta_fits,
     decode_tensor,
     output_shards,
     read_blocks,
@@ -214,10 +214,9 @@ def _check_merged(merged: Checkpoint, expected_shards, recipe: str) -> None:
     for shard in expected_shards:
         for tensor in shard.tensors:
             entry = merged.entry(tensor.name)
-            if (entry.dtype, entry.shape) != (tensor.dtype, tensor.shape):
-                raise TensorMismatchError(f"merged has {entry.dtype}{list(entry.shape)}, the base "
-                                          f"{tensor.dtype}{list(tensor.shape)}", path=merged.path,
-                                          tensor=tensor.name)
+            if differs(entry, tensor):
+                raise TensorMismatchError(f"merged has {shown(entry)}, the base {shown(tensor)}",
+                                          path=merged.path, tensor=tensor.name)
     stitched_with = next((meta.get(RECIPE_KEY) for meta in merged.metadata.values()), None)
     if stitched_with is None:
         raise TensorMismatchError("the merged model records no stitch recipe (it was not written "

@@ -30,10 +30,11 @@ from ..core.dtypes import dtype as lookup_dtype
 from ..core.errors import OptionError
 from ..core.progress import bar
 from ..engine.budget import MemoryBudget
+from ..engine.fits import check_compatible
 from ..engine.readahead import DEFAULT_WORKERS, in_order, workers_for
 from ..engine.walk import refuse_delta
 from ..localize.budget import tensor_options
-from ..localize.keep import as_mask_list, check_compatible, check_scope, choices, make_selectors
+from ..localize.keep import as_mask_list, check_scope, choices, make_selectors
 from ..localize.planned import planned_records, tensor_stats
 from ..localize.selection import SpooledSelection, TensorPlan, TensorScanner, run_pre_passes
 from ..localize.selectors import Selector

@@ -13,12 +13,12 @@ from ..checkpoint import Checkpoint
 from ..core.dtypes import dtype as lookup_dtype
 from ..delta.format import DeltaReader, Record
 from ..engine.budget import RUN_BYTES_PER_VALUE, MemoryBudget
+from ..engine.fits import check_delta_fits
 from ..engine.walk import (
     BaseHash,
     RecordRuns,
     RowBlocks,
     added_runs,
-    check_delta_fits,
     decode_tensor,
     read_blocks,
     refuse_delta,

@@ -36,9 +36,10 @@ from ..core.dtypes import dtype as lookup_dtype
 from ..core.errors import OptionError, TensorMismatchError
 from ..delta.format import Record, decode_positions, decode_values
 from ..engine.budget import MemoryBudget
+from ..engine.fits import check_compatible
 from ..engine.readahead import workers_for
 from ..engine.walk import RowBlocks, Stored, refuse_delta
-from ..localize.keep import as_mask_list, check_compatible, check_scope, choices, make_selectors
+from ..localize.keep import as_mask_list, check_scope, choices, make_selectors
 from ..localize.selection import Selection, TensorPlan, TensorScanner, run_pre_passes
 from ..localize.selectors import Choice, KeepAll, Selector, TuneBlock
 from . import stitch_engine as engine

@@ -39,7 +39,8 @@ from ..combine.rules import RULES
 from ..core.errors import ConfigError, OptionError, SparsestitchError
 from ..core.options import number, short_repr
 from ..core.sizes import parse_memory
-from ..localize.keep import check_compatible, check_scope, choices
+from ..engine.fits import check_compatible
+from ..localize.keep import check_scope, choices
 from . import mergekit_config
 
 __all__ = ["ConfigError", "MergeConfig", "load"]

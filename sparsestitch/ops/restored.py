@@ -32,7 +32,8 @@ from ..core.errors import CheckpointError
 from ..core.sizes import numel, row_items
 from ..delta.format import DeltaReader, Record
 from ..engine.budget import MemoryBudget
-from ..engine.walk import BaseHash, RecordRuns, RowBlocks, Stored, check_delta_fits
+from ..engine.fits import check_delta_fits
+from ..engine.walk import BaseHash, RecordRuns, RowBlocks, Stored
 
 
 class _Walk:

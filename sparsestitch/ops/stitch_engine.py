@@ -44,6 +44,7 @@ from ..core.dtypes import dtype as lookup_dtype
 from ..core.progress import bar
 from ..delta.format import DeltaReader, Record
 from ..engine.budget import MemoryBudget
+from ..engine.fits import check_delta_fits
 from ..engine.readahead import DEFAULT_WORKERS, in_order, workers_for
 from ..engine.walk import (
     BaseHash,
@@ -51,7 +52,6 @@ from ..engine.walk import (
     RowBlocks,
     added_records,
     added_runs,
-    check_delta_fits,
     decode_tensor,
     output_shards,
     read_blocks,

@@ -36,6 +36,7 @@ import zstandard
 from ...core import native
 from ...core.errors import DeltaFormatError, ResourceLimitError
 
+
 @runtime_checkable
 class PositionCodec(Protocol):
     """A position codec: all it is, in one class (a new codec is its module plus one entry
