@@ -96,6 +96,11 @@ def build_configs(base: str, tunes: list[str], deltas: list[str], delta_bytes: l
                             base, tunes, work / "mk-ta-1b", ["--out-shard-size", "1e9"]),
             mergekit_config("mergekit ties", "mergekit ties, density 0.5", base, tunes,
                             work / "mk-ties", ["--method", "ties", "--density", "0.5"]),
+            mergekit_config("mergekit dare_ties", "mergekit dare_ties, density 0.5", base, tunes,
+                            work / "mk-dare", ["--method", "dare_ties", "--density", "0.5"]),
+            mergekit_config("mergekit breadcrumbs", "mergekit breadcrumbs, density 0.5", base,
+                            tunes, work / "mk-bc", ["--method", "breadcrumbs", "--density",
+                                                    "0.5"]),
         ]
     configs += [
         run_config("merge ta", f"sparsestitch merge task-arithmetic, {n} fine-tunes",
@@ -106,6 +111,15 @@ def build_configs(base: str, tunes: list[str], deltas: list[str], delta_bytes: l
                    "stitch_runs:merge_run", (base, tunes, str(work / "st-ties"), "ties-mergekit",
                                              {"density": 0.5}, max_memory), [base, *tunes],
                    work / "st-ties", floor="merge", same_as="mergekit ties"),
+        run_config("merge dare_ties", "sparsestitch merge dare-ties-mergekit, density 0.5 "
+                   "(random drops: not mergekit's bits)", "stitch_runs:merge_run",
+                   (base, tunes, str(work / "st-dare"), "dare-ties-mergekit", {"density": 0.5},
+                    max_memory), [base, *tunes], work / "st-dare", floor="merge"),
+        run_config("merge breadcrumbs", "sparsestitch merge breadcrumbs-mergekit, density 0.5",
+                   "stitch_runs:merge_run", (base, tunes, str(work / "st-bc"),
+                                             "breadcrumbs-mergekit", {"density": 0.5},
+                                             max_memory), [base, *tunes], work / "st-bc",
+                   floor="merge", same_as="mergekit breadcrumbs"),
         run_config("merge ls", "sparsestitch merge localize-stitch, keep 1%",
                    "stitch_runs:merge_run", (base, tunes, str(work / "st-ls"), "localize-stitch",
                                              {"keep": 0.01}, max_memory), [base, *tunes],

@@ -30,7 +30,8 @@ def merge_config(base: str, tunes: list[str], method: str = "task_arithmetic",
                  scale: float = 1.0) -> dict:
     weights = weights or [1.0] * len(tunes)
     models = [{"model": t, "parameters": {"weight": w} | (
-        {"density": density} if method == "ties" else {})} for t, w in zip(tunes, weights)]
+        {"density": density} if method != "task_arithmetic" else {})}
+        for t, w in zip(tunes, weights)]
     parameters = {"lambda": scale} | ({"normalize": False} if method == "task_arithmetic" else {})
     return {"merge_method": method, "base_model": base, "models": models,
             "parameters": parameters, "dtype": "float32", "out_dtype": "bfloat16"}
@@ -49,7 +50,8 @@ def main() -> None:
     parser.add_argument("--config", help="a mergekit YAML config, run as it is (base and "
                                          "tunes then not given)")
     parser.add_argument("--out", required=True)
-    parser.add_argument("--method", default="task_arithmetic", choices=["task_arithmetic", "ties"])
+    parser.add_argument("--method", default="task_arithmetic",
+                        choices=["task_arithmetic", "ties", "dare_ties", "breadcrumbs"])
     parser.add_argument("--weights", default=None)
     parser.add_argument("--density", type=float, default=1.0)
     parser.add_argument("--lambda", dest="scale", type=float, default=1.0)
