@@ -148,3 +148,44 @@ def test_a_module_with_a_dense_delta_switches_in_place(tmp_path):
     with sparsestitch.apply(tensors, deltas):
         assert_bits(tensors, model, want)
     assert_bits(tensors, model, base_bits(model))
+
+
+@pytest.mark.parametrize("change", ["one more", "one fewer"])
+def test_a_bitmap_marking_other_than_its_count_is_refused_and_the_model_left_as_it_was(
+        tmp_path, change):
+    """A bitmap record whose bits disagree with its count (resealed, so every checksum holds)
+    is refused by the bitmap-window path of ``apply`` and of a streamed restore, naming file
+    and tensor; the live tensors keep their bits and no output is written."""
+    from sparsestitch.core.errors import DeltaFormatError
+    from sparsestitch.delta.codecs.base import pack_stream, unpack_stream
+
+    from .support.images import DeltaImage
+
+    model, base, tunes = _fine_tune_pair(tmp_path, seed=2)
+    (delta,) = _deltas(tmp_path, base, tunes[:1], {"density": 0.5, "bits": 4})
+    image = DeltaImage.read(delta)
+    record = next(r for r in image.header["tensors"]
+                  if r["kind"] == "sparse" and r["positions"]["codec"] == "bitmap")
+    name, numel = record["name"], int(np.prod(record["shape"]))
+    payload = image.payloads[name]
+    split = record["positions_nbytes"]
+    bits = np.unpackbits(np.frombuffer(unpack_stream(payload[:split], record["positions"],
+                                                     (numel + 7) // 8), np.uint8),
+                         bitorder="little")
+    at = np.flatnonzero(bits[:numel] == (0 if change == "one more" else 1))[0]
+    bits[at] ^= 1
+    stream, config = pack_stream(np.packbits(bits, bitorder="little"))
+    record["positions"] = {"codec": "bitmap", **config}
+    record["positions_nbytes"] = len(stream)
+    image.payloads[name] = stream + payload[split:]
+    bad = tmp_path / "bad.delta"
+    bad.write_bytes(image.to_bytes())
+    tensors = live(model)
+    with patching("whole"), pytest.raises(DeltaFormatError, match="bitmap marks") as caught:
+        sparsestitch.apply(tensors, bad)
+    assert (caught.value.path, caught.value.tensor) == (str(bad), name)
+    assert_bits(tensors, model, base_bits(model))
+    out = tmp_path / "restored.safetensors"
+    with pytest.raises(DeltaFormatError, match="bitmap marks"):
+        sparsestitch.restore(base, bad, out, block_bytes=64)
+    assert not out.exists()
