@@ -510,3 +510,32 @@ def test_a_bug_shows_its_traceback_and_asks_for_a_report(deltas, monkeypatch):
                         lambda *a, **k: (_ for _ in ()).throw(sparsestitch.OptionError("x")))
     result = run("info", deltas[0])
     assert result.exit_code == 2 and result.stderr.strip() == "error: x"
+
+
+def test_what_is_kept_is_defined_once_for_the_api_the_flags_and_configs():
+    """KeepOptions is the one definition of what is kept: compress's and merge's keyword
+    arguments, their flags (generated from its fields) and a merge config's keep: keys name
+    the same options, with the same defaults."""
+    import inspect
+    from dataclasses import fields
+
+    from sparsestitch.localize.keep_options import KeepOptions
+    from sparsestitch.ops.merge_config import KEEP_KEYS
+
+    for command, api in (("compress", sparsestitch.compress), ("merge", sparsestitch.merge)):
+        names = KeepOptions.names(command)
+        parameters = inspect.signature(api).parameters
+        assert set(names) <= set(parameters), command
+        flags = {p.name: p for p in main.commands[command].params}
+        assert set(names) <= set(flags), command
+        for option in fields(KeepOptions):
+            name = "keep" if option.name == "density" and command == "merge" else option.name
+            if name not in names:
+                continue
+            default = parameters[name].default
+            assert default in (None, option.default) or (option.default is None
+                                                         and default is False), (command, name)
+            assert flags[name].help == option.metadata["help" if command == "compress" else
+                                                       "merge_help"]
+    assert KEEP_KEYS == set(KeepOptions.names("merge")) - {"keep"} | {"density"}
+    assert "max_size" not in KeepOptions.names("merge")

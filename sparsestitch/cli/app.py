@@ -14,6 +14,7 @@ from .common import (
     echo_json,
     echo_table,
     fail_cleanly,
+    keep_flags,
     json_option,
     natural_key,
     parse_weights,
@@ -49,31 +50,7 @@ def main():
 @click.argument("finetuned", nargs=-1, required=True, type=click.Path())
 @click.option("-o", "--out", "outs", multiple=True, type=click.Path(),
               help="Output delta path, once per fine-tune (default: FINETUNED name + .delta).")
-@click.option("--density", type=float,
-              help="Fraction of the included float parameters to keep, above 0 (1.0: lossless); "
-                   "0.01 when only --bits is given; with no option at all the default is "
-                   "--max-error 0.5.")
-@click.option("--scope", type=click.Choice(["fidelity", "global", "per-tensor"]),
-              default="fidelity", show_default=True,
-              help="fidelity: rank |tau| by each tensor's own change (no tensor loses its update "
-                   "to another's larger |tau|); global: rank |tau| over the whole model (the "
-                   "paper's rule); per-tensor: the density of each tensor.")
-@click.option("--bits", type=click.Choice(["1", "2", "3", "4", "8"]),
-              help="Store the kept changes in this many bits each (lossy; the error is reported). "
-                   "--density 1.0 --bits 1 --group 0 is a BitDelta-like delta.")
-@click.option("--group", default=128, show_default=True, type=int,
-              help="With --bits: kept values sharing one fitted scale (0: one per tensor).")
-@click.option("--lossless", is_flag=True,
-              help="Every changed element, exactly (the same as --density 1.0).")
-@click.option("--max-error", type=float,
-              help="Target instead of --density/--bits: each localized tensor's relative L2 "
-                   "error ||tau - tau_hat|| / ||tau|| at most this (checked per record).")
-@click.option("--max-size",
-              help="Target instead of --density/--bits: the best fidelity whose file fits this "
-                   "size, e.g. 20MB.")
-@click.option("--include", multiple=True, help="Only localize tensors matching this pattern.")
-@click.option("--exclude", multiple=True, help="Leave tensors matching this pattern at the base.")
-@click.option("--dense", multiple=True, help="Store tensors matching this pattern exactly.")
+@keep_flags("compress")
 @click.option("--overwrite", is_flag=True, help="Replace existing outputs.")
 @click.option("--max-memory", help="Bound on what compress holds at once, e.g. 512MiB "
               "(large tensors then one fine-tune at a time); default 1GiB, at least 32MiB.")

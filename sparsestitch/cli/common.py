@@ -171,3 +171,35 @@ def parse_weights(text: str | None) -> list[float] | None:
     except ValueError:
         raise OptionError(f"--weights takes numbers separated by commas, like 1,0.5; got {text!r}") \
             from None
+
+
+def keep_flags(command: str):
+    """The flags of what is kept, as ``command`` (``compress`` or ``merge``) takes them,
+    generated from :class:`~sparsestitch.localize.keep_options.KeepOptions`' fields (names,
+    help, choices): merge calls the density ``--keep`` and leaves every default unset (a
+    config's values or the rule's decide), compress shows its defaults."""
+    from dataclasses import fields
+
+    from ..localize.keep_options import KeepOptions
+
+    def decorate(function):
+        for option in reversed(fields(KeepOptions)):  # click stacks decorators bottom-up
+            meta = option.metadata["click"]
+            if command == "merge" and meta.get("compress_only"):
+                continue
+            name = "keep" if option.name == "density" and command == "merge" else option.name
+            settings = {"help": option.metadata["help" if command == "compress" else
+                                                "merge_help"]}
+            if "type" in meta:
+                settings["type"] = meta["type"]
+            if "choices" in meta:
+                settings["type"] = click.Choice(list(meta["choices"]))
+            if meta.get("multiple"):
+                settings["multiple"] = True
+            if meta.get("flag"):
+                settings.update(is_flag=True, default=False if command == "compress" else None)
+            elif command == "compress" and option.default not in (None, ()):
+                settings.update(default=option.default, show_default=True)
+            function = click.option("--" + name.replace("_", "-"), **settings)(function)
+        return function
+    return decorate

@@ -7,10 +7,13 @@ from pathlib import Path
 
 import click
 
+from ..localize.keep_options import KeepOptions
+
 from .common import (
     echo_json,
     fail_cleanly,
     json_option,
+    keep_flags,
     parse_weights,
     quiet_option,
     rule_flags,
@@ -19,9 +22,10 @@ from .common import (
     threads_option,
 )
 
-#: Flags that say what is merged, which a config file says instead.
-RECIPE_FLAGS = ("rule", "scale", "density", "drop", "seed", "weights", "keep", "scope", "bits",
-                "group", "lossless", "max_error", "include", "exclude", "dense")
+#: Flags that say what is merged, which a config file says instead: the rule's, and what is
+#: kept (:class:`~sparsestitch.localize.keep_options.KeepOptions`, as merge names them).
+RECIPE_FLAGS = ("rule", "scale", "density", "drop", "seed", "weights",
+                *KeepOptions.names("merge"))
 
 
 @click.command("merge")
@@ -33,20 +37,7 @@ RECIPE_FLAGS = ("rule", "scale", "density", "drop", "seed", "weights", "keep", "
                    "Checked completely before any tensor is read.")
 @rule_flags
 @click.option("--weights", help="Comma-separated per-fine-tune weights, e.g. 1,0.5.")
-@click.option("--keep", type=float,
-              help="Fraction of each fine-tune's float parameters kept, as compress's --density "
-                   "(default: compress's default for localize-stitch; every change for the "
-                   "other rules).")
-@click.option("--scope", type=click.Choice(["fidelity", "global", "per-tensor"]),
-              help="How --keep is spread over tensors (see compress).")
-@click.option("--bits", type=click.Choice(["1", "2", "3", "4", "8"]),
-              help="Kept changes in this many bits each, as compress --bits (lossy).")
-@click.option("--group", type=int, help="With --bits: values per fitted scale (default 128).")
-@click.option("--lossless", is_flag=True, default=None, help="Keep every change exactly.")
-@click.option("--max-error", type=float, help="As compress --max-error.")
-@click.option("--include", multiple=True, help="Only localize tensors matching this pattern.")
-@click.option("--exclude", multiple=True, help="Leave tensors matching this pattern at the base.")
-@click.option("--dense", multiple=True, help="Keep every change of tensors matching this pattern.")
+@keep_flags("merge")
 @click.option("--max-memory", help="Bound on the data held at once, e.g. 512MiB; default 1GiB.")
 @click.option("--save-deltas", type=click.Path(),
               help="Also write the deltas made on the way into this folder (<fine-tune>.delta).")

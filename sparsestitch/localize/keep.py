@@ -25,6 +25,7 @@ from .selectors import (
     PerTensorTopK,
     Selector,
 )
+from .keep_options import KeepOptions
 from .targets import ErrorPlanner, EveryChangePlanner, SizePlanner
 from .topk import count_to_keep
 
@@ -65,13 +66,15 @@ def make_selectors(plan: TensorPlan, density: float, scope: str, mask_sets, coun
 
 
 
-def choices(density, bits, group, lossless, max_error, max_size, mask_sets,
-            density_option: str = "density"):
-    """``(density, quantize options, planner)`` for compress's arguments, checked: each
-    option's type and range (:mod:`.options`), then that they do not contradict each other.
-    Every front end (API, command line, merge configs, a zoo's options) comes through here;
-    ``density_option`` is the density's name where the caller calls it otherwise (merge's
-    ``keep``)."""
+def choices(keep: KeepOptions, mask_sets, density_option: str = "density"):
+    """``(density, quantize options, planner)`` for what ``keep`` asks, checked: each
+    option's type and range (:mod:`sparsestitch.core.options`), the scope, then that they do
+    not contradict each other.  Every front end (API, command line, merge configs, a zoo's
+    options) comes through here; ``density_option`` is the density's name where the caller
+    calls it otherwise (merge's ``keep``)."""
+    check_scope(keep.scope)
+    density, bits, group, lossless, max_error, max_size = (
+        keep.density, keep.bits, keep.group, keep.lossless, keep.max_error, keep.max_size)
     density = optional_number(density_option, density, FRACTION, "the fraction kept")
     lossless = flag("lossless", lossless)
     max_error = optional_number("max_error", max_error, Range(0), "the relative error allowed")

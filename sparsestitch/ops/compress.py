@@ -34,7 +34,8 @@ from ..engine.fits import check_compatible
 from ..engine.readahead import DEFAULT_WORKERS, in_order, workers_for
 from ..engine.walk import refuse_delta
 from ..localize.budget import tensor_options
-from ..localize.keep import as_mask_list, check_scope, choices, make_selectors
+from ..localize.keep import as_mask_list, choices, make_selectors
+from ..localize.keep_options import KeepOptions
 from ..localize.planned import planned_records, tensor_stats
 from ..localize.selection import SpooledSelection, TensorPlan, TensorScanner, run_pre_passes
 from ..localize.selectors import Selector
@@ -158,10 +159,11 @@ def compress(base: str | os.PathLike, finetuned: str | os.PathLike | Sequence[st
     finetuned_paths = inputs.add_all(finetuned_paths, "fine-tune")
     for path in out_paths:
         inputs.check_output(path, "output delta")
-    check_scope(scope)
+    keep = KeepOptions.of(density=density, scope=scope, bits=bits, group=group,
+                          lossless=lossless, max_error=max_error, max_size=max_size,
+                          include=include, exclude=exclude, dense=dense)
     mask_sets = as_mask_list(masks, len(finetuned_paths))
-    density, quantize, planner = choices(density, bits, group, lossless, max_error, max_size,
-                                          mask_sets)
+    density, quantize, planner = choices(keep, mask_sets)
     workers = workers_for(threads, WORKERS)
     with Checkpoint(base) as base_ckpt:
         refuse_delta(base_ckpt)
@@ -170,12 +172,12 @@ def compress(base: str | os.PathLike, finetuned: str | os.PathLike | Sequence[st
             for tune in tunes:
                 refuse_delta(tune, "fine-tune")
                 check_compatible(base_ckpt, tune, allow_crimes)
-            plan = TensorPlan.of(base_ckpt, include, exclude, dense)
-            selectors = make_selectors(plan, density, scope, mask_sets, len(tunes))
+            plan = TensorPlan.of(base_ckpt, keep.include, keep.exclude, keep.dense)
+            selectors = make_selectors(plan, density, keep.scope, mask_sets, len(tunes))
             job = CompressJob(base_ckpt, tunes, plan, chunk_elements, progress, workers,
                               quantize, planner, _budget(max_memory).total)
             results = job.run(selectors, out_paths, overwrite,
-                              fallback=lambda: make_selectors(plan, density, scope, None,
+                              fallback=lambda: make_selectors(plan, density, keep.scope, None,
                                                                len(tunes), exact=True))
         finally:
             for tune in tunes:

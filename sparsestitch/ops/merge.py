@@ -39,7 +39,8 @@ from ..engine.budget import MemoryBudget
 from ..engine.fits import check_compatible
 from ..engine.readahead import workers_for
 from ..engine.walk import RowBlocks, Stored, refuse_delta
-from ..localize.keep import as_mask_list, check_scope, choices, make_selectors
+from ..localize.keep import as_mask_list, choices, make_selectors
+from ..localize.keep_options import KeepOptions
 from ..localize.selection import Selection, TensorPlan, TensorScanner, run_pre_passes
 from ..localize.selectors import Choice, KeepAll, Selector, TuneBlock
 from . import stitch_engine as engine
@@ -98,13 +99,11 @@ def merge(base: str | os.PathLike, finetuned: Sequence[str | os.PathLike],
     if not tune_paths:
         raise OptionError("merge needs at least one fine-tuned checkpoint")
     combiner = rule_combiner(rule, weights, len(tune_paths), **rule_options)
-    check_scope(scope)
     mask_sets = as_mask_list(masks, len(tune_paths))
-    if rule != "localize-stitch" and all(v is None for v in (keep, bits, lossless, max_error,
-                                                              mask_sets)):
-        lossless = True
-    density, quantize, planner = choices(keep, bits, group, lossless, max_error, None, mask_sets,
-                                         density_option="keep")
+    kept = KeepOptions.of(keep=keep, scope=scope, bits=bits, group=group, lossless=lossless,
+                          max_error=max_error, include=include, exclude=exclude,
+                          dense=dense).for_rule(rule, mask_sets)
+    density, quantize, planner = choices(kept, mask_sets, density_option="keep")
     out = Path(out)
     inputs = Inputs()
     base = inputs.add(base, "base")
@@ -128,8 +127,8 @@ def merge(base: str | os.PathLike, finetuned: Sequence[str | os.PathLike],
         for tune in tunes:
             check_compatible(base_ckpt, tune, allow_crimes)
         added = added_tensors(base_ckpt, tunes)
-        plan = TensorPlan.of(base_ckpt, include, exclude, dense)
-        selectors = make_selectors(plan, density, scope, mask_sets, len(tunes), exact=True)
+        plan = TensorPlan.of(base_ckpt, kept.include, kept.exclude, kept.dense)
+        selectors = make_selectors(plan, density, kept.scope, mask_sets, len(tunes), exact=True)
         scanner = TensorScanner(base_ckpt, tunes, plan, chunk_elements, quantize, planner)
         workers = workers_for(threads, engine.READ_WORKERS)
         run_pre_passes(scanner, selectors, workers, progress)

@@ -40,7 +40,8 @@ from ..core.errors import ConfigError, OptionError, SparsestitchError
 from ..core.options import number, short_repr
 from ..core.sizes import parse_memory
 from ..engine.fits import check_compatible
-from ..localize.keep import check_scope, choices
+from ..localize.keep import choices
+from ..localize.keep_options import KeepOptions
 from . import mergekit_config
 
 __all__ = ["ConfigError", "MergeConfig", "load"]
@@ -49,8 +50,8 @@ TOP_KEYS = {"base", "models", "rule", "parameters", "keep", "out", "max_memory"}
 MODEL_KEYS = {"model", "weight"}
 #: A checkpoint's float dtypes by mergekit's names for them.
 FLOAT_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
-KEEP_KEYS = {"density", "scope", "bits", "group", "lossless", "max_error", "include", "exclude",
-             "dense"}
+#: A config's ``keep:`` keys: merge's options of what is kept, by compress's names.
+KEEP_KEYS = set(KeepOptions.names("merge")) - {"keep"} | {"density"}
 
 
 @dataclass
@@ -189,13 +190,7 @@ def _keep(path: Path, keep: dict, rule: str) -> dict:
                 isinstance(value, list) and all(isinstance(v, str) for v in value))):
             raise ConfigError(path, f"keep.{key}", "must be a pattern or a list of patterns")
     try:
-        check_scope(keep.get("scope", "fidelity"))
-        lossless = keep.get("lossless")
-        if rule != "localize-stitch" and not {"density", "bits", "lossless",
-                                              "max_error"} & keep.keys():
-            lossless = True  # as merge() decides
-        choices(keep.get("density"), keep.get("bits"), keep.get("group", 128), lossless,
-                keep.get("max_error"), None, None)
+        choices(KeepOptions.from_mapping(keep).for_rule(rule), None)
     except OptionError as exc:
         raise _config_error(path, "keep", exc, keep) from None
     return keep

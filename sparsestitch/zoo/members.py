@@ -108,15 +108,14 @@ def _check_compress_options(effective: dict) -> None:
     out of range (``-O lossless=no`` is the string 'no', not false)."""
     from ..core.sizes import parse_memory
     from ..engine.readahead import workers_for
-    from ..localize.keep import check_scope, choices
+    from ..localize.keep import choices
+    from ..localize.keep_options import KeepOptions
 
     unknown = sorted(set(effective) - set(compress_defaults()) - _RUN_OPTIONS)
     if unknown:
         raise OptionError(f"compress has no option {unknown[0]!r}; its options are "
                           f"{', '.join(sorted(compress_defaults()))}", option=unknown[0])
-    check_scope(effective["scope"])
-    choices(effective["density"], effective["bits"], effective["group"], effective["lossless"],
-            effective["max_error"], effective["max_size"], None)
+    choices(KeepOptions.of(**{key: effective[key] for key in KeepOptions.names()}), None)
     workers_for(effective["threads"], 1)
     parse_memory(effective["max_memory"], 0)
 
