@@ -14,7 +14,7 @@ fine-tuned bits, and deltas storing the same position must agree).
 
 A stitched output records how it was made (rule, options, weights and each
 delta's identity) under :data:`RECIPE_KEY` in its safetensors metadata, so a
-later :func:`~.compose.stitch_add` can check it continues the same merge.
+later :func:`~sparsestitch.ops.compose.stitch_add` can check it continues the same merge.
 """
 
 from __future__ import annotations

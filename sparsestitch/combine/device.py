@@ -1,6 +1,6 @@
 """The merge arithmetic on a torch device (CUDA when there is one), for every rule.
 
-:class:`DeviceCombiner` wraps a :class:`~.combine.RuleCombiner`; the engine calls it from
+:class:`DeviceCombiner` wraps a :class:`~.combiners.RuleCombiner`; the engine calls it from
 its writing thread:
 
 * the elementwise rules (Localize-and-Stitch, task arithmetic) on float tensors merge block
@@ -76,7 +76,7 @@ class DeviceCombiner:
 
     def combine(self, name: str, dt: DType, numel: int, stored: Sequence[Stored | None],
                 onto: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """:meth:`~.combine.RuleCombiner.combine` on the device: ``(positions, new bits)``."""
+        """:meth:`~.combiners.RuleCombiner.combine` on the device: ``(positions, new bits)``."""
         send = self.staging.to_device
         on_device = [None if s is None else
                      DeviceStored(send(s.position_array()), send(s.finetuned), send(s.base))
@@ -107,7 +107,7 @@ class DeviceCombiner:
 
 
 class DeviceBlockMerge:
-    """Torch twin of :class:`~.combine.BlockMerge`: each base block is moved to the device,
+    """Torch twin of :class:`~.combiners.BlockMerge`: each base block is moved to the device,
     every delta's task vector is ``index_add_``-ed into a dense sum and count there, and the
     merged block comes back.  Dense over the block, so no union is ever built; the float
     operations per position are those of the numpy merge, so the bits are identical.

@@ -2,7 +2,7 @@
 torch form (:meth:`~.rules.MergeRule.torch_update`, beside its reference math in
 :mod:`.rules`).
 
-:func:`combine_on_device` is :meth:`~.combine.RuleCombiner.combine` with every step on the
+:func:`combine_on_device` is :meth:`~.combiners.RuleCombiner.combine` with every step on the
 device -- the union of positions (``torch.unique``), the task vectors, the rule's update,
 the rounding to the model dtype, canonical NaNs and lone-exact bits -- so the engine's
 device combiner, hot-swap and :func:`sparsestitch.live.stitch_into` run any rule there.
@@ -144,7 +144,7 @@ def strongest(tau, ties, limit: int):
 
 def combine_on_device(combiner: RuleCombiner, name: str, dt: DType, numel: int,
                       stored: Sequence[DeviceStored | None], onto=None):
-    """:meth:`~.combine.RuleCombiner.combine` with every step on the records' device:
+    """:meth:`~.combiners.RuleCombiner.combine` with every step on the records' device:
     ``(sorted int64 positions, new bits there)`` as device tensors (signed bit containers).
     ``onto`` (device bits at the union of the stored positions) is what the update is added
     to instead of the base bits, as in hot-swap's stacked patches."""

@@ -13,8 +13,8 @@ A rule also declares what the engine may do faster: ``elementwise`` rules (the u
 at a position depends only on the deltas' entries there) change exactly the union of
 the stored positions, can be merged block by block with dense accumulation
 (:meth:`MergeRule.block_form`, run by the numpy, C and torch block kernels in
-:mod:`.combine` and :mod:`.device`) and extended one delta at a time
-(:func:`~.compose.stitch_add`).  The engine asks the rule, never its name.
+:mod:`.combiners` and :mod:`.device`) and extended one delta at a time
+(:func:`~sparsestitch.ops.compose.stitch_add`).  The engine asks the rule, never its name.
 
 The order of the float operations is part of each rule's contract (results depend
 on it, and the stitcher, hot-swap and continual composition must agree bit for

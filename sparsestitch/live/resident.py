@@ -5,7 +5,7 @@ never leaving the device.
 base and the output.  Per tensor, the host reads each record's payload, checks its
 checksum, decodes its positions and decompresses its value streams; the device gathers the
 base bits at the stored positions, decodes the values against them
-(:mod:`sparsestitch.combine.device_values`), merges by rule
+(:mod:`sparsestitch.delta.device`), merges by rule
 (:func:`~sparsestitch.combine.device_rules.combine_on_device`: every rule) and scatters the
 result into the tensor (:func:`.device_merge.merge_on_device`, which ``apply`` uses too).  The model ends bit-identical to stitching the same deltas to a
 file and loading it (tests compare the two).

@@ -2,7 +2,7 @@
 
 :func:`choices` checks the options (a density, quantized values, or a target: lossless,
 ``max_error``, ``max_size``) and returns what they decide; :func:`make_selectors` builds one
-selector per fine-tune (:mod:`.localize.selectors`); (:func:`~sparsestitch.engine.fits.check_compatible` refuses a
+selector per fine-tune (:mod:`.selectors`); (:func:`~sparsestitch.engine.fits.check_compatible` refuses a
 fine-tune that does not match its base).
 """
 

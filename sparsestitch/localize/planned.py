@@ -6,7 +6,7 @@ selected by its threshold in one more pass over the blocks and encoded, until th
 accepts the record (an error target: its real error within the target; a size target: its
 one option).  A quantized option is encoded *as the blocks arrive* (:class:`StreamedRecord`):
 its positions go into a bitmap (one bit per element) or, below a fifth of the elements, a
-list; its values into a :class:`~.codecs.quant.QuantStream`, which holds a couple of runs;
+list; its values into a :class:`~sparsestitch.delta.codecs.quant.QuantStream`, which holds a couple of runs;
 so the record is never gathered whole.  Exact values need the record whole (their codecs
 pick an order and a layout over all of it): those options gather a
 :class:`~.selection.Selection` first.

@@ -2,7 +2,7 @@
 over the model that get the selectors there.
 
 :class:`TensorScanner` walks a tensor's row blocks for the base and every fine-tune
-(:mod:`sparsestitch.engine.walk`), asks each fine-tune's selector (:mod:`.localize.selectors`)
+(:mod:`sparsestitch.engine.walk`), asks each fine-tune's selector (:mod:`.selectors`)
 what to keep, and encodes the result (:func:`~sparsestitch.delta.format.encode_record`);
 :func:`run_pre_passes` runs the selectors' counting and sampling passes; and
 :class:`SpooledSelection` handles selectors that leave candidates undecided until the whole

@@ -3,7 +3,7 @@ density and a number of bits.
 
 A *planner* decides, tensor by tensor, what each localized tensor's record keeps and in how
 many bits, from the tensor's :class:`~.localize.stats.TensorStats` (a histogram of its
-ranking keys and a strided sample, gathered block by block: :mod:`.localize.budget`); the
+ranking keys and a strided sample, gathered block by block: :mod:`.budget`); the
 record keeps the changed elements whose key is at least the chosen threshold, selected by a
 comparison as the blocks are read again, and is encoded once:
 

@@ -52,7 +52,7 @@ def stitch(base: str | os.PathLike, deltas: Sequence[str | os.PathLike], out: st
     runs in one thread, to keep the allocator's per-thread slack out.  The
     output's metadata records the rule, options, weights and deltas, for
     :func:`stitch_add`.  ``device`` (``"cpu"``, ``"cuda"``, ``"auto"``) says where the
-    merge arithmetic of the elementwise rules runs (see :mod:`.device`); every device
+    merge arithmetic of the elementwise rules runs (see :mod:`sparsestitch.combine.device`); every device
     gives bit-identical output.  ``threads`` read and decode ahead (default: up to 4 of the
     usable cores; 1: everything in the caller's thread).  No deltas at all writes the base
     with a recipe: the start of a chain of :func:`stitch_add` (the command line refuses it).

@@ -18,7 +18,7 @@ the records' stored counts) and at most two per reader; a tensor too large
 for that is prepared alone.
 
 Reading, hashing and decoding go through :mod:`sparsestitch.engine.walk`.  Restore and
-stitch differ only in their combiner (:class:`~.combine.Combiner`); continual
+stitch differ only in their combiner (:class:`~sparsestitch.combine.combiners.Combiner`); continual
 composition (:mod:`.compose`) reuses :func:`~sparsestitch.engine.walk.decode_tensor` and
 :func:`write_patched` with the merged model as the source of the bytes it does not
 recompute.
