@@ -11,11 +11,12 @@ import click
 from .. import __version__
 from ..core import native
 from .common import (
+    allow_crimes_option,
     echo_json,
     echo_table,
     fail_cleanly,
-    keep_flags,
     json_option,
+    keep_flags,
     natural_key,
     parse_weights,
     quiet_option,
@@ -54,9 +55,7 @@ def main():
 @click.option("--overwrite", is_flag=True, help="Replace existing outputs.")
 @click.option("--max-memory", help="Bound on what compress holds at once, e.g. 512MiB "
               "(large tensors then one fine-tune at a time); default 1GiB, at least 32MiB.")
-@click.option("--allow-crimes", is_flag=True,
-              help="Go on when the base's and a fine-tune's config.json name different "
-                   "architectures (refused by default, as mergekit's --allow-crimes).")
+@allow_crimes_option
 @threads_option
 @json_option
 @quiet_option

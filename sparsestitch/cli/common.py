@@ -8,12 +8,14 @@ import os
 import re
 import sys
 import traceback
+from dataclasses import fields
 
 import click
 
 from .._version import __version__
 from ..combine.rules import RULES
 from ..core.errors import OptionError, SparsestitchError
+from ..localize.keep_options import KeepOptions
 
 
 def fail_cleanly(function):
@@ -97,6 +99,10 @@ threads_option = click.option(
          "compress and 4 for the others; 1: one thread).")
 json_option = click.option("--json", "as_json", is_flag=True,
                            help="Print a JSON summary instead of text (no progress bars).")
+allow_crimes_option = click.option(
+    "--allow-crimes", is_flag=True,
+    help="Go on when the base's and a fine-tune's config.json name different architectures "
+         "(refused by default, as mergekit's --allow-crimes).")
 quiet_option = click.option("--quiet/--progress", "quiet", default=None,
                             help="--quiet: no progress. --progress: progress even when stderr "
                                  "is not a terminal (a line every 10 s, for logs). Default: a "
@@ -178,10 +184,6 @@ def keep_flags(command: str):
     generated from :class:`~sparsestitch.localize.keep_options.KeepOptions`' fields (names,
     help, choices): merge calls the density ``--keep`` and leaves every default unset (a
     config's values or the rule's decide), compress shows its defaults."""
-    from dataclasses import fields
-
-    from ..localize.keep_options import KeepOptions
-
     def decorate(function):
         for option in reversed(fields(KeepOptions)):  # click stacks decorators bottom-up
             meta = option.metadata["click"]

@@ -8,8 +8,8 @@ from pathlib import Path
 import click
 
 from ..localize.keep_options import KeepOptions
-
 from .common import (
+    allow_crimes_option,
     echo_json,
     fail_cleanly,
     json_option,
@@ -42,9 +42,7 @@ RECIPE_FLAGS = ("rule", "scale", "density", "drop", "seed", "weights",
 @click.option("--save-deltas", type=click.Path(),
               help="Also write the deltas made on the way into this folder (<fine-tune>.delta).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output.")
-@click.option("--allow-crimes", is_flag=True,
-              help="Go on when the base's and a fine-tune's config.json name different "
-                   "architectures (refused by default, as mergekit's --allow-crimes).")
+@allow_crimes_option
 @threads_option
 @json_option
 @quiet_option

@@ -31,7 +31,7 @@ from ..core.dtypes import DType, from_wide, to_wide
 from ..core.errors import TensorMismatchError
 from ..core.options import weights as checked_weights
 from ..delta.format import DeltaReader, digest
-from ..engine.walk import Stored
+from ..engine.walk import Stored, put_stored
 from .rules import MergeRule, TaskVector, get_rule
 from .union import PositionUnion, union_of
 
@@ -215,13 +215,13 @@ class BlockMerge:
         self.dt = dt
         self.form = combiner.rule.block_form(combiner.options)
         present = [(s, w) for s, w in zip(stored, combiner.weights) if s is not None]
+        # One delta alone whose entries keep their bits (Localize-and-Stitch of one skill):
+        # every stored position takes the record's bits, a copy or a scatter, no arithmetic.
+        indices = [i for i, s in enumerate(stored) if s is not None]
+        self.lone = stored[indices[0]] if (len(indices) == 1 and combiner.replaces_lone(
+            dt, indices[0])) else None
         # The C loop (native.py) does the same operations in one pass per record; the numpy
         # code (NumpyWindowMerge) is its fallback and its reference.
-        # One delta of weight 1 under a rule whose lone entries keep their bits (Localize-
-        # and-Stitch: a restore, a hot-swap of one skill): every stored position takes the
-        # record's bits, so the block merge is a copy or a scatter, with no wide arithmetic.
-        self.lone = present[0][0] if (len(present) == 1 and present[0][1] == 1.0
-                                      and self.form.mean and self.form.lone_exact) else None
         self.kernels, self.kind = native.float_kernels(dt.name)
         if self.kernels is None:
             self.numpy = NumpyWindowMerge(dt, self.form, present)
@@ -238,28 +238,13 @@ class BlockMerge:
         if self.lone is not None:
             if not block.flags.c_contiguous:  # as the C loop: the caller's block, not a copy
                 raise ValueError("block is not C-contiguous")
-            _copy_lone(self.lone, block, first)
+            put_stored(self.lone, block, first)
         elif self.kernels is None:
             self.numpy(block, first)
         elif block.size:
             self.kernels.merge_block(self.kind, block, first, self.records, self.form.mean,
                                      float(self.form.scale), self.form.lone_exact,
                                      CANONICAL_NAN[self.dt.name], self.total, self.count)
-
-
-def _copy_lone(stored: Stored, block: np.ndarray, first: int) -> None:
-    """``stored``'s bits into ``block`` (elements ``first, ...``) at its positions there."""
-    if stored.dense:
-        a = min(max(first - stored.first, 0), stored.count)
-        b = min(max(first + block.size - stored.first, a), stored.count)
-        if b > a:
-            at = stored.first + a - first
-            block[at:at + b - a] = stored.finetuned[a:b]
-        return
-    positions = stored.positions
-    lo, hi = np.searchsorted(positions, (first, first + block.size))
-    if hi > lo:
-        block[positions[lo:hi] - first if first else positions[lo:hi]] = stored.finetuned[lo:hi]
 
 
 class NumpyWindowMerge:

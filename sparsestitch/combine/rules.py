@@ -344,8 +344,7 @@ class TiesMergekit(Ties):
 
     def steps(self, name: str, options: dict) -> "MergekitSteps":
         """The steps of this rule with these (checked) options for tensor ``name``."""
-        return MergekitSteps(self.sparsify, self.consensus, name=name,
-                             **{key: value for key, value in options.items()})
+        return MergekitSteps(self.sparsify, self.consensus, name=name, **options)
 
     def update(self, vectors, weights, name="", numel=None, union=None, **options):
         import torch

@@ -473,9 +473,8 @@ class RecordCursor:
         in order, every block from element 0 on) written over ``block`` -- a restore's or a
         lone delta's merge, with no position arrays (the bitmap's bits gather the base
         values and scatter the decoded ones; see :attr:`marks`)."""
-        if self.dense:
-            n = max(0, min(lo + block.size, self.record.count) - lo)
-            block[:n] = self.values(block[:n].copy() if self.needs_base else None, n)
+        if self.dense:  # every element of the block
+            block[:] = self.values(block.copy() if self.needs_base else None, block.size)
             return
         with self._context:
             window, first, count = self._positions.window(lo, lo + block.size)

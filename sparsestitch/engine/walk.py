@@ -160,6 +160,16 @@ class Stored:
         return Stored(self.positions[a:b], self.finetuned[a:b], self.base[a:b])
 
 
+def put_stored(stored: Stored, block: np.ndarray, first: int) -> None:
+    """``stored``'s fine-tuned bits written into ``block`` (elements ``first, ...``) at its
+    positions there (a restore; one delta whose entries keep their bits)."""
+    part = stored.within(first, first + block.size)
+    if part.dense:
+        block[part.first - first:part.first - first + part.count] = part.finetuned
+    elif part.count:
+        block[part.positions - first] = part.finetuned
+
+
 def stored_positions(reader: DeltaReader, record: Record, payload: bytes | None = None
                      ) -> np.ndarray | None:
     """A sparse record's checked flat positions; None for a record of every element."""

@@ -96,8 +96,7 @@ class KeepOptions:
             if key not in known:
                 raise OptionError(f"{key!r} is not an option of what is kept; the options are "
                                   f"{', '.join(known)}", option=str(key))
-        return cls.of(**{("keep" if key == "keep" else key): value
-                         for key, value in values.items()})
+        return cls.of(**values)
 
     def chosen(self) -> bool:
         """Whether anything says what is kept (a density, bits or a target)."""

@@ -11,7 +11,7 @@ import numpy as np
 
 from ..core.dtypes import DType
 from ..engine.budget import MemoryBudget
-from ..engine.walk import Stored
+from ..engine.walk import Stored, put_stored
 from . import stitch_engine as engine
 from .cards import restore_card
 
@@ -42,13 +42,8 @@ class RestoreCombiner:
         (record,) = stored
 
         def put_back(block: np.ndarray, first: int) -> None:
-            if record is None:
-                return
-            part = record.within(first, first + block.size)
-            if part.dense:
-                block[part.first - first:part.first - first + part.count] = part.finetuned
-            elif part.count:
-                block[part.positions - first] = part.finetuned
+            if record is not None:
+                put_stored(record, block, first)
         return put_back
 
     def bytes_per_position(self, dt: DType) -> int:
