@@ -539,3 +539,13 @@ def test_what_is_kept_is_defined_once_for_the_api_the_flags_and_configs():
                                                        "merge_help"]
     assert KEEP_KEYS == set(KeepOptions.names("merge")) - {"keep"} | {"density"}
     assert "max_size" not in KeepOptions.names("merge")
+
+
+def test_an_option_of_what_is_kept_that_does_not_exist_is_named():
+    from sparsestitch.core.errors import OptionError
+    from sparsestitch.localize.keep_options import KeepOptions
+
+    with pytest.raises(OptionError, match="'densty' is not an option of what is kept"):
+        KeepOptions.from_mapping({"densty": 0.1})
+    assert KeepOptions.from_mapping({"density": 0.1, "include": "*.weight"}) == \
+        KeepOptions(density=0.1, include=("*.weight",))

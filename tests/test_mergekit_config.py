@@ -206,6 +206,12 @@ def test_every_problem_is_named_in_one_error(models):
      "models", "density values differ"),
     ("merge_method: ties\nmodels:\n  - {model: models/ft1, parameters: {weight: 1}}\n",
      "base_model", "name the model the others were fine-tuned from"),
+    ("merge_method: ties\nbase_model: models/base\nmodels:\n"
+     "  - {model: models/ft1, parameters: {weight: 1, density: 2}}\n",
+     "models[].parameters.density", "within [0, 1]"),
+    ("merge_method: breadcrumbs\nbase_model: models/base\nmodels:\n"
+     "  - {model: models/ft1, parameters: {weight: 1, density: 0.5, gamma: -1}}\n",
+     "models[].parameters.gamma", "within [0, 1]"),
     ("merge_method: della\nbase_model: models/base\nmodels:\n"
      "  - {model: models/ft1, parameters: {weight: 1}}\n", "merge_method", "DELLA"),
     ("merge_method: breadcrumbs\nbase_model: models/base\nmodels:\n"

@@ -153,6 +153,8 @@ def translate(path: Path, data: dict, cwd: Path | None = None):
     finetuned, weights, rule, options = [], [], "task-arithmetic", {}
     if method in METHODS:
         finetuned, weights, rule, options = _method(problems, method, top, entries)
+        if weights:
+            _check_values(problems, rule, weights, options)
     _dtypes(problems, data)
     if problems:
         key = problems[0][0]
@@ -225,6 +227,25 @@ def _method(problems: list, method: str, top: dict, entries: list):
     if top.get("lambda", 1.0) != 1.0:
         options["scale"] = top["lambda"]
     return finetuned, [float(w) for w in weights], METHODS[method], options
+
+
+#: Where a rule option comes from in a mergekit config.
+OPTION_KEYS = {"density": "models[].parameters.density", "gamma": "models[].parameters.gamma",
+               "scale": "parameters.lambda", "normalize": "parameters.normalize",
+               "rescale": "parameters.rescale", "drop": "models[].parameters.density"}
+
+
+def _check_values(problems: list, rule: str, weights: list, options: dict) -> None:
+    """Each value in range, as the rule checks it (a density of 2, a gamma of -1), named by
+    its key in the config -- before any tensor is read."""
+    from ..combine.combiners import rule_combiner
+    from ..core.errors import OptionError
+
+    try:
+        rule_combiner(rule, weights, len(weights), **options)
+    except OptionError as exc:
+        problems.append((OPTION_KEYS.get(exc.option, "models[].parameters.weight"),
+                         exc.requirement or str(exc)))
 
 
 def _one_value(problems: list, method: str, tunes: list, key: str, default: float) -> float:
