@@ -203,3 +203,19 @@ def write_json(path: str | os.PathLike, payload: dict) -> Path:
     path.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
     return path
 
+
+#: Where modules lived before the package was laid out by concept (2026-12-06): jobs that run
+#: an older tree (``--before``) import them from there.
+BEFORE_LAYOUT = {"sparsestitch.delta.format": "sparsestitch.format",
+                 "sparsestitch.core.dtypes": "sparsestitch.dtypes",
+                 "sparsestitch.core.sizes": "sparsestitch.sizes"}
+
+
+def sparsestitch_module(name: str):
+    """The sparsestitch module ``name`` (its path in this tree) from whichever tree is on
+    ``sys.path`` first: this layout or the one before it."""
+    import importlib
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError:
+        return importlib.import_module(BEFORE_LAYOUT[name])

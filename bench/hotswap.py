@@ -40,7 +40,8 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 sys.path.insert(0, str(BENCH))
-from common import describe_machine, interleaved, machine, table, write_json  # noqa: E402
+from common import (describe_machine, interleaved, machine, sparsestitch_module,  # noqa: E402
+                    table, write_json)
 
 READ_CHUNK = 64 << 20
 OPS = ("apply floor", "apply", "copy", "prepared")
@@ -73,7 +74,7 @@ def _load(base: str) -> dict:
     import torch
 
     from sparsestitch.checkpoint import Checkpoint
-    from sparsestitch.core.dtypes import dtype as lookup_dtype
+    lookup_dtype = sparsestitch_module("sparsestitch.core.dtypes").dtype
     model = {}
     with Checkpoint(base) as ckpt:
         for name in ckpt.names:
@@ -87,7 +88,7 @@ def _load(base: str) -> dict:
 
 
 def _touched(delta: str) -> list[str]:
-    from sparsestitch.delta.format import DeltaReader
+    DeltaReader = sparsestitch_module("sparsestitch.delta.format").DeltaReader
     with DeltaReader(delta) as reader:
         return [r.name for r in reader.records if r.kind == "sparse"]
 

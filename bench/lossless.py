@@ -49,7 +49,8 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 sys.path.insert(0, str(BENCH))
-from common import describe_machine, interleaved, machine, table, write_json  # noqa: E402
+from common import (describe_machine, interleaved, machine, sparsestitch_module,  # noqa: E402
+                    table, write_json)
 
 CACHE = BENCH / ".cache" / "lossless"
 LMZ = CACHE / "lmzip-venv" / "bin" / "lmz"
@@ -78,7 +79,7 @@ def pairs(fidelity: Path) -> dict[str, tuple[Path, Path]]:
 def compress_job(base: str, tune: str, out: str) -> dict:
     """sparsestitch lossless compress; bytes, positions/values split, codecs, source tree."""
     import sparsestitch
-    from sparsestitch.delta.format import DeltaReader
+    DeltaReader = sparsestitch_module("sparsestitch.delta.format").DeltaReader
 
     (summary,) = sparsestitch.compress(base, tune, out, lossless=True, overwrite=True)
     positions = values = 0

@@ -33,7 +33,10 @@ sys.path.insert(0, sys.argv[1])
 import numpy as np
 import sparsestitch
 from sparsestitch.checkpoint import Checkpoint
-from sparsestitch.core.sizes import parse_memory
+try:
+    from sparsestitch.core.sizes import parse_memory
+except ModuleNotFoundError:  # a tree from before the layout by concept
+    from sparsestitch.sizes import parse_memory
 
 base, delta, out, tune, block = sys.argv[2:7]
 read = {"elements": 0}
