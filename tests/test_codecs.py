@@ -11,6 +11,7 @@ from hypothesis import example, given, settings, strategies as st
 
 from sparsestitch.delta import codecs
 from sparsestitch.delta.codecs import POSITION_CODECS, VALUE_CODECS, rice
+from sparsestitch.delta.codecs.bitmap import BitmapBuilder
 from sparsestitch.delta.codecs.base import (from_planes, gap_decode, gap_encode, pack_stream,
                                             to_planes, unpack_stream)
 from sparsestitch.core.dtypes import dtype, from_wide
@@ -102,6 +103,30 @@ def test_encode_positions_picks_the_smallest_codec_it_tries(case):
     assert len(payload) == smallest
     decoded = codecs.position_codec(config["codec"]).decode(payload, config, shape, count)
     np.testing.assert_array_equal(decoded, positions)
+
+
+@settings(max_examples=100, deadline=None)
+@given(position_sets(), st.data())
+def test_a_bitmap_built_block_by_block_encodes_as_the_listed_positions(case, data):
+    """compress's packed selections (a bitmap filled block by block, blocks of any size and
+    offset) write exactly what encode_positions writes for the same positions."""
+    positions, shape = case
+    n = numel(shape)
+    mask = np.zeros(n, bool)
+    mask[positions] = True
+    builder = BitmapBuilder(n)
+    at = 0
+    while at < n:
+        size = data.draw(st.integers(1, n - at), label="block")
+        block = mask[at:at + size]
+        builder.add(None if block.all() and data.draw(st.booleans()) else block, size)
+        at += size
+    packed = builder.finish()
+    assert builder.count == positions.size
+    np.testing.assert_array_equal(packed, np.packbits(mask, bitorder="little"))
+    held = codecs.PackedPositions(packed, builder.count)
+    np.testing.assert_array_equal(held.listed(n), positions)
+    assert codecs.encode_position_bitmap(held, shape) == codecs.encode_positions(positions, shape)
 
 
 @settings(max_examples=60, deadline=None)

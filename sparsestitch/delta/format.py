@@ -100,17 +100,21 @@ class Record:
         return out
 
 
-def encode_record(name: str, dt: DType, shape: tuple[int, ...], positions: np.ndarray | None,
+def encode_record(name: str, dt: DType, shape: tuple[int, ...],
+                  positions: np.ndarray | codecs.PackedPositions | None,
                   kept: np.ndarray, base_kept: np.ndarray | None, base_xxh3: str | None,
                   fidelity: dict | None = None, quantize: dict | None = None
                   ) -> tuple[Record, bytes]:
     """Encode one tensor's kept positions and fine-tuned bits into a record and its payload.
 
-    ``positions`` None means every element (no position array needed); ``base_kept`` (base
+    ``positions`` None means every element (no position array needed), a
+    :class:`~.codecs.PackedPositions` those its bitmap marks; ``base_kept`` (base
     bits at the kept positions) is None for a tensor the base lacks.
     """
     if positions is None:
         pos_payload, pos_config = b"", {"codec": "all"}
+    elif isinstance(positions, codecs.PackedPositions):
+        pos_payload, pos_config = codecs.encode_position_bitmap(positions, shape)
     else:
         pos_payload, pos_config = codecs.encode_positions(positions, shape)
     val_payload, val_config = codecs.encode_values(kept, base_kept, dt, quantize)

@@ -22,6 +22,7 @@ from ..core.dtypes import DType
 from ..core.dtypes import dtype as lookup_dtype
 from ..delta import codecs
 from ..delta.codecs.base import pack_stream
+from ..delta.codecs.bitmap import BitmapBuilder
 from ..delta.codecs.quant import QuantStream
 from ..delta.format import Record, digest
 from ..engine.walk import BaseHash
@@ -68,8 +69,7 @@ class StreamedRecord:
         self.name, self.dt, self.shape, self.energy = name, dt, shape, energy
         numel = int(np.prod(shape, dtype=np.int64))
         self.numel, self.expected = numel, option.kept or None  # None: not known before
-        self.packed: list[np.ndarray] = []     # the kept positions' bitmap, bytes so far
-        self.carry = np.empty(0, bool)         # bits not yet making a whole byte
+        self.bitmap = BitmapBuilder(numel)     # the kept positions
         self.values = QuantStream(dt, option.bits, group, self.expected)
         self.counts, self.kept_energy = np.zeros(BINS, np.int64), np.zeros(BINS, np.float64)
         self.kept = 0
@@ -85,13 +85,11 @@ class StreamedRecord:
         key_histogram(keys, self.counts, self.kept_energy)
         self.values.add(finetuned, base)
         self.kept += count
-        mask = np.ones(block.base.size, bool) if kept is None else np.zeros(block.base.size, bool)
+        mask = None
         if kept is not None:
+            mask = np.zeros(block.base.size, bool)
             mask[kept] = True
-        bits = np.concatenate([self.carry, mask])
-        whole = bits.size // 8 * 8
-        self.packed.append(np.packbits(bits[:whole], bitorder="little"))
-        self.carry = bits[whole:]
+        self.bitmap.add(mask, block.base.size)
 
     def finish(self, base_xxh3: str) -> Encoded:
         if self.expected is not None and self.kept != self.expected:  # a changed base?
@@ -99,9 +97,8 @@ class StreamedRecord:
         if self.kept == 0:  # nothing changed: the base's record, with its report
             return Record(self.name, self.dt.name, tuple(self.shape), "base", base_xxh3,
                           fidelity=fidelity_report(self.energy or 0.0, 0.0)), b""
-        self.packed.append(np.packbits(self.carry, bitorder="little"))
-        bitmap = np.concatenate(self.packed)
-        self.packed = []
+        bitmap = self.bitmap.finish()
+        self.bitmap = None
         if self.kept == self.numel:
             pos_payload, pos_config = b"", {"codec": "all"}
         elif self.kept >= BITMAP_FROM * self.numel:

@@ -26,6 +26,8 @@ from ..core.options import Range, number
 from ..core.patterns import as_patterns, matches, selected
 from ..core.progress import bar
 from ..core.sizes import numel
+from ..delta.codecs import PackedPositions
+from ..delta.codecs.bitmap import BitmapBuilder
 from ..delta.format import Record, encode_record
 from ..engine.readahead import in_order
 from ..engine.spool import ArraySpool
@@ -136,6 +138,43 @@ class SelectionParts:
         return selection
 
 
+class PackedParts:
+    """A decided :class:`Selection` gathered block by block into arrays of the tensor's size
+    (pages the kept values do not reach are never touched) and a bitmap of the kept positions:
+    about ``2 * itemsize + 1/8`` bytes per element at worst, where :class:`SelectionParts`
+    holds eight more per kept element (its int64 positions) and concatenates at the end."""
+
+    def __init__(self, numel: int, dt: DType):
+        self.bitmap = BitmapBuilder(numel)
+        self.finetuned, self.base = np.empty(numel, dt.bits), np.empty(numel, dt.bits)
+        self.count = 0
+
+    def add(self, block: TuneBlock, choice: Choice) -> None:
+        if choice.candidates is not None:
+            raise AssertionError("a packed selection takes decided choices only")
+        n, kept = block.base.size, choice.kept
+        if kept is None:
+            self.finetuned[self.count:self.count + n] = block.finetuned
+            self.base[self.count:self.count + n] = block.base
+            self.bitmap.add(None, n)
+            self.count += n
+            return
+        k = kept.size
+        np.take(block.finetuned, kept, out=self.finetuned[self.count:self.count + k])
+        np.take(block.base, kept, out=self.base[self.count:self.count + k])
+        mask = np.zeros(n, bool)
+        mask[kept] = True
+        self.bitmap.add(mask, n)
+        self.count += k
+
+    def finish(self, dt: DType) -> Selection:
+        packed = self.bitmap.finish()
+        end = self.count
+        if end == self.bitmap.numel:  # every element
+            return Selection(None, self.finetuned, self.base)
+        return Selection(PackedPositions(packed, end), self.finetuned[:end], self.base[:end])
+
+
 class TensorScanner:
     """Reads tensors of the base and the fine-tunes block by block, selects and encodes."""
 
@@ -183,18 +222,17 @@ class TensorScanner:
             else:  # an excluded float tensor stays at the base
                 yield block, Choice.nothing()
 
-    def select(self, name: str, selectors: Sequence[Selector]) -> tuple[str, list[Selection]]:
-        """Read one tensor block by block; each fine-tune's selector picks what to keep.
-
-        Returns the base tensor's checksum and each fine-tune's :class:`Selection`.
-        """
-        dt = lookup_dtype(self.base.entry(name).dtype)
-        exact = self.plan.stored_exactly(name, dt)
-        localized = name in self.plan.localized
-        parts = [SelectionParts() for _ in self.tunes]
+    def select(self, name: str, selectors: Sequence[Selector], packed: bool = False
+               ) -> tuple[str, list[Selection]]:
+        """The base tensor's checksum and each fine-tune's :class:`Selection` of tensor
+        ``name``, read block by block (``packed``: :class:`PackedParts`, for decided
+        selections that are only encoded)."""
+        entry = self.base.entry(name)
+        dt = lookup_dtype(entry.dtype)
+        exact, localized = self.plan.stored_exactly(name, dt), name in self.plan.localized
+        parts = [PackedParts(entry.numel, dt) if packed else SelectionParts() for _ in self.tunes]
         measured = [localized and not exact and s.measures_energy for s in selectors]
-        energy = [0.0] * len(self.tunes)
-        base_hash = BaseHash(name)
+        energy, base_hash = [0.0] * len(self.tunes), BaseHash(name)
         for block, choice in self.choices(name, selectors, base_hash):
             parts[block.tune].add(block, choice)
             if measured[block.tune]:
@@ -220,9 +258,8 @@ class TensorScanner:
         entry = self.base.entry(name)
         dt = lookup_dtype(entry.dtype)
         if selection.finetuned.size == 0:
-            report = None if selection.energy is None else fidelity_report(selection.energy, 0.0)
-            return Record(name, entry.dtype, entry.shape, "base", base_xxh3,
-                          fidelity=report), b""
+            return Record(name, entry.dtype, entry.shape, "base", base_xxh3, fidelity=None if
+                          selection.energy is None else fidelity_report(selection.energy, 0.0)), b""
         record, payload = encode_record(name, dt, entry.shape, selection.positions,
                                         selection.finetuned, selection.base, base_xxh3,
                                         quantize=quantize)
@@ -239,14 +276,15 @@ class TensorScanner:
                           one_at_a_time: bool = False) -> list[Encoded]:
         """Every fine-tune's record of tensor ``name``; ``one_at_a_time`` selects and encodes
         the fine-tunes in turn, reading the base once for each (one selection held at once)."""
+        packed = self.planner is None or name not in self.plan.localized
         if not one_at_a_time:
-            base_xxh3, selections = self.select(name, selectors)
+            base_xxh3, selections = self.select(name, selectors, packed)
             return [self.encode(name, base_xxh3, s, tune) for tune, s in enumerate(selections)]
         encoded = []
         for tune, selector in zip(self.tunes, selectors):
             alone = TensorScanner(self.base, [tune], self.plan, self.chunk_elements,
                                   self.quantize, self.planner)
-            base_xxh3, (selection,) = alone.select(name, [selector])
+            base_xxh3, (selection,) = alone.select(name, [selector], packed)
             encoded.append(self.encode(name, base_xxh3, selection, len(encoded)))
             del selection
         return encoded
@@ -254,8 +292,8 @@ class TensorScanner:
     def encode_added(self, tune: Checkpoint, name: str) -> Encoded:
         """A tensor the fine-tune has and the base lacks: stored whole."""
         entry = tune.entry(name)
-        bits = tune.read(name).reshape(-1)
-        return encode_record(name, lookup_dtype(entry.dtype), entry.shape, None, bits, None, None)
+        return encode_record(name, lookup_dtype(entry.dtype), entry.shape, None,
+                             tune.read(name).reshape(-1), None, None)
 
 
 def kept_energy(selection: Selection, dt: DType) -> float:

@@ -29,6 +29,7 @@ from ..checkpoint.guard import Inputs
 from ..core.dtypes import dtype as lookup_dtype
 from ..core.errors import OptionError
 from ..core.progress import bar
+from ..core.sizes import format_bytes
 from ..engine.budget import MemoryBudget
 from ..engine.fits import check_compatible
 from ..engine.readahead import DEFAULT_WORKERS, in_order, workers_for
@@ -155,8 +156,7 @@ def compress(base: str | os.PathLike, finetuned: str | os.PathLike | Sequence[st
     if len(out_paths) != len(finetuned_paths):
         raise OptionError(f"{len(finetuned_paths)} fine-tuned checkpoints but {len(out_paths)} outputs")
     inputs = Inputs()
-    base = inputs.add(base, "base")
-    finetuned_paths = inputs.add_all(finetuned_paths, "fine-tune")
+    base, finetuned_paths = inputs.add(base, "base"), inputs.add_all(finetuned_paths, "fine-tune")
     for path in out_paths:
         inputs.check_output(path, "output delta")
     keep = KeepOptions.of(density=density, scope=scope, bits=bits, group=group,
@@ -174,8 +174,9 @@ def compress(base: str | os.PathLike, finetuned: str | os.PathLike | Sequence[st
                 check_compatible(base_ckpt, tune, allow_crimes)
             plan = TensorPlan.of(base_ckpt, keep.include, keep.exclude, keep.dense)
             selectors = make_selectors(plan, density, keep.scope, mask_sets, len(tunes))
-            job = CompressJob(base_ckpt, tunes, plan, chunk_elements, progress, workers,
-                              quantize, planner, _budget(max_memory).total)
+            job = CompressJob(base_ckpt, tunes, plan, chunk_elements, progress, workers, quantize,
+                              planner, _exact_budget(max_memory, base_ckpt, plan, selectors,
+                                                     quantize).total)
             results = job.run(selectors, out_paths, overwrite,
                               fallback=lambda: make_selectors(plan, density, keep.scope, None,
                                                                len(tunes), exact=True))
@@ -295,10 +296,9 @@ class CompressJob:
                                               one_at_a_time=self._one_at_a_time(name))
 
     def _selected_bytes(self, name: str) -> int:
-        """One fine-tune's selection of tensor ``name`` at worst: every element kept (an int64
-        position and the fine-tuned and base bits), plus its encoded payload."""
+        """One fine-tune's selection of tensor ``name`` at worst: every element kept."""
         entry = self.base.entry(name)
-        return entry.numel * (8 + 3 * lookup_dtype(entry.dtype).itemsize)
+        return exact_bytes(entry.numel, lookup_dtype(entry.dtype).itemsize)
 
     def _one_at_a_time(self, name: str) -> bool:
         """Whether tensor ``name``'s fine-tunes are selected one after another (see
@@ -323,6 +323,41 @@ class CompressJob:
 #: What compress holds whatever the model: a block of every input being read (a million
 #: elements each), its ranking keys, and two runs of values being encoded.
 MIN_MEMORY = 32 << 20
+
+
+def exact_bytes(numel: int, itemsize: int) -> int:
+    """What selecting and encoding one fine-tune's tensor of ``numel`` elements holds when
+    every element is kept exactly: the kept fine-tuned and base bits and a bitmap of their
+    positions (:class:`~sparsestitch.localize.selection.PackedParts`), then the value
+    codec's raw stream and its compressed copy; below half the elements, int64 positions and
+    their gaps for the list codecs instead of the stream's share."""
+    return numel * (max(4 * itemsize, 8 + 2 * itemsize) + 1)
+
+
+def _exact_budget(max_memory: int | str | None, base: Checkpoint, plan: TensorPlan,
+                  selectors: Sequence[Selector], quantize: dict | None) -> MemoryBudget:
+    """compress's budget (:func:`_budget`), checked against the largest tensor stored exactly with every change (all
+    of them for a lossless delta; else the non-float and ``dense`` ones), which is selected
+    whole: an explicit ``max_memory`` below what it needs is refused naming it; the default
+    grows to it, saying so."""
+    budget = _budget(max_memory)
+    whole = quantize is None and all(s.method == "changed" for s in selectors)
+    largest, needed = None, 0
+    for name in plan.names:
+        entry = base.entry(name)
+        dt = lookup_dtype(entry.dtype)
+        if plan.stored_exactly(name, dt) or (whole and name in plan.localized):
+            held = MIN_MEMORY + exact_bytes(entry.numel, dt.itemsize)
+            if held > needed:
+                largest, needed = name, held
+    if needed <= budget.total:
+        return budget
+    what = f"storing tensor {largest!r} exactly"
+    if max_memory is not None:
+        budget.require(needed, what)
+    log.warning("%s needs %s, above the default max_memory of %s: using that", what,
+                format_bytes(needed), format_bytes(budget.total))
+    return MemoryBudget(needed)
 
 
 def _budget(max_memory: int | str | None) -> MemoryBudget:

@@ -8,10 +8,15 @@ entry here; files name codecs by ``codec_id``, which must never change.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from ...core.dtypes import DType
+from ...core import native
 from ...core.errors import DeltaFormatError
+from ...core.sizes import numel as count_elements
+from .base import LIST_BELOW
 from .bitmap import Bitmap
 from .csr import CSR
 from .full import AllPositions
@@ -28,6 +33,7 @@ POSITION_CODECS = (AllPositions(), RiceGaps(), CSR(), Bitmap(), Gaps())
 #: ties go to the earlier entry, so a newer codec wins only where it is strictly smaller.
 VALUE_CODECS = (TauValues(), XorValues(), RawValues(), QuantValues(), UlpValues())
 
+_BITMAP = Bitmap()
 _POSITIONS_BY_ID = {codec.codec_id: codec for codec in POSITION_CODECS}
 _QUANT = QuantValues()
 _VALUES_BY_ID = {codec.codec_id: codec for codec in VALUE_CODECS}
@@ -86,6 +92,43 @@ def encode_positions(positions: np.ndarray, shape: tuple[int, ...]) -> tuple[byt
         if not payload:
             break  # nothing beats zero bytes
     return best
+
+
+@dataclass(frozen=True)
+class PackedPositions:
+    """Kept positions held as a bitmap (a :class:`~.bitmap.BitmapBuilder`'s bytes): an
+    eighth of a byte per element instead of eight bytes per kept one."""
+
+    packed: np.ndarray
+    count: int
+
+    @property
+    def size(self) -> int:
+        return self.count
+
+    def listed(self, elements: int) -> np.ndarray:
+        """The positions, as int64 (no byte per element on the way where the C loops are)."""
+        kernels = native.kernels()
+        if kernels is not None:
+            positions = np.empty(self.count, np.int64)
+            if kernels.bitmap_positions(self.packed, positions) == self.count:
+                return positions
+        positions = np.flatnonzero(np.unpackbits(self.packed, count=elements, bitorder="little"))
+        return positions.astype(np.int64, copy=False)
+
+
+def encode_position_bitmap(positions: PackedPositions, shape: tuple[int, ...]
+                           ) -> tuple[bytes, dict]:
+    """What :func:`encode_positions` writes for these positions, listing them only where a
+    list codec is worth trying: every element is ``all``, and at half the elements or more
+    only the bitmap can win."""
+    elements = count_elements(shape)
+    if positions.count == elements:
+        return b"", {"codec": "all"}
+    if positions.count * LIST_BELOW >= elements:
+        payload, config = _BITMAP.encode_packed(positions.packed)
+        return payload, {"codec": _BITMAP.codec_id, **config}
+    return encode_positions(positions.listed(elements), shape)
 
 
 #: Above this many values, the value codec is chosen on an evenly strided sample.

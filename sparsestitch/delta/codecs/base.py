@@ -84,6 +84,11 @@ class ValueCodec(Protocol):
     def cursor(self, part, config: dict, dt, count: int, *totals): ...
 
 
+#: List position codecs (gaps, Rice, CSR) are worth trying only below this share of the
+#: elements (kept * LIST_BELOW < elements): at or above it a bitmap, a bit per element, is
+#: smaller than any list, whose entries take at least two bits.
+LIST_BELOW = 2
+
 #: zstd level for streams up to ZSTD_SMALL_LIMIT raw bytes, and for larger ones.
 ZSTD_LEVEL_SMALL = 6
 ZSTD_LEVEL_LARGE = 3

@@ -49,7 +49,11 @@ class Bitmap:
     def encode(self, positions: np.ndarray, shape: tuple[int, ...]) -> tuple[bytes, dict]:
         mask = np.zeros(count_elements(shape), dtype=np.uint8)
         mask[positions] = 1
-        return pack_stream(np.packbits(mask, bitorder="little"))
+        return self.encode_packed(np.packbits(mask, bitorder="little"))
+
+    def encode_packed(self, packed: np.ndarray) -> tuple[bytes, dict]:
+        """The payload of a bitmap already packed (:class:`BitmapBuilder`)."""
+        return pack_stream(packed)
 
     def decode(self, payload: bytes, config: dict, shape: tuple[int, ...], count: int) -> np.ndarray:
         numel = count_elements(shape)
@@ -141,6 +145,37 @@ def gather_marked(window: np.ndarray, first: int, block: np.ndarray, count: int)
     out = np.empty(count, block.dtype)
     kernels.bitmap_move(window, first, block, out, False)
     return out
+
+
+class BitmapBuilder:
+    """A tensor's bitmap (the codec's bit order) packed block by block as a selection pass
+    hands over each block's kept elements, without listing their positions."""
+
+    def __init__(self, numel: int):
+        self.numel = numel
+        self.packed = np.zeros((numel + 7) // 8, np.uint8)
+        self.at = 0      # elements so far
+        self.count = 0   # set bits so far
+
+    def add(self, mask: np.ndarray | None, n: int) -> None:
+        """The next ``n`` elements: ``mask`` (bool) marks the kept ones; None: all of them."""
+        if self.at + n > self.numel:
+            raise ValueError(f"{self.at + n} elements for a bitmap of {self.numel}")
+        lead = self.at % 8  # bits of the first byte that earlier blocks filled
+        if mask is None:
+            mask = np.ones(n, bool)
+        if lead:
+            mask = np.concatenate([np.zeros(lead, bool), mask])
+        bits = np.packbits(mask, bitorder="little")
+        first = self.at // 8
+        self.packed[first:first + bits.size] |= bits
+        self.count += int(np.count_nonzero(mask))
+        self.at += n
+
+    def finish(self) -> np.ndarray:
+        if self.at != self.numel:
+            raise ValueError(f"bitmap of {self.numel} elements given {self.at}")
+        return self.packed
 
 
 def put_marked(window: np.ndarray, first: int, block: np.ndarray, values: np.ndarray) -> None:

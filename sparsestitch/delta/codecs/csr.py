@@ -18,7 +18,8 @@ from ...core.errors import DeltaFormatError
 from ...core.sizes import numel as count_elements
 from ...core.sizes import row_items
 from . import rice
-from .base import config_int, from_planes, pack_stream, split_streams, to_planes, unpack_stream
+from .base import (LIST_BELOW, config_int, from_planes, pack_stream, split_streams, to_planes,
+                   unpack_stream)
 from .streams import Part, RawStream
 
 
@@ -28,7 +29,7 @@ class CSR:
 
     def worth_trying(self, positions: np.ndarray, shape: tuple[int, ...]) -> bool:
         """Where a bitmap is not certainly smaller and rows carry structure to use."""
-        return positions.size * 2 < count_elements(shape) and _rows_are_uneven(positions, shape)
+        return positions.size * LIST_BELOW < count_elements(shape) and _rows_are_uneven(positions, shape)
 
     def applies(self, shape: tuple[int, ...], count: int) -> bool:
         return len(shape) >= 2 and shape[0] < 1 << 32 and row_items(shape) < 1 << 32

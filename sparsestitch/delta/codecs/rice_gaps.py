@@ -13,7 +13,7 @@ import numpy as np
 
 from ...core.sizes import numel as count_elements
 from . import rice
-from .base import config_int, continue_gaps, gap_decode, gap_encode, split_streams
+from .base import LIST_BELOW, config_int, continue_gaps, gap_decode, gap_encode, split_streams
 from .streams import Part
 
 
@@ -23,7 +23,7 @@ class RiceGaps:
 
     def worth_trying(self, positions: np.ndarray, shape: tuple[int, ...]) -> bool:
         """Not where a bitmap is certainly smaller (at least two bits per position)."""
-        return positions.size * 2 < count_elements(shape)
+        return positions.size * LIST_BELOW < count_elements(shape)
 
     def applies(self, shape: tuple[int, ...], count: int) -> bool:
         return True
