@@ -162,8 +162,10 @@ class PackedParts:
         k = kept.size
         np.take(block.finetuned, kept, out=self.finetuned[self.count:self.count + k])
         np.take(block.base, kept, out=self.base[self.count:self.count + k])
-        mask = np.zeros(n, bool)
-        mask[kept] = True
+        mask = choice.mask
+        if mask is None:
+            mask = np.zeros(n, bool)
+            mask[kept] = True
         self.bitmap.add(mask, n)
         self.count += k
 

@@ -101,6 +101,7 @@ class Choice:
     kept: np.ndarray | None                  # kept for sure; None: every element
     candidates: np.ndarray | None = None     # decided by :meth:`Selector.resolve`
     candidate_keys: np.ndarray | None = None
+    mask: np.ndarray | None = None           # ``kept`` as a bool array, where the selector had it
 
     @classmethod
     def nothing(cls) -> "Choice":
@@ -182,7 +183,8 @@ class Selector:
 
 def changed_positions(block: TuneBlock) -> Choice:
     """Every element whose bits changed (non-float and exactly stored tensors)."""
-    return Choice(np.flatnonzero(block.finetuned != block.base))
+    changed = block.finetuned != block.base
+    return Choice(np.flatnonzero(changed), mask=changed)
 
 
 class GivenMasks(Selector):
@@ -232,7 +234,7 @@ class KeepAll(Selector):
 
     def choose(self, block: TuneBlock) -> Choice:
         changed = block.finetuned != block.base
-        return Choice(None) if changed.all() else Choice(np.flatnonzero(changed))
+        return Choice(None) if changed.all() else Choice(np.flatnonzero(changed), mask=changed)
 
 
 class _TopKSelector(Selector):
