@@ -596,3 +596,23 @@ def test_bitmap_move_refuses_a_wrong_count_or_range():
     with pytest.raises(TypeError):
         kernels.bitmap_move(window, 0, block, np.zeros(3, np.uint32), True)
     assert not block.any()
+
+
+@pytest.mark.parametrize("setting, expected", [("one", True), ("any", False)])
+def test_one_malloc_arena_is_asked_for_once_and_can_be_left_alone(setting, expected):
+    """glibc's malloc is told to use one arena (stitch and compress ask, before their threads
+    start), unless SPARSESTITCH_MALLOC_ARENAS=any; a fresh interpreter, as the setting is
+    process-wide."""
+    import platform
+    import subprocess
+    import sys
+
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("mallopt's M_ARENA_MAX is glibc's")
+    code = ("from sparsestitch.core import native\n"
+            "first = native.one_malloc_arena()\n"
+            "print(first, native.one_malloc_arena(), native.malloc_arena_limited())")
+    env = {**os.environ, "SPARSESTITCH_MALLOC_ARENAS": setting}
+    shown = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                           text=True, timeout=60, check=True).stdout.split()
+    assert shown == [str(expected)] * 3
