@@ -53,10 +53,10 @@ def one_malloc_arena() -> bool:
     threshold to the largest block freed), and each thread that allocates at once gets an
     arena of its own, which keeps what was freed into it for its own thread.  Stitching, the
     read-ahead threads decode records that the writing thread frees: with an arena each, a
-    stitch of four lossless deltas peaked 58% above its one-arena peak at the same speed
-    (bench/malloc_arenas.py); compress ran as fast or faster.  stitch and compress ask for
-    it; merge from fine-tunes does not (it ran 4-8% slower with one arena).  The setting is process-wide (this call is made once, by the
-    command), so the environment variable can leave it alone.
+    stitch of four lossless deltas peaked 60-100% above its one-arena peak at the same speed
+    (bench/malloc_arenas.py), and compress a little above it.  stitch and compress ask for
+    it; merge from fine-tunes, which held no more with an arena a thread, does not.  The
+    setting is process-wide (made once, by the command), so the variable can leave it alone.
     """
     global _arenas_limited
     if _arenas_limited or os.environ.get("SPARSESTITCH_MALLOC_ARENAS", "one") == "any":
