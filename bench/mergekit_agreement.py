@@ -66,6 +66,10 @@ CONFIGS = [
      {"density": 0.6, "gamma": 0.05}, True),
     ("dare_ties, density 0.5", "dare_ties", {}, {"density": 0.5}, False),
     ("dare_linear, density 0.5", "dare_linear", {}, {"density": 0.5}, False),
+    # a list: one value per model, in CONFIG_WEIGHTS' order
+    ("ties, density 0.2 / 0.5 / 0.8 per model", "ties", {}, {"density": [0.2, 0.5, 0.8]}, True),
+    ("breadcrumbs_ties, density 0.4 / 0.7 / 0.9, gamma 0.02 / 0.05 / 0.1", "breadcrumbs_ties", {},
+     {"density": [0.4, 0.7, 0.9], "gamma": [0.02, 0.05, 0.1]}, True),
 ]
 CONFIG_WEIGHTS = [1.0, 0.5, 2.0]
 
@@ -78,8 +82,10 @@ def config_rows(base: Path, tunes: list[Path]) -> list[dict]:
     for i, (label, method, top, per_model, exact) in enumerate(CONFIGS):
         config = {"merge_method": method, "base_model": str(base), "dtype": "float32",
                   "out_dtype": "bfloat16", "parameters": top,
-                  "models": [{"model": str(t), "parameters": {"weight": w, **per_model}}
-                             for t, w in zip(tunes, CONFIG_WEIGHTS)]}
+                  "models": [{"model": str(t), "parameters": {
+                      "weight": w, **{key: value[j] if isinstance(value, list) else value
+                                      for key, value in per_model.items()}}}
+                      for j, (t, w) in enumerate(zip(tunes, CONFIG_WEIGHTS))]}
         if method == "linear":  # mergekit's linear averages the models listed, no base
             del config["base_model"]
         path = CACHE / f"config-{i}.yml"

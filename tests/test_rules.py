@@ -176,8 +176,9 @@ def _mergekit_reference(rule, base_wide, masks, taus, weights, name, options) ->
     size, tdt = base_wide.size, torch.float64 if base_wide.dtype == np.float64 else torch.float32
     deltas = [torch.from_numpy(np.where(mask, tau, 0).astype(base_wide.dtype))
               for mask, tau in zip(masks, taus)]
-    density = options["density"]
     for i, delta in enumerate(deltas):
+        density, gamma = (value[i] if isinstance(value, (list, tuple)) else value
+                          for value in (options["density"], options["gamma"]))
         if density >= 1:
             continue
         keep = torch.zeros(size, dtype=tdt)
@@ -187,7 +188,7 @@ def _mergekit_reference(rule, base_wide, masks, taus, weights, name, options) ->
             rng = np.random.default_rng([options["seed"], i, zlib.crc32(name.encode())])
             keep[torch.from_numpy(rng.random(size) < density)] = 1
         else:
-            n_top = int(options["gamma"] * size)
+            n_top = int(gamma * size)
             n_bot = size - int(density * size) - n_top
             if n_bot < 0:
                 n_top, n_bot = n_top + n_bot, 0
@@ -253,6 +254,28 @@ def test_every_rule_matches_the_dense_reference(case):
     want = reference_merge(rule, dtype_name, base, masks, finetuned, weights, "layer.w", **options)
     got = sparse_merge(rule, dtype_name, base, masks, finetuned, weights, "layer.w", **options)
     assert np.array_equal(got, want)
+
+
+@settings(max_examples=60, deadline=None)
+@given(merge_cases(), st.data())
+def test_mergekit_rules_take_a_density_and_gamma_per_delta(case, data):
+    """mergekit's per-model parameters: each delta sparsified with its own density (and
+    gamma), against the dense reference; a list of the wrong length is refused by name."""
+    _, dtype_name, base, masks, finetuned, weights, _ = case
+    if not masks:
+        return
+    rule = data.draw(st.sampled_from(sorted(MERGEKIT_RULES)))
+    fractions = st.sampled_from([0.1, 0.3, 0.5, 0.9, 1.0])
+    options = {"density": data.draw(st.lists(fractions, min_size=len(masks),
+                                             max_size=len(masks)))}
+    if "breadcrumbs" in rule:
+        options["gamma"] = data.draw(st.lists(st.sampled_from([0.0, 0.05, 0.2]),
+                                              min_size=len(masks), max_size=len(masks)))
+    want = reference_merge(rule, dtype_name, base, masks, finetuned, weights, "layer.w", **options)
+    got = sparse_merge(rule, dtype_name, base, masks, finetuned, weights, "layer.w", **options)
+    assert np.array_equal(got, want)
+    with pytest.raises(OptionError, match=f"density gives {len(masks) + 1} values"):
+        rule_combiner(rule, None, len(masks), density=options["density"] + [0.5])
 
 
 @settings(max_examples=30, deadline=None)

@@ -28,7 +28,7 @@ import numpy as np
 
 from ..core import native
 from ..core.dtypes import DType, from_wide, to_wide
-from ..core.errors import TensorMismatchError
+from ..core.errors import OptionError, TensorMismatchError
 from ..core.options import weights as checked_weights
 from ..delta.format import DeltaReader, digest
 from ..engine.walk import Stored, put_stored
@@ -378,6 +378,12 @@ def rule_combiner(rule: str, weights: Sequence[float] | None, count: int,
     """
     merge_rule = get_rule(rule)
     resolved = merge_rule.check_options(options)
+    for key, value in resolved.items():  # one value per delta (see TiesMergekit)
+        if isinstance(value, tuple) and len(value) != count:
+            raise OptionError(f"{key} gives {len(value)} values (one per delta) for {count} "
+                              f"delta(s)", option=key)
+        if isinstance(value, tuple) and len(set(value)) == 1:
+            resolved[key] = value[0]  # the same for all: the recipe of the same merge
     return RuleCombiner(merge_rule, tuple(checked_weights(weights, count)), resolved)
 
 

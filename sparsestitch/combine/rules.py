@@ -342,6 +342,21 @@ class TiesMergekit(Ties):
     #: Whether signs are elected (mergekit's ``consensus_method: sum``).
     consensus: ClassVar[bool] = True
 
+    #: Options that may give one value per delta (mergekit's per-model parameters).
+    per_delta: ClassVar[tuple[str, ...]] = ("density", "gamma")
+
+    def check_options(self, options: dict) -> dict:
+        """As :meth:`MergeRule.check_options`, where ``density`` and ``gamma`` may also be a
+        list of one value per delta (each checked; a tuple then)."""
+        lists = {key: options[key] for key in self.per_delta
+                 if isinstance(options.get(key), (list, tuple))}
+        checked = super().check_options({k: v for k, v in options.items() if k not in lists})
+        for key, values in lists.items():
+            if not values:
+                raise OptionError(f"{key}: an empty list (one value per delta)", option=key)
+            checked[key] = tuple(number(key, value, *OPTION_LIMITS[key]) for value in values)
+        return checked
+
     def steps(self, name: str, options: dict) -> "MergekitSteps":
         """The steps of this rule with these (checked) options for tensor ``name``."""
         return MergekitSteps(self.sparsify, self.consensus, name=name, **options)
@@ -426,13 +441,19 @@ class MergekitSteps:
 
     sparsify: str | None
     consensus: bool
-    density: float = 1.0
-    gamma: float = 0.01
+    density: float | tuple[float, ...] = 1.0   # a tuple: one per delta
+    gamma: float | tuple[float, ...] = 0.01
     rescale: int = 0
     normalize: int = 1
     scale: float = 1.0
     seed: int = 0
     name: str = ""
+
+    def density_of(self, delta: int) -> float:
+        return self.density[delta] if isinstance(self.density, tuple) else self.density
+
+    def gamma_of(self, delta: int) -> float:
+        return self.gamma[delta] if isinstance(self.gamma, tuple) else self.gamma
 
 
 def mergekit_merge(positions: Sequence, taus: Sequence, weights: Sequence[float], size: int,
@@ -456,9 +477,10 @@ def mergekit_dense(deltas, weights: Sequence[float], steps: MergekitSteps):
     import torch
 
     device, wide = deltas.device, deltas.dtype
-    if steps.sparsify and steps.density < 1:
+    if steps.sparsify:
         for i in range(deltas.shape[0]):
-            deltas[i] = _mergekit_sparsified(deltas[i], i, steps)
+            if steps.density_of(i) < 1:  # mergekit's sparsify leaves it as it is
+                deltas[i] = _mergekit_sparsified(deltas[i], i, steps)
     weight = torch.tensor(list(weights), dtype=wide, device=device).unsqueeze(-1)
     weighted = deltas * weight
     if steps.consensus:  # mergekit.merge_methods.generalized_task_arithmetic.get_mask("sum")
@@ -484,16 +506,16 @@ def _mergekit_sparsified(tensor, index: int, steps: MergekitSteps):
     norm before where ``rescale`` (mergekit's ``rescaled_masked_tensor``)."""
     import torch
 
-    size = tensor.numel()
+    size, density = tensor.numel(), steps.density_of(index)
     mask = torch.zeros_like(tensor)
     if steps.sparsify == "magnitude":  # mergekit.sparsify.magnitude
-        ranked = torch.argsort(tensor.abs().float().cpu(), descending=True)[:int(steps.density * size)]
+        ranked = torch.argsort(tensor.abs().float().cpu(), descending=True)[:int(density * size)]
         mask[ranked.to(tensor.device)] = 1
     elif steps.sparsify == "random":
         rng = np.random.default_rng([steps.seed, index, zlib.crc32(steps.name.encode("utf-8"))])
-        mask[torch.from_numpy(rng.random(size) < steps.density).to(tensor.device)] = 1
+        mask[torch.from_numpy(rng.random(size) < density).to(tensor.device)] = 1
     else:  # mergekit.sparsify.magnitude_outliers
-        target, top = int(steps.density * size), int(steps.gamma * size)
+        target, top = int(density * size), int(steps.gamma_of(index) * size)
         bottom = size - target - top
         if bottom < 0:
             top, bottom = top + bottom, 0

@@ -12,7 +12,7 @@ every problem of the config in one error; nothing is ignored silently.
 ============================  ==============================================================
 ``task_arithmetic``           ``task-arithmetic``: weights per model, ``lambda`` the scale
 ``ties``                      ``ties-mergekit`` (mergekit's TIES, bit for bit with
-                              ``dtype: float32``): one ``density`` for every model
+                              ``dtype: float32``): each model's ``density``
 ``linear``                    ``task-arithmetic`` over the base: ``base + sum(w_i tau_i) /
                               sum(w_i)`` (mergekit averages the models themselves: the same
                               value, in another order of operations); without ``base_model``
@@ -26,9 +26,12 @@ every problem of the config in one error; nothing is ignored silently.
 ``breadcrumbs_ties``          ``breadcrumbs-ties-mergekit``: the same trimming, sign election
 ============================  ==============================================================
 
+Per-model ``density`` and ``gamma`` may differ: each model's task vector is sparsified with
+its own, as mergekit does.
+
 Refused, with the reason: the other methods (``della``, ``slerp``, ``passthrough``,
 ``model_stock``, ...), ``slices`` and layer ranges (frankenmerges), parameters given as
-gradient lists (per layer), per-model densities (or ``gamma``) that differ,
+gradient lists (per layer),
 ``normalize: false`` for ``linear``, ``rescale: true`` for ``ties``, an output dtype
 (``out_dtype``, else ``dtype``, as mergekit writes) other than the base's,
 ``tokenizer_source`` other than ``base``, LoRA adapters (``model+lora``).  ``dtype`` names
@@ -223,7 +226,7 @@ def _method(problems: list, method: str, top: dict, entries: list):
         if abs(total) >= 1e-8:
             weights = [w / total for w in weights]
     if method == "ties":
-        options["density"] = _one_value(problems, method, tunes, "density", 1.0)
+        options["density"] = _per_model(tunes, "density", 1.0)
     if top.get("lambda", 1.0) != 1.0:
         options["scale"] = top["lambda"]
     return finetuned, [float(w) for w in weights], METHODS[method], options
@@ -248,26 +251,24 @@ def _check_values(problems: list, rule: str, weights: list, options: dict) -> No
                          exc.requirement or str(exc)))
 
 
-def _one_value(problems: list, method: str, tunes: list, key: str, default: float) -> float:
-    """The one value of per-model parameter ``key`` (mergekit's default where not given); a
-    problem where the models' values differ (the rule takes one for all)."""
-    values = sorted({parameters.get(key, default) for _, _, parameters in tunes} - {None})
-    if len(values) > 1:
-        problems.append(("models", f"{method}: the models' {key} values differ "
-                                   f"({', '.join(f'{d:g}' for d in values)}); sparsestitch's "
-                                   f"rule takes one {key} for all"))
-    return values[0] if values else default
+def _per_model(tunes: list, key: str, default: float) -> float | list[float]:
+    """Per-model parameter ``key`` (mergekit's default where a model does not give it): one
+    value where every model has the same, else the list in the models' order (the rule
+    sparsifies each delta with its own, as mergekit does)."""
+    values = [parameters.get(key, default) for _, _, parameters in tunes]
+    values = [default if value is None else value for value in values]  # unusable: reported
+    return values[0] if len(set(values)) <= 1 and values else (values or default)
 
 
 def _generalized(problems: list, method: str, top: dict, tunes: list) -> dict:
     """The options of a dare / breadcrumbs rule: mergekit's parameters as they are (the
     rule normalizes, rescales and scales as mergekit does)."""
     normalize, rescale = GENERALIZED[method]
-    options = {"density": _one_value(problems, method, tunes, "density", 1.0),
+    options = {"density": _per_model(tunes, "density", 1.0),
                "normalize": 1 if top.get("normalize", normalize) else 0,
                "rescale": 1 if top.get("rescale", rescale) else 0}
     if method.startswith("breadcrumbs"):
-        options["gamma"] = _one_value(problems, method, tunes, "gamma", 0.01)
+        options["gamma"] = _per_model(tunes, "gamma", 0.01)
     if top.get("lambda", 1.0) != 1.0:
         options["scale"] = top["lambda"]
     return options
