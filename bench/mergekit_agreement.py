@@ -70,6 +70,10 @@ CONFIGS = [
     ("ties, density 0.2 / 0.5 / 0.8 per model", "ties", {}, {"density": [0.2, 0.5, 0.8]}, True),
     ("breadcrumbs_ties, density 0.4 / 0.7 / 0.9, gamma 0.02 / 0.05 / 0.1", "breadcrumbs_ties", {},
      {"density": [0.4, 0.7, 0.9], "gamma": [0.02, 0.05, 0.1]}, True),
+    # gradients over the layers: at the top for every model, and one model's own
+    ("ties, density gradient [0.2, 0.9]", "ties", {"density": [0.2, 0.9]}, {}, True),
+    ("breadcrumbs, density [0.3, 0.6, 0.95] for model 1", "breadcrumbs", {},
+     {"density": [[0.3, 0.6, 0.95], 0.5, 0.7], "gamma": 0.02}, True),
 ]
 CONFIG_WEIGHTS = [1.0, 0.5, 2.0]
 

@@ -205,6 +205,43 @@ def test_each_model_is_sparsified_with_its_own_density(models, tmp_path, method,
         same(got, one)
 
 
+def test_density_gradients_spread_over_the_layers_as_in_mergekit(models, tmp_path):
+    """A gradient of density (a list of values) per model and at the top: each tensor of
+    layer i takes the value at i / (layers - 1), the others the first (mergekit's planner);
+    the same model as the equivalent call, which differs from the gradient's first value
+    alone."""
+    from sparsestitch.combine.rules import gradient_at, layer_fraction
+
+    config = write(models, """
+        merge_method: breadcrumbs_ties
+        base_model: models/base
+        parameters: {density: [0.2, 0.9]}
+        models:
+          - {model: models/ft1, parameters: {weight: 1, gamma: [0.0, 0.1, 0.05]}}
+          - {model: models/ft2, parameters: {weight: 0.5, density: [0.6, 0.3]}}
+        """)
+    parsed = load(config)
+    assert parsed.parameters["layers"] == 1   # the test model's one layer, layer.0.*
+    assert parsed.parameters["density"] == [[0.2, 0.9], [0.6, 0.3]]
+    assert parsed.parameters["gamma"] == [[0.0, 0.1, 0.05], 0.01]
+    # a single layer sits at 1 (mergekit's planner), the embedding outside the layers at 0
+    assert gradient_at((0.2, 0.9), layer_fraction("layer.0.mlp.weight", 1)) == 0.9
+    assert gradient_at((0.2, 0.9), layer_fraction("embed.weight", 1)) == 0.2
+    assert layer_fraction("model.layers.3.self_attn.q_proj.weight", 7) == 0.5
+    got = run_config(config, tmp_path / "from-config")
+    want = sparsestitch.merge(models / "models" / "base",
+                              [models / "models" / "ft1", models / "models" / "ft2"],
+                              tmp_path / "from-call", rule="breadcrumbs-ties-mergekit",
+                              weights=[1.0, 0.5], **parsed.parameters)
+    same(got, want)
+    flat = sparsestitch.merge(models / "models" / "base",
+                              [models / "models" / "ft1", models / "models" / "ft2"],
+                              tmp_path / "flat", rule="breadcrumbs-ties-mergekit",
+                              weights=[1.0, 0.5], density=[0.2, 0.6], gamma=[0.0, 0.01])
+    with pytest.raises(AssertionError):
+        same(got, flat)
+
+
 def test_every_problem_is_named_in_one_error(models):
     config = write(models, """
         merge_method: slerp

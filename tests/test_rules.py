@@ -278,6 +278,33 @@ def test_mergekit_rules_take_a_density_and_gamma_per_delta(case, data):
         rule_combiner(rule, None, len(masks), density=options["density"] + [0.5])
 
 
+@pytest.mark.parametrize("name, layers, want", [
+    ("model.layers.2.mlp.w", 5, 0.5),      # layer 2 of 5: t = 0.5, halfway from 0.1 to 0.9
+    ("model.layers.4.mlp.w", 5, 0.9),      # the last layer: the last value
+    ("model.embed_tokens.weight", 5, 0.1),  # outside the layers: the first value
+    ("transformer.h.0.attn.w", 1, 0.9),    # a single layer sits at 1
+])
+def test_a_density_gradient_takes_its_value_at_the_tensors_layer(name, layers, want):
+    """mergekit's gradients (``density: [0.1, 0.9]``): the value at the tensor's place among
+    the layers; the merge equals the one with that value given alone."""
+    rng = np.random.default_rng(5)
+    base = random_bits(rng, "F32", 40)
+    finetuned = [random_bits(rng, "F32", 40, near=base) for _ in range(2)]
+    masks = random_masks(rng, 2, 40)
+    for rule in ("ties-mergekit", "breadcrumbs-mergekit"):
+        got = sparse_merge(rule, "F32", base, masks, finetuned, [1.0, 0.5], name,
+                           density=[[0.1, 0.9], 0.3], layers=layers)
+        alone = sparse_merge(rule, "F32", base, masks, finetuned, [1.0, 0.5], name,
+                             density=[want, 0.3])
+        assert np.array_equal(got, alone), rule
+        same = sparse_merge(rule, "F32", base, masks, finetuned, [1.0, 0.5], name,
+                            density=[[0.1, 0.9], [0.1, 0.9]], layers=layers)
+        assert np.array_equal(same, sparse_merge(rule, "F32", base, masks, finetuned,
+                                                 [1.0, 0.5], name, density=want))
+    with pytest.raises(OptionError, match="needs layers"):
+        rule_combiner("ties-mergekit", None, 2, density=[[0.1, 0.9], 0.3])
+
+
 @settings(max_examples=30, deadline=None)
 @given(merge_cases(dtypes=("I64", "I32", "U8", "BOOL")))
 def test_non_float_tensors_take_the_stored_bits(case):

@@ -382,8 +382,8 @@ def rule_combiner(rule: str, weights: Sequence[float] | None, count: int,
         if isinstance(value, tuple) and len(value) != count:
             raise OptionError(f"{key} gives {len(value)} values (one per delta) for {count} "
                               f"delta(s)", option=key)
-        if isinstance(value, tuple) and len(set(value)) == 1:
-            resolved[key] = value[0]  # the same for all: the recipe of the same merge
+        if isinstance(value, tuple) and len(set(value)) == 1 and not isinstance(value[0], tuple):
+            resolved[key] = value[0]  # the same number for all: the recipe of the same merge
     return RuleCombiner(merge_rule, tuple(checked_weights(weights, count)), resolved)
 
 

@@ -26,6 +26,7 @@ Adding a rule is one class here and one entry in :data:`RULES`.
 
 from __future__ import annotations
 
+import re
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -49,6 +50,8 @@ OPTION_LIMITS: dict[str, tuple[Range, str]] = {
     "gamma": (FRACTION, "the share of largest magnitudes dropped as outliers"),
     "rescale": (Range(0, 1, whole=True), "1 to rescale the kept values to the task vector's "
                                          "L1 norm (mergekit's rescale), 0 not to"),
+    "layers": (Range(1, whole=True), "the base's number of layers, which places a gradient's "
+                                     "values on them"),
 }
 
 
@@ -347,14 +350,24 @@ class TiesMergekit(Ties):
 
     def check_options(self, options: dict) -> dict:
         """As :meth:`MergeRule.check_options`, where ``density`` and ``gamma`` may also be a
-        list of one value per delta (each checked; a tuple then)."""
+        list of one value per delta (a tuple then), each value a number or a *gradient*: a
+        list of numbers spread over the base's layers as mergekit spreads them
+        (:func:`gradient_at`), which needs ``layers``, the base's number of layers."""
         lists = {key: options[key] for key in self.per_delta
                  if isinstance(options.get(key), (list, tuple))}
-        checked = super().check_options({k: v for k, v in options.items() if k not in lists})
+        layers = options.get("layers")
+        rest = {k: v for k, v in options.items() if k not in lists and k != "layers"}
+        checked = super().check_options(rest)
         for key, values in lists.items():
             if not values:
                 raise OptionError(f"{key}: an empty list (one value per delta)", option=key)
-            checked[key] = tuple(number(key, value, *OPTION_LIMITS[key]) for value in values)
+            checked[key] = tuple(_value_or_gradient(key, value) for value in values)
+        gradients = any(isinstance(v, tuple) for key in lists for v in checked[key])
+        if gradients and layers is None:
+            raise OptionError("a gradient (a list of values over the layers) needs layers, the "
+                              "base's number of layers", option="layers")
+        if layers is not None:
+            checked["layers"] = number("layers", layers, *OPTION_LIMITS["layers"])
         return checked
 
     def steps(self, name: str, options: dict) -> "MergekitSteps":
@@ -449,11 +462,61 @@ class MergekitSteps:
     seed: int = 0
     name: str = ""
 
+    layers: int = 0   # the base's number of layers, for gradients
+
     def density_of(self, delta: int) -> float:
-        return self.density[delta] if isinstance(self.density, tuple) else self.density
+        return self._value(self.density, delta)
 
     def gamma_of(self, delta: int) -> float:
-        return self.gamma[delta] if isinstance(self.gamma, tuple) else self.gamma
+        return self._value(self.gamma, delta)
+
+    def _value(self, value, delta: int) -> float:
+        if isinstance(value, tuple):
+            value = value[delta]
+        return gradient_at(value, layer_fraction(self.name, self.layers)) \
+            if isinstance(value, tuple) else value
+
+
+#: A layer's index in a tensor name (``model.layers.7.``, ``transformer.h.7.``, ...).
+LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks)\.(\d+)\.")
+
+
+def layer_fraction(name: str, layers: int) -> float:
+    """Where tensor ``name`` sits among ``layers`` layers, as mergekit's planner places it for
+    a gradient: layer ``i`` at ``i / (layers - 1)`` (1 for a single layer), every tensor
+    outside the layers (embeddings, final norm, head) at 0.
+
+    >>> layer_fraction("model.layers.3.mlp.up_proj.weight", 7), layer_fraction("lm_head.weight", 7)
+    (0.5, 0.0)
+    """
+    found = LAYER_INDEX.search(name)
+    if found is None or layers < 1:
+        return 0.0
+    return int(found.group(1)) / (layers - 1) if layers > 1 else 1.0
+
+
+def gradient_at(anchors: Sequence[float], t: float) -> float:
+    """A gradient's value at ``t`` in [0, 1], in mergekit's arithmetic (its
+    ``evaluate_setting``): the anchors spread evenly from 0 to 1, linear in between.
+
+    >>> gradient_at((0.1, 0.5, 0.9), 0.25), gradient_at((0.1, 0.5, 0.9), 1.0)
+    (0.3, 0.9)
+    """
+    scaled = t * (len(anchors) - 1)
+    low = int(scaled)
+    high = min(len(anchors) - 1, low + 1)
+    frac = scaled - low
+    return (1 - frac) * anchors[low] + frac * anchors[high]
+
+
+def _value_or_gradient(key: str, value) -> float | tuple[float, ...]:
+    """One delta's value of option ``key``: a number, or a gradient (a non-empty list of them),
+    each checked against :data:`OPTION_LIMITS`."""
+    if isinstance(value, (list, tuple)):
+        if not value:
+            raise OptionError(f"{key}: an empty gradient", option=key)
+        return tuple(number(key, v, *OPTION_LIMITS[key]) for v in value)
+    return number(key, value, *OPTION_LIMITS[key])
 
 
 def mergekit_merge(positions: Sequence, taus: Sequence, weights: Sequence[float], size: int,

@@ -26,12 +26,14 @@ every problem of the config in one error; nothing is ignored silently.
 ``breadcrumbs_ties``          ``breadcrumbs-ties-mergekit``: the same trimming, sign election
 ============================  ==============================================================
 
-Per-model ``density`` and ``gamma`` may differ: each model's task vector is sparsified with
-its own, as mergekit does.
+Per-model ``density`` and ``gamma`` may differ, and each may be a gradient (``density:
+[0.1, 0.5]``: values spread over the base's layers as mergekit's planner spreads them, the
+tensors outside the layers taking the first): each model's task vector is sparsified with its
+own, as mergekit does.
 
 Refused, with the reason: the other methods (``della``, ``slerp``, ``passthrough``,
-``model_stock``, ...), ``slices`` and layer ranges (frankenmerges), parameters given as
-gradient lists (per layer),
+``model_stock``, ...), ``slices`` and layer ranges (frankenmerges), gradients of ``weight``,
+per-tensor filters,
 ``normalize: false`` for ``linear``, ``rescale: true`` for ``ties``, an output dtype
 (``out_dtype``, else ``dtype``, as mergekit writes) other than the base's,
 ``tokenizer_source`` other than ``base``, LoRA adapters (``model+lora``).  ``dtype`` names
@@ -46,7 +48,7 @@ import logging
 from pathlib import Path
 
 from ..checkpoint.hub import parse_hub_id
-from ..core.errors import ConfigError
+from ..core.errors import ConfigError, SparsestitchError
 from ..core.options import short_repr
 
 log = logging.getLogger("sparsestitch")
@@ -88,6 +90,8 @@ PARAMETERS = {"task_arithmetic": {"weight", "density", "lambda", "normalize", "r
                               "int8_mask"},
               "breadcrumbs_ties": {"weight", "density", "gamma", "lambda", "rescale",
                                    "normalize", "int8_mask"}}
+#: Parameters that may be a gradient (a list of values spread over the layers).
+GRADIENTS = {"density", "gamma"}
 FLOAT_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64"}
 
 
@@ -156,7 +160,7 @@ def translate(path: Path, data: dict, cwd: Path | None = None):
     finetuned, weights, rule, options = [], [], "task-arithmetic", {}
     if method in METHODS:
         finetuned, weights, rule, options = _method(problems, method, top, entries)
-        if weights:
+        if _layers(problems, base, options) and weights:
             _check_values(problems, rule, weights, options)
     _dtypes(problems, data)
     if problems:
@@ -235,7 +239,8 @@ def _method(problems: list, method: str, top: dict, entries: list):
 #: Where a rule option comes from in a mergekit config.
 OPTION_KEYS = {"density": "models[].parameters.density", "gamma": "models[].parameters.gamma",
                "scale": "parameters.lambda", "normalize": "parameters.normalize",
-               "rescale": "parameters.rescale", "drop": "models[].parameters.density"}
+               "rescale": "parameters.rescale", "drop": "models[].parameters.density",
+               "layers": "base_model"}
 
 
 def _check_values(problems: list, rule: str, weights: list, options: dict) -> None:
@@ -251,13 +256,42 @@ def _check_values(problems: list, rule: str, weights: list, options: dict) -> No
                          exc.requirement or str(exc)))
 
 
-def _per_model(tunes: list, key: str, default: float) -> float | list[float]:
-    """Per-model parameter ``key`` (mergekit's default where a model does not give it): one
-    value where every model has the same, else the list in the models' order (the rule
-    sparsifies each delta with its own, as mergekit does)."""
+def _per_model(tunes: list, key: str, default: float) -> float | list:
+    """Per-model parameter ``key`` (mergekit's default where a model does not give it; a
+    gradient is a list): one value where every model has the same, else the list in the
+    models' order (the rule sparsifies each delta with its own, as mergekit does)."""
     values = [parameters.get(key, default) for _, _, parameters in tunes]
     values = [default if value is None else value for value in values]  # unusable: reported
-    return values[0] if len(set(values)) <= 1 and values else (values or default)
+    if not values:
+        return default
+    same = all(value == values[0] for value in values)
+    return values[0] if same and not isinstance(values[0], list) else values
+
+
+def _layers(problems: list, base: str | None, options: dict) -> bool:
+    """``options["layers"]``, the base's number of layers, where a gradient needs it; False
+    (and a problem) where they could not be counted."""
+    if not any(isinstance(v, list) and any(isinstance(x, list) for x in v)
+               for v in options.values()):
+        return True
+    if base is None:
+        return False  # the missing base is the problem already named
+    from ..checkpoint import Checkpoint
+    from ..combine.rules import LAYER_INDEX
+
+    try:
+        with Checkpoint(base) as ckpt:
+            found = [int(m.group(1)) for n in ckpt.names if (m := LAYER_INDEX.search(n))]
+    except (OSError, ValueError, SparsestitchError) as exc:
+        problems.append(("base_model", f"a gradient is placed on the base's layers, counted "
+                                       f"from its tensor names, which could not be read: {exc}"))
+        return False
+    if not found:
+        problems.append(("models", "a gradient needs layers, and no tensor name of the base has "
+                                   "a layer index (layers.N, h.N, layer.N, blocks.N)"))
+        return False
+    options["layers"] = max(found) + 1
+    return True
 
 
 def _generalized(problems: list, method: str, top: dict, tunes: list) -> dict:
@@ -285,10 +319,15 @@ def _parameters(problems: list, where: str, value, known: set) -> dict:
     out = {}
     for key, item in value.items():
         name = f"{where}.{key}"
-        if isinstance(item, (list, dict)):
-            problems.append((name, ("a gradient (one value per layer range)" if
+        if isinstance(item, list) and key in GRADIENTS and key in known and item and \
+                all(type(v) in (int, float) and v == v and abs(v) != float("inf") for v in item):
+            out[key] = [float(v) for v in item]  # a gradient over the layers
+        elif isinstance(item, (list, dict)):
+            problems.append((name, (f"a gradient of {key} over the layers" if
                                     isinstance(item, list) else "a per-tensor filter")
-                             + ": sparsestitch takes one value for the whole model"))
+                             + ": sparsestitch takes " + (
+                                 "gradients of density and gamma (lists of numbers) only"
+                                 if isinstance(item, list) else "one value for every tensor")))
             out[key] = None   # given, but not usable: no "required" problem on top
         elif key not in known:
             problems.append((name, f"not a parameter sparsestitch reads for this merge_method "
