@@ -74,6 +74,8 @@ CONFIGS = [
     ("ties, density gradient [0.2, 0.9]", "ties", {"density": [0.2, 0.9]}, {}, True),
     ("breadcrumbs, density [0.3, 0.6, 0.95] for model 1", "breadcrumbs", {},
      {"density": [[0.3, 0.6, 0.95], 0.5, 0.7], "gamma": 0.02}, True),
+    ("ties, weight [0.2, 1.0] and [1.5, 0.5, 1.0] for models 1 and 3", "ties", {},
+     {"weight": [[0.2, 1.0], 0.5, [1.5, 0.5, 1.0]], "density": 0.4}, True),
 ]
 CONFIG_WEIGHTS = [1.0, 0.5, 2.0]
 

@@ -242,6 +242,43 @@ def test_density_gradients_spread_over_the_layers_as_in_mergekit(models, tmp_pat
         same(got, flat)
 
 
+def test_weight_gradients_run_with_ties_and_are_refused_for_task_arithmetic(models, tmp_path):
+    """mergekit's ties.yml style: a model's weight as a gradient over the layers (the rule's
+    layer_weights; the weights are then all 1), the same model as the equivalent call;
+    task_arithmetic, which takes one weight per model, refuses it by name."""
+    text = """
+        merge_method: {method}
+        base_model: models/base
+        models:
+          - {{model: models/ft1, parameters: {{weight: [0.2, 1.0], density: 0.5}}}}
+          - {{model: models/ft2, parameters: {{weight: 0.5, density: 0.5}}}}
+        """
+    parsed = load(write(models, text.format(method="ties")))
+    assert parsed.weights == [1.0, 1.0]
+    assert parsed.parameters["layer_weights"] == [[0.2, 1.0], 0.5]
+    got = run_config(write(models, text.format(method="ties")), tmp_path / "from-config")
+    want = sparsestitch.merge(models / "models" / "base",
+                              [models / "models" / "ft1", models / "models" / "ft2"],
+                              tmp_path / "from-call", rule="ties-mergekit", **parsed.parameters)
+    same(got, want)
+    # the one layer sits at 1 (weight 1.0), the embedding outside the layers at 0 (0.2)
+    layered = sparsestitch.merge(models / "models" / "base",
+                                 [models / "models" / "ft1", models / "models" / "ft2"],
+                                 tmp_path / "weights", rule="ties-mergekit", weights=[1.0, 0.5],
+                                 density=0.5)
+    got_layer, want_layer = load_file(next((tmp_path / "weights").glob("*.safetensors"))), got
+    assert torch.equal(got_layer["layer.0.mlp.weight"], want_layer["layer.0.mlp.weight"])
+    assert not torch.equal(got_layer["embed.weight"], want_layer["embed.weight"])
+    with pytest.raises(sparsestitch.OptionError, match="leave weights out"):
+        sparsestitch.merge(models / "models" / "base",
+                           [models / "models" / "ft1", models / "models" / "ft2"],
+                           tmp_path / "both", rule="ties-mergekit", weights=[2.0, 1.0],
+                           **parsed.parameters)
+    with pytest.raises(ConfigError, match="gradients of weight run with ties"):
+        load(write(models, text.replace(", density: 0.5", "").format(
+            method="task_arithmetic")))
+
+
 def test_every_problem_is_named_in_one_error(models):
     config = write(models, """
         merge_method: slerp

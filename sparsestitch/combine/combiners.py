@@ -384,7 +384,11 @@ def rule_combiner(rule: str, weights: Sequence[float] | None, count: int,
                               f"delta(s)", option=key)
         if isinstance(value, tuple) and len(set(value)) == 1 and not isinstance(value[0], tuple):
             resolved[key] = value[0]  # the same number for all: the recipe of the same merge
-    return RuleCombiner(merge_rule, tuple(checked_weights(weights, count)), resolved)
+    checked = tuple(checked_weights(weights, count))
+    if "layer_weights" in resolved and any(w != 1.0 for w in checked):
+        raise OptionError("layer_weights gives each delta's weight: leave weights out",
+                          option="layer_weights")
+    return RuleCombiner(merge_rule, checked, resolved)
 
 
 def delta_identity(reader: DeltaReader) -> str:

@@ -52,6 +52,8 @@ OPTION_LIMITS: dict[str, tuple[Range, str]] = {
                                          "L1 norm (mergekit's rescale), 0 not to"),
     "layers": (Range(1, whole=True), "the base's number of layers, which places a gradient's "
                                      "values on them"),
+    "layer_weights": (FINITE, "each delta's weight, a number or a gradient over the layers "
+                              "(mergekit's weight gradients), in place of the weights"),
 }
 
 
@@ -346,7 +348,7 @@ class TiesMergekit(Ties):
     consensus: ClassVar[bool] = True
 
     #: Options that may give one value per delta (mergekit's per-model parameters).
-    per_delta: ClassVar[tuple[str, ...]] = ("density", "gamma")
+    per_delta: ClassVar[tuple[str, ...]] = ("density", "gamma", "layer_weights")
 
     def check_options(self, options: dict) -> dict:
         """As :meth:`MergeRule.check_options`, where ``density`` and ``gamma`` may also be a
@@ -463,6 +465,13 @@ class MergekitSteps:
     name: str = ""
 
     layers: int = 0   # the base's number of layers, for gradients
+    layer_weights: tuple | None = None   # per delta, in place of the weights
+
+    def weights_at(self, weights: Sequence[float]) -> Sequence[float]:
+        """The weights of this tensor: ``layer_weights`` at its layer where given."""
+        if self.layer_weights is None:
+            return weights
+        return [self._value(self.layer_weights, i) for i in range(len(weights))]
 
     def density_of(self, delta: int) -> float:
         return self._value(self.density, delta)
@@ -540,6 +549,7 @@ def mergekit_dense(deltas, weights: Sequence[float], steps: MergekitSteps):
     import torch
 
     device, wide = deltas.device, deltas.dtype
+    weights = steps.weights_at(weights)
     if steps.sparsify:
         for i in range(deltas.shape[0]):
             if steps.density_of(i) < 1:  # mergekit's sparsify leaves it as it is

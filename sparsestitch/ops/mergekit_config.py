@@ -26,14 +26,14 @@ every problem of the config in one error; nothing is ignored silently.
 ``breadcrumbs_ties``          ``breadcrumbs-ties-mergekit``: the same trimming, sign election
 ============================  ==============================================================
 
-Per-model ``density`` and ``gamma`` may differ, and each may be a gradient (``density:
-[0.1, 0.5]``: values spread over the base's layers as mergekit's planner spreads them, the
-tensors outside the layers taking the first): each model's task vector is sparsified with its
-own, as mergekit does.
+Per-model ``density``, ``gamma`` and (but for ``linear`` and ``task_arithmetic``) ``weight``
+may differ, and each may be a gradient (``density: [0.1, 0.5]``: values spread over the
+base's layers as mergekit's planner spreads them, the tensors outside the layers taking the
+first): each model's task vector is sparsified and weighted with its own, as mergekit does.
 
 Refused, with the reason: the other methods (``della``, ``slerp``, ``passthrough``,
-``model_stock``, ...), ``slices`` and layer ranges (frankenmerges), gradients of ``weight``,
-per-tensor filters,
+``model_stock``, ...), ``slices`` and layer ranges (frankenmerges), gradients of ``weight``
+for ``linear`` and ``task_arithmetic`` (the other methods take them), per-tensor filters,
 ``normalize: false`` for ``linear``, ``rescale: true`` for ``ties``, an output dtype
 (``out_dtype``, else ``dtype``, as mergekit writes) other than the base's,
 ``tokenizer_source`` other than ``base``, LoRA adapters (``model+lora``).  ``dtype`` names
@@ -91,7 +91,7 @@ PARAMETERS = {"task_arithmetic": {"weight", "density", "lambda", "normalize", "r
               "breadcrumbs_ties": {"weight", "density", "gamma", "lambda", "rescale",
                                    "normalize", "int8_mask"}}
 #: Parameters that may be a gradient (a list of values spread over the layers).
-GRADIENTS = {"density", "gamma"}
+GRADIENTS = {"density", "gamma", "weight"}
 FLOAT_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64"}
 
 
@@ -198,8 +198,17 @@ def _method(problems: list, method: str, top: dict, entries: list):
              if not is_base]
     finetuned = [model for _, model, _ in tunes]
     weights = [weight_of.get(where, 1.0) for where, _, _ in tunes]
-    normalize = top.get("normalize", method in ("ties", "linear"))
     options: dict = {}
+    if any(isinstance(w, list) for w in list(weight_of.values())):
+        if method in ("ties", *GENERALIZED):  # the rule takes each delta's weight gradient
+            options["layer_weights"], weights = weights, [1.0] * len(weights)
+        else:
+            problems.append(("models", f"{method}: gradients of weight run with ties, dare_* and "
+                                       "breadcrumbs* (sparsestitch's task arithmetic takes one "
+                                       "weight per model)"))
+            weight_of = {k: 1.0 if isinstance(w, list) else w for k, w in weight_of.items()}
+            weights = [1.0 if isinstance(w, list) else w for w in weights]
+    normalize = top.get("normalize", method in ("ties", "linear"))
     if method == "linear":
         if not normalize:
             problems.append(("parameters.normalize", "linear without normalizing is a sum of "
@@ -215,7 +224,7 @@ def _method(problems: list, method: str, top: dict, entries: list):
         return finetuned, weights, "task-arithmetic", options
     if method in GENERALIZED:
         return finetuned, [float(w) for w in weights], METHODS[method], \
-            _generalized(problems, method, top, tunes)
+            {**options, **_generalized(problems, method, top, tunes)}
     if method == "task_arithmetic" and any(p.get("density", 1.0) not in (1.0, None)
                                            for _, _, p in tunes):
         problems.append(("models", "task_arithmetic does not sparsify: a density has no effect "
@@ -238,6 +247,7 @@ def _method(problems: list, method: str, top: dict, entries: list):
 
 #: Where a rule option comes from in a mergekit config.
 OPTION_KEYS = {"density": "models[].parameters.density", "gamma": "models[].parameters.gamma",
+               "layer_weights": "models[].parameters.weight",
                "scale": "parameters.lambda", "normalize": "parameters.normalize",
                "rescale": "parameters.rescale", "drop": "models[].parameters.density",
                "layers": "base_model"}
@@ -323,11 +333,12 @@ def _parameters(problems: list, where: str, value, known: set) -> dict:
                 all(type(v) in (int, float) and v == v and abs(v) != float("inf") for v in item):
             out[key] = [float(v) for v in item]  # a gradient over the layers
         elif isinstance(item, (list, dict)):
-            problems.append((name, (f"a gradient of {key} over the layers" if
-                                    isinstance(item, list) else "a per-tensor filter")
+            filters = isinstance(item, dict) or any(isinstance(v, dict) for v in item)
+            problems.append((name, (f"a gradient of {key} over the layers" if not filters
+                                    else "a per-tensor filter (filter: / value:)")
                              + ": sparsestitch takes " + (
-                                 "gradients of density and gamma (lists of numbers) only"
-                                 if isinstance(item, list) else "one value for every tensor")))
+                                 "gradients of density, gamma and weight (lists of numbers) only"
+                                 if not filters else "one value or gradient for every tensor")))
             out[key] = None   # given, but not usable: no "required" problem on top
         elif key not in known:
             problems.append((name, f"not a parameter sparsestitch reads for this merge_method "
