@@ -76,6 +76,12 @@ CONFIGS = [
      {"density": [[0.3, 0.6, 0.95], 0.5, 0.7], "gamma": 0.02}, True),
     ("ties, weight [0.2, 1.0] and [1.5, 0.5, 1.0] for models 1 and 3", "ties", {},
      {"weight": [[0.2, 1.0], 0.5, [1.5, 0.5, 1.0]], "density": 0.4}, True),
+    # mergekit's examples/ties.yml on these models: gradients and per-tensor filters
+    ("ties.yml: density [1, 0.7, 0.1]; weight [0, 0.3, 0.7, 1]; weight mlp 0.5, else 0",
+     "ties", {"normalize": True, "int8_mask": True},
+     {"density": [[1, 0.7, 0.1], 0.5, 0.33],
+      "weight": [1.0, [0, 0.3, 0.7, 1], [{"filter": "mlp", "value": 0.5}, {"value": 0}]]},
+     True),
 ]
 CONFIG_WEIGHTS = [1.0, 0.5, 2.0]
 

@@ -279,6 +279,58 @@ def test_weight_gradients_run_with_ties_and_are_refused_for_task_arithmetic(mode
             method="task_arithmetic")))
 
 
+def test_per_tensor_filters_as_in_mergekits_ties_example(models, tmp_path):
+    """mergekit's examples/ties.yml with local models: a density gradient, a weight gradient,
+    and a weight given by per-tensor filters (the first filter in the tensor's name, else the
+    one without a filter; where none has no filter, the top-level value, then the default)."""
+    text = """
+        models:
+          - model: models/ft1
+            parameters:
+              density: [1, 0.7, 0.1] # density gradient
+              weight: 1.0
+          - model: models/ft2
+            parameters:
+              density: 0.5
+              weight:
+                - filter: mlp
+                  value: 0.5
+                - value: 0
+        merge_method: ties
+        base_model: models/base
+        parameters:
+          normalize: true
+          int8_mask: true
+          density: [{filter: attn, value: 0.3}]
+        dtype: float32
+        """
+    parsed = load(write(models, text))
+    weights = parsed.parameters["layer_weights"]
+    assert weights == [1.0, [{"filter": "mlp", "value": 0.5}, {"filter": None, "value": 0.0}]]
+    assert parsed.parameters["density"] == [[1.0, 0.7, 0.1], 0.5]
+    got = run_config(write(models, text), tmp_path / "from-config")
+    want = sparsestitch.merge(models / "models" / "base",
+                              [models / "models" / "ft1", models / "models" / "ft2"],
+                              tmp_path / "from-call", rule="ties-mergekit", **parsed.parameters)
+    same(got, want)
+    # the mlp tensor with the second model at weight 0.5, the attention one at 0
+    for tensor, weight in (("layer.0.mlp.weight", 0.5), ("layer.0.attn.weight", 0.0)):
+        alone = sparsestitch.merge(models / "models" / "base",
+                                   [models / "models" / "ft1", models / "models" / "ft2"],
+                                   tmp_path / f"w{weight}", rule="ties-mergekit",
+                                   weights=[1.0, weight], density=[0.1, 0.5], normalize=1)
+        assert torch.equal(load_file(next((tmp_path / f"w{weight}").glob("*.safetensors")))[
+            tensor], got[tensor])
+    # no catch-all and no top-level weight: mergekit would find no weight for some tensors
+    with pytest.raises(ConfigError, match="have no weight"):
+        load(write(models, text.replace("                - value: 0\n", "")))
+    # the top-level density's filters are the fallback of a model's own filters
+    fell_back = load(write(models, text.replace("density: 0.5", "density: [{filter: mlp, value: 0.2}]")))
+    assert fell_back.parameters["density"][1] == [{"filter": "mlp", "value": 0.2},
+                                                  {"filter": "attn", "value": 0.3},
+                                                  {"filter": None, "value": 1.0}]
+
+
 def test_every_problem_is_named_in_one_error(models):
     config = write(models, """
         merge_method: slerp

@@ -351,10 +351,13 @@ class TiesMergekit(Ties):
     per_delta: ClassVar[tuple[str, ...]] = ("density", "gamma", "layer_weights")
 
     def check_options(self, options: dict) -> dict:
-        """As :meth:`MergeRule.check_options`, where ``density`` and ``gamma`` may also be a
-        list of one value per delta (a tuple then), each value a number or a *gradient*: a
-        list of numbers spread over the base's layers as mergekit spreads them
-        (:func:`gradient_at`), which needs ``layers``, the base's number of layers."""
+        """As :meth:`MergeRule.check_options`, where ``density``, ``gamma`` and
+        ``layer_weights`` may also be a list of one value per delta (a tuple then), each value
+        a number, a *gradient* (a list of numbers spread over the base's layers as mergekit
+        spreads them, :func:`gradient_at`, which needs ``layers``, the base's number of
+        layers) or mergekit's per-tensor *filters* (a list of ``{"filter": TEXT, "value":
+        number or gradient}``: the first whose text is in the tensor's name, or that has
+        none, gives the value)."""
         lists = {key: options[key] for key in self.per_delta
                  if isinstance(options.get(key), (list, tuple))}
         layers = options.get("layers")
@@ -363,8 +366,8 @@ class TiesMergekit(Ties):
         for key, values in lists.items():
             if not values:
                 raise OptionError(f"{key}: an empty list (one value per delta)", option=key)
-            checked[key] = tuple(_value_or_gradient(key, value) for value in values)
-        gradients = any(isinstance(v, tuple) for key in lists for v in checked[key])
+            checked[key] = tuple(_delta_value(key, value) for value in values)
+        gradients = any(_has_gradient(v) for key in lists for v in checked[key])
         if gradients and layers is None:
             raise OptionError("a gradient (a list of values over the layers) needs layers, the "
                               "base's number of layers", option="layers")
@@ -482,6 +485,12 @@ class MergekitSteps:
     def _value(self, value, delta: int) -> float:
         if isinstance(value, tuple):
             value = value[delta]
+        if isinstance(value, tuple) and value and isinstance(value[0], tuple):  # filters
+            value = next((v for pattern, v in value if pattern is None or pattern == "*"
+                          or (self.name and pattern in self.name)), None)
+            if value is None:
+                raise OptionError(f"no filter gives tensor {self.name!r} a value (add one "
+                                  f"without a filter)", option="filter")
         return gradient_at(value, layer_fraction(self.name, self.layers)) \
             if isinstance(value, tuple) else value
 
@@ -526,6 +535,34 @@ def _value_or_gradient(key: str, value) -> float | tuple[float, ...]:
             raise OptionError(f"{key}: an empty gradient", option=key)
         return tuple(number(key, v, *OPTION_LIMITS[key]) for v in value)
     return number(key, value, *OPTION_LIMITS[key])
+
+
+def _delta_value(key: str, value):
+    """One delta's value of option ``key``: a number or gradient, or per-tensor filters (a
+    list of ``{"filter", "value"}`` mappings, as a tuple of ``(filter or None, value)``)."""
+    if isinstance(value, (list, tuple)) and value and all(isinstance(v, (dict, tuple))
+                                                           for v in value):
+        conditions = []
+        for condition in value:
+            if isinstance(condition, tuple):  # already checked (a recipe read back)
+                condition = {"filter": condition[0], "value": condition[1]}
+            pattern, unknown = condition.get("filter"), set(condition) - {"filter", "value"}
+            if unknown or "value" not in condition or not (pattern is None or
+                                                           isinstance(pattern, str)):
+                raise OptionError(f"{key}: a filter is {{filter: TEXT, value: VALUE}}, got "
+                                  f"{short_repr(condition)}", option=key)
+            conditions.append((pattern, _value_or_gradient(key, condition["value"])))
+        return tuple(conditions)
+    return _value_or_gradient(key, value)
+
+
+def _has_gradient(value) -> bool:
+    """Whether a checked delta value has a gradient (directly or in a filter)."""
+    if not isinstance(value, tuple) or not value:
+        return False
+    if isinstance(value[0], tuple):
+        return any(isinstance(v, tuple) for _, v in value)
+    return True
 
 
 def mergekit_merge(positions: Sequence, taus: Sequence, weights: Sequence[float], size: int,

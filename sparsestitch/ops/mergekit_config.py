@@ -29,11 +29,14 @@ every problem of the config in one error; nothing is ignored silently.
 Per-model ``density``, ``gamma`` and (but for ``linear`` and ``task_arithmetic``) ``weight``
 may differ, and each may be a gradient (``density: [0.1, 0.5]``: values spread over the
 base's layers as mergekit's planner spreads them, the tensors outside the layers taking the
-first): each model's task vector is sparsified and weighted with its own, as mergekit does.
+first) or per-tensor filters (``[{filter: mlp, value: 0.5}, {value: 0}]``: the first whose
+text is in the tensor's name, or that has none; then mergekit's fallbacks, the top-level
+value and the default): each model's task vector is sparsified and weighted with its own,
+as mergekit does.
 
 Refused, with the reason: the other methods (``della``, ``slerp``, ``passthrough``,
-``model_stock``, ...), ``slices`` and layer ranges (frankenmerges), gradients of ``weight``
-for ``linear`` and ``task_arithmetic`` (the other methods take them), per-tensor filters,
+``model_stock``, ...), ``slices`` and layer ranges (frankenmerges), a per-model ``weight``
+(gradient or filters) for ``linear`` and ``task_arithmetic``,
 ``normalize: false`` for ``linear``, ``rescale: true`` for ``ties``, an output dtype
 (``out_dtype``, else ``dtype``, as mergekit writes) other than the base's,
 ``tokenizer_source`` other than ``base``, LoRA adapters (``model+lora``).  ``dtype`` names
@@ -197,7 +200,13 @@ def _method(problems: list, method: str, top: dict, entries: list):
     tunes = [(where, model, parameters) for where, model, parameters, is_base in entries
              if not is_base]
     finetuned = [model for _, model, _ in tunes]
-    weights = [weight_of.get(where, 1.0) for where, _, _ in tunes]
+    weights = [_with_fallback(weight_of.get(where, 1.0), top.get("weight"), None)
+               for where, _, _ in tunes]
+    for (where, _, _), weight in zip(tunes, weights):
+        if _filtered(weight) and not any(c["filter"] in (None, "*") for c in weight):
+            problems.append((f"{where}.parameters.weight", "no filter without a pattern and no "
+                                                           "top-level weight: the tensors no "
+                                                           "filter matches have no weight"))
     options: dict = {}
     if any(isinstance(w, list) for w in list(weight_of.values())):
         if method in ("ties", *GENERALIZED):  # the rule takes each delta's weight gradient
@@ -239,7 +248,7 @@ def _method(problems: list, method: str, top: dict, entries: list):
         if abs(total) >= 1e-8:
             weights = [w / total for w in weights]
     if method == "ties":
-        options["density"] = _per_model(tunes, "density", 1.0)
+        options["density"] = _per_model(tunes, "density", 1.0, top)
     if top.get("lambda", 1.0) != 1.0:
         options["scale"] = top["lambda"]
     return finetuned, [float(w) for w in weights], METHODS[method], options
@@ -266,11 +275,12 @@ def _check_values(problems: list, rule: str, weights: list, options: dict) -> No
                          exc.requirement or str(exc)))
 
 
-def _per_model(tunes: list, key: str, default: float) -> float | list:
+def _per_model(tunes: list, key: str, default: float, top: dict) -> float | list:
     """Per-model parameter ``key`` (mergekit's default where a model does not give it; a
-    gradient is a list): one value where every model has the same, else the list in the
-    models' order (the rule sparsifies each delta with its own, as mergekit does)."""
-    values = [parameters.get(key, default) for _, _, parameters in tunes]
+    gradient or filters are a list): one value where every model has the same, else the list
+    in the models' order (the rule sparsifies each delta with its own, as mergekit does)."""
+    values = [_with_fallback(parameters.get(key, default), top.get(key), default)
+              for _, _, parameters in tunes]
     values = [default if value is None else value for value in values]  # unusable: reported
     if not values:
         return default
@@ -281,8 +291,11 @@ def _per_model(tunes: list, key: str, default: float) -> float | list:
 def _layers(problems: list, base: str | None, options: dict) -> bool:
     """``options["layers"]``, the base's number of layers, where a gradient needs it; False
     (and a problem) where they could not be counted."""
-    if not any(isinstance(v, list) and any(isinstance(x, list) for x in v)
-               for v in options.values()):
+    def graded(x) -> bool:  # a gradient, or filters giving one
+        return isinstance(x, list) and bool(x) and (
+            not _filtered(x) or any(isinstance(c["value"], list) for c in x))
+
+    if not any(isinstance(v, list) and any(graded(x) for x in v) for v in options.values()):
         return True
     if base is None:
         return False  # the missing base is the problem already named
@@ -308,11 +321,11 @@ def _generalized(problems: list, method: str, top: dict, tunes: list) -> dict:
     """The options of a dare / breadcrumbs rule: mergekit's parameters as they are (the
     rule normalizes, rescales and scales as mergekit does)."""
     normalize, rescale = GENERALIZED[method]
-    options = {"density": _per_model(tunes, "density", 1.0),
+    options = {"density": _per_model(tunes, "density", 1.0, top),
                "normalize": 1 if top.get("normalize", normalize) else 0,
                "rescale": 1 if top.get("rescale", rescale) else 0}
     if method.startswith("breadcrumbs"):
-        options["gamma"] = _per_model(tunes, "gamma", 0.01)
+        options["gamma"] = _per_model(tunes, "gamma", 0.01, top)
     if top.get("lambda", 1.0) != 1.0:
         options["scale"] = top["lambda"]
     return options
@@ -329,16 +342,14 @@ def _parameters(problems: list, where: str, value, known: set) -> dict:
     out = {}
     for key, item in value.items():
         name = f"{where}.{key}"
-        if isinstance(item, list) and key in GRADIENTS and key in known and item and \
-                all(type(v) in (int, float) and v == v and abs(v) != float("inf") for v in item):
-            out[key] = [float(v) for v in item]  # a gradient over the layers
+        setting = _setting(item) if key in GRADIENTS and key in known else None
+        if setting is not None:
+            out[key] = setting  # a gradient over the layers, or per-tensor filters
         elif isinstance(item, (list, dict)):
-            filters = isinstance(item, dict) or any(isinstance(v, dict) for v in item)
-            problems.append((name, (f"a gradient of {key} over the layers" if not filters
-                                    else "a per-tensor filter (filter: / value:)")
-                             + ": sparsestitch takes " + (
-                                 "gradients of density, gamma and weight (lists of numbers) only"
-                                 if not filters else "one value or gradient for every tensor")))
+            problems.append((name, f"{short_repr(item)}: sparsestitch takes a number, a gradient "
+                                   f"(a list of numbers) or per-tensor filters (a list of "
+                                   f"{{filter: TEXT, value: NUMBER or GRADIENT}}) for density, "
+                                   f"gamma and weight"))
             out[key] = None   # given, but not usable: no "required" problem on top
         elif key not in known:
             problems.append((name, f"not a parameter sparsestitch reads for this merge_method "
@@ -353,6 +364,48 @@ def _parameters(problems: list, where: str, value, known: set) -> dict:
         else:
             out[key] = float(item)
     return out
+
+
+def _finite(value) -> bool:
+    return type(value) in (int, float) and value == value and abs(value) != float("inf")
+
+
+def _setting(item) -> list | None:
+    """A gradient (a list of numbers) or per-tensor filters (a list of ``{filter, value}``,
+    each value a number or a gradient) as mergekit writes them, else None."""
+    if not isinstance(item, list) or not item:
+        return None
+    if all(_finite(v) for v in item):
+        return [float(v) for v in item]
+    conditions = []
+    for condition in item:
+        if not isinstance(condition, dict) or "value" not in condition or \
+                set(condition) - {"filter", "value"} or \
+                not (condition.get("filter") is None or isinstance(condition["filter"], str)):
+            return None
+        value = condition["value"]
+        value = float(value) if _finite(value) else _setting(value)
+        if not isinstance(value, (float, list)) or (isinstance(value, list) and
+                                                    isinstance(value[0], dict)):
+            return None
+        conditions.append({"filter": condition.get("filter"), "value": value})
+    return conditions
+
+
+def _filtered(value) -> bool:
+    return isinstance(value, list) and bool(value) and isinstance(value[0], dict)
+
+
+def _with_fallback(value, top, default):
+    """A model's per-tensor filters followed by what mergekit falls back to where none
+    matches: the top-level parameter, then the default (None: none, mergekit fails there)."""
+    if not _filtered(value) or any(c["filter"] in (None, "*") for c in value):
+        return value
+    tail = top if _filtered(top) else ([] if top is None else [{"filter": None, "value": top}])
+    value = value + [c for c in tail if c not in value]
+    if default is not None and not any(c["filter"] in (None, "*") for c in value):
+        value.append({"filter": None, "value": default})
+    return value
 
 
 def _model_path(problems: list, where: str, value, cwd: Path, required: bool) -> str | None:
