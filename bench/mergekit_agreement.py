@@ -14,7 +14,8 @@ in its own venv, see bench/stitch.py) merges the fine-tunes; sparsestitch compre
 density 1.0 (every position stored) and stitches the deltas.  Each merge is compared tensor
 by tensor: elements whose bits differ.
 
-    python bench/mergekit_agreement.py            # ~1 minute on 2 cores
+    python bench/mergekit_agreement.py            # ~2 minutes on 2 cores
+    python bench/mergekit_agreement.py --mergekit /path/to/mergekit   # + its examples/, unchanged
 
 Prints a table; writes ``bench/results/mergekit-agreement.json``.
 """
@@ -121,15 +122,16 @@ def config_rows(base: Path, tunes: list[Path]) -> list[dict]:
     return rows
 
 
-def _mean_update_ratio(ours: dict, theirs: dict, base: dict) -> float:
+def _mean_update_ratio(ours: dict, theirs: dict, base: dict, dtype=None) -> float:
     """mean |ours - base| / mean |theirs - base| over every element (1: the same size of
-    update)."""
+    update); the bits are ``dtype``'s (default bfloat16)."""
     import torch
+    dtype = dtype or torch.bfloat16
     num = den = 0.0
     for name, bits in base.items():
-        b = torch.from_numpy(bits.view(np.int16)).view(torch.bfloat16).float()
-        o = torch.from_numpy(ours[name].view(np.int16)).view(torch.bfloat16).float()
-        t = torch.from_numpy(theirs[name].view(np.int16)).view(torch.bfloat16).float()
+        b = torch.from_numpy(bits.view(np.int16)).view(dtype).float()
+        o = torch.from_numpy(ours[name].view(np.int16)).view(dtype).float()
+        t = torch.from_numpy(theirs[name].view(np.int16)).view(dtype).float()
         num += float((o - b).abs().sum())
         den += float((t - b).abs().sum())
     return num / den if den else float("nan")
@@ -145,6 +147,96 @@ def mergekit(base: Path, tunes: list[Path], out: Path, method: str, weights=None
     subprocess.run(args, check=True, capture_output=True, text=True)
 
 
+def example_rows(mergekit_tree: str, base: Path, tunes: list[Path]) -> list[dict]:
+    """mergekit's own example configs, read from its source tree (a git dir or a folder) at
+    run time and run unchanged by both tools: the Hub models they name are served from a
+    local Hugging Face cache (``HF_HUB_CACHE``, offline) that holds float16 copies of this
+    bench's synthetic base (for ``base_model``) and fine-tunes (for the others, in turn).
+    Examples sparsestitch refuses are listed with the reason (bench/mergekit_configs.py has
+    the full list)."""
+    import os
+
+    import torch
+    import yaml
+    from safetensors.torch import load_file, save_file
+
+    from mergekit_configs import configs
+    from sparsestitch.core.errors import ConfigError
+    from sparsestitch.ops.merge_config import load
+
+    hub = CACHE / "hub"
+    env = {**os.environ, "HF_HUB_CACHE": str(hub), "HF_HUB_OFFLINE": "1"}
+    half = {}
+    for source in [base, *tunes]:  # the examples compute and write float16
+        folder = CACHE / "float16" / source.name
+        folder.mkdir(parents=True, exist_ok=True)
+        for file in source.iterdir():
+            if file.suffix == ".safetensors":
+                save_file({k: v.to(torch.float16) for k, v in load_file(file).items()},
+                          folder / file.name)
+            elif file.suffix == ".json":
+                text = file.read_text().replace('"bfloat16"', '"float16"')
+                (folder / file.name).write_text(text)
+        half[source] = folder
+
+    def serve(repo_id: str, folder: Path) -> None:
+        repo = hub / ("models--" + repo_id.replace("/", "--"))
+        snapshot = repo / "snapshots" / ("0" * 40)
+        if snapshot.exists():
+            return
+        snapshot.mkdir(parents=True)
+        (repo / "refs").mkdir(exist_ok=True)
+        (repo / "refs" / "main").write_text("0" * 40)
+        for file in folder.iterdir():
+            shutil.copy(file, snapshot / file.name)
+
+    rows = []
+    for name, text in configs(Path(mergekit_tree)).items():
+        data = yaml.safe_load(text)
+        path = CACHE / "examples" / Path(name).name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)  # unchanged
+        models = [m["model"] if isinstance(m, dict) else m for m in data.get("models") or []]
+        fine = iter(tunes)
+        for repo_id in dict.fromkeys(models):
+            if repo_id != data.get("base_model"):
+                serve(repo_id, half[next(fine, tunes[-1])])
+        if data.get("base_model"):
+            serve(data["base_model"], half[base])
+        try:
+            os.environ.update(HF_HUB_CACHE=env["HF_HUB_CACHE"], HF_HUB_OFFLINE="1")
+            load(path)
+        except ConfigError as exc:
+            rows.append({"merge": f"example: {name}", "refused": str(exc)})
+            continue
+        variants = [(path, "unchanged", "close (mergekit computes in float16, sparsestitch in "
+                                        "float32 and rounds once)")]
+        if data.get("dtype") not in (None, "float32"):  # the same computed as sparsestitch does
+            computed = path.with_name(path.stem + "-float32.yml")
+            computed.write_text(yaml.safe_dump({**data, "dtype": "float32",
+                                                "out_dtype": data["dtype"]}, sort_keys=False))
+            variants.append((computed, "dtype: float32, out_dtype as its dtype",
+                             "bit for bit" if data.get("merge_method") != "linear" else
+                             "close (mergekit averages the models: another order of operations)"))
+        for config, how, expected in variants:
+            theirs, ours = CACHE / f"example-{config.stem}-mergekit", CACHE / f"example-{config.stem}"
+            subprocess.run([str(MERGEKIT_PYTHON), str(BENCH / "stitch_mergekit_peer.py"),
+                            "--config", str(config), "--out", str(theirs)], check=True,
+                           capture_output=True, text=True, env=env)
+            subprocess.run([sys.executable, "-m", "sparsestitch.cli", "merge", "--config",
+                            str(config), "-o", str(ours), "--quiet"], check=True,
+                           capture_output=True, text=True, cwd=str(BENCH.parent), env=env)
+            a, b, base_bits = bits_of(ours), bits_of(theirs), bits_of(half[base])
+            rows.append({"merge": f"example: {name} ({how})", "tensors": len(a),
+                         "elements": sum(v.size for v in a.values()),
+                         "differing": sum(int(np.count_nonzero(a[n] != b[n]))
+                                          for n in a if n in b),
+                         "same_tensor_names": sorted(a) == sorted(b), "expected": expected,
+                         "mean_update_ratio": _mean_update_ratio(a, b, base_bits,
+                                                                 torch.float16)})
+    return rows
+
+
 def bits_of(folder: Path) -> dict[str, np.ndarray]:
     with Checkpoint(folder) as ckpt:
         return {name: ckpt.read(name).reshape(-1) for name in ckpt.names}
@@ -154,6 +246,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size-mb", type=int, default=20)
     parser.add_argument("--json", default=str(BENCH / "results" / "mergekit-agreement.json"))
+    parser.add_argument("--mergekit", help="mergekit's source tree or git dir: also run its "
+                                           "example configs unchanged")
     args = parser.parse_args(argv)
     if not MERGEKIT_PYTHON.exists():
         print(f"mergekit's venv is missing ({MERGEKIT_PYTHON}); see bench/requirements-stitch-peer.txt")
@@ -177,6 +271,8 @@ def main(argv=None) -> int:
                      "worst": max(differing, key=differing.get) if differing else None,
                      "mergekit": theirs, "sparsestitch": ours})
     rows += config_rows(base, tunes)
+    if args.mergekit:
+        rows += example_rows(args.mergekit, base, tunes)
     print(f"sparsestitch vs mergekit, {args.size_mb} MB bf16 model, 3 full fine-tunes; "
           f"{describe_machine(machine())}")
     print(table(rows, [("merge", "merge", "{}"), ("tensors", "tensors", "{}"),
@@ -187,7 +283,10 @@ def main(argv=None) -> int:
                                   + " ".join(argv or sys.argv[1:]), "machine": machine(),
                                   "rows": rows})
     print(f"wrote {path}")
-    return 0 if all(r["differing"] == 0 for r in rows
+    for row in rows:
+        if "refused" in row:
+            print(f"{row['merge']}: refused by sparsestitch: {row['refused'][:300]}")
+    return 0 if all(r.get("differing", 0) == 0 for r in rows
                     if r.get("expected", "bit for bit") == "bit for bit") else 1
 
 

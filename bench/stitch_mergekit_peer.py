@@ -20,9 +20,29 @@ import argparse
 import json
 import time
 
+import os
+
 from mergekit.config import MergeConfiguration
 from mergekit.merge import run_merge
 from mergekit.options import MergeOptions
+
+
+def _offline_file_lists() -> None:
+    """With ``HF_HUB_OFFLINE=1``: mergekit lists a Hub model's files over the network
+    (``list_repo_files``) before taking its snapshot, which fails offline; answer that listing
+    from the snapshot in the local cache instead (what the network would list for it)."""
+    import huggingface_hub
+
+    def cached_files(repo_id, *args, revision=None, **kwargs):
+        folder = huggingface_hub.snapshot_download(repo_id, revision=revision,
+                                                   local_files_only=True)
+        return sorted(os.listdir(folder))
+
+    huggingface_hub.list_repo_files = cached_files
+
+
+if os.environ.get("HF_HUB_OFFLINE") == "1":
+    _offline_file_lists()
 
 
 def merge_config(base: str, tunes: list[str], method: str = "task_arithmetic",
