@@ -69,8 +69,10 @@ GENERALIZED = {"dare_ties": (False, True), "dare_linear": (False, True),
                "breadcrumbs": (False, False), "breadcrumbs_ties": (False, False)}
 #: Methods mergekit has that sparsestitch refuses, and why.
 NOT_HERE = {
-    "della": "DELLA's magnitude-ranked drop probabilities are not a sparsestitch rule",
-    "della_linear": "DELLA's magnitude-ranked drop probabilities are not a sparsestitch rule",
+    "della": "DELLA draws its drops with probabilities ranked within each row of a tensor, "
+             "and sparsestitch's rules see flat task vectors (not supported yet)",
+    "della_linear": "DELLA draws its drops with probabilities ranked within each row of a "
+                    "tensor, and sparsestitch's rules see flat task vectors (not supported yet)",
     "slerp": "spherical interpolation of two models is not a task-vector merge",
     "nuslerp": "spherical interpolation of two models is not a task-vector merge",
     "passthrough": "passthrough stacks layers into a new architecture (a frankenmerge); "
