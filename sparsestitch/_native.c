@@ -110,11 +110,12 @@ DEFINE_BIT_CAST(f64_round, double, uint64_t)
 /* One delta's record of the tensor, as BlockMerge holds it: sorted positions, or (dense)
  * every element from `first` on, with positions.obj NULL. */
 typedef struct {
-    Py_buffer positions, finetuned, base;
+    Py_buffer positions, finetuned, base;   /* positions: a bitmap's bytes where `bitmap` */
     double weight;
     Py_ssize_t count, cursor;
-    int dense;
+    int dense, bitmap;
     int64_t first;
+    uint64_t bit;   /* a bitmap record: the bit of element `first` in its bytes */
 } Record;
 
 enum { KIND_BF16, KIND_F16, KIND_F32, KIND_F64 };
@@ -173,6 +174,31 @@ static const int KIND_ITEMSIZE[] = {2, 2, 4, 8};
                 int weighted = rec->weight != 1.0;                                          \
                 WIDE weight = (WIDE)rec->weight;                                            \
                 Py_ssize_t n = rec->count;                                                  \
+                if (rec->bitmap) {                                                          \
+                    const uint8_t *restrict bits = rec->positions.buf;                      \
+                    int64_t end = rec->first + (int64_t)((uint64_t)rec->positions.len * 8u  \
+                                                         - rec->bit);                       \
+                    int64_t lo = start > rec->first ? start : rec->first;                   \
+                    int64_t hi = stop < end ? stop : end;                                   \
+                    Py_ssize_t k = rec->cursor;                                             \
+                    for (int64_t p = lo; p < hi; p++) {                                     \
+                        uint64_t b = (uint64_t)(p - rec->first) + rec->bit;                 \
+                        unsigned byte = bits[b >> 3];                                       \
+                        if (!byte && !(b & 7u)) {  /* eight clear bits at once */           \
+                            p += 7;                                                         \
+                            continue;                                                       \
+                        }                                                                   \
+                        if (!(byte >> (b & 7u) & 1u))                                       \
+                            continue;                                                       \
+                        if (k >= n)                                                         \
+                            return r;                                                       \
+                        int64_t offset = p - start;                                         \
+                        ACCUMULATE(WIDE, TO_WIDE, offset, k);                               \
+                        k++;                                                                \
+                    }                                                                       \
+                    rec->cursor = k;                                                        \
+                    continue;                                                               \
+                }                                                                           \
                 if (rec->dense) {                                                           \
                     int64_t lo = start > rec->first ? start : rec->first;                   \
                     int64_t hi = stop < rec->first + n ? stop : rec->first + n;             \
@@ -268,6 +294,8 @@ static Py_ssize_t lower_bound(const int64_t *positions, Py_ssize_t count, int64_
     return lo;
 }
 
+static Py_ssize_t count_bits(const uint8_t *bytes, unsigned long long first, Py_ssize_t n);
+
 PyDoc_STRVAR(merge_block_doc,
 "merge_block(kind, block, first, records, mean, scale, lone_exact, canonical_nan, total, count)\n"
 "\n"
@@ -275,7 +303,9 @@ PyDoc_STRVAR(merge_block_doc,
 "``first, first + 1, ...``), in place.  ``kind`` is 0..3 for BF16, F16, F32, F64;\n"
 "``records`` a sequence of ``(positions int64, fine-tuned bits, base bits, weight)`` or,\n"
 "for a record of every element from ``start`` on, ``(None, fine-tuned bits, base bits,\n"
-"weight, start)``; ``lone_exact``: an element one record of weight 1 covers takes its\n"
+"weight, start)``, or, for the elements a bitmap marks (bit ``bit`` of its uint8 bytes is\n"
+"element ``start``), ``(bytes, fine-tuned bits, base bits, weight, start, bit)``, the\n"
+"bits holding the values of every marked element from ``start`` on; ``lone_exact``: an element one record of weight 1 covers takes its\n"
 "fine-tuned bits; ``total`` (wide floats) and ``count`` (uint32) are scratch of the\n"
 "window's size; a ValueError leaves the block partly merged.");
 
@@ -319,21 +349,31 @@ static PyObject *merge_block(PyObject *self, PyObject *args)
     for (; held < n_records; held++) {
         Record *rec = &records[held];
         PyObject *positions, *finetuned, *base;
-        long long dense_first = 0;
-        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(sequence, held), "OOOd|L;a record is "
-                              "(positions, fine-tuned bits, base bits, weight[, start])",
-                              &positions, &finetuned, &base, &rec->weight, &dense_first))
+        long long dense_first = 0, bit = -1;
+        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(sequence, held), "OOOd|LL;a record is "
+                              "(positions, fine-tuned bits, base bits, weight[, start[, bit]])",
+                              &positions, &finetuned, &base, &rec->weight, &dense_first, &bit))
             goto done;
-        rec->dense = positions == Py_None;
+        rec->bitmap = bit >= 0;
+        rec->dense = positions == Py_None && !rec->bitmap;
         rec->first = dense_first;
-        if (!rec->dense && get_buffer(positions, &rec->positions, 0, 8, "positions") < 0)
+        rec->bit = rec->bitmap ? (uint64_t)bit : 0;
+        if (!rec->dense && get_buffer(positions, &rec->positions, 0, rec->bitmap ? 1 : 8,
+                                      rec->bitmap ? "bitmap" : "positions") < 0)
             goto done;
+        if (rec->bitmap && (bit > 7 || rec->positions.len < 1 || dense_first < 0)) {
+            held++;
+            PyErr_SetString(PyExc_ValueError, "a bitmap record needs its bytes, a bit of 0..7 "
+                                              "and a start of 0 or more");
+            goto done;
+        }
         if (get_buffer(finetuned, &rec->finetuned, 0, itemsize, "fine-tuned bits") < 0 ||
             get_buffer(base, &rec->base, 0, itemsize, "base bits") < 0) {
             held++;  /* release what this record got */
             goto done;
         }
-        rec->count = rec->dense ? rec->finetuned.len / itemsize : rec->positions.len / 8;
+        rec->count = rec->dense || rec->bitmap ? rec->finetuned.len / itemsize
+                                                : rec->positions.len / 8;
         if (rec->finetuned.len / itemsize != rec->count || rec->base.len / itemsize != rec->count) {
             held++;
             PyErr_SetString(PyExc_ValueError, "a record's positions and bits differ in length");
@@ -344,7 +384,15 @@ static PyObject *merge_block(PyObject *self, PyObject *args)
             PyErr_SetString(PyExc_ValueError, "a dense record's start is out of range");
             goto done;
         }
-        rec->cursor = rec->dense ? 0 : lower_bound(rec->positions.buf, rec->count, first);
+        if (rec->bitmap) {  /* the values of the elements before `first` are behind */
+            int64_t before = first - rec->first;
+            int64_t span = (int64_t)((uint64_t)rec->positions.len * 8u - rec->bit);
+            rec->cursor = before <= 0 ? 0 : count_bits(rec->positions.buf, rec->bit,
+                                                       (Py_ssize_t)(before < span ? before
+                                                                                  : span));
+        } else {
+            rec->cursor = rec->dense ? 0 : lower_bound(rec->positions.buf, rec->count, first);
+        }
     }
     Py_ssize_t size = block.len / itemsize, bad = -1;
     if (window > UINT32_MAX) {

@@ -616,3 +616,36 @@ def test_one_malloc_arena_is_asked_for_once_and_can_be_left_alone(setting, expec
     shown = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
                            text=True, timeout=60, check=True).stdout.split()
     assert shown == [str(expected)] * 3
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.data())
+def test_block_merge_of_bitmap_records_equals_the_merge_of_their_positions(data):
+    """merge_block given a record as a bitmap (bytes, the bit of its first element) writes
+    the bits it writes given the same record's positions: every window size, start, bit
+    offset, weight and merge form."""
+    kernels = native.kernels()
+    if kernels is None:
+        pytest.skip("the C loops are not built")
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1)))
+    n, first = data.draw(st.integers(1, 2000)), data.draw(st.integers(0, 40))
+    base = rng.integers(0, 2**16, n + first, dtype=np.uint16)
+    as_positions, as_bits = [], []
+    for _ in range(data.draw(st.integers(1, 4))):
+        mask = rng.random(n + first) < data.draw(st.sampled_from([0.02, 0.5, 0.97, 1.0]))
+        positions = np.flatnonzero(mask).astype(np.int64)
+        finetuned = rng.integers(0, 2**16, positions.size, dtype=np.uint16)
+        weight = data.draw(st.sampled_from([1.0, 0.5, -2.0]))
+        as_positions.append((positions, finetuned, base[positions], weight))
+        shift = data.draw(st.integers(0, 7))
+        bits = np.packbits(np.concatenate([np.zeros(shift, bool), mask]), bitorder="little")
+        as_bits.append((bits, finetuned, base[positions], weight, 0, shift))
+    window = data.draw(st.sampled_from([64, 1000, 1 << 16]))
+    mean, lone = data.draw(st.sampled_from([(1, 1), (1, 0), (0, 0)]))
+    merged = []
+    for records in (as_positions, as_bits):
+        block = base[first:].copy()
+        kernels.merge_block(0, block, first, records, mean, 0.7, lone, 0x7FC0,
+                            np.empty(window, np.float32), np.empty(window, np.uint32))
+        merged.append(block)
+    np.testing.assert_array_equal(merged[0], merged[1])

@@ -31,7 +31,7 @@ from ..core.dtypes import DType, from_wide, to_wide
 from ..core.errors import OptionError, TensorMismatchError
 from ..core.options import weights as checked_weights
 from ..delta.format import DeltaReader, digest
-from ..engine.walk import Stored, put_stored
+from ..engine.walk import Marked, Stored, put_stored
 from .rules import MergeRule, TaskVector, get_rule
 from .union import PositionUnion, union_of
 
@@ -193,6 +193,14 @@ class RuleCombiner:
                           sort_keys=True, separators=(",", ":"))
 
 
+def merges_marks(combiner: Combiner, dt: DType) -> bool:
+    """Whether ``combiner``'s block merge takes records as
+    :class:`~sparsestitch.engine.walk.Marked` (bitmaps, not positions): the C loop of an
+    elementwise rule (:class:`BlockMerge`)."""
+    return isinstance(combiner, RuleCombiner) and combiner.merges_blocks(dt) and \
+        native.float_kernels(dt.name)[0] is not None
+
+
 class BlockMerge:
     """An elementwise rule merged straight into base blocks, by dense accumulation.
 
@@ -219,7 +227,7 @@ class BlockMerge:
         # every stored position takes the record's bits, a copy or a scatter, no arithmetic.
         indices = [i for i, s in enumerate(stored) if s is not None]
         self.lone = stored[indices[0]] if (len(indices) == 1 and combiner.replaces_lone(
-            dt, indices[0])) else None
+            dt, indices[0]) and isinstance(stored[indices[0]], Stored)) else None
         # The C loop (native.py) does the same operations in one pass per record; the numpy
         # code (NumpyWindowMerge) is its fallback and its reference.
         self.kernels, self.kind = native.float_kernels(dt.name)
@@ -228,7 +236,10 @@ class BlockMerge:
             return
         self.total = np.empty(self.WINDOW, dt.wide)
         self.count = np.empty(self.WINDOW, np.uint32)
-        self.records = [(None if s.dense else np.ascontiguousarray(s.positions, np.int64),
+        self.records = [(np.ascontiguousarray(s.bits), np.ascontiguousarray(s.finetuned),
+                         np.ascontiguousarray(s.base), float(w), s.first, s.bit)
+                        if isinstance(s, Marked) else
+                        (None if s.dense else np.ascontiguousarray(s.positions, np.int64),
                          np.ascontiguousarray(s.finetuned), np.ascontiguousarray(s.base),
                          float(w), s.first) for s, w in present]
 

@@ -349,6 +349,17 @@ class DeltaReader:
                                 "re-download or re-create it", path=self.path, tensor=record.name)
         return data
 
+    def bitmap(self, record: Record, payload: bytes | None = None) -> np.ndarray | None:
+        """A ``bitmap`` record's bits (uint8, one per element from element 0), checked as
+        decoding its positions would (as many set as the record says, none past the end);
+        None for another position codec."""
+        if record.positions.get("codec") != "bitmap":
+            return None
+        payload = self.payload(record) if payload is None else payload
+        with self.decoding(record):
+            return codecs.position_codec("bitmap").decode_bits(
+                payload[:record.positions_nbytes], record.positions, record.shape, record.count)
+
     def positions(self, record: Record, payload: bytes | None = None) -> np.ndarray:
         """Decoded, validated flat kept positions of a stored record (sorted int64)."""
         payload = self.payload(record) if payload is None else payload
@@ -484,6 +495,16 @@ class RecordCursor:
             window, first, count = self._positions.window(lo, lo + block.size)
         base = gather_marked(window, first, block, count)
         put_marked(window, first, block, self.values(base if self.needs_base else None, count))
+
+    def marked(self, lo: int, block: np.ndarray) -> tuple[np.ndarray, int, np.ndarray, np.ndarray]:
+        """A bitmap record's entries among elements ``lo, lo + 1, ...`` (the bits ``block``
+        holds, every block in order) as ``(window, bit, fine-tuned bits, base bits)``: the
+        bitmap's bytes of the block, the bit of element ``lo`` in them, and the bits of the
+        marked elements -- no position array (see :attr:`marks`; not for dense records)."""
+        with self._context:
+            window, first, count = self._positions.window(lo, lo + block.size)
+        base = gather_marked(window, first, block, count)
+        return window, first, self.values(base if self.needs_base else None, count), base
 
     def values(self, base: np.ndarray | None, count: int | None = None) -> np.ndarray:
         """The fine-tuned bits of the next ``len(base)`` (or ``count``) stored entries, given

@@ -37,6 +37,7 @@ from ..checkpoint import Checkpoint, OutputTensor, Shard
 from ..core.dtypes import dtype as lookup_dtype
 from ..core.errors import BaseMismatchError, CheckpointError, TensorMismatchError
 from ..core.sizes import row_items
+from ..delta.codecs.bitmap import gather_marked, marked_count
 from ..delta.format import HEADER_KEY, DeltaReader, Record, RecordCursor
 from .budget import MemoryBudget
 
@@ -160,6 +161,25 @@ class Stored:
         return Stored(self.positions[a:b], self.finetuned[a:b], self.base[a:b])
 
 
+@dataclass(frozen=True)
+class Marked:
+    """One delta's decoded entries given by a bitmap instead of positions: bit ``bit`` of
+    ``bits`` (uint8) is element ``first``, and ``finetuned`` and ``base`` are the bits of
+    the marked elements from there on.  Only the C block merge takes it
+    (:meth:`~sparsestitch.combine.combiners.RuleCombiner.merges_marks`); it spares a
+    record of many entries its int64 positions, their gathers and their order check."""
+
+    bits: np.ndarray
+    bit: int
+    finetuned: np.ndarray
+    base: np.ndarray
+    first: int = 0
+
+    @property
+    def count(self) -> int:
+        return int(self.finetuned.size)
+
+
 def put_stored(stored: Stored, block: np.ndarray, first: int) -> None:
     """``stored``'s fine-tuned bits written into ``block`` (elements ``first, ...``) at its
     positions there (a restore; one delta whose entries keep their bits)."""
@@ -186,10 +206,10 @@ def decode_at(reader: DeltaReader, record: Record, positions: np.ndarray | None,
     return Stored(positions, values, base_kept)
 
 
-def decode_tensor(base: Checkpoint, readers: Sequence[DeltaReader], name: str, blocks: RowBlocks
-                  ) -> tuple[list[Stored | None], np.ndarray | None]:
+def decode_tensor(base: Checkpoint, readers: Sequence[DeltaReader], name: str, blocks: RowBlocks,
+                  marked: bool = False) -> tuple[list[Stored | Marked | None], np.ndarray | None]:
     """Read base tensor ``name`` block by block, check every delta's base checksum of it, and
-    decode each delta's record of it.
+    decode each delta's record of it (``marked``: a ``bitmap`` record as :class:`Marked`).
 
     Returns the decoded records (None where a delta does not store the tensor) and the base
     tensor's flat bits when it fit in one block (else None: read it again).
@@ -197,12 +217,19 @@ def decode_tensor(base: Checkpoint, readers: Sequence[DeltaReader], name: str, b
     records = [reader.record(name) for reader in readers]
     sparse = [(i, r) for i, r in enumerate(records) if r is not None and r.kind == "sparse"]
     payloads = {i: readers[i].payload(r) for i, r in sparse}
-    positions = {i: stored_positions(readers[i], r, payloads[i]) for i, r in sparse}
-    gathered: dict[int, list[np.ndarray]] = {i: [] for i in positions}
+    bitmaps = {i: readers[i].bitmap(r, payloads[i]) for i, r in sparse} if marked else {}
+    bitmaps = {i: bits for i, bits in bitmaps.items() if bits is not None}
+    positions = {i: stored_positions(readers[i], r, payloads[i]) for i, r in sparse
+                 if i not in bitmaps}
+    gathered: dict[int, list[np.ndarray]] = {i: [] for i, _ in sparse}
     base_hash = BaseHash(name)
     whole = None
     for start, stop, block in read_blocks(base, name, blocks, base_hash):
         lo, hi = blocks.elements(start, stop)
+        for i, bits in bitmaps.items():
+            window = bits[lo // 8:(hi + 7) // 8]
+            gathered[i].append(gather_marked(window, lo % 8, block,
+                                             marked_count(window, lo % 8, hi - lo)))
         for i, pos in positions.items():
             if pos is None:
                 gathered[i].append(block.copy())
@@ -217,7 +244,11 @@ def decode_tensor(base: Checkpoint, readers: Sequence[DeltaReader], name: str, b
     dt = lookup_dtype(base.entry(name).dtype)
     for i, record in sparse:
         base_kept = np.concatenate(gathered[i]) if gathered[i] else np.empty(0, dt.bits)
-        stored[i] = decode_at(readers[i], record, positions[i], base_kept, payloads[i])
+        if i in bitmaps:
+            stored[i] = Marked(bitmaps[i], 0, readers[i].values(record, base_kept, payloads[i]),
+                               base_kept)
+        else:
+            stored[i] = decode_at(readers[i], record, positions[i], base_kept, payloads[i])
     return stored, whole
 
 
@@ -255,15 +286,21 @@ class RecordRuns:
             self.close()
             raise
         self._count = len(records)
+        # the bitmap records, which :meth:`block` may read as windows (decided before any is read)
+        self._bitmaps = {i for i, c in self._cursors.items() if c.marks and not c.dense}
 
-    def block(self, lo: int, block: np.ndarray | None, hi: int | None = None
-              ) -> list[Stored | None]:
+    def block(self, lo: int, block: np.ndarray | None, hi: int | None = None,
+              marked: bool = False) -> list[Stored | Marked | None]:
         """Every record's entries in the block of elements ``lo, lo + 1, ...`` with base bits
         ``block`` (None: no base, zeros are decoded against -- for checking a delta alone,
-        with ``hi`` the block's end)."""
+        with ``hi`` the block's end); ``marked``: a bitmap record's as :class:`Marked`."""
         hi = lo + block.size if block is not None else hi
-        stored: list[Stored | None] = [None] * self._count
+        stored: list[Stored | Marked | None] = [None] * self._count
         for i, cursor in self._cursors.items():
+            if marked and block is not None and i in self._bitmaps:
+                window, bit, values, base = cursor.marked(lo, block)
+                stored[i] = Marked(window, bit, values, base, lo)
+                continue
             if cursor.dense:
                 part = block.copy() if block is not None else np.zeros(hi - lo, cursor.record.dt.bits)
                 values = cursor.values(part if cursor.needs_base else None, hi - lo)

@@ -38,7 +38,7 @@ import numpy as np
 from ..checkpoint import Checkpoint, CheckpointWriter
 from ..checkpoint.gguf_folder import check_output_name, model_files, writes_folder
 from ..checkpoint.guard import Inputs
-from ..combine.combiners import Combiner
+from ..combine.combiners import Combiner, merges_marks
 from ..core.dtypes import DType
 from ..core.dtypes import dtype as lookup_dtype
 from ..core.native import one_malloc_arena
@@ -223,7 +223,8 @@ class _Plan:
         if block_wise and self.decoded_bytes(name) > self.tensor_bytes:
             return self.streamed(name, dt)
         blocks = RowBlocks.of(entry.shape, dt.itemsize, self.block_bytes)
-        stored, whole = decode_tensor(base, self.readers, name, blocks)
+        stored, whole = decode_tensor(base, self.readers, name, blocks,
+                                      marked=merges_marks(self.combiner, dt))
         read_block = ((lambda start, stop: whole) if whole is not None else
                       (lambda start, stop: base.read_rows(name, start, stop)))
         # One block (the common case): merge here, in the reader thread, unless the combiner
@@ -285,7 +286,7 @@ class _Plan:
                     if replace:
                         runs.replace_into(lo, block)
                     else:
-                        stored = runs.block(lo, block)
+                        stored = runs.block(lo, block, marked=merges_marks(self.combiner, dt))
                         self.combiner.block_merge(dt, stored)(block, lo)
                         del stored
                     writer.write(name, block)

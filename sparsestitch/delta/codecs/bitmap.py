@@ -60,6 +60,18 @@ class Bitmap:
         raw = unpack_stream(payload, config, (numel + 7) // 8)
         return _set_bits(raw, numel, count)
 
+    def decode_bits(self, payload: bytes, config: dict, shape: tuple[int, ...], count: int
+                    ) -> np.ndarray:
+        """The bits themselves (uint8), checked as :meth:`decode` checks them."""
+        numel = count_elements(shape)
+        bits = np.frombuffer(unpack_stream(payload, config, (numel + 7) // 8), np.uint8)
+        if numel % 8 and bits.size and bits[-1] >> (numel % 8):
+            raise DeltaFormatError("bitmap has bits set past the end of the tensor")
+        found = marked_count(bits, 0, numel)
+        if found != count:
+            raise DeltaFormatError(f"bitmap marks {found} positions, the record says {count}")
+        return bits
+
     def cursor(self, part: Part, config: dict, shape: tuple[int, ...], count: int) -> "BitmapCursor":
         numel = count_elements(shape)
         return BitmapCursor(part.stream(config, (numel + 7) // 8), numel, count)
