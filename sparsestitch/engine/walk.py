@@ -166,7 +166,7 @@ class Marked:
     """One delta's decoded entries given by a bitmap instead of positions: bit ``bit`` of
     ``bits`` (uint8) is element ``first``, and ``finetuned`` and ``base`` are the bits of
     the marked elements from there on.  Only the C block merge takes it
-    (:meth:`~sparsestitch.combine.combiners.RuleCombiner.merges_marks`); it spares a
+    (:func:`~sparsestitch.combine.combiners.merges_marks`); it spares a
     record of many entries its int64 positions, their gathers and their order check."""
 
     bits: np.ndarray

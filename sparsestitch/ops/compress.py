@@ -338,10 +338,10 @@ def exact_bytes(numel: int, itemsize: int) -> int:
 
 def _exact_budget(max_memory: int | str | None, base: Checkpoint, plan: TensorPlan,
                   selectors: Sequence[Selector], quantize: dict | None) -> MemoryBudget:
-    """compress's budget (:func:`_budget`), checked against the largest tensor stored exactly with every change (all
-    of them for a lossless delta; else the non-float and ``dense`` ones), which is selected
-    whole: an explicit ``max_memory`` below what it needs is refused naming it; the default
-    grows to it, saying so."""
+    """compress's budget (:func:`_budget`), checked against the largest tensor stored
+    exactly with every change (all of them for a lossless delta; else the non-float and
+    ``dense`` ones), which is selected whole: an explicit ``max_memory`` below what it needs
+    is refused naming it; the default grows to it, saying so."""
     budget = _budget(max_memory)
     whole = quantize is None and all(s.method == "changed" for s in selectors)
     largest, needed = None, 0

@@ -276,6 +276,8 @@ class _Plan:
                                     max(1, self.block_bytes // per_position)),
                            widest.row_items)
 
+        marked = merges_marks(self.combiner, dt)
+
         def finish(writer: CheckpointWriter) -> None:
             base_hash = BaseHash(name)
             with RecordRuns(base, name, blocks, readers, records, self.budget) as runs:
@@ -286,7 +288,7 @@ class _Plan:
                     if replace:
                         runs.replace_into(lo, block)
                     else:
-                        stored = runs.block(lo, block, marked=merges_marks(self.combiner, dt))
+                        stored = runs.block(lo, block, marked=marked)
                         self.combiner.block_merge(dt, stored)(block, lo)
                         del stored
                     writer.write(name, block)

@@ -13,11 +13,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from ...core.dtypes import DType
-from ...core import native
 from ...core.errors import DeltaFormatError
 from ...core.sizes import numel as count_elements
 from .base import LIST_BELOW
-from .bitmap import Bitmap
+from .bitmap import Bitmap, marked_positions
 from .csr import CSR
 from .full import AllPositions
 from .gaps import Gaps
@@ -107,14 +106,8 @@ class PackedPositions:
         return self.count
 
     def listed(self, elements: int) -> np.ndarray:
-        """The positions, as int64 (no byte per element on the way where the C loops are)."""
-        kernels = native.kernels()
-        if kernels is not None:
-            positions = np.empty(self.count, np.int64)
-            if kernels.bitmap_positions(self.packed, positions) == self.count:
-                return positions
-        positions = np.flatnonzero(np.unpackbits(self.packed, count=elements, bitorder="little"))
-        return positions.astype(np.int64, copy=False)
+        """The positions, as int64."""
+        return marked_positions(self.packed, elements, self.count)
 
 
 def encode_position_bitmap(positions: PackedPositions, shape: tuple[int, ...]

@@ -58,7 +58,7 @@ class Bitmap:
     def decode(self, payload: bytes, config: dict, shape: tuple[int, ...], count: int) -> np.ndarray:
         numel = count_elements(shape)
         raw = unpack_stream(payload, config, (numel + 7) // 8)
-        return _set_bits(raw, numel, count)
+        return marked_positions(raw, numel, count)
 
     def decode_bits(self, payload: bytes, config: dict, shape: tuple[int, ...], count: int
                     ) -> np.ndarray:
@@ -217,8 +217,9 @@ def _window_bits(window: np.ndarray, first: int) -> np.ndarray:
     return positions
 
 
-def _set_bits(raw: bytes, numel: int, count: int) -> np.ndarray:
-    """The positions a whole bitmap marks, checked against the element and record counts."""
+def marked_positions(raw: bytes | np.ndarray, numel: int, count: int) -> np.ndarray:
+    """The positions (int64) a whole bitmap marks, checked against the element and record
+    counts."""
     kernels = native.kernels()
     if kernels is not None:
         if numel % 8 and raw[-1] >> (numel % 8):
