@@ -540,6 +540,29 @@ def test_max_memory_bounds_what_compress_holds_and_changes_no_byte(tmp_path):
     assert not (tmp_path / "refused.delta").exists()
 
 
+def test_without_max_memory_the_default_grows_to_a_lossless_tensor_and_says_so(
+        tmp_path, monkeypatch, caplog):
+    """The default budget below what the largest tensor stored whole needs: compress goes on
+    with that much, in a warning naming the tensor and the figure (an explicit budget is
+    refused instead, test above), and writes the bytes an ample budget writes."""
+    import logging
+
+    from sparsestitch.engine import budget
+
+    generator = torch.Generator().manual_seed(1)
+    base = {"big": torch.randn(2048, 1024, generator=generator)}
+    base_path = save_checkpoint(tmp_path / "base.safetensors", base)
+    tune = save_checkpoint(tmp_path / "ft.safetensors",
+                           {"big": base["big"] + 0.01 * torch.randn(2048, 1024, generator=generator)})
+    sparsestitch.compress(base_path, tune, tmp_path / "ample.delta", lossless=True)
+    monkeypatch.setattr(budget, "DEFAULT_MEMORY", 40 << 20)
+    with caplog.at_level(logging.WARNING, logger="sparsestitch"):
+        sparsestitch.compress(base_path, tune, tmp_path / "grown.delta", lossless=True)
+    assert "storing tensor 'big' exactly needs 66.0 MiB, above the default max_memory of " \
+           "40.0 MiB" in caplog.text
+    assert (tmp_path / "grown.delta").read_bytes() == (tmp_path / "ample.delta").read_bytes()
+
+
 @pytest.mark.parametrize("options", [{}, {"lossless": True}, {"density": 0.3}])
 def test_a_restored_folders_card_says_what_is_exact_and_it_is_true(tmp_path, options):
     """The card states what the restored model holds: exact bits at every stored position

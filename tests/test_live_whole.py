@@ -189,3 +189,9 @@ def test_a_bitmap_marking_other_than_its_count_is_refused_and_the_model_left_as_
     with pytest.raises(DeltaFormatError, match="bitmap marks"):
         sparsestitch.restore(base, bad, out, block_bytes=64)
     assert not out.exists()
+    # the stitch's block merge reads bitmaps as bits, whole tensors and streamed ones
+    for budget in (None, "64KiB"):
+        with pytest.raises(DeltaFormatError, match="bitmap marks"):
+            sparsestitch.stitch(base, [delta, bad], out, rule="task-arithmetic",
+                                max_memory=budget)
+        assert not out.exists()

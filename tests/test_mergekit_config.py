@@ -331,6 +331,21 @@ def test_per_tensor_filters_as_in_mergekits_ties_example(models, tmp_path):
                                                   {"filter": None, "value": 1.0}]
 
 
+def test_a_gradient_over_a_base_without_layers_is_refused(models):
+    """A gradient is placed on the base's layers: a base none of whose tensor names has a
+    layer index (layers.N, h.N, ...) gets the config refused, naming why."""
+    flat = {"embed.weight": torch.randn(4, 3), "head.weight": torch.randn(3, 4)}
+    save_checkpoint(models / "models" / "flat", flat)
+    save_checkpoint(models / "models" / "flat-ft", finetune_of(flat, seed=3))
+    with pytest.raises(ConfigError, match="no tensor name of the base has a layer index"):
+        load(write(models, """
+            merge_method: ties
+            base_model: models/flat
+            models:
+              - {model: models/flat-ft, parameters: {weight: 1, density: [0.2, 0.8]}}
+            """))
+
+
 def test_every_problem_is_named_in_one_error(models):
     config = write(models, """
         merge_method: slerp

@@ -649,3 +649,14 @@ def test_block_merge_of_bitmap_records_equals_the_merge_of_their_positions(data)
                             np.empty(window, np.float32), np.empty(window, np.uint32))
         merged.append(block)
     np.testing.assert_array_equal(merged[0], merged[1])
+
+
+def test_a_bitmap_record_with_a_bad_bit_is_refused():
+    kernels = native.kernels()
+    if kernels is None:
+        pytest.skip("the C loops are not built")
+    block = np.zeros(8, np.uint16)
+    record = (np.array([1], np.uint8), np.ones(1, np.uint16), np.zeros(1, np.uint16), 1.0, 0, 8)
+    with pytest.raises(ValueError, match="a bit of 0..7"):
+        kernels.merge_block(0, block, 0, [record], 1, 1.0, 1, 0x7FC0,
+                            np.empty(64, np.float32), np.empty(64, np.uint32))

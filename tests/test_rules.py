@@ -305,6 +305,27 @@ def test_a_density_gradient_takes_its_value_at_the_tensors_layer(name, layers, w
         rule_combiner("ties-mergekit", None, 2, density=[[0.1, 0.9], 0.3])
 
 
+def test_per_tensor_filters_take_the_first_match_and_refuse_what_none_gives():
+    """mergekit's per-tensor filters: the first whose text is in the tensor's name (or that
+    has none) gives the value; a malformed filter is refused when the options are checked,
+    and a tensor no filter matches when it is merged, naming it."""
+    rng = np.random.default_rng(6)
+    base = random_bits(rng, "F32", 30)
+    finetuned = [random_bits(rng, "F32", 30, near=base) for _ in range(2)]
+    masks = random_masks(rng, 2, 30)
+    filters = [{"filter": "mlp", "value": 0.3}, {"filter": None, "value": 0.8}]
+    for name, want in (("layers.0.mlp.w", 0.3), ("layers.0.attn.w", 0.8)):
+        got = sparse_merge("ties-mergekit", "F32", base, masks, finetuned, None, name,
+                           density=[filters, 0.5])
+        assert np.array_equal(got, sparse_merge("ties-mergekit", "F32", base, masks, finetuned,
+                                                None, name, density=[want, 0.5]))
+    with pytest.raises(OptionError, match="a filter is"):
+        rule_combiner("ties-mergekit", None, 2, density=[[{"filter": "mlp"}], 0.5])
+    with pytest.raises(OptionError, match="no filter gives tensor 'layers.0.attn.w' a value"):
+        sparse_merge("ties-mergekit", "F32", base, masks, finetuned, None, "layers.0.attn.w",
+                     density=[filters[:1], 0.5])
+
+
 @settings(max_examples=30, deadline=None)
 @given(merge_cases(dtypes=("I64", "I32", "U8", "BOOL")))
 def test_non_float_tensors_take_the_stored_bits(case):
