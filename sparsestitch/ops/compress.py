@@ -137,8 +137,10 @@ def compress(base: str | os.PathLike, finetuned: str | os.PathLike | Sequence[st
         ``density=1.0`` with ``bits`` encode quantized records as the blocks are read: they
         hold a bitmap of the largest tensor (one bit per element) and two runs of a million
         values.  Exact values (``lossless``, a density without ``bits``, or a target's exact
-        option) hold one fine-tune's selection of a tensor while it is encoded (up to 16
-        bytes per kept float32 element).
+        option) hold one fine-tune's selection of a tensor while it is encoded
+        (:func:`exact_bytes` of it at worst): where every change of a tensor is stored (a
+        lossless delta; non-float and ``dense`` tensors) a smaller ``max_memory`` is refused
+        naming the tensor, and without one the default grows to it, with a warning.
     allow_crimes:
         Go on when the base's and a fine-tune's ``config.json`` name different
         architectures (refused by default, as mergekit's ``--allow-crimes``).
