@@ -4,8 +4,9 @@ threads, with ``sparsestitch.core.native.one_malloc_arena`` on (the default) and
 
 Jobs, on the synthetic llama-shaped bf16 model of ``bench/compress.py`` (the same cache):
 the stitch of four lossless deltas of its fine-tune (task arithmetic), lossless and default
-compress (the commands that ask for one arena), and ``merge --rule localize-stitch --keep
-0.01``, which does not (a control: its two rows run the same code).
+compress, and ``merge --rule localize-stitch --keep 0.01``.  Only stitch asks for one arena
+(compress did until 2026-12-07: see docs/results-compress.md); the other rows are controls
+whose two runs are the same code.
 
     python bench/malloc_arenas.py --size 0.5 --repeat 2
 

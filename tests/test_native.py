@@ -600,7 +600,7 @@ def test_bitmap_move_refuses_a_wrong_count_or_range():
 
 @pytest.mark.parametrize("setting, expected", [("one", True), ("any", False)])
 def test_one_malloc_arena_is_asked_for_once_and_can_be_left_alone(setting, expected):
-    """glibc's malloc is told to use one arena (stitch and compress ask, before their threads
+    """glibc's malloc is told to use one arena (stitch asks, before its threads
     start), unless SPARSESTITCH_MALLOC_ARENAS=any; a fresh interpreter, as the setting is
     process-wide."""
     import platform

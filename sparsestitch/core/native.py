@@ -54,9 +54,10 @@ def one_malloc_arena() -> bool:
     arena of its own, which keeps what was freed into it for its own thread.  Stitching, the
     read-ahead threads decode records that the writing thread frees: with an arena each, a
     stitch of four lossless deltas peaked 60-100% above its one-arena peak at the same speed
-    (bench/malloc_arenas.py), and compress a little above it.  stitch and compress ask for
-    it; merge from fine-tunes, which held no more with an arena a thread, does not.  The
-    setting is process-wide (made once, by the command), so the variable can leave it alone.
+    (bench/malloc_arenas.py).  Only stitch asks for it: compress held a little less with
+    one arena but its max_size and d1 b2 modes ran 7-13% slower, and merge from fine-tunes
+    held no more.  The setting is process-wide (made once, by the command), so the variable
+    can leave it alone.
     """
     global _arenas_limited
     if _arenas_limited or os.environ.get("SPARSESTITCH_MALLOC_ARENAS", "one") == "any":

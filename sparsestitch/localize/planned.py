@@ -89,7 +89,7 @@ class StreamedRecord:
         if kept is not None:
             mask = np.zeros(block.base.size, bool)
             mask[kept] = True
-        self.bitmap.add(mask, block.base.size)
+        self.bitmap.add(mask, block.base.size, count)
 
     def finish(self, base_xxh3: str) -> Encoded:
         if self.expected is not None and self.kept != self.expected:  # a changed base?

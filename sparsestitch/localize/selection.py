@@ -166,7 +166,7 @@ class PackedParts:
         if mask is None:
             mask = np.zeros(n, bool)
             mask[kept] = True
-        self.bitmap.add(mask, n)
+        self.bitmap.add(mask, n, k)
         self.count += k
 
     def finish(self, dt: DType) -> Selection:

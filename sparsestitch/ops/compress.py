@@ -28,7 +28,6 @@ from ..checkpoint import Checkpoint
 from ..checkpoint.guard import Inputs
 from ..core.dtypes import dtype as lookup_dtype
 from ..core.errors import OptionError
-from ..core.native import one_malloc_arena
 from ..core.progress import bar
 from ..core.sizes import format_bytes
 from ..engine.budget import MemoryBudget
@@ -137,10 +136,8 @@ def compress(base: str | os.PathLike, finetuned: str | os.PathLike | Sequence[st
         ``density=1.0`` with ``bits`` encode quantized records as the blocks are read: they
         hold a bitmap of the largest tensor (one bit per element) and two runs of a million
         values.  Exact values (``lossless``, a density without ``bits``, or a target's exact
-        option) hold one fine-tune's selection of a tensor while it is encoded
-        (:func:`exact_bytes` of it at worst): where every change of a tensor is stored (a
-        lossless delta; non-float and ``dense`` tensors) a smaller ``max_memory`` is refused
-        naming the tensor, and without one the default grows to it, with a warning.
+        option) hold one selection of a tensor (:func:`exact_bytes`; less refused by name,
+        and the default grows to it where every change is stored: see :func:`_exact_budget`).
     allow_crimes:
         Go on when the base's and a fine-tune's ``config.json`` name different
         architectures (refused by default, as mergekit's ``--allow-crimes``).
@@ -224,7 +221,6 @@ class CompressJob:
 
     def run(self, selectors: list[Selector], out_paths: list[Path], overwrite: bool,
             fallback: Callable[[], list[Selector]]) -> list[Written]:
-        one_malloc_arena()  # blocks freed by other threads than read them: see its docstring
         sized = isinstance(self.planner, SizePlanner)
         if sized:
             self._profile(selectors)

@@ -169,20 +169,26 @@ class BitmapBuilder:
         self.at = 0      # elements so far
         self.count = 0   # set bits so far
 
-    def add(self, mask: np.ndarray | None, n: int) -> None:
-        """The next ``n`` elements: ``mask`` (bool) marks the kept ones; None: all of them."""
-        if self.at + n > self.numel:
-            raise ValueError(f"{self.at + n} elements for a bitmap of {self.numel}")
-        lead = self.at % 8  # bits of the first byte that earlier blocks filled
-        if mask is None:
-            mask = np.ones(n, bool)
-        if lead:
-            mask = np.concatenate([np.zeros(lead, bool), mask])
-        bits = np.packbits(mask, bitorder="little")
-        first = self.at // 8
-        self.packed[first:first + bits.size] |= bits
-        self.count += int(np.count_nonzero(mask))
-        self.at += n
+    def add(self, mask: np.ndarray | None, n: int, count: int | None = None) -> None:
+        """The next ``n`` elements: ``mask`` (bool) marks the kept ones, ``count`` of them
+        where the caller knows it; None: all of them."""
+        start, stop = self.at, self.at + n
+        if stop > self.numel:
+            raise ValueError(f"{stop} elements for a bitmap of {self.numel}")
+        if mask is None:  # whole bytes at once, the few bits around them one by one
+            whole_from = min(stop, -(-start // 8) * 8)
+            whole_to = max(whole_from, stop // 8 * 8)
+            for i in (*range(start, whole_from), *range(whole_to, stop)):
+                self.packed[i >> 3] |= 1 << (i & 7)
+            self.packed[whole_from // 8:whole_to // 8] = 0xFF
+            count = n
+        else:
+            lead = start % 8  # bits of the first byte that earlier blocks filled
+            bits = np.packbits(np.concatenate([np.zeros(lead, bool), mask]) if lead else mask,
+                               bitorder="little")
+            self.packed[start // 8:start // 8 + bits.size] |= bits
+        self.count += int(np.count_nonzero(mask)) if count is None else count
+        self.at = stop
 
     def finish(self) -> np.ndarray:
         if self.at != self.numel:
