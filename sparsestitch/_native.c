@@ -1146,7 +1146,9 @@ static inline uint16_t bf16_from_wide(float value)
 {
     uint32_t u;
     memcpy(&u, &value, 4);
-    return value != value ? (uint16_t)((u >> 16) | 0x0040u) : bf16_round(value);
+    uint32_t rounded = (u + (0x7FFFu + ((u >> 16) & 1u))) >> 16, quiet = (u >> 16) | 0x0040u;
+    /* the NaN test on the bits and a select (no branch): loops using this vectorize */
+    return (uint16_t)((u & 0x7FFFFFFFu) > 0x7F800000u ? quiet : rounded);
 }
 
 static inline uint16_t f16_from_wide(float value)
@@ -1247,46 +1249,66 @@ PyDoc_STRVAR(quant_assign_doc,
 "restored value overflows (``overflowed``, uint8), and the squared error of the restored\n"
 "values summed in order over the finite ones, with the largest absolute error.");
 
+/* Values a chunk of quant_assign handles at once: its first loop (levels and restored values,
+ * no dependency between values: vectorized) fills small buffers that its second loop (the
+ * error summed in order, the codes packed) reads back. */
+#define QUANT_CHUNK 256
+
 #define DEFINE_QUANT_ASSIGN(NAME, BITS, WIDE, TO_WIDE, FROM_WIDE, RINT, ABS)                   \
-    static void NAME(const BITS *restrict kept, const BITS *restrict base,                   \
+    VECTOR_CLONES static void NAME(const BITS *restrict kept, const BITS *restrict base,     \
                      const double *restrict a, const double *restrict b, Py_ssize_t n,        \
                      Py_ssize_t size, int bits, uint8_t *restrict codes,                      \
                      uint8_t *restrict overflowed, double *error_sq, double *max_abs)         \
     {                                                                                        \
         const WIDE top = (WIDE)((1 << (bits - 1)) - 1);                                      \
-        double sum = 0.0, largest = 0.0;                                                     \
-        int first = 1;                                                                       \
-        for (Py_ssize_t i = 0; i < n; i++) {                                                 \
-            Py_ssize_t g = i / size;                                                         \
-            WIDE A = (WIDE)a[g], B = (WIDE)b[g];                                             \
-            WIDE tune = TO_WIDE(kept[i]), wide_base = TO_WIDE(base[i]);                      \
-            WIDE tau = tune - wide_base;                                                     \
-            int negative = signbit(tau) != 0;                                                \
-            WIDE level = 0;                                                                  \
-            if (B > 0) {                                                                     \
-                level = RINT((ABS(tau) - A) / B);                                            \
-                if (level != level) level = 0;                                               \
-                if (level < 0) level = 0;                                                    \
-                if (level > top) level = top;                                                \
+        double sum = 0.0, largest = 0.0;  /* 0 + the first square is that square */          \
+        uint64_t pending = 0;             /* code bits not yet written, from bit 0 */        \
+        int filled = 0;                                                                      \
+        uint8_t *out = codes;                                                                \
+        uint8_t code[QUANT_CHUNK];                                                           \
+        WIDE restored[QUANT_CHUNK];                                                          \
+        for (Py_ssize_t first = 0, g = 0; first < n; first += size, g++) {                   \
+            Py_ssize_t group_end = n - first < size ? n : first + size;                      \
+            const WIDE A = (WIDE)a[g], B = (WIDE)b[g];                                       \
+            const WIDE limit = B > 0 ? top : 0;                                              \
+            for (Py_ssize_t at = first; at < group_end; at += QUANT_CHUNK) {                 \
+                int m = (int)(group_end - at < QUANT_CHUNK ? group_end - at : QUANT_CHUNK);  \
+                const BITS *k = kept + at, *o = base + at;                                   \
+                for (int j = 0; j < m; j++) {                                                \
+                    WIDE tune = TO_WIDE(k[j]), wide_base = TO_WIDE(o[j]);                    \
+                    WIDE tau = tune - wide_base;                                             \
+                    int negative = signbit(tau) != 0;                                        \
+                    /* selects, not branches, so that the loop vectorizes: NaN and below 0   \
+                     * give 0, above the limit the limit (0 without a positive step) */      \
+                    WIDE level = RINT((ABS(tau) - A) / B);                                   \
+                    level = level >= 0 ? level : 0;                                          \
+                    level = level > limit ? limit : level;                                   \
+                    int ilevel = (int)level;  /* 0 .. top: through int, not unsigned */      \
+                    WIDE magnitude = A + B * (WIDE)ilevel;                                   \
+                    WIDE value = wide_base + (negative ? -magnitude : magnitude);            \
+                    restored[j] = TO_WIDE(FROM_WIDE(value));                                 \
+                    code[j] = (uint8_t)(negative | (ilevel << 1));                           \
+                }                                                                            \
+                for (int j = 0; j < m; j++) {                                                \
+                    double wide = (double)restored[j];                                       \
+                    double error = wide - (double)TO_WIDE(k[j]);                             \
+                    overflowed[at + j] = !isfinite(wide);                                    \
+                    if (isfinite(error)) {                                                   \
+                        sum += error * error;                                                \
+                        if (fabs(error) > largest) largest = fabs(error);                    \
+                    }                                                                        \
+                    pending |= (uint64_t)code[j] << filled;                                  \
+                    filled += bits;                                                          \
+                    if (filled >= 8) {                                                       \
+                        *out++ = (uint8_t)pending;                                           \
+                        pending >>= 8;                                                       \
+                        filled -= 8;                                                         \
+                    }                                                                        \
+                }                                                                            \
             }                                                                                \
-            unsigned ilevel = (unsigned)level;                                               \
-            WIDE magnitude = A + B * (WIDE)ilevel;                                           \
-            WIDE value = wide_base + (negative ? -magnitude : magnitude);                    \
-            double restored = (double)TO_WIDE(FROM_WIDE(value));                             \
-            double error = restored - (double)tune;                                          \
-            overflowed[i] = !isfinite(restored);                                             \
-            if (isfinite(error)) {                                                           \
-                double square = error * error;                                               \
-                sum = first ? square : sum + square;                                         \
-                first = 0;                                                                   \
-                if (fabs(error) > largest) largest = fabs(error);                            \
-            }                                                                                \
-            uint64_t code = (uint64_t)negative | ((uint64_t)ilevel << 1);                    \
-            uint64_t at = (uint64_t)i * (uint64_t)bits;                                      \
-            for (int bit = 0; bit < bits; bit++, at++)                                       \
-                if (code >> bit & 1u)                                                        \
-                    codes[at >> 3] |= (uint8_t)(1u << (at & 7));                             \
         }                                                                                    \
+        if (filled > 0)                                                                      \
+            *out = (uint8_t)pending;                                                         \
         *error_sq = sum;                                                                     \
         *max_abs = largest;                                                                  \
     }
@@ -1727,8 +1749,12 @@ static inline double max_zero(double v)  /* np.maximum(v, 0.0): v when v >= 0 or
     return (v >= 0.0 || v != v) ? v : 0.0;
 }
 
-static void fit_group(const double *x, Py_ssize_t n, int bits, int rounds, double *offset_out,
-                      double *step_out)
+/* One group's fit.  The level sums are sums of small integers, exact in any order, so they
+ * are taken as integers beside the levels (a loop without dependencies: vectorized); the
+ * sums of floating-point terms are taken value by value, in order. */
+VECTOR_CLONES static void fit_group(const double *restrict x, Py_ssize_t n, int bits, int rounds,
+                                    uint8_t *restrict levels, double *offset_out,
+                                    double *step_out)
 {
     double top = (double)((1 << (bits - 1)) - 1), count = (double)n;
     double sum = x[0], low = x[0], high = x[0];
@@ -1745,16 +1771,24 @@ static void fit_group(const double *x, Py_ssize_t n, int bits, int rounds, doubl
     }
     double offset = low, step = (high - low) / top;
     for (int round = 0; round < rounds; round++) {
-        double l0 = quant_level(x[0], offset, step, top);
-        double s_l = l0, s_ll = l0 * l0, s_lx = l0 * x[0];
-        for (Py_ssize_t i = 1; i < n; i++) {
-            double l = quant_level(x[i], offset, step, top);
+        int64_t s_l = 0, s_ll = 0;
+        unsigned moved = 0;
+        for (Py_ssize_t i = 0; i < n; i++) {
+            uint8_t l = (uint8_t)quant_level(x[i], offset, step, top);
+            moved |= (unsigned)(levels[i] ^ l);
+            levels[i] = l;
             s_l += l;
-            s_ll += l * l;
-            s_lx += l * x[i];
+            s_ll += (int64_t)l * l;
         }
-        double mean_l = s_l / count;
-        double spread = s_ll / count - mean_l * mean_l;
+        /* The levels of the last round again: the same sums would give the same offset and
+         * step, and every later round the same again, so the fit is final (bit for bit). */
+        if (round > 0 && !moved)
+            break;
+        double s_lx = (double)levels[0] * x[0];
+        for (Py_ssize_t i = 1; i < n; i++)
+            s_lx += (double)levels[i] * x[i];
+        double mean_l = (double)s_l / count;
+        double spread = (double)s_ll / count - mean_l * mean_l;
         double covariance = s_lx / count - mean_l * mean_m;
         double fitted = spread > 1e-12 ? covariance / spread : step;
         step = max_zero(fitted);
@@ -1762,6 +1796,60 @@ static void fit_group(const double *x, Py_ssize_t n, int bits, int rounds, doubl
     }
     *offset_out = offset;
     *step_out = step;
+}
+
+/* The magnitudes |wide(kept) - wide(base)| (the difference in the wide type, then float64), as
+ * codecs.quant._fit_and_assign hands them to _fit. */
+#define DEFINE_QUANT_MAGNITUDES(NAME, BITS, WIDE, TO_WIDE)                                   \
+    VECTOR_CLONES static void NAME(const BITS *restrict kept, const BITS *restrict base,     \
+                                   Py_ssize_t n, double *restrict out)                      \
+    {                                                                                        \
+        for (Py_ssize_t i = 0; i < n; i++)                                                   \
+            out[i] = fabs((double)(TO_WIDE(kept[i]) - TO_WIDE(base[i])));                    \
+    }
+
+DEFINE_QUANT_MAGNITUDES(quant_magnitudes_bf16, uint16_t, float, bf16_wide)
+DEFINE_QUANT_MAGNITUDES(quant_magnitudes_f16, uint16_t, float, f16_wide)
+DEFINE_QUANT_MAGNITUDES(quant_magnitudes_f32, uint32_t, float, f32_wide)
+DEFINE_QUANT_MAGNITUDES(quant_magnitudes_f64, uint64_t, double, f64_wide)
+
+static void quant_magnitudes(int kind, const void *kept, const void *base, Py_ssize_t n,
+                             double *out)
+{
+    switch (kind) {
+    case KIND_BF16: quant_magnitudes_bf16(kept, base, n, out); break;
+    case KIND_F16: quant_magnitudes_f16(kept, base, n, out); break;
+    case KIND_F32: quant_magnitudes_f32(kept, base, n, out); break;
+    default: quant_magnitudes_f64(kept, base, n, out); break;
+    }
+}
+
+/* Fit every group of ``size`` values: from the magnitudes ``x`` when given, else from the
+ * bits of ``kept`` and ``base`` (each group's magnitudes computed into a scratch buffer).
+ * Returns -1 when out of memory. */
+static int fit_groups(const double *x, int kind, const char *kept, const char *base,
+                      Py_ssize_t itemsize, Py_ssize_t n, Py_ssize_t size, int bits, int rounds,
+                      double *offsets, double *steps)
+{
+    Py_ssize_t scratch = size < n ? size : n;
+    uint8_t *levels = malloc(scratch ? (size_t)scratch : 1);
+    double *magnitude = x ? NULL : malloc(scratch ? (size_t)scratch * sizeof(double) : 1);
+    if (!levels || (!x && !magnitude)) {
+        free(levels);
+        free(magnitude);
+        return -1;
+    }
+    for (Py_ssize_t g = 0, first = 0; first < n; g++, first += size) {
+        Py_ssize_t m = n - first < size ? n - first : size;
+        const double *group = x ? x + first : magnitude;
+        if (!x)
+            quant_magnitudes(kind, kept + first * itemsize, base + first * itemsize, m,
+                             magnitude);
+        fit_group(group, m, bits, rounds, levels, offsets + g, steps + g);
+    }
+    free(levels);
+    free(magnitude);
+    return 0;
 }
 
 static PyObject *quant_fit(PyObject *self, PyObject *args)
@@ -1785,17 +1873,181 @@ static PyObject *quant_fit(PyObject *self, PyObject *args)
         PyErr_SetString(PyExc_ValueError, "offsets and steps must hold one value per group");
         goto done;
     }
+    int failed;
     Py_BEGIN_ALLOW_THREADS
-    const double *x = magnitude.buf;
-    double *o = offsets.buf, *st = steps.buf;
-    for (Py_ssize_t g = 0; g < groups; g++) {
-        Py_ssize_t first = g * size, m = n - first < size ? n - first : size;
-        fit_group(x + first, m, bits, rounds, o + g, st + g);
-    }
+    failed = fit_groups(magnitude.buf, 0, NULL, NULL, 0, n, size, bits, rounds, offsets.buf,
+                        steps.buf);
     Py_END_ALLOW_THREADS
-    result = Py_NewRef(Py_None);
+    result = failed ? PyErr_NoMemory() : Py_NewRef(Py_None);
 done:
     release(&magnitude);
+    release(&offsets);
+    release(&steps);
+    return result;
+}
+
+PyDoc_STRVAR(quant_non_finite_doc,
+"quant_non_finite(kind, kept, base, out) -> int\n"
+"\n"
+"codecs.quant._non_finite: ``out`` (uint8) 1 where the wide base value, the wide kept value or\n"
+"their difference is not finite; returns how many are.");
+
+#define DEFINE_NON_FINITE(NAME, BITS, WIDE, TO_WIDE)                                         \
+    VECTOR_CLONES static Py_ssize_t NAME(const BITS *restrict kept, const BITS *restrict base, \
+                                         Py_ssize_t n, uint8_t *restrict out)               \
+    {                                                                                        \
+        Py_ssize_t found = 0;                                                                \
+        for (Py_ssize_t i = 0; i < n; i++) {                                                 \
+            WIDE k = TO_WIDE(kept[i]), b = TO_WIDE(base[i]);                                 \
+            /* x - x is 0 for a finite x and NaN otherwise: one test for all three */        \
+            WIDE d = k - b;                                                                  \
+            uint8_t bad = ((k - k) != 0) | ((b - b) != 0) | ((d - d) != 0);                      \
+            out[i] = bad;                                                                    \
+            found += bad;                                                                    \
+        }                                                                                    \
+        return found;                                                                        \
+    }
+
+DEFINE_NON_FINITE(non_finite_bf16, uint16_t, float, bf16_wide)
+DEFINE_NON_FINITE(non_finite_f16, uint16_t, float, f16_wide)
+DEFINE_NON_FINITE(non_finite_f32, uint32_t, float, f32_wide)
+DEFINE_NON_FINITE(non_finite_f64, uint64_t, double, f64_wide)
+
+static PyObject *quant_non_finite(PyObject *self, PyObject *args)
+{
+    PyObject *kept_object, *base_object, *out_object;
+    int kind;
+    if (!PyArg_ParseTuple(args, "iOOO", &kind, &kept_object, &base_object, &out_object))
+        return NULL;
+    if (!known_kind(kind))
+        return NULL;
+    Py_ssize_t itemsize = KIND_ITEMSIZE[kind];
+    Py_buffer kept = {0}, base = {0}, out = {0};
+    PyObject *result = NULL;
+    if (get_buffer(kept_object, &kept, 0, itemsize, "kept bits") < 0 ||
+        get_buffer(base_object, &base, 0, itemsize, "base bits") < 0 ||
+        get_buffer(out_object, &out, 1, 1, "out") < 0)
+        goto done;
+    Py_ssize_t n = kept.len / itemsize, found;
+    if (base.len != kept.len || out.len != n) {
+        PyErr_SetString(PyExc_ValueError, "quant_non_finite buffers differ in length");
+        goto done;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    switch (kind) {
+    case KIND_BF16: found = non_finite_bf16(kept.buf, base.buf, n, out.buf); break;
+    case KIND_F16: found = non_finite_f16(kept.buf, base.buf, n, out.buf); break;
+    case KIND_F32: found = non_finite_f32(kept.buf, base.buf, n, out.buf); break;
+    default: found = non_finite_f64(kept.buf, base.buf, n, out.buf); break;
+    }
+    Py_END_ALLOW_THREADS
+    result = PyLong_FromSsize_t(found);
+done:
+    release(&kept);
+    release(&base);
+    release(&out);
+    return result;
+}
+
+PyDoc_STRVAR(count_unequal_doc,
+"count_unequal(a, b) -> int\n"
+"\n"
+"How many items of ``a`` and ``b`` (2, 4 or 8 bytes each, the same) differ in their bits.");
+
+#define DEFINE_COUNT_UNEQUAL(NAME, BITS)                                                     \
+    VECTOR_CLONES static Py_ssize_t NAME(const BITS *restrict a, const BITS *restrict b,    \
+                                         Py_ssize_t n)                                      \
+    {                                                                                        \
+        Py_ssize_t found = 0;                                                                \
+        for (Py_ssize_t i = 0; i < n; i++)                                                   \
+            found += a[i] != b[i];                                                           \
+        return found;                                                                        \
+    }
+
+DEFINE_COUNT_UNEQUAL(count_unequal_16, uint16_t)
+DEFINE_COUNT_UNEQUAL(count_unequal_32, uint32_t)
+DEFINE_COUNT_UNEQUAL(count_unequal_64, uint64_t)
+
+static PyObject *count_unequal(PyObject *self, PyObject *args)
+{
+    PyObject *a_object, *b_object;
+    if (!PyArg_ParseTuple(args, "OO", &a_object, &b_object))
+        return NULL;
+    Py_buffer a = {0}, b = {0};
+    PyObject *result = NULL;
+    if (PyObject_GetBuffer(a_object, &a, PyBUF_CONTIG_RO | PyBUF_FORMAT) < 0)
+        goto done;
+    Py_ssize_t itemsize = a.itemsize;
+    if (itemsize != 2 && itemsize != 4 && itemsize != 8) {
+        PyErr_Format(PyExc_TypeError, "a has %zd-byte items", itemsize);
+        goto done;
+    }
+    if (get_buffer(b_object, &b, 0, itemsize, "b") < 0)
+        goto done;
+    if (a.len != b.len) {
+        PyErr_SetString(PyExc_ValueError, "count_unequal buffers differ in length");
+        goto done;
+    }
+    Py_ssize_t n = a.len / itemsize, found;
+    Py_BEGIN_ALLOW_THREADS
+    switch (itemsize) {
+    case 2: found = count_unequal_16(a.buf, b.buf, n); break;
+    case 4: found = count_unequal_32(a.buf, b.buf, n); break;
+    default: found = count_unequal_64(a.buf, b.buf, n); break;
+    }
+    Py_END_ALLOW_THREADS
+    result = PyLong_FromSsize_t(found);
+done:
+    release(&a);
+    release(&b);
+    return result;
+}
+
+PyDoc_STRVAR(quant_fit_bits_doc,
+"quant_fit_bits(kind, kept, base, size, bits, rounds, offsets, steps)\n"
+"\n"
+"quant_fit from the bits of the kept fine-tuned values and their base values (``kind`` as\n"
+"for merge_block): the magnitudes |wide(kept) - wide(base)| as float64, a group at a time,\n"
+"never all at once.");
+
+static PyObject *quant_fit_bits(PyObject *self, PyObject *args)
+{
+    PyObject *kept_object, *base_object, *offsets_object, *steps_object;
+    Py_ssize_t size;
+    int kind, bits, rounds;
+    if (!PyArg_ParseTuple(args, "iOOniiOO", &kind, &kept_object, &base_object, &size, &bits,
+                          &rounds, &offsets_object, &steps_object))
+        return NULL;
+    if (!known_kind(kind))
+        return NULL;
+    if (bits < 1 || bits > 8 || size < 1 || rounds < 0)
+        return PyErr_Format(PyExc_ValueError, "bad quant_fit_bits arguments");
+    Py_ssize_t itemsize = KIND_ITEMSIZE[kind];
+    Py_buffer kept = {0}, base = {0}, offsets = {0}, steps = {0};
+    PyObject *result = NULL;
+    if (get_buffer(kept_object, &kept, 0, itemsize, "kept bits") < 0 ||
+        get_buffer(base_object, &base, 0, itemsize, "base bits") < 0 ||
+        get_buffer(offsets_object, &offsets, 1, 8, "offsets") < 0 ||
+        get_buffer(steps_object, &steps, 1, 8, "steps") < 0)
+        goto done;
+    Py_ssize_t n = kept.len / itemsize, groups = (n + size - 1) / size;
+    if (base.len != kept.len) {
+        PyErr_SetString(PyExc_ValueError, "kept and base bits differ in length");
+        goto done;
+    }
+    if (offsets.len / 8 != groups || steps.len / 8 != groups) {
+        PyErr_SetString(PyExc_ValueError, "offsets and steps must hold one value per group");
+        goto done;
+    }
+    int failed;
+    Py_BEGIN_ALLOW_THREADS
+    failed = fit_groups(NULL, kind, kept.buf, base.buf, itemsize, n, size, bits, rounds,
+                        offsets.buf, steps.buf);
+    Py_END_ALLOW_THREADS
+    result = failed ? PyErr_NoMemory() : Py_NewRef(Py_None);
+done:
+    release(&kept);
+    release(&base);
     release(&offsets);
     release(&steps);
     return result;
@@ -1876,11 +2128,18 @@ static PyObject *keys_at_least(PyObject *self, PyObject *args)
     Py_BEGIN_ALLOW_THREADS
     const uint32_t *k = keys.buf;
     int64_t *o = out.buf;
-    for (Py_ssize_t i = 0; i < n; i++) {
-        if (k[i] >= threshold) {
-            if (found < capacity)
-                o[found] = i;
-            found++;
+    if (capacity >= n) {  /* room for every index: no branch on the key */
+        for (Py_ssize_t i = 0; i < n; i++) {
+            o[found] = i;
+            found += k[i] >= threshold;
+        }
+    } else {
+        for (Py_ssize_t i = 0; i < n; i++) {
+            if (k[i] >= threshold) {
+                if (found < capacity)
+                    o[found] = i;
+                found++;
+            }
         }
     }
     Py_END_ALLOW_THREADS
@@ -1891,6 +2150,101 @@ done:
     return result;
 }
 
+
+PyDoc_STRVAR(select_at_least_doc,
+"select_at_least(keys, threshold, finetuned, base, kept_finetuned, kept_base, kept_keys,\n"
+"                packed, first_bit) -> int\n"
+"\n"
+"One block of a selection by threshold, in one pass: the elements whose uint32 ``keys`` are\n"
+">= ``threshold`` have their ``finetuned`` and ``base`` bits (items of 2, 4 or 8 bytes) and\n"
+"their keys copied, in order, to the front of ``kept_*`` (each with room for every element),\n"
+"and their bits set in ``packed`` (uint8, the codec's little-endian bit order), element i at\n"
+"bit ``first_bit + i``; returns how many were kept.");
+
+#define DEFINE_SELECT_AT_LEAST(NAME, BITS)                                                   \
+    static Py_ssize_t NAME(const uint32_t *restrict keys, uint32_t threshold,               \
+                           const BITS *restrict finetuned, const BITS *restrict base,       \
+                           Py_ssize_t n, BITS *restrict kept_finetuned,                     \
+                           BITS *restrict kept_base, uint32_t *restrict kept_keys,          \
+                           uint8_t *restrict packed, int first_bit)                         \
+    {                                                                                        \
+        Py_ssize_t found = 0, i = 0;                                                         \
+        int bit = first_bit;                                                                 \
+        unsigned byte = 0;                                                                   \
+        /* no branch on the keys: every element is written, the count moves by the test */  \
+        for (; i < n; i++) {                                                                 \
+            unsigned keep = keys[i] >= threshold;                                            \
+            kept_finetuned[found] = finetuned[i];                                            \
+            kept_base[found] = base[i];                                                      \
+            kept_keys[found] = keys[i];                                                      \
+            found += keep;                                                                   \
+            byte |= keep << bit;                                                             \
+            if (++bit == 8) {                                                                \
+                *packed++ |= (uint8_t)byte;                                                  \
+                byte = 0;                                                                    \
+                bit = 0;                                                                     \
+            }                                                                                \
+        }                                                                                    \
+        if (bit)                                                                             \
+            *packed |= (uint8_t)byte;                                                        \
+        return found;                                                                        \
+    }
+
+DEFINE_SELECT_AT_LEAST(select_at_least_16, uint16_t)
+DEFINE_SELECT_AT_LEAST(select_at_least_32, uint32_t)
+DEFINE_SELECT_AT_LEAST(select_at_least_64, uint64_t)
+
+static PyObject *select_at_least(PyObject *self, PyObject *args)
+{
+    PyObject *keys_object, *ft_object, *base_object, *kft_object, *kbase_object, *kkeys_object,
+        *packed_object;
+    unsigned int threshold;
+    int first_bit;
+    if (!PyArg_ParseTuple(args, "OIOOOOOOi", &keys_object, &threshold, &ft_object, &base_object,
+                          &kft_object, &kbase_object, &kkeys_object, &packed_object, &first_bit))
+        return NULL;
+    if (first_bit < 0 || first_bit > 7)
+        return PyErr_Format(PyExc_ValueError, "first_bit %d is not 0..7", first_bit);
+    Py_buffer keys = {0}, ft = {0}, base = {0}, kft = {0}, kbase = {0}, kkeys = {0}, packed = {0};
+    PyObject *result = NULL;
+    if (get_buffer(keys_object, &keys, 0, 4, "keys") < 0 ||
+        PyObject_GetBuffer(ft_object, &ft, PyBUF_CONTIG_RO | PyBUF_FORMAT) < 0)
+        goto done;
+    Py_ssize_t itemsize = ft.itemsize, n = keys.len / 4;
+    if (itemsize != 2 && itemsize != 4 && itemsize != 8) {
+        PyErr_Format(PyExc_TypeError, "finetuned has %zd-byte items", itemsize);
+        goto done;
+    }
+    if (get_buffer(base_object, &base, 0, itemsize, "base") < 0 ||
+        get_buffer(kft_object, &kft, 1, itemsize, "kept_finetuned") < 0 ||
+        get_buffer(kbase_object, &kbase, 1, itemsize, "kept_base") < 0 ||
+        get_buffer(kkeys_object, &kkeys, 1, 4, "kept_keys") < 0 ||
+        get_buffer(packed_object, &packed, 1, 1, "packed") < 0)
+        goto done;
+    if (ft.len != n * itemsize || base.len != n * itemsize || kft.len < n * itemsize ||
+        kbase.len < n * itemsize || kkeys.len < n * 4 || packed.len < (first_bit + n + 7) / 8) {
+        PyErr_SetString(PyExc_ValueError, "select_at_least buffers differ in length");
+        goto done;
+    }
+    Py_ssize_t found;
+    Py_BEGIN_ALLOW_THREADS
+    switch (itemsize) {
+    case 2: found = select_at_least_16(keys.buf, threshold, ft.buf, base.buf, n, kft.buf, kbase.buf, kkeys.buf, packed.buf, first_bit); break;
+    case 4: found = select_at_least_32(keys.buf, threshold, ft.buf, base.buf, n, kft.buf, kbase.buf, kkeys.buf, packed.buf, first_bit); break;
+    default: found = select_at_least_64(keys.buf, threshold, ft.buf, base.buf, n, kft.buf, kbase.buf, kkeys.buf, packed.buf, first_bit); break;
+    }
+    Py_END_ALLOW_THREADS
+    result = PyLong_FromSsize_t(found);
+done:
+    release(&keys);
+    release(&ft);
+    release(&base);
+    release(&kft);
+    release(&kbase);
+    release(&kkeys);
+    release(&packed);
+    return result;
+}
 
 #define DEFINE_KEYS(NAME, BITS, TO_WIDE)                                                    \
     static void NAME(const BITS *restrict finetuned, const BITS *restrict base,             \
@@ -2056,6 +2410,10 @@ static PyMethodDef methods[] = {
     {"strictly_increasing", strictly_increasing, METH_VARARGS, strictly_increasing_doc},
     {"magnitude_keys", magnitude_keys, METH_VARARGS, magnitude_keys_doc},
     {"quant_fit", quant_fit, METH_VARARGS, quant_fit_doc},
+    {"quant_fit_bits", quant_fit_bits, METH_VARARGS, quant_fit_bits_doc},
+    {"count_unequal", count_unequal, METH_VARARGS, count_unequal_doc},
+    {"quant_non_finite", quant_non_finite, METH_VARARGS, quant_non_finite_doc},
+    {"select_at_least", select_at_least, METH_VARARGS, select_at_least_doc},
     {"key_histogram", key_histogram, METH_VARARGS, key_histogram_doc},
     {"keys_at_least", keys_at_least, METH_VARARGS, keys_at_least_doc},
     {"rice_decode", rice_decode, METH_VARARGS, rice_decode_doc},

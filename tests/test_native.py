@@ -15,7 +15,7 @@ from unittest import mock
 
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import assume, given, settings, strategies as st
 
 import sparsestitch
 from sparsestitch.core import native
@@ -466,6 +466,91 @@ def test_quant_fit_alike_in_c_and_numpy(values, bits, group):
     with_c, plain = _c_and_numpy(lambda: _fit(magnitude, starts, bits))
     for a, b in zip(with_c, plain):
         assert np.array_equal(a.view(np.uint64), b.view(np.uint64))
+
+
+@needs_kernels
+@settings(max_examples=60, deadline=None)
+@given(st.data(), st.sampled_from(["BF16", "F16", "F32", "F64"]), st.sampled_from([1, 2, 3, 4, 8]),
+       st.sampled_from([1, 3, 8, 128, 1000]))
+def test_quant_fit_from_bits_is_the_fit_of_their_magnitudes(data, dt_name, bits, group):
+    """quant_fit_bits (magnitudes computed a group at a time in C) gives what _fit gives for
+    the magnitudes numpy computes, bit for bit, over the values the encoder fits (the
+    regular ones: base, fine-tuned value and difference finite; zeros and subnormals too)."""
+    from sparsestitch.core.dtypes import to_wide
+    from sparsestitch.delta.codecs.quant import (  # noqa: PLC2701 - the twins
+        FIT_ROUNDS, _fit, _group_starts, _non_finite)
+
+    dt = dtype(dt_name)
+    kept, base = data.draw(value_pairs(dt, max_size=300))
+    regular = ~_non_finite(kept, base, dt)
+    kept, base = kept[regular], base[regular]
+    assume(kept.size > 0)
+    starts = _group_starts(kept.size, group if group < kept.size else 0)
+    with np.errstate(all="ignore"):
+        magnitude = np.abs((to_wide(kept, dt) - to_wide(base, dt)).astype(np.float64))
+    with mock.patch.dict(os.environ, {"SPARSESTITCH_NATIVE": "0"}), np.errstate(all="ignore"):
+        offsets, steps = _fit(magnitude, starts, bits)  # as the encoder calls it
+    got_offsets, got_steps = np.empty(starts.size), np.empty(starts.size)
+    size = int(starts[1]) if starts.size > 1 else kept.size
+    kernels_, kind = native.float_kernels(dt_name)
+    kernels_.quant_fit_bits(kind, kept, base, size, bits, FIT_ROUNDS, got_offsets, got_steps)
+    assert np.array_equal(got_offsets.view(np.uint64), offsets.view(np.uint64))
+    assert np.array_equal(got_steps.view(np.uint64), steps.view(np.uint64))
+
+
+@needs_kernels
+@settings(max_examples=60, deadline=None)
+@given(st.data(), st.sampled_from(["BF16", "F16", "F32", "F64"]))
+def test_quant_non_finite_alike_in_c_and_numpy(data, dt_name):
+    from sparsestitch.delta.codecs.quant import _non_finite  # noqa: PLC2701 - the twins
+
+    dt = dtype(dt_name)
+    kept, base = data.draw(value_pairs(dt, max_size=300))
+    with_c, plain = _c_and_numpy(lambda: _non_finite(kept, base, dt))
+    assert with_c.dtype == plain.dtype == bool
+    assert np.array_equal(with_c, plain)
+
+
+@needs_kernels
+@settings(max_examples=60, deadline=None)
+@given(st.data(), st.sampled_from(ALL_DTYPES))
+def test_changed_count_alike_in_c_and_numpy(data, dt):
+    from sparsestitch.localize.stats import count_changed
+
+    kept, base = data.draw(value_pairs(dt, max_size=300))
+    with_c, plain = _c_and_numpy(lambda: count_changed(kept, base))
+    assert with_c == plain == int(np.count_nonzero(kept != base))
+
+
+@needs_kernels
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.integers(0, (1 << 32) - 1), max_size=200), st.integers(0, 7),
+       st.sampled_from([2, 4, 8]), st.data())
+def test_selection_by_threshold_alike_in_c_and_numpy(keys, first, itemsize, data):
+    """One pass of select_at_least keeps the elements numpy's comparison keeps, in order,
+    and ORs exactly their bits into a window whose earlier bits are already set."""
+    from sparsestitch.localize.stats import select_at_least
+
+    keys = np.array(keys, np.uint32)
+    threshold = data.draw(st.sampled_from([1, (1 << 32) - 1, *keys.tolist()]))
+    bits = np.dtype(f"<u{itemsize}")
+    finetuned = np.arange(keys.size, dtype=bits) * 3 + 1
+    base = np.arange(keys.size, dtype=bits) * 5
+    earlier = (1 << first) - 1  # the bits of elements earlier blocks marked
+
+    def select():
+        window = np.zeros((first + keys.size + 7) // 8 or 1, np.uint8)
+        window[0] = earlier
+        got = select_at_least(keys, threshold, finetuned, base, window, first)
+        return (*got, window)
+    with_c, plain = _c_and_numpy(select)
+    keep = keys >= threshold
+    for got in (with_c, plain):
+        assert np.array_equal(got[0], finetuned[keep]) and np.array_equal(got[1], base[keep])
+        assert np.array_equal(got[2], keys[keep])
+        marks = np.unpackbits(got[3], bitorder="little").astype(bool)
+        assert np.array_equal(marks[first:first + keys.size], keep)
+        assert marks[:first].all() and not marks[first + keys.size:].any()
 
 
 @needs_kernels

@@ -141,6 +141,32 @@ def test_targets_do_not_depend_on_threads_or_blocks(tmp_path, skewed):
         assert outputs[0] == outputs[1], options
 
 
+def test_held_blocks_write_what_a_second_read_writes(tmp_path, skewed, monkeypatch):
+    """An error target's passes over a tensor take the blocks its statistics pass kept
+    (where the budget has room) or read it again: the same bytes either way."""
+    from sparsestitch.ops import compress as compress_module
+
+    _, _, base_path, tune_path = skewed
+    asked = []
+    holds = compress_module.CompressJob._holds_blocks
+
+    def recorded(job, name):
+        asked.append(holds(job, name))
+        return asked[-1]
+    monkeypatch.setattr(compress_module.CompressJob, "_holds_blocks", recorded)
+    outputs = []
+    out = tmp_path / "held.delta"
+    sparsestitch.compress(base_path, tune_path, out, max_error=0.25, chunk_elements=999,
+                          overwrite=True)
+    outputs.append(out.read_bytes())
+    assert True in asked
+    monkeypatch.setattr(compress_module.CompressJob, "_holds_blocks", lambda job, name: False)
+    out = tmp_path / "read-twice.delta"
+    sparsestitch.compress(base_path, tune_path, out, max_error=0.25, chunk_elements=999,
+                          overwrite=True)
+    assert out.read_bytes() == outputs[0]
+
+
 def test_targets_from_the_command_line(tmp_path, skewed):
     _, _, base_path, tune_path = skewed
     out = tmp_path / "c.delta"

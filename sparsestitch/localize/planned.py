@@ -29,7 +29,7 @@ from ..engine.walk import BaseHash
 from .budget import Option
 from .selection import Encoded, SelectionParts, TensorScanner, fidelity_report
 from .selectors import Choice, TuneBlock, changed_positions
-from .stats import BINS, TensorStats, key_histogram, keys_at_least
+from .stats import BINS, TensorStats, key_histogram, keys_at_least, select_at_least
 
 #: Kept positions are written as a bitmap from this share of a tensor's elements up (where
 #: a compressed bitmap costs what a Rice-coded list does, and an int64 list would cost 64
@@ -37,16 +37,19 @@ from .stats import BINS, TensorStats, key_histogram, keys_at_least
 BITMAP_FROM = 0.2
 
 
-def tensor_stats(scanner: TensorScanner, name: str, base_hash: BaseHash | None = None
-                 ) -> list[TensorStats]:
+def tensor_stats(scanner: TensorScanner, name: str, base_hash: BaseHash | None = None,
+                 held: list | None = None) -> list[TensorStats]:
     """Every fine-tune's :class:`~.localize.stats.TensorStats` of tensor ``name`` (one
-    pass over its blocks; nothing held but the histograms and samples)."""
+    pass over its blocks; nothing held but the histograms and samples, and the blocks
+    themselves, with their keys, appended to ``held`` when given)."""
     entry = scanner.base.entry(name)
     dt = lookup_dtype(entry.dtype)
     stats = [TensorStats.empty(name, dt, entry.numel) for _ in scanner.tunes]
     for block in scanner.tune_blocks(name, base_hash=base_hash):
         stats[block.tune].add(block.finetuned, block.base, block.offset,
                               keys=block.magnitudes)
+        if held is not None:
+            held.append(block)
     return stats
 
 
@@ -91,6 +94,21 @@ class StreamedRecord:
             mask[kept] = True
         self.bitmap.add(mask, block.base.size, count)
 
+    def add_at_least(self, block: TuneBlock, threshold: int) -> None:
+        """:meth:`add` of the elements whose keys are at least ``threshold`` (> 0), selected
+        and marked in the bitmap in one pass, with no position array."""
+        kept = []
+
+        def set_bits(window: np.ndarray, first: int) -> int:
+            kept.extend(select_at_least(block.magnitudes, threshold, block.finetuned,
+                                        block.base, window, first))
+            return int(kept[2].size)
+        self.bitmap.mark(block.base.size, set_bits)
+        finetuned, base, keys = kept
+        key_histogram(keys, self.counts, self.kept_energy)
+        self.values.add(finetuned, base)
+        self.kept += keys.size
+
     def finish(self, base_xxh3: str) -> Encoded:
         if self.expected is not None and self.kept != self.expected:  # a changed base?
             raise AssertionError(f"{self.name}: kept {self.kept}, planned {self.expected}")
@@ -104,10 +122,9 @@ class StreamedRecord:
         elif self.kept >= BITMAP_FROM * self.numel:
             payload, config = pack_stream(bitmap)
             pos_payload, pos_config = payload, {"codec": "bitmap", **config}
-        else:  # a list is smaller: the positions of the bitmap's set bits
-            positions = np.flatnonzero(np.unpackbits(bitmap, count=self.numel,
-                                                     bitorder="little")).astype(np.int64)
-            pos_payload, pos_config = codecs.encode_positions(positions, self.shape)
+        else:  # a list may be smaller: the smallest of the codecs, the bitmap among them
+            pos_payload, pos_config = codecs.encode_position_bitmap(
+                codecs.PackedPositions(bitmap, self.kept), self.shape)
         val_payload, val_config = self.values.finish()
         val_config = {"codec": "quant", **val_config}
         payload = pos_payload + val_payload
@@ -119,17 +136,22 @@ class StreamedRecord:
                       digest(payload), report), payload
 
 
-def planned_records(scanner: TensorScanner, name: str) -> list[Encoded]:
+def planned_records(scanner: TensorScanner, name: str, hold_blocks: bool = False
+                    ) -> list[Encoded]:
     """Every fine-tune's record of a localized tensor under a planner: the statistics in
     one pass (for an error target), then each fine-tune's options in the planner's order,
     each selected by its threshold in one more pass and encoded, until the planner
-    accepts the record."""
+    accepts the record.  ``hold_blocks``: the statistics pass keeps the blocks it read, with
+    their keys (about ``2 * itemsize + 4`` bytes an element and fine-tune), and the later
+    passes take them instead of reading and keying the tensor again -- for callers whose
+    memory budget has room for that."""
     planner, count = scanner.planner, len(scanner.tunes)
     entry = scanner.base.entry(name)
     dt = lookup_dtype(entry.dtype)
     base_hash = BaseHash(name)
+    held = [] if hold_blocks and planner.needs_stats else None
     if planner.needs_stats:
-        stats = tensor_stats(scanner, name, base_hash)
+        stats = tensor_stats(scanner, name, base_hash, held)
         base_xxh3 = base_hash.hexdigest()
         options = {i: planner.options(stats[i], i) for i in range(count)}
         energy = {i: stats[i].energy for i in range(count)}
@@ -144,9 +166,15 @@ def planned_records(scanner: TensorScanner, name: str) -> list[Encoded]:
                      if option.bits is not None and option.threshold >= 0
                      and (option.kept > 0 or option.threshold == 0)
                      else SelectionParts()) for i, option in current.items()}
-        for block in scanner.tune_blocks(name, base_hash=base_hash if base_xxh3 is None else None):
+        blocks = held if held is not None else \
+            scanner.tune_blocks(name, base_hash=base_hash if base_xxh3 is None else None)
+        for block in blocks:
             if block.tune in current:
-                sinks[block.tune].add(block, choice_of(block, current[block.tune].threshold))
+                sink, threshold = sinks[block.tune], current[block.tune].threshold
+                if isinstance(sink, StreamedRecord) and threshold > 0:
+                    sink.add_at_least(block, threshold)
+                else:
+                    sink.add(block, choice_of(block, threshold))
         if base_xxh3 is None:
             base_xxh3 = base_hash.hexdigest()
         for i, option in list(current.items()):

@@ -85,6 +85,36 @@ def keys_at_least(keys: np.ndarray, threshold: int) -> np.ndarray:
     return np.flatnonzero(keys >= np.uint32(threshold)).astype(np.int64)
 
 
+def count_changed(finetuned: np.ndarray, base: np.ndarray) -> int:
+    """How many elements' bits differ (flat arrays of the same dtype bits)."""
+    kernels = native.kernels()
+    if kernels is not None and finetuned.dtype.itemsize in (2, 4, 8):
+        return kernels.count_unequal(np.ascontiguousarray(finetuned), np.ascontiguousarray(base))
+    return int(np.count_nonzero(finetuned != base))
+
+
+def select_at_least(keys: np.ndarray, threshold: int, finetuned: np.ndarray, base: np.ndarray,
+                    window: np.ndarray, first: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One block's selection by threshold: the fine-tuned and base bits and the keys of the
+    elements whose ``keys`` are at least ``threshold`` (in order), their bits set in
+    ``window`` (element ``i`` at bit ``first + i``, as :meth:`BitmapBuilder.mark` hands it)."""
+    kernels = native.kernels()
+    finetuned, base = finetuned.reshape(-1), base.reshape(-1)
+    if kernels is not None:  # one pass, no index array
+        keys = np.ascontiguousarray(keys, np.uint32)
+        finetuned, base = np.ascontiguousarray(finetuned), np.ascontiguousarray(base)
+        kept_ft, kept_base = np.empty_like(finetuned), np.empty_like(base)
+        kept_keys = np.empty_like(keys)
+        count = kernels.select_at_least(keys, threshold, finetuned, base, kept_ft, kept_base,
+                                        kept_keys, window, first)
+        # copies of the values: whoever keeps them keeps no block-sized buffer
+        return kept_ft[:count].copy(), kept_base[:count].copy(), kept_keys[:count]
+    mask = keys >= np.uint32(threshold)
+    bits = np.packbits(np.concatenate([np.zeros(first, bool), mask]), bitorder="little")
+    window[:bits.size] |= bits
+    return finetuned[mask], base[mask], keys[mask]
+
+
 @dataclass(frozen=True)
 class Cut:
     """Keeping every changed element whose key is at least ``threshold`` (0: every change)."""
@@ -121,7 +151,7 @@ class TensorStats:
         if keys is None:
             keys = stats_keys(finetuned, base, self.dt)
         key_histogram(keys, self.counts, self.bin_energy)
-        self.changed += int(np.count_nonzero(finetuned != base))
+        self.changed += count_changed(finetuned, base)
         first = (-offset) % self.step
         self.sample_finetuned.append(finetuned[first::self.step].copy())
         self.sample_base.append(base[first::self.step].copy())

@@ -291,7 +291,7 @@ class CompressJob:
         localized float tensors it decides, else by the selectors."""
         plan, dt = self.plan, lookup_dtype(self.base.entry(name).dtype)
         if self.planner is not None and name in plan.localized and not plan.stored_exactly(name, dt):
-            return planned_records(self.scanner, name)
+            return planned_records(self.scanner, name, hold_blocks=self._holds_blocks(name))
         return self.scanner.select_and_encode(name, selectors,
                                               one_at_a_time=self._one_at_a_time(name))
 
@@ -299,6 +299,15 @@ class CompressJob:
         """One fine-tune's selection of tensor ``name`` at worst: every element kept."""
         entry = self.base.entry(name)
         return exact_bytes(entry.numel, lookup_dtype(entry.dtype).itemsize)
+
+    def _holds_blocks(self, name: str) -> bool:
+        """Whether a target's passes over tensor ``name`` keep its blocks and keys from the
+        first pass instead of reading them again: when they fit in a share of the budget
+        that every worker can take at once (a few large tensors are read twice instead)."""
+        entry = self.base.entry(name)
+        itemsize = lookup_dtype(entry.dtype).itemsize
+        held = entry.numel * (itemsize + len(self.tunes) * (itemsize + 4))
+        return held <= self.max_memory // (2 * max(1, self.workers))
 
     def _one_at_a_time(self, name: str) -> bool:
         """Whether tensor ``name``'s fine-tunes are selected one after another (see

@@ -67,14 +67,16 @@ def value_codec(codec_id: str):
         raise DeltaFormatError(f"unknown value codec {codec_id!r}") from None
 
 
-def encode_positions(positions: np.ndarray, shape: tuple[int, ...]) -> tuple[bytes, dict]:
+def encode_positions(positions: np.ndarray, shape: tuple[int, ...],
+                     packed: np.ndarray | None = None) -> tuple[bytes, dict]:
     """Encode sorted flat ``positions`` with the smallest of the codecs worth trying.
 
     Codecs that cannot win for this density are skipped to save time: list codecs
     when a bitmap is certainly smaller, the bitmap below 1/32 density (where it can
     only win for strongly clustered positions, at some cost in size).
 
-    Returns the payload and its config, which includes ``codec``.
+    Returns the payload and its config, which includes ``codec``.  ``packed``: the same
+    positions as a bitmap already packed, which the bitmap codec then takes as it is.
 
     >>> payload, config = encode_positions(np.array([3, 70, 900]), (1000,))
     >>> config["codec"]
@@ -85,7 +87,8 @@ def encode_positions(positions: np.ndarray, shape: tuple[int, ...]) -> tuple[byt
     for codec in POSITION_CODECS:
         if not codec.applies(shape, count) or not codec.worth_trying(positions, shape):
             continue
-        payload, config = codec.encode(positions, shape)
+        payload, config = (codec.encode_packed(packed) if packed is not None and codec is _BITMAP
+                           else codec.encode(positions, shape))
         if best is None or len(payload) < len(best[0]):
             best = (payload, {"codec": codec.codec_id, **config})
         if not payload:
@@ -121,7 +124,7 @@ def encode_position_bitmap(positions: PackedPositions, shape: tuple[int, ...]
     if positions.count * LIST_BELOW >= elements:
         payload, config = _BITMAP.encode_packed(positions.packed)
         return payload, {"codec": _BITMAP.codec_id, **config}
-    return encode_positions(positions.listed(elements), shape)
+    return encode_positions(positions.listed(elements), shape, positions.packed)
 
 
 #: Above this many values, the value codec is chosen on an evenly strided sample.

@@ -190,6 +190,16 @@ class BitmapBuilder:
         self.count += int(np.count_nonzero(mask)) if count is None else count
         self.at = stop
 
+    def mark(self, n: int, set_bits) -> None:
+        """The next ``n`` elements, their bits set by ``set_bits(window, first)``: ``window``
+        the bytes holding them (zeroed so far), element ``i`` at bit ``first + i``; it returns
+        how many it set."""
+        start, stop = self.at, self.at + n
+        if stop > self.numel:
+            raise ValueError(f"{stop} elements for a bitmap of {self.numel}")
+        self.count += set_bits(self.packed[start // 8:(stop + 7) // 8], start % 8)
+        self.at = stop
+
     def finish(self) -> np.ndarray:
         if self.at != self.numel:
             raise ValueError(f"bitmap of {self.numel} elements given {self.at}")

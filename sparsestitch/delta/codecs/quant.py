@@ -76,21 +76,29 @@ def _fit_and_assign(kept: np.ndarray, base: np.ndarray, dt: DType, scale_dt: DTy
     """Fit the scales of the regular values ``kept`` (over ``base``, bits of both), round them
     to the scale dtype, assign every level with the stored scales (as the decoder will), and
     measure the error."""
+    kernels, kind = native.float_kernels(dt.name)
+    starts = _group_starts(kept.size, group)
     with np.errstate(all="ignore"):
-        tau = to_wide(kept, dt) - to_wide(base, dt)
-        starts = _group_starts(tau.size, group)
-        offsets, steps = _fit(np.abs(tau.astype(np.float64)), starts, bits)
+        if kernels is not None and starts.size:  # the magnitudes a group at a time, in C
+            kept, base = np.ascontiguousarray(kept), np.ascontiguousarray(base)
+            offsets, steps = np.empty(starts.size), np.empty(starts.size)
+            kernels.quant_fit_bits(kind, kept, base, int(starts[1]) if starts.size > 1
+                                   else kept.size, bits, FIT_ROUNDS, offsets, steps)
+            tau = None
+        else:
+            tau = to_wide(kept, dt) - to_wide(base, dt)
+            offsets, steps = _fit(np.abs(tau.astype(np.float64)), starts, bits)
         scale_bits = np.concatenate([_to_scale_bits(offsets, scale_dt),
                                      _to_scale_bits(steps, scale_dt)]) if bits > 1 \
             else _to_scale_bits(offsets, scale_dt)
         a, b = _stored_scales(scale_bits[:starts.size],
                               scale_bits[starts.size:] if bits > 1 else
                               np.zeros(starts.size, scale_dt.bits), scale_dt, dt)
-    size = int(starts[1]) if starts.size > 1 else max(tau.size, 1)
+    size = int(starts[1]) if starts.size > 1 else max(kept.size, 1)
     codes, overflowed, error_sq, max_abs = _assign_and_measure(kept, base, tau, a, b, size, dt,
                                                                bits)
     if keep_overflow:
-        overflowed = np.zeros(tau.size, bool)
+        overflowed = np.zeros(kept.size, bool)
     return _Fitted(codes, scale_bits, error_sq, max_abs, overflowed)
 
 
@@ -100,8 +108,8 @@ def _assign_and_measure(kept, base, tau, a, b, size: int, dt: DType, bits: int):
     restored values summed in order, with its largest term -- C loop or numpy, the same bits."""
     kernels, kind = native.float_kernels(dt.name)
     if kernels is not None:
-        codes = np.zeros((tau.size * bits + 7) // 8, np.uint8)
-        overflowed = np.zeros(tau.size, np.uint8)
+        codes = np.zeros((kept.size * bits + 7) // 8, np.uint8)
+        overflowed = np.zeros(kept.size, np.uint8)
         error_sq, max_abs = kernels.quant_assign(
             kind, bits, size, np.ascontiguousarray(kept), np.ascontiguousarray(base),
             np.ascontiguousarray(a, np.float64), np.ascontiguousarray(b, np.float64), codes,
@@ -392,8 +400,11 @@ class QuantStream:
         for attempt in range(5):
             stop = _run_end(exceptional, start, self.run)
             regular = ~exceptional[start:stop]
-            fitted = _fit_and_assign(kept[start:stop][regular], base[start:stop][regular], dt,
-                                     self.scale_dt, bits, self.group,
+            if regular.all():  # the usual run: no copies
+                run_kept, run_base = kept[start:stop], base[start:stop]
+            else:
+                run_kept, run_base = kept[start:stop][regular], base[start:stop][regular]
+            fitted = _fit_and_assign(run_kept, run_base, dt, self.scale_dt, bits, self.group,
                                      keep_overflow=attempt == 4)
             if not fitted.overflowed.any():
                 break
@@ -413,6 +424,12 @@ class QuantStream:
 def _non_finite(kept: np.ndarray, base: np.ndarray, dt: DType) -> np.ndarray:
     """Where the base, the fine-tuned value or their difference is not finite (a run at a
     time: the wide values are never held for many values at once)."""
+    kernels, kind = native.float_kernels(dt.name)
+    if kernels is not None:
+        out = np.empty(kept.size, np.uint8)
+        kernels.quant_non_finite(kind, np.ascontiguousarray(kept), np.ascontiguousarray(base),
+                                 out)
+        return out.view(bool)
     out = np.empty(kept.size, bool)
     with np.errstate(all="ignore"):
         for at in range(0, kept.size, RUN_VALUES):
