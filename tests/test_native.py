@@ -703,6 +703,36 @@ def test_one_malloc_arena_is_asked_for_once_and_can_be_left_alone(setting, expec
     assert shown == [str(expected)] * 3
 
 
+@pytest.mark.parametrize("setting, expected", [("1", True), ("0", False)])
+def test_freed_blocks_are_kept_for_the_next_ones(setting, expected):
+    """With keep_freed_blocks (compress, merge, stitch and restore ask for it) arrays of a
+    block's size, allocated and freed over and over as a pass over a model does, reuse the
+    freed memory instead of taking fresh pages each time; SPARSESTITCH_MALLOC_KEEP=0 leaves
+    glibc's choice.  Page faults counted in a fresh interpreter (the setting is process-wide)."""
+    import platform
+    import subprocess
+    import sys
+
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("mallopt's thresholds are glibc's")
+    code = ("import resource, numpy as np\n"
+            "from sparsestitch.core import native\n"
+            "kept = native.keep_freed_blocks()\n"
+            "before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
+            "for _ in range(50):\n"  # a block's arrays, then all of them freed
+            "    arrays = [np.ones(4 << 20, np.uint8) for _ in range(6)]\n"
+            "    del arrays\n"
+            "print(kept, native.keep_freed_blocks(), "
+            "resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)")
+    env = {**os.environ, "SPARSESTITCH_MALLOC_KEEP": setting}
+    first, again, faults = subprocess.run([sys.executable, "-c", code], env=env,
+                                          capture_output=True, text=True, timeout=60,
+                                          check=True).stdout.split()
+    assert first == again == str(expected)
+    # 50 rounds of 24 MiB are 307,200 pages: kept, the first round's 6,144 and a few more
+    assert (int(faults) < 20_000) if expected else (int(faults) > 100_000)
+
+
 @settings(max_examples=60, deadline=None)
 @given(st.data())
 def test_block_merge_of_bitmap_records_equals_the_merge_of_their_positions(data):

@@ -234,14 +234,17 @@ class TensorScanner:
         exact, localized = self.plan.stored_exactly(name, dt), name in self.plan.localized
         parts = [PackedParts(entry.numel, dt) if packed else SelectionParts() for _ in self.tunes]
         measured = [localized and not exact and s.measures_energy for s in selectors]
+        # what a pre-pass measured is not measured again (the same sum, block by block)
+        known = [s.tensor_energy(name) if m else None for s, m in zip(selectors, measured)]
+        summing = [m and k is None for m, k in zip(measured, known)]
         energy, base_hash = [0.0] * len(self.tunes), BaseHash(name)
         for block, choice in self.choices(name, selectors, base_hash):
             parts[block.tune].add(block, choice)
-            if measured[block.tune]:
+            if summing[block.tune]:
                 energy[block.tune] += block.energy
         selections = [p.finish(dt) for p in parts]
-        for selection, total, measure in zip(selections, energy, measured):
-            selection.energy = total if measure else None
+        for selection, total, measure, given in zip(selections, energy, measured, known):
+            selection.energy = (total if given is None else given) if measure else None
         return base_hash.hexdigest(), selections
 
     def encode(self, name: str, base_xxh3: str, selection: Selection, tune: int = 0) -> Encoded:

@@ -146,6 +146,11 @@ class Selector:
         """The factor this selector's keys of tensor ``name`` carry (1: plain |tau|)."""
         return 1.0
 
+    def tensor_energy(self, name: str) -> float | None:
+        """Tensor ``name``'s sum of tau squared if a pre-pass measured it (summed block by
+        block as the main pass would sum it), else None."""
+        return None
+
     def pass_needed(self, index: int) -> bool:
         """Whether pre-pass ``index`` must run (checked just before it would)."""
         return True
@@ -430,6 +435,7 @@ class _Normalized:
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._scales: dict[str, float] = {}
+        self._energies: dict[str, float] = {}
 
     def pre_passes(self) -> Sequence[PrePass]:
         return (PrePass("energy"),) + tuple(super().pre_passes())
@@ -450,6 +456,7 @@ class _Normalized:
 
     def absorb(self, index: int, name: str, total: np.ndarray) -> None:
         if index == 0:
+            self._energies[name] = float(total[0])
             norm = float(np.sqrt(total[0]))
             # An unchanged tensor keeps factor 1 (its keys are 0); an infinite norm cannot be
             # divided by, and its non-finite keys rank first anyway.
@@ -463,6 +470,9 @@ class _Normalized:
 
     def key_scale(self, name: str) -> float:
         return self._scales.get(name, 1.0)
+
+    def tensor_energy(self, name: str) -> float | None:
+        return self._energies.get(name)
 
 
 class FidelityTopK(_Normalized, BracketedTopK):

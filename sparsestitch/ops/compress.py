@@ -28,6 +28,7 @@ from ..checkpoint import Checkpoint
 from ..checkpoint.guard import Inputs
 from ..core.dtypes import dtype as lookup_dtype
 from ..core.errors import OptionError
+from ..core.native import keep_freed_blocks
 from ..core.progress import bar
 from ..core.sizes import format_bytes
 from ..engine.budget import MemoryBudget
@@ -221,6 +222,7 @@ class CompressJob:
 
     def run(self, selectors: list[Selector], out_paths: list[Path], overwrite: bool,
             fallback: Callable[[], list[Selector]]) -> list[Written]:
+        keep_freed_blocks()  # blocks' arrays reuse freed memory: see its docstring
         sized = isinstance(self.planner, SizePlanner)
         if sized:
             self._profile(selectors)

@@ -34,6 +34,7 @@ from ..combine.combiners import Combiner, rule_combiner
 from ..core.dtypes import DType
 from ..core.dtypes import dtype as lookup_dtype
 from ..core.errors import OptionError, TensorMismatchError
+from ..core.native import keep_freed_blocks
 from ..delta.format import Record, decode_positions, decode_values
 from ..engine.budget import MemoryBudget
 from ..engine.fits import check_compatible
@@ -120,6 +121,7 @@ def merge(base: str | os.PathLike, finetuned: Sequence[str | os.PathLike],
     if delta_paths:
         Path(save_deltas).mkdir(parents=True, exist_ok=True)
     budget = MemoryBudget.of(max_memory)
+    keep_freed_blocks()  # blocks' arrays reuse freed memory: see its docstring
     with Checkpoint(base) as base_ckpt, contextlib.ExitStack() as stack:
         refuse_delta(base_ckpt)
         tunes = [stack.enter_context(_open_fine_tune(base_ckpt, p, max_memory))

@@ -41,7 +41,7 @@ from ..checkpoint.guard import Inputs
 from ..combine.combiners import Combiner, merges_marks
 from ..core.dtypes import DType
 from ..core.dtypes import dtype as lookup_dtype
-from ..core.native import one_malloc_arena
+from ..core.native import keep_freed_blocks, one_malloc_arena
 from ..core.progress import bar
 from ..delta.format import DeltaReader, Record
 from ..engine.budget import MemoryBudget
@@ -95,6 +95,7 @@ def run(base: str | os.PathLike, deltas: Sequence[str | os.PathLike | DeltaReade
         added_tensors = added_records(readers) if added == "single" else {}
         plan = _Plan(base_ckpt, readers, added_tensors, combiner, budget)
         one_malloc_arena()  # decoded records freed by the writer: see its docstring
+        keep_freed_blocks()  # and blocks' arrays reuse freed memory
         write_model(base_ckpt, out, plan, added_tensors, overwrite=overwrite,
                     progress=progress, budget=budget, metadata=metadata,
                     description=description, card=card,
