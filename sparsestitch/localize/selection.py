@@ -226,21 +226,19 @@ class TensorScanner:
 
     def select(self, name: str, selectors: Sequence[Selector], packed: bool = False
                ) -> tuple[str, list[Selection]]:
-        """The base tensor's checksum and each fine-tune's :class:`Selection` of tensor
-        ``name``, read block by block (``packed``: :class:`PackedParts`, for decided
-        selections that are only encoded)."""
+        """The base tensor's checksum and each fine-tune's :class:`Selection` of tensor ``name``,
+        read block by block (``packed``: :class:`PackedParts`, for selections only encoded)."""
         entry = self.base.entry(name)
         dt = lookup_dtype(entry.dtype)
         exact, localized = self.plan.stored_exactly(name, dt), name in self.plan.localized
         parts = [PackedParts(entry.numel, dt) if packed else SelectionParts() for _ in self.tunes]
         measured = [localized and not exact and s.measures_energy for s in selectors]
-        # what a pre-pass measured is not measured again (the same sum, block by block)
+        # a pre-pass's sum for the tensor, else summed here block by block (the same sum)
         known = [s.tensor_energy(name) if m else None for s, m in zip(selectors, measured)]
-        summing = [m and k is None for m, k in zip(measured, known)]
-        energy, base_hash = [0.0] * len(self.tunes), BaseHash(name)
+        energy, base_hash = [0.0] * len(known), BaseHash(name)
         for block, choice in self.choices(name, selectors, base_hash):
             parts[block.tune].add(block, choice)
-            if summing[block.tune]:
+            if measured[block.tune] and known[block.tune] is None:
                 energy[block.tune] += block.energy
         selections = [p.finish(dt) for p in parts]
         for selection, total, measure, given in zip(selections, energy, measured, known):

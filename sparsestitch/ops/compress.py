@@ -303,13 +303,7 @@ class CompressJob:
         return exact_bytes(entry.numel, lookup_dtype(entry.dtype).itemsize)
 
     def _holds_blocks(self, name: str) -> bool:
-        """Whether a target's passes over tensor ``name`` keep its blocks and keys from the
-        first pass instead of reading them again: when they fit in a share of the budget
-        that every worker can take at once (a few large tensors are read twice instead)."""
-        entry = self.base.entry(name)
-        itemsize = lookup_dtype(entry.dtype).itemsize
-        held = entry.numel * (itemsize + len(self.tunes) * (itemsize + 4))
-        return held <= self.max_memory // (2 * max(1, self.workers))
+        return holds_blocks(self.base.entry(name), len(self.tunes), self.max_memory, self.workers)
 
     def _one_at_a_time(self, name: str) -> bool:
         """Whether tensor ``name``'s fine-tunes are selected one after another (see
@@ -329,6 +323,15 @@ class CompressJob:
                 for i, (record, payload) in enumerate(records):
                     outputs.add(i, record, payload)
                 progress.update(self.base.entry(name).nbytes)
+
+
+def holds_blocks(entry, tunes: int, max_memory: int, workers: int) -> bool:
+    """Whether a target's passes over a tensor keep its blocks and keys from the first pass
+    instead of reading them again: when they fit in a share of the budget that every worker
+    can take at once (a few large tensors are read twice instead)."""
+    itemsize = lookup_dtype(entry.dtype).itemsize
+    held = entry.numel * (itemsize + tunes * (itemsize + 4))
+    return held <= max_memory // (2 * max(1, workers))
 
 
 #: What compress holds whatever the model: a block of every input being read (a million
