@@ -167,6 +167,29 @@ def test_held_blocks_write_what_a_second_read_writes(tmp_path, skewed, monkeypat
     assert out.read_bytes() == outputs[0]
 
 
+def test_a_target_runs_within_a_budget_below_a_tensor_stored_exactly(tmp_path):
+    """A target's quantized records stream, so a budget below what storing a tensor exactly
+    needs is no reason to refuse it; only a target that needs the values exact (0 here) is
+    refused, naming the tensor, with nothing written."""
+    import torch
+
+    from sparsestitch.core.errors import OptionError
+
+    generator = torch.Generator().manual_seed(3)
+    base = {"w": torch.randn(1024, 1024, generator=generator)}
+    tune = {"w": base["w"] + 0.01 * torch.randn(1024, 1024, generator=generator)}
+    base_path, tune_path = _pair(tmp_path, base, tune)
+    out = tmp_path / "budget.delta"
+    sparsestitch.compress(base_path, tune_path, out, max_error=0.3, max_memory="40MiB")
+    restored = tmp_path / "restored.safetensors"
+    sparsestitch.restore(base_path, out, restored)
+    assert _measured_errors(base, tune, restored)["w"] <= 0.3
+    exact = tmp_path / "exact.delta"
+    with pytest.raises(OptionError, match="tensor 'w'.*stored exactly"):
+        sparsestitch.compress(base_path, tune_path, exact, max_error=0.0, max_memory="40MiB")
+    assert not exact.exists()
+
+
 def test_targets_from_the_command_line(tmp_path, skewed):
     _, _, base_path, tune_path = skewed
     out = tmp_path / "c.delta"

@@ -19,6 +19,7 @@ from dataclasses import replace
 import numpy as np
 
 from ..core.dtypes import DType
+from ..core.errors import OptionError
 from ..core.dtypes import dtype as lookup_dtype
 from ..delta import codecs
 from ..delta.codecs.base import pack_stream
@@ -136,15 +137,17 @@ class StreamedRecord:
                       digest(payload), report), payload
 
 
-def planned_records(scanner: TensorScanner, name: str, hold_blocks: bool = False
-                    ) -> list[Encoded]:
+def planned_records(scanner: TensorScanner, name: str, hold_blocks: bool = False,
+                    exact_limit: int | None = None) -> list[Encoded]:
     """Every fine-tune's record of a localized tensor under a planner: the statistics in
     one pass (for an error target), then each fine-tune's options in the planner's order,
     each selected by its threshold in one more pass and encoded, until the planner
     accepts the record.  ``hold_blocks``: the statistics pass keeps the blocks it read, with
     their keys (about ``2 * itemsize + 4`` bytes an element and fine-tune), and the later
     passes take them instead of reading and keying the tensor again -- for callers whose
-    memory budget has room for that."""
+    memory budget has room for that.  ``exact_limit``: options with exact values keeping
+    more elements than this (gathered whole, unlike quantized ones) are passed over, and an
+    :class:`OptionError` names the tensor when only such options are left."""
     planner, count = scanner.planner, len(scanner.tunes)
     entry = scanner.base.entry(name)
     dt = lookup_dtype(entry.dtype)
@@ -160,7 +163,18 @@ def planned_records(scanner: TensorScanner, name: str, hold_blocks: bool = False
         options = {i: iter([planner.option(i, name)]) for i in range(count)}
         energy = {i: planner.energy(i, name) for i in range(count)}
     records: list[Encoded | None] = [None] * count
-    current = {i: next(options[i]) for i in range(count)}
+
+    def next_option(i: int) -> Option:
+        passed = None
+        for option in options[i]:
+            if option.bits is None and exact_limit is not None and option.kept > exact_limit:
+                passed = passed or option
+                continue
+            return option
+        raise OptionError(f"tensor {name!r}: the target needs {passed.kept:,} of its values "
+                          f"stored exactly, more than the {exact_limit:,} max_memory has room "
+                          f"for; allow more memory or loosen the target")
+    current = {i: next_option(i) for i in range(count)}
     while current:
         sinks = {i: (StreamedRecord(name, dt, entry.shape, option, planner.group, energy[i])
                      if option.bits is not None and option.threshold >= 0
@@ -190,5 +204,5 @@ def planned_records(scanner: TensorScanner, name: str, hold_blocks: bool = False
                 records[i] = record
                 del current[i]
             else:
-                current[i] = next(options[i])
+                current[i] = next_option(i)
     return records

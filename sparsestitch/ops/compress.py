@@ -136,9 +136,12 @@ def compress(base: str | os.PathLike, finetuned: str | os.PathLike | Sequence[st
         bytes whatever the bound.  Targets (the default ``max_error``, ``max_size``) and
         ``density=1.0`` with ``bits`` encode quantized records as the blocks are read: they
         hold a bitmap of the largest tensor (one bit per element) and two runs of a million
-        values.  Exact values (``lossless``, a density without ``bits``, or a target's exact
-        option) hold one selection of a tensor (:func:`exact_bytes`; less refused by name,
-        and the default grows to it where every change is stored: see :func:`_exact_budget`).
+        values; an error target also keeps a tensor's blocks between its passes where a
+        share of the budget holds them (:func:`holds_blocks`).  Exact values (``lossless``, a
+        density without ``bits``) hold one selection of a tensor (:func:`exact_bytes`; less is
+        refused by name, and the default grows to it where every change is stored: see
+        :func:`_exact_budget`); a target passes over exact options the budget cannot hold
+        and names the tensor if nothing else meets it.
     allow_crimes:
         Go on when the base's and a fine-tune's ``config.json`` name different
         architectures (refused by default, as mergekit's ``--allow-crimes``).
@@ -177,7 +180,7 @@ def compress(base: str | os.PathLike, finetuned: str | os.PathLike | Sequence[st
             selectors = make_selectors(plan, density, keep.scope, mask_sets, len(tunes))
             job = CompressJob(base_ckpt, tunes, plan, chunk_elements, progress, workers, quantize,
                               planner, _exact_budget(max_memory, base_ckpt, plan, selectors,
-                                                     quantize).total)
+                                                     quantize, planner).total)
             results = job.run(selectors, out_paths, overwrite,
                               fallback=lambda: make_selectors(plan, density, keep.scope, None,
                                                                len(tunes), exact=True))
@@ -293,7 +296,8 @@ class CompressJob:
         localized float tensors it decides, else by the selectors."""
         plan, dt = self.plan, lookup_dtype(self.base.entry(name).dtype)
         if self.planner is not None and name in plan.localized and not plan.stored_exactly(name, dt):
-            return planned_records(self.scanner, name, hold_blocks=self._holds_blocks(name))
+            return planned_records(self.scanner, name, hold_blocks=self._holds_blocks(name),
+                                   exact_limit=exact_limit(self.max_memory, dt.itemsize))
         return self.scanner.select_and_encode(name, selectors,
                                               one_at_a_time=self._one_at_a_time(name))
 
@@ -339,6 +343,12 @@ def holds_blocks(entry, tunes: int, max_memory: int, workers: int) -> bool:
 MIN_MEMORY = 32 << 20
 
 
+def exact_limit(max_memory: int, itemsize: int) -> int:
+    """The most elements of one tensor a budget of ``max_memory`` can select and encode
+    exactly (see :func:`exact_bytes`)."""
+    return max(0, max_memory - MIN_MEMORY) // exact_bytes(1, itemsize)
+
+
 def exact_bytes(numel: int, itemsize: int) -> int:
     """What selecting and encoding one fine-tune's tensor of ``numel`` elements holds when
     every element is kept exactly: the kept fine-tuned and base bits and a bitmap of their
@@ -349,13 +359,15 @@ def exact_bytes(numel: int, itemsize: int) -> int:
 
 
 def _exact_budget(max_memory: int | str | None, base: Checkpoint, plan: TensorPlan,
-                  selectors: Sequence[Selector], quantize: dict | None) -> MemoryBudget:
+                  selectors: Sequence[Selector], quantize: dict | None, planner
+                  ) -> MemoryBudget:
     """compress's budget (:func:`_budget`), checked against the largest tensor stored
     exactly with every change (all of them for a lossless delta; else the non-float and
     ``dense`` ones), which is selected whole: an explicit ``max_memory`` below what it needs
     is refused naming it; the default grows to it, saying so."""
     budget = _budget(max_memory)
-    whole = quantize is None and all(s.method == "changed" for s in selectors)
+    # a target's quantized records stream; its exact options are held to the budget instead
+    whole = planner is None and quantize is None and all(s.method == "changed" for s in selectors)
     largest, needed = None, 0
     for name in plan.names:
         entry = base.entry(name)
