@@ -1166,17 +1166,14 @@ static inline uint16_t f16_from_wide(float value)
 #define DEFINE_ADD_FIRST_NAN(NAME, WIDE, WIDE_BITS, QUIET_BIT)                               \
     static inline WIDE NAME(WIDE a, WIDE b)                                                 \
     {                                                                                       \
-        WIDE sum = a + b;                                                                   \
-        if (sum == sum || (a == a && b == b))                                               \
-            return sum;                                                                     \
-        WIDE_BITS bits;                                                                     \
-        if (a != a)                                                                         \
-            memcpy(&bits, &a, sizeof bits);                                                 \
-        else                                                                                \
-            memcpy(&bits, &b, sizeof bits);                                                 \
-        bits |= QUIET_BIT;                                                                  \
-        memcpy(&sum, &bits, sizeof sum);                                                    \
-        return sum;                                                                         \
+        WIDE sum = a + b, quieted;                                                          \
+        WIDE_BITS a_bits, b_bits;                                                           \
+        memcpy(&a_bits, &a, sizeof a_bits);                                                 \
+        memcpy(&b_bits, &b, sizeof b_bits);                                                 \
+        /* selects, not branches: loops using this vectorize */                             \
+        WIDE_BITS nan_bits = (a != a ? a_bits : b_bits) | QUIET_BIT;                        \
+        memcpy(&quieted, &nan_bits, sizeof quieted);                                        \
+        return (sum == sum) | ((a == a) & (b == b)) ? sum : quieted;                        \
     }
 
 DEFINE_ADD_FIRST_NAN(add_f32, float, uint32_t, 0x00400000u)
@@ -1375,28 +1372,39 @@ PyDoc_STRVAR(quant_restore_doc,
 "level), rounded to the dtype.");
 
 #define DEFINE_QUANT_RESTORE(NAME, BITS, WIDE, TO_WIDE, FROM_WIDE, ADD)                       \
-    static void NAME(const uint8_t *restrict codes, uint64_t bit, int bits, Py_ssize_t size, \
-                     Py_ssize_t skip, const WIDE *restrict a, const WIDE *restrict b,        \
-                     const BITS *restrict base, BITS *restrict out, Py_ssize_t n)            \
+    VECTOR_CLONES static void NAME(const uint8_t *restrict codes, uint64_t bit, int bits,    \
+                     Py_ssize_t size, Py_ssize_t skip, const WIDE *restrict a,               \
+                     const WIDE *restrict b, const BITS *restrict base, BITS *restrict out,  \
+                     Py_ssize_t n)                                                           \
     {                                                                                        \
         const unsigned mask = (1u << bits) - 1u;                                             \
+        uint8_t code[QUANT_CHUNK];                                                           \
         Py_ssize_t g = 0, left = size - skip; /* values left in group g */                   \
-        WIDE A = n ? a[0] : 0, B = n ? b[0] : 0;                                             \
-        for (Py_ssize_t i = 0; i < n; i++, bit += (uint64_t)bits) {                          \
+        for (Py_ssize_t i = 0; i < n;) {                                                     \
             if (left == 0) {                                                                 \
                 g++;                                                                         \
                 left = size;                                                                 \
-                A = a[g];                                                                    \
-                B = b[g];                                                                    \
             }                                                                                \
-            left--;                                                                          \
-            uint64_t byte = bit >> 3;                                                        \
-            unsigned shift = (unsigned)(bit & 7u), window = codes[byte];                     \
-            if (shift + (unsigned)bits > 8u)                                                 \
-                window |= (unsigned)codes[byte + 1] << 8;                                    \
-            unsigned code = (window >> shift) & mask;                                        \
-            WIDE magnitude = ADD(A, B * (WIDE)(code >> 1));                                  \
-            out[i] = FROM_WIDE(ADD(TO_WIDE(base[i]), (code & 1u) ? -magnitude : magnitude)); \
+            /* a chunk within group g: its codes unpacked, then restored without branches */ \
+            int m = (int)(n - i < left ? n - i : left);                                      \
+            if (m > QUANT_CHUNK)                                                             \
+                m = QUANT_CHUNK;                                                             \
+            for (int j = 0; j < m; j++, bit += (uint64_t)bits) {                             \
+                uint64_t byte = bit >> 3;                                                    \
+                unsigned shift = (unsigned)(bit & 7u), window = codes[byte];                 \
+                if (shift + (unsigned)bits > 8u)                                             \
+                    window |= (unsigned)codes[byte + 1] << 8;                                \
+                code[j] = (uint8_t)((window >> shift) & mask);                               \
+            }                                                                                \
+            const WIDE A = a[g], B = b[g];                                                   \
+            const BITS *o = base + i;                                                        \
+            BITS *restrict w = out + i;                                                      \
+            for (int j = 0; j < m; j++) {                                                    \
+                WIDE magnitude = ADD(A, B * (WIDE)(code[j] >> 1));                           \
+                w[j] = FROM_WIDE(ADD(TO_WIDE(o[j]), (code[j] & 1u) ? -magnitude : magnitude)); \
+            }                                                                                \
+            i += m;                                                                          \
+            left -= m;                                                                       \
         }                                                                                    \
     }
 
