@@ -2115,6 +2115,40 @@ done:
     return result;
 }
 
+PyDoc_STRVAR(key_counts_doc,
+"key_counts(keys, counts)\n"
+"\n"
+"Add uint32 ``keys`` to ``counts`` (int64, 65,536 bins), one per key in the bin of its high\n"
+"16 bits: what np.bincount(keys >> 16) counts.");
+
+static PyObject *key_counts(PyObject *self, PyObject *args)
+{
+    PyObject *keys_object, *counts_object;
+    if (!PyArg_ParseTuple(args, "OO", &keys_object, &counts_object))
+        return NULL;
+    Py_buffer keys = {0}, counts = {0};
+    PyObject *result = NULL;
+    if (get_buffer(keys_object, &keys, 0, 4, "keys") < 0 ||
+        get_buffer(counts_object, &counts, 1, 8, "counts") < 0)
+        goto done;
+    if (counts.len != 8 << 16) {
+        PyErr_SetString(PyExc_ValueError, "counts must hold 65536 bins");
+        goto done;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    const uint32_t *k = keys.buf;
+    int64_t *c = counts.buf;
+    Py_ssize_t n = keys.len / 4;
+    for (Py_ssize_t i = 0; i < n; i++)
+        c[k[i] >> 16]++;
+    Py_END_ALLOW_THREADS
+    result = Py_NewRef(Py_None);
+done:
+    release(&keys);
+    release(&counts);
+    return result;
+}
+
 PyDoc_STRVAR(keys_at_least_doc,
 "keys_at_least(keys, threshold, out) -> int\n"
 "\n"
@@ -2255,7 +2289,7 @@ done:
 }
 
 #define DEFINE_KEYS(NAME, BITS, TO_WIDE)                                                    \
-    static void NAME(const BITS *restrict finetuned, const BITS *restrict base,             \
+    VECTOR_CLONES static void NAME(const BITS *restrict finetuned, const BITS *restrict base,             \
                      uint32_t *restrict keys, Py_ssize_t n)                                 \
     {                                                                                       \
         for (Py_ssize_t i = 0; i < n; i++) {                                                \
@@ -2419,6 +2453,7 @@ static PyMethodDef methods[] = {
     {"magnitude_keys", magnitude_keys, METH_VARARGS, magnitude_keys_doc},
     {"quant_fit", quant_fit, METH_VARARGS, quant_fit_doc},
     {"quant_fit_bits", quant_fit_bits, METH_VARARGS, quant_fit_bits_doc},
+    {"key_counts", key_counts, METH_VARARGS, key_counts_doc},
     {"count_unequal", count_unequal, METH_VARARGS, count_unequal_doc},
     {"quant_non_finite", quant_non_finite, METH_VARARGS, quant_non_finite_doc},
     {"select_at_least", select_at_least, METH_VARARGS, select_at_least_doc},

@@ -513,6 +513,18 @@ def test_quant_non_finite_alike_in_c_and_numpy(data, dt_name):
 
 @needs_kernels
 @settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(0, (1 << 32) - 1), max_size=300))
+def test_high_histogram_alike_in_c_and_numpy(keys):
+    from sparsestitch.localize.topk import high_histogram
+
+    keys = np.array(keys, np.uint32)
+    with_c, plain = _c_and_numpy(lambda: high_histogram(keys))
+    assert with_c.dtype == plain.dtype and np.array_equal(with_c, plain)
+    assert with_c.size == 1 << 16 and int(with_c.sum()) == keys.size
+
+
+@needs_kernels
+@settings(max_examples=60, deadline=None)
 @given(st.data(), st.sampled_from(ALL_DTYPES))
 def test_changed_count_alike_in_c_and_numpy(data, dt):
     from sparsestitch.localize.stats import count_changed
