@@ -77,13 +77,13 @@ def one_malloc_arena() -> bool:
 #: glibc's ``mallopt`` parameters for its mmap and trim thresholds, and what compress sets.
 _M_MMAP_THRESHOLD, _M_TRIM_THRESHOLD = -3, -1
 KEEP_BLOCKS_BELOW = 32 << 20   # allocations below this come from malloc's heap
-KEEP_FREED_UP_TO = 128 << 20   # free memory a heap keeps before giving it back
+KEEP_FREED_UP_TO = 64 << 20    # free memory a heap keeps before giving it back
 _freed_kept = False
 
 
 def keep_freed_blocks() -> bool:
     """Have glibc's malloc keep freed blocks for the next ones instead of returning them to
-    the system at once (``mallopt``: mmap threshold 32 MiB, trim threshold 128 MiB), before
+    the system at once (``mallopt``: mmap threshold 32 MiB, trim threshold 64 MiB), before
     worker threads start; True where it took effect.  Idempotent; does nothing off glibc or
     with ``SPARSESTITCH_MALLOC_KEEP=0``.
 

@@ -143,9 +143,9 @@ def planned_records(scanner: TensorScanner, name: str, hold_blocks: bool = False
     one pass (for an error target), then each fine-tune's options in the planner's order,
     each selected by its threshold in one more pass and encoded, until the planner
     accepts the record.  ``hold_blocks``: the statistics pass keeps the blocks it read, with
-    their keys (about ``2 * itemsize + 4`` bytes an element and fine-tune), and the later
-    passes take them instead of reading and keying the tensor again -- for callers whose
-    memory budget has room for that.  ``exact_limit``: options with exact values keeping
+    their keys (the base's bits once, each fine-tune's bits and keys), and the later passes
+    take them instead of reading and keying the tensor again -- for callers whose memory
+    budget has room for that.  ``exact_limit``: options with exact values keeping
     more elements than this (gathered whole, unlike quantized ones) are passed over, and an
     :class:`OptionError` names the tensor when only such options are left."""
     planner, count = scanner.planner, len(scanner.tunes)
