@@ -500,19 +500,6 @@ def test_quant_fit_from_bits_is_the_fit_of_their_magnitudes(data, dt_name, bits,
 
 @needs_kernels
 @settings(max_examples=60, deadline=None)
-@given(st.data(), st.sampled_from(["BF16", "F16", "F32", "F64"]))
-def test_quant_non_finite_alike_in_c_and_numpy(data, dt_name):
-    from sparsestitch.delta.codecs.quant import _non_finite  # noqa: PLC2701 - the twins
-
-    dt = dtype(dt_name)
-    kept, base = data.draw(value_pairs(dt, max_size=300))
-    with_c, plain = _c_and_numpy(lambda: _non_finite(kept, base, dt))
-    assert with_c.dtype == plain.dtype == bool
-    assert np.array_equal(with_c, plain)
-
-
-@needs_kernels
-@settings(max_examples=60, deadline=None)
 @given(st.lists(st.integers(0, (1 << 32) - 1), max_size=300))
 def test_high_histogram_alike_in_c_and_numpy(keys):
     from sparsestitch.localize.topk import high_histogram
@@ -565,16 +552,29 @@ def test_selection_by_threshold_alike_in_c_and_numpy(keys, first, itemsize, data
         assert marks[:first].all() and not marks[first + keys.size:].any()
 
 
-@needs_kernels
-@settings(max_examples=60, deadline=None)
-@given(st.data(), st.sampled_from(["BF16", "F16", "F32", "F64"]))
-def test_ulp_stream_alike_in_c_and_numpy(data, dt_name):
+def _non_finite(kept, base, dt):
+    from sparsestitch.delta.codecs.quant import _non_finite as twins  # noqa: PLC2701
+
+    return twins(kept, base, dt)
+
+
+def _ulp_planes(kept, base, dt):
     from sparsestitch.delta.codecs.ulp import stored_planes
 
+    return stored_planes(kept, base, dt)
+
+
+@needs_kernels
+@pytest.mark.parametrize("loop", [_ulp_planes, _non_finite])
+@settings(max_examples=60, deadline=None)
+@given(data=st.data(), dt_name=st.sampled_from(["BF16", "F16", "F32", "F64"]))
+def test_value_pair_loops_alike_in_c_and_numpy(loop, data, dt_name):
+    """The ulp codec's stream and the quant codec's non-finite test of (fine-tuned, base)
+    pairs, special values included: the C loop gives numpy's result, dtype and all."""
     dt = dtype(dt_name)
     kept, base = data.draw(value_pairs(dt, max_size=300))
-    with_c, plain = _c_and_numpy(lambda: stored_planes(kept, base, dt))
-    assert np.array_equal(with_c, plain)
+    with_c, plain = _c_and_numpy(lambda: loop(kept, base, dt))
+    assert with_c.dtype == plain.dtype and np.array_equal(with_c, plain)
 
 
 @needs_kernels

@@ -62,16 +62,22 @@ def one_malloc_arena() -> bool:
     global _arenas_limited
     if _arenas_limited or os.environ.get("SPARSESTITCH_MALLOC_ARENAS", "one") == "any":
         return _arenas_limited
+    _arenas_limited = _mallopt((_M_ARENA_MAX, 1))
+    return _arenas_limited
+
+
+def _mallopt(*settings: tuple[int, int]) -> bool:
+    """glibc's ``mallopt`` for each ``(parameter, value)`` in order; False off glibc or as
+    soon as one is refused."""
     try:
         import ctypes
 
         libc = ctypes.CDLL(None)
         if not hasattr(libc, "mallopt") or not hasattr(libc, "gnu_get_libc_version"):
             return False
-        _arenas_limited = bool(libc.mallopt(_M_ARENA_MAX, 1))
+        return all(bool(libc.mallopt(parameter, value)) for parameter, value in settings)
     except OSError:
         return False
-    return _arenas_limited
 
 
 #: glibc's ``mallopt`` parameters for its mmap and trim thresholds, and what compress sets.
@@ -98,17 +104,9 @@ def keep_freed_blocks() -> bool:
     global _freed_kept
     if _freed_kept or os.environ.get("SPARSESTITCH_MALLOC_KEEP", "1") == "0":
         return _freed_kept
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None)
-        if not hasattr(libc, "mallopt") or not hasattr(libc, "gnu_get_libc_version"):
-            return False
-        # the mmap threshold first: setting either fixes both (no dynamic adjustment)
-        _freed_kept = bool(libc.mallopt(_M_MMAP_THRESHOLD, KEEP_BLOCKS_BELOW)) and \
-            bool(libc.mallopt(_M_TRIM_THRESHOLD, KEEP_FREED_UP_TO))
-    except OSError:
-        return False
+    # the mmap threshold first: setting either fixes both (no dynamic adjustment)
+    _freed_kept = _mallopt((_M_MMAP_THRESHOLD, KEEP_BLOCKS_BELOW),
+                           (_M_TRIM_THRESHOLD, KEEP_FREED_UP_TO))
     return _freed_kept
 
 
