@@ -715,12 +715,12 @@ def test_one_malloc_arena_is_asked_for_once_and_can_be_left_alone(setting, expec
     assert shown == [str(expected)] * 3
 
 
-@pytest.mark.parametrize("setting, expected", [("1", True), ("0", False)])
-def test_freed_blocks_are_kept_for_the_next_ones(setting, expected):
+def test_freed_blocks_are_kept_for_the_next_ones():
     """With keep_freed_blocks (compress, merge, stitch and restore ask for it) arrays of a
     block's size, allocated and freed over and over as a pass over a model does, reuse the
     freed memory instead of taking fresh pages each time; SPARSESTITCH_MALLOC_KEEP=0 leaves
-    glibc's choice.  Page faults counted in a fresh interpreter (the setting is process-wide)."""
+    glibc's choice.  Page faults counted in fresh interpreters (the setting is process-wide),
+    one with the setting and one without."""
     import platform
     import subprocess
     import sys
@@ -736,13 +736,18 @@ def test_freed_blocks_are_kept_for_the_next_ones(setting, expected):
             "    del arrays\n"
             "print(kept, native.keep_freed_blocks(), "
             "resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)")
-    env = {**os.environ, "SPARSESTITCH_MALLOC_KEEP": setting}
-    first, again, faults = subprocess.run([sys.executable, "-c", code], env=env,
-                                          capture_output=True, text=True, timeout=60,
-                                          check=True).stdout.split()
-    assert first == again == str(expected)
-    # 50 rounds of 24 MiB are 307,200 pages: kept, the first round's 6,144 and a few more
-    assert (int(faults) < 20_000) if expected else (int(faults) > 100_000)
+    faults = {}
+    for setting, expected in (("1", True), ("0", False)):
+        env = {**os.environ, "SPARSESTITCH_MALLOC_KEEP": setting}
+        first, again, count = subprocess.run([sys.executable, "-c", code], env=env,
+                                             capture_output=True, text=True, timeout=60,
+                                             check=True).stdout.split()
+        assert first == again == str(expected)
+        faults[expected] = int(count)
+    if faults[False] < 20_000:  # e.g. huge pages: this kernel faults little either way
+        pytest.skip(f"glibc's own choice took only {faults[False]} page faults here")
+    # 50 rounds of 24 MiB are 307,200 small pages: kept, about the first round's 6,144
+    assert faults[True] * 5 < faults[False]
 
 
 @settings(max_examples=60, deadline=None)
