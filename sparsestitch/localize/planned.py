@@ -19,8 +19,8 @@ from dataclasses import replace
 import numpy as np
 
 from ..core.dtypes import DType
-from ..core.errors import OptionError
 from ..core.dtypes import dtype as lookup_dtype
+from ..core.errors import OptionError
 from ..delta import codecs
 from ..delta.codecs.base import pack_stream
 from ..delta.codecs.bitmap import BitmapBuilder
@@ -171,6 +171,8 @@ def planned_records(scanner: TensorScanner, name: str, hold_blocks: bool = False
                 passed = passed or option
                 continue
             return option
+        if passed is None:  # a planner's options end with one that always qualifies
+            raise AssertionError(f"{name}: the planner ran out of options for fine-tune {i}")
         raise OptionError(f"tensor {name!r}: the target needs {passed.kept:,} of its values "
                           f"stored exactly, more than the {exact_limit:,} max_memory has room "
                           f"for; allow more memory or loosen the target")
