@@ -210,13 +210,16 @@ def main(argv=None) -> dict:
     base = str(synth.make_base(folder, int(args.size_gb * 1e9)))
     inputs = prepare_peer({"size_gb": args.size_gb, "base": base}, args.n, args.jobs, False)
     tunes = inputs["tunes"]
-    deltas, delta_bytes = full_deltas(base, tunes, folder)
+    skipped = {key.strip() for key in args.skip.split(",") if key.strip()}
+    if {"floor compress", "floor stitch", "stitch full"} <= skipped:  # no run reads them
+        deltas, delta_bytes = [""] * len(tunes), [0] * len(tunes)
+    else:
+        deltas, delta_bytes = full_deltas(base, tunes, folder)
     work = folder / "work-merge"
     work.mkdir(exist_ok=True)
     with_mergekit = not args.no_mergekit and mergekit_python().is_file()
     configs = build_configs(base, tunes, deltas, delta_bytes, work, args.max_memory,
                             with_mergekit)
-    skipped = {key.strip() for key in args.skip.split(",") if key.strip()}
     configs = [c for c in configs if c.key not in skipped]
     run_rounds(configs, args.repeat, keep_last=True)
     rows, agreement = summarize(configs, base)

@@ -2440,6 +2440,287 @@ done:
     return result;
 }
 
+PyDoc_STRVAR(sort_select_doc,
+"sort_select(values, lo, hi, descending, depth_limit, mask) -> bool\n"
+"\n"
+"Sets ``mask[j] = 1`` (uint8) for the elements that torch's CPU sort of the float32\n"
+"``values`` (``torch.sort(values, descending=...)``: libstdc++'s ``std::sort`` of (value,\n"
+"index) pairs, NaN first when descending and last when ascending) places at positions\n"
+"``lo`` to ``hi - 1`` -- equal values included exactly as that sort orders them -- without\n"
+"sorting the whole array: the sort's own partitions are made, in its order and with its\n"
+"pivots, but only segments with ``lo`` or ``hi`` strictly inside are divided further (the\n"
+"others' members stay on their side whatever order the sort would give them), and a last\n"
+"segment of 16 or fewer is ordered by the sort's insertion sort.  ``depth_limit`` is the\n"
+"sort's (``2 * floor(log2(n))``); where a divided segment reaches it, ``std::sort`` would\n"
+"heap-sort it, which is not reproduced: False is returned (the mask then means nothing).");
+
+/* One (value, index) pair as torch's sort moves them (its composite accessor). */
+typedef struct { float value; uint32_t index; } SortPair;
+
+/* Whether pair a comes strictly before pair b: torch's KeyValueCompDesc / KeyValueCompAsc. */
+static inline int before_desc(float a, float b)
+{
+    return (isnan(a) && !isnan(b)) || a > b;
+}
+
+static inline int before_asc(float a, float b)
+{
+    return (!isnan(a) && isnan(b)) || a < b;
+}
+
+#define DEFINE_SORT_SELECT(SUFFIX, BEFORE)                                                   \
+    static inline void median_to_first_##SUFFIX(SortPair *p, Py_ssize_t result,             \
+                                                Py_ssize_t a, Py_ssize_t b, Py_ssize_t c)  \
+    {   /* libstdc++'s __move_median_to_first */                                             \
+        Py_ssize_t chosen;                                                                   \
+        if (BEFORE(p[a].value, p[b].value)) {                                                \
+            if (BEFORE(p[b].value, p[c].value)) chosen = b;                                  \
+            else if (BEFORE(p[a].value, p[c].value)) chosen = c;                             \
+            else chosen = a;                                                                 \
+        } else if (BEFORE(p[a].value, p[c].value)) chosen = a;                               \
+        else if (BEFORE(p[b].value, p[c].value)) chosen = c;                                 \
+        else chosen = b;                                                                     \
+        SortPair t = p[result]; p[result] = p[chosen]; p[chosen] = t;                        \
+    }                                                                                        \
+                                                                                             \
+    static inline Py_ssize_t partition_##SUFFIX(SortPair *p, Py_ssize_t first,              \
+                                                Py_ssize_t last, float pivot)               \
+    {   /* libstdc++'s __unguarded_partition around the pivot's value */                     \
+        for (;;) {                                                                           \
+            while (BEFORE(p[first].value, pivot))                                            \
+                first++;                                                                     \
+            last--;                                                                          \
+            while (BEFORE(pivot, p[last].value))                                             \
+                last--;                                                                      \
+            if (!(first < last))                                                             \
+                return first;                                                                \
+            SortPair t = p[first]; p[first] = p[last]; p[last] = t;                          \
+            first++;                                                                         \
+        }                                                                                    \
+    }                                                                                        \
+                                                                                             \
+    static void insertion_##SUFFIX(SortPair *p, Py_ssize_t first, Py_ssize_t last)           \
+    {   /* libstdc++'s insertion sort: stable, moves only past strictly later pairs */       \
+        for (Py_ssize_t i = first + 1; i < last; i++) {                                      \
+            SortPair moved = p[i];                                                           \
+            Py_ssize_t j = i;                                                                \
+            while (j > first && BEFORE(moved.value, p[j - 1].value)) {                       \
+                p[j] = p[j - 1];                                                             \
+                j--;                                                                         \
+            }                                                                                \
+            p[j] = moved;                                                                    \
+        }                                                                                    \
+    }                                                                                        \
+                                                                                             \
+    /* libstdc++'s __introsort_loop, dividing only segments with a bound strictly inside. */ \
+    static int select_loop_##SUFFIX(SortPair *p, Py_ssize_t first, Py_ssize_t last,         \
+                                    int depth, Py_ssize_t lo, Py_ssize_t hi)                \
+    {                                                                                        \
+        while (last - first > 16) {                                                          \
+            if (!((first < lo && lo < last) || (first < hi && hi < last)))                   \
+                return 1;                                                                    \
+            if (depth == 0)                                                                  \
+                return 0;                                                                    \
+            depth--;                                                                         \
+            median_to_first_##SUFFIX(p, first, first + 1, first + (last - first) / 2,        \
+                                     last - 1);                                              \
+            Py_ssize_t cut = partition_##SUFFIX(p, first + 1, last, p[first].value);         \
+            if (!select_loop_##SUFFIX(p, cut, last, depth, lo, hi))                          \
+                return 0;                                                                    \
+            last = cut;                                                                      \
+        }                                                                                    \
+        if ((first < lo && lo < last) || (first < hi && hi < last))                          \
+            insertion_##SUFFIX(p, first, last);                                              \
+        return 1;                                                                            \
+    }
+
+DEFINE_SORT_SELECT(desc, before_desc)
+DEFINE_SORT_SELECT(asc, before_asc)
+
+static PyObject *sort_select(PyObject *self, PyObject *args)
+{
+    PyObject *values_object, *mask_object;
+    Py_ssize_t lo, hi;
+    int descending, depth;
+    if (!PyArg_ParseTuple(args, "OnnpiO", &values_object, &lo, &hi, &descending, &depth,
+                          &mask_object))
+        return NULL;
+    Py_buffer values = {0}, mask = {0};
+    PyObject *result = NULL;
+    if (get_buffer(values_object, &values, 0, 4, "values") < 0
+        || get_buffer(mask_object, &mask, 1, 1, "mask") < 0)
+        goto done;
+    Py_ssize_t n = values.len / 4;
+    if (mask.len != n || lo < 0 || hi < lo || hi > n || n > (Py_ssize_t)UINT32_MAX) {
+        PyErr_SetString(PyExc_ValueError, "sort_select: mask of another length, bounds outside "
+                        "the values or over 2**32 values");
+        goto done;
+    }
+    SortPair *pairs = PyMem_RawMalloc((n ? n : 1) * sizeof(SortPair));
+    if (pairs == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    int done_ok;
+    Py_BEGIN_ALLOW_THREADS
+    const float *v = values.buf;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        pairs[i].value = v[i];
+        pairs[i].index = (uint32_t)i;
+    }
+    done_ok = descending ? select_loop_desc(pairs, 0, n, depth, lo, hi)
+                         : select_loop_asc(pairs, 0, n, depth, lo, hi);
+    if (done_ok) {
+        uint8_t *out = mask.buf;
+        memset(out, 0, n);
+        for (Py_ssize_t i = lo; i < hi; i++)
+            out[pairs[i].index] = 1;
+    }
+    Py_END_ALLOW_THREADS
+    PyMem_RawFree(pairs);
+    result = PyBool_FromLong(done_ok);
+done:
+    release(&values);
+    release(&mask);
+    return result;
+}
+
+PyDoc_STRVAR(gta_mix_doc,
+"gta_mix(deltas, count, weights, consensus, normalize, divisor, scale, out)\n"
+"\n"
+"mergekit's generalized task arithmetic after sparsification, one element at a time in\n"
+"the order of its torch operations on ``count`` rows of ``deltas`` (float32 or float64,\n"
+"row-major, ``out``'s type): ``weighted = deltas * weights`` (``weights`` float64, each\n"
+"cast to the rows' type); with ``consensus`` the sign of ``weighted.sum(0)`` (zero counts\n"
+"as +) elects, ``mixed`` and the divisor are the sums of the agreeing weighted values and\n"
+"weights (others add ``value * 0``, as a product with a false mask), a zero divisor\n"
+"becomes 1; without, ``mixed`` is ``weighted.sum(0)`` and ``divisor`` is given.  Sums run\n"
+"from +0.0 in row order, as torch's reduction over the rows does for up to 4 rows (the\n"
+"caller's condition).  Then ``mixed /= divisor`` where ``normalize`` and ``mixed *=\n"
+"scale`` (where ``scale`` is 1, as torch's skipped product: the same value).  The same bits\n"
+"but for a NaN's sign and payload (the combiners make every NaN result canonical).");
+
+/* One element's mix, for a fixed number of rows: each row a variable of its own (the
+   conditions on COUNT fold away), so gcc vectorizes the loop across elements; the selects
+   are computed both ways and blended, no branch on the data. */
+#define GTA_ROW(T, COUNT, k)                                                                           \
+    const T *restrict row##k = deltas + (COUNT > k ? k : 0) * size;                         \
+    const T w##k = COUNT > k ? (T)weights[k] : zero, dropped_w##k = w##k * zero;
+#define GTA_WEIGHTED(T, COUNT, k) T x##k = COUNT > k ? row##k[j] * w##k : zero;
+#define GTA_TOTAL(COUNT, k) if (COUNT > k) total += x##k;
+#define GTA_AGREE(T, COUNT, k)                                                                         \
+    if (COUNT > k) {                                                                         \
+        int agree = x##k * sign > zero;                                                      \
+        T dropped = x##k * zero;                                                             \
+        mixed += agree ? x##k : dropped;                                                     \
+        agreeing += agree ? w##k : dropped_w##k;                                             \
+    }
+/* The loop, with the rule's choices as constants (a loop-invariant select does not vectorize).
+   A scale of 1 multiplies too: the same value. */
+#define GTA_LOOP(T, COUNT, CONSENSUS, NORMALIZE)                                             \
+    for (Py_ssize_t j = 0; j < size; j++) {                                                  \
+        GTA_WEIGHTED(T, COUNT, 0) GTA_WEIGHTED(T, COUNT, 1)                                  \
+        GTA_WEIGHTED(T, COUNT, 2) GTA_WEIGHTED(T, COUNT, 3)                                  \
+        T mixed = zero, total = zero, agreeing = divisor;                                    \
+        GTA_TOTAL(COUNT, 0) GTA_TOTAL(COUNT, 1) GTA_TOTAL(COUNT, 2) GTA_TOTAL(COUNT, 3)      \
+        if (CONSENSUS) {                                                                     \
+            T sign = total >= zero ? one : -one; /* agree: weighted * sign > 0 */            \
+            agreeing = zero;                                                                 \
+            GTA_AGREE(T, COUNT, 0) GTA_AGREE(T, COUNT, 1)                                    \
+            GTA_AGREE(T, COUNT, 2) GTA_AGREE(T, COUNT, 3)                                    \
+            agreeing = agreeing == zero ? one : agreeing;                                    \
+        } else {                                                                             \
+            mixed = total;                                                                   \
+        }                                                                                    \
+        if (NORMALIZE)                                                                       \
+            mixed /= agreeing;                                                               \
+        out[j] = mixed * scale;                                                              \
+    }
+#define DEFINE_GTA_MIX(NAME, T, COUNT)                                                       \
+    VECTOR_CLONES static void NAME(const T *restrict deltas, Py_ssize_t size,               \
+                                   const T *restrict weights, int consensus, int normalize, \
+                                   T divisor, T scale, T *restrict out)                     \
+    {                                                                                        \
+        const T zero = 0, one = 1;                                                           \
+        GTA_ROW(T, COUNT, 0) GTA_ROW(T, COUNT, 1) GTA_ROW(T, COUNT, 2) GTA_ROW(T, COUNT, 3)  \
+        if (consensus && normalize)                                                          \
+            GTA_LOOP(T, COUNT, 1, 1)                                                         \
+        else if (consensus)                                                                  \
+            GTA_LOOP(T, COUNT, 1, 0)                                                         \
+        else if (normalize)                                                                  \
+            GTA_LOOP(T, COUNT, 0, 1)                                                         \
+        else                                                                                 \
+            GTA_LOOP(T, COUNT, 0, 0)                                                         \
+    }
+
+/* Selects between products and quotients that might raise a floating-point flag (no one
+   reads the flags) are blended only when gcc may assume no trap: the values are the same. */
+#pragma GCC push_options
+#pragma GCC optimize("no-trapping-math")
+DEFINE_GTA_MIX(gta_mix_32_1, float, 1)
+DEFINE_GTA_MIX(gta_mix_32_2, float, 2)
+DEFINE_GTA_MIX(gta_mix_32_3, float, 3)
+DEFINE_GTA_MIX(gta_mix_32_4, float, 4)
+DEFINE_GTA_MIX(gta_mix_64_1, double, 1)
+DEFINE_GTA_MIX(gta_mix_64_2, double, 2)
+DEFINE_GTA_MIX(gta_mix_64_3, double, 3)
+DEFINE_GTA_MIX(gta_mix_64_4, double, 4)
+#pragma GCC pop_options
+
+typedef void (*GtaMix32)(const float *, Py_ssize_t, const float *, int, int, float, float,
+                         float *);
+typedef void (*GtaMix64)(const double *, Py_ssize_t, const double *, int, int, double, double,
+                         double *);
+static const GtaMix32 GTA_MIX_32[] = {gta_mix_32_1, gta_mix_32_2, gta_mix_32_3, gta_mix_32_4};
+static const GtaMix64 GTA_MIX_64[] = {gta_mix_64_1, gta_mix_64_2, gta_mix_64_3, gta_mix_64_4};
+
+static PyObject *gta_mix(PyObject *self, PyObject *args)
+{
+    PyObject *deltas_object, *weights_object, *out_object;
+    int count, consensus, normalize;
+    double divisor, scale;
+    if (!PyArg_ParseTuple(args, "OiOppddO", &deltas_object, &count, &weights_object,
+                          &consensus, &normalize, &divisor, &scale, &out_object))
+        return NULL;
+    Py_buffer deltas = {0}, weights = {0}, out = {0};
+    PyObject *result = NULL;
+    if (PyObject_GetBuffer(out_object, &out, PyBUF_CONTIG) < 0)
+        goto done;
+    Py_ssize_t itemsize = out.itemsize;
+    if (itemsize != 4 && itemsize != 8) {
+        PyErr_Format(PyExc_TypeError, "out has %zd-byte items", itemsize);
+        goto done;
+    }
+    if (get_buffer(deltas_object, &deltas, 0, itemsize, "deltas") < 0
+        || get_buffer(weights_object, &weights, 0, 8, "weights") < 0)
+        goto done;
+    Py_ssize_t size = out.len / itemsize;
+    if (count < 1 || count > 4 || weights.len != 8 * count
+        || deltas.len != (Py_ssize_t)count * size * itemsize) {
+        PyErr_SetString(PyExc_ValueError, "gta_mix: 1 to 4 rows of out's length, one weight each");
+        goto done;
+    }
+    const double *weights64 = weights.buf;
+    Py_BEGIN_ALLOW_THREADS
+    if (itemsize == 4) {
+        float cast[4];
+        for (int i = 0; i < count; i++)
+            cast[i] = (float)weights64[i];
+        GTA_MIX_32[count - 1](deltas.buf, size, cast, consensus, normalize, (float)divisor,
+                              (float)scale, out.buf);
+    } else {
+        GTA_MIX_64[count - 1](deltas.buf, size, weights64, consensus, normalize, divisor, scale,
+                              out.buf);
+    }
+    Py_END_ALLOW_THREADS
+    result = Py_NewRef(Py_None);
+done:
+    release(&deltas);
+    release(&weights);
+    release(&out);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"merge_block", merge_block, METH_VARARGS, merge_block_doc},
     {"merge_changed", merge_changed, METH_VARARGS, merge_changed_doc},
@@ -2455,6 +2736,8 @@ static PyMethodDef methods[] = {
     {"quant_fit_bits", quant_fit_bits, METH_VARARGS, quant_fit_bits_doc},
     {"key_counts", key_counts, METH_VARARGS, key_counts_doc},
     {"count_unequal", count_unequal, METH_VARARGS, count_unequal_doc},
+    {"sort_select", sort_select, METH_VARARGS, sort_select_doc},
+    {"gta_mix", gta_mix, METH_VARARGS, gta_mix_doc},
     {"quant_non_finite", quant_non_finite, METH_VARARGS, quant_non_finite_doc},
     {"select_at_least", select_at_least, METH_VARARGS, select_at_least_doc},
     {"key_histogram", key_histogram, METH_VARARGS, key_histogram_doc},

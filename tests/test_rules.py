@@ -16,6 +16,8 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
+from sparsestitch.combine import rules as rules_module
+from sparsestitch.core import native
 from sparsestitch.core.dtypes import dtype as lookup_dtype
 from sparsestitch.core.errors import OptionError, TensorMismatchError
 from sparsestitch.ops.stitch import RULES, rule_combiner
@@ -494,3 +496,45 @@ def test_ties_trims_by_selection_exactly_as_by_a_full_sort(values, data):
     ties = tie_order("w", positions).astype(np.int64)
     want = np.sort(np.lexsort((positions, -ties, -np.abs(tau)))[:limit])
     assert np.array_equal(top_magnitudes(tau, positions, limit, "w"), want)
+
+
+# Values torch's sums and comparisons treat apart: both zeros, infinities, NaN, a subnormal.
+SPECIAL = np.array([0.0, -0.0, np.inf, -np.inf, np.nan, 1e-40, 3.0])
+
+
+@settings(max_examples=120, deadline=None)
+@given(st.integers(1, rules_module.NATIVE_MIX_ROWS), st.integers(1, 20_000),
+       st.sampled_from([np.float32, np.float64]), st.booleans(), st.booleans(),
+       st.sampled_from([1.0, 0.3, 1.7]), st.integers(0, 2**32 - 1))
+def test_the_compiled_mix_has_the_bits_of_mergekits_torch_operations(
+        count, size, wide, consensus, normalize, scale, seed):
+    """gta_mix (one pass) against mergekit's torch operations (nine): the same bits, with
+    values spanning 12 decades, both zeros, infinities and NaN, negative and zero weights (a
+    NaN's sign and payload aside: vector and scalar code pass on different ones, and every
+    combiner makes a NaN result the dtype's canonical NaN)."""
+    if native.kernels() is None:
+        pytest.skip("the compiled loops are not built")
+    rng = np.random.default_rng(seed)
+    values = rng.standard_normal((count, size)) * 10.0 ** rng.integers(-6, 6, (count, size))
+    special = rng.random((count, size)) < 0.1
+    values[special] = rng.choice(SPECIAL, int(special.sum()))
+    deltas = torch.from_numpy(values.astype(wide))
+    weights = [float(w) for w in rng.choice([1.0, 0.5, 0.3, -0.7, 0.0, 1e-9, 2.5], count)]
+    steps = rules_module.MergekitSteps("magnitude", consensus, normalize=int(normalize),
+                                       scale=scale)
+    weight = torch.tensor(weights, dtype=deltas.dtype).unsqueeze(-1)
+    got = rules_module._mixed_natively(deltas, weights, weight, steps)
+    want = rules_module._mixed_by_torch(deltas, weight, steps)
+    bits = np.uint32 if wide == np.float32 else np.uint64
+    both_nan = np.isnan(got.numpy()) & np.isnan(want.numpy())  # made canonical after the rule
+    assert np.array_equal(np.where(both_nan, 0, got.numpy().view(bits)),
+                          np.where(both_nan, 0, want.numpy().view(bits)))
+
+
+def test_the_compiled_mix_leaves_more_rows_to_torch():
+    """Over NATIVE_MIX_ROWS task vectors torch sums in another order: its operations run."""
+    deltas = torch.ones((rules_module.NATIVE_MIX_ROWS + 1, 8))
+    steps = rules_module.MergekitSteps("magnitude", True)
+    weights = [1.0] * deltas.shape[0]
+    weight = torch.tensor(weights).unsqueeze(-1)
+    assert rules_module._mixed_natively(deltas, weights, weight, steps) is None

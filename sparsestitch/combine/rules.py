@@ -34,9 +34,11 @@ from typing import ClassVar
 
 import numpy as np
 
+from ..core import native
 from ..core.errors import OptionError
 from ..core.options import FINITE, FRACTION, Range, number, short_repr
 from ..core.tiebreak import tie_order
+from .torch_order import sorted_range_mask
 from .union import PositionUnion, union_of
 
 #: Every rule option's values and meaning (an option means the same in every rule taking it).
@@ -323,8 +325,8 @@ class TiesMergekit(Ties):
 
     * each delta's *unweighted* task vector is trimmed to its ``int(density * numel)``
       largest magnitudes (rounding down), ranked by ``torch.argsort(descending=True)`` over
-      the whole tensor, whose order among equal magnitudes is torch's (the same on the same
-      torch build);
+      the whole tensor, whose order among equal magnitudes is torch's (its ``std::sort``'s:
+      the kept set is found by :func:`~.torch_order.sorted_range_mask` without the sort);
     * the elected sign is that of the sum of the weighted, trimmed vectors, with a zero sum
       electing ``+`` (``Ties`` elects nothing there);
     * the agreeing entries' weighted sum is divided by the sum of their *weights*, not their
@@ -592,6 +594,14 @@ def mergekit_dense(deltas, weights: Sequence[float], steps: MergekitSteps):
             if steps.density_of(i) < 1:  # mergekit's sparsify leaves it as it is
                 deltas[i] = _mergekit_sparsified(deltas[i], i, steps)
     weight = torch.tensor(list(weights), dtype=wide, device=device).unsqueeze(-1)
+    mixed = _mixed_natively(deltas, weights, weight, steps)
+    return mixed if mixed is not None else _mixed_by_torch(deltas, weight, steps)
+
+
+def _mixed_by_torch(deltas, weight, steps: MergekitSteps):
+    """mergekit's weights, sign election (``sum``), mixing, normalization and scale, its
+    torch operations as it writes them (``weight``: one per row, a column)."""
+    wide = deltas.dtype
     weighted = deltas * weight
     if steps.consensus:  # mergekit.merge_methods.generalized_task_arithmetic.get_mask("sum")
         majority = (weighted.sum(dim=0) >= 0).to(wide) * 2 - 1
@@ -610,6 +620,36 @@ def mergekit_dense(deltas, weights: Sequence[float], steps: MergekitSteps):
     return mixed
 
 
+#: The most task vectors :func:`_mixed_natively` mixes: torch sums up to 4 rows in their order
+#: from +0.0 (checked bit for bit in tests/test_rules.py), more in another order.
+NATIVE_MIX_ROWS = 4
+
+
+def _mixed_natively(deltas, weights: Sequence[float], weight, steps: MergekitSteps):
+    """The rest of :func:`mergekit_dense` after sparsification -- weights, sign election,
+    mixing, normalization, scale -- in one pass of the compiled loop (``gta_mix``), with the
+    bits of mergekit's torch operations; None where it does not apply (no compiled loops, a
+    device, another dtype, more than :data:`NATIVE_MIX_ROWS` task vectors).  mergekit's
+    operations make nine passes over the task vectors with a temporary each."""
+    import torch
+
+    kernels = native.kernels()
+    if (kernels is None or deltas.device.type != "cpu" or not deltas.is_contiguous()
+            or deltas.dtype not in (torch.float32, torch.float64)
+            or not 1 <= deltas.shape[0] <= NATIVE_MIX_ROWS):
+        return None
+    divisor = 1.0
+    if not steps.consensus:  # one divisor for every element: the sum of the weights
+        summed = weight.sum(dim=0)
+        summed[summed.abs() < 1e-8] = 1
+        divisor = float(summed[0])
+    mixed = torch.empty(deltas.shape[1], dtype=deltas.dtype)
+    kernels.gta_mix(deltas.numpy(), deltas.shape[0], np.asarray(weights, np.float64),
+                    steps.consensus, bool(steps.normalize), divisor, float(steps.scale),
+                    mixed.numpy())
+    return mixed
+
+
 def _mergekit_sparsified(tensor, index: int, steps: MergekitSteps):
     """One task vector sparsified as mergekit's ``sparsify`` does (``magnitude``,
     ``magnitude_outliers``; ``random`` with sparsestitch's seeded draws), rescaled to its L1
@@ -617,20 +657,21 @@ def _mergekit_sparsified(tensor, index: int, steps: MergekitSteps):
     import torch
 
     size, density = tensor.numel(), steps.density_of(index)
-    mask = torch.zeros_like(tensor)
     if steps.sparsify == "magnitude":  # mergekit.sparsify.magnitude
-        ranked = torch.argsort(tensor.abs().float().cpu(), descending=True)[:int(density * size)]
-        mask[ranked.to(tensor.device)] = 1
+        kept = sorted_range_mask(tensor.abs().float().cpu(), 0, int(density * size), True)
     elif steps.sparsify == "random":
         rng = np.random.default_rng([steps.seed, index, zlib.crc32(steps.name.encode("utf-8"))])
-        mask[torch.from_numpy(rng.random(size) < density).to(tensor.device)] = 1
+        kept = torch.from_numpy(rng.random(size) < density)
     else:  # mergekit.sparsify.magnitude_outliers
         target, top = int(density * size), int(steps.gamma_of(index) * size)
         bottom = size - target - top
         if bottom < 0:
             top, bottom = top + bottom, 0
-        order = torch.sort(tensor.abs().float().cpu(), descending=False).indices
-        mask[order[bottom:-top].to(tensor.device)] = 1  # mergekit's slice: empty if top is 0
+        end = size - top if top else 0  # mergekit's slice [bottom:-top]: empty if top is 0
+        kept = sorted_range_mask(tensor.abs().float().cpu(), bottom, end, False)
+    # mergekit's mask: ones where kept, zeros elsewhere, in the tensor's dtype (multiplied, so
+    # a dropped -x gives -0.0 and a dropped infinity NaN, as in mergekit)
+    mask = kept.to(device=tensor.device, dtype=tensor.dtype)
     masked = tensor * mask
     if not steps.rescale:
         return masked
