@@ -99,3 +99,20 @@ def test_bad_arguments_are_refused():
         kernels.sort_select(values, 0, 5, True, 6, np.empty(9, np.uint8))
     with pytest.raises(TypeError):
         kernels.sort_select(values.astype(np.float64), 0, 5, True, 6, np.empty(10, np.uint8))
+
+
+def test_the_installed_torch_sorts_as_the_native_selection_assumes():
+    """The first call's check passes here (else every trim falls back to torch's sort)."""
+    if native.kernels() is None:
+        pytest.skip("the compiled loops are not built")
+    assert torch_order.native_matches_torch()
+
+
+def test_a_torch_that_sorts_otherwise_gets_its_own_sort():
+    """Where the check fails, the result is still torch's (its sort runs)."""
+    values = torch.from_numpy(np.random.default_rng(3).integers(0, 7, 4000).astype(np.float32))
+    with mock.patch.object(torch_order, "native_matches_torch", lambda: False), \
+            mock.patch.object(torch, "sort", wraps=torch.sort) as sort:
+        got = sorted_range_mask(values, 0, 1500, True).numpy()
+    assert sort.call_count == 1
+    assert np.array_equal(got, torch_range(values, 0, 1500, True))

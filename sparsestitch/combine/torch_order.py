@@ -11,10 +11,13 @@ partitions with the same pivots and divides only the segments a bound falls insi
 native ``sort_select``), linear time instead of ``n log n``: mergekit's kept set exactly,
 4-6x faster than the sort it stands for.  Where that is not possible (no compiled loops, over
 2**32 elements, or a segment that the sort would heap-sort at its depth limit) torch's sort
-itself runs.
+itself runs -- and so it does everywhere if the torch in use sorts differently: the first call
+compares both on arrays full of equal values (:func:`native_matches_torch`).
 """
 
 from __future__ import annotations
+
+import functools
 
 import numpy as np
 
@@ -30,7 +33,8 @@ def sorted_range_mask(values, lo: int, hi: int, descending: bool):
     size = values.numel()
     lo, hi = max(0, min(lo, size)), max(0, min(hi, size))
     kernels = native.kernels()
-    if hi > lo and kernels is not None and size <= np.iinfo(np.uint32).max:
+    if (hi > lo and kernels is not None and size <= np.iinfo(np.uint32).max
+            and native_matches_torch()):
         mask = np.empty(size, np.uint8)
         if kernels.sort_select(values.contiguous().numpy(), lo, hi, descending,
                                sort_depth_limit(size), mask):
@@ -44,3 +48,30 @@ def sorted_range_mask(values, lo: int, hi: int, descending: bool):
 def sort_depth_limit(size: int) -> int:
     """libstdc++'s introsort depth limit: ``2 * floor(log2(size))`` (0 for an empty array)."""
     return 2 * (size.bit_length() - 1) if size > 0 else 0
+
+
+@functools.cache
+def native_matches_torch() -> bool:
+    """Whether the native selection gives this torch's choice among equal values: both
+    directions, a few bounds, on arrays of few distinct values (and NaN) at two sizes."""
+    import torch
+
+    kernels = native.kernels()
+    if kernels is None:
+        return False
+    rng = np.random.default_rng(20261207)
+    for size in (3_001, 70_001):
+        values = rng.integers(0, 24, size).astype(np.float32)
+        values[rng.random(size) < 0.02] = np.nan
+        for descending in (True, False):
+            order = torch.sort(torch.from_numpy(values), descending=descending).indices.numpy()
+            for lo, hi in ((0, size // 5), (size // 10, size - size // 7)):
+                mask = np.empty(size, np.uint8)
+                if not kernels.sort_select(values, lo, hi, descending, sort_depth_limit(size),
+                                           mask):
+                    return False
+                want = np.zeros(size, np.uint8)
+                want[order[lo:hi]] = 1
+                if not np.array_equal(mask, want):
+                    return False
+    return True
