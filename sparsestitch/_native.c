@@ -2721,6 +2721,256 @@ done:
     return result;
 }
 
+PyDoc_STRVAR(abs_tau_doc,
+"abs_tau(kind, finetuned, base, out)\n"
+"\n"
+"``out`` (float32) = |wide(finetuned) - wide(base)| rounded to float32 where the bits\n"
+"differ, +0.0 where they are equal: ``tau.abs().float()`` of the dense task vector that\n"
+"merge's dense form builds (``kind`` as for merge_block).");
+
+#define DEFINE_ABS_TAU(NAME, BITS, TO_WIDE, FABS)                                           \
+    VECTOR_CLONES static void NAME(const BITS *restrict tune, const BITS *restrict base,    \
+                                   Py_ssize_t size, float *restrict out)                    \
+    {                                                                                        \
+        for (Py_ssize_t j = 0; j < size; j++) {                                              \
+            float magnitude = (float)FABS(TO_WIDE(tune[j]) - TO_WIDE(base[j]));              \
+            out[j] = tune[j] != base[j] ? magnitude : 0.0f;                                  \
+        }                                                                                    \
+    }
+
+#pragma GCC push_options
+#pragma GCC optimize("no-trapping-math")
+DEFINE_ABS_TAU(abs_tau_bf16, uint16_t, bf16_wide, fabsf)
+DEFINE_ABS_TAU(abs_tau_f16, uint16_t, f16_wide, fabsf)
+DEFINE_ABS_TAU(abs_tau_f32, uint32_t, f32_wide, fabsf)
+DEFINE_ABS_TAU(abs_tau_f64, uint64_t, f64_wide, fabs)
+#pragma GCC pop_options
+
+static PyObject *abs_tau(PyObject *self, PyObject *args)
+{
+    int kind;
+    PyObject *tune_object, *base_object, *out_object;
+    if (!PyArg_ParseTuple(args, "iOOO", &kind, &tune_object, &base_object, &out_object))
+        return NULL;
+    if (!known_kind(kind))
+        return NULL;
+    Py_ssize_t itemsize = KIND_ITEMSIZE[kind];
+    Py_buffer tune = {0}, base = {0}, out = {0};
+    PyObject *result = NULL;
+    if (get_buffer(tune_object, &tune, 0, itemsize, "finetuned") < 0
+        || get_buffer(base_object, &base, 0, itemsize, "base") < 0
+        || get_buffer(out_object, &out, 1, 4, "out") < 0)
+        goto done;
+    Py_ssize_t size = base.len / itemsize;
+    if (tune.len != base.len || out.len != 4 * size) {
+        PyErr_SetString(PyExc_ValueError, "abs_tau: finetuned, base and out differ in length");
+        goto done;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    switch (kind) {
+    case KIND_BF16: abs_tau_bf16(tune.buf, base.buf, size, out.buf); break;
+    case KIND_F16: abs_tau_f16(tune.buf, base.buf, size, out.buf); break;
+    case KIND_F32: abs_tau_f32(tune.buf, base.buf, size, out.buf); break;
+    default: abs_tau_f64(tune.buf, base.buf, size, out.buf); break;
+    }
+    Py_END_ALLOW_THREADS
+    result = Py_NewRef(Py_None);
+done:
+    release(&tune);
+    release(&base);
+    release(&out);
+    return result;
+}
+
+PyDoc_STRVAR(gta_merge_changed_doc,
+"gta_merge_changed(kind, block, tunes, consensus, normalize, divisor, scale, canonical_nan)\n"
+"\n"
+"merge's dense form of mergekit's generalized task arithmetic from the bits, without the\n"
+"dense task vectors: ``block`` (the base's bits of a float dtype whose wide type is\n"
+"float32: ``kind`` bf16, f16 or f32) is merged in place; ``tunes`` is a sequence of 1 to 4\n"
+"``(fine-tuned bits, weight, kept, factor)``, ``kept`` uint8 (nonzero: the trim keeps the\n"
+"element) and ``factor`` the L1 rescale (1.0 for none).  Each element: tau = wide(fine-tuned)\n"
+"- wide(base) where the bits differ, else +0.0; ``tau * kept * factor * weight`` (each a\n"
+"float32 product, mergekit's order); then gta_mix's election and mixing; an element some\n"
+"fine-tune changed becomes round(wide(base) + mixed) (``canonical_nan`` for a NaN), the\n"
+"others keep the base's bits.  The bits of the dense form through mergekit_dense.");
+
+#define GTB_ROW(BITS, COUNT, k)                                                              \
+    const BITS *restrict tune##k = tunes[COUNT > k ? k : 0];                                 \
+    const uint8_t *restrict kept##k = kept[COUNT > k ? k : 0];                              \
+    const float w##k = COUNT > k ? (float)weights[k] : zero, dropped_w##k = w##k * zero,     \
+        factor##k = COUNT > k ? (float)factors[k] : one;
+/* Selects as bit masks (as ADD_CHANGED): the loop stays one straight line that vectorizes. */
+#define GTB_WEIGHTED(COUNT, TO_WIDE, k)                                                      \
+    float x##k = zero;                                                                       \
+    uint32_t changed##k = 0;                                                                 \
+    if (COUNT > k) {                                                                         \
+        changed##k = (uint32_t)0 - (uint32_t)(tune##k[j] != b);                              \
+        float tau = TO_WIDE(tune##k[j]) - wide_base;                                         \
+        uint32_t tau_bits;                                                                   \
+        memcpy(&tau_bits, &tau, 4);                                                          \
+        tau_bits &= changed##k;                                                              \
+        memcpy(&tau, &tau_bits, 4);                                                          \
+        x##k = tau * (float)(kept##k[j] != 0) * factor##k * w##k;                             \
+    }
+#define GTB_TOTAL(COUNT, k) if (COUNT > k) { total += x##k; touched |= changed##k; }
+/* GTA_AGREE with bit-mask selects (float only). */
+#define GTB_BLEND(MASK, A, B, OUT)                                                           \
+    do {                                                                                     \
+        float a_ = (A), b_ = (B);                                                            \
+        uint32_t a_bits_, b_bits_;                                                           \
+        memcpy(&a_bits_, &a_, 4);                                                            \
+        memcpy(&b_bits_, &b_, 4);                                                            \
+        a_bits_ = (a_bits_ & (MASK)) | (b_bits_ & ~(MASK));                                  \
+        memcpy(&(OUT), &a_bits_, 4);                                                         \
+    } while (0)
+#define GTB_AGREE(COUNT, k)                                                                  \
+    if (COUNT > k) {                                                                         \
+        uint32_t agree = (uint32_t)0 - (uint32_t)(x##k * sign > zero);                       \
+        float mixed_term, weight_term;                                                       \
+        GTB_BLEND(agree, x##k, x##k * zero, mixed_term);                                     \
+        GTB_BLEND(agree, w##k, dropped_w##k, weight_term);                                   \
+        mixed += mixed_term;                                                                 \
+        agreeing += weight_term;                                                             \
+    }
+#define GTB_LOOP(BITS, WBITS, COUNT, TO_WIDE, ROUND, CONSENSUS, NORMALIZE)                  \
+    for (Py_ssize_t j = 0; j < size; j++) {                                                  \
+        BITS b = block[j];                                                                   \
+        float wide_base = TO_WIDE(b);                                                        \
+        GTB_WEIGHTED(COUNT, TO_WIDE, 0) GTB_WEIGHTED(COUNT, TO_WIDE, 1)                      \
+        GTB_WEIGHTED(COUNT, TO_WIDE, 2) GTB_WEIGHTED(COUNT, TO_WIDE, 3)                      \
+        float mixed = zero, total = zero, agreeing = divisor;                                \
+        uint32_t touched = 0;                                                                \
+        GTB_TOTAL(COUNT, 0) GTB_TOTAL(COUNT, 1) GTB_TOTAL(COUNT, 2) GTB_TOTAL(COUNT, 3)      \
+        if (CONSENSUS) {                                                                     \
+            float sign;                                                                      \
+            GTB_BLEND((uint32_t)0 - (uint32_t)(total >= zero), one, -one, sign);             \
+            agreeing = zero;                                                                 \
+            GTB_AGREE(COUNT, 0) GTB_AGREE(COUNT, 1) GTB_AGREE(COUNT, 2) GTB_AGREE(COUNT, 3)  \
+            uint32_t none_agree = (uint32_t)0 - (uint32_t)(agreeing == zero);                \
+            GTB_BLEND(none_agree, one, agreeing, agreeing);                                  \
+        } else {                                                                             \
+            mixed = total;                                                                   \
+        }                                                                                    \
+        if (NORMALIZE)                                                                       \
+            mixed /= agreeing;                                                               \
+        float merged = wide_base + mixed * scale;                                            \
+        WBITS rounded = merged != merged ? (WBITS)canonical_nan : (WBITS)ROUND(merged);      \
+        WBITS kept_base = (WBITS)~touched;                                                   \
+        block[j] = (BITS)((rounded & ~kept_base) | ((WBITS)b & kept_base));                  \
+    }
+#define DEFINE_GTA_MERGE_CHANGED(NAME, BITS, WBITS, TO_WIDE, ROUND, COUNT)                   \
+    VECTOR_CLONES static void NAME(BITS *restrict block, Py_ssize_t size,                   \
+                                   const BITS *const *tunes, const uint8_t *const *kept,    \
+                                   const double *weights, const double *factors,            \
+                                   int consensus, int normalize, float divisor, float scale, \
+                                   BITS canonical_nan)                                       \
+    {                                                                                        \
+        const float zero = 0, one = 1;                                                       \
+        GTB_ROW(BITS, COUNT, 0) GTB_ROW(BITS, COUNT, 1)                                      \
+        GTB_ROW(BITS, COUNT, 2) GTB_ROW(BITS, COUNT, 3)                                      \
+        if (consensus && normalize)                                                          \
+            GTB_LOOP(BITS, WBITS, COUNT, TO_WIDE, ROUND, 1, 1)                               \
+        else if (consensus)                                                                  \
+            GTB_LOOP(BITS, WBITS, COUNT, TO_WIDE, ROUND, 1, 0)                               \
+        else if (normalize)                                                                  \
+            GTB_LOOP(BITS, WBITS, COUNT, TO_WIDE, ROUND, 0, 1)                               \
+        else                                                                                 \
+            GTB_LOOP(BITS, WBITS, COUNT, TO_WIDE, ROUND, 0, 0)                               \
+    }
+
+#define DEFINE_GTA_MERGE_CHANGED_KIND(PREFIX, BITS, WBITS, TO_WIDE, ROUND)                   \
+    DEFINE_GTA_MERGE_CHANGED(PREFIX##_1, BITS, WBITS, TO_WIDE, ROUND, 1)                     \
+    DEFINE_GTA_MERGE_CHANGED(PREFIX##_2, BITS, WBITS, TO_WIDE, ROUND, 2)                     \
+    DEFINE_GTA_MERGE_CHANGED(PREFIX##_3, BITS, WBITS, TO_WIDE, ROUND, 3)                     \
+    DEFINE_GTA_MERGE_CHANGED(PREFIX##_4, BITS, WBITS, TO_WIDE, ROUND, 4)
+DEFINE_GTA_MERGE_CHANGED_KIND(gta_changed_bf16, uint16_t, uint32_t, bf16_wide, bf16_round)
+DEFINE_GTA_MERGE_CHANGED_KIND(gta_changed_f16, uint16_t, uint32_t, f16_wide, f16_round)
+DEFINE_GTA_MERGE_CHANGED_KIND(gta_changed_f32, uint32_t, uint32_t, f32_wide, f32_round)
+
+typedef void (*GtaChanged16)(uint16_t *, Py_ssize_t, const uint16_t *const *,
+                             const uint8_t *const *, const double *, const double *, int, int,
+                             float, float, uint16_t);
+typedef void (*GtaChanged32)(uint32_t *, Py_ssize_t, const uint32_t *const *,
+                             const uint8_t *const *, const double *, const double *, int, int,
+                             float, float, uint32_t);
+static const GtaChanged16 GTA_CHANGED_BF16[] = {gta_changed_bf16_1, gta_changed_bf16_2,
+                                                gta_changed_bf16_3, gta_changed_bf16_4};
+static const GtaChanged16 GTA_CHANGED_F16[] = {gta_changed_f16_1, gta_changed_f16_2,
+                                               gta_changed_f16_3, gta_changed_f16_4};
+static const GtaChanged32 GTA_CHANGED_F32[] = {gta_changed_f32_1, gta_changed_f32_2,
+                                               gta_changed_f32_3, gta_changed_f32_4};
+
+static PyObject *gta_merge_changed(PyObject *self, PyObject *args)
+{
+    int kind, consensus, normalize;
+    double divisor, scale;
+    unsigned long long canonical_nan;
+    PyObject *block_object, *tunes_object;
+    if (!PyArg_ParseTuple(args, "iOOppddK", &kind, &block_object, &tunes_object, &consensus,
+                          &normalize, &divisor, &scale, &canonical_nan))
+        return NULL;
+    if (kind != KIND_BF16 && kind != KIND_F16 && kind != KIND_F32) {
+        PyErr_Format(PyExc_ValueError, "gta_merge_changed: dtype kind %d does not compute in "
+                     "float32", kind);
+        return NULL;
+    }
+    Py_ssize_t itemsize = KIND_ITEMSIZE[kind];
+    PyObject *sequence = PySequence_Fast(tunes_object, "tunes must be a sequence");
+    if (sequence == NULL)
+        return NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(sequence), held = 0;
+    Py_buffer block = {0}, views[8] = {{0}};
+    const void *tunes[4];
+    const uint8_t *kept[4];
+    double weights[4], factors[4];
+    PyObject *result = NULL;
+    if (n < 1 || n > 4) {
+        PyErr_SetString(PyExc_ValueError, "gta_merge_changed: 1 to 4 fine-tunes");
+        goto done;
+    }
+    if (get_buffer(block_object, &block, 1, itemsize, "block") < 0)
+        goto done;
+    for (; held < n; held++) {
+        PyObject *bits, *mask;
+        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(sequence, held),
+                              "OdOd;a tune is (fine-tuned bits, weight, kept, factor)", &bits,
+                              &weights[held], &mask, &factors[held]))
+            goto done;
+        if (get_buffer(bits, &views[2 * held], 0, itemsize, "fine-tuned bits") < 0)
+            goto done;
+        if (get_buffer(mask, &views[2 * held + 1], 0, 1, "kept") < 0) {
+            release(&views[2 * held]);
+            goto done;
+        }
+        if (views[2 * held].len != block.len || views[2 * held + 1].len != block.len / itemsize) {
+            held++;
+            PyErr_SetString(PyExc_ValueError, "fine-tuned bits, kept and block differ in length");
+            goto done;
+        }
+        tunes[held] = views[2 * held].buf;
+        kept[held] = views[2 * held + 1].buf;
+    }
+    Py_ssize_t size = block.len / itemsize;
+    Py_BEGIN_ALLOW_THREADS
+    if (kind == KIND_F32)
+        GTA_CHANGED_F32[n - 1](block.buf, size, (const uint32_t *const *)tunes, kept, weights,
+                               factors, consensus, normalize, (float)divisor, (float)scale,
+                               (uint32_t)canonical_nan);
+    else
+        (kind == KIND_BF16 ? GTA_CHANGED_BF16 : GTA_CHANGED_F16)[n - 1](
+            block.buf, size, (const uint16_t *const *)tunes, kept, weights, factors, consensus,
+            normalize, (float)divisor, (float)scale, (uint16_t)canonical_nan);
+    Py_END_ALLOW_THREADS
+    result = Py_NewRef(Py_None);
+done:
+    for (Py_ssize_t r = 0; r < 2 * held; r++)
+        release(&views[r]);
+    release(&block);
+    Py_DECREF(sequence);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"merge_block", merge_block, METH_VARARGS, merge_block_doc},
     {"merge_changed", merge_changed, METH_VARARGS, merge_changed_doc},
@@ -2738,6 +2988,8 @@ static PyMethodDef methods[] = {
     {"count_unequal", count_unequal, METH_VARARGS, count_unequal_doc},
     {"sort_select", sort_select, METH_VARARGS, sort_select_doc},
     {"gta_mix", gta_mix, METH_VARARGS, gta_mix_doc},
+    {"abs_tau", abs_tau, METH_VARARGS, abs_tau_doc},
+    {"gta_merge_changed", gta_merge_changed, METH_VARARGS, gta_merge_changed_doc},
     {"quant_non_finite", quant_non_finite, METH_VARARGS, quant_non_finite_doc},
     {"select_at_least", select_at_least, METH_VARARGS, select_at_least_doc},
     {"key_histogram", key_histogram, METH_VARARGS, key_histogram_doc},

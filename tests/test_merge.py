@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 import sparsestitch
 from sparsestitch.ops import merge_config
-from sparsestitch.core.dtypes import dtype
+from sparsestitch.core.dtypes import dtype, from_wide
 from sparsestitch.core.errors import ConfigError, TensorMismatchError
 from sparsestitch.ops.stitch import RULES, rule_combiner
 from sparsestitch.engine.walk import Stored
@@ -369,10 +369,58 @@ def test_dense_ties_mergekit_equals_its_positional_form(dt, data, density):
                                  max_size=len(tunes)))
     combiner = rule_combiner("ties-mergekit", weights, len(tunes), density=density)
     stored = [Stored.of_changes(base, tune) for tune in tunes]
-    expected = combiner.combine("w", dt, base.size, stored)
-    positions, new_bits = combiner.combine_changed(dt, base, tunes)
-    assert positions.tolist() == expected[0].tolist()
-    assert new_bits.tobytes() == expected[1].tobytes()
+    positions, bits = combiner.combine("w", dt, base.size, stored)
+    expected = base.copy()
+    expected[positions] = bits
+    assert combiner.combine_changed(dt, base, tunes).tobytes() == expected.tobytes()
+
+
+MERGEKIT_RULE_OPTIONS = [
+    ("ties-mergekit", {"density": 0.3}), ("ties-mergekit", {"density": 0.5, "normalize": 0}),
+    ("ties-mergekit", {"density": [0.2, 1.0, 0.6, 0.4], "scale": 0.7}),
+    ("dare-ties-mergekit", {"density": 0.5}), ("dare-linear-mergekit", {"density": 0.3}),
+    ("breadcrumbs-mergekit", {"density": 0.6, "gamma": 0.05}),
+    ("breadcrumbs-ties-mergekit", {"density": 0.5, "gamma": 0.02, "rescale": 1}),
+]
+
+
+@pytest.mark.parametrize("count", [1, 2, 3, 4])
+@pytest.mark.parametrize("dtype_name", ["BF16", "F16", "F32"])
+@pytest.mark.parametrize("rule, options", MERGEKIT_RULE_OPTIONS)
+def test_the_compiled_dense_merge_equals_mergekits_torch_operations(rule, options, dtype_name,
+                                                                   count, monkeypatch):
+    """combine_changed from the bits (trims as byte masks, one fine-tune at a time, then
+    gta_merge_changed) against the same merge through dense task vectors and mergekit's
+    torch operations: 30,011 elements of few distinct bf16-like values (ties at every cut),
+    some unchanged, infinities and NaN, negative weights; DARE's draws in small chunks."""
+    from sparsestitch.combine import rules as rules_module
+    from sparsestitch.core import native
+
+    if native.kernels() is None:
+        pytest.skip("the compiled loops are not built")
+    dt = dtype(dtype_name)
+    rng = np.random.default_rng(count * 7 + len(rule))
+    size = 30_011
+    base_wide = (rng.standard_normal(size) * 0.05).astype(np.float32)
+    base = from_wide(base_wide, dt)
+    tunes = []
+    for _ in range(count):
+        step = (rng.integers(-6, 7, size) * 0.004).astype(np.float32)
+        tuned = from_wide(base_wide + step, dt)
+        unchanged = rng.random(size) < 0.15
+        tuned[unchanged] = base[unchanged]
+        tunes.append(tuned)
+    tunes[0][:3] = from_wide(np.array([np.inf, np.nan, -np.inf], np.float32), dt)
+    weights = [1.0, -0.5, 2.0, 0.7][:count]
+    if isinstance(options.get("density"), list):
+        options = {**options, "density": options["density"][:count]}
+    combiner = rule_combiner(rule, weights, count, **options)
+    monkeypatch.setattr(rules_module, "DRAW_CHUNK", 4_096)
+    got = combiner.combine_changed(dt, base, tunes, name="model.layers.0.mlp.w")
+    monkeypatch.setattr(rules_module, "mergekit_merged_changed", lambda *a, **k: None)
+    want = combiner.combine_changed(dt, base, tunes, name="model.layers.0.mlp.w")
+    assert got.tobytes() == want.tobytes()
+    assert not np.array_equal(got, base)
 
 
 def test_another_architecture_is_refused_unless_the_user_insists(tmp_path):

@@ -538,3 +538,11 @@ def test_the_compiled_mix_leaves_more_rows_to_torch():
     weights = [1.0] * deltas.shape[0]
     weight = torch.tensor(weights).unsqueeze(-1)
     assert rules_module._mixed_natively(deltas, weights, weight, steps) is None
+
+
+def test_dares_draws_in_chunks_are_the_contracts_single_draw(monkeypatch):
+    """DARE's drops drawn DRAW_CHUNK at a time are numpy's single draw of every element."""
+    steps = rules_module.MergekitSteps("random", True, density=0.37, seed=5, name="layers.1.w")
+    want = np.random.default_rng([5, 2, zlib.crc32(b"layers.1.w")]).random(10_007) < 0.37
+    monkeypatch.setattr(rules_module, "DRAW_CHUNK", 1_000)
+    assert np.array_equal(rules_module._kept(None, 10_007, 2, steps).numpy(), want)

@@ -153,29 +153,22 @@ class RuleCombiner:
         return dt.is_float and self.rule.has_dense_update
 
     def combine_changed(self, dt: DType, base: np.ndarray, finetuned: Sequence[np.ndarray],
-                        name: str = "") -> tuple[np.ndarray, np.ndarray]:
-        """:meth:`combine` of records that store exactly the elements whose bits differ from
-        ``base`` (a whole tensor's bits), given every record's fine-tuned bits of the whole
-        tensor: the rule's dense form on whole task vectors (zero where a record stores
-        nothing, as its sparse form makes them), then the same rounding at the union."""
-        import torch
-
-        changed = np.zeros(base.size, bool)
-        wide = torch.float64 if np.dtype(dt.wide) == np.float64 else torch.float32
-        deltas = torch.zeros((len(finetuned), base.size), dtype=wide)
-        base_wide = to_wide(base, dt)
-        with np.errstate(all="ignore"):
-            for row, bits in zip(deltas, finetuned):
-                stored = bits != base
-                changed |= stored
-                tau = row.numpy()
-                np.subtract(to_wide(bits, dt), base_wide, out=tau, where=stored)
-            positions = np.flatnonzero(changed)
-            update = self.rule.dense_update(deltas, self.weights, name=name, **self.options)
-            merged = base_wide[positions] + update.numpy()[positions]
-            new_bits = from_wide(merged, dt)
-            new_bits[np.isnan(merged)] = CANONICAL_NAN[dt.name]
-        return positions, new_bits
+                        name: str = "") -> np.ndarray:
+        """The merged tensor's bits from records that store exactly the elements whose bits
+        differ from ``base`` (a whole tensor's bits), given every record's fine-tuned bits of
+        the whole tensor: the same bits as :meth:`combine` of those records (elements no
+        record changes keep the base's).  The rule's merge from the bits by compiled loops
+        where it has one (:meth:`MergeRule.merged_changed`), else its dense form on whole
+        task vectors (zero where a record stores nothing, as its sparse form makes them),
+        then the same rounding."""
+        kernels, kind = native.float_kernels(dt.name)
+        if kernels is not None:
+            merged = self.rule.merged_changed(kind, base, finetuned, self.weights,
+                                              CANONICAL_NAN[dt.name], name=name, **self.options)
+            if merged is not None:
+                return merged
+        return _dense_form_merge(self.rule, self.weights, self.options, dt, base, finetuned,
+                                 name)
 
     def bytes_per_position(self, dt: DType) -> int:
         """Bytes a tensor's decoded records hold per stored position until it is merged:
@@ -406,6 +399,32 @@ def delta_identity(reader: DeltaReader) -> str:
     """xxh3-64 of a delta's header: it names every record's payload checksum."""
     text = json.dumps(reader.header, sort_keys=True, separators=(",", ":"))
     return digest(text.encode("utf-8"))
+
+
+def _dense_form_merge(rule: MergeRule, weights: Sequence[float], options: dict, dt: DType,
+                      base: np.ndarray, finetuned: Sequence[np.ndarray], name: str) -> np.ndarray:
+    """:meth:`RuleCombiner.combine_changed` through the rule's dense form: whole task vectors
+    (zero where a record stores nothing), its update, rounded at the changed elements."""
+    import torch
+
+    changed = np.zeros(base.size, bool)
+    wide = torch.float64 if np.dtype(dt.wide) == np.float64 else torch.float32
+    deltas = torch.zeros((len(finetuned), base.size), dtype=wide)
+    base_wide = to_wide(base, dt)
+    with np.errstate(all="ignore"):
+        for row, bits in zip(deltas, finetuned):
+            stored = bits != base
+            changed |= stored
+            tau = row.numpy()
+            np.subtract(to_wide(bits, dt), base_wide, out=tau, where=stored)
+        positions = np.flatnonzero(changed)
+        update = rule.dense_update(deltas, weights, name=name, **options)
+        merged = base_wide[positions] + update.numpy()[positions]
+        new_bits = from_wide(merged, dt)
+        new_bits[np.isnan(merged)] = CANONICAL_NAN[dt.name]
+    out = base.copy()
+    out[positions] = new_bits
+    return out
 
 
 def _agreed_bits(name: str, present: Sequence[Stored], union: np.ndarray,

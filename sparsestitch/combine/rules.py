@@ -113,6 +113,13 @@ class MergeRule:
     #: where a delta stores nothing) equals :meth:`update`'s at every stored position.
     has_dense_update: ClassVar[bool] = False
 
+    def merged_changed(self, kind: int, base, finetuned, weights: Sequence[float],
+                       canonical_nan: int, name: str = "", **options):
+        """:meth:`dense_update`'s merge straight from the bits by compiled loops (the merged
+        tensor's bits, the same as through the dense task vectors), or None where they do
+        not apply -- always here."""
+        return None
+
     def dense_update(self, deltas, weights: Sequence[float], name: str = "", **options):
         """The update at every element from ``deltas``, a torch tensor of one dense task
         vector per delta (rows; zeros where it stores nothing): how merge handles full
@@ -410,6 +417,11 @@ class TiesMergekit(Ties):
         """mergekit's operations on ``deltas`` (sparsified in place)."""
         return mergekit_dense(deltas, weights, self.steps(name, options))
 
+    def merged_changed(self, kind, base, finetuned, weights, canonical_nan, name="",
+                       **options):
+        return mergekit_merged_changed(kind, base, finetuned, weights, canonical_nan,
+                                       self.steps(name, options))
+
 
 class DareTiesMergekit(TiesMergekit):
     """mergekit's ``dare_ties``: each task vector keeps each element with probability
@@ -638,11 +650,7 @@ def _mixed_natively(deltas, weights: Sequence[float], weight, steps: MergekitSte
             or deltas.dtype not in (torch.float32, torch.float64)
             or not 1 <= deltas.shape[0] <= NATIVE_MIX_ROWS):
         return None
-    divisor = 1.0
-    if not steps.consensus:  # one divisor for every element: the sum of the weights
-        summed = weight.sum(dim=0)
-        summed[summed.abs() < 1e-8] = 1
-        divisor = float(summed[0])
+    divisor = _plain_divisor(weights, deltas.dtype, steps)
     mixed = torch.empty(deltas.shape[1], dtype=deltas.dtype)
     kernels.gta_mix(deltas.numpy(), deltas.shape[0], np.asarray(weights, np.float64),
                     steps.consensus, bool(steps.normalize), divisor, float(steps.scale),
@@ -656,19 +664,8 @@ def _mergekit_sparsified(tensor, index: int, steps: MergekitSteps):
     norm before where ``rescale`` (mergekit's ``rescaled_masked_tensor``)."""
     import torch
 
-    size, density = tensor.numel(), steps.density_of(index)
-    if steps.sparsify == "magnitude":  # mergekit.sparsify.magnitude
-        kept = sorted_range_mask(tensor.abs().float().cpu(), 0, int(density * size), True)
-    elif steps.sparsify == "random":
-        rng = np.random.default_rng([steps.seed, index, zlib.crc32(steps.name.encode("utf-8"))])
-        kept = torch.from_numpy(rng.random(size) < density)
-    else:  # mergekit.sparsify.magnitude_outliers
-        target, top = int(density * size), int(steps.gamma_of(index) * size)
-        bottom = size - target - top
-        if bottom < 0:
-            top, bottom = top + bottom, 0
-        end = size - top if top else 0  # mergekit's slice [bottom:-top]: empty if top is 0
-        kept = sorted_range_mask(tensor.abs().float().cpu(), bottom, end, False)
+    magnitudes = None if steps.sparsify == "random" else tensor.abs().float().cpu()
+    kept = _kept(magnitudes, tensor.numel(), index, steps)
     # mergekit's mask: ones where kept, zeros elsewhere, in the tensor's dtype (multiplied, so
     # a dropped -x gives -0.0 and a dropped infinity NaN, as in mergekit)
     mask = kept.to(device=tensor.device, dtype=tensor.dtype)
@@ -679,6 +676,88 @@ def _mergekit_sparsified(tensor, index: int, steps: MergekitSteps):
     if before < 1e-7 or after < 1e-7:
         return masked
     return masked * (before / after)
+
+
+#: Elements drawn at a time for DARE's drops (the same stream as one draw of all of them).
+DRAW_CHUNK = 1 << 20
+
+
+def _kept(magnitudes, size: int, index: int, steps: MergekitSteps):
+    """Which elements task vector ``index`` keeps (a bool CPU tensor): the ``int(density *
+    size)`` largest ``magnitudes`` (float32, ``|tau|``) as torch's sort ranks them
+    (``magnitude``), the slice of its ascending order ``magnitude_outliers`` keeps, or the
+    seeded draws (``random``; ``magnitudes`` unused)."""
+    import torch
+
+    density = steps.density_of(index)
+    if steps.sparsify == "magnitude":  # mergekit.sparsify.magnitude
+        return sorted_range_mask(magnitudes, 0, int(density * size), True)
+    if steps.sparsify == "random":
+        rng = np.random.default_rng([steps.seed, index, zlib.crc32(steps.name.encode("utf-8"))])
+        kept = np.empty(size, bool)
+        for start in range(0, size, DRAW_CHUNK):
+            stop = min(size, start + DRAW_CHUNK)
+            np.less(rng.random(stop - start), density, out=kept[start:stop])
+        return torch.from_numpy(kept)
+    # mergekit.sparsify.magnitude_outliers
+    target, top = int(density * size), int(steps.gamma_of(index) * size)
+    bottom = size - target - top
+    if bottom < 0:
+        top, bottom = top + bottom, 0
+    end = size - top if top else 0  # mergekit's slice [bottom:-top]: empty if top is 0
+    return sorted_range_mask(magnitudes, bottom, end, False)
+
+
+def mergekit_merged_changed(kind: int, base: np.ndarray, finetuned: Sequence[np.ndarray],
+                            weights: Sequence[float], canonical_nan: int,
+                            steps: MergekitSteps) -> np.ndarray | None:
+    """merge's dense form of mergekit's rules (whole fine-tunes' bits, every changed element
+    stored) without dense task vectors: each fine-tune's trim as a byte mask and its L1
+    rescale factor, one fine-tune at a time (``|tau|`` in float32 only while it is ranked),
+    then the compiled ``gta_merge_changed`` over the bits; the merged tensor's bits, the same
+    as :func:`mergekit_dense` gives.  None where it does not apply: no compiled loops, a
+    dtype computed in float64, more than :data:`NATIVE_MIX_ROWS` fine-tunes."""
+    import torch
+
+    kernels = native.kernels()
+    if (kernels is None or kind not in native.FLOAT32_WIDE_KINDS
+            or not 1 <= len(finetuned) <= NATIVE_MIX_ROWS):
+        return None
+    weights = steps.weights_at(weights)
+    size, tunes = base.size, []
+    for i, bits in enumerate(finetuned):
+        kept, factor = np.ones(size, np.uint8), 1.0
+        if steps.sparsify and steps.density_of(i) < 1:  # mergekit's sparsify, else as it is
+            magnitudes = None
+            if steps.sparsify != "random" or steps.rescale:
+                magnitudes = torch.empty(size, dtype=torch.float32)
+                kernels.abs_tau(kind, bits, base, magnitudes.numpy())
+            mask = _kept(magnitudes, size, i, steps)
+            if steps.rescale:  # |tau * mask| is |tau| * mask: the sums of mergekit's tensors
+                before, after = magnitudes.sum(), (magnitudes * mask.to(torch.float32)).sum()
+                if not (before < 1e-7 or after < 1e-7):
+                    factor = float(before / after)
+            kept = mask.numpy().view(np.uint8)
+            del magnitudes, mask
+        tunes.append((bits, float(weights[i]), kept, factor))
+    merged = base.copy()
+    kernels.gta_merge_changed(kind, merged, tunes, steps.consensus, bool(steps.normalize),
+                              _plain_divisor(weights, torch.float32, steps),
+                              float(steps.scale), canonical_nan)
+    return merged
+
+
+def _plain_divisor(weights: Sequence[float], wide, steps: MergekitSteps) -> float:
+    """The divisor of a rule without sign election (one for every element): the weights'
+    sum, as mergekit's torch computes it, 1 where it is under 1e-8 in magnitude; 1 (unused)
+    with election."""
+    import torch
+
+    if steps.consensus:
+        return 1.0
+    summed = torch.tensor(list(weights), dtype=wide).unsqueeze(-1).sum(dim=0)
+    summed[summed.abs() < 1e-8] = 1
+    return float(summed[0])
 
 
 class Dare(MergeRule):

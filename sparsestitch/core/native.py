@@ -17,6 +17,8 @@ from types import ModuleType
 
 #: Float dtype names the C loops handle (merge, ranking keys), with the kind number they take.
 FLOAT_KINDS = {"BF16": 0, "F16": 1, "F32": 2, "F64": 3}
+#: The kinds whose arithmetic is float32 (the others' is float64).
+FLOAT32_WIDE_KINDS = (0, 1, 2)
 
 
 def kernels() -> ModuleType | None:

@@ -287,13 +287,13 @@ class FineTuneSource:
         dt = lookup_dtype(entry.dtype)
         blocks = RowBlocks.of(entry.shape, dt.itemsize, self.block_bytes)
         if self._dense(name, dt):
-            update = combiner.combine_changed(dt, *whole_tensors(scanner, name, entry.numel, dt),
+            merged = combiner.combine_changed(dt, *whole_tensors(scanner, name, entry.numel, dt),
                                               name=name)
 
             def finish_dense(writer: CheckpointWriter) -> None:
-                engine.write_patched(writer, name, blocks,
-                                     lambda start, stop: self.base.read_rows(name, start, stop),
-                                     *update)
+                for start, stop in blocks.bounds:
+                    lo, hi = blocks.elements(start, stop)
+                    writer.write(name, merged[lo:hi])
             return finish_dense
         base_xxh3, selections = scanner.select(name, self.selectors)
         exact = name not in scanner.plan.localized or (scanner.quantize is None
