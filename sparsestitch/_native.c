@@ -2452,7 +2452,9 @@ PyDoc_STRVAR(sort_select_doc,
 "others' members stay on their side whatever order the sort would give them), and a last\n"
 "segment of 16 or fewer is ordered by the sort's insertion sort.  ``depth_limit`` is the\n"
 "sort's (``2 * floor(log2(n))``); where a divided segment reaches it, ``std::sort`` would\n"
-"heap-sort it, which is not reproduced: False is returned (the mask then means nothing).");
+"heap-sort it, which is not reproduced: False is returned (the mask then means nothing).\n"
+"``values`` may also be ``(kind, finetuned, base)``: the values are then abs_tau's, made\n"
+"as they are copied (no array of them).");
 
 /* One (value, index) pair as torch's sort moves them (its composite accessor). */
 typedef struct { float value; uint32_t index; } SortPair;
@@ -2537,20 +2539,53 @@ static inline int before_asc(float a, float b)
 DEFINE_SORT_SELECT(desc, before_desc)
 DEFINE_SORT_SELECT(asc, before_asc)
 
+/* Pairs of |wide(tune) - wide(base)| as float32 (+0.0 where the bits are equal: abs_tau's
+   values) and their index. */
+#define DEFINE_TAU_PAIRS(NAME, BITS, TO_WIDE, FABS)                                           \
+    static void NAME(const BITS *tune, const BITS *base, Py_ssize_t n, SortPair *pairs)      \
+    {                                                                                        \
+        for (Py_ssize_t i = 0; i < n; i++) {                                                 \
+            float magnitude = (float)FABS(TO_WIDE(tune[i]) - TO_WIDE(base[i]));              \
+            pairs[i].value = tune[i] != base[i] ? magnitude : 0.0f;                          \
+            pairs[i].index = (uint32_t)i;                                                    \
+        }                                                                                    \
+    }
+
+DEFINE_TAU_PAIRS(tau_pairs_bf16, uint16_t, bf16_wide, fabsf)
+DEFINE_TAU_PAIRS(tau_pairs_f16, uint16_t, f16_wide, fabsf)
+DEFINE_TAU_PAIRS(tau_pairs_f32, uint32_t, f32_wide, fabsf)
+DEFINE_TAU_PAIRS(tau_pairs_f64, uint64_t, f64_wide, fabs)
+
 static PyObject *sort_select(PyObject *self, PyObject *args)
 {
-    PyObject *values_object, *mask_object;
+    PyObject *values_object, *mask_object, *tune_object = NULL, *base_object = NULL;
     Py_ssize_t lo, hi;
-    int descending, depth;
+    int descending, depth, kind = -1;
     if (!PyArg_ParseTuple(args, "OnnpiO", &values_object, &lo, &hi, &descending, &depth,
                           &mask_object))
         return NULL;
-    Py_buffer values = {0}, mask = {0};
+    Py_buffer values = {0}, base = {0}, mask = {0};
     PyObject *result = NULL;
-    if (get_buffer(values_object, &values, 0, 4, "values") < 0
-        || get_buffer(mask_object, &mask, 1, 1, "mask") < 0)
+    Py_ssize_t n;
+    if (PyTuple_Check(values_object)) {  /* (kind, fine-tuned bits, base bits) */
+        if (!PyArg_ParseTuple(values_object, "iOO;values is float32 or (kind, finetuned, base)",
+                              &kind, &tune_object, &base_object) || !known_kind(kind))
+            goto done;
+        if (get_buffer(tune_object, &values, 0, KIND_ITEMSIZE[kind], "finetuned") < 0
+            || get_buffer(base_object, &base, 0, KIND_ITEMSIZE[kind], "base") < 0)
+            goto done;
+        if (base.len != values.len) {
+            PyErr_SetString(PyExc_ValueError, "sort_select: finetuned and base differ in length");
+            goto done;
+        }
+        n = values.len / KIND_ITEMSIZE[kind];
+    } else {
+        if (get_buffer(values_object, &values, 0, 4, "values") < 0)
+            goto done;
+        n = values.len / 4;
+    }
+    if (get_buffer(mask_object, &mask, 1, 1, "mask") < 0)
         goto done;
-    Py_ssize_t n = values.len / 4;
     if (mask.len != n || lo < 0 || hi < lo || hi > n || n > (Py_ssize_t)UINT32_MAX) {
         PyErr_SetString(PyExc_ValueError, "sort_select: mask of another length, bounds outside "
                         "the values or over 2**32 values");
@@ -2563,10 +2598,18 @@ static PyObject *sort_select(PyObject *self, PyObject *args)
     }
     int done_ok;
     Py_BEGIN_ALLOW_THREADS
-    const float *v = values.buf;
-    for (Py_ssize_t i = 0; i < n; i++) {
-        pairs[i].value = v[i];
-        pairs[i].index = (uint32_t)i;
+    switch (kind) {
+    case KIND_BF16: tau_pairs_bf16(values.buf, base.buf, n, pairs); break;
+    case KIND_F16: tau_pairs_f16(values.buf, base.buf, n, pairs); break;
+    case KIND_F32: tau_pairs_f32(values.buf, base.buf, n, pairs); break;
+    case KIND_F64: tau_pairs_f64(values.buf, base.buf, n, pairs); break;
+    default: {
+        const float *v = values.buf;
+        for (Py_ssize_t i = 0; i < n; i++) {
+            pairs[i].value = v[i];
+            pairs[i].index = (uint32_t)i;
+        }
+    }
     }
     done_ok = descending ? select_loop_desc(pairs, 0, n, depth, lo, hi)
                          : select_loop_asc(pairs, 0, n, depth, lo, hi);
@@ -2581,6 +2624,7 @@ static PyObject *sort_select(PyObject *self, PyObject *args)
     result = PyBool_FromLong(done_ok);
 done:
     release(&values);
+    release(&base);
     release(&mask);
     return result;
 }

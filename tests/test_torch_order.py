@@ -116,3 +116,26 @@ def test_a_torch_that_sorts_otherwise_gets_its_own_sort():
         got = sorted_range_mask(values, 0, 1500, True).numpy()
     assert sort.call_count == 1
     assert np.array_equal(got, torch_range(values, 0, 1500, True))
+
+
+@pytest.mark.parametrize("dtype_name", ["BF16", "F16", "F32", "F64"])
+def test_ranked_from_the_bits_as_from_the_magnitudes(dtype_name):
+    """tau_range_mask (the values made from the bits as they are copied) against torch's sort
+    of abs_tau's float32 magnitudes: unchanged elements, equal steps, NaN and infinities."""
+    from sparsestitch.core.dtypes import dtype, from_wide
+
+    kernels = native.kernels()
+    if kernels is None:
+        pytest.skip("the compiled loops are not built")
+    dt = dtype(dtype_name)
+    rng = np.random.default_rng(len(dtype_name))
+    base_wide = (rng.standard_normal(20_000) * 0.05).astype(dt.wide)
+    base = from_wide(base_wide, dt)
+    tune = from_wide(base_wide + (rng.integers(-5, 6, 20_000) * 0.004).astype(dt.wide), dt)
+    tune[:3] = from_wide(np.array([np.nan, np.inf, -np.inf], dt.wide), dt)
+    kind = native.FLOAT_KINDS[dtype_name]
+    magnitudes = torch.empty(20_000, dtype=torch.float32)
+    kernels.abs_tau(kind, tune, base, magnitudes.numpy())
+    for lo, hi, descending in ((0, 6_000, True), (2_000, 19_000, False), (0, 20_000, True)):
+        got = torch_order.tau_range_mask(kind, tune, base, lo, hi, descending).numpy()
+        assert np.array_equal(got, torch_range(magnitudes, lo, hi, descending))

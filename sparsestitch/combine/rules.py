@@ -29,6 +29,7 @@ from __future__ import annotations
 import re
 import zlib
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -38,7 +39,7 @@ from ..core import native
 from ..core.errors import OptionError
 from ..core.options import FINITE, FRACTION, Range, number, short_repr
 from ..core.tiebreak import tie_order
-from .torch_order import sorted_range_mask
+from .torch_order import sorted_range_mask, tau_range_mask
 from .union import PositionUnion, union_of
 
 #: Every rule option's values and meaning (an option means the same in every rule taking it).
@@ -665,7 +666,8 @@ def _mergekit_sparsified(tensor, index: int, steps: MergekitSteps):
     import torch
 
     magnitudes = None if steps.sparsify == "random" else tensor.abs().float().cpu()
-    kept = _kept(magnitudes, tensor.numel(), index, steps)
+    kept = _kept(lambda lo, hi, descending: sorted_range_mask(magnitudes, lo, hi, descending),
+                 tensor.numel(), index, steps)
     # mergekit's mask: ones where kept, zeros elsewhere, in the tensor's dtype (multiplied, so
     # a dropped -x gives -0.0 and a dropped infinity NaN, as in mergekit)
     mask = kept.to(device=tensor.device, dtype=tensor.dtype)
@@ -678,20 +680,25 @@ def _mergekit_sparsified(tensor, index: int, steps: MergekitSteps):
     return masked * (before / after)
 
 
+#: Fine-tunes trimmed at once by :func:`mergekit_merged_changed` (this machine class has 2
+#: cores; each trim holds 9-13 bytes an element of its tensor while it runs).
+TRIM_THREADS = 2
+
 #: Elements drawn at a time for DARE's drops (the same stream as one draw of all of them).
 DRAW_CHUNK = 1 << 20
 
 
-def _kept(magnitudes, size: int, index: int, steps: MergekitSteps):
+def _kept(ranked, size: int, index: int, steps: MergekitSteps):
     """Which elements task vector ``index`` keeps (a bool CPU tensor): the ``int(density *
-    size)`` largest ``magnitudes`` (float32, ``|tau|``) as torch's sort ranks them
-    (``magnitude``), the slice of its ascending order ``magnitude_outliers`` keeps, or the
-    seeded draws (``random``; ``magnitudes`` unused)."""
+    size)`` largest magnitudes as torch's sort ranks them (``magnitude``), the slice of its
+    ascending order ``magnitude_outliers`` keeps, or the seeded draws (``random``).
+    ``ranked(lo, hi, descending)`` marks positions ``lo`` to ``hi - 1`` of torch's sort of
+    the float32 ``|tau|`` (:func:`~.torch_order.sorted_range_mask`)."""
     import torch
 
     density = steps.density_of(index)
     if steps.sparsify == "magnitude":  # mergekit.sparsify.magnitude
-        return sorted_range_mask(magnitudes, 0, int(density * size), True)
+        return ranked(0, int(density * size), True)
     if steps.sparsify == "random":
         rng = np.random.default_rng([steps.seed, index, zlib.crc32(steps.name.encode("utf-8"))])
         kept = np.empty(size, bool)
@@ -705,7 +712,7 @@ def _kept(magnitudes, size: int, index: int, steps: MergekitSteps):
     if bottom < 0:
         top, bottom = top + bottom, 0
     end = size - top if top else 0  # mergekit's slice [bottom:-top]: empty if top is 0
-    return sorted_range_mask(magnitudes, bottom, end, False)
+    return ranked(bottom, end, False)
 
 
 def mergekit_merged_changed(kind: int, base: np.ndarray, finetuned: Sequence[np.ndarray],
@@ -713,8 +720,9 @@ def mergekit_merged_changed(kind: int, base: np.ndarray, finetuned: Sequence[np.
                             steps: MergekitSteps) -> np.ndarray | None:
     """merge's dense form of mergekit's rules (whole fine-tunes' bits, every changed element
     stored) without dense task vectors: each fine-tune's trim as a byte mask and its L1
-    rescale factor, one fine-tune at a time (``|tau|`` in float32 only while it is ranked),
-    then the compiled ``gta_merge_changed`` over the bits; the merged tensor's bits, the same
+    rescale factor, :data:`TRIM_THREADS` fine-tunes at a time (ranked from the bits; ``|tau|``
+    in float32 only for the rescale's sums), then the compiled ``gta_merge_changed`` over
+    the bits; the merged tensor's bits, the same
     as :func:`mergekit_dense` gives.  None where it does not apply: no compiled loops, a
     dtype computed in float64, more than :data:`NATIVE_MIX_ROWS` fine-tunes."""
     import torch
@@ -724,22 +732,33 @@ def mergekit_merged_changed(kind: int, base: np.ndarray, finetuned: Sequence[np.
             or not 1 <= len(finetuned) <= NATIVE_MIX_ROWS):
         return None
     weights = steps.weights_at(weights)
-    size, tunes = base.size, []
-    for i, bits in enumerate(finetuned):
+    size = base.size
+
+    def trim(i: int) -> tuple:
         kept, factor = np.ones(size, np.uint8), 1.0
         if steps.sparsify and steps.density_of(i) < 1:  # mergekit's sparsify, else as it is
             magnitudes = None
-            if steps.sparsify != "random" or steps.rescale:
+            if steps.rescale:  # its L1 sums need |tau| whole
                 magnitudes = torch.empty(size, dtype=torch.float32)
-                kernels.abs_tau(kind, bits, base, magnitudes.numpy())
-            mask = _kept(magnitudes, size, i, steps)
-            if steps.rescale:  # |tau * mask| is |tau| * mask: the sums of mergekit's tensors
-                before, after = magnitudes.sum(), (magnitudes * mask.to(torch.float32)).sum()
+                kernels.abs_tau(kind, finetuned[i], base, magnitudes.numpy())
+
+            def ranked(lo: int, hi: int, descending: bool):
+                return (tau_range_mask(kind, finetuned[i], base, lo, hi, descending)
+                        if magnitudes is None else
+                        sorted_range_mask(magnitudes, lo, hi, descending))
+            mask = _kept(ranked, size, i, steps)
+            if magnitudes is not None:  # |tau * mask| is |tau| * mask: mergekit's tensors' sums
+                before = magnitudes.sum()
+                after = magnitudes.mul_(mask).sum()
                 if not (before < 1e-7 or after < 1e-7):
                     factor = float(before / after)
             kept = mask.numpy().view(np.uint8)
-            del magnitudes, mask
-        tunes.append((bits, float(weights[i]), kept, factor))
+        return finetuned[i], float(weights[i]), kept, factor
+
+    # The fine-tunes' trims side by side (the selection, the draws and torch's sums release
+    # the GIL): one holds 9-13 bytes an element while it runs.
+    with ThreadPoolExecutor(max_workers=min(TRIM_THREADS, len(finetuned))) as pool:
+        tunes = list(pool.map(trim, range(len(finetuned))))
     merged = base.copy()
     kernels.gta_merge_changed(kind, merged, tunes, steps.consensus, bool(steps.normalize),
                               _plain_divisor(weights, torch.float32, steps),

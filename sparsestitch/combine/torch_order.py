@@ -45,6 +45,26 @@ def sorted_range_mask(values, lo: int, hi: int, descending: bool):
     return mask
 
 
+def tau_range_mask(kind: int, finetuned: np.ndarray, base: np.ndarray, lo: int, hi: int,
+                   descending: bool):
+    """:func:`sorted_range_mask` of ``|tau|`` in float32 (``abs_tau``: ``|wide(finetuned) -
+    wide(base)|`` where the bits differ, else 0; ``kind`` a native float kind), made from the
+    bits as the native selection copies them, without an array of them where it can."""
+    import torch
+
+    size = base.size
+    lo, hi = max(0, min(lo, size)), max(0, min(hi, size))
+    kernels = native.kernels()
+    if hi > lo and size <= np.iinfo(np.uint32).max and native_matches_torch():
+        mask = np.empty(size, np.uint8)
+        if kernels.sort_select((kind, finetuned, base), lo, hi, descending,
+                               sort_depth_limit(size), mask):
+            return torch.from_numpy(mask.view(np.bool_))
+    magnitudes = torch.empty(size, dtype=torch.float32)
+    kernels.abs_tau(kind, finetuned, base, magnitudes.numpy())
+    return sorted_range_mask(magnitudes, lo, hi, descending)
+
+
 def sort_depth_limit(size: int) -> int:
     """libstdc++'s introsort depth limit: ``2 * floor(log2(size))`` (0 for an empty array)."""
     return 2 * (size.bit_length() - 1) if size > 0 else 0
