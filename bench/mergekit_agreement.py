@@ -77,6 +77,8 @@ CONFIGS = [
      {"density": [[0.3, 0.6, 0.95], 0.5, 0.7], "gamma": 0.02}, True),
     ("ties, weight [0.2, 1.0] and [1.5, 0.5, 1.0] for models 1 and 3", "ties", {},
      {"weight": [[0.2, 1.0], 0.5, [1.5, 0.5, 1.0]], "density": 0.4}, True),
+    ("task_arithmetic, weight [0.2, 1.0] for model 1, lambda 0.7", "task_arithmetic",
+     {"lambda": 0.7}, {"weight": [[0.2, 1.0], 0.5, 2.0]}, True),
     # mergekit's examples/ties.yml on these models: gradients and per-tensor filters
     ("ties.yml: density [1, 0.7, 0.1]; weight [0, 0.3, 0.7, 1]; weight mlp 0.5, else 0",
      "ties", {"normalize": True, "int8_mask": True},

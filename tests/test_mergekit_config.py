@@ -275,8 +275,37 @@ def test_weight_gradients_run_with_ties_and_are_refused_for_task_arithmetic(mode
                            tmp_path / "both", rule="ties-mergekit", weights=[2.0, 1.0],
                            **parsed.parameters)
     with pytest.raises(ConfigError, match="gradients of weight run with ties"):
-        load(write(models, text.replace(", density: 0.5", "").format(
-            method="task_arithmetic")))
+        load(write(models, text.replace(", density: 0.5", "").format(method="linear")))
+
+
+def test_task_arithmetic_with_a_weight_gradient(models, tmp_path):
+    """mergekit's task_arithmetic with a per-model weight gradient runs as its generalized
+    task arithmetic without drops: each layer's weights, lambda the scale; the layer at the
+    end of the gradient equals task arithmetic with that weight, the embedding (outside the
+    layers) the gradient's first value."""
+    text = """
+        models:
+          - model: models/ft1
+            parameters: {{weight: [0.2, 1.0]}}
+          - model: models/ft2
+            parameters: {{weight: 0.5}}
+        merge_method: {method}
+        base_model: models/base
+        parameters: {{lambda: 0.7}}
+        dtype: float32
+        """
+    parsed = load(write(models, text.format(method="task_arithmetic")))
+    assert parsed.rule == "dare-linear-mergekit"
+    assert parsed.parameters["layer_weights"] == [[0.2, 1.0], 0.5]
+    assert parsed.parameters["density"] == 1.0 and parsed.parameters["scale"] == 0.7
+    got = run_config(write(models, text.format(method="task_arithmetic")), tmp_path / "graded")
+    tunes = [models / "models" / "ft1", models / "models" / "ft2"]
+    for weight, tensor in ((1.0, "layer.0.mlp.weight"), (0.2, "embed.weight")):
+        plain = sparsestitch.merge(models / "models" / "base", tunes, tmp_path / f"w{weight}",
+                                   rule="task-arithmetic", weights=[weight, 0.5], scale=0.7)
+        plain = tmp_path / f"w{weight}"
+        want = load_file(next(plain.glob("*.safetensors")) if plain.is_dir() else plain)
+        assert torch.equal(got[tensor], want[tensor]), tensor
 
 
 def test_per_tensor_filters_as_in_mergekits_ties_example(models, tmp_path):

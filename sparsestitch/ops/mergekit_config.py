@@ -10,7 +10,9 @@ every problem of the config in one error; nothing is ignored silently.
 ============================  ==============================================================
 ``merge_method``              runs as
 ============================  ==============================================================
-``task_arithmetic``           ``task-arithmetic``: weights per model, ``lambda`` the scale
+``task_arithmetic``           ``task-arithmetic``: weights per model, ``lambda`` the scale;
+                              with a weight gradient or filters, mergekit's generalized task
+                              arithmetic without drops (``dare-linear-mergekit``, density 1)
 ``ties``                      ``ties-mergekit`` (mergekit's TIES, bit for bit with
                               ``dtype: float32``): each model's ``density``
 ``linear``                    ``task-arithmetic`` over the base: ``base + sum(w_i tau_i) /
@@ -26,8 +28,8 @@ every problem of the config in one error; nothing is ignored silently.
 ``breadcrumbs_ties``          ``breadcrumbs-ties-mergekit``: the same trimming, sign election
 ============================  ==============================================================
 
-Per-model ``density``, ``gamma`` and (but for ``linear`` and ``task_arithmetic``) ``weight``
-may differ, and each may be a gradient (``density: [0.1, 0.5]``: values spread over the
+Per-model ``density``, ``gamma`` and ``weight`` may differ, and each (but ``linear``'s
+``weight``) may be a gradient (``density: [0.1, 0.5]``: values spread over the
 base's layers as mergekit's planner spreads them, the tensors outside the layers taking the
 first) or per-tensor filters (``[{filter: mlp, value: 0.5}, {value: 0}]``: the first whose
 text is in the tensor's name, or that has none; then mergekit's fallbacks, the top-level
@@ -36,7 +38,7 @@ as mergekit does.
 
 Refused, with the reason: the other methods (``della``, ``slerp``, ``passthrough``,
 ``model_stock``, ...), ``slices`` and layer ranges (frankenmerges), a per-model ``weight``
-(gradient or filters) for ``linear`` and ``task_arithmetic``,
+gradient or filters for ``linear``,
 ``normalize: false`` for ``linear``, ``rescale: true`` for ``ties``, an output dtype
 (``out_dtype``, else ``dtype``, as mergekit writes) other than the base's,
 ``tokenizer_source`` other than ``base``, LoRA adapters (``model+lora``).  ``dtype`` names
@@ -211,12 +213,12 @@ def _method(problems: list, method: str, top: dict, entries: list):
                                                            "filter matches have no weight"))
     options: dict = {}
     if any(isinstance(w, list) for w in list(weight_of.values())):
-        if method in ("ties", *GENERALIZED):  # the rule takes each delta's weight gradient
+        if method in ("ties", "task_arithmetic", *GENERALIZED):  # each delta's weight gradient
             options["layer_weights"], weights = weights, [1.0] * len(weights)
         else:
-            problems.append(("models", f"{method}: gradients of weight run with ties, dare_* and "
-                                       "breadcrumbs* (sparsestitch's task arithmetic takes one "
-                                       "weight per model)"))
+            problems.append(("models", f"{method}: gradients of weight run with ties, "
+                                       "task_arithmetic, dare_* and breadcrumbs* (linear "
+                                       "averages the models with one weight each)"))
             weight_of = {k: 1.0 if isinstance(w, list) else w for k, w in weight_of.items()}
             weights = [1.0 if isinstance(w, list) else w for w in weights]
     normalize = top.get("normalize", method in ("ties", "linear"))
@@ -236,6 +238,14 @@ def _method(problems: list, method: str, top: dict, entries: list):
     if method in GENERALIZED:
         return finetuned, [float(w) for w in weights], METHODS[method], \
             {**options, **_generalized(problems, method, top, tunes)}
+    if method == "task_arithmetic" and "layer_weights" in options:
+        # sparsestitch's task arithmetic takes one weight per model: with gradients it runs as
+        # mergekit's generalized task arithmetic without drops (density 1) or sign election,
+        # its weights per layer, normalized only where the config asks, as mergekit does
+        options.update(density=1.0, normalize=1 if normalize else 0)
+        if top.get("lambda", 1.0) != 1.0:
+            options["scale"] = top["lambda"]
+        return finetuned, [float(w) for w in weights], "dare-linear-mergekit", options
     if method == "task_arithmetic" and any(p.get("density", 1.0) not in (1.0, None)
                                            for _, _, p in tunes):
         problems.append(("models", "task_arithmetic does not sparsify: a density has no effect "
