@@ -2539,14 +2539,17 @@ static inline int before_asc(float a, float b)
 DEFINE_SORT_SELECT(desc, before_desc)
 DEFINE_SORT_SELECT(asc, before_asc)
 
-/* Pairs of |wide(tune) - wide(base)| as float32 (+0.0 where the bits are equal: abs_tau's
-   values) and their index. */
+/* |wide(tune) - wide(base)| rounded to float32, +0.0 where the bits are equal: the magnitude
+   mergekit ranks (``tau.abs().float()`` of merge's dense task vector). */
+#define ABS_TAU(TO_WIDE, FABS, TUNE, BASE)                                                   \
+    ((TUNE) != (BASE) ? (float)FABS(TO_WIDE(TUNE) - TO_WIDE(BASE)) : 0.0f)
+
+/* Pairs of ABS_TAU's values and their index. */
 #define DEFINE_TAU_PAIRS(NAME, BITS, TO_WIDE, FABS)                                           \
     static void NAME(const BITS *tune, const BITS *base, Py_ssize_t n, SortPair *pairs)      \
     {                                                                                        \
         for (Py_ssize_t i = 0; i < n; i++) {                                                 \
-            float magnitude = (float)FABS(TO_WIDE(tune[i]) - TO_WIDE(base[i]));              \
-            pairs[i].value = tune[i] != base[i] ? magnitude : 0.0f;                          \
+            pairs[i].value = ABS_TAU(TO_WIDE, FABS, tune[i], base[i]);                       \
             pairs[i].index = (uint32_t)i;                                                    \
         }                                                                                    \
     }
@@ -2776,10 +2779,8 @@ PyDoc_STRVAR(abs_tau_doc,
     VECTOR_CLONES static void NAME(const BITS *restrict tune, const BITS *restrict base,    \
                                    Py_ssize_t size, float *restrict out)                    \
     {                                                                                        \
-        for (Py_ssize_t j = 0; j < size; j++) {                                              \
-            float magnitude = (float)FABS(TO_WIDE(tune[j]) - TO_WIDE(base[j]));              \
-            out[j] = tune[j] != base[j] ? magnitude : 0.0f;                                  \
-        }                                                                                    \
+        for (Py_ssize_t j = 0; j < size; j++)                                                \
+            out[j] = ABS_TAU(TO_WIDE, FABS, tune[j], base[j]);                               \
     }
 
 #pragma GCC push_options
