@@ -464,3 +464,41 @@ models: [{{model: models/ft1, parameters: {{weight: 1}}}}]
         assert caught.value.key == "dtype"
     else:
         config.check_inputs()
+
+
+def test_one_slice_of_every_layer_runs_as_models(models, tmp_path):
+    """mergekit's slices: one slice whose sources each take every layer of the base is the
+    same merge as the models form; a partial layer range or several slices (a new stack of
+    layers) is refused by field, with the base's layer count."""
+    common = """
+        merge_method: ties
+        base_model: models/base
+        parameters: {density: 0.5}
+        dtype: float32
+        """
+    as_models = write(models, common + """
+        models:
+          - {model: models/ft1, parameters: {weight: 1.0}}
+          - {model: models/ft2, parameters: {weight: 0.5}}
+        """)
+    sliced = common + """
+        slices:
+          - sources:
+              - {model: models/ft1, layer_range: [0, 1], parameters: {weight: 1.0}}
+              - {model: models/ft2, layer_range: [0, 1], parameters: {weight: 0.5}}
+        """
+    parsed, want = load(write(models, sliced)), load(as_models)
+    assert (parsed.finetuned, parsed.weights, parsed.rule, parsed.parameters) == \
+        (want.finetuned, want.weights, want.rule, want.parameters)
+    assert_same_tensors(run_config(write(models, sliced), tmp_path / "sliced"),
+                        run_config(as_models, tmp_path / "models-form"))
+    with pytest.raises(ConfigError, match=r"slices\[0\]\.sources\[1\]\.layer_range: \[0, 0\] "
+                                          r"is not every layer of the base \(\[0, 1\]\)"):
+        load(write(models, sliced.replace("layer_range: [0, 1], parameters: {weight: 0.5}",
+                                          "layer_range: [0, 0], parameters: {weight: 0.5}")))
+    two = sliced + """
+          - sources:
+              - {model: models/ft1, layer_range: [0, 1]}
+        """
+    with pytest.raises(ConfigError, match="several slices .* a new stack of layers"):
+        load(write(models, two))

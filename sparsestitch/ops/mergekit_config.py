@@ -37,7 +37,9 @@ value and the default): each model's task vector is sparsified and weighted with
 as mergekit does.
 
 Refused, with the reason: the other methods (``della``, ``slerp``, ``passthrough``,
-``model_stock``, ...), ``slices`` and layer ranges (frankenmerges), a per-model ``weight``
+``model_stock``, ...), ``slices`` that build a new stack of layers (frankenmerges: several
+slices, or a ``layer_range`` short of every layer of the base; one slice of every layer runs
+as its sources' ``models``), a per-model ``weight``
 gradient or filters for ``linear``,
 ``normalize: false`` for ``linear``, ``rescale: true`` for ``ties``, an output dtype
 (``out_dtype``, else ``dtype``, as mergekit writes) other than the base's,
@@ -124,9 +126,7 @@ def translate(path: Path, data: dict, cwd: Path | None = None):
     elif method not in METHODS:
         problems.append(("merge_method", f"must be one of {', '.join(sorted(METHODS))}, got "
                                          f"{short_repr(method)}"))
-    for key, reason in (("slices", "slices and layer ranges build a new stack of layers (a "
-                                   "frankenmerge); sparsestitch merges whole models"),
-                        ("tokenizer", "a merged tokenizer (mergekit's tokenizer: section); "
+    for key, reason in (("tokenizer", "a merged tokenizer (mergekit's tokenizer: section); "
                                       "sparsestitch keeps the base's"),
                         ("chat_template", "sparsestitch keeps the base's chat template")):
         if data.get(key) is not None:
@@ -145,13 +145,17 @@ def translate(path: Path, data: dict, cwd: Path | None = None):
     known = PARAMETERS.get(method, set())
     top = _parameters(problems, "parameters", data.get("parameters"), known)
     entries = []   # (where, model, parameters, is the base)
-    models = data.get("models")
-    if not isinstance(models, list) or not models:
-        if data.get("slices") is None:  # with slices, the slices are the problem
+    models, prefix = data.get("models"), "models"
+    if data.get("slices") is not None and models is None:
+        models, prefix = _whole_model_slices(problems, data["slices"], base), "slices[0].sources"
+    else:
+        if data.get("slices") is not None:
+            problems.append(("slices", "give models or slices, not both"))
+        if not isinstance(models, list) or not models:
             problems.append(("models", "must be a list of {model: PATH, parameters: {...}}"))
-        models = []
+            models = []
     for i, item in enumerate(models):
-        where = f"models[{i}]"
+        where = f"{prefix}[{i}]"
         if isinstance(item, str):
             item = {"model": item}
         if not isinstance(item, dict):
@@ -300,6 +304,61 @@ def _per_model(tunes: list, key: str, default: float, top: dict) -> float | list
     return values[0] if same and not isinstance(values[0], list) else values
 
 
+def _whole_model_slices(problems: list, slices, base: str | None) -> list:
+    """The sources of a ``slices:`` section that merges whole models -- one slice, each
+    source's ``layer_range`` all of the base's layers -- as ``models`` entries (``model`` and
+    ``parameters``); anything else builds a new stack of layers (a frankenmerge) and is a
+    problem, named."""
+    why = "sparsestitch merges whole models"
+    if not isinstance(slices, list) or len(slices) != 1 or not isinstance(slices[0], dict):
+        problems.append(("slices", "several slices (or no slice) build a new stack of layers (a "
+                                   f"frankenmerge); {why}: one slice of every layer"))
+        return []
+    for key in sorted(str(k) for k in slices[0] if k != "sources"):
+        problems.append((f"slices[0].{key}", "not supported in a slice (sources only)"))
+    sources = slices[0].get("sources")
+    if not isinstance(sources, list) or not sources:
+        problems.append(("slices[0].sources", "must be a list of {model, layer_range, "
+                                              "parameters}"))
+        return []
+    layers = _count_layers(problems, base, "slices")
+    models = []
+    for i, source in enumerate(sources):
+        where = f"slices[0].sources[{i}]"
+        if not isinstance(source, dict):
+            problems.append((where, "must be a mapping like {model: PATH, layer_range: [0, N]}"))
+            continue
+        span = source.get("layer_range")
+        if layers is not None and span != [0, layers]:
+            problems.append((f"{where}.layer_range", f"{short_repr(span)} is not every layer of "
+                                                     f"the base ([0, {layers}]): a new stack "
+                                                     f"of layers (a frankenmerge); {why}"))
+        models.append({k: v for k, v in source.items() if k != "layer_range"})
+    return models
+
+
+def _count_layers(problems: list, base: str | None, where: str) -> int | None:
+    """The base's number of layers, counted from its tensor names (``layers.N``, ``h.N``,
+    ``layer.N``, ``blocks.N``); None, with a problem named at ``where``, if they cannot be."""
+    if base is None:
+        return None  # the missing base is the problem already named
+    from ..checkpoint import Checkpoint
+    from ..combine.rules import LAYER_INDEX
+
+    try:
+        with Checkpoint(base) as ckpt:
+            found = [int(m.group(1)) for n in ckpt.names if (m := LAYER_INDEX.search(n))]
+    except (OSError, ValueError, SparsestitchError) as exc:
+        problems.append(("base_model", f"{where}: the base's layers are counted from its tensor "
+                                       f"names, which could not be read: {exc}"))
+        return None
+    if not found:
+        problems.append((where, "no tensor name of the base has a layer index (layers.N, h.N, "
+                                "layer.N, blocks.N) to count its layers"))
+        return None
+    return max(found) + 1
+
+
 def _layers(problems: list, base: str | None, options: dict) -> bool:
     """``options["layers"]``, the base's number of layers, where a gradient needs it; False
     (and a problem) where they could not be counted."""
@@ -309,23 +368,10 @@ def _layers(problems: list, base: str | None, options: dict) -> bool:
 
     if not any(isinstance(v, list) and any(graded(x) for x in v) for v in options.values()):
         return True
-    if base is None:
-        return False  # the missing base is the problem already named
-    from ..checkpoint import Checkpoint
-    from ..combine.rules import LAYER_INDEX
-
-    try:
-        with Checkpoint(base) as ckpt:
-            found = [int(m.group(1)) for n in ckpt.names if (m := LAYER_INDEX.search(n))]
-    except (OSError, ValueError, SparsestitchError) as exc:
-        problems.append(("base_model", f"a gradient is placed on the base's layers, counted "
-                                       f"from its tensor names, which could not be read: {exc}"))
+    layers = _count_layers(problems, base, "models (a gradient is placed on the base's layers)")
+    if layers is None:
         return False
-    if not found:
-        problems.append(("models", "a gradient needs layers, and no tensor name of the base has "
-                                   "a layer index (layers.N, h.N, layer.N, blocks.N)"))
-        return False
-    options["layers"] = max(found) + 1
+    options["layers"] = layers
     return True
 
 
