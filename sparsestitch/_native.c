@@ -3016,6 +3016,73 @@ done:
     return result;
 }
 
+PyDoc_STRVAR(exponent_counts_doc,
+"exponent_counts(kind, base, counts)\n"
+"\n"
+"Add to ``counts`` (int64, 2**exponent bits bins) how many of the float ``base`` bits\n"
+"(``kind`` as for merge_block) have each biased exponent field: the ulp codec's\n"
+"np.bincount of its exponent fields.");
+
+/* Four tables side by side: equal exponents in a row (the common case) do not wait on one
+   another's increments. */
+#define DEFINE_EXPONENT_COUNTS(NAME, BITS, MANTISSA, EXPONENT)                              \
+    static void NAME(const BITS *base, Py_ssize_t n, int64_t *counts)                        \
+    {                                                                                        \
+        enum { BINS = 1 << EXPONENT };                                                       \
+        int64_t *tables = PyMem_RawCalloc(4 * BINS, sizeof(int64_t));                        \
+        Py_ssize_t i = 0;                                                                    \
+        if (tables != NULL) {                                                                \
+            for (; i + 4 <= n; i += 4)                                                       \
+                for (int t = 0; t < 4; t++)                                                  \
+                    tables[t * BINS + ((base[i + t] >> MANTISSA) & (BINS - 1))]++;           \
+            for (int b = 0; b < BINS; b++)                                                   \
+                counts[b] += tables[b] + tables[BINS + b] + tables[2 * BINS + b]             \
+                             + tables[3 * BINS + b];                                         \
+            PyMem_RawFree(tables);                                                           \
+        }                                                                                    \
+        for (; i < n; i++)                                                                   \
+            counts[(base[i] >> MANTISSA) & (BINS - 1)]++;                                    \
+    }
+
+DEFINE_EXPONENT_COUNTS(exponent_counts_bf16, uint16_t, 7, 8)
+DEFINE_EXPONENT_COUNTS(exponent_counts_f16, uint16_t, 10, 5)
+DEFINE_EXPONENT_COUNTS(exponent_counts_f32, uint32_t, 23, 8)
+DEFINE_EXPONENT_COUNTS(exponent_counts_f64, uint64_t, 52, 11)
+
+static PyObject *exponent_counts(PyObject *self, PyObject *args)
+{
+    int kind;
+    PyObject *base_object, *counts_object;
+    if (!PyArg_ParseTuple(args, "iOO", &kind, &base_object, &counts_object))
+        return NULL;
+    if (!known_kind(kind))
+        return NULL;
+    static const int BINS[] = {1 << 8, 1 << 5, 1 << 8, 1 << 11};
+    Py_buffer base = {0}, counts = {0};
+    PyObject *result = NULL;
+    if (get_buffer(base_object, &base, 0, KIND_ITEMSIZE[kind], "base") < 0
+        || get_buffer(counts_object, &counts, 1, 8, "counts") < 0)
+        goto done;
+    if (counts.len != 8 * BINS[kind]) {
+        PyErr_Format(PyExc_ValueError, "counts must hold %d bins", BINS[kind]);
+        goto done;
+    }
+    Py_ssize_t n = base.len / KIND_ITEMSIZE[kind];
+    Py_BEGIN_ALLOW_THREADS
+    switch (kind) {
+    case KIND_BF16: exponent_counts_bf16(base.buf, n, counts.buf); break;
+    case KIND_F16: exponent_counts_f16(base.buf, n, counts.buf); break;
+    case KIND_F32: exponent_counts_f32(base.buf, n, counts.buf); break;
+    default: exponent_counts_f64(base.buf, n, counts.buf); break;
+    }
+    Py_END_ALLOW_THREADS
+    result = Py_NewRef(Py_None);
+done:
+    release(&base);
+    release(&counts);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"merge_block", merge_block, METH_VARARGS, merge_block_doc},
     {"merge_changed", merge_changed, METH_VARARGS, merge_changed_doc},
@@ -3033,6 +3100,7 @@ static PyMethodDef methods[] = {
     {"count_unequal", count_unequal, METH_VARARGS, count_unequal_doc},
     {"sort_select", sort_select, METH_VARARGS, sort_select_doc},
     {"gta_mix", gta_mix, METH_VARARGS, gta_mix_doc},
+    {"exponent_counts", exponent_counts, METH_VARARGS, exponent_counts_doc},
     {"abs_tau", abs_tau, METH_VARARGS, abs_tau_doc},
     {"gta_merge_changed", gta_merge_changed, METH_VARARGS, gta_merge_changed_doc},
     {"quant_non_finite", quant_non_finite, METH_VARARGS, quant_non_finite_doc},

@@ -7,9 +7,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings, strategies as st
 from safetensors.torch import load_file
 
 import sparsestitch
+from sparsestitch.core.dtypes import dtype as lookup_dtype
 from sparsestitch.core.errors import DeltaFormatError
 from sparsestitch.delta.format import DeltaReader
 
@@ -169,3 +171,24 @@ def test_older_versions_cannot_claim_ulp_values(made, tmp_path):
         (tmp_path / f"v{version}.delta").write_bytes(image.to_bytes())
         with pytest.raises(DeltaFormatError, match="needs format version 3"):
             DeltaReader(tmp_path / f"v{version}.delta")
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.sampled_from(["BF16", "F16", "F32", "F64"]), st.integers(0, 5_000),
+       st.integers(0, 2**32 - 1))
+def test_exponent_counts_native_equals_bincount(dtype_name, size, seed):
+    """The compiled exponent histogram against np.bincount of the exponent fields, every bit
+    pattern (NaN, infinities, subnormals), sizes not a multiple of its 4 tables."""
+    from sparsestitch.core import native
+    from sparsestitch.delta.codecs import ulp
+
+    dt = lookup_dtype(dtype_name)
+    bits = np.random.default_rng(seed).integers(0, np.iinfo(dt.bits).max, size, dt.bits,
+                                                endpoint=True)
+    want = np.bincount(ulp.exponent_field(bits, dt),
+                       minlength=1 << ulp.exponent_bits(dt)).astype(np.int64)
+    assert np.array_equal(ulp.exponent_counts(bits, dt), want)
+    if native.kernels() is not None:
+        with pytest.raises(ValueError, match="bins"):
+            native.kernels().exponent_counts(native.FLOAT_KINDS[dtype_name], bits,
+                                             np.zeros(3, np.int64))

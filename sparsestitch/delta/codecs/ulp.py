@@ -69,6 +69,11 @@ def exponent_order(base: np.ndarray, dt: DType) -> np.ndarray:
 def exponent_counts(base: np.ndarray, dt: DType) -> np.ndarray:
     """How many of ``base`` have each exponent field (int64, ``2**exponent_bits`` entries):
     what a part of a record contributes to the stored order of the parts after it."""
+    kernels, kind = native.float_kernels(dt.name)
+    if kernels is not None:  # one pass, no field array
+        counts = np.zeros(1 << exponent_bits(dt), np.int64)
+        kernels.exponent_counts(kind, np.ascontiguousarray(base), counts)
+        return counts
     return np.bincount(exponent_field(base, dt), minlength=1 << exponent_bits(dt)).astype(np.int64)
 
 
