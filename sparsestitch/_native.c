@@ -188,6 +188,15 @@ static const int KIND_ITEMSIZE[] = {2, 2, 4, 8};
                             p += 7;                                                         \
                             continue;                                                       \
                         }                                                                   \
+                        if (byte == 0xFFu && !(b & 7u) && p + 8 <= hi && k + 8 <= n) {      \
+                            /* eight set bits: the same eight steps, no test between */     \
+                            int64_t offset = p - start;                                     \
+                            for (int e = 0; e < 8; e++)                                     \
+                                ACCUMULATE(WIDE, TO_WIDE, offset + e, k + e);               \
+                            k += 8;                                                         \
+                            p += 7;                                                         \
+                            continue;                                                       \
+                        }                                                                   \
                         if (!(byte >> (b & 7u) & 1u))                                       \
                             continue;                                                       \
                         if (k >= n)                                                         \
