@@ -722,9 +722,9 @@ def mergekit_merged_changed(kind: int, base: np.ndarray, finetuned: Sequence[np.
     stored) without dense task vectors: each fine-tune's trim as a byte mask and its L1
     rescale factor, :data:`TRIM_THREADS` fine-tunes at a time (ranked from the bits; ``|tau|``
     in float32 only for the rescale's sums), then the compiled ``gta_merge_changed`` over
-    the bits; the merged tensor's bits, the same
-    as :func:`mergekit_dense` gives.  None where it does not apply: no compiled loops, a
-    dtype computed in float64, more than :data:`NATIVE_MIX_ROWS` fine-tunes."""
+    the bits; the merged tensor's bits, the same as :func:`mergekit_dense` gives.  None
+    where it does not apply: no compiled loops, a dtype computed in float64, more than
+    :data:`NATIVE_MIX_ROWS` fine-tunes."""
     import torch
 
     kernels = native.kernels()

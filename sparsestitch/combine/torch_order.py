@@ -32,13 +32,9 @@ def sorted_range_mask(values, lo: int, hi: int, descending: bool):
 
     size = values.numel()
     lo, hi = max(0, min(lo, size)), max(0, min(hi, size))
-    kernels = native.kernels()
-    if (hi > lo and kernels is not None and size <= np.iinfo(np.uint32).max
-            and native_matches_torch()):
-        mask = np.empty(size, np.uint8)
-        if kernels.sort_select(values.contiguous().numpy(), lo, hi, descending,
-                               sort_depth_limit(size), mask):
-            return torch.from_numpy(mask.view(np.bool_))
+    mask = _selected(values.contiguous().numpy(), size, lo, hi, descending)
+    if mask is not None:
+        return mask
     mask = torch.zeros(size, dtype=torch.bool)
     if hi > lo:
         mask[torch.sort(values, descending=descending).indices[lo:hi]] = True
@@ -48,21 +44,34 @@ def sorted_range_mask(values, lo: int, hi: int, descending: bool):
 def tau_range_mask(kind: int, finetuned: np.ndarray, base: np.ndarray, lo: int, hi: int,
                    descending: bool):
     """:func:`sorted_range_mask` of ``|tau|`` in float32 (``abs_tau``: ``|wide(finetuned) -
-    wide(base)|`` where the bits differ, else 0; ``kind`` a native float kind), made from the
-    bits as the native selection copies them, without an array of them where it can."""
+    wide(base)|`` where the bits differ, else 0; ``kind`` a native float kind; the compiled
+    loops are needed), made from the bits as the native selection copies them, without an
+    array of them where it can."""
     import torch
 
     size = base.size
     lo, hi = max(0, min(lo, size)), max(0, min(hi, size))
-    kernels = native.kernels()
-    if hi > lo and size <= np.iinfo(np.uint32).max and native_matches_torch():
-        mask = np.empty(size, np.uint8)
-        if kernels.sort_select((kind, finetuned, base), lo, hi, descending,
-                               sort_depth_limit(size), mask):
-            return torch.from_numpy(mask.view(np.bool_))
+    mask = _selected((kind, finetuned, base), size, lo, hi, descending)
+    if mask is not None:
+        return mask
     magnitudes = torch.empty(size, dtype=torch.float32)
-    kernels.abs_tau(kind, finetuned, base, magnitudes.numpy())
+    native.kernels().abs_tau(kind, finetuned, base, magnitudes.numpy())
     return sorted_range_mask(magnitudes, lo, hi, descending)
+
+
+def _selected(values, size: int, lo: int, hi: int, descending: bool):
+    """The native selection's mask of positions ``lo`` to ``hi - 1`` (``values`` as
+    ``sort_select`` takes them), or None where it cannot stand for torch's sort."""
+    import torch
+
+    kernels = native.kernels()
+    if (hi <= lo or kernels is None or size > np.iinfo(np.uint32).max
+            or not native_matches_torch()):
+        return None
+    mask = np.empty(size, np.uint8)
+    if not kernels.sort_select(values, lo, hi, descending, sort_depth_limit(size), mask):
+        return None  # a segment the sort would heap-sort
+    return torch.from_numpy(mask.view(np.bool_))
 
 
 def sort_depth_limit(size: int) -> int:
