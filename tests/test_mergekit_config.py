@@ -306,6 +306,11 @@ def test_task_arithmetic_with_a_weight_gradient(models, tmp_path):
         plain = tmp_path / f"w{weight}"
         want = load_file(next(plain.glob("*.safetensors")) if plain.is_dir() else plain)
         assert torch.equal(got[tensor], want[tensor]), tensor
+    # a density has no effect on task arithmetic, with a gradient as without: refused, not
+    # dropped silently
+    with pytest.raises(ConfigError, match="task_arithmetic does not sparsify"):
+        load(write(models, text.replace("{{weight: 0.5}}", "{{weight: 0.5, density: 0.3}}")
+                   .format(method="task_arithmetic")))
 
 
 def test_per_tensor_filters_as_in_mergekits_ties_example(models, tmp_path):
@@ -502,3 +507,10 @@ def test_one_slice_of_every_layer_runs_as_models(models, tmp_path):
         """
     with pytest.raises(ConfigError, match="several slices .* a new stack of layers"):
         load(write(models, two))
+    with pytest.raises(ConfigError, match=r"slices\[0\]\.parameters: not supported in a slice"):
+        load(write(models, sliced.replace("slices:\n          - sources:",
+                                          "slices:\n          - parameters: {density: 0.5}\n"
+                                          "            sources:")))
+    with pytest.raises(ConfigError, match=r"sources\[0\]\.layer_range: None is not every layer"):
+        load(write(models, sliced.replace("layer_range: [0, 1], parameters: {weight: 1.0}",
+                                          "parameters: {weight: 1.0}")))

@@ -242,6 +242,10 @@ def _method(problems: list, method: str, top: dict, entries: list):
     if method in GENERALIZED:
         return finetuned, [float(w) for w in weights], METHODS[method], \
             {**options, **_generalized(problems, method, top, tunes)}
+    if method == "task_arithmetic" and any(p.get("density", 1.0) not in (1.0, None)
+                                           for _, _, p in tunes):
+        problems.append(("models", "task_arithmetic does not sparsify: a density has no effect "
+                                   "(in mergekit either); use ties or dare_linear"))
     if method == "task_arithmetic" and "layer_weights" in options:
         # sparsestitch's task arithmetic takes one weight per model: with gradients it runs as
         # mergekit's generalized task arithmetic without drops (density 1) or sign election,
@@ -250,10 +254,6 @@ def _method(problems: list, method: str, top: dict, entries: list):
         if top.get("lambda", 1.0) != 1.0:
             options["scale"] = top["lambda"]
         return finetuned, [float(w) for w in weights], "dare-linear-mergekit", options
-    if method == "task_arithmetic" and any(p.get("density", 1.0) not in (1.0, None)
-                                           for _, _, p in tunes):
-        problems.append(("models", "task_arithmetic does not sparsify: a density has no effect "
-                                   "(in mergekit either); use ties or dare_linear"))
     if method == "ties" and top.get("rescale", False):
         problems.append(("parameters.rescale", "ties with rescale: true rescales the trimmed "
                                                "values, which ties-mergekit does not"))
