@@ -77,6 +77,9 @@ BIT_COLUMNS = ((None, None), (8, 128), (4, 128), (2, 128), (1, 128), (1, 0))
 SMOLLM_GRID_SKIP = frozenset({"d0.01 b8", "d0.01 b2", "d0.01 b1", "d0.03 b8", "d0.03 b1"})
 MAX_ERRORS = (0.2, 0.3, 0.5, 0.7)
 SIZE_DIVISORS = (16, 32, 64, 100)
+#: compress --low-rank --max-size (issue 22): mixed-precision singular vectors, Delta-CoMe's
+#: idea planned over the model.
+LOW_RANK_DIVISORS = (16, 32, 64, 100, 200)
 DARE_KEEP = (0.1, 0.01)
 DARE_SEED = 0
 #: Exact (unquantized) fidelity-scope densities between the grid's, for the reduced plan's
@@ -139,6 +142,8 @@ def all_configs() -> dict[str, Config]:
                       {"density": 0.1, "scope": "per-tensor"})]
     configs += [Config(f"max_error {e:g}", "max_error", {"max_error": e}) for e in MAX_ERRORS]
     configs += [Config(f"max_size 1/{d}", "max_size", size_divisor=d) for d in SIZE_DIVISORS]
+    configs += [Config(f"lowrank 1/{d}", "low-rank", {"low_rank": True}, size_divisor=d)
+                for d in LOW_RANK_DIVISORS]
     configs += [Config(f"DARE p{p:g}", "DARE-style", dare_keep=p) for p in DARE_KEEP]
     configs += [grid_config(d, b, g) for d in DENSITIES for b, g in BIT_COLUMNS]
     configs += [grid_config(d, None, None) for d in EXTRA_DENSITIES]
@@ -152,6 +157,7 @@ CANDIDATES = ("default", "max_error 0.3", "max_error 0.5", "max_error 0.7", "d1 
 MAIN = CANDIDATES + ("lossless", "d0.01 exact", "global d0.01", "per-tensor d0.01",
                      "d1 b1 g0", "d1 b1", "d0.1 b1 g0", "max_error 0.2",
                      *(f"max_size 1/{d}" for d in SIZE_DIVISORS),
+                     *(f"lowrank 1/{d}" for d in LOW_RANK_DIVISORS),
                      *(f"DARE p{p:g}" for p in DARE_KEEP))
 #: Deltas kept on disk and stitched in the merge section.
 MERGE_CONFIGS = ("default", "d0.01 exact", "global d0.01", "max_error 0.5", "d1 b2", "lossless")
@@ -160,7 +166,8 @@ MERGE_CONFIGS = ("default", "d0.01 exact", "global d0.01", "max_error 0.5", "d1 
 #: cheapest and most decisive first; DARE-style last (it writes a whole modified checkpoint).
 REDUCED = ("default", "global d0.01", "per-tensor d0.01", "d0.01 exact", "d0.05 exact",
            "d0.2 exact", "d1 b1", "d1 b2", "d0.3 b2", "d1 b1 g0", "d0.1 b1 g0",
-           "max_error 0.5", "max_size 1/32", "lossless", "DARE p0.1")
+           "max_error 0.5", "max_size 1/32", "lowrank 1/32", "lowrank 1/100", "lossless",
+           "DARE p0.1")
 #: Merged in the reduced plan's last phases (MiniLM first: a SmolLM2 merge scores two
 #: perplexities of a 538 MB model per row).
 REDUCED_MERGES = ("default", "global d0.01", "max_error 0.5", "d1 b2")
@@ -782,6 +789,7 @@ KIND_STYLE = {
     "BitDelta-style": ("^", "magenta", "BitDelta-style (d1 b1 g0)"),
     "ComPEFT-style": ("h", "deepskyblue", "ComPEFT-style (top-k b1 g0)"),
     "DARE-style": ("v", "purple", "DARE-style (lossless)"),
+    "low-rank": ("d", "teal", "low-rank (--low-rank --max-size)"),
 }
 BITS_COLOURS = {"exact": "#1b9e77", "b8": "#66a61e", "b4": "#e6ab02", "b2": "#7570b3",
                 "b1": "#e7298a"}

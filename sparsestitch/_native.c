@@ -3092,6 +3092,79 @@ done:
     return result;
 }
 
+/* lowrank_accumulate(left, right, first_col, acc): acc[r][c] = sum_i left[r][i] *
+ * right[i][first_col + c], i ascending from +0.0, every product and sum rounded to the
+ * element type (docs/format.md 4.3, lowrank; built with -ffp-contract=off, so no fused
+ * multiply-add).  left: n x R, right: R x cols, acc: n x m, all float32 or all float64,
+ * C-contiguous.  The loop over c vectorizes: each lane does the spec's scalar operations. */
+#define LOWRANK_ACCUMULATE(NAME, T)                                                           \
+    VECTOR_CLONES static void NAME(const T *restrict left, const T *restrict right,          \
+                                   T *restrict acc, Py_ssize_t n, Py_ssize_t rank,           \
+                                   Py_ssize_t cols, Py_ssize_t first, Py_ssize_t m)          \
+    {                                                                                         \
+        for (Py_ssize_t r = 0; r < n; r++) {                                                  \
+            T *restrict out = acc + r * m;                                                    \
+            for (Py_ssize_t c = 0; c < m; c++)                                                \
+                out[c] = (T)0;                                                                \
+            for (Py_ssize_t i = 0; i < rank; i++) {                                           \
+                const T a = left[r * rank + i];                                               \
+                const T *restrict q = right + i * cols + first;                               \
+                for (Py_ssize_t c = 0; c < m; c++) {                                          \
+                    T product = a * q[c];                                                     \
+                    out[c] = out[c] + product;                                                \
+                }                                                                             \
+            }                                                                                 \
+        }                                                                                     \
+    }
+LOWRANK_ACCUMULATE(lowrank_accumulate_f32, float)
+LOWRANK_ACCUMULATE(lowrank_accumulate_f64, double)
+
+PyDoc_STRVAR(lowrank_accumulate_doc,
+             "lowrank_accumulate(left, right, first_col, acc): the lowrank codec's sums in "
+             "the spec's order (float32 or float64 arrays, C-contiguous).");
+
+static PyObject *lowrank_accumulate(PyObject *self, PyObject *args)
+{
+    PyObject *left_object, *right_object, *acc_object;
+    Py_ssize_t first;
+    if (!PyArg_ParseTuple(args, "OOnO", &left_object, &right_object, &first, &acc_object))
+        return NULL;
+    Py_buffer left = {0}, right = {0}, acc = {0};
+    PyObject *result = NULL;
+    if (PyObject_GetBuffer(left_object, &left, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT | PyBUF_ND) < 0
+        || PyObject_GetBuffer(right_object, &right, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT | PyBUF_ND) < 0
+        || PyObject_GetBuffer(acc_object, &acc,
+                              PyBUF_C_CONTIGUOUS | PyBUF_FORMAT | PyBUF_ND | PyBUF_WRITABLE) < 0)
+        goto done;
+    if (left.ndim != 2 || right.ndim != 2 || acc.ndim != 2 || left.itemsize != right.itemsize
+        || left.itemsize != acc.itemsize || (left.itemsize != 4 && left.itemsize != 8)
+        || strcmp(left.format, right.format) || strcmp(left.format, acc.format)
+        || (strcmp(left.format, "f") && strcmp(left.format, "d"))) {
+        PyErr_SetString(PyExc_ValueError, "lowrank_accumulate takes 2-d float32 or float64 "
+                                          "arrays of one type");
+        goto done;
+    }
+    Py_ssize_t n = left.shape[0], rank = left.shape[1], cols = right.shape[1];
+    Py_ssize_t m = acc.shape[1];
+    if (right.shape[0] != rank || acc.shape[0] != n || first < 0 || first > cols
+        || m > cols - first) {
+        PyErr_SetString(PyExc_ValueError, "lowrank_accumulate: shapes do not agree");
+        goto done;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    if (left.itemsize == 4)
+        lowrank_accumulate_f32(left.buf, right.buf, acc.buf, n, rank, cols, first, m);
+    else
+        lowrank_accumulate_f64(left.buf, right.buf, acc.buf, n, rank, cols, first, m);
+    Py_END_ALLOW_THREADS
+    result = Py_NewRef(Py_None);
+done:
+    if (left.obj) PyBuffer_Release(&left);
+    if (right.obj) PyBuffer_Release(&right);
+    if (acc.obj) PyBuffer_Release(&acc);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"merge_block", merge_block, METH_VARARGS, merge_block_doc},
     {"merge_changed", merge_changed, METH_VARARGS, merge_changed_doc},
@@ -3111,6 +3184,7 @@ static PyMethodDef methods[] = {
     {"gta_mix", gta_mix, METH_VARARGS, gta_mix_doc},
     {"exponent_counts", exponent_counts, METH_VARARGS, exponent_counts_doc},
     {"abs_tau", abs_tau, METH_VARARGS, abs_tau_doc},
+    {"lowrank_accumulate", lowrank_accumulate, METH_VARARGS, lowrank_accumulate_doc},
     {"gta_merge_changed", gta_merge_changed, METH_VARARGS, gta_merge_changed_doc},
     {"quant_non_finite", quant_non_finite, METH_VARARGS, quant_non_finite_doc},
     {"select_at_least", select_at_least, METH_VARARGS, select_at_least_doc},

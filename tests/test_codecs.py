@@ -30,7 +30,7 @@ EXACT_VALUE_CODECS = [codec for codec in VALUE_CODECS if codec.exact]
 def test_registry_ids_are_the_file_format():
     # Files name codecs by id: renaming or reordering (ties go to earlier entries) changes files.
     assert tuple(POSITIONS_BY_ID) == ("all", "rice", "csr", "bitmap", "gaps")
-    assert tuple(VALUES_BY_ID) == ("tau", "xor", "raw", "quant", "ulp")
+    assert tuple(VALUES_BY_ID) == ("tau", "xor", "raw", "quant", "ulp", "lowrank")
     for codec in POSITION_CODECS + VALUE_CODECS:
         with pytest.raises(dataclasses.FrozenInstanceError):
             codec.codec_id = "other"
@@ -409,7 +409,7 @@ def test_every_codec_is_one_class_with_its_whole_contract():
     assert all(isinstance(codec, PositionCodec) for codec in POSITION_CODECS)
     assert all(isinstance(codec, ValueCodec) for codec in VALUE_CODECS)
     assert {c.codec_id: codecs.version_needed(c.codec_id) for c in VALUE_CODECS} == \
-        {"tau": 1, "xor": 1, "raw": 1, "quant": 2, "ulp": 3}
+        {"tau": 1, "xor": 1, "raw": 1, "quant": 2, "ulp": 3, "lowrank": 4}
     assert codecs.version_needed("no-such-codec") == codecs.version_needed(["x"]) == 1
     assert codecs.values_per_byte("quant") == 8 and codecs.values_per_byte("raw") == 1
     assert {c.codec_id for c in POSITION_CODECS if decodes_on_device(c)} == {"gaps", "bitmap"}

@@ -161,6 +161,9 @@ CASES = {
     # were made, so any change to quant decoding fails here.
     "quant1": ("a", {"density": 1.0, "bits": 1, "group": 0}),
     "quant4": ("b", {"density": 0.6, "bits": 4, "group": 8}),
+    # Low-rank records (format version 4): the bf16 matrix as quantized factors, the rest
+    # every change exactly; expected values are the decoder's when the fixtures were made.
+    "lowrank": ("a", {"low_rank": True, "max_size": 5600}),
     # Every changed element (format version 3 where the ulp codec wins).
     "lossless": ("a", {"lossless": True}),
     "mask": ("a", {"masks": {"attn.weight": block_mask((20, 18), [7, 10, 13, 16], 14),
@@ -259,7 +262,8 @@ def _check_golden_decodes(case: str, inputs_case: str) -> None:
     with DeltaReader(GOLDEN / f"{case}.delta") as reader:
         assert reader.header["library_version"] == GOLDEN_VERSION
         codecs_used = {r.values["codec"] for r in reader.records if r.kind != "base"}
-        assert reader.header["format_version"] == (3 if "ulp" in codecs_used else
+        assert reader.header["format_version"] == (4 if "lowrank" in codecs_used else
+                                                   3 if "ulp" in codecs_used else
                                                    2 if "quant" in codecs_used else 1)
         assert sorted(r.name for r in reader.records) == sorted(
             name.split("/", 1)[1] for name in inputs if name.startswith(f"{finetune}/"))
@@ -298,7 +302,7 @@ def test_golden_files_pin_every_codec_and_record_kind():
 
 def expected_decoding(delta: Path, inputs, finetune: str) -> dict[str, torch.Tensor]:
     """Positions from the delta; values from the fine-tuned input itself, not the decoder --
-    except for lossy (quant) records, whose values are the decoder's of today."""
+    except for lossy (quant, lowrank) records, whose values are the decoder's of today."""
     out = {}
     with DeltaReader(delta) as reader:
         for record in reader.records:
@@ -307,7 +311,7 @@ def expected_decoding(delta: Path, inputs, finetune: str) -> dict[str, torch.Ten
             positions = reader.positions(record)
             dt_name, finetuned = inputs[finetune][record.name]
             values = finetuned.reshape(-1)[positions]
-            if record.values["codec"] == "quant":
+            if record.values["codec"] in ("quant", "lowrank"):
                 base = inputs["base"][record.name][1].reshape(-1).view(record.dt.bits)
                 values = reader.decode(record, base)[1]
             out[f"positions/{record.name}"] = torch.from_numpy(positions.copy())

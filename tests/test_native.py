@@ -193,8 +193,8 @@ def test_position_codecs_decode_alike_in_c_and_numpy_even_when_damaged(case, dam
 def test_value_codecs_decode_alike_in_c_and_numpy(dt, data):
     kept, base = data.draw(value_pairs(dt))
     for codec in VALUE_CODECS:
-        if not codec.applies(dt):
-            continue
+        if not codec.applies(dt) or codec.codec_id == "lowrank":  # factors, not values:
+            continue                                  # tests/test_lowrank.py compares its sums
         payload, config = codec.encode(kept, base, dt)
         native_outcome, numpy_outcome = _both(
             lambda: codec.decode(payload, config, base, dt, kept.size))

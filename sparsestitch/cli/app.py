@@ -64,8 +64,8 @@ def main():
 @quiet_option
 @fail_cleanly
 def compress(base, finetuned, outs, density, scope, bits, group, lossless, max_error, max_size,
-             include, exclude, dense, overwrite, max_memory, allow_crimes, threads, as_json,
-             quiet):
+             low_rank, include, exclude, dense, overwrite, max_memory, allow_crimes, threads,
+             as_json, quiet):
     """Write one sparse delta per FINETUNED checkpoint of BASE.
 
     \b
@@ -79,7 +79,7 @@ def compress(base, finetuned, outs, density, scope, bits, group, lossless, max_e
     outs = list(outs) or [str(f).rstrip("/") + ".delta" for f in finetuned]
     summaries = run(base, list(finetuned), outs, density=density, scope=scope,
                     bits=None if bits is None else int(bits), group=group, lossless=lossless,
-                    max_error=max_error, max_size=max_size,
+                    max_error=max_error, max_size=max_size, low_rank=bool(low_rank),
                     include=include, exclude=exclude, dense=dense, overwrite=overwrite,
                     threads=threads, max_memory=max_memory, allow_crimes=allow_crimes,
                     progress=show_progress(quiet, as_json))

@@ -42,8 +42,8 @@ from .codecs.streams import IO_CHUNK, BytesPayload, FilePayload, Part, Payload
 FORMAT_NAME = "sparsestitch.delta"
 #: The newest format version this writer writes; a file uses the lowest version that holds
 #: it, so deltas without version-2 codecs stay readable by version-1 readers.
-FORMAT_VERSION = 3
-READABLE_VERSIONS = (1, 2, 3)
+FORMAT_VERSION = 4
+READABLE_VERSIONS = (1, 2, 3, 4)
 HEADER_KEY = DELTA_HEADER_KEY
 HEADER_HASH_KEY = "sparsestitch.header_xxh3"
 KINDS = ("sparse", "base", "added")
@@ -739,6 +739,10 @@ def _record_from_json(item, path) -> Record:
     if count > codecs.base.ZSTD_MAX_EXPANSION * per_byte * val_nbytes:
         raise ResourceLimitError(f"count {count} is more values than {val_nbytes} payload bytes "
                                  "can hold", path=path, tensor=name)
+    if values.get("codec") == "lowrank" and not (
+            positions.get("codec") == "all" and len(shape) >= 2 and values.get("rows") == shape[0]):
+        raise bad("lowrank values need positions 'all' over a tensor of 2 or more dimensions, "
+                  "with 'rows' its first dimension")
     return Record(name, dtype_name, tuple(shape), kind, base_xxh3, count, positions, values,
                   pos_nbytes, val_nbytes, payload_xxh3, fidelity)
 

@@ -26,6 +26,7 @@ from .selectors import (
     Selector,
 )
 from .keep_options import KeepOptions
+from .lowrank import LowRankPlanner
 from .targets import ErrorPlanner, EveryChangePlanner, SizePlanner
 from .topk import count_to_keep
 
@@ -92,6 +93,12 @@ def choices(keep: KeepOptions, mask_sets, density_option: str = "density"):
                           option=targets[0])
     quantize = quantize_options(bits, group)
     planner = None
+    if flag("low_rank", keep.low_rank):
+        if max_size is None or given:
+            raise OptionError("low_rank needs max_size (the size of each delta, e.g. 20MB) and "
+                              f"decides what is kept itself{'; drop ' + ', '.join(given) if given else ''}",
+                              option="low_rank")
+        return 1.0, None, LowRankPlanner(parse_memory(max_size, option="max_size"), group)
     if lossless:
         density = 1.0
     elif max_error is not None:

@@ -61,6 +61,10 @@ class KeepOptions:
     max_size: int | str | None = _option(
         None, "Target instead of --density/--bits: the best fidelity whose file fits this "
               "size, e.g. 20MB.", compress_only=True)
+    low_rank: bool | None = _option(
+        None, "With --max-size: store each matrix's change as a sum of rank-one products of "
+              "quantized vectors, more bits for the larger singular values (lossy, format "
+              "version 4); other tensors exactly.", flag=True, compress_only=True)
     include: tuple[str, ...] = _option((), "Only localize tensors matching this pattern.",
                                        multiple=True)
     exclude: tuple[str, ...] = _option((), "Leave tensors matching this pattern at the base.",

@@ -38,6 +38,7 @@ from ..engine.walk import refuse_delta
 from ..localize.budget import tensor_options
 from ..localize.keep import as_mask_list, choices, make_selectors
 from ..localize.keep_options import KeepOptions
+from ..localize.lowrank import LowRankPlanner, lowrank_records
 from ..localize.planned import planned_records, tensor_stats
 from ..localize.selection import SpooledSelection, TensorPlan, TensorScanner, run_pre_passes
 from ..localize.selectors import Selector
@@ -81,7 +82,7 @@ def compress(base: str | os.PathLike, finetuned: str | os.PathLike | Sequence[st
              max_size: int | str | None = None, overwrite: bool = False,
              progress: bool = False, chunk_elements: int = CHUNK_ELEMENTS,
              threads: int | None = None, max_memory: int | str | None = None,
-             allow_crimes: bool = False) -> list[DeltaSummary]:
+             allow_crimes: bool = False, low_rank: bool = False) -> list[DeltaSummary]:
     """Write one delta file per fine-tuned checkpoint.
 
     Parameters
@@ -118,12 +119,14 @@ def compress(base: str | os.PathLike, finetuned: str | os.PathLike | Sequence[st
     lossless:
         Every changed element, exactly (``density=1.0``): the fine-tune restored bit for bit,
         in as few bytes as the codecs allow.
-    max_error, max_size:
+    max_error, max_size, low_rank:
         Targets instead of ``density`` and ``bits``, which the compressor then picks per
         tensor: every localized tensor's relative error ||tau - tau_hat|| / ||tau|| at most
         ``max_error`` (never exceeded: each record's real error is checked), or the best
         fidelity (least sum of relative squared errors) whose file fits ``max_size`` bytes
-        (``"50MB"`` style accepted).  ``group`` sets the quantized scales' group.
+        (``"50MB"`` style accepted).  ``group`` sets the quantized scales' group.  With
+        ``low_rank``, ``max_size`` holds each matrix's change as rank-one products of
+        quantized vectors (:mod:`sparsestitch.localize.lowrank`; lossy, format 4).
     threads:
         Threads reading and encoding (default: 2 of the usable cores; 1: the caller's alone).
     max_memory:
@@ -160,9 +163,9 @@ def compress(base: str | os.PathLike, finetuned: str | os.PathLike | Sequence[st
     base, finetuned_paths = inputs.add(base, "base"), inputs.add_all(finetuned_paths, "fine-tune")
     for path in out_paths:
         inputs.check_output(path, "output delta")
-    keep = KeepOptions.of(density=density, scope=scope, bits=bits, group=group,
+    keep = KeepOptions.of(density=density, scope=scope, bits=bits, group=group, dense=dense,
                           lossless=lossless, max_error=max_error, max_size=max_size,
-                          include=include, exclude=exclude, dense=dense)
+                          low_rank=low_rank or None, include=include, exclude=exclude)
     mask_sets = as_mask_list(masks, len(finetuned_paths))
     density, quantize, planner = choices(keep, mask_sets)
     workers = workers_for(threads, WORKERS)
@@ -184,8 +187,13 @@ def compress(base: str | os.PathLike, finetuned: str | os.PathLike | Sequence[st
         finally:
             for tune in tunes:
                 tune.close()
-    seconds = time.perf_counter() - started
-    summaries = [DeltaSummary(path, r.nbytes, r.kept, plan.candidates, r.stored_tensors,
+    return _summaries(out_paths, results, plan.candidates, time.perf_counter() - started)
+
+
+def _summaries(out_paths: list[Path], results: list[Written], candidates: int,
+               seconds: float) -> list[DeltaSummary]:
+    """What compress returns, its warnings logged."""
+    summaries = [DeltaSummary(path, r.nbytes, r.kept, candidates, r.stored_tensors,
                               seconds, r.summary, r.warnings)
                  for path, r in zip(out_paths, results)]
     for summary in summaries:
@@ -223,8 +231,10 @@ class CompressJob:
     def run(self, selectors: list[Selector], out_paths: list[Path], overwrite: bool,
             fallback: Callable[[], list[Selector]]) -> list[Written]:
         keep_freed_blocks()  # blocks' arrays reuse freed memory: see its docstring
-        sized = isinstance(self.planner, SizePlanner)
-        if sized:
+        sized = isinstance(self.planner, (SizePlanner, LowRankPlanner))
+        if isinstance(self.planner, LowRankPlanner):
+            self.planner.profile(self.scanner, len(self.base.names))
+        elif sized:
             self._profile(selectors)
             self.planner.start(len(self.base.names))
         for attempt in range(SIZE_ATTEMPTS if sized else 1):
@@ -292,6 +302,8 @@ class CompressJob:
         """Every fine-tune's record of tensor ``name``: by the planner (a target) for the
         localized float tensors it decides, else by the selectors."""
         plan, dt = self.plan, lookup_dtype(self.base.entry(name).dtype)
+        if isinstance(self.planner, LowRankPlanner) and self.planner.takes(name):
+            return lowrank_records(self.scanner, name, self.planner)
         if self.planner is not None and name in plan.localized and not plan.stored_exactly(name, dt):
             return planned_records(self.scanner, name, hold_blocks=self._holds_blocks(name),
                                    exact_limit=exact_limit(self.max_memory, dt.itemsize))

@@ -125,8 +125,8 @@ def reference_listing(data: bytes) -> Listing:
     header = _strict_json(text.encode("utf-8"))
     if (not isinstance(header, dict) or header.get("format") != "sparsestitch.delta"
             or not _is_int(header.get("format_version"))
-            or header["format_version"] not in (1, 2, 3)):
-        raise Invalid("not a version 1, 2 or 3 delta header")
+            or header["format_version"] not in (1, 2, 3, 4)):
+        raise Invalid("not a version 1 to 4 delta header")
     records = header.get("tensors")
     if not isinstance(records, list) or len(records) > 1 << 20:
         raise Invalid("bad tensors list")
@@ -164,8 +164,17 @@ def reference_listing(data: bytes) -> Listing:
             raise Invalid("quant values in a version 1 file", name)
         if r["values"].get("codec") == "ulp" and header["format_version"] < 3:
             raise Invalid("ulp values in a version 1 or 2 file", name)
-        # Every value codec stores at least count bytes in raw or zstd streams (quant: bits).
-        if fields[0] > ZSTD_MAX_EXPANSION * (8 if quant else 1) * fields[2]:
+        lowrank = r["values"].get("codec") == "lowrank"
+        if lowrank and header["format_version"] < 4:
+            raise Invalid("lowrank values in a version 1 to 3 file", name)
+        if lowrank and (r["positions"].get("codec") != "all" or len(shape) < 2
+                        or r["values"].get("rows") != shape[0]):
+            raise Invalid("lowrank values need positions all over 2+ dimensions, rows = shape[0]",
+                          name)
+        # Every value codec stores at least count bytes in raw or zstd streams (quant: bits;
+        # lowrank: factors of many values each).
+        per_byte = 1 << 16 if lowrank else 8 if quant else 1
+        if fields[0] > ZSTD_MAX_EXPANSION * per_byte * fields[2]:
             raise Invalid("more values than the payload can hold", name)
         if entry is None or entry["dtype"] != "U8" or entry["data_offsets"][1] - entry["data_offsets"][0] \
                 != fields[1] + fields[2]:
@@ -295,8 +304,14 @@ def _values(r: dict, part: bytes, base_kept: np.ndarray | None) -> np.ndarray:
     codec, width = config.get("codec"), dt.itemsize
     if codec == "raw":
         return np.array(_planes(_stream(part, config, count * width, name), width, count), dt.bits)
-    if codec not in ("xor", "tau", "quant", "ulp"):
+    if codec not in ("xor", "tau", "quant", "ulp", "lowrank"):
         raise Invalid(f"unknown value codec {codec!r}", name)
+    if codec == "lowrank":
+        if r["dtype"] not in _FLOATS:
+            raise Invalid("lowrank needs a float dtype", name)
+        if base_kept is None:
+            raise Invalid("lowrank needs the base", name)
+        return _lowrank_values(r, part, base_kept)
     if codec == "ulp":
         if r["dtype"] not in _FLOATS:
             raise Invalid("ulp needs a float dtype", name)
@@ -332,6 +347,58 @@ def _values(r: dict, part: bytes, base_kept: np.ndarray | None) -> np.ndarray:
     exact = _planes(_stream(part[b:], config.get("exc_bits"), n_exc * width, name), width, n_exc)
     values[index] = np.array(exact, dt.bits)
     return values
+
+
+def _lowrank_values(r: dict, part: bytes, base_kept: np.ndarray) -> np.ndarray:
+    """format.md 4.3, lowrank: written from the text; bits read as Python integers, the
+    sum in the spec's order, one component at a time over every element."""
+    from sparsestitch.core.dtypes import dtype as lookup
+    from sparsestitch.core.dtypes import from_wide, to_wide
+
+    name, count, config, dt = r["name"], r["count"], r["values"], lookup(r["dtype"])
+    rows = _int_field(config, "rows", 1, max(count, 1), name)
+    cols = _int_field(config, "cols", 1, max(count, 1), name)
+    if rows * cols != count:
+        raise Invalid("lowrank rows x cols is not count", name)
+    rank = _int_field(config, "rank", 0, min(rows, cols), name)
+    bits = config.get("bits")
+    if not isinstance(bits, list) or len(bits) != rank or not all(
+            _is_int(k) and 1 <= k <= 8 for k in bits):
+        raise Invalid("lowrank bits", name)
+    if config.get("scale_dtype") not in ("F32", "F64"):
+        raise Invalid("lowrank scale_dtype", name)
+    scale_dt = lookup(config["scale_dtype"])
+    sizes = [_int_field(config, k, 0, len(part), name)
+             for k in ("scales_nbytes", "right_nbytes", "left_nbytes")]
+    if sum(sizes) != len(part):
+        raise Invalid("lowrank stream sizes", name)
+    width = sum(bits)
+    a, b = sizes[0], sizes[0] + sizes[1]
+    scales = _planes(_stream(part[:a], config.get("scales"), 2 * rank * scale_dt.itemsize, name),
+                     scale_dt.itemsize, 2 * rank)
+    steps = to_wide(np.array(scales, scale_dt.bits), scale_dt).astype(dt.wide)
+
+    def factor(raw: bytes, n: int, first_step: int) -> np.ndarray:
+        value = int.from_bytes(raw, "little")
+        if value >> (n * width):
+            raise Invalid("lowrank bits past the last entry", name)
+        out = np.empty((n, rank), dt.wide)
+        for j in range(n):
+            at = j * width
+            for i, k in enumerate(bits):
+                sign, level = (value >> at) & 1, (value >> (at + 1)) & ((1 << (k - 1)) - 1)
+                entry = steps[first_step + i] * dt.wide.type(2 * level + 1)
+                out[j, i] = -entry if sign else entry
+                at += k
+        return out
+    right = factor(_stream(part[a:b], config.get("right"), (cols * width + 7) // 8, name),
+                   cols, rank)
+    left = factor(_stream(part[b:], config.get("left"), (rows * width + 7) // 8, name), rows, 0)
+    acc = np.zeros((rows, cols), dt.wide)
+    with np.errstate(all="ignore"):
+        for i in range(rank):
+            acc = acc + left[:, i:i + 1] * right[:, i][None, :]
+        return from_wide(to_wide(base_kept, dt) + acc.reshape(-1), dt)
 
 
 def _ulp_values(r: dict, part: bytes, base_kept: np.ndarray) -> np.ndarray:

@@ -20,6 +20,7 @@ from .bitmap import Bitmap, marked_positions
 from .csr import CSR
 from .full import AllPositions
 from .gaps import Gaps
+from .lowrank import LowRankValues
 from .quant import QuantValues
 from .raw import RawValues
 from .rice_gaps import RiceGaps
@@ -28,9 +29,11 @@ from .ulp import UlpValues
 from .xor import XorValues
 
 POSITION_CODECS = (AllPositions(), RiceGaps(), CSR(), Bitmap(), Gaps())
-#: The packer tries the exact ones (all but ``quant``, which is chosen by name) in this order;
+#: The packer tries the exact ones (all but ``quant`` and ``lowrank``, which
+#: their planners choose by name) in this order;
 #: ties go to the earlier entry, so a newer codec wins only where it is strictly smaller.
-VALUE_CODECS = (TauValues(), XorValues(), RawValues(), QuantValues(), UlpValues())
+VALUE_CODECS = (TauValues(), XorValues(), RawValues(), QuantValues(), UlpValues(),
+                LowRankValues())
 
 _BITMAP = Bitmap()
 _POSITIONS_BY_ID = {codec.codec_id: codec for codec in POSITION_CODECS}

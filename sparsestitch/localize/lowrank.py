@@ -1,0 +1,434 @@
+"""Low-rank records chosen for a size: each matrix's change as a few rank-one products of
+quantized vectors, the bits spread over the whole model (``compress --low-rank --max-size``).
+
+Fine-tuning changes a matrix along few directions: on SmolLM2-135M's fine-tunes the leading
+singular vectors of each change carry most of it, which a sparse selection cannot use.  So,
+per fine-tune (Delta-CoMe's mixed precision, planned over the model):
+
+1. a pass over the model takes each eligible matrix's change ``tau`` (float tensors of two or
+   more dimensions, viewed as ``shape[0]`` rows, both sides at least :data:`MIN_SIDE`, every
+   change finite) and its singular values;
+2. the plan gives each singular component ``0, 1, 2, ... 8`` bits per vector entry,
+   greedily by the drop of estimated relative squared error (the component's share of its
+   matrix's ``||tau||^2`` times :data:`VECTOR_ERROR`'s drop) per bit, until the delta's payload
+   budget (``max_size`` less the other records and the header) is spent -- the least sum of
+   relative squared errors over matrices, like the fidelity scope;
+3. the records pass computes each matrix's singular vectors again, quantizes component ``i``'s
+   left vector ``u_i sqrt(s_i)`` and then fits its right vector by least squares to what the
+   quantized left vectors so far leave of ``tau`` (so a left vector's rounding error is
+   absorbed), quantizes it, and measures the record's real error with the decoder's own
+   arithmetic (:mod:`sparsestitch.delta.codecs.lowrank`).
+
+Every other float tensor (vectors, narrow or non-finite matrices) keeps every change exactly,
+as ``--lossless``.  When the files come out over ``max_size``, the budgets shrink by what the
+first pass really took and the records are written again (:meth:`LowRankPlanner.refit`).
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..core.dtypes import DType, from_wide, to_wide
+from ..core.dtypes import dtype as lookup_dtype
+from ..core.errors import OptionError
+from ..delta.codecs.lowrank import accumulate, encode_factors, scale_dtype_for
+from ..delta.format import Record, digest
+from ..engine.readahead import in_order
+from ..engine.walk import BaseHash
+from .budget import Option
+from .selection import Encoded, TensorScanner, fidelity_report
+
+#: Bits per vector entry a component may take, in the order the plan raises them.
+LADDER = (0, 1, 2, 3, 4, 5, 6, 8)
+#: Estimated relative squared error of a component stored with k-bit vectors, its right
+#: vector fitted to the quantized left one (measured on SmolLM2-135M's fine-tunes: the mean
+#: over 20 components of three matrices, which agreed within 15% at every k; 0 bits: the
+#: component is dropped).  It decides only how bits are spread: each record's real error is
+#: measured.
+VECTOR_ERROR = {0: 1.0, 1: 0.61, 2: 0.24, 3: 0.092, 4: 0.033, 5: 0.0095, 6: 0.0024,
+                8: 0.0002}
+#: Each matrix's squared errors count divided by its ||tau||^2 to this power (1: relative
+#: errors, every matrix alike; 0: absolute errors, large changes first).  Between the two
+#: kept most of SmolLM2's fine-tuning gain at 1/32 and 1/100 of its size (news: 0.5, 0.75,
+#: 1.0, 1.25 kept 99.0, 99.5, 99.2, 98.7% at 1/32; docs/results-fidelity.md).
+WEIGHT_POWER = 0.75
+#: Matrices with a side narrower than this are stored exactly (a component would cost about
+#: what the matrix does).
+MIN_SIDE = 8
+#: Each component's two steps, in bits (float32 scales; float64 models take twice that).
+STEP_BITS = 64
+#: Rounds of least squares and re-assignment when fitting a vector's step.
+FIT_ROUNDS = 6
+#: Attempts at fitting max_size (the first from estimates, then corrected by what was written).
+SIZE_ATTEMPTS = 3
+
+
+def matrix_shape(shape: tuple[int, ...]) -> tuple[int, int]:
+    rows = shape[0] if shape else 1
+    return rows, (int(np.prod(shape, dtype=np.int64)) // rows if rows else 0)
+
+
+def eligible(shape: tuple[int, ...], dt: DType) -> bool:
+    rows, cols = matrix_shape(shape)
+    return dt.is_float and len(shape) >= 2 and min(rows, cols) >= MIN_SIDE
+
+
+@dataclass(frozen=True)
+class Spectrum:
+    """One matrix's singular values and size: what the plan needs of it."""
+
+    name: str
+    rows: int
+    cols: int
+    energy: float             # ||tau||^2
+    singular: np.ndarray      # descending
+    nbytes: int = 0           # the matrix's own bytes: stored exactly, it costs at most this
+
+
+def read_changes(scanner: TensorScanner, name: str) -> tuple[str, list[tuple]]:
+    """The base's checksum and, per fine-tune, ``(base bits, tau)`` of tensor ``name``: tau
+    in the wide type as a ``rows x cols`` matrix (None where a change is not finite)."""
+    entry = scanner.base.entry(name)
+    dt = lookup_dtype(entry.dtype)
+    base_hash = BaseHash(name)
+    base_parts, tune_parts = [], [[] for _ in scanner.tunes]
+    for block in scanner.tune_blocks(name, base_hash=base_hash):
+        if block.tune == 0:
+            base_parts.append(block.base)
+        tune_parts[block.tune].append(block.finetuned)
+    base_bits = np.concatenate(base_parts) if base_parts else np.empty(0, dt.bits)
+    wide_base = to_wide(base_bits, dt)
+    rows, cols = matrix_shape(entry.shape)
+    changes = []
+    for parts in tune_parts:
+        with np.errstate(all="ignore"):
+            tau = to_wide(np.concatenate(parts), dt) - wide_base
+        changes.append((base_bits, tau.reshape(rows, cols) if np.isfinite(tau).all() else None))
+    return base_hash.hexdigest(), changes
+
+
+#: Rows (or columns) of a change widened to float64 at a time for its Gram matrix.
+GRAM_BLOCK = 1 << 20
+
+
+def gram(tau: np.ndarray):
+    """The smaller Gram matrix of a change in float64 (``tau tau^T`` when it has no more
+    rows than columns, else ``tau^T tau``), summed a block of the long side at a time."""
+    import torch
+
+    matrix = torch.from_numpy(tau)
+    rows, cols = tau.shape
+    wide = rows <= cols   # the Gram matrix is rows x rows
+    side = rows if wide else cols
+    out = torch.zeros((side, side), dtype=torch.float64)
+    long = cols if wide else rows
+    step = max(1, GRAM_BLOCK // max(side, 1))
+    for at in range(0, long, step):
+        part = (matrix[:, at:at + step] if wide else matrix[at:at + step].T).double()
+        out += part @ part.T
+    return out, wide
+
+
+def singular_values(tau: np.ndarray) -> np.ndarray:
+    """The change's singular values, descending: the square roots of its Gram matrix's
+    eigenvalues (the leading ones, which the plan spends bits on, to float64 accuracy)."""
+    import torch
+
+    matrix, _ = gram(tau)
+    values = torch.linalg.eigvalsh(matrix).numpy()[::-1]
+    return np.sqrt(np.maximum(values, 0.0))
+
+
+def leading_components(tau: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``rank`` leading left singular vectors (``rows x rank``, float64) and singular
+    values of a change, from the eigenvectors of its Gram matrix: a small symmetric
+    eigenproblem instead of a full SVD (the short side's size, whatever the long one's)."""
+    import torch
+
+    matrix, wide = gram(tau)
+    values, vectors = torch.linalg.eigh(matrix)
+    order = torch.argsort(values, descending=True)[:rank]
+    singular = values[order].clamp(min=0).sqrt().numpy()
+    if wide:                       # eigenvectors of tau tau^T are the left vectors
+        return vectors[:, order].numpy(), singular
+    right = vectors[:, order]      # of tau^T tau, the right ones: u = tau v / s
+    left = (torch.from_numpy(tau) @ right.to(torch.from_numpy(tau).dtype)).double().numpy()
+    with np.errstate(all="ignore"):
+        left = np.where(singular > 0, left / np.where(singular > 0, singular, 1.0), 0.0)
+    return left, singular
+
+
+def allocate(spectra: list[Spectrum], budget_bits: float) -> dict[str, list[int]]:
+    """Bits per component of every matrix within ``budget_bits`` (see the module doc, 2)."""
+    levels = {s.name: np.zeros(s.singular.size, np.int64) for s in spectra}
+    heap = []
+    for s in spectra:
+        if s.energy <= 0:
+            continue
+        share = s.singular ** 2 / s.energy ** WEIGHT_POWER
+        for i in np.flatnonzero(share > 0):
+            heap.append((-_gain(share[i], 0, s), s.name, int(i), 0, float(share[i]), s))
+    heapq.heapify(heap)
+    spent = 0.0
+    while heap:
+        _, name, i, level, share, s = heapq.heappop(heap)
+        cost = _cost(level, s)
+        if spent + cost > budget_bits:
+            continue  # a cheaper step may still fit
+        spent += cost
+        levels[name][i] = level + 1
+        if level + 2 < len(LADDER):
+            heapq.heappush(heap, (-_gain(share, level + 1, s), name, i, level + 1, share, s))
+    return {name: [LADDER[k] for k in lv[:_rank(lv)]] for name, lv in levels.items()}
+
+
+def planned_bits(bits: list[int], s: Spectrum) -> int:
+    """What a plan's components of one matrix take, in bits (codes and steps)."""
+    return sum(bits) * (s.rows + s.cols) + STEP_BITS * len(bits)
+
+
+def allocate_or_exact(spectra: list[Spectrum], budget_bits: float
+                      ) -> tuple[dict[str, list[int]], set[str]]:
+    """:func:`allocate`, except that a matrix whose components would take at least its own
+    bytes is stored exactly instead (lossless for no more bytes), and the rest planned again
+    with what is left."""
+    chosen, exact = {s.name: s for s in spectra}, set()
+    while True:
+        bits = allocate(list(chosen.values()), budget_bits)
+        costly = [name for name, b in bits.items()
+                  if b and planned_bits(b, chosen[name]) >= 8 * chosen[name].nbytes]
+        if not costly:
+            return bits, exact
+        for name in costly:
+            budget_bits -= 8 * chosen.pop(name).nbytes
+            exact.add(name)
+
+
+def _rank(levels: np.ndarray) -> int:
+    kept = np.flatnonzero(levels)
+    return int(kept[-1]) + 1 if kept.size else 0
+
+
+def _cost(level: int, s: Spectrum) -> float:
+    """Bits of raising a component from ``LADDER[level]`` to the next width."""
+    step = (LADDER[level + 1] - LADDER[level]) * (s.rows + s.cols)
+    return step + (STEP_BITS if level == 0 else 0)
+
+
+def _gain(share: float, level: int, s: Spectrum) -> float:
+    drop = VECTOR_ERROR[LADDER[level]] - VECTOR_ERROR[LADDER[level + 1]]
+    return share * drop / _cost(level, s)
+
+
+def quantize_vector(x: np.ndarray, bits: int, scale_type) -> tuple[np.ndarray, float]:
+    """``x`` as signed levels (``l`` or ``-1 - l``) of ``+-step * (2 l + 1)`` with a
+    least-squares step, rounded to ``scale_type`` before the levels are chosen again."""
+    magnitude = np.abs(x)
+    top = (1 << (bits - 1)) - 1
+    largest = float(magnitude.max()) if magnitude.size else 0.0
+    if not largest > 0:
+        return np.zeros(x.size, np.int64), 0.0
+    step = largest / (2 * top + 1)
+    for _ in range(FIT_ROUNDS if top else 1):
+        level = np.clip(np.rint((magnitude / step - 1) / 2), 0, top)
+        odd = 2 * level + 1
+        step = float((magnitude * odd).sum() / (odd * odd).sum())
+    step = float(scale_type(step))
+    level = np.clip(np.rint((magnitude / step - 1) / 2), 0, top).astype(np.int64)
+    return np.where(x < 0, -1 - level, level), step
+
+
+def dequantize(codes: np.ndarray, step: float) -> np.ndarray:
+    level = np.where(codes < 0, -1 - codes, codes)
+    return np.where(codes < 0, -1.0, 1.0) * step * (2 * level + 1)
+
+
+def encode_matrix(name: str, dt: DType, shape: tuple[int, ...], base_xxh3: str,
+                  base_bits: np.ndarray, tau: np.ndarray, bits: list[int]) -> Encoded:
+    """The ``lowrank`` record of one matrix's change with ``bits[i]`` bits per entry of
+    component ``i`` (see the module doc, 3), and its real error.  Holds the change, its
+    singular vectors and the factors; the error is measured a block of rows at a time."""
+    import torch
+
+    rows, cols = tau.shape
+    energy = float(np.square(tau, dtype=np.float64).sum())
+    if not bits or energy == 0:
+        return Record(name, dt.name, tuple(shape), "base", base_xxh3,
+                      fidelity=fidelity_report(energy, 0.0)), b""
+    rank = len(bits)
+    matrix = torch.from_numpy(tau)
+    u, s = leading_components(tau, rank)
+    scale_type = np.float64 if scale_dtype_for(dt) == "F64" else np.float32
+    left_codes, right_codes = [], []
+    left_steps, right_steps = np.zeros(rank, scale_type), np.zeros(rank, scale_type)
+    lefts, rights = np.zeros((rows, rank)), np.zeros((cols, rank))
+    for i, k in enumerate(bits):
+        codes, left_steps[i] = quantize_vector(u[:, i] * np.sqrt(s[i]), k, scale_type)
+        a = dequantize(codes, left_steps[i])
+        norm = float(a @ a)
+        if norm > 0:  # the right vector that best fits what the earlier components leave
+            target = (matrix.T @ torch.from_numpy(a.astype(tau.dtype))).double().numpy()
+            target -= rights[:, :i] @ (lefts[:, :i].T @ a)
+            target /= norm
+        else:
+            target = np.zeros(cols)
+        rcodes, right_steps[i] = quantize_vector(target, k, scale_type)
+        lefts[:, i], rights[:, i] = a, dequantize(rcodes, right_steps[i])
+        left_codes.append(codes)
+        right_codes.append(rcodes)
+    del matrix, u, lefts, rights
+    payload, config = encode_factors(left_codes, right_codes, left_steps, right_steps, bits,
+                                     rows, cols, dt)
+    error = restored_error(decoded_factor(left_codes, left_steps, dt),
+                           decoded_factor(right_codes, right_steps, dt).T.copy(),
+                           base_bits, tau, dt)
+    config["error_sq"] = error
+    record = Record(name, dt.name, tuple(shape), "sparse", base_xxh3, rows * cols,
+                    {"codec": "all"}, {"codec": "lowrank", **config}, 0, len(payload),
+                    digest(payload), fidelity_report(energy, energy, error))
+    return record, payload
+
+
+def decoded_factor(codes: list[np.ndarray], steps: np.ndarray, dt: DType) -> np.ndarray:
+    """A factor's entries (``n x R``) as the decoder computes them, in the wide type."""
+    wide = np.dtype(dt.wide)
+    out = np.empty((codes[0].size if codes else 0, len(codes)), wide)
+    for i, code in enumerate(codes):
+        level = np.where(code < 0, -1 - code, code)
+        with np.errstate(all="ignore"):
+            magnitude = steps[i].astype(wide) * (2 * level + 1).astype(wide)
+        out[:, i] = np.where(code < 0, -magnitude, magnitude)
+    return out
+
+
+#: Elements whose restored values are made at a time when a record's error is measured.
+ERROR_BLOCK = 1 << 20
+
+
+def restored_error(left: np.ndarray, right: np.ndarray, base_bits: np.ndarray,
+                   tau: np.ndarray, dt: DType) -> float:
+    """Sum of squared errors of the task vector the record restores (the decoder's own
+    arithmetic and rounding), a block of rows at a time."""
+    rows, cols = tau.shape
+    step = max(1, ERROR_BLOCK // max(cols, 1))
+    total = 0.0
+    for r0 in range(0, rows, step):
+        r1 = min(rows, r0 + step)
+        base = base_bits[r0 * cols:r1 * cols]
+        wide_base = to_wide(base, dt)
+        with np.errstate(all="ignore"):
+            restored = from_wide(wide_base + accumulate(left[r0:r1], right).reshape(-1), dt)
+            got = to_wide(restored, dt).astype(np.float64) - wide_base.astype(np.float64)
+        total += float(np.square(got - tau[r0:r1].reshape(-1)).sum())
+    return total
+
+
+def lowrank_records(scanner: TensorScanner, name: str, planner: "LowRankPlanner"
+                    ) -> list[Encoded]:
+    """Every fine-tune's record of an eligible matrix: ``lowrank`` with its planned bits, or
+    every change exactly where a change is not finite or the plan found that cheaper."""
+    entry = scanner.base.entry(name)
+    dt = lookup_dtype(entry.dtype)
+    base_xxh3, changes = read_changes(scanner, name)
+    records = []
+    for tune, (base_bits, tau) in enumerate(changes):
+        if tau is None or name in planner.exact[tune]:
+            records.append(None)
+            continue
+        records.append(encode_matrix(name, dt, entry.shape, base_xxh3, base_bits, tau,
+                                     planner.bits[tune].get(name, [])))
+    if any(r is None for r in records):  # those fine-tunes' changes exactly
+        from .planned import planned_records
+        exact = planned_records(scanner, name)
+        records = [r if r is not None else e for r, e in zip(records, exact)]
+    return records
+
+
+class LowRankPlanner:
+    """``--low-rank --max-size``: the eligible matrices' records planned from their spectra
+    (see the module doc), every other localized tensor's changes exactly."""
+
+    needs_stats = False
+    warns = False
+
+    def __init__(self, max_size: int, group: int):
+        if max_size <= 0:
+            raise OptionError(f"max_size must be a positive number of bytes, got {max_size}")
+        self.max_size, self.group = max_size, group
+        self.target = {"max_size": max_size, "records": "lowrank"}
+        self.spectra: list[dict[str, Spectrum]] = []
+        self.exact_bytes: list[float] = []
+        self.budgets: list[float] = []
+        self.bits: list[dict[str, list[int]]] = []
+        self.exact: list[set[str]] = []     # matrices cheaper stored exactly, per fine-tune
+
+    def takes(self, name: str) -> bool:
+        """Whether tensor ``name`` is one of the planned matrices (for some fine-tune)."""
+        return any(name in spectra for spectra in self.spectra)
+
+    def profile(self, scanner: TensorScanner, tensors: int) -> None:
+        """The pass over the localized tensors (module doc, 1), then the first plan."""
+        tunes, plan = len(scanner.tunes), scanner.plan
+        names = [name for name in scanner.base.names if name in plan.localized and not
+                 plan.stored_exactly(name, lookup_dtype(scanner.base.entry(name).dtype))]
+        self.spectra = [{} for _ in range(tunes)]
+        self.exact_bytes = [0.0] * tunes
+
+        def measure(name: str):
+            entry = scanner.base.entry(name)
+            dt = lookup_dtype(entry.dtype)
+            if not eligible(entry.shape, dt):
+                return None
+            rows, cols = matrix_shape(entry.shape)
+            _, changes = read_changes(scanner, name)
+            return [None if tau is None else
+                    Spectrum(name, rows, cols, float(np.square(tau, dtype=np.float64).sum()),
+                             singular_values(tau), entry.nbytes) for _, tau in changes]
+        for name, spectra in in_order(names, measure, workers=0):
+            entry = scanner.base.entry(name)
+            for tune in range(tunes):
+                if spectra is not None and spectra[tune] is not None:
+                    self.spectra[tune][name] = spectra[tune]
+                else:  # stored exactly: at most its bytes
+                    self.exact_bytes[tune] += entry.nbytes
+        if self.max_size < 1024 + 300 * tensors:
+            raise OptionError(f"max_size {self.max_size:,} bytes cannot hold the header of "
+                              f"{tensors} tensors; allow more")
+        room = self.max_size - 1024 - 600 * tensors
+        budgets = [room - exact for exact in self.exact_bytes]
+        if min(budgets, default=1) <= 0:
+            raise OptionError(f"max_size {self.max_size:,} bytes cannot hold the tensors stored "
+                              f"exactly ({max(self.exact_bytes):,.0f} bytes at most) and the "
+                              "header; allow more")
+        self.plan(budgets)
+
+    def plan(self, budgets) -> None:
+        self.budgets = list(budgets)
+        planned = [allocate_or_exact(list(spectra.values()), 8 * budget)
+                   for spectra, budget in zip(self.spectra, self.budgets)]
+        self.bits = [bits for bits, _ in planned]
+        self.exact = [exact for _, exact in planned]
+
+    def refit(self, sizes, payloads, last: bool) -> bool:
+        """Whether the deltas must be written again: over ``max_size``, each budget shrinks
+        by what its delta ran over (and a margin)."""
+        if all(size <= self.max_size for size in sizes):
+            return False
+        if last:
+            raise OptionError(f"max_size {self.max_size:,} bytes: after {SIZE_ATTEMPTS} passes "
+                              f"the deltas still take {max(sizes):,} bytes; allow more")
+        self.plan([budget - max(0, size - self.max_size) - 0.005 * self.max_size
+                   for budget, size in zip(self.budgets, sizes)])
+        return True
+
+    def accepts(self, record: Record) -> bool:
+        return True
+
+    def option(self, tune: int, name: str) -> Option:
+        return Option(1.0, None, 0, 0.0, 0.0, threshold=0)  # every change, exactly
+
+    def energy(self, tune: int, name: str) -> float | None:
+        return None

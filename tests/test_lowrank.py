@@ -1,0 +1,337 @@
+"""The ``lowrank`` value codec (format version 4) and ``compress --low-rank --max-size``.
+
+The codec against the reference reader written from docs/format.md (bit for bit, every float
+dtype, any factors, any runs); the planner's allocation; the records end to end: restore,
+stitch and hot-swap give the same bits, the reported error is the real one, the size is
+kept, and a damaged or misplaced record is refused by name."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import sparsestitch
+from sparsestitch.core.dtypes import to_wide
+from sparsestitch.core.errors import DeltaFormatError, OptionError
+from sparsestitch.delta.codecs.lowrank import LowRankValues, encode_factors
+from sparsestitch.delta.format import DeltaReader
+from sparsestitch.localize.lowrank import (Spectrum, allocate, allocate_or_exact,
+                                          planned_bits, quantize_vector)
+
+from .codec_checks import FLOAT_DTYPES, check_config, check_value_cursor
+from .support.reference import _lowrank_values, reference_decode, read_tensors
+
+LOWRANK = LowRankValues()
+
+
+@st.composite
+def factors(draw, dt):
+    rows, cols = draw(st.integers(1, 9)), draw(st.integers(1, 9))
+    rank = draw(st.integers(0, min(rows, cols)))
+    bits = draw(st.lists(st.integers(1, 8), min_size=rank, max_size=rank))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+
+    def codes(n, k):
+        top = 1 << (k - 1)
+        return rng.integers(-top, top, n)          # -1 - l (negative) or l
+    left = [codes(rows, k) for k in bits]
+    right = [codes(cols, k) for k in bits]
+    scale = np.float64 if dt.name == "F64" else np.float32
+    exponents = draw(st.sampled_from([-30, -8, 0, 20]))
+    left_steps = (rng.random(rank) * 2.0 ** exponents).astype(scale)
+    right_steps = (rng.random(rank) * 2.0 ** exponents).astype(scale)
+    if rank and draw(st.booleans()):
+        left_steps[0] = 0.0
+    base = rng.integers(0, np.iinfo(dt.bits).max, rows * cols, dtype=dt.bits, endpoint=True)
+    if draw(st.booleans()):  # ordinary finite weights (random bits are often NaN or huge)
+        base = np.asarray(rng.normal(size=rows * cols), dt.wide).astype(
+            np.float16 if dt.name == "F16" else dt.wide).view(dt.bits) if dt.name != "BF16" \
+            else (np.asarray(rng.normal(size=rows * cols), np.float32).view(np.uint32)
+                  >> 16).astype(np.uint16)
+    return rows, cols, bits, left, right, left_steps, right_steps, base
+
+
+@pytest.mark.parametrize("dt", FLOAT_DTYPES, ids=lambda dt: dt.name)
+@settings(max_examples=60, deadline=None)
+@given(data=st.data())
+def test_decoding_is_the_spec_s_arithmetic_whole_and_in_runs(dt, data):
+    rows, cols, bits, left, right, lsteps, rsteps, base = data.draw(factors(dt))
+    payload, config = encode_factors(left, right, lsteps, rsteps, bits, rows, cols, dt)
+    config = check_config(config)
+    decoded = LOWRANK.decode(payload, config, base, dt, rows * cols)
+    record = {"name": "w", "count": rows * cols, "dtype": dt.name,
+              "values": {"codec": "lowrank", **config}}
+    expected = _lowrank_values(record, payload, base)
+    np.testing.assert_array_equal(decoded.view(dt.bits), expected.view(dt.bits))
+    check_value_cursor(LOWRANK, payload, config, base, dt, expected)
+
+
+@pytest.mark.parametrize("wide", [np.float32, np.float64])
+@settings(max_examples=40, deadline=None)
+@given(data=st.data())
+def test_the_compiled_sums_are_the_numpy_sums_bit_for_bit(wide, data):
+    from unittest import mock
+
+    from sparsestitch.delta.codecs.lowrank import accumulate
+
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1)))
+    n, rank, cols = (data.draw(st.integers(1, 12)) for _ in range(3))
+    first = data.draw(st.integers(0, cols - 1))
+    m = data.draw(st.integers(1, cols - first))
+    scale = data.draw(st.sampled_from([1e-40, 1e-3, 1.0, 1e30]))   # subnormals to overflow
+    left = (rng.normal(size=(n, rank)) * scale).astype(wide)
+    right = (rng.normal(size=(rank, cols)) * scale).astype(wide)
+    compiled = accumulate(left, right, first, m)
+    with mock.patch.dict("os.environ", {"SPARSESTITCH_NATIVE": "0"}):
+        plain = accumulate(left, right, first, m)
+    np.testing.assert_array_equal(compiled.view(f"u{compiled.itemsize}"),
+                                  plain.view(f"u{plain.itemsize}"))
+
+
+def test_the_sum_runs_in_the_spec_s_order_not_a_dot_product():
+    """Products that cancel only in one order: 2^24 + 1 - 2^24 is 0 in float32 left to
+    right, 1 summed otherwise; the decoder must give the left-to-right bits."""
+    dt = FLOAT_DTYPES[0]
+    big = np.float32(2.0 ** 12)
+    left = [np.zeros(3, np.int64), np.zeros(3, np.int64), np.full(3, -1)]  # +, +, - entries
+    right = [np.zeros(3, np.int64)] * 3
+    steps_l = np.array([big, np.float32(1.0), big], np.float32)
+    steps_r = np.array([big, np.float32(1.0), big], np.float32)
+    payload, config = encode_factors(left, right, steps_l, steps_r, [1, 1, 1], 3, 3, dt)
+    base = np.zeros(9, np.uint32)
+    got = LOWRANK.decode(payload, config, base, dt, 9).view(np.float32)
+    assert (got == 0.0).all()  # (2^24 + 1) rounds to 2^24, minus 2^24
+
+
+def test_damaged_configs_are_refused_before_decoding():
+    dt = FLOAT_DTYPES[0]
+    left, right = [np.array([1, -2, 0])], [np.array([0, 1])]
+    payload, config = encode_factors(left, right, np.ones(1, np.float32), np.ones(1, np.float32),
+                                     [3], 3, 2, dt)
+    base = np.zeros(6, np.uint32)
+    for key, value, message in (("rank", 2, "bits"), ("rows", 2, "do not cover"),
+                                ("bits", [9], "bits"), ("scale_dtype", "BF16", "scale_dtype"),
+                                ("rank", 4, "outside")):
+        bad = {**config, key: value}
+        with pytest.raises(Exception, match=message):
+            LOWRANK.decode(payload, bad, base, dt, 6)
+    flipped = bytearray(payload)
+    flipped[-1] |= 0x80  # a bit past the last left entry
+    with pytest.raises(DeltaFormatError, match="past the last"):
+        LOWRANK.decode(bytes(flipped), config, base, dt, 6)
+
+
+def test_quantized_vectors_fit_their_step_and_lose_less_with_more_bits():
+    x = np.random.default_rng(0).normal(size=4096)
+    errors = []
+    for k in range(1, 9):
+        codes, step = quantize_vector(x, k, np.float32)
+        level = np.where(codes < 0, -1 - codes, codes)
+        assert level.max() < 1 << (k - 1) and step == float(np.float32(step))
+        approx = np.where(codes < 0, -1.0, 1.0) * step * (2 * level + 1)
+        errors.append(float(np.square(approx - x).sum() / np.square(x).sum()))
+    assert errors == sorted(errors, reverse=True) and errors[0] < 0.37 and errors[-1] < 1e-3
+    assert quantize_vector(np.zeros(5), 4, np.float32)[1] == 0.0
+
+
+def test_the_plan_spends_bits_where_the_relative_error_drops_most_within_budget():
+    steep = Spectrum("steep", 100, 100, 1.0, np.sqrt(np.array([0.9, 0.09, 0.01])))
+    flat = Spectrum("flat", 100, 100, 1.0, np.sqrt(np.full(3, 1 / 3)))
+    budget = 3000
+    plan = allocate([steep, flat], budget)
+    spent = sum(k * 200 + 64 for bits in plan.values() for k in bits)
+    assert spent <= budget
+    assert plan["steep"][0] >= max(plan["flat"])  # the dominant direction gets the most bits
+    assert allocate([steep, flat], 0) == {"steep": [], "flat": []}
+
+
+@pytest.mark.parametrize("shape", [(40, 90), (90, 40), (33, 33)])
+def test_leading_components_from_the_gram_matrix_are_the_svd_s(shape, monkeypatch):
+    import sparsestitch.localize.lowrank as lowrank
+
+    monkeypatch.setattr(lowrank, "GRAM_BLOCK", 500)   # the Gram matrix summed in blocks
+    rng = np.random.default_rng(1)
+    rows, cols = shape
+    tau = (rng.normal(size=(rows, 4)) * [10, 5, 2, 1]) @ rng.normal(size=(4, cols))
+    tau = (tau + 0.01 * rng.normal(size=shape)).astype(np.float32)
+    u_ref, s_ref, _ = np.linalg.svd(tau.astype(np.float64), full_matrices=False)
+    values = lowrank.singular_values(tau)
+    np.testing.assert_allclose(values[:4], s_ref[:4], rtol=1e-9)
+    np.testing.assert_allclose(values, s_ref, rtol=1e-6, atol=1e-6 * s_ref[0])
+    left, singular = lowrank.leading_components(tau, 4)
+    np.testing.assert_allclose(singular, s_ref[:4], rtol=1e-9)
+    for i in range(4):  # the same direction, up to sign
+        assert abs(float(left[:, i] @ u_ref[:, i])) == pytest.approx(1.0, abs=1e-6)
+
+
+def test_a_matrix_whose_components_cost_its_own_bytes_is_stored_exactly():
+    small = Spectrum("small", 8, 8, 1.0, np.sqrt(np.full(8, 1 / 8)), nbytes=8 * 8 * 2)
+    large = Spectrum("large", 100, 100, 1.0, np.sqrt(np.array([0.9, 0.09, 0.01])),
+                     nbytes=100 * 100 * 2)
+    bits, exact = allocate_or_exact([small, large], 8 * 3000)
+    assert exact == {"small"} and "small" not in bits and bits["large"]
+    assert planned_bits(bits["large"], large) <= 8 * 3000 - 8 * small.nbytes
+
+
+# -- end to end ---------------------------------------------------------------------------------
+
+def low_rank_pair(tmp_path, dtype=torch.float32):
+    from safetensors.torch import save_file
+    g = torch.Generator().manual_seed(4)
+    base = {"attn.weight": torch.randn(48, 40, generator=g),
+            "mlp.weight": torch.randn(32, 2, 24, generator=g),
+            "norm.weight": torch.randn(40, generator=g),
+            "narrow.weight": torch.randn(4, 64, generator=g),
+            "ids": torch.arange(6)}
+    tune = {k: v.clone() for k, v in base.items()}
+    tune["attn.weight"] += 0.02 * torch.randn(48, 3, generator=g) @ torch.randn(3, 40, generator=g)
+    tune["mlp.weight"] += 0.01 * torch.randn(32, 2, 24, generator=g)
+    tune["norm.weight"] += 0.003
+    tune["narrow.weight"] += 0.001
+    tune["ids"][2] = 9
+    base = {k: v.to(dtype) if v.is_floating_point() else v for k, v in base.items()}
+    tune = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tune.items()}
+    save_file(base, tmp_path / "base.safetensors")
+    save_file(tune, tmp_path / "tune.safetensors")
+    return tmp_path / "base.safetensors", tmp_path / "tune.safetensors", base, tune
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_low_rank_deltas_restore_stitch_and_apply_the_same_bits_within_size(tmp_path, dtype):
+    base_path, tune_path, base, tune = low_rank_pair(tmp_path, dtype)
+    delta = tmp_path / "lr.delta"
+    (summary,) = sparsestitch.compress(base_path, tune_path, delta, low_rank=True,
+                                       max_size="9KB")
+    assert summary.nbytes == delta.stat().st_size <= 9000
+    with DeltaReader(delta) as reader:
+        assert reader.header["format_version"] == 4
+        assert reader.header["target"] == {"max_size": 9000, "records": "lowrank"}
+        by_name = {r.name: r for r in reader.records}
+    assert by_name["attn.weight"].values["codec"] == "lowrank"
+    assert by_name["mlp.weight"].values["codec"] == "lowrank"   # 32 x 48 viewed as a matrix
+    for exact in ("norm.weight", "narrow.weight", "ids"):        # vectors, narrow, integers
+        assert by_name[exact].values["codec"] != "lowrank"
+    # the reference reader decodes what the library restores, bit for bit
+    restored = sparsestitch.restore(base_path, delta, tmp_path / "r.safetensors")
+    reference = reference_decode(delta.read_bytes(), read_tensors(base_path)).tensors
+    got = read_tensors(restored)
+    for name in base:
+        assert got[name][2] == reference[name][2], name
+    from safetensors.torch import load_file
+    out = load_file(restored)
+    for name in ("norm.weight", "narrow.weight", "ids"):
+        assert torch.equal(out[name], tune[name]), name
+    # the reported error is the real one
+    for name in ("attn.weight", "mlp.weight"):
+        tau = tune[name].double() - base[name].double()
+        real = float((out[name].double() - base[name].double() - tau).norm() / tau.norm())
+        assert by_name[name].fidelity["relative_error"] == pytest.approx(real, rel=1e-6, abs=1e-9)
+        assert real < 0.5
+    # a rank-3 change in float32 comes back nearly whole
+    if dtype == torch.float32:
+        assert by_name["attn.weight"].fidelity["relative_error"] < 0.05
+    stitched = sparsestitch.stitch(base_path, [delta], tmp_path / "s.safetensors")
+    assert read_tensors(stitched) == got
+    live = {n: t.clone() for n, t in base.items()}
+    with sparsestitch.apply(live, delta):
+        for name in base:
+            assert torch.equal(live[name], out[name]), name
+    prepared = sparsestitch.prepare(live, delta)
+    with prepared.apply(live):
+        for name in base:
+            assert torch.equal(live[name], out[name]), name
+    for name in base:  # and back to the base
+        assert torch.equal(live[name], base[name]), name
+    resident = {n: t.clone() for n, t in base.items()}
+    sparsestitch.stitch_into(resident, delta)
+    for name in base:
+        assert torch.equal(resident[name], out[name]), name
+    sparsestitch.verify(delta, base=base_path)
+
+
+def test_a_smaller_size_keeps_less_and_restores_reproducibly(tmp_path):
+    base_path, tune_path, _, _ = low_rank_pair(tmp_path)
+    errors = []
+    for size in ("6KB", "12KB"):
+        (summary,) = sparsestitch.compress(base_path, tune_path, tmp_path / f"{size}.delta",
+                                           low_rank=True, max_size=size)
+        assert summary.nbytes <= int(size[:-2]) * 1000
+        errors.append(summary.fidelity["relative_error"])
+    assert errors[0] > errors[1]
+    first = sparsestitch.restore(base_path, tmp_path / "6KB.delta", tmp_path / "a.safetensors")
+    again = sparsestitch.restore(base_path, tmp_path / "6KB.delta", tmp_path / "b.safetensors",
+                                 max_memory="32MiB")
+    assert first.read_bytes() == again.read_bytes()
+
+
+def test_low_rank_options_are_checked_and_nothing_is_written(tmp_path):
+    base_path, tune_path, _, _ = low_rank_pair(tmp_path)
+    out = tmp_path / "x.delta"
+    with pytest.raises(OptionError, match="low_rank needs max_size"):
+        sparsestitch.compress(base_path, tune_path, out, low_rank=True)
+    with pytest.raises(OptionError, match="drop density"):
+        sparsestitch.compress(base_path, tune_path, out, low_rank=True, density=0.1)
+    with pytest.raises(OptionError, match="contradictory"):
+        sparsestitch.compress(base_path, tune_path, out, low_rank=True, max_size="9KB",
+                              bits=2)
+    with pytest.raises(OptionError, match="contradictory"):
+        sparsestitch.compress(base_path, tune_path, out, low_rank=True, max_size="9KB",
+                              max_error=0.3)
+    with pytest.raises(OptionError, match="cannot hold"):
+        sparsestitch.compress(base_path, tune_path, out, low_rank=True, max_size="1KB")
+    assert not out.exists()
+
+
+def test_a_record_outside_the_rules_is_refused_by_name(tmp_path):
+    from .support.images import DeltaImage
+
+    base_path, tune_path, _, _ = low_rank_pair(tmp_path)
+    delta = tmp_path / "lr.delta"
+    sparsestitch.compress(base_path, tune_path, delta, low_rank=True, max_size="9KB")
+    for change, message in ((lambda h: h.update(format_version=3), "needs format version 4"),
+                            (lambda h: _record(h, "attn.weight")["values"].update(rows=40),
+                             "lowrank values need")):
+        image = DeltaImage.read(delta)
+        change(image.header)
+        bad = tmp_path / "bad.delta"
+        bad.write_bytes(image.to_bytes())
+        with pytest.raises(DeltaFormatError, match=message):
+            DeltaReader(bad)
+
+
+def _record(header: dict, name: str) -> dict:
+    return next(r for r in header["tensors"] if r["name"] == name)
+
+
+def test_the_right_factor_beyond_a_quarter_of_the_budget_is_refused(tmp_path):
+    """A reader holds the right factor whole: one declaring more than its budget allows is
+    refused by size, not allocated."""
+    dt = FLOAT_DTYPES[0]
+    rows, cols, rank = 128, 65536, 128        # a right factor of 32 MiB in float32
+    bits = [1] * rank
+    payload, config = encode_factors([np.zeros(rows, np.int64)] * rank,
+                                     [np.zeros(cols, np.int64)] * rank,
+                                     np.ones(rank, np.float32), np.ones(rank, np.float32),
+                                     bits, rows, cols, dt)
+    from sparsestitch.core.errors import ResourceLimitError
+    from sparsestitch.delta.codecs.streams import BytesPayload, Part
+    part = Part(BytesPayload(payload), 0, len(payload), 4 << 20)   # a 64 MiB budget's
+    with pytest.raises(ResourceLimitError, match="right factor"):
+        LOWRANK.cursor(part, config, dt, rows * cols)
+    LOWRANK.cursor(Part(BytesPayload(payload), 0, len(payload), 8 << 20), config, dt,
+                   rows * cols).close()                               # 128 MiB: allowed
+
+
+def test_tau_of_restored_values_is_what_the_factors_say(tmp_path):
+    """Decoding adds the factors' product to the base: with a zero base, the restored
+    float32 values are the product itself."""
+    dt = FLOAT_DTYPES[0]
+    left, right = [np.array([0, -1, 1])], [np.array([1, -2])]
+    payload, config = encode_factors(left, right, np.array([0.5], np.float32),
+                                     np.array([0.25], np.float32), [2], 3, 2, dt)
+    got = to_wide(LOWRANK.decode(payload, config, np.zeros(6, np.uint32), dt, 6), dt)
+    lv, rv = np.array([0.5, -0.5, 1.5]), np.array([0.75, -0.75])
+    np.testing.assert_array_equal(got, np.outer(lv, rv).reshape(-1).astype(np.float32))
