@@ -160,7 +160,8 @@ MAIN = CANDIDATES + ("lossless", "d0.01 exact", "global d0.01", "per-tensor d0.0
                      *(f"lowrank 1/{d}" for d in LOW_RANK_DIVISORS),
                      *(f"DARE p{p:g}" for p in DARE_KEEP))
 #: Deltas kept on disk and stitched in the merge section.
-MERGE_CONFIGS = ("default", "d0.01 exact", "global d0.01", "max_error 0.5", "d1 b2", "lossless")
+MERGE_CONFIGS = ("default", "d0.01 exact", "global d0.01", "max_error 0.5", "d1 b2", "lossless",
+                 "lowrank 1/32")
 #: The reduced plan (--plan reduced, about an hour on a busy 2-core machine): the rows
 #: that place the default, the paper's rule and the published baselines against the goals,
 #: cheapest and most decisive first; DARE-style last (it writes a whole modified checkpoint).
@@ -170,7 +171,7 @@ REDUCED = ("default", "global d0.01", "per-tensor d0.01", "d0.01 exact", "d0.05 
            "DARE p0.1")
 #: Merged in the reduced plan's last phases (MiniLM first: a SmolLM2 merge scores two
 #: perplexities of a 538 MB model per row).
-REDUCED_MERGES = ("default", "global d0.01", "max_error 0.5", "d1 b2")
+REDUCED_MERGES = ("default", "global d0.01", "max_error 0.5", "d1 b2", "lowrank 1/32")
 
 
 def grid_rest(model: str) -> list[str]:
