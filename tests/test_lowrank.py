@@ -19,7 +19,7 @@ from sparsestitch.core.errors import DeltaFormatError, OptionError
 from sparsestitch.delta.codecs.lowrank import LowRankValues, encode_factors
 from sparsestitch.delta.format import DeltaReader
 from sparsestitch.localize.lowrank import (Spectrum, allocate, allocate_or_exact,
-                                          planned_bits, quantize_vector)
+                                          dequantize, planned_bits, quantize_vector)
 
 from .codec_checks import FLOAT_DTYPES, check_config, check_value_cursor
 from .support.reference import _lowrank_values, reference_decode, read_tensors
@@ -129,9 +129,11 @@ def test_quantized_vectors_fit_their_step_and_lose_less_with_more_bits():
     errors = []
     for k in range(1, 9):
         codes, step = quantize_vector(x, k, np.float32)
-        level = np.where(codes < 0, -1 - codes, codes)
-        assert level.max() < 1 << (k - 1) and step == float(np.float32(step))
+        level = np.where(codes < 0, -1 - codes.astype(int), codes)
+        assert codes.dtype == np.int8 and level.max() < 1 << (k - 1)
+        assert step == float(np.float32(step))
         approx = np.where(codes < 0, -1.0, 1.0) * step * (2 * level + 1)
+        np.testing.assert_array_equal(approx, dequantize(codes, step))
         errors.append(float(np.square(approx - x).sum() / np.square(x).sum()))
     assert errors == sorted(errors, reverse=True) and errors[0] < 0.37 and errors[-1] < 1e-3
     assert quantize_vector(np.zeros(5), 4, np.float32)[1] == 0.0
@@ -282,6 +284,21 @@ def test_low_rank_options_are_checked_and_nothing_is_written(tmp_path):
                               max_error=0.3)
     with pytest.raises(OptionError, match="cannot hold"):
         sparsestitch.compress(base_path, tune_path, out, low_rank=True, max_size="1KB")
+    assert not out.exists()
+
+
+def test_a_matrix_beyond_the_memory_budget_is_refused_by_name(tmp_path):
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(0)
+    base = {"big.weight": torch.randn(2048, 2048, generator=g)}          # 16 MiB of float32
+    tune = {"big.weight": base["big.weight"] + 0.01 * torch.randn(2048, 2048, generator=g)}
+    save_file(base, tmp_path / "b.safetensors")
+    save_file(tune, tmp_path / "t.safetensors")
+    out = tmp_path / "x.delta"
+    with pytest.raises(OptionError, match="'big.weight': low-rank records hold"):
+        sparsestitch.compress(tmp_path / "b.safetensors", tmp_path / "t.safetensors", out,
+                              low_rank=True, max_size="1MB", max_memory="48MiB")
     assert not out.exists()
 
 

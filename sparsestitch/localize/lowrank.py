@@ -88,26 +88,35 @@ class Spectrum:
     nbytes: int = 0           # the matrix's own bytes: stored exactly, it costs at most this
 
 
-def read_changes(scanner: TensorScanner, name: str) -> tuple[str, list[tuple]]:
-    """The base's checksum and, per fine-tune, ``(base bits, tau)`` of tensor ``name``: tau
-    in the wide type as a ``rows x cols`` matrix (None where a change is not finite)."""
+def read_changes(scanner: TensorScanner, name: str, with_base: bool = True
+                 ) -> tuple[str, np.ndarray | None, list[np.ndarray | None]]:
+    """The base's checksum, its bits (``with_base``) and, per fine-tune, the change of tensor
+    ``name`` in the wide type as a ``rows x cols`` matrix (None where a change is not
+    finite), filled block by block: the tensor's bits and changes, nothing else held."""
     entry = scanner.base.entry(name)
     dt = lookup_dtype(entry.dtype)
-    base_hash = BaseHash(name)
-    base_parts, tune_parts = [], [[] for _ in scanner.tunes]
-    for block in scanner.tune_blocks(name, base_hash=base_hash):
-        if block.tune == 0:
-            base_parts.append(block.base)
-        tune_parts[block.tune].append(block.finetuned)
-    base_bits = np.concatenate(base_parts) if base_parts else np.empty(0, dt.bits)
-    wide_base = to_wide(base_bits, dt)
     rows, cols = matrix_shape(entry.shape)
-    changes = []
-    for parts in tune_parts:
+    base_hash = BaseHash(name)
+    base_bits = np.empty(entry.numel, dt.bits) if with_base else None
+    changes = [np.empty(entry.numel, dt.wide) for _ in scanner.tunes]
+    finite = [True] * len(scanner.tunes)
+    for block in scanner.tune_blocks(name, base_hash=base_hash):
+        at = slice(block.offset, block.offset + block.base.size)
+        if base_bits is not None and block.tune == 0:
+            base_bits[at] = block.base
         with np.errstate(all="ignore"):
-            tau = to_wide(np.concatenate(parts), dt) - wide_base
-        changes.append((base_bits, tau.reshape(rows, cols) if np.isfinite(tau).all() else None))
-    return base_hash.hexdigest(), changes
+            np.subtract(to_wide(block.finetuned, dt), to_wide(block.base, dt),
+                        out=changes[block.tune][at])
+        finite[block.tune] = finite[block.tune] and bool(np.isfinite(changes[block.tune][at]).all())
+    return base_hash.hexdigest(), base_bits, [tau.reshape(rows, cols) if ok else None
+                                              for tau, ok in zip(changes, finite)]
+
+
+def energy_of(tau: np.ndarray) -> float:
+    """||tau||^2 in float64, a block of rows at a time (no float64 copy of the change)."""
+    step = max(1, GRAM_BLOCK // max(tau.shape[1], 1))
+    return float(sum(np.square(tau[at:at + step], dtype=np.float64).sum()
+                     for at in range(0, tau.shape[0], step)))
 
 
 #: Rows (or columns) of a change widened to float64 at a time for its Gram matrix.
@@ -224,25 +233,25 @@ def _gain(share: float, level: int, s: Spectrum) -> float:
 
 
 def quantize_vector(x: np.ndarray, bits: int, scale_type) -> tuple[np.ndarray, float]:
-    """``x`` as signed levels (``l`` or ``-1 - l``) of ``+-step * (2 l + 1)`` with a
+    """``x`` as signed levels (``l`` or ``-1 - l``, int8) of ``+-step * (2 l + 1)`` with a
     least-squares step, rounded to ``scale_type`` before the levels are chosen again."""
     magnitude = np.abs(x)
     top = (1 << (bits - 1)) - 1
     largest = float(magnitude.max()) if magnitude.size else 0.0
     if not largest > 0:
-        return np.zeros(x.size, np.int64), 0.0
+        return np.zeros(x.size, np.int8), 0.0
     step = largest / (2 * top + 1)
     for _ in range(FIT_ROUNDS if top else 1):
         level = np.clip(np.rint((magnitude / step - 1) / 2), 0, top)
         odd = 2 * level + 1
         step = float((magnitude * odd).sum() / (odd * odd).sum())
     step = float(scale_type(step))
-    level = np.clip(np.rint((magnitude / step - 1) / 2), 0, top).astype(np.int64)
-    return np.where(x < 0, -1 - level, level), step
+    level = np.clip(np.rint((magnitude / step - 1) / 2), 0, top).astype(np.int8)
+    return np.where(x < 0, -1 - level, level).astype(np.int8), step
 
 
 def dequantize(codes: np.ndarray, step: float) -> np.ndarray:
-    level = np.where(codes < 0, -1 - codes, codes)
+    level = np.where(codes < 0, -1 - codes.astype(np.int64), codes)
     return np.where(codes < 0, -1.0, 1.0) * step * (2 * level + 1)
 
 
@@ -254,7 +263,7 @@ def encode_matrix(name: str, dt: DType, shape: tuple[int, ...], base_xxh3: str,
     import torch
 
     rows, cols = tau.shape
-    energy = float(np.square(tau, dtype=np.float64).sum())
+    energy = energy_of(tau)
     if not bits or energy == 0:
         return Record(name, dt.name, tuple(shape), "base", base_xxh3,
                       fidelity=fidelity_report(energy, 0.0)), b""
@@ -297,7 +306,7 @@ def decoded_factor(codes: list[np.ndarray], steps: np.ndarray, dt: DType) -> np.
     wide = np.dtype(dt.wide)
     out = np.empty((codes[0].size if codes else 0, len(codes)), wide)
     for i, code in enumerate(codes):
-        level = np.where(code < 0, -1 - code, code)
+        level = np.where(code < 0, -1 - code.astype(np.int64), code)
         with np.errstate(all="ignore"):
             magnitude = steps[i].astype(wide) * (2 * level + 1).astype(wide)
         out[:, i] = np.where(code < 0, -magnitude, magnitude)
@@ -332,9 +341,9 @@ def lowrank_records(scanner: TensorScanner, name: str, planner: "LowRankPlanner"
     every change exactly where a change is not finite or the plan found that cheaper."""
     entry = scanner.base.entry(name)
     dt = lookup_dtype(entry.dtype)
-    base_xxh3, changes = read_changes(scanner, name)
+    base_xxh3, base_bits, changes = read_changes(scanner, name)
     records = []
-    for tune, (base_bits, tau) in enumerate(changes):
+    for tune, tau in enumerate(changes):
         if tau is None or name in planner.exact[tune]:
             records.append(None)
             continue
@@ -383,10 +392,10 @@ class LowRankPlanner:
             if not eligible(entry.shape, dt):
                 return None
             rows, cols = matrix_shape(entry.shape)
-            _, changes = read_changes(scanner, name)
+            _, _, changes = read_changes(scanner, name, with_base=False)
             return [None if tau is None else
-                    Spectrum(name, rows, cols, float(np.square(tau, dtype=np.float64).sum()),
-                             singular_values(tau), entry.nbytes) for _, tau in changes]
+                    Spectrum(name, rows, cols, energy_of(tau), singular_values(tau),
+                             entry.nbytes) for tau in changes]
         for name, spectra in in_order(names, measure, workers=0):
             entry = scanner.base.entry(name)
             for tune in range(tunes):
@@ -404,6 +413,31 @@ class LowRankPlanner:
                               f"exactly ({max(self.exact_bytes):,.0f} bytes at most) and the "
                               "header; allow more")
         self.plan(budgets)
+
+    def working_bytes(self, name: str) -> int:
+        """What encoding matrix ``name`` holds at most, for every fine-tune at once: the base's
+        bits, each change in the wide type, the Gram matrix and its eigenvectors, and per
+        planned component the vectors (float64), their codes and the factors."""
+        spectra = [spectra[name] for spectra in self.spectra if name in spectra]
+        if not spectra:
+            return 0
+        s = spectra[0]
+        numel, side = s.rows * s.cols, min(s.rows, s.cols)
+        wide = 8 if s.nbytes >= 8 * numel else 4
+        rank = max((len(bits.get(name, [])) for bits in self.bits), default=0)
+        return (numel * (s.nbytes // max(numel, 1) + wide * len(spectra)) + 24 * side * side
+                + 26 * (s.rows + s.cols) * rank + 24 * ERROR_BLOCK)
+
+    def check_memory(self, max_memory: int) -> None:
+        """Refuse, naming the matrix, a plan whose largest matrix the budget cannot hold
+        (low-rank encoding holds a matrix's change whole)."""
+        names = set().union(*self.spectra) if self.spectra else set()
+        largest = max(names, key=self.working_bytes, default=None)
+        if largest is not None and self.working_bytes(largest) > max_memory:
+            raise OptionError(f"tensor {largest!r}: low-rank records hold a matrix's change "
+                              f"whole, {self.working_bytes(largest) / 2**20:,.1f} MiB here, more "
+                              f"than max_memory allows ({max_memory / 2**20:,.1f} MiB); allow "
+                              "more memory", option="max_memory")
 
     def plan(self, budgets) -> None:
         self.budgets = list(budgets)

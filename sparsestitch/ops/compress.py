@@ -234,6 +234,7 @@ class CompressJob:
         sized = isinstance(self.planner, (SizePlanner, LowRankPlanner))
         if isinstance(self.planner, LowRankPlanner):
             self.planner.profile(self.scanner, len(self.base.names))
+            self.planner.check_memory(self.max_memory - MIN_MEMORY)
         elif sized:
             self._profile(selectors)
             self.planner.start(len(self.base.names))
@@ -326,6 +327,8 @@ class CompressJob:
 
     def _held_bytes(self, name: str) -> int:
         """What preparing tensor ``name`` holds at worst (for the read-ahead budget)."""
+        if isinstance(self.planner, LowRankPlanner) and self.planner.takes(name):
+            return self.planner.working_bytes(name)
         held = 1 if self._one_at_a_time(name) else len(self.tunes)
         return held * self._selected_bytes(name)
 

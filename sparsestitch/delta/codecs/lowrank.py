@@ -57,7 +57,7 @@ def pack_codes(codes: list[np.ndarray], bits: list[int]) -> np.ndarray:
     columns = []
     for code, k in zip(codes, bits):
         negative = code < 0
-        level = np.where(negative, -1 - code, code).astype(np.int64)
+        level = np.where(negative, -1 - code.astype(np.int64), code)
         columns.append(negative.astype(np.uint8))
         columns += [((level >> j) & 1).astype(np.uint8) for j in range(k - 1)]
     if not columns or n == 0:
