@@ -144,6 +144,8 @@ def all_configs() -> dict[str, Config]:
     configs += [Config(f"max_size 1/{d}", "max_size", size_divisor=d) for d in SIZE_DIVISORS]
     configs += [Config(f"lowrank 1/{d}", "low-rank", {"low_rank": True}, size_divisor=d)
                 for d in LOW_RANK_DIVISORS]
+    configs += [Config("lowrank", "low-rank", {"low_rank": True}),   # max_error 0.5
+                Config("lowrank max_error 0.3", "low-rank", {"low_rank": True, "max_error": 0.3})]
     configs += [Config(f"DARE p{p:g}", "DARE-style", dare_keep=p) for p in DARE_KEEP]
     configs += [grid_config(d, b, g) for d in DENSITIES for b, g in BIT_COLUMNS]
     configs += [grid_config(d, None, None) for d in EXTRA_DENSITIES]
@@ -157,7 +159,7 @@ CANDIDATES = ("default", "max_error 0.3", "max_error 0.5", "max_error 0.7", "d1 
 MAIN = CANDIDATES + ("lossless", "d0.01 exact", "global d0.01", "per-tensor d0.01",
                      "d1 b1 g0", "d1 b1", "d0.1 b1 g0", "max_error 0.2",
                      *(f"max_size 1/{d}" for d in SIZE_DIVISORS),
-                     *(f"lowrank 1/{d}" for d in LOW_RANK_DIVISORS),
+                     *(f"lowrank 1/{d}" for d in LOW_RANK_DIVISORS), "lowrank",
                      *(f"DARE p{p:g}" for p in DARE_KEEP))
 #: Deltas kept on disk and stitched in the merge section.
 MERGE_CONFIGS = ("default", "d0.01 exact", "global d0.01", "max_error 0.5", "d1 b2", "lossless",

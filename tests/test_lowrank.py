@@ -272,10 +272,12 @@ def test_a_smaller_size_keeps_less_and_restores_reproducibly(tmp_path):
 def test_low_rank_options_are_checked_and_nothing_is_written(tmp_path):
     base_path, tune_path, _, _ = low_rank_pair(tmp_path)
     out = tmp_path / "x.delta"
-    with pytest.raises(OptionError, match="low_rank needs max_size"):
-        sparsestitch.compress(base_path, tune_path, out, low_rank=True)
     with pytest.raises(OptionError, match="drop density"):
         sparsestitch.compress(base_path, tune_path, out, low_rank=True, density=0.1)
+    with pytest.raises(OptionError, match="drop lossless"):
+        sparsestitch.compress(base_path, tune_path, out, low_rank=True, lossless=True)
+    with pytest.raises(OptionError, match="max_error"):
+        sparsestitch.compress(base_path, tune_path, out, low_rank=True, max_error=0)
     with pytest.raises(OptionError, match="contradictory"):
         sparsestitch.compress(base_path, tune_path, out, low_rank=True, max_size="9KB",
                               bits=2)
@@ -300,6 +302,34 @@ def test_a_matrix_beyond_the_memory_budget_is_refused_by_name(tmp_path):
         sparsestitch.compress(tmp_path / "b.safetensors", tmp_path / "t.safetensors", out,
                               low_rank=True, max_size="1MB", max_memory="48MiB")
     assert not out.exists()
+
+
+def test_an_error_target_holds_every_matrix_within_it_checked(tmp_path):
+    base_path, tune_path, base, tune = low_rank_pair(tmp_path)
+    sizes = []
+    for target in (0.5, 0.1):
+        delta = tmp_path / f"e{target}.delta"
+        kwargs = {} if target == 0.5 else {"max_error": target}   # 0.5: the default target
+        (summary,) = sparsestitch.compress(base_path, tune_path, delta, low_rank=True, **kwargs)
+        sizes.append(summary.nbytes)
+        with DeltaReader(delta) as reader:
+            assert reader.header["target"] == {"max_error": target, "records": "lowrank"}
+            records = {r.name: r for r in reader.records}
+        assert records["attn.weight"].values["codec"] == "lowrank"
+        restored = load_file_bits(sparsestitch.restore(base_path, delta,
+                                                       tmp_path / f"r{target}.safetensors"))
+        for name in ("attn.weight", "mlp.weight"):
+            tau = tune[name].double() - base[name].double()
+            real = float((restored[name].double() - base[name].double() - tau).norm()
+                         / tau.norm())
+            assert real <= target, name
+            assert records[name].fidelity["relative_error"] == pytest.approx(real, abs=1e-7)
+    assert sizes[0] < sizes[1]
+
+
+def load_file_bits(path):
+    from safetensors.torch import load_file
+    return load_file(path)
 
 
 def test_a_record_outside_the_rules_is_refused_by_name(tmp_path):

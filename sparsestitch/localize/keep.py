@@ -94,11 +94,16 @@ def choices(keep: KeepOptions, mask_sets, density_option: str = "density"):
     quantize = quantize_options(bits, group)
     planner = None
     if flag("low_rank", keep.low_rank):
-        if max_size is None or given:
-            raise OptionError("low_rank needs max_size (the size of each delta, e.g. 20MB) and "
-                              f"decides what is kept itself{'; drop ' + ', '.join(given) if given else ''}",
+        if given or lossless:
+            dropped = ", ".join(given + (["lossless"] if lossless else []))
+            raise OptionError(f"low_rank decides what is kept itself (with max_size, or "
+                              f"max_error, {DEFAULT_MAX_ERROR} by default); drop {dropped}",
                               option="low_rank")
-        return 1.0, None, LowRankPlanner(parse_memory(max_size, option="max_size"), group)
+        if max_size is not None:
+            return 1.0, None, LowRankPlanner(group, max_size=parse_memory(max_size,
+                                                                          option="max_size"))
+        return 1.0, None, LowRankPlanner(group, max_error=DEFAULT_MAX_ERROR
+                                         if max_error is None else max_error)
     if lossless:
         density = 1.0
     elif max_error is not None:

@@ -62,9 +62,10 @@ class KeepOptions:
         None, "Target instead of --density/--bits: the best fidelity whose file fits this "
               "size, e.g. 20MB.", compress_only=True)
     low_rank: bool | None = _option(
-        None, "With --max-size: store each matrix's change as a sum of rank-one products of "
-              "quantized vectors, more bits for the larger singular values (lossy, format "
-              "version 4); other tensors exactly.", flag=True, compress_only=True)
+        None, "Store each matrix's change as a sum of rank-one products of quantized "
+              "vectors, more bits for the larger singular values (lossy, format version 4): "
+              "with --max-size planned over the model, else each matrix within --max-error "
+              "(0.5 by default); other tensors exactly.", flag=True, compress_only=True)
     include: tuple[str, ...] = _option((), "Only localize tensors matching this pattern.",
                                        multiple=True)
     exclude: tuple[str, ...] = _option((), "Leave tensors matching this pattern at the base.",

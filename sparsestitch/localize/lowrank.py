@@ -194,6 +194,25 @@ def allocate(spectra: list[Spectrum], budget_bits: float) -> dict[str, list[int]
     return {name: [LADDER[k] for k in lv[:_rank(lv)]] for name, lv in levels.items()}
 
 
+def allocate_within(s: Spectrum, error_sq: float) -> list[int]:
+    """The cheapest bits per component (greedy by estimated error drop per bit) whose
+    estimated relative squared error is at most ``error_sq``; all of them at 8 bits if even
+    that is not enough."""
+    share = s.singular ** 2 / s.energy if s.energy > 0 else np.zeros(s.singular.size)
+    levels = np.zeros(s.singular.size, np.int64)
+    estimate = float(share.sum())
+    heap = [(-_gain(share[i], 0, s), int(i)) for i in np.flatnonzero(share > 0)]
+    heapq.heapify(heap)
+    while heap and estimate > error_sq:
+        _, i = heapq.heappop(heap)
+        level = levels[i]
+        estimate -= share[i] * (VECTOR_ERROR[LADDER[level]] - VECTOR_ERROR[LADDER[level + 1]])
+        levels[i] = level + 1
+        if level + 2 < len(LADDER):
+            heapq.heappush(heap, (-_gain(share[i], level + 1, s), i))
+    return [LADDER[k] for k in levels[:_rank(levels)]]
+
+
 def planned_bits(bits: list[int], s: Spectrum) -> int:
     """What a plan's components of one matrix take, in bits (codes and steps)."""
     return sum(bits) * (s.rows + s.cols) + STEP_BITS * len(bits)
@@ -344,11 +363,14 @@ def lowrank_records(scanner: TensorScanner, name: str, planner: "LowRankPlanner"
     base_xxh3, base_bits, changes = read_changes(scanner, name)
     records = []
     for tune, tau in enumerate(changes):
-        if tau is None or name in planner.exact[tune]:
+        if tau is None or (planner.max_size is not None and name in planner.exact[tune]):
             records.append(None)
-            continue
-        records.append(encode_matrix(name, dt, entry.shape, base_xxh3, base_bits, tau,
-                                     planner.bits[tune].get(name, [])))
+        elif planner.max_size is not None:
+            records.append(encode_matrix(name, dt, entry.shape, base_xxh3, base_bits, tau,
+                                         planner.bits[tune].get(name, [])))
+        else:
+            records.append(_within_error(name, dt, entry, base_xxh3, base_bits, tau,
+                                         planner.max_error))
     if any(r is None for r in records):  # those fine-tunes' changes exactly
         from .planned import planned_records
         exact = planned_records(scanner, name)
@@ -356,18 +378,53 @@ def lowrank_records(scanner: TensorScanner, name: str, planner: "LowRankPlanner"
     return records
 
 
+#: Encodings tried per matrix for an error target (each with a tighter estimate) before its
+#: changes are stored exactly.
+ERROR_ATTEMPTS = 4
+
+
+def _within_error(name: str, dt: DType, entry, base_xxh3: str, base_bits: np.ndarray,
+                  tau: np.ndarray, max_error: float) -> Encoded | None:
+    """The cheapest ``lowrank`` record of one matrix whose real relative error is at most
+    ``max_error``: planned from its singular values, encoded, measured, and planned again
+    with a tighter estimate while it is over; None (its changes exactly) where that is not
+    smaller than the matrix itself or no attempt met the target."""
+    rows, cols = tau.shape
+    spectrum = Spectrum(name, rows, cols, energy_of(tau), singular_values(tau), entry.nbytes)
+    if spectrum.energy == 0:
+        return encode_matrix(name, dt, entry.shape, base_xxh3, base_bits, tau, [])
+    estimate = max_error ** 2
+    for _ in range(ERROR_ATTEMPTS):
+        bits = allocate_within(spectrum, estimate)
+        if planned_bits(bits, spectrum) >= 8 * entry.nbytes:
+            return None
+        record = encode_matrix(name, dt, entry.shape, base_xxh3, base_bits, tau, bits)
+        error = record[0].fidelity["relative_error"]
+        if error <= max_error:
+            return record
+        estimate *= 0.9 * (max_error / error) ** 2   # the estimate was this far off
+    return None
+
+
 class LowRankPlanner:
-    """``--low-rank --max-size``: the eligible matrices' records planned from their spectra
-    (see the module doc), every other localized tensor's changes exactly."""
+    """``--low-rank`` with ``max_size`` (the eligible matrices' records planned together from
+    their spectra, see the module doc) or ``max_error`` (each matrix the cheapest plan whose
+    real error is within it); every other localized tensor's changes exactly."""
 
     needs_stats = False
     warns = False
 
-    def __init__(self, max_size: int, group: int):
-        if max_size <= 0:
+    def __init__(self, group: int, max_size: int | None = None, max_error: float | None = None):
+        if (max_size is None) == (max_error is None):
+            raise ValueError("a low-rank plan takes max_size or max_error")
+        if max_size is not None and max_size <= 0:
             raise OptionError(f"max_size must be a positive number of bytes, got {max_size}")
-        self.max_size, self.group = max_size, group
-        self.target = {"max_size": max_size, "records": "lowrank"}
+        if max_error is not None and not 0 < max_error:
+            raise OptionError(f"max_error for low-rank records is a relative L2 error above 0, "
+                              f"got {max_error}", option="max_error")
+        self.max_size, self.max_error, self.group = max_size, max_error, group
+        self.target = ({"max_size": max_size} if max_size is not None else
+                       {"max_error": max_error}) | {"records": "lowrank"}
         self.spectra: list[dict[str, Spectrum]] = []
         self.exact_bytes: list[float] = []
         self.budgets: list[float] = []
@@ -392,6 +449,8 @@ class LowRankPlanner:
             if not eligible(entry.shape, dt):
                 return None
             rows, cols = matrix_shape(entry.shape)
+            if self.max_size is None:  # an error target plans each matrix as it is encoded
+                return [Spectrum(name, rows, cols, 0.0, np.empty(0), entry.nbytes)] * tunes
             _, _, changes = read_changes(scanner, name, with_base=False)
             return [None if tau is None else
                     Spectrum(name, rows, cols, energy_of(tau), singular_values(tau),
@@ -403,6 +462,8 @@ class LowRankPlanner:
                     self.spectra[tune][name] = spectra[tune]
                 else:  # stored exactly: at most its bytes
                     self.exact_bytes[tune] += entry.nbytes
+        if self.max_size is None:
+            return
         if self.max_size < 1024 + 300 * tensors:
             raise OptionError(f"max_size {self.max_size:,} bytes cannot hold the header of "
                               f"{tensors} tensors; allow more")
@@ -424,7 +485,8 @@ class LowRankPlanner:
         s = spectra[0]
         numel, side = s.rows * s.cols, min(s.rows, s.cols)
         wide = 8 if s.nbytes >= 8 * numel else 4
-        rank = max((len(bits.get(name, [])) for bits in self.bits), default=0)
+        rank = (max((len(bits.get(name, [])) for bits in self.bits), default=0)
+                if self.max_size is not None else side // 2)  # an error target: not known
         return (numel * (s.nbytes // max(numel, 1) + wide * len(spectra)) + 24 * side * side
                 + 26 * (s.rows + s.cols) * rank + 24 * ERROR_BLOCK)
 
@@ -449,7 +511,7 @@ class LowRankPlanner:
     def refit(self, sizes, payloads, last: bool) -> bool:
         """Whether the deltas must be written again: over ``max_size``, each budget shrinks
         by what its delta ran over (and a margin)."""
-        if all(size <= self.max_size for size in sizes):
+        if self.max_size is None or all(size <= self.max_size for size in sizes):
             return False
         if last:
             raise OptionError(f"max_size {self.max_size:,} bytes: after {SIZE_ATTEMPTS} passes "
