@@ -17,7 +17,8 @@ Inputs, built once into ``bench/.cache/compress`` (``--cache``):
 Jobs (each in a fresh process, ``bench/common.py``; rounds interleaved with the floor):
 ``floor``; compress ``default`` (no option: ``--max-error 0.5``), ``lossless``,
 ``1% fidelity`` (``--density 0.01``), ``1% global``, ``d1 b2`` (``--density 1.0 --bits 2``),
-``max_size 1/32``; ``merge 1%`` (``merge --rule localize-stitch --keep 0.01`` from the
+``max_size 1/32``, ``lowrank`` (``--low-rank``: each matrix within ``--max-error 0.5``),
+``lowrank 1/32`` (``--low-rank --max-size`` 1/32); ``merge 1%`` (``merge --rule localize-stitch --keep 0.01`` from the
 fine-tune) against its own floor (read base and fine-tune, write a model); ``stitch 4 full``
 (4 lossless deltas stitched, task arithmetic) against its own (read base and the 4 deltas,
 write a model).  ``--max-memory``
@@ -47,7 +48,7 @@ sys.path.insert(0, str(BENCH))
 from common import describe_machine, interleaved, machine, table, write_json  # noqa: E402
 
 MODES = ("default", "lossless", "1% fidelity", "1% global", "d1 b2", "max_size 1/32",
-         "merge 1%", "stitch 4 full")
+         "merge 1%", "stitch 4 full", "lowrank", "lowrank 1/32")
 READ_CHUNK = 64 << 20
 
 
@@ -169,7 +170,9 @@ def jobs_for(model: dict, scratch: Path, modes: list[str], max_memory: str,
     options = {"default": {}, "lossless": {"lossless": True},
                "1% fidelity": {"density": 0.01}, "1% global": {"density": 0.01, "scope": "global"},
                "d1 b2": {"density": 1.0, "bits": 2},
-               "max_size 1/32": {"max_size": max(1, _size(Path(tune)) // 32)}}
+               "max_size 1/32": {"max_size": max(1, _size(Path(tune)) // 32)},
+               "lowrank": {"low_rank": True},
+               "lowrank 1/32": {"low_rank": True, "max_size": max(1, _size(Path(tune)) // 32)}}
     for mode in modes:
         if mode in options:
             file = mode.replace(" ", "-").replace("/", "of").replace("%", "pc")

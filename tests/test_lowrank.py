@@ -382,3 +382,20 @@ def test_tau_of_restored_values_is_what_the_factors_say(tmp_path):
     got = to_wide(LOWRANK.decode(payload, config, np.zeros(6, np.uint32), dt, 6), dt)
     lv, rv = np.array([0.5, -0.5, 1.5]), np.array([0.75, -0.75])
     np.testing.assert_array_equal(got, np.outer(lv, rv).reshape(-1).astype(np.float32))
+
+
+def test_the_command_line_takes_low_rank(tmp_path):
+    from click.testing import CliRunner
+
+    from sparsestitch.cli import main
+
+    base_path, tune_path, _, _ = low_rank_pair(tmp_path)
+    out = tmp_path / "cli.delta"
+    result = CliRunner().invoke(main, ["compress", str(base_path), str(tune_path), "-o",
+                                       str(out), "--low-rank", "--max-size", "9KB"])
+    assert result.exit_code == 0, result.output
+    info = CliRunner().invoke(main, ["info", str(out)])
+    assert info.exit_code == 0 and "lowrank" in info.output and "format v4" in info.output
+    refused = CliRunner().invoke(main, ["compress", str(base_path), str(tune_path), "-o",
+                                        str(tmp_path / "x.delta"), "--low-rank", "--bits", "2"])
+    assert refused.exit_code == 2 and "drop bits" in refused.output

@@ -151,23 +151,39 @@ def singular_values(tau: np.ndarray) -> np.ndarray:
     return np.sqrt(np.maximum(values, 0.0))
 
 
+class Components:
+    """A change's singular values and, on request, its leading left singular vectors, from
+    one eigendecomposition of its Gram matrix: a small symmetric eigenproblem (the short
+    side's size, whatever the long one's) instead of a full SVD."""
+
+    def __init__(self, tau: np.ndarray):
+        import torch
+
+        matrix, self._wide = gram(tau)
+        values, vectors = torch.linalg.eigh(matrix)
+        order = torch.argsort(values, descending=True)
+        self.singular = values[order].clamp(min=0).sqrt().numpy()
+        self._vectors, self._tau = vectors[:, order], tau
+
+    def left(self, rank: int) -> np.ndarray:
+        """The ``rank`` leading left singular vectors, ``rows x rank`` float64."""
+        import torch
+
+        if self._wide:            # eigenvectors of tau tau^T are the left vectors
+            return self._vectors[:, :rank].numpy()
+        right = self._vectors[:, :rank]   # of tau^T tau, the right ones: u = tau v / s
+        tau = torch.from_numpy(self._tau)
+        left = (tau @ right.to(tau.dtype)).double().numpy()
+        singular = self.singular[:rank]
+        with np.errstate(all="ignore"):
+            return np.where(singular > 0, left / np.where(singular > 0, singular, 1.0), 0.0)
+
+
 def leading_components(tau: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
     """The ``rank`` leading left singular vectors (``rows x rank``, float64) and singular
-    values of a change, from the eigenvectors of its Gram matrix: a small symmetric
-    eigenproblem instead of a full SVD (the short side's size, whatever the long one's)."""
-    import torch
-
-    matrix, wide = gram(tau)
-    values, vectors = torch.linalg.eigh(matrix)
-    order = torch.argsort(values, descending=True)[:rank]
-    singular = values[order].clamp(min=0).sqrt().numpy()
-    if wide:                       # eigenvectors of tau tau^T are the left vectors
-        return vectors[:, order].numpy(), singular
-    right = vectors[:, order]      # of tau^T tau, the right ones: u = tau v / s
-    left = (torch.from_numpy(tau) @ right.to(torch.from_numpy(tau).dtype)).double().numpy()
-    with np.errstate(all="ignore"):
-        left = np.where(singular > 0, left / np.where(singular > 0, singular, 1.0), 0.0)
-    return left, singular
+    values of a change (:class:`Components`)."""
+    components = Components(tau)
+    return components.left(rank), components.singular[:rank]
 
 
 def allocate(spectra: list[Spectrum], budget_bits: float) -> dict[str, list[int]]:
@@ -251,22 +267,31 @@ def _gain(share: float, level: int, s: Spectrum) -> float:
     return share * drop / _cost(level, s)
 
 
-def quantize_vector(x: np.ndarray, bits: int, scale_type) -> tuple[np.ndarray, float]:
-    """``x`` as signed levels (``l`` or ``-1 - l``, int8) of ``+-step * (2 l + 1)`` with a
-    least-squares step, rounded to ``scale_type`` before the levels are chosen again."""
+def quantize_columns(x: np.ndarray, bits, scale_type) -> tuple[np.ndarray, np.ndarray]:
+    """Each column of ``x`` (``n x R``) as signed levels (``l`` or ``-1 - l``, int8) of
+    ``+-step * (2 l + 1)`` in ``bits[j]`` bits, with a least-squares step per column (a few
+    rounds of assignment and refit from the column's range), rounded to ``scale_type``
+    before the levels are chosen again."""
     magnitude = np.abs(x)
-    top = (1 << (bits - 1)) - 1
-    largest = float(magnitude.max()) if magnitude.size else 0.0
-    if not largest > 0:
-        return np.zeros(x.size, np.int8), 0.0
-    step = largest / (2 * top + 1)
-    for _ in range(FIT_ROUNDS if top else 1):
-        level = np.clip(np.rint((magnitude / step - 1) / 2), 0, top)
-        odd = 2 * level + 1
-        step = float((magnitude * odd).sum() / (odd * odd).sum())
-    step = float(scale_type(step))
-    level = np.clip(np.rint((magnitude / step - 1) / 2), 0, top).astype(np.int8)
+    top = (1 << (np.asarray(bits, np.int64) - 1)) - 1
+    largest = magnitude.max(axis=0) if magnitude.size else np.zeros(x.shape[1])
+    used = largest > 0
+    step = np.where(used, largest, 1.0) / (2 * top + 1)
+    with np.errstate(all="ignore"):
+        for _ in range(FIT_ROUNDS if top.any() else 1):
+            level = np.clip(np.rint((magnitude / step - 1) / 2), 0, top)
+            odd = 2 * level + 1
+            step = (magnitude * odd).sum(axis=0) / (odd * odd).sum(axis=0)
+        step = np.where(used, step, 0.0).astype(scale_type)
+        level = np.clip(np.rint((magnitude / np.where(used, step, 1.0) - 1) / 2), 0, top)
+    level = np.where(used, level, 0).astype(np.int8)
     return np.where(x < 0, -1 - level, level).astype(np.int8), step
+
+
+def quantize_vector(x: np.ndarray, bits: int, scale_type) -> tuple[np.ndarray, float]:
+    """:func:`quantize_columns` of one vector: its codes and step."""
+    codes, step = quantize_columns(x.reshape(-1, 1), [bits], scale_type)
+    return codes[:, 0], float(step[0])
 
 
 def dequantize(codes: np.ndarray, step: float) -> np.ndarray:
@@ -275,10 +300,13 @@ def dequantize(codes: np.ndarray, step: float) -> np.ndarray:
 
 
 def encode_matrix(name: str, dt: DType, shape: tuple[int, ...], base_xxh3: str,
-                  base_bits: np.ndarray, tau: np.ndarray, bits: list[int]) -> Encoded:
+                  base_bits: np.ndarray, tau: np.ndarray, bits: list[int],
+                  leading: tuple[np.ndarray, np.ndarray] | None = None) -> Encoded:
     """The ``lowrank`` record of one matrix's change with ``bits[i]`` bits per entry of
-    component ``i`` (see the module doc, 3), and its real error.  Holds the change, its
-    singular vectors and the factors; the error is measured a block of rows at a time."""
+    component ``i`` (see the module doc, 3), and its real error.  ``leading``: the change's
+    leading left singular vectors and values when already known (at least ``len(bits)``).
+    Holds the change, the vectors and the factors; the error is measured a block of rows
+    at a time."""
     import torch
 
     rows, cols = tau.shape
@@ -287,31 +315,30 @@ def encode_matrix(name: str, dt: DType, shape: tuple[int, ...], base_xxh3: str,
         return Record(name, dt.name, tuple(shape), "base", base_xxh3,
                       fidelity=fidelity_report(energy, 0.0)), b""
     rank = len(bits)
-    matrix = torch.from_numpy(tau)
-    u, s = leading_components(tau, rank)
+    u, s = leading if leading is not None else leading_components(tau, rank)
     scale_type = np.float64 if scale_dtype_for(dt) == "F64" else np.float32
-    left_codes, right_codes = [], []
-    left_steps, right_steps = np.zeros(rank, scale_type), np.zeros(rank, scale_type)
-    lefts, rights = np.zeros((rows, rank)), np.zeros((cols, rank))
+    # every left vector at once; then each right vector, in order, fitted by least squares
+    # to what the earlier components leave of tau given the quantized left vectors
+    left_codes, left_steps = quantize_columns(u[:, :rank] * np.sqrt(s[:rank]), bits, scale_type)
+    lefts = np.stack([dequantize(left_codes[:, i], left_steps[i]) for i in range(rank)], axis=1)
+    fitted = (torch.from_numpy(tau).T @ torch.from_numpy(lefts.astype(tau.dtype))).double().numpy()
+    gram_left = lefts.T @ lefts
+    right_codes, right_steps = np.zeros((cols, rank), np.int8), np.zeros(rank, scale_type)
+    rights = np.zeros((cols, rank))
     for i, k in enumerate(bits):
-        codes, left_steps[i] = quantize_vector(u[:, i] * np.sqrt(s[i]), k, scale_type)
-        a = dequantize(codes, left_steps[i])
-        norm = float(a @ a)
-        if norm > 0:  # the right vector that best fits what the earlier components leave
-            target = (matrix.T @ torch.from_numpy(a.astype(tau.dtype))).double().numpy()
-            target -= rights[:, :i] @ (lefts[:, :i].T @ a)
-            target /= norm
+        if gram_left[i, i] > 0:
+            target = (fitted[:, i] - rights[:, :i] @ gram_left[:i, i]) / gram_left[i, i]
         else:
             target = np.zeros(cols)
-        rcodes, right_steps[i] = quantize_vector(target, k, scale_type)
-        lefts[:, i], rights[:, i] = a, dequantize(rcodes, right_steps[i])
-        left_codes.append(codes)
-        right_codes.append(rcodes)
-    del matrix, u, lefts, rights
-    payload, config = encode_factors(left_codes, right_codes, left_steps, right_steps, bits,
+        right_codes[:, i], right_steps[i] = quantize_vector(target, k, scale_type)
+        rights[:, i] = dequantize(right_codes[:, i], right_steps[i])
+    del u, lefts, rights, fitted
+    left_list = [left_codes[:, i] for i in range(rank)]
+    right_list = [right_codes[:, i] for i in range(rank)]
+    payload, config = encode_factors(left_list, right_list, left_steps, right_steps, bits,
                                      rows, cols, dt)
-    error = restored_error(decoded_factor(left_codes, left_steps, dt),
-                           decoded_factor(right_codes, right_steps, dt).T.copy(),
+    error = restored_error(decoded_factor(left_list, left_steps, dt),
+                           decoded_factor(right_list, right_steps, dt).T.copy(),
                            base_bits, tau, dt)
     config["error_sq"] = error
     record = Record(name, dt.name, tuple(shape), "sparse", base_xxh3, rows * cols,
@@ -390,7 +417,8 @@ def _within_error(name: str, dt: DType, entry, base_xxh3: str, base_bits: np.nda
     with a tighter estimate while it is over; None (its changes exactly) where that is not
     smaller than the matrix itself or no attempt met the target."""
     rows, cols = tau.shape
-    spectrum = Spectrum(name, rows, cols, energy_of(tau), singular_values(tau), entry.nbytes)
+    components = Components(tau)
+    spectrum = Spectrum(name, rows, cols, energy_of(tau), components.singular, entry.nbytes)
     if spectrum.energy == 0:
         return encode_matrix(name, dt, entry.shape, base_xxh3, base_bits, tau, [])
     estimate = max_error ** 2
@@ -398,7 +426,8 @@ def _within_error(name: str, dt: DType, entry, base_xxh3: str, base_bits: np.nda
         bits = allocate_within(spectrum, estimate)
         if planned_bits(bits, spectrum) >= 8 * entry.nbytes:
             return None
-        record = encode_matrix(name, dt, entry.shape, base_xxh3, base_bits, tau, bits)
+        record = encode_matrix(name, dt, entry.shape, base_xxh3, base_bits, tau, bits,
+                               (components.left(len(bits)), components.singular))
         error = record[0].fidelity["relative_error"]
         if error <= max_error:
             return record
