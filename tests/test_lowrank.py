@@ -399,3 +399,32 @@ def test_the_command_line_takes_low_rank(tmp_path):
     refused = CliRunner().invoke(main, ["compress", str(base_path), str(tune_path), "-o",
                                         str(tmp_path / "x.delta"), "--low-rank", "--bits", "2"])
     assert refused.exit_code == 2 and "drop bits" in refused.output
+
+
+@pytest.mark.parametrize("how", [{"keep": 0.2}, {"rule": "ties", "density": 0.5},
+                                 {"rule": "task-arithmetic", "scale": 0.5}])
+def test_low_rank_deltas_merge_by_every_rule(tmp_path, how):
+    """Two low-rank deltas stitched (localized again with keep, TIES, task arithmetic): the
+    same model as the same rule over the restored fine-tunes' lossless deltas, which carry
+    the same task vectors."""
+    from safetensors.torch import load_file, save_file
+
+    base_path, tune_path, base, tune = low_rank_pair(tmp_path)
+    g = torch.Generator().manual_seed(9)
+    other = {k: v.clone() for k, v in base.items()}
+    other["attn.weight"] += 0.02 * torch.randn(48, 2, generator=g) @ torch.randn(2, 40, generator=g)
+    save_file(other, tmp_path / "other.safetensors")
+    low, exact = [], []
+    for name, path in (("a", tune_path), ("b", tmp_path / "other.safetensors")):
+        delta = tmp_path / f"{name}.delta"
+        sparsestitch.compress(base_path, path, delta, low_rank=True, max_size="9KB")
+        restored = sparsestitch.restore(base_path, delta, tmp_path / f"{name}.safetensors")
+        lossless = tmp_path / f"{name}-exact.delta"
+        sparsestitch.compress(base_path, restored, lossless, lossless=True)
+        low.append(delta)
+        exact.append(lossless)
+    merged = load_file(sparsestitch.stitch(base_path, low, tmp_path / "m1.safetensors", **how))
+    same = load_file(sparsestitch.stitch(base_path, exact, tmp_path / "m2.safetensors", **how))
+    for name in base:
+        assert torch.equal(merged[name], same[name]), name
+    assert not torch.equal(merged["attn.weight"], base["attn.weight"])
