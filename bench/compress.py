@@ -28,6 +28,7 @@ measured in the same rounds, and the output's bytes.
 
     python bench/compress.py --sizes 0.25,0.75,1.5 --repeat 2
     python bench/compress.py --sizes 2 --max-memory 256MiB --modes default,lossless
+    python bench/compress.py --sizes "" --pair BASE_DIR,TUNE_DIR --modes "default,lowrank"
 
 Prints a table per model; writes ``bench/results/compress.json`` (``--json``).
 """
@@ -223,6 +224,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="0.25,0.75", help="synthetic models, GB each")
     parser.add_argument("--smollm", action="store_true", help="also SmolLM2-135M from its GGUF")
+    parser.add_argument("--pair", action="append", default=[], metavar="BASE,TUNE",
+                        help="also this real base and fine-tune (files or folders), e.g. "
+                        "bench/fidelity.py's SmolLM2 news fine-tune; repeatable")
     parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--max-memory", default="", help="e.g. 256MiB; default: none given")
@@ -239,6 +243,10 @@ def main(argv=None) -> int:
     models = [synthetic_model(cache, float(s)) for s in args.sizes.split(",") if s]
     if args.smollm:
         models.append(smollm_model(cache))
+    for pair in args.pair:
+        base, tune = pair.split(",")
+        models.append({"label": f"{Path(tune).name} (on {Path(base).name})", "base": Path(base),
+                       "tune": Path(tune)})
     info = machine()
     started = time.time()
     results = []
