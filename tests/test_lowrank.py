@@ -18,11 +18,17 @@ from sparsestitch.core.dtypes import to_wide
 from sparsestitch.core.errors import DeltaFormatError, OptionError
 from sparsestitch.delta.codecs.lowrank import LowRankValues, encode_factors
 from sparsestitch.delta.format import DeltaReader
-from sparsestitch.localize.lowrank import (Spectrum, allocate, allocate_or_exact,
-                                          dequantize, planned_bits, quantize_vector)
+from sparsestitch.localize.lowrank import (
+    Spectrum,
+    allocate,
+    allocate_or_exact,
+    dequantize,
+    planned_bits,
+    quantize_vector,
+)
 
 from .codec_checks import FLOAT_DTYPES, check_config, check_value_cursor
-from .support.reference import _lowrank_values, reference_decode, read_tensors
+from .support.reference import _lowrank_values, read_tensors, reference_decode
 
 LOWRANK = LowRankValues()
 
@@ -152,7 +158,7 @@ def test_the_plan_spends_bits_where_the_relative_error_drops_most_within_budget(
 
 @pytest.mark.parametrize("shape", [(40, 90), (90, 40), (33, 33)])
 def test_leading_components_from_the_gram_matrix_are_the_svd_s(shape, monkeypatch):
-    import sparsestitch.localize.lowrank as lowrank
+    from sparsestitch.localize import lowrank
 
     monkeypatch.setattr(lowrank, "GRAM_BLOCK", 500)   # the Gram matrix summed in blocks
     rng = np.random.default_rng(1)
@@ -409,7 +415,7 @@ def test_low_rank_deltas_merge_by_every_rule(tmp_path, how):
     the same task vectors."""
     from safetensors.torch import load_file, save_file
 
-    base_path, tune_path, base, tune = low_rank_pair(tmp_path)
+    base_path, tune_path, base, _ = low_rank_pair(tmp_path)
     g = torch.Generator().manual_seed(9)
     other = {k: v.clone() for k, v in base.items()}
     other["attn.weight"] += 0.02 * torch.randn(48, 2, generator=g) @ torch.randn(2, 40, generator=g)

@@ -381,7 +381,7 @@ def restored_error(left: np.ndarray, right: np.ndarray, base_bits: np.ndarray,
     return total
 
 
-def lowrank_records(scanner: TensorScanner, name: str, planner: "LowRankPlanner"
+def lowrank_records(scanner: TensorScanner, name: str, planner: LowRankPlanner
                     ) -> list[Encoded]:
     """Every fine-tune's record of an eligible matrix: ``lowrank`` with its planned bits, or
     every change exactly where a change is not finite or the plan found that cheaper."""

@@ -33,7 +33,14 @@ from ...core import native
 from ...core.dtypes import DType, from_wide, to_wide
 from ...core.dtypes import dtype as lookup_dtype
 from ...core.errors import DeltaFormatError, ResourceLimitError
-from .base import config_int, from_planes, pack_stream, split_streams, to_planes, unpack_stream
+from .base import (
+    config_int,
+    from_planes,
+    pack_stream,
+    split_streams,
+    to_planes,
+    unpack_stream,
+)
 from .streams import Part, RawStream
 
 #: Bits per vector entry a file may use.
@@ -105,7 +112,7 @@ class Layout:
         return sum(self.bits)
 
     @classmethod
-    def of(cls, config: dict, dt: DType, count: int, nbytes: int) -> "Layout":
+    def of(cls, config: dict, dt: DType, count: int, nbytes: int) -> Layout:
         if not dt.is_float:
             raise DeltaFormatError(f"lowrank values need a float dtype, got {dt.name}")
         rows = config_int(config, "rows", 1, max(count, 1))
@@ -222,10 +229,10 @@ class LowRankValues:
     def encode(self, kept, base, dt):  # pragma: no cover - chosen by the low-rank planner only
         raise NotImplementedError("lowrank records are written from factors: encode_factors")
 
-    def _factors(self, streams, config: dict, layout: Layout, dt: DType):
-        scales_raw, right_stream, left_stream = streams
+    def _steps(self, scales_stream, config: dict, layout: Layout, dt: DType):
+        """The left and right steps, widened to the model's wide type."""
         rank = layout.rank
-        steps = from_planes(unpack_stream(scales_raw, config["scales"],
+        steps = from_planes(unpack_stream(scales_stream, config["scales"],
                                           2 * rank * layout.scale_dt.itemsize),
                             layout.scale_dt.bits, 2 * rank)
         wide_steps = to_wide(steps, layout.scale_dt).astype(dt.wide)
@@ -235,7 +242,7 @@ class LowRankValues:
                count: int) -> np.ndarray:
         layout = Layout.of(config, dt, count, len(payload))
         streams = split_streams(payload, layout.sizes)
-        left_steps, right_steps = self._factors(streams, config, layout, dt)
+        left_steps, right_steps = self._steps(streams[0], config, layout, dt)
         right_codes = np.frombuffer(unpack_stream(streams[1], config["right"],
                                                   layout.code_bytes(layout.cols)), np.uint8)
         left_codes = np.frombuffer(unpack_stream(streams[2], config["left"],
@@ -246,7 +253,7 @@ class LowRankValues:
         left = unpack_entries(left_codes, 0, layout.rows, layout, left_steps, dt.wide)
         return restore_run(np.ascontiguousarray(base), 0, left, 0, right, layout.cols, dt)
 
-    def cursor(self, part: Part, config: dict, dt: DType, count: int) -> "LowRankCursor":
+    def cursor(self, part: Part, config: dict, dt: DType, count: int) -> LowRankCursor:
         layout = Layout.of(config, dt, count, part.length)
         right_bytes = layout.rank * layout.cols * np.dtype(dt.wide).itemsize
         allowed = max(RIGHT_STREAMS * part.memory_limit, RIGHT_FLOOR)
