@@ -434,3 +434,22 @@ def test_low_rank_deltas_merge_by_every_rule(tmp_path, how):
     for name in base:
         assert torch.equal(merged[name], same[name]), name
     assert not torch.equal(merged["attn.weight"], base["attn.weight"])
+
+
+def test_codes_and_fits_made_in_chunks_are_the_whole_ones(monkeypatch):
+    """Packing a few rows at a time, and fitting a few columns at a time, change nothing."""
+    import sparsestitch.delta.codecs.lowrank as codec
+    import sparsestitch.localize.lowrank as planner
+
+    rng = np.random.default_rng(3)
+    bits = [8, 3, 1, 5, 2]
+    codes = [rng.integers(-(1 << (k - 1)), 1 << (k - 1), 37) for k in bits]
+    whole = codec.pack_codes(codes, bits)
+    monkeypatch.setattr(codec, "PACK_ROWS", 8)
+    np.testing.assert_array_equal(codec.pack_codes(codes, bits), whole)
+    x = rng.normal(size=(50, 5))
+    levels, steps = planner.quantize_columns(x, bits, np.float32)
+    monkeypatch.setattr(planner, "COLUMN_CHUNK", 2)
+    chunked = planner.quantize_columns(x, bits, np.float32)
+    np.testing.assert_array_equal(chunked[0], levels)
+    np.testing.assert_array_equal(chunked[1], steps)

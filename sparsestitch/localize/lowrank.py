@@ -267,11 +267,24 @@ def _gain(share: float, level: int, s: Spectrum) -> float:
     return share * drop / _cost(level, s)
 
 
+#: Columns quantized at a time (the fit's temporaries are a few arrays of this many).
+COLUMN_CHUNK = 16
+
+
 def quantize_columns(x: np.ndarray, bits, scale_type) -> tuple[np.ndarray, np.ndarray]:
     """Each column of ``x`` (``n x R``) as signed levels (``l`` or ``-1 - l``, int8) of
     ``+-step * (2 l + 1)`` in ``bits[j]`` bits, with a least-squares step per column (a few
     rounds of assignment and refit from the column's range), rounded to ``scale_type``
-    before the levels are chosen again."""
+    before the levels are chosen again; :data:`COLUMN_CHUNK` columns at a time."""
+    codes = np.empty(x.shape, np.int8)
+    steps = np.empty(x.shape[1], scale_type)
+    for at in range(0, x.shape[1], COLUMN_CHUNK):
+        part = slice(at, at + COLUMN_CHUNK)
+        codes[:, part], steps[part] = _quantize_chunk(x[:, part], list(bits)[part], scale_type)
+    return codes, steps
+
+
+def _quantize_chunk(x: np.ndarray, bits, scale_type) -> tuple[np.ndarray, np.ndarray]:
     magnitude = np.abs(x)
     top = (1 << (np.asarray(bits, np.int64) - 1)) - 1
     largest = magnitude.max(axis=0) if magnitude.size else np.zeros(x.shape[1])
@@ -516,8 +529,12 @@ class LowRankPlanner:
         wide = 8 if s.nbytes >= 8 * numel else 4
         rank = (max((len(bits.get(name, [])) for bits in self.bits), default=0)
                 if self.max_size is not None else side // 2)  # an error target: not known
-        return (numel * (s.nbytes // max(numel, 1) + wide * len(spectra)) + 24 * side * side
-                + 26 * (s.rows + s.cols) * rank + 24 * ERROR_BLOCK)
+        # the Gram matrix, its eigenvectors and the eigensolver's workspace: 4 x side^2
+        # float64; per component, float64 vectors (singular, quantized, fitted), the decoded
+        # factors and the codes, and their packed bits; the fit's and error's temporaries
+        return (numel * (s.nbytes // max(numel, 1) + wide * len(spectra)) + 32 * side * side
+                + 40 * (s.rows + s.cols) * rank + 48 * COLUMN_CHUNK * max(s.rows, s.cols)
+                + 24 * ERROR_BLOCK)
 
     def check_memory(self, max_memory: int) -> None:
         """Refuse, naming the matrix, a plan whose largest matrix the budget cannot hold

@@ -56,20 +56,36 @@ def scale_dtype_for(dt: DType) -> str:
     return "F64" if dt.name == "F64" else "F32"
 
 
+#: Factor rows whose codes are packed at a time (a multiple of 8, so each run of rows ends
+#: on a byte whatever K).
+PACK_ROWS = 1 << 12
+
+
 def pack_codes(codes: list[np.ndarray], bits: list[int]) -> np.ndarray:
     """The entries of one factor (``codes[i]``: component ``i``'s signed levels, ``int``
     arrays of equal length ``n``, ``-1 - l`` for a negative entry of level ``l``) as ``n * K``
-    bits, entry by entry, components in order; packed little-endian."""
+    bits, entry by entry, components in order; packed little-endian, PACK_ROWS rows at a
+    time."""
     n = codes[0].size if codes else 0
-    columns = []
-    for code, k in zip(codes, bits):
-        negative = code < 0
-        level = np.where(negative, -1 - code.astype(np.int64), code)
-        columns.append(negative.astype(np.uint8))
-        columns += [((level >> j) & 1).astype(np.uint8) for j in range(k - 1)]
-    if not columns or n == 0:
+    if not codes or n == 0:
         return np.empty(0, np.uint8)
-    return np.packbits(np.stack(columns, axis=1).reshape(-1), bitorder="little")
+    width = sum(bits)
+    out = np.empty((n * width + 7) // 8, np.uint8)
+    for first in range(0, n, PACK_ROWS):
+        rows = slice(first, min(n, first + PACK_ROWS))
+        table = np.empty((rows.stop - first, width), np.uint8)
+        at = 0
+        for code, k in zip(codes, bits):
+            part = code[rows]
+            negative = part < 0
+            level = np.where(negative, -1 - part.astype(np.int64), part)
+            table[:, at] = negative
+            for j in range(k - 1):
+                table[:, at + 1 + j] = (level >> j) & 1
+            at += k
+        packed = np.packbits(table.reshape(-1), bitorder="little")
+        out[first * width // 8:first * width // 8 + packed.size] = packed
+    return out
 
 
 def encode_factors(left: list[np.ndarray], right: list[np.ndarray], left_steps: np.ndarray,
