@@ -448,6 +448,32 @@ def _within_error(name: str, dt: DType, entry, base_xxh3: str, base_bits: np.nda
     return None
 
 
+def first_budgets(max_size: int, tensors: int, exact_bytes: list[float]) -> list[float]:
+    """Each delta's payload budget for its low-rank records: ``max_size`` less the header's
+    estimate (``tensors`` records) and what the tensors stored exactly take at most."""
+    if max_size < 1024 + 300 * tensors:
+        raise OptionError(f"max_size {max_size:,} bytes cannot hold the header of {tensors} "
+                          "tensors; allow more")
+    budgets = [max_size - 1024 - 600 * tensors - exact for exact in exact_bytes]
+    if min(budgets, default=1) <= 0:
+        raise OptionError(f"max_size {max_size:,} bytes cannot hold the tensors stored exactly "
+                          f"({max(exact_bytes):,.0f} bytes at most) and the header; allow more")
+    return budgets
+
+
+def working_bytes(s: Spectrum, tunes: int, rank: int) -> int:
+    """What encoding one matrix holds at most for ``tunes`` fine-tunes at once: the base's
+    bits and each change in the wide type; the Gram matrix, its eigenvectors and the
+    eigensolver's workspace (4 x side^2 float64); per component, float64 vectors (singular,
+    quantized, fitted), the decoded factors, the codes and their packed bits; the fit's and
+    the error's temporaries."""
+    numel, side = s.rows * s.cols, min(s.rows, s.cols)
+    wide = 8 if s.nbytes >= 8 * numel else 4
+    return (numel * (s.nbytes // max(numel, 1) + wide * tunes) + 32 * side * side
+            + 40 * (s.rows + s.cols) * rank + 48 * COLUMN_CHUNK * max(s.rows, s.cols)
+            + 24 * ERROR_BLOCK)
+
+
 class LowRankPlanner:
     """``--low-rank`` with ``max_size`` (the eligible matrices' records planned together from
     their spectra, see the module doc) or ``max_error`` (each matrix the cheapest plan whose
@@ -477,8 +503,9 @@ class LowRankPlanner:
         """Whether tensor ``name`` is one of the planned matrices (for some fine-tune)."""
         return any(name in spectra for spectra in self.spectra)
 
-    def profile(self, scanner: TensorScanner, tensors: int) -> None:
-        """The pass over the localized tensors (module doc, 1), then the first plan."""
+    def profile(self, scanner: TensorScanner, tensors: int, max_memory: int) -> None:
+        """The pass over the localized tensors (module doc, 1), then the first plan; a matrix
+        ``max_memory`` cannot encode is refused here, before anything is written."""
         tunes, plan = len(scanner.tunes), scanner.plan
         names = [name for name in scanner.base.names if name in plan.localized and not
                  plan.stored_exactly(name, lookup_dtype(scanner.base.entry(name).dtype))]
@@ -504,37 +531,19 @@ class LowRankPlanner:
                     self.spectra[tune][name] = spectra[tune]
                 else:  # stored exactly: at most its bytes
                     self.exact_bytes[tune] += entry.nbytes
-        if self.max_size is None:
-            return
-        if self.max_size < 1024 + 300 * tensors:
-            raise OptionError(f"max_size {self.max_size:,} bytes cannot hold the header of "
-                              f"{tensors} tensors; allow more")
-        room = self.max_size - 1024 - 600 * tensors
-        budgets = [room - exact for exact in self.exact_bytes]
-        if min(budgets, default=1) <= 0:
-            raise OptionError(f"max_size {self.max_size:,} bytes cannot hold the tensors stored "
-                              f"exactly ({max(self.exact_bytes):,.0f} bytes at most) and the "
-                              "header; allow more")
-        self.plan(budgets)
+        if self.max_size is not None:
+            self.plan(first_budgets(self.max_size, tensors, self.exact_bytes))
+        self.check_memory(max_memory)
 
     def working_bytes(self, name: str) -> int:
-        """What encoding matrix ``name`` holds at most, for every fine-tune at once: the base's
-        bits, each change in the wide type, the Gram matrix and its eigenvectors, and per
-        planned component the vectors (float64), their codes and the factors."""
+        """What encoding matrix ``name`` holds at most (:func:`working_bytes`)."""
         spectra = [spectra[name] for spectra in self.spectra if name in spectra]
         if not spectra:
             return 0
         s = spectra[0]
-        numel, side = s.rows * s.cols, min(s.rows, s.cols)
-        wide = 8 if s.nbytes >= 8 * numel else 4
         rank = (max((len(bits.get(name, [])) for bits in self.bits), default=0)
-                if self.max_size is not None else side // 2)  # an error target: not known
-        # the Gram matrix, its eigenvectors and the eigensolver's workspace: 4 x side^2
-        # float64; per component, float64 vectors (singular, quantized, fitted), the decoded
-        # factors and the codes, and their packed bits; the fit's and error's temporaries
-        return (numel * (s.nbytes // max(numel, 1) + wide * len(spectra)) + 32 * side * side
-                + 40 * (s.rows + s.cols) * rank + 48 * COLUMN_CHUNK * max(s.rows, s.cols)
-                + 24 * ERROR_BLOCK)
+                if self.max_size is not None else min(s.rows, s.cols) // 2)  # not known yet
+        return working_bytes(s, len(spectra), rank)
 
     def check_memory(self, max_memory: int) -> None:
         """Refuse, naming the matrix, a plan whose largest matrix the budget cannot hold

@@ -233,8 +233,7 @@ class CompressJob:
         keep_freed_blocks()  # blocks' arrays reuse freed memory: see its docstring
         sized = isinstance(self.planner, (SizePlanner, LowRankPlanner))
         if isinstance(self.planner, LowRankPlanner):
-            self.planner.profile(self.scanner, len(self.base.names))
-            self.planner.check_memory(self.max_memory - MIN_MEMORY)
+            self.planner.profile(self.scanner, len(self.base.names), self.max_memory - MIN_MEMORY)
         elif sized:
             self._profile(selectors)
             self.planner.start(len(self.base.names))
@@ -311,11 +310,6 @@ class CompressJob:
         return self.scanner.select_and_encode(name, selectors,
                                               one_at_a_time=self._one_at_a_time(name))
 
-    def _selected_bytes(self, name: str) -> int:
-        """One fine-tune's selection of tensor ``name`` at worst: every element kept."""
-        entry = self.base.entry(name)
-        return exact_bytes(entry.numel, lookup_dtype(entry.dtype).itemsize)
-
     def _holds_blocks(self, name: str) -> bool:
         return holds_blocks(self.base.entry(name), len(self.tunes), self.max_memory, self.workers)
 
@@ -323,14 +317,14 @@ class CompressJob:
         """Whether tensor ``name``'s fine-tunes are selected one after another (see
         ``max_memory`` in :func:`compress`)."""
         return len(self.tunes) > 1 and \
-            len(self.tunes) * self._selected_bytes(name) > self.max_memory // 2
+            len(self.tunes) * selected_bytes(self.base.entry(name)) > self.max_memory // 2
 
     def _held_bytes(self, name: str) -> int:
         """What preparing tensor ``name`` holds at worst (for the read-ahead budget)."""
         if isinstance(self.planner, LowRankPlanner) and self.planner.takes(name):
             return self.planner.working_bytes(name)
         held = 1 if self._one_at_a_time(name) else len(self.tunes)
-        return held * self._selected_bytes(name)
+        return held * selected_bytes(self.base.entry(name))
 
     def _write_all(self, encoded, outputs: DeltaOutputs) -> None:
         total_bytes = sum(self.base.entry(n).nbytes for n in self.base.names)
@@ -339,6 +333,11 @@ class CompressJob:
                 for i, (record, payload) in enumerate(records):
                     outputs.add(i, record, payload)
                 progress.update(self.base.entry(name).nbytes)
+
+
+def selected_bytes(entry) -> int:
+    """One fine-tune's selection of a tensor at worst: every element kept."""
+    return exact_bytes(entry.numel, lookup_dtype(entry.dtype).itemsize)
 
 
 def holds_blocks(entry, tunes: int, max_memory: int, workers: int) -> bool:
