@@ -157,22 +157,27 @@ def test_the_plan_spends_bits_where_the_relative_error_drops_most_within_budget(
 
 
 @pytest.mark.parametrize("shape", [(40, 90), (90, 40), (33, 33)])
-def test_leading_components_from_the_gram_matrix_are_the_svd_s(shape, monkeypatch):
+@pytest.mark.parametrize("wide", [np.float32, np.float64])
+def test_leading_components_from_the_gram_matrix_are_the_svd_s(shape, wide, monkeypatch):
+    """float32 changes: the leading singular values and vectors to float32's accuracy (the
+    small ones, which get no bits, to 1e-3 of the largest); float64 changes: to float64's."""
     from sparsestitch.localize import lowrank
 
     monkeypatch.setattr(lowrank, "GRAM_BLOCK", 500)   # the Gram matrix summed in blocks
     rng = np.random.default_rng(1)
     rows, cols = shape
     tau = (rng.normal(size=(rows, 4)) * [10, 5, 2, 1]) @ rng.normal(size=(4, cols))
-    tau = (tau + 0.01 * rng.normal(size=shape)).astype(np.float32)
+    tau = (tau + 0.01 * rng.normal(size=shape)).astype(wide)
     u_ref, s_ref, _ = np.linalg.svd(tau.astype(np.float64), full_matrices=False)
+    close = 1e-9 if wide == np.float64 else 1e-5
     values = lowrank.singular_values(tau)
-    np.testing.assert_allclose(values[:4], s_ref[:4], rtol=1e-9)
-    np.testing.assert_allclose(values, s_ref, rtol=1e-6, atol=1e-6 * s_ref[0])
+    np.testing.assert_allclose(values[:4], s_ref[:4], rtol=close)
+    np.testing.assert_allclose(values, s_ref, rtol=close, atol=(1e-3 if wide == np.float32
+                                                                else 1e-6) * s_ref[0])
     left, singular = lowrank.leading_components(tau, 4)
-    np.testing.assert_allclose(singular, s_ref[:4], rtol=1e-9)
+    np.testing.assert_allclose(singular, s_ref[:4], rtol=close)
     for i in range(4):  # the same direction, up to sign
-        assert abs(float(left[:, i] @ u_ref[:, i])) == pytest.approx(1.0, abs=1e-6)
+        assert abs(float(left[:, i] @ u_ref[:, i])) == pytest.approx(1.0, abs=10 * close)
 
 
 def test_a_matrix_whose_components_cost_its_own_bytes_is_stored_exactly():
