@@ -77,7 +77,7 @@ def test_the_zoo_exercises_every_codec_and_float_width(lab):
 def test_bit_flips_anywhere_are_detected(lab):
     zoo, _, _ = lab
     rng = random.Random(1)
-    for label in ("mask", "d0.01", "d1.0"):
+    for label in ("mask", "d0.01", "d1.0", "lowrank"):
         data = zoo.deltas[label].read_bytes()
         tally = run_all(lab, label, bitflip_cases(label, data, rng, per_region=2))
         # No single-bit flip gets past the checksums: every one is refused.
@@ -141,7 +141,7 @@ def test_random_garbage_behind_valid_checksums(lab):
     is refused or, where it is still valid, read exactly as the reference reader reads it."""
     zoo, _, _ = lab
     rng = random.Random(6)
-    for label in ("mask", "d0.01"):
+    for label in ("mask", "d0.01", "lowrank"):
         image = DeltaImage.read(zoo.deltas[label])
         cases = resealed_payload_cases(label, image, rng, 20)
         cases += [random_header_case(label, image, rng) for _ in range(20)]

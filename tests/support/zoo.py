@@ -13,7 +13,7 @@ from sparsestitch.delta.format import DeltaReader
 
 from .models import save_checkpoint
 
-CODECS = {"rice", "csr", "bitmap", "gaps", "all", "tau", "xor", "raw", "quant", "ulp"}
+CODECS = {"rice", "csr", "bitmap", "gaps", "all", "tau", "xor", "raw", "quant", "ulp", "lowrank"}
 
 # ----------------------------------------------------------------------------------------------
 # The zoo: a small model, fine-tunes and deltas that exercise every codec
@@ -88,8 +88,8 @@ class Zoo:
 
 def build_zoo(folder: Path, seed: int = 0) -> Zoo:
     """Write a base, two fine-tunes and deltas at densities 0.001 / 0.01 / 0.5 / 1.0, two
-    quantized ones (1 bit, one scale per tensor; 4 bits at 30%) and clustered masks into
-    ``folder``."""
+    quantized ones (1 bit, one scale per tensor; 4 bits at 30%), a low-rank one and clustered
+    masks into ``folder``."""
     folder.mkdir(parents=True, exist_ok=True)
     base = zoo_model(seed)
     base_path = save_checkpoint(folder / "base.safetensors", base)
@@ -108,6 +108,8 @@ def build_zoo(folder: Path, seed: int = 0) -> Zoo:
         deltas[label] = folder / f"{label}.delta"
         sparsestitch.compress(base_path, tunes[0], deltas[label], density=density, scope=scope,
                               **quantize)
+    deltas["lowrank"] = folder / "lowrank.delta"   # a few components of each matrix
+    sparsestitch.compress(base_path, tunes[0], deltas["lowrank"], low_rank=True, max_size=24000)
     deltas["mask"] = folder / "mask.delta"
     sparsestitch.compress(base_path, tunes[0], deltas["mask"], masks=clustered_masks(base, seed))
     other = folder / "other.delta"
