@@ -34,7 +34,12 @@ import numpy as np
 from ..core.dtypes import DType, from_wide, to_wide
 from ..core.dtypes import dtype as lookup_dtype
 from ..core.errors import OptionError
-from ..delta.codecs.lowrank import accumulate, encode_factors, scale_dtype_for
+from ..delta.codecs.lowrank import (
+    accumulate,
+    encode_factors,
+    entry_values,
+    scale_dtype_for,
+)
 from ..delta.format import Record, digest
 from ..engine.readahead import in_order
 from ..engine.walk import BaseHash
@@ -370,9 +375,7 @@ def decoded_factor(codes: list[np.ndarray], steps: np.ndarray, dt: DType) -> np.
     out = np.empty((codes[0].size if codes else 0, len(codes)), wide)
     for i, code in enumerate(codes):
         level = np.where(code < 0, -1 - code.astype(np.int64), code)
-        with np.errstate(all="ignore"):
-            magnitude = steps[i].astype(wide) * (2 * level + 1).astype(wide)
-        out[:, i] = np.where(code < 0, -magnitude, magnitude)
+        out[:, i] = entry_values(code < 0, level, steps[i].astype(wide), wide)
     return out
 
 

@@ -156,6 +156,15 @@ class Layout:
         return (n * self.width + 7) // 8
 
 
+def entry_values(negative: np.ndarray, level: np.ndarray, step, wide: np.dtype) -> np.ndarray:
+    """Factor entries as the spec decodes them: ``step * (2 l + 1)`` rounded once in the wide
+    type (``step`` already widened; ``2 l + 1`` is exact), negated where ``negative``."""
+    odd = (2 * level.astype(np.int64) + 1).astype(wide)
+    with np.errstate(all="ignore"):
+        magnitude = step * odd
+    return np.where(negative, -magnitude, magnitude)
+
+
 def unpack_entries(codes: np.ndarray, bit: int, n: int, layout: Layout, steps: np.ndarray,
                    wide: np.dtype) -> np.ndarray:
     """``n`` rows of a factor (``n x R``, wide) from its packed codes starting at bit
@@ -170,10 +179,7 @@ def unpack_entries(codes: np.ndarray, bit: int, n: int, layout: Layout, steps: n
         level = np.zeros(n, np.int64)
         for j in range(1, k):
             level |= table[:, at + j].astype(np.int64) << (j - 1)
-        odd = (2 * level + 1).astype(wide)           # exact: at most 255
-        with np.errstate(all="ignore"):
-            magnitude = steps[i] * odd
-        out[:, i] = np.where(table[:, at].astype(bool), -magnitude, magnitude)
+        out[:, i] = entry_values(table[:, at].astype(bool), level, steps[i], wide)
         at += k
     return out
 
@@ -245,12 +251,12 @@ class LowRankValues:
     def encode(self, kept, base, dt):  # pragma: no cover - chosen by the low-rank planner only
         raise NotImplementedError("lowrank records are written from factors: encode_factors")
 
-    def _steps(self, scales_stream, config: dict, layout: Layout, dt: DType):
-        """The left and right steps, widened to the model's wide type."""
+    @staticmethod
+    def _steps(raw, layout: Layout, dt: DType) -> tuple[np.ndarray, np.ndarray]:
+        """The left and right steps from the scales stream's raw bytes, widened to the
+        model's wide type."""
         rank = layout.rank
-        steps = from_planes(unpack_stream(scales_stream, config["scales"],
-                                          2 * rank * layout.scale_dt.itemsize),
-                            layout.scale_dt.bits, 2 * rank)
+        steps = from_planes(raw, layout.scale_dt.bits, 2 * rank)
         wide_steps = to_wide(steps, layout.scale_dt).astype(dt.wide)
         return wide_steps[:rank], wide_steps[rank:]
 
@@ -258,7 +264,9 @@ class LowRankValues:
                count: int) -> np.ndarray:
         layout = Layout.of(config, dt, count, len(payload))
         streams = split_streams(payload, layout.sizes)
-        left_steps, right_steps = self._steps(streams[0], config, layout, dt)
+        left_steps, right_steps = self._steps(
+            unpack_stream(streams[0], config["scales"], 2 * layout.rank * layout.scale_dt.itemsize),
+            layout, dt)
         right_codes = np.frombuffer(unpack_stream(streams[1], config["right"],
                                                   layout.code_bytes(layout.cols)), np.uint8)
         left_codes = np.frombuffer(unpack_stream(streams[2], config["left"],
@@ -278,19 +286,17 @@ class LowRankValues:
                 f"lowrank record's right factor takes {right_bytes:,} bytes, more than the "
                 f"{allowed:,} max_memory allows it (a quarter); allow more memory")
         scales, right, left = part.split(layout.sizes)
-        rank = layout.rank
-        steps_stream = scales.stream(config["scales"], 2 * rank * layout.scale_dt.itemsize)
-        steps = from_planes(steps_stream.take(0, steps_stream.nbytes), layout.scale_dt.bits,
-                            2 * rank)
-        wide_steps = to_wide(steps, layout.scale_dt).astype(dt.wide)
+        steps_stream = scales.stream(config["scales"], 2 * layout.rank * layout.scale_dt.itemsize)
+        left_steps, right_steps = self._steps(steps_stream.take(0, steps_stream.nbytes), layout,
+                                              dt)
         right_stream = right.stream(config["right"], layout.code_bytes(layout.cols))
         right_codes = right_stream.take(0, right_stream.nbytes)
         check_tail(right_codes, layout.cols, layout, "right")
-        right_factor = unpack_entries(right_codes, 0, layout.cols, layout, wide_steps[rank:],
+        right_factor = unpack_entries(right_codes, 0, layout.cols, layout, right_steps,
                                       dt.wide).T.copy()
         right_stream.release()
         return LowRankCursor(left.stream(config["left"], layout.code_bytes(layout.rows)),
-                             layout, wide_steps[:rank], right_factor, dt, count)
+                             layout, left_steps, right_factor, dt, count)
 
 
 class LowRankCursor:
