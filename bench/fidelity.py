@@ -17,7 +17,9 @@ files and as bits per parameter.  The configurations: a density x bits grid (sco
 and baselines written through sparsestitch's own packer so that bytes compare: the paper's
 dataless global top-k, per-tensor top-k, BitDelta-style (density 1, 1 bit, one scale),
 ComPEFT-style (top-k, 1 bit, one scale), DARE-style (random keep with 1/p rescale, then
-stored losslessly) and lossless.  A merge section stitches the deltas of a few
+stored losslessly), UltraDelta-style (uniform quantization, value-grouped random pruning at
+variance-ranked rates, rescale; then the kept positions and values through our packer) and
+lossless.  A merge section stitches the deltas of a few
 configurations with localize-stitch and scores every task.
 
 Every measured point is cached in ``<cache>/bench/points.json``, keyed by fine-tune and
@@ -59,6 +61,7 @@ ROOT = BENCH.parent
 if str(BENCH) not in sys.path:
     sys.path.insert(0, str(BENCH))
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import sparsestitch  # noqa: E402
@@ -82,6 +85,9 @@ SIZE_DIVISORS = (16, 32, 64, 100)
 LOW_RANK_DIVISORS = (16, 32, 64, 100, 200)
 DARE_KEEP = (0.1, 0.01)
 DARE_SEED = 0
+#: UltraDelta-style (Wang et al. 2025): (share of elements kept, bits of the uniform
+#: quantizer); about 32x and 100x smaller once the positions are counted.
+ULTRADELTA = ((0.1, 4), (0.03, 4))
 #: Exact (unquantized) fidelity-scope densities between the grid's, for the reduced plan's
 #: density sweep (1%, 5%, 20%).
 EXTRA_DENSITIES = (0.05, 0.2)
@@ -102,6 +108,7 @@ class Config:
     options: dict = field(default_factory=dict)
     size_divisor: int | None = None    # max_size = the fine-tune's float32 bytes / this
     dare_keep: float | None = None     # DARE-style: keep probability p of the modified tune
+    ultradelta: tuple[float, int] | None = None   # UltraDelta-style: (kept share, bits)
 
     def compress_options(self, tune: "Tune") -> dict:
         """compress() keyword arguments for this fine-tune (a size target is relative)."""
@@ -110,6 +117,8 @@ class Config:
             options["max_size"] = tune.f32_bytes // self.size_divisor
         if self.dare_keep:
             options["lossless"] = True
+        if self.ultradelta:   # the masks are added when the modified fine-tune is made
+            options.update(bits=self.ultradelta[1], group=0)
         return options
 
 
@@ -147,6 +156,8 @@ def all_configs() -> dict[str, Config]:
     configs += [Config("lowrank", "low-rank", {"low_rank": True}),   # max_error 0.5
                 Config("lowrank max_error 0.3", "low-rank", {"low_rank": True, "max_error": 0.3})]
     configs += [Config(f"DARE p{p:g}", "DARE-style", dare_keep=p) for p in DARE_KEEP]
+    configs += [Config(f"UltraDelta k{k:g} b{b}", "UltraDelta-style", ultradelta=(k, b))
+                for k, b in ULTRADELTA]
     configs += [grid_config(d, b, g) for d in DENSITIES for b, g in BIT_COLUMNS]
     configs += [grid_config(d, None, None) for d in EXTRA_DENSITIES]
     return {c.label: c for c in configs}
@@ -160,7 +171,8 @@ MAIN = CANDIDATES + ("lossless", "d0.01 exact", "global d0.01", "per-tensor d0.0
                      "d1 b1 g0", "d1 b1", "d0.1 b1 g0", "max_error 0.2",
                      *(f"max_size 1/{d}" for d in SIZE_DIVISORS),
                      *(f"lowrank 1/{d}" for d in LOW_RANK_DIVISORS), "lowrank",
-                     *(f"DARE p{p:g}" for p in DARE_KEEP))
+                     *(f"DARE p{p:g}" for p in DARE_KEEP),
+                     *(f"UltraDelta k{k:g} b{b}" for k, b in ULTRADELTA))
 #: Deltas kept on disk and stitched in the merge section.
 MERGE_CONFIGS = ("default", "d0.01 exact", "global d0.01", "max_error 0.5", "d1 b2", "lossless",
                  "lowrank 1/32")
@@ -361,14 +373,18 @@ class Bench:
         """Write the delta; return it and what the point reports about it."""
         delta = self.delta_path(tune, config)
         delta.parent.mkdir(parents=True, exist_ok=True)
-        source, dare = tune.folder, {}
+        source, dare, masks = tune.folder, {}, {}
         if config.dare_keep:
             source = self.scratch / "dare"
             dare = dare_fine_tune(tune, config.dare_keep, source)
+        if config.ultradelta:
+            source = self.scratch / "ultradelta"
+            dare, kept = ultradelta_fine_tune(tune, *config.ultradelta, source)
+            masks = {"masks": kept}
         options = config.compress_options(tune)
         summary = sparsestitch.compress(tune.base, source, delta, overwrite=True,
-                                        threads=self.threads, **options)[0]
-        if config.dare_keep:
+                                        threads=self.threads, **options, **masks)[0]
+        if source != tune.folder:
             shutil.rmtree(source)
         fidelity = dict(summary.fidelity)
         relative_error = dare.get("relative_error", fidelity.get("relative_error"))
@@ -460,6 +476,79 @@ def dare_fine_tune(tune: Tune, keep: float, out: Path) -> dict:
             shutil.copy2(path, out / path.name)
     return {"dare_keep": keep, "dare_seed": DARE_SEED,
             "relative_error": math.sqrt(lost / energy) if energy else 0.0}
+
+
+def ultradelta_fine_tune(tune: Tune, keep: float, bits: int, out: Path
+                         ) -> tuple[dict, dict[str, np.ndarray]]:
+    """UltraDelta's data-free pipeline (Wang et al., NeurIPS 2025, as its published code does
+    it) applied to ``tune``, written as a checkpoint folder like the fine-tune's: each float
+    tensor's ``tau`` quantized uniformly between its min and max in ``bits`` bits; the
+    tensors ranked by the standard deviation of ``tau`` and split in thirds of the parameters,
+    the lowest third keeping ``keep - keep/3``, the middle ``keep``, the highest what makes
+    the mean ``keep`` (mixed sparsity); within each quantized value a random share dropped
+    (value-grouped pruning); the rest rescaled by ``1/keep``.  Its trace-norm factor
+    normalizes several fine-tunes against their mean, 1 for one fine-tune, so it is left
+    out.  Returns the relative error of the modified task vector against the real one and
+    the kept positions (the masks compress stores them with, values in ``bits`` bits)."""
+    from safetensors.torch import load_file, save_file
+
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    files = sorted(tune.folder.glob("*.safetensors"))
+    taus, spread = {}, {}
+    for path in files:
+        base, state = load_file(str(tune.base / path.name)), load_file(str(path))
+        for name, tuned in state.items():
+            if tuned.is_floating_point():
+                tau = (tuned.double() - base[name].double()).numpy().ravel()
+                taus[name], spread[name] = tau, float(tau.std()) if tau.size > 1 else 0.0
+    total = sum(t.size for t in taus.values())
+    rates, counted = {}, {"low": 0, "mid": 0}
+    for name in sorted(taus, key=spread.get):   # mixed sparsity by the std's thirds
+        counted_so_far = counted["low"] + counted["mid"] + taus[name].size
+        third = "low" if counted_so_far <= total / 3 else \
+            "mid" if counted_so_far <= 2 * total / 3 else None
+        if third is not None:
+            rates[name] = keep - keep / 3 if third == "low" else keep
+            counted[third] += taus[name].size
+    high = total - counted["low"] - counted["mid"]
+    high_keep = min(1.0, max(0.0, (keep * total - (keep - keep / 3) * counted["low"]
+                                    - keep * counted["mid"]) / high)) if high else keep
+    rng = np.random.default_rng(DARE_SEED)
+    masks, lost, energy = {}, 0.0, 0.0
+    for path in files:
+        base, state = load_file(str(tune.base / path.name)), load_file(str(path))
+        for name in [n for n in state if n in taus]:
+            tau, rate = taus[name], rates.get(name, high_keep)
+            low, top = float(tau.min()), float(tau.max())
+            levels = (1 << bits) - 1
+            span = top - low if top > low else 1.0
+            codes = np.rint((tau - low) / span * levels)
+            quantized = codes / levels * span + low
+            # value-grouped pruning: in each quantized value, round(n * (1 - rate)) dropped
+            order = np.lexsort((rng.random(tau.size), codes))
+            sorted_codes = codes[order]
+            starts = np.flatnonzero(np.r_[True, sorted_codes[1:] != sorted_codes[:-1]])
+            sizes = np.diff(np.r_[starts, tau.size])
+            rank = np.arange(tau.size) - np.repeat(starts, sizes)
+            dropped = np.repeat(np.rint(sizes * (1 - rate)), sizes)
+            kept = np.zeros(tau.size, bool)
+            kept[order[rank >= dropped]] = True
+            changed = np.where(kept, quantized / keep, 0.0)
+            tensor = base[name]
+            modified = torch.from_numpy(tensor.double().numpy().ravel() + changed)
+            state[name] = modified.to(tensor.dtype).reshape(tensor.shape)
+            masks[name] = kept.reshape(tuple(tensor.shape))
+            real = state[name].double().numpy().ravel() - tensor.double().numpy().ravel()
+            lost += float(np.square(real - tau).sum())
+            energy += float(np.square(tau).sum())
+        save_file(state, str(out / path.name), metadata={"format": "pt"})
+    for path in tune.folder.iterdir():
+        if path.is_file() and path.suffix != ".safetensors":
+            shutil.copy2(path, out / path.name)
+    return {"ultradelta": {"keep": keep, "bits": bits, "seed": DARE_SEED},
+            "relative_error": math.sqrt(lost / energy) if energy else 0.0}, masks
 
 
 def _log_point(tune: Tune, config: Config, entry: dict):
@@ -792,6 +881,7 @@ KIND_STYLE = {
     "BitDelta-style": ("^", "magenta", "BitDelta-style (d1 b1 g0)"),
     "ComPEFT-style": ("h", "deepskyblue", "ComPEFT-style (top-k b1 g0)"),
     "DARE-style": ("v", "purple", "DARE-style (lossless)"),
+    "UltraDelta-style": ("<", "olive", "UltraDelta-style (masks, b4 g0)"),
     "low-rank": ("d", "teal", "low-rank (--low-rank --max-size)"),
 }
 BITS_COLOURS = {"exact": "#1b9e77", "b8": "#66a61e", "b4": "#e6ab02", "b2": "#7570b3",

@@ -7,6 +7,8 @@ kept, and a damaged or misplaced record is refused by name."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -336,6 +338,59 @@ def test_an_error_target_holds_every_matrix_within_it_checked(tmp_path):
             assert real <= target, name
             assert records[name].fidelity["relative_error"] == pytest.approx(real, abs=1e-7)
     assert sizes[0] < sizes[1]
+
+
+def test_an_error_target_gives_each_tensor_the_smaller_record_kind(tmp_path):
+    """Few directions: a low-rank record; few elements: the default's sparse one; vectors:
+    the default's quantized one -- every record within the target, none larger than the
+    default's."""
+    from safetensors.torch import save_file
+
+    from sparsestitch.core.dtypes import dtype as lookup_dtype
+    from sparsestitch.localize.lowrank import within_error
+    g = torch.Generator().manual_seed(7)
+    base = {"few_directions.weight": torch.randn(64, 48, generator=g),
+            "few_elements.weight": torch.randn(64, 48, generator=g),
+            "norm.weight": torch.randn(48, generator=g)}
+    tune = {k: v.clone() for k, v in base.items()}
+    tune["few_directions.weight"] += (0.02 * torch.randn(64, 2, generator=g)
+                                      @ torch.randn(2, 48, generator=g))
+    flat = tune["few_elements.weight"].view(-1)
+    flat[torch.randperm(flat.numel(), generator=g)[:40]] += 0.5
+    tune["norm.weight"] += 0.01 * torch.randn(48, generator=g)
+    save_file(base, tmp_path / "base.safetensors")
+    save_file(tune, tmp_path / "tune.safetensors")
+    base_path, tune_path = tmp_path / "base.safetensors", tmp_path / "tune.safetensors"
+    records, sizes = {}, {}
+    for how, kwargs in (("default", {}), ("chosen", {"low_rank": True})):
+        (summary,) = sparsestitch.compress(base_path, tune_path, tmp_path / f"{how}.delta",
+                                           **kwargs)
+        sizes[how] = summary.nbytes
+        with DeltaReader(tmp_path / f"{how}.delta") as reader:
+            records[how] = {r.name: r for r in reader.records}
+        restored = load_file_bits(sparsestitch.restore(base_path, tmp_path / f"{how}.delta",
+                                                       tmp_path / f"{how}.safetensors"))
+        for name in base:
+            tau = tune[name].double() - base[name].double()
+            real = float((restored[name].double() - base[name].double() - tau).norm()
+                         / tau.norm())
+            assert real <= 0.5, (how, name)
+    default, chosen = records["default"], records["chosen"]
+    assert chosen["few_directions.weight"].values["codec"] == "lowrank"
+    assert default["few_directions.weight"].values["codec"] == "quant"
+    def payload(record):
+        return record.positions_nbytes + record.values_nbytes
+    assert payload(chosen["few_directions.weight"]) < payload(default["few_directions.weight"])
+    for name in ("few_elements.weight", "norm.weight"):   # the default's record, as it is
+        assert chosen[name].values["codec"] == "quant", name
+        assert chosen[name].payload_xxh3 == default[name].payload_xxh3, name
+    assert sizes["chosen"] < sizes["default"]
+    # the low-rank record the few elements would have needed is larger, or none meets 0.5
+    tau = (tune["few_elements.weight"] - base["few_elements.weight"]).numpy().astype(np.float64)
+    entry = SimpleNamespace(nbytes=tau.size * 4, shape=tau.shape)
+    low = within_error("few_elements.weight", lookup_dtype("F32"), entry, "0" * 16,
+                       base["few_elements.weight"].numpy().view(np.uint32).ravel(), tau, 0.5)
+    assert low is None or len(low[1]) >= payload(default["few_elements.weight"])
 
 
 def load_file_bits(path):

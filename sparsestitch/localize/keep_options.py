@@ -64,8 +64,9 @@ class KeepOptions:
     low_rank: bool | None = _option(
         None, "Store each matrix's change as a sum of rank-one products of quantized "
               "vectors, more bits for the larger singular values (lossy, format version 4): "
-              "with --max-size planned over the model, else each matrix within --max-error "
-              "(0.5 by default); other tensors exactly.", flag=True, compress_only=True)
+              "with --max-size planned over the model (other tensors exactly), else each tensor "
+              "the smaller of that and the default's sparse record within --max-error (0.5 "
+              "by default).", flag=True, compress_only=True)
     include: tuple[str, ...] = _option((), "Only localize tensors matching this pattern.",
                                        multiple=True)
     exclude: tuple[str, ...] = _option((), "Leave tensors matching this pattern at the base.",

@@ -22,11 +22,20 @@ per fine-tune (Delta-CoMe's mixed precision, planned over the model):
 Every other float tensor (vectors, narrow or non-finite matrices) keeps every change exactly,
 as ``--lossless``.  When the files come out over ``max_size``, the budgets shrink by what the
 first pass really took and the records are written again (:meth:`LowRankPlanner.refit`).
+
+With an error target instead (``compress --low-rank``, ``--max-error``, 0.5 by default) the
+planner chooses each tensor's record kind: every localized tensor gets the default's sparse,
+quantized record within the target (:class:`~.targets.ErrorPlanner`), and each eligible
+matrix also the cheapest ``lowrank`` record within it (:func:`within_error`), planned from its
+own singular values and kept only where it is smaller.  Both records' real errors are
+measured, so the choice never trades the target away; whichever the changes suit -- few
+directions or few elements -- costs the least.
 """
 
 from __future__ import annotations
 
 import heapq
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -45,6 +54,8 @@ from ..engine.readahead import in_order
 from ..engine.walk import BaseHash
 from .budget import Option
 from .selection import Encoded, TensorScanner, fidelity_report
+from .stats import TensorStats
+from .targets import ErrorPlanner
 
 #: Bits per vector entry a component may take, in the order the plan raises them.
 LADDER = (0, 1, 2, 3, 4, 5, 6, 8)
@@ -401,26 +412,34 @@ def restored_error(left: np.ndarray, right: np.ndarray, base_bits: np.ndarray,
     return total
 
 
-def lowrank_records(scanner: TensorScanner, name: str, planner: LowRankPlanner
-                    ) -> list[Encoded]:
-    """Every fine-tune's record of an eligible matrix: ``lowrank`` with its planned bits, or
-    every change exactly where a change is not finite or the plan found that cheaper."""
+def lowrank_records(scanner: TensorScanner, name: str, planner: LowRankPlanner,
+                    others: Callable[[], list[Encoded]]) -> list[Encoded]:
+    """Every fine-tune's record of an eligible matrix.  For a size: ``lowrank`` with its
+    planned bits, or ``others()`` (every change exactly) where a change is not finite or the
+    plan found that cheaper.  For an error target: ``others()`` (the sparse records within
+    it) unless a ``lowrank`` record within it is smaller."""
     entry = scanner.base.entry(name)
     dt = lookup_dtype(entry.dtype)
+    if planner.max_error is not None:
+        sparse = others()   # first: its size bounds the low-rank plans worth encoding
+        base_xxh3, base_bits, changes = read_changes(scanner, name)
+        records = []
+        for tau, (record, payload) in zip(changes, sparse):
+            low = None if tau is None else within_error(
+                name, dt, entry, base_xxh3, base_bits, tau, planner.max_error,
+                limit=len(payload))
+            records.append((record, payload) if low is None else low)
+        return records
     base_xxh3, base_bits, changes = read_changes(scanner, name)
     records = []
     for tune, tau in enumerate(changes):
-        if tau is None or (planner.max_size is not None and name in planner.exact[tune]):
+        if tau is None or name in planner.exact[tune]:
             records.append(None)
-        elif planner.max_size is not None:
+        else:
             records.append(encode_matrix(name, dt, entry.shape, base_xxh3, base_bits, tau,
                                          planner.bits[tune].get(name, [])))
-        else:
-            records.append(_within_error(name, dt, entry, base_xxh3, base_bits, tau,
-                                         planner.max_error))
     if any(r is None for r in records):  # those fine-tunes' changes exactly
-        from .planned import planned_records
-        exact = planned_records(scanner, name)
+        exact = others()
         records = [r if r is not None else e for r, e in zip(records, exact)]
     return records
 
@@ -430,13 +449,15 @@ def lowrank_records(scanner: TensorScanner, name: str, planner: LowRankPlanner
 ERROR_ATTEMPTS = 4
 
 
-def _within_error(name: str, dt: DType, entry, base_xxh3: str, base_bits: np.ndarray,
-                  tau: np.ndarray, max_error: float) -> Encoded | None:
+def within_error(name: str, dt: DType, entry, base_xxh3: str, base_bits: np.ndarray,
+                 tau: np.ndarray, max_error: float, limit: int | None = None
+                 ) -> Encoded | None:
     """The cheapest ``lowrank`` record of one matrix whose real relative error is at most
     ``max_error``: planned from its singular values, encoded, measured, and planned again
-    with a tighter estimate while it is over; None (its changes exactly) where that is not
-    smaller than the matrix itself or no attempt met the target."""
+    with a tighter estimate while it is over; None where its payload would take at least
+    ``limit`` bytes (the matrix's own by default) or no attempt met the target."""
     rows, cols = tau.shape
+    limit = entry.nbytes if limit is None else min(limit, entry.nbytes)
     components = Components(tau)
     spectrum = Spectrum(name, rows, cols, energy_of(tau), components.singular, entry.nbytes)
     if spectrum.energy == 0:
@@ -444,10 +465,12 @@ def _within_error(name: str, dt: DType, entry, base_xxh3: str, base_bits: np.nda
     estimate = max_error ** 2
     for _ in range(ERROR_ATTEMPTS):
         bits = allocate_within(spectrum, estimate)
-        if planned_bits(bits, spectrum) >= 8 * entry.nbytes:
+        if planned_bits(bits, spectrum) >= 8 * limit:
             return None
         record = encode_matrix(name, dt, entry.shape, base_xxh3, base_bits, tau, bits,
                                (components.left(len(bits)), components.singular))
+        if len(record[1]) >= limit:   # tighter plans take more
+            return None
         error = record[0].fidelity["relative_error"]
         if error <= max_error:
             return record
@@ -483,10 +506,10 @@ def working_bytes(s: Spectrum, tunes: int, rank: int) -> int:
 
 class LowRankPlanner:
     """``--low-rank`` with ``max_size`` (the eligible matrices' records planned together from
-    their spectra, see the module doc) or ``max_error`` (each matrix the cheapest plan whose
-    real error is within it); every other localized tensor's changes exactly."""
+    their spectra, every other localized tensor's changes exactly; see the module doc) or
+    ``max_error`` (each tensor the smaller of the default's sparse record and a ``lowrank``
+    one within it: as an :class:`~.targets.ErrorPlanner` for the sparse records)."""
 
-    needs_stats = False
     warns = False
 
     def __init__(self, group: int, max_size: int | None = None, max_error: float | None = None):
@@ -505,6 +528,8 @@ class LowRankPlanner:
         self.budgets: list[float] = []
         self.bits: list[dict[str, list[int]]] = []
         self.exact: list[set[str]] = []     # matrices cheaper stored exactly, per fine-tune
+        self.sparse = None if max_error is None else ErrorPlanner(max_error, group)
+        self.needs_stats = self.sparse is not None   # the sparse records' statistics pass
 
     def takes(self, name: str) -> bool:
         """Whether tensor ``name`` is one of the planned matrices (for some fine-tune)."""
@@ -548,9 +573,11 @@ class LowRankPlanner:
         if not spectra:
             return 0
         s = spectra[0]
-        rank = (max((len(bits.get(name, [])) for bits in self.bits), default=0)
-                if self.max_size is not None else min(s.rows, s.cols) // 2)  # not known yet
-        return working_bytes(s, len(spectra), rank)
+        if self.max_size is not None:
+            return working_bytes(s, len(spectra), max((len(bits.get(name, []))
+                                                      for bits in self.bits), default=0))
+        # the rank is not known yet; the sparse records (at most the matrix each) are held
+        return working_bytes(s, len(spectra), min(s.rows, s.cols) // 2) + len(spectra) * s.nbytes
 
     def check_memory(self, max_memory: int) -> None:
         """Refuse, naming the matrix, a plan whose largest matrix the budget cannot hold
@@ -583,7 +610,11 @@ class LowRankPlanner:
         return True
 
     def accepts(self, record: Record) -> bool:
-        return True
+        return self.sparse is None or self.sparse.accepts(record)
+
+    def options(self, stats: TensorStats, tune: int = 0):
+        """An error target's sparse options (:meth:`~.targets.ErrorPlanner.options`)."""
+        return self.sparse.options(stats, tune)
 
     def option(self, tune: int, name: str) -> Option:
         return Option(1.0, None, 0, 0.0, 0.0, threshold=0)  # every change, exactly

@@ -126,7 +126,9 @@ def compress(base: str | os.PathLike, finetuned: str | os.PathLike | Sequence[st
         fidelity (least sum of relative squared errors) whose file fits ``max_size`` bytes
         (``"50MB"`` style accepted).  ``group`` sets the quantized scales' group.  With
         ``low_rank``, ``max_size`` holds each matrix's change as rank-one products of
-        quantized vectors (:mod:`sparsestitch.localize.lowrank`; lossy, format 4).
+        quantized vectors, and ``max_error`` (0.5 by default) gives each matrix the smaller
+        of such a record and the default's sparse one within it
+        (:mod:`sparsestitch.localize.lowrank`; lossy, format 4).
     threads:
         Threads reading and encoding (default: 2 of the usable cores; 1: the caller's alone).
     max_memory:
@@ -302,11 +304,13 @@ class CompressJob:
         """Every fine-tune's record of tensor ``name``: by the planner (a target) for the
         localized float tensors it decides, else by the selectors."""
         plan, dt = self.plan, lookup_dtype(self.base.entry(name).dtype)
-        if isinstance(self.planner, LowRankPlanner) and self.planner.takes(name):
-            return lowrank_records(self.scanner, name, self.planner)
-        if self.planner is not None and name in plan.localized and not plan.stored_exactly(name, dt):
+        def planned() -> list:
             return planned_records(self.scanner, name, hold_blocks=self._holds_blocks(name),
                                    exact_limit=exact_limit(self.max_memory, dt.itemsize))
+        if isinstance(self.planner, LowRankPlanner) and self.planner.takes(name):
+            return lowrank_records(self.scanner, name, self.planner, planned)
+        if self.planner is not None and name in plan.localized and not plan.stored_exactly(name, dt):
+            return planned()
         return self.scanner.select_and_encode(name, selectors,
                                               one_at_a_time=self._one_at_a_time(name))
 
