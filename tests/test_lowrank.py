@@ -370,10 +370,9 @@ def test_an_error_target_gives_each_tensor_the_smaller_record_kind(tmp_path):
             records[how] = {r.name: r for r in reader.records}
         restored = load_file_bits(sparsestitch.restore(base_path, tmp_path / f"{how}.delta",
                                                        tmp_path / f"{how}.safetensors"))
-        for name in base:
-            tau = tune[name].double() - base[name].double()
-            real = float((restored[name].double() - base[name].double() - tau).norm()
-                         / tau.norm())
+        for name, before in base.items():
+            tau = tune[name].double() - before.double()
+            real = float((restored[name].double() - before.double() - tau).norm() / tau.norm())
             assert real <= 0.5, (how, name)
     default, chosen = records["default"], records["chosen"]
     assert chosen["few_directions.weight"].values["codec"] == "lowrank"
