@@ -882,7 +882,7 @@ KIND_STYLE = {
     "ComPEFT-style": ("h", "deepskyblue", "ComPEFT-style (top-k b1 g0)"),
     "DARE-style": ("v", "purple", "DARE-style (lossless)"),
     "UltraDelta-style": ("<", "olive", "UltraDelta-style (masks, b4 g0)"),
-    "low-rank": ("d", "teal", "low-rank (--low-rank --max-size)"),
+    "low-rank": ("d", "teal", "low-rank (--low-rank, --max-size or --max-error)"),
 }
 BITS_COLOURS = {"exact": "#1b9e77", "b8": "#66a61e", "b4": "#e6ab02", "b2": "#7570b3",
                 "b1": "#e7298a"}

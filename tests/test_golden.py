@@ -59,7 +59,7 @@ from .conftest import bits
 
 GOLDEN = Path(__file__).parent / "fixtures" / "golden"
 GOLDEN_VERSION = "0.0.0+golden"
-CHECKPOINTS = ("base", "a", "b")   # inputs.safetensors prefixes; files are named <prefix>.safetensors
+CHECKPOINTS = ("base", "a", "b", "c")   # inputs.safetensors prefixes; files are named <prefix>.safetensors
 TORCH_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32,
                 "F64": torch.float64, "I64": torch.int64}
 
@@ -102,10 +102,11 @@ def special_values(dt_name: str) -> list[int]:
 
 
 def build_inputs() -> dict[str, dict[str, tuple[str, np.ndarray]]]:
-    """``{checkpoint: {tensor: (dtype name, bits)}}`` for the base and fine-tunes a and b.
+    """``{checkpoint: {tensor: (dtype name, bits)}}`` for the base and fine-tunes a, b, c.
 
     a: small changes everywhere with a few large ones, an unchanged tensor, a changed
-    integer tensor and an added tensor.  b: special values written into the base.
+    integer tensor and an added tensor.  b: special values written into the base.  c: the
+    bf16 matrix changed along two directions (what low-rank records hold best).
     """
     shapes = {"attn.weight": ("BF16", (20, 18)), "bias.long": ("F16", (256,)),
               "mlp.weight": ("F32", (24,)), "norm.weight": ("F16", (16,)), "scale": ("F64", ())}
@@ -135,7 +136,22 @@ def build_inputs() -> dict[str, dict[str, tuple[str, np.ndarray]]]:
         flat = values.reshape(-1)
         specials = special_values(dt_name)[:min(flat.size, 3 if name == "mlp.weight" else 9)]
         flat[:len(specials)] = np.array(specials, dtype=np.uint64).astype(flat.dtype)
-    return {"base": base, "a": a, "b": b}
+    c = {name: (dt_name, values.copy()) for name, (dt_name, values) in base.items()}
+    c["attn.weight"] = ("BF16", rank_two_change(base["attn.weight"][1]))
+    return {"base": base, "a": a, "b": b, "c": c}
+
+
+def rank_two_change(bits16: np.ndarray) -> np.ndarray:
+    """bf16 bits plus ``u v^T 2**-9`` (small integer ``u``, ``v``: exact in float32), summed in
+    one float32 addition and rounded to bf16 to nearest even with integer arithmetic."""
+    rows, cols = bits16.shape
+    u = (hashed(2 * rows, 50) % np.uint64(15)).astype(np.int64).reshape(rows, 2) - 7
+    v = (hashed(2 * cols, 51) % np.uint64(15)).astype(np.int64).reshape(2, cols) - 7
+    change = (u @ v).astype(np.float32) * np.float32(2**-9)
+    wide = (bits16.astype(np.uint32) << np.uint32(16)).view(np.float32)
+    summed = (wide + change).view(np.uint32)
+    rounded = (summed + np.uint32(0x7FFF) + ((summed >> np.uint32(16)) & np.uint32(1)))
+    return (rounded >> np.uint32(16)).astype(np.uint16)
 
 
 def block_mask(shape: tuple[int, ...], rows: list[int], columns: int) -> np.ndarray:
@@ -151,6 +167,8 @@ def run_mask(size: int, start: int, stop: int) -> np.ndarray:
     return mask
 
 
+#: The low-rank case's max_size: small enough that c's matrix is cheaper as low-rank.
+LOWRANK_SIZE = 3000
 #: case -> (fine-tune, compress keyword arguments).  Together they use every codec.
 CASES = {
     "topk": ("a", {"density": 0.05, "scope": "global"}),
@@ -161,9 +179,9 @@ CASES = {
     # were made, so any change to quant decoding fails here.
     "quant1": ("a", {"density": 1.0, "bits": 1, "group": 0}),
     "quant4": ("b", {"density": 0.6, "bits": 4, "group": 8}),
-    # Low-rank records (format version 4): the bf16 matrix as quantized factors, the rest
-    # every change exactly; expected values are the decoder's when the fixtures were made.
-    "lowrank": ("a", {"low_rank": True, "max_size": 5600}),
+    # Low-rank records (format version 4): c's bf16 matrix as quantized factors; expected
+    # values are the decoder's when the fixtures were made.
+    "lowrank": ("c", {"low_rank": True, "max_size": LOWRANK_SIZE}),
     # Every changed element (format version 3 where the ulp codec wins).
     "lossless": ("a", {"lossless": True}),
     "mask": ("a", {"masks": {"attn.weight": block_mask((20, 18), [7, 10, 13, 16], 14),
@@ -244,7 +262,10 @@ EARLIER = {"before-nan-exceptions/dense": "dense",
            "before-streamed-quant/quant1": "quant1",
            # before headers said how values were quantized (``quantize``, ``target``): the
            # same records
-           **{f"before-header-fields/{case}": case for case in ("quant1", "quant4")}}
+           **{f"before-header-fields/{case}": case for case in ("quant1", "quant4")},
+           # before --low-rank --max-size chose each tensor's record kind (issue 22): a's
+           # bf16 matrix as low-rank factors, the rest exactly (a's inputs, as fidelity's)
+           "before-kind-choice/lowrank": "fidelity"}
 
 
 @pytest.mark.parametrize("native_loops", ["1", "0"])

@@ -166,13 +166,17 @@ def allocate(profiles: Sequence[Profile], budget: float) -> dict[str, Option]:
     """Per tensor the option minimizing the sum of relative squared errors with the total
     estimated bytes within ``budget``: each tensor takes the option minimizing
     ``error + lam * nbytes`` on its lower convex hull, with ``lam`` the smallest that fits."""
-    hulls = {p.name: _hull([p.nothing(), *p.options]) for p in profiles}
+    return fit_hulls({p.name: lower_hull([p.nothing(), *p.options]) for p in profiles}, budget)
 
-    def pick(lam: float) -> dict[str, Option]:
+
+def fit_hulls(hulls: Mapping[str, list], budget: float) -> dict:
+    """Per tensor the point of its hull (anything with ``nbytes`` and ``error``) minimizing
+    ``error + lam * nbytes``, with ``lam`` the smallest whose total fits ``budget``."""
+    def pick(lam: float) -> dict:
         return {name: min(hull, key=lambda o: o.error + lam * o.nbytes)
                 for name, hull in hulls.items()}
 
-    def total(choice: Mapping[str, Option]) -> float:
+    def total(choice: Mapping) -> float:
         return sum(o.nbytes for o in choice.values())
 
     low, high = 0.0, 1.0
@@ -189,10 +193,10 @@ def allocate(profiles: Sequence[Profile], budget: float) -> dict[str, Option]:
     return pick(high)
 
 
-def _hull(options: list[Option]) -> list[Option]:
+def lower_hull(options: list) -> list:
     """The lower convex hull of (bytes, error): the options some trade-off prefers."""
     points = sorted(options, key=lambda o: (o.nbytes, o.error))
-    hull: list[Option] = []
+    hull: list = []
     for option in points:
         if hull and option.error >= hull[-1].error:
             continue  # costs more and is no better
@@ -202,7 +206,7 @@ def _hull(options: list[Option]) -> list[Option]:
     return hull
 
 
-def _turns_up(a: Option, b: Option, c: Option) -> bool:
+def _turns_up(a, b, c) -> bool:
     """Whether b lies on or above the segment from a to c."""
     return (b.error - a.error) * (c.nbytes - a.nbytes) >= (c.error - a.error) * (b.nbytes - a.nbytes)
 

@@ -1,42 +1,48 @@
-"""Low-rank records chosen for a size: each matrix's change as a few rank-one products of
-quantized vectors, the bits spread over the whole model (``compress --low-rank --max-size``).
+"""Low-rank records, and the planner choosing each tensor's record kind (``compress
+--low-rank``).
 
 Fine-tuning changes a matrix along few directions: on SmolLM2-135M's fine-tunes the leading
-singular vectors of each change carry most of it, which a sparse selection cannot use.  So,
-per fine-tune (Delta-CoMe's mixed precision, planned over the model):
+singular vectors of each change carry most of it, which a sparse selection cannot use; but a
+change confined to a few elements (an embedding's rows for the tokens a task saw) is what a
+sparse record holds best.  So the planner gives each tensor whichever kind costs less for
+its error, per fine-tune.  For a size (``--max-size``; Delta-CoMe's mixed precision,
+planned over the model):
 
-1. a pass over the model takes each eligible matrix's change ``tau`` (float tensors of two or
-   more dimensions, viewed as ``shape[0]`` rows, both sides at least :data:`MIN_SIDE`, every
-   change finite) and its singular values;
-2. the plan gives each singular component ``0, 1, 2, ... 8`` bits per vector entry,
-   greedily by the drop of estimated relative squared error (the component's share of its
-   matrix's ``||tau||^2`` times :data:`VECTOR_ERROR`'s drop) per bit, until the delta's payload
-   budget (``max_size`` less the other records and the header) is spent -- the least sum of
-   relative squared errors over matrices, like the fidelity scope;
-3. the records pass computes each matrix's singular vectors again, quantizes component ``i``'s
-   left vector ``u_i sqrt(s_i)`` and then fits its right vector by least squares to what the
-   quantized left vectors so far leave of ``tau`` (so a left vector's rounding error is
-   absorbed), quantizes it, and measures the record's real error with the decoder's own
-   arithmetic (:mod:`sparsestitch.delta.codecs.lowrank`).
+1. a pass over the model takes each localized tensor's statistics (its sparse options and
+   their estimated bytes and errors, as ``--max-size`` alone plans them:
+   :func:`~.budget.tensor_options`) and, for each eligible matrix's change ``tau`` (float
+   tensors of two or more dimensions, viewed as ``shape[0]`` rows, both sides at least
+   :data:`MIN_SIDE`, every change finite), its singular values;
+2. a matrix's low-rank plans form a path (:func:`_path`): each step gives one singular
+   component the next width of ``1, 2, ... 8`` bits per vector entry, the one whose estimated
+   relative squared error (the component's share of ``||tau||^2`` times
+   :data:`VECTOR_ERROR`) drops most per bit; every tensor then takes the sparse option or the
+   point of its path that minimizes the model's weighted sum of errors within the payload
+   budget (``max_size`` less the header; :func:`allocate_kinds`, a Lagrangian over each
+   tensor's lower convex hull);
+3. the records pass computes each low-rank matrix's singular vectors again, quantizes
+   component ``i``'s left vector ``u_i sqrt(s_i)`` and then fits its right vector by least
+   squares to what the quantized left vectors so far leave of ``tau`` (so a left vector's
+   rounding error is absorbed), quantizes it, and measures the record's real error with the
+   decoder's own arithmetic (:mod:`sparsestitch.delta.codecs.lowrank`); every other tensor
+   is encoded with its sparse option.
 
-Every other float tensor (vectors, narrow or non-finite matrices) keeps every change exactly,
-as ``--lossless``.  When the files come out over ``max_size``, the budgets shrink by what the
-first pass really took and the records are written again (:meth:`LowRankPlanner.refit`).
+When the files come out over ``max_size``, the budgets shrink by what the first pass really
+took and the records are written again (:meth:`LowRankPlanner.refit`).
 
-With an error target instead (``compress --low-rank``, ``--max-error``, 0.5 by default) the
-planner chooses each tensor's record kind: every localized tensor gets the default's sparse,
-quantized record within the target (:class:`~.targets.ErrorPlanner`), and each eligible
-matrix also the cheapest ``lowrank`` record within it (:func:`within_error`), planned from its
-own singular values and kept only where it is smaller.  Both records' real errors are
-measured, so the choice never trades the target away; whichever the changes suit -- few
-directions or few elements -- costs the least.
+With an error target instead (``--low-rank`` alone or with ``--max-error``, 0.5 by default)
+every localized tensor gets the default's sparse record within the target
+(:class:`~.targets.ErrorPlanner`), and each eligible matrix also the cheapest ``lowrank``
+record within it (:func:`within_error`), planned from its own singular values and kept only
+where it is smaller.  Both records' real errors are measured, so the choice never trades the
+target away.
 """
 
 from __future__ import annotations
 
 import heapq
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -52,7 +58,8 @@ from ..delta.codecs.lowrank import (
 from ..delta.format import Record, digest
 from ..engine.readahead import in_order
 from ..engine.walk import BaseHash
-from .budget import Option
+from .budget import Option, Profile, fit_hulls, lower_hull, tensor_options
+from .planned import tensor_stats
 from .selection import Encoded, TensorScanner, fidelity_report
 from .stats import TensorStats
 from .targets import ErrorPlanner
@@ -206,69 +213,88 @@ def leading_components(tau: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarr
     return components.left(rank), components.singular[:rank]
 
 
-def allocate(spectra: list[Spectrum], budget_bits: float) -> dict[str, list[int]]:
-    """Bits per component of every matrix within ``budget_bits`` (see the module doc, 2)."""
-    levels = {s.name: np.zeros(s.singular.size, np.int64) for s in spectra}
-    heap = []
-    for s in spectra:
-        if s.energy <= 0:
-            continue
-        share = s.singular ** 2 / s.energy ** WEIGHT_POWER
-        for i in np.flatnonzero(share > 0):
-            heap.append((-_gain(share[i], 0, s), s.name, int(i), 0, float(share[i]), s))
-    heapq.heapify(heap)
-    spent = 0.0
-    while heap:
-        _, name, i, level, share, s = heapq.heappop(heap)
-        cost = _cost(level, s)
-        if spent + cost > budget_bits:
-            continue  # a cheaper step may still fit
-        spent += cost
-        levels[name][i] = level + 1
-        if level + 2 < len(LADDER):
-            heapq.heappush(heap, (-_gain(share, level + 1, s), name, i, level + 1, share, s))
-    return {name: [LADDER[k] for k in lv[:_rank(lv)]] for name, lv in levels.items()}
+@dataclass(frozen=True)
+class LowRankOption:
+    """A matrix stored as the first ``steps`` raises of its low-rank path
+    (:func:`lowrank_path`): its estimated payload bytes and weighted error."""
+
+    nbytes: float
+    error: float
+    steps: int
 
 
-def allocate_within(s: Spectrum, error_sq: float) -> list[int]:
-    """The cheapest bits per component (greedy by estimated error drop per bit) whose
-    estimated relative squared error is at most ``error_sq``; all of them at 8 bits if even
-    that is not enough."""
+def _path(s: Spectrum):
+    """A matrix's low-rank plans, cheapest first: each step raises the component whose
+    estimated relative squared error drops most per bit to its next width.  Yields
+    ``(bits spent, estimated relative squared error, levels)`` after each step (``levels``:
+    the same array, updated in place)."""
     share = s.singular ** 2 / s.energy if s.energy > 0 else np.zeros(s.singular.size)
     levels = np.zeros(s.singular.size, np.int64)
-    estimate = float(share.sum())
+    estimate, spent = float(share.sum()), 0.0
     heap = [(-_gain(share[i], 0, s), int(i)) for i in np.flatnonzero(share > 0)]
     heapq.heapify(heap)
-    while heap and estimate > error_sq:
+    while heap:
         _, i = heapq.heappop(heap)
         level = levels[i]
+        spent += _cost(level, s)
         estimate -= share[i] * (VECTOR_ERROR[LADDER[level]] - VECTOR_ERROR[LADDER[level + 1]])
         levels[i] = level + 1
         if level + 2 < len(LADDER):
             heapq.heappush(heap, (-_gain(share[i], level + 1, s), i))
+        yield spent, max(estimate, 0.0), levels
+
+
+def lowrank_path(s: Spectrum, weight: float) -> list[LowRankOption]:
+    """The matrix's low-rank plans (:func:`_path`) cheaper than the matrix itself (stored
+    exactly it costs no more), as options whose error is ``weight`` times the estimate."""
+    points = []
+    for steps, (spent, estimate, _) in enumerate(_path(s), start=1):
+        if spent >= 8 * s.nbytes:
+            break
+        points.append(LowRankOption(spent / 8, weight * estimate, steps))
+    return points
+
+
+def path_bits(s: Spectrum, steps: int) -> list[int]:
+    """Bits per component after the first ``steps`` steps of the matrix's path."""
+    levels = np.zeros(s.singular.size, np.int64)
+    for _, (_, _, levels) in zip(range(steps), _path(s)):
+        pass
+    return [LADDER[k] for k in levels[:_rank(levels)]]
+
+
+def allocate_kinds(profiles: list[Profile], spectra: dict[str, Spectrum], budget: float
+                   ) -> dict[str, Option | LowRankOption]:
+    """Per tensor a sparse option (its :class:`~.budget.Profile`'s, estimated from its
+    statistics) or a point of its low-rank path (matrices in ``spectra``), the weighted sum
+    of relative squared errors least with the estimated payload within ``budget`` bytes.
+    Each tensor's relative error counts ``||tau||^(2 - 2 WEIGHT_POWER)`` times: the
+    weighting tuned for low-rank plans (:data:`WEIGHT_POWER`), the same for every kind."""
+    hulls = {}
+    for p in profiles:
+        weight = p.energy ** (1 - WEIGHT_POWER) if p.energy > 0 else 0.0
+        options = [replace(o, error=o.error * weight) for o in (p.nothing(), *p.options)]
+        if p.name in spectra and spectra[p.name].energy > 0:
+            options += lowrank_path(spectra[p.name], weight)
+        hulls[p.name] = lower_hull(options)
+    return fit_hulls(hulls, budget)
+
+
+def allocate_within(s: Spectrum, error_sq: float) -> list[int]:
+    """The cheapest bits per component along the matrix's path (:func:`_path`) whose
+    estimated relative squared error is at most ``error_sq``; all of them at 8 bits if even
+    that is not enough."""
+    levels = np.zeros(0, np.int64)
+    if s.energy > 0 and float((s.singular ** 2 / s.energy).sum()) > error_sq:
+        for _, estimate, levels in _path(s):
+            if estimate <= error_sq:
+                break
     return [LADDER[k] for k in levels[:_rank(levels)]]
 
 
 def planned_bits(bits: list[int], s: Spectrum) -> int:
     """What a plan's components of one matrix take, in bits (codes and steps)."""
     return sum(bits) * (s.rows + s.cols) + STEP_BITS * len(bits)
-
-
-def allocate_or_exact(spectra: list[Spectrum], budget_bits: float
-                      ) -> tuple[dict[str, list[int]], set[str]]:
-    """:func:`allocate`, except that a matrix whose components would take at least its own
-    bytes is stored exactly instead (lossless for no more bytes), and the rest planned again
-    with what is left."""
-    chosen, exact = {s.name: s for s in spectra}, set()
-    while True:
-        bits = allocate(list(chosen.values()), budget_bits)
-        costly = [name for name, b in bits.items()
-                  if b and planned_bits(b, chosen[name]) >= 8 * chosen[name].nbytes]
-        if not costly:
-            return bits, exact
-        for name in costly:
-            budget_bits -= 8 * chosen.pop(name).nbytes
-            exact.add(name)
 
 
 def _rank(levels: np.ndarray) -> int:
@@ -415,9 +441,9 @@ def restored_error(left: np.ndarray, right: np.ndarray, base_bits: np.ndarray,
 def lowrank_records(scanner: TensorScanner, name: str, planner: LowRankPlanner,
                     others: Callable[[], list[Encoded]]) -> list[Encoded]:
     """Every fine-tune's record of an eligible matrix.  For a size: ``lowrank`` with its
-    planned bits, or ``others()`` (every change exactly) where a change is not finite or the
-    plan found that cheaper.  For an error target: ``others()`` (the sparse records within
-    it) unless a ``lowrank`` record within it is smaller."""
+    planned bits, or ``others()`` (the sparse records, each fine-tune's planned option) where
+    the plan chose that or a change is not finite.  For an error target: ``others()`` (the
+    sparse records within it) unless a ``lowrank`` record within it is smaller."""
     entry = scanner.base.entry(name)
     dt = lookup_dtype(entry.dtype)
     if planner.max_error is not None:
@@ -433,14 +459,14 @@ def lowrank_records(scanner: TensorScanner, name: str, planner: LowRankPlanner,
     base_xxh3, base_bits, changes = read_changes(scanner, name)
     records = []
     for tune, tau in enumerate(changes):
-        if tau is None or name in planner.exact[tune]:
+        if tau is None or name not in planner.bits[tune]:
             records.append(None)
         else:
             records.append(encode_matrix(name, dt, entry.shape, base_xxh3, base_bits, tau,
-                                         planner.bits[tune].get(name, [])))
-    if any(r is None for r in records):  # those fine-tunes' changes exactly
-        exact = others()
-        records = [r if r is not None else e for r, e in zip(records, exact)]
+                                         planner.bits[tune][name]))
+    if any(r is None for r in records):  # those fine-tunes' sparse records
+        sparse = others()
+        records = [r if r is not None else e for r, e in zip(records, sparse)]
     return records
 
 
@@ -478,17 +504,13 @@ def within_error(name: str, dt: DType, entry, base_xxh3: str, base_bits: np.ndar
     return None
 
 
-def first_budgets(max_size: int, tensors: int, exact_bytes: list[float]) -> list[float]:
-    """Each delta's payload budget for its low-rank records: ``max_size`` less the header's
-    estimate (``tensors`` records) and what the tensors stored exactly take at most."""
+def first_budgets(max_size: int, tensors: int, tunes: int) -> list[float]:
+    """Each delta's first payload budget: ``max_size`` less the header's estimate
+    (``tensors`` records; :meth:`LowRankPlanner.refit` corrects it)."""
     if max_size < 1024 + 300 * tensors:
         raise OptionError(f"max_size {max_size:,} bytes cannot hold the header of {tensors} "
                           "tensors; allow more")
-    budgets = [max_size - 1024 - 600 * tensors - exact for exact in exact_bytes]
-    if min(budgets, default=1) <= 0:
-        raise OptionError(f"max_size {max_size:,} bytes cannot hold the tensors stored exactly "
-                          f"({max(exact_bytes):,.0f} bytes at most) and the header; allow more")
-    return budgets
+    return [max(max_size - 1024 - 600 * tensors, 0.1 * max_size)] * tunes
 
 
 def working_bytes(s: Spectrum, tunes: int, rank: int) -> int:
@@ -504,11 +526,45 @@ def working_bytes(s: Spectrum, tunes: int, rank: int) -> int:
             + 24 * ERROR_BLOCK)
 
 
+def measure(scanner: TensorScanner, name: str, group: int, max_size: int | None):
+    """One tensor's sparse options (for a size) and, for an eligible matrix, its spectra
+    (None where a change is not finite), per fine-tune: the planner's pass (module doc, 1)."""
+    entry = scanner.base.entry(name)
+    dt = lookup_dtype(entry.dtype)
+    rows, cols = matrix_shape(entry.shape)
+    if max_size is None:  # an error target plans each tensor as it is encoded
+        return None, ([Spectrum(name, rows, cols, 0.0, np.empty(0), entry.nbytes)]
+                      * len(scanner.tunes) if eligible(entry.shape, dt) else None)
+    profiles = [tensor_options(stats, group) for stats in tensor_stats(scanner, name)]
+    if not eligible(entry.shape, dt):
+        return profiles, None
+    _, _, changes = read_changes(scanner, name, with_base=False)
+    return profiles, [None if tau is None else
+                      Spectrum(name, rows, cols, energy_of(tau), singular_values(tau),
+                               entry.nbytes) for tau in changes]
+
+
+def refitted_budgets(max_size: int, budgets: list[float], spent: list[float], sizes,
+                     payloads) -> list[float]:
+    """Each delta's budget after a pass over ``max_size``: what its header really left, less
+    what the plan's estimates (``spent``) missed by (their ratio to the payload really
+    written) and a margin."""
+    out = []
+    for budget, planned, size, payload in zip(budgets, spent, sizes, payloads):
+        room = max_size - (size - payload) - 0.005 * max_size
+        out.append(min(budget, room * planned / max(payload, 1)))
+    if min(out) <= 0:
+        raise OptionError(f"max_size {max_size:,} bytes cannot hold the deltas' headers "
+                          f"({max(s - p for s, p in zip(sizes, payloads)):,} bytes); allow more")
+    return out
+
+
 class LowRankPlanner:
-    """``--low-rank`` with ``max_size`` (the eligible matrices' records planned together from
-    their spectra, every other localized tensor's changes exactly; see the module doc) or
-    ``max_error`` (each tensor the smaller of the default's sparse record and a ``lowrank``
-    one within it: as an :class:`~.targets.ErrorPlanner` for the sparse records)."""
+    """``--low-rank``: each localized tensor's record kind chosen, sparse (the default's
+    quantized or exact records) or ``lowrank`` (eligible matrices), by ``max_size`` (every
+    tensor's options planned together from a pass over the model, :func:`allocate_kinds`)
+    or ``max_error`` (each tensor the smaller of the two within it, :func:`lowrank_records`;
+    as an :class:`~.targets.ErrorPlanner` for the sparse records)."""
 
     warns = False
 
@@ -523,16 +579,16 @@ class LowRankPlanner:
         self.max_size, self.max_error, self.group = max_size, max_error, group
         self.target = ({"max_size": max_size} if max_size is not None else
                        {"max_error": max_error}) | {"records": "lowrank"}
-        self.spectra: list[dict[str, Spectrum]] = []
-        self.exact_bytes: list[float] = []
+        self.spectra: list[dict[str, Spectrum]] = []    # eligible matrices, per fine-tune
+        self.profiles: list[dict[str, Profile]] = []    # every planned tensor (max_size)
         self.budgets: list[float] = []
-        self.bits: list[dict[str, list[int]]] = []
-        self.exact: list[set[str]] = []     # matrices cheaper stored exactly, per fine-tune
+        self.choices: list[dict[str, Option | LowRankOption]] = []
+        self.bits: list[dict[str, list[int]]] = []      # the matrices planned low-rank
         self.sparse = None if max_error is None else ErrorPlanner(max_error, group)
         self.needs_stats = self.sparse is not None   # the sparse records' statistics pass
 
     def takes(self, name: str) -> bool:
-        """Whether tensor ``name`` is one of the planned matrices (for some fine-tune)."""
+        """Whether tensor ``name`` is an eligible matrix (for some fine-tune)."""
         return any(name in spectra for spectra in self.spectra)
 
     def profile(self, scanner: TensorScanner, tensors: int, max_memory: int) -> None:
@@ -542,29 +598,16 @@ class LowRankPlanner:
         names = [name for name in scanner.base.names if name in plan.localized and not
                  plan.stored_exactly(name, lookup_dtype(scanner.base.entry(name).dtype))]
         self.spectra = [{} for _ in range(tunes)]
-        self.exact_bytes = [0.0] * tunes
-
-        def measure(name: str):
-            entry = scanner.base.entry(name)
-            dt = lookup_dtype(entry.dtype)
-            if not eligible(entry.shape, dt):
-                return None
-            rows, cols = matrix_shape(entry.shape)
-            if self.max_size is None:  # an error target plans each matrix as it is encoded
-                return [Spectrum(name, rows, cols, 0.0, np.empty(0), entry.nbytes)] * tunes
-            _, _, changes = read_changes(scanner, name, with_base=False)
-            return [None if tau is None else
-                    Spectrum(name, rows, cols, energy_of(tau), singular_values(tau),
-                             entry.nbytes) for tau in changes]
-        for name, spectra in in_order(names, measure, workers=0):
-            entry = scanner.base.entry(name)
+        self.profiles = [{} for _ in range(tunes)]
+        for name, (profiles, spectra) in in_order(names, lambda n: measure(scanner, n, self.group, self.max_size),
+                                                  workers=0):
             for tune in range(tunes):
+                if profiles is not None:
+                    self.profiles[tune][name] = profiles[tune]
                 if spectra is not None and spectra[tune] is not None:
                     self.spectra[tune][name] = spectra[tune]
-                else:  # stored exactly: at most its bytes
-                    self.exact_bytes[tune] += entry.nbytes
         if self.max_size is not None:
-            self.plan(first_budgets(self.max_size, tensors, self.exact_bytes))
+            self.plan(first_budgets(self.max_size, tensors, tunes))
         self.check_memory(max_memory)
 
     def working_bytes(self, name: str) -> int:
@@ -591,22 +634,25 @@ class LowRankPlanner:
                               "more memory", option="max_memory")
 
     def plan(self, budgets) -> None:
+        """Every tensor's record kind and option within ``budgets[tune]`` payload bytes."""
         self.budgets = list(budgets)
-        planned = [allocate_or_exact(list(spectra.values()), 8 * budget)
-                   for spectra, budget in zip(self.spectra, self.budgets)]
-        self.bits = [bits for bits, _ in planned]
-        self.exact = [exact for _, exact in planned]
+        self.choices = [allocate_kinds(list(profiles.values()), spectra, budget)
+                        for profiles, spectra, budget in
+                        zip(self.profiles, self.spectra, self.budgets)]
+        self.bits = [{name: path_bits(spectra[name], choice.steps)
+                      for name, choice in choices.items() if isinstance(choice, LowRankOption)}
+                     for choices, spectra in zip(self.choices, self.spectra)]
 
     def refit(self, sizes, payloads, last: bool) -> bool:
-        """Whether the deltas must be written again: over ``max_size``, each budget shrinks
-        by what its delta ran over (and a margin)."""
+        """Whether the deltas must be written again: over ``max_size``, re-planned within
+        :func:`refitted_budgets`."""
         if self.max_size is None or all(size <= self.max_size for size in sizes):
             return False
         if last:
             raise OptionError(f"max_size {self.max_size:,} bytes: after {SIZE_ATTEMPTS} passes "
                               f"the deltas still take {max(sizes):,} bytes; allow more")
-        self.plan([budget - max(0, size - self.max_size) - 0.005 * self.max_size
-                   for budget, size in zip(self.budgets, sizes)])
+        spent = [sum(c.nbytes for c in choices.values()) for choices in self.choices]
+        self.plan(refitted_budgets(self.max_size, self.budgets, spent, sizes, payloads))
         return True
 
     def accepts(self, record: Record) -> bool:
@@ -617,7 +663,11 @@ class LowRankPlanner:
         return self.sparse.options(stats, tune)
 
     def option(self, tune: int, name: str) -> Option:
-        return Option(1.0, None, 0, 0.0, 0.0, threshold=0)  # every change, exactly
+        """A size's sparse option for the tensor; where the plan chose a ``lowrank`` record,
+        nothing (that record replaces it: :func:`lowrank_records`)."""
+        choice = self.choices[tune][name]
+        return choice if isinstance(choice, Option) else \
+            Option(0.0, None, 0, 0.0, 0.0, threshold=-1)
 
     def energy(self, tune: int, name: str) -> float | None:
-        return None
+        return self.profiles[tune][name].energy

@@ -55,6 +55,26 @@ def zoo_finetune(base: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Te
     return out
 
 
+def zoo_lowrank_finetune(base: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
+    """A rank-2 change of every float matrix and a constant one of every other float tensor:
+    what low-rank records hold best (the heavy-tailed noise of :func:`zoo_finetune` is
+    cheaper as sparse records, so a planner choosing per tensor never picks them there)."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, tensor in base.items():
+        if not tensor.is_floating_point() or not tensor.numel():
+            out[name] = tensor.clone()
+            continue
+        if tensor.dim() == 2:
+            rows, cols = tensor.shape
+            change = (torch.randn(rows, 2, generator=g, dtype=torch.float64)
+                      @ torch.randn(2, cols, generator=g, dtype=torch.float64)) * 0.02
+        else:
+            change = torch.full(tensor.shape, 0.01, dtype=torch.float64)
+        out[name] = (tensor.to(torch.float64) + change).to(tensor.dtype)
+    return out
+
+
 def clustered_masks(base: dict[str, torch.Tensor], seed: int = 0) -> dict[str, np.ndarray]:
     """Kept positions clustered in a few rows (which makes ``csr`` win), plus a pruned block."""
     rng = np.random.default_rng(seed)
@@ -88,8 +108,9 @@ class Zoo:
 
 def build_zoo(folder: Path, seed: int = 0) -> Zoo:
     """Write a base, two fine-tunes and deltas at densities 0.001 / 0.01 / 0.5 / 1.0, two
-    quantized ones (1 bit, one scale per tensor; 4 bits at 30%), a low-rank one and clustered
-    masks into ``folder``."""
+    quantized ones (1 bit, one scale per tensor; 4 bits at 30%), a low-rank one (of a third
+    fine-tune, changed along two directions per matrix) and clustered masks into
+    ``folder``."""
     folder.mkdir(parents=True, exist_ok=True)
     base = zoo_model(seed)
     base_path = save_checkpoint(folder / "base.safetensors", base)
@@ -109,7 +130,8 @@ def build_zoo(folder: Path, seed: int = 0) -> Zoo:
         sparsestitch.compress(base_path, tunes[0], deltas[label], density=density, scope=scope,
                               **quantize)
     deltas["lowrank"] = folder / "lowrank.delta"   # a few components of each matrix
-    sparsestitch.compress(base_path, tunes[0], deltas["lowrank"], low_rank=True, max_size=24000)
+    low = save_checkpoint(folder / "ft_lowrank.safetensors", zoo_lowrank_finetune(base, seed + 20))
+    sparsestitch.compress(base_path, low, deltas["lowrank"], low_rank=True, max_size=10000)
     deltas["mask"] = folder / "mask.delta"
     sparsestitch.compress(base_path, tunes[0], deltas["mask"], masks=clustered_masks(base, seed))
     other = folder / "other.delta"
