@@ -111,11 +111,14 @@ class Spectrum:
     nbytes: int = 0           # the matrix's own bytes: stored exactly, it costs at most this
 
 
-def read_changes(scanner: TensorScanner, name: str, with_base: bool = True
+def read_changes(scanner: TensorScanner, name: str, with_base: bool = True,
+                 stats: list[TensorStats] | None = None
                  ) -> tuple[str, np.ndarray | None, list[np.ndarray | None]]:
     """The base's checksum, its bits (``with_base``) and, per fine-tune, the change of tensor
     ``name`` in the wide type as a ``rows x cols`` matrix (None where a change is not
-    finite), filled block by block: the tensor's bits and changes, nothing else held."""
+    finite), filled block by block: the tensor's bits and changes, nothing else held.  Each
+    block also goes into ``stats[tune]`` when given (the same pass as
+    :func:`~.planned.tensor_stats`)."""
     entry = scanner.base.entry(name)
     dt = lookup_dtype(entry.dtype)
     rows, cols = matrix_shape(entry.shape)
@@ -124,6 +127,9 @@ def read_changes(scanner: TensorScanner, name: str, with_base: bool = True
     changes = [np.empty(entry.numel, dt.wide) for _ in scanner.tunes]
     finite = [True] * len(scanner.tunes)
     for block in scanner.tune_blocks(name, base_hash=base_hash):
+        if stats is not None:
+            stats[block.tune].add(block.finetuned, block.base, block.offset,
+                                  keys=block.magnitudes)
         at = slice(block.offset, block.offset + block.base.size)
         if base_bits is not None and block.tune == 0:
             base_bits[at] = block.base
@@ -535,10 +541,11 @@ def measure(scanner: TensorScanner, name: str, group: int, max_size: int | None)
     if max_size is None:  # an error target plans each tensor as it is encoded
         return None, ([Spectrum(name, rows, cols, 0.0, np.empty(0), entry.nbytes)]
                       * len(scanner.tunes) if eligible(entry.shape, dt) else None)
-    profiles = [tensor_options(stats, group) for stats in tensor_stats(scanner, name)]
     if not eligible(entry.shape, dt):
-        return profiles, None
-    _, _, changes = read_changes(scanner, name, with_base=False)
+        return [tensor_options(stats, group) for stats in tensor_stats(scanner, name)], None
+    stats = [TensorStats.empty(name, dt, entry.numel) for _ in scanner.tunes]
+    _, _, changes = read_changes(scanner, name, with_base=False, stats=stats)
+    profiles = [tensor_options(one, group) for one in stats]
     return profiles, [None if tau is None else
                       Spectrum(name, rows, cols, energy_of(tau), singular_values(tau),
                                entry.nbytes) for tau in changes]
