@@ -62,11 +62,11 @@ class KeepOptions:
         None, "Target instead of --density/--bits: the best fidelity whose file fits this "
               "size, e.g. 20MB.", compress_only=True)
     low_rank: bool | None = _option(
-        None, "Store each matrix's change as a sum of rank-one products of quantized "
-              "vectors, more bits for the larger singular values (lossy, format version 4): "
-              "with --max-size planned over the model (other tensors exactly), else each tensor "
-              "the smaller of that and the default's sparse record within --max-error (0.5 "
-              "by default).", flag=True, compress_only=True)
+        None, "Also allow a matrix's change as rank-one products of quantized vectors, "
+              "more bits for the larger singular values (lossy, format version 4); each "
+              "tensor takes that or the default's sparse record, whichever costs less: with "
+              "--max-size planned over the model, else within --max-error (0.5 by default).",
+        flag=True, compress_only=True)
     include: tuple[str, ...] = _option((), "Only localize tensors matching this pattern.",
                                        multiple=True)
     exclude: tuple[str, ...] = _option((), "Leave tensors matching this pattern at the base.",

@@ -125,10 +125,10 @@ def compress(base: str | os.PathLike, finetuned: str | os.PathLike | Sequence[st
         ``max_error`` (never exceeded: each record's real error is checked), or the best
         fidelity (least sum of relative squared errors) whose file fits ``max_size`` bytes
         (``"50MB"`` style accepted).  ``group`` sets the quantized scales' group.  With
-        ``low_rank``, ``max_size`` holds each matrix's change as rank-one products of
-        quantized vectors, and ``max_error`` (0.5 by default) gives each matrix the smaller
-        of such a record and the default's sparse one within it
-        (:mod:`sparsestitch.localize.lowrank`; lossy, format 4).
+        ``low_rank``, a matrix's change may also be stored as rank-one products of
+        quantized vectors, each tensor taking whichever kind costs less: ``max_size``
+        plans the kinds over the model, ``max_error`` (0.5 by default) keeps the smaller
+        record within it (:mod:`sparsestitch.localize.lowrank`; lossy, format 4).
     threads:
         Threads reading and encoding (default: 2 of the usable cores; 1: the caller's alone).
     max_memory:
