@@ -449,6 +449,20 @@ class Bench:
         return delta
 
 
+def _empty_folder(out: Path) -> None:
+    """``out`` as an empty folder (a modified fine-tune is written there)."""
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+
+
+def _copy_configs(tune: Tune, out: Path) -> None:
+    """The fine-tune's files other than its weights (config, tokenizer) into ``out``."""
+    for path in tune.folder.iterdir():
+        if path.is_file() and path.suffix != ".safetensors":
+            shutil.copy2(path, out / path.name)
+
+
 def dare_fine_tune(tune: Tune, keep: float, out: Path) -> dict:
     """Write ``base + m * tau / keep`` (m ~ Bernoulli(keep) per element of every float
     tensor; DARE's drop-and-rescale) as a checkpoint folder like the fine-tune's.
@@ -459,9 +473,7 @@ def dare_fine_tune(tune: Tune, keep: float, out: Path) -> dict:
     """
     from safetensors.torch import load_file, save_file
 
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
+    _empty_folder(out)
     generator = torch.Generator().manual_seed(DARE_SEED)
     lost = energy = 0.0
     for path in sorted(tune.folder.glob("*.safetensors")):
@@ -477,9 +489,7 @@ def dare_fine_tune(tune: Tune, keep: float, out: Path) -> dict:
             lost += float((changed.double() - tau.double()).pow(2).sum())
             energy += float(tau.double().pow(2).sum())
         save_file(state, str(out / path.name), metadata={"format": "pt"})
-    for path in tune.folder.iterdir():
-        if path.is_file() and path.suffix != ".safetensors":
-            shutil.copy2(path, out / path.name)
+    _copy_configs(tune, out)
     return {"dare_keep": keep, "dare_seed": DARE_SEED,
             "relative_error": math.sqrt(lost / energy) if energy else 0.0}
 
@@ -498,9 +508,7 @@ def ultradelta_fine_tune(tune: Tune, keep: float, bits: int, out: Path
     the kept positions (the masks compress stores them with, values in ``bits`` bits)."""
     from safetensors.torch import load_file, save_file
 
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
+    _empty_folder(out)
     files = sorted(tune.folder.glob("*.safetensors"))
     taus, spread = {}, {}
     for path in files:
@@ -550,9 +558,7 @@ def ultradelta_fine_tune(tune: Tune, keep: float, bits: int, out: Path
             lost += float(np.square(real - tau).sum())
             energy += float(np.square(tau).sum())
         save_file(state, str(out / path.name), metadata={"format": "pt"})
-    for path in tune.folder.iterdir():
-        if path.is_file() and path.suffix != ".safetensors":
-            shutil.copy2(path, out / path.name)
+    _copy_configs(tune, out)
     return {"ultradelta": {"keep": keep, "bits": bits, "seed": DARE_SEED},
             "relative_error": math.sqrt(lost / energy) if energy else 0.0}, masks
 

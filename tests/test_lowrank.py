@@ -321,6 +321,16 @@ def test_low_rank_options_are_checked_and_nothing_is_written(tmp_path):
     assert not out.exists()
 
 
+def test_a_size_the_real_headers_cannot_hold_is_refused_after_the_first_pass(tmp_path):
+    """4 KB passes the header estimate, but the records' real headers take more: refused by
+    the refit, with nothing written (no delta that keeps nothing)."""
+    base_path, tune_path, _, _ = low_rank_pair(tmp_path)
+    out = tmp_path / "x.delta"
+    with pytest.raises(OptionError, match="cannot hold the deltas' headers"):
+        sparsestitch.compress(base_path, tune_path, out, low_rank=True, max_size="4KB")
+    assert not out.exists() and list(tmp_path.glob("*.delta*")) == []
+
+
 def test_a_matrix_beyond_the_memory_budget_is_refused_by_name(tmp_path):
     from safetensors.torch import save_file
 

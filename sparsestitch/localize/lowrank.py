@@ -62,7 +62,7 @@ from .budget import Option, Profile, fit_hulls, lower_hull, tensor_options
 from .planned import tensor_stats
 from .selection import Encoded, TensorScanner, fidelity_report
 from .stats import TensorStats
-from .targets import ErrorPlanner
+from .targets import ErrorPlanner, SizeTarget
 
 #: Bits per vector entry a component may take, in the order the plan raises them.
 LADDER = (0, 1, 2, 3, 4, 5, 6, 8)
@@ -78,15 +78,13 @@ VECTOR_ERROR = {0: 1.0, 1: 0.61, 2: 0.24, 3: 0.092, 4: 0.033, 5: 0.0095, 6: 0.00
 #: kept most of SmolLM2's fine-tuning gain at 1/32 and 1/100 of its size (news: 0.5, 0.75,
 #: 1.0, 1.25 kept 99.0, 99.5, 99.2, 98.7% at 1/32; docs/results-fidelity.md).
 WEIGHT_POWER = 0.75
-#: Matrices with a side narrower than this are stored exactly (a component would cost about
-#: what the matrix does).
+#: Matrices with a side narrower than this take sparse records only (a component would cost
+#: about what the matrix does).
 MIN_SIDE = 8
 #: Each component's two steps, in bits (float32 scales; float64 models take twice that).
 STEP_BITS = 64
 #: Rounds of least squares and re-assignment when fitting a vector's step.
 FIT_ROUNDS = 6
-#: Attempts at fitting max_size (the first from estimates, then corrected by what was written).
-SIZE_ATTEMPTS = 3
 
 
 def matrix_shape(shape: tuple[int, ...]) -> tuple[int, int]:
@@ -477,7 +475,7 @@ def lowrank_records(scanner: TensorScanner, name: str, planner: LowRankPlanner,
 
 
 #: Encodings tried per matrix for an error target (each with a tighter estimate) before its
-#: changes are stored exactly.
+#: sparse record is kept.
 ERROR_ATTEMPTS = 4
 
 
@@ -508,15 +506,6 @@ def within_error(name: str, dt: DType, entry, base_xxh3: str, base_bits: np.ndar
             return record
         estimate *= 0.9 * (max_error / error) ** 2   # the estimate was this far off
     return None
-
-
-def first_budgets(max_size: int, tensors: int, tunes: int) -> list[float]:
-    """Each delta's first payload budget: ``max_size`` less the header's estimate
-    (``tensors`` records; :meth:`LowRankPlanner.refit` corrects it)."""
-    if max_size < 1024 + 300 * tensors:
-        raise OptionError(f"max_size {max_size:,} bytes cannot hold the header of {tensors} "
-                          "tensors; allow more")
-    return [max(max_size - 1024 - 600 * tensors, 0.1 * max_size)] * tunes
 
 
 def working_bytes(s: Spectrum, tunes: int, rank: int) -> int:
@@ -551,22 +540,7 @@ def measure(scanner: TensorScanner, name: str, group: int, max_size: int | None)
                                entry.nbytes) for tau in changes]
 
 
-def refitted_budgets(max_size: int, budgets: list[float], spent: list[float], sizes,
-                     payloads) -> list[float]:
-    """Each delta's budget after a pass over ``max_size``: what its header really left, less
-    what the plan's estimates (``spent``) missed by (their ratio to the payload really
-    written) and a margin."""
-    out = []
-    for budget, planned, size, payload in zip(budgets, spent, sizes, payloads):
-        room = max_size - (size - payload) - 0.005 * max_size
-        out.append(min(budget, room * planned / max(payload, 1)))
-    if min(out) <= 0:
-        raise OptionError(f"max_size {max_size:,} bytes cannot hold the deltas' headers "
-                          f"({max(s - p for s, p in zip(sizes, payloads)):,} bytes); allow more")
-    return out
-
-
-class LowRankPlanner:
+class LowRankPlanner(SizeTarget):
     """``--low-rank``: each localized tensor's record kind chosen, sparse (the default's
     quantized or exact records) or ``lowrank`` (eligible matrices), by ``max_size`` (every
     tensor's options planned together from a pass over the model, :func:`allocate_kinds`)
@@ -606,15 +580,16 @@ class LowRankPlanner:
                  plan.stored_exactly(name, lookup_dtype(scanner.base.entry(name).dtype))]
         self.spectra = [{} for _ in range(tunes)]
         self.profiles = [{} for _ in range(tunes)]
-        for name, (profiles, spectra) in in_order(names, lambda n: measure(scanner, n, self.group, self.max_size),
-                                                  workers=0):
+        measured = in_order(names, lambda n: measure(scanner, n, self.group, self.max_size),
+                            workers=0)
+        for name, (profiles, spectra) in measured:
             for tune in range(tunes):
                 if profiles is not None:
                     self.profiles[tune][name] = profiles[tune]
                 if spectra is not None and spectra[tune] is not None:
                     self.spectra[tune][name] = spectra[tune]
         if self.max_size is not None:
-            self.plan(first_budgets(self.max_size, tensors, tunes))
+            self.plan([self.first_budget(tensors)] * tunes)
         self.check_memory(max_memory)
 
     def working_bytes(self, name: str) -> int:
@@ -651,16 +626,8 @@ class LowRankPlanner:
                      for choices, spectra in zip(self.choices, self.spectra)]
 
     def refit(self, sizes, payloads, last: bool) -> bool:
-        """Whether the deltas must be written again: over ``max_size``, re-planned within
-        :func:`refitted_budgets`."""
-        if self.max_size is None or all(size <= self.max_size for size in sizes):
-            return False
-        if last:
-            raise OptionError(f"max_size {self.max_size:,} bytes: after {SIZE_ATTEMPTS} passes "
-                              f"the deltas still take {max(sizes):,} bytes; allow more")
-        spent = [sum(c.nbytes for c in choices.values()) for choices in self.choices]
-        self.plan(refitted_budgets(self.max_size, self.budgets, spent, sizes, payloads))
-        return True
+        """For a size, :meth:`~.targets.SizeTarget.refit`; an error target is never over."""
+        return self.max_size is not None and super().refit(sizes, payloads, last)
 
     def accepts(self, record: Record) -> bool:
         return self.sparse is None or self.sparse.accepts(record)
@@ -673,8 +640,7 @@ class LowRankPlanner:
         """A size's sparse option for the tensor; where the plan chose a ``lowrank`` record,
         nothing (that record replaces it: :func:`lowrank_records`)."""
         choice = self.choices[tune][name]
-        return choice if isinstance(choice, Option) else \
-            Option(0.0, None, 0, 0.0, 0.0, threshold=-1)
+        return choice if isinstance(choice, Option) else self.profiles[tune][name].nothing()
 
     def energy(self, tune: int, name: str) -> float | None:
         return self.profiles[tune][name].energy

@@ -122,45 +122,23 @@ class EveryChangePlanner:
         return encode(selection, {"bits": self.bits, "group": self.group})
 
 
-class SizePlanner:
-    """The whole delta within ``max_size`` bytes, the sum of relative squared errors least
-    (see module doc).  Every tensor's statistics come first (:meth:`add_profile`, a pass over
-    the model), then :meth:`start` plans; after each encoding pass :meth:`refit` says whether
-    the files ran over and, if so, re-plans from what the headers and payloads really took."""
+class SizeTarget:
+    """What the size targets' planners share: the first payload budget from an estimate of
+    the header, and re-planning from what a pass really wrote.  Subclasses hold
+    ``max_size``, ``budgets`` and ``choices`` (per fine-tune, each tensor's choice with its
+    estimated ``nbytes``) and re-plan in ``plan(budgets)``."""
 
-    def __init__(self, max_size: int, group: int):
-        if max_size <= 0:
-            raise OptionError(f"max_size must be a positive number of bytes, got {max_size}")
-        self.max_size, self.group = max_size, group
-        self.profiles: list[dict[str, Profile]] = []
-        self.target = {"max_size": max_size}  # the header's ``target``
-        self.choices: list[dict[str, Option]] = []
-        self.budgets: list[float] = []
-
-    def add_profile(self, tune: int, profile: Profile) -> None:
-        """One tensor's options for one fine-tune (:func:`~.localize.budget.tensor_options`)."""
-        while len(self.profiles) <= tune:
-            self.profiles.append({})
-        self.profiles[tune][profile.name] = profile
-
-    def start(self, tensors: int) -> None:
-        """The first plan, with a header estimate for ``tensors`` records."""
+    def first_budget(self, tensors: int) -> float:
+        """Each delta's first payload budget, the header taken as ``tensors`` records."""
         if self.max_size < 1024 + 300 * tensors:
             raise OptionError(f"max_size {self.max_size:,} bytes cannot hold the header of "
                              f"{tensors} tensors; allow more")
         # a record's header entry takes 300 to 700 bytes: refit corrects the estimate
-        room = max(self.max_size - 1024 - 600 * tensors, 0.1 * self.max_size)
-        self.plan([room] * len(self.profiles))
-
-    def plan(self, budgets: Sequence[float]) -> None:
-        """Choose every tensor's option, within ``budgets[tune]`` payload bytes per delta."""
-        self.budgets = list(budgets)
-        self.choices = [allocate(list(profiles.values()), budget)
-                        for profiles, budget in zip(self.profiles, budgets)]
+        return max(self.max_size - 1024 - 600 * tensors, 0.1 * self.max_size)
 
     def spent(self, tune: int) -> float:
         """Estimated payload bytes of the options chosen for fine-tune ``tune``."""
-        return sum(option.nbytes for option in self.choices[tune].values())
+        return sum(choice.nbytes for choice in self.choices[tune].values())
 
     def refit(self, sizes: Sequence[int], payloads: Sequence[int], last: bool) -> bool:
         """Whether the deltas (``sizes`` in all, ``payloads`` of records) must be written
@@ -183,6 +161,38 @@ class SizePlanner:
                              "allow more")
         self.plan(budgets)
         return True
+
+
+class SizePlanner(SizeTarget):
+    """The whole delta within ``max_size`` bytes, the sum of relative squared errors least
+    (see module doc).  Every tensor's statistics come first (:meth:`add_profile`, a pass over
+    the model), then :meth:`start` plans; after each encoding pass :meth:`refit` says whether
+    the files ran over and, if so, re-plans from what the headers and payloads really took."""
+
+    def __init__(self, max_size: int, group: int):
+        if max_size <= 0:
+            raise OptionError(f"max_size must be a positive number of bytes, got {max_size}")
+        self.max_size, self.group = max_size, group
+        self.profiles: list[dict[str, Profile]] = []
+        self.target = {"max_size": max_size}  # the header's ``target``
+        self.choices: list[dict[str, Option]] = []
+        self.budgets: list[float] = []
+
+    def add_profile(self, tune: int, profile: Profile) -> None:
+        """One tensor's options for one fine-tune (:func:`~.localize.budget.tensor_options`)."""
+        while len(self.profiles) <= tune:
+            self.profiles.append({})
+        self.profiles[tune][profile.name] = profile
+
+    def start(self, tensors: int) -> None:
+        """The first plan, with a header estimate for ``tensors`` records."""
+        self.plan([self.first_budget(tensors)] * len(self.profiles))
+
+    def plan(self, budgets: Sequence[float]) -> None:
+        """Choose every tensor's option, within ``budgets[tune]`` payload bytes per delta."""
+        self.budgets = list(budgets)
+        self.choices = [allocate(list(profiles.values()), budget)
+                        for profiles, budget in zip(self.profiles, budgets)]
 
     #: The plan was made from a pass of its own (:meth:`add_profile`).
     needs_stats = False
