@@ -24,6 +24,14 @@
 #error "the C loops need float arithmetic evaluated in its own type (FLT_EVAL_METHOD 0)"
 #endif
 
+/* AVX2 doubles the vector width where the machine has it (chosen when the module loads; the
+ * same IEEE operations, no contraction: -ffp-contract=off, so the bits do not change). */
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define VECTOR_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define VECTOR_CLONES
+#endif
+
 /* ---- conversions between a dtype's bits and its wide compute type ---------------- */
 
 static inline float bf16_wide(uint16_t bits)
@@ -127,37 +135,124 @@ static const int KIND_ITEMSIZE[] = {2, 2, 4, 8};
  * round(wide(block) + total / count) (mean) or round(wide(block) + scale * total).  With
  * `lone_exact` (the mean of Localize-and-Stitch), an element only one record covers, with
  * weight 1, takes that record's fine-tuned bits exactly (lone[] holds the bits of each
- * element's first record, unit[] a bit for "its weight is 1").  This is
+ * element's first record, unit[] a byte for "its weight is 1").  This is
  * BlockMerge._merge_window in combine.py, operation for operation.  A bit per element marks
  * the ones a window touches, so the finishing pass visits those only, in increasing order,
  * and resets total[] and count[] where it was (they are zeroed once per call).  Marks beat a
- * list of touched elements by 1.5x: the finishing pass then walks memory in order.  A dense
- * record is added over its whole overlap with the window, without positions.
+ * list of touched elements by 1.5x: the finishing pass then walks memory in order.  A bitmap
+ * record is walked 64 marks at a time (its set bits by count-trailing-zeros, no branch per
+ * element); a run of consecutive elements -- a dense record, a bitmap word of 64 marks --
+ * and a finishing word whose 64 elements are all touched go through loops the compiler
+ * vectorizes (MERGE_RUN, FINISH_RUN: the same operations per element, in the same order).
  * Returns the index of a record whose positions are not increasing, or -1. */
-#define ACCUMULATE(WIDE, TO_WIDE, OFFSET, K)                                                             \
+#define ACCUMULATE_VALUE(WIDE, TO_WIDE, OFFSET, K)                                          \
     do {                                                                                    \
         WIDE tau_ = TO_WIDE(finetuned[K]) - TO_WIDE(base[K]);                               \
         if (weighted)                                                                       \
             tau_ *= weight;                                                                 \
-        uint64_t bit_ = (uint64_t)1 << ((OFFSET) & 63);                                     \
-        marks[(OFFSET) >> 6] |= bit_;                                                       \
         if (lone_exact && count[OFFSET] == 0) {                                             \
             lone[OFFSET] = finetuned[K];                                                    \
-            if (weighted)                                                                   \
-                unit[(OFFSET) >> 6] &= ~bit_;                                               \
-            else                                                                            \
-                unit[(OFFSET) >> 6] |= bit_;                                                \
+            unit[OFFSET] = (uint8_t)!weighted;                                              \
         }                                                                                   \
         total[OFFSET] += tau_;                                                              \
         count[OFFSET] += 1;                                                                 \
     } while (0)
 
+#define ACCUMULATE(WIDE, TO_WIDE, OFFSET, K)                                                \
+    do {                                                                                    \
+        marks[(OFFSET) >> 6] |= (uint64_t)1 << ((OFFSET) & 63);                             \
+        ACCUMULATE_VALUE(WIDE, TO_WIDE, OFFSET, K);                                         \
+    } while (0)
+
+/* Set marks of elements offset .. offset + n - 1. */
+static inline void mark_range(uint64_t *marks, int64_t offset, int64_t n)
+{
+    while (n > 0) {
+        int64_t bit = offset & 63, take = 64 - bit < n ? 64 - bit : n;
+        uint64_t ones = take == 64 ? ~(uint64_t)0 : (((uint64_t)1 << take) - 1u);
+        marks[offset >> 6] |= ones << bit;
+        offset += take;
+        n -= take;
+    }
+}
+
+/* Set the marks of `word` (64 elements from offset on; bits past the window are clear). */
+static inline void mark_word(uint64_t *marks, int64_t offset, uint64_t word)
+{
+    int64_t bit = offset & 63;
+    marks[offset >> 6] |= word << bit;
+    if (bit && (word >> (64 - bit)))
+        marks[(offset >> 6) + 1] |= word >> (64 - bit);
+}
+
+static inline uint64_t bits_at(const uint8_t *bytes, uint64_t bit);
+static inline uint64_t tail_bits(const uint8_t *bytes, uint64_t bit, uint64_t n);
+
+/* ACCUMULATE_VALUE of n consecutive entries into n consecutive elements, as loops the
+ * compiler vectorizes. */
+#define DEFINE_MERGE_RUN(NAME, BITS, WIDE, TO_WIDE)                                          \
+    VECTOR_CLONES static void NAME(const BITS *restrict finetuned, const BITS *restrict base, \
+                                   WIDE *restrict total, uint32_t *restrict count,          \
+                                   BITS *restrict lone, uint8_t *restrict unit, Py_ssize_t n, \
+                                   int weighted, WIDE weight, int lone_exact)               \
+    {                                                                                       \
+        if (lone_exact) {                                                                   \
+            uint8_t one = (uint8_t)!weighted;                                               \
+            for (Py_ssize_t j = 0; j < n; j++) {                                            \
+                int first_ = count[j] == 0;                                                 \
+                lone[j] = first_ ? finetuned[j] : lone[j];                                  \
+                unit[j] = first_ ? one : unit[j];                                           \
+            }                                                                               \
+        }                                                                                   \
+        if (weighted) {                                                                     \
+            for (Py_ssize_t j = 0; j < n; j++) {                                            \
+                WIDE tau_ = TO_WIDE(finetuned[j]) - TO_WIDE(base[j]);                       \
+                tau_ *= weight;                                                             \
+                total[j] += tau_;                                                           \
+                count[j] += 1;                                                              \
+            }                                                                               \
+        } else {                                                                            \
+            for (Py_ssize_t j = 0; j < n; j++) {                                            \
+                total[j] += TO_WIDE(finetuned[j]) - TO_WIDE(base[j]);                       \
+                count[j] += 1;                                                              \
+            }                                                                               \
+        }                                                                                   \
+    }
+
+/* The finishing of n consecutive touched elements (each counted at least once). */
+#define DEFINE_FINISH_RUN(NAME, BITS, WIDE, TO_WIDE, ROUND)                                  \
+    VECTOR_CLONES static void NAME(BITS *restrict target, WIDE *restrict total,             \
+                                   uint32_t *restrict count, const BITS *restrict lone,     \
+                                   const uint8_t *restrict unit, Py_ssize_t n, int mean,    \
+                                   WIDE scale, int lone_exact, BITS canonical_nan)          \
+    {                                                                                       \
+        if (mean) {                                                                         \
+            for (Py_ssize_t j = 0; j < n; j++) {                                            \
+                WIDE merged = TO_WIDE(target[j]) + total[j] / (WIDE)count[j];               \
+                BITS rounded = merged != merged ? canonical_nan : ROUND(merged);            \
+                int lone_here = lone_exact & (count[j] == 1) & unit[j];                     \
+                target[j] = lone_here ? lone[j] : rounded;                                  \
+                total[j] = 0;                                                               \
+                count[j] = 0;                                                               \
+            }                                                                               \
+        } else {                                                                            \
+            for (Py_ssize_t j = 0; j < n; j++) {                                            \
+                WIDE merged = TO_WIDE(target[j]) + scale * total[j];                        \
+                target[j] = merged != merged ? canonical_nan : ROUND(merged);               \
+                total[j] = 0;                                                               \
+                count[j] = 0;                                                               \
+            }                                                                               \
+        }                                                                                   \
+    }
+
 #define DEFINE_MERGE(NAME, BITS, WIDE, TO_WIDE, ROUND)                                       \
+    DEFINE_MERGE_RUN(NAME##_run, BITS, WIDE, TO_WIDE)                                        \
+    DEFINE_FINISH_RUN(NAME##_finish, BITS, WIDE, TO_WIDE, ROUND)                             \
     static Py_ssize_t NAME(BITS *restrict block, int64_t first, Py_ssize_t size,             \
                            Record *records, Py_ssize_t n_records, int mean, WIDE scale,     \
                            int lone_exact, BITS canonical_nan, WIDE *restrict total,        \
                            uint32_t *restrict count, uint64_t *restrict marks,              \
-                           BITS *restrict lone, uint64_t *restrict unit,                    \
+                           BITS *restrict lone, uint8_t *restrict unit,                     \
                            Py_ssize_t window)                                               \
     {                                                                                       \
         memset(total, 0, (size_t)window * sizeof(WIDE));                                    \
@@ -175,35 +270,36 @@ static const int KIND_ITEMSIZE[] = {2, 2, 4, 8};
                 WIDE weight = (WIDE)rec->weight;                                            \
                 Py_ssize_t n = rec->count;                                                  \
                 if (rec->bitmap) {                                                          \
-                    const uint8_t *restrict bits = rec->positions.buf;                      \
+                    const uint8_t *bits = rec->positions.buf;                               \
                     int64_t end = rec->first + (int64_t)((uint64_t)rec->positions.len * 8u  \
                                                          - rec->bit);                       \
                     int64_t lo = start > rec->first ? start : rec->first;                   \
                     int64_t hi = stop < end ? stop : end;                                   \
                     Py_ssize_t k = rec->cursor;                                             \
-                    for (int64_t p = lo; p < hi; p++) {                                     \
+                    for (int64_t p = lo; p < hi; p += 64) {                                 \
                         uint64_t b = (uint64_t)(p - rec->first) + rec->bit;                 \
-                        unsigned byte = bits[b >> 3];                                       \
-                        if (!byte && !(b & 7u)) {  /* eight clear bits at once */           \
-                            p += 7;                                                         \
+                        int64_t span = hi - p < 64 ? hi - p : 64;                           \
+                        uint64_t word = span == 64 ? bits_at(bits, b)                       \
+                                                   : tail_bits(bits, b, (uint64_t)span);    \
+                        if (!word)                                                          \
                             continue;                                                       \
-                        }                                                                   \
-                        if (byte == 0xFFu && !(b & 7u) && p + 8 <= hi && k + 8 <= n) {      \
-                            /* eight set bits: the same eight steps, no test between */     \
-                            int64_t offset = p - start;                                     \
-                            for (int e = 0; e < 8; e++)                                     \
-                                ACCUMULATE(WIDE, TO_WIDE, offset + e, k + e);               \
-                            k += 8;                                                         \
-                            p += 7;                                                         \
-                            continue;                                                       \
-                        }                                                                   \
-                        if (!(byte >> (b & 7u) & 1u))                                       \
-                            continue;                                                       \
-                        if (k >= n)                                                         \
-                            return r;                                                       \
                         int64_t offset = p - start;                                         \
-                        ACCUMULATE(WIDE, TO_WIDE, offset, k);                               \
-                        k++;                                                                \
+                        Py_ssize_t ones = __builtin_popcountll(word);                       \
+                        if (ones > n - k)                                                   \
+                            return r;  /* more marks than values */                         \
+                        mark_word(marks, offset, word);                                     \
+                        if (ones == 64) {                                                   \
+                            NAME##_run(finetuned + k, base + k, total + offset,             \
+                                       count + offset, lone + offset, unit + offset, 64,    \
+                                       weighted, weight, lone_exact);                       \
+                            k += 64;                                                        \
+                            continue;                                                       \
+                        }                                                                   \
+                        for (; word; word &= word - 1u) {                                   \
+                            int64_t o_ = offset + __builtin_ctzll(word);                    \
+                            ACCUMULATE_VALUE(WIDE, TO_WIDE, o_, k);                         \
+                            k++;                                                            \
+                        }                                                                   \
                     }                                                                       \
                     rec->cursor = k;                                                        \
                     continue;                                                               \
@@ -211,10 +307,13 @@ static const int KIND_ITEMSIZE[] = {2, 2, 4, 8};
                 if (rec->dense) {                                                           \
                     int64_t lo = start > rec->first ? start : rec->first;                   \
                     int64_t hi = stop < rec->first + n ? stop : rec->first + n;             \
-                    for (int64_t p = lo; p < hi; p++) {                                     \
-                        int64_t offset = p - start;                                         \
-                        Py_ssize_t k = (Py_ssize_t)(p - rec->first);                        \
-                        ACCUMULATE(WIDE, TO_WIDE, offset, k);                                              \
+                    if (hi > lo) {                                                          \
+                        int64_t offset = lo - start;                                        \
+                        Py_ssize_t k = (Py_ssize_t)(lo - rec->first);                       \
+                        mark_range(marks, offset, hi - lo);                                 \
+                        NAME##_run(finetuned + k, base + k, total + offset, count + offset, \
+                                   lone + offset, unit + offset, (Py_ssize_t)(hi - lo),     \
+                                   weighted, weight, lone_exact);                           \
                     }                                                                       \
                     continue;                                                               \
                 }                                                                           \
@@ -226,7 +325,7 @@ static const int KIND_ITEMSIZE[] = {2, 2, 4, 8};
                         return r;                                                           \
                     previous = positions[i];                                                \
                     int64_t offset = positions[i] - start;                                  \
-                    ACCUMULATE(WIDE, TO_WIDE, offset, i);                                                  \
+                    ACCUMULATE(WIDE, TO_WIDE, offset, i);                                   \
                 }                                                                           \
                 rec->cursor = i;                                                            \
             }                                                                               \
@@ -235,11 +334,16 @@ static const int KIND_ITEMSIZE[] = {2, 2, 4, 8};
                 uint64_t m = marks[w];                                                      \
                 if (!m) continue;                                                           \
                 marks[w] = 0;                                                               \
-                uint64_t u = lone_exact ? unit[w] : 0;                                      \
+                if (m == ~(uint64_t)0) {                                                    \
+                    Py_ssize_t j = w * 64;                                                  \
+                    NAME##_finish(target + j, total + j, count + j, lone + j, unit + j, 64, \
+                                  mean, scale, lone_exact, canonical_nan);                  \
+                    continue;                                                               \
+                }                                                                           \
                 for (; m; m &= m - 1) {                                                     \
                     int b = __builtin_ctzll(m);                                             \
                     Py_ssize_t j = w * 64 + b;                                              \
-                    if (count[j] == 1 && (u >> b & 1)) {                                    \
+                    if (lone_exact && count[j] == 1 && unit[j]) {                           \
                         target[j] = lone[j];                                                \
                     } else {                                                                \
                         WIDE update = mean ? total[j] / (WIDE)count[j] : scale * total[j];  \
@@ -340,7 +444,8 @@ static PyObject *merge_block(PyObject *self, PyObject *args)
     Py_buffer block = {0}, total = {0}, count = {0};
     PyObject *result = NULL;
     Py_ssize_t held = 0;
-    uint64_t *marks = NULL, *unit = NULL;
+    uint64_t *marks = NULL;
+    uint8_t *unit = NULL;
     void *lone = NULL;
     if (records == NULL) {
         PyErr_NoMemory();
@@ -409,7 +514,7 @@ static PyObject *merge_block(PyObject *self, PyObject *args)
         goto done;
     }
     marks = PyMem_RawMalloc((size_t)((window + 63) / 64) * 8);
-    unit = PyMem_RawCalloc((size_t)((window + 63) / 64), 8);
+    unit = PyMem_RawCalloc((size_t)window, 1);
     lone = PyMem_RawMalloc((size_t)window * (size_t)itemsize);
     if (marks == NULL || unit == NULL || lone == NULL) {
         PyErr_NoMemory();
@@ -506,14 +611,6 @@ done:
         WBITS value = (rounded & ~lone_here) | (lone[j] & lone_here);                       \
         target[j] = (BITS_T)((value & ~untouched) | ((WBITS)target[j] & untouched));        \
     }
-
-/* AVX2 doubles the vector width where the machine has it (chosen when the module loads; the
- * same IEEE operations, no contraction: -ffp-contract=off, so the bits do not change). */
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define VECTOR_CLONES __attribute__((target_clones("avx2", "default")))
-#else
-#define VECTOR_CLONES
-#endif
 
 #define DEFINE_MERGE_CHANGED(NAME, BITS, WIDE, WBITS, TO_WIDE, ROUND)                        \
     VECTOR_CLONES static void NAME(BITS *restrict block, Py_ssize_t size, const BITS **tunes,             \

@@ -792,3 +792,73 @@ def test_a_bitmap_record_with_a_bad_bit_is_refused():
     with pytest.raises(ValueError, match="a bit of 0..7"):
         kernels.merge_block(0, block, 0, [record], 1, 1.0, 1, 0x7FC0,
                             np.empty(64, np.float32), np.empty(64, np.uint32))
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.data())
+def test_block_merge_runs_and_parts_equal_the_reference(data):
+    """The C block merge walks bitmaps 64 marks at a time and merges runs (a dense record,
+    a word of 64 marks) and fully touched words in vectorized loops; in parts side by side
+    (``BlockMerge.in_parts``) too.  Records as positions, as every element and as bitmaps
+    (long runs of marks at any bit offset, gaps, NaNs) give the bits of the union-based
+    reference merge, for every float dtype, rule form and weight."""
+    from sparsestitch.combine import combiners
+    from sparsestitch.combine.combiners import BlockMerge, rule_combiner
+    from sparsestitch.core.dtypes import dtype as lookup_dtype
+    from sparsestitch.core.dtypes import from_wide
+    from sparsestitch.engine import parallel
+    from sparsestitch.engine.walk import Marked, Stored
+
+    if native.kernels() is None:
+        pytest.skip("the C loops are not built")
+    dt = lookup_dtype(data.draw(st.sampled_from(["BF16", "F16", "F32", "F64"])))
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1)))
+    numel = data.draw(st.integers(1, 3000))
+    base = from_wide(rng.normal(0, 1, numel).astype(dt.wide), dt)
+    nan = from_wide(np.array([np.nan], dt.wide), dt)[0]
+    stored, rich = [], []
+    for _ in range(data.draw(st.integers(1, 4))):
+        kind = data.draw(st.sampled_from(["positions", "dense", "bitmap"]))
+        if kind == "dense":
+            mask = np.ones(numel, bool)
+        else:  # runs of marks (whole 64-bit words) between random stretches
+            mask = rng.random(numel) < data.draw(st.sampled_from([0.1, 0.86, 1.0]))
+            for _ in range(3):
+                a = int(rng.integers(0, numel))
+                mask[a:a + int(rng.integers(0, 300))] = True
+        positions = np.flatnonzero(mask).astype(np.int64)
+        finetuned = base[positions].copy()
+        moved = rng.random(positions.size) < 0.9
+        finetuned[moved] ^= rng.integers(1, 1 << 6, int(moved.sum())).astype(dt.bits)
+        if positions.size and data.draw(st.booleans()):
+            finetuned[0] = nan
+        plain = Stored(positions, finetuned, base[positions])
+        stored.append(plain)
+        if kind == "dense":
+            rich.append(Stored(None, finetuned, base[positions]))
+        elif kind == "bitmap":
+            shift = data.draw(st.integers(0, 7))
+            bits = np.packbits(np.concatenate([np.zeros(shift, bool), mask]), bitorder="little")
+            rich.append(Marked(bits, shift, finetuned, base[positions]))
+        else:
+            rich.append(plain)
+    count = len(stored)
+    rule = data.draw(st.sampled_from(["localize-stitch", "task-arithmetic"]))
+    weights = data.draw(st.lists(st.sampled_from([1.0, 0.5, -2.0]), min_size=count,
+                                 max_size=count))
+    options = {"scale": 0.7} if rule == "task-arithmetic" else {}
+    combiner = rule_combiner(rule, weights, count, **options)
+    where, bits = combiner.combine("w", dt, numel, stored)
+    want = base.copy()
+    want[where] = bits
+    merge = combiner.block_merge(dt, rich)
+    assert isinstance(merge, BlockMerge) and merge.kernels is not None
+    got = base.copy()
+    merge(got, 0)
+    np.testing.assert_array_equal(got, want)
+    with mock.patch.object(parallel, "PARALLEL_MIN", 1), \
+            mock.patch.object(BlockMerge, "WINDOW", 64):
+        split = combiner.block_merge(dt, rich)
+        got = base.copy()
+        combiners.merge_in_parts(split, got, 0, data.draw(st.integers(2, 4)))
+    np.testing.assert_array_equal(got, want)

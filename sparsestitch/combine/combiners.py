@@ -19,6 +19,7 @@ later :func:`~sparsestitch.ops.compose.stitch_add` can check it continues the sa
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ from ..core.dtypes import DType, from_wide, to_wide
 from ..core.errors import OptionError, TensorMismatchError
 from ..core.options import weights as checked_weights
 from ..delta.format import DeltaReader, digest
+from ..engine.parallel import each, parts
 from ..engine.walk import Marked, Stored, put_stored
 from .rules import MergeRule, TaskVector, get_rule
 from .union import PositionUnion, union_of
@@ -246,9 +248,40 @@ class BlockMerge:
         elif self.kernels is None:
             self.numpy(block, first)
         elif block.size:
-            self.kernels.merge_block(self.kind, block, first, self.records, self.form.mean,
-                                     float(self.form.scale), self.form.lone_exact,
-                                     CANONICAL_NAN[self.dt.name], self.total, self.count)
+            self._native(block, first, self.total, self.count)
+
+    def in_parts(self, block: np.ndarray, first: int, threads: int) -> None:
+        """``self(block, first)`` in up to ``threads`` parts merged side by side (the C
+        loop's, each with its own window scratch: the elements' operations do not depend
+        on where windows start, so the bits are the same)."""
+        cuts = ([(0, block.size)] if self.kernels is None or self.lone is not None else
+                parts(block.size, threads, self.WINDOW))
+        if len(cuts) == 1:
+            self(block, first)
+            return
+        if not block.flags.c_contiguous:
+            raise ValueError("block is not C-contiguous")
+
+        def merge_part(a: int, b: int) -> None:
+            self._native(block[a:b], first + a, np.empty(self.WINDOW, self.dt.wide),
+                         np.empty(self.WINDOW, np.uint32))
+        each([functools.partial(merge_part, a, b) for a, b in cuts], threads)
+
+    def _native(self, block: np.ndarray, first: int, total: np.ndarray, count: np.ndarray
+                ) -> None:
+        self.kernels.merge_block(self.kind, block, first, self.records, self.form.mean,
+                                 float(self.form.scale), self.form.lone_exact,
+                                 CANONICAL_NAN[self.dt.name], total, count)
+
+
+def merge_in_parts(merge: BlockMergeFunction, block: np.ndarray, first: int,
+                   threads: int) -> None:
+    """``merge(block, first)``, in up to ``threads`` parts side by side where ``merge`` is
+    a :class:`BlockMerge` that can (:meth:`BlockMerge.in_parts`)."""
+    if isinstance(merge, BlockMerge) and threads > 1:
+        merge.in_parts(block, first, threads)
+    else:
+        merge(block, first)
 
 
 class NumpyWindowMerge:

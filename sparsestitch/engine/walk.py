@@ -26,6 +26,7 @@ block arithmetic and the handling of dense records live in one place:
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -40,6 +41,7 @@ from ..core.sizes import row_items
 from ..delta.codecs.bitmap import gather_marked, marked_count
 from ..delta.format import HEADER_KEY, DeltaReader, Record, RecordCursor
 from .budget import MemoryBudget
+from .parallel import PARALLEL_MIN, each
 
 
 @dataclass(frozen=True)
@@ -207,9 +209,11 @@ def decode_at(reader: DeltaReader, record: Record, positions: np.ndarray | None,
 
 
 def decode_tensor(base: Checkpoint, readers: Sequence[DeltaReader], name: str, blocks: RowBlocks,
-                  marked: bool = False) -> tuple[list[Stored | Marked | None], np.ndarray | None]:
+                  marked: bool = False, threads: int = 1
+                  ) -> tuple[list[Stored | Marked | None], np.ndarray | None]:
     """Read base tensor ``name`` block by block, check every delta's base checksum of it, and
-    decode each delta's record of it (``marked``: a ``bitmap`` record as :class:`Marked`).
+    decode each delta's record of it (``marked``: a ``bitmap`` record as :class:`Marked`);
+    records of many entries are gathered and decoded ``threads`` at a time.
 
     Returns the decoded records (None where a delta does not store the tensor) and the base
     tensor's flat bits when it fit in one block (else None: read it again).
@@ -224,32 +228,49 @@ def decode_tensor(base: Checkpoint, readers: Sequence[DeltaReader], name: str, b
     gathered: dict[int, list[np.ndarray]] = {i: [] for i, _ in sparse}
     base_hash = BaseHash(name)
     whole = None
+    # Several large records: their gathers and decodes side by side (zstd and C release the GIL).
+    threads = threads if sum(r.count for _, r in sparse) >= PARALLEL_MIN else 1
     for start, stop, block in read_blocks(base, name, blocks, base_hash):
         lo, hi = blocks.elements(start, stop)
-        for i, bits in bitmaps.items():
-            window = bits[lo // 8:(hi + 7) // 8]
-            gathered[i].append(gather_marked(window, lo % 8, block,
-                                             marked_count(window, lo % 8, hi - lo)))
-        for i, pos in positions.items():
-            if pos is None:
-                gathered[i].append(block.copy())
-                continue
-            a, b = np.searchsorted(pos, [lo, hi])
-            # Every position of the block stored: a copy, not a gather.
-            gathered[i].append(block.copy() if b - a == hi - lo else
-                               block.take(pos[a:b] if lo == 0 else pos[a:b] - lo))
+        found = each([functools.partial(_gather_bitmap, bits, lo, hi, block)
+                      for bits in bitmaps.values()] +
+                     [functools.partial(_gather_positions, pos, lo, hi, block)
+                      for pos in positions.values()], threads)
+        for i, kept in zip([*bitmaps, *positions], found):
+            gathered[i].append(kept)
         whole = block if len(blocks.bounds) == 1 else None
     base_hash.check(zip([r.path for r in readers], records))
     stored: list[Stored | None] = [None] * len(readers)
     dt = lookup_dtype(base.entry(name).dtype)
-    for i, record in sparse:
+
+    def decode(i: int, record: Record) -> Stored | Marked:
         base_kept = np.concatenate(gathered[i]) if gathered[i] else np.empty(0, dt.bits)
         if i in bitmaps:
-            stored[i] = Marked(bitmaps[i], 0, readers[i].values(record, base_kept, payloads[i]),
-                               base_kept)
-        else:
-            stored[i] = decode_at(readers[i], record, positions[i], base_kept, payloads[i])
+            return Marked(bitmaps[i], 0, readers[i].values(record, base_kept, payloads[i]),
+                          base_kept)
+        return decode_at(readers[i], record, positions[i], base_kept, payloads[i])
+    for (i, _), entries in zip(sparse, each([functools.partial(decode, i, record)
+                                              for i, record in sparse], threads)):
+        stored[i] = entries
     return stored, whole
+
+
+def _gather_bitmap(bits: np.ndarray, lo: int, hi: int, block: np.ndarray) -> np.ndarray:
+    """The base bits a bitmap marks among elements ``lo .. hi - 1`` (``block``)."""
+    window = bits[lo // 8:(hi + 7) // 8]
+    return gather_marked(window, lo % 8, block, marked_count(window, lo % 8, hi - lo))
+
+
+def _gather_positions(pos: np.ndarray | None, lo: int, hi: int, block: np.ndarray
+                      ) -> np.ndarray:
+    """The base bits at the sorted positions among elements ``lo .. hi - 1`` (``block``;
+    None: every element)."""
+    if pos is None:
+        return block.copy()
+    a, b = np.searchsorted(pos, [lo, hi])
+    # Every position of the block stored: a copy, not a gather.
+    return (block.copy() if b - a == hi - lo else
+            block.take(pos[a:b] if lo == 0 else pos[a:b] - lo))
 
 
 class RecordRuns:

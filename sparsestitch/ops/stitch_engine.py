@@ -38,7 +38,7 @@ import numpy as np
 from ..checkpoint import Checkpoint, CheckpointWriter
 from ..checkpoint.gguf_folder import check_output_name, model_files, writes_folder
 from ..checkpoint.guard import Inputs
-from ..combine.combiners import Combiner, merges_marks
+from ..combine.combiners import Combiner, merge_in_parts, merges_marks
 from ..core.dtypes import DType
 from ..core.dtypes import dtype as lookup_dtype
 from ..core.native import keep_freed_blocks, one_malloc_arena
@@ -93,13 +93,14 @@ def run(base: str | os.PathLike, deltas: Sequence[str | os.PathLike | DeltaReade
         for reader in readers:
             check_delta_fits(base_ckpt, reader)
         added_tensors = added_records(readers) if added == "single" else {}
-        plan = _Plan(base_ckpt, readers, added_tensors, combiner, budget)
+        workers = workers_for(threads, READ_WORKERS)
+        plan = _Plan(base_ckpt, readers, added_tensors, combiner, budget,
+                     threads=max(1, workers))
         one_malloc_arena()  # decoded records freed by the writer: see its docstring
         keep_freed_blocks()  # and blocks' arrays reuse freed memory
         write_model(base_ckpt, out, plan, added_tensors, overwrite=overwrite,
                     progress=progress, budget=budget, metadata=metadata,
-                    description=description, card=card,
-                    workers=workers_for(threads, READ_WORKERS))
+                    description=description, card=card, workers=workers)
     return out
 
 
@@ -179,14 +180,14 @@ MIN_THREADED_BUDGET = 512 << 20
 
 
 class _Plan:
-    """How each output tensor of one run is prepared (read, checked, decoded, maybe merged)
-    in a reader thread, and finished (written) by the caller."""
+    """How each output tensor is prepared (read, checked, decoded, maybe merged: a large one
+    ``threads`` records or parts at a time) in a reader thread and written by the caller."""
 
     def __init__(self, base: Checkpoint, readers: Sequence[DeltaReader],
                  added: dict[str, tuple[DeltaReader, Record]], combiner: Combiner,
-                 budget: MemoryBudget):
+                 budget: MemoryBudget, threads: int = 1):
         self.base, self.readers, self.added = base, readers, added
-        self.combiner, self.budget = combiner, budget
+        self.combiner, self.budget, self.threads = combiner, budget, threads
         self.block_bytes, self.tensor_bytes = budget.block_bytes, budget.tensor_bytes
 
     def estimate(self, name: str) -> int:
@@ -225,7 +226,8 @@ class _Plan:
             return self.streamed(name, dt)
         blocks = RowBlocks.of(entry.shape, dt.itemsize, self.block_bytes)
         stored, whole = decode_tensor(base, self.readers, name, blocks,
-                                      marked=merges_marks(self.combiner, dt))
+                                      marked=merges_marks(self.combiner, dt),
+                                      threads=self.threads)
         read_block = ((lambda start, stop: whole) if whole is not None else
                       (lambda start, stop: base.read_rows(name, start, stop)))
         # One block (the common case): merge here, in the reader thread, unless the combiner
@@ -234,7 +236,7 @@ class _Plan:
         if block_wise:
             merge = combiner.block_merge(dt, stored)
             if merge_here:
-                merge(whole, 0)
+                merge_in_parts(merge, whole, 0, self.threads)
                 return lambda writer: writer.write(name, whole)
 
             def finish_blocks(writer: CheckpointWriter) -> None:
@@ -290,7 +292,8 @@ class _Plan:
                         runs.replace_into(lo, block)
                     else:
                         stored = runs.block(lo, block, marked=marked)
-                        self.combiner.block_merge(dt, stored)(block, lo)
+                        merge_in_parts(self.combiner.block_merge(dt, stored), block, lo,
+                                       self.threads)
                         del stored
                     writer.write(name, block)
                 runs.finish()
