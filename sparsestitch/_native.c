@@ -1661,15 +1661,35 @@ PyDoc_STRVAR(ulp_decode_doc,
 /* Counting sort by the exponent field: slots[e] = where the next value of exponent e is
  * stored (from the run's own histogram, or given), stable by construction. */
 #define DEFINE_ULP_DECODE(NAME, BITS, MANT, EBITS)                                           \
+    VECTOR_CLONES static void NAME##_keys(const BITS *restrict base, BITS *restrict out,    \
+                                          Py_ssize_t n)                                     \
+    {                                                                                       \
+        const BITS top = (BITS)1 << (8 * sizeof(BITS) - 1);                                 \
+        for (Py_ssize_t i = 0; i < n; i++) {                                                \
+            BITS b = base[i], z = out[i];                                                   \
+            BITS distance = (BITS)((z >> 1) ^ ((BITS)0 - (z & 1u)));                        \
+            BITS key = (BITS)(b ^ (((BITS)0 - (BITS)(b >> (8 * sizeof(BITS) - 1))) | top)); \
+            key = (BITS)(key + distance);                                                   \
+            out[i] = (BITS)(key ^ (((BITS)0 - (BITS)((key >> (8 * sizeof(BITS) - 1)) ^ 1u)) \
+                                   | top));                                                 \
+        }                                                                                   \
+    }                                                                                       \
     static int NAME(const uint8_t *restrict planes, Py_ssize_t stride,                      \
                     const BITS *restrict base, BITS *restrict out, Py_ssize_t n,            \
                     Py_ssize_t *restrict slots, const int64_t *first, const int64_t *limit) \
     {                                                                                       \
-        const BITS top = (BITS)1 << (8 * sizeof(BITS) - 1);                                 \
         const BITS emask = (BITS)((1u << (EBITS)) - 1u);                                    \
-        if (first == NULL) {                                                                \
-            for (Py_ssize_t i = 0; i < n; i++)                                              \
-                slots[(base[i] >> (MANT)) & emask]++;                                       \
+        const Py_ssize_t fields = (Py_ssize_t)1 << (EBITS);                                 \
+        if (first == NULL) {  /* four histograms: four chains of increments, not one */      \
+            Py_ssize_t *restrict tables = slots + fields, i = 0;                            \
+            for (; i + 4 <= n; i += 4)                                                      \
+                for (int t = 0; t < 4; t++)                                                 \
+                    tables[t * fields + ((base[i + t] >> (MANT)) & emask)]++;               \
+            for (; i < n; i++)                                                              \
+                tables[(base[i] >> (MANT)) & emask]++;                                      \
+            for (Py_ssize_t e = 0; e < fields; e++)                                         \
+                slots[e] = tables[e] + tables[fields + e] + tables[2 * fields + e]          \
+                           + tables[3 * fields + e];                                        \
             Py_ssize_t at = 0;                                                              \
             for (Py_ssize_t e = 0; e < ((Py_ssize_t)1 << (EBITS)); e++) {                   \
                 Py_ssize_t count = slots[e];                                                \
@@ -1680,19 +1700,15 @@ PyDoc_STRVAR(ulp_decode_doc,
             for (Py_ssize_t e = 0; e < ((Py_ssize_t)1 << (EBITS)); e++)                     \
                 slots[e] = (Py_ssize_t)first[e];                                            \
         }                                                                                   \
+        /* the zigzagged distances put back in kept order, then (vectorized) onto the keys */ \
         for (Py_ssize_t i = 0; i < n; i++) {                                                \
-            BITS b = base[i], z;                                                            \
-            Py_ssize_t e = (Py_ssize_t)((b >> (MANT)) & emask);                             \
+            Py_ssize_t e = (Py_ssize_t)((base[i] >> (MANT)) & emask);                       \
             Py_ssize_t j = slots[e]++;                                                      \
             if (limit != NULL && (j < 0 || j >= (Py_ssize_t)limit[e] || j >= stride))       \
                 return -1;                                                                  \
-            FROM_PLANES(BITS, planes, stride, j, z);                                        \
-            BITS distance = (BITS)((z >> 1) ^ ((BITS)0 - (z & 1u)));                        \
-            BITS key = (BITS)(b ^ (((BITS)0 - (BITS)(b >> (8 * sizeof(BITS) - 1))) | top)); \
-            key = (BITS)(key + distance);                                                   \
-            out[i] = (BITS)(key ^ (((BITS)0 - (BITS)((key >> (8 * sizeof(BITS) - 1)) ^ 1u)) \
-                                   | top));                                                 \
+            FROM_PLANES(BITS, planes, stride, j, out[i]);                                   \
         }                                                                                   \
+        NAME##_keys(base, out, n);                                                          \
         return 0;                                                                           \
     }
 
@@ -1741,7 +1757,7 @@ static PyObject *ulp_decode(PyObject *self, PyObject *args)
         PyErr_SetString(PyExc_ValueError, "planes, base bits and out differ in length");
         goto done;
     }
-    slots = PyMem_Calloc((size_t)1 << 11, sizeof(Py_ssize_t));
+    slots = PyMem_Calloc((size_t)5 << 11, sizeof(Py_ssize_t));  /* a table, four histograms */
     if (slots == NULL) {
         PyErr_NoMemory();
         goto done;
