@@ -188,6 +188,227 @@ static inline void mark_word(uint64_t *marks, int64_t offset, uint64_t word)
 static inline uint64_t bits_at(const uint8_t *bytes, uint64_t bit);
 static inline uint64_t tail_bits(const uint8_t *bytes, uint64_t bit, uint64_t n);
 
+/* ---- 64 marks of a bitmap record at a time, in AVX2 (x86-64, where the CPU has it) ---- */
+
+/* A word of marks (some clear) merges eight elements at a time: each byte of marks picks,
+ * through a shuffle table, which of the record's next entries land in which of its eight
+ * elements; the entries are widened, subtracted, weighted and added exactly as
+ * ACCUMULATE_VALUE does (the same IEEE operations in the same order, vector lanes instead
+ * of scalars), and only the marked lanes of total[], count[], lone[] and unit[] change. */
+#if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)
+#include <immintrin.h>
+#define HAVE_MERGE_WORDS 1
+static int merge_words_ok;                          /* the CPU has AVX2: set at import */
+static uint8_t EXPAND16[256][16];                   /* pshufb: 8 x 16-bit entries to lanes */
+static int32_t EXPAND32[256][8];                    /* permutevar: 8 x 32-bit entries */
+static int32_t LANES[256][8];                       /* -1 in the marked lanes */
+static int16_t LANES16[256][8];
+static uint8_t COMPRESS16[256][16];                 /* pshufb: marked 16-bit lanes packed */
+static int32_t COMPRESS32[256][8];                  /* permutevar: marked 32-bit lanes packed */
+static uint8_t POP8[256];
+
+static void merge_words_init(void)
+{
+    for (int m = 0; m < 256; m++) {
+        int s = 0;
+        for (int lane = 0; lane < 8; lane++) {
+            int marked = m >> lane & 1;
+            EXPAND16[m][2 * lane] = marked ? (uint8_t)(2 * s) : 0x80u;
+            EXPAND16[m][2 * lane + 1] = marked ? (uint8_t)(2 * s + 1) : 0x80u;
+            EXPAND32[m][lane] = marked ? s : 0;
+            LANES[m][lane] = marked ? -1 : 0;
+            LANES16[m][lane] = (int16_t)LANES[m][lane];
+            if (marked) {
+                COMPRESS16[m][2 * s] = (uint8_t)(2 * lane);
+                COMPRESS16[m][2 * s + 1] = (uint8_t)(2 * lane + 1);
+                COMPRESS32[m][s] = lane;
+            }
+            s += marked;
+        }
+        for (int rest = s; rest < 8; rest++) {  /* lanes past the marked ones: anything */
+            COMPRESS16[m][2 * rest] = COMPRESS16[m][2 * rest + 1] = 0x80u;
+            COMPRESS32[m][rest] = 0;
+        }
+        POP8[m] = (uint8_t)s;
+    }
+    __builtin_cpu_init();
+    merge_words_ok = __builtin_cpu_supports("avx2");
+}
+
+/* Eight elements' lone[] and unit[] where they are first touched (lone_exact). */
+__attribute__((target("avx2")))
+static inline void first_touch(__m256i lanes, __m256i counts, const void *entries,
+                               void *lone, int wide32, uint8_t *unit, int weighted)
+{
+    __m256i first = _mm256_and_si256(lanes, _mm256_cmpeq_epi32(counts, _mm256_setzero_si256()));
+    if (wide32) {
+        __m256i old = _mm256_loadu_si256((const __m256i *)lone);
+        __m256i new = _mm256_loadu_si256((const __m256i *)entries);
+        _mm256_storeu_si256((__m256i *)lone, _mm256_blendv_epi8(old, new, first));
+    } else {
+        __m128i first16 = _mm_packs_epi32(_mm256_castsi256_si128(first),
+                                          _mm256_extracti128_si256(first, 1));
+        __m128i old = _mm_loadu_si128((const __m128i *)lone);
+        __m128i new = _mm_loadu_si128((const __m128i *)entries);
+        _mm_storeu_si128((__m128i *)lone, _mm_blendv_epi8(old, new, first16));
+    }
+    __m128i first16 = _mm_packs_epi32(_mm256_castsi256_si128(first),
+                                      _mm256_extracti128_si256(first, 1));
+    uint64_t mask = (uint64_t)_mm_cvtsi128_si64(_mm_packs_epi16(first16, first16)), u;
+    memcpy(&u, unit, 8);
+    u = (u & ~mask) | (mask & (weighted ? 0 : 0x0101010101010101ull));
+    memcpy(unit, &u, 8);
+}
+
+/* The lanes' sum: total + tau where marked, total elsewhere; count + 1 where marked. */
+__attribute__((target("avx2")))
+static inline void add_lanes(__m256 tau, __m256i lanes, float *total, uint32_t *count)
+{
+    __m256 before = _mm256_loadu_ps(total);
+    _mm256_storeu_ps(total, _mm256_blendv_ps(before, _mm256_add_ps(before, tau),
+                                             _mm256_castsi256_ps(lanes)));
+    __m256i c = _mm256_loadu_si256((const __m256i *)count);
+    _mm256_storeu_si256((__m256i *)count, _mm256_sub_epi32(c, lanes));
+}
+
+/* A word of bfloat16 marks; the record holds at least 64 entries from `finetuned` on. */
+__attribute__((target("avx2")))
+static void merge_word_bf16(uint64_t word, const uint16_t *finetuned, const uint16_t *base,
+                            float *total, uint32_t *count, uint16_t *lone, uint8_t *unit,
+                            int weighted, float weight, int lone_exact)
+{
+    const __m256 w = _mm256_set1_ps(weight);
+    for (int byte = 0; byte < 8; byte++, word >>= 8) {
+        unsigned m = (unsigned)(word & 0xFFu);
+        if (!m)
+            continue;
+        int at = 8 * byte;
+        __m128i shuffle = _mm_loadu_si128((const __m128i *)EXPAND16[m]);
+        __m128i f16 = _mm_shuffle_epi8(_mm_loadu_si128((const __m128i *)finetuned), shuffle);
+        __m128i b16 = _mm_shuffle_epi8(_mm_loadu_si128((const __m128i *)base), shuffle);
+        __m256 f = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(f16), 16));
+        __m256 b = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(b16), 16));
+        __m256 tau = _mm256_sub_ps(f, b);
+        if (weighted)
+            tau = _mm256_mul_ps(tau, w);
+        __m256i lanes = _mm256_loadu_si256((const __m256i *)LANES[m]);
+        if (lone_exact) {
+            uint16_t spread[8];
+            _mm_storeu_si128((__m128i *)spread, f16);
+            first_touch(lanes, _mm256_loadu_si256((const __m256i *)(count + at)), spread,
+                        lone + at, 0, unit + at, weighted);
+        }
+        add_lanes(tau, lanes, total + at, count + at);
+        finetuned += POP8[m];
+        base += POP8[m];
+    }
+}
+
+/* A word of float32 marks; the record holds at least 64 entries from `finetuned` on. */
+__attribute__((target("avx2")))
+static void merge_word_f32(uint64_t word, const uint32_t *finetuned, const uint32_t *base,
+                           float *total, uint32_t *count, uint32_t *lone, uint8_t *unit,
+                           int weighted, float weight, int lone_exact)
+{
+    const __m256 w = _mm256_set1_ps(weight);
+    for (int byte = 0; byte < 8; byte++, word >>= 8) {
+        unsigned m = (unsigned)(word & 0xFFu);
+        if (!m)
+            continue;
+        int at = 8 * byte;
+        __m256i index = _mm256_loadu_si256((const __m256i *)EXPAND32[m]);
+        __m256i lanes = _mm256_loadu_si256((const __m256i *)LANES[m]);
+        __m256i f32 = _mm256_and_si256(lanes, _mm256_permutevar8x32_epi32(
+            _mm256_loadu_si256((const __m256i *)finetuned), index));
+        __m256i b32 = _mm256_and_si256(lanes, _mm256_permutevar8x32_epi32(
+            _mm256_loadu_si256((const __m256i *)base), index));
+        __m256 tau = _mm256_sub_ps(_mm256_castsi256_ps(f32), _mm256_castsi256_ps(b32));
+        if (weighted)
+            tau = _mm256_mul_ps(tau, w);
+        if (lone_exact) {
+            uint32_t spread[8];
+            _mm256_storeu_si256((__m256i *)spread, f32);
+            first_touch(lanes, _mm256_loadu_si256((const __m256i *)(count + at)), spread,
+                        lone + at, 1, unit + at, weighted);
+        }
+        add_lanes(tau, lanes, total + at, count + at);
+        finetuned += POP8[m];
+        base += POP8[m];
+    }
+}
+
+/* bitmap_move of a word of marks (some clear), eight elements at a time: the marked
+ * elements of `block` packed into `values` (get), or `values` spread onto them (put);
+ * `values` holds at least 64 entries from here (8 more may be read or written past the
+ * word's own: the caller checks). */
+__attribute__((target("avx2")))
+static void move_word_16(uint64_t word, uint16_t *block, uint16_t *values, int put)
+{
+    for (int byte = 0; byte < 8; byte++, word >>= 8, block += 8) {
+        unsigned m = (unsigned)(word & 0xFFu);
+        if (!m)
+            continue;
+        if (put) {
+            __m128i spread = _mm_shuffle_epi8(_mm_loadu_si128((const __m128i *)values),
+                                              _mm_loadu_si128((const __m128i *)EXPAND16[m]));
+            __m128i old = _mm_loadu_si128((const __m128i *)block);
+            _mm_storeu_si128((__m128i *)block, _mm_blendv_epi8(
+                old, spread, _mm_loadu_si128((const __m128i *)LANES16[m])));
+        } else {
+            _mm_storeu_si128((__m128i *)values, _mm_shuffle_epi8(
+                _mm_loadu_si128((const __m128i *)block),
+                _mm_loadu_si128((const __m128i *)COMPRESS16[m])));
+        }
+        values += POP8[m];
+    }
+}
+
+__attribute__((target("avx2")))
+static void move_word_32(uint64_t word, uint32_t *block, uint32_t *values, int put)
+{
+    for (int byte = 0; byte < 8; byte++, word >>= 8, block += 8) {
+        unsigned m = (unsigned)(word & 0xFFu);
+        if (!m)
+            continue;
+        if (put) {
+            __m256i spread = _mm256_permutevar8x32_epi32(
+                _mm256_loadu_si256((const __m256i *)values),
+                _mm256_loadu_si256((const __m256i *)EXPAND32[m]));
+            __m256i old = _mm256_loadu_si256((const __m256i *)block);
+            _mm256_storeu_si256((__m256i *)block, _mm256_blendv_epi8(
+                old, spread, _mm256_loadu_si256((const __m256i *)LANES[m])));
+        } else {
+            _mm256_storeu_si256((__m256i *)values, _mm256_permutevar8x32_epi32(
+                _mm256_loadu_si256((const __m256i *)block),
+                _mm256_loadu_si256((const __m256i *)COMPRESS32[m])));
+        }
+        values += POP8[m];
+    }
+}
+#else
+#define HAVE_MERGE_WORDS 0
+static const int merge_words_ok = 0;
+static void merge_words_init(void) {}
+static void move_word_16(uint64_t word, uint16_t *block, uint16_t *values, int put) {}
+static void move_word_32(uint64_t word, uint32_t *block, uint32_t *values, int put) {}
+static void merge_word_bf16(uint64_t word, const uint16_t *finetuned, const uint16_t *base,
+                            float *total, uint32_t *count, uint16_t *lone, uint8_t *unit,
+                            int weighted, float weight, int lone_exact) {}
+static void merge_word_f32(uint64_t word, const uint32_t *finetuned, const uint32_t *base,
+                           float *total, uint32_t *count, uint32_t *lone, uint8_t *unit,
+                           int weighted, float weight, int lone_exact) {}
+#endif
+/* 1- and 8-byte items, float16 and float64 words take the scalar loops (never called). */
+static void move_word_8(uint64_t word, uint8_t *block, uint8_t *values, int put) {}
+static void move_word_64(uint64_t word, uint64_t *block, uint64_t *values, int put) {}
+static void merge_word_f16(uint64_t word, const uint16_t *finetuned, const uint16_t *base,
+                           float *total, uint32_t *count, uint16_t *lone, uint8_t *unit,
+                           int weighted, float weight, int lone_exact) {}
+static void merge_word_f64(uint64_t word, const uint64_t *finetuned, const uint64_t *base,
+                           double *total, uint32_t *count, uint64_t *lone, uint8_t *unit,
+                           int weighted, double weight, int lone_exact) {}
+
+
 /* ACCUMULATE_VALUE of n consecutive entries into n consecutive elements, as loops the
  * compiler vectorizes. */
 #define DEFINE_MERGE_RUN(NAME, BITS, WIDE, TO_WIDE)                                          \
@@ -245,7 +466,7 @@ static inline uint64_t tail_bits(const uint8_t *bytes, uint64_t bit, uint64_t n)
         }                                                                                   \
     }
 
-#define DEFINE_MERGE(NAME, BITS, WIDE, TO_WIDE, ROUND)                                       \
+#define DEFINE_MERGE(NAME, BITS, WIDE, TO_WIDE, ROUND, WORD, WORD_OK)                      \
     DEFINE_MERGE_RUN(NAME##_run, BITS, WIDE, TO_WIDE)                                        \
     DEFINE_FINISH_RUN(NAME##_finish, BITS, WIDE, TO_WIDE, ROUND)                             \
     static Py_ssize_t NAME(BITS *restrict block, int64_t first, Py_ssize_t size,             \
@@ -293,6 +514,13 @@ static inline uint64_t tail_bits(const uint8_t *bytes, uint64_t bit, uint64_t n)
                                        count + offset, lone + offset, unit + offset, 64,    \
                                        weighted, weight, lone_exact);                       \
                             k += 64;                                                        \
+                            continue;                                                       \
+                        }                                                                   \
+                        if ((WORD_OK) && n - k >= 64) {  /* reads 64 entries at most */     \
+                            WORD(word, finetuned + k, base + k, total + offset,             \
+                                 count + offset, lone + offset, unit + offset, weighted,    \
+                                 weight, lone_exact);                                       \
+                            k += ones;                                                      \
                             continue;                                                       \
                         }                                                                   \
                         for (; word; word &= word - 1u) {                                   \
@@ -358,10 +586,10 @@ static inline uint64_t tail_bits(const uint8_t *bytes, uint64_t bit, uint64_t n)
         return -1;                                                                          \
     }
 
-DEFINE_MERGE(merge_bf16, uint16_t, float, bf16_wide, bf16_round)
-DEFINE_MERGE(merge_f16, uint16_t, float, f16_wide, f16_round)
-DEFINE_MERGE(merge_f32, uint32_t, float, f32_wide, f32_round)
-DEFINE_MERGE(merge_f64, uint64_t, double, f64_wide, f64_round)
+DEFINE_MERGE(merge_bf16, uint16_t, float, bf16_wide, bf16_round, merge_word_bf16, merge_words_ok)
+DEFINE_MERGE(merge_f16, uint16_t, float, f16_wide, f16_round, merge_word_f16, 0)
+DEFINE_MERGE(merge_f32, uint32_t, float, f32_wide, f32_round, merge_word_f32, merge_words_ok)
+DEFINE_MERGE(merge_f64, uint64_t, double, f64_wide, f64_round, merge_word_f64, 0)
 
 static int get_buffer(PyObject *object, Py_buffer *view, int writable, Py_ssize_t itemsize,
                       const char *what)
@@ -992,35 +1220,35 @@ PyDoc_STRVAR(bitmap_move_doc,
 "size).  ``put`` false: copy the marked elements of ``block`` into ``values`` (a gather);\n"
 "true: copy ``values`` into them (a scatter).  No position array is built.");
 
-#define DEFINE_BITMAP_MOVE(NAME, T)                                                        \
+#define DEFINE_BITMAP_MOVE(NAME, T, WORD, WORD_OK)                                         \
     static void NAME(const uint8_t *bytes, unsigned long long first, Py_ssize_t n,          \
-                     T *restrict block, T *restrict values, int put)                        \
+                     T *restrict block, T *restrict values, int put, Py_ssize_t marked)     \
     {                                                                                      \
         Py_ssize_t i = 0;                                                                  \
-        if (put)                                                                           \
-            FOR_BITMAP_WORDS(bytes, first, n, {                                            \
-                if (word == ~(uint64_t)0) {                                                \
+        FOR_BITMAP_WORDS(bytes, first, n, {                                                \
+            if (word == ~(uint64_t)0) {                                                    \
+                if (put)                                                                   \
                     memcpy(block + at, values + i, 64 * sizeof(T));                        \
-                    i += 64;                                                               \
-                } else                                                                     \
-                    for (; word; word &= word - 1u)                                        \
-                        block[at + __builtin_ctzll(word)] = values[i++];                   \
-            });                                                                            \
-        else                                                                               \
-            FOR_BITMAP_WORDS(bytes, first, n, {                                            \
-                if (word == ~(uint64_t)0) {                                                \
+                else                                                                       \
                     memcpy(values + i, block + at, 64 * sizeof(T));                        \
-                    i += 64;                                                               \
-                } else                                                                     \
-                    for (; word; word &= word - 1u)                                        \
-                        values[i++] = block[at + __builtin_ctzll(word)];                   \
-            });                                                                            \
+                i += 64;                                                                   \
+            } else if ((WORD_OK) && word && marked - i >= 64 && n - (Py_ssize_t)at >= 64) { \
+                WORD(word, block + at, values + i, put);                                   \
+                i += __builtin_popcountll(word);                                           \
+            } else if (put) {                                                              \
+                for (; word; word &= word - 1u)                                            \
+                    block[at + __builtin_ctzll(word)] = values[i++];                       \
+            } else {                                                                       \
+                for (; word; word &= word - 1u)                                            \
+                    values[i++] = block[at + __builtin_ctzll(word)];                       \
+            }                                                                              \
+        });                                                                                \
     }
 
-DEFINE_BITMAP_MOVE(bitmap_move_1, uint8_t)
-DEFINE_BITMAP_MOVE(bitmap_move_2, uint16_t)
-DEFINE_BITMAP_MOVE(bitmap_move_4, uint32_t)
-DEFINE_BITMAP_MOVE(bitmap_move_8, uint64_t)
+DEFINE_BITMAP_MOVE(bitmap_move_1, uint8_t, move_word_8, 0)
+DEFINE_BITMAP_MOVE(bitmap_move_2, uint16_t, move_word_16, merge_words_ok)
+DEFINE_BITMAP_MOVE(bitmap_move_4, uint32_t, move_word_32, merge_words_ok)
+DEFINE_BITMAP_MOVE(bitmap_move_8, uint64_t, move_word_64, 0)
 
 static PyObject *bitmap_move(PyObject *self, PyObject *args)
 {
@@ -1055,10 +1283,10 @@ static PyObject *bitmap_move(PyObject *self, PyObject *args)
     }
     Py_BEGIN_ALLOW_THREADS
     switch (itemsize) {
-    case 1: bitmap_move_1(bits.buf, first, n, block.buf, values.buf, put); break;
-    case 2: bitmap_move_2(bits.buf, first, n, block.buf, values.buf, put); break;
-    case 4: bitmap_move_4(bits.buf, first, n, block.buf, values.buf, put); break;
-    default: bitmap_move_8(bits.buf, first, n, block.buf, values.buf, put); break;
+    case 1: bitmap_move_1(bits.buf, first, n, block.buf, values.buf, put, marked); break;
+    case 2: bitmap_move_2(bits.buf, first, n, block.buf, values.buf, put, marked); break;
+    case 4: bitmap_move_4(bits.buf, first, n, block.buf, values.buf, put, marked); break;
+    default: bitmap_move_8(bits.buf, first, n, block.buf, values.buf, put, marked); break;
     }
     Py_END_ALLOW_THREADS
     result = Py_NewRef(Py_None);
@@ -3322,5 +3550,6 @@ static struct PyModuleDef module = {
 
 PyMODINIT_FUNC PyInit__native(void)
 {
+    merge_words_init();
     return PyModule_Create(&module);
 }

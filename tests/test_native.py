@@ -683,6 +683,31 @@ def test_bitmap_windows_in_c_match_numpy(raw, first, n, item):
 
 
 @needs_kernels
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), first=st.integers(0, 7), n=st.integers(0, 3000),
+       density=st.sampled_from([0.05, 0.5, 0.86, 0.99]),
+       item=st.sampled_from([np.uint8, np.uint16, np.uint32, np.uint64]))
+def test_bitmap_moves_of_long_windows_match_numpy(seed, first, n, density, item):
+    """Long windows take the loops that move eight elements at a time (16- and 32-bit items
+    where the CPU has AVX2): the same elements as numpy's unpacked bits, and put leaves the
+    unmarked elements alone."""
+    from sparsestitch.delta.codecs import bitmap
+    rng = np.random.default_rng(seed)
+    marks = rng.random(first + n) < density
+    window = np.packbits(marks, bitorder="little")
+    marks = marks[first:]
+    block = rng.integers(0, np.iinfo(item).max, n, dtype=np.uint64).astype(item)
+    count = int(marks.sum())
+    np.testing.assert_array_equal(bitmap.gather_marked(window, first, block, count), block[marks])
+    values = rng.integers(0, np.iinfo(item).max, count, dtype=np.uint64).astype(item)
+    put = block.copy()
+    bitmap.put_marked(window, first, put, values)
+    expected = block.copy()
+    expected[marks] = values
+    np.testing.assert_array_equal(put, expected)
+
+
+@needs_kernels
 def test_bitmap_move_refuses_a_wrong_count_or_range():
     window = np.array([0b1011], np.uint8)
     block = np.zeros(8, np.uint16)
