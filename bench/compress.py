@@ -21,7 +21,8 @@ Jobs (each in a fresh process, ``bench/common.py``; rounds interleaved with the 
 ``lowrank 1/32`` (``--low-rank --max-size`` 1/32); ``merge 1%`` (``merge --rule localize-stitch --keep 0.01`` from the
 fine-tune) against its own floor (read base and fine-tune, write a model); ``stitch 4 full``
 (4 lossless deltas stitched, task arithmetic) against its own (read base and the 4 deltas,
-write a model).  ``--max-memory``
+write a model); ``stitch 4 default`` (4 default deltas stitched by the default rule,
+Localize-and-Stitch) likewise.  ``--max-memory``
 runs every mode again with that budget.  Reported: wall seconds (best round), CPU seconds
 (all threads), peak RSS over the interpreter's own before the call, the ratio to the floor
 measured in the same rounds, and the output's bytes.
@@ -49,7 +50,7 @@ sys.path.insert(0, str(BENCH))
 from common import describe_machine, interleaved, machine, table, write_json  # noqa: E402
 
 MODES = ("default", "lossless", "1% fidelity", "1% global", "d1 b2", "max_size 1/32",
-         "merge 1%", "stitch 4 full", "lowrank", "lowrank 1/32")
+         "merge 1%", "stitch 4 full", "stitch 4 default", "lowrank", "lowrank 1/32")
 READ_CHUNK = 64 << 20
 
 
@@ -93,10 +94,12 @@ def job_merge(base: str, tune: str, out: str, max_memory: str) -> dict:
     return {"bytes": _size(Path(out))}
 
 
-def job_stitch(base: str, deltas: str, out: str, max_memory: str) -> dict:
+def job_stitch(base: str, deltas: str, out: str, max_memory: str,
+               rule: str = "task-arithmetic") -> dict:
     import sparsestitch
-    sparsestitch.stitch(base, deltas.split(","), out, rule="task-arithmetic", scale=0.25,
-                        overwrite=True, max_memory=max_memory or None)
+    options = {"scale": 0.25} if rule == "task-arithmetic" else {}
+    sparsestitch.stitch(base, deltas.split(","), out, rule=rule, overwrite=True,
+                        max_memory=max_memory or None, **options)
     return {"bytes": _size(Path(out))}
 
 
@@ -154,6 +157,15 @@ def full_deltas(model: dict, scratch: Path, count: int = 4) -> list[Path]:
     return [first] * count
 
 
+def default_deltas(model: dict, scratch: Path, count: int = 4) -> list[Path]:
+    """``count`` default deltas of the model's fine-tune (the same one)."""
+    import sparsestitch
+    first = scratch / "default-for-stitch.delta"
+    if not first.exists():
+        sparsestitch.compress(model["base"], model["tune"], first)
+    return [first] * count
+
+
 # ---- driver ----
 
 def jobs_for(model: dict, scratch: Path, modes: list[str], max_memory: str,
@@ -168,6 +180,10 @@ def jobs_for(model: dict, scratch: Path, modes: list[str], max_memory: str,
         deltas = ",".join(str(p) for p in full_deltas(model, scratch))
         specs["floor (stitch)"] = ("job_floor", f"{base},{deltas}", str(model_bytes),
                                    str(scratch / "floor-stitch.bin"))
+    if "stitch 4 default" in modes:
+        deltas = ",".join(str(p) for p in default_deltas(model, scratch))
+        specs["floor (stitch default)"] = ("job_floor", f"{base},{deltas}", str(model_bytes),
+                                           str(scratch / "floor-stitch-default.bin"))
     options = {"default": {}, "lossless": {"lossless": True},
                "1% fidelity": {"density": 0.01}, "1% global": {"density": 0.01, "scope": "global"},
                "d1 b2": {"density": 1.0, "bits": 2},
@@ -184,6 +200,10 @@ def jobs_for(model: dict, scratch: Path, modes: list[str], max_memory: str,
         elif mode == "stitch 4 full":
             deltas = ",".join(str(p) for p in full_deltas(model, scratch))
             specs[mode] = ("job_stitch", base, deltas, str(scratch / "stitched"), max_memory)
+        elif mode == "stitch 4 default":
+            deltas = ",".join(str(p) for p in default_deltas(model, scratch))
+            specs[mode] = ("job_stitch", base, deltas, str(scratch / "stitched-default"),
+                           max_memory, "localize-stitch")
     return {name: {"target": f"compress:{fn}", "args": args, "sys_path": [str(tree), str(BENCH)],
                    "preload": ["numpy", "sparsestitch"]}
             for name, (fn, *args) in specs.items()}
@@ -206,7 +226,8 @@ def run_model(model: dict, modes: list[str], repeat: int, max_memory: str, scrat
     rows = []
     for name, result in measured.items():
         kind = name if name.startswith("floor") else name.split(" (")[0]
-        floor = measured[{"merge 1%": "floor (merge)", "stitch 4 full": "floor (stitch)"
+        floor = measured[{"merge 1%": "floor (merge)", "stitch 4 full": "floor (stitch)",
+                          "stitch 4 default": "floor (stitch default)"
                           }.get(kind, kind if kind.startswith("floor") else "floor")]
         rows.append({"mode": name, "wall_s": result["best_s"], "cpu_s": result["cpu_s"],
                      "x_floor": result["best_s"] / floor["best_s"],
