@@ -18,8 +18,9 @@ and baselines written through sparsestitch's own packer so that bytes compare: t
 dataless global top-k, per-tensor top-k, BitDelta-style (density 1, 1 bit, one scale),
 ComPEFT-style (top-k, 1 bit, one scale), DARE-style (random keep with 1/p rescale, then
 stored losslessly), UltraDelta-style (uniform quantization, value-grouped random pruning at
-variance-ranked rates, rescale; then the kept positions and values through our packer) and
-lossless.  A merge section stitches the deltas of a few
+variance-ranked rates, rescale; then the kept positions and values through our packer),
+D-QReLO-style (a 1-bit delta, then the residual's delta by ``--low-rank --max-size``; both
+files' bytes) and lossless.  A merge section stitches the deltas of a few
 configurations with localize-stitch and scores every task.
 
 Every measured point is cached in ``<cache>/bench/points.json``, keyed by fine-tune and
@@ -88,6 +89,10 @@ DARE_SEED = 0
 #: UltraDelta-style (Wang et al. 2025): (share of elements kept, bits of the uniform
 #: quantizer); about 32x and 100x smaller once the positions are counted.
 ULTRADELTA = ((0.1, 4), (0.03, 4))
+#: D-QReLO-style (Li et al. 2026): a 1-bit layer of every tensor (BitDelta's sign and one
+#: scale, about 1/32 of a float32 fine-tune), then the residual within 1/d of the fine-tune's
+#: float32 bytes by ``--low-rank --max-size`` (low-rank where it is cheaper): d below.
+DQRELO_RESIDUAL = (64, 200)
 #: Exact (unquantized) fidelity-scope densities between the grid's, for the reduced plan's
 #: density sweep (1%, 5%, 20%).
 EXTRA_DENSITIES = (0.05, 0.2)
@@ -115,6 +120,7 @@ class Config:
     size_divisor: int | None = None    # max_size = the fine-tune's float32 bytes / this
     dare_keep: float | None = None     # DARE-style: keep probability p of the modified tune
     ultradelta: tuple[float, int] | None = None   # UltraDelta-style: (kept share, bits)
+    dqrelo: int | None = None          # D-QReLO-style: the residual's size divisor
 
     def compress_options(self, tune: "Tune") -> dict:
         """compress() keyword arguments for this fine-tune (a size target is relative)."""
@@ -164,6 +170,7 @@ def all_configs() -> dict[str, Config]:
     configs += [Config(f"DARE p{p:g}", "DARE-style", dare_keep=p) for p in DARE_KEEP]
     configs += [Config(f"UltraDelta k{k:g} b{b}", "UltraDelta-style", ultradelta=(k, b))
                 for k, b in ULTRADELTA]
+    configs += [Config(f"D-QReLO r1/{d}", "D-QReLO-style", dqrelo=d) for d in DQRELO_RESIDUAL]
     configs += [grid_config(d, b, g) for d in DENSITIES for b, g in BIT_COLUMNS]
     configs += [grid_config(d, None, None) for d in EXTRA_DENSITIES]
     return {c.label: c for c in configs}
@@ -178,7 +185,8 @@ MAIN = CANDIDATES + ("lossless", "d0.01 exact", "global d0.01", "per-tensor d0.0
                      *(f"max_size 1/{d}" for d in SIZE_DIVISORS),
                      *(f"lowrank 1/{d}" for d in LOW_RANK_DIVISORS), "lowrank",
                      *(f"DARE p{p:g}" for p in DARE_KEEP),
-                     *(f"UltraDelta k{k:g} b{b}" for k, b in ULTRADELTA))
+                     *(f"UltraDelta k{k:g} b{b}" for k, b in ULTRADELTA),
+                     *(f"D-QReLO r1/{d}" for d in DQRELO_RESIDUAL))
 #: Deltas kept on disk and stitched in the merge section.
 MERGE_CONFIGS = ("default", "d0.01 exact", "global d0.01", "max_error 0.5", "d1 b2", "lossless",
                  "lowrank 1/32")
@@ -358,6 +366,11 @@ class Bench:
         if cached is not None:
             return cached
         started = time.perf_counter()
+        if config.dqrelo:   # two deltas, one after the other: its own path
+            entry = {**self._dqrelo_point(tune, config), "point_s": time.perf_counter() - started}
+            entry = self.cache.put(key, [tune.digest], entry)
+            _log_point(tune, config, entry)
+            return entry
         delta, made = self._compress(tune, config)
         delta_sha = [digest_files([delta])]
         same = self.cache.same_delta(f"point|{tune.key}|", [tune.digest], delta_sha)
@@ -401,10 +414,49 @@ class Bench:
             "kept": summary.kept, "relative_error": relative_error, "fidelity": fidelity,
             "compress_s": summary.seconds, "warnings": summary.warnings, **dare}
 
-    def _restore_and_score(self, tune: Tune, delta: Path) -> dict:
+    def _dqrelo_point(self, tune: Tune, config: Config) -> dict:
+        """D-QReLO-style: a 1-bit delta of the fine-tune (``d1 b1 g0``), restored; then the
+        delta of what it leaves (the fine-tune against that model) by ``--low-rank
+        --max-size``; the point's size is both files' bytes, its quality that of the second
+        restored onto the first."""
+        layer_path = self.scratch / "dqrelo-layer.delta"
+        layer_options = CONFIGS["d1 b1 g0"].options
+        layer = sparsestitch.compress(tune.base, tune.folder, layer_path, overwrite=True,
+                                      threads=self.threads, **layer_options)[0]
+        first = self.scratch / "dqrelo-layer"
+        sparsestitch.restore(tune.base, layer_path, first, overwrite=True, threads=self.threads)
+        residual_path = self.delta_path(tune, config)
+        residual_path.parent.mkdir(parents=True, exist_ok=True)
+        options = {"low_rank": True, "max_size": tune.f32_bytes // config.dqrelo}
+        residual = sparsestitch.compress(first, tune.folder, residual_path, overwrite=True,
+                                         threads=self.threads, **options)[0]
+        try:
+            scores = self._restore_and_score(tune, residual_path, onto=first)
+        finally:
+            shutil.rmtree(first)
+        delta_sha = [digest_files([layer_path, residual_path])]
+        nbytes = layer.nbytes + residual.nbytes
+        errors = [summary.fidelity.get("relative_error") for summary in (layer, residual)]
+        layer_path.unlink()
+        residual_path.unlink()
+        return {
+            "options": {"layer": layer_options, "residual": options}, "bytes": nbytes,
+            "parameters": layer.candidates, "f32_bytes": tune.f32_bytes,
+            "x_smaller": tune.f32_bytes / nbytes,
+            "bits_per_parameter": 8 * nbytes / layer.candidates, "kept": layer.kept,
+            # ||tau - layer - residual|| = e_residual ||tau - layer|| = e_residual e_layer ||tau||
+            "relative_error": None if None in errors else errors[0] * errors[1],
+            "fidelity": {"layer": dict(layer.fidelity), "residual": dict(residual.fidelity)},
+            "layer_bytes": layer.nbytes, "residual_bytes": residual.nbytes,
+            "compress_s": layer.seconds + residual.seconds,
+            "warnings": list(layer.warnings) + list(residual.warnings),
+            "delta_sha256": delta_sha, **scores}
+
+    def _restore_and_score(self, tune: Tune, delta: Path, onto: Path | None = None) -> dict:
         out = self.scratch / "restored"
         started = time.perf_counter()
-        sparsestitch.restore(tune.base, delta, out, overwrite=True, threads=self.threads)
+        sparsestitch.restore(onto or tune.base, delta, out, overwrite=True,
+                             threads=self.threads)
         restore_s = time.perf_counter() - started
         try:
             return {**self.suite.score(tune, out), "restore_s": restore_s}
@@ -898,6 +950,7 @@ KIND_STYLE = {
     "ComPEFT-style": ("h", "deepskyblue", "ComPEFT-style (top-k b1 g0)"),
     "DARE-style": ("v", "purple", "DARE-style (lossless)"),
     "UltraDelta-style": ("<", "olive", "UltraDelta-style (masks, b4 g0)"),
+    "D-QReLO-style": (">", "navy", "D-QReLO-style (1-bit layer + low-rank residual)"),
     "low-rank": ("d", "teal", "low-rank (--low-rank, --max-size or --max-error)"),
 }
 BITS_COLOURS = {"exact": "#1b9e77", "b8": "#66a61e", "b4": "#e6ab02", "b2": "#7570b3",

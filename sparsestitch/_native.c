@@ -516,7 +516,8 @@ static void merge_word_f64(uint64_t word, const uint64_t *finetuned, const uint6
                             k += 64;                                                        \
                             continue;                                                       \
                         }                                                                   \
-                        if ((WORD_OK) && n - k >= 64) {  /* reads 64 entries at most */     \
+                        /* a whole word: 64 elements of scratch, 64 entries read at most */ \
+                        if ((WORD_OK) && span == 64 && n - k >= 64) {                       \
                             WORD(word, finetuned + k, base + k, total + offset,             \
                                  count + offset, lone + offset, unit + offset, weighted,    \
                                  weight, lone_exact);                                       \
