@@ -197,7 +197,6 @@ static inline uint64_t tail_bits(const uint8_t *bytes, uint64_t bit, uint64_t n)
  * of scalars), and only the marked lanes of total[], count[], lone[] and unit[] change. */
 #if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)
 #include <immintrin.h>
-#define HAVE_MERGE_WORDS 1
 static int merge_words_ok;                          /* the CPU has AVX2: set at import */
 static uint8_t EXPAND16[256][16];                   /* pshufb: 8 x 16-bit entries to lanes */
 static int32_t EXPAND32[256][8];                    /* permutevar: 8 x 32-bit entries */
@@ -386,7 +385,6 @@ static void move_word_32(uint64_t word, uint32_t *block, uint32_t *values, int p
     }
 }
 #else
-#define HAVE_MERGE_WORDS 0
 static const int merge_words_ok = 0;
 static void merge_words_init(void) {}
 static void move_word_16(uint64_t word, uint16_t *block, uint16_t *values, int put) {}

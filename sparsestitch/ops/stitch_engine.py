@@ -94,8 +94,8 @@ def run(base: str | os.PathLike, deltas: Sequence[str | os.PathLike | DeltaReade
             check_delta_fits(base_ckpt, reader)
         added_tensors = added_records(readers) if added == "single" else {}
         workers = workers_for(threads, READ_WORKERS)
-        plan = _Plan(base_ckpt, readers, added_tensors, combiner, budget,
-                     threads=max(1, workers))
+        plan = _Plan(base_ckpt, readers, added_tensors, combiner, budget,  # see write_model
+                     threads=max(1, workers) if budget.total >= MIN_THREADED_BUDGET else 1)
         one_malloc_arena()  # decoded records freed by the writer: see its docstring
         keep_freed_blocks()  # and blocks' arrays reuse freed memory
         write_model(base_ckpt, out, plan, added_tensors, overwrite=overwrite,
