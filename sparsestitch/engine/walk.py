@@ -244,7 +244,9 @@ def decode_tensor(base: Checkpoint, readers: Sequence[DeltaReader], name: str, b
     dt = lookup_dtype(base.entry(name).dtype)
 
     def decode(i: int, record: Record) -> Stored | Marked:
-        base_kept = np.concatenate(gathered[i]) if gathered[i] else np.empty(0, dt.bits)
+        pieces = gathered[i]  # one block (the common case): its gather, not a copy of it
+        base_kept = (pieces[0] if len(pieces) == 1 else np.concatenate(pieces) if pieces else
+                     np.empty(0, dt.bits))
         if i in bitmaps:
             return Marked(bitmaps[i], 0, readers[i].values(record, base_kept, payloads[i]),
                           base_kept)
