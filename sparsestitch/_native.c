@@ -198,6 +198,7 @@ static inline uint64_t tail_bits(const uint8_t *bytes, uint64_t bit, uint64_t n)
 #if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)
 #include <immintrin.h>
 static int merge_words_ok;                          /* the CPU has AVX2: set at import */
+static int merge_words_f16_ok;                      /* and F16C */
 static uint8_t EXPAND16[256][16];                   /* pshufb: 8 x 16-bit entries to lanes */
 static int32_t EXPAND32[256][8];                    /* permutevar: 8 x 32-bit entries */
 static int32_t LANES[256][8];                       /* -1 in the marked lanes */
@@ -232,6 +233,7 @@ static void merge_words_init(void)
     }
     __builtin_cpu_init();
     merge_words_ok = __builtin_cpu_supports("avx2");
+    merge_words_f16_ok = merge_words_ok && __builtin_cpu_supports("f16c");
 }
 
 /* Eight elements' lone[] and unit[] where they are first touched (lone_exact). */
@@ -288,6 +290,38 @@ static void merge_word_bf16(uint64_t word, const uint16_t *finetuned, const uint
         __m256 f = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(f16), 16));
         __m256 b = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(b16), 16));
         __m256 tau = _mm256_sub_ps(f, b);
+        if (weighted)
+            tau = _mm256_mul_ps(tau, w);
+        __m256i lanes = _mm256_loadu_si256((const __m256i *)LANES[m]);
+        if (lone_exact) {
+            uint16_t spread[8];
+            _mm_storeu_si128((__m128i *)spread, f16);
+            first_touch(lanes, _mm256_loadu_si256((const __m256i *)(count + at)), spread,
+                        lone + at, 0, unit + at, weighted);
+        }
+        add_lanes(tau, lanes, total + at, count + at);
+        finetuned += POP8[m];
+        base += POP8[m];
+    }
+}
+
+/* A word of float16 marks (F16C widens them: exactly, as f16_wide does, except that a
+ * signalling NaN comes out quiet -- a NaN sum is written as the canonical NaN either way). */
+__attribute__((target("avx2,f16c")))
+static void merge_word_f16_f16c(uint64_t word, const uint16_t *finetuned, const uint16_t *base,
+                                float *total, uint32_t *count, uint16_t *lone, uint8_t *unit,
+                                int weighted, float weight, int lone_exact)
+{
+    const __m256 w = _mm256_set1_ps(weight);
+    for (int byte = 0; byte < 8; byte++, word >>= 8) {
+        unsigned m = (unsigned)(word & 0xFFu);
+        if (!m)
+            continue;
+        int at = 8 * byte;
+        __m128i shuffle = _mm_loadu_si128((const __m128i *)EXPAND16[m]);
+        __m128i f16 = _mm_shuffle_epi8(_mm_loadu_si128((const __m128i *)finetuned), shuffle);
+        __m128i b16 = _mm_shuffle_epi8(_mm_loadu_si128((const __m128i *)base), shuffle);
+        __m256 tau = _mm256_sub_ps(_mm256_cvtph_ps(f16), _mm256_cvtph_ps(b16));
         if (weighted)
             tau = _mm256_mul_ps(tau, w);
         __m256i lanes = _mm256_loadu_si256((const __m256i *)LANES[m]);
@@ -385,8 +419,11 @@ static void move_word_32(uint64_t word, uint32_t *block, uint32_t *values, int p
     }
 }
 #else
-static const int merge_words_ok = 0;
+static const int merge_words_ok = 0, merge_words_f16_ok = 0;
 static void merge_words_init(void) {}
+static void merge_word_f16_f16c(uint64_t word, const uint16_t *finetuned, const uint16_t *base,
+                                float *total, uint32_t *count, uint16_t *lone, uint8_t *unit,
+                                int weighted, float weight, int lone_exact) {}
 static void move_word_16(uint64_t word, uint16_t *block, uint16_t *values, int put) {}
 static void move_word_32(uint64_t word, uint32_t *block, uint32_t *values, int put) {}
 static void merge_word_bf16(uint64_t word, const uint16_t *finetuned, const uint16_t *base,
@@ -396,12 +433,9 @@ static void merge_word_f32(uint64_t word, const uint32_t *finetuned, const uint3
                            float *total, uint32_t *count, uint32_t *lone, uint8_t *unit,
                            int weighted, float weight, int lone_exact) {}
 #endif
-/* 1- and 8-byte items, float16 and float64 words take the scalar loops (never called). */
+/* 1- and 8-byte items and float64 words take the scalar loops (never called). */
 static void move_word_8(uint64_t word, uint8_t *block, uint8_t *values, int put) {}
 static void move_word_64(uint64_t word, uint64_t *block, uint64_t *values, int put) {}
-static void merge_word_f16(uint64_t word, const uint16_t *finetuned, const uint16_t *base,
-                           float *total, uint32_t *count, uint16_t *lone, uint8_t *unit,
-                           int weighted, float weight, int lone_exact) {}
 static void merge_word_f64(uint64_t word, const uint64_t *finetuned, const uint64_t *base,
                            double *total, uint32_t *count, uint64_t *lone, uint8_t *unit,
                            int weighted, double weight, int lone_exact) {}
@@ -586,7 +620,8 @@ static void merge_word_f64(uint64_t word, const uint64_t *finetuned, const uint6
     }
 
 DEFINE_MERGE(merge_bf16, uint16_t, float, bf16_wide, bf16_round, merge_word_bf16, merge_words_ok)
-DEFINE_MERGE(merge_f16, uint16_t, float, f16_wide, f16_round, merge_word_f16, 0)
+DEFINE_MERGE(merge_f16, uint16_t, float, f16_wide, f16_round, merge_word_f16_f16c,
+             merge_words_f16_ok)
 DEFINE_MERGE(merge_f32, uint32_t, float, f32_wide, f32_round, merge_word_f32, merge_words_ok)
 DEFINE_MERGE(merge_f64, uint64_t, double, f64_wide, f64_round, merge_word_f64, 0)
 
