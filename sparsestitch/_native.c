@@ -272,70 +272,45 @@ static inline void add_lanes(__m256 tau, __m256i lanes, float *total, uint32_t *
     _mm256_storeu_si256((__m256i *)count, _mm256_sub_epi32(c, lanes));
 }
 
-/* A word of bfloat16 marks; the record holds at least 64 entries from `finetuned` on. */
-__attribute__((target("avx2")))
-static void merge_word_bf16(uint64_t word, const uint16_t *finetuned, const uint16_t *base,
-                            float *total, uint32_t *count, uint16_t *lone, uint8_t *unit,
-                            int weighted, float weight, int lone_exact)
-{
-    const __m256 w = _mm256_set1_ps(weight);
-    for (int byte = 0; byte < 8; byte++, word >>= 8) {
-        unsigned m = (unsigned)(word & 0xFFu);
-        if (!m)
-            continue;
-        int at = 8 * byte;
-        __m128i shuffle = _mm_loadu_si128((const __m128i *)EXPAND16[m]);
-        __m128i f16 = _mm_shuffle_epi8(_mm_loadu_si128((const __m128i *)finetuned), shuffle);
-        __m128i b16 = _mm_shuffle_epi8(_mm_loadu_si128((const __m128i *)base), shuffle);
-        __m256 f = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(f16), 16));
-        __m256 b = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(b16), 16));
-        __m256 tau = _mm256_sub_ps(f, b);
-        if (weighted)
-            tau = _mm256_mul_ps(tau, w);
-        __m256i lanes = _mm256_loadu_si256((const __m256i *)LANES[m]);
-        if (lone_exact) {
-            uint16_t spread[8];
-            _mm_storeu_si128((__m128i *)spread, f16);
-            first_touch(lanes, _mm256_loadu_si256((const __m256i *)(count + at)), spread,
-                        lone + at, 0, unit + at, weighted);
-        }
-        add_lanes(tau, lanes, total + at, count + at);
-        finetuned += POP8[m];
-        base += POP8[m];
+/* A word of 16-bit float marks; the record holds at least 64 entries from `finetuned` on.
+ * WIDEN turns eight 16-bit floats into eight floats: bfloat16 by a shift; float16 by F16C,
+ * exactly as f16_wide does except that a signalling NaN comes out quiet (a NaN sum is
+ * written as the canonical NaN either way). */
+#define DEFINE_MERGE_WORD16(NAME, TARGET, WIDEN)                                             \
+    __attribute__((target(TARGET)))                                                         \
+    static void NAME(uint64_t word, const uint16_t *finetuned, const uint16_t *base,        \
+                     float *total, uint32_t *count, uint16_t *lone, uint8_t *unit,          \
+                     int weighted, float weight, int lone_exact)                            \
+    {                                                                                       \
+        const __m256 w = _mm256_set1_ps(weight);                                            \
+        for (int byte = 0; byte < 8; byte++, word >>= 8) {                                  \
+            unsigned m = (unsigned)(word & 0xFFu);                                          \
+            if (!m)                                                                         \
+                continue;                                                                   \
+            int at = 8 * byte;                                                              \
+            __m128i shuffle = _mm_loadu_si128((const __m128i *)EXPAND16[m]);                \
+            __m128i f16 = _mm_shuffle_epi8(_mm_loadu_si128((const __m128i *)finetuned),     \
+                                           shuffle);                                        \
+            __m128i b16 = _mm_shuffle_epi8(_mm_loadu_si128((const __m128i *)base), shuffle); \
+            __m256 tau = _mm256_sub_ps(WIDEN(f16), WIDEN(b16));                             \
+            if (weighted)                                                                   \
+                tau = _mm256_mul_ps(tau, w);                                                \
+            __m256i lanes = _mm256_loadu_si256((const __m256i *)LANES[m]);                  \
+            if (lone_exact) {                                                               \
+                uint16_t spread[8];                                                         \
+                _mm_storeu_si128((__m128i *)spread, f16);                                   \
+                first_touch(lanes, _mm256_loadu_si256((const __m256i *)(count + at)),       \
+                            spread, lone + at, 0, unit + at, weighted);                     \
+            }                                                                               \
+            add_lanes(tau, lanes, total + at, count + at);                                  \
+            finetuned += POP8[m];                                                           \
+            base += POP8[m];                                                                \
+        }                                                                                   \
     }
-}
 
-/* A word of float16 marks (F16C widens them: exactly, as f16_wide does, except that a
- * signalling NaN comes out quiet -- a NaN sum is written as the canonical NaN either way). */
-__attribute__((target("avx2,f16c")))
-static void merge_word_f16_f16c(uint64_t word, const uint16_t *finetuned, const uint16_t *base,
-                                float *total, uint32_t *count, uint16_t *lone, uint8_t *unit,
-                                int weighted, float weight, int lone_exact)
-{
-    const __m256 w = _mm256_set1_ps(weight);
-    for (int byte = 0; byte < 8; byte++, word >>= 8) {
-        unsigned m = (unsigned)(word & 0xFFu);
-        if (!m)
-            continue;
-        int at = 8 * byte;
-        __m128i shuffle = _mm_loadu_si128((const __m128i *)EXPAND16[m]);
-        __m128i f16 = _mm_shuffle_epi8(_mm_loadu_si128((const __m128i *)finetuned), shuffle);
-        __m128i b16 = _mm_shuffle_epi8(_mm_loadu_si128((const __m128i *)base), shuffle);
-        __m256 tau = _mm256_sub_ps(_mm256_cvtph_ps(f16), _mm256_cvtph_ps(b16));
-        if (weighted)
-            tau = _mm256_mul_ps(tau, w);
-        __m256i lanes = _mm256_loadu_si256((const __m256i *)LANES[m]);
-        if (lone_exact) {
-            uint16_t spread[8];
-            _mm_storeu_si128((__m128i *)spread, f16);
-            first_touch(lanes, _mm256_loadu_si256((const __m256i *)(count + at)), spread,
-                        lone + at, 0, unit + at, weighted);
-        }
-        add_lanes(tau, lanes, total + at, count + at);
-        finetuned += POP8[m];
-        base += POP8[m];
-    }
-}
+#define WIDEN_BF16(x) _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(x), 16))
+DEFINE_MERGE_WORD16(merge_word_bf16, "avx2", WIDEN_BF16)
+DEFINE_MERGE_WORD16(merge_word_f16_f16c, "avx2,f16c", _mm256_cvtph_ps)
 
 /* A word of float32 marks; the record holds at least 64 entries from `finetuned` on. */
 __attribute__((target("avx2")))
