@@ -1928,13 +1928,13 @@ PyDoc_STRVAR(ulp_decode_doc,
                 slots[e] = tables[e] + tables[fields + e] + tables[2 * fields + e]          \
                            + tables[3 * fields + e];                                        \
             Py_ssize_t at = 0;                                                              \
-            for (Py_ssize_t e = 0; e < ((Py_ssize_t)1 << (EBITS)); e++) {                   \
+            for (Py_ssize_t e = 0; e < fields; e++) {                                       \
                 Py_ssize_t count = slots[e];                                                \
                 slots[e] = at;                                                              \
                 at += count;                                                                \
             }                                                                               \
         } else {                                                                            \
-            for (Py_ssize_t e = 0; e < ((Py_ssize_t)1 << (EBITS)); e++)                     \
+            for (Py_ssize_t e = 0; e < fields; e++)                                         \
                 slots[e] = (Py_ssize_t)first[e];                                            \
         }                                                                                   \
         /* the zigzagged distances put back in kept order, then (vectorized) onto the keys */ \

@@ -94,8 +94,8 @@ def run(base: str | os.PathLike, deltas: Sequence[str | os.PathLike | DeltaReade
             check_delta_fits(base_ckpt, reader)
         added_tensors = added_records(readers) if added == "single" else {}
         workers = workers_for(threads, READ_WORKERS)
-        plan = _Plan(base_ckpt, readers, added_tensors, combiner, budget,  # see write_model
-                     threads=max(1, workers) if budget.total >= MIN_THREADED_BUDGET else 1)
+        plan = _Plan(base_ckpt, readers, added_tensors, combiner, budget,
+                     threads=max(1, threaded_workers(budget, workers)))
         one_malloc_arena()  # decoded records freed by the writer: see its docstring
         keep_freed_blocks()  # and blocks' arrays reuse freed memory
         write_model(base_ckpt, out, plan, added_tensors, overwrite=overwrite,
@@ -135,9 +135,8 @@ def write_model(base: Checkpoint, out: Path, source: TensorSource, added: dict, 
     try:
         with bar(total, description, progress) as progress_bar:
             order = [tensor.name for shard in shards for tensor in shard.tensors]
-            threaded = budget.total >= MIN_THREADED_BUDGET
             tensors = in_order(order, source.prepare, source.estimate, budget=budget.tensor_bytes,
-                               workers=workers if threaded else 0)
+                               workers=threaded_workers(budget, workers))
             with closing(tensors):  # on an error, stop the reader before aborting
                 for name, finish in tensors:
                     finish(writer)
@@ -177,6 +176,12 @@ READ_WORKERS = DEFAULT_WORKERS
 #: model, 16 deltas: 185 MiB with one reader thread against 134 MiB with none at 128 MiB;
 #: 264 MiB with two at 256 MiB).
 MIN_THREADED_BUDGET = 512 << 20
+
+
+def threaded_workers(budget: MemoryBudget, workers: int) -> int:
+    """The worker threads a run within ``budget`` takes (0: everything in the caller's
+    thread, below :data:`MIN_THREADED_BUDGET`)."""
+    return workers if budget.total >= MIN_THREADED_BUDGET else 0
 
 
 class _Plan:
