@@ -54,10 +54,11 @@ def main():
 @keep_flags("compress")
 @click.option("--overwrite", is_flag=True, help="Replace existing outputs.")
 @click.option("--max-memory", help="Bound on what compress holds at once, e.g. 512MiB "
-              "(large tensors then one fine-tune at a time); default 1GiB, at least 32MiB, and "
-              "for a tensor stored whole (--lossless) about 13 bytes per bf16 element: a "
-              "smaller budget is refused naming the tensor, the default grows to it. Targets "
-              "(the default, --max-error, --max-size) stream their quantized records.")
+              "(large tensors then one fine-tune at a time); default 1GiB, at least 32MiB. "
+              "A tensor stored exactly (--lossless) whose selection (about 13 bytes per bf16 "
+              "element) exceeds it is read twice and written through temporary files beside "
+              "the output. Targets (the default, --max-error, --max-size) stream their "
+              "quantized records.")
 @allow_crimes_option
 @threads_option
 @json_option

@@ -155,7 +155,9 @@ class DeltaWriter:
         self._records: list[Record] = []
         self._names: set[str] = set()
 
-    def add(self, record: Record, payload: bytes = b"") -> None:
+    def add(self, record: Record, payload=b"") -> None:
+        """Add ``record`` with its ``payload``: bytes, or a payload in a temporary file (a
+        :class:`~.spooled.SpooledPayload`, copied here and closed)."""
         if record.name in self._names:
             raise ValueError(f"tensor {record.name!r} added twice")
         if len(payload) != record.nbytes:
@@ -163,7 +165,11 @@ class DeltaWriter:
         self._names.add(record.name)
         self._records.append(record)
         try:
-            self._spool.write(payload)
+            if hasattr(payload, "copy_to"):
+                payload.copy_to(self._spool)
+                payload.close()
+            else:
+                self._spool.write(payload)
         except OSError as exc:
             raise output_error(exc, self.path) from exc
 

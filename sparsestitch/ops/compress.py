@@ -42,6 +42,8 @@ from ..localize.lowrank import LowRankPlanner, lowrank_records
 from ..localize.planned import planned_records, tensor_stats
 from ..localize.selection import SpooledSelection, TensorPlan, TensorScanner, run_pre_passes
 from ..localize.selectors import Selector
+from ..localize.streamed_exact import held_bytes as streamed_bytes
+from ..localize.streamed_exact import streamed_exact_records
 from ..localize.targets import SIZE_ATTEMPTS, SizePlanner
 from .delta_outputs import DeltaOutputs, Written
 
@@ -140,10 +142,11 @@ def compress(base: str | os.PathLike, finetuned: str | os.PathLike | Sequence[st
         bytes whatever the bound.  Targets and ``density=1.0`` with ``bits`` encode quantized
         records as the blocks are read (a bitmap of the tensor, two runs of a million
         values; an error target keeps a tensor's blocks between passes where
-        :func:`holds_blocks`).  Exact values (``lossless``, a density without ``bits``) hold
-        one selection of a tensor (:func:`exact_bytes`; less is refused by name, the default
-        grows to it: :func:`_exact_budget`); a target passes over exact options the budget
-        cannot hold and names the tensor if nothing else meets it.
+        :func:`holds_blocks`).  Exact records hold a tensor's selection where it fits
+        (:func:`exact_bytes`), else stream through temporary files (:func:`streams_exactly`;
+        the same bytes whatever the bound only while every tensor fits); the global top-k
+        selects its exact tensors whole (:func:`_exact_budget`); a target passes over
+        exact options the budget cannot hold.
     allow_crimes:
         Go on when the base's and a fine-tune's ``config.json`` name different
         architectures (refused by default, as mergekit's ``--allow-crimes``).
@@ -233,6 +236,7 @@ class CompressJob:
     def run(self, selectors: list[Selector], out_paths: list[Path], overwrite: bool,
             fallback: Callable[[], list[Selector]]) -> list[Written]:
         keep_freed_blocks()  # blocks' arrays reuse freed memory: see its docstring
+        self.spool_beside, self.selectors = out_paths[0], selectors
         sized = isinstance(self.planner, (SizePlanner, LowRankPlanner))
         if isinstance(self.planner, LowRankPlanner):
             self.planner.profile(self.scanner, len(self.base.names), self.max_memory - MIN_MEMORY)
@@ -260,7 +264,7 @@ class CompressJob:
         """Every record of every delta, handed to its writer; returns the selectors used."""
         run_pre_passes(self.scanner, selectors, self.workers, self.progress)
         if not self._main_pass(selectors, outputs):
-            selectors = fallback()  # the bracket missed: redo the selection exactly
+            selectors = self.selectors = fallback()  # the bracket missed: redo it exactly
             run_pre_passes(self.scanner, selectors, self.workers, self.progress)
             self._main_pass(selectors, outputs)
         outputs.add_added(self.scanner)
@@ -288,7 +292,7 @@ class CompressJob:
             try:
                 if not spooled.collect():
                     return False
-                self._write_all(spooled.encoded(), outputs)
+                write_all(self.base, self.progress, spooled.encoded(), outputs)
             finally:
                 spooled.close()
             return True
@@ -297,7 +301,7 @@ class CompressJob:
                            self._held_bytes, budget=self.max_memory,
                            workers=0 if ordered else self.workers)
         with closing(encoded):
-            self._write_all(encoded, outputs)
+            write_all(self.base, self.progress, encoded, outputs)
         return True
 
     def _records(self, name: str, selectors: list[Selector]):
@@ -311,6 +315,8 @@ class CompressJob:
             return lowrank_records(self.scanner, name, self.planner, planned)
         if self.planner is not None and name in plan.localized and not plan.stored_exactly(name, dt):
             return planned()
+        if streams_exactly(self.scanner, name, selectors, self.max_memory):
+            return streamed_exact_records(self.scanner, name, self.spool_beside)
         return self.scanner.select_and_encode(name, selectors,
                                               one_at_a_time=self._one_at_a_time(name))
 
@@ -327,16 +333,36 @@ class CompressJob:
         """What preparing tensor ``name`` holds at worst (for the read-ahead budget)."""
         if isinstance(self.planner, LowRankPlanner) and self.planner.takes(name):
             return self.planner.working_bytes(name)
+        if streams_exactly(self.scanner, name, self.selectors, self.max_memory):
+            return streamed_bytes(lookup_dtype(self.base.entry(name).dtype).itemsize)
         held = 1 if self._one_at_a_time(name) else len(self.tunes)
         return held * selected_bytes(self.base.entry(name))
 
-    def _write_all(self, encoded, outputs: DeltaOutputs) -> None:
-        total_bytes = sum(self.base.entry(n).nbytes for n in self.base.names)
-        with bar(total_bytes, "encode", self.progress) as progress:
-            for name, records in encoded:
-                for i, (record, payload) in enumerate(records):
-                    outputs.add(i, record, payload)
-                progress.update(self.base.entry(name).nbytes)
+
+
+def write_all(base: Checkpoint, progress: bool, encoded, outputs: DeltaOutputs) -> None:
+    """Hand every tensor's records (``(name, records)`` in order) to the delta writers."""
+    total_bytes = sum(base.entry(n).nbytes for n in base.names)
+    with bar(total_bytes, "encode", progress) as shown:
+        for name, records in encoded:
+            for i, (record, payload) in enumerate(records):
+                outputs.add(i, record, payload)
+            shown.update(base.entry(name).nbytes)
+
+
+def streams_exactly(scanner: TensorScanner, name: str, selectors: Sequence[Selector],
+                    max_memory: int) -> bool:
+    """Whether tensor ``name`` keeps every change exactly and is too large to select whole
+    within ``max_memory`` (:func:`exact_limit`): then it is read twice and its records
+    written through temporary files (:mod:`~sparsestitch.localize.streamed_exact`)."""
+    entry = scanner.base.entry(name)
+    dt = lookup_dtype(entry.dtype)
+    if entry.numel <= exact_limit(max_memory, dt.itemsize):
+        return False
+    if scanner.plan.stored_exactly(name, dt):
+        return True
+    return (name in scanner.plan.localized and scanner.quantize is None
+            and all(s.method == "changed" for s in selectors))
 
 
 def selected_bytes(entry) -> int:
@@ -378,18 +404,22 @@ def exact_bytes(numel: int, itemsize: int) -> int:
 def _exact_budget(max_memory: int | str | None, base: Checkpoint, plan: TensorPlan,
                   selectors: Sequence[Selector], quantize: dict | None, planner
                   ) -> MemoryBudget:
-    """compress's budget (:func:`_budget`), checked against the largest tensor stored
-    exactly with every change (all of them for a lossless delta; else the non-float and
-    ``dense`` ones), which is selected whole: an explicit ``max_memory`` below what it needs
-    is refused naming it; the default grows to it, saying so."""
+    """compress's budget (:func:`_budget`); for the one-read global top-k, whose spooled pass
+    selects every tensor whole, checked against the largest tensor stored exactly (the
+    non-float and ``dense`` ones): an explicit ``max_memory`` below what it needs is refused
+    naming it; the default grows to it, saying so."""
     budget = _budget(max_memory)
-    # a target's quantized records stream; its exact options are held to the budget instead
-    whole = planner is None and quantize is None and all(s.method == "changed" for s in selectors)
+    # A target's quantized records stream, its exact options are held to the budget; every
+    # change of a tensor stored exactly streams through temporary files above the budget
+    # (streams_exactly), except in the one-read global top-k, which selects
+    # every tensor whole in its spooled pass.
+    if not any(s.undecided for s in selectors):
+        return budget
     largest, needed = None, 0
     for name in plan.names:
         entry = base.entry(name)
         dt = lookup_dtype(entry.dtype)
-        if plan.stored_exactly(name, dt) or (whole and name in plan.localized):
+        if plan.stored_exactly(name, dt):
             held = MIN_MEMORY + exact_bytes(entry.numel, dt.itemsize)
             if held > needed:
                 largest, needed = name, held

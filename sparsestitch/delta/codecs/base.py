@@ -111,11 +111,16 @@ def pack_stream(raw: bytes | memoryview | np.ndarray) -> tuple[bytes, dict]:
     n = raw.nbytes
     if n == 0:
         return b"", {"zstd": False, "raw_nbytes": 0}
-    level = ZSTD_LEVEL_SMALL if n <= ZSTD_SMALL_LIMIT else ZSTD_LEVEL_LARGE
-    packed = zstandard.ZstdCompressor(level=level, write_content_size=True).compress(raw)
+    packed = stream_compressor(n).compress(raw)
     if len(packed) < n:
         return packed, {"zstd": True, "raw_nbytes": n}
     return bytes(raw), {"zstd": False, "raw_nbytes": n}
+
+
+def stream_compressor(raw_nbytes: int) -> zstandard.ZstdCompressor:
+    """The zstd compressor :func:`pack_stream` uses for a stream of ``raw_nbytes`` bytes."""
+    level = ZSTD_LEVEL_SMALL if raw_nbytes <= ZSTD_SMALL_LIMIT else ZSTD_LEVEL_LARGE
+    return zstandard.ZstdCompressor(level=level, write_content_size=True)
 
 
 def stream_is_zstd(config: dict, expected_nbytes: int) -> bool:

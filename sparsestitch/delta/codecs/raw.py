@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ...core.dtypes import DType
-from .base import from_planes, pack_stream, to_planes, unpack_stream
+from .base import from_planes, pack_stream, stream_compressor, to_planes, unpack_stream
 from .streams import Part, PlanesCursor
 
 
@@ -29,6 +29,18 @@ class RawValues:
 
     def encode(self, kept: np.ndarray, base: np.ndarray | None, dt: DType) -> tuple[bytes, dict]:
         return pack_stream(to_planes(kept))
+
+    def run_planes(self, kept: np.ndarray, base: np.ndarray, dt: DType) -> np.ndarray:
+        """A run of kept values' stream bytes (``itemsize`` rows, one per byte plane) in
+        stored order: kept order (an exact record streamed, :mod:`...delta.spooled`)."""
+        return to_planes(kept)
+
+    def run_contexts(self, base: np.ndarray, dt: DType) -> None:
+        """The stored order is the kept order (no contexts; see :meth:`run_planes`)."""
+        return None
+
+    def stream_compressor(self, dt: DType, raw_nbytes: int):
+        return stream_compressor(raw_nbytes)
 
     def decode(self, payload: bytes, config: dict, base: np.ndarray | None, dt: DType,
                count: int) -> np.ndarray:

@@ -135,12 +135,27 @@ class UlpValues:
         raw = stored_planes(kept, base, dt)
         if raw.size == 0:
             return b"", {"zstd": False, "raw_nbytes": 0}
-        params = zstandard.ZstdCompressionParameters(write_content_size=True,
-                                                     **ZSTD_PARAMETERS[dt.itemsize])
-        packed = zstandard.ZstdCompressor(compression_params=params).compress(raw)
+        packed = self.stream_compressor(dt, raw.size).compress(raw)
         if len(packed) < raw.size:
             return packed, {"zstd": True, "raw_nbytes": int(raw.size)}
         return raw.tobytes(), {"zstd": False, "raw_nbytes": int(raw.size)}
+
+    def stream_compressor(self, dt: DType, raw_nbytes: int) -> zstandard.ZstdCompressor:
+        params = zstandard.ZstdCompressionParameters(write_content_size=True,
+                                                     **ZSTD_PARAMETERS[dt.itemsize])
+        return zstandard.ZstdCompressor(compression_params=params)
+
+    def run_planes(self, kept: np.ndarray, base: np.ndarray, dt: DType) -> np.ndarray:
+        """A run of kept values' stream bytes (``itemsize`` rows, one per byte plane), sorted
+        by the base's exponent stably within the run: value ``j`` of the run's values of
+        exponent ``e`` goes to slot ``start(e) + before(e) + j`` of the record, ``before(e)``
+        the :meth:`run_contexts` of the runs before it (an exact record streamed,
+        :mod:`...delta.spooled`)."""
+        return stored_planes(kept, base, dt).reshape(dt.itemsize, kept.size)
+
+    def run_contexts(self, base: np.ndarray, dt: DType) -> np.ndarray:
+        """How many of a run's kept values have each exponent (see :meth:`run_planes`)."""
+        return self.part_counts(base, dt)
 
     def decode(self, payload: bytes, config: dict, base: np.ndarray, dt: DType,
                count: int) -> np.ndarray:

@@ -1,0 +1,243 @@
+"""A record's payload built in temporary files: for exact records of tensors larger than the
+memory budget, whose streams cannot be held (a 70B model's embedding stored losslessly is
+gigabytes of byte planes).
+
+The streams are the format's own (docs/format.md §4.1): a bitmap of kept positions, byte planes
+of values placed at their stored slots, each then stored raw or as one zstd frame that declares
+its content size.  What the record holds in memory is a run of values, one compressor's window
+and the copy buffer, whatever the tensor's size.  The files are unnamed and live beside the
+output (they fill the disk the user chose and vanish when closed or when the process dies);
+their failures are reported as the output's.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import xxhash
+import zstandard
+
+from ..core.atomic import output_error
+from ..core.dtypes import DType
+from ..core.sizes import numel as count_elements
+from .codecs.base import stream_compressor
+from .format import Record
+
+#: Bytes copied or compressed at a time.
+COPY_BYTES = 1 << 20
+
+
+def temporary_file(output: Path):
+    """An unnamed temporary file beside ``output``."""
+    try:
+        return tempfile.TemporaryFile(dir=output.parent or None)
+    except OSError as exc:
+        raise output_error(exc, output) from exc
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    while data.nbytes:
+        done = os.pwrite(fd, data, offset)
+        data, offset = data[done:], offset + done
+
+
+class PlaneSpool:
+    """A stream of ``count`` values of ``width`` bytes in byte planes, written a run at a time
+    at any slots (plane ``p`` of the value at slot ``s`` goes to byte ``p * count + s``)."""
+
+    def __init__(self, output: Path, count: int, width: int):
+        self.output, self.count, self.width = output, count, width
+        self.file = temporary_file(output)
+        self.nbytes = count * width
+
+    def put(self, planes: np.ndarray, segments) -> None:
+        """Write a run's ``planes`` (``width`` rows of its values' bytes) in ``segments``:
+        ``(first column, columns, first slot)`` each."""
+        fd = self.file.fileno()
+        try:
+            for p in range(self.width):
+                row = memoryview(np.ascontiguousarray(planes[p]))
+                for first, columns, slot in segments:
+                    if columns:
+                        _pwrite_all(fd, row[first:first + columns], p * self.count + slot)
+        except OSError as exc:
+            raise output_error(exc, self.output) from exc
+
+
+class BitSpool:
+    """A bitmap of ``numel`` bits (little-endian within bytes) appended a run of bits at a
+    time, whatever the runs' lengths."""
+
+    def __init__(self, output: Path, numel: int):
+        self.output = output
+        self.file = temporary_file(output)
+        self.nbytes = (numel + 7) // 8
+        self._carry = np.zeros(0, bool)
+
+    def append(self, marks: np.ndarray) -> None:
+        marks = np.concatenate([self._carry, np.asarray(marks, bool).reshape(-1)])
+        whole = marks.size - marks.size % 8
+        self._carry = marks[whole:]
+        try:
+            self.file.write(np.packbits(marks[:whole], bitorder="little").tobytes())
+        except OSError as exc:
+            raise output_error(exc, self.output) from exc
+
+    def finish(self) -> None:
+        if self._carry.size:
+            try:
+                self.file.write(np.packbits(self._carry, bitorder="little").tobytes())
+            except OSError as exc:
+                raise output_error(exc, self.output) from exc
+            self._carry = np.zeros(0, bool)
+
+
+class SpooledPayload:
+    """A record's payload in a temporary file: its streams appended one after another, each
+    stored raw or as one zstd frame, whichever is smaller (:meth:`add_stream`)."""
+
+    def __init__(self, output: Path):
+        self.output = output
+        self.file = temporary_file(output)
+        self.nbytes = 0
+        self._hash = xxhash.xxh3_64()
+
+    def __len__(self) -> int:
+        return self.nbytes
+
+    def add_stream(self, source, raw_nbytes: int, compressor: zstandard.ZstdCompressor
+                   ) -> tuple[int, dict]:
+        """Append the ``raw_nbytes`` bytes of file ``source`` as a stream; returns its stored
+        length and stream config."""
+        if raw_nbytes == 0:
+            return 0, {"zstd": False, "raw_nbytes": 0}
+        start = self.nbytes
+        try:
+            self.file.seek(start)
+            with compressor.stream_writer(self.file, size=raw_nbytes, closefd=False) as writer:
+                for chunk in _chunks(source, raw_nbytes):
+                    writer.write(chunk)
+            stored = self.file.tell() - start
+            zstd = stored < raw_nbytes
+            if not zstd:  # store it raw: zstd only where smaller (format.md §4.1)
+                self.file.truncate(start)
+                self.file.seek(start)
+                for chunk in _chunks(source, raw_nbytes):
+                    self.file.write(chunk)
+                stored = raw_nbytes
+            self.file.flush()
+            for chunk in _chunks(self.file, stored, start):
+                self._hash.update(chunk)
+        except OSError as exc:
+            raise output_error(exc, self.output) from exc
+        self.nbytes += stored
+        return stored, {"zstd": zstd, "raw_nbytes": raw_nbytes}
+
+    def hexdigest(self) -> str:
+        return self._hash.hexdigest()
+
+    def copy_to(self, out) -> None:
+        """Write the payload to the file object ``out`` (at its position)."""
+        for chunk in _chunks(self.file, self.nbytes):
+            out.write(chunk)
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def _chunks(source, nbytes: int, start: int = 0):
+    """The ``nbytes`` bytes of file ``source`` from ``start``, a bounded piece at a time."""
+    at = start
+    end = start + nbytes
+    fd = source.fileno()
+    while at < end:
+        chunk = os.pread(fd, min(COPY_BYTES, end - at), at)
+        if not chunk:
+            raise OSError(f"temporary file ended at byte {at} of {end}")
+        yield chunk
+        at += len(chunk)
+
+
+class SpooledExactRecord:
+    """One tensor's exact record written a run of kept values at a time, in kept order,
+    once a first pass has counted them (``count``) and, for a value codec that sorts them
+    (``ulp``), its contexts at every kept position (``totals``, the sum of the codec's
+    ``run_contexts``).  Positions are ``all`` where every element is kept, else a bitmap.
+    Value codecs: those with ``run_planes`` (``xor``, ``raw``, ``ulp``)."""
+
+    def __init__(self, output: Path, name: str, dt: DType, shape: tuple[int, ...], count: int,
+                 codec, totals: np.ndarray | None):
+        self.output, self.name, self.dt, self.shape = output, name, dt, tuple(shape)
+        self.count, self.codec = count, codec
+        numel = count_elements(shape)
+        self.bitmap = None if count == numel else BitSpool(output, numel)
+        self.values = PlaneSpool(output, count, dt.itemsize)
+        self.totals = None if totals is None else np.asarray(totals, np.int64)
+        if self.totals is not None:
+            self.start = np.concatenate([[0], np.cumsum(self.totals)[:-1]]).astype(np.int64)
+            self.before = np.zeros_like(self.totals)
+        self.at = 0
+
+    def add_run(self, marks: np.ndarray | None, kept: np.ndarray, base_kept: np.ndarray) -> None:
+        """The next run of the tensor: its elements' kept marks (None where every element is
+        kept) and the fine-tuned and base bits at the marked ones."""
+        if self.bitmap is not None:
+            self.bitmap.append(marks)
+        n = kept.size
+        if self.at + n > self.count:
+            raise ValueError(f"tensor {self.name!r}: more kept values than the first pass "
+                             f"counted ({self.count}): did an input change?")
+        if n == 0:
+            return
+        planes = self.codec.run_planes(kept, base_kept, self.dt)
+        contexts = self.codec.run_contexts(base_kept, self.dt)
+        if contexts is None:
+            segments = [(0, n, self.at)]
+        else:
+            local = np.concatenate([[0], np.cumsum(contexts)[:-1]])
+            slots = self.start + self.before
+            segments = [(int(local[e]), int(contexts[e]), int(slots[e]))
+                        for e in np.flatnonzero(contexts)]
+            self.before += contexts
+            if (self.before > self.totals).any():
+                raise ValueError(f"tensor {self.name!r}: the kept values' contexts differ "
+                                 "from the first pass's: did an input change?")
+        self.values.put(planes, segments)
+        self.at += n
+
+    def finish(self, base_xxh3: str) -> tuple[Record, SpooledPayload]:
+        """The record and its payload (closing the spools)."""
+        if self.at != self.count:
+            self.close()
+            raise ValueError(f"tensor {self.name!r}: {self.at} kept values, the first pass "
+                             f"counted {self.count}: did an input change?")
+        payload = SpooledPayload(self.output)
+        try:
+            positions_nbytes, positions = 0, {"codec": "all"}
+            if self.bitmap is not None:
+                self.bitmap.finish()
+                self.bitmap.file.flush()
+                positions_nbytes, stream = payload.add_stream(
+                    self.bitmap.file, self.bitmap.nbytes, stream_compressor(self.bitmap.nbytes))
+                positions = {"codec": "bitmap", **stream}
+            values_nbytes, stream = payload.add_stream(
+                self.values.file, self.values.nbytes,
+                self.codec.stream_compressor(self.dt, self.values.nbytes))
+        except BaseException:
+            payload.close()
+            raise
+        finally:
+            self.close()
+        record = Record(self.name, self.dt.name, self.shape, "sparse", base_xxh3, self.count,
+                        positions, {"codec": self.codec.codec_id, **stream}, positions_nbytes,
+                        values_nbytes, payload.hexdigest())
+        return record, payload
+
+    def close(self) -> None:
+        """Drop the spools (their files vanish)."""
+        if self.bitmap is not None:
+            self.bitmap.file.close()
+        self.values.file.close()
