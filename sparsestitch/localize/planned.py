@@ -15,6 +15,7 @@ pick an order and a layout over all of it): those options gather a
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 
@@ -26,6 +27,7 @@ from ..delta.codecs.base import pack_stream
 from ..delta.codecs.bitmap import BitmapBuilder
 from ..delta.codecs.quant import QuantStream
 from ..delta.format import Record, digest
+from ..delta.spooled import SpooledPayload, temporary_file
 from ..engine.walk import BaseHash
 from .budget import Option
 from .selection import Encoded, SelectionParts, TensorScanner, fidelity_report
@@ -69,12 +71,16 @@ class StreamedRecord:
     kept entries (see the module docstring); :meth:`finish` gives ``(record, payload)``."""
 
     def __init__(self, name: str, dt: DType, shape: tuple[int, ...], option: Option,
-                 group: int, energy: float | None):
+                 group: int, energy: float | None, spool: Path | None = None):
         self.name, self.dt, self.shape, self.energy = name, dt, shape, energy
         numel = int(np.prod(shape, dtype=np.int64))
         self.numel, self.expected = numel, option.kept or None  # None: not known before
         self.bitmap = BitmapBuilder(numel)     # the kept positions
-        self.values = QuantStream(dt, option.bits, group, self.expected)
+        # spool: the codes go to a temporary file beside this output as they are made, and
+        # the payload is built in another (SpooledPayload): a tensor too large to hold them
+        self.spool = spool
+        self.values = QuantStream(dt, option.bits, group, self.expected,
+                                  codes_file=None if spool is None else temporary_file(spool))
         self.counts, self.kept_energy = np.zeros(BINS, np.int64), np.zeros(BINS, np.float64)
         self.kept = 0
 
@@ -114,10 +120,13 @@ class StreamedRecord:
         if self.expected is not None and self.kept != self.expected:  # a changed base?
             raise AssertionError(f"{self.name}: kept {self.kept}, planned {self.expected}")
         if self.kept == 0:  # nothing changed: the base's record, with its report
+            self.values.close()
             return Record(self.name, self.dt.name, tuple(self.shape), "base", base_xxh3,
                           fidelity=fidelity_report(self.energy or 0.0, 0.0)), b""
         bitmap = self.bitmap.finish()
         self.bitmap = None
+        if self.spool is not None:
+            return self._finish_spooled(bitmap, base_xxh3)
         if self.kept == self.numel:
             pos_payload, pos_config = b"", {"codec": "all"}
         elif self.kept >= BITMAP_FROM * self.numel:
@@ -129,16 +138,46 @@ class StreamedRecord:
         val_payload, val_config = self.values.finish()
         val_config = {"codec": "quant", **val_config}
         payload = pos_payload + val_payload
-        kept_energy = float(self.kept_energy.sum())
-        energy = kept_energy if self.energy is None else self.energy  # None: every change kept
-        report = fidelity_report(energy, kept_energy, val_config["error_sq"])
         return Record(self.name, self.dt.name, tuple(self.shape), "sparse", base_xxh3,
                       self.kept, pos_config, val_config, len(pos_payload), len(val_payload),
-                      digest(payload), report), payload
+                      digest(payload), self._report(val_config)), payload
+
+    def _finish_spooled(self, bitmap: np.ndarray, base_xxh3: str) -> Encoded:
+        """:meth:`finish` into a :class:`SpooledPayload`: positions ``all`` or the bitmap
+        (never listed: a list of a tensor this large is gigabytes), then the values'
+        streams, the codes copied from their file."""
+        payload = SpooledPayload(self.spool)
+        try:
+            pos_nbytes, pos_config = 0, {"codec": "all"}
+            if self.kept < self.numel:
+                pos_nbytes, stream = payload.add_packed(*pack_stream(bitmap))
+                pos_config = {"codec": "bitmap", **stream}
+            del bitmap
+            _, val_config = self.values.finish(into=payload)
+        except BaseException:
+            payload.close()
+            raise
+        finally:
+            self.values.close()
+        val_config = {"codec": "quant", **val_config}
+        return Record(self.name, self.dt.name, tuple(self.shape), "sparse", base_xxh3,
+                      self.kept, pos_config, val_config, pos_nbytes,
+                      payload.nbytes - pos_nbytes, payload.hexdigest(),
+                      self._report(val_config)), payload
+
+    def close(self) -> None:
+        """Drop the temporary file of a spooled record's codes (after an error)."""
+        self.values.close()
+
+    def _report(self, val_config: dict) -> dict:
+        kept_energy = float(self.kept_energy.sum())
+        energy = kept_energy if self.energy is None else self.energy  # None: every change kept
+        return fidelity_report(energy, kept_energy, val_config["error_sq"])
 
 
 def planned_records(scanner: TensorScanner, name: str, hold_blocks: bool = False,
-                    exact_limit: int | None = None) -> list[Encoded]:
+                    exact_limit: int | None = None, spool: Path | None = None
+                    ) -> list[Encoded]:
     """Every fine-tune's record of a localized tensor under a planner: the statistics in
     one pass (for an error target), then each fine-tune's options in the planner's order,
     each selected by its threshold in one more pass and encoded, until the planner
@@ -147,7 +186,9 @@ def planned_records(scanner: TensorScanner, name: str, hold_blocks: bool = False
     take them instead of reading and keying the tensor again -- for callers whose memory
     budget has room for that.  ``exact_limit``: options with exact values keeping
     more elements than this (gathered whole, unlike quantized ones) are passed over, and an
-    :class:`OptionError` names the tensor when only such options are left."""
+    :class:`OptionError` names the tensor when only such options are left.  ``spool``: a
+    quantized record's codes and payload are built in temporary files beside this output
+    (:class:`StreamedRecord`), for tensors too large to hold them."""
     planner, count = scanner.planner, len(scanner.tunes)
     entry = scanner.base.entry(name)
     dt = lookup_dtype(entry.dtype)
@@ -178,19 +219,26 @@ def planned_records(scanner: TensorScanner, name: str, hold_blocks: bool = False
                           f"for; allow more memory or loosen the target")
     current = {i: next_option(i) for i in range(count)}
     while current:
-        sinks = {i: (StreamedRecord(name, dt, entry.shape, option, planner.group, energy[i])
+        sinks = {i: (StreamedRecord(name, dt, entry.shape, option, planner.group, energy[i],
+                                    spool)
                      if option.bits is not None and option.threshold >= 0
                      and (option.kept > 0 or option.threshold == 0)
                      else SelectionParts()) for i, option in current.items()}
         blocks = held if held is not None else \
             scanner.tune_blocks(name, base_hash=base_hash if base_xxh3 is None else None)
-        for block in blocks:
-            if block.tune in current:
-                sink, threshold = sinks[block.tune], current[block.tune].threshold
-                if isinstance(sink, StreamedRecord) and threshold > 0:
-                    sink.add_at_least(block, threshold)
-                else:
-                    sink.add(block, choice_of(block, threshold))
+        try:
+            for block in blocks:
+                if block.tune in current:
+                    sink, threshold = sinks[block.tune], current[block.tune].threshold
+                    if isinstance(sink, StreamedRecord) and threshold > 0:
+                        sink.add_at_least(block, threshold)
+                    else:
+                        sink.add(block, choice_of(block, threshold))
+        except BaseException:
+            for sink in sinks.values():
+                if isinstance(sink, StreamedRecord):
+                    sink.close()
+            raise
         if base_xxh3 is None:
             base_xxh3 = base_hash.hexdigest()
         for i, option in list(current.items()):
@@ -206,5 +254,7 @@ def planned_records(scanner: TensorScanner, name: str, hold_blocks: bool = False
                 records[i] = record
                 del current[i]
             else:
+                if isinstance(record[1], SpooledPayload):
+                    record[1].close()
                 current[i] = next_option(i)
     return records

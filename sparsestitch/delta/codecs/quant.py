@@ -38,6 +38,7 @@ from .base import (
     gap_encode,
     pack_stream,
     split_streams,
+    stream_compressor,
     to_planes,
     unpack_stream,
 )
@@ -323,7 +324,8 @@ class QuantStream:
     near the dtype's largest numbers) joins the exceptions and its run is fitted again
     without it; after four tries the run keeps what it has."""
 
-    def __init__(self, dt: DType, bits: int, group: int, count: int | None = None):
+    def __init__(self, dt: DType, bits: int, group: int, count: int | None = None,
+                 codes_file=None):
         if bits not in BITS:
             raise OptionError(f"bits must be one of {BITS}, got {bits}")
         if group < 0:
@@ -340,6 +342,9 @@ class QuantStream:
         self._seen = 0          # values added so far
         self._start = 0         # kept index of the first buffered value
         self._kept, self._base, self._exceptional = [], [], []
+        # A temporary file the codes are appended to as their runs are encoded (a tensor
+        # too large for its record to be held: see finish's ``into``), else None.
+        self._codes_file, self._codes_nbytes = codes_file, 0
 
     def add(self, kept: np.ndarray, base: np.ndarray) -> None:
         if kept.size == 0:
@@ -351,31 +356,36 @@ class QuantStream:
         if sum(part.size for part in self._kept) >= 2 * self.run:
             self._drain(final=False)
 
-    def finish(self) -> tuple[bytes, dict]:
+    def finish(self, into=None) -> tuple[bytes, dict]:
+        """The values part and its config; with ``into`` (a ``delta.spooled.SpooledPayload``)
+        the streams go there, the codes from ``codes_file``, and the bytes are empty."""
         if self.count is not None and self._seen != self.count:
             raise ValueError(f"{self._seen} values added, {self.count} announced")
         self._drain(final=True)
         group = self.group if self.group < self._seen else 0  # as the spec writes one group
+        if into is not None:
+            return b"", self._finish_into(into, group)
         codes = np.concatenate(self.codes) if self.codes else np.empty(0, np.uint8)
-        scale_bits = (np.concatenate(self.offsets + self.steps) if self.offsets
-                      else np.empty(0, self.scale_dt.bits))
-        exceptions = (np.concatenate(self.exceptions) if self.exceptions
-                      else np.empty(0, np.int64))
-        exception_bits = (np.concatenate(self.exception_bits) if self.exception_bits
-                          else np.empty(0, self.dt.bits))
         code_stream, code_config = pack_stream(codes)
-        scale_stream, scale_config = pack_stream(to_planes(scale_bits))
-        index_stream, index_config = pack_stream(to_planes(gap_encode(exceptions).astype("<u4")))
-        bits_stream, bits_config = pack_stream(to_planes(exception_bits))
-        config = {"bits": self.bits, "group": group, "scale_dtype": self.scale_dt.name,
-                  "exceptions": int(exceptions.size),
-                  "codes": code_config, "codes_nbytes": len(code_stream),
-                  "scales": scale_config, "scales_nbytes": len(scale_stream),
-                  "exc_index": index_config, "exc_index_nbytes": len(index_stream),
-                  "exc_bits": bits_config, "exc_bits_nbytes": len(bits_stream),
-                  "max_abs_error": self.max_abs_error,
-                  "error_sq": _finite_or_max(self.error_sq)}
-        return code_stream + scale_stream + index_stream + bits_stream, config
+        streams = _side_streams(self)
+        config = _values_config(self, group, sum(e.size for e in self.exceptions),
+                              (len(code_stream), code_config),
+                              *((len(stream), stream_config) for stream, stream_config in streams))
+        return code_stream + b"".join(stream for stream, _ in streams), config
+
+    def _finish_into(self, into, group: int) -> dict:
+        codes = self._codes_file
+        codes.flush()
+        stored = [into.add_stream(codes, self._codes_nbytes, stream_compressor(self._codes_nbytes))]
+        stored += [into.add_packed(stream, config) for stream, config in _side_streams(self)]
+        return _values_config(self, group, sum(e.size for e in self.exceptions), *stored)
+
+    def close(self) -> None:
+        """Drop the codes' temporary file, if any (it vanishes)."""
+        if getattr(self, "_codes_file", None) is not None:
+            self._codes_file.close()
+
+    __del__ = close  # dropped after an error elsewhere: the file just vanishes
 
     def _drain(self, final: bool) -> None:
         """Encode whole runs of the buffered values (every one of them when ``final``)."""
@@ -410,7 +420,11 @@ class QuantStream:
                 break
             exceptional[start + np.flatnonzero(regular)[fitted.overflowed]] = True
         groups = fitted.scale_bits.size // (2 if bits > 1 else 1)
-        self.codes.append(fitted.codes)
+        if self._codes_file is None:
+            self.codes.append(fitted.codes)
+        else:  # every run's codes end on a byte: appended, they are the stream
+            self._codes_file.write(np.ascontiguousarray(fitted.codes).tobytes())
+            self._codes_nbytes += fitted.codes.size
         self.offsets.append(fitted.scale_bits[:groups])
         self.steps.append(fitted.scale_bits[groups:])
         where = np.flatnonzero(exceptional[start:stop])
@@ -419,6 +433,33 @@ class QuantStream:
         self.error_sq += fitted.error_sq
         self.max_abs_error = max(self.max_abs_error, fitted.max_abs_error)
         return stop
+
+
+def _side_streams(stream: QuantStream) -> list[tuple[bytes, dict]]:
+    """A :class:`QuantStream`'s scales, exception indices and exception bits streams, packed."""
+    scale_bits = (np.concatenate(stream.offsets + stream.steps) if stream.offsets
+                  else np.empty(0, stream.scale_dt.bits))
+    exceptions = (np.concatenate(stream.exceptions) if stream.exceptions
+                  else np.empty(0, np.int64))
+    exception_bits = (np.concatenate(stream.exception_bits) if stream.exception_bits
+                      else np.empty(0, stream.dt.bits))
+    return [pack_stream(to_planes(scale_bits)),
+            pack_stream(to_planes(gap_encode(exceptions).astype("<u4"))),
+            pack_stream(to_planes(exception_bits))]
+
+
+def _values_config(stream: QuantStream, group: int, exceptions: int, codes, scales,
+                   exc_index, exc_bits) -> dict:
+    """A :class:`QuantStream`'s record's values config from each stream's ``(stored length,
+    stream config)``."""
+    config = {"bits": stream.bits, "group": group, "scale_dtype": stream.scale_dt.name,
+              "exceptions": int(exceptions)}
+    for key, (nbytes, stream_config) in (("codes", codes), ("scales", scales),
+                                         ("exc_index", exc_index), ("exc_bits", exc_bits)):
+        config[key], config[f"{key}_nbytes"] = stream_config, nbytes
+    config["max_abs_error"] = stream.max_abs_error
+    config["error_sq"] = _finite_or_max(stream.error_sq)
+    return config
 
 
 def _non_finite(kept: np.ndarray, base: np.ndarray, dt: DType) -> np.ndarray:

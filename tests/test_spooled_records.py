@@ -173,3 +173,41 @@ def test_lossless_compress_of_tensors_above_the_budget_holds_the_budget(tmp_path
     result = json.loads(done.stdout)
     assert result["traced"] <= 40 << 20, result
     assert result["over"] <= (40 + 64) << 20, result
+
+
+def test_default_records_of_tensors_above_the_budget_are_built_in_temporary_files(tmp_path):
+    """The default target's quantized records of a tensor too large to hold (its bitmap,
+    codes and payload, ~3 bytes an element, above a quarter of the budget) are built in
+    temporary files beside the output: the same kept positions and the same quantized
+    values as the records built in memory (the restored models are bit-identical), the
+    same error reported, positions never listed, nothing left beside the output."""
+    generator = torch.Generator().manual_seed(5)
+    base = {"big": torch.randn(2048, 2048, generator=generator),
+            "sparse": torch.randn(2048, 2048, generator=generator),
+            "small": torch.randn(64, 64, generator=generator)}
+    changed = {"big": base["big"] + 0.01 * torch.randn(2048, 2048, generator=generator),
+               "sparse": base["sparse"] + 0.05 * torch.randn(2048, 2048, generator=generator)
+               * (torch.rand(2048, 2048, generator=generator) < 0.05),
+               "small": base["small"] + 0.01}
+    base_path = save_checkpoint(tmp_path / "base.safetensors", base)
+    tune_path = save_checkpoint(tmp_path / "tune.safetensors", changed)
+    sparsestitch.compress(base_path, tune_path, tmp_path / "held.delta")
+    sparsestitch.compress(base_path, tune_path, tmp_path / "spooled.delta", max_memory="40MiB")
+    assert sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".delta") \
+        == ["held.delta", "spooled.delta"]
+    with DeltaReader(tmp_path / "held.delta") as held, \
+            DeltaReader(tmp_path / "spooled.delta") as spooled:
+        for want, got in zip(held.records, spooled.records):
+            assert (got.name, got.kind, got.count) == (want.name, want.kind, want.count)
+            if got.kind == "sparse":
+                assert got.values["codec"] == want.values["codec"] == "quant"
+                assert got.values["error_sq"] == want.values["error_sq"]
+                assert got.fidelity == want.fidelity
+        assert spooled.record("sparse").positions["codec"] == "bitmap"
+        assert held.record("sparse").positions["codec"] != "bitmap"  # listed: smaller
+    restored = [sparsestitch.restore(base_path, tmp_path / f"{kind}.delta",
+                                     tmp_path / f"{kind}.safetensors")
+                for kind in ("held", "spooled")]
+    with Checkpoint(restored[0]) as want, Checkpoint(restored[1]) as got:
+        for name in want.names:
+            np.testing.assert_array_equal(got.read(name), want.read(name), err_msg=name)
