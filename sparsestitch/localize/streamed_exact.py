@@ -43,10 +43,12 @@ def held_bytes(itemsize: int) -> int:
     return BLOCK_ELEMENTS * (itemsize * (3 + 3) + 2) + FIXED_BYTES
 
 
-def streamed_exact_records(scanner: TensorScanner, name: str, output: Path) -> list[tuple[Record, object]]:
+def streamed_exact_records(scanner: TensorScanner, name: str, output: Path, threads: int = 1
+                           ) -> list[tuple[Record, object]]:
     """Every fine-tune's exact record of tensor ``name`` (every changed element), written
     through temporary files beside ``output``: ``(record, payload)`` each, the payload a
-    :class:`~..delta.spooled.SpooledPayload` (or ``b""`` for an unchanged tensor)."""
+    :class:`~..delta.spooled.SpooledPayload` (or ``b""`` for an unchanged tensor); the
+    streams are compressed by ``threads`` zstd workers."""
     entry = scanner.base.entry(name)
     dt = lookup_dtype(entry.dtype)
     scanner = TensorScanner(scanner.base, scanner.tunes, scanner.plan,
@@ -63,7 +65,7 @@ def streamed_exact_records(scanner: TensorScanner, name: str, output: Path) -> l
             codec = survey.codec(tune)
             builders.append(None if count == 0 else SpooledExactRecord(
                 output, name, dt, entry.shape, count, codec,
-                survey.contexts[tune] if codec.codec_id == "ulp" else None))
+                survey.contexts[tune] if codec.codec_id == "ulp" else None, threads))
         for block in scanner.tune_blocks(name):
             builder = builders[block.tune]
             if builder is None:

@@ -318,7 +318,7 @@ class CompressJob:
         if self.planner is not None and name in plan.localized and not plan.stored_exactly(name, dt):
             return planned()
         if streams_exactly(self.scanner, name, selectors, self.max_memory):
-            return streamed_exact_records(self.scanner, name, self.spool_beside)
+            return streamed_exact_records(self.scanner, name, self.spool_beside, self.workers)
         return self.scanner.select_and_encode(name, selectors,
                                               one_at_a_time=self._one_at_a_time(name))
 

@@ -117,9 +117,14 @@ def pack_stream(raw: bytes | memoryview | np.ndarray) -> tuple[bytes, dict]:
     return bytes(raw), {"zstd": False, "raw_nbytes": n}
 
 
-def stream_compressor(raw_nbytes: int) -> zstandard.ZstdCompressor:
-    """The zstd compressor :func:`pack_stream` uses for a stream of ``raw_nbytes`` bytes."""
+def stream_compressor(raw_nbytes: int, threads: int = 0) -> zstandard.ZstdCompressor:
+    """The zstd compressor :func:`pack_stream` uses for a stream of ``raw_nbytes`` bytes
+    (``threads`` > 1: zstd's workers, one frame still, the bytes a little different)."""
     level = ZSTD_LEVEL_SMALL if raw_nbytes <= ZSTD_SMALL_LIMIT else ZSTD_LEVEL_LARGE
+    if threads > 1:
+        params = zstandard.ZstdCompressionParameters.from_level(
+            level, write_content_size=True, threads=threads)
+        return zstandard.ZstdCompressor(compression_params=params)
     return zstandard.ZstdCompressor(level=level, write_content_size=True)
 
 

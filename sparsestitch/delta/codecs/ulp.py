@@ -140,9 +140,13 @@ class UlpValues:
             return packed, {"zstd": True, "raw_nbytes": int(raw.size)}
         return raw.tobytes(), {"zstd": False, "raw_nbytes": int(raw.size)}
 
-    def stream_compressor(self, dt: DType, raw_nbytes: int) -> zstandard.ZstdCompressor:
-        params = zstandard.ZstdCompressionParameters(write_content_size=True,
-                                                     **ZSTD_PARAMETERS[dt.itemsize])
+    def stream_compressor(self, dt: DType, raw_nbytes: int, threads: int = 0
+                          ) -> zstandard.ZstdCompressor:
+        """The stream's compressor (``threads`` > 1: zstd's workers, for a stream written
+        from a temporary file: one frame still, the bytes a little different)."""
+        params = zstandard.ZstdCompressionParameters(
+            write_content_size=True, threads=threads if threads > 1 else 0,
+            **ZSTD_PARAMETERS[dt.itemsize])
         return zstandard.ZstdCompressor(compression_params=params)
 
     def run_planes(self, kept: np.ndarray, base: np.ndarray, dt: DType) -> np.ndarray:

@@ -40,8 +40,8 @@ class XorValues:
         """The stored order is the kept order (no contexts; see :meth:`run_planes`)."""
         return None
 
-    def stream_compressor(self, dt: DType, raw_nbytes: int):
-        return stream_compressor(raw_nbytes)
+    def stream_compressor(self, dt: DType, raw_nbytes: int, threads: int = 0):
+        return stream_compressor(raw_nbytes, threads)
 
     def decode(self, payload: bytes, config: dict, base: np.ndarray, dt: DType,
                count: int) -> np.ndarray:
