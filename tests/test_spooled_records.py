@@ -175,12 +175,15 @@ def test_lossless_compress_of_tensors_above_the_budget_holds_the_budget(tmp_path
     assert result["over"] <= (40 + 64) << 20, result
 
 
-def test_default_records_of_tensors_above_the_budget_are_built_in_temporary_files(tmp_path):
-    """The default target's quantized records of a tensor too large to hold (its bitmap,
-    codes and payload, ~3 bytes an element, above a quarter of the budget) are built in
-    temporary files beside the output: the same kept positions and the same quantized
-    values as the records built in memory (the restored models are bit-identical), the
-    same error reported, positions never listed, nothing left beside the output."""
+def test_default_records_too_large_to_hold_are_built_in_temporary_files(tmp_path, monkeypatch):
+    """The default target's quantized records that would hold more than a quarter of the
+    budget (their bitmap, codes and payload; forced here for every record) are built in
+    temporary files beside the output: the same kept positions and the same quantized values
+    as the records built in memory (the restored models are bit-identical), the same error
+    reported, positions never listed, nothing left beside the output.  Records that fit
+    are built as before: a small budget writes the same bytes."""
+    from sparsestitch.localize import planned
+
     generator = torch.Generator().manual_seed(5)
     base = {"big": torch.randn(2048, 2048, generator=generator),
             "sparse": torch.randn(2048, 2048, generator=generator),
@@ -192,9 +195,15 @@ def test_default_records_of_tensors_above_the_budget_are_built_in_temporary_file
     base_path = save_checkpoint(tmp_path / "base.safetensors", base)
     tune_path = save_checkpoint(tmp_path / "tune.safetensors", changed)
     sparsestitch.compress(base_path, tune_path, tmp_path / "held.delta")
-    sparsestitch.compress(base_path, tune_path, tmp_path / "spooled.delta", max_memory="40MiB")
+    sparsestitch.compress(base_path, tune_path, tmp_path / "small-budget.delta",
+                          max_memory="40MiB")
+    assert (tmp_path / "small-budget.delta").read_bytes() == \
+        (tmp_path / "held.delta").read_bytes()
+    monkeypatch.setattr(planned.StreamedRecord, "held_bytes",
+                        staticmethod(lambda numel, option: 1 << 60))
+    sparsestitch.compress(base_path, tune_path, tmp_path / "spooled.delta")
     assert sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".delta") \
-        == ["held.delta", "spooled.delta"]
+        == ["held.delta", "small-budget.delta", "spooled.delta"]
     with DeltaReader(tmp_path / "held.delta") as held, \
             DeltaReader(tmp_path / "spooled.delta") as spooled:
         for want, got in zip(held.records, spooled.records):
@@ -211,3 +220,18 @@ def test_default_records_of_tensors_above_the_budget_are_built_in_temporary_file
     with Checkpoint(restored[0]) as want, Checkpoint(restored[1]) as got:
         for name in want.names:
             np.testing.assert_array_equal(got.read(name), want.read(name), err_msg=name)
+
+
+def test_a_record_is_spooled_by_what_holding_it_would_cost():
+    """The estimate behind the choice: a bitmap's quarter byte an element, the codes' bits
+    four times over, and listed positions below a fifth of the elements."""
+    from sparsestitch.localize.budget import Option
+    from sparsestitch.localize.planned import BITMAP_FROM, StreamedRecord
+
+    numel = 1 << 30  # a 70B model's embedding
+    dense = Option(1.0, 4, numel, 0.0, 0.0)
+    sparse = Option(0.01, 2, numel // 100, 0.0, 0.0)
+    assert StreamedRecord.held_bytes(numel, dense) == numel // 4 + numel * 2
+    assert StreamedRecord.held_bytes(numel, sparse) == numel // 4 + numel // 100 + 16 * (numel // 100)
+    assert BITMAP_FROM * numel > numel // 100
+    assert StreamedRecord.held_bytes(4096, sparse) < (1 << 30) // 4

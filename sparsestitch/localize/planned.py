@@ -165,6 +165,15 @@ class StreamedRecord:
                       payload.nbytes - pos_nbytes, payload.hexdigest(),
                       self._report(val_config)), payload
 
+    @staticmethod
+    def held_bytes(numel: int, option: Option) -> int:
+        """What a record of this option held in memory costs at most: the bitmap and its
+        compressed copy, the codes about four times over (runs, joined, compressed, in the
+        payload) and, below :data:`BITMAP_FROM`, the listed positions and their gaps."""
+        kept = option.kept or numel  # 0: not known before the pass
+        listed = 16 * kept if kept < BITMAP_FROM * numel else 0
+        return numel // 4 + kept * option.bits // 2 + listed
+
     def close(self) -> None:
         """Drop the temporary file of a spooled record's codes (after an error)."""
         self.values.close()
@@ -176,8 +185,8 @@ class StreamedRecord:
 
 
 def planned_records(scanner: TensorScanner, name: str, hold_blocks: bool = False,
-                    exact_limit: int | None = None, spool: Path | None = None
-                    ) -> list[Encoded]:
+                    exact_limit: int | None = None, spool: Path | None = None,
+                    spool_above: int = 0) -> list[Encoded]:
     """Every fine-tune's record of a localized tensor under a planner: the statistics in
     one pass (for an error target), then each fine-tune's options in the planner's order,
     each selected by its threshold in one more pass and encoded, until the planner
@@ -187,8 +196,9 @@ def planned_records(scanner: TensorScanner, name: str, hold_blocks: bool = False
     budget has room for that.  ``exact_limit``: options with exact values keeping
     more elements than this (gathered whole, unlike quantized ones) are passed over, and an
     :class:`OptionError` names the tensor when only such options are left.  ``spool``: a
-    quantized record's codes and payload are built in temporary files beside this output
-    (:class:`StreamedRecord`), for tensors too large to hold them."""
+    quantized record that would hold more than ``spool_above`` bytes
+    (:meth:`StreamedRecord.held_bytes`) has its codes and payload built in temporary files
+    beside this output instead."""
     planner, count = scanner.planner, len(scanner.tunes)
     entry = scanner.base.entry(name)
     dt = lookup_dtype(entry.dtype)
@@ -220,7 +230,8 @@ def planned_records(scanner: TensorScanner, name: str, hold_blocks: bool = False
     current = {i: next_option(i) for i in range(count)}
     while current:
         sinks = {i: (StreamedRecord(name, dt, entry.shape, option, planner.group, energy[i],
-                                    spool)
+                                    spool if spool is not None and StreamedRecord.held_bytes(
+                                        entry.numel, option) > spool_above else None)
                      if option.bits is not None and option.threshold >= 0
                      and (option.kept > 0 or option.threshold == 0)
                      else SelectionParts()) for i, option in current.items()}

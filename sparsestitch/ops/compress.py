@@ -311,8 +311,7 @@ class CompressJob:
         def planned() -> list:
             return planned_records(self.scanner, name, hold_blocks=self._holds_blocks(name),
                                    exact_limit=exact_limit(self.max_memory, dt.itemsize),
-                                   spool=self.spool_beside if spools_records(
-                                       self.base.entry(name), self.max_memory) else None)
+                                   spool=self.spool_beside, spool_above=self.max_memory // 4)
         if isinstance(self.planner, LowRankPlanner) and self.planner.takes(name):
             return lowrank_records(self.scanner, name, self.planner, planned)
         if self.planner is not None and name in plan.localized and not plan.stored_exactly(name, dt):
@@ -350,19 +349,6 @@ def write_all(base: Checkpoint, progress: bool, encoded, outputs: DeltaOutputs) 
             for i, (record, payload) in enumerate(records):
                 outputs.add(i, record, payload)
             shown.update(base.entry(name).nbytes)
-
-
-#: What a quantized record held in memory costs per element of its tensor at most (its
-#: bitmap, the codes, their compressed copy and the payload joined): measured ~3 bytes.
-RECORD_BYTES = 3
-
-
-def spools_records(entry, max_memory: int) -> bool:
-    """Whether a target's quantized records of this tensor are built in temporary files
-    beside the output (:class:`~sparsestitch.localize.planned.StreamedRecord`'s ``spool``):
-    when holding one would take more than a quarter of the budget (a 7B model's embedding
-    at the 1 GiB default, every tensor of a 70B's above 89 M elements)."""
-    return entry.numel * RECORD_BYTES > max_memory // 4
 
 
 def streams_exactly(scanner: TensorScanner, name: str, selectors: Sequence[Selector],
