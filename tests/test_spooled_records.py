@@ -235,3 +235,50 @@ def test_a_record_is_spooled_by_what_holding_it_would_cost():
     assert StreamedRecord.held_bytes(numel, sparse) == numel // 4 + numel // 100 + 16 * (numel // 100)
     assert BITMAP_FROM * numel > numel // 100
     assert StreamedRecord.held_bytes(4096, sparse) < (1 << 30) // 4
+
+
+def _limited(fsize: int):
+    import resource
+    import signal
+
+    def limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # so writes fail with EFBIG
+        resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
+    return limit
+
+
+@pytest.mark.parametrize("spooled", ["lossless", "quantized"])
+def test_a_failed_write_of_a_spooled_record_leaves_nothing(tmp_path, spooled):
+    """The temporary files of records written through them fail like the output (here a
+    file-size limit, which the spools pass first): an :class:`OutputError` naming the output,
+    nothing left beside it, the inputs untouched.  Lossless: the exact records of tensors
+    above a 33 MiB budget; quantized: every default record forced through the spools."""
+    import subprocess
+    import sys
+
+    from .support.processes import leftovers, tree_digest
+
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    base_path, tunes = _models(inputs, tunes=1)
+    before = tree_digest(inputs)
+    outs = tmp_path / "out"
+    outs.mkdir()
+    out = outs / "d.delta"
+    options = "lossless=True, max_memory='33MiB'" if spooled == "lossless" else ""
+    script = (
+        "import sparsestitch\n"
+        "from sparsestitch.localize import planned\n"
+        "planned.StreamedRecord.held_bytes = staticmethod(lambda numel, option: 1 << 60)\n"
+        "try:\n"
+        f"    sparsestitch.compress({str(base_path)!r}, {str(tunes[0])!r}, {str(out)!r},"
+        f" {options})\n"
+        "except sparsestitch.OutputError as exc:\n"
+        "    print(exc.path, '|', exc)\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          preexec_fn=_limited(64 << 10), timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.startswith(f"{out} | "), done.stdout
+    assert "File too large" in done.stdout
+    assert not out.exists() and leftovers(outs) == []
+    assert tree_digest(inputs) == before

@@ -38,6 +38,37 @@ def temporary_file(output: Path):
         raise output_error(exc, output) from exc
 
 
+class AppendFile:
+    """A temporary file beside ``output`` that data is appended to (a quantized record's
+    codes as their runs are encoded); its failures are reported as the output's."""
+
+    def __init__(self, output: Path):
+        self.output = output
+        self.file = temporary_file(output)
+
+    def write(self, data) -> None:
+        try:
+            self.file.write(data)
+        except OSError as exc:
+            raise output_error(exc, self.output) from exc
+
+    def flush(self) -> None:
+        try:
+            self.file.flush()
+        except OSError as exc:
+            raise output_error(exc, self.output) from exc
+
+    def fileno(self) -> int:
+        return self.file.fileno()
+
+    def close(self) -> None:
+        self.file.close()
+
+    def __del__(self):  # dropped after an error elsewhere: the file just vanishes
+        if getattr(self, "file", None) is not None:
+            self.file.close()
+
+
 def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
     while data.nbytes:
         done = os.pwrite(fd, data, offset)

@@ -27,7 +27,7 @@ from ..delta.codecs.base import pack_stream
 from ..delta.codecs.bitmap import BitmapBuilder
 from ..delta.codecs.quant import QuantStream
 from ..delta.format import Record, digest
-from ..delta.spooled import SpooledPayload, temporary_file
+from ..delta.spooled import AppendFile, SpooledPayload
 from ..engine.walk import BaseHash
 from .budget import Option
 from .selection import Encoded, SelectionParts, TensorScanner, fidelity_report
@@ -80,7 +80,7 @@ class StreamedRecord:
         # the payload is built in another (SpooledPayload): a tensor too large to hold them
         self.spool = spool
         self.values = QuantStream(dt, option.bits, group, self.expected,
-                                  codes_file=None if spool is None else temporary_file(spool))
+                                  codes_file=None if spool is None else AppendFile(spool))
         self.counts, self.kept_energy = np.zeros(BINS, np.int64), np.zeros(BINS, np.float64)
         self.kept = 0
 
