@@ -10,8 +10,9 @@ from hypothesis import given, settings, strategies as st
 
 from sparsestitch.core.dtypes import dtype
 from sparsestitch.localize import topk as topk_module
-from sparsestitch.localize.topk import (TopK, bracket_bins, count_to_keep, magnitude_keys,
-                                        resolve_candidates, topk_positions)
+from sparsestitch.localize.topk import (TopK, bracket_around, bracket_bins, count_to_keep,
+                                        high_histogram, magnitude_keys, resolve_candidates,
+                                        topk_positions)
 from sparsestitch.core.tiebreak import ranked, tie_order
 
 # Few distinct keys, so ties are common; they share high halves (the low-pass bin) and
@@ -30,15 +31,23 @@ def reference(keys: np.ndarray, k: int, name: str = "w") -> np.ndarray:
     return topk_positions(keys, k, tie_order(name, np.arange(keys.size)))
 
 
-def streaming_topk(chunks: list[np.ndarray], k: int, name: str = "w", order_of=None) -> np.ndarray:
+def streaming_topk(chunks: list[np.ndarray], k: int, name: str = "w", order_of=None,
+                   estimate: np.ndarray | None = None, passes: list | None = None) -> np.ndarray:
     """Run TopK over ``chunks`` exactly as compress does; return global indices.  Tie orders
-    are ``tie_order(name, index)``, or ``order_of(index)`` (global indices) when given."""
+    are ``tie_order(name, index)``, or ``order_of(index)`` (global indices) when given.
+    ``estimate``: a histogram the first pass brackets its counts around (``bracket_around``);
+    ``passes``: whether the second counting pass ran is appended to it."""
     topk = TopK(k)
+    if estimate is not None:
+        bracket_around(topk, estimate)
     starts = np.cumsum([0] + [c.size for c in chunks])
     order_of = order_of or (lambda index: tie_order(name, index))
     orders = [lambda index, start=start: order_of(index + start) for start in starts]
     for chunk in chunks:
         topk.count_high(chunk)
+    topk.prepare_low_pass()
+    if passes is not None:
+        passes.append(topk.needs_low_pass)
     if topk.needs_low_pass:
         for chunk in chunks:
             topk.count_low(chunk)
@@ -254,3 +263,60 @@ def test_magnitude_keys_beyond_float32_range_are_inf():
     tune = np.array([1e300, 1e300, 1.0], np.float64)
     keys = magnitude_keys(tune.view(np.uint64), base.view(np.uint64), dtype("F64"))
     assert keys.view(np.float32).tolist() == [np.inf, np.inf, 0.0]
+
+
+@TIE_MODES
+@settings(max_examples=150, deadline=None)
+@given(case=chunked_keys(), shift=st.integers(-3, 3), data=st.data())
+def test_a_bracketed_first_pass_selects_exactly_what_two_passes_select(held_whole, case, shift,
+                                                                         data):
+    """A first pass that also counts the low bits of a few bins around an estimate (exact,
+    shifted by a few bins, or a histogram of other keys) selects exactly the reference's
+    elements; where the k-th key lies in the bracket, the second pass does not run."""
+    keys, k, chunks = case
+    exact = high_histogram(keys)
+    if data.draw(st.booleans()):
+        estimate = np.roll(exact, shift)
+    else:
+        estimate = high_histogram(np.array(data.draw(st.lists(st.sampled_from(KEY_POOL),
+                                                              min_size=1, max_size=50)),
+                                           np.uint32))
+    passes = []
+    with mock.patch.object(topk_module, "TIES_HELD_WHOLE", held_whole):
+        got = streaming_topk(chunks, k, estimate=estimate, passes=passes)
+    np.testing.assert_array_equal(got, reference(keys, k))
+
+    def kth_bin(histogram):
+        return histogram.size - 1 - int(np.searchsorted(np.cumsum(histogram[::-1]), k))
+    if 0 < k < min(keys.size, int(estimate.sum())) and abs(kth_bin(exact) - kth_bin(estimate)) <= 2:
+        assert passes == [False]  # the k-th key's bin was within two bins of the estimate's
+
+
+def test_fidelity_merge_skips_the_second_counting_pass_and_keeps_its_bytes(tmp_path,
+                                                                           monkeypatch):
+    """merge by Localize-and-Stitch at 1% (the fidelity scope's exact top-k): the energy
+    pass's histograms bracket the threshold, so the model is read once less (no "localize
+    2/3" pass); the merged model is byte-identical to the one without the bracket."""
+    import sparsestitch
+    from sparsestitch.localize import selection, selectors
+
+    from .conftest import save_checkpoint
+    from .support.models import finetune_of, small_model
+
+    base = save_checkpoint(tmp_path / "base.safetensors", small_model(seed=3))
+    tunes = [save_checkpoint(tmp_path / f"t{i}.safetensors",
+                             finetune_of(small_model(seed=3), seed=i + 5)) for i in range(2)]
+    ran = []
+    real = selection._pre_pass
+    monkeypatch.setattr(selection, "_pre_pass", lambda scanner, index, prepass, *rest:
+                        (ran.append(prepass.description), real(scanner, index, prepass, *rest)))
+    sparsestitch.merge(base, tunes, tmp_path / "bracketed.safetensors", rule="localize-stitch",
+                       keep=0.01)
+    assert "localize 2/3" not in ran and "energy" in ran and "localize 1/3" in ran, ran
+    ran.clear()
+    monkeypatch.setattr(selectors, "bracket_around", lambda topk, estimate: None)
+    sparsestitch.merge(base, tunes, tmp_path / "plain.safetensors", rule="localize-stitch",
+                       keep=0.01)
+    assert "localize 2/3" in ran, ran
+    assert (tmp_path / "bracketed.safetensors").read_bytes() == \
+        (tmp_path / "plain.safetensors").read_bytes()

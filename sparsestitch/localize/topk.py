@@ -130,26 +130,38 @@ class TopK:
         self._high = np.zeros(_BINS, dtype=np.int64)
         self._low = None
         self._bin = None
+        self.bracket: LowBracket | None = None   # see bracket_around
+        self._low_known = False
         self.threshold = None        # T: every key above it is kept
         self._ties: TieCut | None = None   # which keys equal to T are kept
 
-    # -- pass 1 and 2: the threshold key --
-
     def count_high(self, keys: np.ndarray) -> None:
-        self.add_high(high_histogram(keys))
+        self.add_high(self.first_histogram(keys))
+
+    def first_histogram(self, keys: np.ndarray) -> np.ndarray:
+        """A chunk's :func:`high_histogram`, then its :attr:`bracket`'s counts if any."""
+        counts = high_histogram(keys)
+        return counts if self.bracket is None else np.concatenate(
+            [counts, self.bracket.measure(keys)])
 
     def add_high(self, histogram: np.ndarray) -> None:
-        self._high += histogram
+        self._high += histogram[:_BINS]
+        if histogram.size > _BINS:
+            self.bracket.add(histogram[_BINS:])
 
     @property
     def needs_low_pass(self) -> bool:
-        return 0 < self.k < int(self._high.sum())
+        return 0 < self.k < int(self._high.sum()) and not self._low_known
 
     def prepare_low_pass(self) -> None:
-        """Fix the bin the second pass looks into (after every chunk was counted high)."""
+        """Fix the second pass's bin (after the first pass); the bracket may have counted it."""
         if self._bin is None:
             self._bin, _ = _kth_bin(self._high, self.k)
             self._low = np.zeros(_BINS, dtype=np.int64)
+            known = None if self.bracket is None else self.bracket.low_of(self._bin)
+            if known is not None:
+                self._low, self._low_known = known, True
+            self.bracket = None
 
     def count_low(self, keys: np.ndarray) -> None:
         self.prepare_low_pass()
@@ -157,20 +169,16 @@ class TopK:
             self.add_low(self.low_histogram(keys))
 
     def low_histogram(self, keys: np.ndarray) -> np.ndarray:
-        """Counts of the low 16 bits of the keys inside the threshold's bin (after
-        :meth:`prepare_low_pass`)."""
+        """Counts of the low 16 bits of the keys in the threshold's bin (prepare_low_pass)."""
         in_bin = keys[(keys >> 16) == self._bin]
         return np.bincount(in_bin & 0xFFFF, minlength=_BINS)
 
     def add_low(self, histogram: np.ndarray) -> None:
         self._low += histogram
 
-    # -- pass 3 (and 4): the cut among keys equal to T --
-
     @property
     def needs_tie_pass(self) -> bool:
-        """Whether a tie pass must run now: some, not all, keys equal to T are kept and the
-        cut among them is not known yet."""
+        """Whether a tie pass must run: some, not all, keys equal to T kept, the cut unknown."""
         self._find_threshold()
         return self._ties is not None and not self._ties.done
 
@@ -196,8 +204,6 @@ class TopK:
     def end_tie_pass(self) -> None:
         self._ties.end_pass()
 
-    # -- selection --
-
     def select(self, keys: np.ndarray, order: TieOrder | None = None) -> np.ndarray:
         """Flat indices (into this chunk) of the kept elements, in order."""
         self._find_threshold()
@@ -220,6 +226,45 @@ class TopK:
             if 0 < self.k < int(self._high.sum()) and self._bin is None:
                 raise RuntimeError("count_low must see every chunk before select")
             self.threshold, self._ties = _threshold(self._high, self._low, self.k)
+
+
+def bracket_around(topk: TopK, estimate: np.ndarray, bins: int = 5) -> None:
+    """Before ``topk``'s first pass: have it also count the low 16 bits of keys in ``bins``
+    high bins centred on the one that holds the k-th largest key by ``estimate`` (a
+    histogram approximating the first pass's; nothing where every key or none is kept);
+    if the k-th key lies there, its second pass is not needed (:class:`LowBracket`)."""
+    if 0 < topk.k < int(estimate.sum()):
+        centre, _ = _kth_bin(estimate, topk.k)
+        topk.bracket = LowBracket(centre - bins // 2, bins)
+
+
+class LowBracket:
+    """The low-16-bit counts of the keys in ``bins`` consecutive high bins from ``first``,
+    taken in :class:`TopK`'s first pass (where the k-th key is expected)."""
+
+    def __init__(self, first: int, bins: int):
+        self.first = max(0, first)
+        self.bins = max(1, min(bins, _BINS - self.first))
+        self._low: np.ndarray | None = None
+
+    def measure(self, keys: np.ndarray) -> np.ndarray:
+        """A chunk's counts (``bins`` x 65,536, additive)."""
+        shifted = (keys >> np.uint32(16)).astype(np.int64) - self.first
+        inside = (shifted >= 0) & (shifted < self.bins)
+        return np.bincount(shifted[inside] * _BINS + (keys[inside] & np.uint32(0xFFFF)),
+                           minlength=self.bins * _BINS)
+
+    def add(self, counts: np.ndarray) -> None:
+        counts = counts.astype(np.int64)
+        self._low = counts if self._low is None else self._low + counts
+
+    def low_of(self, high_bin: int) -> np.ndarray | None:
+        """The low-16-bit counts of ``high_bin`` (as the second pass counts them), None
+        outside the bracket."""
+        if self._low is None or not self.first <= high_bin < self.first + self.bins:
+            return None
+        at = (high_bin - self.first) * _BINS
+        return self._low[at:at + _BINS].copy()
 
 
 def _threshold(high: np.ndarray, low: np.ndarray | None, k: int) -> tuple[int, "TieCut | None"]:
