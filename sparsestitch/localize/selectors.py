@@ -42,6 +42,7 @@ from ..core.tiebreak import ranked, tie_order
 from .stats import BINS, key_histogram, keys_energy
 from .topk import (
     TopK,
+    add_first,
     bracket_around,
     bracket_bins,
     count_to_keep,
@@ -293,6 +294,8 @@ class _TopKSelector(Selector):
         return counter.tie_histogram(block.keys, block.tie_orders)
 
     def merge(self, index: int, total: np.ndarray, measure: np.ndarray) -> np.ndarray:
+        if index == 0:
+            return add_first(total, measure)
         if index >= 2 and total.dtype == np.uint32:  # tie orders held whole
             return np.concatenate([total, measure])
         return total + measure
@@ -499,16 +502,21 @@ class FidelityExactTopK(_Normalized, GlobalTopK):
         self._estimate = np.zeros(BINS, np.int64)
 
     def measure(self, index: int, block: TuneBlock) -> np.ndarray | None:
-        if index == 0:  # the energy as TuneBlock.energy sums it, then the bins' counts
+        if index == 0:  # the energy as TuneBlock.energy sums it, and the bins' counts
             counts, energy = np.zeros(BINS, np.int64), np.zeros(BINS, np.float64)
             key_histogram(block.magnitudes, counts, energy)
-            return np.concatenate([[float(energy.sum())], counts.astype(np.float64)])
+            return np.array([float(energy.sum())]), counts
         return super().measure(index, block)
 
-    def absorb(self, index: int, name: str, total: np.ndarray) -> None:
-        super().absorb(index, name, total[:1] if index == 0 else total)
+    def merge(self, index: int, total, measure):
         if index == 0:
-            counts = total[1:].astype(np.int64)
+            return total[0] + measure[0], total[1] + measure[1]
+        return super().merge(index, total, measure)
+
+    def absorb(self, index: int, name: str, total) -> None:
+        super().absorb(index, name, total[0] if index == 0 else total)
+        if index == 0:
+            counts = total[1]
             filled = np.flatnonzero(counts)
             middles = ((filled << 16) | 0x8000).astype(np.uint32).view(np.float32)
             with np.errstate(over="ignore", invalid="ignore"):

@@ -138,16 +138,17 @@ class TopK:
     def count_high(self, keys: np.ndarray) -> None:
         self.add_high(self.first_histogram(keys))
 
-    def first_histogram(self, keys: np.ndarray) -> np.ndarray:
-        """A chunk's :func:`high_histogram`, then its :attr:`bracket`'s counts if any."""
+    def first_histogram(self, keys: np.ndarray):
+        """A chunk's :func:`high_histogram`; with a :attr:`bracket`, ``(that, the keys in the
+        bracket, LowBracket.measure)`` (add them with :func:`add_first`)."""
         counts = high_histogram(keys)
-        return counts if self.bracket is None else np.concatenate(
-            [counts, self.bracket.measure(keys)])
+        return counts if self.bracket is None else (counts, self.bracket.measure(keys))
 
-    def add_high(self, histogram: np.ndarray) -> None:
-        self._high += histogram[:_BINS]
-        if histogram.size > _BINS:
-            self.bracket.add(histogram[_BINS:])
+    def add_high(self, histogram) -> None:  # one chunk's first_histogram, or add_first's
+        if isinstance(histogram, tuple):
+            histogram, inside = histogram
+            self.bracket.add(inside)
+        self._high += histogram
 
     @property
     def needs_low_pass(self) -> bool:
@@ -228,6 +229,14 @@ class TopK:
             self.threshold, self._ties = _threshold(self._high, self._low, self.k)
 
 
+def add_first(total, measure):
+    """Two first-pass measures of :meth:`TopK.first_histogram` added (histograms summed,
+    bracketed keys joined)."""
+    if isinstance(total, tuple):
+        return total[0] + measure[0], np.concatenate([total[1], measure[1]])
+    return total + measure
+
+
 def bracket_around(topk: TopK, estimate: np.ndarray, bins: int = 5) -> None:
     """Before ``topk``'s first pass: have it also count the low 16 bits of keys in ``bins``
     high bins centred on the one that holds the k-th largest key by ``estimate`` (a
@@ -248,14 +257,14 @@ class LowBracket:
         self._low: np.ndarray | None = None
 
     def measure(self, keys: np.ndarray) -> np.ndarray:
-        """A chunk's counts (``bins`` x 65,536, additive)."""
-        shifted = (keys >> np.uint32(16)).astype(np.int64) - self.first
-        inside = (shifted >= 0) & (shifted < self.bins)
-        return np.bincount(shifted[inside] * _BINS + (keys[inside] & np.uint32(0xFFFF)),
-                           minlength=self.bins * _BINS)
+        """A chunk's keys in the bracket, less its first key (few: a narrow band of keys),
+        as uint32: ``(bin - first) * 65,536 + low 16 bits``."""
+        offset = keys - np.uint32(self.first << 16)  # modulo 2**32: below the bracket wraps
+        return offset[offset < np.uint32(self.bins * _BINS)]
 
-    def add(self, counts: np.ndarray) -> None:
-        counts = counts.astype(np.int64)
+    def add(self, inside: np.ndarray) -> None:
+        """Count keys given by :meth:`measure`."""
+        counts = np.bincount(inside, minlength=self.bins * _BINS).astype(np.int64)
         self._low = counts if self._low is None else self._low + counts
 
     def low_of(self, high_bin: int) -> np.ndarray | None:
