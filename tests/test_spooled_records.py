@@ -177,7 +177,8 @@ def test_lossless_compress_of_tensors_above_the_budget_holds_the_budget(tmp_path
 
 def test_default_records_too_large_to_hold_are_built_in_temporary_files(tmp_path, monkeypatch):
     """The default target's quantized records that would hold more than a quarter of the
-    budget (their bitmap, codes and payload; forced here for every record) are built in
+    budget (their bitmap, codes and payload; forced here for every record; with non-finite
+    changes, stored as exceptions, the last of their streams) are built in
     temporary files beside the output: the same kept positions and the same quantized values
     as the records built in memory (the restored models are bit-identical), the same error
     reported, positions never listed, nothing left beside the output.  Records that fit
@@ -188,7 +189,9 @@ def test_default_records_too_large_to_hold_are_built_in_temporary_files(tmp_path
     base = {"big": torch.randn(2048, 2048, generator=generator),
             "sparse": torch.randn(2048, 2048, generator=generator),
             "small": torch.randn(64, 64, generator=generator)}
-    changed = {"big": base["big"] + 0.01 * torch.randn(2048, 2048, generator=generator),
+    big = base["big"] + 0.01 * torch.randn(2048, 2048, generator=generator)
+    big[0, 0], big[1, 1] = float("inf"), float("nan")  # the quant record's exceptions
+    changed = {"big": big,
                "sparse": base["sparse"] + 0.05 * torch.randn(2048, 2048, generator=generator)
                * (torch.rand(2048, 2048, generator=generator) < 0.05),
                "small": base["small"] + 0.01}

@@ -320,3 +320,30 @@ def test_fidelity_merge_skips_the_second_counting_pass_and_keeps_its_bytes(tmp_p
     assert "localize 2/3" in ran, ran
     assert (tmp_path / "bracketed.safetensors").read_bytes() == \
         (tmp_path / "plain.safetensors").read_bytes()
+
+
+@settings(max_examples=60, deadline=None)
+@given(case=chunked_keys(), joined=st.integers(0, 8))
+def test_bracketed_keys_joined_or_counted_give_the_same_cut(case, joined):
+    """The first pass's measures, folded as the pre-passes fold them (``add_first``), join
+    the bracket's keys up to ``JOINED_KEYS`` and count them into a table beyond: either way
+    the threshold and the selection are the reference's."""
+    keys, k, chunks = case
+    topk = TopK(k)
+    bracket_around(topk, high_histogram(keys))
+    with mock.patch.object(topk_module, "JOINED_KEYS", joined):
+        total = None
+        for chunk in chunks:
+            measure = topk.first_histogram(chunk)
+            total = measure if total is None else topk_module.add_first(total, measure)
+    if total is not None:
+        topk.add_high(total)
+    topk.prepare_low_pass()
+    if topk.needs_low_pass:
+        for chunk in chunks:
+            topk.add_low(topk.low_histogram(chunk))
+    order = lambda index: tie_order("w", index)  # noqa: E731
+    while topk.needs_tie_pass:
+        topk.count_ties(keys, order)
+        topk.end_tie_pass()
+    np.testing.assert_array_equal(topk.select(keys, order), reference(keys, k))

@@ -158,20 +158,23 @@ class DeltaWriter:
     def add(self, record: Record, payload=b"") -> None:
         """Add ``record`` with its ``payload``: bytes, or a payload in a temporary file (a
         :class:`~.spooled.SpooledPayload`, copied here and closed)."""
-        if record.name in self._names:
-            raise ValueError(f"tensor {record.name!r} added twice")
-        if len(payload) != record.nbytes:
-            raise ValueError(f"payload of {len(payload)} bytes for a record of {record.nbytes}")
-        self._names.add(record.name)
-        self._records.append(record)
         try:
-            if hasattr(payload, "copy_to"):
-                payload.copy_to(self._spool)
+            if record.name in self._names:
+                raise ValueError(f"tensor {record.name!r} added twice")
+            if len(payload) != record.nbytes:
+                raise ValueError(f"payload of {len(payload)} bytes for a record of {record.nbytes}")
+            self._names.add(record.name)
+            self._records.append(record)
+            try:
+                if hasattr(payload, "copy_to"):
+                    payload.copy_to(self._spool)
+                else:
+                    self._spool.write(payload)
+            except OSError as exc:
+                raise output_error(exc, self.path) from exc
+        finally:
+            if hasattr(payload, "close"):
                 payload.close()
-            else:
-                self._spool.write(payload)
-        except OSError as exc:
-            raise output_error(exc, self.path) from exc
 
     def _container_header(self, meta: dict) -> bytes:
         version = max([codecs.version_needed((r.values or {}).get("codec"))

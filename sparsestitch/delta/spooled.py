@@ -1,11 +1,11 @@
-"""A record's payload built in temporary files: for exact records of tensors larger than the
-memory budget, whose streams cannot be held (a 70B model's embedding stored losslessly is
-gigabytes of byte planes).
+"""A record's payload built in temporary files: for records of tensors larger than the memory
+budget, whose streams cannot be held (a 70B model's embedding stored losslessly is gigabytes
+of byte planes).
 
 The streams are the format's own (docs/format.md §4.1): a bitmap of kept positions, byte planes
 of values placed at their stored slots, each then stored raw or as one zstd frame that declares
-its content size.  What the record holds in memory is a run of values, one compressor's window
-and the copy buffer, whatever the tensor's size.  The files are unnamed and live beside the
+its content size.  What the record holds in memory is a run of values, the compressor's
+context (and its workers') and the copy buffer, whatever the tensor's size.  The files are unnamed and live beside the
 output (they fill the disk the user chose and vanish when closed or when the process dies);
 their failures are reported as the output's.
 """
@@ -185,6 +185,7 @@ class SpooledPayload:
         try:
             self.file.seek(self.nbytes)
             self.file.write(stream)
+            self.file.flush()  # what is appended is read back by positioned reads
         except OSError as exc:
             raise output_error(exc, self.output) from exc
         self._hash.update(stream)

@@ -32,15 +32,18 @@ STREAMED_CODECS = tuple(c for c in VALUE_CODECS if c.exact and hasattr(c, "run_p
 #: bits are copied a few times over (changed marks, kept values, their planes).
 BLOCK_ELEMENTS = 1 << 18
 
-#: What zstd's context, the copy buffer and the spools' buffers hold at most.
+#: What one zstd context, the copy buffer and the spools' buffers hold at most, and what
+#: each zstd worker adds (measured: 26-43 MiB for two workers, 39-62 for four).
 FIXED_BYTES = 16 << 20
+WORKER_BYTES = 24 << 20
 
 
-def held_bytes(itemsize: int) -> int:
+def held_bytes(itemsize: int, threads: int = 1) -> int:
     """What writing one tensor's records this way holds at worst: a block of the base and
     of two fine-tunes (the one being read and the last), and the kept bits, their base bits
-    and planes of one block, besides :data:`FIXED_BYTES`."""
-    return BLOCK_ELEMENTS * (itemsize * (3 + 3) + 2) + FIXED_BYTES
+    and planes of one block, besides :data:`FIXED_BYTES` and the zstd workers'."""
+    workers = WORKER_BYTES * threads if threads > 1 else 0
+    return BLOCK_ELEMENTS * (itemsize * (3 + 3) + 2) + FIXED_BYTES + workers
 
 
 def streamed_exact_records(scanner: TensorScanner, name: str, output: Path, threads: int = 1

@@ -229,15 +229,33 @@ class TopK:
             self.threshold, self._ties = _threshold(self._high, self._low, self.k)
 
 
+#: Bins a bracket spans (:func:`bracket_around`), and the bracketed keys two first-pass
+#: measures join as a list before they are counted into a table of them (4 MiB).
+BRACKET_BINS = 5
+JOINED_KEYS = 1 << 20
+
+
 def add_first(total, measure):
-    """Two first-pass measures of :meth:`TopK.first_histogram` added (histograms summed,
-    bracketed keys joined)."""
-    if isinstance(total, tuple):
-        return total[0] + measure[0], np.concatenate([total[1], measure[1]])
-    return total + measure
+    """Two first-pass measures of :meth:`TopK.first_histogram` added: histograms summed,
+    bracketed keys joined -- or counted, past :data:`JOINED_KEYS` (a tensor whose keys
+    crowd into the bracket, such as one-ulp bfloat16 steps, would otherwise be held whole)."""
+    if not isinstance(total, tuple):
+        return total + measure
+    first, second = total[1], measure[1]
+    if first.dtype == np.uint32 and second.dtype == np.uint32 and \
+            first.size + second.size <= JOINED_KEYS:
+        return total[0] + measure[0], np.concatenate([first, second])
+    return total[0] + measure[0], _key_table(first) + _key_table(second)
 
 
-def bracket_around(topk: TopK, estimate: np.ndarray, bins: int = 5) -> None:
+def _key_table(inside: np.ndarray) -> np.ndarray:
+    """Bracketed keys (uint32 offsets) as counts per offset; a table as it is."""
+    if inside.dtype == np.int64:
+        return inside
+    return np.bincount(inside, minlength=BRACKET_BINS * _BINS).astype(np.int64)
+
+
+def bracket_around(topk: TopK, estimate: np.ndarray, bins: int = BRACKET_BINS) -> None:
     """Before ``topk``'s first pass: have it also count the low 16 bits of keys in ``bins``
     high bins centred on the one that holds the k-th largest key by ``estimate`` (a
     histogram approximating the first pass's; nothing where every key or none is kept);
@@ -253,19 +271,19 @@ class LowBracket:
 
     def __init__(self, first: int, bins: int):
         self.first = max(0, first)
-        self.bins = max(1, min(bins, _BINS - self.first))
+        self.bins = max(1, min(bins, BRACKET_BINS, _BINS - self.first))
         self._low: np.ndarray | None = None
 
     def measure(self, keys: np.ndarray) -> np.ndarray:
-        """A chunk's keys in the bracket, less its first key (few: a narrow band of keys),
-        as uint32: ``(bin - first) * 65,536 + low 16 bits``."""
+        """A chunk's keys in the bracket, each as its offset from the bracket's first key
+        (uint32: ``(bin - first) * 65,536 + low 16 bits``)."""
         offset = keys - np.uint32(self.first << 16)  # modulo 2**32: below the bracket wraps
         return offset[offset < np.uint32(self.bins * _BINS)]
 
     def add(self, inside: np.ndarray) -> None:
-        """Count keys given by :meth:`measure`."""
-        counts = np.bincount(inside, minlength=self.bins * _BINS).astype(np.int64)
-        self._low = counts if self._low is None else self._low + counts
+        """Count keys given by :meth:`measure` (or a table of them, :func:`add_first`)."""
+        counts = _key_table(inside)[:self.bins * _BINS]
+        self._low = counts.copy() if self._low is None else self._low + counts
 
     def low_of(self, high_bin: int) -> np.ndarray | None:
         """The low-16-bit counts of ``high_bin`` (as the second pass counts them), None

@@ -335,7 +335,8 @@ class CompressJob:
         if isinstance(self.planner, LowRankPlanner) and self.planner.takes(name):
             return self.planner.working_bytes(name)
         if streams_exactly(self.scanner, name, self.selectors, self.max_memory):
-            return streamed_bytes(lookup_dtype(self.base.entry(name).dtype).itemsize)
+            return streamed_bytes(lookup_dtype(self.base.entry(name).dtype).itemsize,
+                                  self.workers)
         held = 1 if self._one_at_a_time(name) else len(self.tunes)
         return held * selected_bytes(self.base.entry(name))
 
@@ -362,8 +363,9 @@ def streams_exactly(scanner: TensorScanner, name: str, selectors: Sequence[Selec
         return False
     if scanner.plan.stored_exactly(name, dt):
         return True
-    return (name in scanner.plan.localized and scanner.quantize is None
-            and all(s.method == "changed" for s in selectors))
+    # a planner (a target, --low-rank) decides its localized tensors (CompressJob._records)
+    return (name in scanner.plan.localized and scanner.planner is None
+            and scanner.quantize is None and all(s.method == "changed" for s in selectors))
 
 
 def selected_bytes(entry) -> int:
