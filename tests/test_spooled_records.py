@@ -145,6 +145,19 @@ def test_lossless_compress_within_a_budget_below_a_tensors_selection_is_exact(tm
         sparsestitch.verify(out, base=base_path, max_memory="40MiB")
 
 
+def test_streamed_records_are_the_same_bytes_whatever_the_thread_count(tmp_path):
+    """The streams of records written through temporary files are compressed by zstd's
+    workers, whose output does not depend on how many there are: one thread or two write
+    the same delta."""
+    base_path, tunes = _models(tmp_path, tunes=1)
+    for threads in (1, 2):
+        sparsestitch.compress(base_path, tunes, [tmp_path / f"t{threads}.delta"], lossless=True,
+                              max_memory="40MiB", threads=threads)
+    with DeltaReader(tmp_path / "t1.delta") as reader:
+        assert reader.record("big").values["zstd"]  # a compressed stream, streamed
+    assert (tmp_path / "t1.delta").read_bytes() == (tmp_path / "t2.delta").read_bytes()
+
+
 def test_lossless_compress_of_tensors_above_the_budget_holds_the_budget(tmp_path):
     """Peak resident memory (a fresh interpreter): lossless compress of two fine-tunes whose
     2 M-element tensors each need 66 MiB to select whole stays within the budget's 40 MiB

@@ -42,8 +42,7 @@ def held_bytes(itemsize: int, threads: int = 1) -> int:
     """What writing one tensor's records this way holds at worst: a block of the base and
     of two fine-tunes (the one being read and the last), and the kept bits, their base bits
     and planes of one block, besides :data:`FIXED_BYTES` and the zstd workers'."""
-    workers = WORKER_BYTES * threads if threads > 1 else 0
-    return BLOCK_ELEMENTS * (itemsize * (3 + 3) + 2) + FIXED_BYTES + workers
+    return BLOCK_ELEMENTS * (itemsize * (3 + 3) + 2) + FIXED_BYTES + WORKER_BYTES * max(1, threads)
 
 
 def streamed_exact_records(scanner: TensorScanner, name: str, output: Path, threads: int = 1

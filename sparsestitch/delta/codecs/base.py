@@ -119,9 +119,10 @@ def pack_stream(raw: bytes | memoryview | np.ndarray) -> tuple[bytes, dict]:
 
 def stream_compressor(raw_nbytes: int, threads: int = 0) -> zstandard.ZstdCompressor:
     """The zstd compressor :func:`pack_stream` uses for a stream of ``raw_nbytes`` bytes
-    (``threads`` > 1: zstd's workers, one frame still, the bytes a little different)."""
+    (``threads`` >= 1: zstd's workers, one frame still, the bytes a little different from
+    one-thread zstd's and the same for any number of workers)."""
     level = ZSTD_LEVEL_SMALL if raw_nbytes <= ZSTD_SMALL_LIMIT else ZSTD_LEVEL_LARGE
-    if threads > 1:
+    if threads >= 1:
         params = zstandard.ZstdCompressionParameters.from_level(
             level, write_content_size=True, threads=threads)
         return zstandard.ZstdCompressor(compression_params=params)

@@ -142,10 +142,11 @@ class UlpValues:
 
     def stream_compressor(self, dt: DType, raw_nbytes: int, threads: int = 0
                           ) -> zstandard.ZstdCompressor:
-        """The stream's compressor (``threads`` > 1: zstd's workers, for a stream written
-        from a temporary file: one frame still, the bytes a little different)."""
+        """The stream's compressor (``threads`` >= 1: zstd's workers, for a stream written
+        from a temporary file: one frame still, the bytes a little different from one-thread
+        zstd's and the same for any number of workers)."""
         params = zstandard.ZstdCompressionParameters(
-            write_content_size=True, threads=threads if threads > 1 else 0,
+            write_content_size=True, threads=max(0, threads),
             **ZSTD_PARAMETERS[dt.itemsize])
         return zstandard.ZstdCompressor(compression_params=params)
 
