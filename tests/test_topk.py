@@ -295,17 +295,26 @@ def test_a_bracketed_first_pass_selects_exactly_what_two_passes_select(held_whol
 def test_fidelity_merge_skips_the_second_counting_pass_and_keeps_its_bytes(tmp_path,
                                                                            monkeypatch):
     """merge by Localize-and-Stitch at 1% (the fidelity scope's exact top-k): the energy
-    pass's histograms bracket the threshold, so the model is read once less (no "localize
-    2/3" pass); the merged model is byte-identical to the one without the bracket."""
+    pass's histograms bracket the threshold, so the model is read twice less (no "localize
+    2/3" pass, no tie pass); the merged model is byte-identical to the one without the
+    bracket, which needs both."""
     import sparsestitch
     from sparsestitch.localize import selection, selectors
 
     from .conftest import save_checkpoint
-    from .support.models import finetune_of, small_model
 
-    base = save_checkpoint(tmp_path / "base.safetensors", small_model(seed=3))
-    tunes = [save_checkpoint(tmp_path / f"t{i}.safetensors",
-                             finetune_of(small_model(seed=3), seed=i + 5)) for i in range(2)]
+    import torch
+
+    # changes of two sizes only: the 1% kept cuts through thousands of equal keys (ties)
+    generator = torch.Generator().manual_seed(3)
+    shapes = {"a.weight": (256, 256), "b.weight": (128, 512), "c.weight": (64, 64)}
+    base_tensors = {n: torch.zeros(shape, dtype=torch.bfloat16) for n, shape in shapes.items()}
+    base = save_checkpoint(tmp_path / "base.safetensors", base_tensors)
+    tunes = []
+    for i in range(2):
+        tune = {n: torch.where(torch.rand(t.shape, generator=generator) < 0.1, 0.125, 0.0625
+                               ).to(torch.bfloat16) for n, t in base_tensors.items()}
+        tunes.append(save_checkpoint(tmp_path / f"t{i}.safetensors", tune))
     ran = []
     real = selection._pre_pass
     monkeypatch.setattr(selection, "_pre_pass", lambda scanner, index, prepass, *rest:
@@ -313,11 +322,12 @@ def test_fidelity_merge_skips_the_second_counting_pass_and_keeps_its_bytes(tmp_p
     sparsestitch.merge(base, tunes, tmp_path / "bracketed.safetensors", rule="localize-stitch",
                        keep=0.01)
     assert "localize 2/3" not in ran and "energy" in ran and "localize 1/3" in ran, ran
+    assert "ties" not in ran, ran  # the tie orders at the threshold were held by the bracket
     ran.clear()
     monkeypatch.setattr(selectors, "bracket_around", lambda topk, estimate: None)
     sparsestitch.merge(base, tunes, tmp_path / "plain.safetensors", rule="localize-stitch",
                        keep=0.01)
-    assert "localize 2/3" in ran, ran
+    assert "localize 2/3" in ran and "ties" in ran, ran
     assert (tmp_path / "bracketed.safetensors").read_bytes() == \
         (tmp_path / "plain.safetensors").read_bytes()
 
@@ -326,15 +336,17 @@ def test_fidelity_merge_skips_the_second_counting_pass_and_keeps_its_bytes(tmp_p
 @given(case=chunked_keys(), joined=st.integers(0, 8))
 def test_bracketed_keys_joined_or_counted_give_the_same_cut(case, joined):
     """The first pass's measures, folded as the pre-passes fold them (``add_first``), join
-    the bracket's keys up to ``JOINED_KEYS`` and count them into a table beyond: either way
-    the threshold and the selection are the reference's."""
+    the bracket's keys and their tie orders up to ``JOINED_KEYS`` and count the keys into a
+    table beyond: either way the threshold and the selection are the reference's, and where
+    every bracketed key's tie order was held no tie pass runs."""
     keys, k, chunks = case
     topk = TopK(k)
     bracket_around(topk, high_histogram(keys))
+    starts = np.cumsum([0] + [c.size for c in chunks])
     with mock.patch.object(topk_module, "JOINED_KEYS", joined):
         total = None
-        for chunk in chunks:
-            measure = topk.first_histogram(chunk)
+        for chunk, start in zip(chunks, starts):
+            measure = topk.first_histogram(chunk, lambda index, s=start: tie_order("w", index + s))
             total = measure if total is None else topk_module.add_first(total, measure)
     if total is not None:
         topk.add_high(total)
@@ -343,7 +355,11 @@ def test_bracketed_keys_joined_or_counted_give_the_same_cut(case, joined):
         for chunk in chunks:
             topk.add_low(topk.low_histogram(chunk))
     order = lambda index: tie_order("w", index)  # noqa: E731
+    tie_passes = 0
     while topk.needs_tie_pass:
         topk.count_ties(keys, order)
         topk.end_tie_pass()
+        tie_passes += 1
     np.testing.assert_array_equal(topk.select(keys, order), reference(keys, k))
+    if keys.size <= joined and 0 < k < keys.size:  # every bracketed key and order held
+        assert tie_passes == 0

@@ -286,7 +286,7 @@ class _TopKSelector(Selector):
     def measure(self, index: int, block: TuneBlock) -> np.ndarray | None:
         counter = self._counter(block.name)
         if index == 0:
-            return counter.first_histogram(block.keys)
+            return counter.first_histogram(block.keys, block.tie_orders)
         if index == 1:
             return counter.low_histogram(block.keys) if counter.needs_low_pass else None
         if not counter.needs_tie_pass:

@@ -138,16 +138,16 @@ class TopK:
     def count_high(self, keys: np.ndarray) -> None:
         self.add_high(self.first_histogram(keys))
 
-    def first_histogram(self, keys: np.ndarray):
+    def first_histogram(self, keys: np.ndarray, order: TieOrder | None = None):
         """A chunk's :func:`high_histogram`; with a :attr:`bracket`, ``(that, the keys in the
-        bracket, LowBracket.measure)`` (add them with :func:`add_first`)."""
+        bracket and their tie orders, LowBracket.measure)`` (add them with :func:`add_first`)."""
         counts = high_histogram(keys)
-        return counts if self.bracket is None else (counts, self.bracket.measure(keys))
+        return counts if self.bracket is None else (counts, *self.bracket.measure(keys, order))
 
     def add_high(self, histogram) -> None:  # one chunk's first_histogram, or add_first's
         if isinstance(histogram, tuple):
-            histogram, inside = histogram
-            self.bracket.add(inside)
+            histogram, *inside = histogram
+            self.bracket.add(*inside)
         self._high += histogram
 
     @property
@@ -160,8 +160,10 @@ class TopK:
             self._bin, _ = _kth_bin(self._high, self.k)
             self._low = np.zeros(_BINS, dtype=np.int64)
             known = None if self.bracket is None else self.bracket.low_of(self._bin)
-            if known is not None:
+            if known is not None:  # and the tie orders at T, if it held those of its keys
                 self._low, self._low_known = known, True
+                self._find_threshold()
+                self.bracket.settle(self._ties, self.threshold)
             self.bracket = None
 
     def count_low(self, keys: np.ndarray) -> None:
@@ -183,8 +185,7 @@ class TopK:
         self._find_threshold()
         return self._ties is not None and not self._ties.done
 
-    def prepare_tie_pass(self) -> None:
-        """Fix what the next tie pass looks for (call before computing its histograms)."""
+    def prepare_tie_pass(self) -> None:  # fixes what the next tie pass looks for
         self._find_threshold()
 
     def tie_histogram(self, keys: np.ndarray, order: TieOrder) -> np.ndarray:
@@ -192,8 +193,7 @@ class TopK:
         tied = np.flatnonzero(keys == self.threshold)
         return self._ties.measure(order(tied) if tied.size else np.empty(0, np.uint32))
 
-    def count_ties(self, keys: np.ndarray, order: TieOrder) -> None:
-        """One chunk of a tie pass; :meth:`end_tie_pass` after the last."""
+    def count_ties(self, keys: np.ndarray, order: TieOrder) -> None:  # then end_tie_pass
         self.add_ties(self.tie_histogram(keys, order), final=False)
 
     def add_ties(self, measure: np.ndarray, final: bool = True) -> None:
@@ -244,8 +244,10 @@ def add_first(total, measure):
     first, second = total[1], measure[1]
     if first.dtype == np.uint32 and second.dtype == np.uint32 and \
             first.size + second.size <= JOINED_KEYS:
-        return total[0] + measure[0], np.concatenate([first, second])
-    return total[0] + measure[0], _key_table(first) + _key_table(second)
+        orders = None if total[2] is None or measure[2] is None else \
+            np.concatenate([total[2], measure[2]])
+        return total[0] + measure[0], np.concatenate([first, second]), orders
+    return total[0] + measure[0], _key_table(first) + _key_table(second), None
 
 
 def _key_table(inside: np.ndarray) -> np.ndarray:
@@ -273,17 +275,42 @@ class LowBracket:
         self.first = max(0, first)
         self.bins = max(1, min(bins, BRACKET_BINS, _BINS - self.first))
         self._low: np.ndarray | None = None
+        # every bracketed key with its tie order, while they are few (None: given up)
+        self._pairs: list[tuple[np.ndarray, np.ndarray]] | None = []
+        self._held = 0
 
-    def measure(self, keys: np.ndarray) -> np.ndarray:
+    def measure(self, keys: np.ndarray, order: TieOrder | None = None
+                ) -> tuple[np.ndarray, np.ndarray | None]:
         """A chunk's keys in the bracket, each as its offset from the bracket's first key
-        (uint32: ``(bin - first) * 65,536 + low 16 bits``)."""
+        (uint32: ``(bin - first) * 65,536 + low 16 bits``), and their tie orders (``order``
+        of their indices in the chunk; None without it)."""
         offset = keys - np.uint32(self.first << 16)  # modulo 2**32: below the bracket wraps
-        return offset[offset < np.uint32(self.bins * _BINS)]
+        inside = np.flatnonzero(offset < np.uint32(self.bins * _BINS))
+        return offset[inside], None if order is None else order(inside)
 
-    def add(self, inside: np.ndarray) -> None:
-        """Count keys given by :meth:`measure` (or a table of them, :func:`add_first`)."""
+    def add(self, inside: np.ndarray, orders: np.ndarray | None = None) -> None:
+        """Count keys given by :meth:`measure` (or a table of them, :func:`add_first`), and
+        hold their tie orders while at most :data:`TIES_HELD_WHOLE` / 2 are held."""
         counts = _key_table(inside)[:self.bins * _BINS]
         self._low = counts.copy() if self._low is None else self._low + counts
+        if self._pairs is not None and (orders is None or inside.dtype != np.uint32 or
+                                        self._held + inside.size > TIES_HELD_WHOLE // 2):
+            self._pairs = None  # the tie pass, if one is needed, reads them instead
+        elif self._pairs is not None and inside.size:
+            self._pairs.append((inside, orders))
+            self._held += inside.size
+
+    def settle(self, ties: "TieCut | None", threshold: int) -> None:
+        """Cut ``ties`` (the keys equal to ``threshold``, inside the bracket) from the tie
+        orders held, where every one of them is held: no tie pass then."""
+        if ties is None or self._pairs is None or not ties.held_whole:
+            return
+        at = threshold - (self.first << 16)
+        orders = [o[i == at] for i, o in self._pairs]
+        found = np.concatenate(orders) if orders else np.empty(0, np.uint32)
+        if found.size == ties.tied:
+            ties.add(found)
+            ties.end_pass()
 
     def low_of(self, high_bin: int) -> np.ndarray | None:
         """The low-16-bit counts of ``high_bin`` (as the second pass counts them), None
@@ -315,7 +342,7 @@ class TieCut:
     ``threshold`` are handed out in call order (``quota`` of them)."""
 
     def __init__(self, need: int, tied: int):
-        self.need, self.held_whole = need, tied <= TIES_HELD_WHOLE
+        self.need, self.tied, self.held_whole = need, tied, tied <= TIES_HELD_WHOLE
         self.stage = 1                 # 1: first pass, 2: second (counting only), 3: done
         self._found = None
         self._bin = self._above = 0
