@@ -492,8 +492,9 @@ class FidelityExactTopK(_Normalized, GlobalTopK):
     The energy pass also counts each tensor's keys by their high 16 bits; scaled by the
     tensor's factor (each bin by its middle value) they estimate where the k-th normalized
     key lies, and the first counting pass also counts the low 16 bits of the bins around it
-    (:func:`~.topk.bracket_around`), which leaves the second counting pass out
-    whenever the k-th key lies there: one read of the model less, the same selection."""
+    (:func:`~.topk.bracket_around`) and holds their tie orders, which leaves the second
+    counting pass and the tie pass out whenever the k-th key lies there: two reads of the
+    model less, the same selection."""
 
     method = "topk-fidelity"
 
