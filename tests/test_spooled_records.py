@@ -194,7 +194,8 @@ def test_default_records_too_large_to_hold_are_built_in_temporary_files(tmp_path
     changes, stored as exceptions, the last of their streams) are built in
     temporary files beside the output: the same kept positions and the same quantized values
     as the records built in memory (the restored models are bit-identical), the same error
-    reported, positions never listed, nothing left beside the output.  Records that fit
+    reported, the same positions stream (a Rice list made from the bitmap a window at a
+    time), nothing left beside the output.  Records that fit
     are built as before: a small budget writes the same bytes."""
     from sparsestitch.localize import planned
 
@@ -228,8 +229,13 @@ def test_default_records_too_large_to_hold_are_built_in_temporary_files(tmp_path
                 assert got.values["codec"] == want.values["codec"] == "quant"
                 assert got.values["error_sq"] == want.values["error_sq"]
                 assert got.fidelity == want.fidelity
-        assert spooled.record("sparse").positions["codec"] == "bitmap"
-        assert held.record("sparse").positions["codec"] != "bitmap"  # listed: smaller
+        # a sparse record's positions as a Rice list made from its bitmap a window at a
+        # time, within 5% of the held record's smallest list (here gaps in byte planes)
+        sparse_spooled, sparse_held = spooled.record("sparse"), held.record("sparse")
+        assert sparse_spooled.positions["codec"] == "rice"
+        assert sparse_held.positions["codec"] != "bitmap"
+        assert sparse_spooled.positions_nbytes <= 1.05 * sparse_held.positions_nbytes, \
+            (sparse_spooled.positions_nbytes, sparse_held.positions_nbytes)
     restored = [sparsestitch.restore(base_path, tmp_path / f"{kind}.delta",
                                      tmp_path / f"{kind}.safetensors")
                 for kind in ("held", "spooled")]
@@ -298,3 +304,33 @@ def test_a_failed_write_of_a_spooled_record_leaves_nothing(tmp_path, spooled):
     assert "File too large" in done.stdout
     assert not out.exists() and leftovers(outs) == []
     assert tree_digest(inputs) == before
+
+
+@settings(max_examples=80, deadline=None)
+@given(numel=st.integers(1, 5000), density=st.sampled_from([0.001, 0.01, 0.1, 0.45]),
+       window=st.integers(1, 40), seed=st.integers(0, 2**31 - 1))
+def test_a_rice_list_made_from_a_bitmap_in_windows_is_the_codecs(numel, density, window, seed):
+    """The ``rice`` streams made from a packed bitmap a window at a time, with bit strings
+    joined across windows at any bit offset, are the codec's own for the listed positions
+    (where the Rice parameter is the same; it is chosen by the same rule)."""
+    from unittest import mock
+
+    from sparsestitch.delta.codecs import rice_gaps
+
+    rng = np.random.default_rng(seed)
+    marks = rng.random(numel) < density
+    if not marks.any():
+        return
+    packed = np.packbits(marks, bitorder="little")
+    with mock.patch.object(rice_gaps, "WINDOW_BYTES", window):
+        k, unary_bits, remainder_bits = rice_gaps.bitmap_plan(packed, int(marks.sum()))
+        unary, remainders = io.BytesIO(), io.BytesIO()
+        streams = rice_gaps.BitAppender(unary), rice_gaps.BitAppender(remainders)
+        rice_gaps.encode_bitmap(packed, k, *streams)
+        for stream in streams:
+            stream.finish()
+    want, config = rice_gaps.RiceGaps().encode(np.flatnonzero(marks), (numel,))
+    assert (streams[0].nbits, streams[1].nbits) == (unary_bits, remainder_bits)
+    if config["k"] == k:
+        assert unary.getvalue() + remainders.getvalue() == want
+        assert config["unary_bits"] == unary_bits

@@ -179,6 +179,21 @@ class SpooledPayload:
         self.nbytes += stored
         return stored, {"zstd": zstd, "raw_nbytes": raw_nbytes}
 
+    def add_raw(self, source, nbytes: int) -> int:
+        """Append the first ``nbytes`` bytes of file ``source`` as they are; returns
+        ``nbytes``."""
+        try:
+            source.flush()
+            self.file.seek(self.nbytes)
+            for chunk in _chunks(source, nbytes):
+                self.file.write(chunk)
+                self._hash.update(chunk)
+            self.file.flush()
+        except OSError as exc:
+            raise output_error(exc, self.output) from exc
+        self.nbytes += nbytes
+        return nbytes
+
     def add_packed(self, stream: bytes, config: dict) -> tuple[int, dict]:
         """Append a stream already packed (:func:`~.codecs.base.pack_stream`); returns its
         stored length and its config."""

@@ -23,7 +23,8 @@ from ..core.dtypes import DType
 from ..core.dtypes import dtype as lookup_dtype
 from ..core.errors import OptionError
 from ..delta import codecs
-from ..delta.codecs.base import pack_stream
+from ..delta.codecs import rice_gaps
+from ..delta.codecs.base import LIST_BELOW, pack_stream
 from ..delta.codecs.bitmap import BitmapBuilder
 from ..delta.codecs.quant import QuantStream
 from ..delta.format import Record, digest
@@ -143,15 +144,15 @@ class StreamedRecord:
                       digest(payload), self._report(val_config)), payload
 
     def _finish_spooled(self, bitmap: np.ndarray, base_xxh3: str) -> Encoded:
-        """:meth:`finish` into a :class:`SpooledPayload`: positions ``all`` or the bitmap
-        (never listed: a list of a tensor this large is gigabytes), then the values'
-        streams, the codes copied from their file."""
+        """:meth:`finish` into a :class:`SpooledPayload`: positions ``all``, the bitmap or,
+        below half the elements where smaller, a ``rice`` list made from the bitmap a window
+        at a time (the list itself would be gigabytes), then the values' streams, the codes
+        copied from their file."""
         payload = SpooledPayload(self.spool)
         try:
             pos_nbytes, pos_config = 0, {"codec": "all"}
             if self.kept < self.numel:
-                pos_nbytes, stream = payload.add_packed(*pack_stream(bitmap))
-                pos_config = {"codec": "bitmap", **stream}
+                pos_nbytes, pos_config = _spooled_positions(bitmap, self.kept, payload)
             del bitmap
             _, val_config = self.values.finish(into=payload)
         except BaseException:
@@ -182,6 +183,31 @@ class StreamedRecord:
         kept_energy = float(self.kept_energy.sum())
         energy = kept_energy if self.energy is None else self.energy  # None: every change kept
         return fidelity_report(energy, kept_energy, val_config["error_sq"])
+
+
+def _spooled_positions(bitmap: np.ndarray, kept: int, payload: SpooledPayload
+                       ) -> tuple[int, dict]:
+    """Append the positions a packed bitmap marks to ``payload`` as the smaller of the
+    bitmap's stream and the ``rice`` list (which wins ties, as in the codec registry)."""
+    stream, config = pack_stream(bitmap)
+    if kept * LIST_BELOW < bitmap.size * 8:
+        k, unary_bits, remainder_bits = rice_gaps.bitmap_plan(bitmap, kept)
+        unary_nbytes, remainder_nbytes = (unary_bits + 7) // 8, (remainder_bits + 7) // 8
+        if unary_nbytes + remainder_nbytes <= len(stream):
+            files = [AppendFile(payload.output), AppendFile(payload.output)]
+            try:
+                streams = [rice_gaps.BitAppender(f) for f in files]
+                rice_gaps.encode_bitmap(bitmap, k, *streams)
+                for appender in streams:
+                    appender.finish()
+                nbytes = payload.add_raw(files[0], unary_nbytes) + \
+                    payload.add_raw(files[1], remainder_nbytes)
+            finally:
+                for f in files:
+                    f.close()
+            return nbytes, {"codec": "rice", "k": k, "unary_bits": unary_bits}
+    nbytes, config = payload.add_packed(stream, config)
+    return nbytes, {"codec": "bitmap", **config}
 
 
 def planned_records(scanner: TensorScanner, name: str, hold_blocks: bool = False,

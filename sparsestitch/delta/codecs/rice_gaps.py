@@ -70,3 +70,78 @@ class RiceCursor:
 
     def close(self) -> None:
         self._reader.close()
+
+
+#: Bytes of a bitmap (8 elements each) turned into positions at a time by the windowed
+#: encoder below.
+WINDOW_BYTES = 1 << 17
+
+
+def _window_gaps(packed: np.ndarray):
+    """The gaps (uint64) of the positions a packed bitmap marks, a window at a time."""
+    last = -1
+    for at in range(0, packed.size, WINDOW_BYTES):
+        bits = np.unpackbits(packed[at:at + WINDOW_BYTES], bitorder="little").view(bool)
+        positions = np.flatnonzero(bits).astype(np.int64) + 8 * at
+        if positions.size:
+            gaps = np.diff(positions, prepend=last) - 1
+            last = int(positions[-1])
+            yield gaps.astype(np.uint64)
+
+
+def bitmap_plan(packed: np.ndarray, count: int) -> tuple[int, int, int]:
+    """``(k, unary_bits, remainder_bits)`` of the ``rice`` code of the ``count`` positions a
+    packed bitmap marks (the Rice parameter by :func:`rice.best_k`'s rule), counted a window
+    at a time instead of from a list of positions."""
+    if count == 0:
+        return 0, 0, 0
+    marked = np.flatnonzero(packed)
+    last = 8 * int(marked[-1]) + int(packed[marked[-1]]).bit_length() - 1
+    mean = (last - (count - 1)) / count  # the gaps sum to last - (count - 1)
+    guess = min(rice.MAX_K, max(0, int(np.log2(mean + 1.0))))
+    candidates = list(range(max(0, guess - 2), min(rice.MAX_K, guess + 2) + 1))
+    quotients = [0] * len(candidates)
+    for gaps in _window_gaps(packed):
+        for i, k in enumerate(candidates):
+            quotients[i] += int((gaps >> np.uint64(k)).sum())
+    bits = [count * (k + 1) + q for k, q in zip(candidates, quotients)]
+    best = int(np.argmin(bits))  # the first of equal sizes, as best_k
+    k = candidates[best]
+    return k, quotients[best] + count, count * k
+
+
+def encode_bitmap(packed: np.ndarray, k: int, unary, remainders) -> None:
+    """Append the ``rice`` streams of the positions a packed bitmap marks to ``unary`` and
+    ``remainders`` (:class:`BitAppender`\\ s), a window at a time."""
+    for gaps in _window_gaps(packed):
+        unary_bytes, remainder_bytes, unary_bits = rice.encode(gaps, k)
+        unary.append(np.frombuffer(unary_bytes, np.uint8), unary_bits)
+        remainders.append(np.frombuffer(remainder_bytes, np.uint8), gaps.size * k)
+
+
+class BitAppender:
+    """A bit string written to ``out`` (anything with ``write``) as runs of bits arrive,
+    each run packed little-endian from bit 0 of its first byte; :meth:`finish` writes the
+    last partial byte."""
+
+    def __init__(self, out):
+        self.out, self.nbits = out, 0
+        self._carry = 0   # the bits of the last, partial byte
+
+    def append(self, packed: np.ndarray, nbits: int) -> None:
+        if nbits == 0:
+            return
+        packed = packed[:(nbits + 7) // 8].astype(np.uint16)
+        shift = self.nbits % 8
+        joined = np.zeros(packed.size + 1, np.uint16)
+        joined[:-1] = packed << shift
+        joined[1:] |= packed >> (8 - shift) if shift else 0
+        joined[0] |= self._carry
+        self.nbits += nbits
+        whole = self.nbits // 8 - (self.nbits - nbits) // 8   # bytes completed by this run
+        self.out.write((joined[:whole] & 0xFF).astype(np.uint8).tobytes())
+        self._carry = int(joined[whole] & 0xFF) if self.nbits % 8 else 0
+
+    def finish(self) -> None:
+        if self.nbits % 8:
+            self.out.write(bytes([self._carry]))
