@@ -16,7 +16,7 @@ from sparsestitch.checkpoint import Checkpoint
 from sparsestitch.core.dtypes import dtype as lookup_dtype
 from sparsestitch.delta.codecs import value_codec
 from sparsestitch.delta.format import DeltaReader, decode_positions, decode_values, digest
-from sparsestitch.delta.spooled import SpooledExactRecord
+from sparsestitch.delta.spooled import BitAppender, SpooledExactRecord
 from sparsestitch.localize.streamed_exact import STREAMED_CODECS
 
 from .conftest import save_checkpoint
@@ -325,7 +325,7 @@ def test_a_rice_list_made_from_a_bitmap_in_windows_is_the_codecs(numel, density,
     with mock.patch.object(rice_gaps, "WINDOW_BYTES", window):
         k, unary_bits, remainder_bits = rice_gaps.bitmap_plan(packed, int(marks.sum()))
         unary, remainders = io.BytesIO(), io.BytesIO()
-        streams = rice_gaps.BitAppender(unary), rice_gaps.BitAppender(remainders)
+        streams = BitAppender(unary), BitAppender(remainders)
         rice_gaps.encode_bitmap(packed, k, *streams)
         for stream in streams:
             stream.finish()

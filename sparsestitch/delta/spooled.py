@@ -5,9 +5,9 @@ of byte planes).
 The streams are the format's own (docs/format.md §4.1): a bitmap of kept positions, byte planes
 of values placed at their stored slots, each then stored raw or as one zstd frame that declares
 its content size.  What the record holds in memory is a run of values, the compressor's
-context (and its workers') and the copy buffer, whatever the tensor's size.  The files are unnamed and live beside the
-output (they fill the disk the user chose and vanish when closed or when the process dies);
-their failures are reported as the output's.
+context (and its workers') and the copy buffer, whatever the tensor's size.  The files are
+unnamed and live beside the output (they fill the disk the user chose and vanish when closed
+or when the process dies); their failures are reported as the output's.
 """
 
 from __future__ import annotations
@@ -81,12 +81,8 @@ class PlaneSpool:
 
     def __init__(self, output: Path, count: int, width: int):
         self.output, self.count, self.width = output, count, width
-        self.file = temporary_file(output)
+        self.file = AppendFile(output)
         self.nbytes = count * width
-
-    def __del__(self):  # dropped unread (an error elsewhere): the file just vanishes
-        if getattr(self, "file", None) is not None:
-            self.file.close()
 
     def put(self, planes: np.ndarray, segments) -> None:
         """Write a run's ``planes`` (``width`` rows of its values' bytes) in ``segments``:
@@ -102,51 +98,42 @@ class PlaneSpool:
             raise output_error(exc, self.output) from exc
 
 
-class BitSpool:
-    """A bitmap of ``numel`` bits (little-endian within bytes) appended a run of bits at a
-    time, whatever the runs' lengths."""
+class BitAppender:
+    """A bit string written to ``out`` (anything with ``write``) as runs of bits arrive,
+    each run packed little-endian from bit 0 of its first byte; :meth:`finish` writes the
+    last partial byte."""
 
-    def __init__(self, output: Path, numel: int):
-        self.output = output
-        self.file = temporary_file(output)
-        self.nbytes = (numel + 7) // 8
-        self._carry = np.zeros(0, bool)
+    def __init__(self, out):
+        self.out, self.nbits = out, 0
+        self._carry = 0   # the bits of the last, partial byte
 
-    def __del__(self):  # dropped unread (an error elsewhere): the file just vanishes
-        if getattr(self, "file", None) is not None:
-            self.file.close()
-
-    def append(self, marks: np.ndarray) -> None:
-        marks = np.concatenate([self._carry, np.asarray(marks, bool).reshape(-1)])
-        whole = marks.size - marks.size % 8
-        self._carry = marks[whole:]
-        try:
-            self.file.write(np.packbits(marks[:whole], bitorder="little").tobytes())
-        except OSError as exc:
-            raise output_error(exc, self.output) from exc
+    def append(self, packed: np.ndarray, nbits: int) -> None:
+        if nbits == 0:
+            return
+        packed = packed[:(nbits + 7) // 8].astype(np.uint16)
+        shift = self.nbits % 8
+        joined = np.zeros(packed.size + 1, np.uint16)
+        joined[:-1] = packed << shift
+        joined[1:] |= packed >> (8 - shift) if shift else 0
+        joined[0] |= self._carry
+        self.nbits += nbits
+        whole = self.nbits // 8 - (self.nbits - nbits) // 8   # bytes completed by this run
+        self.out.write((joined[:whole] & 0xFF).astype(np.uint8).tobytes())
+        self._carry = int(joined[whole] & 0xFF) if self.nbits % 8 else 0
 
     def finish(self) -> None:
-        if self._carry.size:
-            try:
-                self.file.write(np.packbits(self._carry, bitorder="little").tobytes())
-            except OSError as exc:
-                raise output_error(exc, self.output) from exc
-            self._carry = np.zeros(0, bool)
+        if self.nbits % 8:
+            self.out.write(bytes([self._carry]))
 
 
-class SpooledPayload:
+class SpooledPayload(AppendFile):
     """A record's payload in a temporary file: its streams appended one after another, each
     stored raw or as one zstd frame, whichever is smaller (:meth:`add_stream`)."""
 
     def __init__(self, output: Path):
-        self.output = output
-        self.file = temporary_file(output)
+        super().__init__(output)
         self.nbytes = 0
         self._hash = xxhash.xxh3_64()
-
-    def __del__(self):  # dropped unwritten (an error elsewhere): the file just vanishes
-        if getattr(self, "file", None) is not None:
-            self.file.close()
 
     def __len__(self) -> int:
         return self.nbytes
@@ -215,9 +202,6 @@ class SpooledPayload:
         for chunk in _chunks(self.file, self.nbytes):
             out.write(chunk)
 
-    def close(self) -> None:
-        self.file.close()
-
 
 def _chunks(source, nbytes: int, start: int = 0):
     """The ``nbytes`` bytes of file ``source`` from ``start``, a bounded piece at a time."""
@@ -247,7 +231,7 @@ class SpooledExactRecord:
         self.threads = max(1, threads)
         self.count, self.codec = count, codec
         numel = count_elements(shape)
-        self.bitmap = None if count == numel else BitSpool(output, numel)
+        self.bitmap = None if count == numel else BitAppender(AppendFile(output))
         self.values = PlaneSpool(output, count, dt.itemsize)
         self.totals = None if totals is None else np.asarray(totals, np.int64)
         if self.totals is not None:
@@ -259,7 +243,7 @@ class SpooledExactRecord:
         """The next run of the tensor: its elements' kept marks (None where every element is
         kept) and the fine-tuned and base bits at the marked ones."""
         if self.bitmap is not None:
-            self.bitmap.append(marks)
+            self.bitmap.append(np.packbits(marks, bitorder="little"), marks.size)
         n = kept.size
         if self.at + n > self.count:
             raise ValueError(f"tensor {self.name!r}: more kept values than the first pass "
@@ -293,10 +277,10 @@ class SpooledExactRecord:
             positions_nbytes, positions = 0, {"codec": "all"}
             if self.bitmap is not None:
                 self.bitmap.finish()
-                self.bitmap.file.flush()
+                self.bitmap.out.flush()
+                nbytes = (self.bitmap.nbits + 7) // 8
                 positions_nbytes, stream = payload.add_stream(
-                    self.bitmap.file, self.bitmap.nbytes,
-                    stream_compressor(self.bitmap.nbytes, self.threads))
+                    self.bitmap.out, nbytes, stream_compressor(nbytes, self.threads))
                 positions = {"codec": "bitmap", **stream}
             values_nbytes, stream = payload.add_stream(
                 self.values.file, self.values.nbytes,
@@ -314,5 +298,5 @@ class SpooledExactRecord:
     def close(self) -> None:
         """Drop the spools (their files vanish)."""
         if self.bitmap is not None:
-            self.bitmap.file.close()
+            self.bitmap.out.close()
         self.values.file.close()

@@ -11,7 +11,6 @@ the user chose; failures are reported as the output's.
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import numpy as np
 
 from ..core.atomic import output_error
 from ..delta.format import pread_bytes
+from ..delta.spooled import temporary_file
 
 
 class ArraySpool:
@@ -26,10 +26,7 @@ class ArraySpool:
 
     def __init__(self, output: str | os.PathLike):
         self.output = Path(output)
-        try:
-            self._file = tempfile.TemporaryFile(dir=self.output.parent or None)
-        except OSError as exc:
-            raise output_error(exc, self.output) from exc
+        self._file = temporary_file(self.output)
         self._index: dict[object, list[tuple[int, np.dtype, int]]] = {}
 
     def put(self, key, arrays: Sequence[np.ndarray]) -> None:

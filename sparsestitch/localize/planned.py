@@ -28,7 +28,7 @@ from ..delta.codecs.base import LIST_BELOW, pack_stream
 from ..delta.codecs.bitmap import BitmapBuilder
 from ..delta.codecs.quant import QuantStream
 from ..delta.format import Record, digest
-from ..delta.spooled import AppendFile, SpooledPayload
+from ..delta.spooled import AppendFile, BitAppender, SpooledPayload
 from ..engine.walk import BaseHash
 from .budget import Option
 from .selection import Encoded, SelectionParts, TensorScanner, fidelity_report
@@ -196,7 +196,7 @@ def _spooled_positions(bitmap: np.ndarray, kept: int, payload: SpooledPayload
         if unary_nbytes + remainder_nbytes <= len(stream):
             files = [AppendFile(payload.output), AppendFile(payload.output)]
             try:
-                streams = [rice_gaps.BitAppender(f) for f in files]
+                streams = [BitAppender(f) for f in files]
                 rice_gaps.encode_bitmap(bitmap, k, *streams)
                 for appender in streams:
                     appender.finish()

@@ -124,7 +124,7 @@ class BitmapCursor:
             last = stop == total
             if last and self._numel % 8 and window[-1] >> (self._numel % 8):
                 raise DeltaFormatError("bitmap has bits set past the end of the tensor")
-            positions = _window_bits(window, 8 * start)
+            positions = window_positions(window, 8 * start)
             self._found += positions.size
             if self._found > self._count or (last and self._found != self._count):
                 raise DeltaFormatError(f"bitmap marks {'more than ' if not last else ''}"
@@ -219,7 +219,7 @@ def _marks(window: np.ndarray, first: int, n: int) -> np.ndarray:
     return np.unpackbits(window, bitorder="little").view(bool)[first:first + n]
 
 
-def _window_bits(window: np.ndarray, first: int) -> np.ndarray:
+def window_positions(window: np.ndarray, first: int) -> np.ndarray:
     """The set bits of ``window`` as positions counted from element ``first``."""
     kernels = native.kernels()
     if kernels is not None:  # room for every bit of the window: one pass

@@ -14,6 +14,7 @@ import numpy as np
 from ...core.sizes import numel as count_elements
 from . import rice
 from .base import LIST_BELOW, config_int, continue_gaps, gap_decode, gap_encode, split_streams
+from .bitmap import window_positions
 from .streams import Part
 
 
@@ -81,8 +82,7 @@ def _window_gaps(packed: np.ndarray):
     """The gaps (uint64) of the positions a packed bitmap marks, a window at a time."""
     last = -1
     for at in range(0, packed.size, WINDOW_BYTES):
-        bits = np.unpackbits(packed[at:at + WINDOW_BYTES], bitorder="little").view(bool)
-        positions = np.flatnonzero(bits).astype(np.int64) + 8 * at
+        positions = window_positions(packed[at:at + WINDOW_BYTES], 8 * at)
         if positions.size:
             gaps = np.diff(positions, prepend=last) - 1
             last = int(positions[-1])
@@ -112,36 +112,9 @@ def bitmap_plan(packed: np.ndarray, count: int) -> tuple[int, int, int]:
 
 def encode_bitmap(packed: np.ndarray, k: int, unary, remainders) -> None:
     """Append the ``rice`` streams of the positions a packed bitmap marks to ``unary`` and
-    ``remainders`` (:class:`BitAppender`\\ s), a window at a time."""
+    ``remainders`` (bit strings with ``append(packed, nbits)``: ``delta.spooled.BitAppender``),
+    a window at a time."""
     for gaps in _window_gaps(packed):
         unary_bytes, remainder_bytes, unary_bits = rice.encode(gaps, k)
         unary.append(np.frombuffer(unary_bytes, np.uint8), unary_bits)
         remainders.append(np.frombuffer(remainder_bytes, np.uint8), gaps.size * k)
-
-
-class BitAppender:
-    """A bit string written to ``out`` (anything with ``write``) as runs of bits arrive,
-    each run packed little-endian from bit 0 of its first byte; :meth:`finish` writes the
-    last partial byte."""
-
-    def __init__(self, out):
-        self.out, self.nbits = out, 0
-        self._carry = 0   # the bits of the last, partial byte
-
-    def append(self, packed: np.ndarray, nbits: int) -> None:
-        if nbits == 0:
-            return
-        packed = packed[:(nbits + 7) // 8].astype(np.uint16)
-        shift = self.nbits % 8
-        joined = np.zeros(packed.size + 1, np.uint16)
-        joined[:-1] = packed << shift
-        joined[1:] |= packed >> (8 - shift) if shift else 0
-        joined[0] |= self._carry
-        self.nbits += nbits
-        whole = self.nbits // 8 - (self.nbits - nbits) // 8   # bytes completed by this run
-        self.out.write((joined[:whole] & 0xFF).astype(np.uint8).tobytes())
-        self._carry = int(joined[whole] & 0xFF) if self.nbits % 8 else 0
-
-    def finish(self) -> None:
-        if self.nbits % 8:
-            self.out.write(bytes([self._carry]))
