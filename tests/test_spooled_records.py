@@ -13,6 +13,7 @@ from hypothesis import given, settings, strategies as st
 
 import sparsestitch
 from sparsestitch.checkpoint import Checkpoint
+from sparsestitch.core.errors import CheckpointError
 from sparsestitch.core.dtypes import dtype as lookup_dtype
 from sparsestitch.delta.codecs import value_codec
 from sparsestitch.delta.format import DeltaReader, decode_positions, decode_values, digest
@@ -82,7 +83,8 @@ def test_a_record_written_in_runs_decodes_to_the_kept_bits(tmp_path_factory, dty
 
 
 def test_more_values_than_the_first_pass_counted_are_refused(tmp_path):
-    """An input that changed between the two passes cannot make a wrong record."""
+    """An input that changed between the two passes cannot make a wrong record: a
+    CheckpointError naming the tensor (one line on the command line, exit code 2)."""
     dt = lookup_dtype("BF16")
     codec = value_codec("ulp")
     base = np.arange(100, dtype=np.uint16) + 0x3F00
@@ -90,12 +92,14 @@ def test_more_values_than_the_first_pass_counted_are_refused(tmp_path):
     builder = SpooledExactRecord(tmp_path / "o.delta", "w", dt, (100,), 50, codec, totals)
     marks = np.zeros(100, bool)
     marks[:60] = True
-    with pytest.raises(ValueError, match="more kept values than the first pass counted"):
+    with pytest.raises(CheckpointError, match="tensor 'w': more changed elements than the "
+                       "first read counted"):
         builder.add_run(marks, base[:60] + 1, base[:60])
     builder.close()
     builder = SpooledExactRecord(tmp_path / "o.delta", "w", dt, (100,), 50, codec, totals)
     builder.add_run(marks[:40], base[:40] + 1, base[:40])
-    with pytest.raises(ValueError, match="the first pass counted 50"):
+    with pytest.raises(CheckpointError, match="the first read counted 50: the base or the "
+                       "fine-tune changed while compress read them"):
         builder.finish("0" * 16)
 
 

@@ -21,6 +21,7 @@ import xxhash
 import zstandard
 
 from ..core.atomic import output_error
+from ..core.errors import CheckpointError
 from ..core.dtypes import DType
 from ..core.sizes import numel as count_elements
 from .codecs.base import stream_compressor
@@ -246,8 +247,8 @@ class SpooledExactRecord:
             self.bitmap.append(np.packbits(marks, bitorder="little"), marks.size)
         n = kept.size
         if self.at + n > self.count:
-            raise ValueError(f"tensor {self.name!r}: more kept values than the first pass "
-                             f"counted ({self.count}): did an input change?")
+            raise _changed(self.name, f"more changed elements than the first read counted "
+                                      f"({self.count:,})")
         if n == 0:
             return
         planes = self.codec.run_planes(kept, base_kept, self.dt)
@@ -261,8 +262,8 @@ class SpooledExactRecord:
                         for e in np.flatnonzero(contexts)]
             self.before += contexts
             if (self.before > self.totals).any():
-                raise ValueError(f"tensor {self.name!r}: the kept values' contexts differ "
-                                 "from the first pass's: did an input change?")
+                raise _changed(self.name, "the changed elements' base exponents differ from "
+                                          "the first read's")
         self.values.put(planes, segments)
         self.at += n
 
@@ -270,8 +271,8 @@ class SpooledExactRecord:
         """The record and its payload (closing the spools)."""
         if self.at != self.count:
             self.close()
-            raise ValueError(f"tensor {self.name!r}: {self.at} kept values, the first pass "
-                             f"counted {self.count}: did an input change?")
+            raise _changed(self.name, f"{self.at:,} changed elements, the first read counted "
+                                      f"{self.count:,}")
         payload = SpooledPayload(self.output)
         try:
             positions_nbytes, positions = 0, {"codec": "all"}
@@ -300,3 +301,9 @@ class SpooledExactRecord:
         if self.bitmap is not None:
             self.bitmap.out.close()
         self.values.file.close()
+
+
+def _changed(name: str, what: str) -> CheckpointError:
+    """The error for a tensor whose two reads disagree (an input rewritten during the run)."""
+    return CheckpointError(f"{what}: the base or the fine-tune changed while compress read "
+                           "them; nothing was written", tensor=name)
