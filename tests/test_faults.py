@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 import sparsestitch
+from sparsestitch.core import direct_file
 
 from .conftest import save_checkpoint
 from .support.processes import Hold, leftovers, remove, spawn_cli, tree_digest, wait_all, wait_exit
@@ -128,6 +129,25 @@ def test_kill_at_each_step_of_publishing(bench, command, phase):
     assert wait_exit(pid) is None  # killed by the signal
     assert bench.check(command) == ("complete" if phase == "after-publish" else "absent")
     no_pile_up(bench.out_dir, {pid})
+    remove(bench.output(command))
+    assert wait_exit(spawn_cli(bench.args(command))) == 0
+    assert bench.check(command) == "complete" and leftovers(bench.out_dir) == []
+    remove(bench.output(command))
+    assert bench.inputs_untouched()
+
+
+@pytest.mark.parametrize("phase", ["first-fsync", "before-publish", "random"])
+@pytest.mark.parametrize("command", COMMANDS)
+def test_kills_with_direct_writes(bench, command, phase, monkeypatch):
+    """Outputs written around the page cache (every size, here) die the same way: nothing
+    at the output path, then a rerun gives the same bytes as through the page cache."""
+    monkeypatch.setenv(direct_file.ENVIRONMENT, "0")  # the forked children inherit it
+    pid = spawn_cli(bench.args(command), phase=None if phase == "random" else phase)
+    if phase == "random":
+        time.sleep(random.Random(command).uniform(0, 0.8 * bench.seconds[command]))
+        os.kill(pid, signal.SIGKILL)
+    wait_exit(pid)
+    assert bench.check(command) == "absent" or phase == "random"
     remove(bench.output(command))
     assert wait_exit(spawn_cli(bench.args(command))) == 0
     assert bench.check(command) == "complete" and leftovers(bench.out_dir) == []

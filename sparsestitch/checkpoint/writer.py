@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from ..core.atomic import atomic_path, earlier_folder_output, fsync_file, output_error
+from ..core.direct_file import DirectFile, writes_direct
 from ..core.dtypes import dtype as lookup_dtype
 from ..core.sizes import numel
 from .reader import INDEX_NAME
@@ -73,6 +74,7 @@ class CheckpointWriter:
         if not folder and len(shards) != 1:
             raise ValueError("a single-file output needs exactly one shard")
         self.target = Path(target)
+        writes_direct(0)  # a wrong setting is refused before any work
         self._shards, self._folder, self._extra = shards, folder, list(extra_files)
         self._texts = dict(extra_texts or {})
         # A folder gets an index when asked, or by default when it has several shards.
@@ -136,8 +138,8 @@ class CheckpointWriter:
     def abort(self, exc: BaseException | None = None) -> None:
         """Discard the partial output; the target path is untouched."""
         if self._handle is not None:
-            with contextlib.suppress(OSError):  # closing flushes, which fails again on a full disk
-                self._handle.close()
+            with contextlib.suppress(OSError):
+                self._handle.abort()
             self._handle = None
         exc = exc or RuntimeError("aborted")
         with contextlib.suppress(BaseException):
@@ -161,22 +163,34 @@ class CheckpointWriter:
 
     def _open(self, shard: Shard) -> None:
         self._close_handle()
-        path = self._root / shard.file_name if self._folder else self._root
-        self._handle = open(path, "wb")
+        self._handle = _open_shard(self._root / shard.file_name if self._folder else self._root,
+                                   shard)
         self._shard = shard
-        entries = [(t.name, t.dtype, t.shape, t.nbytes) for t in shard.tensors]
-        self._handle.write(encode_header(entries, shard.metadata))
 
     def _close_handle(self) -> None:
         if self._handle is not None:
-            fsync_file(self._handle)
-            self._handle.close()
-            self._handle = None
+            handle, self._handle = self._handle, None
+            handle.close()  # fsyncs
         # Shards with no tensors at all still get a (header-only) file.
         for shard in self._shards:
             path = self._root / shard.file_name if self._folder else self._root
             if not shard.tensors and not path.exists():
                 path.write_bytes(encode_header([], shard.metadata))
+
+
+def _open_shard(path: Path, shard: Shard) -> DirectFile:
+    """A new file at ``path`` for ``shard``, its header written: a large one is written
+    around the page cache (see :mod:`~sparsestitch.core.direct_file`)."""
+    header = encode_header([(t.name, t.dtype, t.shape, t.nbytes) for t in shard.tensors],
+                           shard.metadata)
+    handle = DirectFile(path, direct=writes_direct(len(header) + sum(
+        t.nbytes for t in shard.tensors)))
+    try:
+        handle.write(header)
+    except BaseException:
+        handle.abort()
+        raise
+    return handle
 
 
 def _write_index(root: Path, shards: list[Shard]) -> None:

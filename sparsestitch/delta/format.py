@@ -29,7 +29,8 @@ from ..checkpoint.safetensors_file import (
     strict_json,
 )
 from ..core import native
-from ..core.atomic import atomic_path, fsync_file, output_error
+from ..core.atomic import atomic_path, output_error
+from ..core.direct_file import DirectFile, writes_direct
 from ..core.dtypes import DType
 from ..core.dtypes import dtype as lookup_dtype
 from ..core.errors import ChecksumError, DeltaFormatError, ResourceLimitError, SparsestitchError
@@ -144,6 +145,7 @@ class DeltaWriter:
     def __init__(self, path: str | os.PathLike, *, overwrite: bool = False):
         self.path = Path(path)
         self._overwrite = overwrite
+        writes_direct(0)  # a wrong setting is refused before any work
         self._atomic = atomic_path(self.path, overwrite=overwrite, replaceable=earlier_delta)
         self._final = self._atomic.__enter__()
         self._spool_path = self._final.with_name(self._final.name + ".spool")
@@ -197,13 +199,8 @@ class DeltaWriter:
     def close(self, meta: dict) -> int:
         """Write header + payloads, fsync, rename into place; return the file size."""
         try:
-            with open(self._final, "wb") as out:
-                out.write(self._container_header(meta))
-                self._spool.seek(0)
-                while chunk := self._spool.read(16 << 20):
-                    out.write(chunk)
-                fsync_file(out)
-                size = out.tell()
+            size = _write_joined(self._final, self._container_header(meta), self._spool,
+                                 self.payload_size())
             self._spool.close()
             os.unlink(self._spool_path)
             self._atomic.__exit__(None, None, None)
@@ -224,6 +221,23 @@ class DeltaWriter:
             self._atomic.__exit__(type(exc) if exc else RuntimeError, exc or RuntimeError("aborted"), None)
         except BaseException:
             pass
+
+
+def _write_joined(path: Path, header: bytes, spool, spooled: int) -> int:
+    """Write ``header`` then the ``spooled`` bytes of the file ``spool`` to a new file at
+    ``path``, fsynced (around the page cache when large: see core.direct_file); its size."""
+    out = DirectFile(path, direct=writes_direct(len(header) + spooled))
+    try:
+        out.write(header)
+        spool.seek(0)
+        chunk = memoryview(bytearray(16 << 20))
+        while read := spool.readinto(chunk):
+            out.write(chunk[:read])
+        out.close()
+    except BaseException:
+        out.abort()
+        raise
+    return out.size
 
 
 def _refuse_gguf(handle, path: Path) -> None:
