@@ -32,11 +32,14 @@ def reference(keys: np.ndarray, k: int, name: str = "w") -> np.ndarray:
 
 
 def streaming_topk(chunks: list[np.ndarray], k: int, name: str = "w", order_of=None,
-                   estimate: np.ndarray | None = None, passes: list | None = None) -> np.ndarray:
+                   estimate: np.ndarray | None = None, passes: list | None = None,
+                   shuffle: np.random.Generator | None = None) -> np.ndarray:
     """Run TopK over ``chunks`` exactly as compress does; return global indices.  Tie orders
     are ``tie_order(name, index)``, or ``order_of(index)`` (global indices) when given.
     ``estimate``: a histogram the first pass brackets its counts around (``bracket_around``);
-    ``passes``: whether the second counting pass ran is appended to it."""
+    ``passes``: whether the second counting pass ran is appended to it, then whether the
+    selection was order-free; ``shuffle``: chunks are selected in a random order where the
+    counter says that order does not matter (``TopK.order_free``), as threads would."""
     topk = TopK(k)
     if estimate is not None:
         bracket_around(topk, estimate)
@@ -55,8 +58,13 @@ def streaming_topk(chunks: list[np.ndarray], k: int, name: str = "w", order_of=N
         for chunk, order in zip(chunks, orders):
             topk.count_ties(chunk, order)
         topk.end_tie_pass()
-    kept = [topk.select(chunk, order) + start for chunk, order, start in zip(chunks, orders, starts)]
-    return np.concatenate(kept) if kept else np.empty(0, np.int64)
+    if passes is not None:
+        passes.append(topk.order_free)
+    at = list(range(len(chunks)))
+    if shuffle is not None and topk.order_free:
+        shuffle.shuffle(at)
+    kept = {i: topk.select(chunks[i], orders[i]) + starts[i] for i in at}
+    return np.concatenate([kept[i] for i in sorted(kept)]) if kept else np.empty(0, np.int64)
 
 
 #: Tie orders at the threshold held in memory, or counted in two histogram passes.
@@ -98,6 +106,32 @@ def test_equal_tie_orders_go_to_the_earliest_position(held_whole, case, seed):
     with mock.patch.object(topk_module, "TIES_HELD_WHOLE", held_whole):
         got = streaming_topk(chunks, k, order_of=lambda index: order[index])
     assert got.tolist() == sorted_reference(keys, k, order)
+
+
+@TIE_MODES
+@settings(max_examples=150, deadline=None)
+@given(chunked_keys(), st.integers(0, 2**32 - 1), st.booleans())
+def test_order_free_selections_are_the_same_in_any_order(held_whole, case, seed, colliding):
+    """Where the counter says the order of the chunks does not matter (every element at the
+    tie cut is kept), selecting them shuffled gives the reference's elements; it says so
+    whenever tie orders are distinct (so merge and compress select in threads), and only
+    a collision of tie orders at the cut (here from a pool of 3) needs the global order."""
+    keys, k, chunks = case
+    rng = np.random.default_rng(seed)
+    order = (rng.integers(0, 3, keys.size).astype(np.uint32) if colliding
+             else tie_order("w", np.arange(keys.size)))
+    passes = []
+    with mock.patch.object(topk_module, "TIES_HELD_WHOLE", held_whole):
+        got = streaming_topk(chunks, k, order_of=lambda index: order[index], passes=passes,
+                             shuffle=rng)
+    assert got.tolist() == sorted_reference(keys, k, order)
+    order_free = passes[-1]
+    if not colliding and np.unique(order).size == order.size:
+        assert order_free
+    if not order_free:  # the k-th element's key and tie order are shared by one not kept
+        ranking = sorted(range(keys.size), key=lambda i: (-int(keys[i]), -int(order[i]), i))
+        last, first_out = ranking[k - 1], ranking[k]
+        assert (keys[last], order[last]) == (keys[first_out], order[first_out])
 
 
 @settings(max_examples=100, deadline=None)
@@ -289,7 +323,7 @@ def test_a_bracketed_first_pass_selects_exactly_what_two_passes_select(held_whol
     def kth_bin(histogram):
         return histogram.size - 1 - int(np.searchsorted(np.cumsum(histogram[::-1]), k))
     if 0 < k < min(keys.size, int(estimate.sum())) and abs(kth_bin(exact) - kth_bin(estimate)) <= 2:
-        assert passes == [False]  # the k-th key's bin was within two bins of the estimate's
+        assert passes[0] is False  # the k-th key's bin was within two bins of the estimate's
 
 
 def test_fidelity_merge_skips_the_second_counting_pass_and_keeps_its_bytes(tmp_path,
@@ -330,6 +364,40 @@ def test_fidelity_merge_skips_the_second_counting_pass_and_keeps_its_bytes(tmp_p
     assert "localize 2/3" in ran and "ties" in ran, ran
     assert (tmp_path / "bracketed.safetensors").read_bytes() == \
         (tmp_path / "plain.safetensors").read_bytes()
+
+
+@pytest.mark.parametrize("scope", ["fidelity", "global"])
+def test_a_cut_through_ties_is_selected_in_threads_with_the_same_bytes(tmp_path, scope):
+    """The 1% of a bf16 fine-tune whose changes take two values cuts through thousands of
+    equal keys; their tie orders differ, so the counters are order-free and merge and
+    compress select blocks in two threads: the same bytes as in one."""
+    import sparsestitch
+    from sparsestitch.localize import selectors
+
+    from .conftest import save_checkpoint
+
+    import torch
+
+    generator = torch.Generator().manual_seed(5)
+    shapes = {"a.weight": (256, 256), "b.weight": (128, 512), "c.weight": (64, 64)}
+    base_tensors = {n: torch.zeros(shape, dtype=torch.bfloat16) for n, shape in shapes.items()}
+    base = save_checkpoint(tmp_path / "base.safetensors", base_tensors)
+    tune = save_checkpoint(tmp_path / "t.safetensors", {
+        n: torch.where(torch.rand(t.shape, generator=generator) < 0.1, 0.125, 0.0625
+                       ).to(torch.bfloat16) for n, t in base_tensors.items()})
+    ordered = []
+    real = selectors._TopKSelector.ordered.fget
+    with mock.patch.object(selectors._TopKSelector, "ordered",
+                           property(lambda self: ordered.append(real(self)) or ordered[-1])):
+        for threads in (1, 2):
+            sparsestitch.merge(base, [tune], tmp_path / f"m{threads}.safetensors",
+                               rule="localize-stitch", keep=0.01, scope=scope, threads=threads,
+                               chunk_elements=4096)
+            sparsestitch.compress(base, tune, tmp_path / f"c{threads}.delta", density=0.01,
+                                  scope=scope, threads=threads)
+    assert ordered and not any(ordered)
+    assert (tmp_path / "m1.safetensors").read_bytes() == (tmp_path / "m2.safetensors").read_bytes()
+    assert (tmp_path / "c1.delta").read_bytes() == (tmp_path / "c2.delta").read_bytes()
 
 
 @settings(max_examples=60, deadline=None)

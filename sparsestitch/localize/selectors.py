@@ -247,9 +247,9 @@ class KeepAll(Selector):
 class _TopKSelector(Selector):
     """Exact top-k with :class:`~.topk.TopK` counters: two counting passes for the threshold
     key and, where only part of the keys equal to it are kept, one or two for their tie
-    orders; then selection with the last of the quota handed out in global order."""
-
-    ordered = True
+    orders; then selection with the last of the quota handed out in global order (only
+    where the cut falls among elements of equal tie orders, a hash collision: otherwise
+    blocks may be chosen in any order, by any thread)."""
 
     def __init__(self, density: float):
         self._density = density
@@ -257,6 +257,10 @@ class _TopKSelector(Selector):
     @property
     def density(self) -> float:
         return self._density
+
+    @property
+    def ordered(self) -> bool:  # known after the pre-passes, which is when it is asked
+        return not all(c.order_free for c in self._counters())
 
     def _counter(self, name: str) -> TopK:
         raise NotImplementedError

@@ -33,6 +33,7 @@ from ..core.errors import OptionError
 
 _BINS = 1 << 16
 _INF_KEY = 0x7F800000
+_MAX_KEY = 0xFFFFFFFF
 
 
 def magnitude_keys(finetuned_bits: np.ndarray, base_bits: np.ndarray, dt: DType) -> np.ndarray:
@@ -86,6 +87,25 @@ def split_bracket(keys: np.ndarray, low_key: int, high_key: int
     inside = np.flatnonzero(keys >= low_key)
     above = keys[inside] > high_key
     return inside[above], inside[~above], keys[inside[~above]]
+
+
+def kept_at_least(keys: np.ndarray, threshold: int, ties: "TieCut | None",
+                  order: TieOrder | None) -> np.ndarray:
+    """Indices of the ``keys`` above ``threshold`` and of those equal to it that the tie cut
+    ``ties`` keeps (all of them without one), in order: one pass over the keys, no mask.
+
+    >>> kept_at_least(np.array([5, 1, 9, 3], np.uint32), 3, None, None).tolist()
+    [0, 2, 3]
+    """
+    _, kept, kept_keys = split_bracket(keys, threshold, _MAX_KEY)
+    if ties is not None:
+        tied = np.flatnonzero(kept_keys == threshold)
+        if tied.size:
+            keep = np.ones(kept.size, bool)
+            keep[tied] = False
+            keep[tied[ties.select(order(kept[tied]))]] = True
+            kept = kept[keep]
+    return kept
 
 
 def count_to_keep(density: float, numel: int) -> int:
@@ -205,22 +225,22 @@ class TopK:
     def end_tie_pass(self) -> None:
         self._ties.end_pass()
 
+    @property
+    def order_free(self) -> bool:
+        """Whether chunks may be selected in any order, by any thread (see TieCut)."""
+        if self.threshold is None and not self._high.any():
+            return False  # nothing counted yet: no threshold
+        self._find_threshold()
+        return self._ties is None or self._ties.order_free
+
     def select(self, keys: np.ndarray, order: TieOrder | None = None) -> np.ndarray:
         """Flat indices (into this chunk) of the kept elements, in order."""
-        self._find_threshold()
-        if self.k == 0:
-            return np.empty(0, dtype=np.int64)
+        self._find_threshold()  # 2^32 where k is 0: nothing is kept
         if self.threshold < 0:  # keep everything
             return np.arange(keys.size, dtype=np.int64)
         if self._ties is not None and not self._ties.done:
             raise RuntimeError("count_ties must see every chunk before select")
-        above = keys > self.threshold
-        tied = np.flatnonzero(keys == self.threshold)
-        if self._ties is None:  # every key equal to T is kept
-            above[tied] = True
-        elif tied.size:
-            above[tied[self._ties.select(order(tied))]] = True
-        return np.flatnonzero(above)
+        return kept_at_least(keys, self.threshold, self._ties, order)
 
     def _find_threshold(self) -> None:
         if self.threshold is None:
@@ -348,6 +368,7 @@ class TieCut:
         self._bin = self._above = 0
         self.threshold = None
         self.quota = 0
+        self.at_cut = 0                # tied elements whose tie order equals the cut
 
     @property
     def done(self) -> bool:
@@ -376,6 +397,7 @@ class TieCut:
         if self.held_whole:  # every tie order at hand: the cut in memory
             self.threshold = int(np.sort(found)[::-1][self.need - 1])
             self.quota = self.need - int(np.count_nonzero(found > self.threshold))
+            self.at_cut = int(np.count_nonzero(found == self.threshold))
             self.stage = 3
         elif self.stage == 1:
             self._bin, self._above = _kth_bin(found, self.need)
@@ -384,10 +406,19 @@ class TieCut:
             low, above = _kth_bin(found, self.need - self._above)
             self.threshold = (self._bin << 16) | low
             self.quota = self.need - self._above - above
+            self.at_cut = int(found[low])
             self.stage = 3
+
+    @property
+    def order_free(self) -> bool:
+        """Whether every element at the cut is kept (tie orders are hashes: they are unequal
+        but for collisions), so that chunks may be selected in any order, by any thread."""
+        return self.done and self.quota == self.at_cut
 
     def select(self, orders: np.ndarray) -> np.ndarray:
         """Which of one chunk's tied elements (their tie orders, in call order) are kept."""
+        if self.order_free:
+            return orders >= self.threshold
         keep = orders > self.threshold
         at_cut = np.flatnonzero(orders == self.threshold)[:self.quota]
         self.quota -= at_cut.size
