@@ -3,7 +3,8 @@
 Question (issue 20): how many times the floor of its job does each compress mode take, how
 much memory does it hold over the interpreter, and does that memory stay flat as the model
 grows?  The floor of a job is reading the base and the fine-tune once (64 MiB reads) and
-writing a file of the delta's size with an fsync: nothing can do it faster.
+writing a file of the delta's size with an fsync (``O_DIRECT`` where the filesystem takes
+it, the fastest way on this VM: see :func:`write_floor`): nothing can do it faster.
 
 Inputs, built once into ``bench/.cache/compress`` (``--cache``):
 
@@ -77,8 +78,8 @@ def write_floor(out: str, nbytes: int) -> bool:
     """Write ``nbytes`` to ``out`` and fsync, around the page cache (``O_DIRECT``, 8 MiB
     aligned writes, the file then cut to its length) where the filesystem takes it, as
     sparsestitch writes its large outputs: on this VM faster than through the page cache,
-    whose new pages are refaulted from the host (docs/results-compress.md, "Outputs written
-    around the page cache"). Returns whether the writes were direct."""
+    whose new pages are refaulted from the host (docs/results-compress.md, "Outputs around
+    the page cache, the exact top-k in threads"). Returns whether the writes were direct."""
     stage = mmap.mmap(-1, 8 << 20)  # page-aligned, zeros
     padded = -(-nbytes // 4096) * 4096
     flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC

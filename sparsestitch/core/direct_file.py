@@ -5,10 +5,11 @@ Every output is fsynced before it is published (:mod:`sparsestitch.core.atomic`)
 page cache saves a writer no device time: it adds a copy into freshly allocated cache
 pages, and on a virtual machine those pages are often ones the host has taken back (free
 page reporting), each refaulted at first touch. Measured on this project's 2-core VM
-(0.62 GB written in 7 MiB pieces, then fsync): 1.2-1.5 s through the page cache into new
-pages, 0.4 s when the pages had just been freed, 0.3 s direct (docs/results-compress.md,
-"Outputs written around the page cache"). A direct write also leaves the page cache to the
-inputs, which a machine smaller than its models needs.
+(0.62 GB written in 7 MiB pieces): 1.2-1.5 s through the page cache into new pages, plus
+0.3 s of fsync; 0.12-0.2 s plus fsync when the pages had just been freed; 0.3-0.5 s direct
+(docs/results-compress.md, "Outputs around the page cache, the exact top-k in threads").
+A direct write also leaves the page cache to the inputs, which a machine smaller than its
+models needs.
 
 Direct writes need aligned buffers, lengths and offsets: bytes are staged in an aligned
 buffer and written a whole buffer at a time; the last, short buffer is padded to the
