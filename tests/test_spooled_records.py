@@ -103,6 +103,27 @@ def test_more_values_than_the_first_pass_counted_are_refused(tmp_path):
         builder.finish("0" * 16)
 
 
+@pytest.mark.parametrize("spooled", [False, True])
+def test_a_quantized_record_kept_count_unlike_the_plans_is_a_changed_input(tmp_path, spooled):
+    """The statistics pass counted what a threshold keeps; a selection pass keeping another
+    count read different inputs: a CheckpointError naming the tensor, its temporary file
+    gone (was an AssertionError)."""
+    from sparsestitch.localize.budget import Option
+    from sparsestitch.localize.planned import StreamedRecord
+    from sparsestitch.localize.selectors import Choice, TuneBlock
+
+    dt = lookup_dtype("BF16")
+    base = (np.arange(100, dtype=np.uint16) + 0x3F00)
+    record = StreamedRecord("w", dt, (100,), Option(0.5, 4, 50, 100.0, 0.01, 1), 32, 1.0,
+                            spool=tmp_path / "o.delta" if spooled else None)
+    record.add(TuneBlock("w", dt, 0, base, base + 1), Choice(np.arange(40)))
+    with pytest.raises(CheckpointError, match="tensor 'w': 40 elements at or above the "
+                       "threshold, the first read counted 50: the base or the fine-tune "
+                       "changed while compress read them"):
+        record.finish("0" * 16)
+    assert list(tmp_path.iterdir()) == []
+
+
 def _models(tmp_path, tunes: int = 2):
     """A base with a large float32 matrix (2 M elements), a large int32 tensor and a small
     one, and ``tunes`` fine-tunes: the matrix changed in every element in the first, in

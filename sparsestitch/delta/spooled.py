@@ -247,7 +247,7 @@ class SpooledExactRecord:
             self.bitmap.append(np.packbits(marks, bitorder="little"), marks.size)
         n = kept.size
         if self.at + n > self.count:
-            raise _changed(self.name, f"more changed elements than the first read counted "
+            raise changed_between_reads(self.name, f"more changed elements than the first read counted "
                                       f"({self.count:,})")
         if n == 0:
             return
@@ -262,7 +262,7 @@ class SpooledExactRecord:
                         for e in np.flatnonzero(contexts)]
             self.before += contexts
             if (self.before > self.totals).any():
-                raise _changed(self.name, "the changed elements' base exponents differ from "
+                raise changed_between_reads(self.name, "the changed elements' base exponents differ from "
                                           "the first read's")
         self.values.put(planes, segments)
         self.at += n
@@ -271,7 +271,7 @@ class SpooledExactRecord:
         """The record and its payload (closing the spools)."""
         if self.at != self.count:
             self.close()
-            raise _changed(self.name, f"{self.at:,} changed elements, the first read counted "
+            raise changed_between_reads(self.name, f"{self.at:,} changed elements, the first read counted "
                                       f"{self.count:,}")
         payload = SpooledPayload(self.output)
         try:
@@ -303,7 +303,7 @@ class SpooledExactRecord:
         self.values.file.close()
 
 
-def _changed(name: str, what: str) -> CheckpointError:
+def changed_between_reads(name: str, what: str) -> CheckpointError:
     """The error for a tensor whose two reads disagree (an input rewritten during the run)."""
     return CheckpointError(f"{what}: the base or the fine-tune changed while compress read "
                            "them; nothing was written", tensor=name)

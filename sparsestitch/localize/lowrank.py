@@ -458,6 +458,8 @@ def lowrank_records(scanner: TensorScanner, name: str, planner: LowRankPlanner,
             low = None if tau is None else within_error(
                 name, dt, entry, base_xxh3, base_bits, tau, planner.max_error,
                 limit=len(payload))
+            if low is not None:
+                _drop(payload)
             records.append((record, payload) if low is None else low)
         return records
     base_xxh3, base_bits, changes = read_changes(scanner, name)
@@ -470,8 +472,18 @@ def lowrank_records(scanner: TensorScanner, name: str, planner: LowRankPlanner,
                                          planner.bits[tune][name]))
     if any(r is None for r in records):  # those fine-tunes' sparse records
         sparse = others()
+        for r, (_, payload) in zip(records, sparse):
+            if r is not None:
+                _drop(payload)
         records = [r if r is not None else e for r, e in zip(records, sparse)]
     return records
+
+
+def _drop(payload) -> None:
+    """Release a sparse record's payload a ``lowrank`` record replaces (a spooled one's
+    temporary file now, not whenever it is collected)."""
+    if hasattr(payload, "close"):
+        payload.close()
 
 
 #: Encodings tried per matrix for an error target (each with a tighter estimate) before its

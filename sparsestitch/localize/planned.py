@@ -28,7 +28,7 @@ from ..delta.codecs.base import LIST_BELOW, pack_stream
 from ..delta.codecs.bitmap import BitmapBuilder
 from ..delta.codecs.quant import QuantStream
 from ..delta.format import Record, digest
-from ..delta.spooled import AppendFile, BitAppender, SpooledPayload
+from ..delta.spooled import AppendFile, BitAppender, SpooledPayload, changed_between_reads
 from ..engine.walk import BaseHash
 from .budget import Option
 from .selection import Encoded, SelectionParts, TensorScanner, fidelity_report
@@ -118,8 +118,10 @@ class StreamedRecord:
         self.kept += keys.size
 
     def finish(self, base_xxh3: str) -> Encoded:
-        if self.expected is not None and self.kept != self.expected:  # a changed base?
-            raise AssertionError(f"{self.name}: kept {self.kept}, planned {self.expected}")
+        if self.expected is not None and self.kept != self.expected:
+            self.close()
+            raise changed_between_reads(self.name, f"{self.kept:,} elements at or above the "
+                                        f"threshold, the first read counted {self.expected:,}")
         if self.kept == 0:  # nothing changed: the base's record, with its report
             self.values.close()
             return Record(self.name, self.dt.name, tuple(self.shape), "base", base_xxh3,
