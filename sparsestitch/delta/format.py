@@ -519,6 +519,14 @@ class RecordCursor:
         base = gather_marked(window, first, block, count)
         put_marked(window, first, block, self.values(base if self.needs_base else None, count))
 
+    def marked_base(self, lo: int, block: np.ndarray) -> np.ndarray:
+        """The bits of ``block`` (elements ``lo, lo + 1, ...``, every block in order) at a
+        bitmap record's stored positions, in order -- no position array (see :attr:`marks`;
+        not for dense records)."""
+        with self._context:
+            window, first, count = self._positions.window(lo, lo + block.size)
+        return gather_marked(window, first, block, count)
+
     def marked(self, lo: int, block: np.ndarray) -> tuple[np.ndarray, int, np.ndarray, np.ndarray]:
         """A bitmap record's entries among elements ``lo, lo + 1, ...`` (the bits ``block``
         holds, every block in order) as ``(window, bit, fine-tuned bits, base bits)``: the

@@ -380,15 +380,19 @@ def kept_totals(ckpt: Checkpoint | None, name: str, blocks: RowBlocks, reader: D
             nonlocal total
             counts = reader.part_counts(record, part, dt)
             total = counts if total is None else total + counts
+        marks = not cursor.dense and cursor.marks  # a bitmap: windows of bits, no positions
         for start, stop in blocks.bounds:
             lo, hi = blocks.elements(start, stop)
-            if ckpt is None:
-                size = (hi - lo) if cursor.dense else cursor.positions_below(hi, budget.run_values).size
-                add(np.zeros(size, dt.bits))
-                continue
-            block = ckpt.read_rows(name, start, stop) if stop > start else np.empty(0, dt.bits)
-            add(block if cursor.dense else block.take(
-                cursor.positions_below(hi, budget.run_values) - lo))
+            if ckpt is None:  # no base: the counts of zeros
+                block = np.zeros(hi - lo, dt.bits)
+            else:
+                block = ckpt.read_rows(name, start, stop) if stop > start else np.empty(0, dt.bits)
+            if cursor.dense:
+                add(block)
+            elif marks:
+                add(cursor.marked_base(lo, block))
+            else:
+                add(block.take(cursor.positions_below(hi, budget.run_values) - lo))
     return total if total is not None else reader.part_counts(record, np.empty(0, dt.bits), dt)
 
 
