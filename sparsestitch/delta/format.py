@@ -521,8 +521,7 @@ class RecordCursor:
 
     def marked_base(self, lo: int, block: np.ndarray) -> np.ndarray:
         """The bits of ``block`` (elements ``lo, lo + 1, ...``, every block in order) at a
-        bitmap record's stored positions, in order -- no position array (see :attr:`marks`;
-        not for dense records)."""
+        bitmap record's stored positions -- no position array (:attr:`marks`, not dense)."""
         with self._context:
             window, first, count = self._positions.window(lo, lo + block.size)
         return gather_marked(window, first, block, count)
