@@ -46,11 +46,10 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from ..core.dtypes import DType, from_wide, to_wide
+from ..core.dtypes import DType, to_wide
 from ..core.dtypes import dtype as lookup_dtype
 from ..core.errors import OptionError
 from ..delta.codecs.lowrank import (
-    accumulate,
     encode_factors,
     entry_values,
     scale_dtype_for,
@@ -59,6 +58,14 @@ from ..delta.format import Record, digest
 from ..engine.readahead import in_order
 from ..engine.walk import BaseHash
 from .budget import Option, Profile, fit_hulls, lower_hull, tensor_options
+from .lowrank_stream import (
+    MIN_WIDTH,
+    StreamedChange,
+    block_error,
+    matrix_shape,
+    sketch_width,
+    streamed_bytes,
+)
 from .planned import tensor_stats
 from .selection import Encoded, TensorScanner, fidelity_report
 from .stats import TensorStats
@@ -87,11 +94,6 @@ STEP_BITS = 64
 FIT_ROUNDS = 6
 
 
-def matrix_shape(shape: tuple[int, ...]) -> tuple[int, int]:
-    rows = shape[0] if shape else 1
-    return rows, (int(np.prod(shape, dtype=np.int64)) // rows if rows else 0)
-
-
 def eligible(shape: tuple[int, ...], dt: DType) -> bool:
     rows, cols = matrix_shape(shape)
     return dt.is_float and len(shape) >= 2 and min(rows, cols) >= MIN_SIDE
@@ -107,6 +109,7 @@ class Spectrum:
     energy: float             # ||tau||^2
     singular: np.ndarray      # descending
     nbytes: int = 0           # the matrix's own bytes: stored exactly, it costs at most this
+    tail: float = 0.0         # the share of energy beyond ``singular`` (a sketch's; 0: none)
 
 
 def read_changes(scanner: TensorScanner, name: str, with_base: bool = True,
@@ -217,6 +220,32 @@ def leading_components(tau: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarr
     return components.left(rank), components.singular[:rank]
 
 
+class HeldChange:
+    """A matrix's change held whole (:func:`read_changes`) with the base's bits: what
+    :func:`encode_matrix` asks of a change (:class:`~.lowrank_stream.StreamedChange` reads
+    it again instead)."""
+
+    def __init__(self, tau: np.ndarray, base_bits: np.ndarray, base_xxh3: str):
+        self.tau, self.base_bits, self.base_xxh3 = tau, base_bits, base_xxh3
+        self.rows, self.cols = tau.shape
+
+    def components(self, width: int = 0) -> "Components":
+        return Components(self.tau)
+
+    def energy(self) -> float:
+        return energy_of(self.tau)
+
+    def transposed_times(self, x: np.ndarray) -> np.ndarray:
+        """``tau^T x`` in the change's type, as float64."""
+        import torch
+
+        tau = torch.from_numpy(self.tau)
+        return (tau.T @ torch.from_numpy(x.astype(self.tau.dtype))).double().numpy()
+
+    def restored_error(self, left: np.ndarray, right: np.ndarray, dt: DType) -> float:
+        return restored_error(left, right, self.base_bits, self.tau, dt)
+
+
 @dataclass(frozen=True)
 class LowRankOption:
     """A matrix stored as the first ``steps`` raises of its low-rank path
@@ -234,7 +263,7 @@ def _path(s: Spectrum):
     the same array, updated in place)."""
     share = s.singular ** 2 / s.energy if s.energy > 0 else np.zeros(s.singular.size)
     levels = np.zeros(s.singular.size, np.int64)
-    estimate, spent = float(share.sum()), 0.0
+    estimate, spent = float(share.sum()) + s.tail, 0.0
     heap = [(-_gain(share[i], 0, s), int(i)) for i in np.flatnonzero(share > 0)]
     heapq.heapify(heap)
     while heap:
@@ -289,7 +318,7 @@ def allocate_within(s: Spectrum, error_sq: float) -> list[int]:
     estimated relative squared error is at most ``error_sq``; all of them at 8 bits if even
     that is not enough."""
     levels = np.zeros(0, np.int64)
-    if s.energy > 0 and float((s.singular ** 2 / s.energy).sum()) > error_sq:
+    if s.energy > 0 and float((s.singular ** 2 / s.energy).sum()) + s.tail > error_sq:
         for _, estimate, levels in _path(s):
             if estimate <= error_sq:
                 break
@@ -362,29 +391,27 @@ def dequantize(codes: np.ndarray, step: float) -> np.ndarray:
     return np.where(codes < 0, -1.0, 1.0) * step * (2 * level + 1)
 
 
-def encode_matrix(name: str, dt: DType, shape: tuple[int, ...], base_xxh3: str,
-                  base_bits: np.ndarray, tau: np.ndarray, bits: list[int],
+def encode_matrix(name: str, dt: DType, shape: tuple[int, ...],
+                  change: "HeldChange | StreamedChange", bits: list[int],
                   leading: tuple[np.ndarray, np.ndarray] | None = None) -> Encoded:
     """The ``lowrank`` record of one matrix's change with ``bits[i]`` bits per entry of
     component ``i`` (see the module doc, 3), and its real error.  ``leading``: the change's
-    leading left singular vectors and values when already known (at least ``len(bits)``).
-    Holds the change, the vectors and the factors; the error is measured a block of rows
-    at a time."""
-    import torch
-
-    rows, cols = tau.shape
-    energy = energy_of(tau)
+    leading left singular vectors and values when already known (at least ``len(bits)``;
+    needed for a streamed change).  Holds the vectors and the factors (and a held change);
+    the error is measured a block of rows at a time."""
+    rows, cols = change.rows, change.cols
+    energy, base_xxh3 = change.energy(), change.base_xxh3
     if not bits or energy == 0:
         return Record(name, dt.name, tuple(shape), "base", base_xxh3,
                       fidelity=fidelity_report(energy, 0.0)), b""
     rank = len(bits)
-    u, s = leading if leading is not None else leading_components(tau, rank)
+    u, s = leading if leading is not None else leading_components(change.tau, rank)
     scale_type = np.float64 if scale_dtype_for(dt) == "F64" else np.float32
     # every left vector at once; then each right vector, in order, fitted by least squares
     # to what the earlier components leave of tau given the quantized left vectors
     left_codes, left_steps = quantize_columns(u[:, :rank] * np.sqrt(s[:rank]), bits, scale_type)
     lefts = np.stack([dequantize(left_codes[:, i], left_steps[i]) for i in range(rank)], axis=1)
-    fitted = (torch.from_numpy(tau).T @ torch.from_numpy(lefts.astype(tau.dtype))).double().numpy()
+    fitted = change.transposed_times(lefts)
     gram_left = lefts.T @ lefts
     right_codes, right_steps = np.zeros((cols, rank), np.int8), np.zeros(rank, scale_type)
     rights = np.zeros((cols, rank))
@@ -400,9 +427,8 @@ def encode_matrix(name: str, dt: DType, shape: tuple[int, ...], base_xxh3: str,
     right_list = [right_codes[:, i] for i in range(rank)]
     payload, config = encode_factors(left_list, right_list, left_steps, right_steps, bits,
                                      rows, cols, dt)
-    error = restored_error(decoded_factor(left_list, left_steps, dt),
-                           decoded_factor(right_list, right_steps, dt).T.copy(),
-                           base_bits, tau, dt)
+    error = change.restored_error(decoded_factor(left_list, left_steps, dt),
+                                  decoded_factor(right_list, right_steps, dt).T.copy(), dt)
     config["error_sq"] = error
     record = Record(name, dt.name, tuple(shape), "sparse", base_xxh3, rows * cols,
                     {"codec": "all"}, {"codec": "lowrank", **config}, 0, len(payload),
@@ -433,12 +459,7 @@ def restored_error(left: np.ndarray, right: np.ndarray, base_bits: np.ndarray,
     total = 0.0
     for r0 in range(0, rows, step):
         r1 = min(rows, r0 + step)
-        base = base_bits[r0 * cols:r1 * cols]
-        wide_base = to_wide(base, dt)
-        with np.errstate(all="ignore"):
-            restored = from_wide(wide_base + accumulate(left[r0:r1], right).reshape(-1), dt)
-            got = to_wide(restored, dt).astype(np.float64) - wide_base.astype(np.float64)
-        total += float(np.square(got - tau[r0:r1].reshape(-1)).sum())
+        total += block_error(left[r0:r1], right, base_bits[r0 * cols:r1 * cols], tau[r0:r1], dt)
     return total
 
 
@@ -447,29 +468,31 @@ def lowrank_records(scanner: TensorScanner, name: str, planner: LowRankPlanner,
     """Every fine-tune's record of an eligible matrix.  For a size: ``lowrank`` with its
     planned bits, or ``others()`` (the sparse records, each fine-tune's planned option) where
     the plan chose that or a change is not finite.  For an error target: ``others()`` (the
-    sparse records within it) unless a ``lowrank`` record within it is smaller."""
+    sparse records within it) unless a ``lowrank`` record within it is smaller.  A matrix
+    the budget cannot hold is read again for each product (:mod:`.lowrank_stream`)."""
     entry = scanner.base.entry(name)
     dt = lookup_dtype(entry.dtype)
+    width = planner.widths.get(name, 0)
     if planner.max_error is not None:
         sparse = others()   # first: its size bounds the low-rank plans worth encoding
-        base_xxh3, base_bits, changes = read_changes(scanner, name)
         records = []
-        for tau, (record, payload) in zip(changes, sparse):
-            low = None if tau is None else within_error(
-                name, dt, entry, base_xxh3, base_bits, tau, planner.max_error,
-                limit=len(payload))
+        for change, (record, payload) in zip(matrix_changes(scanner, name, width), sparse):
+            low = None if change is None else within_error(
+                name, dt, entry, change, planner.max_error, limit=len(payload), width=width)
             if low is not None:
                 _drop(payload)
             records.append((record, payload) if low is None else low)
         return records
-    base_xxh3, base_bits, changes = read_changes(scanner, name)
     records = []
-    for tune, tau in enumerate(changes):
-        if tau is None or name not in planner.bits[tune]:
-            records.append(None)
-        else:
-            records.append(encode_matrix(name, dt, entry.shape, base_xxh3, base_bits, tau,
-                                         planner.bits[tune][name]))
+    for tune, change in enumerate(matrix_changes(scanner, name, width)):
+        bits = planner.bits[tune].get(name) if change is not None else None
+        leading = None
+        if bits and width:   # a streamed change: its sketch, unless a change is not finite
+            sketch = change.components(max(width, len(bits)))
+            leading = None if sketch is None else (sketch.left(len(bits)), sketch.singular)
+            bits = bits if sketch is not None else None
+        records.append(None if bits is None else
+                       encode_matrix(name, dt, entry.shape, change, bits, leading))
     if any(r is None for r in records):  # those fine-tunes' sparse records
         sparse = others()
         for r, (_, payload) in zip(records, sparse):
@@ -477,6 +500,16 @@ def lowrank_records(scanner: TensorScanner, name: str, planner: LowRankPlanner,
                 _drop(payload)
         records = [r if r is not None else e for r, e in zip(records, sparse)]
     return records
+
+
+def matrix_changes(scanner: TensorScanner, name: str, width: int = 0
+                   ) -> list[HeldChange | StreamedChange | None]:
+    """Each fine-tune's change of matrix ``name``: held whole (None where a change is not
+    finite), or, with a sketch ``width``, read again as asked (:class:`StreamedChange`)."""
+    if width:
+        return [StreamedChange(scanner.base, tune, name) for tune in scanner.tunes]
+    base_xxh3, base_bits, changes = read_changes(scanner, name)
+    return [None if tau is None else HeldChange(tau, base_bits, base_xxh3) for tau in changes]
 
 
 def _drop(payload) -> None:
@@ -491,25 +524,31 @@ def _drop(payload) -> None:
 ERROR_ATTEMPTS = 4
 
 
-def within_error(name: str, dt: DType, entry, base_xxh3: str, base_bits: np.ndarray,
-                 tau: np.ndarray, max_error: float, limit: int | None = None
+def within_error(name: str, dt: DType, entry, change: HeldChange | StreamedChange,
+                 max_error: float, limit: int | None = None, width: int = 0
                  ) -> Encoded | None:
     """The cheapest ``lowrank`` record of one matrix whose real relative error is at most
-    ``max_error``: planned from its singular values, encoded, measured, and planned again
-    with a tighter estimate while it is over; None where its payload would take at least
-    ``limit`` bytes (the matrix's own by default) or no attempt met the target."""
-    rows, cols = tau.shape
+    ``max_error``: planned from its singular values (a streamed change's ``width`` leading
+    ones), encoded, measured, and planned again with a tighter estimate while it is over;
+    None where its payload would take at least ``limit`` bytes (the matrix's own by
+    default), no attempt met the target or a streamed change is not finite."""
+    rows, cols = change.rows, change.cols
     limit = entry.nbytes if limit is None else min(limit, entry.nbytes)
-    components = Components(tau)
-    spectrum = Spectrum(name, rows, cols, energy_of(tau), components.singular, entry.nbytes)
+    components = change.components(width)
+    if components is None:
+        return None
+    energy = change.energy()
+    captured = float((components.singular ** 2).sum()) / energy if energy > 0 else 1.0
+    spectrum = Spectrum(name, rows, cols, energy, components.singular, entry.nbytes,
+                        max(0.0, 1.0 - captured) if width else 0.0)  # a sketch's tail
     if spectrum.energy == 0:
-        return encode_matrix(name, dt, entry.shape, base_xxh3, base_bits, tau, [])
+        return encode_matrix(name, dt, entry.shape, change, [])
     estimate = max_error ** 2
     for _ in range(ERROR_ATTEMPTS):
         bits = allocate_within(spectrum, estimate)
         if planned_bits(bits, spectrum) >= 8 * limit:
             return None
-        record = encode_matrix(name, dt, entry.shape, base_xxh3, base_bits, tau, bits,
+        record = encode_matrix(name, dt, entry.shape, change, bits,
                                (components.left(len(bits)), components.singular))
         if len(record[1]) >= limit:   # tighter plans take more
             return None
@@ -533,9 +572,12 @@ def working_bytes(s: Spectrum, tunes: int, rank: int) -> int:
             + 24 * ERROR_BLOCK)
 
 
-def measure(scanner: TensorScanner, name: str, group: int, max_size: int | None):
+def measure(scanner: TensorScanner, name: str, group: int, max_size: int | None,
+            width: int = 0):
     """One tensor's sparse options (for a size) and, for an eligible matrix, its spectra
-    (None where a change is not finite), per fine-tune: the planner's pass (module doc, 1)."""
+    (None where a change is not finite), per fine-tune: the planner's pass (module doc, 1).
+    ``width``: a matrix the budget cannot hold, its statistics read in one pass and its
+    spectrum sketched (:mod:`.lowrank_stream`), the ``width`` leading values."""
     entry = scanner.base.entry(name)
     dt = lookup_dtype(entry.dtype)
     rows, cols = matrix_shape(entry.shape)
@@ -544,12 +586,67 @@ def measure(scanner: TensorScanner, name: str, group: int, max_size: int | None)
                       * len(scanner.tunes) if eligible(entry.shape, dt) else None)
     if not eligible(entry.shape, dt):
         return [tensor_options(stats, group) for stats in tensor_stats(scanner, name)], None
+    if width:
+        profiles = [tensor_options(stats, group) for stats in tensor_stats(scanner, name)]
+        return profiles, [sketched_spectrum(change, width, entry.nbytes)
+                          for change in matrix_changes(scanner, name, width)]
     stats = [TensorStats.empty(name, dt, entry.numel) for _ in scanner.tunes]
     _, _, changes = read_changes(scanner, name, with_base=False, stats=stats)
     profiles = [tensor_options(one, group) for one in stats]
     return profiles, [None if tau is None else
                       Spectrum(name, rows, cols, energy_of(tau), singular_values(tau),
                                entry.nbytes) for tau in changes]
+
+
+class Streamed(int):
+    """A streamed matrix's sketch width (an int), with what encoding it holds (``held``)."""
+
+    held: int = 0
+
+
+def streamed_widths(scanner: TensorScanner, names, max_memory: int, error_target: bool
+                    ) -> dict[str, Streamed]:
+    """The eligible matrices among ``names`` whose change ``max_memory`` cannot hold whole
+    (:func:`working_bytes`, with the smallest plan for a size, as an error target counts it
+    otherwise), each with the widest sketch within the budget (:mod:`.lowrank_stream`);
+    one not even :data:`~.lowrank_stream.MIN_WIDTH` components wide is refused by name.  An
+    error target also holds each fine-tune's sparse record, up to a quarter of the budget
+    (larger ones are built in temporary files)."""
+    tunes, widths = len(scanner.tunes), {}
+    for name in names:
+        entry = scanner.base.entry(name)
+        dt = lookup_dtype(entry.dtype)
+        if not eligible(entry.shape, dt):
+            continue
+        rows, cols = matrix_shape(entry.shape)
+        stub = Spectrum(name, rows, cols, 0.0, np.empty(0), entry.nbytes)
+        held = (working_bytes(stub, tunes, min(rows, cols) // 2) + tunes * entry.nbytes
+                if error_target else working_bytes(stub, tunes, 0))
+        if held <= max_memory:
+            continue
+        sparse = tunes * min(entry.nbytes, max_memory // 4) if error_target else 0
+        width = sketch_width(rows, cols, dt.itemsize, max_memory - sparse)
+        if not width:
+            least = streamed_bytes(rows, cols, min(rows, cols, MIN_WIDTH), dt.itemsize)
+            raise OptionError(f"tensor {name!r}: low-rank records of this matrix need "
+                              f"{(least + sparse) / 2**20:,.1f} MiB even read a block of rows at "
+                              f"a time, more than max_memory allows ({max_memory / 2**20:,.1f} "
+                              "MiB); allow more memory", option="max_memory")
+        widths[name] = Streamed(width)
+        widths[name].held = streamed_bytes(rows, cols, width, dt.itemsize) + sparse
+    return widths
+
+
+def sketched_spectrum(change: StreamedChange, width: int, nbytes: int) -> Spectrum | None:
+    """A streamed matrix's ``width`` leading singular values, the rest of its energy as the
+    spectrum's ``tail`` (None where a change is not finite)."""
+    sketch = change.components(width)
+    if sketch is None:
+        return None
+    energy = change.energy()
+    captured = float((sketch.singular ** 2).sum()) / energy if energy > 0 else 1.0
+    return Spectrum(change.name, change.rows, change.cols, energy, sketch.singular, nbytes,
+                    max(0.0, 1.0 - captured))
 
 
 class LowRankPlanner(SizeTarget):
@@ -577,6 +674,7 @@ class LowRankPlanner(SizeTarget):
         self.budgets: list[float] = []
         self.choices: list[dict[str, Option | LowRankOption]] = []
         self.bits: list[dict[str, list[int]]] = []      # the matrices planned low-rank
+        self.widths: dict[str, "Streamed"] = {}         # matrices too large to hold
         self.sparse = None if max_error is None else ErrorPlanner(max_error, group)
         self.needs_stats = self.sparse is not None   # the sparse records' statistics pass
 
@@ -592,8 +690,9 @@ class LowRankPlanner(SizeTarget):
                  plan.stored_exactly(name, lookup_dtype(scanner.base.entry(name).dtype))]
         self.spectra = [{} for _ in range(tunes)]
         self.profiles = [{} for _ in range(tunes)]
-        measured = in_order(names, lambda n: measure(scanner, n, self.group, self.max_size),
-                            workers=0)
+        self.widths = streamed_widths(scanner, names, max_memory, self.max_error is not None)
+        measured = in_order(names, lambda n: measure(scanner, n, self.group, self.max_size,
+                                                     self.widths.get(n, 0)), workers=0)
         for name, (profiles, spectra) in measured:
             for tune in range(tunes):
                 if profiles is not None:
@@ -610,6 +709,8 @@ class LowRankPlanner(SizeTarget):
         if not spectra:
             return 0
         s = spectra[0]
+        if name in self.widths:  # read again for each product, within the budget
+            return self.widths[name].held
         if self.max_size is not None:
             return working_bytes(s, len(spectra), max((len(bits.get(name, []))
                                                       for bits in self.bits), default=0))
@@ -618,7 +719,7 @@ class LowRankPlanner(SizeTarget):
 
     def check_memory(self, max_memory: int) -> None:
         """Refuse, naming the matrix, a plan whose largest matrix the budget cannot hold
-        (low-rank encoding holds a matrix's change whole)."""
+        (a matrix held whole; :func:`streamed_widths` refused those it could not stream)."""
         names = set().union(*self.spectra) if self.spectra else set()
         largest = max(names, key=self.working_bytes, default=None)
         if largest is not None and self.working_bytes(largest) > max_memory:
