@@ -7,6 +7,7 @@ kept, and a damaged or misplaced record is refused by name."""
 
 from __future__ import annotations
 
+import json
 from types import SimpleNamespace
 
 import numpy as np
@@ -394,6 +395,33 @@ def test_a_matrix_beyond_the_budget_is_read_again_for_each_product(tmp_path, tar
     sparsestitch.compress(base_path, tune_path, again, low_rank=True, max_memory="64MiB",
                           **target)
     assert again.read_bytes() == (tmp_path / "64MiB.delta").read_bytes()
+
+
+def test_an_input_rewritten_between_a_streamed_records_reads_is_refused(tmp_path):
+    """A streamed matrix is read several times: a fine-tune rewritten in between cannot
+    make a wrong record (the last read checks both inputs' bits against the first's)."""
+    from sparsestitch.checkpoint import Checkpoint
+    from sparsestitch.core.dtypes import dtype as lookup_dtype
+    from sparsestitch.core.errors import CheckpointError
+    from sparsestitch.localize import lowrank_stream
+
+    base_path, tune_path, _, _ = few_directions(tmp_path, rows=64, cols=32, rank=2)
+    with Checkpoint(base_path) as b, Checkpoint(tune_path) as t:
+        change = lowrank_stream.StreamedChange(b, t, "big.weight")
+        sketch = change.components(4)
+        left = sketch.left(2).astype(np.float32)
+        right = np.zeros((2, 32), np.float32)
+        dt = lookup_dtype("F32")
+        change.restored_error(left, right, dt)      # the same inputs: fine
+        with open(tune_path, "r+b") as handle:      # one element of the matrix, in place
+            header = int.from_bytes(handle.read(8), "little")
+            start = json.loads(handle.read(header))["big.weight"]["data_offsets"][0]
+            handle.seek(8 + header + start + 4 * 100)
+            handle.write(np.float32(1.0).tobytes())
+        with pytest.raises(CheckpointError, match="tensor 'big.weight': its bits differ "
+                           "between the reads of a low-rank record: the base or the "
+                           "fine-tune changed"):
+            change.restored_error(left, right, dt)
 
 
 @settings(max_examples=200, deadline=None)

@@ -34,6 +34,7 @@ import numpy as np
 from ..core.dtypes import DType, from_wide, to_wide
 from ..core.dtypes import dtype as lookup_dtype
 from ..delta.codecs.lowrank import accumulate
+from ..delta.spooled import changed_between_reads
 from ..engine.walk import BaseHash
 
 #: Components a sketch finds at most (a budget may ask for fewer), and the columns the
@@ -117,20 +118,21 @@ class StreamedChange:
         self._rows_for_error = max(1, STREAM_BLOCK // max(self.cols, 1))
         self._rows_for_products = max(1, PRODUCT_BLOCK_BYTES // max(
             1, self.cols * (2 * self.dt.itemsize + 2 * wide)))
-        self.base_xxh3, self._energy, self.finite = None, None, None
+        self.base_xxh3, self._tune_xxh3, self._energy, self.finite = None, None, None, None
 
-    def blocks(self, base_hash: BaseHash | None = None, products: bool = True
+    def blocks(self, hashes: tuple[BaseHash, BaseHash] | None = None, products: bool = True
                ) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
         """``(first row, the rows' base bits (flat), their change as rows x cols in the wide
         type)``, block by block in order (``products``: blocks for the products, else for
-        measuring an error)."""
+        measuring an error), the base's and the fine-tune's bits fed to ``hashes``."""
         step = self._rows_for_products if products else self._rows_for_error
         for r0 in range(0, self.rows, step):
             r1 = min(self.rows, r0 + step)
             base = self._base.read_rows(self.name, r0, r1)
-            if base_hash is not None:
-                base_hash.update(base)
             tuned = self._tune.read_rows(self.name, r0, r1)
+            if hashes is not None:
+                hashes[0].update(base)
+                hashes[1].update(tuned)
             with np.errstate(all="ignore"):
                 tau = np.subtract(to_wide(tuned, self.dt), to_wide(base, self.dt))
             yield r0, base, tau.reshape(r1 - r0, self.cols)
@@ -140,16 +142,17 @@ class StreamedChange:
         is finite, and, with ``width``, the sketch's first product ``tau Omega``."""
         import torch
 
-        base_hash, energy, finite = BaseHash(self.name), 0.0, True
+        hashes, energy, finite = (BaseHash(self.name), BaseHash(self.name)), 0.0, True
         omega = self._omega(width) if width else None
         product = np.empty((self.rows, omega.shape[1]), omega.dtype) if width else None
-        for r0, _, tau in self.blocks(base_hash):
+        for r0, _, tau in self.blocks(hashes):
             finite = finite and bool(np.isfinite(tau).all())
             energy += float(np.square(tau, dtype=np.float64).sum())
             if product is not None and finite:
                 product[r0:r0 + tau.shape[0]] = (torch.from_numpy(tau)
                                                  @ torch.from_numpy(omega)).numpy()
-        self.base_xxh3, self._energy, self.finite = base_hash.hexdigest(), energy, finite
+        self.base_xxh3, self._energy, self.finite = hashes[0].hexdigest(), energy, finite
+        self._tune_xxh3 = hashes[1].hexdigest()
         return product if finite else None
 
     def energy(self) -> float:
@@ -198,9 +201,16 @@ class StreamedChange:
 
     def restored_error(self, left: np.ndarray, right: np.ndarray, dt: DType) -> float:
         """Sum of squared errors of the task vector restored from decoded factors
-        ``left`` (rows x R) and ``right`` (R x cols), a block of rows at a time."""
-        return sum(block_error(left[r0:r0 + tau.shape[0]], right, base, tau, dt)
-                   for r0, base, tau in self.blocks(products=False))
+        ``left`` (rows x R) and ``right`` (R x cols), a block of rows at a time; the last
+        read, so it also checks that the inputs are what the first read saw."""
+        hashes = (BaseHash(self.name), BaseHash(self.name))
+        total = sum(block_error(left[r0:r0 + tau.shape[0]], right, base, tau, dt)
+                    for r0, base, tau in self.blocks(hashes, products=False))
+        if self.base_xxh3 is not None and (hashes[0].hexdigest(), hashes[1].hexdigest()) != (
+                self.base_xxh3, self._tune_xxh3):
+            raise changed_between_reads(self.name, "its bits differ between the reads of a "
+                                        "low-rank record")
+        return total
 
     def _omega(self, width: int) -> np.ndarray:
         seed = zlib.crc32(self.name.encode("utf-8"))
