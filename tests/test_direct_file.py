@@ -68,6 +68,30 @@ def test_a_filesystem_refusing_o_direct_gets_the_same_bytes(tmp_path, monkeypatc
     assert (tmp_path / "b.bin").read_bytes() == b"abc" * 5000
 
 
+@pytest.mark.parametrize("refused_at", [1, 2, 3])
+def test_a_filesystem_refusing_direct_writes_midway_keeps_the_order(tmp_path, monkeypatch,
+                                                                    refused_at):
+    """Some filesystems take O_DIRECT at open and refuse its writes (simulated: every one
+    here takes them): what was staged goes first, then every later piece, in order."""
+    if not getattr(os, "O_DIRECT", 0):
+        pytest.skip("no O_DIRECT on this platform")
+    real_write, calls = os.write, []
+
+    def refusing(fd, data):
+        calls.append(len(data))
+        if len(calls) == refused_at:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_write(fd, data)
+    monkeypatch.setattr(os, "write", refusing)
+    pieces = [bytes([i % 251]) * (ALIGN + 7 * i) for i in range(12)]
+    out = DirectFile(tmp_path / "m.bin", stage_bytes=2 * ALIGN)
+    for piece in pieces:
+        out.write(piece)
+    assert not out.direct
+    out.close()
+    assert (tmp_path / "m.bin").read_bytes() == b"".join(pieces)
+
+
 def test_a_write_limit_mid_stage_is_file_too_large(tmp_path):
     """A limit at an unaligned size cuts a direct write short (the next direct write is then
     refused as unaligned): the writer goes on through the page cache and the error is the
@@ -135,6 +159,29 @@ def test_every_command_writes_the_same_bytes_direct(inputs, tmp_path, monkeypatc
     (tmp_path / "direct").mkdir()
     assert outputs(tmp_path / "direct", base, tunes) == cached
     sparsestitch.verify(tmp_path / "direct" / "lossless.delta", base=base)
+
+
+@pytest.mark.parametrize("copy", ["kernel", "refused at once", "refused midway"])
+def test_a_delta_copied_from_its_spool_by_the_kernel_or_not_is_the_same(inputs, tmp_path,
+                                                                        monkeypatch, copy):
+    """A delta below the direct size is copied from its spool by copy_file_range; where
+    the filesystems refuse it (simulated: EXDEV, at once or after a first part) the rest
+    goes through a read and write loop: the same bytes."""
+    base, tunes = inputs
+    monkeypatch.setenv(direct_file.ENVIRONMENT, str(1 << 60))
+    sparsestitch.compress(base, tunes[0], tmp_path / "kernel.delta", lossless=True)
+    if copy != "kernel" and hasattr(os, "copy_file_range"):
+        real, calls = os.copy_file_range, []
+
+        def refusing(src, dst, count, offset_src=None, *rest):
+            calls.append(count)
+            if copy == "refused at once" or len(calls) > 1:
+                raise OSError(errno.EXDEV, "Invalid cross-device link")
+            return real(src, dst, min(count, 1000), offset_src, *rest)
+        monkeypatch.setattr(os, "copy_file_range", refusing)
+    sparsestitch.compress(base, tunes[0], tmp_path / "other.delta", lossless=True)
+    assert (tmp_path / "other.delta").read_bytes() == (tmp_path / "kernel.delta").read_bytes()
+    sparsestitch.verify(tmp_path / "other.delta", base=base)
 
 
 @pytest.mark.parametrize("command", ["compress", "restore"])

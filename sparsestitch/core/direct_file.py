@@ -72,14 +72,21 @@ class DirectFile:
                     raise
                 self.direct = False
         self._fd = os.open(path, flags, 0o666) if fd is None else fd
-        self._stage = mmap.mmap(-1, stage_bytes)  # page-aligned
-        self._view = memoryview(self._stage)
+        # page-aligned, for direct writes only: through the page cache, bytes go as given
+        self._stage = mmap.mmap(-1, stage_bytes) if self.direct else None
+        self._view = memoryview(self._stage) if self.direct else memoryview(b"")
         self._filled = 0  # bytes staged
         self.size = 0  # bytes written or staged
 
     def write(self, data) -> None:
         """Append ``data`` (any buffer)."""
         data = memoryview(data).cast("B")
+        if not self.direct:
+            if self._filled:  # staged before a fallback to the page cache: first
+                self._drain(self._filled)
+            self._write_all(data)
+            self.size += data.nbytes
+            return
         while data.nbytes:
             n = min(data.nbytes, len(self._view) - self._filled)
             self._view[self._filled:self._filled + n] = data[:n]
@@ -109,7 +116,8 @@ class DirectFile:
             fd, self._fd = self._fd, None
             os.close(fd)
             self._view.release()
-            self._stage.close()
+            if self._stage is not None:
+                self._stage.close()
 
     def fileno(self) -> int:
         return self._fd
@@ -127,6 +135,11 @@ class DirectFile:
                 # write left the offset unaligned): go on through the page cache.
                 self._buffered()
         self._filled = 0
+
+    def _write_all(self, data: memoryview) -> None:
+        done = 0
+        while done < data.nbytes:
+            done += os.write(self._fd, data[done:])
 
     def _buffered(self) -> None:
         flags = fcntl.fcntl(self._fd, fcntl.F_GETFL)

@@ -225,14 +225,29 @@ class DeltaWriter:
 
 def _write_joined(path: Path, header: bytes, spool, spooled: int) -> int:
     """Write ``header`` then the ``spooled`` bytes of the file ``spool`` to a new file at
-    ``path``, fsynced (around the page cache when large: see core.direct_file); its size."""
-    out = DirectFile(path, direct=writes_direct(len(header) + spooled))
+    ``path``, fsynced: around the page cache when large (see core.direct_file), else copied
+    by the kernel (``copy_file_range``: no copy through this process; a read and write loop
+    where the filesystems cannot). Its size."""
+    direct = writes_direct(len(header) + spooled)
+    out = DirectFile(path, direct=direct)
     try:
         out.write(header)
-        spool.seek(0)
-        chunk = memoryview(bytearray(16 << 20))
-        while read := spool.readinto(chunk):
+        spool.flush()
+        copied = 0
+        if not out.direct and hasattr(os, "copy_file_range"):
+            with contextlib.suppress(OSError):  # EXDEV, ENOSYS, EINVAL...: the loop below
+                while copied < spooled:
+                    n = os.copy_file_range(spool.fileno(), out.fileno(), spooled - copied,
+                                           copied)
+                    if n <= 0:
+                        break
+                    copied += n
+        spool.seek(copied)
+        chunk = memoryview(bytearray(min(16 << 20, max(spooled - copied, 1))))
+        while copied < spooled and (read := spool.readinto(chunk)):
             out.write(chunk[:read])
+            copied += read
+        out.size = len(header) + copied
         out.close()
     except BaseException:
         out.abort()
