@@ -125,8 +125,11 @@ def test_the_setting(monkeypatch):
     monkeypatch.setenv(direct_file.ENVIRONMENT, str(1 << 60))
     assert not writes_direct(1 << 40)
     monkeypatch.setenv(direct_file.ENVIRONMENT, "64MiB")
-    with pytest.raises(OptionError, match=direct_file.ENVIRONMENT):
-        writes_direct(1)
+    assert writes_direct(64 << 20) and not writes_direct((64 << 20) - 1)
+    for wrong in ("lots", "-5", "2EB"):
+        monkeypatch.setenv(direct_file.ENVIRONMENT, wrong)
+        with pytest.raises(OptionError, match=direct_file.ENVIRONMENT):
+            writes_direct(1)
 
 
 @pytest.fixture(scope="module")

@@ -26,6 +26,7 @@ import mmap
 import os
 
 from .errors import OptionError
+from .sizes import parse_memory
 
 #: Alignment of direct writes: a multiple of every logical block size in use (512, 4096).
 ALIGN = 4096
@@ -42,14 +43,17 @@ _O_DIRECT = getattr(os, "O_DIRECT", 0)
 
 
 def writes_direct(nbytes: int) -> bool:
-    """Whether an output of ``nbytes`` is written around the page cache."""
+    """Whether an output of ``nbytes`` is written around the page cache (the setting is a
+    size as ``--max-memory`` takes it, ``64MiB``, or 0)."""
     setting = os.environ.get(ENVIRONMENT, "").strip()
+    if not setting:
+        return nbytes >= DIRECT_MIN_BYTES
+    if setting == "0":
+        return True
     try:
-        least = int(setting) if setting else DIRECT_MIN_BYTES
-    except ValueError:
-        raise OptionError(f"the environment variable {ENVIRONMENT} must be a number of bytes, "
-                          f"not {setting!r}") from None
-    return nbytes >= least
+        return nbytes >= parse_memory(setting, option=f"the environment variable {ENVIRONMENT}")
+    except OptionError as exc:
+        raise OptionError(f"{exc} (0: every output direct)") from None
 
 
 class DirectFile:
