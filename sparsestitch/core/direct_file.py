@@ -128,24 +128,23 @@ class DirectFile:
 
     def _drain(self, length: int) -> None:
         """Write the first ``length`` staged bytes and empty the stage."""
-        done = 0
-        while done < length:
-            try:
-                done += os.write(self._fd, self._view[done:length])
-            except OSError as exc:
-                if not (self.direct and exc.errno == errno.EINVAL):
-                    raise
-                # The filesystem takes O_DIRECT at open but not these writes (or a short
-                # write left the offset unaligned): go on through the page cache.
-                self._buffered()
+        part = self._view[:length]
+        try:
+            self._write_all(part)
+        finally:
+            part.release()  # an error's traceback must not keep the stage exported
         self._filled = 0
 
     def _write_all(self, data: memoryview) -> None:
         done = 0
         while done < data.nbytes:
-            done += os.write(self._fd, data[done:])
-
-    def _buffered(self) -> None:
-        flags = fcntl.fcntl(self._fd, fcntl.F_GETFL)
-        fcntl.fcntl(self._fd, fcntl.F_SETFL, flags & ~_O_DIRECT)
-        self.direct = False
+            try:
+                done += os.write(self._fd, data[done:])
+            except OSError as exc:
+                if not (self.direct and exc.errno == errno.EINVAL):
+                    raise
+                # The filesystem takes O_DIRECT at open but not these writes (or a short
+                # write left the offset unaligned): go on through the page cache.
+                flags = fcntl.fcntl(self._fd, fcntl.F_GETFL)
+                fcntl.fcntl(self._fd, fcntl.F_SETFL, flags & ~_O_DIRECT)
+                self.direct = False

@@ -228,8 +228,7 @@ def _write_joined(path: Path, header: bytes, spool, spooled: int) -> int:
     ``path``, fsynced: around the page cache when large (see core.direct_file), else copied
     by the kernel (``copy_file_range``: no copy through this process; a read and write loop
     where the filesystems cannot). Its size."""
-    direct = writes_direct(len(header) + spooled)
-    out = DirectFile(path, direct=direct)
+    out = DirectFile(path, direct=writes_direct(len(header) + spooled))
     try:
         out.write(header)
         spool.flush()

@@ -247,8 +247,8 @@ class SpooledExactRecord:
             self.bitmap.append(np.packbits(marks, bitorder="little"), marks.size)
         n = kept.size
         if self.at + n > self.count:
-            raise changed_between_reads(self.name, f"more changed elements than the first read counted "
-                                      f"({self.count:,})")
+            raise changed_between_reads(
+                self.name, f"more changed elements than the first read counted ({self.count:,})")
         if n == 0:
             return
         planes = self.codec.run_planes(kept, base_kept, self.dt)
@@ -262,8 +262,8 @@ class SpooledExactRecord:
                         for e in np.flatnonzero(contexts)]
             self.before += contexts
             if (self.before > self.totals).any():
-                raise changed_between_reads(self.name, "the changed elements' base exponents differ from "
-                                          "the first read's")
+                raise changed_between_reads(
+                    self.name, "the changed elements' base exponents differ from the first read's")
         self.values.put(planes, segments)
         self.at += n
 
@@ -271,8 +271,8 @@ class SpooledExactRecord:
         """The record and its payload (closing the spools)."""
         if self.at != self.count:
             self.close()
-            raise changed_between_reads(self.name, f"{self.at:,} changed elements, the first read counted "
-                                      f"{self.count:,}")
+            raise changed_between_reads(
+                self.name, f"{self.at:,} changed elements, the first read counted {self.count:,}")
         payload = SpooledPayload(self.output)
         try:
             positions_nbytes, positions = 0, {"codec": "all"}

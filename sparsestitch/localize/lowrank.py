@@ -472,7 +472,7 @@ def lowrank_records(scanner: TensorScanner, name: str, planner: LowRankPlanner,
     the budget cannot hold is read again for each product (:mod:`.lowrank_stream`)."""
     entry = scanner.base.entry(name)
     dt = lookup_dtype(entry.dtype)
-    width = planner.widths.get(name, 0)
+    width = planner.width(name)
     if planner.max_error is not None:
         sparse = others()   # first: its size bounds the low-rank plans worth encoding
         records = []
@@ -532,15 +532,11 @@ def within_error(name: str, dt: DType, entry, change: HeldChange | StreamedChang
     ones), encoded, measured, and planned again with a tighter estimate while it is over;
     None where its payload would take at least ``limit`` bytes (the matrix's own by
     default), no attempt met the target or a streamed change is not finite."""
-    rows, cols = change.rows, change.cols
     limit = entry.nbytes if limit is None else min(limit, entry.nbytes)
     components = change.components(width)
     if components is None:
         return None
-    energy = change.energy()
-    captured = float((components.singular ** 2).sum()) / energy if energy > 0 else 1.0
-    spectrum = Spectrum(name, rows, cols, energy, components.singular, entry.nbytes,
-                        max(0.0, 1.0 - captured) if width else 0.0)  # a sketch's tail
+    spectrum = spectrum_of(name, change, components, entry.nbytes)
     if spectrum.energy == 0:
         return encode_matrix(name, dt, entry.shape, change, [])
     estimate = max_error ** 2
@@ -588,8 +584,12 @@ def measure(scanner: TensorScanner, name: str, group: int, max_size: int | None,
         return [tensor_options(stats, group) for stats in tensor_stats(scanner, name)], None
     if width:
         profiles = [tensor_options(stats, group) for stats in tensor_stats(scanner, name)]
-        return profiles, [sketched_spectrum(change, width, entry.nbytes)
-                          for change in matrix_changes(scanner, name, width)]
+        spectra = []
+        for change in matrix_changes(scanner, name, width):   # one sketch held at a time
+            sketch = change.components(width)
+            spectra.append(None if sketch is None else
+                           spectrum_of(name, change, sketch, entry.nbytes))
+        return profiles, spectra
     stats = [TensorStats.empty(name, dt, entry.numel) for _ in scanner.tunes]
     _, _, changes = read_changes(scanner, name, with_base=False, stats=stats)
     profiles = [tensor_options(one, group) for one in stats]
@@ -598,10 +598,12 @@ def measure(scanner: TensorScanner, name: str, group: int, max_size: int | None,
                                entry.nbytes) for tau in changes]
 
 
-class Streamed(int):
-    """A streamed matrix's sketch width (an int), with what encoding it holds (``held``)."""
+@dataclass(frozen=True)
+class Streamed:
+    """A matrix read again for each product: its sketch's width, what encoding it holds."""
 
-    held: int = 0
+    width: int
+    held: int
 
 
 def streamed_widths(scanner: TensorScanner, names, max_memory: int, error_target: bool
@@ -612,7 +614,7 @@ def streamed_widths(scanner: TensorScanner, names, max_memory: int, error_target
     one not even :data:`~.lowrank_stream.MIN_WIDTH` components wide is refused by name.  An
     error target also holds each fine-tune's sparse record, up to a quarter of the budget
     (larger ones are built in temporary files)."""
-    tunes, widths = len(scanner.tunes), {}
+    tunes, streamed = len(scanner.tunes), {}
     for name in names:
         entry = scanner.base.entry(name)
         dt = lookup_dtype(entry.dtype)
@@ -632,21 +634,18 @@ def streamed_widths(scanner: TensorScanner, names, max_memory: int, error_target
                               f"{(least + sparse) / 2**20:,.1f} MiB even read a block of rows at "
                               f"a time, more than max_memory allows ({max_memory / 2**20:,.1f} "
                               "MiB); allow more memory", option="max_memory")
-        widths[name] = Streamed(width)
-        widths[name].held = streamed_bytes(rows, cols, width, dt.itemsize) + sparse
-    return widths
+        streamed[name] = Streamed(width, streamed_bytes(rows, cols, width, dt.itemsize) + sparse)
+    return streamed
 
 
-def sketched_spectrum(change: StreamedChange, width: int, nbytes: int) -> Spectrum | None:
-    """A streamed matrix's ``width`` leading singular values, the rest of its energy as the
-    spectrum's ``tail`` (None where a change is not finite)."""
-    sketch = change.components(width)
-    if sketch is None:
-        return None
-    energy = change.energy()
-    captured = float((sketch.singular ** 2).sum()) / energy if energy > 0 else 1.0
-    return Spectrum(change.name, change.rows, change.cols, energy, sketch.singular, nbytes,
-                    max(0.0, 1.0 - captured))
+def spectrum_of(name: str, change: HeldChange | StreamedChange, components, nbytes: int
+                ) -> Spectrum:
+    """A matrix's spectrum from its change's components; a sketch (of a streamed change)
+    has only the leading values, and the rest of the energy is the spectrum's ``tail``."""
+    energy, tail = change.energy(), 0.0
+    if isinstance(change, StreamedChange) and energy > 0:
+        tail = max(0.0, 1.0 - float((components.singular ** 2).sum()) / energy)
+    return Spectrum(name, change.rows, change.cols, energy, components.singular, nbytes, tail)
 
 
 class LowRankPlanner(SizeTarget):
@@ -674,7 +673,7 @@ class LowRankPlanner(SizeTarget):
         self.budgets: list[float] = []
         self.choices: list[dict[str, Option | LowRankOption]] = []
         self.bits: list[dict[str, list[int]]] = []      # the matrices planned low-rank
-        self.widths: dict[str, "Streamed"] = {}         # matrices too large to hold
+        self.streamed: dict[str, Streamed] = {}         # matrices too large to hold
         self.sparse = None if max_error is None else ErrorPlanner(max_error, group)
         self.needs_stats = self.sparse is not None   # the sparse records' statistics pass
 
@@ -690,9 +689,9 @@ class LowRankPlanner(SizeTarget):
                  plan.stored_exactly(name, lookup_dtype(scanner.base.entry(name).dtype))]
         self.spectra = [{} for _ in range(tunes)]
         self.profiles = [{} for _ in range(tunes)]
-        self.widths = streamed_widths(scanner, names, max_memory, self.max_error is not None)
+        self.streamed = streamed_widths(scanner, names, max_memory, self.max_error is not None)
         measured = in_order(names, lambda n: measure(scanner, n, self.group, self.max_size,
-                                                     self.widths.get(n, 0)), workers=0)
+                                                     self.width(n)), workers=0)
         for name, (profiles, spectra) in measured:
             for tune in range(tunes):
                 if profiles is not None:
@@ -703,14 +702,18 @@ class LowRankPlanner(SizeTarget):
             self.plan([self.first_budget(tensors)] * tunes)
         self.check_memory(max_memory)
 
+    def width(self, name: str) -> int:
+        """The sketch width of a matrix read again for each product (0: held whole)."""
+        return self.streamed[name].width if name in self.streamed else 0
+
     def working_bytes(self, name: str) -> int:
         """What encoding matrix ``name`` holds at most (:func:`working_bytes`)."""
         spectra = [spectra[name] for spectra in self.spectra if name in spectra]
         if not spectra:
             return 0
         s = spectra[0]
-        if name in self.widths:  # read again for each product, within the budget
-            return self.widths[name].held
+        if name in self.streamed:  # read again for each product, within the budget
+            return self.streamed[name].held
         if self.max_size is not None:
             return working_bytes(s, len(spectra), max((len(bits.get(name, []))
                                                       for bits in self.bits), default=0))

@@ -42,7 +42,7 @@ from ..localize.lowrank import LowRankPlanner, lowrank_records
 from ..localize.planned import planned_records, tensor_stats
 from ..localize.selection import SpooledSelection, TensorPlan, TensorScanner, run_pre_passes
 from ..localize.selectors import Selector
-from ..localize.streamed_exact import held_bytes as streamed_bytes
+from ..localize.streamed_exact import held_bytes as streamed_exact_bytes
 from ..localize.streamed_exact import streamed_exact_records
 from ..localize.targets import SIZE_ATTEMPTS, SizePlanner
 from .delta_outputs import DeltaOutputs, Written
@@ -335,11 +335,10 @@ class CompressJob:
         if isinstance(self.planner, LowRankPlanner) and self.planner.takes(name):
             return self.planner.working_bytes(name)
         if streams_exactly(self.scanner, name, self.selectors, self.max_memory):
-            return streamed_bytes(lookup_dtype(self.base.entry(name).dtype).itemsize,
-                                  self.workers)
+            return streamed_exact_bytes(lookup_dtype(self.base.entry(name).dtype).itemsize,
+                                        self.workers)
         held = 1 if self._one_at_a_time(name) else len(self.tunes)
         return held * selected_bytes(self.base.entry(name))
-
 
 
 def write_all(base: Checkpoint, progress: bool, encoded, outputs: DeltaOutputs) -> None:
