@@ -28,7 +28,8 @@ write a model); ``stitch 4 default`` (4 default deltas stitched by the default r
 Localize-and-Stitch) likewise.  ``--max-memory``
 runs every mode again with that budget.  Reported: wall seconds (best round), CPU seconds
 (all threads), peak RSS over the interpreter's own before the call, the ratio to the floor
-measured in the same rounds, and the output's bytes.
+measured in the same rounds, the output's bytes and their sha256 (the same digest for a mode
+and its ``(before)`` row: the same output, byte for byte).
 
     python bench/compress.py --sizes 0.25,0.75,1.5 --repeat 2
     python bench/compress.py --sizes 2 --max-memory 256MiB --modes default,lossless
@@ -40,6 +41,7 @@ Prints a table per model; writes ``bench/results/compress.json`` (``--json``).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import mmap
 import os
@@ -121,6 +123,17 @@ def job_stitch(base: str, deltas: str, out: str, max_memory: str,
     sparsestitch.stitch(base, deltas.split(","), out, rule=rule, overwrite=True,
                         max_memory=max_memory or None, **options)
     return {"bytes": _size(Path(out))}
+
+
+def _digest(path: Path) -> str:
+    """sha256 of an output file, or of a folder's files (names and bytes, in name order)."""
+    digest = hashlib.sha256()
+    for file in [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file()):
+        digest.update(file.name.encode() + b"\0" if file != path else b"")
+        with open(file, "rb") as stream:
+            while chunk := stream.read(1 << 24):
+                digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _size(path: Path) -> int:
@@ -273,6 +286,10 @@ def run_model(model: dict, modes: list[str], repeat: int, max_memory: str, scrat
         jobs.update({f"{name} (before)": job for name, job in older.items()
                      if not name.startswith("floor")})
     measured = interleaved(repeat, jobs)
+    # each output as the last round left it: the same digest before and after is the same
+    # bytes (untimed)
+    digests = {name: _digest(Path(job["args"][2])) for name, job in jobs.items()
+               if not name.startswith("floor")}
     rows = []
     for name, result in measured.items():
         kind = name if name.startswith("floor") else name.split(" (")[0]
@@ -285,7 +302,7 @@ def run_model(model: dict, modes: list[str], repeat: int, max_memory: str, scrat
                      "rss_over_start_mib": (result["peak_rss"] - result["start_rss"]) / 2**20,
                      "peak_rss_mib": result["peak_rss"] / 2**20,
                      "bytes": (result["result"] or {}).get("bytes"),
-                     "all_s": result["all_s"]})
+                     "sha256": digests.get(name), "all_s": result["all_s"]})
     return {"model": model["label"], "base": str(model["base"]),
             "model_bytes": _size(Path(model["tune"])), "max_memory": max_memory or None,
             "rows": rows}
@@ -339,7 +356,7 @@ def main(argv=None) -> int:
             ("mode", "mode", "{}"), ("wall_s", "wall s", "{:.2f}"), ("cpu_s", "CPU s", "{:.2f}"),
             ("x_floor", "x floor", "{:.2f}"), ("rss_over_start_mib", "RSS over start MiB",
                                                "{:.0f}"),
-            ("bytes", "output bytes", "{:,}")]), flush=True)
+            ("bytes", "output bytes", "{:,}"), ("sha256", "sha256", "{:.12}")]), flush=True)
         shutil.rmtree(scratch, ignore_errors=True)
     print(f"\n{describe_machine(info)}; best of {args.repeat} interleaved rounds; "
           f"{time.time() - started:.0f} s")

@@ -2097,12 +2097,11 @@ PyDoc_STRVAR(quant_fit_doc,
 "offset and step of ``bits``-bit levels, by ``rounds`` rounds of level assignment and least\n"
 "squares from the group's range; every sum taken in order, as _fit_numpy's cumsum does.");
 
-static inline double quant_level(double x, double offset, double step, double top)
+/* rint(t) clipped to the levels 0..top (0 for NaN: nan_to_num, then clip). */
+static inline double clipped_level(double t, double top)
 {
-    if (!(step > 0))
-        return 0.0;
-    double level = rint((x - offset) / step);
-    if (level != level)          /* nan_to_num, then clip */
+    double level = rint(t);
+    if (level != level)
         return 0.0;
     if (level < 0)
         level = 0;
@@ -2111,58 +2110,218 @@ static inline double quant_level(double x, double offset, double step, double to
     return (double)(uint8_t)level;
 }
 
+static inline double quant_level(double x, double offset, double step, double top)
+{
+    if (!(step > 0))
+        return 0.0;
+    return clipped_level((x - offset) / step, top);
+}
+
 static inline double max_zero(double v)  /* np.maximum(v, 0.0): v when v >= 0 or NaN */
 {
     return (v >= 0.0 || v != v) ? v : 0.0;
 }
 
-/* One group's fit.  The level sums are sums of small integers, exact in any order, so they
- * are taken as integers beside the levels (a loop without dependencies: vectorized); the
- * sums of floating-point terms are taken value by value, in order. */
-VECTOR_CLONES static void fit_group(const double *restrict x, Py_ssize_t n, int bits, int rounds,
-                                    uint8_t *restrict levels, double *offset_out,
+/* One round's levels of a group, exactly as quant_level gives them, into ``fresh``; ``old``
+ * holds the last round's (``*moved`` != 0 where one differs); returns the integer sums of the
+ * levels and of their squares through ``s_l``, ``s_ll``. */
+VECTOR_CLONES static void assign_levels(const double *restrict x, Py_ssize_t n, double offset,
+                                        double step, double top, const uint8_t *restrict old,
+                                        uint8_t *restrict fresh, int64_t *s_l_out,
+                                        int64_t *s_ll_out, unsigned *moved_out)
+{
+    int64_t s_l = 0, s_ll = 0;
+    unsigned moved = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        uint8_t l = (uint8_t)quant_level(x[i], offset, step, top);
+        moved |= (unsigned)(old[i] ^ l);
+        fresh[i] = l;
+        s_l += l;
+        s_ll += (int64_t)l * l;
+    }
+    *s_l_out = s_l;
+    *s_ll_out = s_ll;
+    *moved_out = moved;
+}
+
+/* assign_levels with a multiplication by the step's reciprocal in place of a division (a
+ * division a value is most of a round's time).  The product t and the rounded quotient q
+ * differ by at most 3 units in the last place of |x - offset| / step; rint(t) == rint(q)
+ * unless a half-integer lies within that distance of t, so any t in the levels' range
+ * (|t| < 1024: levels are at most 127, and beyond that range both clip alike) within 2^-36
+ * of a half-integer makes the round "unsure" (returns 1; ``fresh`` and the sums are then
+ * not to be used) and the caller assigns it again with the division.  ``inv`` must be a
+ * normal, finite 1 / step of a step > 0.  Where the CPU has AVX2, four values a step, the
+ * sums of levels and of their squares taken in double (integers below 2^53: exact in any
+ * order). */
+static int assign_levels_by_reciprocal(const double *restrict x, Py_ssize_t n, double offset,
+                                       double inv, double top, const uint8_t *restrict old,
+                                       uint8_t *restrict fresh, int64_t *s_l_out,
+                                       int64_t *s_ll_out, unsigned *moved_out);
+#if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)
+__attribute__((target("avx2")))
+static int assign_levels_avx2(const double *restrict x, Py_ssize_t n, double offset, double inv,
+                              double top, const uint8_t *restrict old, uint8_t *restrict fresh,
+                              int64_t *s_l_out, int64_t *s_ll_out, unsigned *moved_out)
+{
+    const __m256d off = _mm256_set1_pd(offset), scale = _mm256_set1_pd(inv),
+        ceiling = _mm256_set1_pd(top), zero = _mm256_setzero_pd(),
+        range = _mm256_set1_pd(1024.0), half = _mm256_set1_pd(0.5),
+        near = _mm256_set1_pd(0x1p-36), sign = _mm256_set1_pd(-0.0);
+    __m256d s_l = zero, s_ll = zero, unsure = zero;
+    uint32_t moved = 0;
+    Py_ssize_t i = 0;
+    for (; i + 4 <= n; i += 4) {
+        __m256d t = _mm256_mul_pd(_mm256_sub_pd(_mm256_loadu_pd(x + i), off), scale);
+        __m256d r = _mm256_round_pd(t, _MM_FROUND_CUR_DIRECTION);
+        __m256d from_half = _mm256_andnot_pd(sign, _mm256_sub_pd(
+            _mm256_andnot_pd(sign, _mm256_sub_pd(t, r)), half));
+        unsure = _mm256_or_pd(unsure, _mm256_and_pd(
+            _mm256_cmp_pd(_mm256_andnot_pd(sign, t), range, _CMP_LT_OQ),
+            _mm256_cmp_pd(from_half, near, _CMP_LT_OQ)));
+        /* NaN to 0 (max returns its second operand when one is NaN), then at most top */
+        __m256d level = _mm256_min_pd(_mm256_max_pd(r, zero), ceiling);
+        s_l = _mm256_add_pd(s_l, level);
+        s_ll = _mm256_add_pd(s_ll, _mm256_mul_pd(level, level));
+        __m128i words = _mm256_cvttpd_epi32(level);
+        __m128i bytes = _mm_packus_epi16(_mm_packus_epi32(words, words), words);
+        uint32_t four = (uint32_t)_mm_cvtsi128_si32(bytes), before;
+        memcpy(&before, old + i, 4);
+        moved |= before ^ four;
+        memcpy(fresh + i, &four, 4);
+    }
+    if (_mm256_movemask_pd(unsure))
+        return 1;
+    double lanes_l[4], lanes_ll[4];
+    _mm256_storeu_pd(lanes_l, s_l);
+    _mm256_storeu_pd(lanes_ll, s_ll);
+    int64_t sum_l = (int64_t)lanes_l[0] + (int64_t)lanes_l[1] + (int64_t)lanes_l[2] +
+                    (int64_t)lanes_l[3];
+    int64_t sum_ll = (int64_t)lanes_ll[0] + (int64_t)lanes_ll[1] + (int64_t)lanes_ll[2] +
+                     (int64_t)lanes_ll[3];
+    for (; i < n; i++) {
+        double t = (x[i] - offset) * inv;
+        if (fabs(t) < 1024.0 && fabs(fabs(t - rint(t)) - 0.5) < 0x1p-36)
+            return 1;
+        uint8_t l = (uint8_t)clipped_level(t, top);
+        moved |= (unsigned)(old[i] ^ l);
+        fresh[i] = l;
+        sum_l += l;
+        sum_ll += (int64_t)l * l;
+    }
+    *s_l_out = sum_l;
+    *s_ll_out = sum_ll;
+    *moved_out = moved != 0;
+    return 0;
+}
+#endif
+
+static int assign_levels_by_reciprocal(const double *restrict x, Py_ssize_t n, double offset,
+                                       double inv, double top, const uint8_t *restrict old,
+                                       uint8_t *restrict fresh, int64_t *s_l_out,
+                                       int64_t *s_ll_out, unsigned *moved_out)
+{
+#if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)
+    if (merge_words_ok)
+        return assign_levels_avx2(x, n, offset, inv, top, old, fresh, s_l_out, s_ll_out,
+                                  moved_out);
+#endif
+    (void)x, (void)n, (void)offset, (void)inv, (void)top, (void)old, (void)fresh;
+    (void)s_l_out, (void)s_ll_out, (void)moved_out;
+    return 1;  /* without AVX2: "unsure", so the caller divides, as before */
+}
+
+/* Groups fitted side by side: each group's floating-point sums are still taken value by
+ * value in order (the bits of fit_group's arithmetic, group by group), but the chains of
+ * FIT_LANES groups are interleaved, so their additions' latencies overlap. */
+#define FIT_LANES 8
+/* Groups larger than this are fitted one at a time (their scratch, 2 bytes a value, and
+ * magnitudes, 8, not multiplied by the lanes). */
+#define FIT_LANES_UP_TO 4096
+
+/* Fit ``lanes`` (1..FIT_LANES) groups of ``n`` values each, ``x[j]`` the magnitudes of group
+ * j (x[j] for j >= lanes: any valid group, computed and dropped); ``scratch`` holds
+ * 2 * lanes * n bytes.  For each group: from its range, ``rounds`` rounds of level
+ * assignment then least squares of the magnitudes on the levels, until the levels stop
+ * moving (the same sums again would give the same scales, bit for bit). */
+VECTOR_CLONES static void fit_lanes(const double *const *x, Py_ssize_t n, int lanes, int bits,
+                                    int rounds, uint8_t *scratch, double *offset_out,
                                     double *step_out)
 {
     double top = (double)((1 << (bits - 1)) - 1), count = (double)n;
-    double sum = x[0], low = x[0], high = x[0];
-    for (Py_ssize_t i = 1; i < n; i++) {
-        sum += x[i];
-        if (x[i] < low) low = x[i];
-        if (x[i] > high) high = x[i];
+    double sum[FIT_LANES], low[FIT_LANES], high[FIT_LANES], offset[FIT_LANES],
+        step[FIT_LANES], s_lx[FIT_LANES], mean_m[FIT_LANES];
+    int64_t s_l[FIT_LANES], s_ll[FIT_LANES];
+    uint8_t *levels[FIT_LANES], *fresh[FIT_LANES];
+    int active[FIT_LANES];
+    for (int j = 0; j < FIT_LANES; j++) {
+        sum[j] = low[j] = high[j] = x[j][0];
+        /* a lane past ``lanes`` only reads: lane 0's buffers */
+        levels[j] = scratch + (size_t)(2 * (j < lanes ? j : 0)) * (size_t)n;
+        fresh[j] = levels[j] + n;
+        active[j] = j < lanes;
     }
-    double mean_m = sum / count;
+    for (Py_ssize_t i = 1; i < n; i++)
+        for (int j = 0; j < FIT_LANES; j++) {
+            double v = x[j][i];
+            sum[j] += v;
+            if (v < low[j]) low[j] = v;
+            if (v > high[j]) high[j] = v;
+        }
+    for (int j = 0; j < lanes; j++) {
+        mean_m[j] = sum[j] / count;
+        offset[j] = low[j];
+        step[j] = (high[j] - low[j]) / top;
+    }
     if (top == 0) {
-        *offset_out = mean_m;
-        *step_out = 0.0;
+        for (int j = 0; j < lanes; j++) {
+            offset_out[j] = mean_m[j];
+            step_out[j] = 0.0;
+        }
         return;
     }
-    double offset = low, step = (high - low) / top;
     for (int round = 0; round < rounds; round++) {
-        int64_t s_l = 0, s_ll = 0;
-        unsigned moved = 0;
-        for (Py_ssize_t i = 0; i < n; i++) {
-            uint8_t l = (uint8_t)quant_level(x[i], offset, step, top);
-            moved |= (unsigned)(levels[i] ^ l);
-            levels[i] = l;
-            s_l += l;
-            s_ll += (int64_t)l * l;
+        int left = 0;
+        for (int j = 0; j < lanes; j++) {
+            if (!active[j])
+                continue;
+            unsigned moved;
+            double inv = 1.0 / step[j];
+            int fast = step[j] > 0 && inv >= DBL_MIN && inv <= DBL_MAX;
+            if (!fast || assign_levels_by_reciprocal(x[j], n, offset[j], inv, top, levels[j],
+                                                     fresh[j], &s_l[j], &s_ll[j], &moved))
+                assign_levels(x[j], n, offset[j], step[j], top, levels[j], fresh[j], &s_l[j],
+                              &s_ll[j], &moved);
+            uint8_t *swap = levels[j];
+            levels[j] = fresh[j];
+            fresh[j] = swap;
+            if (round > 0 && !moved)
+                active[j] = 0;   /* final: its scales stay as they are */
+            else
+                left++;
         }
-        /* The levels of the last round again: the same sums would give the same offset and
-         * step, and every later round the same again, so the fit is final (bit for bit). */
-        if (round > 0 && !moved)
+        if (!left)
             break;
-        double s_lx = (double)levels[0] * x[0];
+        for (int j = 0; j < FIT_LANES; j++)
+            s_lx[j] = (double)levels[j][0] * x[j][0];
         for (Py_ssize_t i = 1; i < n; i++)
-            s_lx += (double)levels[i] * x[i];
-        double mean_l = (double)s_l / count;
-        double spread = (double)s_ll / count - mean_l * mean_l;
-        double covariance = s_lx / count - mean_l * mean_m;
-        double fitted = spread > 1e-12 ? covariance / spread : step;
-        step = max_zero(fitted);
-        offset = max_zero(mean_m - step * mean_l);
+            for (int j = 0; j < FIT_LANES; j++)
+                s_lx[j] += (double)levels[j][i] * x[j][i];
+        for (int j = 0; j < lanes; j++) {
+            if (!active[j])
+                continue;
+            double mean_l = (double)s_l[j] / count;
+            double spread = (double)s_ll[j] / count - mean_l * mean_l;
+            double covariance = s_lx[j] / count - mean_l * mean_m[j];
+            double fitted = spread > 1e-12 ? covariance / spread : step[j];
+            step[j] = max_zero(fitted);
+            offset[j] = max_zero(mean_m[j] - step[j] * mean_l);
+        }
     }
-    *offset_out = offset;
-    *step_out = step;
+    for (int j = 0; j < lanes; j++) {
+        offset_out[j] = offset[j];
+        step_out[j] = step[j];
+    }
 }
 
 /* The magnitudes |wide(kept) - wide(base)| (the difference in the wide type, then float64), as
@@ -2192,27 +2351,45 @@ static void quant_magnitudes(int kind, const void *kept, const void *base, Py_ss
 }
 
 /* Fit every group of ``size`` values: from the magnitudes ``x`` when given, else from the
- * bits of ``kept`` and ``base`` (each group's magnitudes computed into a scratch buffer).
- * Returns -1 when out of memory. */
+ * bits of ``kept`` and ``base`` (each group's magnitudes computed into a scratch buffer),
+ * FIT_LANES groups side by side (fit_lanes), the last, shorter group alone.  Returns -1 when
+ * out of memory. */
 static int fit_groups(const double *x, int kind, const char *kept, const char *base,
                       Py_ssize_t itemsize, Py_ssize_t n, Py_ssize_t size, int bits, int rounds,
                       double *offsets, double *steps)
 {
     Py_ssize_t scratch = size < n ? size : n;
-    uint8_t *levels = malloc(scratch ? (size_t)scratch : 1);
-    double *magnitude = x ? NULL : malloc(scratch ? (size_t)scratch * sizeof(double) : 1);
+    if (!scratch)
+        return 0;
+    int most = size <= FIT_LANES_UP_TO ? FIT_LANES : 1;
+    uint8_t *levels = calloc((size_t)scratch, 2 * (size_t)most);
+    double *magnitude = x ? NULL : malloc((size_t)scratch * (size_t)most * sizeof(double));
     if (!levels || (!x && !magnitude)) {
         free(levels);
         free(magnitude);
         return -1;
     }
-    for (Py_ssize_t g = 0, first = 0; first < n; g++, first += size) {
+    for (Py_ssize_t g = 0, first = 0; first < n;) {
         Py_ssize_t m = n - first < size ? n - first : size;
-        const double *group = x ? x + first : magnitude;
-        if (!x)
-            quant_magnitudes(kind, kept + first * itemsize, base + first * itemsize, m,
-                             magnitude);
-        fit_group(group, m, bits, rounds, levels, offsets + g, steps + g);
+        int lanes = 1;  /* full groups FIT_LANES at a time; a short one alone */
+        if (m == size)
+            while (lanes < most && first + (lanes + 1) * size <= n)
+                lanes++;
+        const double *group[FIT_LANES];
+        for (int j = 0; j < FIT_LANES; j++) {
+            int source = j < lanes ? j : 0;
+            if (x) {
+                group[j] = x + first + source * m;
+            } else {
+                group[j] = magnitude + source * m;
+                if (j < lanes)
+                    quant_magnitudes(kind, kept + (first + j * m) * itemsize,
+                                     base + (first + j * m) * itemsize, m, magnitude + j * m);
+            }
+        }
+        fit_lanes(group, m, lanes, bits, rounds, levels, offsets + g, steps + g);
+        g += lanes;
+        first += lanes * m;
     }
     free(levels);
     free(magnitude);
@@ -2595,6 +2772,69 @@ DEFINE_SELECT_AT_LEAST(select_at_least_16, uint16_t)
 DEFINE_SELECT_AT_LEAST(select_at_least_32, uint32_t)
 DEFINE_SELECT_AT_LEAST(select_at_least_64, uint64_t)
 
+#if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)
+/* select_at_least_16 / _32 eight elements at a time: the kept lanes packed to the front of a
+ * vector by the COMPRESS tables and stored at the kept count (the outputs have room for
+ * every element, so a whole vector fits wherever it starts), eight bitmap bits a step; the
+ * last n % 8 elements by the loop above, from where this stops. */
+#define DEFINE_SELECT_AT_LEAST_AVX2(NAME, SCALAR, BITS, LOAD_PACK_STORE)                    \
+    __attribute__((target("avx2"))) static Py_ssize_t NAME(                                 \
+        const uint32_t *restrict keys, uint32_t threshold, const BITS *restrict finetuned,  \
+        const BITS *restrict base, Py_ssize_t n, BITS *restrict kept_finetuned,             \
+        BITS *restrict kept_base, uint32_t *restrict kept_keys, uint8_t *restrict packed,   \
+        int first_bit)                                                                      \
+    {                                                                                        \
+        if (threshold == 0) /* every element: the scalar loop's test, never false */        \
+            return SCALAR(keys, threshold, finetuned, base, n, kept_finetuned, kept_base,   \
+                          kept_keys, packed, first_bit);                                    \
+        /* keys >= threshold as signed lanes: key ^ 2^31 > (threshold - 1) ^ 2^31 */        \
+        const __m256i flip = _mm256_set1_epi32((int)0x80000000u);                          \
+        const __m256i below = _mm256_set1_epi32((int)((threshold - 1) ^ 0x80000000u));     \
+        Py_ssize_t found = 0, i = 0;                                                         \
+        unsigned carry = 0;                                                                  \
+        for (; i + 8 <= n; i += 8) {                                                         \
+            __m256i k = _mm256_loadu_si256((const __m256i *)(keys + i));                    \
+            __m256i keep = _mm256_cmpgt_epi32(_mm256_xor_si256(k, flip), below);            \
+            unsigned m = (unsigned)_mm256_movemask_ps(_mm256_castsi256_ps(keep));           \
+            __m256i order = _mm256_loadu_si256((const __m256i *)COMPRESS32[m]);             \
+            _mm256_storeu_si256((__m256i *)(kept_keys + found),                             \
+                                _mm256_permutevar8x32_epi32(k, order));                     \
+            LOAD_PACK_STORE(finetuned, kept_finetuned);                                     \
+            LOAD_PACK_STORE(base, kept_base);                                               \
+            *packed++ |= (uint8_t)(carry | m << first_bit);                                 \
+            carry = m >> (8 - first_bit);                                                   \
+            found += POP8[m];                                                               \
+        }                                                                                    \
+        if (i == n) {                                                                        \
+            if (first_bit)                                                                   \
+                *packed |= (uint8_t)carry;                                                   \
+            return found;                                                                    \
+        }                                                                                    \
+        /* the rest: the scalar loop from bit first_bit of this byte, the carry set first */ \
+        *packed |= (uint8_t)carry;                                                           \
+        return found + SCALAR(keys + i, threshold, finetuned + i, base + i, n - i,          \
+                              kept_finetuned + found, kept_base + found, kept_keys + found, \
+                              packed, first_bit);                                           \
+    }
+
+#define PACK16(FROM, TO)                                                                    \
+    _mm_storeu_si128((__m128i *)(TO + found),                                               \
+                     _mm_shuffle_epi8(_mm_loadu_si128((const __m128i *)(FROM + i)),          \
+                                      _mm_loadu_si128((const __m128i *)COMPRESS16[m])))
+#define PACK32(FROM, TO)                                                                    \
+    _mm256_storeu_si256((__m256i *)(TO + found),                                            \
+                        _mm256_permutevar8x32_epi32(                                        \
+                            _mm256_loadu_si256((const __m256i *)(FROM + i)), order))
+
+DEFINE_SELECT_AT_LEAST_AVX2(select_at_least_16_avx2, select_at_least_16, uint16_t, PACK16)
+DEFINE_SELECT_AT_LEAST_AVX2(select_at_least_32_avx2, select_at_least_32, uint32_t, PACK32)
+#define SELECT_AT_LEAST_16 (merge_words_ok ? select_at_least_16_avx2 : select_at_least_16)
+#define SELECT_AT_LEAST_32 (merge_words_ok ? select_at_least_32_avx2 : select_at_least_32)
+#else
+#define SELECT_AT_LEAST_16 select_at_least_16
+#define SELECT_AT_LEAST_32 select_at_least_32
+#endif
+
 static PyObject *select_at_least(PyObject *self, PyObject *args)
 {
     PyObject *keys_object, *ft_object, *base_object, *kft_object, *kbase_object, *kkeys_object,
@@ -2630,8 +2870,8 @@ static PyObject *select_at_least(PyObject *self, PyObject *args)
     Py_ssize_t found;
     Py_BEGIN_ALLOW_THREADS
     switch (itemsize) {
-    case 2: found = select_at_least_16(keys.buf, threshold, ft.buf, base.buf, n, kft.buf, kbase.buf, kkeys.buf, packed.buf, first_bit); break;
-    case 4: found = select_at_least_32(keys.buf, threshold, ft.buf, base.buf, n, kft.buf, kbase.buf, kkeys.buf, packed.buf, first_bit); break;
+    case 2: found = SELECT_AT_LEAST_16(keys.buf, threshold, ft.buf, base.buf, n, kft.buf, kbase.buf, kkeys.buf, packed.buf, first_bit); break;
+    case 4: found = SELECT_AT_LEAST_32(keys.buf, threshold, ft.buf, base.buf, n, kft.buf, kbase.buf, kkeys.buf, packed.buf, first_bit); break;
     default: found = select_at_least_64(keys.buf, threshold, ft.buf, base.buf, n, kft.buf, kbase.buf, kkeys.buf, packed.buf, first_bit); break;
     }
     Py_END_ALLOW_THREADS

@@ -470,6 +470,45 @@ def test_quant_fit_alike_in_c_and_numpy(values, bits, group):
 
 @needs_kernels
 @settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(0, 600), min_size=1, max_size=900), st.integers(-30, 30),
+       st.sampled_from([2, 3, 4, 8]), st.sampled_from([2, 5, 64, 128, 5000]))
+def test_quant_fit_on_a_lattice_alike_in_c_and_numpy(values, exponent, bits, group):
+    """Magnitudes on a lattice put a group's first levels exactly halfway between two (the C
+    fit multiplies by the step's reciprocal and divides again where a level is that close):
+    the same bits as numpy's division, groups fitted eight at a time or alone."""
+    from sparsestitch.delta.codecs.quant import _group_starts, _fit  # noqa: PLC2701 - the twins
+
+    magnitude = np.ldexp(np.array(values, np.float64), exponent)
+    starts = _group_starts(magnitude.size, group if group < magnitude.size else 0)
+    with_c, plain = _c_and_numpy(lambda: _fit(magnitude, starts, bits))
+    for a, b in zip(with_c, plain):
+        assert np.array_equal(a.view(np.uint64), b.view(np.uint64))
+
+
+@needs_kernels
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_quant_fit_halfway_between_levels_alike_in_c_and_numpy(bits):
+    """Groups whose first round puts values exactly halfway between two levels, with steps
+    whose reciprocal is inexact: x * (1 / step) falls on the other side of the half for many
+    of them, so only the division gives numpy's levels."""
+    from sparsestitch.delta.codecs.quant import _group_starts, _fit  # noqa: PLC2701 - the twins
+
+    top = (1 << (bits - 1)) - 1
+    halves = [(k + 0.5) for k in range(min(top, 20))]
+    everywhere = [np.array([0.0, top, *halves] * 4) * step for step in range(3, 160)]
+    # one half each, the last of five: past the vectors of four, in the loop's tail
+    in_the_tail = [np.array([0.0, top, 1.0, 1.0, half]) * step
+                   for step in range(3, 160) for half in halves]
+    for groups in (everywhere, in_the_tail):  # each of one size: fitted eight at a time
+        magnitude = np.concatenate(groups)
+        starts = _group_starts(magnitude.size, groups[0].size)
+        with_c, plain = _c_and_numpy(lambda: _fit(magnitude, starts, bits))  # noqa: B023
+        for a, b in zip(with_c, plain):
+            assert np.array_equal(a.view(np.uint64), b.view(np.uint64))
+
+
+@needs_kernels
+@settings(max_examples=60, deadline=None)
 @given(st.data(), st.sampled_from(["BF16", "F16", "F32", "F64"]), st.sampled_from([1, 2, 3, 4, 8]),
        st.sampled_from([1, 3, 8, 128, 1000]))
 def test_quant_fit_from_bits_is_the_fit_of_their_magnitudes(data, dt_name, bits, group):
@@ -527,11 +566,13 @@ def test_changed_count_alike_in_c_and_numpy(data, dt):
        st.sampled_from([2, 4, 8]), st.data())
 def test_selection_by_threshold_alike_in_c_and_numpy(keys, first, itemsize, data):
     """One pass of select_at_least keeps the elements numpy's comparison keeps, in order,
-    and ORs exactly their bits into a window whose earlier bits are already set."""
+    and ORs exactly their bits into a window whose earlier bits are already set (eight at a
+    time where the CPU has AVX2: thresholds at the signed boundary and 0 among them)."""
     from sparsestitch.localize.stats import select_at_least
 
     keys = np.array(keys, np.uint32)
-    threshold = data.draw(st.sampled_from([1, (1 << 32) - 1, *keys.tolist()]))
+    threshold = data.draw(st.sampled_from([0, 1, 1 << 31, (1 << 31) + 1, (1 << 32) - 1,
+                                           *keys.tolist()]))
     bits = np.dtype(f"<u{itemsize}")
     finetuned = np.arange(keys.size, dtype=bits) * 3 + 1
     base = np.arange(keys.size, dtype=bits) * 5

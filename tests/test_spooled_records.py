@@ -359,3 +359,38 @@ def test_a_rice_list_made_from_a_bitmap_in_windows_is_the_codecs(numel, density,
     if config["k"] == k:
         assert unary.getvalue() + remainders.getvalue() == want
         assert config["unary_bits"] == unary_bits
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.floats(-1e3, 1e3, width=16), min_size=1, max_size=3000),
+       st.integers(1, 5), st.data())
+def test_whole_bins_kept_energy_is_the_kept_keys_energy(values, blocks, data):
+    """A threshold at a key bin's edge keeps whole bins: the kept energy taken from the
+    statistics pass (kept_bin_energy) is, bit for bit, what summing the kept keys gives --
+    per bin and in total, over a tensor read in several blocks."""
+    from sparsestitch.localize.planned import kept_bin_energy
+    from sparsestitch.localize.stats import BINS, TensorStats, key_histogram, stats_keys
+
+    dt = lookup_dtype("F16")
+    tau = np.array(values, np.float16)
+    base = np.zeros(tau.size, np.float16)
+    finetuned_bits, base_bits = tau.view(np.uint16), base.view(np.uint16)
+    stats = TensorStats.empty("w", dt, tau.size)
+    cuts = sorted(data.draw(st.lists(st.integers(0, tau.size), max_size=blocks)))
+    edges = [0, *cuts, tau.size]
+    for first, end in zip(edges, edges[1:]):
+        stats.add(finetuned_bits[first:end], base_bits[first:end], first)
+    keys = stats_keys(finetuned_bits, base_bits, dt)
+    edges_of_bins = {int(k) >> 16 << 16 for k in keys} | {0, 1 << 16}
+    threshold = data.draw(st.sampled_from(sorted(edges_of_bins)))
+    counts, summed = np.zeros(BINS, np.int64), np.zeros(BINS, np.float64)
+    for first, end in zip(edges, edges[1:]):
+        block = keys[first:end]
+        key_histogram(block[block >= threshold], counts, summed)
+    kept, final = kept_bin_energy(stats.bin_energy, threshold)
+    assert final == (threshold > 0)
+    if final:
+        assert np.array_equal(kept.view(np.uint64), summed.view(np.uint64))
+        assert float(kept.sum()) == float(summed.sum())
+    assert not kept_bin_energy(stats.bin_energy, threshold + 1)[1]
+    assert not kept_bin_energy(None, threshold)[1]

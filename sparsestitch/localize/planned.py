@@ -67,12 +67,24 @@ def choice_of(block: TuneBlock, threshold: int) -> Choice:
     return Choice(keys_at_least(block.magnitudes, threshold))
 
 
+def kept_bin_energy(bin_energy: np.ndarray | None, threshold: int) -> tuple[np.ndarray, bool]:
+    """``(kept energy per key bin, whether it is final)``: for a threshold at a bin's edge,
+    from the statistics pass's ``bin_energy`` (whole bins: the same keys summed in the same
+    order, so the same bits as summing the kept keys again); else zeros, to be summed."""
+    kept = np.zeros(BINS, np.float64)
+    if bin_energy is None or threshold <= 0 or threshold % (1 << 16):
+        return kept, False
+    kept[threshold >> 16:] = bin_energy[threshold >> 16:]
+    return kept, True
+
+
 class StreamedRecord:
     """A quantized option's record, encoded as the selection pass hands it each block's
     kept entries (see the module docstring); :meth:`finish` gives ``(record, payload)``."""
 
     def __init__(self, name: str, dt: DType, shape: tuple[int, ...], option: Option,
-                 group: int, energy: float | None, spool: Path | None = None):
+                 group: int, energy: float | None, spool: Path | None = None,
+                 bin_energy: np.ndarray | None = None):
         self.name, self.dt, self.shape, self.energy = name, dt, shape, energy
         numel = int(np.prod(shape, dtype=np.int64))
         self.numel, self.expected = numel, option.kept or None  # None: not known before
@@ -82,8 +94,8 @@ class StreamedRecord:
         self.spool = spool
         self.values = QuantStream(dt, option.bits, group, self.expected,
                                   codes_file=None if spool is None else AppendFile(spool))
-        self.counts, self.kept_energy = np.zeros(BINS, np.int64), np.zeros(BINS, np.float64)
-        self.kept = 0
+        self.counts, self.kept = np.zeros(BINS, np.int64), 0
+        self.kept_energy, self.energy_from_stats = kept_bin_energy(bin_energy, option.threshold)
 
     def add(self, block: TuneBlock, choice: Choice) -> None:
         kept = choice.kept
@@ -113,7 +125,8 @@ class StreamedRecord:
             return int(kept[2].size)
         self.bitmap.mark(block.base.size, set_bits)
         finetuned, base, keys = kept
-        key_histogram(keys, self.counts, self.kept_energy)
+        if not self.energy_from_stats:
+            key_histogram(keys, self.counts, self.kept_energy)
         self.values.add(finetuned, base)
         self.kept += keys.size
 
@@ -259,7 +272,8 @@ def planned_records(scanner: TensorScanner, name: str, hold_blocks: bool = False
     while current:
         sinks = {i: (StreamedRecord(name, dt, entry.shape, option, planner.group, energy[i],
                                     spool if spool is not None and StreamedRecord.held_bytes(
-                                        entry.numel, option) > spool_above else None)
+                                        entry.numel, option) > spool_above else None,
+                                    stats[i].bin_energy if planner.needs_stats else None)
                      if option.bits is not None and option.threshold >= 0
                      and (option.kept > 0 or option.threshold == 0)
                      else SelectionParts()) for i, option in current.items()}
