@@ -197,7 +197,7 @@ static inline uint64_t tail_bits(const uint8_t *bytes, uint64_t bit, uint64_t n)
  * of scalars), and only the marked lanes of total[], count[], lone[] and unit[] change. */
 #if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)
 #include <immintrin.h>
-static int merge_words_ok;                          /* the CPU has AVX2: set at import */
+static int cpu_has_avx2;                            /* the CPU has AVX2: set at import */
 static int merge_words_f16_ok;                      /* and F16C */
 static uint8_t EXPAND16[256][16];                   /* pshufb: 8 x 16-bit entries to lanes */
 static int32_t EXPAND32[256][8];                    /* permutevar: 8 x 32-bit entries */
@@ -232,8 +232,8 @@ static void merge_words_init(void)
         POP8[m] = (uint8_t)s;
     }
     __builtin_cpu_init();
-    merge_words_ok = __builtin_cpu_supports("avx2");
-    merge_words_f16_ok = merge_words_ok && __builtin_cpu_supports("f16c");
+    cpu_has_avx2 = __builtin_cpu_supports("avx2");
+    merge_words_f16_ok = cpu_has_avx2 && __builtin_cpu_supports("f16c");
 }
 
 /* Eight elements' lone[] and unit[] where they are first touched (lone_exact). */
@@ -394,7 +394,7 @@ static void move_word_32(uint64_t word, uint32_t *block, uint32_t *values, int p
     }
 }
 #else
-static const int merge_words_ok = 0, merge_words_f16_ok = 0;
+static const int cpu_has_avx2 = 0, merge_words_f16_ok = 0;
 static void merge_words_init(void) {}
 static void merge_word_f16_f16c(uint64_t word, const uint16_t *finetuned, const uint16_t *base,
                                 float *total, uint32_t *count, uint16_t *lone, uint8_t *unit,
@@ -594,10 +594,10 @@ static void merge_word_f64(uint64_t word, const uint64_t *finetuned, const uint6
         return -1;                                                                          \
     }
 
-DEFINE_MERGE(merge_bf16, uint16_t, float, bf16_wide, bf16_round, merge_word_bf16, merge_words_ok)
+DEFINE_MERGE(merge_bf16, uint16_t, float, bf16_wide, bf16_round, merge_word_bf16, cpu_has_avx2)
 DEFINE_MERGE(merge_f16, uint16_t, float, f16_wide, f16_round, merge_word_f16_f16c,
              merge_words_f16_ok)
-DEFINE_MERGE(merge_f32, uint32_t, float, f32_wide, f32_round, merge_word_f32, merge_words_ok)
+DEFINE_MERGE(merge_f32, uint32_t, float, f32_wide, f32_round, merge_word_f32, cpu_has_avx2)
 DEFINE_MERGE(merge_f64, uint64_t, double, f64_wide, f64_round, merge_word_f64, 0)
 
 static int get_buffer(PyObject *object, Py_buffer *view, int writable, Py_ssize_t itemsize,
@@ -1255,8 +1255,8 @@ PyDoc_STRVAR(bitmap_move_doc,
     }
 
 DEFINE_BITMAP_MOVE(bitmap_move_1, uint8_t, move_word_8, 0)
-DEFINE_BITMAP_MOVE(bitmap_move_2, uint16_t, move_word_16, merge_words_ok)
-DEFINE_BITMAP_MOVE(bitmap_move_4, uint32_t, move_word_32, merge_words_ok)
+DEFINE_BITMAP_MOVE(bitmap_move_2, uint16_t, move_word_16, cpu_has_avx2)
+DEFINE_BITMAP_MOVE(bitmap_move_4, uint32_t, move_word_32, cpu_has_avx2)
 DEFINE_BITMAP_MOVE(bitmap_move_8, uint64_t, move_word_64, 0)
 
 static PyObject *bitmap_move(PyObject *self, PyObject *args)
@@ -2145,25 +2145,24 @@ VECTOR_CLONES static void assign_levels(const double *restrict x, Py_ssize_t n, 
 }
 
 /* assign_levels with a multiplication by the step's reciprocal in place of a division (a
- * division a value is most of a round's time).  The product t and the rounded quotient q
- * differ by at most 3 units in the last place of |x - offset| / step; rint(t) == rint(q)
- * unless a half-integer lies within that distance of t, so any t in the levels' range
- * (|t| < 1024: levels are at most 127, and beyond that range both clip alike) within 2^-36
- * of a half-integer makes the round "unsure" (returns 1; ``fresh`` and the sums are then
- * not to be used) and the caller assigns it again with the division.  ``inv`` must be a
- * normal, finite 1 / step of a step > 0.  Where the CPU has AVX2, four values a step, the
- * sums of levels and of their squares taken in double (integers below 2^53: exact in any
- * order). */
-static int assign_levels_by_reciprocal(const double *restrict x, Py_ssize_t n, double offset,
-                                       double inv, double top, const uint8_t *restrict old,
-                                       uint8_t *restrict fresh, int64_t *s_l_out,
-                                       int64_t *s_ll_out, unsigned *moved_out);
+ * division a value is most of a round's time), four values a step with AVX2.  The product t
+ * and the rounded quotient q differ by at most 3 units in the last place of
+ * |x - offset| / step; rint(t) == rint(q) unless a half-integer lies within that distance of
+ * t, so any t in the levels' range (|t| < 1024: levels are at most 127, and beyond that range
+ * both clip alike) within 2^-36 of a half-integer makes the round "unsure" (returns 1;
+ * ``fresh`` and the sums are then not to be used) and the caller assigns it again with the
+ * division.  The sums of levels and of their squares are taken in double (integers below
+ * 2^53: exact in any order); the last n % 4 values by assign_levels.  ``inv`` must be a
+ * normal, finite 1 / step of a step > 0.  Without AVX2 every round is "unsure". */
 #if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)
 __attribute__((target("avx2")))
-static int assign_levels_avx2(const double *restrict x, Py_ssize_t n, double offset, double inv,
-                              double top, const uint8_t *restrict old, uint8_t *restrict fresh,
-                              int64_t *s_l_out, int64_t *s_ll_out, unsigned *moved_out)
+static int assign_levels_fast(const double *restrict x, Py_ssize_t n, double offset,
+                              double step, double inv, double top, const uint8_t *restrict old,
+                              uint8_t *restrict fresh, int64_t *s_l_out, int64_t *s_ll_out,
+                              unsigned *moved_out)
 {
+    if (!cpu_has_avx2)
+        return 1;
     const __m256d off = _mm256_set1_pd(offset), scale = _mm256_set1_pd(inv),
         ceiling = _mm256_set1_pd(top), zero = _mm256_setzero_pd(),
         range = _mm256_set1_pd(1024.0), half = _mm256_set1_pd(0.5),
@@ -2192,47 +2191,33 @@ static int assign_levels_avx2(const double *restrict x, Py_ssize_t n, double off
     }
     if (_mm256_movemask_pd(unsure))
         return 1;
+    int64_t tail_l, tail_ll;
+    unsigned tail_moved;
+    assign_levels(x + i, n - i, offset, step, top, old + i, fresh + i, &tail_l, &tail_ll,
+                  &tail_moved);
     double lanes_l[4], lanes_ll[4];
     _mm256_storeu_pd(lanes_l, s_l);
     _mm256_storeu_pd(lanes_ll, s_ll);
-    int64_t sum_l = (int64_t)lanes_l[0] + (int64_t)lanes_l[1] + (int64_t)lanes_l[2] +
-                    (int64_t)lanes_l[3];
-    int64_t sum_ll = (int64_t)lanes_ll[0] + (int64_t)lanes_ll[1] + (int64_t)lanes_ll[2] +
-                     (int64_t)lanes_ll[3];
-    for (; i < n; i++) {
-        double t = (x[i] - offset) * inv;
-        if (fabs(t) < 1024.0 && fabs(fabs(t - rint(t)) - 0.5) < 0x1p-36)
-            return 1;
-        uint8_t l = (uint8_t)clipped_level(t, top);
-        moved |= (unsigned)(old[i] ^ l);
-        fresh[i] = l;
-        sum_l += l;
-        sum_ll += (int64_t)l * l;
+    *s_l_out = tail_l;
+    *s_ll_out = tail_ll;
+    for (int lane = 0; lane < 4; lane++) {
+        *s_l_out += (int64_t)lanes_l[lane];
+        *s_ll_out += (int64_t)lanes_ll[lane];
     }
-    *s_l_out = sum_l;
-    *s_ll_out = sum_ll;
-    *moved_out = moved != 0;
+    *moved_out = (moved | tail_moved) != 0;
     return 0;
 }
-#endif
-
-static int assign_levels_by_reciprocal(const double *restrict x, Py_ssize_t n, double offset,
-                                       double inv, double top, const uint8_t *restrict old,
-                                       uint8_t *restrict fresh, int64_t *s_l_out,
-                                       int64_t *s_ll_out, unsigned *moved_out)
+#else
+static int assign_levels_fast(const double *x, Py_ssize_t n, double offset, double step,
+                              double inv, double top, const uint8_t *old, uint8_t *fresh,
+                              int64_t *s_l_out, int64_t *s_ll_out, unsigned *moved_out)
 {
-#if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)
-    if (merge_words_ok)
-        return assign_levels_avx2(x, n, offset, inv, top, old, fresh, s_l_out, s_ll_out,
-                                  moved_out);
-#endif
-    (void)x, (void)n, (void)offset, (void)inv, (void)top, (void)old, (void)fresh;
-    (void)s_l_out, (void)s_ll_out, (void)moved_out;
-    return 1;  /* without AVX2: "unsure", so the caller divides, as before */
+    return 1;
 }
+#endif
 
 /* Groups fitted side by side: each group's floating-point sums are still taken value by
- * value in order (the bits of fit_group's arithmetic, group by group), but the chains of
+ * value in order (the bits of a group fitted alone, as _fit_numpy fits it), but the chains of
  * FIT_LANES groups are interleaved, so their additions' latencies overlap. */
 #define FIT_LANES 8
 /* Groups larger than this are fitted one at a time (their scratch, 2 bytes a value, and
@@ -2288,8 +2273,8 @@ VECTOR_CLONES static void fit_lanes(const double *const *x, Py_ssize_t n, int la
             unsigned moved;
             double inv = 1.0 / step[j];
             int fast = step[j] > 0 && inv >= DBL_MIN && inv <= DBL_MAX;
-            if (!fast || assign_levels_by_reciprocal(x[j], n, offset[j], inv, top, levels[j],
-                                                     fresh[j], &s_l[j], &s_ll[j], &moved))
+            if (!fast || assign_levels_fast(x[j], n, offset[j], step[j], inv, top, levels[j],
+                                            fresh[j], &s_l[j], &s_ll[j], &moved))
                 assign_levels(x[j], n, offset[j], step[j], top, levels[j], fresh[j], &s_l[j],
                               &s_ll[j], &moved);
             uint8_t *swap = levels[j];
@@ -2828,8 +2813,8 @@ DEFINE_SELECT_AT_LEAST(select_at_least_64, uint64_t)
 
 DEFINE_SELECT_AT_LEAST_AVX2(select_at_least_16_avx2, select_at_least_16, uint16_t, PACK16)
 DEFINE_SELECT_AT_LEAST_AVX2(select_at_least_32_avx2, select_at_least_32, uint32_t, PACK32)
-#define SELECT_AT_LEAST_16 (merge_words_ok ? select_at_least_16_avx2 : select_at_least_16)
-#define SELECT_AT_LEAST_32 (merge_words_ok ? select_at_least_32_avx2 : select_at_least_32)
+#define SELECT_AT_LEAST_16 (cpu_has_avx2 ? select_at_least_16_avx2 : select_at_least_16)
+#define SELECT_AT_LEAST_32 (cpu_has_avx2 ? select_at_least_32_avx2 : select_at_least_32)
 #else
 #define SELECT_AT_LEAST_16 select_at_least_16
 #define SELECT_AT_LEAST_32 select_at_least_32
