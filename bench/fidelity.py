@@ -121,6 +121,9 @@ class Config:
     dare_keep: float | None = None     # DARE-style: keep probability p of the modified tune
     ultradelta: tuple[float, int] | None = None   # UltraDelta-style: (kept share, bits)
     dqrelo: int | None = None          # D-QReLO-style: the residual's size divisor
+    # activation-aware error (compress --calibration) on the fine-tune's own training text:
+    # causal LMs only (SmolLM2); MiniLM's points of these rows are skipped
+    calibrated: bool = False
 
     def compress_options(self, tune: "Tune") -> dict:
         """compress() keyword arguments for this fine-tune (a size target is relative)."""
@@ -171,6 +174,10 @@ def all_configs() -> dict[str, Config]:
     configs += [Config(f"UltraDelta k{k:g} b{b}", "UltraDelta-style", ultradelta=(k, b))
                 for k, b in ULTRADELTA]
     configs += [Config(f"D-QReLO r1/{d}", "D-QReLO-style", dqrelo=d) for d in DQRELO_RESIDUAL]
+    configs += [Config("default cal", "calibrated", calibrated=True),
+                Config("max_error 0.3 cal", "calibrated", {"max_error": 0.3}, calibrated=True)]
+    configs += [Config(f"max_size 1/{d} cal", "calibrated", size_divisor=d, calibrated=True)
+                for d in SIZE_DIVISORS]
     configs += [grid_config(d, b, g) for d in DENSITIES for b, g in BIT_COLUMNS]
     configs += [grid_config(d, None, None) for d in EXTRA_DENSITIES]
     return {c.label: c for c in configs}
@@ -401,6 +408,10 @@ class Bench:
             dare, kept = ultradelta_fine_tune(tune, *config.ultradelta, source)
             masks = {"masks": kept}
         options = config.compress_options(tune)
+        if config.calibrated:  # the first 4,096 tokens of what the fine-tune trained on
+            text = self.scratch / f"calibration-{tune.name}.txt"
+            text.write_text("\n\n".join(self.suite.smol.train[tune.name]), encoding="utf-8")
+            options["calibration"] = str(text)
         summary = sparsestitch.compress(tune.base, source, delta, overwrite=True,
                                         threads=self.threads, **options, **masks)[0]
         if source != tune.folder:
@@ -635,12 +646,12 @@ class Phase:
 
 
 def plan(suite: Suite, models: tuple[str, ...], seeds: tuple[int, ...],
-         which: str, rows: tuple[str, ...] = REDUCED) -> list[Phase]:
+         which: str, rows: tuple[str, ...] = REDUCED, merges: bool = True) -> list[Phase]:
     """The phases in order: what the default is chosen from first, the long grid last."""
     if which == "quick":
         return _quick_plan(suite, models)
     if which == "reduced":
-        return _reduced_plan(suite, models, seeds[0], rows)
+        return _reduced_plan(suite, models, seeds[0], rows, merges)
 
     def points(model, labels, seed=None):
         if model not in models:
@@ -667,7 +678,8 @@ def plan(suite: Suite, models: tuple[str, ...], seeds: tuple[int, ...],
     ]
 
 
-def _reduced_plan(suite: Suite, models, seed: int, rows: tuple[str, ...]) -> list[Phase]:
+def _reduced_plan(suite: Suite, models, seed: int, rows: tuple[str, ...],
+                  merges: bool = True) -> list[Phase]:
     """``rows`` (REDUCED by default) on both SmolLM2 fine-tunes, then on MiniLM's first
     seed, then MiniLM merges, then SmolLM2 merges.
     Jobs go configuration by configuration so that a cut-short run still covers every
@@ -680,10 +692,12 @@ def _reduced_plan(suite: Suite, models, seed: int, rows: tuple[str, ...]) -> lis
     if "minilm" in models:
         tunes = suite.tunes("minilm", seed)
         phases.append(Phase(f"MiniLM seed {seed} reduced rows",
-                            [("point", t, CONFIGS[label]) for label in rows for t in tunes]))
+                            [("point", t, CONFIGS[label]) for label in rows
+                             if not CONFIGS[label].calibrated for t in tunes]))
         phases.append(Phase(f"MiniLM seed {seed} merges",
-                            [("merge", tunes, CONFIGS[label]) for label in REDUCED_MERGES]))
-    if "smollm" in models:
+                            [("merge", tunes, CONFIGS[label]) for label in REDUCED_MERGES
+                             if merges]))
+    if "smollm" in models and merges:
         tunes = suite.tunes("smollm")
         phases.append(Phase("SmolLM2 merges",
                             [("merge", tunes, CONFIGS[label]) for label in REDUCED_MERGES]))
@@ -952,6 +966,7 @@ KIND_STYLE = {
     "UltraDelta-style": ("<", "olive", "UltraDelta-style (masks, b4 g0)"),
     "D-QReLO-style": (">", "navy", "D-QReLO-style (1-bit layer + low-rank residual)"),
     "low-rank": ("d", "teal", "low-rank (--low-rank, --max-size or --max-error)"),
+    "calibrated": ("p", "green", "activation-aware (--calibration, a target)"),
 }
 BITS_COLOURS = {"exact": "#1b9e77", "b8": "#66a61e", "b4": "#e6ab02", "b2": "#7570b3",
                 "b1": "#e7298a"}
@@ -1085,6 +1100,8 @@ def parse_args(argv):
     parser.add_argument("--rows", help="--plan reduced: these configurations (labels, comma "
                         "separated, in this order) instead of REDUCED; a second run with other "
                         "rows can share the cache")
+    parser.add_argument("--no-merges", action="store_true",
+                        help="--plan reduced: the points only, no merge phases")
     parser.add_argument("--keep-stale", action="store_true",
                         help="reuse points measured with another sparsestitch/ tree")
     parser.add_argument("--report-only", action="store_true",
@@ -1123,7 +1140,7 @@ def main(argv=None):
     suite = Suite(cache_root, args.seed_tuple)
     bench = Bench(suite, PointCache(work / "points.json", state["library"], args.keep_stale),
                   work, threads=args.threads)
-    phases = plan(suite, args.models, args.seed_tuple, args.plan, args.rows)
+    phases = plan(suite, args.models, args.seed_tuple, args.plan, args.rows, not args.no_merges)
     for phase in phases:
         if not args.report_only:
             run_phase(bench, phase)

@@ -59,14 +59,22 @@ def main():
               "element) exceeds it is read twice and written through temporary files beside "
               "the output. Targets (the default, --max-error, --max-size) stream their "
               "quantized records.")
+@click.option("--calibration", type=click.Path(),
+              help="Activation-aware error: a plain text file run through the base (a Hugging "
+              "Face causal LM folder or .gguf; needs transformers); each linear layer's change "
+              "is ranked and its error measured with every input feature weighted by its root "
+              "mean square activation (||(tau - tau_hat) X^T||, the diagonal of X^T X). With "
+              "the targets or an exact --density.")
+@click.option("--calibration-tokens", type=int, default=4096, show_default=True,
+              help="With --calibration: tokens of the text to run.")
 @allow_crimes_option
 @threads_option
 @json_option
 @quiet_option
 @fail_cleanly
 def compress(base, finetuned, outs, density, scope, bits, group, lossless, max_error, max_size,
-             low_rank, include, exclude, dense, overwrite, max_memory, allow_crimes, threads,
-             as_json, quiet):
+             low_rank, include, exclude, dense, overwrite, max_memory, calibration,
+             calibration_tokens, allow_crimes, threads, as_json, quiet):
     """Write one sparse delta per FINETUNED checkpoint of BASE.
 
     \b
@@ -83,6 +91,7 @@ def compress(base, finetuned, outs, density, scope, bits, group, lossless, max_e
                     max_error=max_error, max_size=max_size, low_rank=bool(low_rank),
                     include=include, exclude=exclude, dense=dense, overwrite=overwrite,
                     threads=threads, max_memory=max_memory, allow_crimes=allow_crimes,
+                    calibration=calibration, calibration_tokens=calibration_tokens,
                     progress=show_progress(quiet, as_json))
     if as_json:
         echo_json([{"path": str(s.path), "bytes": s.nbytes, "kept": s.kept,
@@ -238,7 +247,7 @@ def info(delta, show_all, sort, as_json):
     click.echo(f"base {shown(sources.get('base'))}, fine-tune {shown(sources.get('finetuned'))}")
     fidelity = result.fidelity
     if fidelity:
-        click.echo(_fidelity_line(fidelity))
+        click.echo(_fidelity_line(fidelity) + _calibration_note(header))
     tensors = [t for t in result.tensors if show_all or t.kind != "base"]
     tensors.sort(key=(lambda t: -t.nbytes) if sort == "bytes" else (lambda t: natural_key(t.name)))
     echo_table([[shown(t.name), t.kind, f"{100 * t.density:.3f}%", shown(t.positions_codec or "-"),
@@ -270,6 +279,18 @@ def _how_kept(header: dict) -> str:
     if isinstance(quantize, dict):
         how += f", {shown(quantize.get('bits'))}-bit values (groups of {shown(quantize.get('group'))})"
     return how
+
+
+def _calibration_note(header: dict) -> str:
+    """Where the errors are activation-weighted (``calibration`` in the header), a note
+    saying so and on what, else nothing (fields of an untrusted file: shown)."""
+    calibration = header.get("calibration")
+    if not isinstance(calibration, dict):
+        return ""
+    tokens = calibration.get("tokens")
+    on = f"{shown(tokens)} tokens of {shown(calibration.get('source'))}" if tokens is not None \
+        else shown(calibration.get("source"))
+    return f"; errors activation-weighted in {shown(calibration.get('tensors'))} matrices ({on})"
 
 
 def _fidelity_line(fidelity: dict) -> str:

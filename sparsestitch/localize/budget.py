@@ -27,7 +27,7 @@ import numpy as np
 
 from ..delta import codecs
 from ..delta.codecs.quant import estimate as quant_estimate
-from .stats import TensorStats, keys_at_least, stats_keys
+from .stats import TensorStats, keys_at_least
 
 DENSITIES = (0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
 BITS = (1, 2, 3, 4, 8, None)          # None: exact values
@@ -65,7 +65,8 @@ class OptionSearch:
         self.stats, self.group = stats, group
         self.energy = stats.energy
         self._finetuned, self._base = stats.sample()
-        self._keys = stats_keys(self._finetuned, self._base, stats.dt)
+        self._keys = stats.sample_keys(self._finetuned, self._base)
+        self._weights = stats.sample_weights(self._keys.size)  # None: the plain error
         self._cuts = {}
         for density in DENSITIES:
             cut = stats.cut(int(round(density * stats.numel)) if density < 1.0 else stats.changed)
@@ -143,8 +144,9 @@ class OptionSearch:
                 payload, _ = codecs.encode_values(finetuned, base, stats.dt)
                 value_bits = 8 * len(payload) / chosen.size
             else:
-                error_sq, value_bits = quant_estimate(finetuned, base, stats.dt, bits,
-                                                      self.group)
+                error_sq, value_bits = quant_estimate(
+                    finetuned, base, stats.dt, bits, self.group,
+                    None if self._weights is None else self._weights[chosen])
                 sample_keys = self._keys[chosen].view(np.float32).astype(np.float64)
                 finite = sample_keys[np.isfinite(sample_keys)]
                 sample_energy = float(np.dot(finite, finite))

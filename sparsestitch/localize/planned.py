@@ -30,6 +30,7 @@ from ..delta.codecs.quant import QuantStream
 from ..delta.format import Record, digest
 from ..delta.spooled import AppendFile, BitAppender, SpooledPayload, changed_between_reads
 from ..engine.walk import BaseHash
+from .activations import squared_weights
 from .budget import Option
 from .selection import Encoded, SelectionParts, TensorScanner, fidelity_report
 from .selectors import Choice, TuneBlock, changed_positions
@@ -48,7 +49,8 @@ def tensor_stats(scanner: TensorScanner, name: str, base_hash: BaseHash | None =
     themselves, with their keys, appended to ``held`` when given)."""
     entry = scanner.base.entry(name)
     dt = lookup_dtype(entry.dtype)
-    stats = [TensorStats.empty(name, dt, entry.numel) for _ in scanner.tunes]
+    weights = scanner.column_weights.get(name)
+    stats = [TensorStats.empty(name, dt, entry.numel, weights) for _ in scanner.tunes]
     for block in scanner.tune_blocks(name, base_hash=base_hash):
         stats[block.tune].add(block.finetuned, block.base, block.offset,
                               keys=block.magnitudes)
@@ -99,14 +101,14 @@ class StreamedRecord:
 
     def add(self, block: TuneBlock, choice: Choice) -> None:
         kept = choice.kept
-        if kept is None:
-            finetuned, base, keys = block.finetuned, block.base, block.magnitudes
-            count = block.base.size
-        else:
-            finetuned, base = block.finetuned[kept], block.base[kept]
-            keys, count = block.magnitudes[kept], kept.size
-        key_histogram(keys, self.counts, self.kept_energy)
-        self.values.add(finetuned, base)
+        finetuned, base, keys = ((block.finetuned, block.base, block.magnitudes) if kept is None
+                                 else (block.finetuned[kept], block.base[kept],
+                                       block.magnitudes[kept]))
+        count = keys.size
+        if not self.energy_from_stats:
+            key_histogram(keys, self.counts, self.kept_energy)
+        self.values.add(finetuned, base, None if block.column_weights is None else
+                        squared_weights(block.column_weights, kept, block.offset, count))
         self.kept += count
         mask = None
         if kept is not None:
@@ -283,7 +285,8 @@ def planned_records(scanner: TensorScanner, name: str, hold_blocks: bool = False
             for block in blocks:
                 if block.tune in current:
                     sink, threshold = sinks[block.tune], current[block.tune].threshold
-                    if isinstance(sink, StreamedRecord) and threshold > 0:
+                    if isinstance(sink, StreamedRecord) and threshold > 0 and \
+                            block.column_weights is None:  # weighted: add takes the positions
                         sink.add_at_least(block, threshold)
                     else:
                         sink.add(block, choice_of(block, threshold))

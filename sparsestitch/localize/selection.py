@@ -12,7 +12,7 @@ model was seen (parking each tensor's selection in a spool, then resolving).  Th
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import closing
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -32,6 +32,7 @@ from ..delta.format import Record, encode_record
 from ..engine.readahead import in_order
 from ..engine.spool import ArraySpool
 from ..engine.walk import BaseHash, RowBlocks, read_blocks
+from .activations import weighted_keys
 from .selectors import Choice, GivenMasks, PrePass, Selector, TuneBlock, changed_positions
 from .stats import BINS, key_histogram
 from .topk import magnitude_keys
@@ -181,8 +182,11 @@ class TensorScanner:
     """Reads tensors of the base and the fine-tunes block by block, selects and encodes."""
 
     def __init__(self, base: Checkpoint, tunes: list[Checkpoint], plan: TensorPlan,
-                 chunk_elements: int, quantize: dict | None = None, planner=None):
+                 chunk_elements: int, quantize: dict | None = None, planner=None,
+                 column_weights: Mapping[str, np.ndarray] | None = None):
         self.base, self.tunes, self.plan = base, tunes, plan
+        # per tensor, its columns' activation weights (:mod:`.activations`); others: plain
+        self.column_weights = dict(column_weights or {})
         self.chunk_elements = number("chunk_elements", chunk_elements, Range(1, whole=True),
                                      "elements read at a time")
         self.quantize = quantize  # {"bits", "group"}: localized tensors' values in k bits
@@ -201,11 +205,12 @@ class TensorScanner:
         blocks = RowBlocks.of_elements(entry.shape, self.chunk_elements)
         if rows is not None:
             blocks = RowBlocks(rows(entry.shape), blocks.row_items)
+        weights = self.column_weights.get(name)
         for start, stop, base_block in read_blocks(self.base, name, blocks, base_hash):
             offset = blocks.elements(start, stop)[0]
             for i, tune in enumerate(self.tunes):
                 yield TuneBlock(name, dt, offset, base_block, tune.read_rows(name, start, stop), i,
-                                scales[i])
+                                scales[i], weights)
 
     def choices(self, name: str, selectors: Sequence[Selector],
                 base_hash: BaseHash | None = None) -> Iterator[tuple[TuneBlock, Choice]]:
@@ -266,13 +271,15 @@ class TensorScanner:
         record, payload = encode_record(name, dt, entry.shape, selection.positions,
                                         selection.finetuned, selection.base, base_xxh3,
                                         quantize=quantize)
-        energy = selection.energy
+        energy, weights = selection.energy, self.column_weights.get(name)
+        if quantize is not None and weights is not None:  # localize.planned streams those
+            raise AssertionError(f"{name}: a weighted quantized record taken whole")
         if quantize is not None and energy is None:  # every element kept: measure it here
             energy = kept_energy(selection, dt)
         if energy is not None:
             error = record.values.get("error_sq") if quantize is not None else None
             record = replace(record, fidelity=fidelity_report(
-                energy, kept_energy(selection, dt), error))
+                energy, kept_energy(selection, dt, weights, entry.numel), error))
         return record, payload
 
     def select_and_encode(self, name: str, selectors: Sequence[Selector],
@@ -292,20 +299,34 @@ class TensorScanner:
             del selection
         return encoded
 
-    def encode_added(self, tune: Checkpoint, name: str) -> Encoded:
-        """A tensor the fine-tune has and the base lacks: stored whole."""
-        entry = tune.entry(name)
-        return encode_record(name, lookup_dtype(entry.dtype), entry.shape, None,
-                             tune.read(name).reshape(-1), None, None)
+
+def encode_added(tune: Checkpoint, name: str) -> Encoded:
+    """A tensor the fine-tune has and the base lacks: stored whole."""
+    entry = tune.entry(name)
+    return encode_record(name, lookup_dtype(entry.dtype), entry.shape, None,
+                         tune.read(name).reshape(-1), None, None)
 
 
-def kept_energy(selection: Selection, dt: DType) -> float:
+def kept_energy(selection: Selection, dt: DType, weights: np.ndarray | None = None,
+                numel: int = 0) -> float:
     """Sum of tau squared at the kept positions (finite values), summed as the statistics
-    sum (:func:`~.localize.stats.keys_energy`), a million values at a time."""
+    sum (:func:`~.localize.stats.keys_energy`), a million values at a time; with column
+    ``weights`` (:mod:`.activations`), of each tau times its column's weight (the positions
+    of a tensor of ``numel`` elements)."""
     counts, energy = np.zeros(BINS, np.int64), np.zeros(BINS, np.float64)
+    positions = None
+    if weights is not None:
+        positions = selection.positions
+        if positions is None:
+            positions = np.arange(numel, dtype=np.int64)
+        elif isinstance(positions, PackedPositions):
+            positions = positions.listed(numel)
     for at in range(0, selection.finetuned.size, 1 << 20):
-        key_histogram(magnitude_keys(selection.finetuned[at:at + (1 << 20)],
-                                     selection.base[at:at + (1 << 20)], dt), counts, energy)
+        keys = magnitude_keys(selection.finetuned[at:at + (1 << 20)],
+                              selection.base[at:at + (1 << 20)], dt)
+        if positions is not None:
+            keys = weighted_keys(keys, weights, positions[at:at + (1 << 20)])
+        key_histogram(keys, counts, energy)
     return float(energy.sum())
 
 

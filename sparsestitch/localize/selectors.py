@@ -39,6 +39,7 @@ from ..core.dtypes import DType
 from ..core.errors import TensorMismatchError
 from ..core.sizes import row_items
 from ..core.tiebreak import ranked, tie_order
+from .activations import weighted_keys
 from .stats import BINS, key_histogram, keys_energy
 from .topk import (
     TopK,
@@ -70,11 +71,17 @@ class TuneBlock:
     finetuned: np.ndarray     # flat fine-tuned bits
     tune: int = 0             # which fine-tune of the run
     key_scale: float = 1.0    # the selector's factor for this tensor's keys
+    # each column's activation weight (:mod:`.activations`), or None: the error is plain
+    column_weights: np.ndarray | None = None
 
     @cached_property
     def magnitudes(self) -> np.ndarray:
-        """Ranking keys of |tau| (see :func:`~.topk.magnitude_keys`), computed once."""
-        return magnitude_keys(self.finetuned, self.base, self.dt)
+        """Ranking keys of |tau| (see :func:`~.topk.magnitude_keys`), computed once; with
+        :attr:`column_weights`, of |tau| times each column's weight."""
+        keys = magnitude_keys(self.finetuned, self.base, self.dt)
+        if self.column_weights is None:
+            return keys
+        return weighted_keys(keys, self.column_weights)
 
     @cached_property
     def keys(self) -> np.ndarray:

@@ -37,6 +37,7 @@ import numpy as np
 
 from ..core import native
 from ..core.dtypes import DType
+from .activations import squared_weights, weighted_keys
 from .topk import magnitude_keys
 
 BINS = 1 << 16
@@ -137,11 +138,15 @@ class TensorStats:
     step: int = 1             # the sample takes every ``step``-th element
     sample_finetuned: list = field(default_factory=list, repr=False)
     sample_base: list = field(default_factory=list, repr=False)
+    # each column's activation weight (:mod:`.activations`): the keys the blocks were added
+    # with are weighted by it, and so are the sample's (:meth:`sample_keys`); None: plain
+    column_weights: np.ndarray | None = field(default=None, repr=False)
 
     @classmethod
-    def empty(cls, name: str, dt: DType, numel: int) -> "TensorStats":
+    def empty(cls, name: str, dt: DType, numel: int,
+              column_weights: np.ndarray | None = None) -> "TensorStats":
         return cls(name, dt, numel, np.zeros(BINS, np.int64), np.zeros(BINS, np.float64),
-                   step=max(1, numel // SAMPLE))
+                   step=max(1, numel // SAMPLE), column_weights=column_weights)
 
     def add(self, finetuned: np.ndarray, base: np.ndarray, offset: int,
             keys: np.ndarray | None = None) -> None:
@@ -150,6 +155,9 @@ class TensorStats:
         finetuned, base = finetuned.reshape(-1), base.reshape(-1)
         if keys is None:
             keys = stats_keys(finetuned, base, self.dt)
+            if self.column_weights is not None:
+                keys = weighted_keys(keys, self.column_weights,
+                                     np.arange(offset, offset + keys.size, dtype=np.int64))
         key_histogram(keys, self.counts, self.bin_energy)
         self.changed += count_changed(finetuned, base)
         first = (-offset) % self.step
@@ -179,3 +187,22 @@ class TensorStats:
         dtype = self.dt.bits
         join = lambda parts: np.concatenate(parts) if parts else np.empty(0, dtype)  # noqa: E731
         return join(self.sample_finetuned), join(self.sample_base)
+
+    def sample_positions(self, count: int) -> np.ndarray:
+        """Flat positions of the sample's first ``count`` elements: every ``step``-th."""
+        return np.arange(count, dtype=np.int64) * self.step
+
+    def sample_keys(self, finetuned: np.ndarray, base: np.ndarray) -> np.ndarray:
+        """The ranking keys of the sample (:meth:`sample`'s bits), as the blocks' keys were
+        made: weighted by their columns' weights where the tensor has them."""
+        keys = stats_keys(finetuned, base, self.dt)
+        if self.column_weights is None:
+            return keys
+        return weighted_keys(keys, self.column_weights, self.sample_positions(keys.size))
+
+    def sample_weights(self, count: int) -> np.ndarray | None:
+        """What each of the sample's first ``count`` elements' squared error counts (None:
+        one each)."""
+        if self.column_weights is None:
+            return None
+        return squared_weights(self.column_weights, self.sample_positions(count))

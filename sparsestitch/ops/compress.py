@@ -35,6 +35,8 @@ from ..engine.budget import MemoryBudget
 from ..engine.fits import check_compatible
 from ..engine.readahead import DEFAULT_WORKERS, in_order, workers_for
 from ..engine.walk import refuse_delta
+from ..core.options import Range, number
+from ..localize.activations import DEFAULT_TOKENS, column_weights, text_activation_scales
 from ..localize.budget import tensor_options
 from ..localize.keep import as_mask_list, choices, make_selectors
 from ..localize.keep_options import KeepOptions
@@ -84,7 +86,9 @@ def compress(base: str | os.PathLike, finetuned: str | os.PathLike | Sequence[st
              max_size: int | str | None = None, overwrite: bool = False,
              progress: bool = False, chunk_elements: int = CHUNK_ELEMENTS,
              threads: int | None = None, max_memory: int | str | None = None,
-             allow_crimes: bool = False, low_rank: bool = False) -> list[DeltaSummary]:
+             allow_crimes: bool = False, low_rank: bool = False,
+             calibration: str | os.PathLike | Mapping | None = None,
+             calibration_tokens: int = DEFAULT_TOKENS) -> list[DeltaSummary]:
     """Write one delta file per fine-tuned checkpoint.
 
     Parameters
@@ -150,6 +154,11 @@ def compress(base: str | os.PathLike, finetuned: str | os.PathLike | Sequence[st
     allow_crimes:
         Go on when the base's and a fine-tune's ``config.json`` name different
         architectures (refused by default, as mergekit's ``--allow-crimes``).
+    calibration, calibration_tokens:
+        The activation-aware error (:mod:`sparsestitch.localize.activations`): a text file
+        whose first ``calibration_tokens`` tokens run through the base, or precomputed scales
+        ``{weight name: mean square of each input feature}``; each matrix's change is ranked
+        and measured with every column weighted by its root mean square activation.
 
     Non-float tensors are never localized: those that differ from the base are stored
     exactly.  Tensors the fine-tune has and the base lacks are stored whole ("added").
@@ -160,14 +169,7 @@ def compress(base: str | os.PathLike, finetuned: str | os.PathLike | Sequence[st
     ...          ["math.delta", "code.delta"], density=0.01)  # doctest: +SKIP
     """
     started = time.perf_counter()
-    finetuned_paths = _as_path_list(finetuned)
-    out_paths = _as_path_list(out)
-    if len(out_paths) != len(finetuned_paths):
-        raise OptionError(f"{len(finetuned_paths)} fine-tuned checkpoints but {len(out_paths)} outputs")
-    inputs = Inputs()
-    base, finetuned_paths = inputs.add(base, "base"), inputs.add_all(finetuned_paths, "fine-tune")
-    for path in out_paths:
-        inputs.check_output(path, "output delta")
+    base, finetuned_paths, out_paths = _resolved(base, finetuned, out)
     keep = KeepOptions.of(density=density, scope=scope, bits=bits, group=group, dense=dense,
                           lossless=lossless, max_error=max_error, max_size=max_size,
                           low_rank=low_rank or None, include=include, exclude=exclude)
@@ -182,10 +184,12 @@ def compress(base: str | os.PathLike, finetuned: str | os.PathLike | Sequence[st
                 refuse_delta(tune, "fine-tune")
                 check_compatible(base_ckpt, tune, allow_crimes)
             plan = TensorPlan.of(base_ckpt, keep.include, keep.exclude, keep.dense)
+            calibrated = _calibration(calibration, calibration_tokens, base.path, base_ckpt, plan,
+                                      density, mask_sets, quantize, planner)
             selectors = make_selectors(plan, density, keep.scope, mask_sets, len(tunes))
             job = CompressJob(base_ckpt, tunes, plan, chunk_elements, progress, workers, quantize,
                               planner, _exact_budget(max_memory, base_ckpt, plan, selectors,
-                                                     quantize, planner).total)
+                                                     quantize, planner).total, *calibrated)
             results = job.run(selectors, out_paths, overwrite,
                               fallback=lambda: make_selectors(plan, density, keep.scope, None,
                                                                len(tunes), exact=True))
@@ -193,6 +197,49 @@ def compress(base: str | os.PathLike, finetuned: str | os.PathLike | Sequence[st
             for tune in tunes:
                 tune.close()
     return _summaries(out_paths, results, plan.candidates, time.perf_counter() - started)
+
+
+def _resolved(base, finetuned, out) -> tuple:
+    """``(base, fine-tunes, outputs)``: the inputs resolved, the outputs checked against them
+    (one per fine-tune, none of them an input)."""
+    finetuned_paths, out_paths = _as_path_list(finetuned), _as_path_list(out)
+    if len(out_paths) != len(finetuned_paths):
+        raise OptionError(f"{len(finetuned_paths)} fine-tuned checkpoints but {len(out_paths)} outputs")
+    inputs = Inputs()
+    base, finetuned_paths = inputs.add(base, "base"), inputs.add_all(finetuned_paths, "fine-tune")
+    for path in out_paths:
+        inputs.check_output(path, "output delta")
+    return base, finetuned_paths, out_paths
+
+
+def _calibration(calibration, tokens: int, base_path: Path, base: Checkpoint, plan: TensorPlan,
+                 density: float, mask_sets, quantize, planner) -> tuple[dict, dict]:
+    """``(column weights per tensor, header fields)`` of the activation-aware error (none
+    without ``calibration``): the options it goes with checked first, then the scales read
+    from a text file run through the base, or taken as given."""
+    if calibration is None:
+        return {}, {}
+    refused = ("masks" if mask_sets else
+               "low_rank" if isinstance(planner, LowRankPlanner) else
+               "bits at a density below 1" if quantize is not None and planner is None else
+               "lossless" if planner is None and density == 1.0 else None)
+    if refused:
+        raise OptionError(f"calibration (the activation-aware error) does not go with "
+                          f"{refused}: use it with the targets (the default, max_error, "
+                          "max_size) or an exact top-k (density)")
+    if isinstance(calibration, Mapping):
+        scales, source, used = calibration, "scales", None
+    else:
+        tokens = number("calibration_tokens", tokens, Range(2, whole=True), "tokens")
+        scales, used = text_activation_scales(base_path, calibration, tokens=tokens)
+        source = Path(calibration).name
+    shapes = {name: base.entry(name).shape for name in base.names}
+    weights = column_weights(scales, shapes, plan.localized)
+    if not weights:
+        raise OptionError("calibration: no localized matrix has scales (the names must be the "
+                          "base's weight names, e.g. model.layers.0.mlp.up_proj.weight)")
+    return weights, {"calibration": {"error": "activation-weighted", "source": source,
+                                     "tokens": used, "tensors": len(weights)}}
 
 
 def _summaries(out_paths: list[Path], results: list[Written], candidates: int,
@@ -226,12 +273,14 @@ class CompressJob:
 
     def __init__(self, base: Checkpoint, tunes: list[Checkpoint], plan: TensorPlan,
                  chunk_elements: int, progress: bool, workers: int = WORKERS,
-                 quantize: dict | None = None, planner=None, max_memory: int = 0):
-        self.scanner = TensorScanner(base, tunes, plan, chunk_elements, quantize, planner)
+                 quantize: dict | None = None, planner=None, max_memory: int = 0,
+                 column_weights: Mapping | None = None, calibrated: Mapping | None = None):
+        self.scanner = TensorScanner(base, tunes, plan, chunk_elements, quantize, planner,
+                                     column_weights)
         self.base, self.tunes, self.plan, self.progress = base, tunes, plan, progress
         self.workers, self.planner = workers, planner
         self.max_memory = max_memory
-        self.how = how_kept(quantize, planner)
+        self.how = {**how_kept(quantize, planner), **(calibrated or {})}  # header fields
 
     def run(self, selectors: list[Selector], out_paths: list[Path], overwrite: bool,
             fallback: Callable[[], list[Selector]]) -> list[Written]:

@@ -18,7 +18,7 @@ from .._version import __version__
 from ..checkpoint import Checkpoint
 from ..core.sizes import numel
 from ..delta.format import DeltaWriter, Record, digest, stores_exact_values
-from ..localize.selection import TensorPlan, TensorScanner
+from ..localize.selection import TensorPlan, TensorScanner, encode_added
 from ..localize.selectors import GivenMasks, Selector
 
 #: A tensor holding more than this share of a delta's kept values is reported: the others
@@ -67,7 +67,7 @@ class DeltaOutputs:
         for i, tune in enumerate(self.tunes):
             for name in tune.names:
                 if name not in self.base:
-                    self.add(i, *scanner.encode_added(tune, name))
+                    self.add(i, *encode_added(tune, name))
 
     def metas(self, selectors: Sequence[Selector], warn: bool = False) -> list[dict]:
         """Every delta's header fields, after its fidelity report and warnings (``warn``:

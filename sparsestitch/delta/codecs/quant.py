@@ -73,10 +73,11 @@ class _Fitted:
 
 
 def _fit_and_assign(kept: np.ndarray, base: np.ndarray, dt: DType, scale_dt: DType, bits: int,
-                    group: int, keep_overflow: bool = False) -> _Fitted:
+                    group: int, keep_overflow: bool = False,
+                    weights: np.ndarray | None = None) -> _Fitted:
     """Fit the scales of the regular values ``kept`` (over ``base``, bits of both), round them
     to the scale dtype, assign every level with the stored scales (as the decoder will), and
-    measure the error."""
+    measure the error (each value's squared error times its ``weights``, where given)."""
     kernels, kind = native.float_kernels(dt.name)
     starts = _group_starts(kept.size, group)
     with np.errstate(all="ignore"):
@@ -97,18 +98,21 @@ def _fit_and_assign(kept: np.ndarray, base: np.ndarray, dt: DType, scale_dt: DTy
                               np.zeros(starts.size, scale_dt.bits), scale_dt, dt)
     size = int(starts[1]) if starts.size > 1 else max(kept.size, 1)
     codes, overflowed, error_sq, max_abs = _assign_and_measure(kept, base, tau, a, b, size, dt,
-                                                               bits)
+                                                               bits, weights)
     if keep_overflow:
         overflowed = np.zeros(kept.size, bool)
     return _Fitted(codes, scale_bits, error_sq, max_abs, overflowed)
 
 
-def _assign_and_measure(kept, base, tau, a, b, size: int, dt: DType, bits: int):
+def _assign_and_measure(kept, base, tau, a, b, size: int, dt: DType, bits: int,
+                        weights: np.ndarray | None = None):
     """Every level with the stored scales ``a``, ``b`` (wide, per group of ``size``), the
     packed codes, which values overflow when restored, and the squared error of the
-    restored values summed in order, with its largest term -- C loop or numpy, the same bits."""
+    restored values summed in order, with its largest term -- C loop or numpy, the same bits.
+    ``weights`` (float64, one per value): the squared errors are weighted (numpy only: the
+    activation-aware error of :mod:`sparsestitch.localize.activations`)."""
     kernels, kind = native.float_kernels(dt.name)
-    if kernels is not None:
+    if kernels is not None and weights is None:
         codes = np.zeros((kept.size * bits + 7) // 8, np.uint8)
         overflowed = np.zeros(kept.size, np.uint8)
         error_sq, max_abs = kernels.quant_assign(
@@ -116,16 +120,20 @@ def _assign_and_measure(kept, base, tau, a, b, size: int, dt: DType, bits: int):
             np.ascontiguousarray(a, np.float64), np.ascontiguousarray(b, np.float64), codes,
             overflowed)
         return codes, overflowed.view(bool), error_sq, max_abs
-    starts = _group_starts(tau.size, size if size < tau.size else 0)
     with np.errstate(all="ignore"):
+        if tau is None:
+            tau = to_wide(kept, dt) - to_wide(base, dt)
+        starts = _group_starts(tau.size, size if size < tau.size else 0)
         levels = _assign(np.abs(tau), a, b, starts, bits)
         negative = np.signbit(tau)
         magnitude = _magnitudes(levels, a, b, starts, dt.wide)
         values = from_wide(to_wide(base, dt) + np.where(negative, -magnitude, magnitude), dt)
         restored = to_wide(values, dt).astype(np.float64)
         error = restored - to_wide(kept, dt).astype(np.float64)
-        finite = error[np.isfinite(error)]
-        error_sq = float(np.cumsum(finite * finite)[-1]) if finite.size else 0.0
+        finite_at = np.isfinite(error)
+        finite = error[finite_at]
+        squares = finite * finite if weights is None else finite * finite * weights[finite_at]
+        error_sq = float(np.cumsum(squares)[-1]) if finite.size else 0.0
     max_abs = float(np.abs(finite).max()) if finite.size else 0.0
     return _pack(negative, levels, bits), ~np.isfinite(restored), error_sq, max_abs
 
@@ -341,19 +349,20 @@ class QuantStream:
         self.error_sq, self.max_abs_error = 0.0, 0.0
         self._seen = 0          # values added so far
         self._start = 0         # kept index of the first buffered value
-        self._kept, self._base, self._exceptional = [], [], []
+        self._pending = _Pending()
         # A temporary file the codes are appended to as their runs are encoded (a tensor
         # too large for its record to be held: see finish's ``into``), else None.
         self._codes_file, self._codes_nbytes = codes_file, 0
 
-    def add(self, kept: np.ndarray, base: np.ndarray) -> None:
+    def add(self, kept: np.ndarray, base: np.ndarray, weights: np.ndarray | None = None) -> None:
+        """Values ``kept`` over ``base`` (bits of both), next in order; ``weights`` (one per
+        value, with every part or none): each squared error counts times its weight."""
+        self._pending.check(weights)
         if kept.size == 0:
             return
-        self._kept.append(kept)
-        self._base.append(base)
-        self._exceptional.append(_non_finite(kept, base, self.dt))
+        self._pending.add(kept, base, _non_finite(kept, base, self.dt), weights)
         self._seen += kept.size
-        if sum(part.size for part in self._kept) >= 2 * self.run:
+        if self._pending.size >= 2 * self.run:
             self._drain(final=False)
 
     def finish(self, into=None) -> tuple[bytes, dict]:
@@ -389,33 +398,31 @@ class QuantStream:
 
     def _drain(self, final: bool) -> None:
         """Encode whole runs of the buffered values (every one of them when ``final``)."""
-        if not self._kept:
+        if not self._pending.parts:
             return
-        kept, base = _join(self._kept), _join(self._base)
-        exceptional = _join(self._exceptional)
+        kept, base, exceptional, weights = self._pending.joined()
         at = 0
         while at < kept.size:
             stop = _run_end(exceptional, at, self.run)
             if not final and (stop == kept.size or
                               int(np.count_nonzero(~exceptional[at:stop])) < self.run):
                 break  # a partial run: wait for more values
-            at = self._encode_run(kept, base, exceptional, at)
+            at = self._encode_run(kept, base, exceptional, at, weights)
         self._start += at
-        self._kept, self._base = [kept[at:]], [base[at:]]
-        self._exceptional = [exceptional[at:]]
+        self._pending.parts = [(kept[at:], base[at:], exceptional[at:],
+                                None if weights is None else weights[at:])]
 
-    def _encode_run(self, kept, base, exceptional, start: int) -> int:
+    def _encode_run(self, kept, base, exceptional, start: int, weights=None) -> int:
         """Encode the run of regular values from ``start``; return where it ends."""
         dt, bits = self.dt, self.bits
         for attempt in range(5):
             stop = _run_end(exceptional, start, self.run)
             regular = ~exceptional[start:stop]
-            if regular.all():  # the usual run: no copies
-                run_kept, run_base = kept[start:stop], base[start:stop]
-            else:
-                run_kept, run_base = kept[start:stop][regular], base[start:stop][regular]
+            pick = slice(None) if regular.all() else regular  # the usual run: no copies
+            run_kept, run_base = kept[start:stop][pick], base[start:stop][pick]
+            run_weights = None if weights is None else weights[start:stop][pick]
             fitted = _fit_and_assign(run_kept, run_base, dt, self.scale_dt, bits, self.group,
-                                     keep_overflow=attempt == 4)
+                                     keep_overflow=attempt == 4, weights=run_weights)
             if not fitted.overflowed.any():
                 break
             exceptional[start + np.flatnonzero(regular)[fitted.overflowed]] = True
@@ -433,6 +440,35 @@ class QuantStream:
         self.error_sq += fitted.error_sq
         self.max_abs_error = max(self.max_abs_error, fitted.max_abs_error)
         return stop
+
+
+class _Pending:
+    """The values a :class:`QuantStream` holds until they fill a run, in parts: fine-tuned
+    and base bits, where they are exceptional, and each one's weight (None: not weighted)."""
+
+    def __init__(self):
+        self.parts: list[tuple] = []
+        self.weighted: bool | None = None  # known from the first part added
+
+    def check(self, weights) -> None:
+        if self.weighted is None:
+            self.weighted = weights is not None
+        if self.weighted != (weights is not None):
+            raise ValueError("weights must be given with every part of a record or with none")
+
+    def add(self, kept, base, exceptional, weights) -> None:
+        self.parts.append((kept, base, exceptional,
+                           None if weights is None else np.asarray(weights, np.float64)))
+
+    @property
+    def size(self) -> int:
+        return sum(part[0].size for part in self.parts)
+
+    def joined(self) -> tuple:
+        """``(kept, base, exceptional, weights)``, each part joined."""
+        kept, base, exceptional = (_join([part[i] for part in self.parts]) for i in range(3))
+        weights = _join([part[3] for part in self.parts]) if self.weighted else None
+        return kept, base, exceptional, weights
 
 
 def _side_streams(stream: QuantStream) -> list[tuple[bytes, dict]]:
@@ -495,19 +531,21 @@ def _run_end(exceptional: np.ndarray, start: int, run: int) -> int:
         stop = min(exceptional.size, stop + missing)
 
 
-def estimate(kept: np.ndarray, base: np.ndarray, dt: DType, bits: int, group: int
-             ) -> tuple[float, float]:
+def estimate(kept: np.ndarray, base: np.ndarray, dt: DType, bits: int, group: int,
+             weights: np.ndarray | None = None) -> tuple[float, float]:
     """``(sum of squared errors, bits per value)`` that encoding would give, without packing
     or compressing: the fit and assignment of :meth:`QuantValues.encode` on these values
     (non-finite ones left out), the codes' bits and the scales' share (what planners estimate
-    options with; the encoder's overflow handling aside)."""
+    options with; the encoder's overflow handling aside).  ``weights``: each value's squared
+    error counts times its weight."""
     if kept.size == 0:
         return 0.0, 0.0
     scale_dt = lookup_dtype(scale_dtype_for(dt, bits))
     group = group if group < kept.size else 0
     regular = ~_non_finite(kept, base, dt)
     fitted = _fit_and_assign(kept[regular], base[regular], dt, scale_dt, bits, group,
-                             keep_overflow=True)
+                             keep_overflow=True,
+                             weights=None if weights is None else weights[regular])
     error_sq = _finite_or_max(fitted.error_sq)
     per_group = (2 if bits > 1 else 1) * 8 * scale_dt.itemsize
     return error_sq, bits + per_group / (group or kept.size)
