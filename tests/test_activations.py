@@ -208,6 +208,8 @@ def test_scales_are_checked_against_the_model():
     weights = column_weights({"a.weight": [1.0, 4.0, 0.0]}, shapes, ["a.weight"])["a.weight"]
     assert weights.dtype == np.float32 and weights[2] == np.float32(FLOOR)
     assert np.allclose(weights[:2], np.array([1.0, 2.0]) / np.sqrt(5.0 / 3.0))
+    # a module tied to another's weight (lm_head on the embedding) has no tensor of its own
+    assert column_weights({"b.weight": [1.0] * 3}, shapes, ["a.weight"], strict=False) == {}
     for scales, words in (({"b.weight": [1.0] * 3}, "does not have: 'b.weight'"),
                           ({"a.weight": [1.0] * 4}, "'a.weight': 4 values, its rows have 3"),
                           ({"a.weight": [1.0, -1.0, 1.0]}, "finite and >= 0"),

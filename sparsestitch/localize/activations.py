@@ -131,15 +131,18 @@ def _dtype_keyword() -> str:
 
 
 def column_weights(scales: Mapping[str, np.ndarray], shapes: Mapping[str, tuple[int, ...]],
-                   localized: Iterable[str]) -> dict[str, np.ndarray]:
+                   localized: Iterable[str], strict: bool = True) -> dict[str, np.ndarray]:
     """Per localized matrix with calibration ``scales`` (mean squares of its input features),
     the float32 weight of each column: ``sqrt(scale)``, divided by its root mean square,
-    at least :data:`FLOOR`.  Scales for tensors the model lacks, of the wrong length, or not
-    finite and non-negative are refused, naming the tensor; names that are not localized
+    at least :data:`FLOOR`.  Scales for tensors the model lacks (unless not ``strict``: a
+    module whose weight is tied to another's, as a tied ``lm_head``), of the wrong length, or
+    not finite and non-negative are refused, naming the tensor; names that are not localized
     (excluded, stored exactly, vectors) are left out."""
     weights = {}
     localized = set(localized)
     for name, scale in scales.items():
+        if name not in shapes and not strict:
+            continue
         if name not in shapes:
             raise OptionError(f"calibration scales name a tensor the base does not have: {name!r}")
         shape = shapes[name]

@@ -234,7 +234,7 @@ def _calibration(calibration, tokens: int, base_path: Path, base: Checkpoint, pl
         scales, used = text_activation_scales(base_path, calibration, tokens=tokens)
         source = Path(calibration).name
     shapes = {name: base.entry(name).shape for name in base.names}
-    weights = column_weights(scales, shapes, plan.localized)
+    weights = column_weights(scales, shapes, plan.localized, strict=used is None)
     if not weights:
         raise OptionError("calibration: no localized matrix has scales (the names must be the "
                           "base's weight names, e.g. model.layers.0.mlp.up_proj.weight)")
