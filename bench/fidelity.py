@@ -178,6 +178,10 @@ def all_configs() -> dict[str, Config]:
                 Config("max_error 0.3 cal", "calibrated", {"max_error": 0.3}, calibrated=True)]
     configs += [Config(f"max_size 1/{d} cal", "calibrated", size_divisor=d, calibrated=True)
                 for d in SIZE_DIVISORS]
+    configs += [Config(f"lowrank 1/{d} cal", "calibrated low-rank", {"low_rank": True},
+                       size_divisor=d, calibrated=True) for d in LOW_RANK_DIVISORS]
+    configs += [Config("lowrank cal", "calibrated low-rank", {"low_rank": True},
+                       calibrated=True)]
     configs += [grid_config(d, b, g) for d in DENSITIES for b, g in BIT_COLUMNS]
     configs += [grid_config(d, None, None) for d in EXTRA_DENSITIES]
     return {c.label: c for c in configs}
@@ -967,6 +971,7 @@ KIND_STYLE = {
     "D-QReLO-style": (">", "navy", "D-QReLO-style (1-bit layer + low-rank residual)"),
     "low-rank": ("d", "teal", "low-rank (--low-rank, --max-size or --max-error)"),
     "calibrated": ("p", "green", "activation-aware (--calibration, a target)"),
+    "calibrated low-rank": ("H", "darkgreen", "activation-aware low-rank (--calibration)"),
 }
 BITS_COLOURS = {"exact": "#1b9e77", "b8": "#66a61e", "b4": "#e6ab02", "b2": "#7570b3",
                 "b1": "#e7298a"}

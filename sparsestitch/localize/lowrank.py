@@ -225,15 +225,23 @@ class HeldChange:
     :func:`encode_matrix` asks of a change (:class:`~.lowrank_stream.StreamedChange` reads
     it again instead)."""
 
-    def __init__(self, tau: np.ndarray, base_bits: np.ndarray, base_xxh3: str):
+    def __init__(self, tau: np.ndarray, base_bits: np.ndarray, base_xxh3: str,
+                 weights: np.ndarray | None = None):
         self.tau, self.base_bits, self.base_xxh3 = tau, base_bits, base_xxh3
         self.rows, self.cols = tau.shape
+        # each column's activation weight (:mod:`.activations`): the singular vectors and
+        # every error are those of ``tau D``; the right factor fits ``tau`` itself (column by
+        # column, which a column's weight does not change)
+        self.weights = weights
 
     def components(self, width: int = 0) -> "Components":
-        return Components(self.tau)
+        return Components(weighted(self.tau, self.weights))
+
+    def leading(self, rank: int) -> tuple[np.ndarray, np.ndarray]:
+        return leading_components(weighted(self.tau, self.weights), rank)
 
     def energy(self) -> float:
-        return energy_of(self.tau)
+        return energy_of(weighted(self.tau, self.weights))
 
     def transposed_times(self, x: np.ndarray) -> np.ndarray:
         """``tau^T x`` in the change's type, as float64."""
@@ -243,7 +251,12 @@ class HeldChange:
         return (tau.T @ torch.from_numpy(x.astype(self.tau.dtype))).double().numpy()
 
     def restored_error(self, left: np.ndarray, right: np.ndarray, dt: DType) -> float:
-        return restored_error(left, right, self.base_bits, self.tau, dt)
+        return restored_error(left, right, self.base_bits, self.tau, dt, self.weights)
+
+
+def weighted(tau: np.ndarray, weights: np.ndarray | None) -> np.ndarray:
+    """``tau D``: each column times its activation weight (``tau`` itself without)."""
+    return tau if weights is None else tau * weights.astype(tau.dtype)
 
 
 @dataclass(frozen=True)
@@ -405,7 +418,7 @@ def encode_matrix(name: str, dt: DType, shape: tuple[int, ...],
         return Record(name, dt.name, tuple(shape), "base", base_xxh3,
                       fidelity=fidelity_report(energy, 0.0)), b""
     rank = len(bits)
-    u, s = leading if leading is not None else leading_components(change.tau, rank)
+    u, s = leading if leading is not None else change.leading(rank)
     scale_type = np.float64 if scale_dtype_for(dt) == "F64" else np.float32
     # every left vector at once; then each right vector, in order, fitted by least squares
     # to what the earlier components leave of tau given the quantized left vectors
@@ -451,15 +464,17 @@ ERROR_BLOCK = 1 << 20
 
 
 def restored_error(left: np.ndarray, right: np.ndarray, base_bits: np.ndarray,
-                   tau: np.ndarray, dt: DType) -> float:
+                   tau: np.ndarray, dt: DType, weights: np.ndarray | None = None) -> float:
     """Sum of squared errors of the task vector the record restores (the decoder's own
-    arithmetic and rounding), a block of rows at a time."""
+    arithmetic and rounding), a block of rows at a time (each column's times its weight
+    squared, with ``weights``)."""
     rows, cols = tau.shape
     step = max(1, ERROR_BLOCK // max(cols, 1))
     total = 0.0
     for r0 in range(0, rows, step):
         r1 = min(rows, r0 + step)
-        total += block_error(left[r0:r1], right, base_bits[r0 * cols:r1 * cols], tau[r0:r1], dt)
+        total += block_error(left[r0:r1], right, base_bits[r0 * cols:r1 * cols], tau[r0:r1], dt,
+                             weights)
     return total
 
 
@@ -509,7 +524,9 @@ def matrix_changes(scanner: TensorScanner, name: str, width: int = 0
     if width:
         return [StreamedChange(scanner.base, tune, name) for tune in scanner.tunes]
     base_xxh3, base_bits, changes = read_changes(scanner, name)
-    return [None if tau is None else HeldChange(tau, base_bits, base_xxh3) for tau in changes]
+    weights = scanner.column_weights.get(name)
+    return [None if tau is None else HeldChange(tau, base_bits, base_xxh3, weights)
+            for tau in changes]
 
 
 def _drop(payload) -> None:
@@ -590,9 +607,11 @@ def measure(scanner: TensorScanner, name: str, group: int, max_size: int | None,
             spectra.append(None if sketch is None else
                            spectrum_of(name, change, sketch, entry.nbytes))
         return profiles, spectra
-    stats = [TensorStats.empty(name, dt, entry.numel) for _ in scanner.tunes]
+    weights = scanner.column_weights.get(name)
+    stats = [TensorStats.empty(name, dt, entry.numel, weights) for _ in scanner.tunes]
     _, _, changes = read_changes(scanner, name, with_base=False, stats=stats)
     profiles = [tensor_options(one, group) for one in stats]
+    changes = [None if tau is None else weighted(tau, weights) for tau in changes]
     return profiles, [None if tau is None else
                       Spectrum(name, rows, cols, energy_of(tau), singular_values(tau),
                                entry.nbytes) for tau in changes]
@@ -690,6 +709,11 @@ class LowRankPlanner(SizeTarget):
         self.spectra = [{} for _ in range(tunes)]
         self.profiles = [{} for _ in range(tunes)]
         self.streamed = streamed_widths(scanner, names, max_memory, self.max_error is not None)
+        weighted_streams = sorted(set(self.streamed) & set(scanner.column_weights))
+        if weighted_streams:
+            raise OptionError(f"tensor {weighted_streams[0]!r}: low-rank records with "
+                              "calibration hold each matrix's change whole, more than "
+                              "max_memory allows here; allow more memory", option="max_memory")
         measured = in_order(names, lambda n: measure(scanner, n, self.group, self.max_size,
                                                      self.width(n)), workers=0)
         for name, (profiles, spectra) in measured:

@@ -82,15 +82,19 @@ def sketch_width(rows: int, cols: int, itemsize: int, max_memory: int) -> int:
 
 
 def block_error(left_rows: np.ndarray, right: np.ndarray, base: np.ndarray, tau: np.ndarray,
-                dt: DType) -> float:
+                dt: DType, weights: np.ndarray | None = None) -> float:
     """Sum of squared errors, in some rows, of the task vector a record restores from
     decoded factors (the decoder's own arithmetic and rounding): ``left_rows`` (rows x R),
-    ``right`` (R x cols), the rows' ``base`` bits (flat) and true change ``tau``."""
+    ``right`` (R x cols), the rows' ``base`` bits (flat) and true change ``tau``; with
+    column ``weights``, each column's errors times its weight squared."""
     wide_base = to_wide(base, dt)
     with np.errstate(all="ignore"):
         restored = from_wide(wide_base + accumulate(left_rows, right).reshape(-1), dt)
         got = to_wide(restored, dt).astype(np.float64) - wide_base.astype(np.float64)
-    return float(np.square(got - tau.reshape(-1)).sum())
+    squares = np.square(got - tau.reshape(-1))
+    if weights is not None:
+        squares = squares.reshape(-1, weights.size) * np.square(weights.astype(np.float64))
+    return float(squares.sum())
 
 
 class Sketch:

@@ -220,13 +220,12 @@ def _calibration(calibration, tokens: int, base_path: Path, base: Checkpoint, pl
     if calibration is None:
         return {}, {}
     refused = ("masks" if mask_sets else
-               "low_rank" if isinstance(planner, LowRankPlanner) else
                "bits at a density below 1" if quantize is not None and planner is None else
                "lossless" if planner is None and density == 1.0 else None)
     if refused:
         raise OptionError(f"calibration (the activation-aware error) does not go with "
                           f"{refused}: use it with the targets (the default, max_error, "
-                          "max_size) or an exact top-k (density)")
+                          "max_size, low_rank) or an exact top-k (density)")
     if isinstance(calibration, Mapping):
         scales, source, used = calibration, "scales", None
     else:
