@@ -47,6 +47,7 @@ Not part of the test suite (it needs the cached fine-tunes and hours of CPU).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -121,8 +122,8 @@ class Config:
     dare_keep: float | None = None     # DARE-style: keep probability p of the modified tune
     ultradelta: tuple[float, int] | None = None   # UltraDelta-style: (kept share, bits)
     dqrelo: int | None = None          # D-QReLO-style: the residual's size divisor
-    # activation-aware error (compress --calibration) on the fine-tune's own training text:
-    # causal LMs only (SmolLM2); MiniLM's points of these rows are skipped
+    # activation-aware error on the fine-tune's own training texts: compress --calibration
+    # for SmolLM2, scales from activation_scales on the encoder for MiniLM (minilm_scales)
     calibrated: bool = False
 
     def compress_options(self, tune: "Tune") -> dict:
@@ -412,12 +413,16 @@ class Bench:
             dare, kept = ultradelta_fine_tune(tune, *config.ultradelta, source)
             masks = {"masks": kept}
         options = config.compress_options(tune)
-        if config.calibrated:  # the first 4,096 tokens of what the fine-tune trained on
+        if config.calibrated and tune.model == "smollm":  # 4,096 tokens of its training text
             text = self.scratch / f"calibration-{tune.name}.txt"
             text.write_text("\n\n".join(self.suite.smol.train[tune.name]), encoding="utf-8")
             options["calibration"] = str(text)
+        elif config.calibrated:  # an encoder: its scales on the task's training texts
+            options["calibration"] = minilm_scales(tune.name)
         summary = sparsestitch.compress(tune.base, source, delta, overwrite=True,
                                         threads=self.threads, **options, **masks)[0]
+        if isinstance(options.get("calibration"), dict):  # the JSON names what they were
+            options["calibration"] = f"activation_scales on {tune.name}'s training texts"
         if source != tune.folder:
             shutil.rmtree(source)
         fidelity = dict(summary.fidelity)
@@ -514,6 +519,32 @@ class Bench:
         if not delta.exists():
             self._compress(tune, config)
         return delta
+
+
+#: Tokens of a MiniLM task's training texts its calibration scales are measured on.
+MINILM_CALIBRATION_TOKENS = 4096
+
+
+@functools.lru_cache(maxsize=None)
+def minilm_scales(task: str) -> dict:
+    """The pretrained MiniLM encoder's input scales (``activation_scales``) over the first
+    training texts of ``task``, one text at a time (no padding), truncated as the task's
+    fine-tuning truncates them, until :data:`MINILM_CALIBRATION_TOKENS` tokens."""
+    from merge_quality import MAX_LENGTH, load_pretrained
+    from mq_tasks import load_task
+
+    from sparsestitch.localize.activations import activation_scales
+
+    encoder, tokenizer = load_pretrained()
+    encoder.eval()
+    batches, tokens = [], 0
+    for text, _ in load_task(task).train:
+        ids = tokenizer(text, truncation=True, max_length=MAX_LENGTH[task], return_tensors="pt")
+        batches.append(dict(ids))
+        tokens += int(ids["input_ids"].numel())
+        if tokens >= MINILM_CALIBRATION_TOKENS:
+            break
+    return activation_scales(encoder, batches)
 
 
 def _empty_folder(out: Path) -> None:
@@ -696,8 +727,7 @@ def _reduced_plan(suite: Suite, models, seed: int, rows: tuple[str, ...],
     if "minilm" in models:
         tunes = suite.tunes("minilm", seed)
         phases.append(Phase(f"MiniLM seed {seed} reduced rows",
-                            [("point", t, CONFIGS[label]) for label in rows
-                             if not CONFIGS[label].calibrated for t in tunes]))
+                            [("point", t, CONFIGS[label]) for label in rows for t in tunes]))
         phases.append(Phase(f"MiniLM seed {seed} merges",
                             [("merge", tunes, CONFIGS[label]) for label in REDUCED_MERGES
                              if merges]))
