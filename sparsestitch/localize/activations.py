@@ -37,6 +37,8 @@ FLOOR = 1e-3
 #: Calibration tokens read from a text file by default, in sequences of this many.
 DEFAULT_TOKENS = 4096
 SEQUENCE = 512
+#: Characters of a calibration text read per token asked for (so a huge file is not read whole).
+CHARACTERS_PER_TOKEN = 64
 
 
 def activation_scales(model, batches: Iterable, *, device="cpu") -> dict[str, np.ndarray]:
@@ -81,8 +83,9 @@ def text_activation_scales(model_path: str | os.PathLike, text_path: str | os.Pa
     tokens used.  The model is loaded whole in float32 by transformers (a one-off: its memory
     is the model's, not compress's budget)."""
     text_path, model_path = Path(text_path), Path(model_path)
-    try:
-        text = text_path.read_text(encoding="utf-8")
+    try:  # the text's start only: a token takes a few characters, never hundreds
+        with open(text_path, encoding="utf-8") as handle:
+            text = handle.read(tokens * CHARACTERS_PER_TOKEN)
     except (OSError, UnicodeDecodeError) as exc:
         raise OptionError(f"calibration text {text_path}: cannot read it as UTF-8 ({exc})") from None
     if not text.strip():
