@@ -351,3 +351,14 @@ def test_low_rank_records_follow_the_weighted_singular_vectors():
         if w is not None:
             assert record.fidelity["relative_error"] == pytest.approx(errors[label], rel=1e-6)
     assert errors["weighted"] < 0.9 * errors["plain"], errors
+
+
+def test_low_rank_memory_counts_the_weighted_copy():
+    """With calibration a matrix's change is also held column-weighted (one copy at a time):
+    the low-rank planner's memory bound counts it, so a budget is never overrun by it."""
+    from sparsestitch.localize.lowrank import Spectrum, working_bytes
+
+    plain = Spectrum("w", 512, 256, 0.0, np.empty(0), 512 * 256 * 4)
+    weighted = Spectrum("w", 512, 256, 0.0, np.empty(0), 512 * 256 * 4, weighted=True)
+    for tunes in (1, 3):
+        assert working_bytes(weighted, tunes, 8) - working_bytes(plain, tunes, 8) == 512 * 256 * 4

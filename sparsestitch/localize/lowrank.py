@@ -110,6 +110,7 @@ class Spectrum:
     singular: np.ndarray      # descending
     nbytes: int = 0           # the matrix's own bytes: stored exactly, it costs at most this
     tail: float = 0.0         # the share of energy beyond ``singular`` (a sketch's; 0: none)
+    weighted: bool = False    # calibration: a column-weighted copy of the change is made too
 
 
 def read_changes(scanner: TensorScanner, name: str, with_base: bool = True,
@@ -580,7 +581,7 @@ def working_bytes(s: Spectrum, tunes: int, rank: int) -> int:
     the error's temporaries."""
     numel, side = s.rows * s.cols, min(s.rows, s.cols)
     wide = 8 if s.nbytes >= 8 * numel else 4
-    return (numel * (s.nbytes // max(numel, 1) + wide * tunes) + 32 * side * side
+    return (numel * (s.nbytes // max(numel, 1) + wide * (tunes + s.weighted)) + 32 * side * side
             + 40 * (s.rows + s.cols) * rank + 48 * COLUMN_CHUNK * max(s.rows, s.cols)
             + 24 * ERROR_BLOCK)
 
@@ -594,8 +595,10 @@ def measure(scanner: TensorScanner, name: str, group: int, max_size: int | None,
     entry = scanner.base.entry(name)
     dt = lookup_dtype(entry.dtype)
     rows, cols = matrix_shape(entry.shape)
+    weights = scanner.column_weights.get(name)
     if max_size is None:  # an error target plans each tensor as it is encoded
-        return None, ([Spectrum(name, rows, cols, 0.0, np.empty(0), entry.nbytes)]
+        return None, ([Spectrum(name, rows, cols, 0.0, np.empty(0), entry.nbytes,
+                                weighted=weights is not None)]
                       * len(scanner.tunes) if eligible(entry.shape, dt) else None)
     if not eligible(entry.shape, dt):
         return [tensor_options(stats, group) for stats in tensor_stats(scanner, name)], None
@@ -607,14 +610,18 @@ def measure(scanner: TensorScanner, name: str, group: int, max_size: int | None,
             spectra.append(None if sketch is None else
                            spectrum_of(name, change, sketch, entry.nbytes))
         return profiles, spectra
-    weights = scanner.column_weights.get(name)
     stats = [TensorStats.empty(name, dt, entry.numel, weights) for _ in scanner.tunes]
     _, _, changes = read_changes(scanner, name, with_base=False, stats=stats)
     profiles = [tensor_options(one, group) for one in stats]
-    changes = [None if tau is None else weighted(tau, weights) for tau in changes]
-    return profiles, [None if tau is None else
-                      Spectrum(name, rows, cols, energy_of(tau), singular_values(tau),
-                               entry.nbytes) for tau in changes]
+    return profiles, [None if tau is None else _spectrum(name, weighted(tau, weights), entry.nbytes,
+                                                         weights is not None)
+                      for tau in changes]   # one weighted copy at a time
+
+
+def _spectrum(name: str, tau: np.ndarray, nbytes: int, weighted_copy: bool) -> Spectrum:
+    rows, cols = tau.shape
+    return Spectrum(name, rows, cols, energy_of(tau), singular_values(tau), nbytes,
+                    weighted=weighted_copy)
 
 
 @dataclass(frozen=True)
@@ -640,7 +647,8 @@ def streamed_widths(scanner: TensorScanner, names, max_memory: int, error_target
         if not eligible(entry.shape, dt):
             continue
         rows, cols = matrix_shape(entry.shape)
-        stub = Spectrum(name, rows, cols, 0.0, np.empty(0), entry.nbytes)
+        stub = Spectrum(name, rows, cols, 0.0, np.empty(0), entry.nbytes,
+                        weighted=name in scanner.column_weights)
         held = (working_bytes(stub, tunes, min(rows, cols) // 2) + tunes * entry.nbytes
                 if error_target else working_bytes(stub, tunes, 0))
         if held <= max_memory:
@@ -664,7 +672,8 @@ def spectrum_of(name: str, change: HeldChange | StreamedChange, components, nbyt
     energy, tail = change.energy(), 0.0
     if isinstance(change, StreamedChange) and energy > 0:
         tail = max(0.0, 1.0 - float((components.singular ** 2).sum()) / energy)
-    return Spectrum(name, change.rows, change.cols, energy, components.singular, nbytes, tail)
+    return Spectrum(name, change.rows, change.cols, energy, components.singular, nbytes, tail,
+                    weighted=getattr(change, "weights", None) is not None)
 
 
 class LowRankPlanner(SizeTarget):
