@@ -64,7 +64,8 @@ def main():
               "Face causal LM folder or .gguf; needs transformers); each linear layer's change "
               "is ranked and its error measured with every input feature weighted by its root "
               "mean square activation (||(tau - tau_hat) X^T||, the diagonal of X^T X). With "
-              "the targets or an exact --density.")
+              "the targets (the default, --max-error, --max-size, --low-rank; best with a "
+              "size) or an exact --density.")
 @click.option("--calibration-tokens", type=int, default=4096, show_default=True,
               help="With --calibration: tokens of the text to run.")
 @allow_crimes_option
