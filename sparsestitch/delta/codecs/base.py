@@ -28,6 +28,7 @@ is bounded by construction.
 
 from __future__ import annotations
 
+import threading
 from typing import Protocol, runtime_checkable
 
 import numpy as np
@@ -111,10 +112,29 @@ def pack_stream(raw: bytes | memoryview | np.ndarray) -> tuple[bytes, dict]:
     n = raw.nbytes
     if n == 0:
         return b"", {"zstd": False, "raw_nbytes": 0}
-    packed = stream_compressor(n).compress(raw)
+    packed = _one_shot_compressor(n).compress(raw)
     if len(packed) < n:
         return packed, {"zstd": True, "raw_nbytes": n}
     return bytes(raw), {"zstd": False, "raw_nbytes": n}
+
+
+#: This thread's compressors for one-shot ``compress`` calls, by level: making one costs
+#: about 27 us, which the planner's estimates (thousands of small streams a model) paid each
+#: time.  Per thread, because a compressor must not be used by two threads at once; one-shot
+#: only, because a stream writer left open on a shared compressor would be reset by the next.
+_ONE_SHOT = threading.local()
+
+
+def _one_shot_compressor(raw_nbytes: int) -> zstandard.ZstdCompressor:
+    """:func:`stream_compressor` for a single ``compress`` call, reused within the thread
+    (the same parameters, so the same bytes)."""
+    level = ZSTD_LEVEL_SMALL if raw_nbytes <= ZSTD_SMALL_LIMIT else ZSTD_LEVEL_LARGE
+    made = getattr(_ONE_SHOT, "by_level", None)
+    if made is None:
+        made = _ONE_SHOT.by_level = {}
+    if level not in made:
+        made[level] = zstandard.ZstdCompressor(level=level, write_content_size=True)
+    return made[level]
 
 
 def stream_compressor(raw_nbytes: int, threads: int = 0) -> zstandard.ZstdCompressor:

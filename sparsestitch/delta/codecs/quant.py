@@ -138,11 +138,18 @@ def _assign_and_measure(kept, base, tau, a, b, size: int, dt: DType, bits: int,
     return _pack(negative, levels, bits), ~np.isfinite(restored), error_sq, max_abs
 
 
+#: The largest finite scale of each scale dtype.
+_FINITE_MAX = {"BF16": 3.3895313892515355e38, "F32": float(np.finfo(np.float32).max),
+               "F64": float(np.finfo(np.float64).max)}
+
+
 def _to_scale_bits(values: np.ndarray, scale_dt: DType) -> np.ndarray:
     """Scales rounded to the scale dtype (largest finite where they would overflow)."""
-    finite_max = {"BF16": 3.3895313892515355e38, "F32": np.finfo(np.float32).max,
-                  "F64": np.finfo(np.float64).max}[scale_dt.name]
-    clipped = np.minimum(np.nan_to_num(values, posinf=finite_max), finite_max)
+    finite_max = _FINITE_MAX[scale_dt.name]
+    if np.isfinite(values).all():  # the usual case: nan_to_num would change nothing
+        clipped = np.minimum(values, finite_max)
+    else:
+        clipped = np.minimum(np.nan_to_num(values, posinf=finite_max), finite_max)
     if scale_dt.name == "F64":
         return clipped.astype(np.float64).view(np.uint64)
     if scale_dt.name == "F32":
