@@ -7,6 +7,7 @@ import itertools
 
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 from hypothesis import given, settings, strategies as st
 from safetensors.torch import load_file
@@ -264,3 +265,45 @@ def test_error_target_tries_fitting_options_cheapest_first_then_exact(seed, dtyp
     assert any(o.bits is None and o.kept == stats.changed for o in tried)
     assert len(tried) in (len(fitting), len(fitting) + 1)
 
+
+
+@pytest.mark.parametrize("flip_zero_signs", [False, True])
+def test_every_change_by_a_threshold_of_one_writes_what_positions_write(tmp_path, monkeypatch,
+                                                                        flip_zero_signs):
+    """A record of every change takes the one-pass threshold selection where a block's
+    nonzero keys are its changes, and the position list where a change has a zero key (a
+    sign of zero flipped): the same bytes either way, and the flipped zeros are kept."""
+    from sparsestitch.localize import planned
+
+    g = torch.Generator().manual_seed(11)
+    base = {f"w{i}": torch.randn(64, 48, generator=g) for i in range(3)}
+    tune = {}
+    for name, tensor in base.items():
+        changed = torch.rand(tensor.shape, generator=g) < 0.7  # most, not all, change
+        tune[name] = torch.where(changed, tensor + 0.01 * torch.randn(tensor.shape, generator=g),
+                                 tensor)
+    if flip_zero_signs:
+        base["w1"][0, :4] = 0.0
+        tune["w1"][0, :4] = -0.0
+    base_path, tune_path = _pair(tmp_path, base, tune)
+    calls = []
+    keyed = planned.keyed_changes
+    monkeypatch.setattr(planned, "keyed_changes", lambda block: calls.append(keyed(block))
+                        or calls[-1])
+    outputs = []
+    for options in ({"density": 1.0, "bits": 2}, {"max_error": 0.0001}):
+        out = tmp_path / "threshold.delta"
+        sparsestitch.compress(base_path, tune_path, out, chunk_elements=999, overwrite=True,
+                              **options)
+        outputs.append(out.read_bytes())
+    assert True in calls and (False in calls) == flip_zero_signs
+    monkeypatch.setattr(planned, "keyed_changes", lambda block: False)
+    for options, expected in zip(({"density": 1.0, "bits": 2}, {"max_error": 0.0001}), outputs):
+        out = tmp_path / "positions.delta"
+        sparsestitch.compress(base_path, tune_path, out, chunk_elements=999, overwrite=True,
+                              **options)
+        assert out.read_bytes() == expected, options
+    if flip_zero_signs:
+        restored = load_file(sparsestitch.restore(base_path, tmp_path / "threshold.delta",
+                                                  tmp_path / "r.safetensors"))
+        assert torch.equal(torch.signbit(restored["w1"][0, :4]), torch.ones(4, dtype=torch.bool))

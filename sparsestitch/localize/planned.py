@@ -34,7 +34,8 @@ from .activations import squared_weights
 from .budget import Option
 from .selection import Encoded, SelectionParts, TensorScanner, fidelity_report
 from .selectors import Choice, TuneBlock, changed_positions
-from .stats import BINS, TensorStats, key_histogram, keys_at_least, select_at_least
+from .stats import (BINS, TensorStats, count_changed, key_histogram, keys_at_least,
+                    select_at_least)
 
 #: Kept positions are written as a bitmap from this share of a tensor's elements up (where
 #: a compressed bitmap costs what a Rice-coded list does, and an int64 list would cost 64
@@ -67,6 +68,16 @@ def choice_of(block: TuneBlock, threshold: int) -> Choice:
         choice = changed_positions(block)
         return Choice(None) if choice.kept.size == block.base.size else choice
     return Choice(keys_at_least(block.magnitudes, threshold))
+
+
+def keyed_changes(block: TuneBlock) -> bool:
+    """Whether the elements whose keys are at least 1 (nonzero) are exactly the block's
+    changed ones, and some element is unchanged: then "every change" selects by a threshold
+    of 1 in one pass, with no position array (the same set in the same order, so the same
+    record).  A nonzero key is always a change; a change can have a zero key (a sign of zero
+    flipped, a float64 change below float32's range), which this count rules out."""
+    changed = count_changed(block.finetuned.reshape(-1), block.base.reshape(-1))
+    return changed < block.base.size and int(np.count_nonzero(block.magnitudes)) == changed
 
 
 def kept_bin_energy(bin_energy: np.ndarray | None, threshold: int) -> tuple[np.ndarray, bool]:
@@ -285,9 +296,9 @@ def planned_records(scanner: TensorScanner, name: str, hold_blocks: bool = False
             for block in blocks:
                 if block.tune in current:
                     sink, threshold = sinks[block.tune], current[block.tune].threshold
-                    if isinstance(sink, StreamedRecord) and threshold > 0 and \
-                            block.column_weights is None:  # weighted: add takes the positions
-                        sink.add_at_least(block, threshold)
+                    if isinstance(sink, StreamedRecord) and block.column_weights is None and (
+                            threshold > 0 or (threshold == 0 and keyed_changes(block))):
+                        sink.add_at_least(block, max(threshold, 1))  # weighted: add, positions
                     else:
                         sink.add(block, choice_of(block, threshold))
         except BaseException:
