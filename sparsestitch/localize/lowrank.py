@@ -234,6 +234,7 @@ class HeldChange:
         # every error are those of ``tau D``; the right factor fits ``tau`` itself (column by
         # column, which a column's weight does not change)
         self.weights = weights
+        self._energy: float | None = None
 
     def components(self, width: int = 0) -> "Components":
         return Components(weighted(self.tau, self.weights))
@@ -242,7 +243,10 @@ class HeldChange:
         return leading_components(weighted(self.tau, self.weights), rank)
 
     def energy(self) -> float:
-        return energy_of(weighted(self.tau, self.weights))
+        """``||tau D||^2``, measured once (the planner and every encoding attempt ask)."""
+        if self._energy is None:
+            self._energy = energy_of(weighted(self.tau, self.weights))
+        return self._energy
 
     def transposed_times(self, x: np.ndarray) -> np.ndarray:
         """``tau^T x`` in the change's type, as float64."""
@@ -613,15 +617,10 @@ def measure(scanner: TensorScanner, name: str, group: int, max_size: int | None,
     stats = [TensorStats.empty(name, dt, entry.numel, weights) for _ in scanner.tunes]
     _, _, changes = read_changes(scanner, name, with_base=False, stats=stats)
     profiles = [tensor_options(one, group) for one in stats]
-    return profiles, [None if tau is None else _spectrum(name, weighted(tau, weights), entry.nbytes,
-                                                         weights is not None)
-                      for tau in changes]   # one weighted copy at a time
-
-
-def _spectrum(name: str, tau: np.ndarray, nbytes: int, weighted_copy: bool) -> Spectrum:
-    rows, cols = tau.shape
-    return Spectrum(name, rows, cols, energy_of(tau), singular_values(tau), nbytes,
-                    weighted=weighted_copy)
+    scaled = (None if tau is None else weighted(tau, weights) for tau in changes)  # one at a time
+    return profiles, [None if tau is None else
+                      Spectrum(name, rows, cols, energy_of(tau), singular_values(tau),
+                               entry.nbytes, weighted=weights is not None) for tau in scaled]
 
 
 @dataclass(frozen=True)
@@ -673,7 +672,7 @@ def spectrum_of(name: str, change: HeldChange | StreamedChange, components, nbyt
     if isinstance(change, StreamedChange) and energy > 0:
         tail = max(0.0, 1.0 - float((components.singular ** 2).sum()) / energy)
     return Spectrum(name, change.rows, change.cols, energy, components.singular, nbytes, tail,
-                    weighted=getattr(change, "weights", None) is not None)
+                    weighted=change.weights is not None)
 
 
 class LowRankPlanner(SizeTarget):

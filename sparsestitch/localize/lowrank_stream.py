@@ -113,6 +113,9 @@ class StreamedChange:
     time as often as asked, never held whole. :meth:`scan` first (the checksum, the energy,
     whether every change is finite)."""
 
+    #: no activation weights: calibration refuses matrices read again (LowRankPlanner.profile)
+    weights = None
+
     def __init__(self, base, tune, name: str):
         entry = base.entry(name)
         self.name, self.dt, self.shape = name, lookup_dtype(entry.dtype), tuple(entry.shape)

@@ -34,8 +34,7 @@ from .activations import squared_weights
 from .budget import Option
 from .selection import Encoded, SelectionParts, TensorScanner, fidelity_report
 from .selectors import Choice, TuneBlock, changed_positions
-from .stats import (BINS, TensorStats, count_changed, key_histogram, keys_at_least,
-                    select_at_least)
+from .stats import BINS, TensorStats, key_histogram, keys_at_least, select_at_least
 
 #: Kept positions are written as a bitmap from this share of a tensor's elements up (where
 #: a compressed bitmap costs what a Rice-coded list does, and an int64 list would cost 64
@@ -54,7 +53,7 @@ def tensor_stats(scanner: TensorScanner, name: str, base_hash: BaseHash | None =
     stats = [TensorStats.empty(name, dt, entry.numel, weights) for _ in scanner.tunes]
     for block in scanner.tune_blocks(name, base_hash=base_hash):
         stats[block.tune].add(block.finetuned, block.base, block.offset,
-                              keys=block.magnitudes)
+                              keys=block.magnitudes, changed=block.changed)
         if held is not None:
             held.append(block)
     return stats
@@ -76,8 +75,8 @@ def keyed_changes(block: TuneBlock) -> bool:
     of 1 in one pass, with no position array (the same set in the same order, so the same
     record).  A nonzero key is always a change; a change can have a zero key (a sign of zero
     flipped, a float64 change below float32's range), which this count rules out."""
-    changed = count_changed(block.finetuned.reshape(-1), block.base.reshape(-1))
-    return changed < block.base.size and int(np.count_nonzero(block.magnitudes)) == changed
+    return block.changed < block.base.size and \
+        int(np.count_nonzero(block.magnitudes)) == block.changed
 
 
 def kept_bin_energy(bin_energy: np.ndarray | None, threshold: int) -> tuple[np.ndarray, bool]:
@@ -298,7 +297,8 @@ def planned_records(scanner: TensorScanner, name: str, hold_blocks: bool = False
                     sink, threshold = sinks[block.tune], current[block.tune].threshold
                     if isinstance(sink, StreamedRecord) and block.column_weights is None and (
                             threshold > 0 or (threshold == 0 and keyed_changes(block))):
-                        sink.add_at_least(block, max(threshold, 1))  # weighted: add, positions
+                        # (a weighted block takes add: its weights need the positions)
+                        sink.add_at_least(block, max(threshold, 1))
                     else:
                         sink.add(block, choice_of(block, threshold))
         except BaseException:

@@ -40,7 +40,7 @@ from ..core.errors import TensorMismatchError
 from ..core.sizes import row_items
 from ..core.tiebreak import ranked, tie_order
 from .activations import weighted_keys
-from .stats import BINS, key_histogram, keys_energy
+from .stats import BINS, count_changed, key_histogram, keys_energy
 from .topk import (
     TopK,
     add_first,
@@ -82,6 +82,11 @@ class TuneBlock:
         if self.column_weights is None:
             return keys
         return weighted_keys(keys, self.column_weights)
+
+    @cached_property
+    def changed(self) -> int:
+        """How many of the block's elements changed their bits, counted once."""
+        return count_changed(self.finetuned.reshape(-1), self.base.reshape(-1))
 
     @cached_property
     def keys(self) -> np.ndarray:

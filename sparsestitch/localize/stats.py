@@ -149,7 +149,7 @@ class TensorStats:
                    step=max(1, numel // SAMPLE), column_weights=column_weights)
 
     def add(self, finetuned: np.ndarray, base: np.ndarray, offset: int,
-            keys: np.ndarray | None = None) -> None:
+            keys: np.ndarray | None = None, changed: int | None = None) -> None:
         """Fold in one block: flat bits of elements ``offset, offset + 1, ...`` (``keys``:
         their ranking keys, if already computed)."""
         finetuned, base = finetuned.reshape(-1), base.reshape(-1)
@@ -159,7 +159,7 @@ class TensorStats:
                 keys = weighted_keys(keys, self.column_weights,
                                      np.arange(offset, offset + keys.size, dtype=np.int64))
         key_histogram(keys, self.counts, self.bin_energy)
-        self.changed += count_changed(finetuned, base)
+        self.changed += count_changed(finetuned, base) if changed is None else changed
         first = (-offset) % self.step
         self.sample_finetuned.append(finetuned[first::self.step].copy())
         self.sample_base.append(base[first::self.step].copy())

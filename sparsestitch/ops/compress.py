@@ -29,13 +29,13 @@ from ..checkpoint.guard import Inputs
 from ..core.dtypes import dtype as lookup_dtype
 from ..core.errors import OptionError
 from ..core.native import keep_freed_blocks
+from ..core.options import Range, number
 from ..core.progress import bar
 from ..core.sizes import format_bytes
 from ..engine.budget import MemoryBudget
 from ..engine.fits import check_compatible
 from ..engine.readahead import DEFAULT_WORKERS, in_order, workers_for
 from ..engine.walk import refuse_delta
-from ..core.options import Range, number
 from ..localize.activations import DEFAULT_TOKENS, column_weights, text_activation_scales
 from ..localize.budget import tensor_options
 from ..localize.keep import as_mask_list, choices, make_selectors
@@ -226,14 +226,16 @@ def _calibration(calibration, tokens: int, base_path: Path, base: Checkpoint, pl
         raise OptionError(f"calibration (the activation-aware error) does not go with "
                           f"{refused}: use it with the targets (the default, max_error, "
                           "max_size, low_rank) or an exact top-k (density)")
-    if isinstance(calibration, Mapping):
+    given = isinstance(calibration, Mapping)
+    if given:
         scales, source, used = calibration, "scales", None
     else:
         tokens = number("calibration_tokens", tokens, Range(2, whole=True), "tokens")
         scales, used = text_activation_scales(base_path, calibration, tokens=tokens)
         source = Path(calibration).name
     shapes = {name: base.entry(name).shape for name in base.names}
-    weights = column_weights(scales, shapes, plan.localized, strict=used is None)
+    # scales measured here may name a module tied to another's weight (a tied lm_head)
+    weights = column_weights(scales, shapes, plan.localized, strict=given)
     if not weights:
         raise OptionError("calibration: no localized matrix has scales (the names must be the "
                           "base's weight names, e.g. model.layers.0.mlp.up_proj.weight)")

@@ -128,7 +128,7 @@ _ONE_SHOT = threading.local()
 def _one_shot_compressor(raw_nbytes: int) -> zstandard.ZstdCompressor:
     """:func:`stream_compressor` for a single ``compress`` call, reused within the thread
     (the same parameters, so the same bytes)."""
-    level = ZSTD_LEVEL_SMALL if raw_nbytes <= ZSTD_SMALL_LIMIT else ZSTD_LEVEL_LARGE
+    level = zstd_level(raw_nbytes)
     made = getattr(_ONE_SHOT, "by_level", None)
     if made is None:
         made = _ONE_SHOT.by_level = {}
@@ -137,11 +137,17 @@ def _one_shot_compressor(raw_nbytes: int) -> zstandard.ZstdCompressor:
     return made[level]
 
 
+def zstd_level(raw_nbytes: int) -> int:
+    """The zstd level of a stream of ``raw_nbytes`` bytes (:data:`ZSTD_LEVEL_SMALL` up to
+    :data:`ZSTD_SMALL_LIMIT`, then :data:`ZSTD_LEVEL_LARGE`)."""
+    return ZSTD_LEVEL_SMALL if raw_nbytes <= ZSTD_SMALL_LIMIT else ZSTD_LEVEL_LARGE
+
+
 def stream_compressor(raw_nbytes: int, threads: int = 0) -> zstandard.ZstdCompressor:
     """The zstd compressor :func:`pack_stream` uses for a stream of ``raw_nbytes`` bytes
     (``threads`` >= 1: zstd's workers, one frame still, the bytes a little different from
     one-thread zstd's and the same for any number of workers)."""
-    level = ZSTD_LEVEL_SMALL if raw_nbytes <= ZSTD_SMALL_LIMIT else ZSTD_LEVEL_LARGE
+    level = zstd_level(raw_nbytes)
     if threads >= 1:
         params = zstandard.ZstdCompressionParameters.from_level(
             level, write_content_size=True, threads=threads)
