@@ -362,3 +362,16 @@ def test_low_rank_memory_counts_the_weighted_copy():
     weighted = Spectrum("w", 512, 256, 0.0, np.empty(0), 512 * 256 * 4, weighted=True)
     for tunes in (1, 3):
         assert working_bytes(weighted, tunes, 8) - working_bytes(plain, tunes, 8) == 512 * 256 * 4
+
+
+def test_an_output_on_the_calibration_text_is_refused_and_the_text_kept(tmp_path):
+    from sparsestitch.core.errors import OutputError
+
+    base, tune = _pair(2)
+    base_path = save_checkpoint(tmp_path / "base.safetensors", base)
+    tune_path = save_checkpoint(tmp_path / "tune.safetensors", tune)
+    text = tmp_path / "calibration.txt"
+    text.write_text("the text a user keeps")
+    with pytest.raises(OutputError, match="calibration text"):
+        sparsestitch.compress(base_path, tune_path, text, calibration=text, overwrite=True)
+    assert text.read_text() == "the text a user keeps"

@@ -169,7 +169,7 @@ def compress(base: str | os.PathLike, finetuned: str | os.PathLike | Sequence[st
     ...          ["math.delta", "code.delta"], density=0.01)  # doctest: +SKIP
     """
     started = time.perf_counter()
-    base, finetuned_paths, out_paths = _resolved(base, finetuned, out)
+    base, finetuned_paths, out_paths = _resolved(base, finetuned, out, calibration)
     keep = KeepOptions.of(density=density, scope=scope, bits=bits, group=group, dense=dense,
                           lossless=lossless, max_error=max_error, max_size=max_size,
                           low_rank=low_rank or None, include=include, exclude=exclude)
@@ -199,14 +199,16 @@ def compress(base: str | os.PathLike, finetuned: str | os.PathLike | Sequence[st
     return _summaries(out_paths, results, plan.candidates, time.perf_counter() - started)
 
 
-def _resolved(base, finetuned, out) -> tuple:
+def _resolved(base, finetuned, out, calibration=None) -> tuple:
     """``(base, fine-tunes, outputs)``: the inputs resolved, the outputs checked against them
-    (one per fine-tune, none of them an input)."""
+    (one per fine-tune, none of them an input, a calibration text included)."""
     finetuned_paths, out_paths = _as_path_list(finetuned), _as_path_list(out)
     if len(out_paths) != len(finetuned_paths):
         raise OptionError(f"{len(finetuned_paths)} fine-tuned checkpoints but {len(out_paths)} outputs")
     inputs = Inputs()
     base, finetuned_paths = inputs.add(base, "base"), inputs.add_all(finetuned_paths, "fine-tune")
+    if calibration is not None and not isinstance(calibration, Mapping):
+        inputs.add_local(calibration, "calibration text")
     for path in out_paths:
         inputs.check_output(path, "output delta")
     return base, finetuned_paths, out_paths
