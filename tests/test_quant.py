@@ -184,11 +184,12 @@ def test_a_version_1_file_cannot_claim_quant_values(tmp_path):
 @pytest.mark.parametrize("dt", FLOAT_DTYPES, ids=lambda dt: dt.name)
 @settings(max_examples=40, deadline=None)
 @given(data=st.data(), bits_k=st.sampled_from(BITS), group=st.sampled_from([0, 1, 3, 8]),
-       run=st.sampled_from([8, 16, 64]))
-def test_values_added_in_parts_encode_as_all_at_once(dt, data, bits_k, group, run):
+       run=st.sampled_from([8, 16, 64]), announced=st.booleans())
+def test_values_added_in_parts_encode_as_all_at_once(dt, data, bits_k, group, run, announced):
     """A QuantStream fed a record in any number of parts writes exactly the payload and
     config of encoding it at once; and runs far shorter than the record change only the
-    order the squared error is summed in (the same groups, the same codes and scales)."""
+    order the squared error is summed in (the same groups, the same codes and scales).
+    Announced or not (its buffers then grow as parts come), the record is the same."""
     from unittest import mock
 
     from sparsestitch.delta.codecs import quant
@@ -198,7 +199,7 @@ def test_values_added_in_parts_encode_as_all_at_once(dt, data, bits_k, group, ru
     with mock.patch.object(quant, "RUN_VALUES", run):
         whole = QUANT.encode(kept, base, dt, bits=bits_k, group=group)
         cuts = sorted(data.draw(st.lists(st.integers(0, kept.size), max_size=6)))
-        stream = quant.QuantStream(dt, bits_k, group, kept.size)
+        stream = quant.QuantStream(dt, bits_k, group, kept.size if announced else None)
         for a, b in zip([0, *cuts], [*cuts, kept.size]):
             stream.add(kept[a:b], base[a:b])
         assert stream.finish() == whole

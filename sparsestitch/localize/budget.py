@@ -74,6 +74,7 @@ class OptionSearch:
                     all(c.kept != cut.kept for c in self._cuts.values()):
                 self._cuts[density] = cut  # (every change once: as density 1.0, threshold 0)
         self._estimated: dict[tuple[float, int | None], Option] = {}
+        self._kept_samples: dict[float, tuple] = {}
 
     def candidates(self) -> list[tuple[float, float, int | None]]:
         """``(lower bound of the bytes, density, bits)`` of every option, cheapest first: the
@@ -130,26 +131,37 @@ class OptionSearch:
         if everything is not None and everything not in tried:
             yield everything
 
+    def _kept_sample(self, density: float) -> tuple[np.ndarray, np.ndarray, np.ndarray | None,
+                                                    float]:
+        """The part of the sample a density's threshold keeps (at most :data:`SAMPLE` of it,
+        evenly spread): ``(fine-tuned bits, base bits, weights or None, its energy)``, made
+        once per density and shared by its options (every bits' estimate reads the same)."""
+        if density not in self._kept_samples:
+            threshold = self._cuts[density].threshold
+            chosen = (keys_at_least(self._keys, threshold) if threshold
+                      else np.flatnonzero(self._finetuned != self._base))
+            if chosen.size > SAMPLE:
+                chosen = chosen[np.linspace(0, chosen.size - 1, SAMPLE).astype(np.int64)]
+            sample_keys = self._keys[chosen].view(np.float32).astype(np.float64)
+            finite = sample_keys[np.isfinite(sample_keys)]
+            self._kept_samples[density] = (
+                self._finetuned[chosen], self._base[chosen],
+                None if self._weights is None else self._weights[chosen],
+                float(np.dot(finite, finite)))
+        return self._kept_samples[density]
+
     def _estimate(self, density: float, bits: int | None) -> Option:
         cut, stats = self._cuts[density], self.stats
         dropped = self.dropped(density) * self.energy
-        chosen = (keys_at_least(self._keys, cut.threshold) if cut.threshold
-                  else np.flatnonzero(self._finetuned != self._base))
-        if chosen.size > SAMPLE:
-            chosen = chosen[np.linspace(0, chosen.size - 1, SAMPLE).astype(np.int64)]
+        finetuned, base, weights, sample_energy = self._kept_sample(density)
         value_bits, ratio = 8.0 * stats.dt.itemsize, 0.0
-        if chosen.size:
-            finetuned, base = self._finetuned[chosen], self._base[chosen]
+        if finetuned.size:
             if bits is None:
                 payload, _ = codecs.encode_values(finetuned, base, stats.dt)
-                value_bits = 8 * len(payload) / chosen.size
+                value_bits = 8 * len(payload) / finetuned.size
             else:
-                error_sq, value_bits = quant_estimate(
-                    finetuned, base, stats.dt, bits, self.group,
-                    None if self._weights is None else self._weights[chosen])
-                sample_keys = self._keys[chosen].view(np.float32).astype(np.float64)
-                finite = sample_keys[np.isfinite(sample_keys)]
-                sample_energy = float(np.dot(finite, finite))
+                error_sq, value_bits = quant_estimate(finetuned, base, stats.dt, bits,
+                                                      self.group, weights)
                 ratio = error_sq / sample_energy if sample_energy > 0 else 0.0
         kept_energy = self.energy - dropped
         error = (dropped + ratio * kept_energy) / self.energy if self.energy > 0 else 0.0

@@ -108,8 +108,8 @@ def select_at_least(keys: np.ndarray, threshold: int, finetuned: np.ndarray, bas
         kept_keys = np.empty_like(keys)
         count = kernels.select_at_least(keys, threshold, finetuned, base, kept_ft, kept_base,
                                         kept_keys, window, first)
-        # copies of the values: whoever keeps them keeps no block-sized buffer
-        return kept_ft[:count].copy(), kept_base[:count].copy(), kept_keys[:count]
+        # views: their one taker, a QuantStream, copies them into its own buffers
+        return kept_ft[:count], kept_base[:count], kept_keys[:count]
     mask = keys >= np.uint32(threshold)
     bits = np.packbits(np.concatenate([np.zeros(first, bool), mask]), bitorder="little")
     window[:bits.size] |= bits

@@ -356,7 +356,7 @@ class QuantStream:
         self.error_sq, self.max_abs_error = 0.0, 0.0
         self._seen = 0          # values added so far
         self._start = 0         # kept index of the first buffered value
-        self._pending = _Pending()
+        self._pending = _Pending(count)
         # A temporary file the codes are appended to as their runs are encoded (a tensor
         # too large for its record to be held: see finish's ``into``), else None.
         self._codes_file, self._codes_nbytes = codes_file, 0
@@ -405,7 +405,7 @@ class QuantStream:
 
     def _drain(self, final: bool) -> None:
         """Encode whole runs of the buffered values (every one of them when ``final``)."""
-        if not self._pending.parts:
+        if not self._pending.size:
             return
         kept, base, exceptional, weights = self._pending.joined()
         at = 0
@@ -416,8 +416,7 @@ class QuantStream:
                 break  # a partial run: wait for more values
             at = self._encode_run(kept, base, exceptional, at, weights)
         self._start += at
-        self._pending.parts = [(kept[at:], base[at:], exceptional[at:],
-                                None if weights is None else weights[at:])]
+        self._pending.drop(at)
 
     def _encode_run(self, kept, base, exceptional, start: int, weights=None) -> int:
         """Encode the run of regular values from ``start``; return where it ends."""
@@ -450,11 +449,16 @@ class QuantStream:
 
 
 class _Pending:
-    """The values a :class:`QuantStream` holds until they fill a run, in parts: fine-tuned
-    and base bits, where they are exceptional, and each one's weight (None: not weighted)."""
+    """The values a :class:`QuantStream` holds until they fill a run: fine-tuned and base
+    bits, where they are exceptional, and each one's weight (None: not weighted), copied in
+    as they are added into buffers that grow by half (up to the record's ``count`` where it
+    is known) and are reused run after run, so a value is copied in once and moved at most
+    once more (when it is left over after a run), never joined anew from parts."""
 
-    def __init__(self):
-        self.parts: list[tuple] = []
+    def __init__(self, count: int | None = None):
+        self.count = count                 # the record's values, where known: the most held
+        self.buffers: list | None = None   # [kept, base, exceptional, weights or None]
+        self.size = 0
         self.weighted: bool | None = None  # known from the first part added
 
     def check(self, weights) -> None:
@@ -464,18 +468,40 @@ class _Pending:
             raise ValueError("weights must be given with every part of a record or with none")
 
     def add(self, kept, base, exceptional, weights) -> None:
-        self.parts.append((kept, base, exceptional,
-                           None if weights is None else np.asarray(weights, np.float64)))
+        parts = (kept, base, exceptional, None if weights is None else
+                 np.asarray(weights, np.float64))
+        end = self.size + kept.size
+        if self.buffers is None or end > self.buffers[0].size:
+            self._grow(end, parts)
+        for buffer, part in zip(self.buffers, parts):
+            if buffer is not None:
+                buffer[self.size:end] = part
+        self.size = end
 
-    @property
-    def size(self) -> int:
-        return sum(part[0].size for part in self.parts)
+    def _grow(self, needed: int, parts: tuple) -> None:
+        held = 0 if self.buffers is None else self.buffers[0].size
+        capacity = max(needed, held + held // 2)
+        if self.count is not None:
+            capacity = max(needed, min(capacity, self.count))
+        grown = [None if part is None else np.empty(capacity, part.dtype) for part in parts]
+        if self.buffers is not None:
+            for new, old in zip(grown, self.buffers):
+                if new is not None:
+                    new[:self.size] = old[:self.size]
+        self.buffers = grown
 
     def joined(self) -> tuple:
-        """``(kept, base, exceptional, weights)``, each part joined."""
-        kept, base, exceptional = (_join([part[i] for part in self.parts]) for i in range(3))
-        weights = _join([part[3] for part in self.parts]) if self.weighted else None
-        return kept, base, exceptional, weights
+        """``(kept, base, exceptional, weights)``: views of everything held, in order."""
+        return tuple(None if buffer is None else buffer[:self.size] for buffer in self.buffers)
+
+    def drop(self, count: int) -> None:
+        """Let go of the first ``count`` values (encoded): the rest move to the front."""
+        left = self.size - count
+        if count and left:
+            for buffer in self.buffers:
+                if buffer is not None:  # (numpy copies overlapping ranges correctly)
+                    buffer[:left] = buffer[count:self.size]
+        self.size = left
 
 
 def _side_streams(stream: QuantStream) -> list[tuple[bytes, dict]]:
@@ -522,10 +548,6 @@ def _non_finite(kept: np.ndarray, base: np.ndarray, dt: DType) -> np.ndarray:
             out[at:at + RUN_VALUES] = ~(np.isfinite(base_wide) & np.isfinite(tune_wide)
                                         & np.isfinite(tune_wide - base_wide))
     return out
-
-
-def _join(parts: list[np.ndarray]) -> np.ndarray:
-    return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
 
 def _run_end(exceptional: np.ndarray, start: int, run: int) -> int:
