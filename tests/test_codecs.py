@@ -130,6 +130,62 @@ def test_a_bitmap_built_block_by_block_encodes_as_the_listed_positions(case, dat
 
 
 @settings(max_examples=60, deadline=None)
+@given(st.integers(128, 400), st.integers(1, 40), st.floats(0, 1), st.integers(0, 2**32 - 1))
+def test_sample_rows_are_the_bands_rows_stacked(rows, cols, density, seed):
+    positions = np.flatnonzero(np.random.default_rng(seed).random(rows * cols) < density)
+    sample, shape = codecs.sample_rows(positions, (rows, cols))
+    dense = np.zeros((rows, cols), bool).reshape(-1)
+    dense[positions] = True
+    bands = codecs.SAMPLE_BANDS * codecs.SAMPLE_EVERY
+    edges = [rows * i // bands for i in range(bands + 1)]
+    picked = np.concatenate([np.arange(edges[b], edges[b + 1])
+                             for b in range(0, bands, codecs.SAMPLE_EVERY)])
+    expected = dense.reshape(rows, cols)[picked]
+    assert shape == expected.shape
+    np.testing.assert_array_equal(sample, np.flatnonzero(expected))
+    assert codecs.sample_rows(positions, (bands - 1, cols)) is None  # too few rows to band
+
+
+@settings(max_examples=80, deadline=None)
+@given(position_sets())
+def test_ranking_on_a_sample_keeps_the_positions_and_a_codec_near_the_sample_s_best(case):
+    positions, shape = case
+    count = int(positions.size)
+    with mock.patch.object(codecs, "RANK_ON_SAMPLE_FROM", 1):
+        payload, config = codecs.encode_positions(positions, shape, rank_on_sample=True)
+    decoded = codecs.position_codec(config["codec"]).decode(payload, config, shape, count)
+    np.testing.assert_array_equal(decoded, positions)
+    tried = {codec.codec_id: codec for codec in POSITION_CODECS
+             if codec.applies(shape, count) and codec.worth_trying(positions, shape)}
+    assert config["codec"] in tried
+    sampled = codecs.sample_rows(positions, shape)
+    if sampled is not None and sampled[0].size and len(tried) > 1:
+        on_sample = {i: len(c.encode(*sampled)[0]) for i, c in tried.items()
+                     if c.applies(sampled[1], sampled[0].size)}
+        if config["codec"] in on_sample:  # it was ranked: within the margin of the best there
+            assert on_sample[config["codec"]] <= min(on_sample.values()) * codecs.RANKED_WITHIN
+
+
+@pytest.mark.parametrize("layout", ["random", "half the rows empty", "runs"])
+def test_ranking_on_a_sample_costs_at_most_a_percent_on_matrices(layout):
+    # The sample is an eighth of the rows, so a codec that wins clearly wins there too, and
+    # near ties are encoded in full: at most 1% over the smallest of every codec tried.
+    rng = np.random.default_rng(7)
+    rows, cols = 2048, 384
+    mask = rng.random((rows, cols)) < 0.1
+    if layout == "half the rows empty":
+        mask[rng.random(rows) < 0.5] = False
+    elif layout == "runs":
+        mask = np.repeat(rng.random((rows, cols // 16)) < 0.1, 16, axis=1)
+    positions = np.flatnonzero(mask)
+    assert positions.size >= codecs.RANK_ON_SAMPLE_FROM // 8
+    with mock.patch.object(codecs, "RANK_ON_SAMPLE_FROM", 1):
+        ranked, _ = codecs.encode_positions(positions, (rows, cols), rank_on_sample=True)
+    exhaustive, _ = codecs.encode_positions(positions, (rows, cols))
+    assert len(exhaustive) <= len(ranked) <= 1.01 * len(exhaustive)
+
+
+@settings(max_examples=60, deadline=None)
 @given(shapes(), st.one_of(st.sampled_from((0.01, 0.03, 0.2, 0.5, 0.6, 0.97)), st.floats(0, 1)),
        st.integers(0, 2**32 - 1))
 @example((8, 8, 9), 0.97, 636)

@@ -162,7 +162,7 @@ class StreamedRecord:
             pos_payload, pos_config = payload, {"codec": "bitmap", **config}
         else:  # a list may be smaller: the smallest of the codecs, the bitmap among them
             pos_payload, pos_config = codecs.encode_position_bitmap(
-                codecs.PackedPositions(bitmap, self.kept), self.shape)
+                codecs.PackedPositions(bitmap, self.kept), self.shape, rank_on_sample=True)
         val_payload, val_config = self.values.finish()
         val_config = {"codec": "quant", **val_config}
         payload = pos_payload + val_payload

@@ -2,8 +2,9 @@
 
 See :mod:`sparsestitch.delta.codecs.base` for the contract.  The packer encodes a
 record with every applicable codec of each kind that can win and keeps the
-smallest (earlier registry entries win ties), so adding a codec is one class plus one
-entry here; files name codecs by ``codec_id``, which must never change.
+smallest (earlier registry entries win ties; a planner's large records first rank their
+position codecs on a sample of rows, see :func:`encode_positions`), so adding a codec is one
+class plus one entry here; files name codecs by ``codec_id``, which must never change.
 """
 
 from __future__ import annotations
@@ -70,8 +71,20 @@ def value_codec(codec_id: str):
         raise DeltaFormatError(f"unknown value codec {codec_id!r}") from None
 
 
+#: A record of at least this many kept positions, listed from a planner's bitmap, ranks its
+#: position codecs on bands of its rows (:func:`sample_rows`) and encodes in full only those
+#: within :data:`RANKED_WITHIN` of the best there.
+RANK_ON_SAMPLE_FROM = 1 << 18
+#: The sample: every SAMPLE_EVERY-th of SAMPLE_BANDS * SAMPLE_EVERY equal bands of rows.
+SAMPLE_BANDS, SAMPLE_EVERY = 16, 8
+#: Codecs whose sample bytes are within this factor of the smallest are encoded in full, so
+#: that near ties are decided on the whole record, not on the sample.
+RANKED_WITHIN = 1.02
+
+
 def encode_positions(positions: np.ndarray, shape: tuple[int, ...],
-                     packed: np.ndarray | None = None) -> tuple[bytes, dict]:
+                     packed: np.ndarray | None = None, rank_on_sample: bool = False
+                     ) -> tuple[bytes, dict]:
     """Encode sorted flat ``positions`` with the smallest of the codecs worth trying.
 
     Codecs that cannot win for this density are skipped to save time: list codecs
@@ -80,16 +93,22 @@ def encode_positions(positions: np.ndarray, shape: tuple[int, ...],
 
     Returns the payload and its config, which includes ``codec``.  ``packed``: the same
     positions as a bitmap already packed, which the bitmap codec then takes as it is.
+    ``rank_on_sample``: a record of many positions in a matrix encodes in full only the
+    codecs that come within :data:`RANKED_WITHIN` of the smallest on a sample of its rows
+    (the smallest of those, usually the smallest of all; each full encoding of millions of
+    positions costs tens of milliseconds).
 
     >>> payload, config = encode_positions(np.array([3, 70, 900]), (1000,))
     >>> config["codec"]
     'rice'
     """
-    best = None
     count = int(positions.size)
-    for codec in POSITION_CODECS:
-        if not codec.applies(shape, count) or not codec.worth_trying(positions, shape):
-            continue
+    candidates = [codec for codec in POSITION_CODECS
+                  if codec.applies(shape, count) and codec.worth_trying(positions, shape)]
+    if rank_on_sample and len(candidates) > 1 and count >= RANK_ON_SAMPLE_FROM:
+        candidates = _ranked_on_sample(candidates, positions, shape)
+    best = None
+    for codec in candidates:
         payload, config = (codec.encode_packed(packed) if packed is not None and codec is _BITMAP
                            else codec.encode(positions, shape))
         if best is None or len(payload) < len(best[0]):
@@ -97,6 +116,44 @@ def encode_positions(positions: np.ndarray, shape: tuple[int, ...],
         if not payload:
             break  # nothing beats zero bytes
     return best
+
+
+def sample_rows(positions: np.ndarray, shape: tuple[int, ...]
+                ) -> tuple[np.ndarray, tuple[int, ...]] | None:
+    """The positions in every :data:`SAMPLE_EVERY`-th of ``SAMPLE_BANDS * SAMPLE_EVERY``
+    equal bands of a matrix's rows, as positions of the matrix those bands make stacked
+    (rows keep their structure: runs, empty rows, column patterns); None where the matrix
+    has too few rows for that."""
+    rows = shape[0] if len(shape) >= 2 else 0
+    bands = SAMPLE_BANDS * SAMPLE_EVERY
+    if rows < bands:
+        return None
+    cols = count_elements(shape) // rows
+    edges = np.arange(bands + 1, dtype=np.int64) * rows // bands
+    parts, taken = [], 0
+    for band in range(0, bands, SAMPLE_EVERY):
+        first, stop = int(edges[band]), int(edges[band + 1])
+        lo, hi = np.searchsorted(positions, (first * cols, stop * cols))
+        parts.append(positions[lo:hi] - (first - taken) * cols)
+        taken += stop - first
+    return np.concatenate(parts), (taken, *shape[1:])
+
+
+def _ranked_on_sample(candidates: list, positions: np.ndarray, shape: tuple[int, ...]) -> list:
+    """The ``candidates`` (in registry order) whose bytes on :func:`sample_rows` are within
+    :data:`RANKED_WITHIN` of the smallest there; all of them where there is no sample."""
+    sampled = sample_rows(positions, shape)
+    if sampled is None or sampled[0].size == 0:
+        return candidates
+    sample, sample_shape = sampled
+    sizes = [len(codec.encode(sample, sample_shape)[0])
+             if codec.applies(sample_shape, sample.size) else None for codec in candidates]
+    known = [size for size in sizes if size is not None]
+    if not known:
+        return candidates
+    best = min(known)
+    return [codec for codec, size in zip(candidates, sizes)
+            if size is None or size <= best * RANKED_WITHIN]
 
 
 @dataclass(frozen=True)
@@ -116,18 +173,18 @@ class PackedPositions:
         return marked_positions(self.packed, elements, self.count)
 
 
-def encode_position_bitmap(positions: PackedPositions, shape: tuple[int, ...]
-                           ) -> tuple[bytes, dict]:
-    """What :func:`encode_positions` writes for these positions, listing them only where a
-    list codec is worth trying: every element is ``all``, and at half the elements or more
-    only the bitmap can win."""
+def encode_position_bitmap(positions: PackedPositions, shape: tuple[int, ...],
+                           rank_on_sample: bool = False) -> tuple[bytes, dict]:
+    """What :func:`encode_positions` writes for these positions (``rank_on_sample`` as
+    there), listing them only where a list codec is worth trying: every element is ``all``,
+    and at half the elements or more only the bitmap can win."""
     elements = count_elements(shape)
     if positions.count == elements:
         return b"", {"codec": "all"}
     if positions.count * LIST_BELOW >= elements:
         payload, config = _BITMAP.encode_packed(positions.packed)
         return payload, {"codec": _BITMAP.codec_id, **config}
-    return encode_positions(positions.listed(elements), shape, positions.packed)
+    return encode_positions(positions.listed(elements), shape, positions.packed, rank_on_sample)
 
 
 #: Above this many values, the value codec is chosen on an evenly strided sample.
