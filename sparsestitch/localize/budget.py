@@ -27,6 +27,7 @@ import numpy as np
 
 from ..delta import codecs
 from ..delta.codecs.quant import estimate as quant_estimate
+from ..delta.codecs.quant import estimated_bits
 from .stats import TensorStats, keys_at_least
 
 DENSITIES = (0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
@@ -118,6 +119,9 @@ class OptionSearch:
                     break
                 if self.dropped(density) > limit * 0.95:
                     continue
+                if best is not None and bits is not None and \
+                        self.quant_nbytes(density, bits) >= best.nbytes:
+                    continue  # its bytes are known without its error: it cannot do better
                 option = self.option(density, bits)
                 if option in tried or option.error > limit * 0.95:
                     continue
@@ -130,6 +134,14 @@ class OptionSearch:
         everything = self.option(max(self._cuts), None) if self._cuts else None
         if everything is not None and everything not in tried:
             yield everything
+
+    def quant_nbytes(self, density: float, bits: int) -> float:
+        """The estimated bytes of a quantized option, known before its error is: what
+        :meth:`option` gives as its ``nbytes``, without the fit on the sample."""
+        cut, count = self._cuts[density], self._kept_sample(density)[0].size
+        value_bits = (estimated_bits(count, self.stats.dt, bits, self.group) if count
+                      else 8.0 * self.stats.dt.itemsize)
+        return cut.kept * (_position_bits(cut.kept, self.stats.numel) + value_bits) / 8
 
     def _kept_sample(self, density: float) -> tuple[np.ndarray, np.ndarray, np.ndarray | None,
                                                     float]:

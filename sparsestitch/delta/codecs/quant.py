@@ -575,9 +575,15 @@ def estimate(kept: np.ndarray, base: np.ndarray, dt: DType, bits: int, group: in
     fitted = _fit_and_assign(kept[regular], base[regular], dt, scale_dt, bits, group,
                              keep_overflow=True,
                              weights=None if weights is None else weights[regular])
-    error_sq = _finite_or_max(fitted.error_sq)
-    per_group = (2 if bits > 1 else 1) * 8 * scale_dt.itemsize
-    return error_sq, bits + per_group / (group or kept.size)
+    return _finite_or_max(fitted.error_sq), estimated_bits(kept.size, dt, bits, group)
+
+
+def estimated_bits(count: int, dt: DType, bits: int, group: int) -> float:
+    """The bits per value :func:`estimate` gives ``count`` values (> 0): the codes' bits and
+    the scales' share, known before any fit."""
+    group = group if group < count else 0
+    per_group = (2 if bits > 1 else 1) * 8 * lookup_dtype(scale_dtype_for(dt, bits)).itemsize
+    return bits + per_group / (group or count)
 
 
 def _group_starts(count: int, group: int) -> np.ndarray:
