@@ -351,12 +351,12 @@ class QuantStream:
             group = 0  # one group of everything (fewer values than a group: the same fit)
         self.group = group
         self.run = (1 << 62) if group == 0 else max(8, RUN_VALUES // (8 * group) * 8) * group
+        self._pending = _Pending(count, self.run if group else None)  # (group 0: one run)
         self.codes, self.offsets, self.steps = [], [], []
         self.exceptions, self.exception_bits = [], []
         self.error_sq, self.max_abs_error = 0.0, 0.0
         self._seen = 0          # values added so far
         self._start = 0         # kept index of the first buffered value
-        self._pending = _Pending(count)
         # A temporary file the codes are appended to as their runs are encoded (a tensor
         # too large for its record to be held: see finish's ``into``), else None.
         self._codes_file, self._codes_nbytes = codes_file, 0
@@ -451,12 +451,15 @@ class QuantStream:
 class _Pending:
     """The values a :class:`QuantStream` holds until they fill a run: fine-tuned and base
     bits, where they are exceptional, and each one's weight (None: not weighted), copied in
-    as they are added into buffers that grow by half (up to the record's ``count`` where it
-    is known) and are reused run after run, so a value is copied in once and moved at most
-    once more (when it is left over after a run), never joined anew from parts."""
+    as they are added into buffers made for three runs (or the record's ``count``, where
+    known and fewer) that grow by half where that is not enough, reused run after run, so a
+    value is copied in once and moved at most once more (when it is left over after a run),
+    never joined anew from parts."""
 
-    def __init__(self, count: int | None = None):
+    def __init__(self, count: int | None = None, run: int | None = None):
         self.count = count                 # the record's values, where known: the most held
+        # what a stream drained every two runs holds at most: two runs and a part
+        self.first = None if run is None else 3 * run
         self.buffers: list | None = None   # [kept, base, exceptional, weights or None]
         self.size = 0
         self.weighted: bool | None = None  # known from the first part added
@@ -480,7 +483,7 @@ class _Pending:
 
     def _grow(self, needed: int, parts: tuple) -> None:
         held = 0 if self.buffers is None else self.buffers[0].size
-        capacity = max(needed, held + held // 2)
+        capacity = max(needed, held + held // 2 if held or self.first is None else self.first)
         if self.count is not None:
             capacity = max(needed, min(capacity, self.count))
         grown = [None if part is None else np.empty(capacity, part.dtype) for part in parts]
