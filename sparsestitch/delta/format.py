@@ -554,11 +554,15 @@ class RecordCursor:
         """The fine-tuned bits of the next ``len(base)`` (or ``count``) stored entries, given
         the base bits there (None for a record whose codec reads no base)."""
         n = int(base.size) if base is not None else int(count)
-        values = np.empty(n, self.record.dt.bits)
         with self._context:
             if self.needs_base and base is None:
                 raise DeltaFormatError(f"value codec {self.record.values.get('codec')!r} needs "
                                        "base values")
+            if getattr(self._values, "takes_any_run", False):  # no temporaries: no runs
+                self._taken += n
+                return self._values.take(base, n)
+        values = np.empty(n, self.record.dt.bits)
+        with self._context:
             for at in range(0, n, self._run):  # the decoders' temporaries: one run's worth
                 stop = min(n, at + self._run)
                 values[at:stop] = self._values.take(None if base is None else base[at:stop],

@@ -277,6 +277,13 @@ class QuantCursor:
         self._groups = _group_starts(self._regular_count, layout.group).size
         self._at, self._regular = 0, 0
 
+    @property
+    def takes_any_run(self) -> bool:
+        """Whether :meth:`take` of any number of values holds little but its output (the
+        codes restored in C; a run with exceptions copies its base bits too, and exceptions
+        are rare), so a reader need not cut a block's values into runs."""
+        return native.float_kernels(self._dt.name)[0] is not None
+
     def take(self, base: np.ndarray, n: int) -> np.ndarray:
         if n > self._count - self._at:
             raise DeltaFormatError(f"asked for values past the record's {self._count}")
