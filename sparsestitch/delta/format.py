@@ -558,15 +558,7 @@ class RecordCursor:
             if self.needs_base and base is None:
                 raise DeltaFormatError(f"value codec {self.record.values.get('codec')!r} needs "
                                        "base values")
-            if getattr(self._values, "takes_any_run", False):  # no temporaries: no runs
-                self._taken += n
-                return self._values.take(base, n)
-        values = np.empty(n, self.record.dt.bits)
-        with self._context:
-            for at in range(0, n, self._run):  # the decoders' temporaries: one run's worth
-                stop = min(n, at + self._run)
-                values[at:stop] = self._values.take(None if base is None else base[at:stop],
-                                                    stop - at)
+            values = _taken_in_runs(self._values, base, n, self._run, self.record.dt)
         self._taken += n
         return values
 
@@ -588,6 +580,19 @@ class RecordCursor:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _taken_in_runs(cursor, base: np.ndarray | None, n: int, run: int, dt: DType) -> np.ndarray:
+    """The next ``n`` values of a value ``cursor``, ``run`` at a time (the decoders'
+    temporaries: one run's worth), or all at once from a cursor that holds none
+    (``takes_any_run``)."""
+    if getattr(cursor, "takes_any_run", False):
+        return cursor.take(base, n)
+    values = np.empty(n, dt.bits)
+    for at in range(0, n, run):
+        stop = min(n, at + run)
+        values[at:stop] = cursor.take(None if base is None else base[at:stop], stop - at)
+    return values
 
 
 class PositionCursor:

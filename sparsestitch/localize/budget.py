@@ -145,21 +145,12 @@ class OptionSearch:
 
     def _kept_sample(self, density: float) -> tuple[np.ndarray, np.ndarray, np.ndarray | None,
                                                     float]:
-        """The part of the sample a density's threshold keeps (at most :data:`SAMPLE` of it,
-        evenly spread): ``(fine-tuned bits, base bits, weights or None, its energy)``, made
-        once per density and shared by its options (every bits' estimate reads the same)."""
+        """:func:`kept_sample` of a density's threshold, made once and shared by its options
+        (every bits' estimate reads the same part of the sample)."""
         if density not in self._kept_samples:
-            threshold = self._cuts[density].threshold
-            chosen = (keys_at_least(self._keys, threshold) if threshold
-                      else np.flatnonzero(self._finetuned != self._base))
-            if chosen.size > SAMPLE:
-                chosen = chosen[np.linspace(0, chosen.size - 1, SAMPLE).astype(np.int64)]
-            sample_keys = self._keys[chosen].view(np.float32).astype(np.float64)
-            finite = sample_keys[np.isfinite(sample_keys)]
-            self._kept_samples[density] = (
-                self._finetuned[chosen], self._base[chosen],
-                None if self._weights is None else self._weights[chosen],
-                float(np.dot(finite, finite)))
+            self._kept_samples[density] = kept_sample(
+                self._keys, self._finetuned, self._base, self._weights,
+                self._cuts[density].threshold)
         return self._kept_samples[density]
 
     def _estimate(self, density: float, bits: int | None) -> Option:
@@ -180,6 +171,22 @@ class OptionSearch:
         position_bits = _position_bits(cut.kept, stats.numel)
         return Option(density, bits, cut.kept, cut.kept * (position_bits + value_bits) / 8,
                       min(error, 1.0), cut.threshold)
+
+
+def kept_sample(keys: np.ndarray, finetuned: np.ndarray, base: np.ndarray,
+                weights: np.ndarray | None, threshold: int
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, float]:
+    """The part of a tensor's sample (its ranking ``keys`` and bits) that ``threshold`` keeps
+    (0: every change), at most :data:`SAMPLE` of it, evenly spread: ``(fine-tuned bits, base
+    bits, weights or None, its energy)``."""
+    chosen = (keys_at_least(keys, threshold) if threshold
+              else np.flatnonzero(finetuned != base))
+    if chosen.size > SAMPLE:
+        chosen = chosen[np.linspace(0, chosen.size - 1, SAMPLE).astype(np.int64)]
+    sample_keys = keys[chosen].view(np.float32).astype(np.float64)
+    finite = sample_keys[np.isfinite(sample_keys)]
+    return (finetuned[chosen], base[chosen], None if weights is None else weights[chosen],
+            float(np.dot(finite, finite)))
 
 
 def tensor_options(stats: TensorStats, group: int) -> Profile:
