@@ -141,7 +141,7 @@ class OptionSearch:
         cut, count = self._cuts[density], self._kept_sample(density)[0].size
         value_bits = (estimated_bits(count, self.stats.dt, bits, self.group) if count
                       else 8.0 * self.stats.dt.itemsize)
-        return cut.kept * (_position_bits(cut.kept, self.stats.numel) + value_bits) / 8
+        return _option_bytes(cut.kept, self.stats.numel, value_bits)
 
     def _kept_sample(self, density: float) -> tuple[np.ndarray, np.ndarray, np.ndarray | None,
                                                     float]:
@@ -168,8 +168,7 @@ class OptionSearch:
                 ratio = error_sq / sample_energy if sample_energy > 0 else 0.0
         kept_energy = self.energy - dropped
         error = (dropped + ratio * kept_energy) / self.energy if self.energy > 0 else 0.0
-        position_bits = _position_bits(cut.kept, stats.numel)
-        return Option(density, bits, cut.kept, cut.kept * (position_bits + value_bits) / 8,
+        return Option(density, bits, cut.kept, _option_bytes(cut.kept, stats.numel, value_bits),
                       min(error, 1.0), cut.threshold)
 
 
@@ -242,6 +241,11 @@ def lower_hull(options: list) -> list:
 def _turns_up(a, b, c) -> bool:
     """Whether b lies on or above the segment from a to c."""
     return (b.error - a.error) * (c.nbytes - a.nbytes) >= (c.error - a.error) * (b.nbytes - a.nbytes)
+
+
+def _option_bytes(kept: int, numel: int, value_bits: float) -> float:
+    """An option's estimated bytes: its kept positions' and values' bits."""
+    return kept * (_position_bits(kept, numel) + value_bits) / 8
 
 
 def _position_bits(kept: int, numel: int) -> float:
