@@ -2927,6 +2927,80 @@ done:
     return result;
 }
 
+PyDoc_STRVAR(keyed_histogram_doc,
+"keyed_histogram(kind, finetuned, base, out, counts, energy) -> int\n"
+"\n"
+"magnitude_keys, key_histogram and count_unequal in one pass: the keys into uint32 ``out``,\n"
+"added to ``counts`` and ``energy`` (65,536 bins each, in key order, as key_histogram adds\n"
+"them); returns how many elements' bits differ.  A chunk at a time, so the keys are counted\n"
+"and the bits compared while they are in the cache: the same keys, bins and count.");
+
+/* Elements a chunk of keyed_histogram: its keys (4 bytes each) and bits stay in L1. */
+#define KEYED_CHUNK 2048
+
+static PyObject *keyed_histogram(PyObject *self, PyObject *args)
+{
+    int kind;
+    PyObject *finetuned_object, *base_object, *out_object, *counts_object, *energy_object;
+    if (!PyArg_ParseTuple(args, "iOOOOO", &kind, &finetuned_object, &base_object, &out_object,
+                          &counts_object, &energy_object))
+        return NULL;
+    if (!known_kind(kind))
+        return NULL;
+    Py_ssize_t itemsize = KIND_ITEMSIZE[kind];
+    Py_buffer finetuned = {0}, base = {0}, out = {0}, counts = {0}, energy = {0};
+    PyObject *result = NULL;
+    if (get_buffer(finetuned_object, &finetuned, 0, itemsize, "fine-tuned bits") < 0 ||
+        get_buffer(base_object, &base, 0, itemsize, "base bits") < 0 ||
+        get_buffer(out_object, &out, 1, 4, "out") < 0 ||
+        get_buffer(counts_object, &counts, 1, 8, "counts") < 0 ||
+        get_buffer(energy_object, &energy, 1, 8, "energy") < 0)
+        goto done;
+    Py_ssize_t n = finetuned.len / itemsize;
+    if (base.len / itemsize != n || out.len / 4 != n) {
+        PyErr_SetString(PyExc_ValueError, "fine-tuned bits, base bits and out differ in length");
+        goto done;
+    }
+    if (counts.len != 8 << 16 || energy.len != 8 << 16) {
+        PyErr_SetString(PyExc_ValueError, "counts and energy must hold 65536 bins");
+        goto done;
+    }
+    Py_ssize_t changed = 0;
+    Py_BEGIN_ALLOW_THREADS
+    const char *ft = finetuned.buf, *bs = base.buf;
+    uint32_t *keys = out.buf;
+    int64_t *c = counts.buf;
+    double *e = energy.buf;
+    for (Py_ssize_t at = 0; at < n; at += KEYED_CHUNK) {
+        Py_ssize_t m = n - at < KEYED_CHUNK ? n - at : KEYED_CHUNK;
+        const void *f = ft + at * itemsize, *b = bs + at * itemsize;
+        switch (kind) {
+        case KIND_BF16: keys_bf16(f, b, keys + at, m); changed += count_unequal_16(f, b, m); break;
+        case KIND_F16: keys_f16(f, b, keys + at, m); changed += count_unequal_16(f, b, m); break;
+        case KIND_F32: keys_f32(f, b, keys + at, m); changed += count_unequal_32(f, b, m); break;
+        default: keys_f64(f, b, keys + at, m); changed += count_unequal_64(f, b, m);
+        }
+        for (Py_ssize_t i = at; i < at + m; i++) {
+            uint32_t key = keys[i];
+            c[key >> 16]++;
+            if (key < KEY_INF) {
+                float value;
+                memcpy(&value, &key, 4);
+                e[key >> 16] += (double)value * (double)value;
+            }
+        }
+    }
+    Py_END_ALLOW_THREADS
+    result = PyLong_FromSsize_t(changed);
+done:
+    release(&finetuned);
+    release(&base);
+    release(&out);
+    release(&counts);
+    release(&energy);
+    return result;
+}
+
 PyDoc_STRVAR(select_bracket_doc,
 "select_bracket(keys, low, high, above, inside, inside_keys) -> (n_above, n_inside)\n"
 "\n"
@@ -3751,6 +3825,7 @@ static PyMethodDef methods[] = {
     {"bitmap_move", bitmap_move, METH_VARARGS, bitmap_move_doc},
     {"strictly_increasing", strictly_increasing, METH_VARARGS, strictly_increasing_doc},
     {"magnitude_keys", magnitude_keys, METH_VARARGS, magnitude_keys_doc},
+    {"keyed_histogram", keyed_histogram, METH_VARARGS, keyed_histogram_doc},
     {"quant_fit", quant_fit, METH_VARARGS, quant_fit_doc},
     {"quant_fit_bits", quant_fit_bits, METH_VARARGS, quant_fit_bits_doc},
     {"key_counts", key_counts, METH_VARARGS, key_counts_doc},

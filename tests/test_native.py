@@ -388,6 +388,12 @@ def test_rice_encode_alike_in_c_and_numpy(values, k):
      ValueError),
     (lambda k: k.magnitude_keys(2, np.zeros(2, np.uint32), np.zeros(3, np.uint32),
                                 np.empty(2, np.uint32)), ValueError),
+    (lambda k: k.keyed_histogram(2, np.zeros(2, np.uint32), np.zeros(2, np.uint32),
+                                 np.empty(2, np.uint32), np.zeros(1 << 16, np.int64),
+                                 np.zeros(1 << 15, np.float64)), ValueError),
+    (lambda k: k.keyed_histogram(0, np.zeros(2, np.uint16), np.zeros(2, np.uint16),
+                                 np.empty(3, np.uint32), np.zeros(1 << 16, np.int64),
+                                 np.zeros(1 << 16, np.float64)), ValueError),
     (lambda k: k.select_bracket(np.zeros(4, np.uint32), 1, 2, np.empty(3, np.int64),
                                 np.empty(4, np.int64), np.empty(4, np.uint32)), ValueError),
     (lambda k: k.f16_convert(np.zeros(2, np.uint16), np.empty(3, np.float32), True), ValueError),
@@ -452,6 +458,33 @@ def test_key_statistics_and_thresholds_alike_in_c_and_numpy(data, dt_name):
     with_c, plain = _c_and_numpy(stats)
     for a, b in zip(with_c, plain):
         assert np.array_equal(a, b)
+
+
+@needs_kernels
+@settings(max_examples=60, deadline=None)
+@given(st.data(), st.sampled_from(["BF16", "F16", "F32", "F64"]), st.integers(1, 3))
+def test_keys_binned_in_one_pass_as_in_three(data, dt_name, copies):
+    """keyed_histogram (keys, their bins and the changed count in one C pass, a chunk at a
+    time) gives what magnitude_keys, key_histogram and count_changed give, and numpy too;
+    longer than a chunk (``copies`` of the pairs) so chunk edges are crossed."""
+    from sparsestitch.localize.stats import BINS, count_changed, key_histogram, keyed_histogram
+
+    dt = dtype(dt_name)
+    kept, base = data.draw(value_pairs(dt, max_size=1500))
+    kept, base = np.tile(kept, copies), np.tile(base, copies)
+
+    def in_one_pass():
+        counts, energy = np.zeros(BINS, np.int64), np.zeros(BINS, np.float64)
+        keys, changed = keyed_histogram(kept, base, dt, counts, energy)
+        return keys, counts, energy.view(np.uint64), np.array([changed])
+
+    counts, energy = np.zeros(BINS, np.int64), np.zeros(BINS, np.float64)
+    keys = magnitude_keys(kept, base, dt)
+    key_histogram(keys, counts, energy)
+    apart = keys, counts, energy.view(np.uint64), np.array([count_changed(kept, base)])
+    with_c, plain = _c_and_numpy(in_one_pass)
+    for a, b, c in zip(with_c, plain, apart):
+        assert np.array_equal(a, c) and np.array_equal(b, c)
 
 
 @needs_kernels

@@ -52,8 +52,10 @@ def tensor_stats(scanner: TensorScanner, name: str, base_hash: BaseHash | None =
     weights = scanner.column_weights.get(name)
     stats = [TensorStats.empty(name, dt, entry.numel, weights) for _ in scanner.tunes]
     for block in scanner.tune_blocks(name, base_hash=base_hash):
-        stats[block.tune].add(block.finetuned, block.base, block.offset,
-                              keys=block.magnitudes, changed=block.changed)
+        tensor = stats[block.tune]
+        binned = block.binned_into(tensor.counts, tensor.bin_energy)  # keys made and binned
+        tensor.add(block.finetuned, block.base, block.offset, keys=block.magnitudes,
+                   changed=block.changed, binned=binned)
         if held is not None:
             held.append(block)
     return stats

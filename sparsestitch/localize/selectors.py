@@ -40,7 +40,7 @@ from ..core.errors import TensorMismatchError
 from ..core.sizes import row_items
 from ..core.tiebreak import ranked, tie_order
 from .activations import weighted_keys
-from .stats import BINS, count_changed, key_histogram, keys_energy
+from .stats import BINS, count_changed, key_histogram, keyed_histogram, keys_energy
 from .topk import (
     TopK,
     add_first,
@@ -87,6 +87,18 @@ class TuneBlock:
     def changed(self) -> int:
         """How many of the block's elements changed their bits, counted once."""
         return count_changed(self.finetuned.reshape(-1), self.base.reshape(-1))
+
+    def binned_into(self, counts: np.ndarray, energy: np.ndarray) -> bool:
+        """Add the block's :attr:`magnitudes` to a tensor's key histograms
+        (:func:`~.stats.keyed_histogram`), computing them and :attr:`changed` in the same
+        pass; False (nothing added) where they are weighted or already computed."""
+        if self.column_weights is not None or "magnitudes" in self.__dict__:
+            return False
+        keys, changed = keyed_histogram(self.finetuned.reshape(-1), self.base.reshape(-1),
+                                        self.dt, counts, energy)
+        self.__dict__["magnitudes"] = keys.reshape(np.shape(self.finetuned))
+        self.__dict__.setdefault("changed", changed)
+        return True
 
     @cached_property
     def keys(self) -> np.ndarray:

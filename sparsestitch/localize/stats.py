@@ -67,6 +67,22 @@ def key_histogram(keys: np.ndarray, counts: np.ndarray, energy: np.ndarray) -> N
     energy += np.bincount(bins[finite], weights=values * values, minlength=BINS)
 
 
+def keyed_histogram(finetuned: np.ndarray, base: np.ndarray, dt: DType, counts: np.ndarray,
+                    energy: np.ndarray) -> tuple[np.ndarray, int]:
+    """``(keys, changed)``: :func:`stats_keys` of flat bits, added to the histograms as
+    :func:`key_histogram` adds them, and :func:`count_changed` -- in one pass where the C
+    loops handle the dtype (the keys binned and the bits compared while they are cached)."""
+    kernels, kind = native.float_kernels(dt.name)
+    if kernels is None:
+        keys = stats_keys(finetuned, base, dt)
+        key_histogram(keys, counts, energy)
+        return keys, count_changed(finetuned, base)
+    finetuned, base = np.ascontiguousarray(finetuned), np.ascontiguousarray(base)
+    keys = np.empty(finetuned.size, np.uint32)
+    changed = kernels.keyed_histogram(kind, finetuned, base, keys, counts, energy)
+    return keys, changed
+
+
 def keys_energy(keys: np.ndarray) -> float:
     """Sum of tau squared over the finite ``keys``, summed as :class:`TensorStats` sums it
     (per key bin in key order, then over the bins in bin order), so any set of whole bins of
@@ -149,16 +165,19 @@ class TensorStats:
                    step=max(1, numel // SAMPLE), column_weights=column_weights)
 
     def add(self, finetuned: np.ndarray, base: np.ndarray, offset: int,
-            keys: np.ndarray | None = None, changed: int | None = None) -> None:
+            keys: np.ndarray | None = None, changed: int | None = None,
+            binned: bool = False) -> None:
         """Fold in one block: flat bits of elements ``offset, offset + 1, ...`` (``keys``:
-        their ranking keys, if already computed)."""
+        their ranking keys, if already computed; ``binned``: already added to
+        :attr:`counts` and :attr:`bin_energy`, by :func:`keyed_histogram`)."""
         finetuned, base = finetuned.reshape(-1), base.reshape(-1)
         if keys is None:
             keys = stats_keys(finetuned, base, self.dt)
             if self.column_weights is not None:
                 keys = weighted_keys(keys, self.column_weights,
                                      np.arange(offset, offset + keys.size, dtype=np.int64))
-        key_histogram(keys, self.counts, self.bin_energy)
+        if not binned:
+            key_histogram(keys, self.counts, self.bin_energy)
         self.changed += count_changed(finetuned, base) if changed is None else changed
         first = (-offset) % self.step
         self.sample_finetuned.append(finetuned[first::self.step].copy())
