@@ -157,6 +157,8 @@ class TensorStats:
     # each column's activation weight (:mod:`.activations`): the keys the blocks were added
     # with are weighted by it, and so are the sample's (:meth:`sample_keys`); None: plain
     column_weights: np.ndarray | None = field(default=None, repr=False)
+    # the counts summed from the top bin down, once per tensor (None: not yet, or stale)
+    _from_top: np.ndarray | None = field(default=None, repr=False)
 
     @classmethod
     def empty(cls, name: str, dt: DType, numel: int,
@@ -178,6 +180,7 @@ class TensorStats:
                                      np.arange(offset, offset + keys.size, dtype=np.int64))
         if not binned:
             key_histogram(keys, self.counts, self.bin_energy)
+        self._from_top = None
         self.changed += count_changed(finetuned, base) if changed is None else changed
         first = (-offset) % self.step
         self.sample_finetuned.append(finetuned[first::self.step].copy())
@@ -193,7 +196,9 @@ class TensorStats:
         (every changed one when ``target`` reaches them): whole bins, the largest first."""
         if target >= self.changed:
             return Cut(0, self.changed, self.energy)
-        from_top = np.cumsum(self.counts[::-1])
+        if self._from_top is None:  # every cut of the tensor reads the same sums
+            self._from_top = np.cumsum(self.counts[::-1])
+        from_top = self._from_top
         above = int(np.searchsorted(from_top, max(target, 1)))  # bins above the cut's bin
         edge_bin = BINS - 1 - above
         if edge_bin == 0:  # the lowest bin holds unchanged elements: keep the changed ones
