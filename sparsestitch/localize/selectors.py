@@ -40,7 +40,7 @@ from ..core.errors import TensorMismatchError
 from ..core.sizes import row_items
 from ..core.tiebreak import ranked, tie_order
 from .activations import weighted_keys
-from .stats import BINS, count_changed, key_histogram, keyed_histogram
+from .stats import BINS, count_changed, key_histogram, keyed_histogram, keys_energy
 from .topk import (
     TopK,
     add_first,
@@ -111,18 +111,8 @@ class TuneBlock:
     @cached_property
     def energy(self) -> float:
         """Sum of tau squared over the block's finite changes (float64, from the float32 keys:
-        enough for a fidelity report; summed as :func:`~.stats.keys_energy` sums), with
-        :attr:`magnitudes` made in the same pass where they are not yet."""
-        _, energy = self.histograms()
-        return float(energy.sum())
-
-    def histograms(self) -> tuple[np.ndarray, np.ndarray]:
-        """``(counts, energy)``: the block's key histograms (:func:`~.stats.key_histogram`),
-        keyed and binned in one pass where :attr:`magnitudes` are not made yet."""
-        counts, energy = np.zeros(BINS, np.int64), np.zeros(BINS, np.float64)
-        if not self.binned_into(counts, energy):
-            key_histogram(self.magnitudes, counts, energy)
-        return counts, energy
+        enough for a fidelity report; summed as :func:`~.stats.keys_energy` sums)."""
+        return keys_energy(self.magnitudes)
 
     def tie_orders(self, index: np.ndarray) -> np.ndarray:
         """Tie orders (:func:`~sparsestitch.core.tiebreak.tie_order`) of the elements at
@@ -542,7 +532,8 @@ class FidelityExactTopK(_Normalized, GlobalTopK):
 
     def measure(self, index: int, block: TuneBlock) -> np.ndarray | None:
         if index == 0:  # the energy as TuneBlock.energy sums it, and the bins' counts
-            counts, energy = block.histograms()
+            counts, energy = np.zeros(BINS, np.int64), np.zeros(BINS, np.float64)
+            key_histogram(block.magnitudes, counts, energy)
             return np.array([float(energy.sum())]), counts
         return super().measure(index, block)
 
