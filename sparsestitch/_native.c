@@ -2598,6 +2598,21 @@ PyDoc_STRVAR(key_histogram_doc,
 "high 16 bits: ``counts`` (int64) +1 per key, ``energy`` (float64) + the key's value squared\n"
 "(in float64) for finite keys, in key order -- what numpy's bincount adds, bit for bit.");
 
+/* Each key counted in the bin of its high 16 bits, and the square of a finite one (the key as
+ * a float32) added to that bin's energy in float64, in key order. */
+static void bin_keys(const uint32_t *k, Py_ssize_t n, int64_t *c, double *e)
+{
+    for (Py_ssize_t i = 0; i < n; i++) {
+        uint32_t key = k[i];
+        c[key >> 16]++;
+        if (key < KEY_INF) {
+            float value;
+            memcpy(&value, &key, 4);
+            e[key >> 16] += (double)value * (double)value;
+        }
+    }
+}
+
 static PyObject *key_histogram(PyObject *self, PyObject *args)
 {
     PyObject *keys_object, *counts_object, *energy_object;
@@ -2614,19 +2629,7 @@ static PyObject *key_histogram(PyObject *self, PyObject *args)
         goto done;
     }
     Py_BEGIN_ALLOW_THREADS
-    const uint32_t *k = keys.buf;
-    int64_t *c = counts.buf;
-    double *e = energy.buf;
-    Py_ssize_t n = keys.len / 4;
-    for (Py_ssize_t i = 0; i < n; i++) {
-        uint32_t key = k[i];
-        c[key >> 16]++;
-        if (key < KEY_INF) {
-            float value;
-            memcpy(&value, &key, 4);
-            e[key >> 16] += (double)value * (double)value;
-        }
-    }
+    bin_keys(keys.buf, keys.len / 4, counts.buf, energy.buf);
     Py_END_ALLOW_THREADS
     result = Py_NewRef(Py_None);
 done:
@@ -2891,6 +2894,25 @@ DEFINE_KEYS(keys_f16, uint16_t, f16_wide)
 DEFINE_KEYS(keys_f32, uint32_t, f32_wide)
 DEFINE_KEYS(keys_f64, uint64_t, f64_wide)
 
+/* The fine-tuned and base bits of a float ``kind`` and the uint32 keys' ``out``, checked
+ * alike in length: their element count, or -1 with an exception set. */
+static Py_ssize_t key_buffers(int kind, PyObject *finetuned_object, PyObject *base_object,
+                              PyObject *out_object, Py_buffer *finetuned, Py_buffer *base,
+                              Py_buffer *out)
+{
+    Py_ssize_t itemsize = KIND_ITEMSIZE[kind];
+    if (get_buffer(finetuned_object, finetuned, 0, itemsize, "fine-tuned bits") < 0 ||
+        get_buffer(base_object, base, 0, itemsize, "base bits") < 0 ||
+        get_buffer(out_object, out, 1, 4, "out") < 0)
+        return -1;
+    Py_ssize_t n = finetuned->len / itemsize;
+    if (base->len / itemsize != n || out->len / 4 != n) {
+        PyErr_SetString(PyExc_ValueError, "fine-tuned bits, base bits and out differ in length");
+        return -1;
+    }
+    return n;
+}
+
 static PyObject *magnitude_keys(PyObject *self, PyObject *args)
 {
     int kind;
@@ -2899,18 +2921,12 @@ static PyObject *magnitude_keys(PyObject *self, PyObject *args)
         return NULL;
     if (!known_kind(kind))
         return NULL;
-    Py_ssize_t itemsize = KIND_ITEMSIZE[kind];
     Py_buffer finetuned = {0}, base = {0}, out = {0};
     PyObject *result = NULL;
-    if (get_buffer(finetuned_object, &finetuned, 0, itemsize, "fine-tuned bits") < 0 ||
-        get_buffer(base_object, &base, 0, itemsize, "base bits") < 0 ||
-        get_buffer(out_object, &out, 1, 4, "out") < 0)
+    Py_ssize_t n = key_buffers(kind, finetuned_object, base_object, out_object, &finetuned,
+                               &base, &out);
+    if (n < 0)
         goto done;
-    Py_ssize_t n = finetuned.len / itemsize;
-    if (base.len / itemsize != n || out.len / 4 != n) {
-        PyErr_SetString(PyExc_ValueError, "fine-tuned bits, base bits and out differ in length");
-        goto done;
-    }
     Py_BEGIN_ALLOW_THREADS
     switch (kind) {
     case KIND_BF16: keys_bf16(finetuned.buf, base.buf, out.buf, n); break;
@@ -2950,17 +2966,11 @@ static PyObject *keyed_histogram(PyObject *self, PyObject *args)
     Py_ssize_t itemsize = KIND_ITEMSIZE[kind];
     Py_buffer finetuned = {0}, base = {0}, out = {0}, counts = {0}, energy = {0};
     PyObject *result = NULL;
-    if (get_buffer(finetuned_object, &finetuned, 0, itemsize, "fine-tuned bits") < 0 ||
-        get_buffer(base_object, &base, 0, itemsize, "base bits") < 0 ||
-        get_buffer(out_object, &out, 1, 4, "out") < 0 ||
-        get_buffer(counts_object, &counts, 1, 8, "counts") < 0 ||
+    Py_ssize_t n = key_buffers(kind, finetuned_object, base_object, out_object, &finetuned,
+                               &base, &out);
+    if (n < 0 || get_buffer(counts_object, &counts, 1, 8, "counts") < 0 ||
         get_buffer(energy_object, &energy, 1, 8, "energy") < 0)
         goto done;
-    Py_ssize_t n = finetuned.len / itemsize;
-    if (base.len / itemsize != n || out.len / 4 != n) {
-        PyErr_SetString(PyExc_ValueError, "fine-tuned bits, base bits and out differ in length");
-        goto done;
-    }
     if (counts.len != 8 << 16 || energy.len != 8 << 16) {
         PyErr_SetString(PyExc_ValueError, "counts and energy must hold 65536 bins");
         goto done;
@@ -2980,15 +2990,7 @@ static PyObject *keyed_histogram(PyObject *self, PyObject *args)
         case KIND_F32: keys_f32(f, b, keys + at, m); changed += count_unequal_32(f, b, m); break;
         default: keys_f64(f, b, keys + at, m); changed += count_unequal_64(f, b, m);
         }
-        for (Py_ssize_t i = at; i < at + m; i++) {
-            uint32_t key = keys[i];
-            c[key >> 16]++;
-            if (key < KEY_INF) {
-                float value;
-                memcpy(&value, &key, 4);
-                e[key >> 16] += (double)value * (double)value;
-            }
-        }
+        bin_keys(keys + at, m, c, e);
     }
     Py_END_ALLOW_THREADS
     result = PyLong_FromSsize_t(changed);
