@@ -96,6 +96,7 @@ class TuneBlock:
             return False
         keys, changed = keyed_histogram(self.finetuned.reshape(-1), self.base.reshape(-1),
                                         self.dt, counts, energy)
+        # where cached_property keeps them: the block's keys and count, made once
         self.__dict__["magnitudes"] = keys.reshape(np.shape(self.finetuned))
         self.__dict__.setdefault("changed", changed)
         return True
