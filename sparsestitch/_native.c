@@ -2613,6 +2613,21 @@ static void bin_keys(const uint32_t *k, Py_ssize_t n, int64_t *c, double *e)
     }
 }
 
+/* ``counts`` (int64) and ``energy`` (float64) of 65,536 key bins each, writable: 0, or -1
+ * with an exception set. */
+static int histogram_buffers(PyObject *counts_object, PyObject *energy_object,
+                             Py_buffer *counts, Py_buffer *energy)
+{
+    if (get_buffer(counts_object, counts, 1, 8, "counts") < 0 ||
+        get_buffer(energy_object, energy, 1, 8, "energy") < 0)
+        return -1;
+    if (counts->len != 8 << 16 || energy->len != 8 << 16) {
+        PyErr_SetString(PyExc_ValueError, "counts and energy must hold 65536 bins");
+        return -1;
+    }
+    return 0;
+}
+
 static PyObject *key_histogram(PyObject *self, PyObject *args)
 {
     PyObject *keys_object, *counts_object, *energy_object;
@@ -2621,13 +2636,8 @@ static PyObject *key_histogram(PyObject *self, PyObject *args)
     Py_buffer keys = {0}, counts = {0}, energy = {0};
     PyObject *result = NULL;
     if (get_buffer(keys_object, &keys, 0, 4, "keys") < 0 ||
-        get_buffer(counts_object, &counts, 1, 8, "counts") < 0 ||
-        get_buffer(energy_object, &energy, 1, 8, "energy") < 0)
+        histogram_buffers(counts_object, energy_object, &counts, &energy) < 0)
         goto done;
-    if (counts.len != 8 << 16 || energy.len != 8 << 16) {
-        PyErr_SetString(PyExc_ValueError, "counts and energy must hold 65536 bins");
-        goto done;
-    }
     Py_BEGIN_ALLOW_THREADS
     bin_keys(keys.buf, keys.len / 4, counts.buf, energy.buf);
     Py_END_ALLOW_THREADS
@@ -2968,13 +2978,8 @@ static PyObject *keyed_histogram(PyObject *self, PyObject *args)
     PyObject *result = NULL;
     Py_ssize_t n = key_buffers(kind, finetuned_object, base_object, out_object, &finetuned,
                                &base, &out);
-    if (n < 0 || get_buffer(counts_object, &counts, 1, 8, "counts") < 0 ||
-        get_buffer(energy_object, &energy, 1, 8, "energy") < 0)
+    if (n < 0 || histogram_buffers(counts_object, energy_object, &counts, &energy) < 0)
         goto done;
-    if (counts.len != 8 << 16 || energy.len != 8 << 16) {
-        PyErr_SetString(PyExc_ValueError, "counts and energy must hold 65536 bins");
-        goto done;
-    }
     Py_ssize_t changed = 0;
     Py_BEGIN_ALLOW_THREADS
     const char *ft = finetuned.buf, *bs = base.buf;
