@@ -31,10 +31,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from functools import cached_property
 
 import numpy as np
 
+from ..core.cached import cached_attribute
 from ..core.dtypes import DType
 from ..core.errors import TensorMismatchError
 from ..core.sizes import row_items
@@ -74,7 +74,7 @@ class TuneBlock:
     # each column's activation weight (:mod:`.activations`), or None: the error is plain
     column_weights: np.ndarray | None = None
 
-    @cached_property
+    @cached_attribute
     def magnitudes(self) -> np.ndarray:
         """Ranking keys of |tau| (see :func:`~.topk.magnitude_keys`), computed once; with
         :attr:`column_weights`, of |tau| times each column's weight."""
@@ -83,7 +83,7 @@ class TuneBlock:
             return keys
         return weighted_keys(keys, self.column_weights)
 
-    @cached_property
+    @cached_attribute
     def changed(self) -> int:
         """How many of the block's elements changed their bits, counted once."""
         return count_changed(self.finetuned.reshape(-1), self.base.reshape(-1))
@@ -96,12 +96,12 @@ class TuneBlock:
             return False
         keys, changed = keyed_histogram(self.finetuned.reshape(-1), self.base.reshape(-1),
                                         self.dt, counts, energy)
-        # where cached_property keeps them: the block's keys and count, made once
+        # where cached_attribute keeps them: the block's keys and count, made once
         self.__dict__["magnitudes"] = keys.reshape(np.shape(self.finetuned))
         self.__dict__.setdefault("changed", changed)
         return True
 
-    @cached_property
+    @cached_attribute
     def keys(self) -> np.ndarray:
         """The keys the selector ranks: :attr:`magnitudes` times ``key_scale`` (as float32)."""
         if self.key_scale == 1.0:
@@ -109,7 +109,7 @@ class TuneBlock:
         scaled = self.magnitudes.view(np.float32) * np.float32(self.key_scale)
         return scaled.view(np.uint32)
 
-    @cached_property
+    @cached_attribute
     def energy(self) -> float:
         """Sum of tau squared over the block's finite changes (float64, from the float32 keys:
         enough for a fidelity report; summed as :func:`~.stats.keys_energy` sums)."""
