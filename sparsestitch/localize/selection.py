@@ -377,7 +377,8 @@ def _pre_pass(scanner: TensorScanner, index: int, prepass: PrePass, selectors, n
                 total = totals[block.tune]
                 totals[block.tune] = measure if total is None else \
                     selector.merge(index, total, measure)
-        return totals
+        return [None if total is None else selector.tensor_measured(index, name, total)
+                for selector, total in zip(selectors, totals)]
 
     total_bytes = sum(scanner.base.entry(n).nbytes for n in names)
     with bar(total_bytes, prepass.description, progress) as progress_bar:

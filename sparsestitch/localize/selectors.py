@@ -37,7 +37,7 @@ import numpy as np
 from ..core.cached import cached_attribute
 from ..core.dtypes import DType
 from ..core.errors import TensorMismatchError
-from ..core.sizes import row_items
+from ..core.sizes import numel, row_items
 from ..core.tiebreak import ranked, tie_order
 from .activations import weighted_keys
 from .stats import BINS, count_changed, key_histogram, keyed_histogram, keys_energy
@@ -58,6 +58,9 @@ from .topk import (
 #: same fraction sampled).
 SAMPLE_BLOCK = 1 << 16
 SAMPLE_EVERY = 16
+#: :class:`FidelityTopK`'s energy pass holds a tensor's sampled keys (4 bytes each, a
+#: sixteenth of its elements) for tensors of at most this many sampled elements (16 MiB).
+SAMPLE_HELD_LIMIT = 1 << 22
 
 
 @dataclass
@@ -104,10 +107,7 @@ class TuneBlock:
     @cached_attribute
     def keys(self) -> np.ndarray:
         """The keys the selector ranks: :attr:`magnitudes` times ``key_scale`` (as float32)."""
-        if self.key_scale == 1.0:
-            return self.magnitudes
-        scaled = self.magnitudes.view(np.float32) * np.float32(self.key_scale)
-        return scaled.view(np.uint32)
+        return scaled_keys(self.magnitudes, self.key_scale)
 
     @cached_attribute
     def energy(self) -> float:
@@ -119,6 +119,13 @@ class TuneBlock:
         """Tie orders (:func:`~sparsestitch.core.tiebreak.tie_order`) of the elements at
         block-relative ``index``."""
         return tie_order(self.name, index + self.offset)
+
+
+def scaled_keys(keys: np.ndarray, scale: float) -> np.ndarray:
+    """Ranking ``keys`` (float32 bits) times ``scale``, rounded to float32 (as they are)."""
+    if scale == 1.0:
+        return keys
+    return (keys.view(np.float32) * np.float32(scale)).view(np.uint32)
 
 
 @dataclass(frozen=True)
@@ -185,6 +192,11 @@ class Selector:
     def pass_tensors(self, index: int, names: Sequence[str]) -> Sequence[str]:
         """Which of the localized tensors pre-pass ``index`` reads (default: all)."""
         return names
+
+    def tensor_measured(self, index: int, name: str, total):
+        """Pre-pass ``index``'s combined measures of one tensor, finished in the worker thread
+        once its last block was measured (default: as they are), before :meth:`absorb`."""
+        return total
 
     def measure(self, index: int, block: TuneBlock) -> np.ndarray | None:
         """Pre-pass ``index`` over one block: a pure function (runs in worker threads)
@@ -452,9 +464,37 @@ def sample_rows(shape: tuple[int, ...]) -> list[tuple[int, int]]:
     >>> sample_rows((1000, 4096))[:2]
     [(0, 16), (256, 272)]
     """
-    rows = shape[0] if shape else 1
-    step = max(1, SAMPLE_BLOCK // max(1, row_items(shape)))
+    rows, step = shape[0] if shape else 1, _sample_step(shape)
     return [(start, min(rows, start + step)) for start in range(0, rows, step * SAMPLE_EVERY)]
+
+
+def _sample_step(shape: tuple[int, ...]) -> int:
+    """Rows in each of :func:`sample_rows`' ranges."""
+    return max(1, SAMPLE_BLOCK // max(1, row_items(shape)))
+
+
+def sampled_keys(block: TuneBlock, shape: tuple[int, ...]) -> list[np.ndarray]:
+    """Copies of the block's :attr:`~TuneBlock.magnitudes` in the rows :func:`sample_rows`
+    takes of a tensor of ``shape`` (the block: whole rows of it, from ``block.offset``)."""
+    width = max(1, row_items(shape))
+    rows, step = shape[0] if shape else 1, _sample_step(shape)
+    period = step * SAMPLE_EVERY
+    first = block.offset // width
+    stop = first + block.base.size // width
+    keys, parts = block.magnitudes.reshape(-1), []
+    for start in range(first // period * period, stop, period):
+        lo, hi = max(start, first), min(start + step, rows, stop)
+        if lo < hi:
+            parts.append(keys[(lo - first) * width:(hi - first) * width].copy())
+    return parts
+
+
+def norm_scale(energy: float) -> float:
+    """The factor of a tensor's keys under :class:`_Normalized`: 1 / ||tau_t||, from its sum
+    of tau squared.  An unchanged tensor keeps factor 1 (its keys are 0); an infinite norm
+    cannot be divided by, and its non-finite keys rank first anyway."""
+    norm = float(np.sqrt(energy))
+    return 1.0 / norm if 0.0 < norm < np.inf else 1.0
 
 
 class _Normalized:
@@ -490,10 +530,7 @@ class _Normalized:
     def absorb(self, index: int, name: str, total: np.ndarray) -> None:
         if index == 0:
             self._energies[name] = float(total[0])
-            norm = float(np.sqrt(total[0]))
-            # An unchanged tensor keeps factor 1 (its keys are 0); an infinite norm cannot be
-            # divided by, and its non-finite keys rank first anyway.
-            self._scales[name] = 1.0 / norm if 0.0 < norm < np.inf else 1.0
+            self._scales[name] = norm_scale(float(total[0]))
         else:
             super().absorb(index - 1, name, total)
 
@@ -510,9 +547,59 @@ class _Normalized:
 
 class FidelityTopK(_Normalized, BracketedTopK):
     """The default: top-k of |tau| / ||tau_t|| over all localized tensors (see
-    :class:`_Normalized`), reading the model about once after the energy pass."""
+    :class:`_Normalized`), reading the model about once after the energy pass.
+
+    The energy pass also takes the bracket's sample (:func:`sample_rows`) of each tensor of
+    at most :data:`SAMPLE_HELD_LIMIT` sampled elements: their keys are held until the end of
+    the tensor, when its norm is known, then scaled and counted -- the sample pass's counts,
+    without its read of the model.  Larger tensors are sampled in the sample pass."""
 
     method = "topk-fidelity"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._sampled: set[str] = set()     # by the energy pass
+        self._unsampled: set[str] = set()   # left to the sample pass
+
+    def _holds_sample(self, name: str) -> bool:
+        return numel(self._shapes[name]) // SAMPLE_EVERY <= SAMPLE_HELD_LIMIT
+
+    def measure(self, index: int, block: TuneBlock):
+        if index == 0 and self._holds_sample(block.name):
+            return np.array([block.energy]), sampled_keys(block, self._shapes[block.name])
+        return super().measure(index, block)
+
+    def merge(self, index: int, total, measure):
+        if index == 0 and isinstance(total, tuple):
+            return total[0] + measure[0], total[1] + measure[1]
+        return super().merge(index, total, measure)
+
+    def tensor_measured(self, index: int, name: str, total):
+        if index == 0 and isinstance(total, tuple):
+            energy, parts = total
+            scale, counts = norm_scale(float(energy[0])), np.zeros(BINS, np.int64)
+            for keys in parts:
+                counts += high_histogram(scaled_keys(keys, scale))
+            return energy, counts
+        return total
+
+    def absorb(self, index: int, name: str, total) -> None:
+        if index == 0 and isinstance(total, tuple):
+            super().absorb(0, name, total[0])
+            BracketedTopK.absorb(self, 0, name, total[1])  # the sample pass's absorb
+            self._sampled.add(name)
+            return
+        if index == 0:
+            self._unsampled.add(name)
+        super().absorb(index, name, total)
+
+    def pass_needed(self, index: int) -> bool:
+        return bool(self._unsampled) if index == 1 else super().pass_needed(index)
+
+    def pass_tensors(self, index: int, names: Sequence[str]) -> Sequence[str]:
+        if index == 1:
+            return [n for n in names if n not in self._sampled]
+        return super().pass_tensors(index, names)
 
 
 class FidelityExactTopK(_Normalized, GlobalTopK):
