@@ -2583,11 +2583,12 @@ done:
 }
 
 PyDoc_STRVAR(magnitude_keys_doc,
-"magnitude_keys(kind, finetuned, base, out)\n"
+"magnitude_keys(kind, finetuned, base, out, scale=1.0)\n"
 "\n"
 "localize.topk.magnitude_keys into uint32 ``out``: the float32 bits of |wide(fine-tuned) -\n"
 "wide(base)| (a float64 difference rounded to float32), 0 where that is NaN but the bits\n"
-"are equal (an unchanged inf or NaN).  ``kind`` as for merge_block.");
+"are equal (an unchanged inf or NaN); times float32(``scale``) in float32 where it is not 1.\n"
+"``kind`` as for merge_block.");
 
 #define KEY_INF 0x7F800000u
 
@@ -2904,6 +2905,30 @@ DEFINE_KEYS(keys_f16, uint16_t, f16_wide)
 DEFINE_KEYS(keys_f32, uint32_t, f32_wide)
 DEFINE_KEYS(keys_f64, uint64_t, f64_wide)
 
+/* The keys above times a float32 ``scale``, rounded to float32: what numpy's float32 product
+ * of the keys (viewed as float32) and the scale gives, bit for bit (a NaN key stays a NaN). */
+#define DEFINE_SCALED_KEYS(NAME, BITS, TO_WIDE)                                             \
+    VECTOR_CLONES static void NAME(const BITS *restrict finetuned, const BITS *restrict base,             \
+                     uint32_t *restrict keys, Py_ssize_t n, float scale)                    \
+    {                                                                                       \
+        for (Py_ssize_t i = 0; i < n; i++) {                                                \
+            float tau = (float)(TO_WIDE(finetuned[i]) - TO_WIDE(base[i]));                  \
+            uint32_t key;                                                                   \
+            memcpy(&key, &tau, 4);                                                          \
+            key &= 0x7FFFFFFFu;                                                             \
+            key = key > KEY_INF && finetuned[i] == base[i] ? 0 : key;                       \
+            float value;                                                                    \
+            memcpy(&value, &key, 4);                                                        \
+            value *= scale;                                                                 \
+            memcpy(&keys[i], &value, 4);                                                    \
+        }                                                                                   \
+    }
+
+DEFINE_SCALED_KEYS(scaled_keys_bf16, uint16_t, bf16_wide)
+DEFINE_SCALED_KEYS(scaled_keys_f16, uint16_t, f16_wide)
+DEFINE_SCALED_KEYS(scaled_keys_f32, uint32_t, f32_wide)
+DEFINE_SCALED_KEYS(scaled_keys_f64, uint64_t, f64_wide)
+
 /* The fine-tuned and base bits of a float ``kind`` and the uint32 keys' ``out``, checked
  * alike in length: their element count, or -1 with an exception set. */
 static Py_ssize_t key_buffers(int kind, PyObject *finetuned_object, PyObject *base_object,
@@ -2927,7 +2952,9 @@ static PyObject *magnitude_keys(PyObject *self, PyObject *args)
 {
     int kind;
     PyObject *finetuned_object, *base_object, *out_object;
-    if (!PyArg_ParseTuple(args, "iOOO", &kind, &finetuned_object, &base_object, &out_object))
+    double scale = 1.0;
+    if (!PyArg_ParseTuple(args, "iOOO|d", &kind, &finetuned_object, &base_object, &out_object,
+                          &scale))
         return NULL;
     if (!known_kind(kind))
         return NULL;
@@ -2937,12 +2964,22 @@ static PyObject *magnitude_keys(PyObject *self, PyObject *args)
                                &base, &out);
     if (n < 0)
         goto done;
+    float factor = (float)scale;  /* numpy's np.float32(scale) */
     Py_BEGIN_ALLOW_THREADS
-    switch (kind) {
-    case KIND_BF16: keys_bf16(finetuned.buf, base.buf, out.buf, n); break;
-    case KIND_F16: keys_f16(finetuned.buf, base.buf, out.buf, n); break;
-    case KIND_F32: keys_f32(finetuned.buf, base.buf, out.buf, n); break;
-    default: keys_f64(finetuned.buf, base.buf, out.buf, n);
+    if (scale == 1.0) {
+        switch (kind) {
+        case KIND_BF16: keys_bf16(finetuned.buf, base.buf, out.buf, n); break;
+        case KIND_F16: keys_f16(finetuned.buf, base.buf, out.buf, n); break;
+        case KIND_F32: keys_f32(finetuned.buf, base.buf, out.buf, n); break;
+        default: keys_f64(finetuned.buf, base.buf, out.buf, n);
+        }
+    } else {
+        switch (kind) {
+        case KIND_BF16: scaled_keys_bf16(finetuned.buf, base.buf, out.buf, n, factor); break;
+        case KIND_F16: scaled_keys_f16(finetuned.buf, base.buf, out.buf, n, factor); break;
+        case KIND_F32: scaled_keys_f32(finetuned.buf, base.buf, out.buf, n, factor); break;
+        default: scaled_keys_f64(finetuned.buf, base.buf, out.buf, n, factor);
+        }
     }
     Py_END_ALLOW_THREADS
     result = Py_NewRef(Py_None);

@@ -249,6 +249,23 @@ def test_ranking_keys_alike_in_c_and_numpy(dt, data):
         assert got == want
 
 
+@needs_kernels
+@settings(max_examples=150, deadline=None)
+@given(dt=st.sampled_from([dtype(n) for n in native.FLOAT_KINDS]), data=st.data(),
+       scale=st.sampled_from([0.25, 1.0, 3.0, 1e-30, 1e30, 7.123456789e-3])
+       | st.floats(1e-38, 1e38))
+def test_scaled_ranking_keys_alike_in_c_and_numpy(dt, data, scale):
+    """The keys times a tensor's factor in one pass: numpy's float32 product of the keys and
+    np.float32(scale), for every bit pattern (a NaN key stays NaN, a product may underflow to
+    a subnormal or 0, or overflow to inf)."""
+    kept, base = data.draw(value_pairs(dt, max_size=200))
+    native_outcome, numpy_outcome = _both(lambda: magnitude_keys(kept, base, dt, scale))
+    assert native_outcome == numpy_outcome
+    with np.errstate(all="ignore"):
+        want = magnitude_keys(kept, base, dt).view(np.float32) * np.float32(scale)
+    assert magnitude_keys(kept, base, dt, scale).tobytes() == want.tobytes()
+
+
 def _both_tuples(compute):
     """``compute()`` (a tuple of arrays) with the C loops and with numpy, as bytes."""
     outcomes = []

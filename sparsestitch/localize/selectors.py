@@ -50,6 +50,7 @@ from .topk import (
     high_histogram,
     magnitude_keys,
     resolve_candidates,
+    scaled_keys,
     split_bracket,
 )
 
@@ -106,7 +107,11 @@ class TuneBlock:
 
     @cached_attribute
     def keys(self) -> np.ndarray:
-        """The keys the selector ranks: :attr:`magnitudes` times ``key_scale`` (as float32)."""
+        """The keys the selector ranks: :attr:`magnitudes` times ``key_scale`` (as float32),
+        in one pass where the magnitudes themselves are not made (nor weighted)."""
+        if self.key_scale != 1.0 and self.column_weights is None and \
+                "magnitudes" not in self.__dict__:
+            return magnitude_keys(self.finetuned, self.base, self.dt, self.key_scale)
         return scaled_keys(self.magnitudes, self.key_scale)
 
     @cached_attribute
@@ -119,13 +124,6 @@ class TuneBlock:
         """Tie orders (:func:`~sparsestitch.core.tiebreak.tie_order`) of the elements at
         block-relative ``index``."""
         return tie_order(self.name, index + self.offset)
-
-
-def scaled_keys(keys: np.ndarray, scale: float) -> np.ndarray:
-    """Ranking ``keys`` (float32 bits) times ``scale``, rounded to float32 (as they are)."""
-    if scale == 1.0:
-        return keys
-    return (keys.view(np.float32) * np.float32(scale)).view(np.uint32)
 
 
 @dataclass(frozen=True)

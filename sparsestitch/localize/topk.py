@@ -36,8 +36,9 @@ _INF_KEY = 0x7F800000
 _MAX_KEY = 0xFFFFFFFF
 
 
-def magnitude_keys(finetuned_bits: np.ndarray, base_bits: np.ndarray, dt: DType) -> np.ndarray:
-    """uint32 ranking keys of |fine-tuned - base|.
+def magnitude_keys(finetuned_bits: np.ndarray, base_bits: np.ndarray, dt: DType,
+                   scale: float = 1.0) -> np.ndarray:
+    """uint32 ranking keys of |fine-tuned - base| (times ``scale``, see :func:`scaled_keys`).
 
     >>> from sparsestitch.core.dtypes import dtype
     >>> f32 = dtype("F32")
@@ -48,13 +49,28 @@ def magnitude_keys(finetuned_bits: np.ndarray, base_bits: np.ndarray, dt: DType)
     >>> inf = np.array([np.inf], np.float32).view(np.uint32)
     >>> magnitude_keys(inf, inf, f32).tolist()  # unchanged: never outranks a real change
     [0]
+    >>> magnitude_keys(a, b, f32, 0.25).view(np.float32).tolist()
+    [0.125, 0.0, 0.5]
     """
     kernels, kind = native.float_kernels(dt.name)
     if kernels is not None:  # the same keys, in one pass
         keys = np.empty(np.shape(finetuned_bits), np.uint32)
         kernels.magnitude_keys(kind, np.ascontiguousarray(finetuned_bits),
-                               np.ascontiguousarray(base_bits), keys)
+                               np.ascontiguousarray(base_bits), keys, float(scale))
         return keys
+    return scaled_keys(_plain_keys(finetuned_bits, base_bits, dt), scale)
+
+
+def scaled_keys(keys: np.ndarray, scale: float) -> np.ndarray:
+    """Ranking ``keys`` (float32 bits) times ``scale``, rounded to float32 (as they are)."""
+    if scale == 1.0:
+        return keys
+    with np.errstate(over="ignore", under="ignore", invalid="ignore"):  # IEEE's inf, 0, NaN
+        return (keys.view(np.float32) * np.float32(scale)).view(np.uint32)
+
+
+def _plain_keys(finetuned_bits: np.ndarray, base_bits: np.ndarray, dt: DType) -> np.ndarray:
+    """:func:`magnitude_keys` by numpy (no C loops, or ``SPARSESTITCH_NATIVE=0``)."""
     with np.errstate(all="ignore"):
         tau = np.subtract(to_wide(finetuned_bits, dt), to_wide(base_bits, dt))
         np.abs(tau, out=tau)
@@ -304,9 +320,9 @@ class LowBracket:
         """A chunk's keys in the bracket, each as its offset from the bracket's first key
         (uint32: ``(bin - first) * 65,536 + low 16 bits``), and their tie orders (``order``
         of their indices in the chunk; None without it)."""
-        offset = keys - np.uint32(self.first << 16)  # modulo 2**32: below the bracket wraps
-        inside = np.flatnonzero(offset < np.uint32(self.bins * _BINS))
-        return offset[inside], None if order is None else order(inside)
+        low = self.first << 16
+        _, inside, inside_keys = split_bracket(keys, low, low + self.bins * _BINS - 1)
+        return inside_keys - np.uint32(low), None if order is None else order(inside)
 
     def add(self, inside: np.ndarray, orders: np.ndarray | None = None) -> None:
         """Count keys given by :meth:`measure` (or a table of them, :func:`add_first`), and
