@@ -311,3 +311,37 @@ def test_every_change_by_a_threshold_of_one_writes_what_positions_write(tmp_path
         restored = load_file(sparsestitch.restore(base_path, tmp_path / "threshold.delta",
                                                   tmp_path / "r.safetensors"))
         assert torch.equal(torch.signbit(restored["w1"][0, :4]), torch.ones(4, dtype=torch.bool))
+
+
+@settings(max_examples=60, deadline=None)
+@given(numel=st.integers(1, 5000), density=st.floats(0.0, 1.0), seed=st.integers(0, 99))
+def test_a_dense_bitmap_packed_fast_decodes_to_its_positions(numel, density, seed):
+    from sparsestitch.delta.codecs.bitmap import Bitmap, pack_dense
+    mask = np.random.default_rng(seed).random(numel) < density
+    payload, config = pack_dense(np.packbits(mask, bitorder="little"))
+    decoded = Bitmap().decode(payload, config, (numel,), int(mask.sum()))
+    assert decoded.tolist() == np.flatnonzero(mask).tolist()
+
+
+@pytest.mark.parametrize("max_error", [0.05, 0.3])
+def test_dense_records_of_a_target_store_their_bitmap_packed_fast(tmp_path, skewed, max_error):
+    """Records keeping a fifth or more of their elements: the positions are pack_dense's
+    bytes of their bitmap (zstd's fast level), and decode to the kept positions."""
+    from sparsestitch.delta.codecs.bitmap import pack_dense
+    from sparsestitch.delta.format import DeltaReader
+    from sparsestitch.localize.planned import BITMAP_FROM
+    _, _, base_path, tune_path = skewed
+    delta = tmp_path / "d.delta"
+    sparsestitch.compress(base_path, tune_path, delta, max_error=max_error)
+    dense = 0
+    with DeltaReader(delta) as reader:
+        for record in reader.records:
+            if record.kind != "sparse" or record.positions["codec"] != "bitmap" \
+                    or record.count < BITMAP_FROM * record.numel:
+                continue
+            mask = np.zeros(record.numel, bool)
+            mask[reader.positions(record)] = True
+            stored = reader.payload(record)[:record.positions_nbytes]
+            assert stored == pack_dense(np.packbits(mask, bitorder="little"))[0], record.name
+            dense += 1
+    assert dense > 0

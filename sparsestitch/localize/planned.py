@@ -25,7 +25,7 @@ from ..core.errors import OptionError
 from ..delta import codecs
 from ..delta.codecs import rice_gaps
 from ..delta.codecs.base import LIST_BELOW, pack_stream
-from ..delta.codecs.bitmap import BitmapBuilder
+from ..delta.codecs.bitmap import BitmapBuilder, pack_dense
 from ..delta.codecs.quant import QuantStream
 from ..delta.format import Record, digest
 from ..delta.spooled import AppendFile, BitAppender, SpooledPayload, changed_between_reads
@@ -160,7 +160,7 @@ class StreamedRecord:
         if self.kept == self.numel:
             pos_payload, pos_config = b"", {"codec": "all"}
         elif self.kept >= BITMAP_FROM * self.numel:
-            payload, config = pack_stream(bitmap)
+            payload, config = pack_dense(bitmap)
             pos_payload, pos_config = payload, {"codec": "bitmap", **config}
         else:  # a list may be smaller: the smallest of the codecs, the bitmap among them
             pos_payload, pos_config = codecs.encode_position_bitmap(
@@ -218,8 +218,9 @@ def _spooled_positions(bitmap: np.ndarray, kept: int, payload: SpooledPayload
                        ) -> tuple[int, dict]:
     """Append the positions a packed bitmap marks to ``payload`` as the smaller of the
     bitmap's stream and the ``rice`` list (which wins ties, as in the codec registry)."""
-    stream, config = pack_stream(bitmap)
-    if kept * LIST_BELOW < bitmap.size * 8:
+    elements = bitmap.size * 8
+    stream, config = pack_dense(bitmap) if kept >= BITMAP_FROM * elements else pack_stream(bitmap)
+    if kept * LIST_BELOW < elements:
         k, unary_bits, remainder_bits = rice_gaps.bitmap_plan(bitmap, kept)
         unary_nbytes, remainder_nbytes = (unary_bits + 7) // 8, (remainder_bits + 7) // 8
         if unary_nbytes + remainder_nbytes <= len(stream):

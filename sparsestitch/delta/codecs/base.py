@@ -99,8 +99,10 @@ ZSTD_SMALL_LIMIT = 1 << 20
 ZSTD_MAX_EXPANSION = 1 << 15
 
 
-def pack_stream(raw: bytes | memoryview | np.ndarray) -> tuple[bytes, dict]:
-    """Compress ``raw`` with zstd when that helps; return ``(stream, config)``.
+def pack_stream(raw: bytes | memoryview | np.ndarray, level: int | None = None
+                ) -> tuple[bytes, dict]:
+    """Compress ``raw`` with zstd when that helps (at ``level``, default :func:`zstd_level`);
+    return ``(stream, config)``.
 
     >>> stream, cfg = pack_stream(bytes(1000))
     >>> cfg["zstd"], cfg["raw_nbytes"], len(stream) < 1000
@@ -112,7 +114,7 @@ def pack_stream(raw: bytes | memoryview | np.ndarray) -> tuple[bytes, dict]:
     n = raw.nbytes
     if n == 0:
         return b"", {"zstd": False, "raw_nbytes": 0}
-    packed = _one_shot_compressor(n).compress(raw)
+    packed = _one_shot_compressor(zstd_level(n) if level is None else level).compress(raw)
     if len(packed) < n:
         return packed, {"zstd": True, "raw_nbytes": n}
     return bytes(raw), {"zstd": False, "raw_nbytes": n}
@@ -125,10 +127,9 @@ def pack_stream(raw: bytes | memoryview | np.ndarray) -> tuple[bytes, dict]:
 _ONE_SHOT = threading.local()
 
 
-def _one_shot_compressor(raw_nbytes: int) -> zstandard.ZstdCompressor:
-    """:func:`stream_compressor` for a single ``compress`` call, reused within the thread
-    (the same parameters, so the same bytes)."""
-    level = zstd_level(raw_nbytes)
+def _one_shot_compressor(level: int) -> zstandard.ZstdCompressor:
+    """:func:`stream_compressor`'s compressor of ``level`` for a single ``compress`` call,
+    reused within the thread (the same parameters, so the same bytes)."""
     made = getattr(_ONE_SHOT, "by_level", None)
     if made is None:
         made = _ONE_SHOT.by_level = {}
