@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 import sparsestitch
 from sparsestitch.checkpoint import INDEX_NAME, Checkpoint
 from sparsestitch.core.errors import TensorMismatchError
+from sparsestitch.delta.codecs.bitmap import Bitmap
 from sparsestitch.delta.format import DeltaReader
 from sparsestitch.localize.topk import count_to_keep
 from sparsestitch.core.sizes import numel as count_elements
@@ -595,3 +596,67 @@ def test_a_restored_folders_card_says_what_is_exact_and_it_is_true(tmp_path, opt
     else:
         assert "every parameter the delta stores has the fine-tune's exact bits" in card
         assert stored_unequal == 0
+
+
+@pytest.mark.parametrize("options", [{"density": 0.6}, {"max_error": 0.3}, {"lossless": True}])
+def test_bitmap_records_restore_without_positions(tmp_path, options):
+    """Records stored as bitmaps are put back where their bits are set (walk.put_marks):
+    no position list is made of them (Bitmap.decode never runs), in one block or many,
+    and the output is what their positions say."""
+    base, tune = small_pair()
+    base_path = save_checkpoint(tmp_path / "b.safetensors", base)
+    tune_path = save_checkpoint(tmp_path / "t.safetensors", tune)
+    delta = tmp_path / "t.delta"
+    sparsestitch.compress(base_path, tune_path, delta, **options)
+    with DeltaReader(delta) as reader:
+        assert any(r.kind == "sparse" and r.positions["codec"] == "bitmap" for r in reader.records)
+    outputs = []
+    listed = mock.patch.object(Bitmap, "decode", side_effect=AssertionError("positions listed"))
+    with listed:
+        for size in (64, 1000, 256 << 20):
+            outputs.append(sparsestitch.restore(base_path, delta, tmp_path / f"r{size}.safetensors",
+                                                block_bytes=size).read_bytes())
+    assert all(out == outputs[-1] for out in outputs)
+    restored = load_file(tmp_path / f"r{256 << 20}.safetensors")
+    with DeltaReader(delta) as reader:
+        for record in reader.records:
+            if record.kind != "sparse":
+                continue
+            got = ubits(restored[record.name])
+            want = ubits(base[record.name]).copy()
+            positions = reader.positions(record)
+            want[positions] = reader.values(record, want[positions])
+            assert np.array_equal(got, want), record.name
+
+
+@settings(max_examples=100, deadline=None)
+@given(numel=st.integers(1, 300), density=st.floats(0, 1), bit=st.integers(0, 7),
+       cuts=st.lists(st.integers(0, 300), max_size=6), in_order=st.booleans(),
+       seed=st.integers(0, 99))
+def test_a_bitmap_record_is_put_back_block_by_block_as_its_positions_say(
+        numel, density, bit, cuts, in_order, seed):
+    """The restore's put-back of a bitmap record (Marked) over any cut into blocks, taken in
+    order (each block from the last one's count) or not (counted again): the dense reference
+    writes the fine-tuned bits at the marked positions."""
+    from sparsestitch.core.dtypes import dtype as lookup_dtype
+    from sparsestitch.engine.walk import Marked
+    from sparsestitch.ops.restore import RestoreCombiner
+    rng = np.random.default_rng(seed)
+    mask = rng.random(numel) < density
+    bits = np.packbits(np.concatenate([np.zeros(bit, bool), mask]), bitorder="little")
+    base = rng.integers(0, 1 << 16, numel, dtype=np.uint16)
+    finetuned = rng.integers(0, 1 << 16, int(mask.sum()), dtype=np.uint16)
+    want = base.copy()
+    want[mask] = finetuned
+    edges = sorted({0, numel, *[c % (numel + 1) for c in cuts]})
+    blocks = list(zip(edges, edges[1:]))
+    if not in_order:
+        rng.shuffle(blocks)
+    put_back = RestoreCombiner().block_merge(lookup_dtype("BF16"),
+                                             [Marked(bits, bit, finetuned, base[mask])])
+    got = base.copy()
+    for lo, hi in blocks:
+        block = got[lo:hi].copy()
+        put_back(block, lo)
+        got[lo:hi] = block
+    assert np.array_equal(got, want)

@@ -68,6 +68,10 @@ class Combiner(Protocol):
         """Whether the block merge of delta ``index`` alone is its stored bits written over
         the base's (a walk may then skip building positions)."""
 
+    def takes_marks(self, dt: DType) -> bool:
+        """Whether :meth:`block_merge` takes ``bitmap`` records as
+        :class:`~sparsestitch.engine.walk.Marked` (their bits, no position array)."""
+
     def bytes_per_position(self, dt: DType) -> int:
         """Bytes a tensor's decoded records hold per stored position until merged (the
         engine plans read-ahead and row blocks with it)."""
@@ -133,6 +137,10 @@ class RuleCombiner:
         """The same merge as :meth:`combine`, applied row block by row block in place."""
         return BlockMerge(self, dt, stored)
 
+    def takes_marks(self, dt: DType) -> bool:
+        """The C loop of an elementwise rule (:class:`BlockMerge`) takes bitmaps."""
+        return self.merges_blocks(dt) and native.float_kernels(dt.name)[0] is not None
+
     def merge_changed(self, dt: DType, block: np.ndarray, first: int,
                       finetuned: Sequence[np.ndarray]) -> None:
         """:meth:`block_merge` for records that store exactly the elements of ``block`` (the
@@ -186,14 +194,6 @@ class RuleCombiner:
                            "weights": list(self.weights),
                            "deltas": [delta_identity(r) for r in readers]},
                           sort_keys=True, separators=(",", ":"))
-
-
-def merges_marks(combiner: Combiner, dt: DType) -> bool:
-    """Whether ``combiner``'s block merge takes records as
-    :class:`~sparsestitch.engine.walk.Marked` (bitmaps, not positions): the C loop of an
-    elementwise rule (:class:`BlockMerge`)."""
-    return isinstance(combiner, RuleCombiner) and combiner.merges_blocks(dt) and \
-        native.float_kernels(dt.name)[0] is not None
 
 
 class BlockMerge:

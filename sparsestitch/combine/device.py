@@ -100,6 +100,10 @@ class DeviceCombiner:
         """No: the device merges every block (the host only stages)."""
         return False
 
+    def takes_marks(self, dt: DType) -> bool:
+        """No: the device takes positions."""
+        return False
+
     def bytes_per_position(self, dt: DType) -> int:
         """Host bytes per stored position until the writing thread merges it: the records'
         positions and bits, and their staged copies."""

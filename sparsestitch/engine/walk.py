@@ -38,7 +38,7 @@ from ..checkpoint import Checkpoint, OutputTensor, Shard
 from ..core.dtypes import dtype as lookup_dtype
 from ..core.errors import BaseMismatchError, CheckpointError, TensorMismatchError
 from ..core.sizes import row_items
-from ..delta.codecs.bitmap import gather_marked, marked_count
+from ..delta.codecs.bitmap import gather_marked, marked_count, put_marked
 from ..delta.format import HEADER_KEY, DeltaReader, Record, RecordCursor
 from .budget import MemoryBudget
 from .parallel import PARALLEL_MIN, each
@@ -167,9 +167,9 @@ class Stored:
 class Marked:
     """One delta's decoded entries given by a bitmap instead of positions: bit ``bit`` of
     ``bits`` (uint8) is element ``first``, and ``finetuned`` and ``base`` are the bits of
-    the marked elements from there on.  Only the C block merge takes it
-    (:func:`~sparsestitch.combine.combiners.merges_marks`); it spares a
-    record of many entries its int64 positions, their gathers and their order check."""
+    the marked elements from there on.  Combiners that say so take it (``takes_marks``: the
+    C block merge, a restore's put-back, :func:`put_marks`); it spares a record of many
+    entries its int64 positions, their gathers and their order check."""
 
     bits: np.ndarray
     bit: int
@@ -190,6 +190,20 @@ def put_stored(stored: Stored, block: np.ndarray, first: int) -> None:
         block[part.first - first:part.first - first + part.count] = part.finetuned
     elif part.count:
         block[part.positions - first] = part.finetuned
+
+
+def put_marks(marked: Marked, block: np.ndarray, first: int, before: int | None = None) -> int:
+    """``marked``'s fine-tuned bits written into ``block`` (elements ``first, ...``) where its
+    bits are set (a restore's :func:`put_stored` for a bitmap record); ``before``: how many
+    marked elements precede ``first`` (None: counted here).  Returns how many precede the
+    block's end, the next block's ``before``."""
+    start = marked.bit + first - marked.first
+    if before is None:
+        before = marked_count(marked.bits, marked.bit, first - marked.first)
+    window = marked.bits[start // 8:(start + block.size + 7) // 8]
+    count = marked_count(window, start % 8, block.size)
+    put_marked(window, start % 8, block, marked.finetuned[before:before + count])
+    return before + count
 
 
 def stored_positions(reader: DeltaReader, record: Record, payload: bytes | None = None

@@ -11,7 +11,7 @@ import numpy as np
 
 from ..core.dtypes import DType
 from ..engine.budget import MemoryBudget
-from ..engine.walk import Stored, put_stored
+from ..engine.walk import Marked, Stored, put_marks, put_stored
 from . import stitch_engine as engine
 from .cards import restore_card
 
@@ -38,8 +38,15 @@ class RestoreCombiner:
     def replaces_lone(self, dt: DType, index: int) -> bool:
         return True
 
-    def block_merge(self, dt: DType, stored: Sequence[Stored | None]):
+    def takes_marks(self, dt: DType) -> bool:
+        """Yes: a bitmap record's bits are put back where its bits are set (:func:`put_marks`),
+        with no position array."""
+        return True
+
+    def block_merge(self, dt: DType, stored: Sequence[Stored | Marked | None]):
         (record,) = stored
+        if isinstance(record, Marked):
+            return _MarkedPutBack(record)
 
         def put_back(block: np.ndarray, first: int) -> None:
             if record is not None:
@@ -50,6 +57,18 @@ class RestoreCombiner:
         """The int64 position, the fine-tuned and base bits and the value decoders'
         temporaries (a wide task vector for ``tau``), rounded up."""
         return 32
+
+
+class _MarkedPutBack:
+    """A bitmap record put back block by block: the blocks come in order, so each starts
+    where the last one's marked elements ended (counted again for any other block)."""
+
+    def __init__(self, record: Marked):
+        self.record, self._end, self._before = record, record.first, 0
+
+    def __call__(self, block: np.ndarray, first: int) -> None:
+        before = self._before if first == self._end else None
+        self._before, self._end = put_marks(self.record, block, first, before), first + block.size
 
 
 def restore(base: str | os.PathLike, delta: str | os.PathLike, out: str | os.PathLike, *,

@@ -38,7 +38,7 @@ import numpy as np
 from ..checkpoint import Checkpoint, CheckpointWriter
 from ..checkpoint.gguf_folder import check_output_name, model_files, writes_folder
 from ..checkpoint.guard import Inputs
-from ..combine.combiners import Combiner, merge_in_parts, merges_marks
+from ..combine.combiners import Combiner, merge_in_parts
 from ..core.dtypes import DType
 from ..core.dtypes import dtype as lookup_dtype
 from ..core.native import keep_freed_blocks, one_malloc_arena
@@ -231,7 +231,7 @@ class _Plan:
             return self.streamed(name, dt)
         blocks = RowBlocks.of(entry.shape, dt.itemsize, self.block_bytes)
         stored, whole = decode_tensor(base, self.readers, name, blocks,
-                                      marked=merges_marks(self.combiner, dt),
+                                      marked=self.combiner.takes_marks(dt),
                                       threads=self.threads)
         read_block = ((lambda start, stop: whole) if whole is not None else
                       (lambda start, stop: base.read_rows(name, start, stop)))
@@ -284,7 +284,7 @@ class _Plan:
                                     max(1, self.block_bytes // per_position)),
                            widest.row_items)
 
-        marked = merges_marks(self.combiner, dt)
+        marked = self.combiner.takes_marks(dt)
 
         def finish(writer: CheckpointWriter) -> None:
             base_hash = BaseHash(name)
