@@ -166,11 +166,13 @@ def test_ranking_on_a_sample_keeps_the_positions_and_a_codec_near_the_sample_s_b
             assert on_sample[config["codec"]] <= min(on_sample.values()) * codecs.RANKED_WITHIN
 
 
+@pytest.mark.parametrize("seed", [1, 4, 7])
 @pytest.mark.parametrize("layout", ["random", "half the rows empty", "runs"])
-def test_ranking_on_a_sample_costs_at_most_a_percent_on_matrices(layout):
-    # The sample is an eighth of the rows, so a codec that wins clearly wins there too, and
-    # near ties are encoded in full: at most 1% over the smallest of every codec tried.
-    rng = np.random.default_rng(7)
+def test_ranking_on_a_sample_costs_at_most_a_percent_on_matrices(layout, seed):
+    # The sample is an eighth of the rows, so a codec that wins clearly wins there too; where
+    # codecs come close the sample may pick another: at most 1% over the smallest of every
+    # codec tried (seeds 1 and 4 pick a codec 0.03-0.3% larger than the smallest).
+    rng = np.random.default_rng(seed)
     rows, cols = 2048, 384
     mask = rng.random((rows, cols)) < 0.1
     if layout == "half the rows empty":
