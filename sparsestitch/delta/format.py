@@ -104,20 +104,23 @@ class Record:
 def encode_record(name: str, dt: DType, shape: tuple[int, ...],
                   positions: np.ndarray | codecs.PackedPositions | None,
                   kept: np.ndarray, base_kept: np.ndarray | None, base_xxh3: str | None,
-                  fidelity: dict | None = None, quantize: dict | None = None
-                  ) -> tuple[Record, bytes]:
+                  fidelity: dict | None = None, quantize: dict | None = None,
+                  rank_on_sample: bool = False) -> tuple[Record, bytes]:
     """Encode one tensor's kept positions and fine-tuned bits into a record and its payload.
 
     ``positions`` None means every element (no position array needed), a
     :class:`~.codecs.PackedPositions` those its bitmap marks; ``base_kept`` (base
-    bits at the kept positions) is None for a tensor the base lacks.
+    bits at the kept positions) is None for a tensor the base lacks.  ``rank_on_sample``:
+    as for :func:`~.codecs.encode_positions` (a planner's records).
     """
     if positions is None:
         pos_payload, pos_config = b"", {"codec": "all"}
     elif isinstance(positions, codecs.PackedPositions):
-        pos_payload, pos_config = codecs.encode_position_bitmap(positions, shape)
+        pos_payload, pos_config = codecs.encode_position_bitmap(positions, shape,
+                                                                rank_on_sample)
     else:
-        pos_payload, pos_config = codecs.encode_positions(positions, shape)
+        pos_payload, pos_config = codecs.encode_positions(positions, shape,
+                                                          rank_on_sample=rank_on_sample)
     val_payload, val_config = codecs.encode_values(kept, base_kept, dt, quantize)
     payload = pos_payload + val_payload
     record = Record(name, dt.name, tuple(shape), "sparse" if base_kept is not None else "added",

@@ -319,7 +319,8 @@ def planned_records(scanner: TensorScanner, name: str, hold_blocks: bool = False
                 selection = replace(sink.finish(dt), energy=energy[i])
                 quantize = None if option.bits is None else {"bits": option.bits,
                                                              "group": planner.group}
-                record = scanner.encode_as(name, base_xxh3, selection, quantize)
+                record = scanner.encode_as(name, base_xxh3, selection, quantize,
+                                           rank_on_sample=True)
             if planner.accepts(record[0]):
                 records[i] = record
                 del current[i]

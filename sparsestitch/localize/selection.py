@@ -261,8 +261,9 @@ class TensorScanner:
         return self.encode_as(name, base_xxh3, selection, self.quantize if localized else None)
 
     def encode_as(self, name: str, base_xxh3: str, selection: Selection,
-                  quantize: dict | None) -> Encoded:
-        """The record of ``selection``, values quantized with ``quantize`` (None: exact)."""
+                  quantize: dict | None, rank_on_sample: bool = False) -> Encoded:
+        """The record of ``selection``, values quantized with ``quantize`` (None: exact);
+        ``rank_on_sample``: a planner's record (see :func:`~.delta.format.encode_record`)."""
         entry = self.base.entry(name)
         dt = lookup_dtype(entry.dtype)
         if selection.finetuned.size == 0:
@@ -270,7 +271,7 @@ class TensorScanner:
                           selection.energy is None else fidelity_report(selection.energy, 0.0)), b""
         record, payload = encode_record(name, dt, entry.shape, selection.positions,
                                         selection.finetuned, selection.base, base_xxh3,
-                                        quantize=quantize)
+                                        quantize=quantize, rank_on_sample=rank_on_sample)
         energy, weights = selection.energy, self.column_weights.get(name)
         if quantize is not None and weights is not None:  # localize.planned streams those
             raise AssertionError(f"{name}: a weighted quantized record taken whole")
