@@ -126,7 +126,8 @@ class Checkpoint:
         return self.read_rows(name, 0, entry.shape[0] if entry.shape else 1).reshape(entry.shape)
 
     def read_rows(self, name: str, start: int, stop: int) -> np.ndarray:
-        """Bits of rows ``start:stop`` (along the first dimension) as a flat array."""
+        """Bits of rows ``start:stop`` (along the first dimension) as a flat array (a fresh
+        array the caller owns)."""
         located = self.locate(name)
         if self._gguf is not None:
             return self._gguf.read_rows(name, start, stop)

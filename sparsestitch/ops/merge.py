@@ -251,15 +251,13 @@ class FineTuneSource:
         if self._blockwise(name):
             if entry.nbytes > self.tensor_bytes:  # too large to hold: merge while writing
                 return lambda writer: self._merge_blocks(name, writer.write)
-            merged = np.empty(entry.numel, lookup_dtype(entry.dtype).bits)
-            filled = 0
+            merged: list[np.ndarray] = []  # the blocks, written in order (no joined copy)
+            self._merge_blocks(name, lambda _, block: merged.append(block))
 
-            def fill(_: str, block: np.ndarray) -> None:
-                nonlocal filled
-                merged[filled:filled + block.size] = block
-                filled += block.size
-            self._merge_blocks(name, fill)
-            return lambda writer: writer.write(name, merged)
+            def write_blocks(writer: CheckpointWriter) -> None:
+                while merged:
+                    writer.write(name, merged.pop(0))
+            return write_blocks
         return self._prepare_whole(name)
 
     def _merge_blocks(self, name: str, emit) -> None:
@@ -274,7 +272,10 @@ class FineTuneSource:
         for block, choice in self.scanner.choices(name, self.selectors):
             stored.append(stored_of_choice(block, choice))
             if len(stored) == count:
-                merged = block.base.copy()
+                # into the base block itself (read_blocks' fresh array), unless a dense choice
+                # holds it as its base bits
+                shared = any(s is not None and s.base is block.base for s in stored)
+                merged = block.base.copy() if shared else block.base
                 self.combiner.block_merge(dt, stored)(merged, block.offset)
                 emit(name, merged)
                 stored = []
@@ -403,7 +404,7 @@ def merge_changed_blocks(scanner: TensorScanner, combiner: Combiner, name: str, 
     for block in scanner.tune_blocks(name):
         tunes.append(block.finetuned)
         if len(tunes) == len(scanner.tunes):
-            merged = block.base.copy()
+            merged = block.base  # read_blocks' fresh array: merged in place
             combiner.merge_changed(dt, merged, block.offset, tunes)
             emit(name, merged)
             tunes = []
