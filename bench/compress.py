@@ -25,7 +25,8 @@ Jobs (each in a fresh process, ``bench/common.py``; rounds interleaved with the 
 fine-tune) against its own floor (read base and fine-tune, write a model); ``stitch 4 full``
 (4 lossless deltas stitched, task arithmetic) against its own (read base and the 4 deltas,
 write a model); ``stitch 4 default`` (4 default deltas stitched by the default rule,
-Localize-and-Stitch) likewise.  ``--max-memory``
+Localize-and-Stitch) likewise; ``restore default`` (the fine-tune's default delta restored)
+against its own (read base and delta, write a model).  ``--max-memory``
 runs every mode again with that budget.  Reported: wall seconds (best round), CPU seconds
 (all threads), peak RSS over the interpreter's own before the call, the ratio to the floor
 measured in the same rounds, the output's bytes and their sha256 (the same digest for a mode
@@ -56,7 +57,8 @@ sys.path.insert(0, str(BENCH))
 from common import describe_machine, interleaved, machine, table, write_json  # noqa: E402
 
 MODES = ("default", "lossless", "1% fidelity", "1% global", "d1 b2", "max_size 1/32",
-         "merge 1%", "stitch 4 full", "stitch 4 default", "lowrank", "lowrank 1/32")
+         "merge 1%", "stitch 4 full", "stitch 4 default", "restore default", "lowrank",
+         "lowrank 1/32")
 READ_CHUNK = 8 << 20  # the floor's reads (8 MiB: 0.55 s for 3.66 GB here, 64 MiB 0.70 s)
 
 
@@ -115,6 +117,12 @@ def job_merge(base: str, tune: str, out: str, max_memory: str) -> dict:
     import sparsestitch
     sparsestitch.merge(base, [tune], out, rule="localize-stitch", keep=0.01, overwrite=True,
                        max_memory=max_memory or None)
+    return {"bytes": _size(Path(out))}
+
+
+def job_restore(base: str, delta: str, out: str, max_memory: str) -> dict:
+    import sparsestitch
+    sparsestitch.restore(base, delta, out, overwrite=True, max_memory=max_memory or None)
     return {"bytes": _size(Path(out))}
 
 
@@ -249,6 +257,10 @@ def jobs_for(model: dict, scratch: Path, modes: list[str], max_memory: str,
         deltas = ",".join(str(p) for p in default_deltas(model, scratch))
         specs["floor (stitch default)"] = ("job_floor", f"{base},{deltas}", str(model_bytes),
                                            str(scratch / "floor-stitch-default.bin"))
+    if "restore default" in modes:
+        delta = default_deltas(model, scratch, 1)[0]
+        specs["floor (restore)"] = ("job_floor", f"{base},{delta}", str(model_bytes),
+                                    str(scratch / "floor-restore.bin"))
     options = {"default": {}, "lossless": {"lossless": True},
                "1% fidelity": {"density": 0.01}, "1% global": {"density": 0.01, "scope": "global"},
                "d1 b2": {"density": 1.0, "bits": 2},
@@ -269,6 +281,9 @@ def jobs_for(model: dict, scratch: Path, modes: list[str], max_memory: str,
             deltas = ",".join(str(p) for p in default_deltas(model, scratch))
             specs[mode] = ("job_stitch", base, deltas, str(scratch / "stitched-default"),
                            max_memory, "localize-stitch")
+        elif mode == "restore default":
+            specs[mode] = ("job_restore", base, str(default_deltas(model, scratch, 1)[0]),
+                           str(scratch / "restored"), max_memory)
     return {name: {"target": f"compress:{fn}", "args": args, "sys_path": [str(tree), str(BENCH)],
                    "preload": ["numpy", "sparsestitch"]}
             for name, (fn, *args) in specs.items()}
@@ -296,8 +311,8 @@ def run_model(model: dict, modes: list[str], repeat: int, max_memory: str, scrat
     for name, result in measured.items():
         kind = name if name.startswith("floor") else name.split(" (")[0]
         floor = measured[{"merge 1%": "floor (merge)", "stitch 4 full": "floor (stitch)",
-                          "stitch 4 default": "floor (stitch default)"
-                          }.get(kind, kind if kind.startswith("floor") else "floor")]
+                          "stitch 4 default": "floor (stitch default)",
+                          "restore default": "floor (restore)"}.get(kind, kind if kind.startswith("floor") else "floor")]
         rows.append({"mode": name, "wall_s": result["best_s"], "cpu_s": result["cpu_s"],
                      "x_floor": result["best_s"] / floor["best_s"],
                      "cpu_x_floor": result["cpu_s"] / max(floor["cpu_s"], 1e-9),
