@@ -272,16 +272,8 @@ class TensorScanner:
         record, payload = encode_record(name, dt, entry.shape, selection.positions,
                                         selection.finetuned, selection.base, base_xxh3,
                                         quantize=quantize, rank_on_sample=rank_on_sample)
-        energy, weights = selection.energy, self.column_weights.get(name)
-        if quantize is not None and weights is not None:  # localize.planned streams those
-            raise AssertionError(f"{name}: a weighted quantized record taken whole")
-        if quantize is not None and energy is None:  # every element kept: measure it here
-            energy = kept_energy(selection, dt)
-        if energy is not None:
-            error = record.values.get("error_sq") if quantize is not None else None
-            record = replace(record, fidelity=fidelity_report(
-                energy, kept_energy(selection, dt, weights, entry.numel), error))
-        return record, payload
+        return _reported(record, selection, dt, quantize, self.column_weights.get(name),
+                         entry.numel), payload
 
     def select_and_encode(self, name: str, selectors: Sequence[Selector],
                           one_at_a_time: bool = False) -> list[Encoded]:
@@ -299,6 +291,22 @@ class TensorScanner:
             encoded.append(self.encode(name, base_xxh3, selection, len(encoded)))
             del selection
         return encoded
+
+
+def _reported(record: Record, selection: Selection, dt: DType, quantize: dict | None,
+              weights: np.ndarray | None, numel: int) -> Record:
+    """``record`` of ``selection`` with its fidelity report (where the tensor's energy is
+    known, or measured here: every element kept and quantized)."""
+    energy = selection.energy
+    if quantize is not None and weights is not None:  # localize.planned streams those
+        raise AssertionError(f"{record.name}: a weighted quantized record taken whole")
+    if quantize is not None and energy is None:  # every element kept: measure it here
+        energy = kept_energy(selection, dt)
+    if energy is None:
+        return record
+    error = record.values.get("error_sq") if quantize is not None else None
+    return replace(record, fidelity=fidelity_report(
+        energy, kept_energy(selection, dt, weights, numel), error))
 
 
 def encode_added(tune: Checkpoint, name: str) -> Encoded:
