@@ -56,8 +56,10 @@ from .topk import (
 
 #: The bracketed top-k samples every SAMPLE_EVERY-th block of about SAMPLE_BLOCK elements
 #: of every localized tensor (blocks of whole rows; larger blocks cost fewer reads for the
-#: same fraction sampled).
-SAMPLE_BLOCK = 1 << 16
+#: same fraction sampled: 2^18 against 2^16 made the global scope's sample pass 2-4x shorter,
+#: `--density 0.01 --scope global` 6% faster on a 1.83 GB model and 20% on SmolLM2-135M,
+#: with brackets as tight and the same bytes).
+SAMPLE_BLOCK = 1 << 18
 SAMPLE_EVERY = 16
 #: :class:`FidelityTopK`'s energy pass holds a tensor's sampled keys (4 bytes each, a
 #: sixteenth of its elements) for tensors of at most this many sampled elements (16 MiB).
@@ -459,8 +461,8 @@ def sample_rows(shape: tuple[int, ...]) -> list[tuple[int, int]]:
     """The row ranges the bracketed top-k samples of a tensor: every SAMPLE_EVERY-th block of
     about SAMPLE_BLOCK elements.
 
-    >>> sample_rows((1000, 4096))[:2]
-    [(0, 16), (256, 272)]
+    >>> sample_rows((5000, 4096))[:2]
+    [(0, 64), (1024, 1088)]
     """
     rows, step = shape[0] if shape else 1, _sample_step(shape)
     return [(start, min(rows, start + step)) for start in range(0, rows, step * SAMPLE_EVERY)]
