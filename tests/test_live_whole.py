@@ -9,9 +9,11 @@ import threading
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings, strategies as st
 
 import sparsestitch
 from sparsestitch.core.errors import BaseMismatchError, SparsestitchError
+from sparsestitch.live.marks import SavedMarks
 
 from .test_live import assert_bits, base_bits, bits_of, live, patching
 from .test_rules import random_bits
@@ -72,16 +74,28 @@ def test_compressed_deltas_patch_as_stitch_writes_them_and_revert_exactly(tmp_pa
                 assert_bits(tensors, model, base_bits(model))
 
 
-def test_a_dense_default_delta_is_patched_whole_by_default_and_keeps_only_a_mask(tmp_path):
+def test_a_dense_default_delta_is_patched_whole_by_default_and_keeps_what_it_replaced(tmp_path):
+    """One delta's bitmap (or every-element) records: each entry keeps the bits its record
+    replaced, one per stored element, and no copy or mask of the tensor; two deltas merged
+    by a rule keep a mask."""
+    from sparsestitch.delta.format import DeltaReader
     model, base, tunes = _fine_tune_pair(tmp_path, seed=1)
-    (delta,) = _deltas(tmp_path, base, tunes[:1], {"density": 1.0, "bits": 2})
+    deltas = _deltas(tmp_path, base, tunes, {"density": 1.0, "bits": 2})
+    delta = deltas[0]
     tensors = live(model)
     patch = sparsestitch.apply(tensors, delta)
-    for entry in patch.entries:
-        assert entry.positions is None and entry.originals is None
-        assert entry.mask.shape == tensors[entry.live.name].shape
-    changed = sum(int(entry.mask.count_nonzero()) for entry in patch.entries)
+    with DeltaReader(delta) as reader:
+        for entry in patch.entries:
+            assert entry.positions is None and entry.originals is None and entry.mask is None
+            kept = sum(part[4].size for part in entry.saved.parts)
+            assert kept == reader.record(entry.live.name).count
+    now, before = bits_of(tensors, model), base_bits(model)
+    changed = sum(int(np.count_nonzero(now[n] != before[n])) for n in model)
     patch.revert()
+    with sparsestitch.apply(tensors, deltas) as merged:
+        for entry in merged.entries:
+            assert entry.saved is None
+            assert entry.mask.shape == tensors[entry.live.name].shape
     skill = sparsestitch.prepare(tensors, delta)
     assert skill.count == changed
     assert skill.nbytes == sum(tensors[n].numel() * tensors[n].element_size() for n in skill.names)
@@ -121,11 +135,11 @@ def test_a_failure_while_merging_whole_puts_every_tensor_back(tmp_path, monkeypa
 
     lock = threading.Lock()
 
-    def fail_on_the_second(live, *args):
+    def fail_on_the_second(live, *args, **kwargs):
         with lock:                   # which call is the second, decided as it starts
             calls.append(live.name)
             second = len(calls) == 2
-        real(live, *args)            # the tensor is fully merged, then the failure
+        real(live, *args, **kwargs)  # the tensor is fully merged, then the failure
         if second:
             raise OSError("disk read failed")
     monkeypatch.setattr(live_patch, "merge_in_place", fail_on_the_second)
@@ -195,3 +209,39 @@ def test_a_bitmap_marking_other_than_its_count_is_refused_and_the_model_left_as_
             sparsestitch.stitch(base, [delta, bad], out, rule="task-arithmetic",
                                 max_memory=budget)
         assert not out.exists()
+
+
+@settings(max_examples=80, deadline=None)
+@given(numel=st.integers(1, 200), density=st.floats(0, 1), cuts=st.lists(st.integers(0, 200),
+       max_size=5), dense_part=st.integers(-1, 5), bit=st.integers(0, 7), seed=st.integers(0, 99))
+def test_saved_marks_undo_and_see_through_as_a_dense_reference_says(numel, density, cuts,
+                                                                   dense_part, bit, seed):
+    """SavedMarks against plain arrays: the tensor put back, and the bits before the patch at
+    any sorted positions and in any chunk; over any cut into blocks, some blocks of every
+    element (a window of None)."""
+    rng = np.random.default_rng(seed)
+    before = rng.integers(0, 1 << 16, numel, dtype=np.uint16)
+    edges = sorted({0, numel, *[c % (numel + 1) for c in cuts]})
+    blocks = list(zip(edges, edges[1:]))
+    marked = rng.random(numel) < density
+    saved, after = SavedMarks(), before.copy()
+    for i, (lo, hi) in enumerate(blocks):
+        if i == dense_part:
+            marked[lo:hi] = True
+            saved.add(lo, hi, None, 0, before[lo:hi].copy())
+        else:
+            window = np.packbits(np.concatenate([np.zeros(bit, bool), marked[lo:hi]]),
+                                 bitorder="little")
+            saved.add(lo, hi, window, bit, before[lo:hi][marked[lo:hi]])
+    after[marked] = rng.integers(0, 1 << 16, int(marked.sum()), dtype=np.uint16)
+    positions = np.flatnonzero(rng.random(numel) < 0.5)
+    values = after[positions]
+    saved.before(values, positions)
+    assert np.array_equal(values, before[positions])
+    start = int(rng.integers(0, numel))
+    chunk = after[start:start + 37].copy()
+    saved.before_chunk(chunk, start)
+    assert np.array_equal(chunk, before[start:start + 37])
+    flat = after.copy()
+    saved.put_back(flat)
+    assert np.array_equal(flat, before)

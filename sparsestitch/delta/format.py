@@ -523,35 +523,37 @@ class RecordCursor:
         (read as windows of bits, not positions)."""
         return self.dense or self._positions.marks
 
-    def replace_into(self, lo: int, block: np.ndarray) -> None:
+    def replace_into(self, lo: int, block: np.ndarray, keep=None) -> None:
         """The stored entries among elements ``lo, lo + 1, ...`` (the bits ``block`` holds,
-        in order, every block from element 0 on) written over ``block`` -- a restore's or a
-        lone delta's merge, with no position arrays (the bitmap's bits gather the base
-        values and scatter the decoded ones; see :attr:`marks`)."""
-        if self.dense:  # every element of the block
-            block[:] = self.values(block.copy() if self.needs_base else None, block.size)
-            return
-        with self._context:
-            window, first, count = self._positions.window(lo, lo + block.size)
-        base = gather_marked(window, first, block, count)
-        put_marked(window, first, block, self.values(base if self.needs_base else None, count))
+        every block from element 0 on, in order) written over ``block`` with no position
+        arrays (see :attr:`marks`): a restore's or a lone delta's merge.  ``keep(lo, hi,
+        window or None: every element, its first bit, the bits replaced)`` sees them first."""
+        if self.dense:
+            window, first = None, 0
+            base = block.copy() if self.needs_base or keep is not None else None
+        else:
+            window, first, base = _marked_window(self._positions, self._context, lo, block)
+        if keep is not None:
+            keep(lo, lo + block.size, window, first, base)
+        values = self.values(base if self.needs_base else None,
+                             block.size if window is None else base.size)
+        if window is None:  # every element of the block
+            block[:] = values
+        else:
+            put_marked(window, first, block, values)
 
     def marked_base(self, lo: int, block: np.ndarray) -> np.ndarray:
         """The bits of ``block`` (elements ``lo, lo + 1, ...``, every block in order) at a
         bitmap record's stored positions -- no position array (:attr:`marks`, not dense)."""
-        with self._context:
-            window, first, count = self._positions.window(lo, lo + block.size)
-        return gather_marked(window, first, block, count)
+        return _marked_window(self._positions, self._context, lo, block)[2]
 
     def marked(self, lo: int, block: np.ndarray) -> tuple[np.ndarray, int, np.ndarray, np.ndarray]:
         """A bitmap record's entries among elements ``lo, lo + 1, ...`` (the bits ``block``
         holds, every block in order) as ``(window, bit, fine-tuned bits, base bits)``: the
         bitmap's bytes of the block, the bit of element ``lo`` in them, and the bits of the
         marked elements -- no position array (see :attr:`marks`; not for dense records)."""
-        with self._context:
-            window, first, count = self._positions.window(lo, lo + block.size)
-        base = gather_marked(window, first, block, count)
-        return window, first, self.values(base if self.needs_base else None, count), base
+        window, first, base = _marked_window(self._positions, self._context, lo, block)
+        return window, first, self.values(base if self.needs_base else None, base.size), base
 
     def values(self, base: np.ndarray | None, count: int | None = None) -> np.ndarray:
         """The fine-tuned bits of the next ``len(base)`` (or ``count``) stored entries, given
@@ -583,6 +585,15 @@ class RecordCursor:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _marked_window(positions: "PositionCursor", context, lo: int, block: np.ndarray
+                   ) -> tuple[np.ndarray, int, np.ndarray]:
+    """A bitmap record's bytes of the block's elements ``lo, ...``, the bit of element ``lo``
+    in them, and the block's bits at the marked elements (errors in ``context``)."""
+    with context:
+        window, first, count = positions.window(lo, lo + block.size)
+    return window, first, gather_marked(window, first, block, count)
 
 
 def _taken_in_runs(cursor, base: np.ndarray | None, n: int, run: int, dt: DType) -> np.ndarray:

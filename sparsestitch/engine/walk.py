@@ -359,12 +359,13 @@ class RecordRuns:
         (index, cursor), = self._cursors.items()
         return index if cursor.marks else None
 
-    def replace_into(self, lo: int, block: np.ndarray) -> None:
+    def replace_into(self, lo: int, block: np.ndarray, keep=None) -> None:
         """The :attr:`lone` record's entries in the block of elements ``lo, ...`` written
         over ``block`` (a restore, or the merge of one delta whose lone entries keep their
-        bits): the same bits as :meth:`block` and that merge, with no position arrays."""
+        bits): the same bits as :meth:`block` and that merge, with no position arrays;
+        ``keep`` as for :meth:`~sparsestitch.delta.format.RecordCursor.replace_into`."""
         (cursor,) = self._cursors.values()
-        cursor.replace_into(lo, block)
+        cursor.replace_into(lo, block, keep)
 
     def finish(self) -> None:
         for cursor in self._cursors.values():

@@ -47,9 +47,11 @@ from ..combine.union import union_of
 from ..core.errors import OptionError, SparsestitchError
 from ..delta.format import DeltaReader, Record
 from ..engine.budget import MemoryBudget
+from ..engine.parallel import each
 from ..engine.readahead import DEFAULT_WORKERS, workers_for
 from ..engine.walk import BaseHash, RecordRuns, RowBlocks, Stored, decode_at, stored_positions
 from .device_merge import merge_on_device
+from .marks import SavedMarks
 from .tensors import LiveTensor, match_records, named_tensors
 
 #: Device types whose tensors are patched by decoding and merging on the device (the base bits
@@ -94,6 +96,24 @@ def apply(model, deltas: str | os.PathLike | Sequence[str | os.PathLike], *,
     >>> with apply(model, "math.delta"):  # doctest: +SKIP
     ...     answer = model(question)
     """
+    return _patched(model, deltas, rule, weights, verify_base, added, max_memory, threads,
+                    rule_options, masks=False)
+
+
+def apply_with_masks(model, deltas: str | os.PathLike | Sequence[str | os.PathLike], *,
+                     rule: str = "localize-stitch", weights: Sequence[float] | None = None,
+                     verify_base: bool = True, added: str = "error",
+                     max_memory: int | str | None = None, threads: int | None = None,
+                     **rule_options) -> "Patch":
+    """:func:`apply`, every tensor patched whole keeping an XOR mask of its change (before ^
+    after: what :func:`~.prepared.prepare` switches with) where :func:`apply` keeps only
+    what a lone delta's bitmap record replaced."""
+    return _patched(model, deltas, rule, weights, verify_base, added, max_memory, threads,
+                    rule_options, masks=True)
+
+
+def _patched(model, deltas, rule, weights, verify_base, added, max_memory, threads,
+             rule_options: dict, masks: bool) -> "Patch":
     paths = [deltas] if isinstance(deltas, (str, os.PathLike)) else list(deltas)
     combine = rule_combiner(rule, weights, len(paths), **rule_options)
     if added not in ("error", "skip"):
@@ -112,7 +132,7 @@ def apply(model, deltas: str | os.PathLike | Sequence[str | os.PathLike], *,
             live, [r.record(live.name) for r in readers], combine, active_patches(live.key))]
         try:
             patch_whole(patch._entries, whole, readers, combine, budget,
-                        workers_for(threads, DEFAULT_WORKERS))
+                        workers_for(threads, DEFAULT_WORKERS), masks)
             for live in targets.values():
                 if live.key not in patch._entries:
                     patch._patch(live, readers, combine, staging)
@@ -129,7 +149,8 @@ class PatchEntry:
 
     Either ``positions`` (torch int64 flat positions on the tensor's device) and
     ``originals`` (the bits there before the patch), or, for a tensor patched whole,
-    ``positions is None`` and ``mask`` (before XOR after, the tensor's shape and device)
+    ``positions is None`` and ``mask`` (before XOR after, the tensor's shape and device) or
+    ``saved`` (the bits a lone delta's bitmap record replaced, :class:`~.marks.SavedMarks`),
     with ``after``, the xxh3 of the tensor the patch left (checked before reverting).
     """
 
@@ -138,14 +159,17 @@ class PatchEntry:
     originals: object = None
     mask: object = None
     after: str | None = None
+    saved: SavedMarks | None = None
 
     @property
     def whole(self) -> bool:
         return self.positions is None
 
     def undo(self) -> None:
-        """Put the bits back (a whole entry: XOR the mask in again)."""
-        if self.whole:
+        """Put the bits back (a whole entry: XOR the mask in again, or the saved bits)."""
+        if self.saved is not None:
+            self.saved.put_back(self.live.host_view())
+        elif self.whole:
             self.live.bits.bitwise_xor_(self.mask)
         else:
             self.live.scatter(self.positions, self.originals)
@@ -162,6 +186,9 @@ class PatchEntry:
     def before(self, values: np.ndarray, positions: np.ndarray) -> None:
         """Turn ``values`` (the bits at sorted flat ``positions`` as this patch left them)
         into the bits there before it, in place."""
+        if self.saved is not None:
+            self.saved.before(values, positions)
+            return
         if self.whole:
             values ^= self.mask.reshape(-1).cpu().numpy().view(values.dtype)[positions]
             return
@@ -175,6 +202,9 @@ class PatchEntry:
 
     def before_chunk(self, chunk: np.ndarray, start: int) -> None:
         """:meth:`before` for the elements ``start, start + 1, ...`` (``chunk``)."""
+        if self.saved is not None:
+            self.saved.before_chunk(chunk, start)
+            return
         if self.whole:
             mask = self.mask.reshape(-1)[start:start + chunk.size].cpu().numpy()
             chunk ^= mask.view(chunk.dtype)
@@ -240,8 +270,9 @@ class Patch:
                 raise SparsestitchError("a patch applied later over this tensor is still active: "
                                         "revert patches in reverse order of applying them",
                                         tensor=entry.live.name)
-        for entry in self._entries.values():
-            entry.check_undoable()
+        # the checksums of tensors patched whole, side by side (nothing is changed yet)
+        each([entry.check_undoable for entry in self._entries.values()],
+             workers_for(None, DEFAULT_WORKERS))
         self._undo()
         self._unregister()
 
@@ -271,8 +302,14 @@ class Patch:
             live.scatter(positions, new_bits)
 
     def _undo(self) -> None:
-        for entry in reversed(list(self._entries.values())):
-            entry.undo()
+        entries = list(reversed(list(self._entries.values())))
+        for entry in entries:
+            if entry.saved is None:
+                entry.undo()
+        # the saved bits of tensors patched whole, put back side by side (the C loop
+        # releases the GIL; an XOR mask's torch op was already parallel)
+        each([entry.undo for entry in entries if entry.saved is not None],
+             workers_for(None, DEFAULT_WORKERS))
         self._reverted = True
 
     def _register(self) -> None:
@@ -350,20 +387,22 @@ def whole_is_smaller(live: LiveTensor, records: Sequence[Record | None]) -> bool
 
 
 def patch_whole(entries: dict, lives: list[LiveTensor], readers: list[DeltaReader],
-                combine: RuleCombiner, budget: MemoryBudget, workers: int) -> None:
-    """Patch ``lives`` whole (:func:`whole_entry`), ``workers`` at a time (0 or 1: in
-    this thread), each within its share of ``budget``.  The first failure stops what has
+                combine: RuleCombiner, budget: MemoryBudget, workers: int,
+                masks: bool = False) -> None:
+    """Patch ``lives`` whole (:func:`whole_entry`, ``masks`` as there), ``workers`` at a time
+    (0 or 1: in this thread), each within its share of ``budget``.  The first failure stops what has
     not started and is raised once the running ones end; what they wrote is kept in
     ``entries`` for the caller to undo."""
     if workers <= 1 or len(lives) <= 1:
         for live in lives:
-            entries[live.key] = whole_entry(live, readers, combine, budget)
+            entries[live.key] = whole_entry(live, readers, combine, budget, masks)
         return
     workers = min(workers, len(lives))
     share = MemoryBudget(max(1, budget.total // workers))
     failure = None
     with ThreadPoolExecutor(workers, thread_name_prefix="sparsestitch-patch") as pool:
-        futures = [pool.submit(whole_entry, live, readers, combine, share) for live in lives]
+        futures = [pool.submit(whole_entry, live, readers, combine, share, masks)
+                   for live in lives]
         for future in futures:
             try:
                 entry = future.result()
@@ -379,28 +418,49 @@ def patch_whole(entries: dict, lives: list[LiveTensor], readers: list[DeltaReade
 
 
 def whole_entry(live: LiveTensor, readers: Sequence[DeltaReader], combine: RuleCombiner,
-                budget: MemoryBudget) -> PatchEntry:
-    """Patch a tensor whole (:func:`merge_in_place`) and return its entry: the XOR mask of
-    the bits before and after, and the checksum after.  On failure the tensor is put back
-    before the error propagates."""
+                budget: MemoryBudget, masks: bool = False) -> PatchEntry:
+    """Patch a tensor whole (:func:`merge_in_place`) and return its entry: the bits a lone
+    delta's record replaced (:class:`~.marks.SavedMarks`), else (or with ``masks``) the XOR
+    mask of the bits before and after; and the checksum after.  On failure the tensor is put
+    back before the error propagates."""
     records = [reader.record(live.name) for reader in readers]
-    mask = live.bits.clone()  # the bits before; the mask once merged
+    saved = SavedMarks()
+    mask = None if not masks and lone_replace(live, records, combine) else live.bits.clone()
     try:
-        merge_in_place(live, readers, records, combine, budget)
+        merge_in_place(live, readers, records, combine, budget,
+                       keep=saved.add if mask is None else None)
     except BaseException:
-        live.bits.copy_(mask)
+        if mask is None:
+            saved.put_back(live.host_view())
+        else:
+            live.bits.copy_(mask)
         raise
+    if mask is None:
+        return PatchEntry(live, None, saved=saved, after=live.digest())
     mask.bitwise_xor_(live.bits)
     return PatchEntry(live, None, mask=mask, after=live.digest())
 
 
+def lone_replace(live: LiveTensor, records: Sequence[Record | None],
+                 combine: RuleCombiner) -> bool:
+    """Whether :func:`merge_in_place` writes one delta's entries over the tensor as they are
+    (:meth:`~sparsestitch.engine.walk.RecordRuns.replace_into`: a lone record of every element
+    or a bitmap, whose entries keep their bits under ``combine``)."""
+    stored = [i for i, r in enumerate(records) if r is not None and r.kind == "sparse"]
+    return (len(stored) == 1 and records[stored[0]].positions.get("codec") in ("all", "bitmap")
+            and combine.replaces_lone(live.dt, stored[0]))
+
+
 def merge_in_place(live: LiveTensor, readers: Sequence[DeltaReader],
                    records: Sequence[Record | None], combine: RuleCombiner,
-                   budget: MemoryBudget) -> None:
+                   budget: MemoryBudget, keep=None) -> None:
     """Merge the records into a live CPU tensor where it lives, row block by row block, as
     the file stitcher merges a base block (:class:`~sparsestitch.engine.walk.RecordRuns` and the
     rule's block merge): the same bits, no position arrays, within ``budget``.  The tensor
-    must be its own base (checked by the caller) and :attr:`~LiveTensor.in_host_memory`."""
+    must be its own base (checked by the caller) and :attr:`~LiveTensor.in_host_memory`.
+    ``keep``: handed what a lone record replaces, block by block (see
+    :meth:`~sparsestitch.engine.walk.RecordRuns.replace_into`; :func:`lone_replace` says
+    when that is the merge)."""
     dt = live.dt
     blocks = RowBlocks.of(live.shape, dt.itemsize, budget.block_bytes)
     flat = live.host_view()
@@ -411,7 +471,9 @@ def merge_in_place(live: LiveTensor, readers: Sequence[DeltaReader],
             lo, hi = blocks.elements(start, stop)
             block = flat[lo:hi]
             if replace:
-                runs.replace_into(lo, block)
+                runs.replace_into(lo, block, keep)
+            elif keep is not None:
+                raise AssertionError(f"{live.name}: saved entries asked of a merge by rule")
             else:
                 combine.block_merge(dt, runs.block(lo, block))(block, lo)
         runs.finish()

@@ -43,7 +43,7 @@ from ..core.errors import BaseMismatchError, SparsestitchError
 from ..delta.format import DeltaReader
 from ..engine.walk import stored_positions
 from .patch import Patch, PatchEntry, active_patches
-from .patch import apply as apply_from_files
+from .patch import apply_with_masks
 from .tensors import LiveTensor, named_tensors
 
 
@@ -156,7 +156,7 @@ def prepare(model, deltas: str | os.PathLike | Sequence[str | os.PathLike], *,
     """
     import torch
 
-    patch = apply_from_files(model, deltas, rule=rule, weights=weights, verify_base=verify_base,
+    patch = apply_with_masks(model, deltas, rule=rule, weights=weights, verify_base=verify_base,
                              added=added, max_memory=max_memory, threads=threads,
                              **rule_options)
     try:
