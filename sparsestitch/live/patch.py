@@ -14,11 +14,12 @@ tensor's device.
 A tensor the deltas store a large share of (a default delta keeps 15-100% of each tensor)
 is patched *whole*, on the CPU, by the file stitcher's row-block merge
 (:func:`merge_in_place`): records decoded a run at a time alongside the tensor's own memory,
-no position arrays, at most ``max_memory`` besides a copy of the tensor, which becomes the
-patch's XOR mask (before ^ after, the tensor's size: less than positions and saved bits for
-a dense record).  Reverting applies the mask again after checking that the tensor still
-hashes to what the patch wrote; a tensor changed since raises rather than reverting into a
-third state.
+no position arrays, at most ``max_memory`` besides what the revert keeps: for one delta's
+bitmap record the bits it replaced (:mod:`.marks`, gathered by the merge anyway), else a copy
+of the tensor that becomes the patch's XOR mask (before ^ after, the tensor's size: less than
+positions and saved bits for a dense record).  Reverting puts those bits back, or applies the
+mask again, after checking that the tensor still hashes to what the patch wrote; a tensor
+changed since raises rather than reverting into a third state.
 
 Patches stack.  A patch applied over another one adds its update to the
 current values (``round(wide(current) + update)``, with ``update`` computed
