@@ -245,3 +245,32 @@ def test_saved_marks_undo_and_see_through_as_a_dense_reference_says(numel, densi
     flat = after.copy()
     saved.put_back(flat)
     assert np.array_equal(flat, before)
+
+
+def test_a_patch_over_a_saved_bits_patch_sees_the_base_through_it(tmp_path):
+    """The same default delta applied twice: the first patch keeps the bits it replaced
+    (SavedMarks), the second is computed from the base seen through it -- its update is
+    tau again, added to the current values -- and both revert, last in, first out."""
+    from sparsestitch.delta.format import DeltaReader
+
+    from .test_rules import narrow, widen
+    model, base, tunes = _fine_tune_pair(tmp_path, seed=6)
+    (delta,) = _deltas(tmp_path, base, tunes[:1], {})
+    once = load_bits(sparsestitch.stitch(base, [delta], tmp_path / "once.safetensors"))
+    tensors = live(model)
+    first = sparsestitch.apply(tensors, delta)
+    assert any(entry.saved is not None for entry in first.entries)
+    with sparsestitch.apply(tensors, delta):
+        got = bits_of(tensors, model)
+        with DeltaReader(delta) as reader:
+            for name, (dtype_name, _, bits) in model.items():
+                record = reader.record(name)
+                want = bits.copy()
+                if record is not None and record.kind == "sparse":
+                    at = reader.positions(record)
+                    current, start = widen(once[name][at], dtype_name), widen(bits[at], dtype_name)
+                    want[at] = narrow(current + (current - start), dtype_name)
+                assert np.array_equal(got[name], want), name
+    assert_bits(tensors, model, once)
+    first.revert()
+    assert_bits(tensors, model, base_bits(model))
