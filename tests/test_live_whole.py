@@ -274,3 +274,46 @@ def test_a_patch_over_a_saved_bits_patch_sees_the_base_through_it(tmp_path):
     assert_bits(tensors, model, once)
     first.revert()
     assert_bits(tensors, model, base_bits(model))
+
+
+@pytest.mark.parametrize("label", sorted(OPTIONS))
+def test_lone_replace_says_what_the_merge_does(tmp_path, label):
+    """``lone_replace`` (decided before a tensor is patched, from its records) agrees with
+    the merge's own choice (``RecordRuns.lone`` and the rule's ``replaces_lone``), for one
+    delta and two, under the default rule and task arithmetic; asked to keep what it replaces
+    in a merge by rule, ``merge_in_place`` refuses before writing anything."""
+    from sparsestitch.combine.combiners import rule_combiner
+    from sparsestitch.delta.format import DeltaReader
+    from sparsestitch.engine.budget import MemoryBudget
+    from sparsestitch.engine.walk import RecordRuns, RowBlocks
+    from sparsestitch.live.patch import lone_replace, merge_in_place
+    from sparsestitch.core.dtypes import dtype as lookup_dtype
+    from sparsestitch.live.tensors import LiveTensor
+
+    model, base, tunes = _fine_tune_pair(tmp_path, seed=7)
+    deltas = _deltas(tmp_path, base, tunes, OPTIONS[label])
+    tensors = live(model)
+    budget = MemoryBudget.of(None)
+    for chosen in ([deltas[0]], deltas):
+        for combine in (rule_combiner("localize-stitch", None, len(chosen)),
+                        rule_combiner("task-arithmetic", [0.5] * len(chosen), len(chosen))):
+            readers = [DeltaReader(p) for p in chosen]
+            try:
+                for name, tensor in tensors.items():
+                    target = LiveTensor(name, tensor, lookup_dtype(model[name][0]))
+                    records = [r.record(name) for r in readers]
+                    blocks = RowBlocks.of(target.shape, target.dt.itemsize, budget.block_bytes)
+                    with RecordRuns(target, name, blocks, readers, records, budget) as runs:
+                        merged_by_marks = runs.lone is not None and \
+                            combine.replaces_lone(target.dt, runs.lone)
+                    assert lone_replace(target, records, combine) == merged_by_marks, name
+                    if not merged_by_marks and any(r is not None and r.kind == "sparse"
+                                                   for r in records):
+                        before = bits_of(tensors, model)[name].copy()
+                        with pytest.raises(AssertionError, match="merge by rule"):
+                            merge_in_place(target, readers, records, combine, budget,
+                                           keep=lambda *part: None)
+                        assert np.array_equal(bits_of(tensors, model)[name], before)
+            finally:
+                for reader in readers:
+                    reader.close()
